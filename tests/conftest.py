@@ -1,0 +1,47 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT.parent / "shared" / "reference"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than a few seconds (still run in CI)")
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """A session-wide data directory holding the built-in digits (built once)."""
+    from fasttrain.data import build_digits
+
+    root = tmp_path_factory.mktemp("data")
+    build_digits(root / "digits")
+    return root
+
+
+@pytest.fixture
+def run_tool(data_root, tmp_path):
+    """Run a tools/ script in a subprocess with the test data directory; returns the result."""
+
+    def run(script: str, *args: str, timeout: float = 300, extra_env=None):
+        env = {**os.environ, "FASTTRAIN_DATA": str(data_root), **(extra_env or {})}
+        return subprocess.run([sys.executable, str(ROOT / "tools" / script), *args],
+                              cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+
+    return run

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Run a command inside the project's pinned virtual environment, creating or updating it first.
+#
+#   bash tools/env.sh torchrun --nproc_per_node=1 tools/train.py recipes/quickstart.yaml
+#   bash tools/env.sh python -m pytest
+#
+# The venv lives outside the clone, in $FASTTRAIN_CACHE (default ~/.cache/fasttrain), keyed by a
+# hash of requirements.txt: a fresh clone (CI) reuses it and set-up is a no-op when it is current.
+# The editable install of fasttrain itself is redone (seconds, no downloads) when the venv was last
+# installed from another clone or setup.py changed.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cache=${FASTTRAIN_CACHE:-$HOME/.cache/fasttrain}
+key=$(sha256sum < "$repo/requirements.txt" | cut -c1-16)
+venv="$cache/venv-$key"
+python=${PYTHON:-python3.11}
+command -v "$python" >/dev/null 2>&1 || python=python3
+
+log() { echo "[env] $*" >&2; }
+
+if [ ! -f "$venv/.complete" ]; then
+  log "creating $venv (first run: a few minutes, torch is a large wheel)"
+  rm -rf "$venv"
+  mkdir -p "$cache"
+  "$python" -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --upgrade pip
+  "$venv/bin/python" -m pip install --quiet -r "$repo/requirements.txt"
+  touch "$venv/.complete"
+fi
+
+# The editable install records the clone's path; redo it when another clone installed it.
+editable="$repo $(sha256sum < "$repo/setup.py" | cut -c1-16)"
+if [ "$(cat "$venv/.editable" 2>/dev/null)" != "$editable" ]; then
+  log "installing fasttrain (editable) from $repo"
+  "$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$repo"
+  echo "$editable" > "$venv/.editable"
+fi
+
+export PATH="$venv/bin:$PATH" VIRTUAL_ENV="$venv"
+cd "$repo"
+if [ $# -eq 0 ]; then
+  log "ready: $venv"
+  exit 0
+fi
+exec "$@"
