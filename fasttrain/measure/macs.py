@@ -1,0 +1,45 @@
+"""Parameter and MAC counts with fvcore.
+
+`conv_fc` counts the multiply-accumulates of convolutions and fully-connected layers: what the
+pruning literature calls "FLOPs" and what `../shared/reference/thinresnet_counts.csv` lists.
+`total` is fvcore's full count, which adds BatchNorm and pooling.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+CONV_FC_OPS = ("conv", "linear", "addmm", "matmul", "bmm", "einsum")
+
+
+@dataclass(frozen=True)
+class MacCount:
+    conv_fc: int
+    total: int
+    by_operator: dict[str, int]
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, resolution: int, in_chans: int = 3) -> MacCount:
+    """MACs of one image at `resolution` x `resolution` (model traced in eval mode on a copy)."""
+    with warnings.catch_warnings():
+        # fvcore scripts a loss function at import; torch deprecates jit.script. Not ours to fix.
+        warnings.filterwarnings("ignore", message=".*torch.jit.script", category=FutureWarning)
+        from fvcore.nn import FlopCountAnalysis
+
+    model = copy.deepcopy(model).eval().float()
+    device = next(model.parameters()).device
+    x = torch.zeros(1, in_chans, resolution, resolution, device=device)
+    analysis = FlopCountAnalysis(model, x)
+    analysis.unsupported_ops_warnings(False)
+    analysis.uncalled_modules_warnings(False)
+    with torch.no_grad():
+        ops = dict(analysis.by_operator())
+    return MacCount(sum(v for k, v in ops.items() if k in CONV_FC_OPS), sum(ops.values()), ops)

@@ -1,0 +1,117 @@
+"""ThinResNet models: width rule, exact counts vs the reference table, torchvision parity."""
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from fasttrain.measure import count_macs, count_params
+from fasttrain.models import (BatchNormReLU2d, CifarResNet, base_channels, create_model,
+                              list_models)
+
+# Copy of ../shared/reference/thinresnet_counts.csv (exact counts, sources in its README).
+COUNTS = list(csv.DictReader(open(Path(__file__).parent / "data" / "thinresnet_counts.csv")))
+IMAGENET = ["thin_resnet18", "thin_resnet34", "thin_resnet50", "thin_resnet101", "thin_resnet152"]
+CIFAR = ["cifar_resnet20", "cifar_resnet32", "cifar_resnet44", "cifar_resnet56", "cifar_resnet110"]
+
+
+def test_registry_lists_every_variant():
+    assert list_models() == sorted(IMAGENET + CIFAR)
+    with pytest.raises(KeyError, match="unknown model 'resnet50'"):
+        create_model("resnet50")
+
+
+@pytest.mark.parametrize("base,width,divisor,expected", [
+    (64, 1.0, 1, 64), (64, 0.5, 1, 32), (64, 0.25, 1, 16), (64, 0.75, 1, 48),
+    (16, 0.25, 1, 4), (16, 0.75, 1, 12), (64, 0.3, 1, 19), (64, 0.3, 8, 24),
+    (16, 0.25, 8, 8), (64, 0.5, 8, 32), (16, 0.5 / 16 * 1, 1, 1), (16, 0.15625, 1, 3),
+])
+def test_width_rule(base, width, divisor, expected):
+    # 0.15625 * 16 = 2.5 rounds half up to 3 (not Python's round-half-to-even 2).
+    assert base_channels(base, width, divisor) == expected
+
+
+@pytest.mark.parametrize("width,divisor", [(0.0, 1), (-1.0, 1), (0.01, 1), (0.5, 0)])
+def test_width_rule_rejects_degenerate_widths(width, divisor):
+    with pytest.raises(ValueError):
+        base_channels(16, width, divisor)
+
+
+@pytest.mark.parametrize("row", COUNTS, ids=lambda r: f"{r['model']}-w{r['width']}")
+def test_counts_match_reference(row):
+    model = create_model(row["model"], width=float(row["width"]),
+                         num_classes=int(row["num_classes"]))
+    assert model.conv1.out_channels == int(row["base_width"])
+    assert count_params(model) == int(row["params"])
+    macs = count_macs(model, int(row["resolution"]))
+    assert macs.conv_fc == int(row["macs"])
+    assert macs.total > macs.conv_fc  # fvcore's total adds BatchNorm and pooling
+    assert macs.by_operator["batch_norm"] > 0
+
+
+def test_channel_divisor_keeps_doubling_structure():
+    model = create_model("thin_resnet50", width=0.3, channel_divisor=8)
+    assert model.conv1.out_channels == 24
+    assert [model.get_submodule(f"layer{i}")[0].conv1.out_channels for i in (1, 2, 3, 4)] == \
+        [24, 48, 96, 192]
+    assert model.fc.in_features == 192 * 4
+
+
+@pytest.mark.parametrize("name", IMAGENET)
+def test_torchvision_state_dict_loads_and_matches(name):
+    torch.manual_seed(0)
+    reference = getattr(torchvision.models, name.replace("thin_", ""))().eval()
+    # Non-trivial running stats, so eval-mode BN really is exercised.
+    for m in reference.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+    ours = create_model(name).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), reference(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("width", [0.25, 0.5])
+@pytest.mark.parametrize("name", IMAGENET + CIFAR)
+def test_forward_shape_and_every_parameter_gets_a_gradient(name, width):
+    torch.manual_seed(0)
+    model = create_model(name, width=width, num_classes=7, zero_init_residual=False)
+    res = 32 if name.startswith("cifar") else 64
+    out = model(torch.randn(2, 3, res, res))
+    assert out.shape == (2, 7)
+    assert torch.isfinite(out).all()
+    out.square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()]
+    assert not missing
+
+
+def test_zero_init_residual_zeroes_last_norm_of_each_block():
+    model = create_model("thin_resnet18", width=0.25)
+    assert model.layer1[0].bn2.weight.abs().sum() == 0
+    assert model.layer1[0].bn1.weight.abs().sum() > 0
+    model = create_model("thin_resnet50", width=0.25, zero_init_residual=False)
+    assert model.layer1[0].bn3.weight.abs().sum() > 0
+
+
+def test_cifar_shortcuts():
+    a = create_model("cifar_resnet20", width=0.75)
+    b = create_model("cifar_resnet20", width=0.75, shortcut="B")
+    assert count_params(b) > count_params(a)
+    assert isinstance(b.layer2[0].downsample[0], torch.nn.Conv2d)
+    x = torch.randn(1, 3, 32, 32)
+    assert a(x).shape == b(x).shape == (1, 10)
+    with pytest.raises(ValueError, match="6n\\+2"):
+        CifarResNet(21)
+
+
+def test_norm_act_is_a_batchnorm_with_relu():
+    bn = BatchNormReLU2d(4).train()
+    ref = torch.nn.BatchNorm2d(4).train()
+    x = torch.randn(3, 4, 5, 5)
+    torch.testing.assert_close(bn(x), torch.relu(ref(x)))
+    assert bn.state_dict().keys() == ref.state_dict().keys()
+    torch.testing.assert_close(bn.running_var, ref.running_var)
