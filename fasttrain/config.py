@@ -1,0 +1,295 @@
+"""The one typed configuration: dataclass sections, YAML recipes, `--section.key=value` overrides.
+
+`load(path, overrides)` is the only place that reads YAML or argv. A recipe may name one `base:`
+recipe (a path relative to itself) whose values it overrides, section by section. Every value is
+checked against its field's type and range before any work starts; a problem raises `ConfigError`
+whose one-line message names the file (or override), the key and the value.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from .errors import ConfigError
+
+
+def _f(default: Any, help: str = "", **bounds: Any) -> Any:
+    """A field with a default, a help text and optional bounds (ge, gt, le, lt, len)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d),
+                     metadata={"help": help, **bounds})
+    return field(default=default, metadata={"help": help, **bounds})
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["digits", "imagefolder", "cifar10"] = _f(
+        "digits", "digits: built-in UCI digits as JPEGs; imagefolder: path/{train,val}/CLASS/*; "
+        "cifar10: torchvision's cifar-10-batches-py")
+    path: str = _f("", "dataset root; empty = $FASTTRAIN_DATA/<dataset> "
+                   "(default ~/.cache/fasttrain/data/<dataset>)")
+    download: bool = _f(True, "cifar10: download when the files are missing")
+    batch_size: int = _f(256, "global training batch, split evenly across ranks", ge=1)
+    val_batch_size: int = _f(0, "global validation batch; 0 = batch_size", ge=0)
+    num_workers: int = _f(4, "loader worker processes per rank (0 = in the main process)", ge=0)
+    train_res: int = _f(224, "training crop size (pixels)", ge=1)
+    val_res: int = _f(224, "validation center-crop size", ge=1)
+    val_resize: int = _f(256, "validation resize of the shorter side before the crop", ge=1)
+    mean: list[float] = _f([0.485, 0.456, 0.406], "per-channel mean (0..1 scale)", len=3)
+    std: list[float] = _f([0.229, 0.224, 0.225], "per-channel std (0..1 scale)", len=3, gt=0)
+
+
+@dataclass
+class AugConfig:
+    train_crop: Literal["random_resized", "pad_random"] = _f(
+        "random_resized", "random_resized: RandomResizedCrop(train_res, scale, ratio); "
+        "pad_random: pad by `padding` then a random train_res crop (CIFAR style)")
+    scale: list[float] = _f([0.08, 1.0], "RandomResizedCrop area range", len=2, gt=0, le=1)
+    ratio: list[float] = _f([0.75, 4.0 / 3.0], "RandomResizedCrop aspect range", len=2, gt=0)
+    padding: int = _f(4, "pad_random: pixels of zero padding on each side", ge=0)
+    hflip: float = _f(0.5, "probability of a horizontal flip", ge=0, le=1)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("thin_resnet50", "a name from fasttrain.models.list_models()")
+    width: float = _f(1.0, "uniform width multiplier of every layer", gt=0)
+    channel_divisor: int = _f(1, "round the base width up to a multiple of this", ge=1)
+    num_classes: int = _f(0, "classifier outputs; 0 = the dataset's class count", ge=0)
+    zero_init_residual: bool = _f(True, "zero the last norm weight of each residual block")
+    shortcut: Literal["A", "B"] = _f("A", "CIFAR ResNets: A = parameter-free, B = 1x1 conv")
+    norm_act: Literal["native"] = _f("native", "norm+ReLU implementation")
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd"] = _f("sgd", "optimizer")
+    lr: float = _f(0.1, "peak learning rate for the global batch", gt=0)
+    momentum: float = _f(0.9, "SGD momentum", ge=0, lt=1)
+    nesterov: bool = _f(False, "Nesterov momentum")
+    weight_decay: float = _f(1e-4, "L2 weight decay", ge=0)
+    decay_norm_and_bias: bool = _f(False, "also decay 1-D tensors (norm weights, biases)")
+    label_smoothing: float = _f(0.0, "cross-entropy label smoothing", ge=0, lt=1)
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = _f(90, "training epochs", ge=1)
+    kind: Literal["cosine", "step", "constant"] = _f("cosine", "LR shape after warmup")
+    warmup_epochs: float = _f(0.0, "linear warmup length (may be fractional)", ge=0)
+    warmup_start_factor: float = _f(0.01, "LR factor at the first warmup step", gt=0, le=1)
+    min_lr_factor: float = _f(0.0, "cosine: final LR as a fraction of the peak", ge=0, le=1)
+    milestones: list[int] = _f([30, 60, 80], "step: epochs at which the LR is multiplied by gamma")
+    gamma: float = _f(0.1, "step: LR factor at each milestone", gt=0)
+
+
+@dataclass
+class TrainConfig:
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto = CUDA when available")
+    precision: Literal["bf16", "fp16", "fp32"] = _f("bf16", "autocast dtype (fp16 adds a GradScaler)")
+    channels_last: bool = _f(True, "NHWC memory format for model and inputs")
+    compile: Optional[bool] = _f(None, "torch.compile the model; null = on for CUDA, off for CPU")
+    seed: int = _f(0, "seed of weights, shuffling and augmentation", ge=0)
+    threads: int = _f(0, "CPU intra-op threads per rank; 0 = cores / local ranks", ge=0)
+
+
+@dataclass
+class LogConfig:
+    dir: str = _f("runs", "where run directories are created")
+    name: str = _f("", "run directory name; empty = <recipe stem>-<timestamp>")
+    interval: int = _f(50, "steps between progress updates (each one syncs the device)", ge=1)
+    progress: Literal["auto", "rich", "plain"] = _f("auto", "auto = rich on a terminal")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: list[str] = [f.name for f in dataclasses.fields(Config)]
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return f"{_type_name(args[0])} or null"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[tp]
+
+
+def _coerce(tp: Any, value: Any) -> Any:
+    """Return `value` as type `tp`, or raise TypeError (no silent conversions but int → float)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp) or isinstance(value, bool):
+            raise TypeError
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(inner, value)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError
+        (inner,) = typing.get_args(tp)
+        return [_coerce(inner, v) for v in value]
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    raise TypeError
+
+
+def _check_bounds(meta: dict[str, Any], value: Any) -> str | None:
+    """The first bound `value` violates, as text, or None."""
+    if value is None:
+        return None
+    if "len" in meta and len(value) != meta["len"]:
+        return f"must have {meta['len']} elements"
+    for v in value if isinstance(value, list) else [value]:
+        for key, op, word in (("ge", float.__ge__, ">="), ("gt", float.__gt__, ">"),
+                              ("le", float.__le__, "<="), ("lt", float.__lt__, "<")):
+            if key in meta and not op(float(v), float(meta[key])):
+                return f"must be {word} {meta[key]}"
+    return None
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a recipe and its `base:` ancestors, merged section by section (child wins)."""
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: base: cycle through {' -> '.join(map(str, chain))}")
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: recipe file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read recipe: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} invalid YAML: "
+                          f"{getattr(e, 'problem', None) or e}") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections, "
+                          f"got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: must be a path string, got {base!r}")
+    merged = _read_yaml(path.parent / base, chain + (path.resolve(),))
+    for section, values in raw.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _set(cfg: Config, origin: str, section: str, key: str, value: Any) -> None:
+    if section not in SECTIONS:
+        raise ConfigError(f"{origin}: unknown section {section!r}{_suggest(section, SECTIONS)}"
+                          f"; sections: {', '.join(SECTIONS)}")
+    obj = getattr(cfg, section)
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    if key not in fields:
+        raise ConfigError(f"{origin}: unknown key {section}.{key}{_suggest(key, list(fields))}")
+    tp = typing.get_type_hints(type(obj))[key]
+    try:
+        coerced = _coerce(tp, value)
+    except TypeError:
+        raise ConfigError(f"{origin}: {section}.{key} must be {_type_name(tp)}, "
+                          f"got {value!r}") from None
+    problem = _check_bounds(dict(fields[key].metadata), coerced)
+    if problem:
+        raise ConfigError(f"{origin}: {section}.{key} {problem}, got {value!r}")
+    setattr(obj, key, coerced)
+
+
+def parse_override(arg: str) -> tuple[str, str, Any]:
+    """`--section.key=value` → (section, key, value); the value is parsed as YAML (safe)."""
+    body = arg[2:] if arg.startswith("--") else arg
+    name, sep, text = body.partition("=")
+    section, dot, key = name.partition(".")
+    if not (sep and dot and section and key):
+        raise ConfigError(f"override {arg!r}: expected --section.key=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return section, key, value
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Build a validated `Config` from a recipe file (or defaults) and `--section.key=value` args.
+
+    Raises:
+        ConfigError: one line naming the file or override, the key and the value.
+    """
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        for section, values in _read_yaml(path).items():
+            if not isinstance(values, dict):
+                if section not in SECTIONS:
+                    raise ConfigError(f"{path}: unknown section {section!r}"
+                                      f"{_suggest(section, SECTIONS)}")
+                raise ConfigError(f"{path}: section {section!r} must be a mapping, got {values!r}")
+            for key, value in values.items():
+                _set(cfg, str(path), section, str(key), value)
+    for arg in overrides:
+        section, key, value = parse_override(arg)
+        _set(cfg, arg, section, key, value)
+    _check_consistency(cfg, str(path) if path is not None else "config")
+    return cfg
+
+
+def _check_consistency(cfg: Config, origin: str) -> None:
+    """Checks that involve several keys."""
+    if cfg.aug.scale[0] > cfg.aug.scale[1]:
+        raise ConfigError(f"{origin}: aug.scale must be [low, high], got {cfg.aug.scale}")
+    if cfg.aug.ratio[0] > cfg.aug.ratio[1]:
+        raise ConfigError(f"{origin}: aug.ratio must be [low, high], got {cfg.aug.ratio}")
+    if cfg.schedule.warmup_epochs > cfg.schedule.epochs:
+        raise ConfigError(f"{origin}: schedule.warmup_epochs must be <= schedule.epochs "
+                          f"({cfg.schedule.epochs}), got {cfg.schedule.warmup_epochs}")
+    if cfg.data.dataset == "imagefolder" and not cfg.data.path:
+        raise ConfigError(f"{origin}: data.path is required for data.dataset=imagefolder")
+
+
+def dump(cfg: Config) -> str:
+    """The resolved config as YAML; `load` of it gives back an equal Config."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
