@@ -1,0 +1,208 @@
+"""Datasets as (uint8 image CHW, label) sources: built-in digits, any ImageFolder, CIFAR-10.
+
+Images stay uint8 until they reach the training device, where they are normalised in one batched
+op (FFCV's layout): workers decode and crop, they never do float math per pixel.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import uuid
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.io import ImageReadMode, decode_image
+
+from ..errors import DatasetError
+
+DIGITS_SIZE = 32
+DIGITS_VAL_EVERY = 5  # every 5th image of each class (in scikit-learn's order) is validation
+DIGITS_JPEG_QUALITY = 95
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_DIR = "cifar-10-batches-py"
+
+
+def default_root(dataset: str) -> Path:
+    """Where a data set lives when `data.path` is empty: $FASTTRAIN_DATA/<dataset>."""
+    base = os.environ.get("FASTTRAIN_DATA") or Path.home() / ".cache" / "fasttrain" / "data"
+    return Path(base) / dataset
+
+
+def _publish_dir(build: Callable[[Path], None], target: Path) -> Path:
+    """Build a directory under a temporary name and rename it into place.
+
+    The rename is atomic, so concurrent ranks or an interrupted build never leave a half-written
+    `target`: whoever renames first wins, the others discard their copy.
+    """
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def build_digits(root: Path) -> Path:
+    """Make sure `root` holds the built-in digits as an ImageFolder tree of real JPEG files.
+
+    The 1,797 UCI handwritten digits (8x8, 17 grey levels, shipped with scikit-learn) are scaled to
+    0..255, upsampled to 32x32 (bicubic), stored as RGB JPEGs (quality 95) under
+    `root/{train,val}/<digit>/<index>.jpg`. Every 5th image of each class goes to `val` (364 images,
+    1,433 for `train`): the split depends on nothing but scikit-learn's order. Idempotent.
+    """
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    def build(tmp: Path) -> None:
+        digits = load_digits()
+        seen = [0] * 10
+        for index, (image, label) in enumerate(zip(digits.images, digits.target)):
+            split = "val" if seen[label] % DIGITS_VAL_EVERY == 0 else "train"
+            seen[label] += 1
+            pixels = np.clip(np.rint(image * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+            img = Image.fromarray(pixels, mode="L").resize((DIGITS_SIZE, DIGITS_SIZE),
+                                                           Image.Resampling.BICUBIC)
+            out = tmp / split / str(int(label))
+            out.mkdir(parents=True, exist_ok=True)
+            img.convert("RGB").save(out / f"{index:04d}.jpg", quality=DIGITS_JPEG_QUALITY)
+
+    return _publish_dir(build, root)
+
+
+class ImageFolderDataset(Dataset):
+    """Files under `root/<class>/...` decoded to uint8 RGB tensors (C, H, W).
+
+    Decoding uses torchvision.io (libjpeg-turbo, libpng), which turns grayscale, CMYK and PNG
+    content into RGB whatever the file's extension.
+    """
+
+    def __init__(self, root: Path, transform: Callable | None = None,
+                 class_to_idx: dict[str, int] | None = None) -> None:
+        if not root.is_dir():
+            raise DatasetError(f"{root}: directory not found")
+        classes, found = find_classes(str(root)) if class_to_idx is None else (
+            sorted(class_to_idx, key=class_to_idx.get), class_to_idx)
+        self.classes, self.class_to_idx = classes, found
+        self.samples: list[tuple[str, int]] = make_dataset(
+            str(root), found, extensions=IMG_EXTENSIONS, allow_empty=True)
+        if not self.samples:
+            raise DatasetError(f"{root}: no image files found")
+        self.targets = [t for _, t in self.samples]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, target = self.samples[index]
+        data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+        image = decode_image(data, mode=ImageReadMode.RGB)  # (C, H, W) uint8
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, target
+
+
+class TensorImageDataset(Dataset):
+    """In-memory uint8 images (N, H, W, C) with integer labels (CIFAR-10)."""
+
+    def __init__(self, images: np.ndarray, labels: Sequence[int], classes: list[str],
+                 transform: Callable | None = None) -> None:
+        self.images = torch.from_numpy(images).permute(0, 3, 1, 2)  # (N, C, H, W) view
+        self.targets = list(labels)
+        self.classes = classes
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.images[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.targets[index]
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only: a CIFAR file cannot run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, list[int]]:
+    try:
+        with open(path, "rb") as f:
+            entry = _ArrayUnpickler(f, encoding="latin1").load()
+        data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = [int(v) for v in entry.get("labels", entry.get("fine_labels"))]
+    except (OSError, pickle.UnpicklingError, KeyError, TypeError, ValueError, EOFError) as e:
+        raise DatasetError(f"{path}: not a CIFAR-10 batch file ({e})") from None
+    if len(labels) != len(data):
+        raise DatasetError(f"{path}: {len(data)} images but {len(labels)} labels")
+    return data.transpose(0, 2, 3, 1), labels  # (N, H, W, C)
+
+
+def load_cifar10(root: Path, train: bool, download: bool) -> TensorImageDataset:
+    """CIFAR-10 in torchvision's on-disk format (`root/cifar-10-batches-py/`), downloading it
+    (with an MD5 check) when missing and `download` is set."""
+    folder = root / CIFAR10_DIR
+    if not folder.is_dir():
+        if not download:
+            raise DatasetError(f"{folder}: CIFAR-10 not found and data.download is false")
+        from torchvision.datasets.utils import download_and_extract_archive
+        try:
+            _publish_dir(lambda tmp: download_and_extract_archive(
+                CIFAR10_URL, str(tmp), md5=CIFAR10_MD5, remove_finished=True), root / ".download")
+        except Exception as e:  # network errors come in many types; all mean the same here
+            raise DatasetError(f"cannot download CIFAR-10 to {root} ({type(e).__name__}: {e}); "
+                               f"place {CIFAR10_DIR}/ there by hand") from None
+        _publish_dir(lambda tmp: shutil.copytree(root / ".download" / CIFAR10_DIR, tmp), folder)
+        shutil.rmtree(root / ".download", ignore_errors=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    parts = [_read_cifar_batch(folder / n) for n in names]
+    meta_path = folder / "batches.meta"
+    classes = [str(i) for i in range(10)]
+    if meta_path.is_file():
+        with open(meta_path, "rb") as f:
+            classes = list(_ArrayUnpickler(f, encoding="latin1").load()["label_names"])
+    return TensorImageDataset(np.concatenate([p[0] for p in parts]),
+                              [l for p in parts for l in p[1]], classes)
+
+
+def write_cifar10(root: Path, images: np.ndarray, labels: Sequence[int], per_batch: int) -> Path:
+    """Write uint8 images (N, 32, 32, 3) in CIFAR-10's python format (5 train batches of
+    `per_batch` images, then one test batch). Used by tests and to convert small sets."""
+    folder = root / CIFAR10_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for i, name in enumerate(names):
+        sl = slice(i * per_batch, (i + 1) * per_batch)
+        entry = {"batch_label": name, "labels": [int(v) for v in labels[sl]],
+                 "data": np.ascontiguousarray(images[sl].transpose(0, 3, 1, 2)).reshape(-1, 3072),
+                 "filenames": [f"{name}_{j}.png" for j in range(len(labels[sl]))]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f, protocol=2)  # the protocol of the published files
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog",
+                                     "frog", "horse", "ship", "truck"]}, f, protocol=2)
+    return folder

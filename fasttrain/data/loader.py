@@ -1,0 +1,185 @@
+"""The torch data path: seeded per-sample augmentation, sharded samplers, device-side normalise.
+
+Augmentation randomness is a pure function of (seed, epoch, sample index), not of worker count,
+worker start-up order or process history, so a run gives the same batches with 0 or 8 workers,
+on 1 or N ranks (per sample), and after a resume.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+import random
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..config import AugConfig, ConfigError, DataConfig
+from .datasets import (DatasetError, ImageFolderDataset, build_digits, default_root,
+                       load_cifar10)
+from .transforms import Normalize, TrainAugment, ValTransform
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 63-bit seed for one sample of one epoch (splitmix64 finaliser)."""
+    z = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index) & (2**64 - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return (z ^ (z >> 31)) >> 1
+
+
+class SeededAugment(Dataset):
+    """`transform(dataset[index], rng)` with `rng` seeded from (seed, epoch, index).
+
+    Indexed by `(epoch, index)` pairs from `EpochSampler`: workers keep no epoch state, so
+    persistent workers stay correct across epochs.
+    """
+
+    def __init__(self, dataset: Dataset, transform: Callable, seed: int) -> None:
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, index = key
+        image, target = self.dataset[index]
+        return self.transform(image, random.Random(sample_seed(self.seed, epoch, index))), target
+
+
+class EpochSampler(Sampler):
+    """This rank's share of a seeded per-epoch permutation, yielded as (epoch, index) pairs.
+
+    Every rank gets `len(dataset) // world_size` samples (the remainder is dropped, differently
+    each epoch), so all ranks run the same number of steps.
+    """
+
+    def __init__(self, size: int, rank: int, world_size: int, seed: int) -> None:
+        self.size, self.rank, self.world_size, self.seed = size, rank, world_size, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size // self.world_size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1))
+        order = torch.randperm(self.size, generator=g)[self.rank::self.world_size][:len(self)]
+        return ((self.epoch, i) for i in order.tolist())
+
+
+class ShardSampler(Sampler):
+    """Indices rank, rank + world, ...: every sample exactly once over all ranks (no padding, so
+    validation counts each image once)."""
+
+    def __init__(self, size: int, rank: int, world_size: int) -> None:
+        self.indices = range(rank, size, world_size)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+
+class DeviceLoader:
+    """Iterates (images, labels) on `device`: images normalised float (N, C, H, W), channels-last
+    when asked; the uint8 → float conversion happens on the device."""
+
+    def __init__(self, loader: DataLoader, device: torch.device, normalize: Normalize,
+                 channels_last: bool) -> None:
+        self.loader, self.device, self.channels_last = loader, device, channels_last
+        self.normalize = normalize.to(device)
+        self.non_blocking = device.type == "cuda"
+
+    @property
+    def sampler(self) -> Sampler:
+        return self.loader.sampler if self.loader.batch_sampler is None else \
+            self.loader.batch_sampler.sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        for images, labels in self.loader:
+            images = images.to(self.device, non_blocking=self.non_blocking)
+            labels = labels.to(self.device, non_blocking=self.non_blocking)
+            yield self.normalize(images).contiguous(memory_format=fmt), labels
+
+
+@dataclass
+class Loaders:
+    train: DeviceLoader
+    val: DeviceLoader
+    num_classes: int
+    classes: list[str]
+    root: Path
+
+
+def _datasets(data: DataConfig) -> tuple[Dataset, Dataset, list[str], Path]:
+    root = Path(data.path).expanduser() if data.path else default_root(data.dataset)
+    if data.dataset == "cifar10":
+        train = load_cifar10(root, train=True, download=data.download)
+        val = load_cifar10(root, train=False, download=False)
+        return train, val, train.classes, root
+    if data.dataset == "digits":
+        build_digits(root)
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise DatasetError(f"{root / split}: directory not found (data.path must hold "
+                               f"train/ and val/ class folders)")
+    train = ImageFolderDataset(root / "train")
+    val_classes = sorted(p.name for p in (root / "val").iterdir() if p.is_dir())
+    extra = sorted(set(val_classes) - set(train.classes))
+    if extra:
+        raise DatasetError(f"{root / 'val'}: classes not in train/: {', '.join(extra[:5])}")
+    val = ImageFolderDataset(root / "val", class_to_idx=train.class_to_idx)
+    return train, val, train.classes, root
+
+
+def _per_rank(global_batch: int, world_size: int, key: str) -> int:
+    if global_batch % world_size:
+        raise ConfigError(f"{key}={global_batch} is not divisible by the {world_size} ranks")
+    return global_batch // world_size
+
+
+def build_loaders(data: DataConfig, aug: AugConfig, *, rank: int = 0, world_size: int = 1,
+                  device: torch.device = torch.device("cpu"), channels_last: bool = True,
+                  seed: int = 0) -> Loaders:
+    """Train and validation loaders for this rank.
+
+    `data.batch_size` is the global batch: each rank gets batch_size / world_size. Training
+    drops each rank's last partial batch; validation covers every sample exactly once across
+    ranks.
+
+    Raises:
+        DatasetError: the data set is missing or malformed.
+        ConfigError: a batch size does not split evenly across ranks.
+    """
+    train_set, val_set, classes, root = _datasets(data)
+    batch = _per_rank(data.batch_size, world_size, "data.batch_size")
+    val_batch = _per_rank(data.val_batch_size or data.batch_size, world_size,
+                          "data.val_batch_size")
+    if len(train_set) // world_size < batch:
+        raise ConfigError(f"data.batch_size={data.batch_size} is larger than the training set "
+                          f"({len(train_set)} images at {root})")
+    val_set.transform = ValTransform(data)
+    workers = dict(num_workers=data.num_workers, persistent_workers=data.num_workers > 0,
+                   pin_memory=device.type == "cuda")
+    train_loader = DataLoader(SeededAugment(train_set, TrainAugment(data, aug), seed),
+                              batch_size=batch, drop_last=True,
+                              sampler=EpochSampler(len(train_set), rank, world_size, seed),
+                              **workers)
+    val_loader = DataLoader(val_set, batch_size=val_batch,
+                            sampler=ShardSampler(len(val_set), rank, world_size), **workers)
+    normalize = Normalize(data.mean, data.std)
+    return Loaders(DeviceLoader(train_loader, device, normalize, channels_last),
+                   DeviceLoader(val_loader, device, normalize, channels_last),
+                   len(classes), list(classes), root)

@@ -1,0 +1,185 @@
+"""Data: built-in digits, ImageFolder, CIFAR-10 format, samplers and seeded augmentation."""
+import pickle
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fasttrain.config import load
+from fasttrain.data import (DatasetError, EpochSampler, ShardSampler, build_digits,
+                            build_loaders, load_cifar10, write_cifar10)
+from fasttrain.data.transforms import random_resized_crop_params
+from fasttrain.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def listing(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*.jpg"))
+
+
+def test_digits_are_real_jpegs_with_a_deterministic_split(data_root, tmp_path):
+    root = data_root / "digits"
+    files = listing(root)
+    assert len(files) == 1797
+    train = [f for f in files if f.startswith("train/")]
+    val = [f for f in files if f.startswith("val/")]
+    assert (len(train), len(val)) == (1433, 364)
+    assert sorted({Path(f).parent.name for f in val}) == [str(d) for d in range(10)]
+    sample = root / val[0]
+    assert sample.read_bytes()[:3] == b"\xff\xd8\xff"  # JPEG SOI marker
+    with Image.open(sample) as img:
+        assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (32, 32))
+    # A second build elsewhere gives the same split, file for file.
+    again = build_digits(tmp_path / "digits")
+    assert listing(again) == files
+    # Idempotent: an existing tree is left alone.
+    mtime = sample.stat().st_mtime_ns
+    build_digits(root)
+    assert sample.stat().st_mtime_ns == mtime
+
+
+def _quick_cfg(*overrides):
+    return load(ROOT / "recipes" / "quickstart.yaml", list(overrides))
+
+
+def test_loaders_shapes_dtypes_and_normalisation(data_root):
+    cfg = _quick_cfg(f"--data.path={data_root / 'digits'}", "--data.batch_size=32")
+    loaders = build_loaders(cfg.data, cfg.aug, channels_last=True)
+    assert loaders.num_classes == 10 and loaders.classes == [str(d) for d in range(10)]
+    images, labels = next(iter(loaders.train))
+    assert images.shape == (32, 3, 16, 16) and images.dtype == torch.float32
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    assert labels.dtype == torch.int64
+    # mean/std 0.5: white background pixels (255) land at +1, black strokes near -1.
+    assert images.max() <= 1.0 + 1e-6 and images.min() >= -1.0 - 1e-6
+    val_seen = sum(len(y) for _, y in loaders.val)
+    assert val_seen == 364
+    assert len(loaders.train) == 1433 // 32
+
+
+def test_augmentation_depends_on_seed_epoch_and_index_only(data_root):
+    def first_batches(workers, epoch, seed=0):
+        cfg = _quick_cfg(f"--data.path={data_root / 'digits'}", "--data.batch_size=16",
+                         f"--data.num_workers={workers}")
+        loaders = build_loaders(cfg.data, cfg.aug, seed=seed)
+        loaders.train.set_epoch(epoch)
+        it = iter(loaders.train)
+        return [next(it) for _ in range(3)]
+
+    a = first_batches(0, epoch=1)
+    b = first_batches(2, epoch=1)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    c = first_batches(0, epoch=2)
+    assert not torch.equal(a[0][0], c[0][0])
+    d = first_batches(0, epoch=1, seed=1)
+    assert not torch.equal(a[0][0], d[0][0])
+
+
+@pytest.mark.parametrize("size,world", [(1437, 2), (10, 3), (7, 1)])
+def test_epoch_sampler_gives_each_rank_a_disjoint_equal_shard(size, world):
+    shards = []
+    for rank in range(world):
+        sampler = EpochSampler(size, rank, world, seed=3)
+        sampler.set_epoch(5)
+        pairs = list(sampler)
+        assert all(epoch == 5 for epoch, _ in pairs)
+        assert len(pairs) == len(sampler) == size // world
+        shards.append({i for _, i in pairs})
+    union = set().union(*shards)
+    assert sum(map(len, shards)) == len(union)  # disjoint
+    assert len(union) == size // world * world
+    sampler = EpochSampler(size, 0, world, seed=3)
+    sampler.set_epoch(6)
+    if size > 7:
+        assert [i for _, i in sampler] != [i for _, i in EpochSampler(size, 0, world, seed=3)]
+
+
+def test_shard_sampler_covers_every_sample_once():
+    seen = [i for rank in range(3) for i in ShardSampler(10, rank, 3)]
+    assert sorted(seen) == list(range(10))
+
+
+def test_random_resized_crop_params_stay_inside_the_image_and_bounds():
+    rng = random.Random(0)
+    for _ in range(2000):
+        top, left, h, w = random_resized_crop_params(40, 60, (0.08, 1.0), (3 / 4, 4 / 3), rng)
+        assert 0 <= top and top + h <= 40 and 0 <= left and left + w <= 60
+        assert 0.08 * 2400 * 0.8 <= h * w <= 2400
+    # Impossible constraints fall back to a centered crop clamped to the ratio range.
+    assert random_resized_crop_params(10, 100, (0.99, 1.0), (1.0, 1.0), rng) == (0, 45, 10, 10)
+
+
+def test_imagefolder_with_grayscale_png_and_cmyk_files(tmp_path):
+    for split in ("train", "val"):
+        for cls, mode in (("a", "L"), ("b", "CMYK")):
+            folder = tmp_path / split / cls
+            folder.mkdir(parents=True)
+            for i in range(4):
+                img = Image.new(mode, (40, 30), color=i * 40 if mode == "L" else (i, 0, 0, 0))
+                img.save(folder / f"{i}.jpg", format="JPEG")
+        Image.new("RGB", (40, 30)).save(tmp_path / split / "a" / "png_named.JPEG", format="PNG")
+    cfg = load(None, [f"--data.dataset=imagefolder", f"--data.path={tmp_path}",
+                      "--data.batch_size=4", "--data.train_res=24", "--data.val_res=24",
+                      "--data.val_resize=28", "--data.num_workers=0"])
+    loaders = build_loaders(cfg.data, cfg.aug)
+    assert loaders.classes == ["a", "b"]
+    images, labels = next(iter(loaders.val))
+    assert images.shape == (4, 3, 24, 24)
+    assert sum(len(y) for _, y in loaders.val) == 9  # 4 grayscale + 4 CMYK + 1 PNG
+
+
+def test_imagefolder_errors(tmp_path):
+    cfg = load(None, ["--data.dataset=imagefolder", f"--data.path={tmp_path / 'none'}"])
+    with pytest.raises(DatasetError, match="none/train: directory not found"):
+        build_loaders(cfg.data, cfg.aug)
+    (tmp_path / "x" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "x" / "val").mkdir(parents=True)
+    cfg = load(None, ["--data.dataset=imagefolder", f"--data.path={tmp_path / 'x'}"])
+    with pytest.raises(DatasetError, match="no image files found"):
+        build_loaders(cfg.data, cfg.aug)
+
+
+def test_cifar10_format_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(60, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=60).tolist()
+    write_cifar10(tmp_path, images, labels, per_batch=10)
+    train = load_cifar10(tmp_path, train=True, download=False)
+    test = load_cifar10(tmp_path, train=False, download=False)
+    assert (len(train), len(test)) == (50, 10)
+    assert train.classes[0] == "airplane"
+    image, label = train[3]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.uint8
+    assert torch.equal(image.permute(1, 2, 0), torch.from_numpy(images[3])) and label == labels[3]
+    cfg = load(None, ["--data.dataset=cifar10", f"--data.path={tmp_path}", "--data.batch_size=8",
+                      "--data.train_res=32", "--data.val_res=32", "--data.val_resize=32",
+                      "--aug.train_crop=pad_random", "--data.num_workers=0"])
+    loaders = build_loaders(cfg.data, cfg.aug)
+    assert next(iter(loaders.train))[0].shape == (8, 3, 32, 32)
+    assert sum(len(y) for _, y in loaders.val) == 10
+
+
+def test_cifar10_missing_without_download_and_hostile_pickle(tmp_path):
+    with pytest.raises(DatasetError, match="data.download is false"):
+        load_cifar10(tmp_path, train=True, download=False)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar10(tmp_path, np.zeros((6, 32, 32, 3), np.uint8), [0] * 6, per_batch=1)
+    (folder / "data_batch_1").write_bytes(pickle.dumps({"data": Evil(), "labels": [0]}))
+    with pytest.raises(DatasetError, match="refusing to load builtins.print"):
+        load_cifar10(tmp_path, train=True, download=False)
+
+
+def test_batch_must_split_across_ranks(data_root):
+    cfg = _quick_cfg(f"--data.path={data_root / 'digits'}", "--data.batch_size=63")
+    with pytest.raises(ConfigError, match="data.batch_size=63 is not divisible by the 2 ranks"):
+        build_loaders(cfg.data, cfg.aug, rank=0, world_size=2)
