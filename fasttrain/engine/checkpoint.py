@@ -1,0 +1,74 @@
+"""Checkpoints: unwrapped model state, atomic writes, safe loads."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def save_atomic(state: dict[str, Any], path: Path) -> None:
+    """Write `state` to `path` so that a crash at any point leaves either the old file or the new
+    one, never a torn file: temp file in the same directory, fsync, rename, fsync the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load(path: Path) -> dict[str, Any]:
+    """Load a checkpoint with `weights_only=True`: tensors and plain containers only, so a file
+    crafted to run code on unpickling is refused."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: checkpoint not found") from None
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... here
+        lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
+        # The weights-only refusal names the offending global on a later line.
+        reason = next((l for l in lines if "WeightsUnpickler error" in l), lines[0])
+        raise CheckpointError(f"{path}: cannot load checkpoint ({reason})") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path}: not a fasttrain checkpoint (no 'model' entry)")
+    return state
+
+
+def link_or_copy_atomic(src: Path, dst: Path) -> None:
+    """Make `dst` a snapshot of `src`: a hard link (no copy; `src` is later replaced by rename,
+    so the link keeps this version), or a copy where links are not supported; swapped in
+    atomically either way."""
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)

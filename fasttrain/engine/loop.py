@@ -1,0 +1,292 @@
+"""Training: `train(cfg, ...)` builds data, model and optimizer from a Config and runs the
+epochs, validating, logging and checkpointing after each one."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import config as config_mod
+from ..config import Config, ModelConfig
+from ..errors import CheckpointError, ConfigError
+from ..data import build_loaders
+from ..data.loader import DeviceLoader
+from ..measure import count_macs, count_params
+from ..models import NORM_ACT_LAYERS, create_model, list_models
+from . import checkpoint as ckpt
+from . import distributed
+from .optim import build_optimizer
+from .precision import resolve_precision
+from .progress import Reporter
+from .rundir import BEST, CHECKPOINTS, LAST, find_resume, new_run_dir, run_dir_of
+from .schedule import build_scheduler
+
+MODEL_IDENTITY = ("name", "width", "channel_divisor", "num_classes", "shortcut")
+"""ModelConfig keys that fix the architecture: a checkpoint must agree on all of them."""
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """The model a ModelConfig describes, with `num_classes` outputs."""
+    if cfg.name not in list_models():
+        import difflib
+        close = difflib.get_close_matches(cfg.name, list_models(), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"model.name {cfg.name!r} is not a registered model{hint}")
+    kwargs: dict[str, Any] = dict(width=cfg.width, channel_divisor=cfg.channel_divisor,
+                                  num_classes=num_classes,
+                                  zero_init_residual=cfg.zero_init_residual,
+                                  norm_act_layer=NORM_ACT_LAYERS[cfg.norm_act])
+    if cfg.name.startswith("cifar_"):
+        kwargs["shortcut"] = cfg.shortcut
+    try:
+        return create_model(cfg.name, **kwargs)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+
+
+def accuracy_counts(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Number of top-1 and top-5 hits (top-k capped at the class count), as device tensors."""
+    k = min(5, logits.shape[1])
+    top = logits.topk(k, dim=1).indices  # (N, k)
+    hits = top == labels[:, None]
+    return hits[:, 0].sum(), hits.any(dim=1).sum()
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # completed epochs
+    best_val_top1: float = -1.0
+    train_time_s: float = 0.0  # cumulative training + validation wall time
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _versions() -> dict[str, str]:
+    return {"torch": str(torch.__version__), "cuda": str(torch.version.cuda),
+            "python": platform.python_version()}
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _check_compatible(saved: dict[str, Any], cfg: Config, path: Path) -> None:
+    saved_model = saved.get("config", {}).get("model", {})
+    for key in MODEL_IDENTITY:
+        have, want = saved_model.get(key), getattr(cfg.model, key)
+        if have != want:
+            raise CheckpointError(f"{path}: checkpoint has model.{key}={have!r} but the "
+                                       f"config has {want!r}")
+
+
+def evaluate(model: nn.Module, loader: DeviceLoader, precision, device: torch.device
+             ) -> dict[str, float]:
+    """Loss, top-1 and top-5 (%) over the whole validation set, summed across ranks."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, n
+    with torch.inference_mode(), precision.autocast(device):
+        for images, labels in loader:
+            logits = model(images)
+            top1, top5 = accuracy_counts(logits, labels)
+            loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+            totals += torch.stack([loss.double(), top1.double(), top5.double(),
+                                   torch.tensor(len(labels), dtype=torch.float64, device=device)])
+    distributed.all_reduce_sum(totals)
+    loss, top1, top5, n = totals.tolist()  # sync point: once per validation
+    return {"val_loss": loss / n, "val_top1": 100 * top1 / n, "val_top5": 100 * top5 / n}
+
+
+def _summary_rows(cfg: Config, params: int, macs, res: int) -> list[tuple[str, str]]:
+    return [("model", f"{cfg.model.name} width {cfg.model.width} "
+                      f"(divisor {cfg.model.channel_divisor}), {cfg.model.num_classes} classes"),
+            ("params", f"{params:,}"),
+            ("MACs (conv+fc)", f"{macs.conv_fc:,} at {res}px"),
+            ("MACs (fvcore total, incl. BN)", f"{macs.total:,}")]
+
+
+def train(cfg: Config, recipe: str | None = None, resume: str | None = None,
+          dry_run: bool = False) -> dict[str, Any]:
+    """Train as `cfg` says; returns the final summary (also the last metrics line).
+
+    Under torchrun every rank calls this; rank 0 writes the run directory.
+
+    Raises:
+        ConfigError, DatasetError, CheckpointError, RunError: user errors, one-line messages.
+    """
+    dist = distributed.setup(cfg.train.device)
+    try:
+        return _train(cfg, dist, recipe, resume, dry_run)
+    finally:
+        distributed.teardown()
+
+
+def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: str | None,
+           dry_run: bool) -> dict[str, Any]:
+    device = dist.device
+    cores = len(os.sched_getaffinity(0))
+    torch.set_num_threads(cfg.train.threads or max(1, cores // dist.local_world_size))
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    report = Reporter(cfg.log.progress, dist.is_main)
+    precision = resolve_precision(cfg.train.precision)
+    build_model(cfg.model, 1)  # unknown name / bad width: fail before touching data
+    log_dir = Path(cfg.log.dir)
+    stem = Path(recipe).stem if recipe else "run"
+    resume_path = None
+    if resume and dist.is_main and not dry_run:
+        resume_path = find_resume(resume, log_dir, cfg.log.name, stem)
+        if resume_path is None:
+            report.print(f"--resume auto: no checkpoint under {log_dir}, starting fresh")
+
+    loaders = build_loaders(cfg.data, cfg.aug, rank=dist.rank, world_size=dist.world_size,
+                            device=device, channels_last=cfg.train.channels_last,
+                            seed=cfg.train.seed)
+    if cfg.model.num_classes == 0:
+        cfg.model.num_classes = loaders.num_classes
+    elif cfg.model.num_classes < loaders.num_classes:
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the data set at "
+                          f"{loaders.root} has {loaders.num_classes} classes")
+    model = build_model(cfg.model, cfg.model.num_classes).to(device)
+    params = count_params(model)
+    macs = count_macs(model, cfg.data.val_res) if dist.is_main else None
+    rows = _summary_rows(cfg, params, macs, cfg.data.val_res) if dist.is_main else []
+    rows += [("data", f"{cfg.data.dataset} at {loaders.root}: {len(loaders.train)} steps/epoch "
+                      f"x {cfg.data.batch_size} global batch, {dist.world_size} rank(s)"),
+             ("device", f"{device} ({cfg.train.precision}, "
+                        f"{'channels_last' if cfg.train.channels_last else 'contiguous'})")]
+    if dry_run:
+        report.print(config_mod.dump(cfg).rstrip())
+        report.summary(rows, "dry run: recipe is valid")
+        return {"params": params, "macs": macs.conv_fc if macs else None}
+
+    run_dir = None
+    if dist.is_main:
+        run_dir = run_dir_of(resume_path) if resume_path else new_run_dir(log_dir, cfg.log.name,
+                                                                          stem)
+    run_dir, resume_path = distributed.broadcast_object((run_dir, resume_path))
+
+    model = model.to(memory_format=torch.channels_last) if cfg.train.channels_last else model
+    optimizer = build_optimizer(cfg.optim, model, device)
+    scheduler = build_scheduler(cfg.schedule, optimizer, len(loaders.train))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
+    state = TrainState()
+    if resume_path:
+        saved = ckpt.load(resume_path)
+        _check_compatible(saved, cfg, resume_path)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        if "scaler" in saved:
+            scaler.load_state_dict(saved["scaler"])
+        _set_rng_state(saved["rng"])
+        state = TrainState(**saved["train_state"])
+        report.print(f"resumed from {resume_path} after epoch {state.epoch}")
+
+    train_model: nn.Module = model
+    if dist.enabled:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    use_compile = device.type == "cuda" if cfg.train.compile is None else cfg.train.compile
+    if use_compile:
+        train_model = torch.compile(train_model)
+
+    if dist.is_main:
+        (run_dir / "config.yaml").write_text(config_mod.dump(cfg))
+        report.summary(rows + [("run directory", str(run_dir))], "fasttrain")
+    epochs = cfg.schedule.epochs
+    for epoch in range(state.epoch, epochs):
+        t0 = time.perf_counter()
+        train_metrics = train_one_epoch(train_model, loaders.train, optimizer, scheduler, scaler,
+                                        precision, cfg, epoch, report, device)
+        t_train = time.perf_counter() - t0
+        report.phase("validating")
+        val_metrics = evaluate(train_model, loaders.val, precision, device)
+        epoch_time = time.perf_counter() - t0
+        state.epoch = epoch + 1
+        state.train_time_s += epoch_time
+        metrics = {"epoch": epoch + 1, **train_metrics, **val_metrics,
+                   "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": epoch_time,
+                   "train_images_per_s": train_metrics["train_images"] / t_train,
+                   "train_time_s": state.train_time_s, "world_size": dist.world_size}
+        is_best = metrics["val_top1"] > state.best_val_top1
+        state.best_val_top1 = max(state.best_val_top1, metrics["val_top1"])
+        metrics["best_val_top1"] = state.best_val_top1
+        state.history.append({k: metrics[k] for k in ("epoch", "val_top1", "train_loss")})
+        report.end_epoch(metrics, epochs)
+        if dist.is_main:
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            _save(run_dir, model, optimizer, scheduler, scaler, precision, state, cfg, metrics,
+                  is_best)
+    final = state.history[-1] if state.history else {}
+    report.summary([("epochs", str(state.epoch)),
+                    ("final val top-1", f"{final.get('val_top1', float('nan')):.2f} %"),
+                    ("best val top-1", f"{state.best_val_top1:.2f} %"),
+                    ("training time", f"{state.train_time_s:.1f} s (train + validation)"),
+                    ("run directory", str(run_dir))], "done")
+    return {"run_dir": str(run_dir), "epoch": state.epoch, "best_val_top1": state.best_val_top1,
+            "train_time_s": state.train_time_s, **final}
+
+
+def train_one_epoch(model: nn.Module, loader: DeviceLoader, optimizer, scheduler, scaler,
+                    precision, cfg: Config, epoch: int, report: Reporter,
+                    device: torch.device) -> dict[str, float]:
+    model.train()
+    loader.set_epoch(epoch)
+    steps = len(loader)
+    report.start_epoch(epoch + 1, cfg.schedule.epochs, steps)
+    loss_sum = torch.zeros((), device=device)
+    images_seen = 0
+    for step, (images, labels) in enumerate(loader):
+        with precision.autocast(device):
+            logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.optim.label_smoothing)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        loss_sum += loss.detach()
+        images_seen += len(labels)
+        if report.live and ((step + 1) % cfg.log.interval == 0 or step + 1 == steps):
+            # sync point: only at log intervals, only on a terminal
+            report.update(step + 1, loss.item(), optimizer.param_groups[0]["lr"])
+    totals = torch.cat([loss_sum.double().view(1),
+                        torch.tensor([steps, images_seen], dtype=torch.float64, device=device)])
+    distributed.all_reduce_sum(totals)
+    loss_total, step_total, images_total = totals.tolist()  # sync point: once per epoch
+    return {"train_loss": loss_total / step_total, "train_images": int(images_total)}
+
+
+def _save(run_dir: Path, model: nn.Module, optimizer, scheduler, scaler, precision,
+          state: TrainState, cfg: Config, metrics: dict[str, Any], is_best: bool) -> None:
+    payload = {"model": ckpt.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+               "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+               "train_state": {"epoch": state.epoch, "best_val_top1": state.best_val_top1,
+                               "train_time_s": state.train_time_s,
+                               "history": state.history},
+               "config": cfg.to_dict(), "metrics": metrics, "versions": _versions()}
+    if precision.use_scaler:
+        payload["scaler"] = scaler.state_dict()
+    last = run_dir / CHECKPOINTS / LAST
+    ckpt.save_atomic(payload, last)
+    if is_best:
+        ckpt.link_or_copy_atomic(last, run_dir / CHECKPOINTS / BEST)

@@ -1,0 +1,68 @@
+"""Progress reporting on the main rank: a rich live bar on a terminal, plain lines otherwise
+(CI logs), and a final summary table."""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.table import Table
+
+
+def format_epoch(m: dict[str, Any], epochs: int) -> str:
+    return (f"epoch {m['epoch']}/{epochs}  train_loss {m['train_loss']:.4f}  "
+            f"val_loss {m['val_loss']:.4f}  val_top1 {m['val_top1']:.2f}  "
+            f"val_top5 {m['val_top5']:.2f}  lr {m['lr']:.4g}  "
+            f"{m['epoch_time_s']:.1f}s ({m['train_images_per_s']:.0f} img/s)")
+
+
+class Reporter:
+    """Reports training progress; every method is a no-op off the main rank."""
+
+    def __init__(self, mode: str, enabled: bool) -> None:
+        self.enabled = enabled
+        self.console = Console(file=sys.stdout, highlight=False, soft_wrap=True)
+        self.live = enabled and (mode == "rich" or (mode == "auto" and self.console.is_terminal))
+        self._bar: Progress | None = None
+        self._task = None
+
+    def print(self, text: str) -> None:
+        if self.enabled:
+            self.console.print(text, markup=False)
+
+    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
+        if not self.live:
+            return
+        self._bar = Progress(TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(),
+                             MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+                             TimeElapsedColumn(), TimeRemainingColumn(),
+                             console=self.console, transient=True)
+        self._task = self._bar.add_task("train", total=steps, status="")
+        self._bar.start()
+
+    def update(self, steps_done: int, loss: float, lr: float) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=steps_done,
+                             status=f"loss {loss:.4f} lr {lr:.4g}")
+
+    def phase(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, status=text)
+
+    def end_epoch(self, metrics: dict[str, Any], epochs: int) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+        self.print(format_epoch(metrics, epochs))
+
+    def summary(self, rows: list[tuple[str, str]], title: str) -> None:
+        if not self.enabled:
+            return
+        table = Table(title=title, show_header=False)
+        table.add_column("", style="bold")
+        table.add_column("")
+        for key, value in rows:
+            table.add_row(key, value)
+        self.console.print(table)

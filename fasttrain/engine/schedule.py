@@ -1,0 +1,34 @@
+"""Learning-rate schedules stepped once per optimizer step (not per epoch)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import ScheduleConfig
+
+
+def lr_factor(cfg: ScheduleConfig, step: int, steps_per_epoch: int) -> float:
+    """Multiplier of the peak LR at optimizer step `step` (0-based).
+
+    Linear warmup from `warmup_start_factor` to 1 over `warmup_epochs`, then cosine to
+    `min_lr_factor` at the end of training, step decay by `gamma` at each milestone epoch, or
+    constant.
+    """
+    total = cfg.epochs * steps_per_epoch
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return cfg.warmup_start_factor + (1 - cfg.warmup_start_factor) * step / warmup
+    if cfg.kind == "cosine":
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return cfg.min_lr_factor + (1 - cfg.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.kind == "step":
+        epoch = step / steps_per_epoch
+        return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+    return 1.0
+
+
+def build_scheduler(cfg: ScheduleConfig, optimizer: torch.optim.Optimizer,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(cfg, step, steps_per_epoch))

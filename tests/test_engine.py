@@ -1,0 +1,205 @@
+"""Engine: schedules, weight-decay groups, checkpoints, training, resume, DDP on CPU."""
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fasttrain.config import ScheduleConfig, load
+from fasttrain.engine import checkpoint as ckpt
+from fasttrain.engine import loop, train
+from fasttrain.engine.optim import param_groups
+from fasttrain.engine.schedule import lr_factor
+from fasttrain.errors import CheckpointError, RunError
+from fasttrain.models import create_model
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+
+
+def test_warmup_then_cosine_per_step():
+    cfg = ScheduleConfig(epochs=10, kind="cosine", warmup_epochs=2, warmup_start_factor=0.1,
+                         min_lr_factor=0.0)
+    steps = 5
+    assert lr_factor(cfg, 0, steps) == pytest.approx(0.1)
+    assert lr_factor(cfg, 5, steps) == pytest.approx(0.1 + 0.9 * 5 / 10)
+    assert lr_factor(cfg, 10, steps) == pytest.approx(1.0)
+    assert lr_factor(cfg, 10 + 20, steps) == pytest.approx(0.5)  # half-way through the cosine
+    assert lr_factor(cfg, 50, steps) == pytest.approx(0.0, abs=1e-12)
+    values = [lr_factor(cfg, s, steps) for s in range(10, 51)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_step_and_constant_schedules():
+    cfg = ScheduleConfig(epochs=9, kind="step", milestones=[3, 6], gamma=0.1)
+    assert [lr_factor(cfg, e * 10, 10) for e in (0, 2, 3, 5, 6, 8)] == \
+        pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    assert lr_factor(ScheduleConfig(kind="constant"), 123, 10) == 1.0
+
+
+def test_weight_decay_groups_by_rank_not_name():
+    model = create_model("cifar_resnet20", width=0.25)
+    decay, no_decay = param_groups(model, 5e-4, decay_norm_and_bias=False)
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    (only,) = param_groups(model, 5e-4, decay_norm_and_bias=True)
+    assert len(only["params"]) == len(list(model.parameters()))
+
+
+def test_atomic_save_keeps_previous_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    ckpt.save_atomic({"model": {"w": torch.ones(2)}}, path)
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        ckpt.save_atomic({"model": {"w": torch.zeros(2)}}, path)
+    assert torch.equal(ckpt.load(path)["model"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left
+
+
+def test_load_refuses_code_execution_and_garbage(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"model": Evil()}, protocol=2))
+    with pytest.raises(CheckpointError, match="cannot load checkpoint"):
+        ckpt.load(evil)
+    assert not marker.exists()
+    torch.save({"something": 1}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a fasttrain checkpoint"):
+        ckpt.load(tmp_path / "other.pt")
+    (tmp_path / "junk.pt").write_bytes(b"\x00" * 10)
+    with pytest.raises(CheckpointError):
+        ckpt.load(tmp_path / "junk.pt")
+
+
+def test_unwrap_compiled_model():
+    model = create_model("cifar_resnet20", width=0.25)
+    assert ckpt.unwrap(torch.compile(model)) is model
+
+
+def _cfg(data_root, log_dir, *overrides):
+    return load(QUICKSTART, [f"--data.path={data_root / 'digits'}", f"--log.dir={log_dir}",
+                             "--log.progress=plain", *overrides])
+
+
+@pytest.mark.slow
+def test_smoke_training_writes_run_directory_and_loss_decreases(data_root, tmp_path):
+    summary = train(_cfg(data_root, tmp_path, "--schedule.epochs=3", "--log.name=smoke"),
+                    recipe=str(QUICKSTART))
+    run = tmp_path / "smoke"
+    assert Path(summary["run_dir"]) == run
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2, 3]
+    for key in ("val_top1", "val_top5", "val_loss", "train_loss", "epoch_time_s", "lr",
+                "train_time_s", "world_size"):
+        assert all(math.isfinite(m[key]) for m in lines), key
+    assert lines[-1]["train_loss"] < lines[0]["train_loss"]
+    assert lines[-1]["val_top1"] > 30  # chance is 10 %
+    assert lines[0]["train_images"] == 1433 // 64 * 64
+    saved = load(run / "config.yaml")
+    assert saved.model.num_classes == 10 and saved.schedule.epochs == 3
+    last = ckpt.load(run / "checkpoints" / "last.pt")
+    best = ckpt.load(run / "checkpoints" / "best.pt")
+    assert last["train_state"]["epoch"] == 3
+    assert best["metrics"]["val_top1"] == max(m["val_top1"] for m in lines)
+    model = create_model("cifar_resnet20", width=0.5, num_classes=10)
+    model.load_state_dict(last["model"])  # plain module keys, no DDP/compile prefixes
+    # The same explicit run name again would overwrite a resumable run: refused.
+    with pytest.raises(RunError, match="already holds checkpoints"):
+        train(_cfg(data_root, tmp_path, "--schedule.epochs=3", "--log.name=smoke"))
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly_where_it_stopped(data_root, tmp_path, monkeypatch):
+    args = ("--schedule.epochs=3", "--schedule.warmup_epochs=1", "--train.seed=7")
+    straight = train(_cfg(data_root, tmp_path, *args, "--log.name=straight"))
+
+    real_save, calls = loop._save, []
+
+    def save_then_crash(*a, **kw):
+        real_save(*a, **kw)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed after epoch 2 was checkpointed
+
+    monkeypatch.setattr(loop, "_save", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(data_root, tmp_path, *args, "--log.name=resumed"))
+    monkeypatch.setattr(loop, "_save", real_save)
+    resumed = train(_cfg(data_root, tmp_path, *args, "--log.name=resumed"), resume="auto")
+    assert resumed["epoch"] == 3 and resumed["run_dir"] == str(tmp_path / "resumed")
+
+    a = ckpt.load(tmp_path / "straight" / "checkpoints" / "last.pt")
+    b = ckpt.load(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for key, value in a["optimizer"]["state"].items():
+        assert torch.equal(value["momentum_buffer"], b["optimizer"]["state"][key]["momentum_buffer"])
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
+    lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["epoch"] for l in lines] == [1, 2, 3]
+    assert json.loads(lines[-1])["val_top1"] == straight["val_top1"]
+
+
+@pytest.mark.slow
+def test_resume_refuses_another_architecture(data_root, tmp_path):
+    train(_cfg(data_root, tmp_path, "--schedule.epochs=1", "--schedule.warmup_epochs=0",
+               "--log.name=r"))
+    cfg = _cfg(data_root, tmp_path, "--schedule.epochs=2", "--schedule.warmup_epochs=0",
+               "--model.width=0.25", "--log.name=r")
+    with pytest.raises(CheckpointError, match="model.width=0.5 but the config has 0.25"):
+        train(cfg, resume=str(tmp_path / "r"))
+
+
+def test_dry_run_prints_config_and_counts(run_tool, tmp_path):
+    result = run_tool("train.py", str(QUICKSTART), "--dry-run", f"--log.dir={tmp_path / 'runs'}")
+    assert result.returncode == 0, result.stderr
+    assert "68,050" in result.stdout  # cifar_resnet20 w0.5 params
+    assert "name: cifar_resnet20" in result.stdout
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+@pytest.mark.slow
+def test_two_process_gloo_torchrun(data_root, tmp_path):
+    env = {**os.environ, "FASTTRAIN_DATA": str(data_root)}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(ROOT / "tools" / "train.py"), str(QUICKSTART), "--schedule.epochs=1",
+         "--schedule.warmup_epochs=0", f"--log.dir={tmp_path}", "--log.name=ddp"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (metrics,) = [json.loads(l) for l in (tmp_path / "ddp" / "metrics.jsonl").read_text()
+                  .splitlines()]
+    assert metrics["world_size"] == 2
+    # Each rank draws 32 of its 716-sample shard per step: 22 steps x 64 images in all.
+    assert metrics["train_images"] == 22 * 64
+    assert 0 <= metrics["val_top1"] <= 100
+    assert result.stdout.count("epoch 1/1") == 1  # only rank 0 reports
+
+
+@pytest.mark.slow
+def test_compiled_training_on_cpu_matches_eager(data_root, tmp_path):
+    """The GPU default path (torch.compile) exercised on CPU: ~1 min of Inductor compilation."""
+    args = ("--schedule.epochs=1", "--schedule.warmup_epochs=0")
+    eager = train(_cfg(data_root, tmp_path, *args, "--log.name=eager"))
+    compiled = train(_cfg(data_root, tmp_path, *args, "--log.name=compiled",
+                          "--train.compile=true"))
+    assert compiled["train_loss"] == pytest.approx(eager["train_loss"], abs=0.02)
+    state = ckpt.load(tmp_path / "compiled" / "checkpoints" / "last.pt")["model"]
+    assert not [k for k in state if "_orig_mod" in k or k.startswith("module.")]

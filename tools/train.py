@@ -1,0 +1,51 @@
+#!/usr/bin/env python
+"""Train a model from a recipe.
+
+    python tools/train.py RECIPE [--section.key=value ...] [--dry-run] [--resume PATH|auto]
+    torchrun --nproc_per_node=N tools/train.py RECIPE ...
+
+User errors (bad recipe, override, data path or checkpoint) exit with status 2 and one line on
+stderr; success exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from fasttrain.config import load
+from fasttrain.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        self.exit(2, f"error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(description="Train a ThinResNet from a recipe.",
+                epilog="Any --section.key=value overrides a recipe value, e.g. --optim.lr=0.2")
+    p.add_argument("recipe", help="recipe YAML file (recipes/*.yaml)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate, build data and model, print config and counts, then exit")
+    p.add_argument("--resume", metavar="PATH|auto",
+                   help="continue from a checkpoint, a run directory, or the latest run (auto)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = build_parser().parse_known_args(argv)
+    try:
+        cfg = load(args.recipe, overrides)
+        from fasttrain.engine import train  # imports torch: after the recipe is known good
+
+        train(cfg, recipe=args.recipe, resume=args.resume, dry_run=args.dry_run)
+    except UserError as e:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, say it once
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
