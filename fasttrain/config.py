@@ -292,4 +292,4 @@ def _check_consistency(cfg: Config, origin: str) -> None:
 
 def dump(cfg: Config) -> str:
     """The resolved config as YAML; `load` of it gives back an equal Config."""
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)

@@ -1,0 +1,107 @@
+#!/usr/bin/env python
+"""Time the README's quickstart command end to end and record what it reached.
+
+    bash tools/env.sh python benchmarks/bench_quickstart.py --repeats 3
+
+Runs `torchrun --nproc_per_node=1 tools/train.py recipes/quickstart.yaml` (set-up already done,
+digits already cached) `--repeats` times in a row on this machine, each into a fresh log
+directory, and measures per run: whole-command wall time (process start to exit, torch import and
+torchrun included), the training time the run reports (training + validation epochs), the final
+and best validation top-1 and the first epoch reaching the 98.5 % target. Writes
+`benchmarks/results/quickstart-cpu-<threads>c.json` with the conditions (CPU model, cores, torch,
+commit, date) and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET_TOP1 = 98.5
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def git_commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                         text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    return (out.stdout.strip() or "unknown") + ("-dirty" if dirty else "")
+
+
+def run_once(log_dir: Path) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+           str(ROOT / "tools" / "train.py"), str(ROOT / "recipes" / "quickstart.yaml"),
+           f"--log.dir={log_dir}", "--log.progress=plain"]
+    start = time.perf_counter()
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if result.returncode:
+        raise SystemExit(f"quickstart failed ({result.returncode}): {result.stderr[-2000:]}")
+    (metrics_file,) = log_dir.glob("*/metrics.jsonl")
+    epochs = [json.loads(l) for l in metrics_file.read_text().splitlines()]
+    hit = next((m for m in epochs if m["val_top1"] >= TARGET_TOP1), None)
+    return {"wall_s": wall, "train_time_s": epochs[-1]["train_time_s"],
+            "final_val_top1": epochs[-1]["val_top1"],
+            "best_val_top1": max(m["val_top1"] for m in epochs),
+            "epochs": len(epochs),
+            "first_epoch_at_target": hit["epoch"] if hit else None,
+            "train_time_at_target_s": hit["train_time_s"] if hit else None,
+            "train_images_per_s_mean": statistics.mean(m["train_images_per_s"] for m in epochs)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=None, help="result JSON (default: by conditions)")
+    args = p.parse_args(argv)
+    import torch
+
+    runs = []
+    for i in range(args.repeats):
+        tmp = Path(tempfile.mkdtemp(prefix="ft-quickstart-"))
+        try:
+            runs.append(run_once(tmp))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        r = runs[-1]
+        print(f"run {i + 1}: wall {r['wall_s']:.1f} s, training {r['train_time_s']:.1f} s, "
+              f"final top-1 {r['final_val_top1']:.2f} %, best {r['best_val_top1']:.2f} %, "
+              f"target at epoch {r['first_epoch_at_target']}")
+    cores = len(os.sched_getaffinity(0))
+    result = {
+        "benchmark": "quickstart",
+        "command": "torchrun --nproc_per_node=1 tools/train.py recipes/quickstart.yaml",
+        "conditions": {"device": "cpu", "cpu_model": cpu_model(), "cores": cores,
+                       "torch": str(torch.__version__), "python": platform.python_version(),
+                       "commit": git_commit(), "date": time.strftime("%Y-%m-%d"),
+                       "target_val_top1": TARGET_TOP1},
+        "runs": runs,
+        "summary": {k: {"min": min(r[k] for r in runs), "max": max(r[k] for r in runs),
+                        "mean": statistics.mean(r[k] for r in runs)}
+                    for k in ("wall_s", "train_time_s", "final_val_top1", "best_val_top1")},
+    }
+    out = args.out or ROOT / "benchmarks" / "results" / f"quickstart-cpu-{cores}c.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
