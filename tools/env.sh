@@ -19,13 +19,19 @@ command -v "$python" >/dev/null 2>&1 || python=python3
 
 log() { echo "[env] $*" >&2; }
 
+# One set-up at a time per venv (CI and a developer, or two shells, may start together).
+mkdir -p "$cache"
+exec 9>"$cache/.lock-$key"
+flock 9
+
 if [ ! -f "$venv/.complete" ]; then
   log "creating $venv (first run: a few minutes, torch is a large wheel)"
   rm -rf "$venv"
-  mkdir -p "$cache"
   "$python" -m venv "$venv"
-  "$venv/bin/python" -m pip install --quiet --upgrade pip
-  "$venv/bin/python" -m pip install --quiet -r "$repo/requirements.txt"
+  # pip warns about every local index folder it skips; those lines say nothing about this project.
+  quiet_pip() { "$venv/bin/python" -m pip install --quiet "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+  quiet_pip --upgrade pip
+  quiet_pip -r "$repo/requirements.txt"
   touch "$venv/.complete"
 fi
 
@@ -33,9 +39,15 @@ fi
 editable="$repo $(sha256sum < "$repo/setup.py" | cut -c1-16)"
 if [ "$(cat "$venv/.editable" 2>/dev/null)" != "$editable" ]; then
   log "installing fasttrain (editable) from $repo"
-  "$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$repo"
+  if ! "$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$repo" \
+      > "$cache/editable-install.log" 2>&1; then
+    cat "$cache/editable-install.log" >&2
+    log "editable install failed (log above, also in $cache/editable-install.log)"
+    exit 1
+  fi
   echo "$editable" > "$venv/.editable"
 fi
+exec 9>&-
 
 export PATH="$venv/bin:$PATH" VIRTUAL_ENV="$venv"
 cd "$repo"
