@@ -44,6 +44,13 @@ class DataConfig:
     val_resize: int = _f(256, "validation resize of the shorter side before the crop", ge=1)
     mean: list[float] = _f([0.485, 0.456, 0.406], "per-channel mean (0..1 scale)", len=3)
     std: list[float] = _f([0.229, 0.224, 0.225], "per-channel std (0..1 scale)", len=3, gt=0)
+    ra_reps: int = _f(1, "repeated augmentation: each image appears this many times per epoch "
+                      "(differently augmented, spread over ranks); 1 = off", ge=1)
+    min_res: int = _f(0, "progressive resizing: training resolution up to start_ramp; "
+                      "0 = off (train_res throughout)", ge=0)
+    max_res: int = _f(0, "progressive resizing: resolution from end_ramp on", ge=0)
+    start_ramp: int = _f(0, "progressive resizing: last epoch at min_res", ge=0)
+    end_ramp: int = _f(0, "progressive resizing: first epoch at max_res", ge=0)
 
 
 @dataclass
@@ -55,6 +62,19 @@ class AugConfig:
     ratio: list[float] = _f([0.75, 4.0 / 3.0], "RandomResizedCrop aspect range", len=2, gt=0)
     padding: int = _f(4, "pad_random: pixels of zero padding on each side", ge=0)
     hflip: float = _f(0.5, "probability of a horizontal flip", ge=0, le=1)
+    auto_augment: Literal["none", "trivialaugment", "randaugment"] = _f(
+        "none", "per-image policy after crop and flip (TrivialAugmentWide or RandAugment)")
+    randaug_ops: int = _f(2, "RandAugment: operations per image", ge=1)
+    randaug_magnitude: float = _f(9.0, "RandAugment: magnitude level out of 10 (timm scale)",
+                                  ge=0, le=10)
+    randaug_magnitude_std: float = _f(0.0, "RandAugment: std of the per-op magnitude noise", ge=0)
+    random_erase: float = _f(0.0, "probability of random erasing (filled with the mean colour)",
+                             ge=0, le=1)
+    mixup_alpha: float = _f(0.0, "mixup Beta(alpha, alpha); 0 = off", ge=0)
+    cutmix_alpha: float = _f(0.0, "cutmix Beta(alpha, alpha); 0 = off (with both on, one is "
+                             "chosen at random per batch)", ge=0)
+    mix_prob: float = _f(1.0, "probability that a batch is mixed at all", ge=0, le=1)
+    test_flip: bool = _f(False, "validation averages the logits of the image and its mirror")
 
 
 @dataclass
@@ -65,24 +85,39 @@ class ModelConfig:
     num_classes: int = _f(0, "classifier outputs; 0 = the dataset's class count", ge=0)
     zero_init_residual: bool = _f(True, "zero the last norm weight of each residual block")
     shortcut: Literal["A", "B"] = _f("A", "CIFAR ResNets: A = parameter-free, B = 1x1 conv")
-    norm_act: Literal["native"] = _f("native", "norm+ReLU implementation")
+    norm_act: Literal["native", "fused"] = _f("native", "norm+ReLU implementation")
+    drop_path_rate: float = _f(0.0, "stochastic depth: drop rate of the last block (linear in "
+                               "block index from 0)", ge=0, lt=1)
+    blurpool: bool = _f(False, "blur (3x3 binomial) before every strided conv with >= 16 inputs")
 
 
 @dataclass
 class OptimConfig:
-    name: Literal["sgd"] = _f("sgd", "optimizer")
+    name: Literal["sgd", "lamb"] = _f("sgd", "optimizer")
     lr: float = _f(0.1, "peak learning rate for the global batch", gt=0)
+    lr_reference_batch: int = _f(0, "linear scaling rule: lr is for this global batch and is "
+                                 "scaled by data.batch_size / this; 0 = off", ge=0)
     momentum: float = _f(0.9, "SGD momentum", ge=0, lt=1)
     nesterov: bool = _f(False, "Nesterov momentum")
-    weight_decay: float = _f(1e-4, "L2 weight decay", ge=0)
+    betas: list[float] = _f([0.9, 0.999], "LAMB moment decay rates", len=2, ge=0, lt=1)
+    eps: float = _f(1e-6, "LAMB denominator epsilon", gt=0)
+    max_grad_norm: float = _f(0.0, "clip the global gradient norm to this; 0 = off", ge=0)
+    weight_decay: float = _f(1e-4, "L2 weight decay (decoupled inside LAMB's update)", ge=0)
     decay_norm_and_bias: bool = _f(False, "also decay 1-D tensors (norm weights, biases)")
-    label_smoothing: float = _f(0.0, "cross-entropy label smoothing", ge=0, lt=1)
+    loss: Literal["ce", "bce"] = _f("ce", "ce: softmax cross-entropy; bce: per-class binary "
+                                    "cross-entropy on (mixed) one-hot targets (RSB)")
+    label_smoothing: float = _f(0.0, "label smoothing", ge=0, lt=1)
+    bce_target_thresh: float = _f(0.0, "bce: targets above this become 1, others 0; 0 = off",
+                                  ge=0, lt=1)
 
 
 @dataclass
 class ScheduleConfig:
     epochs: int = _f(90, "training epochs", ge=1)
-    kind: Literal["cosine", "step", "constant"] = _f("cosine", "LR shape after warmup")
+    kind: Literal["cosine", "step", "constant", "triangular"] = _f(
+        "cosine", "LR shape after warmup; triangular: linear from 1e-4 x lr to lr at "
+        "peak_epoch, then linear to 0 at the end (ffcv-imagenet 'cyclic'; no warmup)")
+    peak_epoch: float = _f(2.0, "triangular: epoch of the peak LR", ge=0)
     warmup_epochs: float = _f(0.0, "linear warmup length (may be fractional)", ge=0)
     warmup_start_factor: float = _f(0.01, "LR factor at the first warmup step", gt=0, le=1)
     min_lr_factor: float = _f(0.0, "cosine: final LR as a fraction of the peak", ge=0, le=1)
@@ -98,6 +133,13 @@ class TrainConfig:
     compile: Optional[bool] = _f(None, "torch.compile the model; null = on for CUDA, off for CPU")
     seed: int = _f(0, "seed of weights, shuffling and augmentation", ge=0)
     threads: int = _f(0, "CPU intra-op threads per rank; 0 = cores / local ranks", ge=0)
+    grad_accum_steps: int = _f(1, "micro-batches per optimizer step (the global batch and its "
+                               "LR stay the recipe's on fewer devices)", ge=1)
+    ema: bool = _f(False, "keep an exponential moving average of the weights, validated too")
+    ema_decay: float = _f(0.99998, "EMA decay per image-batch step, adjusted for ema_steps "
+                          "(torchvision reference)", ge=0, lt=1)
+    ema_steps: int = _f(32, "update the EMA every this many optimizer steps", ge=1)
+    max_steps: int = _f(0, "stop after this many optimizer steps (smoke tests); 0 = all", ge=0)
 
 
 @dataclass
@@ -106,6 +148,7 @@ class LogConfig:
     name: str = _f("", "run directory name; empty = <recipe stem>-<timestamp>")
     interval: int = _f(50, "steps between progress updates (each one syncs the device)", ge=1)
     progress: Literal["auto", "rich", "plain"] = _f("auto", "auto = rich on a terminal")
+    tensorboard: bool = _f(False, "also write TensorBoard scalars to <run>/tensorboard")
 
 
 @dataclass
@@ -287,7 +330,17 @@ def _check_consistency(cfg: Config, origin: str) -> None:
         raise ConfigError(f"{origin}: schedule.warmup_epochs must be <= schedule.epochs "
                           f"({cfg.schedule.epochs}), got {cfg.schedule.warmup_epochs}")
     if cfg.data.dataset == "imagefolder" and not cfg.data.path:
-        raise ConfigError(f"{origin}: data.path is required for data.dataset=imagefolder")
+        raise ConfigError(f"{origin}: data.path is required for data.dataset=imagefolder "
+                          f"(an ImageNet-layout folder: see README, 'Preparing ImageNet')")
+    d = cfg.data
+    if d.min_res and not (d.max_res >= d.min_res and d.end_ramp >= d.start_ramp):
+        raise ConfigError(f"{origin}: progressive resizing needs data.max_res >= data.min_res "
+                          f"and data.end_ramp >= data.start_ramp, got min_res={d.min_res} "
+                          f"max_res={d.max_res} start_ramp={d.start_ramp} "
+                          f"end_ramp={d.end_ramp}")
+    if cfg.schedule.kind == "triangular" and cfg.schedule.warmup_epochs:
+        raise ConfigError(f"{origin}: schedule.kind=triangular has its own ramp; set "
+                          f"schedule.warmup_epochs to 0, got {cfg.schedule.warmup_epochs}")
 
 
 def dump(cfg: Config) -> str:

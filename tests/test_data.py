@@ -87,16 +87,16 @@ def test_epoch_sampler_gives_each_rank_a_disjoint_equal_shard(size, world):
         sampler = EpochSampler(size, rank, world, seed=3)
         sampler.set_epoch(5)
         pairs = list(sampler)
-        assert all(epoch == 5 for epoch, _ in pairs)
+        assert all(epoch == 5 and repeat == 0 for epoch, _, repeat in pairs)
         assert len(pairs) == len(sampler) == size // world
-        shards.append({i for _, i in pairs})
+        shards.append({i for _, i, _ in pairs})
     union = set().union(*shards)
     assert sum(map(len, shards)) == len(union)  # disjoint
     assert len(union) == size // world * world
     sampler = EpochSampler(size, 0, world, seed=3)
     sampler.set_epoch(6)
     if size > 7:
-        assert [i for _, i in sampler] != [i for _, i in EpochSampler(size, 0, world, seed=3)]
+        assert [i for _, i, _ in sampler] != [i for _, i, _ in EpochSampler(size, 0, world, seed=3)]
 
 
 def test_shard_sampler_covers_every_sample_once():

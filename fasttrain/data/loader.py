@@ -20,9 +20,11 @@ from .datasets import (DatasetError, ImageFolderDataset, build_digits, default_r
 from .transforms import Normalize, TrainAugment, ValTransform
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A well-mixed 63-bit seed for one sample of one epoch (splitmix64 finaliser)."""
-    z = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index) & (2**64 - 1)
+def sample_seed(seed: int, epoch: int, index: int, repeat: int = 0) -> int:
+    """A well-mixed 63-bit seed for one draw of one sample in one epoch (splitmix64 finaliser);
+    `repeat` tells apart the copies of repeated augmentation."""
+    z = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + repeat * 0x94D049BB133111EB
+         + index) & (2**64 - 1)
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
     return (z ^ (z >> 31)) >> 1
@@ -31,8 +33,8 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 class SeededAugment(Dataset):
     """`transform(dataset[index], rng)` with `rng` seeded from (seed, epoch, index).
 
-    Indexed by `(epoch, index)` pairs from `EpochSampler`: workers keep no epoch state, so
-    persistent workers stay correct across epochs.
+    Indexed by `(epoch, index, repeat)` keys from `EpochSampler`: workers keep no epoch state,
+    so persistent workers stay correct across epochs (and see the epoch's resolution).
     """
 
     def __init__(self, dataset: Dataset, transform: Callable, seed: int) -> None:
@@ -41,22 +43,29 @@ class SeededAugment(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
-        epoch, index = key
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, int]:
+        epoch, index, repeat = key
         image, target = self.dataset[index]
-        return self.transform(image, random.Random(sample_seed(self.seed, epoch, index))), target
+        rng = random.Random(sample_seed(self.seed, epoch, index, repeat))
+        return self.transform(image, rng, epoch), target
 
 
 class EpochSampler(Sampler):
-    """This rank's share of a seeded per-epoch permutation, yielded as (epoch, index) pairs.
+    """This rank's share of a seeded per-epoch permutation, yielded as (epoch, index, repeat).
 
     Every rank gets `len(dataset) // world_size` samples (the remainder is dropped, differently
     each epoch), so all ranks run the same number of steps.
+
+    With `reps` > 1 this is repeated augmentation (Hoffer et al. 2020; torchvision's RASampler):
+    the permutation lists every image `reps` times in a row, is dealt round-robin to the ranks
+    (so copies of one image land on different ranks and get different augmentations), and each
+    rank still takes `len(dataset) // world_size` of its share: an epoch keeps its length and
+    sees about len(dataset) / reps distinct images.
     """
 
-    def __init__(self, size: int, rank: int, world_size: int, seed: int) -> None:
+    def __init__(self, size: int, rank: int, world_size: int, seed: int, reps: int = 1) -> None:
         self.size, self.rank, self.world_size, self.seed = size, rank, world_size, seed
-        self.epoch = 0
+        self.reps, self.epoch = reps, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -64,10 +73,19 @@ class EpochSampler(Sampler):
     def __len__(self) -> int:
         return self.size // self.world_size
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def share(self) -> tuple[list[int], list[int]]:
+        """This rank's whole share of the epoch's (index, repeat) stream, before truncation to
+        `len(self)`: over all ranks, every index appears exactly `reps` times."""
         g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1))
-        order = torch.randperm(self.size, generator=g)[self.rank::self.world_size][:len(self)]
-        return ((self.epoch, i) for i in order.tolist())
+        order = torch.randperm(self.size, generator=g).repeat_interleave(self.reps)
+        repeats = torch.arange(self.reps).repeat(self.size)
+        mine = slice(self.rank, None, self.world_size)
+        return order[mine].tolist(), repeats[mine].tolist()
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        indices, repeats = self.share()
+        n = len(self)
+        return ((self.epoch, i, r) for i, r in zip(indices[:n], repeats[:n]))
 
 
 class ShardSampler(Sampler):
@@ -134,7 +152,8 @@ def _datasets(data: DataConfig) -> tuple[Dataset, Dataset, list[str], Path]:
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise DatasetError(f"{root / split}: directory not found (data.path must hold "
-                               f"train/ and val/ class folders)")
+                               f"train/ and val/ class folders: see README, 'Preparing "
+                               f"ImageNet')")
     train = ImageFolderDataset(root / "train")
     val_classes = sorted(p.name for p in (root / "val").iterdir() if p.is_dir())
     extra = sorted(set(val_classes) - set(train.classes))
@@ -144,27 +163,28 @@ def _datasets(data: DataConfig) -> tuple[Dataset, Dataset, list[str], Path]:
     return train, val, train.classes, root
 
 
-def _per_rank(global_batch: int, world_size: int, key: str) -> int:
-    if global_batch % world_size:
-        raise ConfigError(f"{key}={global_batch} is not divisible by the {world_size} ranks")
-    return global_batch // world_size
+def _per_rank(global_batch: int, world_size: int, key: str, accum: int = 1) -> int:
+    if global_batch % (world_size * accum):
+        split = f"{world_size} ranks" + (f" x {accum} accumulation steps" if accum > 1 else "")
+        raise ConfigError(f"{key}={global_batch} is not divisible by the {split}")
+    return global_batch // (world_size * accum)
 
 
 def build_loaders(data: DataConfig, aug: AugConfig, *, rank: int = 0, world_size: int = 1,
                   device: torch.device = torch.device("cpu"), channels_last: bool = True,
-                  seed: int = 0) -> Loaders:
+                  seed: int = 0, grad_accum_steps: int = 1) -> Loaders:
     """Train and validation loaders for this rank.
 
-    `data.batch_size` is the global batch: each rank gets batch_size / world_size. Training
-    drops each rank's last partial batch; validation covers every sample exactly once across
-    ranks.
+    `data.batch_size` is the global batch: each rank's training loader yields micro-batches of
+    batch_size / (world_size * grad_accum_steps). Training drops each rank's last partial batch;
+    validation covers every sample exactly once across ranks.
 
     Raises:
         DatasetError: the data set is missing or malformed.
         ConfigError: a batch size does not split evenly across ranks.
     """
     train_set, val_set, classes, root = _datasets(data)
-    batch = _per_rank(data.batch_size, world_size, "data.batch_size")
+    batch = _per_rank(data.batch_size, world_size, "data.batch_size", grad_accum_steps)
     val_batch = _per_rank(data.val_batch_size or data.batch_size, world_size,
                           "data.val_batch_size")
     if len(train_set) // world_size < batch:
@@ -175,7 +195,8 @@ def build_loaders(data: DataConfig, aug: AugConfig, *, rank: int = 0, world_size
                    pin_memory=device.type == "cuda")
     train_loader = DataLoader(SeededAugment(train_set, TrainAugment(data, aug), seed),
                               batch_size=batch, drop_last=True,
-                              sampler=EpochSampler(len(train_set), rank, world_size, seed),
+                              sampler=EpochSampler(len(train_set), rank, world_size, seed,
+                                                   data.ra_reps),
                               **workers)
     val_loader = DataLoader(val_set, batch_size=val_batch,
                             sampler=ShardSampler(len(val_set), rank, world_size), **workers)

@@ -10,18 +10,19 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import torch
+import torchvision.transforms.v2 as v2
 import torchvision.transforms.v2.functional as TF
 
 from ..config import AugConfig, DataConfig
 
 
-def random_resized_crop_params(height: int, width: int, scale: tuple[float, float],
-                               ratio: tuple[float, float], rng: random.Random
-                               ) -> tuple[int, int, int, int]:
-    """(top, left, h, w) drawn like torchvision's `RandomResizedCrop.get_params`: area uniform in
-    `scale` of the image, log aspect ratio uniform in `ratio`, 10 tries, then a central crop
-    clamped to `ratio`."""
+def _random_box(height: int, width: int, scale: tuple[float, float],
+                ratio: tuple[float, float], rng: random.Random
+                ) -> tuple[int, int, int, int] | None:
+    """A box with area uniform in `scale` of the image and log aspect ratio uniform in `ratio`,
+    placed uniformly; None after 10 failed tries (torchvision's sampling rule)."""
     area = height * width
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     for _ in range(10):
@@ -31,6 +32,18 @@ def random_resized_crop_params(height: int, width: int, scale: tuple[float, floa
         h = int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
             return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    return None
+
+
+def random_resized_crop_params(height: int, width: int, scale: tuple[float, float],
+                               ratio: tuple[float, float], rng: random.Random
+                               ) -> tuple[int, int, int, int]:
+    """(top, left, h, w) drawn like torchvision's `RandomResizedCrop.get_params`: area uniform in
+    `scale` of the image, log aspect ratio uniform in `ratio`, 10 tries, then a central crop
+    clamped to `ratio`."""
+    box = _random_box(height, width, scale, ratio, rng)
+    if box is not None:
+        return box
     in_ratio = width / height
     if in_ratio < ratio[0]:
         w, h = width, int(round(width / ratio[0]))
@@ -41,15 +54,83 @@ def random_resized_crop_params(height: int, width: int, scale: tuple[float, floa
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-class TrainAugment:
-    """Random crop (RandomResizedCrop, or zero-pad + random crop) and horizontal flip."""
+def progressive_resolution(data: DataConfig, epoch: int) -> int:
+    """Training resolution of `epoch` (0-based): `train_res`, or with progressive resizing
+    (`min_res` > 0) min_res up to `start_ramp`, max_res from `end_ramp`, and in between the
+    linear interpolation rounded to a multiple of 32 (ffcv-imagenet's `get_resolution`)."""
+    if not data.min_res:
+        return data.train_res
+    if epoch <= data.start_ramp:
+        return data.min_res
+    if epoch >= data.end_ramp:
+        return data.max_res
+    interp = np.interp(epoch, [data.start_ramp, data.end_ramp], [data.min_res, data.max_res])
+    return int(np.round(interp / 32)) * 32
 
-    def __init__(self, data: DataConfig, aug: AugConfig) -> None:
-        self.size, self.aug = data.train_res, aug
+
+class AutoAugment:
+    """TrivialAugmentWide or RandAugment with torchvision's operations and magnitude bins, the
+    choices drawn from the caller's per-sample generator.
+
+    RandAugment's magnitude is a level out of 10 (timm's scale, `rand-m7-mstd0.5`): each
+    operation uses level ~ N(magnitude, magnitude_std) clipped to [0, 10], mapped onto
+    torchvision's 31 bins. torchvision's operation set is used (timm's adds Invert and SolarizeAdd
+    and has no Identity).
+    """
+
+    BINS = 31
+
+    def __init__(self, aug: AugConfig) -> None:
+        self.kind, self.ops = aug.auto_augment, aug.randaug_ops
+        self.magnitude, self.magnitude_std = aug.randaug_magnitude, aug.randaug_magnitude_std
+        self.policy = (v2.TrivialAugmentWide() if self.kind == "trivialaugment"
+                       else v2.RandAugment())
+        self.space = sorted(self.policy._AUGMENTATION_SPACE.items())
+
+    def _level(self, rng: random.Random) -> int:
+        if self.kind == "trivialaugment":
+            return rng.randrange(self.BINS)
+        level = self.magnitude
+        if self.magnitude_std > 0:
+            level = min(10.0, max(0.0, rng.gauss(level, self.magnitude_std)))
+        return int(round(level / 10 * (self.BINS - 1)))
 
     def __call__(self, image: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        for _ in range(1 if self.kind == "trivialaugment" else self.ops):
+            name, (magnitudes_fn, signed) = self.space[rng.randrange(len(self.space))]
+            magnitudes = magnitudes_fn(self.BINS, height, width)
+            magnitude = 0.0
+            if magnitudes is not None:
+                magnitude = float(magnitudes[self._level(rng)])
+                if signed and rng.random() < 0.5:
+                    magnitude = -magnitude
+            image = self.policy._apply_image_or_video_transform(
+                image, name, magnitude, interpolation=self.policy.interpolation,
+                fill=self.policy._fill)
+        return image
+
+
+def random_erase_box(height: int, width: int, rng: random.Random
+                     ) -> tuple[int, int, int, int] | None:
+    """torchvision RandomErasing's box: area 2-33 % of the image, aspect ratio 0.3-3.3."""
+    return _random_box(height, width, (0.02, 0.33), (0.3, 3.3), rng)
+
+
+class TrainAugment:
+    """Random crop (RandomResizedCrop, or zero-pad + random crop), horizontal flip, then the
+    optional auto-augment policy and random erasing (filled with the mean colour, which is what
+    erasing to 0 after normalisation gives)."""
+
+    def __init__(self, data: DataConfig, aug: AugConfig) -> None:
+        self.data, self.aug = data, aug
+        self.auto = AutoAugment(aug) if aug.auto_augment != "none" else None
+        self.erase_fill = torch.tensor([round(m * 255) for m in data.mean],
+                                       dtype=torch.uint8)[:, None, None]
+
+    def __call__(self, image: torch.Tensor, rng: random.Random, epoch: int = 0) -> torch.Tensor:
         _, height, width = image.shape  # (C, H, W) uint8
-        size, aug = self.size, self.aug
+        size, aug = progressive_resolution(self.data, epoch), self.aug
         if aug.train_crop == "random_resized":
             top, left, h, w = random_resized_crop_params(height, width, aug.scale, aug.ratio, rng)
             image = TF.resized_crop(image, top, left, h, w, [size, size], antialias=True)
@@ -64,6 +145,14 @@ class TrainAugment:
             image = image[:, top:top + size, left:left + size]
         if aug.hflip > 0 and rng.random() < aug.hflip:
             image = TF.horizontal_flip(image)
+        if self.auto is not None:
+            image = self.auto(image, rng)
+        if aug.random_erase > 0 and rng.random() < aug.random_erase:
+            box = random_erase_box(size, size, rng)
+            if box is not None:
+                top, left, h, w = box
+                image = image.clone()
+                image[:, top:top + h, left:left + w] = self.erase_fill
         return image.contiguous()
 
 

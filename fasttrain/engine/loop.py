@@ -2,6 +2,7 @@
 epochs, validating, logging and checkpointing after each one."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -18,14 +19,16 @@ from torch import nn
 from .. import config as config_mod
 from ..config import Config, ModelConfig
 from ..errors import CheckpointError, ConfigError
-from ..data import build_loaders
+from ..data import build_loaders, sample_seed
 from ..data.loader import DeviceLoader
 from ..measure import count_macs, count_params
 from ..models import NORM_ACT_LAYERS, create_model, list_models
 from . import checkpoint as ckpt
 from . import distributed
+from .ema import ModelEma, adjusted_decay
+from .mix import BatchMixer, classification_loss
 from .optim import build_optimizer
-from .precision import resolve_precision
+from .precision import Precision, resolve_precision
 from .progress import Reporter
 from .rundir import BEST, CHECKPOINTS, LAST, find_resume, new_run_dir, run_dir_of
 from .schedule import build_scheduler
@@ -44,7 +47,8 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     kwargs: dict[str, Any] = dict(width=cfg.width, channel_divisor=cfg.channel_divisor,
                                   num_classes=num_classes,
                                   zero_init_residual=cfg.zero_init_residual,
-                                  norm_act_layer=NORM_ACT_LAYERS[cfg.norm_act])
+                                  norm_act_layer=NORM_ACT_LAYERS[cfg.norm_act],
+                                  drop_path_rate=cfg.drop_path_rate, blurpool=cfg.blurpool)
     if cfg.name.startswith("cifar_"):
         kwargs["shortcut"] = cfg.shortcut
     try:
@@ -64,9 +68,26 @@ def accuracy_counts(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
 @dataclass
 class TrainState:
     epoch: int = 0  # completed epochs
+    step: int = 0  # optimizer steps taken
     best_val_top1: float = -1.0
     train_time_s: float = 0.0  # cumulative training + validation wall time
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Parts:
+    """What one training run is made of; built once by `_train`."""
+    cfg: Config
+    model: nn.Module  # the plain module (checkpoints, EMA source)
+    train_model: nn.Module  # DDP and/or compiled wrapper of `model`
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    precision: Precision
+    mixer: BatchMixer
+    ema: ModelEma | None
+    device: torch.device
+    steps_per_epoch: int  # optimizer steps
 
 
 def _versions() -> dict[str, str]:
@@ -97,14 +118,17 @@ def _check_compatible(saved: dict[str, Any], cfg: Config, path: Path) -> None:
                                        f"config has {want!r}")
 
 
-def evaluate(model: nn.Module, loader: DeviceLoader, precision, device: torch.device
-             ) -> dict[str, float]:
-    """Loss, top-1 and top-5 (%) over the whole validation set, summed across ranks."""
+def evaluate(model: nn.Module, loader: DeviceLoader, precision, device: torch.device,
+             flip: bool = False) -> dict[str, float]:
+    """Loss, top-1 and top-5 (%) over the whole validation set, summed across ranks. With `flip`
+    the logits of each image and its mirror image are averaged (test-time augmentation)."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, n
     with torch.inference_mode(), precision.autocast(device):
         for images, labels in loader:
             logits = model(images)
+            if flip:
+                logits = (logits + model(images.flip(3))) / 2
             top1, top5 = accuracy_counts(logits, labels)
             loss = F.cross_entropy(logits.float(), labels, reduction="sum")
             totals += torch.stack([loss.double(), top1.double(), top5.double(),
@@ -129,7 +153,8 @@ def train(cfg: Config, recipe: str | None = None, resume: str | None = None,
     Under torchrun every rank calls this; rank 0 writes the run directory.
 
     Raises:
-        ConfigError, DatasetError, CheckpointError, RunError: user errors, one-line messages.
+        UserError subclasses (ConfigError, DatasetError, CheckpointError, RunError): one-line
+        messages for the user.
     """
     dist = distributed.setup(cfg.train.device)
     try:
@@ -156,9 +181,14 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
         if resume_path is None:
             report.print(f"--resume auto: no checkpoint under {log_dir}, starting fresh")
 
+    accum = cfg.train.grad_accum_steps
     loaders = build_loaders(cfg.data, cfg.aug, rank=dist.rank, world_size=dist.world_size,
                             device=device, channels_last=cfg.train.channels_last,
-                            seed=cfg.train.seed)
+                            seed=cfg.train.seed, grad_accum_steps=accum)
+    steps_per_epoch = len(loaders.train) // accum
+    if steps_per_epoch == 0:
+        raise ConfigError(f"train.grad_accum_steps={accum} leaves no optimizer step per epoch "
+                          f"({len(loaders.train)} micro-batches)")
     if cfg.model.num_classes == 0:
         cfg.model.num_classes = loaders.num_classes
     elif cfg.model.num_classes < loaders.num_classes:
@@ -168,8 +198,9 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
     params = count_params(model)
     macs = count_macs(model, cfg.data.val_res) if dist.is_main else None
     rows = _summary_rows(cfg, params, macs, cfg.data.val_res) if dist.is_main else []
-    rows += [("data", f"{cfg.data.dataset} at {loaders.root}: {len(loaders.train)} steps/epoch "
-                      f"x {cfg.data.batch_size} global batch, {dist.world_size} rank(s)"),
+    rows += [("data", f"{cfg.data.dataset} at {loaders.root}: {steps_per_epoch} steps/epoch "
+                      f"x {cfg.data.batch_size} global batch, {dist.world_size} rank(s)"
+                      + (f", {accum} micro-batches per step" if accum > 1 else "")),
              ("device", f"{device} ({cfg.train.precision}, "
                         f"{'channels_last' if cfg.train.channels_last else 'contiguous'})")]
     if dry_run:
@@ -184,9 +215,14 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
     run_dir, resume_path = distributed.broadcast_object((run_dir, resume_path))
 
     model = model.to(memory_format=torch.channels_last) if cfg.train.channels_last else model
-    optimizer = build_optimizer(cfg.optim, model, device)
-    scheduler = build_scheduler(cfg.schedule, optimizer, len(loaders.train))
+    optimizer = build_optimizer(cfg.optim, model, device, cfg.data.batch_size)
+    scheduler = build_scheduler(cfg.schedule, optimizer, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
+    ema = None
+    if cfg.train.ema:
+        decay = adjusted_decay(cfg.train.ema_decay, cfg.data.batch_size, cfg.train.ema_steps,
+                               cfg.schedule.epochs)
+        ema = ModelEma(model, decay, cfg.train.ema_steps)
     state = TrainState()
     if resume_path:
         saved = ckpt.load(resume_path)
@@ -196,6 +232,11 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
         scheduler.load_state_dict(saved["scheduler"])
         if "scaler" in saved:
             scaler.load_state_dict(saved["scaler"])
+        if ema is not None:
+            if "ema" not in saved:
+                raise CheckpointError(f"{resume_path}: checkpoint has no EMA weights but "
+                                      f"train.ema is true")
+            ema.load_state_dict(saved["ema"])
         _set_rng_state(saved["rng"])
         state = TrainState(**saved["train_state"])
         report.print(f"resumed from {resume_path} after epoch {state.epoch}")
@@ -207,25 +248,35 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
     use_compile = device.type == "cuda" if cfg.train.compile is None else cfg.train.compile
     if use_compile:
         train_model = torch.compile(train_model)
+    parts = Parts(cfg, model, train_model, optimizer, scheduler, scaler, precision,
+                  BatchMixer(cfg.aug, cfg.model.num_classes, cfg.optim.label_smoothing), ema,
+                  device, steps_per_epoch)
 
+    writer = None
     if dist.is_main:
         (run_dir / "config.yaml").write_text(config_mod.dump(cfg))
         report.summary(rows + [("run directory", str(run_dir))], "fasttrain")
+        if cfg.log.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(str(run_dir / "tensorboard"))
     epochs = cfg.schedule.epochs
     for epoch in range(state.epoch, epochs):
         t0 = time.perf_counter()
-        train_metrics = train_one_epoch(train_model, loaders.train, optimizer, scheduler, scaler,
-                                        precision, cfg, epoch, report, device)
+        train_metrics = train_one_epoch(parts, loaders.train, state, epoch, report)
         t_train = time.perf_counter() - t0
         report.phase("validating")
-        val_metrics = evaluate(train_model, loaders.val, precision, device)
+        val_metrics = evaluate(train_model, loaders.val, precision, device, cfg.aug.test_flip)
+        if ema is not None:
+            val_metrics.update({f"{k}_ema": v for k, v in evaluate(
+                ema.module, loaders.val, precision, device, cfg.aug.test_flip).items()})
         epoch_time = time.perf_counter() - t0
         state.epoch = epoch + 1
         state.train_time_s += epoch_time
         metrics = {"epoch": epoch + 1, **train_metrics, **val_metrics,
                    "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": epoch_time,
                    "train_images_per_s": train_metrics["train_images"] / t_train,
-                   "train_time_s": state.train_time_s, "world_size": dist.world_size}
+                   "train_time_s": state.train_time_s, "world_size": dist.world_size,
+                   "step": state.step}
         is_best = metrics["val_top1"] > state.best_val_top1
         state.best_val_top1 = max(state.best_val_top1, metrics["val_top1"])
         metrics["best_val_top1"] = state.best_val_top1
@@ -234,8 +285,16 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
         if dist.is_main:
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
-            _save(run_dir, model, optimizer, scheduler, scaler, precision, state, cfg, metrics,
-                  is_best)
+            if writer is not None:
+                for key, value in metrics.items():
+                    writer.add_scalar(key, value, epoch + 1)
+                writer.flush()
+            _save(run_dir, parts, state, metrics, is_best)
+        if cfg.train.max_steps and state.step >= cfg.train.max_steps:
+            report.print(f"train.max_steps={cfg.train.max_steps} reached: stopping")
+            break
+    if writer is not None:
+        writer.close()
     final = state.history[-1] if state.history else {}
     report.summary([("epochs", str(state.epoch)),
                     ("final val top-1", f"{final.get('val_top1', float('nan')):.2f} %"),
@@ -243,49 +302,77 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
                     ("training time", f"{state.train_time_s:.1f} s (train + validation)"),
                     ("run directory", str(run_dir))], "done")
     return {"run_dir": str(run_dir), "epoch": state.epoch, "best_val_top1": state.best_val_top1,
-            "train_time_s": state.train_time_s, **final}
+            "train_time_s": state.train_time_s, "step": state.step, **final}
 
 
-def train_one_epoch(model: nn.Module, loader: DeviceLoader, optimizer, scheduler, scaler,
-                    precision, cfg: Config, epoch: int, report: Reporter,
-                    device: torch.device) -> dict[str, float]:
-    model.train()
+def train_one_epoch(p: Parts, loader: DeviceLoader, state: TrainState, epoch: int,
+                    report: Reporter) -> dict[str, float]:
+    """One epoch of optimizer steps (each over `grad_accum_steps` micro-batches)."""
+    cfg = p.cfg
+    p.train_model.train()
     loader.set_epoch(epoch)
-    steps = len(loader)
+    accum = cfg.train.grad_accum_steps
+    steps = p.steps_per_epoch
+    if cfg.train.max_steps:
+        steps = max(0, min(steps, cfg.train.max_steps - state.step))
     report.start_epoch(epoch + 1, cfg.schedule.epochs, steps)
-    loss_sum = torch.zeros((), device=device)
-    images_seen = 0
-    for step, (images, labels) in enumerate(loader):
-        with precision.autocast(device):
-            logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.optim.label_smoothing)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        loss_sum += loss.detach()
-        images_seen += len(labels)
-        if report.live and ((step + 1) % cfg.log.interval == 0 or step + 1 == steps):
+    in_warmup = epoch < cfg.schedule.warmup_epochs
+    no_sync = getattr(p.train_model, "no_sync", None) or getattr(
+        getattr(p.train_model, "_orig_mod", None), "no_sync", None)
+    loss_sum = torch.zeros((), device=p.device)
+    images_seen = step = 0
+    batches = iter(loader)
+    while step < steps:
+        for micro in range(accum):
+            images, labels = next(batches)
+            targets = None
+            if p.mixer.enabled or cfg.optim.loss == "bce":
+                # The mix of each step is a function of (seed, epoch, step): resumable.
+                rng = random.Random(sample_seed(cfg.train.seed, epoch, step, repeat=-1))
+                images, targets, _ = p.mixer(images, labels, rng)
+            sync = micro == accum - 1 or no_sync is None
+            with (contextlib.nullcontext() if sync else no_sync()):
+                with p.precision.autocast(p.device):
+                    logits = p.train_model(images)
+                loss = classification_loss(cfg.optim, logits, labels, targets)
+                p.scaler.scale(loss / accum).backward()
+            loss_sum += loss.detach() / accum
+            images_seen += len(labels)
+        if cfg.optim.max_grad_norm > 0:
+            p.scaler.unscale_(p.optimizer)
+            torch.nn.utils.clip_grad_norm_(p.model.parameters(), cfg.optim.max_grad_norm)
+        p.scaler.step(p.optimizer)
+        p.scaler.update()
+        p.optimizer.zero_grad(set_to_none=True)
+        p.scheduler.step()
+        step += 1
+        state.step += 1
+        if p.ema is not None:
+            p.ema.step(p.model, state.step, in_warmup)
+        if report.live and (step % cfg.log.interval == 0 or step == steps):
             # sync point: only at log intervals, only on a terminal
-            report.update(step + 1, loss.item(), optimizer.param_groups[0]["lr"])
+            report.update(step, loss.item(), p.optimizer.param_groups[0]["lr"])
     totals = torch.cat([loss_sum.double().view(1),
-                        torch.tensor([steps, images_seen], dtype=torch.float64, device=device)])
+                        torch.tensor([step, images_seen], dtype=torch.float64,
+                                     device=p.device)])
     distributed.all_reduce_sum(totals)
     loss_total, step_total, images_total = totals.tolist()  # sync point: once per epoch
-    return {"train_loss": loss_total / step_total, "train_images": int(images_total)}
+    return {"train_loss": loss_total / max(step_total, 1), "train_images": int(images_total)}
 
 
-def _save(run_dir: Path, model: nn.Module, optimizer, scheduler, scaler, precision,
-          state: TrainState, cfg: Config, metrics: dict[str, Any], is_best: bool) -> None:
-    payload = {"model": ckpt.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-               "scheduler": scheduler.state_dict(), "rng": _rng_state(),
-               "train_state": {"epoch": state.epoch, "best_val_top1": state.best_val_top1,
+def _save(run_dir: Path, p: Parts, state: TrainState, metrics: dict[str, Any],
+          is_best: bool) -> None:
+    payload = {"model": ckpt.unwrap(p.model).state_dict(), "optimizer": p.optimizer.state_dict(),
+               "scheduler": p.scheduler.state_dict(), "rng": _rng_state(),
+               "train_state": {"epoch": state.epoch, "step": state.step,
+                               "best_val_top1": state.best_val_top1,
                                "train_time_s": state.train_time_s,
                                "history": state.history},
-               "config": cfg.to_dict(), "metrics": metrics, "versions": _versions()}
-    if precision.use_scaler:
-        payload["scaler"] = scaler.state_dict()
+               "config": p.cfg.to_dict(), "metrics": metrics, "versions": _versions()}
+    if p.precision.use_scaler:
+        payload["scaler"] = p.scaler.state_dict()
+    if p.ema is not None:
+        payload["ema"] = p.ema.state_dict()
     last = run_dir / CHECKPOINTS / LAST
     ckpt.save_atomic(payload, last)
     if is_best:

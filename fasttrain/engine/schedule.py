@@ -13,8 +13,14 @@ def lr_factor(cfg: ScheduleConfig, step: int, steps_per_epoch: int) -> float:
 
     Linear warmup from `warmup_start_factor` to 1 over `warmup_epochs`, then cosine to
     `min_lr_factor` at the end of training, step decay by `gamma` at each milestone epoch, or
-    constant.
+    constant. `triangular` (ffcv-imagenet's "cyclic") interpolates linearly, per step, through
+    1e-4 at epoch 0, 1 at `peak_epoch` and 0 at the last epoch.
     """
+    if cfg.kind == "triangular":
+        epoch = step / steps_per_epoch
+        if epoch <= cfg.peak_epoch:
+            return 1e-4 + (1 - 1e-4) * epoch / cfg.peak_epoch if cfg.peak_epoch else 1.0
+        return max(0.0, (cfg.epochs - epoch) / (cfg.epochs - cfg.peak_epoch))
     total = cfg.epochs * steps_per_epoch
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     if step < warmup:

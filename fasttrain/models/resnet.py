@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import BatchNormReLU2d, NormLayer
+from .regularize import DropPath, apply_blurpool
 
 
 def base_channels(base: int, width: float, channel_divisor: int = 1) -> int:
@@ -51,7 +52,8 @@ class BasicBlock(nn.Module):
     expansion = 1
 
     def __init__(self, in_ch: int, planes: int, stride: int, downsample: nn.Module | None,
-                 norm_layer: NormLayer, norm_act_layer: NormLayer) -> None:
+                 norm_layer: NormLayer, norm_act_layer: NormLayer, drop_path: float = 0.0
+                 ) -> None:
         super().__init__()
         self.conv1 = conv3x3(in_ch, planes, stride)
         self.bn1 = norm_act_layer(planes)
@@ -59,6 +61,7 @@ class BasicBlock(nn.Module):
         self.bn2 = norm_layer(planes)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def last_norm(self) -> nn.Module:
         return self.bn2
@@ -67,7 +70,7 @@ class BasicBlock(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.bn1(self.conv1(x))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        return self.relu(self.drop_path(out) + identity)
 
 
 class Bottleneck(nn.Module):
@@ -76,7 +79,8 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     def __init__(self, in_ch: int, planes: int, stride: int, downsample: nn.Module | None,
-                 norm_layer: NormLayer, norm_act_layer: NormLayer) -> None:
+                 norm_layer: NormLayer, norm_act_layer: NormLayer, drop_path: float = 0.0
+                 ) -> None:
         super().__init__()
         self.conv1 = conv1x1(in_ch, planes)
         self.bn1 = norm_act_layer(planes)
@@ -86,6 +90,7 @@ class Bottleneck(nn.Module):
         self.bn3 = norm_layer(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def last_norm(self) -> nn.Module:
         return self.bn3
@@ -95,10 +100,15 @@ class Bottleneck(nn.Module):
         out = self.bn1(self.conv1(x))
         out = self.bn2(self.conv2(out))
         out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        return self.relu(self.drop_path(out) + identity)
 
 
 Block = Union[Type[BasicBlock], Type[Bottleneck]]
+
+
+def drop_path_rates(rate: float, blocks: int) -> list[float]:
+    """Per-block stochastic-depth rates rising linearly from 0 to `rate` (timm's rule)."""
+    return [rate * i / max(1, blocks - 1) for i in range(blocks)]
 
 
 def _init_weights(model: nn.Module, zero_init_residual: bool) -> None:
@@ -128,12 +138,15 @@ class ResNet(nn.Module):
         norm_layer / norm_act_layer: factories `channels -> module` for a norm, and a norm
             followed by ReLU.
         in_chans: input channels.
+        drop_path_rate: stochastic depth of the last block (linear from 0 over the blocks).
+        blurpool: blur before every strided conv with >= 16 input channels.
     """
 
     def __init__(self, block: Block, layers: Sequence[int], width: float = 1.0,
                  channel_divisor: int = 1, num_classes: int = 1000,
                  zero_init_residual: bool = True, norm_layer: NormLayer = nn.BatchNorm2d,
-                 norm_act_layer: NormLayer = BatchNormReLU2d, in_chans: int = 3) -> None:
+                 norm_act_layer: NormLayer = BatchNormReLU2d, in_chans: int = 3,
+                 drop_path_rate: float = 0.0, blurpool: bool = False) -> None:
         super().__init__()
         b = base_channels(64, width, channel_divisor)
         self.width, self.channel_divisor = width, channel_divisor
@@ -141,6 +154,7 @@ class ResNet(nn.Module):
         self.bn1 = norm_act_layer(b)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         in_ch = b
+        rates = iter(drop_path_rates(drop_path_rate, sum(layers)))
         for i, n in enumerate(layers):
             planes = b * 2 ** i
             stride = 1 if i == 0 else 2
@@ -148,15 +162,18 @@ class ResNet(nn.Module):
             if stride != 1 or in_ch != planes * block.expansion:
                 downsample = nn.Sequential(conv1x1(in_ch, planes * block.expansion, stride),
                                            norm_layer(planes * block.expansion))
-            blocks = [block(in_ch, planes, stride, downsample, norm_layer, norm_act_layer)]
+            blocks = [block(in_ch, planes, stride, downsample, norm_layer, norm_act_layer,
+                            next(rates))]
             in_ch = planes * block.expansion
-            blocks += [block(in_ch, planes, 1, None, norm_layer, norm_act_layer)
+            blocks += [block(in_ch, planes, 1, None, norm_layer, norm_act_layer, next(rates))
                        for _ in range(1, n)]
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.num_features = in_ch
         self.fc = nn.Linear(in_ch, num_classes)
         _init_weights(self, zero_init_residual)
+        if blurpool:
+            apply_blurpool(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.bn1(self.conv1(x)))
@@ -190,7 +207,8 @@ class CifarResNet(nn.Module):
     def __init__(self, depth: int, width: float = 1.0, channel_divisor: int = 1,
                  num_classes: int = 10, shortcut: str = "A", zero_init_residual: bool = True,
                  norm_layer: NormLayer = nn.BatchNorm2d,
-                 norm_act_layer: NormLayer = BatchNormReLU2d, in_chans: int = 3) -> None:
+                 norm_act_layer: NormLayer = BatchNormReLU2d, in_chans: int = 3,
+                 drop_path_rate: float = 0.0, blurpool: bool = False) -> None:
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
@@ -202,6 +220,7 @@ class CifarResNet(nn.Module):
         self.conv1 = conv3x3(in_chans, b)
         self.bn1 = norm_act_layer(b)
         in_ch = b
+        rates = iter(drop_path_rates(drop_path_rate, 3 * n))
         for i in range(3):
             planes, stride = b * 2 ** i, 1 if i == 0 else 2
             blocks = []
@@ -212,13 +231,15 @@ class CifarResNet(nn.Module):
                     downsample = (ShortcutA(in_ch, planes, s) if shortcut == "A" else
                                   nn.Sequential(conv1x1(in_ch, planes, s), norm_layer(planes)))
                 blocks.append(BasicBlock(in_ch, planes, s, downsample, norm_layer,
-                                         norm_act_layer))
+                                         norm_act_layer, next(rates)))
                 in_ch = planes
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.num_features = in_ch
         self.fc = nn.Linear(in_ch, num_classes)
         _init_weights(self, zero_init_residual)
+        if blurpool:
+            apply_blurpool(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.bn1(self.conv1(x))

@@ -1,0 +1,259 @@
+"""Training-recipe ingredients: each one's math or invariant, on small inputs."""
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fasttrain.config import AugConfig, DataConfig, OptimConfig, ScheduleConfig, load
+from fasttrain.data import EpochSampler
+from fasttrain.data.transforms import (AutoAugment, TrainAugment, ValTransform,
+                                       progressive_resolution)
+from fasttrain.engine.ema import ModelEma, adjusted_decay
+from fasttrain.engine.mix import BatchMixer, classification_loss, cutmix_box, one_hot_smoothed
+from fasttrain.engine.optim import Lamb, effective_lr
+from fasttrain.engine.schedule import lr_factor
+from fasttrain.models import create_model
+from fasttrain.models.regularize import BlurPoolConv2d, DropPath, apply_blurpool
+
+
+def mixer(mixup=0.0, cutmix=0.0, smoothing=0.0, classes=10):
+    return BatchMixer(AugConfig(mixup_alpha=mixup, cutmix_alpha=cutmix), classes, smoothing)
+
+
+@pytest.mark.parametrize("kind", ["mixup", "cutmix", "both"])
+def test_mixed_targets_sum_to_one_and_mix_two_labels(kind):
+    m = mixer(mixup=0.2 if kind != "cutmix" else 0, cutmix=1.0 if kind != "mixup" else 0,
+              smoothing=0.1)
+    labels = torch.tensor([0, 1, 2, 3])
+    for seed in range(20):
+        images = torch.rand(4, 3, 16, 16)
+        _, targets, lam = m(images.clone(), labels, random.Random(seed))
+        torch.testing.assert_close(targets.sum(1), torch.ones(4))
+        # Sample i mixes its own label with the label of sample i-1 (roll by one).
+        expected = (lam * one_hot_smoothed(labels, 10, 0.1)
+                    + (1 - lam) * one_hot_smoothed(labels.roll(1), 10, 0.1))
+        torch.testing.assert_close(targets, expected)
+
+
+def test_cutmix_lambda_is_the_pasted_area():
+    m = mixer(cutmix=1.0)
+    for seed in range(50):
+        a, b = torch.zeros(2, 1, 20, 30), torch.ones(2, 1, 20, 30)
+        images = torch.cat([a[:1], b[:1]])  # image 0 all zeros, image 1 all ones
+        out, _, lam = m(images.clone(), torch.tensor([0, 1]), random.Random(seed))
+        # Image 1 received a box of image 0 (zeros): the fraction of ones left is lambda.
+        assert out[1].mean().item() == pytest.approx(lam, abs=1e-6)
+    box = cutmix_box(20, 30, 1.0, random.Random(0))
+    assert (box[1] - box[0]) * (box[3] - box[2]) == 0
+
+
+def test_mixup_pixels_are_the_lambda_mixture():
+    m = mixer(mixup=0.5)
+    images = torch.rand(3, 3, 8, 8)
+    out, _, lam = m(images.clone(), torch.tensor([0, 1, 2]), random.Random(3))
+    torch.testing.assert_close(out, lam * images + (1 - lam) * images.roll(1, 0))
+
+
+def test_mix_prob_zero_leaves_batch_untouched():
+    m = BatchMixer(AugConfig(mixup_alpha=0.2, cutmix_alpha=1.0, mix_prob=0.0), 5, 0.0)
+    images = torch.rand(2, 3, 4, 4)
+    out, targets, lam = m(images.clone(), torch.tensor([1, 4]), random.Random(0))
+    assert lam == 1.0 and torch.equal(out, images)
+    torch.testing.assert_close(targets, nn.functional.one_hot(torch.tensor([1, 4]), 5).float())
+
+
+def test_bce_loss_and_threshold():
+    cfg = OptimConfig(loss="bce", bce_target_thresh=0.2)
+    logits = torch.randn(4, 6)
+    labels = torch.tensor([0, 1, 2, 3])
+    soft = 0.7 * one_hot_smoothed(labels, 6, 0) + 0.3 * one_hot_smoothed(labels.roll(1), 6, 0)
+    hard = (soft > 0.2).float()  # both mixed labels count as positives
+    expected = nn.functional.binary_cross_entropy_with_logits(logits, hard)
+    torch.testing.assert_close(classification_loss(cfg, logits, labels, soft), expected)
+    ce = OptimConfig(loss="ce", label_smoothing=0.1)
+    torch.testing.assert_close(
+        classification_loss(ce, logits, labels, None),
+        classification_loss(ce, logits, labels, one_hot_smoothed(labels, 6, 0.1)))
+
+
+def test_ema_equals_its_closed_form():
+    model = nn.Linear(1, 1, bias=False)
+    decay, values = 0.9, [1.0, 2.0, 4.0, -3.0, 0.5, 7.0]
+    ema = ModelEma(model, decay, every=1)
+    for step, v in enumerate(values, start=1):
+        with torch.no_grad():
+            model.weight.fill_(v)
+        ema.step(model, step, in_warmup=False)
+    # The first update copies the weights (torchvision's AveragedModel), then
+    # ema_n = d^(n-1) w_1 + sum_{k=2..n} (1 - d) d^(n-k) w_k
+    n = len(values)
+    closed = decay ** (n - 1) * values[0] + sum((1 - decay) * decay ** (n - k) * values[k - 1]
+                                                for k in range(2, n + 1))
+    assert ema.module.weight.item() == pytest.approx(closed, rel=1e-6)
+
+
+def test_ema_updates_every_k_steps_and_restarts_in_warmup():
+    model = nn.Linear(1, 1, bias=False)
+    ema = ModelEma(model, 0.5, every=2)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    ema.step(model, 2, in_warmup=False)
+    assert ema.module.weight.item() == 3.0  # first update: a copy
+    with torch.no_grad():
+        model.weight.fill_(5.0)
+    ema.step(model, 3, in_warmup=False)
+    assert ema.module.weight.item() == 3.0  # not an update step
+    ema.step(model, 4, in_warmup=False)
+    assert ema.module.weight.item() == 4.0
+    with torch.no_grad():
+        model.weight.fill_(9.0)
+    ema.step(model, 6, in_warmup=True)
+    assert ema.module.weight.item() == 9.0  # warmup: restart from the weights
+
+
+def test_ema_decay_adjustment_matches_torchvision():
+    # torchvision: alpha = (1 - decay) * world * batch_per_gpu * ema_steps / epochs
+    assert adjusted_decay(0.99998, 1024, 32, 600) == pytest.approx(1 - 2e-5 * 1024 * 32 / 600)
+    assert adjusted_decay(0.5, 10**6, 32, 1) == 0.0  # capped
+
+
+@pytest.mark.parametrize("size,world,reps", [(40, 2, 4), (36, 3, 3), (10, 1, 2), (17, 4, 3)])
+def test_repeated_augmentation_sampler(size, world, reps):
+    shares = [EpochSampler(size, r, world, seed=1, reps=reps) for r in range(world)]
+    for s in shares:
+        s.set_epoch(3)
+    pairs = [list(zip(*s.share())) for s in shares]
+    flat = [p for share in pairs for p in share]
+    assert len(flat) == len(set(flat)) == size * reps  # disjoint (index, copy) sets
+    counts = np.bincount([i for i, _ in flat], minlength=size)
+    assert (counts == reps).all()  # the data set is covered exactly reps times
+    if reps <= world:
+        for share in pairs:  # copies of an image go to different ranks
+            indices = [i for i, _ in share]
+            assert len(indices) == len(set(indices))
+    for s in shares:  # every rank keeps an epoch of len(dataset) // world samples
+        assert len(list(s)) == len(s) == size // world
+
+
+def test_progressive_resolution_follows_ffcv():
+    data = DataConfig(min_res=160, max_res=192, start_ramp=65, end_ramp=76)
+    expected = {0: 160, 65: 160, 66: 160, 70: 160, 71: 192, 72: 192, 76: 192, 87: 192}
+    for epoch, res in expected.items():
+        interp = np.interp(epoch, [65, 76], [160, 192])
+        if 65 < epoch < 76:
+            assert res == int(np.round(interp / 32)) * 32
+        assert progressive_resolution(data, epoch) == res, epoch
+    assert progressive_resolution(DataConfig(train_res=176), 5) == 176
+
+
+def test_triangular_lr_at_chosen_iterations():
+    cfg = ScheduleConfig(kind="triangular", epochs=16, peak_epoch=2, warmup_epochs=0)
+    steps = 100
+    assert lr_factor(cfg, 0, steps) == pytest.approx(1e-4)
+    assert lr_factor(cfg, 100, steps) == pytest.approx(1e-4 + (1 - 1e-4) * 0.5)
+    assert lr_factor(cfg, 200, steps) == pytest.approx(1.0)
+    assert lr_factor(cfg, 900, steps) == pytest.approx(0.5)  # half-way down from 2 to 16
+    assert lr_factor(cfg, 1600, steps) == pytest.approx(0.0)
+    assert lr_factor(cfg, 1550, steps) == pytest.approx(0.5 / 14)
+
+
+def test_lamb_step_equals_hand_computation():
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(5, 3))
+    g1, g2 = torch.randn(5, 3), torch.randn(5, 3)
+    lr, b1, b2, eps, wd = 0.01, 0.9, 0.999, 1e-6, 0.02
+    opt = Lamb([p], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+    w = p.detach().clone()
+    m = torch.zeros_like(w)
+    v = torch.zeros_like(w)
+    for t, g in enumerate((g1, g2), start=1):
+        p.grad = g.clone()
+        opt.step()
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        u = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps) + wd * w
+        w = w - lr * (w.norm() / u.norm()) * u
+        torch.testing.assert_close(p.detach(), w)
+    # Without weight decay there is no trust ratio: a plain bias-corrected Adam step.
+    q = nn.Parameter(torch.ones(3))
+    q.grad = torch.full((3,), 2.0)
+    Lamb([q], lr=0.1, eps=0.0, weight_decay=0.0).step()
+    torch.testing.assert_close(q.detach(), torch.full((3,), 0.9))
+
+
+def test_linear_scaling_rule_is_opt_in():
+    assert effective_lr(OptimConfig(lr=0.5), 4096) == 0.5
+    assert effective_lr(OptimConfig(lr=0.5, lr_reference_batch=1024), 256) == pytest.approx(0.125)
+
+
+def test_drop_path_keeps_the_expectation_and_is_identity_in_eval():
+    torch.manual_seed(0)
+    drop = DropPath(0.3).train()
+    x = torch.ones(20000, 4)
+    out = drop(x)
+    kept = out[:, 0][out[:, 0] != 0]
+    torch.testing.assert_close(kept, torch.full_like(kept, 1 / 0.7))
+    assert out.mean().item() == pytest.approx(1.0, abs=0.02)
+    assert (out == out[:, :1]).all()  # one decision per sample
+    assert torch.equal(drop.eval()(x), x)
+    model = create_model("thin_resnet50", width=0.25, drop_path_rate=0.1)
+    rates = [b.drop_path.p if isinstance(b.drop_path, DropPath) else 0.0
+             for layer in (model.layer1, model.layer2, model.layer3, model.layer4)
+             for b in layer]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.1) and rates == sorted(rates)
+
+
+def test_blurpool_preserves_a_constant_image_and_the_state_dict():
+    conv = nn.Conv2d(16, 4, 3, stride=2, padding=1, bias=False)
+    blurred = BlurPoolConv2d(16, 4, 3, stride=2, padding=1, bias=False)
+    blurred.load_state_dict(conv.state_dict())
+    x = torch.full((1, 16, 12, 12), 3.0)
+    assert torch.allclose(blurred._blur(x)[..., 1:-1, 1:-1], x[..., 1:-1, 1:-1])
+    model = create_model("thin_resnet50", width=0.25)
+    keys = model.state_dict().keys()
+    apply_blurpool(model)
+    assert model.state_dict().keys() == keys
+    strided = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.stride[0] > 1]
+    assert all(isinstance(m, BlurPoolConv2d) == (m.in_channels >= 16) for m in strided)
+    assert isinstance(model.layer2[0].conv2, BlurPoolConv2d)
+    assert not isinstance(model.conv1, BlurPoolConv2d)  # 3 input channels
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
+def test_fixres_176_232_224_sizes():
+    cfg = load(None, ["--data.train_res=176", "--data.val_resize=232", "--data.val_res=224",
+                      "--aug.auto_augment=trivialaugment", "--aug.random_erase=1.0"])
+    image = torch.randint(0, 256, (3, 375, 500), dtype=torch.uint8)
+    out = TrainAugment(cfg.data, cfg.aug)(image, random.Random(0))
+    assert out.shape == (3, 176, 176) and out.dtype == torch.uint8
+    resized = ValTransform(cfg.data)(image)
+    assert resized.shape == (3, 224, 224)
+
+
+def test_random_erasing_fills_the_mean_colour():
+    cfg = load(None, ["--data.train_res=32", "--aug.random_erase=1.0", "--aug.hflip=0",
+                      "--aug.scale=[1,1]", "--aug.ratio=[1,1]"])
+    image = torch.full((3, 32, 32), 7, dtype=torch.uint8)
+    out = TrainAugment(cfg.data, cfg.aug)(image, random.Random(1))
+    mean = torch.tensor([round(m * 255) for m in cfg.data.mean], dtype=torch.uint8)
+    erased = (out != 7).any(0)
+    assert 0.02 * 1024 * 0.9 <= erased.sum() <= 0.33 * 1024 * 1.1
+    assert (out[:, erased] == mean[:, None]).all()
+
+
+@pytest.mark.parametrize("kind", ["trivialaugment", "randaugment"])
+def test_auto_augment_is_a_function_of_its_generator(kind):
+    aug = AutoAugment(AugConfig(auto_augment=kind, randaug_magnitude=7,
+                                randaug_magnitude_std=0.5))
+    image = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8)
+    outs = [aug(image, random.Random(s)) for s in (5, 5, 6, 7, 8, 9)]
+    assert torch.equal(outs[0], outs[1])
+    assert any(not torch.equal(outs[0], o) for o in outs[2:])
+    assert all(o.shape == image.shape and o.dtype == torch.uint8 for o in outs)
+    levels = [aug._level(random.Random(s)) for s in range(200)]
+    assert 0 <= min(levels) and max(levels) <= 30
+    if kind == "randaugment":
+        assert abs(np.mean(levels) - 21) < 1.5  # level 7 of 10 → bin 21 of 30
