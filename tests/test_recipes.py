@@ -1,0 +1,128 @@
+"""Recipes: every file validates, families differ only in their naming keys, every recipe trains
+two steps on CPU (so none can rot), and the ImageNet entry points behave as documented."""
+import os
+import re
+import subprocess
+import sys
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fasttrain.config import load
+from fasttrain.data import write_cifar10
+from fasttrain.engine import train
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+NAMED = [r for r in RECIPES if r.name != "quickstart.yaml"]
+
+
+@pytest.fixture(scope="module")
+def tiny_imagenet(tmp_path_factory) -> Path:
+    """An ImageNet-layout folder: 3 classes, 8 train and 2 val JPEGs each, 48x40 px."""
+    root = tmp_path_factory.mktemp("imagenet")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 8), ("val", 2)):
+        for cls in ("n01440764", "n01443537", "n01484850"):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{cls}_{i}.JPEG", quality=90)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_cifar(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cifar")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(60, 32, 32, 3), dtype=np.uint8)
+    write_cifar10(root, images, (np.arange(60) % 10).tolist(), per_batch=10)
+    return root
+
+
+def tiny_overrides(recipe: Path, tiny_imagenet: Path, tiny_cifar: Path) -> list[str]:
+    """Small data, batch and resolution; the recipe's own training features stay on."""
+    cfg = load(recipe, ["--data.path=x"])
+    path = tiny_cifar if cfg.data.dataset == "cifar10" else tiny_imagenet
+    args = [f"--data.path={path}", "--data.batch_size=4", "--data.val_batch_size=4",
+            "--data.num_workers=0", "--train.max_steps=2", "--log.progress=plain",
+            "--train.device=cpu", "--train.compile=false"]
+    if cfg.data.dataset != "cifar10":
+        args += ["--data.train_res=32", "--data.val_res=32", "--data.val_resize=36"]
+    if cfg.data.min_res:
+        args += ["--data.min_res=32", "--data.max_res=64"]
+    return args
+
+
+def test_every_recipe_validates():
+    assert len(NAMED) == 8 + 12 + 8 + 12 + 8
+    for recipe in RECIPES:
+        cfg = load(recipe, ["--data.path=/data/imagenet"])
+        assert cfg.model.width in (0.25, 0.5, 0.75, 1.0)
+
+
+@pytest.mark.parametrize("recipe", NAMED, ids=lambda p: p.stem)
+def test_recipe_header_states_source_reference_and_hardware(recipe):
+    header = "".join(l for l in recipe.read_text().splitlines(True) if l.startswith("#"))
+    for field in ("Source:", "Reference accuracy at width 1.0", "Global batch",
+                  "hardware assumed"):
+        assert field in header, field
+    width = re.search(r"_w([0-9.]+?)(?:_|\.yaml)", recipe.name).group(1)
+    assert f"width {width}" in header
+
+
+def test_family_members_differ_only_in_width():
+    by_family: dict[str, list[Path]] = {}
+    for recipe in NAMED:
+        by_family.setdefault(re.sub(r"_w[0-9.]+?(?=_|\.yaml)", "_w*", recipe.name), []).append(
+            recipe)
+    assert len(by_family) == 2 + 5 + 3 + 2  # paper x2, ffcv x5, rsb x3, cifar x2
+    for family, members in by_family.items():
+        assert len(members) == 4, family
+        for a, b in combinations(members, 2):
+            da = load(a, ["--data.path=x"]).to_dict()
+            db = load(b, ["--data.path=x"]).to_dict()
+            diff = {(s, k) for s in da for k in da[s] if da[s][k] != db[s][k]}
+            assert diff == {("model", "width")}, (a.name, b.name, diff)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", NAMED, ids=lambda p: p.stem)
+def test_recipe_trains_two_steps_on_cpu(recipe, tiny_imagenet, tiny_cifar, tmp_path):
+    cfg = load(recipe, tiny_overrides(recipe, tiny_imagenet, tiny_cifar) +
+               [f"--log.dir={tmp_path}", "--log.name=r"])
+    summary = train(cfg, recipe=str(recipe))
+    assert summary["step"] == 2
+    assert np.isfinite(summary["train_loss"]) and 0 <= summary["val_top1"] <= 100
+    assert (tmp_path / "r" / "checkpoints" / "last.pt").is_file()
+
+
+def test_imagenet_recipe_without_data_path_points_at_the_readme(run_tool):
+    result = run_tool("train.py", str(ROOT / "recipes" / "thin_r50_w0.5.yaml"))
+    assert result.returncode == 2
+    assert "data.path is required" in result.stderr and "Preparing ImageNet" in result.stderr
+    result = run_tool("train.py", str(ROOT / "recipes" / "thin_r50_w0.5.yaml"),
+                      "--data.path=/nonexistent")
+    assert result.returncode == 2
+    assert "/nonexistent/train: directory not found" in result.stderr
+    assert "Preparing ImageNet" in result.stderr
+    assert "Preparing ImageNet" in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_design_card_command_on_an_imagenet_layout_folder(tiny_imagenet, tmp_path):
+    recipe = ROOT / "recipes" / "thin_r50_w0.5.yaml"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+         str(ROOT / "tools" / "train.py"), str(recipe), f"--data.path={tiny_imagenet}",
+         "--data.batch_size=4", "--data.val_batch_size=4", "--data.num_workers=1",
+         "--data.train_res=32", "--data.val_res=32", "--data.val_resize=36",
+         "--train.max_steps=2", f"--log.dir={tmp_path}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train.max_steps=2 reached" in result.stdout
+    assert "imagefolder" in result.stdout and "3 classes" in result.stdout
