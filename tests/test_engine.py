@@ -203,3 +203,18 @@ def test_compiled_training_on_cpu_matches_eager(data_root, tmp_path):
     assert compiled["train_loss"] == pytest.approx(eager["train_loss"], abs=0.02)
     state = ckpt.load(tmp_path / "compiled" / "checkpoints" / "last.pt")["model"]
     assert not [k for k in state if "_orig_mod" in k or k.startswith("module.")]
+
+
+@pytest.mark.slow
+def test_grad_accumulation_keeps_the_global_batch_and_tensorboard_logs(data_root, tmp_path):
+    summary = train(_cfg(data_root, tmp_path, "--schedule.epochs=2", "--train.grad_accum_steps=2",
+                         "--train.max_steps=3", "--log.tensorboard=true", "--train.ema=true",
+                         "--train.ema_steps=1", "--log.name=acc"))
+    assert summary["step"] == 3 and summary["epoch"] == 1
+    (metrics,) = [json.loads(l) for l in (tmp_path / "acc" / "metrics.jsonl").read_text()
+                  .splitlines()]
+    assert metrics["train_images"] == 3 * 64  # 3 steps of 2 micro-batches of 32
+    assert "val_top1_ema" in metrics
+    assert list((tmp_path / "acc" / "tensorboard").glob("events.out.tfevents.*"))
+    saved = ckpt.load(tmp_path / "acc" / "checkpoints" / "last.pt")
+    assert saved["train_state"]["step"] == 3 and "ema" in saved
