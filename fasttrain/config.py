@@ -140,6 +140,10 @@ class TrainConfig:
                           "(torchvision reference)", ge=0, lt=1)
     ema_steps: int = _f(32, "update the EMA every this many optimizer steps", ge=1)
     max_steps: int = _f(0, "stop after this many optimizer steps (smoke tests); 0 = all", ge=0)
+    checkpoint_every: int = _f(0, "also checkpoint every this many optimizer steps (a resume "
+                               "continues inside the epoch); 0 = at epoch ends only", ge=0)
+    deterministic: bool = _f(False, "deterministic kernels (torch.use_deterministic_algorithms)"
+                             "; with fixed threads a CPU run is then bit-reproducible")
 
 
 @dataclass

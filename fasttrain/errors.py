@@ -24,3 +24,8 @@ class CheckpointError(UserError, RuntimeError):
 
 class RunError(UserError, RuntimeError):
     """The run directory or resume target is unusable."""
+
+
+class TrainingError(UserError, RuntimeError):
+    """Training cannot go on (non-finite loss, checkpoint write failure); the message says
+    where it stopped and what is safe on disk."""

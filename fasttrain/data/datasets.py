@@ -10,7 +10,7 @@ import pickle
 import shutil
 import uuid
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -84,11 +84,38 @@ def build_digits(root: Path) -> Path:
     return _publish_dir(build, root)
 
 
+class SkippedSample(NamedTuple):
+    """Stands in for a sample whose file cannot be decoded; the collate function drops it."""
+    path: str
+    reason: str
+
+
+def read_image(path: str) -> torch.Tensor:
+    """Decode an image file to uint8 RGB (C, H, W), whatever its extension says.
+
+    torchvision.io (libjpeg-turbo, libpng) turns grayscale, CMYK and PNG content into RGB.
+
+    Raises:
+        ValueError: empty, truncated (a JPEG without its end marker) or undecodable file.
+    """
+    raw = Path(path).read_bytes()
+    if not raw:
+        raise ValueError("empty file")
+    # libjpeg-turbo decodes a truncated JPEG with a warning and grey rows; refuse it instead.
+    if raw[:2] == b"\xff\xd8" and b"\xff\xd9" not in raw[-64:]:
+        raise ValueError("truncated JPEG (no end-of-image marker)")
+    try:
+        return decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8),
+                            mode=ImageReadMode.RGB)
+    except RuntimeError as e:
+        raise ValueError(f"cannot decode: {str(e).splitlines()[0][:120]}") from None
+
+
 class ImageFolderDataset(Dataset):
     """Files under `root/<class>/...` decoded to uint8 RGB tensors (C, H, W).
 
-    Decoding uses torchvision.io (libjpeg-turbo, libpng), which turns grayscale, CMYK and PNG
-    content into RGB whatever the file's extension.
+    A file that cannot be read or decoded yields a `SkippedSample` instead of raising, so the
+    loader drops it from its batch and reports it once; empty class folders are allowed.
     """
 
     def __init__(self, root: Path, transform: Callable | None = None,
@@ -108,10 +135,12 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | SkippedSample:
         path, target = self.samples[index]
-        data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
-        image = decode_image(data, mode=ImageReadMode.RGB)  # (C, H, W) uint8
+        try:
+            image = read_image(path)  # (C, H, W) uint8
+        except (OSError, ValueError) as e:
+            return SkippedSample(path, str(e))
         if self.transform is not None:
             image = self.transform(image)
         return image, target

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from ..config import AugConfig, ConfigError, DataConfig
-from .datasets import (DatasetError, ImageFolderDataset, build_digits, default_root,
-                       load_cifar10)
+from .datasets import (DatasetError, ImageFolderDataset, SkippedSample, build_digits,
+                       default_root, load_cifar10)
 from .transforms import Normalize, TrainAugment, ValTransform
 
 
@@ -45,7 +45,10 @@ class SeededAugment(Dataset):
 
     def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, int]:
         epoch, index, repeat = key
-        image, target = self.dataset[index]
+        sample = self.dataset[index]
+        if isinstance(sample, SkippedSample):
+            return sample
+        image, target = sample
         rng = random.Random(sample_seed(self.seed, epoch, index, repeat))
         return self.transform(image, rng, epoch), target
 
@@ -65,13 +68,18 @@ class EpochSampler(Sampler):
 
     def __init__(self, size: int, rank: int, world_size: int, seed: int, reps: int = 1) -> None:
         self.size, self.rank, self.world_size, self.seed = size, rank, world_size, seed
-        self.reps, self.epoch = reps, 0
+        self.reps, self.epoch, self.start = reps, 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch; skip its first `start` samples (a resume inside the epoch)."""
+        self.epoch, self.start = epoch, start
+
+    @property
+    def epoch_length(self) -> int:
+        return self.size // self.world_size
 
     def __len__(self) -> int:
-        return self.size // self.world_size
+        return self.epoch_length - self.start
 
     def share(self) -> tuple[list[int], list[int]]:
         """This rank's whole share of the epoch's (index, repeat) stream, before truncation to
@@ -84,8 +92,8 @@ class EpochSampler(Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
         indices, repeats = self.share()
-        n = len(self)
-        return ((self.epoch, i, r) for i, r in zip(indices[:n], repeats[:n]))
+        n = self.epoch_length
+        return ((self.epoch, i, r) for i, r in zip(indices[self.start:n], repeats[self.start:n]))
 
 
 class ShardSampler(Sampler):
@@ -111,25 +119,42 @@ class DeviceLoader:
         self.loader, self.device, self.channels_last = loader, device, channels_last
         self.normalize = normalize.to(device)
         self.non_blocking = device.type == "cuda"
+        self.skipped: dict[str, str] = {}  # unreadable files seen so far: path -> reason
 
     @property
     def sampler(self) -> Sampler:
         return self.loader.sampler if self.loader.batch_sampler is None else \
             self.loader.batch_sampler.sampler
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch and skip its first `start_batch` batches (resume inside an epoch)."""
         if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
+            self.sampler.set_epoch(epoch, start_batch * self.loader.batch_size)
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        for images, labels in self.loader:
+        for images, labels, skipped in self.loader:
+            for path, reason in skipped:
+                self.skipped.setdefault(path, reason)
+            if not len(labels):
+                continue
             images = images.to(self.device, non_blocking=self.non_blocking)
             labels = labels.to(self.device, non_blocking=self.non_blocking)
             yield self.normalize(images).contiguous(memory_format=fmt), labels
+
+
+def collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
+    """Stack the readable samples; unreadable ones (`SkippedSample`) are dropped from the batch
+    and reported as (path, reason), so one bad file never stops an epoch."""
+    good = [s for s in batch if not isinstance(s, SkippedSample)]
+    skipped = [(s.path, s.reason) for s in batch if isinstance(s, SkippedSample)]
+    if not good:
+        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), skipped
+    images, labels = default_collate(good)
+    return images, labels, skipped
 
 
 @dataclass
@@ -192,7 +217,7 @@ def build_loaders(data: DataConfig, aug: AugConfig, *, rank: int = 0, world_size
                           f"({len(train_set)} images at {root})")
     val_set.transform = ValTransform(data)
     workers = dict(num_workers=data.num_workers, persistent_workers=data.num_workers > 0,
-                   pin_memory=device.type == "cuda")
+                   pin_memory=device.type == "cuda", collate_fn=collate_skipping)
     train_loader = DataLoader(SeededAugment(train_set, TrainAugment(data, aug), seed),
                               batch_size=batch, drop_last=True,
                               sampler=EpochSampler(len(train_set), rank, world_size, seed,

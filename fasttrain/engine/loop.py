@@ -3,6 +3,7 @@ epochs, validating, logging and checkpointing after each one."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -18,7 +19,7 @@ from torch import nn
 
 from .. import config as config_mod
 from ..config import Config, ModelConfig
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, TrainingError
 from ..data import build_loaders, sample_seed
 from ..data.loader import DeviceLoader
 from ..measure import count_macs, count_params
@@ -72,6 +73,11 @@ class TrainState:
     best_val_top1: float = -1.0
     train_time_s: float = 0.0  # cumulative training + validation wall time
     history: list[dict[str, Any]] = field(default_factory=list)
+    # Progress inside the current epoch, for a resume from a step checkpoint (global sums).
+    epoch_step: int = 0
+    epoch_loss_sum: float = 0.0
+    epoch_images: int = 0
+    epoch_elapsed_s: float = 0.0
 
 
 @dataclass
@@ -170,9 +176,15 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
     torch.set_num_threads(cfg.train.threads or max(1, cores // dist.local_world_size))
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     report = Reporter(cfg.log.progress, dist.is_main)
     precision = resolve_precision(cfg.train.precision)
     build_model(cfg.model, 1)  # unknown name / bad width: fail before touching data
+    if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
+        resume = "auto"  # torchrun --max-restarts restarted us: continue the interrupted run
     log_dir = Path(cfg.log.dir)
     stem = Path(recipe).stem if recipe else "run"
     resume_path = None
@@ -239,7 +251,11 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
             ema.load_state_dict(saved["ema"])
         _set_rng_state(saved["rng"])
         state = TrainState(**saved["train_state"])
-        report.print(f"resumed from {resume_path} after epoch {state.epoch}")
+        if dist.is_main:
+            _trim_run_dir(run_dir, state.epoch)
+        where = f"epoch {state.epoch}" + (f", step {state.epoch_step} of epoch {state.epoch + 1}"
+                                          if state.epoch_step else "")
+        report.print(f"resumed from {resume_path} after {where}")
 
     train_model: nn.Module = model
     if dist.enabled:
@@ -260,9 +276,16 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
             from torch.utils.tensorboard import SummaryWriter
             writer = SummaryWriter(str(run_dir / "tensorboard"))
     epochs = cfg.schedule.epochs
+
+    def save_step_checkpoint() -> None:
+        if dist.is_main:
+            _save(run_dir, parts, state, {}, is_best=False)
+
+    reported: set[str] = set()
     for epoch in range(state.epoch, epochs):
-        t0 = time.perf_counter()
-        train_metrics = train_one_epoch(parts, loaders.train, state, epoch, report)
+        t0 = time.perf_counter() - state.epoch_elapsed_s
+        train_metrics = train_one_epoch(parts, loaders.train, state, epoch, report,
+                                        save_step_checkpoint)
         t_train = time.perf_counter() - t0
         report.phase("validating")
         val_metrics = evaluate(train_model, loaders.val, precision, device, cfg.aug.test_flip)
@@ -270,13 +293,16 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
             val_metrics.update({f"{k}_ema": v for k, v in evaluate(
                 ema.module, loaders.val, precision, device, cfg.aug.test_flip).items()})
         epoch_time = time.perf_counter() - t0
+        skipped = _new_skipped_files(loaders, reported)
+        for path, reason in skipped:
+            report.print(f"skipped unreadable file {path}: {reason}")
         state.epoch = epoch + 1
         state.train_time_s += epoch_time
         metrics = {"epoch": epoch + 1, **train_metrics, **val_metrics,
                    "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": epoch_time,
                    "train_images_per_s": train_metrics["train_images"] / t_train,
                    "train_time_s": state.train_time_s, "world_size": dist.world_size,
-                   "step": state.step}
+                   "step": state.step, "skipped_files": len(reported)}
         is_best = metrics["val_top1"] > state.best_val_top1
         state.best_val_top1 = max(state.best_val_top1, metrics["val_top1"])
         metrics["best_val_top1"] = state.best_val_top1
@@ -302,25 +328,35 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
                     ("training time", f"{state.train_time_s:.1f} s (train + validation)"),
                     ("run directory", str(run_dir))], "done")
     return {"run_dir": str(run_dir), "epoch": state.epoch, "best_val_top1": state.best_val_top1,
-            "train_time_s": state.train_time_s, "step": state.step, **final}
+            "train_time_s": state.train_time_s, "step": state.step,
+            "skipped_files": len(reported), **final}
 
 
 def train_one_epoch(p: Parts, loader: DeviceLoader, state: TrainState, epoch: int,
-                    report: Reporter) -> dict[str, float]:
-    """One epoch of optimizer steps (each over `grad_accum_steps` micro-batches)."""
+                    report: Reporter, save_step_checkpoint) -> dict[str, float]:
+    """One epoch of optimizer steps (each over `grad_accum_steps` micro-batches), starting at
+    `state.epoch_step` when resuming inside the epoch. Checkpoints every
+    `train.checkpoint_every` steps through `save_step_checkpoint`.
+
+    Raises:
+        TrainingError: the loss became non-finite (the message names the first such step).
+    """
     cfg = p.cfg
     p.train_model.train()
-    loader.set_epoch(epoch)
     accum = cfg.train.grad_accum_steps
+    start = state.epoch_step
+    loader.set_epoch(epoch, start_batch=start * accum)
     steps = p.steps_per_epoch
     if cfg.train.max_steps:
-        steps = max(0, min(steps, cfg.train.max_steps - state.step))
+        steps = max(start, min(steps, start + cfg.train.max_steps - state.step))
     report.start_epoch(epoch + 1, cfg.schedule.epochs, steps)
     in_warmup = epoch < cfg.schedule.warmup_epochs
     no_sync = getattr(p.train_model, "no_sync", None) or getattr(
         getattr(p.train_model, "_orig_mod", None), "no_sync", None)
-    loss_sum = torch.zeros((), device=p.device)
-    images_seen = step = 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=p.device)
+    bad_step = torch.full((), -1, dtype=torch.int64, device=p.device)  # first non-finite loss
+    images_seen, step = 0, start
+    t_start = time.perf_counter() - state.epoch_elapsed_s
     batches = iter(loader)
     while step < steps:
         for micro in range(accum):
@@ -336,7 +372,10 @@ def train_one_epoch(p: Parts, loader: DeviceLoader, state: TrainState, epoch: in
                     logits = p.train_model(images)
                 loss = classification_loss(cfg.optim, logits, labels, targets)
                 p.scaler.scale(loss / accum).backward()
-            loss_sum += loss.detach() / accum
+            loss_sum += loss.detach().double() / accum
+            # Recorded on the device: no sync per step; checked at the sync points below.
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()),
+                                   state.step + 1, bad_step)
             images_seen += len(labels)
         if cfg.optim.max_grad_norm > 0:
             p.scaler.unscale_(p.optimizer)
@@ -349,31 +388,85 @@ def train_one_epoch(p: Parts, loader: DeviceLoader, state: TrainState, epoch: in
         state.step += 1
         if p.ema is not None:
             p.ema.step(p.model, state.step, in_warmup)
-        if report.live and (step % cfg.log.interval == 0 or step == steps):
-            # sync point: only at log intervals, only on a terminal
-            report.update(step, loss.item(), p.optimizer.param_groups[0]["lr"])
-    totals = torch.cat([loss_sum.double().view(1),
-                        torch.tensor([step, images_seen], dtype=torch.float64,
-                                     device=p.device)])
+        checkpoint_now = (cfg.train.checkpoint_every and step < p.steps_per_epoch
+                          and state.step % cfg.train.checkpoint_every == 0)
+        if checkpoint_now or (report.live and (step % cfg.log.interval == 0 or step == steps)):
+            _raise_if_diverged(bad_step, epoch)  # sync point: log intervals and checkpoints
+            if report.live:
+                report.update(step, loss.item(), p.optimizer.param_groups[0]["lr"])
+        if checkpoint_now:
+            sums = torch.cat([loss_sum.view(1), torch.tensor([images_seen], dtype=torch.float64,
+                                                             device=p.device)])
+            distributed.all_reduce_sum(sums)  # global partial sums: rank 0 saves them
+            state.epoch_step = step
+            state.epoch_loss_sum += sums[0].item()
+            state.epoch_images += int(sums[1].item())
+            state.epoch_elapsed_s = time.perf_counter() - t_start
+            save_step_checkpoint()
+            loss_sum.zero_()
+            images_seen = 0
+    _raise_if_diverged(bad_step, epoch)
+    totals = torch.cat([loss_sum.view(1),
+                        torch.tensor([images_seen], dtype=torch.float64, device=p.device)])
     distributed.all_reduce_sum(totals)
-    loss_total, step_total, images_total = totals.tolist()  # sync point: once per epoch
-    return {"train_loss": loss_total / max(step_total, 1), "train_images": int(images_total)}
+    loss_total, images_total = totals.tolist()  # sync point: once per epoch
+    loss_total += state.epoch_loss_sum
+    images_total += state.epoch_images
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    state.epoch_step, state.epoch_loss_sum, state.epoch_images = 0, 0.0, 0
+    state.epoch_elapsed_s = 0.0
+    return {"train_loss": loss_total / max(world * step, 1), "train_images": int(images_total)}
+
+
+def _trim_run_dir(run_dir: Path, epochs_done: int) -> None:
+    """Make the run directory agree with the checkpoint being resumed: drop metrics lines of
+    epochs after it (written before a crash that came before their checkpoint) and temp files
+    of interrupted checkpoint writes."""
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists():
+        keep = [line for line in metrics.read_text().splitlines()
+                if line.strip() and json.loads(line)["epoch"] <= epochs_done]
+        metrics.write_text("".join(line + "\n" for line in keep))
+    for tmp in (run_dir / CHECKPOINTS).glob(".*.tmp-*"):
+        tmp.unlink(missing_ok=True)
+
+
+def _raise_if_diverged(bad_step: torch.Tensor, epoch: int) -> None:
+    first = int(bad_step.item())
+    if first >= 0:
+        raise TrainingError(f"non-finite loss at optimizer step {first} (epoch {epoch + 1}); "
+                            f"stopping without saving over the last good checkpoint")
+
+
+def _new_skipped_files(loaders, reported: set[str]) -> list[tuple[str, str]]:
+    """Unreadable files seen by any rank since the last call (gathered to every rank)."""
+    mine = [(p, r) for loader in (loaders.train, loaders.val)
+            for p, r in loader.skipped.items() if p not in reported]
+    if torch.distributed.is_initialized():
+        everyone: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, mine)
+        mine = [item for part in everyone for item in part]
+    new = sorted({p: r for p, r in mine if p not in reported}.items())
+    reported.update(p for p, _ in new)
+    return new
 
 
 def _save(run_dir: Path, p: Parts, state: TrainState, metrics: dict[str, Any],
           is_best: bool) -> None:
     payload = {"model": ckpt.unwrap(p.model).state_dict(), "optimizer": p.optimizer.state_dict(),
                "scheduler": p.scheduler.state_dict(), "rng": _rng_state(),
-               "train_state": {"epoch": state.epoch, "step": state.step,
-                               "best_val_top1": state.best_val_top1,
-                               "train_time_s": state.train_time_s,
-                               "history": state.history},
+               "train_state": dataclasses.asdict(state),
                "config": p.cfg.to_dict(), "metrics": metrics, "versions": _versions()}
     if p.precision.use_scaler:
         payload["scaler"] = p.scaler.state_dict()
     if p.ema is not None:
         payload["ema"] = p.ema.state_dict()
     last = run_dir / CHECKPOINTS / LAST
-    ckpt.save_atomic(payload, last)
-    if is_best:
-        ckpt.link_or_copy_atomic(last, run_dir / CHECKPOINTS / BEST)
+    try:
+        ckpt.save_atomic(payload, last)
+        if is_best:
+            ckpt.link_or_copy_atomic(last, run_dir / CHECKPOINTS / BEST)
+    except OSError as e:
+        kept = f"; the previous checkpoint {last} is intact" if last.exists() else ""
+        raise TrainingError(f"cannot write checkpoint {last} at step {state.step}: "
+                            f"{e.strerror or e}{kept}") from None

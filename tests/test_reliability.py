@@ -1,0 +1,254 @@
+"""Crash safety: SIGKILL at random points (inside checkpoint writes too) and resume to
+bit-identical weights, failing checkpoint writes, non-finite losses, rank failure under
+torchrun --max-restarts, unreadable files, hostile checkpoints."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fasttrain.config import load
+from fasttrain.data.check import scan
+from fasttrain.engine import checkpoint as ckpt
+from fasttrain.engine import loop, train
+from fasttrain.errors import TrainingError
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+
+# Runs tools/train.py after arranging to die at a planned point (KILL_PLAN, JSON):
+#   {"loss_call": k}  SIGKILL itself at the k-th loss computation of this process;
+#   {"save_call": n}  SIGKILL itself half-way through writing the n-th checkpoint;
+#   {"exit_rank": r, "loss_call": k}  rank r exits with status 1 there, first attempt only.
+WRAPPER = r'''
+import json, os, runpy, signal, sys
+import torch
+import fasttrain.engine.loop as loop
+plan = json.loads(os.environ.get("KILL_PLAN", "{}"))
+first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+rank = int(os.environ.get("RANK", "0"))
+def die():
+    if "exit_rank" in plan:
+        if first_attempt and rank == plan["exit_rank"]:
+            os._exit(1)
+    else:
+        os.kill(os.getpid(), signal.SIGKILL)
+if "loss_call" in plan:
+    real_loss, calls = loop.classification_loss, [0]
+    def loss(*a, **k):
+        calls[0] += 1
+        if calls[0] == plan["loss_call"]:
+            die()
+        return real_loss(*a, **k)
+    loop.classification_loss = loss
+if "save_call" in plan:
+    real_save, saves = torch.save, [0]
+    def save(obj, f, *a, **k):
+        saves[0] += 1
+        if saves[0] == plan["save_call"]:
+            f.write(b"half a checkpoint")
+            f.flush()
+            die()
+        return real_save(obj, f, *a, **k)
+    torch.save = save
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+
+def tiny_args(data_root: Path, log_dir: Path, name: str, *extra: str) -> list[str]:
+    return [str(ROOT / "tools" / "train.py"), str(QUICKSTART), f"--data.path={data_root}/digits",
+            "--model.width=0.25", "--schedule.epochs=3", "--train.checkpoint_every=4",
+            "--train.deterministic=true", "--train.threads=1", "--data.num_workers=0",
+            "--log.progress=plain", f"--log.dir={log_dir}", f"--log.name={name}", *extra]
+
+
+def run_wrapped(tmp_path: Path, args: list[str], plan: dict | None, data_root: Path,
+                launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(WRAPPER)
+    env = {**os.environ, "FASTTRAIN_DATA": str(data_root), "KILL_PLAN": json.dumps(plan or {})}
+    cmd = (launcher or [sys.executable]) + [str(wrapper)] + args
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.slow
+def test_sigkill_anywhere_then_resume_is_bit_identical(data_root, tmp_path):
+    reference = run_wrapped(tmp_path, tiny_args(data_root, tmp_path, "straight"), None,
+                            data_root)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    # 3 epochs x 22 steps = 66 loss calls; 16 step checkpoints + 3 epoch checkpoints.
+    rng = random.Random()
+    plans = [{"loss_call": rng.randint(2, 40)}, {"save_call": rng.randint(1, 6)},
+             {"loss_call": rng.randint(2, 30)}]
+    rng.shuffle(plans)
+    outcomes = []
+    for attempt in range(len(plans) + 1):
+        plan = plans[attempt] if attempt < len(plans) else None
+        extra = ["--resume", "auto"] if attempt else []
+        result = run_wrapped(tmp_path, tiny_args(data_root, tmp_path, "killed", *extra), plan,
+                             data_root)
+        outcomes.append((plan, result.returncode))
+        if result.returncode == 0:
+            break
+        assert result.returncode == -signal.SIGKILL, (plan, result.stderr[-2000:])
+    assert outcomes[-1][1] == 0, outcomes
+    assert sum(code == -signal.SIGKILL for _, code in outcomes) >= 2, outcomes
+    a = ckpt.load(tmp_path / "straight" / "checkpoints" / "last.pt")
+    b = ckpt.load(tmp_path / "killed" / "checkpoints" / "last.pt")
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), (key, outcomes)
+    for key, value in a["optimizer"]["state"].items():
+        assert torch.equal(value["momentum_buffer"],
+                           b["optimizer"]["state"][key]["momentum_buffer"]), outcomes
+    lines = [json.loads(l) for l in (tmp_path / "killed" / "metrics.jsonl").read_text()
+             .splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2, 3], outcomes
+    straight = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text()
+                .splitlines()]
+    assert [m["train_loss"] for m in lines] == pytest.approx(
+        [m["train_loss"] for m in straight], rel=1e-9)
+
+
+def _cfg(data_root, log_dir, *overrides):
+    return load(QUICKSTART, [f"--data.path={data_root / 'digits'}", f"--log.dir={log_dir}",
+                             "--log.progress=plain", "--model.width=0.25",
+                             "--data.num_workers=0", *overrides])
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(data_root, tmp_path, monkeypatch):
+    real_save, calls = torch.save, []
+
+    def disk_full_on_third(obj, f, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            f.write(b"partial")
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", disk_full_on_third)
+    with pytest.raises(TrainingError, match=r"cannot write checkpoint .*last.pt at step 12: "
+                                            r"No space left on device; the previous"):
+        train(_cfg(data_root, tmp_path, "--schedule.epochs=2", "--train.checkpoint_every=4",
+                   "--log.name=full"))
+    saved = ckpt.load(tmp_path / "full" / "checkpoints" / "last.pt")
+    assert saved["train_state"]["step"] == 8
+    assert not list((tmp_path / "full" / "checkpoints").glob(".*tmp*"))
+
+
+def test_non_finite_loss_stops_and_never_overwrites_a_good_checkpoint(data_root, tmp_path,
+                                                                        monkeypatch):
+    real_loss, calls = loop.classification_loss, []
+
+    def nan_at_step_7(*a, **k):
+        calls.append(1)
+        loss = real_loss(*a, **k)
+        return loss * float("nan") if len(calls) == 7 else loss
+
+    monkeypatch.setattr(loop, "classification_loss", nan_at_step_7)
+    with pytest.raises(TrainingError, match="non-finite loss at optimizer step 7 \\(epoch 1\\)"):
+        train(_cfg(data_root, tmp_path, "--schedule.epochs=2", "--train.checkpoint_every=4",
+                   "--log.name=nan"))
+    saved = ckpt.load(tmp_path / "nan" / "checkpoints" / "last.pt")
+    assert saved["train_state"]["step"] == 4
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_torchrun_max_restarts_resumes_after_a_rank_dies(data_root, tmp_path):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2", "--max-restarts=1"]
+    args = tiny_args(data_root, tmp_path, "elastic")
+    args = [a for a in args if not a.startswith(("--schedule.epochs", "--train.threads"))]
+    result = run_wrapped(tmp_path, args + ["--schedule.epochs=2"],
+                         {"exit_rank": 1, "loss_call": 15}, data_root, launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout
+    lines = [json.loads(l) for l in (tmp_path / "elastic" / "metrics.jsonl").read_text()
+             .splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2]
+
+
+def make_messy_folder(root: Path) -> None:
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(6):
+                Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)).save(
+                    folder / f"ok{i}.JPEG")
+        (root / split / "c_empty").mkdir()
+    a = root / "train" / "a"
+    Image.new("CMYK", (30, 30), (10, 20, 30, 0)).save(a / "cmyk.JPEG")
+    Image.new("L", (30, 30), 128).save(a / "gray.JPEG")
+    Image.new("RGB", (30, 30)).save(a / "png_inside.JPEG", format="PNG")
+    (a / "zero.JPEG").write_bytes(b"")
+    full = (a / "ok0.JPEG").read_bytes()
+    (a / "truncated.JPEG").write_bytes(full[: len(full) // 2])
+    (a / "text.JPEG").write_text("not an image")
+    (a / "notes.txt").write_text("ignored")
+
+
+def test_bad_files_are_skipped_counted_and_listed_once(tmp_path, capsys):
+    make_messy_folder(tmp_path / "data")
+    cfg = load(None, ["--data.dataset=imagefolder", f"--data.path={tmp_path / 'data'}",
+                      "--data.batch_size=4", "--data.val_batch_size=4", "--data.num_workers=1",
+                      "--data.train_res=24", "--data.val_res=24", "--data.val_resize=24",
+                      "--model.name=cifar_resnet20", "--model.width=0.25",
+                      "--schedule.epochs=2", "--train.precision=fp32", f"--log.dir={tmp_path}",
+                      "--log.name=messy", "--log.progress=plain"])
+    summary = train(cfg)
+    assert summary["epoch"] == 2 and summary["skipped_files"] == 3
+    out = capsys.readouterr().out
+    for name in ("zero.JPEG", "truncated.JPEG", "text.JPEG"):
+        assert out.count(f"skipped unreadable file {tmp_path / 'data' / 'train' / 'a' / name}") == 1
+    for name in ("cmyk.JPEG", "gray.JPEG", "png_inside.JPEG"):
+        assert name not in out
+
+
+def test_check_data_reports_problems_and_counts(tmp_path, run_tool):
+    make_messy_folder(tmp_path / "data")
+    report = scan(tmp_path / "data", workers=2)
+    problems = {Path(p).name: why for p, why in report.problems}
+    assert set(problems) == {"zero.JPEG", "truncated.JPEG", "text.JPEG", "c_empty"}
+    assert len(report.problems) == 5  # c_empty in train/ and in val/
+    assert "empty" in problems["zero.JPEG"] and "truncated" in problems["truncated.JPEG"]
+    assert report.class_counts["train"] == {"a": 12, "b": 6, "c_empty": 0}
+    assert report.class_counts["val"] == {"a": 6, "b": 6, "c_empty": 0}
+    assert [Path(p).name for p in report.ignored] == ["notes.txt"]
+    result = run_tool("check_data.py", str(tmp_path / "data"), "--workers", "2")
+    assert result.returncode == 1
+    assert "problem:" in result.stdout and "5 problem(s), 1 ignored file(s)" in result.stdout
+    clean = tmp_path / "clean" / "x"
+    clean.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(clean / "1.jpg")
+    assert run_tool("check_data.py", str(tmp_path / "clean")).returncode == 0
+    missing = run_tool("check_data.py", str(tmp_path / "nope"))
+    assert missing.returncode == 2 and missing.stderr.strip().endswith("directory not found")
+
+
+def test_crafted_checkpoint_is_refused_by_the_cli(run_tool, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    import pickle
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"model": Evil()}, protocol=2))
+    result = run_tool("train.py", str(QUICKSTART), "--resume", str(evil), "--schedule.epochs=2",
+                      f"--log.dir={tmp_path}")
+    assert result.returncode == 2
+    assert "cannot load checkpoint" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not marker.exists()
