@@ -1,0 +1,454 @@
+"""Export: a trained (or registered) model → BatchNorm folded → TorchScript, torch.export or
+ONNX, each checked against the eager model before it counts as done.
+
+- `fold_bn` folds every BatchNorm2d that directly follows a Conv2d (whose output feeds nothing
+  else) into that conv's weight and bias. A norm+ReLU layer (any `NORM_ACT_LAYERS` choice:
+  native `BatchNormReLU2d` or the fused kernel) becomes a plain ReLU, a `BatchNorm2d` an
+  identity; anything else (option-A shortcuts, pooling, the fc) is untouched.
+  The pairs are found on a torch.fx trace, i.e. by data flow, not by module names, and the
+  module tree keeps its names, so the folded network scripts like the original.
+- `export_model` writes one format, then `check_parity` runs the file back (TorchScript and
+  torch.export through torch, ONNX through onnxruntime) against the *unfolded* eager model in eval
+  mode on random inputs at two batch sizes and raises `ParityError` above tolerance.
+- Every file carries `fasttrain.json` metadata (model name, width, classes, input size,
+  normalisation mean/std, training commit, how it was exported): TorchScript and torch.export in
+  their extra files, ONNX in `metadata_props`. A TorchScript file needs only plain torch to load:
+        extra = {"fasttrain.json": ""}
+        model = torch.jit.load(path, _extra_files=extra)
+        meta = json.loads(extra["fasttrain.json"])
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import copy
+import dataclasses
+import datetime
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import fx, nn
+
+from .errors import CheckpointError, UserError
+from .models import NORM_ACT_LAYERS
+
+META_KEY = "fasttrain.json"
+FORMATS = {"torchscript": ".pt", "export": ".pt2", "onnx": ".onnx"}
+ONNX_OPSET = 18
+"""ONNX opset of exported files: fixed, so a file does not change with the torch version's
+exporter default."""
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+class ParityError(RuntimeError):
+    """The exported model's outputs differ from the eager model's beyond tolerance."""
+
+
+class ExportError(UserError, RuntimeError):
+    """The model cannot be exported as asked (a missing optional package, an unknown format)."""
+
+
+# --------------------------------------------------------------------------- models and metadata
+
+def default_resolution(name: str) -> int:
+    return 32 if name.startswith("cifar_") else 224
+
+
+def make_metadata(model_config: dict[str, Any], *, resolution: int,
+                  mean: list[float] | None = None, std: list[float] | None = None,
+                  training_commit: str = "unknown") -> dict[str, Any]:
+    """The metadata every export carries: the model's identity at the top level (model, width,
+    channel_divisor, num_classes, shortcut, norm_act), the full `model_config` (the fields of
+    `fasttrain.config.ModelConfig`, num_classes resolved) so `model_from_metadata` rebuilds the
+    architecture, and what preprocessing expects: `input_size` [3, H, W] (NCHW, RGB) and
+    `(x/255 - mean) / std`."""
+    mc = dict(model_config)
+    return {"model": mc["name"], "width": mc["width"],
+            "channel_divisor": mc.get("channel_divisor", 1), "num_classes": mc["num_classes"],
+            "shortcut": mc.get("shortcut") if mc["name"].startswith("cifar_") else None,
+            "norm_act": mc.get("norm_act", "native"), "model_config": mc,
+            "input_size": [3, resolution, resolution],
+            "mean": list(mean or IMAGENET_MEAN), "std": list(std or IMAGENET_STD),
+            "training_commit": training_commit}
+
+
+def _build(model_config: dict[str, Any]) -> nn.Module:
+    """`fasttrain.engine.build_model` on a ModelConfig dict (unknown keys ignored: a newer
+    fasttrain may have written them); num_classes must be resolved (> 0)."""
+    from .config import ModelConfig
+    from .engine.loop import build_model
+
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    cfg = ModelConfig(**{k: v for k, v in model_config.items() if k in known})
+    if cfg.norm_act not in NORM_ACT_LAYERS:
+        raise UserError(f"unknown norm_act {cfg.norm_act!r}; available: "
+                        f"{', '.join(sorted(NORM_ACT_LAYERS))}")
+    return build_model(cfg, cfg.num_classes)
+
+
+def model_from_metadata(meta: dict[str, Any]) -> nn.Module:
+    """The (randomly initialised, eval-mode) architecture `meta` describes; BatchNorm folded
+    when the metadata says the file was folded, so it counts like the exported network."""
+    mc = meta.get("model_config") or {k: meta[k] for k in
+                                       ("width", "channel_divisor", "num_classes", "shortcut",
+                                        "norm_act") if meta.get(k) is not None}
+    model = _build({"name": meta["model"], **mc}).eval()
+    if meta.get("bn_folded"):
+        model = fold_bn(model)[0]
+    return model
+
+
+def model_from_name(name: str, width: float, *, channel_divisor: int = 1,
+                    num_classes: int | None = None, resolution: int | None = None,
+                    shortcut: str = "A", norm_act: str = "native"
+                    ) -> tuple[nn.Module, dict[str, Any]]:
+    """A registered model (random weights, eval mode) and its metadata.
+
+    Args:
+        num_classes: default 1000 (CIFAR models: 10).
+        resolution: default 224 (CIFAR models: 32).
+        Others: as `fasttrain.config.ModelConfig`.
+
+    Raises:
+        UserError: unknown model name or norm_act, or an invalid width/divisor.
+    """
+    if num_classes is None:
+        num_classes = 10 if name.startswith("cifar_") else 1000
+    mc = {"name": name, "width": width, "channel_divisor": channel_divisor,
+          "num_classes": num_classes, "shortcut": shortcut, "norm_act": norm_act}
+    model = _build(mc)
+    from .config import ModelConfig
+
+    full = {**dataclasses.asdict(ModelConfig()), **mc}
+    return model.eval(), make_metadata(full, resolution=resolution or default_resolution(name))
+
+
+def model_from_checkpoint(path: str | Path, norm_act: str | None = None
+                          ) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model of a fasttrain checkpoint (its `config['model']`), load its weights
+    (`weights_only=True`) and return it in eval mode with its metadata; input size, mean and std
+    come from the checkpoint's `config['data']` (validation crop), the training commit from its
+    `versions['commit']` ("unknown" when absent).
+
+    Args:
+        norm_act: override the checkpoint's `model.norm_act` (same state dict either way).
+
+    Raises:
+        CheckpointError: unreadable file, no model config, or weights that do not fit.
+    """
+    from .engine import checkpoint as ckpt
+
+    path = Path(path)
+    state = ckpt.load(path)
+    cfg = state.get("config")
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
+        raise CheckpointError(f"{path}: checkpoint has no model config ('config'['model'])")
+    mc = dict(cfg["model"])
+    if norm_act is not None:
+        mc["norm_act"] = norm_act
+    if not mc.get("num_classes"):  # 0 = "the data set's": the classifier's shape says how many
+        fc = state["model"].get("fc.weight")
+        if fc is None:
+            raise CheckpointError(f"{path}: model.num_classes is 0 and there is no fc.weight")
+        mc["num_classes"] = int(fc.shape[0])
+    try:
+        model = _build(mc)
+        model.load_state_dict(state["model"])
+    except (UserError, RuntimeError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: checkpoint does not fit its model config ({first})"
+                              ) from None
+    data = cfg.get("data") or {}
+    versions = state.get("versions") or {}
+    meta = make_metadata(mc, resolution=int(data.get("val_res") or default_resolution(mc["name"])),
+                         mean=data.get("mean"), std=data.get("std"),
+                         training_commit=str(versions.get("commit", "unknown")))
+    meta["checkpoint_epoch"] = (state.get("train_state") or {}).get("epoch")
+    return model.eval(), meta
+
+
+# --------------------------------------------------------------------------- BatchNorm folding
+
+class _Tracer(fx.Tracer):
+    """fx tracer that keeps every BatchNorm2d (and subclasses such as BatchNormReLU2d) a leaf."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, nn.BatchNorm2d) or super().is_leaf_module(m, qualname)
+
+
+def _is_norm_relu(m: nn.Module) -> bool:
+    # Every `model.norm_act` choice is BatchNorm followed by ReLU (native, fused kernel, ...).
+    return isinstance(m, tuple(t for t in NORM_ACT_LAYERS.values() if isinstance(t, type)))
+
+
+def _foldable_norm(bn: nn.Module) -> bool:
+    # Only the semantics we know: plain BN, or BN followed by ReLU. Other subclasses may do more.
+    known = type(bn) is nn.BatchNorm2d or (isinstance(bn, nn.BatchNorm2d) and _is_norm_relu(bn))
+    return known and bn.track_running_stats and bn.running_mean is not None
+
+
+@torch.no_grad()
+def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    # In float64, then back: folding must not add rounding error of its own.
+    w = conv.weight.double()
+    b = conv.bias.double() if conv.bias is not None else torch.zeros_like(bn.running_mean,
+                                                                         dtype=torch.float64)
+    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+    shift = -bn.running_mean.double() * scale
+    if bn.affine:
+        scale = scale * bn.weight.double()
+        shift = shift * bn.weight.double() + bn.bias.double()
+    conv.weight = nn.Parameter((w * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype))
+    conv.bias = nn.Parameter((b * scale + shift).to(conv.weight.dtype))
+
+
+def fold_bn(model: nn.Module) -> tuple[nn.Module, int]:
+    """Fold BatchNorm into the preceding convolution, for inference.
+
+    Returns:
+        A folded deep copy in eval mode (equal to `model.eval()` up to float rounding) and the
+        number of folded norms. The input model is not modified.
+
+    Raises:
+        ExportError: the model cannot be traced by torch.fx (data-dependent control flow).
+    """
+    model = copy.deepcopy(model).eval()
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as e:  # fx raises many types for untraceable code; all mean the same here
+        raise ExportError(f"cannot trace {type(model).__name__} with torch.fx to fold "
+                          f"BatchNorm ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    modules = dict(model.named_modules())
+    # A module called twice shares weights between two places: folding one use breaks the other.
+    calls = collections.Counter(n.target for n in graph.nodes if n.op == "call_module")
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not _foldable_norm(modules[node.target]):
+            continue
+        src = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+        if not (isinstance(src, fx.Node) and src.op == "call_module"
+                and type(modules[src.target]) is nn.Conv2d and len(src.users) == 1
+                and calls[src.target] == 1 and calls[node.target] == 1):
+            continue
+        pairs.append((src.target, node.target))
+    for conv_name, bn_name in pairs:
+        bn = modules[bn_name]
+        _fold_into(modules[conv_name], bn)
+        parent_name, _, child = bn_name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, nn.ReLU(inplace=True) if _is_norm_relu(bn) else nn.Identity())
+    return model, len(pairs)
+
+
+# --------------------------------------------------------------------------- writers and readers
+
+@contextlib.contextmanager
+def _quiet_jit():
+    # torch >= 2.10 deprecates torch.jit.*; TorchScript is still what plain-torch loading needs.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.", category=FutureWarning)
+        yield
+
+
+def to_torchscript(model: nn.Module, example: torch.Tensor, path: str | Path,
+                   meta: dict[str, Any]) -> str:
+    """Write `model` as TorchScript with `meta` in `_extra_files`; `torch.jit.script` first, then
+    `torch.jit.trace` on `example` when scripting fails. Returns "script" or "trace"."""
+    with _quiet_jit():
+        try:
+            sm, method = torch.jit.script(model), "script"
+        except Exception as e:  # TorchScript's frontend raises several types for unsupported code
+            warnings.warn(f"torch.jit.script failed ({type(e).__name__}); tracing instead")
+            with torch.no_grad():
+                sm, method = torch.jit.trace(model, example), "trace"
+        meta = {**meta, "torchscript_method": method}
+        torch.jit.save(sm, str(path), _extra_files={META_KEY: json.dumps(meta)})
+    return method
+
+
+def to_export(model: nn.Module, example: torch.Tensor, path: str | Path,
+              meta: dict[str, Any]) -> None:
+    """Write `model` as a torch.export program (.pt2) with a dynamic batch dimension and `meta`
+    in its extra files."""
+    batch = torch.export.Dim("batch", min=1)
+    ep = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    torch.export.save(ep, str(path), extra_files={META_KEY: json.dumps(meta)})
+
+
+def to_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, meta: dict[str, Any],
+            opset: int = ONNX_OPSET) -> None:
+    """Write `model` as ONNX (`opset`, dynamo exporter, weights inside the file, input "images"
+    with a dynamic batch, output "logits") with `meta` in `metadata_props`.
+
+    Raises:
+        ExportError: onnx or onnxscript is not installed.
+    """
+    try:
+        import onnx
+        import onnxscript  # noqa: F401  (the dynamo exporter needs it; fail with a clear line)
+    except ImportError as e:
+        raise ExportError(f"ONNX export needs the onnx and onnxscript packages ({e})") from None
+    batch = torch.export.Dim("batch", min=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter warns about its own internals
+        torch.onnx.export(model, (example,), str(path), dynamo=True, opset_version=opset,
+                          input_names=["images"], output_names=["logits"],
+                          dynamic_shapes=({0: batch},), external_data=False, verbose=False)
+    proto = onnx.load(str(path))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = META_KEY, json.dumps({**meta, "onnx_opset": opset})
+    onnx.save(proto, str(path))
+
+
+def format_of(path: str | Path) -> str:
+    """Export format from a file suffix (.pt/.ts TorchScript, .pt2 torch.export, .onnx ONNX)."""
+    suffix = Path(path).suffix.lower()
+    if suffix in (".pt", ".ts", ".torchscript"):
+        return "torchscript"
+    for fmt, ext in FORMATS.items():
+        if suffix == ext:
+            return fmt
+    raise ExportError(f"{path}: unknown export format (suffix {suffix or 'none'!r}; "
+                      f"expected .pt, .pt2 or .onnx)")
+
+
+def load_exported(path: str | Path, fmt: str | None = None
+                  ) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict[str, Any]]:
+    """Load an exported file: a function images → logits (CPU tensors for ONNX) and its
+    metadata ({} when the file has none). TorchScript and torch.export return the module itself.
+
+    Raises:
+        ExportError: missing file, unknown format or a file that does not load.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path}: file not found")
+    fmt = fmt or format_of(path)
+    try:
+        if fmt == "torchscript":
+            extra = {META_KEY: ""}
+            with _quiet_jit():
+                module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+            return module, json.loads(extra[META_KEY] or "{}")
+        if fmt == "export":
+            extra = {META_KEY: ""}
+            ep = torch.export.load(str(path), extra_files=extra)
+            return ep.module(), json.loads(extra[META_KEY] or "{}")
+    except (RuntimeError, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"{path}: cannot load {fmt} file ({first})") from None
+    try:
+        import onnx
+        import onnxruntime as ort
+    except ImportError as e:
+        raise ExportError(f"checking an ONNX file needs onnx and onnxruntime ({e})") from None
+    proto = onnx.load(str(path), load_external_data=False)
+    meta = next((json.loads(p.value) for p in proto.metadata_props if p.key == META_KEY), {})
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {name: x.detach().cpu().numpy()})[0])
+
+    return run, meta
+
+
+# --------------------------------------------------------------------------- parity
+
+@dataclass(frozen=True)
+class Parity:
+    """Largest differences between exported and eager outputs over all checked batch sizes.
+
+    `max_rel` is `max_abs / max|eager|` (relative to the output's scale: element-wise ratios blow
+    up at logits near zero). `ok` means `max_abs <= atol + rtol * max|eager|`.
+    """
+
+    max_abs: float
+    max_rel: float
+    batch_sizes: tuple[int, ...]
+    atol: float
+    rtol: float
+    ok: bool
+
+
+@torch.no_grad()
+def check_parity(reference: nn.Module, exported: Callable[[torch.Tensor], torch.Tensor],
+                 input_size: list[int] | tuple[int, ...], *, batch_sizes=(1, 3),
+                 atol: float = 1e-4, rtol: float = 1e-4, seed: int = 0) -> Parity:
+    """Compare `exported` against `reference` (run in eval mode, fp32, CPU) on standard-normal
+    inputs of shape `(b, *input_size)` for each b in `batch_sizes`."""
+    reference = reference.eval()
+    gen = torch.Generator().manual_seed(seed)
+    max_abs, scale = 0.0, 0.0
+    for b in batch_sizes:
+        x = torch.randn(b, *input_size, generator=gen)
+        want = reference(x.clone()).float()
+        got = exported(x.clone()).float()
+        if got.shape != want.shape:
+            raise ParityError(f"exported output shape {tuple(got.shape)} != eager "
+                              f"{tuple(want.shape)} at batch {b}")
+        if not torch.isfinite(got).all():
+            raise ParityError(f"exported output has non-finite values at batch {b}")
+        max_abs = max(max_abs, (got - want).abs().max().item())
+        scale = max(scale, want.abs().max().item())
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
+    return Parity(max_abs, max_rel, tuple(batch_sizes), atol, rtol,
+                  ok=max_abs <= atol + rtol * scale)
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+def export_model(model: nn.Module, meta: dict[str, Any], fmt: str, out: str | Path, *,
+                 fold: bool = True, batch_sizes=(1, 3), atol: float = 1e-4,
+                 rtol: float = 1e-4) -> tuple[Parity, dict[str, Any]]:
+    """Fold (optional), write `out` in `fmt`, load it back and check parity with `model`.
+
+    Args:
+        model: the eager reference (not modified).
+        meta: metadata from `model_from_name` / `model_from_checkpoint` / `make_metadata`;
+            `input_size` sets the parity inputs. Export fields are added: format, bn_folded,
+            export_commit, torch_version, date (and torchscript_method or onnx_opset).
+        fmt: "torchscript" | "export" | "onnx".
+
+    Returns:
+        The parity result and the metadata written.
+
+    Raises:
+        ParityError: the file's outputs differ beyond `atol + rtol * max|eager|` (the file stays,
+            so it can be inspected).
+        ExportError: unknown format or a missing optional package.
+    """
+    from .measure.env import git_commit
+
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+    reference = copy.deepcopy(model).float().cpu().eval()
+    net, n_folded = fold_bn(reference) if fold else (reference, 0)
+    meta = {**meta, "format": fmt, "bn_folded": n_folded, "export_commit": git_commit(),
+            "torch_version": str(torch.__version__),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    # Batch 2 for the example: torch.export specialises a dimension it first sees as 1.
+    example = torch.randn(2, *meta["input_size"])
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "torchscript":
+        meta["torchscript_method"] = to_torchscript(net, example, out, meta)
+    elif fmt == "export":
+        to_export(net, example, out, meta)
+    else:
+        to_onnx(net, example, out, meta)
+        meta["onnx_opset"] = ONNX_OPSET
+    exported, _ = load_exported(out, fmt)
+    parity = check_parity(reference, exported, meta["input_size"], batch_sizes=batch_sizes,
+                          atol=atol, rtol=rtol)
+    if not parity.ok:
+        raise ParityError(f"{out}: {fmt} output differs from eager: max abs {parity.max_abs:.3g}, "
+                          f"max rel {parity.max_rel:.3g} > atol {atol:g} + rtol {rtol:g} "
+                          f"(batch sizes {', '.join(map(str, batch_sizes))})")
+    return parity, meta

@@ -1,0 +1,383 @@
+"""Benchmark runner: models × batch sizes under one set of conditions → result rows and files.
+
+A row is a flat dict: what was measured (model, width, batch, resolution, precision, layout,
+mode), the model's size (params; conv+fc MACs and fvcore's total, per image), the result
+(latency or training-step statistics, images/s, peak memory) and the conditions (device name,
+driver, torch/CUDA versions, git commit, date; see `fasttrain.measure.env`). A batch size that
+runs out of memory gives a row with `status: "oom"` and the sweep goes on.
+
+Files are named by their conditions, e.g. `latency-cpu2t-fp32-nhwc-eager-224px.json` (timm's
+`benchmark-infer-amp-nhwc-...` convention), so results taken under different conditions never
+mix; saving appends rows to the file of the same name.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import gc
+import json
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from .env import conditions
+from .macs import count_macs, count_params
+from .sources import BenchModel
+from .throughput import autocast_context, measure_throughput
+from .timing import LatencyStats, measure_latency
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+LAYOUTS = ("channels_last", "contiguous")
+MODES = ("eager", "compile", "torchscript", "cudagraphs")
+"""eager; compile: torch.compile(model, dynamic=False), recompiled per batch size;
+torchscript: torch.jit.script (trace when scripting fails); cudagraphs: the eager forward captured
+in a CUDA graph and replayed (CUDA only). Warm-up, compilation and capture are never timed."""
+
+
+class BenchError(UserError, ValueError):
+    """The requested benchmark conditions are impossible (e.g. CUDA graphs on a CPU)."""
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """What every row of one benchmark run shares.
+
+    Attributes:
+        device: "cpu" or "cuda" (or "cuda:N").
+        precision: "fp32" | "bf16" | "fp16": autocast dtype (fp32 = none).
+        layout: "channels_last" | "contiguous": memory format of the model and the input.
+        mode: one of MODES (inference) or `fasttrain.measure.throughput.TRAIN_MODES` (training).
+        resolution: input size; None = each model's own (its metadata or 224 / 32 for CIFAR).
+        iters / warmup: timed and untimed calls per row.
+        train: measure training throughput instead of inference latency.
+    """
+
+    device: str = "cpu"
+    precision: str = "fp32"
+    layout: str = "channels_last"
+    mode: str = "eager"
+    resolution: int | None = None
+    iters: int = 100
+    warmup: int = 10
+    train: bool = False
+
+    def check(self, models: Iterable[BenchModel] = ()) -> None:
+        """Raise BenchError for impossible combinations, before any work starts."""
+        dev = torch.device(self.device)
+        if self.precision not in PRECISIONS:
+            raise BenchError(f"precision must be one of {', '.join(PRECISIONS)}, "
+                             f"got {self.precision!r}")
+        if self.layout not in LAYOUTS:
+            raise BenchError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if self.mode not in MODES:
+            raise BenchError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise BenchError("device cuda requested but CUDA is not available here")
+        if self.mode == "cudagraphs" and dev.type != "cuda":
+            raise BenchError("mode cudagraphs needs --device cuda")
+        if self.train and self.mode == "torchscript":
+            raise BenchError("training throughput runs eager, compile or cudagraphs, "
+                             "not torchscript")
+        if self.train and self.mode == "cudagraphs" and self.precision == "fp16":
+            raise BenchError("cudagraphs training cannot capture fp16's GradScaler; use bf16")
+        if self.iters < 1 or self.warmup < 0:
+            raise BenchError(f"iters must be >= 1 and warmup >= 0, got {self.iters}, "
+                             f"{self.warmup}")
+        for m in models:
+            if m.compiled and (self.train or self.mode in ("compile", "torchscript")):
+                what = "training" if self.train else self.mode
+                raise BenchError(f"{m.source}: an exported file runs in eager or cudagraphs "
+                                 f"inference mode only, not {what}")
+
+
+def is_oom(e: BaseException) -> bool:
+    """True for a device or host out-of-memory error."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    msg = str(e)
+    return isinstance(e, RuntimeError) and ("out of memory" in msg
+                                            or "can't allocate memory" in msg)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def prepare_inference(model: nn.Module, *, batch_size: int, resolution: int,
+                      device: torch.device | str, precision: str = "fp32",
+                      channels_last: bool = True, mode: str = "eager", in_chans: int = 3
+                      ) -> Callable[[], Any]:
+    """A zero-argument function running one forward pass of a random `batch_size` batch.
+
+    The model is moved to `device` (and channels-last) in place and set to eval mode; the input
+    is created once on the device. Call the result under `torch.inference_mode()`.
+    """
+    device = torch.device(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    with contextlib.suppress(NotImplementedError):  # torch.export modules refuse eval()
+        model.eval()
+    x = torch.randn(batch_size, in_chans, resolution, resolution, device=device
+                    ).contiguous(memory_format=fmt)
+    autocast = autocast_context(device, precision, cache_enabled=mode != "cudagraphs")
+    if mode == "eager":
+        net = model
+    elif mode == "compile":
+        # A fresh compile per batch size: static shapes, and no recompile limit across rows.
+        torch.compiler.reset()
+        net = torch.compile(model, dynamic=False)
+    elif mode == "torchscript":
+        net = model if isinstance(model, torch.jit.ScriptModule) else _script(model, x, autocast)
+    elif mode == "cudagraphs":
+        return _graphed(model, x, autocast, device)
+    else:
+        raise BenchError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+
+    def forward() -> Any:
+        with autocast():
+            return net(x)
+
+    return forward
+
+
+def _script(model: nn.Module, x: torch.Tensor, autocast) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.", category=FutureWarning)
+        try:
+            return torch.jit.script(model)
+        except Exception:  # e.g. super() in BatchNormReLU2d.forward: trace instead
+            with torch.no_grad(), autocast():
+                return torch.jit.trace(model, x)
+
+
+def _graphed(model: nn.Module, x: torch.Tensor, autocast, device: torch.device):
+    # Warm up on a side stream (lazy init, cuDNN choices), then capture one forward pass.
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side), torch.inference_mode():
+        for _ in range(3):
+            with autocast():
+                model(x)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), torch.cuda.graph(graph):
+        with autocast():
+            model(x)
+    return graph.replay
+
+
+def _metric_keys(prefix: str) -> list[str]:
+    return list(LatencyStats(0, 0, *([0.0] * 8)).as_row(prefix))
+
+
+def _num_outputs(model: nn.Module, resolution: int) -> int:
+    with torch.no_grad():
+        out = model.eval()(torch.zeros(1, 3, resolution, resolution))
+    return int(out.shape[-1])
+
+
+def run(models: list[BenchModel], cond: Conditions, batch_sizes: list[int], *,
+        clock: Callable[[], float] | None = None,
+        on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Measure every model at every batch size under `cond`; one row each (see module doc).
+
+    Args:
+        clock: inject a clock (seconds) instead of CUDA events / perf_counter (tests).
+        on_row: called with each row as soon as it is measured (progress display).
+
+    Raises:
+        BenchError: impossible conditions (checked before anything runs).
+    """
+    cond.check(models)
+    device = torch.device(cond.device)
+    channels_last = cond.layout == "channels_last"
+    kind = "train" if cond.train else "latency"
+    prefix = "step" if cond.train else "latency"
+    rows = []
+    for bm in models:
+        resolution = cond.resolution or bm.resolution
+        params = count_params(bm.model)
+        macs = None
+        if bm.count_model is not None:
+            try:
+                macs = count_macs(bm.count_model, resolution)
+            except Exception as e:  # fvcore cannot trace every model; the row says so (None)
+                warnings.warn(f"{bm.name}: MACs not counted ({_first_line(e)})")
+        num_classes = bm.num_classes
+        if cond.train and num_classes is None:
+            num_classes = _num_outputs(bm.model, resolution)
+        for bs in batch_sizes:
+            row: dict[str, Any] = {
+                "kind": kind, "model": bm.name, "width": bm.width, "source": bm.source,
+                "batch_size": bs, "resolution": resolution, "precision": cond.precision,
+                "layout": cond.layout, "mode": cond.mode, "norm_act": bm.norm_act,
+                "params": params, "macs": macs.conv_fc if macs else None,
+                "macs_fvcore_total": macs.total if macs else None,
+                "status": "ok", "error": None, "iters": cond.iters, "warmup": cond.warmup}
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            failure = None
+            try:
+                if cond.train:
+                    stats = measure_throughput(
+                        copy.deepcopy(bm.model), batch_size=bs, resolution=resolution,
+                        num_classes=num_classes, iters=cond.iters, warmup=cond.warmup,
+                        device=device, precision=cond.precision, channels_last=channels_last,
+                        mode=cond.mode, clock=clock)
+                else:
+                    fn = prepare_inference(bm.model, batch_size=bs, resolution=resolution,
+                                           device=device, precision=cond.precision,
+                                           channels_last=channels_last, mode=cond.mode)
+                    stats = measure_latency(fn, bs, iters=cond.iters, warmup=cond.warmup,
+                                            device=device, clock=clock)
+                    del fn
+                row.update(stats.as_row(prefix))
+            except Exception as e:
+                if not is_oom(e):
+                    raise
+                failure = _first_line(e)
+            if failure is not None:
+                # Outside the except block: the traceback (and the tensors its frames hold) is
+                # gone, so the memory can really be returned before the next batch size.
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                row.update({k: None for k in _metric_keys(prefix)})
+                row.update(status="oom", error=failure)
+            row["peak_mem_mib"] = (torch.cuda.max_memory_allocated(device) / 2**20
+                                   if device.type == "cuda" else None)
+            row.update(conditions(device))
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+    return rows
+
+
+# --------------------------------------------------------------------------- files
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def results_stem(rows: list[dict[str, Any]]) -> str:
+    """File name (no suffix) from the conditions the rows share, e.g.
+    `latency-cpu2t-fp32-nhwc-eager-224px`, `train-nvidia-h100-80gb-hbm3-bf16-nhwc-compile-224px`."""
+    if not rows:
+        raise ValueError("no rows")
+    r = rows[0]
+    dev = f"cpu{r['threads']}t" if r["device"] == "cpu" else _slug(r["device_name"])
+    layout = "nhwc" if r["layout"] == "channels_last" else "nchw"
+    res = sorted({row["resolution"] for row in rows})
+    res_part = f"{res[0]}px" if len(res) == 1 else "multires"
+    return f"{r['kind']}-{dev}-{r['precision']}-{layout}-{r['mode']}-{res_part}"
+
+
+def _fieldnames(rows: list[dict[str, Any]]) -> list[str]:
+    names: dict[str, None] = {}
+    for row in rows:
+        names.update(dict.fromkeys(row))
+    return list(names)
+
+
+def write_json(rows: list[dict[str, Any]], path: str | Path) -> None:
+    """A JSON list with one row per line (appended rows give small diffs)."""
+    body = ",\n".join(json.dumps(r) for r in rows)
+    Path(path).write_text(f"[\n{body}\n]\n" if rows else "[]\n")
+
+
+def write_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
+    """CSV with the union of the rows' fields as the header; missing values are empty."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=_fieldnames(rows), restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def append_results(rows: list[dict[str, Any]], directory: str | Path,
+                   stem: str | None = None) -> tuple[Path, Path]:
+    """Append `rows` to `directory/<stem>.json` (the record) and rewrite the `.csv` twin from it.
+
+    Returns:
+        The JSON and CSV paths.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = stem or results_stem(rows)
+    json_path, csv_path = directory / f"{stem}.json", directory / f"{stem}.csv"
+    old = json.loads(json_path.read_text()) if json_path.exists() else []
+    if not isinstance(old, list):
+        raise BenchError(f"{json_path}: not a list of result rows; move it away first")
+    all_rows = old + rows
+    write_json(all_rows, json_path)
+    write_csv(all_rows, csv_path)
+    return json_path, csv_path
+
+
+def plot_vs_macs(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """PNG of p50 latency (inference rows) or images/s (training rows) against conv+fc MACs,
+    one line per model and batch size, points labelled by width. Rows without MACs or with a
+    failed status are left out.
+
+    Raises:
+        BenchError: no row can be plotted.
+    """
+    from matplotlib.figure import Figure  # Agg canvas, no pyplot state, no display needed
+
+    ok = [r for r in rows if r["status"] == "ok" and r.get("macs")]
+    if not ok:
+        raise BenchError("nothing to plot: no successful row with a MAC count")
+    train = ok[0]["kind"] == "train"
+    metric, label = (("images_per_s", "training images/s") if train else
+                     ("latency_ms_p50", "p50 latency per batch (ms)"))
+    fig = Figure(figsize=(7.5, 4.8))
+    ax = fig.subplots()
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in ok:
+        groups.setdefault((r["model"], r["batch_size"]), []).append(r)
+    for (model, bs), group in sorted(groups.items()):
+        group.sort(key=lambda r: r["macs"])
+        xs = [r["macs"] / 1e9 for r in group]
+        ys = [r[metric] for r in group]
+        ax.plot(xs, ys, marker="o", label=f"{model}, batch {bs}")
+        for r, x, y in zip(group, xs, ys):
+            if r.get("width") is not None:
+                ax.annotate(f"w{r['width']:g}", (x, y), textcoords="offset points",
+                            xytext=(4, -10), fontsize=7)
+    from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
+
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):  # plain 0.2 / 0.5 / 1 / 2 labels (set after the scale)
+        axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(StrMethodFormatter("{x:g}"))
+        axis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("conv+fc MACs per image (G, fvcore, BatchNorm excluded)")
+    ax.set_ylabel(label)
+    r = ok[0]
+    res = sorted({row["resolution"] for row in ok})
+    loads = [row["load_avg_1m"] for row in ok if row.get("load_avg_1m") is not None]
+    load = f", load avg {min(loads):g}-{max(loads):g}" if loads else ""
+    threads = f"{r['threads']} thread{'s' if r['threads'] != 1 else ''}"
+    ax.set_title(f"{r['device_name']} ({threads}{load}), commit {r['commit']}"
+                 if r["device"] == "cpu" else f"{r['device_name']}, commit {r['commit']}",
+                 fontsize=9)
+    fig.suptitle(f"{'training throughput' if train else 'inference latency'} vs MACs: "
+                 f"{r['precision']}, {r['layout']}, {r['mode']}, "
+                 f"{'/'.join(map(str, res))} px, torch {r['torch_version']}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path

@@ -1,0 +1,102 @@
+"""The conditions a measurement was taken under: device, driver, versions, commit, date.
+
+Every benchmark row and every exported file carries these fields, so a number can always be traced
+back to the machine, the software and the code that produced it (DESIGN.md §5).
+"""
+from __future__ import annotations
+
+import datetime
+import functools
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+"""The fasttrain checkout (the git repository whose commit is recorded)."""
+
+
+@functools.lru_cache(maxsize=None)
+def git_commit(root: Path = ROOT) -> str:
+    """Short commit of `root`, with `-dirty` when tracked files differ; "unknown" outside git."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                             capture_output=True, text=True, timeout=10)
+        if out.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() + ("-dirty" if dirty else "")
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@functools.lru_cache(maxsize=None)
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver version (e.g. "550.54.15") from nvidia-smi, else None."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = out.stdout.strip().splitlines()
+    return lines[0].strip() if out.returncode == 0 and lines else None
+
+
+def device_name(device: torch.device) -> str:
+    """Marketing name of a CUDA device, or the CPU model."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_name()
+
+
+def conditions(device: torch.device | str) -> dict[str, object]:
+    """Machine and software fields of a result row.
+
+    Returns:
+        device, device_name, driver (NVIDIA driver version; None on CPU), threads (CPU intra-op
+        threads), torch_version, cuda_version (of the torch build; None for CPU builds),
+        cudnn_version, python_version, commit (fasttrain's git commit), date (UTC, ISO 8601),
+        load_avg_1m (the host's 1-minute load average, the benchmark's own threads included:
+        well above `threads` means other work competed for the CPU; None where unknown).
+    """
+    device = torch.device(device)
+    driver = None
+    if device.type == "cuda":
+        driver = nvidia_driver()
+        if driver is None:  # no nvidia-smi: fall back to the CUDA driver API version
+            driver = f"cuda-driver-api-{torch._C._cuda_getDriverVersion()}"
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return {
+        "device": device.type,
+        "device_name": device_name(device),
+        "driver": driver,
+        "threads": torch.get_num_threads(),
+        "torch_version": str(torch.__version__),
+        "cuda_version": torch.version.cuda,
+        "cudnn_version": cudnn,
+        "python_version": platform.python_version(),
+        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "load_avg_1m": _load_avg(),
+    }
+
+
+def _load_avg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):  # not on every platform
+        return None

@@ -1,0 +1,124 @@
+"""Training throughput: images/s of full training steps on device-resident synthetic data.
+
+One step is what the engine's hot loop does: zero the gradients, forward under the precision's
+autocast, cross-entropy, backward (through a GradScaler for fp16), SGD-with-momentum step. The
+batch is random data created once on the device, so the number is the model's and the
+optimizer's, not the data loader's (DESIGN.md §5). Steps are timed one by one with the rules of
+`fasttrain.measure.timing` (warm-up, compile and CUDA-graph capture excluded).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .timing import LatencyStats, summarize, time_calls
+
+TRAIN_MODES = ("eager", "compile", "cudagraphs")
+"""eager; compile: torch.compile(model, dynamic=False) after torch.compiler.reset();
+cudagraphs: the whole step (forward, backward and optimizer) captured once in a CUDA graph and
+replayed (CUDA only; not with fp16's GradScaler)."""
+
+
+def autocast_context(device: torch.device, precision: str, cache_enabled: bool = True
+                     ) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of the autocast context for `precision` ("fp32": a no-op context)."""
+    # Imported here: fasttrain.engine imports fasttrain.measure, so a module-level import would
+    # make the two packages' import order matter. One precision table for the whole project.
+    from ..engine.precision import resolve_precision
+
+    dtype = resolve_precision(precision).autocast_dtype
+    if dtype is None:
+        return contextlib.nullcontext
+    # CUDA graphs need the autocast weight-cast cache off (it would hold tensors from capture).
+    return lambda: torch.autocast(device.type, dtype=dtype, cache_enabled=cache_enabled)
+
+
+def build_train_step(model: nn.Module, *, batch_size: int, resolution: int, num_classes: int,
+                     device: torch.device | str, precision: str = "fp32",
+                     channels_last: bool = True, mode: str = "eager", in_chans: int = 3,
+                     lr: float = 1e-3) -> Callable[[], None]:
+    """A zero-argument function running one training step of `model` (trained in place).
+
+    Args:
+        model: the network; moved to `device` (and channels-last) and put in train mode.
+        batch_size, resolution, in_chans: the synthetic batch, created once on the device.
+        num_classes: range of the random labels.
+        precision: "fp32" | "bf16" | "fp16" (autocast; fp16 adds a GradScaler).
+        mode: one of TRAIN_MODES.
+        lr: SGD learning rate; small, so weights stay finite over long measurements.
+
+    Raises:
+        ValueError: unknown mode, CUDA graphs off CUDA or with fp16.
+    """
+    device = torch.device(device)
+    if mode not in TRAIN_MODES:
+        raise ValueError(f"training mode must be one of {', '.join(TRAIN_MODES)}, got {mode!r}")
+    if mode == "cudagraphs" and device.type != "cuda":
+        raise ValueError("cudagraphs mode needs a CUDA device")
+    if mode == "cudagraphs" and precision == "fp16":
+        raise ValueError("cudagraphs training does not support fp16's GradScaler; use bf16")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=fmt).train()
+    x = torch.randn(batch_size, in_chans, resolution, resolution, device=device
+                    ).contiguous(memory_format=fmt)
+    y = torch.randint(0, num_classes, (batch_size,), device=device)
+    # Fused SGD on CUDA as the engine uses; foreach where a graph captures the step.
+    fused = device.type == "cuda" and mode != "cudagraphs"
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, fused=fused or None)
+    autocast = autocast_context(device, precision, cache_enabled=mode != "cudagraphs")
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    net = model
+    if mode == "compile":
+        # Static shapes compiled afresh for this batch size (as the engine's fixed-size batches
+        # are); a shared cache would turn the second size into a slower dynamic-shape graph.
+        torch.compiler.reset()
+        net = torch.compile(model, dynamic=False)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            loss = F.cross_entropy(net(x), y)
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+
+    if mode != "cudagraphs":
+        return step
+
+    # Whole-step capture (PyTorch CUDA-graphs docs, "whole network capture"): warm up on a side
+    # stream so lazy allocations and cuDNN choices happen outside the graph, then capture.
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=True)  # gradients are then allocated from the graph's pool
+    with torch.cuda.graph(graph):
+        with autocast():
+            loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        optimizer.step()
+    return graph.replay
+
+
+def measure_throughput(model: nn.Module, *, batch_size: int, resolution: int, num_classes: int,
+                       iters: int, warmup: int, device: torch.device | str,
+                       precision: str = "fp32", channels_last: bool = True, mode: str = "eager",
+                       clock: Callable[[], float] | None = None) -> LatencyStats:
+    """Per-step time statistics and images/s (`batch_size / mean step time`) of `iters` training
+    steps after `warmup` untimed ones; see `build_train_step` for the step and its arguments."""
+    step = build_train_step(model, batch_size=batch_size, resolution=resolution,
+                            num_classes=num_classes, device=device, precision=precision,
+                            channels_last=channels_last, mode=mode)
+    times = time_calls(step, iters=iters, warmup=warmup, device=device, clock=clock)
+    return summarize(times, batch_size)

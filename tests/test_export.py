@@ -1,0 +1,275 @@
+"""fasttrain.export, tools/export.py and hubconf.py: BatchNorm folding, export parity for
+TorchScript / torch.export / ONNX, metadata, loading in a fresh process with plain torch."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from fasttrain import export as ex
+from fasttrain.models import NORM_ACT_LAYERS, BatchNormReLU2d, list_models
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+export_tool = _load_tool("export")
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial running statistics and affine parameters, so folding has something to fold
+    (fresh BNs are the identity, and zero-init residual gammas would hide the residual convs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.weight.copy_(torch.rand(n, generator=g) * 0.5 + 0.3)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+    return model
+
+
+def small_model(name="cifar_resnet20", width=0.25, **kw):
+    model, meta = ex.model_from_name(name, width, resolution=16, **kw)
+    return randomize_bn(model), meta
+
+
+def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# --------------------------------------------------------------------------- folding
+
+@pytest.mark.parametrize("name", list_models())
+def test_folding_equals_the_unfolded_network(name):
+    model, _ = ex.model_from_name(name, 0.5)
+    randomize_bn(model)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    n_bn_relu = sum(isinstance(m, BatchNormReLU2d) for m in model.modules())
+    relus_before = sum(type(m) is nn.ReLU for m in model.modules())
+    folded, n = ex.fold_bn(model)
+    assert n == n_bn  # every norm of a ThinResNet follows a conv, downsample branches included
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert sum(type(m) is nn.ReLU for m in folded.modules()) == relus_before + n_bn_relu
+    assert any(isinstance(m, BatchNormReLU2d) for m in model.modules())  # input untouched
+    res = 16 if name.startswith("cifar_") else 32
+    x = torch.randn(2, 3, res, res, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = model.eval()(x), folded(x)
+    assert max_rel(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("norm_act", sorted(NORM_ACT_LAYERS))
+def test_folding_turns_every_norm_act_choice_into_relu(norm_act):
+    model, meta = small_model(norm_act=norm_act)
+    assert meta["norm_act"] == norm_act
+    folded, n = ex.fold_bn(model)
+    assert n == 19 and not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert max_rel(folded(x), model(x)) < 1e-5
+
+
+def test_folding_covers_option_b_shortcuts_and_leaves_shared_convs_alone():
+    model, _ = small_model(shortcut="B")
+    folded, n = ex.fold_bn(model)
+    assert n == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert max_rel(folded(x), model(x)) < 1e-5
+
+    class TwoUses(nn.Module):  # the conv's output also feeds the sum: folding would change it
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y
+
+    net = randomize_bn(TwoUses()).eval()
+    folded, n = ex.fold_bn(net)
+    assert n == 0 and isinstance(folded.bn, nn.BatchNorm2d)
+
+
+# --------------------------------------------------------------------------- export and parity
+
+@pytest.mark.parametrize("fmt", ["torchscript", "export", "onnx"])
+def test_export_parity_and_metadata(fmt, tmp_path):
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+        pytest.importorskip("onnxscript")
+    model, meta = small_model()
+    out = tmp_path / f"net{ex.FORMATS[fmt]}"
+    parity, written = ex.export_model(model, meta, fmt, out)
+    assert parity.ok and parity.batch_sizes == (1, 3) and parity.max_rel < 1e-5
+    assert written["bn_folded"] == 19 and written["format"] == fmt
+    run, stored = ex.load_exported(out)
+    for key in ("model", "width", "num_classes", "input_size", "mean", "std", "training_commit",
+                "bn_folded", "export_commit", "torch_version"):
+        assert stored[key] == written[key], key
+    assert stored["model"] == "cifar_resnet20" and stored["input_size"] == [3, 16, 16]
+    if fmt == "onnx":
+        assert stored["onnx_opset"] == ex.ONNX_OPSET
+    x = torch.randn(5, 3, 16, 16)  # a batch size the parity check did not use
+    with torch.no_grad():
+        assert max_rel(run(x), model(x)) < 1e-5
+    # The architecture can be rebuilt from the metadata alone (the benchmark counts MACs so).
+    assert sum(p.numel() for p in ex.model_from_metadata(stored).parameters()) == \
+        sum(p.numel() for p in ex.fold_bn(model)[0].parameters())
+
+
+@pytest.mark.slow
+def test_torchscript_file_loads_in_a_fresh_process_without_fasttrain(tmp_path):
+    model, meta = small_model()
+    path = tmp_path / "net.pt"
+    ex.export_model(model, meta, "torchscript", path)
+    x = torch.randn(2, 3, 16, 16)
+    torch.save(x, tmp_path / "x.pt")
+    code = textwrap.dedent(f"""
+        import json, sys, torch
+        extra = {{"fasttrain.json": ""}}
+        model = torch.jit.load({str(path)!r}, _extra_files=extra)
+        meta = json.loads(extra["fasttrain.json"])
+        with torch.no_grad():
+            out = model(torch.load({str(tmp_path / 'x.pt')!r}))
+        torch.save(out, {str(tmp_path / 'out.pt')!r})
+        print(json.dumps({{"fasttrain_imported": any(m.split(".")[0] == "fasttrain"
+                                                     for m in sys.modules),
+                           "model": meta["model"], "mean": meta["mean"]}}))
+    """)
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert report == {"fasttrain_imported": False, "model": "cifar_resnet20",
+                      "mean": [0.485, 0.456, 0.406]}
+    with torch.no_grad():
+        assert max_rel(torch.load(tmp_path / "out.pt"), model(x)) < 1e-5
+
+
+def test_parity_failure_raises(tmp_path, monkeypatch):
+    model, meta = small_model()
+    real_fold = ex.fold_bn
+
+    def broken_fold(m):
+        folded, n = real_fold(m)
+        with torch.no_grad():
+            folded.fc.bias.add_(1.0)
+        return folded, n
+
+    monkeypatch.setattr(ex, "fold_bn", broken_fold)
+    with pytest.raises(ex.ParityError, match="differs from eager"):
+        ex.export_model(model, meta, "torchscript", tmp_path / "bad.pt")
+    # The command line turns it into exit status 1 and one line.
+    code = export_tool.main(["--model", "cifar_resnet20", "--width", "0.25", "--out",
+                             str(tmp_path / "bad2.pt")])
+    assert code == 1
+
+
+# --------------------------------------------------------------------------- checkpoints and CLI
+
+def _checkpoint(tmp_path, name="cifar_resnet20", width=0.25, num_classes=7) -> Path:
+    from fasttrain.config import Config
+    from fasttrain.models import create_model
+
+    cfg = Config()
+    cfg.model.name, cfg.model.width, cfg.model.num_classes = name, width, num_classes
+    cfg.data.val_res, cfg.data.mean, cfg.data.std = 24, [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+    model = randomize_bn(create_model(name, width=width, num_classes=num_classes))
+    path = tmp_path / "best.pt"
+    torch.save({"model": model.state_dict(), "config": cfg.to_dict(),
+                "versions": {"torch": str(torch.__version__), "commit": "abc1234"},
+                "train_state": {"epoch": 3}}, path)
+    return path
+
+
+def test_export_cli_from_a_checkpoint(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path)
+    out = tmp_path / "exported.pt"
+    assert export_tool.main(["--checkpoint", str(ckpt), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "torchscript, script" in text and "19 BatchNorm folded" in text and ": ok" in text
+    _, meta = ex.load_exported(out)
+    assert (meta["num_classes"], meta["input_size"], meta["mean"], meta["std"],
+            meta["training_commit"], meta["checkpoint_epoch"]) == \
+        (7, [3, 24, 24], [0.5, 0.5, 0.5], [0.25, 0.25, 0.25], "abc1234", 3)
+
+
+def test_benchmark_runs_an_exported_file(tmp_path):
+    from fasttrain.measure import bench, sources
+
+    model, meta = small_model()
+    path = tmp_path / "net.pt2"
+    ex.export_model(model, meta, "export", path)
+    bm = sources.from_file(path)
+    assert (bm.name, bm.width, bm.resolution) == ("cifar_resnet20", 0.25, 16)
+    (row,) = bench.run([bm], bench.Conditions(iters=1, warmup=1), [2])
+    assert row["status"] == "ok" and row["macs"] == ex_macs(model, 16)
+    with pytest.raises(bench.BenchError, match="exported file"):
+        bench.Conditions(mode="compile").check([bm])
+
+
+def ex_macs(model, res):
+    from fasttrain.measure import count_macs
+    return count_macs(model, res).conv_fc
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "thin_resnet5", "--out", "x.pt"], "did you mean 'thin_resnet50'"),
+    (["--checkpoint", "/no/such.pt", "--out", "x.pt"], "checkpoint not found"),
+    (["--model", "cifar_resnet20", "--out", "x.bin"], "unknown export format"),
+    (["--checkpoint", "c.pt", "--width", "0.5", "--out", "x.pt"], "--model only"),
+    (["--model", "cifar_resnet20", "--format", "tflite", "--out", "x.pt"], "--format"),
+    (["--out", "x.pt"], "required"),
+])
+def test_export_cli_user_errors_exit_2_with_one_line(argv, message, capsys, tmp_path,
+                                                     monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = export_tool.main(argv)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused(tmp_path):
+    path = _checkpoint(tmp_path)
+    state = torch.load(path, weights_only=True)
+    state["config"]["model"]["width"] = 0.5
+    torch.save(state, path)
+    with pytest.raises(ex.CheckpointError, match="does not fit"):
+        ex.model_from_checkpoint(path)
+
+
+# --------------------------------------------------------------------------- torch.hub
+
+def test_hub_entry_points(tmp_path):
+    model = torch.hub.load(str(ROOT), "thin_resnet50", width=0.5, source="local")
+    assert sum(p.numel() for p in model.parameters()) == 6_917_640 and not model.training
+    ckpt = _checkpoint(tmp_path)
+    trained = torch.hub.load(str(ROOT), "cifar_resnet20", source="local", checkpoint=str(ckpt))
+    state = torch.load(ckpt, weights_only=True)["model"]
+    assert torch.equal(trained.fc.weight, state["fc.weight"])
+    with pytest.raises(ValueError, match="disagrees"):
+        torch.hub.load(str(ROOT), "cifar_resnet20", source="local", checkpoint=str(ckpt),
+                       width=0.5)
+    with pytest.raises(ValueError, match="holds a cifar_resnet20"):
+        torch.hub.load(str(ROOT), "cifar_resnet56", source="local", checkpoint=str(ckpt))

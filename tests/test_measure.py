@@ -1,0 +1,324 @@
+"""fasttrain.measure and tools/benchmark.py: latency statistics on a fake clock, training steps,
+result rows and files, out-of-memory handling, model sources and the command line.
+
+No test asserts a timing: clocks are fake wherever a number is checked.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from fasttrain.measure import (conditions, measure_latency, measure_throughput, percentile,
+                               summarize, time_calls)
+from fasttrain.measure import bench, sources
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_tool(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+benchmark_tool = _load_tool("benchmark")
+
+CONTRACT_FIELDS = ["model", "width", "batch_size", "resolution", "precision", "mode", "params",
+                   "macs", "latency_ms_p50", "latency_ms_p90", "latency_ms_p99", "images_per_s",
+                   "device_name", "torch_version", "commit"]
+TICK = 2.0 ** -10  # a clock tick that float arithmetic (sums, x1000) represents exactly
+
+
+class FakeClock:
+    """Returns cumulative times so that consecutive start/stop pairs measure `durations`."""
+
+    def __init__(self, durations: list[float]) -> None:
+        self.readings, t = [], 0.0
+        for d in durations:
+            self.readings += [t, t + d]
+            t += d + 7 * TICK  # time between calls must not count
+        self.calls = 0
+
+    def __call__(self) -> float:
+        self.calls += 1
+        return self.readings[self.calls - 1]
+
+
+# --------------------------------------------------------------------------- statistics
+
+def test_percentile_interpolates_between_ranks():
+    assert percentile([4, 1, 3, 2], 0) == 1
+    assert percentile([4, 1, 3, 2], 100) == 4
+    assert percentile([4, 1, 3, 2], 50) == 2.5
+    assert percentile([10], 99) == 10
+    values = [random.Random(0).random() for _ in range(37)]
+    import numpy as np
+    for q in (1, 50, 90, 99):
+        assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)), abs=1e-15)
+    with pytest.raises(ValueError):
+        percentile([], 50)
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+
+
+def test_latency_statistics_on_a_fake_clock_are_exact():
+    ticks = list(range(101))  # 0..100 ticks: percentile positions fall exactly on values
+    random.Random(1).shuffle(ticks)
+    clock = FakeClock([k * TICK for k in ticks])
+    calls = []
+    stats = measure_latency(lambda: calls.append(torch.is_inference_mode_enabled()), 4,
+                            iters=101, warmup=5, clock=clock)
+    assert len(calls) == 106 and all(calls)  # warm-up ran, everything under inference_mode
+    assert clock.calls == 2 * 101  # warm-up calls are never timed
+    ms = TICK * 1e3
+    assert stats.n == 101 and stats.batch_size == 4
+    assert stats.p50_ms == 50 * ms
+    assert stats.p90_ms == 90 * ms
+    assert stats.p99_ms == 99 * ms
+    assert stats.min_ms == 0 and stats.max_ms == 100 * ms
+    assert stats.mean_ms == 50 * ms
+    assert stats.std_ms == pytest.approx(statistics.stdev(k * ms for k in ticks), rel=1e-14)
+    assert stats.images_per_s == pytest.approx(4 / (50 * ms / 1e3), rel=1e-14)
+
+
+def test_summarize_edge_cases_and_row_names():
+    one = summarize([0.002], batch_size=8)
+    assert one.std_ms == 0 and one.p99_ms == pytest.approx(2.0) and one.images_per_s == \
+        pytest.approx(4000)
+    row = one.as_row("latency")
+    assert set(row) == {"latency_n", "images_per_s", "latency_ms_mean", "latency_ms_std",
+                        "latency_ms_min", "latency_ms_p50", "latency_ms_p90", "latency_ms_p99",
+                        "latency_ms_max"}
+    with pytest.raises(ValueError):
+        summarize([], 1)
+    with pytest.raises(ValueError):
+        time_calls(lambda: None, iters=0, warmup=0)
+
+
+def test_training_throughput_runs_full_steps():
+    from fasttrain.models import create_model
+
+    model = create_model("cifar_resnet20", width=0.25, zero_init_residual=False)
+    before = [p.detach().clone() for p in model.parameters()]
+    clock = FakeClock([3 * TICK, 5 * TICK])
+    stats = measure_throughput(model, batch_size=4, resolution=8, num_classes=10, iters=2,
+                               warmup=1, device="cpu", precision="fp32", channels_last=True,
+                               clock=clock)
+    assert stats.n == 2 and stats.mean_ms == 4 * TICK * 1e3
+    assert stats.images_per_s == pytest.approx(4 / (4 * TICK))
+    changed = [not torch.equal(a, b) for a, b in zip(before, model.parameters())]
+    assert all(changed)  # forward, backward and the optimizer step reached every parameter
+    with pytest.raises(ValueError, match="cudagraphs"):
+        measure_throughput(model, batch_size=2, resolution=8, num_classes=10, iters=1, warmup=0,
+                           device="cpu", mode="cudagraphs")
+
+
+def test_conditions_name_the_machine_and_software():
+    c = conditions("cpu")
+    assert c["device"] == "cpu" and c["device_name"] and c["threads"] >= 1
+    assert c["torch_version"] == str(torch.__version__)
+    assert c["commit"] and c["date"].endswith("+00:00")
+    assert {"driver", "cuda_version", "python_version"} <= set(c)
+
+
+# --------------------------------------------------------------------------- runner and files
+
+class OomAbove(nn.Module):
+    """Raises torch.OutOfMemoryError for batches larger than `limit`, as a full device does."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.fc = nn.Linear(3, 5)
+
+    def forward(self, x):
+        if x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return self.fc(x.mean((2, 3)))
+
+
+def test_out_of_memory_is_recorded_and_the_sweep_continues():
+    bm = sources.BenchModel("oom", None, "test", OomAbove(4), 8, 5, None, OomAbove(4))
+    cond = bench.Conditions(device="cpu", iters=2, warmup=1)
+    rows = bench.run([bm], cond, [2, 8, 4], clock=FakeClock([TICK] * 4))
+    assert [r["status"] for r in rows] == ["ok", "oom", "ok"]
+    assert "out of memory" in rows[1]["error"] and rows[1]["latency_ms_p50"] is None
+    assert rows[1]["params"] == 20 and rows[2]["latency_ms_p50"] == TICK * 1e3
+    other = RuntimeError("a bug, not memory")
+    assert not bench.is_oom(other) and bench.is_oom(RuntimeError("CUDA error: out of memory"))
+
+
+def test_training_rows_handle_oom_too():
+    bm = sources.BenchModel("oom", None, "test", OomAbove(2), 8, None, None, None)
+    rows = bench.run([bm], bench.Conditions(device="cpu", iters=1, warmup=0, train=True), [1, 3])
+    assert [r["status"] for r in rows] == ["ok", "oom"]
+    assert rows[0]["kind"] == "train" and rows[0]["step_ms_mean"] > 0
+    assert rows[0]["macs"] is None  # no model to count: said, not guessed
+
+
+@pytest.mark.parametrize("norm_act", ["native", "fused"])
+def test_training_rows_with_each_norm_act(norm_act):
+    from fasttrain.models import NORM_ACT_LAYERS
+
+    if norm_act not in NORM_ACT_LAYERS:
+        pytest.skip(f"no {norm_act} norm_act in this build")
+    bm = sources.from_registry("cifar_resnet20", [0.25], norm_act=norm_act)
+    cond = bench.Conditions(device="cpu", resolution=8, iters=1, warmup=1, train=True)
+    (row,) = bench.run(bm, cond, [2], clock=FakeClock([TICK]))
+    assert row["status"] == "ok" and row["norm_act"] == norm_act
+    assert row["images_per_s"] == pytest.approx(2 / TICK)
+
+
+def test_impossible_conditions_are_user_errors():
+    for cond in (bench.Conditions(mode="cudagraphs"), bench.Conditions(precision="fp8"),
+                 bench.Conditions(mode="torchscript", train=True)):
+        with pytest.raises(bench.BenchError):
+            cond.check()
+
+
+def test_results_files_are_named_by_conditions_and_appended(tmp_path):
+    bm = sources.from_registry("cifar_resnet20", [0.25, 0.5])
+    cond = bench.Conditions(device="cpu", resolution=16, iters=2, warmup=0)
+    rows = bench.run(bm, cond, [1], clock=FakeClock([TICK, 2 * TICK, 3 * TICK, 4 * TICK]))
+    threads = torch.get_num_threads()
+    assert bench.results_stem(rows) == f"latency-cpu{threads}t-fp32-nhwc-eager-16px"
+    json_path, csv_path = bench.append_results(rows, tmp_path)
+    bench.append_results(rows[:1], tmp_path)
+    saved = json.loads(json_path.read_text())
+    assert len(saved) == 3 and saved[0]["macs"] < saved[1]["macs"]
+    lines = csv_path.read_text().splitlines()
+    assert len(lines) == 4 and lines[0].startswith("kind,model,width,source,batch_size")
+    png = bench.plot_vs_macs(rows, tmp_path / "plot.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_torchscript_mode_scripts_or_traces():
+    bm = sources.from_registry("cifar_resnet20", [0.25])
+    cond = bench.Conditions(device="cpu", mode="torchscript", resolution=8, iters=1, warmup=1)
+    (row,) = bench.run(bm, cond, [2])
+    assert row["status"] == "ok" and row["mode"] == "torchscript"
+
+
+# --------------------------------------------------------------------------- sources
+
+def test_factory_source_imports_from_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "my_pruned_net.py").write_text(textwrap.dedent("""
+        from torch import nn
+        def build():
+            return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                 nn.Linear(4, 7))
+        def not_a_module():
+            return 3
+    """))
+    monkeypatch.chdir(tmp_path)
+    bm = sources.from_factory("my_pruned_net:build")
+    assert bm.name == "my_pruned_net:build" and bm.width is None
+    rows = bench.run([bm], bench.Conditions(resolution=10, iters=1, warmup=0), [1])
+    assert rows[0]["macs"] == 3 * 4 * 9 * 64 + 4 * 7  # 8x8 conv outputs, then the fc
+    for bad in ("my_pruned_net", "no_such_module_xyz:f", "my_pruned_net:missing",
+                "my_pruned_net:not_a_module"):
+        with pytest.raises(sources.SourceError):
+            sources.from_factory(bad)
+
+
+def test_checkpoint_source_uses_the_checkpoint_config(tmp_path):
+    from fasttrain.config import Config
+    from fasttrain.models import create_model
+
+    cfg = Config()
+    cfg.model.name, cfg.model.width, cfg.model.num_classes = "cifar_resnet20", 0.25, 0
+    cfg.data.val_res = 24
+    model = create_model("cifar_resnet20", width=0.25, num_classes=7)
+    path = tmp_path / "last.pt"
+    torch.save({"model": model.state_dict(), "config": cfg.to_dict()}, path)
+    bm = sources.from_checkpoint(path)
+    assert (bm.name, bm.width, bm.resolution, bm.num_classes) == ("cifar_resnet20", 0.25, 24, 7)
+    assert torch.equal(bm.model.fc.weight, model.fc.weight)
+
+
+# --------------------------------------------------------------------------- command line
+
+@pytest.mark.slow
+def test_cli_contract_end_to_end(tmp_path):
+    out = tmp_path / "OUT.json"
+    # One intra-op thread: on a shared CI machine, two spinning OpenMP threads competing with
+    # other jobs make each call wait for the scheduler (seen here: 5 ms calls taking 500 ms).
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), "--model",
+                          "thin_resnet18", "--width", "0.25", "--device", "cpu", "--batch-size",
+                          "1,8", "--resolution", "64", "--iters", "20", "--json", str(out)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(out.read_text())
+    assert [r["batch_size"] for r in rows] == [1, 8]
+    for r in rows:
+        assert all(r.get(k) is not None for k in CONTRACT_FIELDS), r
+        assert (r["model"], r["width"], r["resolution"], r["precision"], r["mode"]) == \
+            ("thin_resnet18", 0.25, 64, "fp32", "eager")
+        assert r["macs"] == 11_187_200 and r["params"] == 831_096
+        assert r["latency_ms_p50"] <= r["latency_ms_p90"] <= r["latency_ms_p99"]
+        assert math.isfinite(r["images_per_s"]) and r["latency_n"] == 20
+    assert "thin_resnet18" in res.stdout
+
+
+def test_cli_save_plot_csv_and_factory(tmp_path, monkeypatch, capsys):
+    (tmp_path / "oom_factory_mod.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(3, 8, 3)
+            def forward(self, x):
+                if x.shape[0] >= 4:
+                    raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+                return self.conv(x).mean((2, 3))
+        def build():
+            return Net()
+    """))
+    monkeypatch.chdir(tmp_path)
+    results = tmp_path / "results"
+    argv = ["--factory", "oom_factory_mod:build", "--device", "cpu", "--batch-size", "1,4,2",
+            "--resolution", "12", "--iters", "2", "--warmup", "1", "--csv", "rows.csv",
+            "--save", "--results-dir", str(results), "--plot"]
+    assert benchmark_tool.main(argv) == 0
+    (json_file,) = results.glob("latency-*-fp32-nhwc-eager-12px.json")
+    rows = json.loads(json_file.read_text())
+    assert [r["status"] for r in rows] == ["ok", "oom", "ok"]
+    assert json_file.with_suffix(".png").is_file() and json_file.with_suffix(".csv").is_file()
+    assert len((tmp_path / "rows.csv").read_text().splitlines()) == 4
+    assert "OOM" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "thin_resnet5"], "did you mean 'thin_resnet50'"),
+    (["--factory", "x:y", "--width", "0.5"], "--width applies to --model only"),
+    (["--model", "thin_resnet18", "--device", "cpu", "--mode", "cudagraphs"], "cudagraphs"),
+    (["--model", "thin_resnet18", "--batch-size", "1,x"], "--batch-size"),
+    (["--model", "thin_resnet18", "--plot"], "--plot needs a PNG path"),
+    (["--checkpoint", "/no/such/ckpt.pt"], "checkpoint not found"),
+    (["--file", "/no/such/model.pt"], "file not found"),
+    (["--model", "thin_resnet18", "--width", "0"], "positive"),
+])
+def test_cli_user_errors_exit_2_with_one_line(argv, message, capsys):
+    try:
+        code = benchmark_tool.main(argv + ["--iters", "1"])
+    except SystemExit as e:  # argparse errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err

@@ -1,0 +1,115 @@
+#!/usr/bin/env python
+"""Export a trained or registered model for inference, with BatchNorm folded, and check it.
+
+    python tools/export.py (--checkpoint PATH | --model NAME [--width W]) \
+        [--format torchscript|export|onnx] --out FILE [--resolution R] [--no-fold] \
+        [--atol 1e-4] [--rtol 1e-4] [--parity-batch-sizes 1,3]
+
+Pipeline (fasttrain.export): rebuild the model (a checkpoint's config and weights, or a registered
+model with random weights), fold every BatchNorm into its convolution (BatchNorm+ReLU becomes
+ReLU), write TorchScript (.pt; torch.jit.script, trace as fallback), a torch.export program (.pt2)
+or ONNX (.onnx, opset 18, checked with onnxruntime), load the file back and compare it with the
+eager, unfolded model on random inputs at two batch sizes. Metadata (model, width, classes, input
+size, mean/std, training commit, export details) is stored in the file under "fasttrain.json".
+The format defaults to the one --out's suffix names.
+
+Exit status: 0 when the parity check passes; 1 when the exported outputs differ beyond
+`atol + rtol * max|eager output|` (one line on stderr; the file is kept for inspection); 2 for
+user errors (one line on stderr).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fasttrain.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        self.exit(2, f"error: {message}\n")
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected e.g. 1,3, got {text!r}") from None
+    if len(values) != 2 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected two positive batch sizes, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(description="Fold BatchNorm and export a model to TorchScript, torch.export or "
+                            "ONNX; exits 0 only when the export matches the eager model.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", metavar="PATH", help="a fasttrain checkpoint")
+    src.add_argument("--model", metavar="NAME", help="a registered model (random weights)")
+    p.add_argument("--width", type=float, default=None, help="--model: width multiplier (1.0)")
+    p.add_argument("--channel-divisor", type=int, default=1, help="--model: channel divisor")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="--model: classifier outputs (default 1000, CIFAR models 10)")
+    p.add_argument("--format", choices=["torchscript", "export", "onnx"], default=None,
+                   help="default: from --out's suffix (.pt, .pt2, .onnx)")
+    p.add_argument("--out", required=True, metavar="FILE", help="the file to write")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="input size stored in the metadata and used for the parity check "
+                        "(default: the checkpoint's val_res; 224, CIFAR 32)")
+    p.add_argument("--no-fold", action="store_true", help="keep BatchNorm layers")
+    p.add_argument("--atol", type=float, default=1e-4, help="parity: absolute tolerance")
+    p.add_argument("--rtol", type=float, default=1e-4,
+                   help="parity: tolerance relative to the largest eager output")
+    p.add_argument("--parity-batch-sizes", type=_batch_sizes, default=(1, 3), metavar="B1,B2")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.checkpoint and (args.width is not None or args.num_classes is not None):
+            raise UserError("--width and --num-classes apply to --model only (a checkpoint "
+                            "names its own)")
+        if args.resolution is not None and args.resolution < 1:
+            raise UserError(f"--resolution must be >= 1, got {args.resolution}")
+        from fasttrain import export as ex
+
+        fmt = args.format or ex.format_of(args.out)
+        if args.checkpoint:
+            model, meta = ex.model_from_checkpoint(args.checkpoint)
+            if args.resolution:
+                meta["input_size"] = [3, args.resolution, args.resolution]
+        else:
+            model, meta = ex.model_from_name(args.model, 1.0 if args.width is None else args.width,
+                                             channel_divisor=args.channel_divisor,
+                                             num_classes=args.num_classes,
+                                             resolution=args.resolution)
+        try:
+            parity, meta = ex.export_model(model, meta, fmt, args.out, fold=not args.no_fold,
+                                           batch_sizes=args.parity_batch_sizes,
+                                           atol=args.atol, rtol=args.rtol)
+        except ex.ParityError as e:
+            print(f"error: parity check failed: {e}", file=sys.stderr)
+            return 1
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    size_mb = Path(args.out).stat().st_size / 2**20
+    extra = ""
+    if fmt == "torchscript":
+        extra = f", {meta['torchscript_method']}"
+    elif fmt == "onnx":
+        extra = f", opset {meta['onnx_opset']}"
+    size = "x".join(map(str, meta["input_size"]))
+    print(f"wrote {args.out} ({fmt}{extra}, {size_mb:.2f} MiB): {meta['model']} "
+          f"w{meta['width']:g}, {meta['num_classes']} classes, input {size}, "
+          f"{meta['bn_folded']} BatchNorm folded")
+    print(f"parity vs eager at batch {' and '.join(map(str, parity.batch_sizes))}: max abs "
+          f"{parity.max_abs:.3g}, max rel {parity.max_rel:.3g} (atol {parity.atol:g}, "
+          f"rtol {parity.rtol:g}): ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
