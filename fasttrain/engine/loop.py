@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -22,7 +23,7 @@ from ..config import Config, ModelConfig
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..data import build_loaders, sample_seed
 from ..data.loader import DeviceLoader
-from ..measure import count_macs, count_params
+from ..measure import count_macs, count_params, git_commit
 from ..models import NORM_ACT_LAYERS, create_model, list_models
 from . import checkpoint as ckpt
 from . import distributed
@@ -96,9 +97,10 @@ class Parts:
     steps_per_epoch: int  # optimizer steps
 
 
+@functools.cache  # one git call per run, not one per checkpoint
 def _versions() -> dict[str, str]:
     return {"torch": str(torch.__version__), "cuda": str(torch.version.cuda),
-            "python": platform.python_version()}
+            "python": platform.python_version(), "commit": git_commit()}
 
 
 def _rng_state() -> dict[str, Any]:

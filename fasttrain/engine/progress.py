@@ -24,6 +24,9 @@ class Reporter:
     def __init__(self, mode: str, enabled: bool) -> None:
         self.enabled = enabled
         self.console = Console(file=sys.stdout, highlight=False, soft_wrap=True)
+        if not self.console.is_terminal:
+            # Logs and CI: no terminal width to respect, and truncated paths help nobody.
+            self.console.width = 200
         self.live = enabled and (mode == "rich" or (mode == "auto" and self.console.is_terminal))
         self._bar: Progress | None = None
         self._task = None
