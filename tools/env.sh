@@ -6,8 +6,8 @@
 #
 # The venv lives outside the clone, in $FASTTRAIN_CACHE (default ~/.cache/fasttrain), keyed by a
 # hash of requirements.txt: a fresh clone (CI) reuses it and set-up is a no-op when it is current.
-# The editable install of fasttrain itself is redone (seconds, no downloads) when the venv was last
-# installed from another clone or setup.py changed.
+# The editable install of fasttrain itself (which compiles csrc/, a few minutes) is redone when
+# the venv was last installed from another clone, or setup.py or csrc/ changed.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -35,8 +35,10 @@ if [ ! -f "$venv/.complete" ]; then
   touch "$venv/.complete"
 fi
 
-# The editable install records the clone's path; redo it when another clone installed it.
-editable="$repo $(sha256sum < "$repo/setup.py" | cut -c1-16)"
+# The editable install records the clone's path and what the native build depends on; redo it
+# (which recompiles csrc/) when another clone installed it, or setup.py or csrc/ changed.
+sources=$(cd "$repo" && find setup.py csrc -type f 2>/dev/null | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16)
+editable="$repo $sources"
 if [ "$(cat "$venv/.editable" 2>/dev/null)" != "$editable" ]; then
   log "installing fasttrain (editable) from $repo"
   if ! "$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$repo" \

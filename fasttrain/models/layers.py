@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.bn_relu import BatchNormReLU2d as FusedBatchNormReLU2d
+
 NormLayer = Callable[[int], nn.Module]
 
 
@@ -23,5 +25,5 @@ class BatchNormReLU2d(nn.BatchNorm2d):
         return F.relu(super().forward(x), inplace=True)
 
 
-NORM_ACT_LAYERS: dict[str, NormLayer] = {"native": BatchNormReLU2d}
+NORM_ACT_LAYERS: dict[str, NormLayer] = {"native": BatchNormReLU2d, "fused": FusedBatchNormReLU2d}
 """`model.norm_act` choices → factory of a norm+ReLU layer for `num_features` channels."""
