@@ -165,7 +165,7 @@ def test_non_finite_loss_stops_and_never_overwrites_a_good_checkpoint(data_root,
 @pytest.mark.slow
 def test_torchrun_max_restarts_resumes_after_a_rank_dies(data_root, tmp_path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc_per_node=2", "--max-restarts=1"]
+                "--nproc_per_node=2", "--max-restarts=2"]
     args = tiny_args(data_root, tmp_path, "elastic")
     args = [a for a in args if not a.startswith(("--schedule.epochs", "--train.threads"))]
     result = run_wrapped(tmp_path, args + ["--schedule.epochs=2"],
