@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -51,8 +52,25 @@ def setup(device_preference: str) -> DistInfo:
     device = resolve_device(device_preference, local_rank)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend, store=_attempt_store(rank, world), rank=rank,
+                                world_size=world,
+                                device_id=device if device.type == "cuda" else None)
     return DistInfo(rank, world, local_rank, _env_int("LOCAL_WORLD_SIZE", 1), device)
+
+
+def _attempt_store(rank: int, world: int) -> dist.Store:
+    """torchrun's key-value store under a prefix unique to this launch attempt.
+
+    After a `--max-restarts` restart the store still holds the previous attempt's keys; without a
+    fresh prefix a rank can read a dead peer's gloo address and fail with "Connection refused".
+    """
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                          int(os.environ.get("MASTER_PORT", 29500)), world,
+                          is_master=rank == 0 and not agent_store,
+                          timeout=timedelta(minutes=10), wait_for_workers=False)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"fasttrain/attempt_{attempt}", store)
 
 
 def teardown() -> None:
