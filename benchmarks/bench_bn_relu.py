@@ -38,7 +38,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -50,6 +49,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fasttrain.measure.env import cpu_name as cpu_model  # noqa: E402
+from fasttrain.measure.env import git_commit, nvidia_driver  # noqa: E402
 from fasttrain.models import create_model  # noqa: E402
 from fasttrain.models.layers import NORM_ACT_LAYERS  # noqa: E402
 from fasttrain.ops import _ext  # noqa: E402
@@ -61,39 +62,6 @@ TRAIN_PASSES, EVAL_PASSES = 8, 2  # tensor-sized reads + writes a two-pass BN+Re
 
 
 # ---- conditions ----------------------------------------------------------------------------------
-
-def git_commit() -> str:
-    # GIT_OPTIONAL_LOCKS=0: `git status` must not rewrite the index of a shared checkout.
-    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               env=env, capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (head or "unknown") + ("-dirty" if dirty else "")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def nvidia_driver() -> str | None:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    lines = out.stdout.strip().splitlines()
-    return lines[0] if out.returncode == 0 and lines else None
-
 
 def conditions(device: torch.device, args) -> dict:
     cond = {"device": device.type, "cpu_model": cpu_model(), "cpu_cores": os.cpu_count(),

@@ -29,21 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGET_TOP1 = 98.5
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
-def git_commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                         text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                           capture_output=True, text=True).stdout.strip()
-    return (out.stdout.strip() or "unknown") + ("-dirty" if dirty else "")
-
-
 def run_once(log_dir: Path) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
            str(ROOT / "tools" / "train.py"), str(ROOT / "recipes" / "quickstart.yaml"),
@@ -72,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import torch
 
+    from fasttrain.measure.env import cpu_name, git_commit
+
     runs = []
     for i in range(args.repeats):
         tmp = Path(tempfile.mkdtemp(prefix="ft-quickstart-"))
@@ -87,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "quickstart",
         "command": "torchrun --nproc_per_node=1 tools/train.py recipes/quickstart.yaml",
-        "conditions": {"device": "cpu", "cpu_model": cpu_model(), "cores": cores,
+        "conditions": {"device": "cpu", "cpu_model": cpu_name(), "cores": cores,
                        "torch": str(torch.__version__), "python": platform.python_version(),
                        "commit": git_commit(), "date": time.strftime("%Y-%m-%d"),
                        "target_val_top1": TARGET_TOP1},
