@@ -28,14 +28,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from fasttrain.cli import ArgumentParser
 from fasttrain.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
-        self.exit(2, f"error: {message}\n")
 
 
 def _list_of(kind):
@@ -52,29 +49,25 @@ def _list_of(kind):
     return parse
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
-    return v
+def _int_at_least(minimum: int):
+    """argparse type: an integer >= `minimum`."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {v}")
+        return v
+    return parse
 
 
-def _non_negative(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
+_positive, _non_negative = _int_at_least(1), _int_at_least(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description="Benchmark latency or training throughput of ThinResNets (or any "
-                            "module) under recorded conditions.")
+    p = ArgumentParser(description="Benchmark latency or training throughput of ThinResNets "
+                                   "(or any module) under recorded conditions.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", metavar="NAME[,NAME...]",
                      help="registered models (thin_resnet50, ...), each at every --width")

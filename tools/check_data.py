@@ -11,7 +11,6 @@ are listed as ignored (the loaders never read them). Exit status: 0 clean, 1 pro
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,16 +19,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemaining
 from rich.table import Table
 
 from fasttrain.data.check import scan
+from fasttrain.cli import ArgumentParser
 from fasttrain.errors import UserError
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        self.exit(2, f"error: {message}\n")
-
 
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(description="Scan an image data set for unreadable files and class counts.")
+    p = ArgumentParser(description="Scan an image data set for unreadable files and class "
+                                   "counts.")
     p.add_argument("root", type=Path, help="data set directory")
     p.add_argument("--workers", type=int, default=0, help="decoding processes (0 = all cores)")
     args = p.parse_args(argv)

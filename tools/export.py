@@ -23,12 +23,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from fasttrain.cli import ArgumentParser
 from fasttrain.errors import UserError
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
-        self.exit(2, f"error: {message}\n")
 
 
 def _batch_sizes(text: str) -> tuple[int, ...]:
@@ -42,8 +39,9 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description="Fold BatchNorm and export a model to TorchScript, torch.export or "
-                            "ONNX; exits 0 only when the export matches the eager model.")
+    p = ArgumentParser(description="Fold BatchNorm and export a model to TorchScript, "
+                                   "torch.export or ONNX; exits 0 only when the export matches "
+                                   "the eager model.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="PATH", help="a fasttrain checkpoint")
     src.add_argument("--model", metavar="NAME", help="a registered model (random weights)")

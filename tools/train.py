@@ -14,17 +14,14 @@ import os
 import sys
 
 from fasttrain.config import load
+from fasttrain.cli import ArgumentParser
 from fasttrain.errors import UserError
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
-        self.exit(2, f"error: {message}\n")
-
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description="Train a ThinResNet from a recipe.",
-                epilog="Any --section.key=value overrides a recipe value, e.g. --optim.lr=0.2")
+    p = ArgumentParser(description="Train a ThinResNet from a recipe.",
+                       epilog="Any --section.key=value overrides a recipe value, e.g. --optim.lr=0.2")
     p.add_argument("recipe", help="recipe YAML file (recipes/*.yaml)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate, build data and model, print config and counts, then exit")
