@@ -1,4 +1,6 @@
+import importlib.util
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +47,23 @@ def run_tool(data_root, tmp_path):
                               timeout=timeout)
 
     return run
+
+
+def load_tool(name: str):
+    """Import tools/<name>.py as a module (the tools are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_code_running_checkpoint(path: Path, marker: Path) -> Path:
+    """A pickle shaped like a checkpoint whose unpickling would create `marker` (a hostile file:
+    loading it must be refused)."""
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path.write_bytes(pickle.dumps({"model": Evil()}, protocol=2))
+    return path

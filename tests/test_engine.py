@@ -2,7 +2,6 @@
 import json
 import math
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import write_code_running_checkpoint
 from fasttrain.config import ScheduleConfig, load
 from fasttrain.engine import checkpoint as ckpt
 from fasttrain.engine import loop, train
@@ -69,13 +69,7 @@ def test_atomic_save_keeps_previous_file_on_failure(tmp_path, monkeypatch):
 
 def test_load_refuses_code_execution_and_garbage(tmp_path):
     marker = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    evil = tmp_path / "evil.pt"
-    evil.write_bytes(pickle.dumps({"model": Evil()}, protocol=2))
+    evil = write_code_running_checkpoint(tmp_path / "evil.pt", marker)
     with pytest.raises(CheckpointError, match="cannot load checkpoint"):
         ckpt.load(evil)
     assert not marker.exists()

@@ -2,7 +2,6 @@
 TorchScript / torch.export / ONNX, metadata, loading in a fresh process with plain torch."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,19 +13,14 @@ import torch
 from torch import nn
 
 from fasttrain import export as ex
+
+from conftest import load_tool
 from fasttrain.models import NORM_ACT_LAYERS, BatchNormReLU2d, list_models
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-export_tool = _load_tool("export")
+export_tool = load_tool("export")
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -23,19 +23,12 @@ from fasttrain.measure import (conditions, measure_latency, measure_throughput, 
                                summarize, time_calls)
 from fasttrain.measure import bench, sources
 
+from conftest import load_tool
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_tool(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-benchmark_tool = _load_tool("benchmark")
+benchmark_tool = load_tool("benchmark")
 
 CONTRACT_FIELDS = ["model", "width", "batch_size", "resolution", "precision", "mode", "params",
                    "macs", "latency_ms_p50", "latency_ms_p90", "latency_ms_p99", "images_per_s",

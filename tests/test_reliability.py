@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import write_code_running_checkpoint
 from fasttrain.config import load
 from fasttrain.data.check import scan
 from fasttrain.engine import checkpoint as ckpt
@@ -238,14 +239,7 @@ def test_check_data_reports_problems_and_counts(tmp_path, run_tool):
 
 def test_crafted_checkpoint_is_refused_by_the_cli(run_tool, tmp_path):
     marker = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    import pickle
-    evil = tmp_path / "evil.pt"
-    evil.write_bytes(pickle.dumps({"model": Evil()}, protocol=2))
+    evil = write_code_running_checkpoint(tmp_path / "evil.pt", marker)
     result = run_tool("train.py", str(QUICKSTART), "--resume", str(evil), "--schedule.epochs=2",
                       f"--log.dir={tmp_path}")
     assert result.returncode == 2
