@@ -177,7 +177,14 @@ setup(
         "matplotlib",
         "scikit-learn",
     ],
-    extras_require={"test": ["pytest", "pytest-timeout"]},
+    extras_require={
+        "test": ["pytest", "pytest-timeout"],
+        # FFCV builds from source against Debian's libopencv-dev, libturbojpeg0-dev, pkg-config
+        # (tools/env.sh installs them); 1.0.2 is the last release.
+        "ffcv": ["ffcv==1.0.2", "numba", "opencv-python", "pillow"],
+        "dali": ["nvidia-dali-cuda130"],
+        "prune": ["torch-pruning>=1.6"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -24,6 +24,25 @@ mkdir -p "$cache"
 exec 9>"$cache/.lock-$key"
 flock 9
 
+# FFCV (in requirements.txt) compiles against OpenCV and libjpeg-turbo found through pkg-config,
+# and its module links to them at import: install Debian's packages when they are missing.
+if ! { command -v pkg-config >/dev/null && pkg-config --exists opencv4 libturbojpeg; }; then
+  apt_packages="libopencv-dev libturbojpeg0-dev pkg-config"
+  if ! command -v apt-get >/dev/null; then
+    log "error: FFCV needs OpenCV 4 and libjpeg-turbo development files visible to pkg-config (Debian: $apt_packages); install them and rerun"
+    exit 1
+  fi
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  log "installing Debian packages for FFCV: $apt_packages"
+  if ! { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq \
+      --no-install-recommends $apt_packages; } > "$cache/apt.log" 2>&1; then
+    cat "$cache/apt.log" >&2
+    log "error: apt-get install $apt_packages failed (log above, also in $cache/apt.log)"
+    exit 1
+  fi
+fi
+
 if [ ! -f "$venv/.complete" ]; then
   log "creating $venv (first run: a few minutes, torch is a large wheel)"
   rm -rf "$venv"
