@@ -36,6 +36,18 @@ class DataConfig:
     path: str = _f("", "dataset root; empty = $FASTTRAIN_DATA/<dataset> "
                    "(default ~/.cache/fasttrain/data/<dataset>)")
     download: bool = _f(True, "cifar10: download when the files are missing")
+    backend: Literal["torch", "ffcv", "dali", "resident"] = _f(
+        "torch", "torch: DataLoader workers decoding with torchvision.io; ffcv: .beton files "
+        "written by tools/write_ffcv.py; dali: NVIDIA DALI pipeline over the image folders "
+        "(nvJPEG on GPU, CPU otherwise); resident: the whole set decoded once and kept on the "
+        "device, augmented with batched tensor ops (small data sets)")
+    ffcv_dir: str = _f("", "ffcv: folder holding train.beton and val.beton; empty = "
+                       "<dataset root>/ffcv")
+    ffcv_order: Literal["random", "quasi_random"] = _f(
+        "random", "ffcv: sample order; quasi_random reads the file in chunks (for files larger "
+        "than RAM; single process only, FFCV does not support it with distributed=True)")
+    ffcv_os_cache: bool = _f(True, "ffcv: read through the OS page cache (file fits in RAM); "
+                             "false = FFCV's own page reader")
     batch_size: int = _f(256, "global training batch, split evenly across ranks", ge=1)
     val_batch_size: int = _f(0, "global validation batch; 0 = batch_size", ge=0)
     num_workers: int = _f(4, "loader worker processes per rank (0 = in the main process)", ge=0)
@@ -89,6 +101,13 @@ class ModelConfig:
     drop_path_rate: float = _f(0.0, "stochastic depth: drop rate of the last block (linear in "
                                "block index from 0)", ge=0, lt=1)
     blurpool: bool = _f(False, "blur (3x3 binomial) before every strided conv with >= 16 inputs")
+    channels: Optional[dict] = _f(None, "explicit channel counts of every layer ({stem, stages: "
+                                  "[{out, blocks}]}, see fasttrain.models.resnet), e.g. a "
+                                  "pruned network's; null = the width rule")
+    init_from: str = _f("", "start from this checkpoint (tools/prune.py output or any fasttrain "
+                        "checkpoint): its architecture (name, width, channel_divisor, "
+                        "num_classes, shortcut, channels) replaces this section's and its "
+                        "weights are loaded; optimizer and schedule start fresh")
 
 
 @dataclass
@@ -181,7 +200,8 @@ def _type_name(tp: Any) -> str:
         return f"{_type_name(args[0])} or null"
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[tp]
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            dict: "a mapping"}[tp]
 
 
 def _coerce(tp: Any, value: Any) -> Any:
@@ -208,6 +228,8 @@ def _coerce(tp: Any, value: Any) -> Any:
     if tp is bool and isinstance(value, bool):
         return value
     if tp is str and isinstance(value, str):
+        return value
+    if tp is dict and isinstance(value, dict):  # structure checked by its consumer
         return value
     raise TypeError
 
@@ -342,9 +364,44 @@ def _check_consistency(cfg: Config, origin: str) -> None:
                           f"and data.end_ramp >= data.start_ramp, got min_res={d.min_res} "
                           f"max_res={d.max_res} start_ramp={d.start_ramp} "
                           f"end_ramp={d.end_ramp}")
+    _check_backend(cfg, origin)
     if cfg.schedule.kind == "triangular" and cfg.schedule.warmup_epochs:
         raise ConfigError(f"{origin}: schedule.kind=triangular has its own ramp; set "
                           f"schedule.warmup_epochs to 0, got {cfg.schedule.warmup_epochs}")
+
+
+# What each data backend implements beyond crop + flip + normalisation (the torch backend does
+# everything). A setting outside this table is rejected before any work starts rather than
+# silently ignored, so a recipe means the same augmentation whatever loader runs it.
+BACKEND_SUPPORT = {
+    "ffcv": {"train_crop": ("random_resized", "pad_random"), "ra_reps": False},
+    "dali": {"train_crop": ("random_resized",), "ra_reps": False, "dataset": ("digits",
+                                                                              "imagefolder")},
+    "resident": {"train_crop": ("random_resized", "pad_random"), "ra_reps": True},
+}
+
+
+def _check_backend(cfg: Config, origin: str) -> None:
+    backend = cfg.data.backend
+    support = BACKEND_SUPPORT.get(backend)
+    if support is None:
+        return
+    where = f"{origin}: data.backend={backend}"
+    if cfg.aug.train_crop not in support["train_crop"]:
+        raise ConfigError(f"{where} does not implement aug.train_crop={cfg.aug.train_crop} "
+                          f"(only {', '.join(support['train_crop'])}); use data.backend=torch")
+    if cfg.aug.auto_augment != "none":
+        raise ConfigError(f"{where} does not implement aug.auto_augment="
+                          f"{cfg.aug.auto_augment}; use data.backend=torch")
+    if cfg.aug.random_erase:
+        raise ConfigError(f"{where} does not implement aug.random_erase; "
+                          f"use data.backend=torch")
+    if cfg.data.ra_reps > 1 and not support["ra_reps"]:
+        raise ConfigError(f"{where} does not implement repeated augmentation "
+                          f"(data.ra_reps={cfg.data.ra_reps}); use data.backend=torch or resident")
+    if cfg.data.dataset not in support.get("dataset", (cfg.data.dataset,)):
+        raise ConfigError(f"{where} reads image folders, not data.dataset={cfg.data.dataset}; "
+                          f"use data.backend=resident, ffcv or torch")
 
 
 def dump(cfg: Config) -> str:

@@ -197,8 +197,15 @@ def _per_rank(global_batch: int, world_size: int, key: str, accum: int = 1) -> i
 
 def build_loaders(data: DataConfig, aug: AugConfig, *, rank: int = 0, world_size: int = 1,
                   device: torch.device = torch.device("cpu"), channels_last: bool = True,
-                  seed: int = 0, grad_accum_steps: int = 1) -> Loaders:
-    """Train and validation loaders for this rank.
+                  seed: int = 0, grad_accum_steps: int = 1,
+                  dtype: torch.dtype = torch.float32) -> Loaders:
+    """Train and validation loaders for this rank, from the backend `data.backend` names.
+
+    Every backend yields (images, labels) on `device`: images normalised (x/255 - mean)/std in
+    `dtype`, shape (N, 3, H, W), channels-last when asked; labels int64. `loader.set_epoch(epoch,
+    start_batch)` selects the epoch (its order and augmentation follow from `seed` and the epoch)
+    and skips its first batches (resume inside an epoch); `len(loader)` is this rank's batch
+    count, equal on every rank for training.
 
     `data.batch_size` is the global batch: each rank's training loader yields micro-batches of
     batch_size / (world_size * grad_accum_steps). Training drops each rank's last partial batch;
@@ -206,8 +213,27 @@ def build_loaders(data: DataConfig, aug: AugConfig, *, rank: int = 0, world_size
 
     Raises:
         DatasetError: the data set is missing or malformed.
-        ConfigError: a batch size does not split evenly across ranks.
+        ConfigError: a batch size does not split evenly across ranks, or the backend cannot
+            implement a setting.
+        RunError: the backend's library is not installed.
     """
+    kwargs = dict(rank=rank, world_size=world_size, device=device, channels_last=channels_last,
+                  seed=seed, grad_accum_steps=grad_accum_steps, dtype=dtype)
+    if data.backend == "resident":
+        from .resident import build_resident_loaders
+        return build_resident_loaders(data, aug, **kwargs)
+    if data.backend == "ffcv":
+        from .ffcv_loader import build_ffcv_loaders
+        return build_ffcv_loaders(data, aug, **kwargs)
+    if data.backend == "dali":
+        from .dali_loader import build_dali_loaders
+        return build_dali_loaders(data, aug, **kwargs)
+    return _build_torch_loaders(data, aug, **kwargs)
+
+
+def _build_torch_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world_size: int,
+                         device: torch.device, channels_last: bool, seed: int,
+                         grad_accum_steps: int, dtype: torch.dtype) -> Loaders:
     train_set, val_set, classes, root = _datasets(data)
     batch = _per_rank(data.batch_size, world_size, "data.batch_size", grad_accum_steps)
     val_batch = _per_rank(data.val_batch_size or data.batch_size, world_size,
@@ -225,7 +251,7 @@ def build_loaders(data: DataConfig, aug: AugConfig, *, rank: int = 0, world_size
                               **workers)
     val_loader = DataLoader(val_set, batch_size=val_batch,
                             sampler=ShardSampler(len(val_set), rank, world_size), **workers)
-    normalize = Normalize(data.mean, data.std)
+    normalize = Normalize(data.mean, data.std, dtype)
     return Loaders(DeviceLoader(train_loader, device, normalize, channels_last),
                    DeviceLoader(val_loader, device, normalize, channels_last),
                    len(classes), list(classes), root)

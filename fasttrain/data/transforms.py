@@ -172,14 +172,17 @@ class ValTransform:
 
 
 class Normalize(torch.nn.Module):
-    """uint8 batch (N, C, H, W) → float, (x/255 - mean) / std, in one fused multiply-add."""
+    """uint8 batch (N, C, H, W) → (x/255 - mean) / std in `dtype` (the training input dtype),
+    computed in float32 with one fused multiply-add."""
 
-    def __init__(self, mean: list[float], std: list[float]) -> None:
+    def __init__(self, mean: list[float], std: list[float],
+                 dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
+        self.dtype = dtype
         std_t = torch.tensor(std, dtype=torch.float32) * 255.0
         self.register_buffer("scale", (1.0 / std_t).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("shift", (-torch.tensor(mean) * 255.0 / std_t).view(1, -1, 1, 1),
                              persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(self.shift, images.float(), self.scale)
+        return torch.addcmul(self.shift, images.float(), self.scale).to(self.dtype)

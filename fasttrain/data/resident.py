@@ -1,0 +1,241 @@
+"""The resident backend: the whole data set decoded once and kept on the device (airbench style).
+
+For data sets that fit in device memory (CIFAR-10: 150 MB of uint8; the built-in digits): no
+worker processes, no host-to-device copies per step. Training augmentation runs on whole batches
+as tensor ops on the device: RandomResizedCrop as one `torchvision.ops.roi_align` call (every
+sample its own box, bilinear with adaptive sampling, so downscaling averages like an antialiased
+resize), zero-pad + random crop as one gather, flip as one `where`.
+
+Order and sharding come from the same `EpochSampler` as the torch backend (identical per-epoch
+sample order, exact resume inside an epoch). The random crop/flip parameters are drawn per batch
+from a generator seeded by (seed, epoch, rank, position in the epoch): a pure function of those,
+so a resumed run sees the same batches; they follow the torch backend's distributions (tested),
+not its per-sample values.
+"""
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+
+from ..config import AugConfig, ConfigError, DataConfig
+from .datasets import DatasetError, ImageFolderDataset, TensorImageDataset, read_image
+from .loader import EpochSampler, Loaders, ShardSampler, _datasets, _per_rank, sample_seed
+from .transforms import Normalize, ValTransform, progressive_resolution
+
+# At most this share of the free device memory (or of available RAM on CPU) may hold the set.
+MEMORY_SHARE = 0.5
+
+
+def random_resized_crop_boxes(n: int, height: int, width: int, scale: tuple[float, float],
+                              ratio: tuple[float, float], generator: torch.Generator
+                              ) -> torch.Tensor:
+    """(n, 4) int64 boxes (top, left, h, w) drawn by torchvision's RandomResizedCrop rule, batched:
+    area uniform in `scale`, log aspect uniform in `ratio`, the first of 10 tries that fits, else
+    a central crop clamped to `ratio` (the same rule as `transforms.random_resized_crop_params`)."""
+    area = height * width
+    target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(n, 10, generator=generator,
+                                                                   dtype=torch.float64))
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n, 10, generator=generator,
+                                                               dtype=torch.float64))
+    w = torch.round(torch.sqrt(target * aspect)).long()
+    h = torch.round(torch.sqrt(target / aspect)).long()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.long().argmax(dim=1, keepdim=True)
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        fallback_w, fallback_h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        fallback_w, fallback_h = int(round(height * ratio[1])), height
+    else:
+        fallback_w, fallback_h = width, height
+    found = fits.any(dim=1)
+    w = torch.where(found, w, fallback_w)
+    h = torch.where(found, h, fallback_h)
+    top_u, left_u = torch.rand(2, n, generator=generator, dtype=torch.float64)
+    top = torch.where(found, (top_u * (height - h + 1)).floor().long(), (height - h) // 2)
+    left = torch.where(found, (left_u * (width - w + 1)).floor().long(), (width - w) // 2)
+    return torch.stack([top, left, h, w], dim=1)
+
+
+class BatchAugment:
+    """Crop + flip of a uint8 (B, C, H, W) batch on its device → float (B, C, S, S) in 0..255."""
+
+    def __init__(self, data: DataConfig, aug: AugConfig) -> None:
+        self.data, self.aug = data, aug
+
+    def __call__(self, images: torch.Tensor, epoch: int, generator: torch.Generator
+                 ) -> torch.Tensor:
+        n, _, height, width = images.shape
+        size = progressive_resolution(self.data, epoch)
+        device = images.device
+        if self.aug.train_crop == "random_resized":
+            boxes = random_resized_crop_boxes(n, height, width, self.aug.scale, self.aug.ratio,
+                                              generator)
+            top, left, h, w = boxes.to(torch.float32).unbind(1)
+            rois = torch.stack([torch.arange(n, dtype=torch.float32), left, top, left + w,
+                                top + h], dim=1).to(device)
+            out = roi_align(images.float(), rois, output_size=(size, size), spatial_scale=1.0,
+                            sampling_ratio=-1, aligned=True)
+        else:
+            # Pad at least enough for a `size` crop, like the torch backend.
+            pad_h = max(self.aug.padding, (size - height + 1) // 2)
+            pad_w = max(self.aug.padding, (size - width + 1) // 2)
+            padded = F.pad(images, (pad_w, pad_w, pad_h, pad_h))
+            tops = torch.randint(0, padded.shape[2] - size + 1, (n,), generator=generator)
+            lefts = torch.randint(0, padded.shape[3] - size + 1, (n,), generator=generator)
+            span = torch.arange(size)
+            rows = (tops[:, None] + span).to(device)[:, None, :, None]
+            cols = (lefts[:, None] + span).to(device)[:, None, None, :]
+            batch = torch.arange(n, device=device)[:, None, None, None]
+            chans = torch.arange(padded.shape[1], device=device)[None, :, None, None]
+            out = padded[batch, chans, rows, cols].float()
+        if self.aug.hflip > 0:
+            flip = (torch.rand(n, generator=generator) < self.aug.hflip).to(device)
+            out = torch.where(flip[:, None, None, None], out.flip(3), out)
+        return out
+
+
+class ResidentLoader:
+    """Batches of a device-resident uint8 set: (images normalised in `dtype`, labels int64).
+
+    Training (`augment` given) follows `EpochSampler` (seeded permutation, this rank's share,
+    partial last batch dropped); validation (`augment` None) walks `ShardSampler` in order.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                 normalize: Normalize, channels_last: bool, *, rank: int, world_size: int,
+                 seed: int, augment: BatchAugment | None = None, reps: int = 1) -> None:
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+        self.normalize, self.augment, self.seed, self.rank = normalize, augment, seed, rank
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.skipped: dict[str, str] = {}  # filled by the builder: unreadable files left out
+        self.epoch, self.start_batch = 0, 0
+        if augment is not None:
+            self.sampler = EpochSampler(len(labels), rank, world_size, seed, reps)
+        else:
+            self.sampler = ShardSampler(len(labels), rank, world_size)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch and skip its first `start_batch` batches (resume inside an epoch)."""
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        if self.augment is not None:
+            return self.sampler.epoch_length // self.batch_size - self.start_batch
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def _order(self) -> torch.Tensor:
+        if self.augment is None:
+            return torch.as_tensor(self.sampler.indices)
+        self.sampler.set_epoch(self.epoch)
+        indices, _ = self.sampler.share()
+        usable = self.sampler.epoch_length // self.batch_size * self.batch_size
+        return torch.tensor(indices[:usable], dtype=torch.int64)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self._order().to(self.images.device)
+        first = self.start_batch * self.batch_size if self.augment is not None else 0
+        for start in range(first, len(order), self.batch_size):
+            index = order[start:start + self.batch_size]
+            images = self.images.index_select(0, index)
+            if self.augment is not None:
+                # Batch parameters from (seed, epoch, rank, position): resumable, worker-free.
+                g = torch.Generator().manual_seed(
+                    sample_seed(self.seed, self.epoch, start, repeat=-2 - self.rank))
+                images = self.augment(images, self.epoch, g)
+            yield (self.normalize(images).contiguous(memory_format=self.memory_format),
+                   self.labels.index_select(0, index))
+
+
+def _check_fits(nbytes: int, device: torch.device, what: str) -> None:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        where = f"free memory on {device}"
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        where = "available RAM"
+    if nbytes > MEMORY_SHARE * free:
+        raise DatasetError(f"{what}: {nbytes / 2**30:.1f} GiB decoded is more than "
+                           f"{MEMORY_SHARE:.0%} of the {free / 2**30:.1f} GiB {where}; "
+                           f"data.backend=resident is for small sets: use torch, ffcv or dali")
+
+
+def _decode_folder(dataset: ImageFolderDataset, transform, workers: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
+    """Decode every file once (threads: torchvision's decoder releases the GIL), check equal
+    sizes, stack. Unreadable files are left out and returned as path -> reason."""
+    def load(sample: tuple[str, int]):
+        path, _ = sample
+        try:
+            image = read_image(path)
+        except (OSError, ValueError) as e:
+            return path, str(e)
+        return path, transform(image) if transform is not None else image
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        decoded = list(pool.map(load, dataset.samples))
+    skipped = {p: r for p, r in decoded if isinstance(r, str)}
+    kept = [(img, t) for (p, img), (_, t) in zip(decoded, dataset.samples)
+            if not isinstance(img, str)]
+    if not kept:
+        raise DatasetError(f"{Path(dataset.samples[0][0]).parent.parent}: no readable image")
+    shape = kept[0][0].shape
+    for (img, _), (path, _) in zip(kept, [s for s in dataset.samples if s[0] not in skipped]):
+        if img.shape != shape:
+            raise DatasetError(f"{path}: image is {tuple(img.shape[1:])} but the first is "
+                               f"{tuple(shape[1:])}; data.backend=resident stores equal-size "
+                               f"images: use torch, ffcv or dali")
+    images = torch.stack([img for img, _ in kept])
+    labels = torch.tensor([t for _, t in kept], dtype=torch.int64)
+    return images, labels, skipped
+
+
+def _materialise(dataset, transform, workers: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
+    if isinstance(dataset, TensorImageDataset):
+        images = dataset.images
+        if transform is not None:
+            images = torch.stack([transform(img) for img in images])
+        return (images.contiguous(), torch.tensor(dataset.targets, dtype=torch.int64), {})
+    return _decode_folder(dataset, transform, workers)
+
+
+def build_resident_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world_size: int,
+                           device: torch.device, channels_last: bool, seed: int,
+                           grad_accum_steps: int, dtype: torch.dtype) -> Loaders:
+    """`build_loaders` for data.backend=resident (see its contract). Validation images are
+    resized/cropped once (the torch backend's ValTransform) and stored at val_res.
+
+    Raises:
+        DatasetError: missing data, unequal image sizes, or a set too large for the device.
+        ConfigError: a batch size does not split evenly across ranks.
+    """
+    train_set, val_set, classes, root = _datasets(data)
+    batch = _per_rank(data.batch_size, world_size, "data.batch_size", grad_accum_steps)
+    val_batch = _per_rank(data.val_batch_size or data.batch_size, world_size,
+                          "data.val_batch_size")
+    workers = data.num_workers or os.cpu_count() or 1
+    train_images, train_labels, train_skipped = _materialise(train_set, None, workers)
+    val_images, val_labels, val_skipped = _materialise(val_set, ValTransform(data), workers)
+    _check_fits(train_images.numel() + val_images.numel(), device, str(root))
+    if len(train_labels) // world_size < batch:
+        raise ConfigError(f"data.batch_size={data.batch_size} is larger than the training set "
+                          f"({len(train_labels)} images at {root})")
+    normalize = Normalize(data.mean, data.std, dtype).to(device)
+    common = dict(rank=rank, world_size=world_size, seed=seed)
+    train = ResidentLoader(train_images.to(device), train_labels.to(device), batch, normalize,
+                           channels_last, augment=BatchAugment(data, aug), reps=data.ra_reps,
+                           **common)
+    val = ResidentLoader(val_images.to(device), val_labels.to(device), val_batch, normalize,
+                         channels_last, **common)
+    train.skipped, val.skipped = train_skipped, val_skipped
+    return Loaders(train, val, len(classes), list(classes), root)
