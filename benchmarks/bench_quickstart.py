@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Time the README's quickstart command end to end and record what it reached.
 
-    bash tools/env.sh python benchmarks/bench_quickstart.py --repeats 3
+    bash tools/env.sh python benchmarks/bench_quickstart.py --repeats 3 --backends torch,resident
 
-Runs `torchrun --nproc_per_node=1 tools/train.py recipes/quickstart.yaml` (set-up already done,
-digits already cached) `--repeats` times in a row on this machine, each into a fresh log
-directory, and measures per run: whole-command wall time (process start to exit, torch import and
+Runs `torchrun --nproc_per_node=1 tools/train.py recipes/quickstart.yaml --data.backend=B` (set-up
+already done, digits already cached) `--repeats` times per data backend, the backends taking turns
+(so a slow spell of the machine hits them alike), each into a fresh log directory, and measures
+per run: whole-command wall time (process start to exit, torch import and
 torchrun included), the training time the run reports (training + validation epochs), the final
 and best validation top-1 and the first epoch reaching the 98.5 % target. Writes
 `benchmarks/results/quickstart-cpu-<threads>c.json` with the conditions (CPU model, cores, torch,
@@ -29,10 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGET_TOP1 = 98.5
 
 
-def run_once(log_dir: Path) -> dict:
+def run_once(log_dir: Path, backend: str) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
            str(ROOT / "tools" / "train.py"), str(ROOT / "recipes" / "quickstart.yaml"),
-           f"--log.dir={log_dir}", "--log.progress=plain"]
+           f"--data.backend={backend}", f"--log.dir={log_dir}", "--log.progress=plain"]
     start = time.perf_counter()
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -53,35 +54,40 @@ def run_once(log_dir: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--backends", default="torch,resident", help="data backends to compare")
     p.add_argument("--out", type=Path, default=None, help="result JSON (default: by conditions)")
     args = p.parse_args(argv)
     import torch
 
     from fasttrain.measure.env import cpu_name, git_commit
 
-    runs = []
+    backends = args.backends.split(",")
+    runs: dict[str, list[dict]] = {b: [] for b in backends}
     for i in range(args.repeats):
-        tmp = Path(tempfile.mkdtemp(prefix="ft-quickstart-"))
-        try:
-            runs.append(run_once(tmp))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        r = runs[-1]
-        print(f"run {i + 1}: wall {r['wall_s']:.1f} s, training {r['train_time_s']:.1f} s, "
-              f"final top-1 {r['final_val_top1']:.2f} %, best {r['best_val_top1']:.2f} %, "
-              f"target at epoch {r['first_epoch_at_target']}")
+        for backend in backends:
+            tmp = Path(tempfile.mkdtemp(prefix="ft-quickstart-"))
+            try:
+                runs[backend].append(run_once(tmp, backend) | {"load_avg_1m": os.getloadavg()[0]})
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            r = runs[backend][-1]
+            print(f"{backend} run {i + 1}: wall {r['wall_s']:.1f} s, training "
+                  f"{r['train_time_s']:.1f} s, final top-1 {r['final_val_top1']:.2f} %, best "
+                  f"{r['best_val_top1']:.2f} %, target at epoch {r['first_epoch_at_target']}")
     cores = len(os.sched_getaffinity(0))
     result = {
         "benchmark": "quickstart",
-        "command": "torchrun --nproc_per_node=1 tools/train.py recipes/quickstart.yaml",
+        "command": "torchrun --nproc_per_node=1 tools/train.py recipes/quickstart.yaml "
+                   "--data.backend=B",
         "conditions": {"device": "cpu", "cpu_model": cpu_name(), "cores": cores,
                        "torch": str(torch.__version__), "python": platform.python_version(),
                        "commit": git_commit(), "date": time.strftime("%Y-%m-%d"),
                        "target_val_top1": TARGET_TOP1},
-        "runs": runs,
-        "summary": {k: {"min": min(r[k] for r in runs), "max": max(r[k] for r in runs),
-                        "mean": statistics.mean(r[k] for r in runs)}
-                    for k in ("wall_s", "train_time_s", "final_val_top1", "best_val_top1")},
+        "backends": {b: {"runs": rs, "summary": {
+            k: {"min": min(r[k] for r in rs), "max": max(r[k] for r in rs),
+                "mean": statistics.mean(r[k] for r in rs)}
+            for k in ("wall_s", "train_time_s", "final_val_top1", "best_val_top1")}}
+            for b, rs in runs.items()},
     }
     out = args.out or ROOT / "benchmarks" / "results" / f"quickstart-cpu-{cores}c.json"
     out.parent.mkdir(parents=True, exist_ok=True)
