@@ -1,0 +1,380 @@
+"""The DALI backend (`data.backend=dali`) on the CPU: the `build_loaders` contract.
+
+DALI is imported unconditionally: CI installs it, and a missing DALI must fail this module, not
+skip it. Samples are identified through JPEG + crop + resize by constant grey levels 10 apart
+(`_grey_folder`); crop geometry is read back from colour ramps (`_ramp`).
+"""
+import json
+import math
+import os
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import nvidia.dali  # noqa: F401  (a missing DALI fails here: CI must run these tests)
+import pytest
+import torch
+from PIL import Image
+
+from fasttrain.config import load
+from fasttrain.data import dali_loader
+from fasttrain.data.dali_loader import build_dali_loaders
+from fasttrain.data.datasets import ImageFolderDataset
+from fasttrain.data.loader import build_loaders
+from fasttrain.data.transforms import Normalize, ValTransform, random_resized_crop_params
+from fasttrain.errors import ConfigError, DatasetError, RunError
+
+ROOT = Path(__file__).resolve().parents[1]
+LEVEL0, STEP = 10, 10  # grey level of sample i: LEVEL0 + STEP * i
+
+
+def _cfg(path: Path, *overrides: str, dataset: str = "imagefolder"):
+    return load(None, ["--data.backend=dali", f"--data.dataset={dataset}", f"--data.path={path}",
+                       "--data.num_workers=1", "--data.mean=[0,0,0]", "--data.std=[1,1,1]",
+                       *overrides])
+
+
+def _loaders(cfg, **kwargs):
+    return build_loaders(cfg.data, cfg.aug, seed=kwargs.pop("seed", cfg.train.seed), **kwargs)
+
+
+def _epoch(loader, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    loader.set_epoch(epoch)
+    return list(loader)
+
+
+def _digits(data_root: Path, *overrides: str):
+    return _cfg(data_root / "digits", "--data.batch_size=32", "--data.train_res=16",
+                "--data.val_res=12", "--data.val_resize=14", *overrides, dataset="digits")
+
+
+def _grey_folder(root: Path, n_train: int, n_val: int, classes: int = 3) -> Path:
+    """ImageFolder of constant grey 20x24 JPEGs: sample i of a split has grey level
+    LEVEL0 + STEP * i (i < 25) and class i % classes."""
+    for split, n in (("train", n_train), ("val", n_val)):
+        for i in range(n):
+            folder = root / split / f"class{i % classes}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((20, 24, 3), LEVEL0 + STEP * i, np.uint8)).save(
+                folder / f"{i:03d}.jpg", quality=95)
+    return root
+
+
+def _identities(images: torch.Tensor) -> list[int]:
+    """Sample index of each grey image (mean=0, std=1 normalisation: values are pixels/255)."""
+    levels = images.float().mean(dim=(1, 2, 3)) * 255
+    return ((levels - LEVEL0) / STEP).round().long().tolist()
+
+
+def _ramp(path: Path, height: int, width: int) -> None:
+    """Red = column, green = row, as linear ramps over 0..255 (lossless-ish JPEG, 4:4:4)."""
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([x * 255 / (width - 1), y * 255 / (height - 1), np.full_like(x, 128.0)], -1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb.round().astype(np.uint8)).save(path, quality=100, subsampling=0)
+
+
+# ---------------------------------------------------------------------------------- contract
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_batches_shape_dtype_layout_device(data_root, channels_last):
+    cfg = _digits(data_root, "--data.val_batch_size=128")
+    loaders = _loaders(cfg, channels_last=channels_last)
+    assert (loaders.num_classes, loaders.classes) == (10, [str(i) for i in range(10)])
+    assert len(loaders.train) == 1433 // 32
+    batches = _epoch(loaders.train, 0)
+    assert len(batches) == len(loaders.train)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for images, labels in batches[:3]:
+        assert images.shape == (32, 3, 16, 16) and images.dtype == torch.float32
+        assert images.device.type == "cpu" and images.is_contiguous(memory_format=fmt)
+        assert labels.shape == (32,) and labels.dtype == torch.int64
+        assert 0 <= labels.min() and labels.max() < 10
+    val = list(loaders.val)
+    assert len(val) == len(loaders.val) == math.ceil(364 / 128)
+    assert [len(y) for _, y in val] == [128, 128, 108]
+    assert all(x.shape[1:] == (3, 12, 12) and x.is_contiguous(memory_format=fmt)
+               for x, _ in val)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_training_dtypes_are_the_fp32_batches_rounded(data_root, dtype):
+    cfg = _digits(data_root, "--data.mean=[0.5,0.4,0.3]", "--data.std=[0.2,0.3,0.25]")
+    (ref, _), = _epoch(_loaders(cfg, dtype=torch.float32).train, 0)[:1]
+    (low, _), = _epoch(_loaders(cfg, dtype=dtype).train, 0)[:1]
+    assert low.dtype == dtype and low.is_contiguous(memory_format=torch.channels_last)
+    if dtype == torch.bfloat16:  # DALI writes float32, cast on the device: exactly rounded
+        assert torch.equal(low, ref.to(dtype))
+    else:  # DALI's own float16 output
+        torch.testing.assert_close(low.float(), ref.to(dtype).float(), rtol=0, atol=2e-3)
+
+
+def test_val_matches_the_torch_backend_order_labels_and_pixels(data_root):
+    """World size 1: validation is the sorted ImageFolder list, normalised like the torch
+    backend's Normalize(ValTransform(image))."""
+    cfg = _digits(data_root, "--data.val_batch_size=364", "--data.mean=[0.5,0.5,0.5]",
+                  "--data.std=[0.5,0.5,0.5]")
+    (images, labels), = list(_loaders(cfg, channels_last=False).val)
+    train = ImageFolderDataset(data_root / "digits" / "train")
+    reference = ImageFolderDataset(data_root / "digits" / "val", ValTransform(cfg.data),
+                                   class_to_idx=train.class_to_idx)
+    assert labels.tolist() == reference.targets
+    expected = Normalize(cfg.data.mean, cfg.data.std)(
+        torch.stack([reference[i][0] for i in range(len(reference))]))
+    diff = (images - expected).abs() * 0.5 * 255  # in pixel levels
+    assert diff.max() < 1.01  # two JPEG decoders, two resize kernels: one level at most
+
+
+def test_val_crop_is_torch_center_crop_region_with_exact_size(tmp_path):
+    """Landscape, portrait, upscaled and padded images, odd and even margins: the DALI val
+    output is ValTransform's, pixel for pixel within one grey level, at exactly val_res."""
+    shapes = [(40, 60), (70, 30), (12, 10), (33, 47)]
+    for split in ("train", "val"):
+        for c, (h, w) in enumerate(shapes):
+            _ramp(tmp_path / split / f"c{c}" / "img.jpg", h, w)
+    for resize, crop in ((28, 24), (20, 23)):  # 20 < 23: torchvision pads with black
+        cfg = _cfg(tmp_path, "--data.batch_size=4", f"--data.val_res={crop}",
+                   f"--data.val_resize={resize}", "--data.train_res=8")
+        (images, labels), = list(_loaders(cfg, channels_last=False).val)
+        assert images.shape == (4, 3, crop, crop) and labels.tolist() == [0, 1, 2, 3]
+        reference = ImageFolderDataset(tmp_path / "val", ValTransform(cfg.data))
+        expected = torch.stack([reference[i][0] for i in range(4)]).float() / 255
+        assert (images - expected).abs().max() * 255 < 1.01
+
+
+def test_progressive_resolution_per_epoch(data_root):
+    cfg = _digits(data_root, "--data.min_res=8", "--data.max_res=32", "--data.start_ramp=0",
+                  "--data.end_ramp=3")
+    train = _loaders(cfg).train
+    assert _epoch(train, 0)[0][0].shape[-2:] == (8, 8)
+    assert _epoch(train, 3)[0][0].shape[-2:] == (32, 32)
+
+
+# ------------------------------------------------------------------ determinism and resume
+
+
+def test_same_seed_same_batches_other_epoch_other_order(data_root):
+    cfg = _digits(data_root, "--data.batch_size=64", "--aug.hflip=0.5")
+    first = _epoch(_loaders(cfg, seed=3).train, 1)
+    again = _epoch(_loaders(cfg, seed=3).train, 1)
+    assert len(first) == len(again) == 22
+    for (x1, y1), (x2, y2) in zip(first, again):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    other_epoch = _epoch(_loaders(cfg, seed=3).train, 2)
+    other_seed = _epoch(_loaders(cfg, seed=4).train, 1)
+    labels = torch.cat([y for _, y in first])
+    assert not torch.equal(labels, torch.cat([y for _, y in other_epoch]))
+    assert not torch.equal(labels, torch.cat([y for _, y in other_seed]))
+
+
+def test_set_epoch_start_batch_yields_the_tail_of_the_epoch(data_root):
+    cfg = _digits(data_root, "--data.batch_size=128", "--aug.hflip=0.5")
+    train = _loaders(cfg, seed=1).train
+    full = _epoch(train, 2)
+    train.set_epoch(2, 4)
+    assert len(train) == len(full) - 4
+    tail = list(train)
+    assert len(tail) == len(full) - 4
+    for (x1, y1), (x2, y2) in zip(tail, full[4:]):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    train.set_epoch(2)
+    assert len(train) == len(full)
+
+
+# ---------------------------------------------------------------------------------- sharding
+
+
+def test_train_shards_equal_lengths_no_duplicates(tmp_path):
+    """21 images on 2 ranks: shards of 10 and 11, each rank 2 batches of 4; within an epoch no
+    image appears twice and only the documented remainder (21 - 2*2*4 = 5) is dropped."""
+    root = _grey_folder(tmp_path, 21, 3)
+    cfg = _cfg(root, "--data.batch_size=8", "--data.train_res=8", "--data.val_res=8")
+    ranks = [_loaders(cfg, rank=r, world_size=2, seed=5).train for r in range(2)]
+    assert [len(t) for t in ranks] == [2, 2]
+    dropped = []
+    for epoch in range(3):
+        seen = []
+        for train in ranks:
+            batches = _epoch(train, epoch)
+            assert len(batches) == 2 and all(len(y) == 4 for _, y in batches)
+            for images, labels in batches:
+                ids = _identities(images)
+                assert [i % 3 for i in ids] == labels.tolist()  # class of the folder
+                seen += ids
+        assert len(seen) == len(set(seen)) == 16 and set(seen) <= set(range(21))
+        dropped.append(set(range(21)) - set(seen))
+    assert dropped[0] != dropped[1]  # the remainder changes with the epoch's permutation
+
+
+@pytest.mark.parametrize("n_val", [11, 3])
+def test_val_covers_every_sample_once_across_ranks(tmp_path, n_val):
+    root = _grey_folder(tmp_path, 8, n_val)
+    cfg = _cfg(root, "--data.batch_size=8", "--data.train_res=8", "--data.val_res=8",
+               "--data.val_resize=8")
+    seen = []
+    for rank in range(2):
+        val = _loaders(cfg, rank=rank, world_size=2).val
+        batches = list(val)
+        assert len(batches) == len(val)
+        for images, labels in batches:
+            ids = _identities(images)
+            assert [i % 3 for i in ids] == labels.tolist()
+            seen += ids
+    assert sorted(seen) == list(range(n_val))
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def test_crop_scale_and_aspect_statistics_match_torch(tmp_path):
+    """Read each crop's size back from the ramps (the slope of red across columns gives the
+    crop's width, green down rows its height) and compare the kept-area fraction and the log
+    aspect ratio with torchvision's rule (`random_resized_crop_params`): two-sample
+    Kolmogorov-Smirnov distance below the alpha = 0.001 critical value, mean area within 4
+    standard errors. (1,024 crops: a lower bound of 0.2 instead of 0.08, or an aspect range
+    off by 10 %, fails.)"""
+    height, width, res, n_files, epochs = 160, 200, 32, 64, 16
+    _ramp(tmp_path / "train" / "a" / "000.jpg", height, width)
+    for i in range(1, n_files):
+        os.link(tmp_path / "train" / "a" / "000.jpg", tmp_path / "train" / "a" / f"{i:03d}.jpg")
+    _ramp(tmp_path / "val" / "a" / "000.jpg", height, width)
+    scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
+    cfg = _cfg(tmp_path, f"--data.batch_size={n_files}", f"--data.train_res={res}",
+               f"--aug.scale={list(scale)}", f"--aug.ratio={list(ratio)}", "--aug.hflip=0.5")
+    train = _loaders(cfg, channels_last=False, seed=11).train
+    crops = torch.cat([_epoch(train, e)[0][0] for e in range(epochs)])  # (N, 3, res, res)
+    cols = torch.arange(2, res - 2, dtype=torch.float64)  # interior: no edge clamping
+
+    def slope(profile: torch.Tensor) -> torch.Tensor:  # least squares, per crop
+        p = profile[:, 2:res - 2].double()
+        c = cols - cols.mean()
+        return (p * c).sum(1) / (c * c).sum()
+
+    red = slope(crops[:, 0].mean(1))  # per output column, in 1/255 units
+    green = slope(crops[:, 1].mean(2))
+    w = red.abs() * res * (width - 1)  # source pixels spanned by the crop
+    h = green.abs() * res * (height - 1)
+    dali_area = (w * h / (height * width)).numpy()
+    dali_aspect = torch.log(w / h).numpy()
+    assert 0.35 < (red < 0).double().mean() < 0.65  # flips at p = 0.5
+
+    rng = random.Random(0)
+    boxes = [random_resized_crop_params(height, width, scale, ratio, rng)
+             for _ in range(20000)]
+    torch_area = np.array([bh * bw / (height * width) for _, _, bh, bw in boxes])
+    torch_aspect = np.log([bw / bh for _, _, bh, bw in boxes])
+
+    def ks(a: np.ndarray, b: np.ndarray) -> float:
+        grid = np.sort(np.concatenate([a, b]))
+        cdf = lambda x: np.searchsorted(np.sort(x), grid, side="right") / len(x)
+        return float(np.abs(cdf(a) - cdf(b)).max())
+
+    n, m = len(dali_area), len(torch_area)
+    critical = 1.95 * math.sqrt((n + m) / (n * m))
+    assert ks(dali_area, torch_area) < critical
+    assert ks(dali_aspect, torch_aspect) < critical
+    assert abs(dali_area.mean() - torch_area.mean()) < 4 * torch_area.std() / math.sqrt(n)
+
+
+# ------------------------------------------------------------------------------- failures
+
+
+def test_undecodable_file_is_a_dataset_error_naming_it(tmp_path, capfd):
+    root = _grey_folder(tmp_path, 19, 5)
+    bad = b"\xff\xd8\xff\xe0" + b"not a jpeg" * 40 + b"\xff\xd9"
+    (root / "train" / "class0" / "zz_bad.jpg").write_bytes(bad)
+    (root / "val" / "class1" / "zz_bad.jpg").write_bytes(bad)
+    cfg = _cfg(root, "--data.batch_size=4", "--data.train_res=8", "--data.val_res=8",
+               "--data.val_batch_size=2")
+    loaders = _loaders(cfg)
+    assert len(loaders.train) == 5  # 20 files: the bad one is in the epoch
+    with pytest.raises(DatasetError, match=r"train/class0/zz_bad\.jpg: DALI cannot decode"):
+        _epoch(loaders.train, 0)
+    with pytest.raises(DatasetError) as info:
+        list(loaders.val)
+    assert "val/class1/zz_bad.jpg" in str(info.value) and "\n" not in str(info.value)
+    assert loaders.train.skipped == {} and loaders.val.skipped == {}
+
+
+def test_missing_dataset_is_a_dataset_error(tmp_path):
+    cfg = _cfg(tmp_path / "nowhere")
+    with pytest.raises(DatasetError, match="nowhere/train: directory not found"):
+        _loaders(cfg)
+
+
+def test_unsupported_settings_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="data.backend=dali does not implement "
+                                          "aug.train_crop=pad_random"):
+        load(None, ["--data.backend=dali", "--aug.train_crop=pad_random"])
+    cfg = load(None, ["--data.dataset=cifar10"])
+    cfg.data.backend = "dali"  # bypassing load(): the builder checks again
+    with pytest.raises(ConfigError, match="reads image folders, not data.dataset=cifar10"):
+        build_dali_loaders(cfg.data, cfg.aug, rank=0, world_size=1,
+                           device=torch.device("cpu"), channels_last=True, seed=0,
+                           grad_accum_steps=1, dtype=torch.float32)
+
+
+def test_missing_dali_is_a_one_line_run_error(data_root, monkeypatch):
+    dali_loader._dali.cache_clear()
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # import nvidia.dali → ImportError
+    try:
+        with pytest.raises(RunError) as info:
+            _loaders(_digits(data_root))
+    finally:
+        dali_loader._dali.cache_clear()
+    assert str(info.value) == ("data.backend=dali needs NVIDIA DALI: pip install -e .[dali] "
+                               "(nvidia-dali-cuda130)")
+
+
+def test_pipelines_are_released_after_each_epoch(data_root):
+    """Each epoch's pipeline (its worker threads) is shut down at the epoch's end, also when the
+    consumer stops early."""
+    def threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    cfg = _digits(data_root, "--data.num_workers=2")
+    loaders = _loaders(cfg)
+    _epoch(loaders.train, 0)
+    list(loaders.val)
+    settled = threads()
+    for epoch in range(1, 4):
+        _epoch(loaders.train, epoch)
+        list(loaders.val)
+        loaders.train.set_epoch(epoch)
+        batches = iter(loaders.train)
+        next(batches)
+        del batches  # abandoned mid-epoch (train.max_steps)
+    assert threads() <= settled
+
+
+# -------------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_quickstart_trains_with_dali(run_tool, tmp_path):
+    result = run_tool("train.py", str(ROOT / "recipes" / "quickstart.yaml"),
+                      "--data.backend=dali", "--schedule.epochs=1", "--schedule.warmup_epochs=0",
+                      f"--log.dir={tmp_path}", "--log.name=dali")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "backend: dali" in (tmp_path / "dali" / "config.yaml").read_text()
+    (metrics,) = [json.loads(line) for line in
+                  (tmp_path / "dali" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics["train_images"] == 22 * 64  # 1,433 // 64 full batches
+    assert math.isfinite(metrics["train_loss"]) and 0 <= metrics["val_top1"] <= 100
+    assert metrics["skipped_files"] == 0
+
+
+@pytest.mark.cuda
+def test_gpu_pipeline_outputs_on_the_device(data_root):
+    """nvJPEG ("mixed") decode and GPU ops: batches arrive on the GPU, bf16, channels-last."""
+    cfg = _digits(data_root)
+    device = torch.device("cuda", 0)
+    loaders = _loaders(cfg, device=device, dtype=torch.bfloat16)
+    images, labels = _epoch(loaders.train, 0)[0]
+    assert images.device == device and labels.device == device
+    assert images.dtype == torch.bfloat16 and images.shape == (32, 3, 16, 16)
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    val_images, val_labels = next(iter(loaders.val))
+    assert val_images.shape[1:] == (3, 12, 12) and val_labels.device == device
