@@ -1,0 +1,640 @@
+"""The FFCV data path: `.beton` files written once by `write_beton` (tools/write_ffcv.py), decoded
+and augmented by FFCV's JIT-compiled pipeline in threads, normalised on the device.
+
+Files: `<data.ffcv_dir>/{train,val}.beton` (default `<dataset root>/ffcv`), each with a JSON
+sidecar `{train,val}.beton.json` recording how it was written (write mode, resolution, JPEG
+quality, class names, unreadable files). Labels are the torch backend's: ImageFolder's sorted
+class folder names, CIFAR-10's labels. A file that could not be decoded is stored as a 1x1
+placeholder labelled -1 (FFCV's writer needs every slot filled) and never loaded.
+
+Augmentation follows the torch backend's rules with FFCV's decoders: RandomResizedCrop drawn like
+torchvision (area uniform in `aug.scale`, log aspect uniform in `aug.ratio`, 10 tries, then a
+clamped central crop) at the epoch's resolution (`progressive_resolution`), or the CIFAR
+pad-and-crop, then the horizontal flip; validation resizes the shorter side to `val_resize` and
+center-crops `val_res` (FFCV's CenterCropRGBImageDecoder with ratio val_res / val_resize: the
+same region). The crop and flip of a sample are drawn from numba's RNG seeded per sample from
+(`seed`, the batch's sample ids, the position in the batch): the epoch's order is a function of
+(`seed`, epoch), so the augmentation is too, whatever the thread count, and a resume that skips
+the epoch's first batches sees the same batches as an uninterrupted run. FFCV's own random ops
+draw from unseeded per-thread generators, so they are not used.
+
+FFCV's threads are `data.num_workers` per rank (0 = FFCV's default, one per core; capped at the
+cores numba sees). Training uses FFCV's `distributed=True` sampler under DDP (torch's
+DistributedSampler: every rank gets ceil(N / world) samples, padded with repeats, so all ranks
+run the same number of steps); validation gives rank r the samples r, r + world, ... (no
+padding: each image is counted once).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from ..config import AugConfig, DataConfig
+from ..errors import ConfigError, DatasetError, RunError
+from .datasets import SkippedSample, default_root
+from .transforms import Normalize, progressive_resolution
+
+SPLITS = ("train", "val")
+WRITE_MODES = ("proportion", "jpg", "raw", "smart")
+SIDECAR_FORMAT = "fasttrain-ffcv-1"
+SKIPPED_LABEL = -1  # label of a placeholder for an unreadable file: excluded when loading
+FFCV_MISSING = ("data.backend=ffcv needs FFCV: pip install -e .[ffcv] (and Debian libopencv-dev "
+                "libturbojpeg0-dev pkg-config)")
+
+_warned: set[str] = set()
+
+
+# --------------------------------------------------------------------------------------------
+# FFCV and the seeded decoders (defined on first use: importing this module never needs FFCV)
+
+@functools.cache
+def _ffcv() -> SimpleNamespace:
+    """FFCV's classes plus this module's seeded decoders.
+
+    Raises:
+        RunError: FFCV (or a library it links at import, OpenCV / libjpeg-turbo) is missing.
+    """
+    try:
+        with _torch_threads_kept():  # importing FFCV sets torch's thread count to 1
+            import ffcv  # noqa: F401  (imported first: a stubbed-out package fails here)
+            import ffcv.pipeline.compiler  # noqa: F401
+        from ffcv.fields import IntField, RGBImageField
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.fields.rgb_image import (IMAGE_MODES, CenterCropRGBImageDecoder,
+                                           ResizedCropRGBImageDecoder, get_random_crop)
+        from ffcv.libffcv import imdecode, resize_crop
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.loader.epoch_iterator import EpochIterator
+        from ffcv.pipeline.compiler import Compiler
+        from ffcv.reader import Reader
+        from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
+        from ffcv.writer import DatasetWriter
+        import numba
+    except (ImportError, OSError):
+        raise RunError(FFCV_MISSING) from None
+
+    # Numba compiles the helpers below once per process (they close over constants only); each
+    # loader compiles just its thin decode loop around them.
+    k1, k2, k3 = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9),
+                  np.uint64(0x94D049BB133111EB))
+    s27, s30, s31, s32 = np.uint64(27), np.uint64(30), np.uint64(31), np.uint64(32)
+    random_box = numba.njit(nogil=True)(get_random_crop)
+    resize_box = numba.njit(nogil=True)(resize_crop)
+
+    @numba.njit(nogil=True)
+    def mix(z):
+        """splitmix64: a well-mixed 64-bit value of a 64-bit key (uint64 arithmetic wraps)."""
+        z = z + k1
+        z = (z ^ (z >> s30)) * k2
+        z = (z ^ (z >> s27)) * k3
+        return z ^ (z >> s31)
+
+    @numba.njit(nogil=True)
+    def batch_key(seed, batch_indices):
+        """One key per batch from its sample ids in order: the same batch in the same epoch
+        (a rerun, or a resume that skipped the batches before it) gets the same key."""
+        key = mix(seed)
+        for k in range(len(batch_indices)):
+            key = mix(key ^ np.uint64(batch_indices[k]))
+        return key
+
+    @numba.njit(nogil=True)
+    def crop_flip(image, out, key, scale, ratio, flip_prob, pad):
+        """One sample: image (H, W, C) -> out (h, w, C), cropped, resized, maybe mirrored."""
+        # numba's generator is per thread: seeding it here, in the thread that draws, makes
+        # the sample's draws independent of the thread schedule.
+        np.random.seed(np.uint32(mix(key) >> s32))
+        height, width = image.shape[0], image.shape[1]
+        if pad < 0:  # RandomResizedCrop: torchvision's rule, FFCV's sampler
+            i, j, h, w = random_box(height, width, scale, ratio)
+            resize_box(image, i, i + h, j, j + w, out)
+        else:  # zero-pad by `pad`, take a window: out[r, c] = image[r + dy, c + dx]
+            dy = np.random.randint(0, 2 * pad + 1) - pad
+            dx = np.random.randint(0, 2 * pad + 1) - pad
+            for r in range(out.shape[0]):
+                for c in range(out.shape[1]):
+                    inside = 0 <= r + dy < height and 0 <= c + dx < width
+                    for ch in range(out.shape[2]):
+                        out[r, c, ch] = image[r + dy, c + dx, ch] if inside else 0
+        if flip_prob > 0 and np.random.random() < flip_prob:
+            width = out.shape[1]
+            for c in range(width // 2):
+                for r in range(out.shape[0]):
+                    for ch in range(out.shape[2]):
+                        value = out[r, c, ch]
+                        out[r, c, ch] = out[r, width - 1 - c, ch]
+                        out[r, width - 1 - c, ch] = value
+
+    class SeededCropFlip(ResizedCropRGBImageDecoder):
+        """Decode, crop, resize to `output_size`, flip with probability `flip_prob`: the crop
+        is RandomResizedCrop's (`scale`, `ratio`), or with `padding` >= 0 the CIFAR crop
+        (images stored at `output_size`, zero-padded by `padding` on each side, a random
+        `output_size` window). Randomness as in the module docstring. Variable-size images are
+        fine; `output_size` may change between epochs (it sizes the buffers of each epoch)."""
+
+        def __init__(self, output_size: tuple[int, int], scale: Sequence[float],
+                     ratio: Sequence[float], flip_prob: float, seed: int,
+                     padding: int = -1) -> None:
+            super().__init__(output_size)
+            self.scale, self.ratio = tuple(scale), tuple(ratio)
+            self.flip_prob, self.seed, self.padding = float(flip_prob), int(seed), int(padding)
+
+        @property
+        def get_crop_generator(self):
+            return get_random_crop
+
+        def generate_code(self):
+            jpg = IMAGE_MODES["jpg"]
+            mem_read = self.memory_read
+            my_range = Compiler.get_iterator()
+            imdecode_c = Compiler.compile(imdecode)
+            scale, ratio = np.array(self.scale), np.array(self.ratio)
+            flip_prob, pad = self.flip_prob, self.padding
+            seed = np.uint64(self.seed & (2**64 - 1))
+
+            def decode(batch_indices, my_storage, metadata, storage_state):
+                destination, temp_storage = my_storage
+                key = batch_key(seed, batch_indices)
+                for dst_ix in my_range(len(batch_indices)):
+                    fld = metadata[batch_indices[dst_ix]]
+                    image_data = mem_read(fld["data_ptr"], storage_state)
+                    height, width = np.uint32(fld["height"]), np.uint32(fld["width"])
+                    if fld["mode"] == jpg:
+                        image = temp_storage[dst_ix]
+                        imdecode_c(image_data, image, height, width, height, width,
+                                   0, 0, 1, 1, False, False)
+                        image = image.reshape(-1)[:3 * height * width]
+                    else:
+                        image = image_data
+                    crop_flip(image.reshape(height, width, 3), destination[dst_ix],
+                              key + np.uint64(dst_ix), scale, ratio, flip_prob, pad)
+                return destination[:len(batch_indices)]
+
+            decode.is_parallel = True
+            return decode
+
+    return SimpleNamespace(
+        CenterCropRGBImageDecoder=CenterCropRGBImageDecoder, Compiler=Compiler,
+        DatasetWriter=DatasetWriter, EpochIterator=EpochIterator, IntDecoder=IntDecoder,
+        IntField=IntField, Loader=Loader, OrderOption=OrderOption, Reader=Reader,
+        RGBImageField=RGBImageField, SeededCropFlip=SeededCropFlip, ToDevice=ToDevice,
+        ToTensor=ToTensor, ToTorchImage=ToTorchImage, numba=numba)
+
+
+# --------------------------------------------------------------------------------------------
+# Paths and sidecars
+
+def dataset_root(data: DataConfig) -> Path:
+    """The data set folder: `data.path`, or the default for `data.dataset`."""
+    return Path(data.path).expanduser() if data.path else default_root(data.dataset)
+
+
+def beton_dir(data: DataConfig) -> Path:
+    """Where train.beton and val.beton live: `data.ffcv_dir`, default `<dataset root>/ffcv`."""
+    return Path(data.ffcv_dir).expanduser() if data.ffcv_dir else dataset_root(data) / "ffcv"
+
+
+def sidecar_path(beton: Path) -> Path:
+    return beton.with_name(beton.name + ".json")
+
+
+def write_command(data: DataConfig) -> str:
+    """The tools/write_ffcv.py command that writes the files `data` names."""
+    cmd = f"python tools/write_ffcv.py --dataset={data.dataset}"
+    if data.path:
+        cmd += f" --path={data.path}"
+    if data.ffcv_dir:
+        cmd += f" --out={data.ffcv_dir}"
+    return cmd
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+@dataclass
+class WriteResult:
+    path: Path
+    images: int  # samples stored (including placeholders of skipped files)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    seconds: float = 0.0
+
+
+class _HWCSource:
+    """`dataset[i]` as FFCV's writer takes it: ((H, W, C) uint8 array, label). An unreadable
+    file becomes a 1x1 placeholder labelled -1: the writer's worker processes must fill every
+    slot (FFCV waits forever for a sample whose worker raised)."""
+
+    PLACEHOLDER = np.zeros((1, 1, 3), dtype=np.uint8)
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        try:
+            sample = self.dataset[index]
+            if isinstance(sample, SkippedSample):
+                return self.PLACEHOLDER, SKIPPED_LABEL
+            image, label = sample  # (C, H, W) uint8
+            return np.ascontiguousarray(image.permute(1, 2, 0).numpy()), int(label)
+        except Exception:  # noqa: BLE001  (reported by the main process, see _skip_reason)
+            return self.PLACEHOLDER, SKIPPED_LABEL
+
+
+def _skip_reason(dataset, index: int) -> tuple[str, str]:
+    """(path, reason) of a sample the writer stored as a placeholder (read again here: only
+    the main process can report)."""
+    samples = getattr(dataset, "samples", None)
+    where = samples[index][0] if samples is not None else f"sample {index}"
+    try:
+        sample = dataset[index]
+    except Exception as e:  # noqa: BLE001
+        return where, f"{type(e).__name__}: {e}"
+    if isinstance(sample, SkippedSample):
+        return sample.path, sample.reason
+    return where, "could not be converted for FFCV"
+
+
+def _check_write_params(write_mode: str, max_resolution: int, jpeg_quality: int,
+                        compress_probability: float, num_workers: int) -> None:
+    if write_mode not in WRITE_MODES:
+        raise ConfigError(f"write_mode (--write-mode) must be one of {', '.join(WRITE_MODES)}, "
+                          f"got {write_mode!r}")
+    if max_resolution < 0:
+        raise ConfigError(f"max_resolution (--max-resolution) must be >= 0 (0 = keep sizes), "
+                          f"got {max_resolution}")
+    if not 1 <= jpeg_quality <= 100:
+        raise ConfigError(f"jpeg_quality (--jpeg-quality) must be in 1..100, got {jpeg_quality}")
+    if not 0.0 <= compress_probability <= 1.0:
+        raise ConfigError(f"compress_probability (--compress-probability) must be in 0..1, got "
+                          f"{compress_probability}")
+    if num_workers < 0:
+        raise ConfigError(f"num_workers (--num-workers) must be >= 0, got {num_workers}")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_split(ff: SimpleNamespace, dataset, target: Path, params: dict[str, Any],
+                 num_workers: int, info: dict[str, Any]) -> WriteResult:
+    """Write one split to a temp file, then rename it (and its sidecar) into place: an
+    interrupted write never leaves a file at `target`."""
+    t0 = time.perf_counter()
+    stamp = f"tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = target.with_name(f".{target.name}.{stamp}")
+    tmp_json = target.with_name(f".{sidecar_path(target).name}.{stamp}")
+    writer = None
+    try:
+        field_args = dict(write_mode=params["write_mode"],
+                          max_resolution=params["max_resolution"] or None,
+                          jpeg_quality=params["jpeg_quality"],
+                          compress_probability=params["compress_probability"])
+        if params["write_mode"] == "smart":
+            # FFCV's rule: JPEG when the raw pixels would exceed this many bytes.
+            field_args["smart_threshold"] = params["smart_threshold"]
+        writer = ff.DatasetWriter(str(tmp), {"image": ff.RGBImageField(**field_args),
+                                             "label": ff.IntField()},
+                                  num_workers=num_workers)
+        writer.from_indexed_dataset(_HWCSource(dataset), chunksize=params["chunk_size"])
+        reader = ff.Reader(str(tmp))
+        labels = reader.metadata[f"f{reader.field_names.index('label')}"]
+        skipped = [_skip_reason(dataset, int(i)) for i in np.flatnonzero(labels < 0)]
+        if len(skipped) == len(labels):
+            raise DatasetError(f"{info['source']}: no readable image (first: "
+                               f"{skipped[0][0]}: {skipped[0][1]})")
+        sidecar = {"format": SIDECAR_FORMAT, **info, "images": int(len(labels)),
+                   **params, "skipped": [list(s) for s in skipped],
+                   "ffcv_version": _ffcv_version(),
+                   "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        tmp_json.write_text(json.dumps(sidecar, indent=1) + "\n")
+        _fsync(tmp)
+        # The sidecar first: a beton is only ever published with its description beside it.
+        os.replace(tmp_json, sidecar_path(target))
+        os.replace(tmp, target)
+        _fsync(target.parent)
+        return WriteResult(target, int(len(labels)), skipped, time.perf_counter() - t0)
+    finally:
+        for path in (tmp, tmp_json):
+            path.unlink(missing_ok=True)
+        sm = getattr(writer, "metadata_sm", None)
+        if sm is not None and not isinstance(sm, int):  # FFCV leaks it when interrupted
+            try:
+                sm.close()
+                sm.unlink()
+            except (FileNotFoundError, OSError):
+                pass
+
+
+def _ffcv_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("ffcv")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def write_beton(data: DataConfig, out: Path | str | None = None, *,
+                write_mode: str = "proportion", max_resolution: int = 512,
+                jpeg_quality: int = 90, compress_probability: float = 0.5,
+                smart_threshold: int = 256 * 256 * 3, num_workers: int = 0,
+                chunk_size: int = 100, splits: Sequence[str] = SPLITS) -> list[WriteResult]:
+    """Write the data set `data` names (digits, an ImageFolder, CIFAR-10) as FFCV files
+    `<out>/{train,val}.beton` with JSON sidecars, with ffcv-imagenet's knobs.
+
+    Args:
+        data: `dataset`, `path` and `ffcv_dir` are used (and `download` for CIFAR-10).
+        out: output folder; None = `beton_dir(data)` (the loader's default).
+        write_mode: proportion (JPEG with `compress_probability`, raw otherwise), jpg, raw, or
+            smart (JPEG when the raw pixels exceed `smart_threshold` bytes).
+        max_resolution: longest side stored (larger images are shrunk); 0 = keep sizes.
+        jpeg_quality: JPEG quality 1..100.
+        num_workers: writer processes; 0 = one per core.
+    Returns:
+        One `WriteResult` per split: path, images, unreadable files (skipped, listed).
+    Raises:
+        ConfigError: a writing parameter is out of range.
+        DatasetError: the data set is missing or has no readable image, or `out` cannot be
+            created.
+        RunError: FFCV is not installed.
+    """
+    _check_write_params(write_mode, max_resolution, jpeg_quality, compress_probability,
+                        num_workers)
+    ff = _ffcv()
+    from .loader import _datasets  # the torch backend's datasets: the same labels
+
+    out = Path(out).expanduser() if out is not None else beton_dir(data)
+    train, val, classes, root = _datasets(data)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DatasetError(f"{out}: cannot create the output folder ({e.strerror})") from None
+    params = dict(write_mode=write_mode, max_resolution=max_resolution,
+                  jpeg_quality=jpeg_quality, compress_probability=compress_probability,
+                  smart_threshold=smart_threshold, chunk_size=chunk_size)
+    workers = num_workers or os.cpu_count() or 1
+    results = []
+    for split in splits:
+        dataset = {"train": train, "val": val}[split]
+        source = getattr(dataset, "root", None) or root
+        info = {"split": split, "dataset": data.dataset, "source": str(source),
+                "classes": list(classes)}
+        results.append(_write_split(ff, dataset, out / f"{split}.beton", params, workers,
+                                    info))
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+@dataclass
+class BetonInfo:
+    """What a .beton holds, read from its header and metadata (no image data)."""
+    path: Path
+    labels: np.ndarray  # int64 per stored sample; -1 = placeholder of an unreadable file
+    heights: np.ndarray
+    widths: np.ndarray
+    sidecar: dict[str, Any]
+
+    @property
+    def good(self) -> np.ndarray:
+        """Ids of the loadable samples."""
+        return np.flatnonzero(self.labels >= 0).astype(np.uint64)
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        return {str(p): str(r) for p, r in self.sidecar.get("skipped", [])}
+
+    def describe(self) -> str:
+        s = self.sidecar
+        how = (f"{s['write_mode']}, max {s['max_resolution'] or 'original'} px, JPEG q"
+               f"{s['jpeg_quality']}" if s else "no sidecar")
+        return f"{self.path} ({len(self.good)} images; {how})"
+
+
+def read_beton(ff: SimpleNamespace, path: Path, data: DataConfig) -> BetonInfo:
+    """Open a .beton's header, metadata and sidecar.
+
+    Raises:
+        DatasetError: the file is missing or not a complete FFCV file.
+    """
+    if not path.is_file():
+        raise DatasetError(f"{path}: FFCV file not found; write it with: {write_command(data)}")
+    rewrite = f"rewrite it with: {write_command(data)}"
+    try:
+        reader = ff.Reader(str(path))
+    except (AssertionError, OSError, IndexError, KeyError, TypeError, ValueError) as e:
+        raise DatasetError(f"{path}: not a readable FFCV file ({type(e).__name__}: {e}); "
+                           f"{rewrite}") from None
+    names = list(reader.field_names)
+    if "image" not in names or "label" not in names:
+        raise DatasetError(f"{path}: FFCV file without 'image' and 'label' fields (fields: "
+                           f"{', '.join(names)}); {rewrite}")
+    alloc = reader.alloc_table
+    end = int((alloc["ptr"] + alloc["size"]).max()) if len(alloc) else 0
+    if (len(reader.metadata) != reader.num_samples or not len(alloc)
+            or end > path.stat().st_size):
+        raise DatasetError(f"{path}: truncated FFCV file; {rewrite}")
+    image = reader.metadata[f"f{names.index('image')}"]
+    labels = np.asarray(reader.metadata[f"f{names.index('label')}"], dtype=np.int64)
+    sidecar: dict[str, Any] = {}
+    side = sidecar_path(path)
+    if side.is_file():
+        try:
+            sidecar = json.loads(side.read_text())
+        except (OSError, ValueError) as e:
+            raise DatasetError(f"{side}: unreadable sidecar ({e}); {rewrite}") from None
+        if sidecar.get("images") != len(labels):  # a stale sidecar of an earlier file
+            sidecar = {}
+    info = BetonInfo(path, labels, np.asarray(image["height"]), np.asarray(image["width"]),
+                     sidecar)
+    if not len(info.good):
+        raise DatasetError(f"{path}: no loadable images")
+    return info
+
+
+class FfcvDeviceLoader:
+    """Iterates an FFCV loader's (images, labels) on `device`: images normalised float
+    (N, C, H, W), channels-last when asked (the same contract as loader.DeviceLoader)."""
+
+    def __init__(self, ff: SimpleNamespace, loader, device: torch.device,
+                 normalize: Normalize, channels_last: bool, info: BetonInfo,
+                 data: DataConfig | None = None, decoder=None) -> None:
+        self.ff, self.loader, self.device, self.channels_last = ff, loader, device, channels_last
+        self.normalize = normalize.to(device)
+        self.info, self.data, self.decoder = info, data, decoder
+        self.epoch, self.start_batch = 0, 0
+        # Unreadable files the writer skipped (the engine reports each once).
+        self.skipped: dict[str, str] = info.skipped
+
+    @property
+    def batch_size(self) -> int:
+        return self.loader.batch_size
+
+    def describe(self) -> str:
+        """The file read and how it was written (for a run's summary)."""
+        return self.info.describe()
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch (its order and augmentation follow from the seed and the epoch)
+        and skip its first `start_batch` batches (resume inside an epoch)."""
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        return max(len(self.loader) - self.start_batch, 0)
+
+    def _epoch_iterator(self):
+        """FFCV's Loader.__iter__, for a chosen epoch and first batch."""
+        loader = self.loader
+        if self.decoder is not None and self.data is not None:
+            res = progressive_resolution(self.data, self.epoch)
+            self.decoder.output_size = (res, res)  # applied when the epoch allocates buffers
+        order = loader.traversal_order.sample_order(self.epoch)
+        size = loader.batch_size
+        order = order[:len(loader) * size][self.start_batch * size:]
+        loader.next_epoch = self.epoch + 1
+        with _torch_threads_kept():
+            self.ff.Compiler.set_num_threads(loader.num_workers)
+            return self.ff.EpochIterator(loader, order)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        batches = self._epoch_iterator()
+        try:
+            for images, labels in batches:
+                # FFCV reuses its output buffers a few batches later: normalise (a new tensor)
+                # and copy the labels before handing them out.
+                images = images.to(self.device, non_blocking=True)  # (N, C, H, W) uint8
+                labels = labels.to(self.device, non_blocking=True).view(-1).clone()
+                yield self.normalize(images).contiguous(memory_format=fmt), labels
+        finally:
+            batches.close()
+
+
+class _torch_threads_kept:
+    """FFCV sets torch's intra-op thread count to its own worker count: keep the caller's."""
+
+    def __enter__(self) -> None:
+        self.threads = torch.get_num_threads()
+
+    def __exit__(self, *exc) -> None:
+        torch.set_num_threads(self.threads)
+
+
+def _threads(num_workers: int) -> int:
+    """FFCV decoding threads: `num_workers`, 0 = one per core, at most the cores numba uses."""
+    cores = _ffcv().numba.config.NUMBA_NUM_THREADS
+    return min(num_workers, cores) if num_workers > 0 else cores
+
+
+def _pipelines(ff: SimpleNamespace, decoder, device: torch.device) -> dict[str, list]:
+    # ffcv-imagenet's order: uint8 to the device before the layout change; normalised later.
+    to_device = [ff.ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
+    return {"image": [decoder, ff.ToTensor(), *to_device, ff.ToTorchImage(channels_last=True)],
+            "label": [ff.IntDecoder(), ff.ToTensor(), *to_device]}
+
+
+def _warn_small(info: BetonInfo, data: DataConfig, rank: int) -> None:
+    """Warn once per file when the stored images are smaller than the largest training
+    crop (every crop is then upsampled)."""
+    good = info.good
+    longest = int(max(info.heights[good].max(), info.widths[good].max()))
+    largest = max(progressive_resolution(data, e) for e in
+                  range(max(data.end_ramp, data.start_ramp) + 1))
+    key = str(info.path)
+    if rank == 0 and longest < largest and key not in _warned:
+        _warned.add(key)
+        written = info.sidecar.get("max_resolution")
+        how = f" (written with --max-resolution={written})" if written else ""
+        warnings.warn(f"{info.path}: stored images are at most {longest} px{how}, smaller "
+                      f"than the {largest} px training crop: every crop is upsampled; "
+                      f"rewrite with a larger --max-resolution", stacklevel=3)
+
+
+def build_ffcv_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world_size: int,
+                       device: torch.device, channels_last: bool, seed: int,
+                       grad_accum_steps: int, dtype: torch.dtype):
+    """`build_loaders` for `data.backend=ffcv` (see its contract in loader.py).
+
+    Raises:
+        DatasetError: a .beton file is missing or unreadable (the message gives the
+            tools/write_ffcv.py command to run).
+        ConfigError: batch sizes do not split, `data.ffcv_order=quasi_random` under DDP, or
+            `aug.train_crop=pad_random` with stored images not of size `data.train_res`.
+        RunError: FFCV is not installed.
+    """
+    from .loader import Loaders, _per_rank
+
+    if data.ffcv_order == "quasi_random" and world_size > 1:
+        raise ConfigError(f"data.ffcv_order=quasi_random does not work with {world_size} ranks "
+                          f"(FFCV has no distributed QUASI_RANDOM); use data.ffcv_order=random")
+    ff = _ffcv()
+    folder = beton_dir(data)
+    train_info = read_beton(ff, folder / "train.beton", data)
+    val_info = read_beton(ff, folder / "val.beton", data)
+    batch = _per_rank(data.batch_size, world_size, "data.batch_size", grad_accum_steps)
+    val_batch = _per_rank(data.val_batch_size or data.batch_size, world_size,
+                          "data.val_batch_size")
+    train_good = train_info.good
+    if len(train_good) // world_size < batch:
+        raise ConfigError(f"data.batch_size={data.batch_size} is larger than the training set "
+                          f"({len(train_good)} images in {train_info.path})")
+    classes = train_info.sidecar.get("classes") or [
+        str(i) for i in range(int(max(train_info.labels.max(), val_info.labels.max())) + 1)]
+
+    if data.val_res > data.val_resize:
+        raise ConfigError(f"data.backend=ffcv center-crops inside the resized image: data.val_res"
+                          f"={data.val_res} must be <= data.val_resize={data.val_resize}")
+    res = progressive_resolution(data, 0)
+    if aug.train_crop == "pad_random":
+        sizes = {(int(h), int(w)) for h, w in zip(train_info.heights[train_good],
+                                                   train_info.widths[train_good])}
+        if sizes != {(data.train_res, data.train_res)} or data.min_res:
+            found = ", ".join(f"{w}x{h}" for h, w in sorted(sizes)[:3])
+            raise ConfigError(f"aug.train_crop=pad_random with data.backend=ffcv needs every "
+                              f"stored image at data.train_res={data.train_res} px and no "
+                              f"progressive resizing; {train_info.path} holds {found}")
+        decoder = ff.SeededCropFlip((res, res), aug.scale, aug.ratio, aug.hflip, seed,
+                                    padding=aug.padding)
+    else:
+        _warn_small(train_info, data, rank)
+        decoder = ff.SeededCropFlip((res, res), aug.scale, aug.ratio, aug.hflip, seed)
+    threads = _threads(data.num_workers)
+    order = {"random": ff.OrderOption.RANDOM,
+             "quasi_random": ff.OrderOption.QUASI_RANDOM}[data.ffcv_order]
+    with _torch_threads_kept():
+        train = ff.Loader(str(train_info.path), batch_size=batch, num_workers=threads,
+                          order=order, distributed=world_size > 1, seed=seed, drop_last=True,
+                          os_cache=data.ffcv_os_cache,
+                          indices=None if len(train_good) == len(train_info.labels)
+                          else train_good,
+                          pipelines=_pipelines(ff, decoder, device))
+        val_decoder = ff.CenterCropRGBImageDecoder((data.val_res, data.val_res),
+                                                   ratio=data.val_res / data.val_resize)
+        val = ff.Loader(str(val_info.path), batch_size=val_batch, num_workers=threads,
+                        order=ff.OrderOption.SEQUENTIAL, distributed=False, seed=seed,
+                        drop_last=False, os_cache=data.ffcv_os_cache,
+                        indices=val_info.good[rank::world_size],
+                        pipelines=_pipelines(ff, val_decoder, device))
+    normalize = Normalize(data.mean, data.std, dtype)
+    return Loaders(FfcvDeviceLoader(ff, train, device, normalize, channels_last, train_info,
+                                    data, decoder),
+                   FfcvDeviceLoader(ff, val, device, normalize, channels_last, val_info),
+                   len(classes), list(classes), dataset_root(data))

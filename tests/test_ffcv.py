@@ -1,0 +1,443 @@
+"""The FFCV backend (`data.backend=ffcv`) on the CPU: tools/write_ffcv.py and the `build_loaders`
+contract.
+
+FFCV is imported unconditionally: CI installs it, and a missing FFCV must fail this module, not
+skip it. Each loader pays numba's JIT (~5-10 s) on its first epoch, so the written files and the
+loaders are module fixtures. The tiny CIFAR-10 set is position-coded: red = 8 * column, green =
+8 * row, blue = the sample id, label = id % 10, stored raw, so a crop's source, box and flip can
+be read back from its pixels.
+"""
+import json
+import math
+import random
+import sys
+from collections import Counter
+from pathlib import Path
+
+import ffcv  # noqa: F401  (a missing FFCV fails here: CI must run these tests)
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import load_tool
+from fasttrain.config import DataConfig, load
+from fasttrain.data import build_loaders, write_cifar10
+from fasttrain.data import ffcv_loader
+from fasttrain.data.datasets import ImageFolderDataset
+from fasttrain.data.ffcv_loader import read_beton, write_beton
+from fasttrain.data.transforms import random_resized_crop_params
+from fasttrain.errors import ConfigError, DatasetError, RunError
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+CIFAR_TRAIN, CIFAR_VAL = 200, 40  # 5 train batches of 40, one test batch of 40
+
+
+# ------------------------------------------------------------------------------------ fixtures
+
+@pytest.fixture(scope="module")
+def digits(data_root, tmp_path_factory) -> Path:
+    """A data root <tmp>/digits (linking the session's digits images) whose FFCV files the
+    write tool put in the default folder, digits/ffcv (recipe form of the tool)."""
+    base = tmp_path_factory.mktemp("ffcv_data")
+    root = base / "digits"
+    root.mkdir()
+    for split in ("train", "val"):
+        (root / split).symlink_to(data_root / "digits" / split)
+    assert load_tool("write_ffcv").main([str(QUICKSTART), f"--data.path={root}",
+                                         "--num-workers=2"]) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def quick(digits):
+    """The quickstart recipe on the FFCV backend (seed 0): config and loaders."""
+    cfg = load(QUICKSTART, [f"--data.path={digits}", "--data.backend=ffcv"])
+    return cfg, _build(cfg, channels_last=True, seed=0)
+
+
+def _coded(n: int) -> np.ndarray:
+    """(n, 32, 32, 3) uint8: red = 8 * column, green = 8 * row, blue = the sample id."""
+    rows, cols = np.mgrid[0:32, 0:32]
+    images = np.empty((n, 32, 32, 3), dtype=np.uint8)
+    images[..., 0], images[..., 1] = cols * 8, rows * 8
+    images[..., 2] = np.arange(n, dtype=np.uint8)[:, None, None]
+    return images
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory) -> Path:
+    """A tiny CIFAR-10 folder of position-coded images, written raw to <root>/ffcv
+    (--dataset form of the tool)."""
+    root = tmp_path_factory.mktemp("cifar")
+    n = CIFAR_TRAIN + CIFAR_VAL
+    write_cifar10(root, _coded(n), [i % 10 for i in range(n)], per_batch=CIFAR_VAL)
+    assert load_tool("write_ffcv").main(["--dataset=cifar10", f"--path={root}",
+                                         "--data.download=false", "--write-mode=raw",
+                                         "--num-workers=2"]) == 0
+    data = DataConfig(dataset="cifar10", path=str(root))
+    assert [len(read_beton(ffcv_loader._ffcv(), root / "ffcv" / f"{split}.beton", data).good)
+            for split in ("train", "val")] == [CIFAR_TRAIN, CIFAR_VAL]
+    return root
+
+
+_KEEP = []  # loaders built by tests, alive until the process exits (see _build)
+
+
+def _build(cfg, **kwargs):
+    """build_loaders, keeping the loaders alive: numba's dispatcher finalizer can raise an
+    (ignored, harmless) KeyError when an FFCV pipeline is garbage-collected mid-process, which
+    pytest would print as a warning; a training run keeps its loaders to the end anyway."""
+    loaders = build_loaders(cfg.data, cfg.aug, **kwargs)
+    _KEEP.append(loaders)
+    return loaders
+
+
+def _cifar_cfg(root: Path, *overrides: str):
+    return load(None, ["--data.dataset=cifar10", f"--data.path={root}", "--data.download=false",
+                       "--data.backend=ffcv", "--data.train_res=32", "--data.val_res=32",
+                       "--data.val_resize=32", "--data.batch_size=40", "--data.num_workers=2",
+                       "--data.mean=[0,0,0]", "--data.std=[1,1,1]", *overrides])
+
+
+def _pixels(images: torch.Tensor) -> np.ndarray:
+    """Normalised batch with mean 0, std 1 back to uint8 (N, C, H, W)."""
+    return torch.round(images.float() * 255).to(torch.uint8).numpy()
+
+
+def _epoch(loader, epoch: int, start: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    loader.set_epoch(epoch, start)
+    return list(loader)
+
+
+# ----------------------------------------------------------------------------------- writing
+
+def test_write_digits_to_the_default_folder_with_a_sidecar(digits):
+    folder = digits / "ffcv"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "train.beton", "train.beton.json", "val.beton", "val.beton.json"]  # no temp files
+    side = json.loads((folder / "train.beton.json").read_text())
+    assert side["images"] == 1433 and side["skipped"] == [] and side["dataset"] == "digits"
+    assert (side["write_mode"], side["max_resolution"], side["jpeg_quality"],
+            side["compress_probability"]) == ("proportion", 512, 90, 0.5)
+    assert side["classes"] == [str(d) for d in range(10)]
+    assert json.loads((folder / "val.beton.json").read_text())["images"] == 364
+
+
+def test_stored_labels_are_the_image_folder_labels(digits):
+    """Labels are the torch backend's: ImageFolder's sorted class folders, sample by sample."""
+    data = DataConfig(dataset="digits", path=str(digits))
+    ff = ffcv_loader._ffcv()
+    train = ImageFolderDataset(digits / "train")
+    val = ImageFolderDataset(digits / "val", class_to_idx=train.class_to_idx)
+    assert read_beton(ff, digits / "ffcv" / "train.beton", data).labels.tolist() == train.targets
+    assert read_beton(ff, digits / "ffcv" / "val.beton", data).labels.tolist() == val.targets
+
+
+def test_unreadable_images_are_skipped_and_listed(tmp_path, data_root):
+    root = tmp_path / "folder"
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for f in sorted((data_root / "digits" / split / "3").iterdir())[:3]:
+                (root / split / cls / f.name).write_bytes(f.read_bytes())
+    bad = root / "train" / "b" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    data = DataConfig(dataset="imagefolder", path=str(root))
+    train, val = write_beton(data, num_workers=1)
+    assert [p for p, _ in train.skipped] == [str(bad)] and not val.skipped
+    info = read_beton(ffcv_loader._ffcv(), root / "ffcv" / "train.beton", data)
+    assert len(info.labels) == 7 and len(info.good) == 6  # stored as a placeholder, not loaded
+    assert list(info.skipped) == [str(bad)]
+
+
+def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch, cifar):
+    """A write that fails half-way publishes nothing and keeps the previous file."""
+    data = DataConfig(dataset="cifar10", path=str(cifar), download=False)
+    out = tmp_path / "out"
+    write_beton(data, out, write_mode="raw", num_workers=1, splits=("val",))
+    before = (out / "val.beton").read_bytes()
+
+    def crash(self, allocations):
+        raise KeyboardInterrupt  # as if Ctrl-C came while the file was being finished
+
+    monkeypatch.setattr(ffcv.writer.DatasetWriter, "finalize", crash)
+    with pytest.raises(KeyboardInterrupt):
+        write_beton(data, out, write_mode="jpg", num_workers=1)
+    assert sorted(p.name for p in out.iterdir()) == ["val.beton", "val.beton.json"]
+    assert (out / "val.beton").read_bytes() == before
+    assert not (out / "train.beton").exists()
+
+
+def _write_tool(args: list[str]) -> int:
+    try:
+        return load_tool("write_ffcv").main(args)
+    except SystemExit as e:  # argparse's usage errors
+        return e.code
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset=imagefolder"], "data.path is required"),
+    (["--dataset=imagenet"], "data.dataset must be one of"),
+    (["--dataset=imagefolder", "--path=/nonexistent/imagenet"], "/nonexistent/imagenet/train"),
+    (["--dataset=cifar10", "--path=/nonexistent/cifar", "--data.download=false"],
+     "/nonexistent/cifar/cifar-10-batches-py: CIFAR-10 not found"),
+    (["--dataset=digits", "--jpeg-quality=0"], "(--jpeg-quality) must be in 1..100, got 0"),
+    (["--dataset=digits", "--write-mode=png"], "(--write-mode) must be one of"),
+    (["--dataset=digits", "--compress-probability=2"], "must be in 0..1, got 2.0"),
+    (["--dataset=digits", "--max-resolution=big"], "--max-resolution: invalid int value"),
+    (["recipes/missing.yaml"], "recipes/missing.yaml: recipe file not found"),
+])
+def test_write_tool_bad_input_exits_2_with_one_line(args, message, capsys):
+    code = _write_tool(args)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_write_tool_exit_status_from_the_command_line(run_tool):
+    result = run_tool("write_ffcv.py")
+    assert result.returncode == 2
+    assert result.stderr == ("error: give a recipe or --dataset (digits | imagefolder | "
+                             "cifar10)\n")
+
+
+# ----------------------------------------------------------------------------------- loading
+
+def test_batches_shapes_layout_and_labels(quick, digits):
+    cfg, loaders = quick
+    assert (loaders.num_classes, loaders.classes) == (10, [str(d) for d in range(10)])
+    assert loaders.root == digits and loaders.train.skipped == {} == loaders.val.skipped
+    assert (len(loaders.train), len(loaders.val)) == (1433 // 64, 1)
+    batches = _epoch(loaders.train, 0)
+    assert len(batches) == 22
+    images, labels = batches[0]
+    assert images.shape == (64, 3, 16, 16) and images.dtype == torch.float32
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    assert images.device.type == "cpu" and labels.dtype == torch.int64 and labels.shape == (64,)
+    assert -1.0 - 1e-6 <= images.min() and images.max() <= 1.0 + 1e-6  # mean = std = 0.5
+    # One epoch: every label is a digit, and no sample twice beyond its class count.
+    seen = Counter(torch.cat([y for _, y in batches]).tolist())
+    total = Counter(ImageFolderDataset(digits / "train").targets)
+    assert sum(seen.values()) == 22 * 64 and all(seen[c] <= total[c] for c in seen)
+
+
+def test_validation_matches_the_torch_backend(quick, digits):
+    """Same samples, same order, same labels; the pixels agree up to JPEG re-encoding and the
+    resize filter (OpenCV area vs. torchvision antialiased bilinear)."""
+    cfg, loaders = quick
+    (images, labels), = list(loaders.val)
+    assert images.shape == (364, 3, 16, 16)
+    torch_cfg = load(QUICKSTART, [f"--data.path={digits}"])
+    reference = build_loaders(torch_cfg.data, torch_cfg.aug, channels_last=True)
+    (ref_images, ref_labels), = list(reference.val)
+    assert torch.equal(labels, ref_labels)
+    diff = (images - ref_images).abs().mean(dim=(1, 2, 3))  # per image, 1.0 = 127.5 levels
+    assert diff.max() < 0.1, diff.max()
+
+
+def test_same_seed_same_batches_and_each_epoch_reshuffles(quick):
+    """Order and augmentation follow (seed, epoch) only: a second loader with another thread
+    count gives the same batches, bit for bit."""
+    cfg, loaders = quick
+    first, again, second = (_epoch(loaders.train, e) for e in (0, 0, 1))
+    one_thread = load(QUICKSTART, [f"--data.path={cfg.data.path}", "--data.backend=ffcv",
+                                   "--data.num_workers=1"])
+    other = _epoch(_build(one_thread, channels_last=True, seed=0).train, 1)
+    for (x, y), (x2, y2) in zip(first + second, again + other, strict=True):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    labels = [torch.cat([y for _, y in b]) for b in (first, second)]
+    assert not torch.equal(labels[0], labels[1])
+
+
+def test_resume_inside_an_epoch_skips_its_first_batches(quick):
+    _, loaders = quick
+    full = _epoch(loaders.train, 1)
+    loaders.train.set_epoch(1, start_batch=5)
+    assert len(loaders.train) == 22 - 5
+    tail = list(loaders.train)
+    loaders.train.set_epoch(0)
+    assert len(tail) == 17
+    for (x, y), (x2, y2) in zip(full[5:], tail):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+def test_pad_random_is_the_cifar_crop_and_labels_follow_images(cifar):
+    """Each training image is its source shifted by (dy, dx) in [-4, 4] with zero fill, maybe
+    mirrored (checked pixel for pixel against torch); shifts and flips are uniform, change
+    with the epoch, and the label is the image's."""
+    cfg = _cifar_cfg(cifar, "--aug.train_crop=pad_random", "--aug.padding=4")
+    loaders = _build(cfg, channels_last=False, seed=3)
+    assert len(loaders.train) == CIFAR_TRAIN // 40
+    source = torch.from_numpy(_coded(CIFAR_TRAIN + CIFAR_VAL)).permute(0, 3, 1, 2)
+    padded = F.pad(source, (4, 4, 4, 4))
+    draws = {}
+    for epoch in range(3):
+        for images, labels in _epoch(loaders.train, epoch):
+            assert images.is_contiguous()
+            for image, label in zip(_pixels(images).astype(np.int64), labels.tolist()):
+                # Columns 12..20 of the centre row always come from the image (|shift| <= 4).
+                sid, flip = image[2, 16, 16], image[0, 16, 17] < image[0, 16, 16]
+                dx = image[0, 16, 16] // 8 - (15 if flip else 16)
+                dy = image[1, 16, 16] // 8 - 16
+                expected = padded[sid, :, 4 + dy:36 + dy, 4 + dx:36 + dx]
+                expected = expected.flip(-1) if flip else expected
+                assert np.array_equal(image, expected.numpy()) and label == sid % 10
+                draws[epoch, sid] = (int(dy), int(dx), bool(flip))
+    assert sorted({sid for _, sid in draws}) == list(range(CIFAR_TRAIN))  # no padding here
+    values = list(draws.values())
+    assert {d[0] for d in values} == set(range(-4, 5)) == {d[1] for d in values}
+    assert abs(np.mean([d[2] for d in values]) - 0.5) < 0.1
+    assert abs(np.mean([d[0] for d in values])) < 0.5 and abs(np.mean([d[1] for d in values])) < 0.5
+    same = sum(draws[0, s] == draws[1, s] for s in range(CIFAR_TRAIN))
+    assert same < CIFAR_TRAIN * 0.1  # the augmentation changes with the epoch
+    (images, labels), = list(loaders.val)
+    ids = _pixels(images)[:, 2, 16, 16].tolist()
+    assert ids == list(range(CIFAR_TRAIN, CIFAR_TRAIN + CIFAR_VAL))
+    assert labels.tolist() == [i % 10 for i in ids]
+
+
+def test_random_resized_crop_statistics_match_the_torch_backend(cifar):
+    """Crop boxes read back from the colour ramps: mean and spread of the kept area and the
+    aspect agree with `random_resized_crop_params` (the torch backend's sampler) on the same
+    image size; with progressive resizing the output size follows the epoch."""
+    scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
+    cfg = _cifar_cfg(cifar, "--aug.scale=[0.08,1.0]", "--aug.ratio=[0.75,1.3333333333]",
+                     "--aug.hflip=0", "--data.min_res=16", "--data.max_res=32",
+                     "--data.start_ramp=0", "--data.end_ramp=1")
+    loaders = _build(cfg, channels_last=True, seed=1)
+    areas, aspects, sizes = [], [], []
+    for epoch in range(4):
+        for images, _ in _epoch(loaders.train, epoch):
+            size = images.shape[-1]
+            sizes.append(size)
+            pixels = _pixels(images).astype(np.float64)
+            # Output column j samples source column left + (j + 0.5) * w / size - 0.5: the red
+            # ramp (8 levels per source column) rises by 8 * w / size per output column.
+            inner = np.arange(2, size - 2)
+            columns = pixels[:, 0].mean(axis=1)[:, inner]  # (N, size - 4): red across the crop
+            rows = pixels[:, 1].mean(axis=2)[:, inner]  # green down the crop
+            w = np.polyfit(inner, columns.T, 1)[0] * size / 8
+            h = np.polyfit(inner, rows.T, 1)[0] * size / 8
+            areas += list(w * h / 1024)
+            aspects += list(np.log(w / h))
+    assert sizes == [16] * 5 + [32] * 15  # min_res at epoch 0, max_res from epoch 1
+    rng = random.Random(0)
+    ref = [random_resized_crop_params(32, 32, scale, ratio, rng) for _ in range(20000)]
+    ref_areas = [h * w / 1024 for _, _, h, w in ref]
+    assert len(areas) == 4 * CIFAR_TRAIN
+    assert abs(np.mean(areas) - np.mean(ref_areas)) < 0.03, (np.mean(areas), np.mean(ref_areas))
+    assert abs(np.std(areas) - np.std(ref_areas)) < 0.03, (np.std(areas), np.std(ref_areas))
+    assert abs(np.mean(aspects)) < 0.05 and min(areas) > 0.05 and max(areas) < 1.05
+
+
+def test_small_stored_images_warn_once(cifar):
+    cfg = _cifar_cfg(cifar, "--data.train_res=64", "--data.val_res=16", "--data.val_resize=32")
+    with pytest.warns(UserWarning, match=r"at most 32 px.*smaller than the 64 px training crop"):
+        _build(cfg, seed=0)
+
+
+def test_pad_random_needs_images_stored_at_train_res(cifar):
+    cfg = _cifar_cfg(cifar, "--aug.train_crop=pad_random", "--data.train_res=28")
+    with pytest.raises(ConfigError, match=r"data.train_res=28 px .* holds 32x32"):
+        build_loaders(cfg.data, cfg.aug, seed=0)
+
+
+def test_missing_beton_names_the_file_and_the_command(tmp_path):
+    cfg = load(None, ["--data.backend=ffcv", "--data.dataset=imagefolder",
+                      f"--data.path={tmp_path}/imagenet"])
+    with pytest.raises(DatasetError) as e:
+        build_loaders(cfg.data, cfg.aug)
+    assert str(e.value) == (f"{tmp_path}/imagenet/ffcv/train.beton: FFCV file not found; write "
+                            f"it with: python tools/write_ffcv.py --dataset=imagefolder "
+                            f"--path={tmp_path}/imagenet")
+
+
+@pytest.mark.parametrize("keep", [20, 0.5])  # bytes of the header, or half the file
+def test_truncated_beton_is_a_dataset_error(tmp_path, cifar, keep):
+    folder = tmp_path / "ffcv"
+    folder.mkdir()
+    for split in ("train", "val"):
+        data = (cifar / "ffcv" / f"{split}.beton").read_bytes()
+        (folder / f"{split}.beton").write_bytes(data[:int(keep if keep > 1 else len(data) * keep)])
+    cfg = _cifar_cfg(cifar, f"--data.ffcv_dir={folder}")
+    with pytest.raises(DatasetError, match="train.beton: (not a readable|truncated) FFCV file.*"
+                                           "rewrite it with: python tools/write_ffcv.py"):
+        build_loaders(cfg.data, cfg.aug)
+
+
+def test_quasi_random_with_two_ranks_is_a_config_error(cifar):
+    cfg = _cifar_cfg(cifar, "--data.ffcv_order=quasi_random")
+    with pytest.raises(ConfigError, match="quasi_random does not work with 2 ranks"):
+        build_loaders(cfg.data, cfg.aug, rank=0, world_size=2)
+
+
+def test_missing_ffcv_is_a_run_error(monkeypatch, cifar):
+    cfg = _cifar_cfg(cifar)
+    monkeypatch.setitem(sys.modules, "ffcv", None)  # `import ffcv` now raises ImportError
+    ffcv_loader._ffcv.cache_clear()
+    try:
+        with pytest.raises(RunError) as e:
+            build_loaders(cfg.data, cfg.aug)
+    finally:
+        ffcv_loader._ffcv.cache_clear()
+    assert str(e.value) == ("data.backend=ffcv needs FFCV: pip install -e .[ffcv] (and Debian "
+                            "libopencv-dev libturbojpeg0-dev pkg-config)")
+
+
+# ------------------------------------------------------------------------------- distributed
+
+def _ddp_rank(rank: int, store: str, root: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                                         world_size=2)
+    try:
+        cfg = _cifar_cfg(Path(root), "--data.val_batch_size=16", "--data.num_workers=1")
+        loaders = build_loaders(cfg.data, cfg.aug, rank=rank, world_size=2, seed=5,
+                                channels_last=True)
+        result = {"len": len(loaders.train), "val_sizes": [], "val_ids": []}
+        for epoch in (0, 1):
+            result[epoch] = [int(i) for images, _ in _epoch(loaders.train, epoch)
+                             for i in _pixels(images)[:, 2, 16, 16]]
+        for images, labels in loaders.val:
+            result["val_sizes"].append(len(labels))
+            result["val_ids"] += _pixels(images)[:, 2, 16, 16].tolist()
+        torch.save(result, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_split_training_and_see_each_validation_image_once(cifar, tmp_path):
+    """Two gloo processes (forked: no second import of torch and FFCV): equal training
+    lengths, disjoint training shards covering the set and reshuffled each epoch; validation
+    sees every image exactly once across the ranks."""
+    outs = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
+    torch.multiprocessing.start_processes(
+        lambda rank: _ddp_rank(rank, str(tmp_path / "store"), str(cifar), outs[rank]),
+        nprocs=2, start_method="fork")
+    r0, r1 = (torch.load(o) for o in outs)
+    assert r0["len"] == r1["len"] == CIFAR_TRAIN // 40  # 100 samples per rank, 20 per batch
+    for epoch in (0, 1):
+        assert sorted(r0[epoch] + r1[epoch]) == list(range(CIFAR_TRAIN))
+    assert r0[0] != r0[1]
+    assert r0["val_sizes"] == r1["val_sizes"] == [8, 8, 4]  # 20 each, batch 16 / 2 ranks
+    assert sorted(r0["val_ids"] + r1["val_ids"]) == list(range(CIFAR_TRAIN,
+                                                               CIFAR_TRAIN + CIFAR_VAL))
+
+
+# -------------------------------------------------------------------------------- end to end
+
+@pytest.mark.slow
+def test_quickstart_trains_with_ffcv(digits, run_tool, tmp_path):
+    """tools/train.py on the files the write tool put in the default folder (data.path empty:
+    $FASTTRAIN_DATA/digits/ffcv)."""
+    result = run_tool("train.py", str(QUICKSTART), "--data.backend=ffcv",
+                      "--schedule.epochs=1", "--schedule.warmup_epochs=0",
+                      "--train.max_steps=4", f"--log.dir={tmp_path}", "--log.name=ffcv",
+                      extra_env={"FASTTRAIN_DATA": str(digits.parent)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "backend: ffcv" in (tmp_path / "ffcv" / "config.yaml").read_text()
+    (metrics,) = [json.loads(line) for line in
+                  (tmp_path / "ffcv" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics["train_images"] == 4 * 64 and metrics["step"] == 4
+    assert math.isfinite(metrics["train_loss"]) and 0 <= metrics["val_top1"] <= 100
+    assert metrics["skipped_files"] == 0
