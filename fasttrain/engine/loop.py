@@ -35,8 +35,9 @@ from .progress import Reporter
 from .rundir import BEST, CHECKPOINTS, LAST, find_resume, new_run_dir, run_dir_of
 from .schedule import build_scheduler
 
-MODEL_IDENTITY = ("name", "width", "channel_divisor", "num_classes", "shortcut")
-"""ModelConfig keys that fix the architecture: a checkpoint must agree on all of them."""
+MODEL_IDENTITY = ("name", "width", "channel_divisor", "num_classes", "shortcut", "channels")
+"""ModelConfig keys that fix the architecture: a checkpoint must agree on all of them, and
+`model.init_from` copies them from its checkpoint."""
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
@@ -53,10 +54,33 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
                                   drop_path_rate=cfg.drop_path_rate, blurpool=cfg.blurpool)
     if cfg.name.startswith("cifar_"):
         kwargs["shortcut"] = cfg.shortcut
+    if cfg.channels is not None:
+        kwargs["channels"] = cfg.channels
     try:
         return create_model(cfg.name, **kwargs)
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
+
+
+def apply_init_from(cfg: ModelConfig) -> dict[str, torch.Tensor] | None:
+    """`model.init_from`: copy the checkpoint's architecture keys (`MODEL_IDENTITY`) into `cfg`
+    (in place) and return its weights; None when `init_from` is empty.
+
+    Raises:
+        CheckpointError: unreadable file (loaded with weights_only=True) or no model config.
+    """
+    if not cfg.init_from:
+        return None
+    path = Path(cfg.init_from)
+    saved = ckpt.load(path)
+    saved_model = (saved.get("config") or {}).get("model")
+    if not isinstance(saved_model, dict) or not saved_model.get("num_classes"):
+        raise CheckpointError(f"model.init_from={cfg.init_from}: checkpoint has no model config "
+                              f"with num_classes ('config'['model'])")
+    for key in MODEL_IDENTITY:
+        if key in saved_model:
+            setattr(cfg, key, saved_model[key])
+    return saved["model"]
 
 
 def accuracy_counts(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,6 +142,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _check_compatible(saved: dict[str, Any], cfg: Config, path: Path) -> None:
+    if "optimizer" not in saved or "train_state" not in saved:
+        raise CheckpointError(f"{path}: not a training checkpoint (no optimizer state); start "
+                              f"from its weights with --model.init_from={path} instead")
     saved_model = saved.get("config", {}).get("model", {})
     for key in MODEL_IDENTITY:
         have, want = saved_model.get(key), getattr(cfg.model, key)
@@ -147,11 +174,16 @@ def evaluate(model: nn.Module, loader: DeviceLoader, precision, device: torch.de
 
 
 def _summary_rows(cfg: Config, params: int, macs, res: int) -> list[tuple[str, str]]:
-    return [("model", f"{cfg.model.name} width {cfg.model.width} "
-                      f"(divisor {cfg.model.channel_divisor}), {cfg.model.num_classes} classes"),
-            ("params", f"{params:,}"),
-            ("MACs (conv+fc)", f"{macs.conv_fc:,} at {res}px"),
-            ("MACs (fvcore total, incl. BN)", f"{macs.total:,}")]
+    m = cfg.model
+    shape = (f"width {m.width} (divisor {m.channel_divisor})" if m.channels is None else
+             f"explicit channels (stem {m.channels['stem']}, stage outputs "
+             f"{'/'.join(str(st['out']) for st in m.channels['stages'])})")
+    rows = [("model", f"{m.name} {shape}, {m.num_classes} classes")]
+    if m.init_from:
+        rows.append(("initial weights", m.init_from))
+    return rows + [("params", f"{params:,}"),
+                   ("MACs (conv+fc)", f"{macs.conv_fc:,} at {res}px"),
+                   ("MACs (fvcore total, incl. BN)", f"{macs.total:,}")]
 
 
 def train(cfg: Config, recipe: str | None = None, resume: str | None = None,
@@ -184,6 +216,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     report = Reporter(cfg.log.progress, dist.is_main)
     precision = resolve_precision(cfg.train.precision)
+    init_weights = apply_init_from(cfg.model)  # the architecture may come from a checkpoint
     build_model(cfg.model, 1)  # unknown name / bad width: fail before touching data
     if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
         resume = "auto"  # torchrun --max-restarts restarted us: continue the interrupted run
@@ -198,7 +231,8 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
     accum = cfg.train.grad_accum_steps
     loaders = build_loaders(cfg.data, cfg.aug, rank=dist.rank, world_size=dist.world_size,
                             device=device, channels_last=cfg.train.channels_last,
-                            seed=cfg.train.seed, grad_accum_steps=accum)
+                            seed=cfg.train.seed, grad_accum_steps=accum,
+                            dtype=precision.autocast_dtype or torch.float32)
     steps_per_epoch = len(loaders.train) // accum
     if steps_per_epoch == 0:
         raise ConfigError(f"train.grad_accum_steps={accum} leaves no optimizer step per epoch "
@@ -209,6 +243,12 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
         raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the data set at "
                           f"{loaders.root} has {loaders.num_classes} classes")
     model = build_model(cfg.model, cfg.model.num_classes).to(device)
+    if init_weights is not None:
+        try:
+            model.load_state_dict(init_weights)
+        except RuntimeError as e:
+            raise CheckpointError(f"model.init_from={cfg.model.init_from}: weights do not fit "
+                                  f"its model config ({str(e).strip().splitlines()[0]})") from None
     params = count_params(model)
     macs = count_macs(model, cfg.data.val_res) if dist.is_main else None
     rows = _summary_rows(cfg, params, macs, cfg.data.val_res) if dist.is_main else []

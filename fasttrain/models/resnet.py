@@ -7,6 +7,18 @@ every layer is thinned by the same factor and the network stays dense.
 
 Module names follow torchvision (`conv1`, `bn1`, `layer1..4`, `fc`, `downsample.0/1`) so that at
 width 1.0 a torchvision state dict loads with `strict=True`.
+
+Channel specification: every layer's width can also be given explicitly as data, for networks
+whose channel counts are not uniform (a structurally pruned ResNet, `fasttrain.compare.prune`):
+
+    {"stem": 8,                                   # stem conv output
+     "stages": [{"out": 8,                        # the stage's residual stream (block outputs)
+                 "blocks": [[5], [3], [8]]},      # per block: inner conv outputs (BasicBlock: 1,
+                ...]}                             #   Bottleneck: 2, conv1 then conv2)
+
+`uniform_channels` writes the width rule in this form; the models build from it either way, so a
+model without an explicit spec is exactly the uniform one (same modules, same state dict), and
+`channels_of(model)` reads the spec back from a built (or pruned in place) model.
 """
 from __future__ import annotations
 
@@ -38,6 +50,74 @@ def base_channels(base: int, width: float, channel_divisor: int = 1) -> int:
     return b
 
 
+ChannelSpec = dict
+"""{"stem": int, "stages": [{"out": int, "blocks": [[int, ...], ...]}, ...]} (see module doc)."""
+
+
+def uniform_channels(b: int, layers: Sequence[int], expansion: int) -> ChannelSpec:
+    """The width rule as a channel spec: stem `b`, stage i `b * 2**i` inside each block and
+    `b * 2**i * expansion` on its residual stream."""
+    inner = 1 if expansion == 1 else 2
+    return {"stem": b, "stages": [{"out": b * 2 ** i * expansion,
+                                   "blocks": [[b * 2 ** i] * inner for _ in range(n)]}
+                                  for i, n in enumerate(layers)]}
+
+
+def check_channels(spec: object, layers: Sequence[int], expansion: int) -> ChannelSpec:
+    """Validate a channel spec against a depth (`layers`, blocks per stage) and block type.
+
+    Returns:
+        A normalised copy (plain dicts, lists and ints; JSON/YAML-able).
+
+    Raises:
+        ValueError: the first problem, naming its place in the spec (e.g. `stages[1].blocks[0]`).
+    """
+    inner = 1 if expansion == 1 else 2
+
+    def count(value: object, where: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"channels: {where} must be a positive integer, got {value!r}")
+        return value
+
+    if not isinstance(spec, dict) or set(spec) != {"stem", "stages"}:
+        raise ValueError(f"channels must be a mapping with keys 'stem' and 'stages', got {spec!r}")
+    stages = spec["stages"]
+    if not isinstance(stages, list) or len(stages) != len(layers):
+        raise ValueError(f"channels: stages must be a list of {len(layers)} stages, got {stages!r}")
+    out = {"stem": count(spec["stem"], "stem"), "stages": []}
+    for i, (stage, n) in enumerate(zip(stages, layers)):
+        if not isinstance(stage, dict) or set(stage) != {"out", "blocks"}:
+            raise ValueError(f"channels: stages[{i}] must be a mapping with keys 'out' and "
+                             f"'blocks', got {stage!r}")
+        blocks = stage["blocks"]
+        if not isinstance(blocks, list) or len(blocks) != n:
+            raise ValueError(f"channels: stages[{i}].blocks must list {n} blocks, got {blocks!r}")
+        checked = []
+        for j, widths in enumerate(blocks):
+            where = f"stages[{i}].blocks[{j}]"
+            if not isinstance(widths, list) or len(widths) != inner:
+                raise ValueError(f"channels: {where} must be a list of {inner} channel count"
+                                 f"{'s' if inner > 1 else ''}, got {widths!r}")
+            checked.append([count(w, where) for w in widths])
+        out["stages"].append({"out": count(stage["out"], f"stages[{i}].out"), "blocks": checked})
+    return out
+
+
+def channels_of(model: nn.Module) -> ChannelSpec:
+    """The channel spec of a built `ResNet` or `CifarResNet`, read from its layers (so a network
+    pruned in place by another tool is described as data)."""
+    stages = []
+    i = 1
+    while hasattr(model, f"layer{i}"):
+        blocks = list(model.get_submodule(f"layer{i}"))
+        widths = [[b.conv1.out_channels] + ([b.conv2.out_channels]
+                                            if isinstance(b, Bottleneck) else [])
+                  for b in blocks]
+        stages.append({"out": blocks[-1].last_norm().num_features, "blocks": widths})
+        i += 1
+    return {"stem": model.conv1.out_channels, "stages": stages}
+
+
 def conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
 
@@ -47,18 +127,20 @@ def conv1x1(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs; `bn2` is the block's last norm (zero-init target)."""
+    """Two 3x3 convs (`in_ch` → `widths[0]` → `out_ch`); `bn2` is the block's last norm
+    (zero-init target)."""
 
     expansion = 1
 
-    def __init__(self, in_ch: int, planes: int, stride: int, downsample: nn.Module | None,
-                 norm_layer: NormLayer, norm_act_layer: NormLayer, drop_path: float = 0.0
-                 ) -> None:
+    def __init__(self, in_ch: int, widths: Sequence[int], out_ch: int, stride: int,
+                 downsample: nn.Module | None, norm_layer: NormLayer, norm_act_layer: NormLayer,
+                 drop_path: float = 0.0) -> None:
         super().__init__()
-        self.conv1 = conv3x3(in_ch, planes, stride)
-        self.bn1 = norm_act_layer(planes)
-        self.conv2 = conv3x3(planes, planes)
-        self.bn2 = norm_layer(planes)
+        (mid,) = widths
+        self.conv1 = conv3x3(in_ch, mid, stride)
+        self.bn1 = norm_act_layer(mid)
+        self.conv2 = conv3x3(mid, out_ch)
+        self.bn2 = norm_layer(out_ch)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -74,20 +156,22 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """1x1 → 3x3 (strided, v1.5) → 1x1 with 4x expansion; `bn3` is the last norm."""
+    """1x1 → 3x3 (strided, v1.5) → 1x1 (`in_ch` → `widths[0]` → `widths[1]` → `out_ch`; the
+    uniform rule has 4x expansion); `bn3` is the last norm."""
 
     expansion = 4
 
-    def __init__(self, in_ch: int, planes: int, stride: int, downsample: nn.Module | None,
-                 norm_layer: NormLayer, norm_act_layer: NormLayer, drop_path: float = 0.0
-                 ) -> None:
+    def __init__(self, in_ch: int, widths: Sequence[int], out_ch: int, stride: int,
+                 downsample: nn.Module | None, norm_layer: NormLayer, norm_act_layer: NormLayer,
+                 drop_path: float = 0.0) -> None:
         super().__init__()
-        self.conv1 = conv1x1(in_ch, planes)
-        self.bn1 = norm_act_layer(planes)
-        self.conv2 = conv3x3(planes, planes, stride)
-        self.bn2 = norm_act_layer(planes)
-        self.conv3 = conv1x1(planes, planes * self.expansion)
-        self.bn3 = norm_layer(planes * self.expansion)
+        mid1, mid2 = widths
+        self.conv1 = conv1x1(in_ch, mid1)
+        self.bn1 = norm_act_layer(mid1)
+        self.conv2 = conv3x3(mid1, mid2, stride)
+        self.bn2 = norm_act_layer(mid2)
+        self.conv3 = conv1x1(mid2, out_ch)
+        self.bn3 = norm_layer(out_ch)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -140,33 +224,48 @@ class ResNet(nn.Module):
         in_chans: input channels.
         drop_path_rate: stochastic depth of the last block (linear from 0 over the blocks).
         blurpool: blur before every strided conv with >= 16 input channels.
+        channels: explicit channel spec (module doc; e.g. a pruned network's); None = the width
+            rule from `width` and `channel_divisor`, which are then not used for the layers.
+
+    Raises:
+        ValueError: a bad width or channel spec.
     """
 
     def __init__(self, block: Block, layers: Sequence[int], width: float = 1.0,
                  channel_divisor: int = 1, num_classes: int = 1000,
                  zero_init_residual: bool = True, norm_layer: NormLayer = nn.BatchNorm2d,
                  norm_act_layer: NormLayer = BatchNormReLU2d, in_chans: int = 3,
-                 drop_path_rate: float = 0.0, blurpool: bool = False) -> None:
+                 drop_path_rate: float = 0.0, blurpool: bool = False,
+                 channels: ChannelSpec | None = None) -> None:
         super().__init__()
-        b = base_channels(64, width, channel_divisor)
+        if channels is None:
+            channels = uniform_channels(base_channels(64, width, channel_divisor), layers,
+                                        block.expansion)
+        spec = check_channels(channels, layers, block.expansion)
         self.width, self.channel_divisor = width, channel_divisor
+        b = spec["stem"]
         self.conv1 = nn.Conv2d(in_chans, b, 7, stride=2, padding=3, bias=False)
         self.bn1 = norm_act_layer(b)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         in_ch = b
         rates = iter(drop_path_rates(drop_path_rate, sum(layers)))
-        for i, n in enumerate(layers):
-            planes = b * 2 ** i
-            stride = 1 if i == 0 else 2
-            downsample = None
-            if stride != 1 or in_ch != planes * block.expansion:
-                downsample = nn.Sequential(conv1x1(in_ch, planes * block.expansion, stride),
-                                           norm_layer(planes * block.expansion))
-            blocks = [block(in_ch, planes, stride, downsample, norm_layer, norm_act_layer,
-                            next(rates))]
-            in_ch = planes * block.expansion
-            blocks += [block(in_ch, planes, 1, None, norm_layer, norm_act_layer, next(rates))
-                       for _ in range(1, n)]
+        for i, stage in enumerate(spec["stages"]):
+            out, stride = stage["out"], 1 if i == 0 else 2
+            blocks = []
+            for j, widths in enumerate(stage["blocks"]):
+                s = stride if j == 0 else 1
+                downsample = None
+                # A bottleneck stage always opens with a projection (as in the uniform network,
+                # whatever a pruned spec's counts), so specs map one-to-one onto state dicts.
+                if j == 0 and (s != 1 or in_ch != out or block.expansion != 1):
+                    downsample = nn.Sequential(conv1x1(in_ch, out, s), norm_layer(out))
+                elif in_ch != out:
+                    raise ValueError(f"channels: stages[{i}].blocks[{j}] has an identity "
+                                     f"shortcut, so its input ({in_ch}) and the stage's out "
+                                     f"({out}) must be equal")
+                blocks.append(block(in_ch, widths, out, s, downsample, norm_layer,
+                                    norm_act_layer, next(rates)))
+                in_ch = out
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.num_features = in_ch
@@ -201,6 +300,8 @@ class CifarResNet(nn.Module):
     Args:
         depth: 20, 32, 44, 56, 110, ... (6n+2).
         shortcut: "A" (parameter-free, as the pruning literature uses) or "B" (1x1 conv + norm).
+        channels: explicit channel spec (module doc); with shortcut "A" each stage's out must be
+            >= its input (the shortcut zero-pads channels).
         Others as in `ResNet`; the base width is 16.
     """
 
@@ -208,29 +309,40 @@ class CifarResNet(nn.Module):
                  num_classes: int = 10, shortcut: str = "A", zero_init_residual: bool = True,
                  norm_layer: NormLayer = nn.BatchNorm2d,
                  norm_act_layer: NormLayer = BatchNormReLU2d, in_chans: int = 3,
-                 drop_path_rate: float = 0.0, blurpool: bool = False) -> None:
+                 drop_path_rate: float = 0.0, blurpool: bool = False,
+                 channels: ChannelSpec | None = None) -> None:
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
         if shortcut not in ("A", "B"):
             raise ValueError(f"shortcut must be 'A' or 'B', got {shortcut!r}")
         n = (depth - 2) // 6
-        b = base_channels(16, width, channel_divisor)
+        if channels is None:
+            channels = uniform_channels(base_channels(16, width, channel_divisor), [n] * 3, 1)
+        spec = check_channels(channels, [n] * 3, 1)
         self.width, self.channel_divisor = width, channel_divisor
+        b = spec["stem"]
         self.conv1 = conv3x3(in_chans, b)
         self.bn1 = norm_act_layer(b)
         in_ch = b
         rates = iter(drop_path_rates(drop_path_rate, 3 * n))
-        for i in range(3):
-            planes, stride = b * 2 ** i, 1 if i == 0 else 2
+        for i, stage in enumerate(spec["stages"]):
+            planes, stride = stage["out"], 1 if i == 0 else 2
             blocks = []
-            for j in range(n):
+            for j, widths in enumerate(stage["blocks"]):
                 s = stride if j == 0 else 1
                 downsample = None
                 if s != 1 or in_ch != planes:
+                    if j > 0:
+                        raise ValueError(f"channels: stages[{i}].blocks[{j}] has an identity "
+                                         f"shortcut, so its input ({in_ch}) and the stage's out "
+                                         f"({planes}) must be equal")
+                    if shortcut == "A" and planes < in_ch:
+                        raise ValueError(f"channels: stages[{i}].out ({planes}) must be >= its "
+                                         f"input ({in_ch}): shortcut A zero-pads channels")
                     downsample = (ShortcutA(in_ch, planes, s) if shortcut == "A" else
                                   nn.Sequential(conv1x1(in_ch, planes, s), norm_layer(planes)))
-                blocks.append(BasicBlock(in_ch, planes, s, downsample, norm_layer,
+                blocks.append(BasicBlock(in_ch, widths, planes, s, downsample, norm_layer,
                                          norm_act_layer, next(rates)))
                 in_ch = planes
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
