@@ -167,6 +167,7 @@ setup(
     version="0.1.0",
     description="Train and measure ThinResNets (arXiv 2309.12854) fast",
     packages=find_packages(include=["fasttrain", "fasttrain.*"]),
+    package_data={"fasttrain.compare": ["data/*.csv"]},
     python_requires=">=3.11",
     install_requires=[
         "torch>=2.11",

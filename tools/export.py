@@ -100,8 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     elif fmt == "onnx":
         extra = f", opset {meta['onnx_opset']}"
     size = "x".join(map(str, meta["input_size"]))
+    shape = ("pruned channels" if (meta.get("model_config") or {}).get("channels")
+             else f"w{meta['width']:g}")
     print(f"wrote {args.out} ({fmt}{extra}, {size_mb:.2f} MiB): {meta['model']} "
-          f"w{meta['width']:g}, {meta['num_classes']} classes, input {size}, "
+          f"{shape}, {meta['num_classes']} classes, input {size}, "
           f"{meta['bn_folded']} BatchNorm folded")
     print(f"parity vs eager at batch {' and '.join(map(str, parity.batch_sizes))}: max abs "
           f"{parity.max_abs:.3g}, max rel {parity.max_rel:.3g} (atol {parity.atol:g}, "

@@ -68,8 +68,17 @@ def from_checkpoint(path: str | Path, norm_act: str | None = None) -> BenchModel
     from ..export import model_from_checkpoint
 
     model, meta = model_from_checkpoint(path, norm_act=norm_act)
-    return BenchModel(meta["model"], meta["width"], str(path), model, meta["input_size"][1],
+    name, width = _identity(meta)
+    return BenchModel(name, width, str(path), model, meta["input_size"][1],
                       meta["num_classes"], meta["norm_act"], model)
+
+
+def _identity(meta: dict) -> tuple[str, float | None]:
+    """Row name and width of a fasttrain model: a network with an explicit channel spec (a
+    pruned one) is not at any uniform width, so it is named `<model> (pruned)`, width None."""
+    if (meta.get("model_config") or {}).get("channels"):
+        return f"{meta['model']} (pruned)", None
+    return meta["model"], meta.get("width")
 
 
 def from_file(path: str | Path) -> BenchModel:
@@ -89,7 +98,8 @@ def from_file(path: str | Path) -> BenchModel:
     elif not isinstance(module, torch.jit.ScriptModule):  # torch.export's GraphModule: fvcore
         count_model = module                                # traces it; ScriptModules refuse hooks
     resolution = meta.get("input_size", [3, 224, 224])[1]
-    return BenchModel(meta.get("model", Path(path).name), meta.get("width"), str(path), module,
+    name, width = _identity(meta) if meta.get("model") else (Path(path).name, None)
+    return BenchModel(name, width, str(path), module,
                       resolution, meta.get("num_classes"), meta.get("norm_act"), count_model,
                       compiled=True)
 

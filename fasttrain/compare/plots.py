@@ -1,0 +1,180 @@
+"""Comparison plots, each written as PNG and SVG (matplotlib's Agg canvas; no display needed).
+
+- `plot_top1`: top-1 against conv+fc MACs, parameters or measured latency (log x). Thin points
+  with their Pareto curve (straight segments in log x = linear interpolation in log MACs),
+  pruned and other points labelled, published points labelled by method; dotted vertical lines
+  mark where the ThinResNet widths of the benchmark sit (from thinresnet_counts.csv) whether or
+  not their accuracy has been measured.
+- `plot_delta`: Δ top-1 against MAC reduction, each point relative to its own baseline (papers
+  start from different baselines).
+
+SVG files carry no date and fixed element ids, so regenerating an unchanged plot gives an
+unchanged file.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .pareto import pareto_front
+from .points import LITERATURE, PRUNED, THIN, USER, Point
+
+STYLE = {  # kind -> marker, colour, legend text
+    THIN: ("o", "C0", "ThinResNet"),
+    PRUNED: ("s", "C3", "pruned + fine-tuned"),
+    "other": ("D", "C2", "other"),
+}
+AXES = {"macs": "conv+fc MACs per image (fvcore; the literature's \"FLOPs\")",
+        "params": "parameters",
+        "latency": "p50 latency per batch (ms)"}
+
+
+def _value(p: Point, x: str) -> float | None:
+    return {"macs": p.macs, "params": p.params, "latency": p.latency_ms}[x]
+
+
+def _figure(title: str, subtitle: str):
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    matplotlib.rcParams["svg.hashsalt"] = "fasttrain"  # stable ids: regenerated files diff clean
+    fig = Figure(figsize=(9, 6))
+    ax = fig.subplots()
+    fig.suptitle(title, fontsize=11)
+    if subtitle:
+        ax.set_title(subtitle, fontsize=8)
+    ax.grid(True, which="both", alpha=0.25)
+    return fig, ax
+
+
+def _save(fig, stem: Path) -> list[Path]:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    png, svg = stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".svg")
+    fig.savefig(png, dpi=110)
+    fig.savefig(svg, metadata={"Date": None})
+    return [png, svg]
+
+
+def _literature(ax, points: list[Point], xy: Callable[[Point], tuple[float, float] | None]
+                ) -> int:
+    import matplotlib
+
+    methods = sorted({p.method for p in points if p.kind == LITERATURE})
+    cmap = matplotlib.colormaps["tab20"]
+    colours = {m: cmap(i % 20) for i, m in enumerate(methods)}
+    n = 0
+    for p in points:
+        if p.kind != LITERATURE or xy(p) is None:
+            continue
+        x, y = xy(p)
+        ax.scatter([x], [y], marker="^", s=22, color=colours[p.method], alpha=0.85,
+                   label="published (labelled by method)" if n == 0 else None, zorder=3)
+        ax.annotate(p.method, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=5.5,
+                    color="0.25")
+        n += 1
+    return n
+
+
+def _ours(ax, points: list[Point], xy: Callable[[Point], tuple[float, float] | None],
+          log_x: bool) -> None:
+    import math
+
+    ours = [(p, xy(p)) for p in points if p.kind != LITERATURE and xy(p) is not None]
+    scale = (lambda v: math.log(v)) if log_x else (lambda v: v)
+    xs = [scale(v[0]) for _, v in ours]
+    lo, span = (min(xs), (max(xs) - min(xs)) or 1.0) if xs else (0.0, 1.0)
+    seen = set()
+    for p, (x, y) in ours:
+        marker, colour, text = STYLE.get(p.kind, STYLE["other"])
+        legend = f"{text} ({p.origin})"
+        ax.scatter([x], [y], marker=marker, s=40, color=colour, zorder=4,
+                   facecolors="none" if p.origin == USER else colour,
+                   label=None if legend in seen else legend)
+        seen.add(legend)
+        right = (scale(x) - lo) / span > 0.6  # label towards the middle: never off the canvas
+        ax.annotate(p.label + (" (user-provided)" if p.origin == USER else ""), (x, y),
+                    textcoords="offset points", xytext=(-4 if right else 4, -10),
+                    ha="right" if right else "left", fontsize=7, color=colour)
+
+
+def _reference(ax, reference: Sequence[tuple[str, float]]) -> None:
+    for i, (text, x) in enumerate(reference):
+        ax.axvline(x, color="0.55", linestyle=":", linewidth=1,
+                   label="ThinResNet widths (position only)" if i == 0 else None, zorder=1)
+        ax.annotate(text, (x, 1.0), xycoords=("data", "axes fraction"), rotation=90,
+                    xytext=(2, -4), textcoords="offset points", fontsize=7, va="top",
+                    color="0.4")
+
+
+def _log_x(ax) -> None:
+    from matplotlib.ticker import LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    ax.margins(x=0.12, y=0.08)  # room for the point labels
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _si(v: float) -> str:
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= div:
+            return f"{v / div:g}{unit}"
+    return f"{v:g}"
+
+
+def plot_top1(points: list[Point], x: str, stem: Path, *, title: str, subtitle: str = "",
+              reference: Sequence[tuple[str, float]] = ()) -> list[Path]:
+    """Top-1 against `x` ("macs" | "params" | "latency"), log x; PNG and SVG at `stem`.{png,svg}.
+
+    Returns:
+        The written paths.
+    """
+    from matplotlib.ticker import FuncFormatter
+
+    label = AXES[x]
+    fig, ax = _figure(title, subtitle)
+
+    def xy(p: Point):
+        v = _value(p, x)
+        return None if v is None else (v, p.top1)
+
+    thin = [(v, p.top1) for p in points if p.kind == THIN and (v := _value(p, x)) is not None]
+    front = pareto_front(thin)
+    if len(front) > 1:
+        ax.plot([f[0] for f in front], [f[1] for f in front], color=STYLE[THIN][1], lw=1.5,
+                zorder=2, label="ThinResNet Pareto curve (linear in log x)")
+    _reference(ax, reference)
+    _literature(ax, points, xy)
+    _ours(ax, points, xy, log_x=True)
+    _log_x(ax)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _si(v)))
+    ax.set_xlabel(label)
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.legend(fontsize=7, loc="best")
+    return _save(fig, stem)
+
+
+def plot_delta(points: list[Point], stem: Path, *, title: str, subtitle: str = "",
+               reference: Sequence[tuple[str, float]] = ()) -> list[Path]:
+    """Δ top-1 (pp) against MAC reduction (%), each point relative to its own baseline; points
+    without a baseline are left out. PNG and SVG at `stem`.{png,svg}."""
+    fig, ax = _figure(title, subtitle)
+
+    def xy(p: Point):
+        red, delta = p.mac_reduction, p.delta_top1
+        return None if red is None or delta is None else (red, delta)
+
+    ax.axhline(0, color="0.3", lw=0.8)
+    thin = sorted(xy(p) for p in points if p.kind == THIN and xy(p) is not None)
+    if len(thin) > 1:
+        ax.plot([t[0] for t in thin], [t[1] for t in thin], color=STYLE[THIN][1], lw=1.2,
+                zorder=2)
+    _reference(ax, reference)
+    _literature(ax, points, xy)
+    _ours(ax, points, xy, log_x=False)
+    ax.set_xlabel("MAC reduction relative to the point's own baseline (%)")
+    ax.set_ylabel("Δ top-1 vs own baseline (percentage points)")
+    ax.margins(x=0.08, y=0.08)
+    ax.legend(fontsize=7, loc="best")
+    return _save(fig, stem)

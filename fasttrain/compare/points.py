@@ -1,0 +1,398 @@
+"""What a comparison plots: points from run directories, user CSV files and the literature, with
+latency measured by tools/benchmark.py attached.
+
+A `Point` is one network: its top-1, conv+fc MACs and parameters, where it comes from (`origin`:
+"measured here" for run directories of this project, "user-provided" for a CSV file,
+"published" for the literature) and its kind ("thin": a uniformly thin ResNet, these make the
+Pareto curve; "pruned"; "literature"; "other"). Its own baseline (`base_top1`, `base_macs`) gives
+the Δ-accuracy / MAC-reduction view: a pruned run's baseline is the checkpoint it was pruned
+from, a thin point's is the widest thin run of the same model, a literature point's is the
+paper's.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from .literature import Benchmark, CompareError, LiteraturePoint
+
+THIN, PRUNED, LITERATURE, OTHER = "thin", "pruned", "literature", "other"
+MEASURED, USER, PUBLISHED = "measured here", "user-provided", "published"
+
+
+@dataclass
+class Point:
+    """One network in a comparison (see module doc).
+
+    Attributes:
+        top1: validation top-1 (%); for run directories the last epoch's `val_top1`.
+        macs: conv+fc MACs per image at `resolution` (fvcore; the literature's "FLOPs").
+        reduction_pct: MAC reduction vs its own baseline as stated (literature); else derived
+            from `base_macs` (see `mac_reduction`).
+        latency_ms: p50 latency of one batch from a tools/benchmark.py result file.
+    """
+
+    label: str
+    kind: str
+    origin: str
+    top1: float
+    macs: int | None
+    params: int | None = None
+    model: str | None = None
+    width: float | None = None
+    resolution: int | None = None
+    base_top1: float | None = None
+    base_macs: int | None = None
+    reduction_pct: float | None = None
+    latency_ms: float | None = None
+    method: str | None = None
+    source: str = ""
+
+    @property
+    def delta_top1(self) -> float | None:
+        return None if self.base_top1 is None else self.top1 - self.base_top1
+
+    @property
+    def mac_reduction(self) -> float | None:
+        """MAC reduction (%) relative to the point's own baseline."""
+        if self.reduction_pct is not None:
+            return self.reduction_pct
+        if self.base_macs and self.macs:
+            return 100 * (1 - self.macs / self.base_macs)
+        return None
+
+
+# --------------------------------------------------------------------------- literature
+
+def literature_points(points: Iterable[LiteraturePoint]) -> list[Point]:
+    """Published operating points as comparison points (rows without MACs stay out of the MAC
+    axes but keep their place in the table)."""
+    return [Point(label=f"{p.method} ({p.venue})", kind=LITERATURE, origin=PUBLISHED, top1=p.top1,
+                  macs=p.macs, params=p.params, base_top1=p.base_top1,
+                  reduction_pct=p.macs_reduction_pct, method=p.method,
+                  source=f"{p.source} (line {p.line})") for p in points]
+
+
+# --------------------------------------------------------------------------- run directories
+
+def _last_metrics(run: Path) -> dict[str, Any]:
+    path = run / "metrics.jsonl"
+    try:
+        lines = [l for l in path.read_text().splitlines() if l.strip()]
+    except OSError:
+        raise CompareError(f"{run}: no metrics.jsonl (has the run finished an epoch?)") from None
+    if not lines:
+        raise CompareError(f"{path}: no finished epoch")
+    try:
+        last = json.loads(lines[-1])
+        top1 = float(last["val_top1"])
+    except (ValueError, KeyError, TypeError):
+        raise CompareError(f"{path}:{len(lines)}: not a metrics line with val_top1") from None
+    return {**last, "val_top1": top1}
+
+
+def _pruning_record(init_from: str, run: Path, warnings: list[str]) -> dict[str, Any] | None:
+    """The `pruning` entry of the checkpoint a run started from (tools/prune.py writes it)."""
+    from ..engine import checkpoint as ckpt
+    from ..errors import CheckpointError
+
+    path = Path(init_from)
+    candidates = [path] if path.is_absolute() else [path, run.parent / path, run / path]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        warnings.append(f"{run}: model.init_from {init_from} not found: its baseline (the "
+                        f"network it was pruned from) is unknown, so it is left out of the "
+                        f"Δ view")
+        return None
+    try:
+        record = ckpt.load(found).get("pruning")
+    except CheckpointError as e:
+        warnings.append(f"{run}: {e}")
+        return None
+    if not isinstance(record, dict):
+        warnings.append(f"{run}: {found} has no pruning record (not written by tools/prune.py)")
+        return None
+    return record
+
+
+def point_from_run(run_dir: str | Path, warnings: list[str] | None = None) -> Point:
+    """The point of a fasttrain run directory: its last epoch's validation top-1, and params and
+    MACs of the model its config.yaml describes, counted at the validation resolution.
+
+    A run whose model has an explicit channel spec is "pruned"; its baseline comes from the
+    pruned checkpoint named by `model.init_from` (the source checkpoint's top-1 and MACs).
+
+    Raises:
+        CompareError: missing directory, config.yaml or finished epoch.
+        ConfigError: an invalid config.yaml.
+    """
+    from .. import config as config_mod
+    from ..engine.loop import build_model
+    from ..measure import count_macs, count_params
+
+    warnings = [] if warnings is None else warnings
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise CompareError(f"{run}: run directory not found")
+    if not (run / "config.yaml").is_file():
+        raise CompareError(f"{run}: no config.yaml (not a fasttrain run directory)")
+    cfg = config_mod.load(run / "config.yaml")
+    metrics = _last_metrics(run)
+    m = cfg.model
+    if not m.num_classes:
+        raise CompareError(f"{run}/config.yaml: model.num_classes is 0 (the trainer writes the "
+                           f"resolved count; was this file edited?)")
+    model = build_model(m, m.num_classes)
+    res = cfg.data.val_res
+    point = Point(label=f"{m.name} w{m.width:g}", kind=THIN, origin=MEASURED,
+                  top1=metrics["val_top1"], macs=count_macs(model, res).conv_fc,
+                  params=count_params(model), model=m.name, width=m.width, resolution=res,
+                  source=str(run))
+    if m.channels is not None:
+        point.kind, point.width = PRUNED, None
+        point.label = f"{m.name} pruned"
+        record = _pruning_record(m.init_from, run, warnings) if m.init_from else None
+        if record is not None:
+            point.label = (f"{m.name} w{record['source_width']:g} pruned "
+                           f"({record['importance']}, {record['scope']})")
+            point.method = f"{record['importance']}, {record['scope']}"
+            point.base_top1 = record.get("source_val_top1")
+            point.base_macs = record.get("source_macs")
+    return point
+
+
+# --------------------------------------------------------------------------- user CSV files
+
+USER_COLUMNS = {"label": str, "top1": float, "macs": float, "kind": str, "params": float,
+                "base_top1": float, "base_macs": float, "model": str, "width": float,
+                "resolution": float, "note": str}
+USER_REQUIRED = ("label", "top1", "macs")
+USER_KINDS = (THIN, PRUNED, OTHER)
+
+
+def points_from_csv(path: str | Path) -> list[Point]:
+    """Points trained elsewhere, from a CSV file with a header. Columns: `label`, `top1` (%),
+    `macs` (conv+fc MACs per image, e.g. 1.05e9) required; `kind` (thin | pruned | other,
+    default other), `params`, `base_top1`, `base_macs` (its own baseline, for the Δ view),
+    `model`, `width`, `resolution`, `note` optional. Every point is labelled user-provided.
+
+    Raises:
+        CompareError: unreadable file, unknown or missing column, or a bad cell, naming the
+            file, line and column.
+    """
+    path = Path(path)
+    try:
+        f = open(path, newline="")
+    except OSError as e:
+        raise CompareError(f"{path}: cannot read points CSV ({e.strerror})") from None
+    points = []
+    with f:
+        reader = csv.DictReader(f)
+        header = list(reader.fieldnames or [])
+        unknown = [c for c in header if c not in USER_COLUMNS]
+        if unknown:
+            raise CompareError(f"{path}:1: unknown column {unknown[0]!r}; columns: "
+                               f"{', '.join(USER_COLUMNS)}")
+        missing = [c for c in USER_REQUIRED if c not in header]
+        if missing:
+            raise CompareError(f"{path}:1: missing column {missing[0]!r} (required: "
+                               f"{', '.join(USER_REQUIRED)})")
+        for row in reader:
+            line = reader.line_num
+            if None in row:
+                raise CompareError(f"{path}:{line}: more cells than the header's "
+                                   f"{len(header)} columns")
+            if not any((v or "").strip() for v in row.values()):
+                continue
+            values = {k: _user_cell(path, line, k, (v or "").strip()) for k, v in row.items()}
+            for k in USER_REQUIRED:
+                if values.get(k) is None:
+                    raise CompareError(f"{path}:{line}: column {k}: required, but empty")
+            kind = values.get("kind") or OTHER
+            if kind not in USER_KINDS:
+                raise CompareError(f"{path}:{line}: column kind: must be one of "
+                                   f"{', '.join(USER_KINDS)}, got {kind!r}")
+            as_int = {k: None if values.get(k) is None else round(values[k])
+                      for k in ("macs", "params", "base_macs", "resolution")}
+            points.append(Point(label=values["label"], kind=kind, origin=USER,
+                                top1=values["top1"], macs=as_int["macs"],
+                                params=as_int["params"], model=values.get("model"),
+                                width=values.get("width"), resolution=as_int["resolution"],
+                                base_top1=values.get("base_top1"),
+                                base_macs=as_int["base_macs"], source=f"{path}:{line}"))
+    return points
+
+
+def _user_cell(path: Path, line: int, column: str, text: str) -> Any:
+    if not text:
+        return None
+    if USER_COLUMNS[column] is str:
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise CompareError(f"{path}:{line}: column {column}: expected a number, "
+                           f"got {text!r}") from None
+    if not math.isfinite(value) or value <= 0 or (column in ("top1", "base_top1")
+                                                   and value > 100):
+        bound = "in (0, 100]" if column in ("top1", "base_top1") else "> 0"
+        raise CompareError(f"{path}:{line}: column {column}: must be {bound}, got {text}")
+    return value
+
+
+# --------------------------------------------------------------------------- baselines
+
+def assign_thin_baselines(points: list[Point]) -> None:
+    """Give every thin point without a baseline the widest thin point of the same model and
+    origin (most MACs) as its baseline, in place."""
+    widest: dict[tuple[str | None, str], Point] = {}
+    for p in points:
+        if p.kind == THIN and p.macs:
+            key = (p.model, p.origin)
+            if key not in widest or p.macs > widest[key].macs:
+                widest[key] = p
+    for p in points:
+        if p.kind == THIN and p.base_top1 is None and (p.model, p.origin) in widest:
+            ref = widest[(p.model, p.origin)]
+            p.base_top1, p.base_macs = ref.top1, ref.macs
+
+
+def dedupe_labels(points: list[Point]) -> None:
+    """Make labels unique, in place, by appending the source's last path part."""
+    seen: dict[str, int] = {}
+    for p in points:
+        seen[p.label] = seen.get(p.label, 0) + 1
+    for p in points:
+        if seen[p.label] > 1 and p.kind != LITERATURE:
+            p.label = f"{p.label} [{Path(p.source.split(':')[0]).name}]"
+
+
+def check_benchmark_fit(points: list[Point], bench: Benchmark) -> list[str]:
+    """Warnings for measured points whose resolution differs from the benchmark's (their MACs
+    are then not comparable to the published ones)."""
+    return [f"{p.source}: {p.model} at {p.resolution} px, but {bench.name} counts MACs at "
+            f"{bench.resolution} px: its MACs are not comparable with the published ones"
+            for p in points if p.resolution is not None and p.resolution != bench.resolution]
+
+
+# --------------------------------------------------------------------------- latency
+
+@dataclass(frozen=True)
+class LatencyConditions:
+    """The shared conditions of the benchmark rows a comparison uses."""
+
+    device_name: str
+    threads: int | None
+    precision: str
+    layout: str
+    mode: str
+    batch_size: int
+    torch_version: str
+    files: tuple[str, ...]
+
+    def describe(self) -> str:
+        threads = f", {self.threads} thread{'s' if self.threads != 1 else ''}" \
+            if self.threads else ""
+        return (f"{self.device_name}{threads}, {self.precision}, {self.layout}, {self.mode}, "
+                f"batch {self.batch_size}, torch {self.torch_version}")
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise CompareError(f"{path}: cannot read latency results ({e.strerror})") from None
+    if path.suffix.lower() == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CompareError(f"{path}: not JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise CompareError(f"{path}: expected a list of tools/benchmark.py result rows")
+        return rows
+    if path.suffix.lower() == ".csv":
+        return [dict(r) for r in csv.DictReader(text.splitlines())]
+    raise CompareError(f"{path}: latency results must be a tools/benchmark.py .json or .csv "
+                       f"file")
+
+
+LATENCY_FIELDS = ("kind", "status", "params", "macs", "resolution", "batch_size",
+                  "latency_ms_p50", "device_name", "precision", "layout", "mode")
+
+
+def attach_latency(points: list[Point], files: Iterable[str | Path],
+                   batch_size: int | None = None) -> LatencyConditions | None:
+    """Set `latency_ms` (p50) of every point whose params, MACs and resolution equal those of a
+    successful inference row in `files` (tools/benchmark.py results): latency depends on the
+    architecture only, so a run and the checkpoint benchmarked from it match. Of several rows
+    for one point the last (most recently appended) is used.
+
+    Args:
+        batch_size: which batch size's rows; default the smallest in the files.
+
+    Returns:
+        The rows' shared conditions, or None when no point matched.
+
+    Raises:
+        CompareError: unreadable files, rows missing fields, no row at `batch_size`, or matched
+            rows measured under different conditions (device, threads, precision, layout,
+            mode): latencies from different set-ups are not comparable.
+    """
+    rows = []
+    files = [Path(f) for f in files]
+    for path in files:
+        for i, row in enumerate(_read_rows(path), start=1):
+            missing = [k for k in LATENCY_FIELDS if k not in row]
+            if missing:
+                raise CompareError(f"{path}: row {i}: missing field {missing[0]!r} (not a "
+                                   f"tools/benchmark.py result file?)")
+            if row["kind"] != "latency" or row["status"] != "ok" or row["macs"] in (None, ""):
+                continue
+            try:
+                rows.append({**row, "params": int(row["params"]), "macs": int(row["macs"]),
+                             "resolution": int(row["resolution"]),
+                             "batch_size": int(row["batch_size"]),
+                             "latency_ms_p50": float(row["latency_ms_p50"]),
+                             "threads": int(row["threads"]) if row.get("threads") not in
+                             (None, "") else None})
+            except (TypeError, ValueError):
+                raise CompareError(f"{path}: row {i}: non-numeric params, macs, resolution, "
+                                   f"batch_size or latency") from None
+    if not rows:
+        if files:
+            raise CompareError(f"{', '.join(map(str, files))}: no successful inference rows")
+        return None
+    sizes = sorted({r["batch_size"] for r in rows})
+    batch = sizes[0] if batch_size is None else batch_size
+    if batch not in sizes:
+        raise CompareError(f"no latency rows at batch size {batch}; the files have "
+                           f"{', '.join(map(str, sizes))}")
+    by_arch = {}
+    for r in rows:
+        if r["batch_size"] == batch:
+            by_arch[(r["params"], r["macs"], r["resolution"])] = r  # last one wins
+    used = []
+    for p in points:
+        r = by_arch.get((p.params, p.macs, p.resolution))
+        if r is not None and p.kind != LITERATURE:
+            p.latency_ms = r["latency_ms_p50"]
+            used.append(r)
+    if not used:
+        return None
+    keys = ("device_name", "threads", "precision", "layout", "mode")
+    first = used[0]
+    for r in used[1:]:
+        for k in keys:
+            if r[k] != first[k]:
+                raise CompareError(f"latency rows measured under different conditions: "
+                                   f"{k} {first[k]!r} and {r[k]!r}; compare one set-up at a "
+                                   f"time")
+    return LatencyConditions(first["device_name"], first["threads"], first["precision"],
+                             first["layout"], first["mode"], batch,
+                             str(first.get("torch_version", "?")),
+                             tuple(str(f) for f in files))
+

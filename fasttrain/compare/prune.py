@@ -1,0 +1,343 @@
+"""Structured channel pruning of a fasttrain ResNet to a target MAC count (Torch-Pruning).
+
+The pruned network is *physically smaller* and dense: its convolutions and norms have fewer
+channels, it is described as data by a channel spec (`fasttrain.models.resnet`, module doc) and
+rebuilt from that spec by the ordinary fasttrain model classes, so the trainer, the benchmark and
+the exporter treat it like any other fasttrain model.
+
+How channels are chosen:
+- Torch-Pruning's dependency graph finds the *groups* of coupled channels: a block's inner
+  channels (conv → norm → next conv's input), and, across residual additions, every layer that
+  writes or reads one residual stream (all block outputs of a stage, the projection shortcut, the
+  next stage's first convs). A group is pruned as a whole, so residual additions stay consistent.
+- The classifier's outputs are never pruned. In CIFAR option-A networks the residual streams are
+  kept too (stem and block outputs): the parameter-free shortcut zero-pads channels by position,
+  which a pruned stream cannot follow, so only the blocks' inner channels are pruned there.
+- Importance, per channel of a group (Torch-Pruning estimators, each normalised by the group's
+  mean so groups compare): `l1` = `MagnitudeImportance(p=1)`, the L1 norm of every weight coupled
+  to the channel (filters, the next layers' input slices, norm affine weights) averaged over the
+  group; `bn_scale` = `BNScaleImportance`, the |gamma| of the group's BatchNorms (network
+  slimming).
+- `uniform` keeps `round(C * (1 - ratio))` channels of every group (at least 1); `global` ranks
+  all channels of all groups together and removes the `round(ratio * total)` least important,
+  always keeping each group's most important channel.
+- The ratio is found by bisection until the pruned network's conv+fc MACs (fvcore, as
+  `fasttrain.measure.count_macs` counts everywhere in this project) are within the tolerance of
+  the target; MACs never increase with the ratio in either scheme.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import importlib.metadata
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..measure import count_macs, count_params, git_commit
+from ..models.resnet import ShortcutA, channels_of
+
+IMPORTANCES = ("l1", "bn_scale")
+SCOPES = ("uniform", "global")
+TORCH_PRUNING = "torch-pruning==1.6.1"
+
+
+class PruneError(UserError, ValueError):
+    """Pruning cannot be done as asked (missing package, unreachable target, bad model)."""
+
+
+def require_torch_pruning():
+    """The `torch_pruning` module, or a PruneError saying how to install it."""
+    try:
+        import torch_pruning
+    except ImportError:
+        raise PruneError(f"pruning needs Torch-Pruning: pip install -e .[prune] "
+                         f"(or pip install {TORCH_PRUNING})") from None
+    return torch_pruning
+
+
+def _tp_version() -> str:
+    try:
+        return importlib.metadata.version("torch-pruning")
+    except importlib.metadata.PackageNotFoundError:
+        return str(getattr(require_torch_pruning(), "__version__", "unknown"))
+
+
+def _importance(name: str):
+    tp = require_torch_pruning()
+    if name == "l1":
+        return tp.importance.MagnitudeImportance(p=1)
+    if name == "bn_scale":
+        return tp.importance.BNScaleImportance()
+    raise PruneError(f"importance must be one of {', '.join(IMPORTANCES)}, got {name!r}")
+
+
+def _ignored(model: nn.Module) -> list[nn.Module]:
+    # The classifier's outputs are the classes. With option-A shortcuts, the dependency graph
+    # couples all residual streams through the zero-padding into one group that also holds the
+    # stem conv: ignoring the stem leaves that group (and only it) unpruned.
+    ignored = [model.fc]
+    if any(isinstance(m, ShortcutA) for m in model.modules()):
+        ignored.append(model.conv1)
+    return ignored
+
+
+def _groups(model: nn.Module, resolution: int):
+    """(dependency graph, [(root module name, root module, pruning fn, group)]) of `model`."""
+    tp = require_torch_pruning()
+    example = torch.zeros(1, 3, resolution, resolution)
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    names = {m: n for n, m in model.named_modules()}
+    out = []
+    for group in graph.get_all_groups(ignored_layers=_ignored(model),
+                                      root_module_types=[nn.Conv2d, nn.Linear]):
+        root = group[0].dep.target.module
+        out.append((names[root], root, group[0].dep.handler, group))
+    return graph, out
+
+
+def channel_importance(model: nn.Module, importance: str, resolution: int
+                       ) -> dict[str, torch.Tensor]:
+    """Importance of every prunable channel: {root module name of its group: scores (C,)}."""
+    estimator = _importance(importance)
+    model = copy.deepcopy(model).eval()
+    _, groups = _groups(model, resolution)
+    scores = {}
+    for name, _, _, group in groups:
+        imp = estimator(group)
+        if imp is None:  # a group without weights the estimator reads
+            continue
+        scores[name] = imp.detach().float().cpu()
+    if not scores:
+        raise PruneError("the model has no prunable channel group")
+    return scores
+
+
+def channel_plan(scores: dict[str, torch.Tensor], ratio: float, scope: str
+                 ) -> dict[str, list[int]]:
+    """Channels to remove per group at `ratio` (0 = none; 1 = all but one per group).
+
+    Args:
+        scores: `channel_importance` output.
+        scope: "uniform" (every group loses the same fraction) or "global" (one ranking over all
+            channels, each group keeping its most important one).
+
+    Returns:
+        {group root name: sorted channel indices to remove}; groups left whole are omitted.
+    """
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+    plan: dict[str, list[int]] = {}
+    if scope == "uniform":
+        for name, imp in scores.items():
+            keep = max(1, math.floor(len(imp) * (1.0 - ratio) + 0.5))
+            order = torch.argsort(imp, stable=True)  # least important first
+            drop = order[:len(imp) - keep]
+            if len(drop):
+                plan[name] = sorted(drop.tolist())
+        return plan
+    if scope != "global":
+        raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+    total = sum(len(imp) for imp in scores.values())
+    candidates = []  # (score, tie-break, group, channel): every channel but each group's best
+    for g, (name, imp) in enumerate(scores.items()):
+        best = int(torch.argmax(imp))
+        candidates += [(float(s), g, name, c) for c, s in enumerate(imp.tolist()) if c != best]
+    n_drop = min(math.floor(ratio * total + 0.5), len(candidates))
+    candidates.sort(key=lambda t: (t[0], t[1], t[3]))
+    for _, _, name, c in candidates[:n_drop]:
+        plan.setdefault(name, []).append(c)
+    return {name: sorted(idx) for name, idx in plan.items()}
+
+
+def apply_plan(model: nn.Module, plan: dict[str, list[int]], resolution: int) -> nn.Module:
+    """A pruned deep copy of `model` (eval mode): each planned group loses its channels through
+    Torch-Pruning's dependency graph, so every coupled layer shrinks with it."""
+    model = copy.deepcopy(model).eval()
+    graph, groups = _groups(model, resolution)
+    for name, root, fn, _ in groups:
+        if plan.get(name):
+            graph.get_pruning_group(root, fn, plan[name]).prune()
+    return model
+
+
+@dataclass
+class PruneResult:
+    """A pruned network and how it was found.
+
+    Attributes:
+        model: the pruned network, rebuilt from `channels` by the fasttrain model class and
+            holding the pruned weights (eval mode).
+        channels: its channel spec (JSON-able).
+        ratio: the ratio that reached the target.
+        macs / params: conv+fc MACs per image at `resolution` (fvcore) and parameters.
+        source_macs / source_params: the same for the unpruned input.
+        target_macs, resolution, importance, scope, tolerance: what was asked.
+        search: every evaluated (ratio, MACs), in order.
+    """
+
+    model: nn.Module
+    channels: dict[str, Any]
+    ratio: float
+    macs: int
+    params: int
+    source_macs: int
+    source_params: int
+    target_macs: int
+    resolution: int
+    importance: str
+    scope: str
+    tolerance: float
+    search: list[tuple[float, int]] = field(default_factory=list)
+
+    @property
+    def error(self) -> float:
+        """Relative distance of the achieved MACs from the target."""
+        return self.macs / self.target_macs - 1.0
+
+
+def prune_to_macs(model: nn.Module, target_macs: int, resolution: int,
+                  rebuild: Callable[[dict[str, Any]], nn.Module], *, importance: str = "l1",
+                  scope: str = "global", tolerance: float = 0.05, max_evals: int = 40
+                  ) -> PruneResult:
+    """Prune `model` until its conv+fc MACs are within `tolerance` of `target_macs`.
+
+    Args:
+        model: a fasttrain `ResNet` / `CifarResNet` (not modified).
+        resolution: input size the MACs are counted at.
+        rebuild: channel spec → a fresh fasttrain model of that architecture (its state dict
+            must take the pruned weights with `strict=True`; this is checked).
+        importance: one of IMPORTANCES; scope: one of SCOPES.
+        tolerance: accepted relative MAC error.
+
+    Raises:
+        PruneError: the target is not below the model's MACs, cannot be reached (even at one
+            channel per prunable group), or no ratio lands within the tolerance.
+    """
+    if scope not in SCOPES:
+        raise PruneError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+    model = copy.deepcopy(model).eval()
+    source_macs = count_macs(model, resolution).conv_fc
+    if target_macs >= source_macs:
+        raise PruneError(f"target {target_macs:,} MACs is not below the model's "
+                         f"{source_macs:,} MACs at {resolution} px")
+    scores = channel_importance(model, importance, resolution)
+    cache: dict[tuple, tuple[int, nn.Module]] = {}
+    search: list[tuple[float, int]] = []
+
+    def evaluate(ratio: float) -> int:
+        plan = channel_plan(scores, ratio, scope)
+        key = tuple(sorted((k, tuple(v)) for k, v in plan.items()))
+        if key not in cache:  # a step function of the ratio: equal plans, equal networks
+            pruned = apply_plan(model, plan, resolution)
+            cache[key] = (count_macs(pruned, resolution).conv_fc, pruned)
+        macs = cache[key][0]
+        search.append((ratio, macs))
+        return macs
+
+    lo, hi = 0.0, 1.0
+    floor_macs = evaluate(hi)
+    if floor_macs > target_macs * (1 + tolerance):
+        raise PruneError(f"target {target_macs:,} MACs is out of reach: one channel per "
+                         f"prunable group still costs {floor_macs:,} MACs at {resolution} px")
+    # Invariant: MACs(lo) > target >= MACs(hi). Stop when close, or when the bracket has shrunk
+    # below the finest channel step (the two ends are then adjacent steps of the function).
+    while len(search) < max_evals and hi - lo > 1e-5:
+        mid = (lo + hi) / 2
+        macs = evaluate(mid)
+        if abs(macs / target_macs - 1) <= tolerance / 10:
+            break
+        if macs > target_macs:
+            lo = mid
+        else:
+            hi = mid
+    ratio, macs = min(search, key=lambda rm: (abs(rm[1] / target_macs - 1), rm[0]))
+    if abs(macs / target_macs - 1) > tolerance:
+        raise PruneError(f"no pruning ratio lands within {tolerance:.0%} of {target_macs:,} "
+                         f"MACs: the closest is {macs:,} ({macs / target_macs - 1:+.1%}) at "
+                         f"ratio {ratio:.4f}; try the other --scope or a larger --tolerance")
+    plan = channel_plan(scores, ratio, scope)
+    pruned = cache[tuple(sorted((k, tuple(v)) for k, v in plan.items()))][1]
+    spec = channels_of(pruned)
+    clean = rebuild(spec)
+    try:
+        clean.load_state_dict(pruned.state_dict())
+    except RuntimeError as e:  # a coupling the spec cannot express: a bug, not a user error
+        raise RuntimeError(f"pruned weights do not fit the model rebuilt from its channel "
+                           f"spec: {str(e).splitlines()[0]}") from None
+    clean.eval()
+    return PruneResult(clean, spec, ratio, macs, count_params(clean), source_macs,
+                       count_params(model), int(target_macs), resolution, importance, scope,
+                       tolerance, search)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def prune_checkpoint(path: str | Path, out: str | Path, *, target_macs: int | None = None,
+                     target_width: float | None = None, importance: str = "l1",
+                     scope: str = "global", tolerance: float = 0.05) -> PruneResult:
+    """Prune the model of a fasttrain checkpoint and write a checkpoint of the pruned network.
+
+    The target is `target_macs`, or the MACs of the same model at `target_width` under the
+    uniform width rule (both at the checkpoint's validation resolution). The written checkpoint
+    holds `model` (pruned weights), `config` (the source's, with `model.channels` = the pruned
+    spec), `versions` and `pruning` (source path, epoch and validation top-1, source and pruned
+    MACs/params, target, ratio, importance, scope, the bisection trace). It loads with
+    `weights_only=True`; `--model.init_from=OUT` fine-tunes it with any recipe, and
+    tools/benchmark.py and tools/export.py accept it like any checkpoint.
+
+    Raises:
+        CheckpointError: unreadable checkpoint. PruneError: see `prune_to_macs`.
+    """
+    from ..config import ModelConfig
+    from ..engine import checkpoint as ckpt
+    from ..engine.loop import build_model
+    from ..export import model_from_checkpoint
+
+    require_torch_pruning()
+    if (target_macs is None) == (target_width is None):
+        raise PruneError("give exactly one of target_macs and target_width")
+    path = Path(path)
+    model, meta = model_from_checkpoint(path)
+    state = ckpt.load(path)
+    config = copy.deepcopy(state["config"])
+    mc = dict(meta["model_config"])  # num_classes resolved
+    resolution = meta["input_size"][1]
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+
+    def rebuild(channels: dict[str, Any] | None, width: float | None = None) -> nn.Module:
+        cfg = ModelConfig(**{k: v for k, v in mc.items() if k in known})
+        cfg.channels, cfg.init_from = channels, ""
+        if width is not None:
+            cfg.width = width
+        return build_model(cfg, cfg.num_classes)
+
+    if target_width is not None:
+        target_macs = count_macs(rebuild(None, target_width), resolution).conv_fc
+    result = prune_to_macs(model, int(target_macs), resolution, rebuild, importance=importance,
+                           scope=scope, tolerance=tolerance)
+    config["model"] = {**config["model"], "channels": result.channels, "init_from": "",
+                       "num_classes": mc["num_classes"]}
+    metrics = state.get("metrics") or {}
+    record = {"source": str(path), "source_epoch": (state.get("train_state") or {}).get("epoch"),
+              "source_val_top1": metrics.get("val_top1"), "source_model": mc["name"],
+              "source_width": mc["width"], "source_channels": mc.get("channels"),
+              "source_macs": result.source_macs, "source_params": result.source_params,
+              "target_macs": result.target_macs, "target_width": target_width,
+              "macs": result.macs, "params": result.params, "resolution": resolution,
+              "importance": importance, "scope": scope, "ratio": result.ratio,
+              "tolerance": tolerance, "search": [list(s) for s in result.search],
+              "torch_pruning": _tp_version(),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    versions = {**(state.get("versions") or {}), "torch": str(torch.__version__),
+                "prune_commit": git_commit()}
+    out = Path(out)
+    ckpt.save_atomic({"model": result.model.state_dict(), "config": config, "metrics": {},
+                      "versions": versions, "pruning": record}, out)
+    return result

@@ -1,0 +1,308 @@
+"""tools/compare.py and fasttrain.compare: Pareto curve math, the margin table, user CSV files,
+latency matching, plots that decode, one-line errors, and the whole thin-vs-pruned flow on the
+built-in data set (train two widths, prune, fine-tune, benchmark, compare)."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import load_tool
+from fasttrain.compare import report
+from fasttrain.compare.literature import CompareError
+from fasttrain.compare.pareto import curve_value, pareto_front
+from fasttrain.compare.points import (OTHER, PRUNED, THIN, USER, Point, attach_latency,
+                                      points_from_csv)
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+compare_tool = load_tool("compare")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread (small models; two threads on a shared 2-core machine wait on the
+    scheduler)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def assert_images(paths):
+    """Every PNG decodes to a non-blank image and every SVG parses as XML."""
+    import matplotlib.image
+
+    for path in paths:
+        path = Path(path)
+        if path.suffix == ".png":
+            img = matplotlib.image.imread(path)
+            assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200
+            assert img.std() > 0.01, path  # not a blank canvas
+        elif path.suffix == ".svg":
+            root = ET.parse(path).getroot()
+            assert root.tag.endswith("svg") and len(list(root.iter())) > 50
+            assert "<dc:date>" not in path.read_text()  # reproducible files
+
+
+# --------------------------------------------------------------------------- Pareto math
+
+def test_pareto_front_keeps_only_undominated_points():
+    pts = [(10, 70.0), (20, 69.0), (20, 72.0), (40, 75.0), (35, 74.0), (80, 74.5), (80, 76.0),
+           (5, 60.0), (10, 70.0)]
+    assert pareto_front(pts) == [(5, 60.0), (10, 70.0), (20, 72.0), (35, 74.0), (40, 75.0),
+                                 (80, 76.0)]
+    assert pareto_front([]) == [] and pareto_front([(3, 1.0)]) == [(3, 1.0)]
+
+
+def test_curve_value_is_linear_in_log_macs():
+    front = [(1e6, 60.0), (4e6, 70.0), (16e6, 74.0)]
+    assert curve_value(front, 4e6) == (70.0, "exact")
+    value, how = curve_value(front, 2e6)  # half-way in log between 1 M and 4 M
+    assert how == "interpolated" and value == pytest.approx(65.0)
+    value, _ = curve_value(front, 8e6)
+    assert value == pytest.approx(72.0)
+    t = math.log(5e6 / 4e6) / math.log(4)
+    assert curve_value(front, 5e6)[0] == pytest.approx(70.0 + 4.0 * t)
+    # Outside the range: the end value within the tolerance, nothing beyond it.
+    assert curve_value(front, 0.96e6) == (60.0, "nearest")
+    assert curve_value(front, 0.9e6) == (None, "below the thin range")
+    assert curve_value(front, 16.5e6, tolerance=0.05) == (74.0, "nearest")
+    assert curve_value(front, 18e6) == (None, "above the thin range")
+    assert curve_value([], 1e6) == (None, "no thin points")
+    assert curve_value([(1e6, 50.0)], 1e6) == (50.0, "exact")
+
+
+def test_margin_table_values():
+    pts = [Point("thin a", THIN, "measured here", 60.0, 1_000_000, 10, model="m"),
+           Point("thin b", THIN, "measured here", 70.0, 4_000_000, 40, model="m"),
+           Point("pruned", PRUNED, "measured here", 63.0, 2_000_000, 15, base_top1=70.5,
+                 base_macs=4_000_000, latency_ms=1.5),
+           Point("far", OTHER, USER, 50.0, 100_000, 1),
+           Point("edge", OTHER, USER, 71.0, 4_100_000, 1)]
+    front = pareto_front((p.macs, p.top1) for p in pts if p.kind == THIN)
+    rows = {r["label"]: r for r in report.table_rows(pts, front, 0.05)}
+    assert rows["pruned"]["thin_top1_at_macs"] == pytest.approx(65.0)
+    assert rows["pruned"]["thin_minus_point"] == pytest.approx(2.0)
+    assert rows["pruned"]["thin_match"] == "interpolated"
+    assert rows["pruned"]["delta_top1"] == pytest.approx(-7.5)
+    assert rows["pruned"]["mac_reduction_pct"] == pytest.approx(50.0)
+    assert rows["pruned"]["latency_ms_p50"] == 1.5
+    assert rows["far"]["thin_top1_at_macs"] is None and rows["far"]["thin_minus_point"] is None
+    assert (rows["edge"]["thin_top1_at_macs"], rows["edge"]["thin_match"]) == (70.0, "nearest")
+    assert rows["edge"]["thin_minus_point"] == pytest.approx(-1.0)
+    assert rows["thin a"]["thin_top1_at_macs"] is None  # thin points make the curve
+    assert [r["label"] for r in report.table_rows(pts, front, 0.05)][:2] == ["thin a", "thin b"]
+
+
+# --------------------------------------------------------------------------- user CSV files
+
+def test_user_points_csv(tmp_path):
+    path = tmp_path / "mine.csv"
+    path.write_text("label,kind,top1,macs,params,base_top1,base_macs,note\n"
+                    "R50 w0.5 (my lab),thin,74.1,1.052311552e9,6917640,,,\n"
+                    "\n"
+                    "my pruned,pruned,73.0,1.1e9,,76.0,4089184256,x\n"
+                    "something,,70,9e8,,,,\n")
+    a, b, c = points_from_csv(path)
+    assert (a.kind, a.origin, a.top1, a.macs, a.params) == (THIN, USER, 74.1, 1_052_311_552,
+                                                            6_917_640)
+    assert (b.kind, b.base_top1, b.base_macs, b.delta_top1) == (PRUNED, 76.0, 4_089_184_256,
+                                                                pytest.approx(-3.0))
+    assert c.kind == OTHER and c.source == f"{path}:5"  # file lines, blank line counted
+
+
+@pytest.mark.parametrize("text, message", [
+    ("label,top1,macs\nx,abc,1e6\n", ":2: column top1: expected a number, got 'abc'"),
+    ("label,top1,macs\nx,70,1e6\ny,101,1e6\n", ":3: column top1: must be in (0, 100], got 101"),
+    ("label,top1,macs\nx,70,\n", ":2: column macs: required, but empty"),
+    ("label,top1,macs,kind\nx,70,1e6,teacher\n", ":2: column kind: must be one of thin"),
+    ("label,top1,macs,flops\nx,70,1e6,1\n", ":1: unknown column 'flops'"),
+    ("label,top1\nx,70\n", ":1: missing column 'macs'"),
+    ("label,top1,macs\nx,70,1e6,5\n", ":2: more cells than the header's 3 columns"),
+    ("label,top1,macs\nx,70,-5\n", ":2: column macs: must be > 0, got -5"),
+])
+def test_malformed_user_csv_names_file_line_and_column(tmp_path, text, message):
+    path = tmp_path / "pts.csv"
+    path.write_text(text)
+    with pytest.raises(CompareError) as e:
+        points_from_csv(path)
+    assert str(e.value).startswith(str(path)) and message in str(e.value), str(e.value)
+
+
+# --------------------------------------------------------------------------- latency
+
+def _row(**kw):
+    row = {"kind": "latency", "status": "ok", "params": 10, "macs": 1000, "resolution": 16,
+           "batch_size": 1, "latency_ms_p50": 2.0, "device_name": "cpu X", "threads": 1,
+           "precision": "fp32", "layout": "channels_last", "mode": "eager",
+           "torch_version": "2.x"}
+    return {**row, **kw}
+
+
+def test_latency_is_matched_by_architecture(tmp_path):
+    rows = [_row(), _row(batch_size=8, latency_ms_p50=9.0), _row(params=20, macs=500,
+                                                                 latency_ms_p50=1.0),
+            _row(latency_ms_p50=2.5),  # appended later: wins
+            _row(params=30, status="oom", latency_ms_p50=None)]
+    path = tmp_path / "lat.json"
+    path.write_text(json.dumps(rows))
+    pts = [Point("a", THIN, "measured here", 50, 1000, 10, resolution=16),
+           Point("b", PRUNED, "measured here", 50, 500, 20, resolution=16),
+           Point("c", THIN, "measured here", 50, 1000, 10, resolution=32)]
+    cond = attach_latency(pts, [path])
+    assert [p.latency_ms for p in pts] == [2.5, 1.0, None]
+    assert cond.batch_size == 1 and cond.threads == 1 and cond.files == (str(path),)
+    attach_latency(pts, [path], batch_size=8)
+    assert pts[0].latency_ms == 9.0
+    with pytest.raises(CompareError, match="no latency rows at batch size 4"):
+        attach_latency(pts, [path], batch_size=4)
+    path.write_text(json.dumps([_row(), _row(params=20, macs=500, threads=2)]))
+    with pytest.raises(CompareError, match="different conditions: threads 1 and 2"):
+        attach_latency(pts, [path])
+    path.write_text(json.dumps([{"kind": "latency"}]))
+    with pytest.raises(CompareError, match="row 1: missing field 'status'"):
+        attach_latency(pts, [path])
+
+
+# --------------------------------------------------------------------------- literature view
+
+def test_literature_benchmark_plots_and_table(tmp_path):
+    pts = tmp_path / "mine.csv"
+    pts.write_text("label,kind,top1,macs,params\n"
+                   "R56 w0.5,thin,92.0,31482176,214546\nR56 w1,thin,94.0,125485696,853018\n")
+    assert compare_tool.main(["--benchmark", "resnet56-cifar10", "--points", str(pts),
+                              "--out", str(tmp_path / "out")]) == 0
+    out = tmp_path / "out"
+    assert_images(out.glob("*.png"))
+    assert_images(out.glob("*.svg"))
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        "resnet56-cifar10-delta-vs-reduction.png", "resnet56-cifar10-top1-vs-macs.png",
+        "resnet56-cifar10-top1-vs-params.png"]
+    rows = list(csv.DictReader(open(out / "resnet56-cifar10-table.csv")))
+    lit = [r for r in rows if r["kind"] == "literature"]
+    assert len(lit) == 23 and len(rows) == 25
+    hrank = next(r for r in lit if r["label"] == "HRank (CVPR 2020)" and r["macs"] == "62720000")
+    # user thin curve: 92 % at 31.48 M, 94 % at 125.49 M; HRank at 62.72 M, linear in log MACs
+    t = math.log(62_720_000 / 31_482_176) / math.log(125_485_696 / 31_482_176)
+    assert float(hrank["thin_top1_at_macs"]) == pytest.approx(92.0 + 2.0 * t)
+    assert float(hrank["thin_minus_point"]) == pytest.approx(92.0 + 2.0 * t - 93.17)
+    assert float(hrank["delta_top1"]) == pytest.approx(-0.09)
+    md = (out / "resnet56-cifar10-table.md").read_text()
+    assert "| HRank (CVPR 2020) | literature | published |" in md
+    assert "R56 w0.5 | thin | user-provided" in md
+
+
+# --------------------------------------------------------------------------- errors
+
+@pytest.mark.parametrize("argv, message", [
+    (["--benchmark", "resnet18-imagenet"], "unknown benchmark 'resnet18-imagenet'"),
+    (["--runs", "/no/such/run"], "/no/such/run: run directory not found"),
+    ([], "nothing to compare"),
+    (["--benchmark", "resnet56-cifar10", "--tolerance", "2"], "fraction in [0, 1)"),
+    (["--benchmark", "resnet56-cifar10", "--latency", "/no/lat.json"], "cannot read latency"),
+])
+def test_cli_user_errors_exit_2_with_one_line(argv, message, tmp_path, capsys):
+    try:
+        code = compare_tool.main(argv + ["--out", str(tmp_path)])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err, err
+
+
+def test_bad_points_file_and_run_directory_exit_2(tmp_path, capsys):
+    bad = tmp_path / "p.csv"
+    bad.write_text("label,top1,macs\nok,50,1e6\nbroken,fifty,1e6\n")
+    assert compare_tool.main(["--points", str(bad), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {bad}:3: column top1: expected a number, got 'fifty'\n"
+    run = tmp_path / "run"
+    run.mkdir()
+    assert compare_tool.main(["--runs", str(run), "--out", str(tmp_path)]) == 2
+    assert "no config.yaml (not a fasttrain run directory)" in capsys.readouterr().err
+    (run / "config.yaml").write_text("model: {name: cifar_resnet20, num_classes: 10}\n")
+    assert compare_tool.main(["--runs", str(run), "--out", str(tmp_path)]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- end to end
+
+@pytest.mark.slow
+def test_thin_vs_pruned_end_to_end(data_root, tmp_path, monkeypatch, capsys):
+    """Train two widths, prune the wider to the narrower's MACs, fine-tune one epoch, benchmark
+    both, compare; every number in the table traced back to its input."""
+    pytest.importorskip("torch_pruning")
+    train_tool, prune_tool, bench_tool = (load_tool(n) for n in ("train", "prune", "benchmark"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FASTTRAIN_DATA", str(data_root))
+    common = [str(QUICKSTART), "--log.dir=runs", "--log.progress=plain", "--train.threads=1",
+              "--schedule.warmup_epochs=0"]
+    assert train_tool.main(common + ["--log.name=w05", "--schedule.epochs=1",
+                                     "--train.max_steps=8"]) == 0
+    assert train_tool.main(common + ["--log.name=w025", "--model.width=0.25",
+                                     "--schedule.epochs=1", "--train.max_steps=8"]) == 0
+    assert prune_tool.main(["runs/w05/checkpoints/last.pt", "--out", "pruned.pt",
+                            "--target-width", "0.25"]) == 0
+    assert train_tool.main(common + ["--log.name=ft", "--model.init_from=pruned.pt",
+                                     "--schedule.epochs=1", "--optim.lr=0.05"]) == 0
+    for run in ("w025", "ft"):
+        assert bench_tool.main(["--checkpoint", f"runs/{run}/checkpoints/last.pt", "--device",
+                                "cpu", "--threads", "1", "--batch-size", "1", "--iters", "5",
+                                "--warmup", "1", "--save", "--results-dir", "res"]) == 0
+    (lat_file,) = Path("res").glob("latency-cpu1t-fp32-*-16px.json")
+    capsys.readouterr()
+    assert compare_tool.main(["--runs", "runs/w05", "runs/w025", "runs/ft", "--latency",
+                              str(lat_file), "--out", "cmp", "--name", "digits"]) == 0
+    printed = capsys.readouterr().out
+    assert "ThinResNet vs pruned" in printed and "cifar_resnet20 w0.25" in printed  # rich
+
+    written = sorted(Path("cmp").iterdir())
+    assert [p.name for p in written if p.suffix == ".png"] == [
+        "digits-delta-vs-reduction.png", "digits-top1-vs-latency.png",
+        "digits-top1-vs-macs.png", "digits-top1-vs-params.png"]
+    assert_images(written)
+
+    rows = {r["label"]: r for r in csv.DictReader(open("cmp/digits-table.csv"))}
+    thin05, thin025 = rows["cifar_resnet20 w0.5"], rows["cifar_resnet20 w0.25"]
+    pruned = rows["cifar_resnet20 w0.5 pruned (l1, global)"]
+    lat = {r["source"]: r for r in json.loads(lat_file.read_text())}
+
+    def last_top1(run):
+        return json.loads(Path(f"runs/{run}/metrics.jsonl").read_text().splitlines()[-1])[
+            "val_top1"]
+
+    record = torch.load("pruned.pt", weights_only=True)["pruning"]
+    assert float(thin025["top1"]) == pytest.approx(last_top1("w025"))
+    assert float(thin05["top1"]) == pytest.approx(last_top1("w05"))
+    assert float(pruned["top1"]) == pytest.approx(last_top1("ft"))
+    assert (int(thin025["macs"]), int(thin025["params"])) == (654_496, 17_326)
+    assert int(thin05["macs"]) == 2_562_368 and int(pruned["macs"]) == record["macs"]
+    assert abs(int(pruned["macs"]) / 654_496 - 1) <= 0.05  # equal MACs within 5 %
+    assert int(pruned["params"]) == record["params"] < 68_050
+    assert float(thin025["latency_ms_p50"]) == pytest.approx(
+        lat["runs/w025/checkpoints/last.pt"]["latency_ms_p50"])
+    assert float(pruned["latency_ms_p50"]) == pytest.approx(
+        lat["runs/ft/checkpoints/last.pt"]["latency_ms_p50"])
+    assert thin05["latency_ms_p50"] == ""  # not benchmarked
+    # The pruned point's baseline is the checkpoint it came from.
+    assert float(pruned["base_top1"]) == pytest.approx(record["source_val_top1"])
+    assert float(pruned["mac_reduction_pct"]) == pytest.approx(
+        100 * (1 - record["macs"] / 2_562_368))
+    # The thin curve at the pruned MACs, from the two thin points as the test computes it.
+    front = pareto_front([(654_496, last_top1("w025")), (2_562_368, last_top1("w05"))])
+    want, how = curve_value(front, record["macs"])
+    if want is None:
+        assert pruned["thin_top1_at_macs"] == ""
+    else:
+        assert pruned["thin_match"] == how
+        assert float(pruned["thin_top1_at_macs"]) == pytest.approx(want)
+        assert float(pruned["thin_minus_point"]) == pytest.approx(want - last_top1("ft"))
+    md = Path("cmp/digits-table.md").read_text()
+    assert "latency p50 ms (batch 1)" in md and "1 thread" in md

@@ -1,0 +1,297 @@
+"""Channel specs in the models, structured pruning to a MAC target (Torch-Pruning), pruned
+checkpoints through the trainer (`model.init_from`), tools/benchmark.py and tools/export.py."""
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import importlib.util
+import json
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import load_tool
+from fasttrain import export as ex
+from fasttrain.config import Config, ModelConfig, load
+from fasttrain.engine import checkpoint as ckpt
+from fasttrain.engine.loop import apply_init_from, build_model
+from fasttrain.errors import CheckpointError, ConfigError
+from fasttrain.measure import count_macs, count_params
+from fasttrain.models import create_model
+from fasttrain.models.resnet import channels_of, uniform_channels
+
+from fasttrain.compare import prune
+
+needs_tp = pytest.mark.skipif(importlib.util.find_spec("torch_pruning") is None,
+                              reason="Torch-Pruning not installed (pip install -e .[prune])")
+
+prune_tool, benchmark_tool, export_tool = (load_tool(n) for n in ("prune", "benchmark", "export"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: these small models gain nothing from two, and on a shared CI
+    machine two spinning threads wait on the scheduler (10x slower seen here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-uniform weights and norm statistics, so importance scores differ between channels
+    (a fresh model's BatchNorm gammas are all 1, zero-init residual ones all 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.1)
+            elif isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.weight.copy_(torch.rand(n, generator=g) + 0.1)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+    return model.eval()
+
+
+def write_checkpoint(path, name="cifar_resnet20", width=0.5, res=16, top1=91.0, **model_kw):
+    cfg = Config()
+    cfg.model.name, cfg.model.width, cfg.model.num_classes = name, width, 10
+    for k, v in model_kw.items():
+        setattr(cfg.model, k, v)
+    cfg.data.val_res = cfg.data.train_res = cfg.data.val_resize = res
+    model = trained_like(build_model(cfg.model, 10))
+    torch.save({"model": model.state_dict(), "config": cfg.to_dict(),
+                "metrics": {"val_top1": top1}, "train_state": {"epoch": 3},
+                "versions": {"commit": "abc123"}}, path)
+    return path, model
+
+
+# --------------------------------------------------------------------------- channel specs
+
+@pytest.mark.parametrize("name, width, kw", [("thin_resnet18", 0.5, {}),
+                                              ("thin_resnet50", 0.25, {}),
+                                              ("cifar_resnet20", 0.75, {}),
+                                              ("cifar_resnet20", 0.5, {"shortcut": "B"})])
+def test_uniform_spec_is_the_width_rule_exactly(name, width, kw):
+    model = create_model(name, width=width, **kw)
+    spec = channels_of(model)
+    twin = create_model(name, channels=spec, **kw)
+    a, b = model.state_dict(), twin.state_dict()
+    assert list(a) == list(b) and all(a[k].shape == b[k].shape for k in a)
+    b0 = model.conv1.out_channels
+    layers = [len(model.get_submodule(f"layer{i}")) for i in range(1, 5) if hasattr(model, f"layer{i}")]
+    expansion = 4 if name == "thin_resnet50" else 1
+    assert spec == uniform_channels(b0, layers, expansion)
+
+
+def test_explicit_spec_builds_that_network():
+    spec = {"stem": 5, "stages": [{"out": 6, "blocks": [[3], [2], [4]]},
+                                  {"out": 9, "blocks": [[1], [7], [9]]},
+                                  {"out": 12, "blocks": [[5], [5], [2]]}]}
+    model = create_model("cifar_resnet20", channels=copy.deepcopy(spec), num_classes=10)
+    assert channels_of(model) == spec
+    assert model.layer1[0].conv1.out_channels == 3 and model.layer3[2].conv2.in_channels == 2
+    out = model.eval()(torch.randn(2, 3, 16, 16))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    r50 = {"stem": 7, "stages": [{"out": 20, "blocks": [[3, 4]] * 3},
+                                 {"out": 30, "blocks": [[5, 6]] * 4},
+                                 {"out": 40, "blocks": [[7, 8]] * 6},
+                                 {"out": 50, "blocks": [[9, 10]] * 3}]}
+    model = create_model("thin_resnet50", channels=r50, num_classes=3)
+    assert channels_of(model) == r50 and model.fc.in_features == 50
+    assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"stem": 8}, "keys 'stem' and 'stages'"),
+    ({"stem": 0, "stages": []}, "stages must be a list of 3"),
+    ({"stem": 0, "stages": [{"out": 8, "blocks": [[1]] * 3}] * 3}, "stem must be a positive"),
+    ({"stem": 8, "stages": [{"out": 8, "blocks": [[1]] * 2}] * 3}, "stages[0].blocks must list 3"),
+    ({"stem": 8, "stages": [{"out": 8, "blocks": [[1, 2]] * 3}] * 3},
+     "stages[0].blocks[0] must be a list of 1"),
+    ({"stem": 8, "stages": [{"out": 8, "blocks": [[1.5]] * 3}] * 3}, "positive integer"),
+    ({"stem": 8, "stages": [{"out": 8, "blocks": [[1]] * 3}, {"out": 4, "blocks": [[1]] * 3},
+                            {"out": 16, "blocks": [[1]] * 3}]}, "shortcut A zero-pads"),
+])
+def test_bad_specs_are_value_errors_naming_the_place(spec, message):
+    with pytest.raises(ValueError) as e:
+        create_model("cifar_resnet20", channels=spec)
+    assert message in str(e.value)
+
+
+def test_config_takes_a_spec_and_rejects_a_bad_one(tmp_path):
+    spec = uniform_channels(4, [3, 3, 3], 1)
+    cfg = load(None, ["--model.name=cifar_resnet20", f"--model.channels={spec}"])
+    assert cfg.model.channels == spec
+    assert count_params(build_model(cfg.model, 10)) == 17_326  # = width 0.25
+    with pytest.raises(ConfigError, match="model.channels must be a mapping or null"):
+        load(None, ["--model.channels=[1, 2]"])
+    bad = load(None, ["--model.name=cifar_resnet20", "--model.channels={stem: 4}"])
+    with pytest.raises(ConfigError, match="model: channels must be a mapping with keys"):
+        build_model(bad.model, 10)
+
+
+# --------------------------------------------------------------------------- pruning math
+
+def test_channel_plan_uniform_and_global():
+    scores = {"a": torch.tensor([0.1, 0.5, 0.3, 0.9]), "b": torch.tensor([2.0, 0.05])}
+    assert prune.channel_plan(scores, 0.0, "uniform") == {}
+    # uniform: keep round(C * 0.5) per group: a keeps 2 (0.9, 0.5), b keeps 1 (2.0)
+    assert prune.channel_plan(scores, 0.5, "uniform") == {"a": [0, 2], "b": [1]}
+    # one channel per group is always kept
+    assert prune.channel_plan(scores, 1.0, "uniform") == {"a": [0, 1, 2], "b": [1]}
+    # global: round(0.5 * 6) = 3 lowest of all but each group's best: 0.05, 0.1, 0.3
+    assert prune.channel_plan(scores, 0.5, "global") == {"a": [0, 2], "b": [1]}
+    assert prune.channel_plan(scores, 1 / 6, "global") == {"b": [1]}
+    assert prune.channel_plan(scores, 1.0, "global") == {"a": [0, 1, 2], "b": [1]}
+    with pytest.raises(ValueError):
+        prune.channel_plan(scores, 0.5, "layerwise")
+
+
+@needs_tp
+@pytest.mark.parametrize("name, kw, res, target_width, importance, scope", [
+    ("cifar_resnet20", {}, 16, 0.25, "l1", "global"),
+    ("cifar_resnet20", {}, 16, 0.25, "bn_scale", "uniform"),
+    ("cifar_resnet20", {"shortcut": "B"}, 16, 0.3, "bn_scale", "global"),
+    ("thin_resnet18", {}, 32, 0.3, "l1", "uniform"),
+    ("thin_resnet50", {}, 32, 0.3, "l1", "global"),
+])
+def test_pruning_reaches_the_target_within_5_percent(name, kw, res, target_width, importance,
+                                                     scope):
+    model = trained_like(create_model(name, width=0.5, num_classes=10, **kw))
+    target = count_macs(create_model(name, width=target_width, num_classes=10, **kw),
+                        res).conv_fc
+
+    def rebuild(spec):
+        return create_model(name, channels=spec, num_classes=10, **kw)
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    r = prune.prune_to_macs(model, target, res, rebuild, importance=importance, scope=scope)
+    assert abs(r.macs / target - 1) <= 0.05 and r.macs == count_macs(r.model, res).conv_fc
+    assert r.source_macs == count_macs(model, res).conv_fc and r.params < r.source_params
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # untouched
+    out = r.model(torch.randn(2, 3, res, res))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    # The recorded spec rebuilds the network, and the pruned weights load into it exactly.
+    fresh = rebuild(copy.deepcopy(r.channels))
+    fresh.load_state_dict(r.model.state_dict())
+    assert channels_of(fresh) == r.channels
+    assert count_params(fresh) == r.params
+    if name == "cifar_resnet20" and not kw:  # option A: the residual streams are kept
+        assert [s["out"] for s in r.channels["stages"]] == [8, 16, 32] and \
+            r.channels["stem"] == 8
+
+
+@needs_tp
+def test_pruning_keeps_the_function_of_the_kept_channels():
+    """Removing channels whose BatchNorm output is exactly zero changes nothing: the pruned
+    network computes the same logits (the dependency graph sliced every coupled layer)."""
+    model = trained_like(create_model("thin_resnet18", width=0.25, num_classes=10))
+    with torch.no_grad():
+        for m in model.modules():  # zero gamma and beta on half of each block's inner channels
+            if hasattr(m, "bn1") and hasattr(m, "conv2"):
+                half = m.bn1.num_features // 2
+                m.bn1.weight[:half] = 0
+                m.bn1.bias[:half] = 0
+    scores = prune.channel_importance(model, "bn_scale", 32)
+    inner = {k: v for k, v in scores.items() if k.endswith(".conv1")}
+    plan = {k: list(range(len(v) // 2)) for k, v in inner.items()}
+    pruned = prune.apply_plan(model, plan, 32)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), model(x), rtol=1e-5, atol=1e-5)
+    assert count_macs(pruned, 32).conv_fc < count_macs(model, 32).conv_fc
+
+
+@needs_tp
+def test_unreachable_and_pointless_targets_are_prune_errors():
+    model = trained_like(create_model("cifar_resnet20", width=0.5, num_classes=10))
+
+    def rebuild(spec):
+        return create_model("cifar_resnet20", channels=spec, num_classes=10)
+
+    with pytest.raises(prune.PruneError, match="out of reach: one channel per prunable group"):
+        prune.prune_to_macs(model, 100_000, 16, rebuild)  # option A keeps the streams
+    with pytest.raises(prune.PruneError, match="is not below the model's 2,562,368 MACs"):
+        prune.prune_to_macs(model, 3_000_000, 16, rebuild)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+@needs_tp
+def test_prune_tool_writes_a_checkpoint_that_benchmark_and_export_accept(tmp_path, capsys):
+    src, _ = write_checkpoint(tmp_path / "src.pt")
+    out = tmp_path / "pruned.pt"
+    assert prune_tool.main([str(src), "--out", str(out), "--target-width", "0.25",
+                            "--importance", "bn_scale"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    state = ckpt.load(out)  # weights_only=True
+    rec, mc = state["pruning"], state["config"]["model"]
+    target = count_macs(create_model("cifar_resnet20", width=0.25, num_classes=10), 16).conv_fc
+    assert rec["target_macs"] == target and abs(rec["macs"] / target - 1) <= 0.05
+    assert (rec["source_val_top1"], rec["source_epoch"], rec["source_width"]) == (91.0, 3, 0.5)
+    assert (rec["importance"], rec["scope"], rec["resolution"]) == ("bn_scale", "global", 16)
+    assert rec["source_macs"] == 2_562_368
+    assert rec["torch_pruning"] == importlib.metadata.version("torch-pruning")
+    model = create_model("cifar_resnet20", channels=mc["channels"], num_classes=10)
+    model.load_state_dict(state["model"])
+    assert count_macs(model, 16).conv_fc == rec["macs"]
+
+    rows = tmp_path / "rows.json"
+    assert benchmark_tool.main(["--checkpoint", str(out), "--device", "cpu", "--iters", "2",
+                                "--warmup", "1", "--json", str(rows)]) == 0
+    (row,) = json.loads(rows.read_text())
+    assert (row["model"], row["width"], row["macs"], row["params"], row["resolution"]) == \
+        ("cifar_resnet20 (pruned)", None, rec["macs"], rec["params"], 16)
+    exported = tmp_path / "pruned_ts.pt"
+    assert export_tool.main(["--checkpoint", str(out), "--out", str(exported)]) == 0
+    assert "pruned channels" in capsys.readouterr().out
+    _, meta = ex.load_exported(exported)
+    assert meta["model_config"]["channels"] == mc["channels"]
+    assert count_macs(ex.model_from_metadata(meta), 16).conv_fc == rec["macs"]
+
+
+@needs_tp
+def test_init_from_takes_architecture_and_weights(tmp_path):
+    src, _ = write_checkpoint(tmp_path / "src.pt")
+    out = tmp_path / "pruned.pt"
+    prune.prune_checkpoint(src, out, target_width=0.25)
+    cfg = ModelConfig(name="thin_resnet50", width=1.0, init_from=str(out))
+    weights = apply_init_from(cfg)
+    assert (cfg.name, cfg.width, cfg.num_classes) == ("cifar_resnet20", 0.5, 10)
+    assert cfg.channels == ckpt.load(out)["config"]["model"]["channels"]
+    model = build_model(cfg, cfg.num_classes)
+    model.load_state_dict(weights)
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        apply_init_from(ModelConfig(init_from=str(tmp_path / "missing.pt")))
+
+
+@needs_tp
+def test_prune_tool_user_errors_exit_2_with_one_line(tmp_path, capsys):
+    src, _ = write_checkpoint(tmp_path / "src.pt")
+    cases = [([str(tmp_path / "none.pt"), "--out", "x.pt", "--target-width", "0.25"],
+              "checkpoint not found"),
+             ([str(src), "--out", "x.pt", "--target-macs", "1000"], "out of reach"),
+             ([str(src), "--out", "x.pt", "--target-width", "0.75"], "is not below"),
+             ([str(src), "--out", "x.pt", "--target-width", "-1"], "positive"),
+             ([str(src), "--out", "x.pt"], "one of the arguments --target-macs --target-width")]
+    for argv, message in cases:
+        try:
+            code = prune_tool.main(argv)
+        except SystemExit as e:  # argparse
+            code = e.code
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+        assert message in err, err
+
+
+def test_prune_tool_without_torch_pruning_says_what_to_install(tmp_path, capsys, monkeypatch):
+    src, _ = write_checkpoint(tmp_path / "src.pt")
+    monkeypatch.setitem(sys.modules, "torch_pruning", None)  # as if not installed
+    assert prune_tool.main([str(src), "--out", "x.pt", "--target-width", "0.25"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install -e .[prune]" in err and "torch-pruning" in err

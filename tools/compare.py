@@ -1,0 +1,123 @@
+#!/usr/bin/env python
+"""Put ThinResNets next to structured pruning: published results, thin and pruned runs, latency.
+
+    python tools/compare.py [--benchmark resnet50-imagenet|resnet56-cifar10] \
+        [--runs RUN_DIR ...] [--points POINTS.csv ...] [--latency RESULTS.json ...] \
+        [--batch-size N] [--out DIR] [--name NAME] [--tolerance 0.05]
+
+Inputs (fasttrain.compare): a benchmark's published pruning results (package data); fasttrain
+run directories (last epoch's validation top-1; params and conv+fc MACs of the model their
+config.yaml describes, at the validation resolution; a run fine-tuned from a tools/prune.py
+checkpoint is a "pruned" point whose baseline is the network it was pruned from); CSV files of
+points trained elsewhere (columns label, top1, macs [, kind, params, base_top1, base_macs,
+model, width, resolution, note]; plotted as "user-provided"); and tools/benchmark.py result
+files, whose p50 latency is attached to the points of the same architecture (params, MACs,
+resolution).
+
+Outputs under --out (default benchmarks/results/compare): top-1 vs MACs (log x), vs params, vs
+measured latency (when any), and Δ top-1 vs MAC reduction relative to each point's own baseline,
+each as PNG and SVG; a markdown and a CSV table giving every point, the thin Pareto curve's top-1
+at its MACs (interpolated in log MACs) and the margin thin - point; the table in the terminal.
+
+User errors (unknown benchmark, missing run directory, malformed CSV row) exit 2 with one line
+on stderr naming the file, line and column.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fasttrain.cli import ArgumentParser
+from fasttrain.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(description="Compare ThinResNets with structured pruning at equal MACs: "
+                                   "plots (PNG+SVG) and a margin table.")
+    p.add_argument("--benchmark", metavar="NAME",
+                   help="add the published results of resnet50-imagenet or resnet56-cifar10")
+    p.add_argument("--runs", nargs="+", default=[], metavar="RUN_DIR",
+                   help="fasttrain run directories (thin, or fine-tuned from tools/prune.py)")
+    p.add_argument("--points", nargs="+", default=[], metavar="CSV",
+                   help="CSV files of points trained elsewhere (plotted as user-provided)")
+    p.add_argument("--latency", nargs="+", default=[], metavar="RESULTS",
+                   help="tools/benchmark.py result files (.json or .csv)")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="latency at this batch size (default: the smallest in the files)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compare"),
+                   metavar="DIR", help="where the plots and tables go")
+    p.add_argument("--name", default=None,
+                   help="file name prefix (default: the benchmark, or 'compare')")
+    p.add_argument("--tolerance", type=_fraction, default=0.05,
+                   help="a point up to this fraction outside the thin curve's MAC range takes "
+                        "the curve's end value (default 0.05)")
+    return p
+
+
+def _terminal_table(c):
+    from rich.table import Table
+
+    from fasttrain.compare.report import display_rows
+
+    title = c.benchmark.title if c.benchmark else "ThinResNet vs pruned"
+    header, cells = display_rows(c)
+    t = Table(title=f"{title}: thin − point > 0 means the thin network is more accurate at "
+                    f"equal MACs")
+    for i, h in enumerate(header):
+        t.add_column(h, justify="left" if i < 3 else "right", overflow="fold")
+    for row in cells:
+        t.add_row(*row)
+    return t
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from fasttrain.compare import report
+
+        c = report.build_comparison(args.benchmark, runs=args.runs, points_csv=args.points,
+                                    latency=args.latency, batch_size=args.batch_size,
+                                    tolerance=args.tolerance)
+        written = report.write_outputs(c, args.out, args.name)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from rich.console import Console
+
+    console = Console() if sys.stdout.isatty() else Console(width=200)
+    for w in c.warnings:
+        console.print(f"warning: {w}", style="yellow", highlight=False, markup=False,
+                      soft_wrap=True)
+    console.print(_terminal_table(c))
+    if c.latency:
+        console.print(f"latency: {c.latency.describe()}", highlight=False)
+    for path in written:
+        console.print(f"wrote {path}", highlight=False, soft_wrap=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
