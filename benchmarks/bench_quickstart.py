@@ -62,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     from fasttrain.measure.env import cpu_name, git_commit
 
     backends = args.backends.split(",")
+    if "ffcv" in backends:  # the quickstart's FFCV files, written once (not timed)
+        from fasttrain.config import load
+        from fasttrain.data.ffcv_loader import beton_dir, write_beton
+        data = load(ROOT / "recipes" / "quickstart.yaml").data
+        if not (beton_dir(data) / "train.beton").exists():
+            write_beton(data)
     runs: dict[str, list[dict]] = {b: [] for b in backends}
     for i in range(args.repeats):
         for backend in backends:

@@ -55,6 +55,9 @@ def tiny_overrides(recipe: Path, tiny_imagenet: Path, tiny_cifar: Path) -> list[
         args += ["--data.train_res=32", "--data.val_res=32", "--data.val_resize=36"]
     if cfg.data.min_res:
         args += ["--data.min_res=32", "--data.max_res=64"]
+    if cfg.data.backend == "ffcv":
+        # Every recipe's ingredients on the torch loader here; the FFCV path has its own test.
+        args += ["--data.backend=torch"]
     return args
 
 
@@ -99,6 +102,22 @@ def test_recipe_trains_two_steps_on_cpu(recipe, tiny_imagenet, tiny_cifar, tmp_p
     assert summary["step"] == 2
     assert np.isfinite(summary["train_loss"]) and 0 <= summary["val_top1"] <= 100
     assert (tmp_path / "r" / "checkpoints" / "last.pt").is_file()
+
+
+@pytest.mark.slow
+def test_ffcv_recipe_trains_two_steps_from_written_files(tiny_imagenet, tiny_cifar, tmp_path):
+    from fasttrain.data.ffcv_loader import write_beton
+    recipe = ROOT / "recipes" / "thin_r18_w0.25_ffcv_16ep.yaml"
+    overrides = [a for a in tiny_overrides(recipe, tiny_imagenet, tiny_cifar)
+                 if a != "--data.backend=torch"]
+    overrides += [f"--data.ffcv_dir={tmp_path / 'ffcv'}", "--data.num_workers=1",
+                  f"--log.dir={tmp_path}", "--log.name=r"]
+    cfg = load(recipe, overrides)
+    assert cfg.data.backend == "ffcv"
+    write_beton(cfg.data, max_resolution=400, compress_probability=0.1, num_workers=1)
+    with pytest.warns(UserWarning, match="every crop is upsampled"):  # 48 px files, 64 px crop
+        summary = train(cfg, recipe=str(recipe))
+    assert summary["step"] == 2 and np.isfinite(summary["train_loss"])
 
 
 def test_imagenet_recipe_without_data_path_points_at_the_readme(run_tool):
