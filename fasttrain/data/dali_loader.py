@@ -65,10 +65,10 @@ def _output_dtype(dtype: torch.dtype) -> Any:
     """
     types = _dali().types
     table = {torch.float32: types.FLOAT, torch.bfloat16: types.FLOAT,
-             torch.float16: types.FLOAT16}
+             torch.float16: types.FLOAT16, torch.uint8: types.UINT8}
     if dtype not in table:
         raise ConfigError(f"data.backend=dali cannot produce {dtype} inputs "
-                          f"(float32, float16 or bfloat16)")
+                          f"(float32, float16, bfloat16 or uint8)")
     return table[dtype]
 
 
@@ -246,8 +246,10 @@ def _val_geometry(dali: SimpleNamespace, shape: Any, resize: int, crop: int
 
 
 def _normalize_args(data: DataConfig, dtype: torch.dtype, channels_last: bool) -> dict:
-    return dict(dtype=_output_dtype(dtype), output_layout="HWC" if channels_last else "CHW",
-                mean=[m * 255.0 for m in data.mean], std=[s * 255.0 for s in data.std])
+    layout = dict(dtype=_output_dtype(dtype), output_layout="HWC" if channels_last else "CHW")
+    if dtype == torch.uint8:  # raw pixels, not normalised (see build_loaders)
+        return layout
+    return dict(layout, mean=[m * 255.0 for m in data.mean], std=[s * 255.0 for s in data.std])
 
 
 def build_dali_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world_size: int,

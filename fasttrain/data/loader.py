@@ -202,7 +202,8 @@ def build_loaders(data: DataConfig, aug: AugConfig, *, rank: int = 0, world_size
     """Train and validation loaders for this rank, from the backend `data.backend` names.
 
     Every backend yields (images, labels) on `device`: images normalised (x/255 - mean)/std in
-    `dtype`, shape (N, 3, H, W), channels-last when asked; labels int64. `loader.set_epoch(epoch,
+    `dtype` (or raw pixels when `dtype` is torch.uint8), shape (N, 3, H, W), channels-last when
+    asked; labels int64. `loader.set_epoch(epoch,
     start_batch)` selects the epoch (its order and augmentation follow from `seed` and the epoch)
     and skips its first batches (resume inside an epoch); `len(loader)` is this rank's batch
     count, equal on every rank for training.

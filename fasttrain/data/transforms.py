@@ -173,7 +173,9 @@ class ValTransform:
 
 class Normalize(torch.nn.Module):
     """uint8 batch (N, C, H, W) → (x/255 - mean) / std in `dtype` (the training input dtype),
-    computed in float32 with one fused multiply-add."""
+    computed in float32 with one fused multiply-add. `dtype=torch.uint8` asks for the raw
+    pixels instead (a float batch is rounded back): loader benchmarks, models that normalise
+    themselves."""
 
     def __init__(self, mean: list[float], std: list[float],
                  dtype: torch.dtype = torch.float32) -> None:
@@ -185,4 +187,8 @@ class Normalize(torch.nn.Module):
                              persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.dtype == torch.uint8:  # raw pixels requested: no normalisation
+            if images.dtype == torch.uint8:
+                return images
+            return images.round().clamp_(0, 255).to(torch.uint8)
         return torch.addcmul(self.shift, images.float(), self.scale).to(self.dtype)

@@ -1,0 +1,234 @@
+#!/usr/bin/env python
+"""Images/s of every data backend on one ImageNet-like JPEG set, same cores, same run.
+
+    bash tools/env.sh python benchmarks/bench_loaders.py            # all backends, 2 workers
+    bash tools/env.sh python benchmarks/bench_loaders.py --backends torch,dali --images 512
+
+The set (generated once, cached under $FASTTRAIN_DATA/bench_jpeg-<n>): `--images` JPEG files in 10
+class folders, sizes drawn around 500x375 like ImageNet's, content with a natural image's 1/f
+amplitude spectrum so that quality-90 files weigh ~100 KB (what ImageNet's do) and the decoder
+works as hard as on real photographs.
+
+Every backend runs the same training transform (RandomResizedCrop 224 with scale (0.08, 1) and
+the standard ratio, horizontal flip) with the model replaced by nothing: we time only the loop
+over its batches on the CPU, after one warm-up epoch (worker start-up, FFCV's JIT), over
+`--epochs` epochs. Rows:
+- decode limit: `torchvision.io.decode_jpeg` of every file once, one process per worker, no
+  augmentation: what a JPEG-decoding loader cannot beat on these cores;
+- PIL DataLoader: torchvision's ImageFolder + RandomResizedCrop + flip + PILToTensor, the
+  textbook loader (uint8 output);
+- fasttrain backends through `build_loaders(..., dtype=torch.uint8)`, the raw crops (training
+  normalises them on the GPU; on this CPU-only bench that pass would only add a constant cost):
+  torch (decode_jpeg in DataLoader workers), dali (CPU pipeline), ffcv at full JPEG fidelity
+  (every image stored as JPEG, max side 512: nothing resized away), and ffcv stored as
+  ffcv-imagenet stores it for ResNet-18 (max side 400, 10 % JPEG / 90 % raw pixels).
+
+Writes `benchmarks/results/loaders-cpu-<workers>w.json` (conditions + rows) and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fasttrain.config import Config, load  # noqa: E402
+from fasttrain.data import build_loaders  # noqa: E402
+from fasttrain.data.datasets import _publish_dir, default_root  # noqa: E402
+from fasttrain.measure.env import conditions  # noqa: E402
+
+RESOLUTION = 224
+CLASSES = 10
+ALPHA = 1.1  # amplitude ~ 1/f^ALPHA: ~100 KB at quality 90 for 500x375 (natural photos: ~1)
+FFCV_STORAGE = {
+    # name: (write_mode, max_resolution, compress_probability, jpeg_quality)
+    "ffcv-jpeg512": ("jpg", 512, 1.0, 90),
+    "ffcv-rn18": ("proportion", 400, 0.10, 90),
+}
+
+
+def natural_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """(3, H, W) uint8 with a 1/f^ALPHA amplitude spectrum and correlated colour channels."""
+    fy = np.fft.fftfreq(height)[:, None]
+    fx = np.fft.rfftfreq(width)[None, :]
+    freq = np.sqrt(fx ** 2 + fy ** 2)
+    freq[0, 0] = 1.0
+    amplitude = freq ** -ALPHA
+    channels = [np.fft.irfft2(amplitude * np.exp(2j * np.pi * rng.random(amplitude.shape)),
+                              s=(height, width)) for _ in range(3)]
+    mix = rng.normal(size=(3, 3)) * 0.3 + np.eye(3)
+    image = np.tensordot(mix, np.stack(channels), 1)
+    image = (image - image.mean()) / image.std() * 50 + rng.uniform(90, 160, size=(3, 1, 1))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def make_bench_set(root: Path, images: int, seed: int = 0) -> Path:
+    """ImageFolder `root/{train,val}/<class>/*.jpg` (val: 1 image per class, the loaders need
+    one), built once and published atomically."""
+    from torchvision.io import encode_jpeg
+
+    def build(tmp: Path) -> None:
+        rng = np.random.default_rng(seed)
+        for split, count in (("train", images), ("val", CLASSES)):
+            for i in range(count):
+                folder = tmp / split / f"class{i % CLASSES:02d}"
+                folder.mkdir(parents=True, exist_ok=True)
+                long_side = int(rng.integers(420, 581))
+                short_side = int(round(long_side * rng.uniform(0.66, 0.8)))
+                h, w = (short_side, long_side) if rng.random() < 0.75 else (long_side, short_side)
+                data = encode_jpeg(torch.from_numpy(natural_image(rng, h, w)), quality=90)
+                (folder / f"{i:05d}.jpg").write_bytes(data.numpy().tobytes())
+
+    return _publish_dir(build, root)
+
+
+def _decode_share(files: list[str]) -> int:
+    from torchvision.io import decode_jpeg
+    torch.set_num_threads(1)
+    for f in files:
+        decode_jpeg(torch.frombuffer(bytearray(Path(f).read_bytes()), dtype=torch.uint8))
+    return len(files)
+
+
+def decode_limit(files: list[str], workers: int, epochs: int) -> float:
+    """Images/s of plain JPEG decoding, one process per worker."""
+    shares = [files[i::workers] for i in range(workers)]
+    with mp.get_context("spawn").Pool(workers) as pool:
+        pool.map(_decode_share, shares)  # warm-up: page cache, process start
+        start = time.perf_counter()
+        for _ in range(epochs):
+            pool.map(_decode_share, shares)
+        return epochs * len(files) / (time.perf_counter() - start)
+
+
+def pil_loader(root: Path, workers: int, batch: int, epochs: int) -> float:
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+    transform = T.Compose([T.RandomResizedCrop(RESOLUTION), T.RandomHorizontalFlip(),
+                           T.PILToTensor()])
+    loader = torch.utils.data.DataLoader(ImageFolder(str(root / "train"), transform),
+                                         batch_size=batch, shuffle=True, drop_last=True,
+                                         num_workers=workers, persistent_workers=True)
+    return _time_epochs(lambda epoch: loader, epochs, batch)
+
+
+def _time_epochs(epoch_iter, epochs: int, batch: int) -> float:
+    for _ in epoch_iter(0):  # warm-up epoch
+        pass
+    seen, start = 0, time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        for images, _ in epoch_iter(epoch):
+            seen += images.shape[0]
+    return seen / (time.perf_counter() - start)
+
+
+def backend_cfg(root: Path, backend: str, workers: int, batch: int,
+                ffcv_dir: Path | None = None) -> Config:
+    overrides = {"data.dataset": "imagefolder", "data.path": root, "data.backend": backend,
+                 "data.batch_size": batch, "data.num_workers": workers,
+                 "data.train_res": RESOLUTION, "data.val_res": RESOLUTION,
+                 "data.val_resize": 256, "data.ffcv_dir": ffcv_dir or "",
+                 "aug.train_crop": "random_resized", "aug.hflip": 0.5,
+                 "train.device": "cpu", "train.channels_last": False}
+    return load(None, [f"--{k}={v}" for k, v in overrides.items()])
+
+
+def fasttrain_loader(cfg: Config, epochs: int) -> float:
+    loaders = build_loaders(cfg.data, cfg.aug, channels_last=False, dtype=torch.uint8)
+
+    def epoch_iter(epoch: int):
+        loaders.train.set_epoch(epoch)
+        return loaders.train
+
+    return _time_epochs(epoch_iter, epochs, cfg.data.batch_size)
+
+
+def write_ffcv_files(root: Path, name: str, workers: int) -> Path:
+    from fasttrain.data.ffcv_loader import write_beton
+    mode, max_res, compress, quality = FFCV_STORAGE[name]
+    out = root / name
+    if not (out / "train.beton").exists():
+        write_beton(backend_cfg(root, "ffcv", workers, 64).data, out, write_mode=mode,
+                    max_resolution=max_res, compress_probability=compress,
+                    jpeg_quality=quality, num_workers=workers)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=1280, help="training images in the set")
+    p.add_argument("--workers", type=int, default=os.cpu_count(),
+                   help="loader workers/threads per backend (default: every core)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=2, help="timed epochs after one warm-up")
+    p.add_argument("--backends", default="decode,pil,torch,dali,ffcv-jpeg512,ffcv-rn18")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.workers)
+
+    root = make_bench_set(default_root(f"bench_jpeg-{args.images}"), args.images)
+    files = sorted(str(f) for f in (root / "train").rglob("*.jpg"))
+    mean_kb = sum(os.path.getsize(f) for f in files) / len(files) / 1e3
+    rows = []
+    for name in args.backends.split(","):
+        t0 = time.perf_counter()
+        if name == "decode":
+            rate = decode_limit(files, args.workers, args.epochs)
+        elif name == "pil":
+            rate = pil_loader(root, args.workers, args.batch_size, args.epochs)
+        elif name in ("torch", "dali"):
+            rate = fasttrain_loader(backend_cfg(root, name, args.workers, args.batch_size),
+                                    args.epochs)
+        elif name in FFCV_STORAGE:
+            ffcv_dir = write_ffcv_files(root, name, args.workers)
+            rate = fasttrain_loader(backend_cfg(root, "ffcv", args.workers, args.batch_size,
+                                                ffcv_dir), args.epochs)
+        else:
+            raise SystemExit(f"error: --backends: unknown backend {name!r}")
+        rows.append({"backend": name, "images_per_s": round(rate, 1),
+                     "bench_s": round(time.perf_counter() - t0, 1)})
+        print(f"{name:14s} {rate:8.1f} img/s", flush=True)
+
+    limit = next((r["images_per_s"] for r in rows if r["backend"] == "decode"), None)
+    pil = next((r["images_per_s"] for r in rows if r["backend"] == "pil"), None)
+    for r in rows:
+        if limit:
+            r["vs_decode_limit"] = round(r["images_per_s"] / limit, 3)
+        if pil:
+            r["vs_pil"] = round(r["images_per_s"] / pil, 3)
+    result = {"benchmark": "bench_loaders", "date": datetime.now(timezone.utc).isoformat(),
+              **conditions("cpu"),
+              "set": {"images": len(files), "mean_file_kb": round(mean_kb, 1),
+                      "classes": CLASSES, "size": "long side 420-580, aspect 0.66-0.8"},
+              "transform": f"RandomResizedCrop {RESOLUTION} scale (0.08, 1) + flip",
+              "workers": args.workers, "batch_size": args.batch_size,
+              "timed_epochs": args.epochs, "rows": rows}
+    out = args.out or ROOT / "benchmarks" / "results" / f"loaders-cpu-{args.workers}w.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title=f"{len(files)} JPEGs (~{mean_kb:.0f} KB), {args.workers} workers")
+    for col in ("backend", "img/s", "vs decode limit", "vs PIL"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r["backend"], f"{r['images_per_s']:.0f}",
+                      f"{r.get('vs_decode_limit', float('nan')):.2f}",
+                      f"{r.get('vs_pil', float('nan')):.2f}")
+    Console().print(table)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
