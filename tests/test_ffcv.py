@@ -406,14 +406,20 @@ def _ddp_rank(rank: int, store: str, root: str, out: str) -> None:
         torch.distributed.destroy_process_group()
 
 
+def _ddp_rank_main(rank: int, store: str, root: str, outs: list[str]) -> None:
+    _ddp_rank(rank, store, root, outs[rank])
+
+
+@pytest.mark.slow
 def test_two_ranks_split_training_and_see_each_validation_image_once(cifar, tmp_path):
-    """Two gloo processes (forked: no second import of torch and FFCV): equal training
-    lengths, disjoint training shards covering the set and reshuffled each epoch; validation
-    sees every image exactly once across the ranks."""
+    """Two gloo processes: equal training lengths, disjoint training shards covering the set
+    and reshuffled each epoch; validation sees every image exactly once across the ranks.
+
+    Spawned, not forked: after earlier tests have started torch's OpenMP pool and numba's
+    threads in this process, a forked child deadlocks in its first parallel op."""
     outs = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
-    torch.multiprocessing.start_processes(
-        lambda rank: _ddp_rank(rank, str(tmp_path / "store"), str(cifar), outs[rank]),
-        nprocs=2, start_method="fork")
+    torch.multiprocessing.spawn(_ddp_rank_main, args=(str(tmp_path / "store"), str(cifar), outs),
+                                nprocs=2)
     r0, r1 = (torch.load(o) for o in outs)
     assert r0["len"] == r1["len"] == CIFAR_TRAIN // 40  # 100 samples per rank, 20 per batch
     for epoch in (0, 1):

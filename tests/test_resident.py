@@ -226,3 +226,18 @@ def test_quickstart_trains_on_the_resident_backend(data_root, tmp_path):
                 f"--log.dir={tmp_path}", "--log.progress=plain"])
     summary = train(cfg)
     assert summary["val_top1"] > 50  # chance: 10 %; torch backend ~70 % here
+
+
+def test_raw_uint8_batches_on_request(grey_root):
+    """dtype=torch.uint8 skips normalisation (benchmarks, models that normalise themselves)."""
+    cfg = cfg_for(grey_root)
+    raw = build_loaders(cfg.data, cfg.aug, dtype=torch.uint8)
+    images, _ = next(iter(raw.train))
+    assert images.dtype == torch.uint8
+    grey = images.float().mean(dim=(1, 2, 3))
+    assert all(abs(g - GREY_BASE) % GREY_STEP <= 1 or abs(g - GREY_BASE) % GREY_STEP >= 4
+               for g in grey.tolist())
+    torch_cfg = cfg_for(grey_root, "--data.backend=torch", "--data.num_workers=0")
+    ref = build_loaders(torch_cfg.data, torch_cfg.aug, dtype=torch.uint8)
+    (x, _), (x_ref, _) = next(iter(raw.val)), next(iter(ref.val))
+    assert x.dtype == x_ref.dtype == torch.uint8 and torch.equal(x, x_ref)

@@ -29,7 +29,7 @@ import torch
 
 from ..config import AugConfig, Config, DataConfig, _check_backend
 from ..errors import ConfigError, DatasetError, RunError
-from .loader import Loaders, _datasets, _per_rank, sample_seed
+from .loader import Loaders, _datasets, rank_batches, sample_seed
 from .transforms import progressive_resolution
 
 MISSING = "data.backend=dali needs NVIDIA DALI: pip install -e .[dali] (nvidia-dali-cuda130)"
@@ -271,12 +271,7 @@ def build_dali_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world_siz
     _check_backend(Config(data=data, aug=aug), "build_loaders")
     dali = _dali()
     train_set, val_set, classes, root = _datasets(data)
-    batch = _per_rank(data.batch_size, world_size, "data.batch_size", grad_accum_steps)
-    val_batch = _per_rank(data.val_batch_size or data.batch_size, world_size,
-                          "data.val_batch_size")
-    if len(train_set) // world_size < batch:
-        raise ConfigError(f"data.batch_size={data.batch_size} is larger than the training set "
-                          f"({len(train_set)} images at {root})")
+    batch, val_batch = rank_batches(data, world_size, grad_accum_steps, len(train_set), root)
     gpu = device.type == "cuda"
     device_id = (device.index if device.index is not None else torch.cuda.current_device()) \
         if gpu else None

@@ -580,7 +580,7 @@ def build_ffcv_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world_siz
             `aug.train_crop=pad_random` with stored images not of size `data.train_res`.
         RunError: FFCV is not installed.
     """
-    from .loader import Loaders, _per_rank
+    from .loader import Loaders, rank_batches
 
     if data.ffcv_order == "quasi_random" and world_size > 1:
         raise ConfigError(f"data.ffcv_order=quasi_random does not work with {world_size} ranks "
@@ -589,13 +589,9 @@ def build_ffcv_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world_siz
     folder = beton_dir(data)
     train_info = read_beton(ff, folder / "train.beton", data)
     val_info = read_beton(ff, folder / "val.beton", data)
-    batch = _per_rank(data.batch_size, world_size, "data.batch_size", grad_accum_steps)
-    val_batch = _per_rank(data.val_batch_size or data.batch_size, world_size,
-                          "data.val_batch_size")
     train_good = train_info.good
-    if len(train_good) // world_size < batch:
-        raise ConfigError(f"data.batch_size={data.batch_size} is larger than the training set "
-                          f"({len(train_good)} images in {train_info.path})")
+    batch, val_batch = rank_batches(data, world_size, grad_accum_steps, len(train_good),
+                                    train_info.path)
     classes = train_info.sidecar.get("classes") or [
         str(i) for i in range(int(max(train_info.labels.max(), val_info.labels.max())) + 1)]
 

@@ -195,6 +195,24 @@ def _per_rank(global_batch: int, world_size: int, key: str, accum: int = 1) -> i
     return global_batch // (world_size * accum)
 
 
+def rank_batches(data: DataConfig, world_size: int, grad_accum_steps: int, train_size: int,
+                 where: object) -> tuple[int, int]:
+    """(training micro-batch, validation batch) of one rank for the global `data.batch_size`
+    and `data.val_batch_size`; every backend uses this so the split rules are the same.
+
+    Raises:
+        ConfigError: a batch does not split evenly across ranks (and accumulation steps), or the
+            training set (`train_size` images at `where`) is smaller than one rank's share.
+    """
+    batch = _per_rank(data.batch_size, world_size, "data.batch_size", grad_accum_steps)
+    val_batch = _per_rank(data.val_batch_size or data.batch_size, world_size,
+                          "data.val_batch_size")
+    if train_size // world_size < batch:
+        raise ConfigError(f"data.batch_size={data.batch_size} is larger than the training set "
+                          f"({train_size} images at {where})")
+    return batch, val_batch
+
+
 def build_loaders(data: DataConfig, aug: AugConfig, *, rank: int = 0, world_size: int = 1,
                   device: torch.device = torch.device("cpu"), channels_last: bool = True,
                   seed: int = 0, grad_accum_steps: int = 1,
@@ -236,12 +254,7 @@ def _build_torch_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world_s
                          device: torch.device, channels_last: bool, seed: int,
                          grad_accum_steps: int, dtype: torch.dtype) -> Loaders:
     train_set, val_set, classes, root = _datasets(data)
-    batch = _per_rank(data.batch_size, world_size, "data.batch_size", grad_accum_steps)
-    val_batch = _per_rank(data.val_batch_size or data.batch_size, world_size,
-                          "data.val_batch_size")
-    if len(train_set) // world_size < batch:
-        raise ConfigError(f"data.batch_size={data.batch_size} is larger than the training set "
-                          f"({len(train_set)} images at {root})")
+    batch, val_batch = rank_batches(data, world_size, grad_accum_steps, len(train_set), root)
     val_set.transform = ValTransform(data)
     workers = dict(num_workers=data.num_workers, persistent_workers=data.num_workers > 0,
                    pin_memory=device.type == "cuda", collate_fn=collate_skipping)

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from ..config import AugConfig, ConfigError, DataConfig
+from ..config import AugConfig, DataConfig
 from .datasets import DatasetError, ImageFolderDataset, TensorImageDataset, read_image
-from .loader import EpochSampler, Loaders, ShardSampler, _datasets, _per_rank, sample_seed
+from .loader import EpochSampler, Loaders, ShardSampler, _datasets, rank_batches, sample_seed
 from .transforms import Normalize, ValTransform, progressive_resolution
 
 # At most this share of the free device memory (or of available RAM on CPU) may hold the set.
@@ -220,16 +220,11 @@ def build_resident_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world
         ConfigError: a batch size does not split evenly across ranks.
     """
     train_set, val_set, classes, root = _datasets(data)
-    batch = _per_rank(data.batch_size, world_size, "data.batch_size", grad_accum_steps)
-    val_batch = _per_rank(data.val_batch_size or data.batch_size, world_size,
-                          "data.val_batch_size")
     workers = data.num_workers or os.cpu_count() or 1
     train_images, train_labels, train_skipped = _materialise(train_set, None, workers)
     val_images, val_labels, val_skipped = _materialise(val_set, ValTransform(data), workers)
     _check_fits(train_images.numel() + val_images.numel(), device, str(root))
-    if len(train_labels) // world_size < batch:
-        raise ConfigError(f"data.batch_size={data.batch_size} is larger than the training set "
-                          f"({len(train_labels)} images at {root})")
+    batch, val_batch = rank_batches(data, world_size, grad_accum_steps, len(train_labels), root)
     normalize = Normalize(data.mean, data.std, dtype).to(device)
     common = dict(rank=rank, world_size=world_size, seed=seed)
     train = ResidentLoader(train_images.to(device), train_labels.to(device), batch, normalize,
