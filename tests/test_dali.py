@@ -19,7 +19,6 @@ from PIL import Image
 
 from fasttrain.config import load
 from fasttrain.data import dali_loader
-from fasttrain.data.dali_loader import build_dali_loaders
 from fasttrain.data.datasets import ImageFolderDataset
 from fasttrain.data.loader import build_loaders
 from fasttrain.data.transforms import Normalize, ValTransform, random_resized_crop_params
@@ -309,11 +308,9 @@ def test_unsupported_settings_are_config_errors(tmp_path):
                                           "aug.train_crop=pad_random"):
         load(None, ["--data.backend=dali", "--aug.train_crop=pad_random"])
     cfg = load(None, ["--data.dataset=cifar10"])
-    cfg.data.backend = "dali"  # bypassing load(): the builder checks again
+    cfg.data.backend = "dali"  # bypassing load(): build_loaders checks again
     with pytest.raises(ConfigError, match="reads image folders, not data.dataset=cifar10"):
-        build_dali_loaders(cfg.data, cfg.aug, rank=0, world_size=1,
-                           device=torch.device("cpu"), channels_last=True, seed=0,
-                           grad_accum_steps=1, dtype=torch.float32)
+        build_loaders(cfg.data, cfg.aug)
 
 
 def test_missing_dali_is_a_one_line_run_error(data_root, monkeypatch):

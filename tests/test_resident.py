@@ -1,5 +1,4 @@
 """The resident backend: whole set on the device, batched crop/flip, same contract as torch."""
-import math
 import random
 from pathlib import Path
 

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..config import AugConfig, Config, DataConfig, _check_backend
+from ..config import AugConfig, DataConfig
 from ..errors import ConfigError, DatasetError, RunError
 from .loader import Loaders, _datasets, rank_batches, sample_seed
 from .transforms import progressive_resolution
@@ -268,7 +268,6 @@ def build_dali_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world_siz
         DatasetError: missing data set, or a file DALI cannot decode (named).
         ConfigError: a batch does not split across ranks, or a setting DALI cannot implement.
     """
-    _check_backend(Config(data=data, aug=aug), "build_loaders")
     dali = _dali()
     train_set, val_set, classes, root = _datasets(data)
     batch, val_batch = rank_batches(data, world_size, grad_accum_steps, len(train_set), root)

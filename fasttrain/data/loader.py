@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from ..config import AugConfig, ConfigError, DataConfig
+from ..config import AugConfig, Config, ConfigError, DataConfig, _check_backend
 from .datasets import (DatasetError, ImageFolderDataset, SkippedSample, build_digits,
                        default_root, load_cifar10)
 from .transforms import Normalize, TrainAugment, ValTransform
@@ -236,6 +236,8 @@ def build_loaders(data: DataConfig, aug: AugConfig, *, rank: int = 0, world_size
             implement a setting.
         RunError: the backend's library is not installed.
     """
+    # Here, not only in config.load: callers may build a DataConfig themselves.
+    _check_backend(Config(data=data, aug=aug), "build_loaders")
     kwargs = dict(rank=rank, world_size=world_size, device=device, channels_last=channels_last,
                   seed=seed, grad_accum_steps=grad_accum_steps, dtype=dtype)
     if data.backend == "resident":

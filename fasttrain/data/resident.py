@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 from ..config import AugConfig, DataConfig
-from .datasets import DatasetError, ImageFolderDataset, TensorImageDataset, read_image
+from .datasets import DatasetError, ImageFolderDataset, SkippedSample, TensorImageDataset
 from .loader import EpochSampler, Loaders, ShardSampler, _datasets, rank_batches, sample_seed
 from .transforms import Normalize, ValTransform, progressive_resolution
 
@@ -171,31 +171,25 @@ def _check_fits(nbytes: int, device: torch.device, what: str) -> None:
 
 def _decode_folder(dataset: ImageFolderDataset, transform, workers: int
                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
-    """Decode every file once (threads: torchvision's decoder releases the GIL), check equal
-    sizes, stack. Unreadable files are left out and returned as path -> reason."""
-    def load(sample: tuple[str, int]):
-        path, _ = sample
-        try:
-            image = read_image(path)
-        except (OSError, ValueError) as e:
-            return path, str(e)
-        return path, transform(image) if transform is not None else image
-
+    """Decode every file once through the dataset (threads: torchvision's decoder releases the
+    GIL), check equal sizes, stack. Unreadable files are left out and returned as
+    path -> reason."""
+    dataset.transform = transform
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        decoded = list(pool.map(load, dataset.samples))
-    skipped = {p: r for p, r in decoded if isinstance(r, str)}
-    kept = [(img, t) for (p, img), (_, t) in zip(decoded, dataset.samples)
-            if not isinstance(img, str)]
+        samples = list(pool.map(dataset.__getitem__, range(len(dataset))))
+    skipped = {s.path: s.reason for s in samples if isinstance(s, SkippedSample)}
+    kept = [(path, sample) for (path, _), sample in zip(dataset.samples, samples)
+            if not isinstance(sample, SkippedSample)]
     if not kept:
         raise DatasetError(f"{Path(dataset.samples[0][0]).parent.parent}: no readable image")
-    shape = kept[0][0].shape
-    for (img, _), (path, _) in zip(kept, [s for s in dataset.samples if s[0] not in skipped]):
-        if img.shape != shape:
-            raise DatasetError(f"{path}: image is {tuple(img.shape[1:])} but the first is "
+    shape = kept[0][1][0].shape
+    for path, (image, _) in kept:
+        if image.shape != shape:
+            raise DatasetError(f"{path}: image is {tuple(image.shape[1:])} but the first is "
                                f"{tuple(shape[1:])}; data.backend=resident stores equal-size "
                                f"images: use torch, ffcv or dali")
-    images = torch.stack([img for img, _ in kept])
-    labels = torch.tensor([t for _, t in kept], dtype=torch.int64)
+    images = torch.stack([image for _, (image, _) in kept])
+    labels = torch.tensor([target for _, (_, target) in kept], dtype=torch.int64)
     return images, labels, skipped
 
 
