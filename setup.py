@@ -4,7 +4,9 @@ Besides the Python package this builds the `fasttrain` operator libraries (csrc/
 fasttrain/ops/ and loaded by fasttrain/ops/_ext.py:
 
 - fasttrain/ops/_C       schemas + CPU kernels: always built (needs torch at build time);
-- fasttrain/ops/_C_cuda  CUDA kernels: built when `nvcc` and a CUDA build of torch are present.
+- fasttrain/ops/_C_cuda  CUDA kernels: built when `nvcc` and a CUDA build of torch are present;
+- fasttrain/data/_jpeg   region JPEG decoding (plain C, ctypes API): built when libjpeg-turbo's
+                         development files are present (Debian: libjpeg62-turbo-dev).
 
 Environment:
   FASTTRAIN_CUDA=1|0      force the CUDA library on (an error if it cannot be built) or off;
@@ -12,6 +14,8 @@ Environment:
   TORCH_CUDA_ARCH_LIST    GPU architectures to compile for (default "8.0;9.0": A100, H100).
                           Set explicitly because without a GPU torch cannot guess it.
   CUDA_HOME               toolkit root; unset: the root of the `nvcc` found on PATH.
+  FASTTRAIN_JPEG=1|0      force the region JPEG decoder on (an error without libjpeg-turbo's
+                          headers) or off; unset: build it when possible.
 
 Build with the installed torch (`pip install --no-build-isolation -e .`, as tools/env.sh does):
 the libraries link against that torch's C++ ABI. Without torch only the package metadata is
@@ -34,7 +38,7 @@ ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 GENERATED = ROOT / "build" / "generated"
 DEFAULT_ARCH_LIST = "8.0;9.0"
-SOURCE_SUFFIXES = (".h", ".cuh", ".cpp", ".cu")
+SOURCE_SUFFIXES = (".h", ".cuh", ".c", ".cpp", ".cu")
 
 
 def say(msg: str) -> None:
@@ -107,6 +111,37 @@ def decide_cuda(torch) -> tuple[bool, str, str | None]:
     return True, f"{why} (nvcc {release} at {nvcc})", nvcc
 
 
+def decide_jpeg() -> tuple[bool, str]:
+    """(build fasttrain/data/_jpeg?, why): compiles and links a probe that calls libjpeg-turbo's
+    partial-decoding functions (libjpeg-turbo >= 1.5), so a plain IJG libjpeg is refused too."""
+    flag = os.environ.get("FASTTRAIN_JPEG", "")
+    if flag not in ("", "0", "1"):
+        fail(f"FASTTRAIN_JPEG must be 0, 1 or unset, got {flag!r}")
+    if flag == "0":
+        return False, "FASTTRAIN_JPEG=0"
+    import sysconfig
+    import tempfile
+    cc = (sysconfig.get_config_var("CC") or "cc").split()
+    probe = ("#include <stdio.h>\n#include <jpeglib.h>\nint main(void) {\n"
+             "  struct jpeg_decompress_struct c; JDIMENSION x = 0, w = 0;\n"
+             "  jpeg_crop_scanline(&c, &x, &w); jpeg_skip_scanlines(&c, 0); return 0; }\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "probe.c"
+        src.write_text(probe)
+        try:
+            result = subprocess.run(cc + [str(src), "-o", str(Path(tmp) / "probe"), "-ljpeg"],
+                                    capture_output=True, text=True)
+            ok, detail = result.returncode == 0, (result.stderr.strip().splitlines() or [""])[0]
+        except OSError as e:
+            ok, detail = False, str(e)
+    if ok:
+        return True, "libjpeg-turbo headers and library found"
+    why = f"no libjpeg-turbo >= 1.5 development files (Debian: libjpeg62-turbo-dev): {detail}"
+    if flag == "1":
+        fail(f"FASTTRAIN_JPEG=1 but {why}")
+    return False, why
+
+
 def write_build_info(info: dict) -> None:
     """build/generated/fasttrain_build_info.h: the build's decisions, compiled into _C."""
     GENERATED.mkdir(parents=True, exist_ok=True)
@@ -124,6 +159,7 @@ def extensions() -> tuple[list, dict]:
         say("torch is not importable: building no operator library (metadata only)")
         return [], {}
     cuda, why, nvcc = decide_cuda(torch)
+    jpeg, jpeg_why = decide_jpeg()
     arch_list = None
     if cuda:
         os.environ.setdefault("CUDA_HOME", str(toolkit_root(nvcc)))
@@ -132,7 +168,7 @@ def extensions() -> tuple[list, dict]:
     # Imported only now: torch.utils.cpp_extension reads CUDA_HOME at import time.
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    write_build_info({"cuda": cuda, "cuda_reason": why, "arch_list": arch_list,
+    write_build_info({"cuda": cuda, "cuda_reason": why, "arch_list": arch_list, "jpeg": jpeg,
                       "torch": torch.__version__, "torch_cuda": torch.version.cuda,
                       "sources_sha256": sources_sha256(CSRC)})
     headers = [str(p.relative_to(ROOT)) for p in sorted(CSRC.rglob("*.h"))]
@@ -142,6 +178,10 @@ def extensions() -> tuple[list, dict]:
         depends=headers + [str(GENERATED / "fasttrain_build_info.h")],
         # at::parallel_for is OpenMP in inline headers: without -fopenmp it runs serially.
         extra_compile_args={"cxx": ["-O3", "-fopenmp"]}, extra_link_args=["-fopenmp"])]
+    if jpeg:
+        from setuptools import Extension
+        exts.append(Extension("fasttrain.data._jpeg", ["csrc/jpeg/jpeg_region.c"],
+                              libraries=["jpeg"], extra_compile_args=["-O2"]))
     if cuda:
         exts.append(CUDAExtension(
             "fasttrain.ops._C_cuda", ["csrc/cuda/bn_relu_cuda.cu"],
@@ -151,6 +191,7 @@ def extensions() -> tuple[list, dict]:
     say(bar)
     say(f"torch {torch.__version__} (CUDA {torch.version.cuda})")
     say("CPU library  fasttrain/ops/_C: yes")
+    say(f"JPEG library fasttrain/data/_jpeg: {'yes' if jpeg else 'NO'} ({jpeg_why})")
     if cuda:
         say(f"CUDA library fasttrain/ops/_C_cuda: yes, {why}")
         say(f"             TORCH_CUDA_ARCH_LIST={arch_list}, CUDA_HOME={os.environ['CUDA_HOME']}")

@@ -37,7 +37,7 @@ class DataConfig:
                    "(default ~/.cache/fasttrain/data/<dataset>)")
     download: bool = _f(True, "cifar10: download when the files are missing")
     backend: Literal["torch", "ffcv", "dali", "resident"] = _f(
-        "torch", "torch: DataLoader workers decoding with torchvision.io; ffcv: .beton files "
+        "torch", "torch: DataLoader workers decoding with libjpeg-turbo/torchvision.io; ffcv: .beton files "
         "written by tools/write_ffcv.py; dali: NVIDIA DALI pipeline over the image folders "
         "(nvJPEG on GPU, CPU otherwise); resident: the whole set decoded once and kept on the "
         "device, augmented with batched tensor ops (small data sets)")
@@ -48,6 +48,11 @@ class DataConfig:
         "than RAM; single process only, FFCV does not support it with distributed=True)")
     ffcv_os_cache: bool = _f(True, "ffcv: read through the OS page cache (file fits in RAM); "
                              "false = FFCV's own page reader")
+    region_decode: bool = _f(
+        True, "torch and ffcv backends, RandomResizedCrop: decode only the crop box of each JPEG "
+        "(libjpeg-turbo region decoding, DCT-domain downscaling while the box stays at least "
+        "twice the output) instead of the whole image; needs the decoder setup.py builds "
+        "(fasttrain.data.jpeg), whole images are decoded without it")
     batch_size: int = _f(256, "global training batch, split evenly across ranks", ge=1)
     val_batch_size: int = _f(0, "global validation batch; 0 = batch_size", ge=0)
     num_workers: int = _f(4, "loader worker processes per rank (0 = in the main process)", ge=0)

@@ -25,16 +25,17 @@ exec 9>"$cache/.lock-$key"
 flock 9
 
 # FFCV (in requirements.txt) compiles against OpenCV and libjpeg-turbo found through pkg-config,
-# and its module links to them at import: install Debian's packages when they are missing.
-if ! { command -v pkg-config >/dev/null && pkg-config --exists opencv4 libturbojpeg; }; then
-  apt_packages="libopencv-dev libturbojpeg0-dev pkg-config"
+# and its module links to them at import; fasttrain's region JPEG decoder (csrc/jpeg) builds
+# against libjpeg-turbo's libjpeg API: install Debian's packages when they are missing.
+if ! { command -v pkg-config >/dev/null && pkg-config --exists opencv4 libturbojpeg libjpeg; }; then
+  apt_packages="libopencv-dev libturbojpeg0-dev libjpeg62-turbo-dev pkg-config"
   if ! command -v apt-get >/dev/null; then
-    log "error: FFCV needs OpenCV 4 and libjpeg-turbo development files visible to pkg-config (Debian: $apt_packages); install them and rerun"
+    log "error: FFCV and the JPEG decoder need OpenCV 4 and libjpeg-turbo development files visible to pkg-config (Debian: $apt_packages); install them and rerun"
     exit 1
   fi
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  log "installing Debian packages for FFCV: $apt_packages"
+  log "installing Debian packages for FFCV and the JPEG decoder: $apt_packages"
   if ! { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq \
       --no-install-recommends $apt_packages; } > "$cache/apt.log" 2>&1; then
     cat "$cache/apt.log" >&2
@@ -60,7 +61,8 @@ sources=$(cd "$repo" && find setup.py csrc -type f 2>/dev/null | LC_ALL=C sort |
 editable="$repo $sources"
 if [ "$(cat "$venv/.editable" 2>/dev/null)" != "$editable" ]; then
   log "installing fasttrain (editable) from $repo"
-  if ! "$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$repo" \
+  # FASTTRAIN_JPEG=1: the packages above are there, so a decoder build failure is an error.
+  if ! FASTTRAIN_JPEG=1 "$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$repo" \
       > "$cache/editable-install.log" 2>&1; then
     cat "$cache/editable-install.log" >&2
     log "editable install failed (log above, also in $cache/editable-install.log)"

@@ -19,6 +19,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 from torchvision.io import ImageReadMode, decode_image
 
 from ..errors import DatasetError
+from . import jpeg
 
 DIGITS_SIZE = 32
 DIGITS_VAL_EVERY = 5  # every 5th image of each class (in scikit-learn's order) is validation
@@ -90,6 +91,24 @@ class SkippedSample(NamedTuple):
     reason: str
 
 
+def _read_encoded(path: str) -> bytes:
+    raw = Path(path).read_bytes()
+    if not raw:
+        raise ValueError("empty file")
+    # libjpeg-turbo decodes a truncated JPEG with a warning and grey rows; refuse it instead.
+    if raw[:2] == b"\xff\xd8" and b"\xff\xd9" not in raw[-64:]:
+        raise ValueError("truncated JPEG (no end-of-image marker)")
+    return raw
+
+
+def _decode_whole(raw: bytes) -> torch.Tensor:
+    try:
+        return decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8),
+                            mode=ImageReadMode.RGB)
+    except RuntimeError as e:
+        raise ValueError(f"cannot decode: {str(e).splitlines()[0][:120]}") from None
+
+
 def read_image(path: str) -> torch.Tensor:
     """Decode an image file to uint8 RGB (C, H, W), whatever its extension says.
 
@@ -98,17 +117,32 @@ def read_image(path: str) -> torch.Tensor:
     Raises:
         ValueError: empty, truncated (a JPEG without its end marker) or undecodable file.
     """
-    raw = Path(path).read_bytes()
-    if not raw:
-        raise ValueError("empty file")
-    # libjpeg-turbo decodes a truncated JPEG with a warning and grey rows; refuse it instead.
-    if raw[:2] == b"\xff\xd8" and b"\xff\xd9" not in raw[-64:]:
-        raise ValueError("truncated JPEG (no end-of-image marker)")
-    try:
-        return decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8),
-                            mode=ImageReadMode.RGB)
-    except RuntimeError as e:
-        raise ValueError(f"cannot decode: {str(e).splitlines()[0][:120]}") from None
+    return _decode_whole(_read_encoded(path))
+
+
+BoxChooser = Callable[[int, int], tuple[int, int, int, int]]
+
+
+def read_image_box(path: str, choose_box: BoxChooser, min_size: tuple[int, int] | None,
+                   region_decode: bool = True) -> torch.Tensor:
+    """uint8 RGB (3, h, w) of the box `choose_box(height, width)` = (top, left, h, w) picks.
+
+    With `region_decode` and the region decoder built (fasttrain.data.jpeg), an RGB-convertible
+    JPEG is decoded inside the box only, DCT-downscaled while it stays at least `min_size` (so h,
+    w may be the box's size / 2, 4 or 8); anything else (PNG, CMYK, no decoder) is decoded whole
+    and sliced. `choose_box` is called exactly once either way, so seeded draws stay in step.
+
+    Raises:
+        ValueError: empty, truncated or undecodable file.
+    """
+    raw = _read_encoded(path)
+    if region_decode and jpeg.AVAILABLE and jpeg.is_jpeg(raw):
+        info = jpeg.jpeg_info(raw)
+        if info.rgb:
+            return jpeg.decode_region(raw, choose_box(info.height, info.width), min_size, info)
+    image = _decode_whole(raw)
+    top, left, h, w = choose_box(image.shape[1], image.shape[2])
+    return image[:, top:top + h, left:left + w]
 
 
 class ImageFolderDataset(Dataset):
@@ -144,6 +178,16 @@ class ImageFolderDataset(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, target
+
+    def read_box(self, index: int, choose_box: BoxChooser, min_size: tuple[int, int] | None,
+                 region_decode: bool = True) -> tuple[torch.Tensor, int] | SkippedSample:
+        """Sample `index` cropped to `choose_box(height, width)` at decode time
+        (`read_image_box`), without `transform`; unreadable files as in __getitem__."""
+        path, target = self.samples[index]
+        try:
+            return read_image_box(path, choose_box, min_size, region_decode), target
+        except (OSError, ValueError) as e:
+            return SkippedSample(path, str(e))
 
 
 class TensorImageDataset(Dataset):

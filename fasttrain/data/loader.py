@@ -7,17 +7,18 @@ on 1 or N ranks (per sample), and after a resume.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import math
 import random
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
 from ..config import AugConfig, Config, ConfigError, DataConfig, _check_backend
 from .datasets import (DatasetError, ImageFolderDataset, SkippedSample, build_digits,
                        default_root, load_cifar10)
-from .transforms import Normalize, TrainAugment, ValTransform
+from .transforms import Normalize, TrainAugment, ValTransform, progressive_resolution
 
 
 def sample_seed(seed: int, epoch: int, index: int, repeat: int = 0) -> int:
@@ -35,21 +36,38 @@ class SeededAugment(Dataset):
 
     Indexed by `(epoch, index, repeat)` keys from `EpochSampler`: workers keep no epoch state,
     so persistent workers stay correct across epochs (and see the epoch's resolution).
+
+    When the crop box depends only on the image size (`transform.crops_at_decode`) and the
+    dataset reads files (`read_box`), the box is drawn from the header's size and only it is
+    decoded (`region_decode`: libjpeg-turbo region decoding; else whole-image decode + slice):
+    the same draws from `rng` in the same order either way.
     """
 
-    def __init__(self, dataset: Dataset, transform: Callable, seed: int) -> None:
+    def __init__(self, dataset: Dataset, transform: Callable, seed: int,
+                 region_decode: bool = False) -> None:
         self.dataset, self.transform, self.seed = dataset, transform, seed
+        self.region_decode = region_decode
+        self.crop_at_decode = (getattr(transform, "crops_at_decode", False)
+                               and hasattr(dataset, "read_box"))
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, int]:
         epoch, index, repeat = key
+        rng = random.Random(sample_seed(self.seed, epoch, index, repeat))
+        if self.crop_at_decode:
+            size = progressive_resolution(self.transform.data, epoch)
+            sample = self.dataset.read_box(index, lambda h, w: self.transform.crop_box(h, w, rng),
+                                           (size, size), self.region_decode)
+            if isinstance(sample, SkippedSample):
+                return sample
+            crop, target = sample
+            return self.transform.after_crop(crop, rng, epoch), target
         sample = self.dataset[index]
         if isinstance(sample, SkippedSample):
             return sample
         image, target = sample
-        rng = random.Random(sample_seed(self.seed, epoch, index, repeat))
         return self.transform(image, rng, epoch), target
 
 
@@ -153,8 +171,22 @@ def collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[tupl
     skipped = [(s.path, s.reason) for s in batch if isinstance(s, SkippedSample)]
     if not good:
         return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), skipped
-    images, labels = default_collate(good)
-    return images, labels, skipped
+    images = [image for image, _ in good]
+    labels = torch.tensor([label for _, label in good], dtype=torch.int64)
+    if not all(image.permute(1, 2, 0).is_contiguous() for image in images):
+        return default_collate(images), labels, skipped
+    # Samples in (H, W, C) memory (training crops): stack them as (N, H, W, C), which is the
+    # channels-last (N, C, H, W) batch with no transposing copy. In a worker the batch goes
+    # straight into shared memory, as default_collate does, to save the copy on the way out.
+    first = images[0]
+    shape = (len(images), first.shape[1], first.shape[2], first.shape[0])
+    out = None
+    if get_worker_info() is not None:
+        storage = first.untyped_storage()._new_shared(math.prod(shape) * first.element_size(),
+                                                      device=first.device)
+        out = first.new(storage).resize_(shape)
+    stacked = torch.stack([image.permute(1, 2, 0) for image in images], out=out)
+    return stacked.permute(0, 3, 1, 2), labels, skipped
 
 
 @dataclass
@@ -260,7 +292,8 @@ def _build_torch_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world_s
     val_set.transform = ValTransform(data)
     workers = dict(num_workers=data.num_workers, persistent_workers=data.num_workers > 0,
                    pin_memory=device.type == "cuda", collate_fn=collate_skipping)
-    train_loader = DataLoader(SeededAugment(train_set, TrainAugment(data, aug), seed),
+    train_loader = DataLoader(SeededAugment(train_set, TrainAugment(data, aug), seed,
+                                            data.region_decode),
                               batch_size=batch, drop_last=True,
                               sampler=EpochSampler(len(train_set), rank, world_size, seed,
                                                    data.ra_reps),

@@ -128,11 +128,30 @@ class TrainAugment:
         self.erase_fill = torch.tensor([round(m * 255) for m in data.mean],
                                        dtype=torch.uint8)[:, None, None]
 
+    @property
+    def crops_at_decode(self) -> bool:
+        """True when the crop box can be chosen from the image size alone (RandomResizedCrop), so
+        a loader may decode only the box (`crop_box`, then `after_crop`)."""
+        return self.aug.train_crop == "random_resized"
+
+    def crop_box(self, height: int, width: int, rng: random.Random
+                 ) -> tuple[int, int, int, int]:
+        """RandomResizedCrop's (top, left, h, w) for a height x width image: the first draws
+        from `rng`, as in __call__."""
+        return random_resized_crop_params(height, width, self.aug.scale, self.aug.ratio, rng)
+
+    def after_crop(self, crop: torch.Tensor, rng: random.Random, epoch: int = 0
+                   ) -> torch.Tensor:
+        """The rest of __call__ for a RandomResizedCrop box already cut out (maybe downscaled
+        while decoding): resize to the epoch's resolution, then flip, auto-augment, erasing."""
+        size = progressive_resolution(self.data, epoch)
+        return self._finish(TF.resize(crop, [size, size], antialias=True), rng, size)
+
     def __call__(self, image: torch.Tensor, rng: random.Random, epoch: int = 0) -> torch.Tensor:
         _, height, width = image.shape  # (C, H, W) uint8
         size, aug = progressive_resolution(self.data, epoch), self.aug
         if aug.train_crop == "random_resized":
-            top, left, h, w = random_resized_crop_params(height, width, aug.scale, aug.ratio, rng)
+            top, left, h, w = self.crop_box(height, width, rng)
             image = TF.resized_crop(image, top, left, h, w, [size, size], antialias=True)
         else:
             pad = aug.padding
@@ -143,6 +162,10 @@ class TrainAugment:
             top = rng.randint(0, image.shape[1] - size)
             left = rng.randint(0, image.shape[2] - size)
             image = image[:, top:top + size, left:left + size]
+        return self._finish(image, rng, size)
+
+    def _finish(self, image: torch.Tensor, rng: random.Random, size: int) -> torch.Tensor:
+        aug = self.aug
         if aug.hflip > 0 and rng.random() < aug.hflip:
             image = TF.horizontal_flip(image)
         if self.auto is not None:
@@ -153,7 +176,14 @@ class TrainAugment:
                 top, left, h, w = box
                 image = image.clone()
                 image[:, top:top + h, left:left + w] = self.erase_fill
-        return image.contiguous()
+        return channels_last_sample(image)
+
+
+def channels_last_sample(image: torch.Tensor) -> torch.Tensor:
+    """(C, H, W) whose memory is (H, W, C), a no-op when it already is (the resize kernels'
+    output): batches of such samples stack without a transposing copy into the channels-last
+    layout training uses (`collate_skipping`)."""
+    return image.permute(1, 2, 0).contiguous().permute(2, 0, 1)
 
 
 class ValTransform:

@@ -23,7 +23,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 CSRC = HERE.parents[1] / "csrc"  # present in a source checkout (editable install)
-SOURCE_SUFFIXES = (".h", ".cuh", ".cpp", ".cu")
+SOURCE_SUFFIXES = (".h", ".cuh", ".c", ".cpp", ".cu")
 
 HAS_EXT = False
 HAS_CUDA_EXT = False
