@@ -42,6 +42,7 @@ import torch
 
 from ..config import AugConfig, DataConfig
 from ..errors import ConfigError, DatasetError, RunError
+from . import jpeg
 from .datasets import SkippedSample, default_root
 from .transforms import Normalize, progressive_resolution
 
@@ -110,6 +111,18 @@ def _ffcv() -> SimpleNamespace:
         return key
 
     @numba.njit(nogil=True)
+    def flip_maybe(out, flip_prob):
+        """Mirror `out` (h, w, C) in place with probability `flip_prob` (one draw)."""
+        if flip_prob > 0 and np.random.random() < flip_prob:
+            width = out.shape[1]
+            for c in range(width // 2):
+                for r in range(out.shape[0]):
+                    for ch in range(out.shape[2]):
+                        value = out[r, c, ch]
+                        out[r, c, ch] = out[r, width - 1 - c, ch]
+                        out[r, width - 1 - c, ch] = value
+
+    @numba.njit(nogil=True)
     def crop_flip(image, out, key, scale, ratio, flip_prob, pad):
         """One sample: image (H, W, C) -> out (h, w, C), cropped, resized, maybe mirrored."""
         # numba's generator is per thread: seeding it here, in the thread that draws, makes
@@ -127,14 +140,30 @@ def _ffcv() -> SimpleNamespace:
                     inside = 0 <= r + dy < height and 0 <= c + dx < width
                     for ch in range(out.shape[2]):
                         out[r, c, ch] = image[r + dy, c + dx, ch] if inside else 0
-        if flip_prob > 0 and np.random.random() < flip_prob:
-            width = out.shape[1]
-            for c in range(width // 2):
-                for r in range(out.shape[0]):
-                    for ch in range(out.shape[2]):
-                        value = out[r, c, ch]
-                        out[r, c, ch] = out[r, width - 1 - c, ch]
-                        out[r, width - 1 - c, ch] = value
+        flip_maybe(out, flip_prob)
+
+    if jpeg.AVAILABLE:
+        region_c = jpeg.numba_region_decoder()
+    else:  # numba types the region branch even when it is off: give it a callee that refuses
+        @numba.njit(nogil=True)
+        def region_c(data, size, d, top, left, height, width, out, err, err_size):
+            return -1
+
+    @numba.njit(nogil=True)
+    def region_box(height, width, out_height, out_width, scale, ratio):
+        """RandomResizedCrop's box drawn as crop_flip draws it, and the DCT reduction d that
+        decode_region would use for it, with the box in the 1/d-scale image:
+        (d, top, left, h, w)."""
+        i, j, h, w = random_box(height, width, scale, ratio)
+        d = 8
+        while d > 1 and (h // d < out_height or w // d < out_width):
+            d //= 2
+        if d > 1:  # libjpeg rounds the scaled image's size up
+            bottom = min((height + d - 1) // d, (i + h + d - 1) // d)
+            right = min((width + d - 1) // d, (j + w + d - 1) // d)
+            i, j = i // d, j // d
+            h, w = bottom - i, right - j
+        return d, i, j, h, w
 
     class SeededCropFlip(ResizedCropRGBImageDecoder):
         """Decode, crop, resize to `output_size`, flip with probability `flip_prob`: the crop
@@ -145,10 +174,12 @@ def _ffcv() -> SimpleNamespace:
 
         def __init__(self, output_size: tuple[int, int], scale: Sequence[float],
                      ratio: Sequence[float], flip_prob: float, seed: int,
-                     padding: int = -1) -> None:
+                     padding: int = -1, region_decode: bool = False) -> None:
             super().__init__(output_size)
             self.scale, self.ratio = tuple(scale), tuple(ratio)
             self.flip_prob, self.seed, self.padding = float(flip_prob), int(seed), int(padding)
+            # Region decoding applies to RandomResizedCrop of JPEG-stored images.
+            self.region_decode = region_decode and padding < 0 and jpeg.AVAILABLE
 
         @property
         def get_crop_generator(self):
@@ -162,6 +193,7 @@ def _ffcv() -> SimpleNamespace:
             scale, ratio = np.array(self.scale), np.array(self.ratio)
             flip_prob, pad = self.flip_prob, self.padding
             seed = np.uint64(self.seed & (2**64 - 1))
+            region = self.region_decode
 
             def decode(batch_indices, my_storage, metadata, storage_state):
                 destination, temp_storage = my_storage
@@ -170,6 +202,20 @@ def _ffcv() -> SimpleNamespace:
                     fld = metadata[batch_indices[dst_ix]]
                     image_data = mem_read(fld["data_ptr"], storage_state)
                     height, width = np.uint32(fld["height"]), np.uint32(fld["width"])
+                    if region and fld["mode"] == jpg:
+                        # crop_flip's RandomResizedCrop with only the box decoded (the same
+                        # draws in the same order); a JPEG the decoder refuses falls through
+                        # to the whole-image decode.
+                        out = destination[dst_ix]
+                        np.random.seed(np.uint32(mix(key + np.uint64(dst_ix)) >> s32))
+                        d, i, j, h, w = region_box(np.int64(height), np.int64(width),
+                                                   out.shape[0], out.shape[1], scale, ratio)
+                        tmp = temp_storage[dst_ix]
+                        if region_c(image_data.ctypes.data, image_data.size, d, i, j, h, w,
+                                    tmp.ctypes.data, 0, 0) == 0:
+                            resize_box(tmp[:h * w * 3].reshape(h, w, 3), 0, h, 0, w, out)
+                            flip_maybe(out, flip_prob)
+                            continue
                     if fld["mode"] == jpg:
                         image = temp_storage[dst_ix]
                         imdecode_c(image_data, image, height, width, height, width,
@@ -611,7 +657,8 @@ def build_ffcv_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world_siz
                                     padding=aug.padding)
     else:
         _warn_small(train_info, data, rank)
-        decoder = ff.SeededCropFlip((res, res), aug.scale, aug.ratio, aug.hflip, seed)
+        decoder = ff.SeededCropFlip((res, res), aug.scale, aug.ratio, aug.hflip, seed,
+                                    region_decode=data.region_decode)
     threads = _threads(data.num_workers)
     order = {"random": ff.OrderOption.RANDOM,
              "quasi_random": ff.OrderOption.QUASI_RANDOM}[data.ffcv_order]
