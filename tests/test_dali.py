@@ -1,5 +1,9 @@
 """The DALI backend (`data.backend=dali`) on the CPU: the `build_loaders` contract.
 
+On the CPU, DALI reads and decodes and the loader resizes in torch (training: resize + the
+coin's flip per crop; validation: the torch backend's ValTransform), so validation pixels and
+whole-image training crops are compared with torch exactly.
+
 DALI is imported unconditionally: CI installs it, and a missing DALI must fail this module, not
 skip it. Samples are identified through JPEG + crop + resize by constant grey levels 10 apart
 (`_grey_folder`); crop geometry is read back from colour ramps (`_ramp`).
@@ -15,11 +19,12 @@ import numpy as np
 import nvidia.dali  # noqa: F401  (a missing DALI fails here: CI must run these tests)
 import pytest
 import torch
+import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from fasttrain.config import load
 from fasttrain.data import dali_loader
-from fasttrain.data.datasets import ImageFolderDataset
+from fasttrain.data.datasets import ImageFolderDataset, read_image
 from fasttrain.data.loader import build_loaders
 from fasttrain.data.transforms import Normalize, ValTransform, random_resized_crop_params
 from fasttrain.errors import ConfigError, DatasetError, RunError
@@ -104,15 +109,31 @@ def test_training_dtypes_are_the_fp32_batches_rounded(data_root, dtype):
     (ref, _), = _epoch(_loaders(cfg, dtype=torch.float32).train, 0)[:1]
     (low, _), = _epoch(_loaders(cfg, dtype=dtype).train, 0)[:1]
     assert low.dtype == dtype and low.is_contiguous(memory_format=torch.channels_last)
-    if dtype == torch.bfloat16:  # DALI writes float32, cast on the device: exactly rounded
-        assert torch.equal(low, ref.to(dtype))
-    else:  # DALI's own float16 output
-        torch.testing.assert_close(low.float(), ref.to(dtype).float(), rtol=0, atol=2e-3)
+    # CPU: Normalize computes float32 and casts, so both are the float32 batch exactly rounded.
+    assert torch.equal(low, ref.to(dtype))
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_uint8_batches_are_the_raw_pixels(data_root, channels_last):
+    """dtype=torch.uint8: the raw resized pixels (no normalisation), in the asked layout; the
+    float32 batches are exactly their Normalize."""
+    cfg = _digits(data_root, "--data.val_batch_size=128", "--data.mean=[0.5,0.4,0.3]",
+                  "--data.std=[0.2,0.3,0.25]")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    ref = _loaders(cfg, channels_last=channels_last, dtype=torch.float32)
+    raw = _loaders(cfg, channels_last=channels_last, dtype=torch.uint8)
+    normalize = Normalize(cfg.data.mean, cfg.data.std)
+    for (x_ref, y_ref), (x, y) in [*zip(_epoch(ref.train, 0)[:3], _epoch(raw.train, 0)[:3]),
+                                   *zip(ref.val, raw.val)]:
+        assert x.dtype == torch.uint8 and x.is_contiguous(memory_format=fmt)
+        assert x.shape[1:] in ((3, 16, 16), (3, 12, 12)) and x.shape[0] == len(y)
+        assert torch.equal(normalize(x), x_ref) and torch.equal(y, y_ref)
 
 
 def test_val_matches_the_torch_backend_order_labels_and_pixels(data_root):
-    """World size 1: validation is the sorted ImageFolder list, normalised like the torch
-    backend's Normalize(ValTransform(image))."""
+    """World size 1: validation is the sorted ImageFolder list, and its pixels are the torch
+    backend's Normalize(ValTransform(image)) exactly (both decode with libjpeg-turbo, and the
+    CPU path resizes and crops with ValTransform itself)."""
     cfg = _digits(data_root, "--data.val_batch_size=364", "--data.mean=[0.5,0.5,0.5]",
                   "--data.std=[0.5,0.5,0.5]")
     (images, labels), = list(_loaders(cfg, channels_last=False).val)
@@ -122,13 +143,12 @@ def test_val_matches_the_torch_backend_order_labels_and_pixels(data_root):
     assert labels.tolist() == reference.targets
     expected = Normalize(cfg.data.mean, cfg.data.std)(
         torch.stack([reference[i][0] for i in range(len(reference))]))
-    diff = (images - expected).abs() * 0.5 * 255  # in pixel levels
-    assert diff.max() < 1.01  # two JPEG decoders, two resize kernels: one level at most
+    assert images.dtype == expected.dtype and torch.equal(images, expected)
 
 
 def test_val_crop_is_torch_center_crop_region_with_exact_size(tmp_path):
     """Landscape, portrait, upscaled and padded images, odd and even margins: the DALI val
-    output is ValTransform's, pixel for pixel within one grey level, at exactly val_res."""
+    output is ValTransform's, pixel for pixel, at exactly val_res."""
     shapes = [(40, 60), (70, 30), (12, 10), (33, 47)]
     for split in ("train", "val"):
         for c, (h, w) in enumerate(shapes):
@@ -139,8 +159,36 @@ def test_val_crop_is_torch_center_crop_region_with_exact_size(tmp_path):
         (images, labels), = list(_loaders(cfg, channels_last=False).val)
         assert images.shape == (4, 3, crop, crop) and labels.tolist() == [0, 1, 2, 3]
         reference = ImageFolderDataset(tmp_path / "val", ValTransform(cfg.data))
-        expected = torch.stack([reference[i][0] for i in range(4)]).float() / 255
-        assert (images - expected).abs().max() * 255 < 1.01
+        expected = Normalize(cfg.data.mean, cfg.data.std)(
+            torch.stack([reference[i][0] for i in range(4)]))
+        assert torch.equal(images, expected)
+
+
+def test_training_crop_is_resized_in_torch_and_flipped_by_the_coin(tmp_path):
+    """A crop forced to the whole (square) image: the training image is torch's antialiased
+    resize of the decoded file, pixel for pixel, mirrored with aug.hflip=1, not with 0."""
+    for split in ("train", "val"):
+        _ramp(tmp_path / split / "a" / "img.jpg", 32, 32)
+    expected = TF.resize(read_image(str(tmp_path / "train" / "a" / "img.jpg")), [20, 20],
+                         antialias=True)
+    for hflip, want in ((0.0, expected), (1.0, expected.flip(-1))):
+        cfg = _cfg(tmp_path, "--data.batch_size=1", "--data.train_res=20",
+                   "--aug.scale=[1.0,1.0]", "--aug.ratio=[1.0,1.0]", f"--aug.hflip={hflip}")
+        (images, labels), = _epoch(_loaders(cfg, dtype=torch.uint8).train, 0)
+        assert images.shape == (1, 3, 20, 20) and labels.tolist() == [0]
+        assert torch.equal(images[0], want)
+
+
+def test_hflip_mirrors_the_same_crops(data_root):
+    """Same seed and epoch: aug.hflip=1 gives aug.hflip=0's random crops mirrored (the flip
+    comes after the resize)."""
+    def batches(hflip: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        cfg = _digits(data_root, f"--aug.hflip={hflip}")
+        return _epoch(_loaders(cfg, seed=2, dtype=torch.uint8).train, 1)[:3]
+
+    for (plain, y0), (flipped, y1) in zip(batches(0.0), batches(1.0)):
+        assert torch.equal(y0, y1) and not torch.equal(plain, flipped)
+        assert torch.equal(flipped, plain.flip(-1))
 
 
 def test_progressive_resolution_per_epoch(data_root):
