@@ -2,7 +2,7 @@
 """Images/s of every data backend on one ImageNet-like JPEG set, same cores, same run.
 
     bash tools/env.sh python benchmarks/bench_loaders.py            # all backends, 2 workers
-    bash tools/env.sh python benchmarks/bench_loaders.py --backends torch,dali --images 512
+    bash tools/env.sh python benchmarks/bench_loaders.py --backends decode,torch --rounds 5
 
 The set (generated once, cached under $FASTTRAIN_DATA/bench_jpeg-<n>): `--images` JPEG files in 10
 class folders, sizes drawn around 500x375 like ImageNet's, content with a natural image's 1/f
@@ -17,11 +17,15 @@ over its batches on the CPU, after one warm-up epoch (worker start-up, FFCV's JI
   augmentation: what a JPEG-decoding loader cannot beat on these cores;
 - PIL DataLoader: torchvision's ImageFolder + RandomResizedCrop + flip + PILToTensor, the
   textbook loader (uint8 output);
-- fasttrain backends through `build_loaders(..., dtype=torch.uint8)`, the raw crops (training
+- fasttrain backends through `build_loaders(..., dtype=torch.uint8)`, channels-last as training
+  asks for them, the raw crops (training
   normalises them on the GPU; on this CPU-only bench that pass would only add a constant cost):
-  torch (decode_jpeg in DataLoader workers), dali (CPU pipeline), ffcv at full JPEG fidelity
-  (every image stored as JPEG, max side 512: nothing resized away), and ffcv stored as
-  ffcv-imagenet stores it for ResNet-18 (max side 400, 10 % JPEG / 90 % raw pixels).
+  torch (DataLoader workers decoding only each crop box: region decoding, the default),
+  torch-whole (`data.region_decode=false`: whole images decoded by torchvision, then cropped),
+  dali (CPU pipeline: region decoding in DALI, resize in torch), ffcv at full JPEG fidelity
+  (every image stored as JPEG, max side 512: nothing resized away; region decoding) and
+  ffcv-jpeg512-whole (FFCV's own whole-image decoder), and ffcv stored as ffcv-imagenet stores
+  it for ResNet-18 (max side 400, 10 % JPEG / 90 % raw pixels).
 
 Writes `benchmarks/results/loaders-cpu-<workers>w.json` (conditions + rows) and prints a table.
 """
@@ -31,6 +35,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import statistics
 import sys
 import time
 from datetime import datetime, timezone
@@ -43,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fasttrain.config import Config, load  # noqa: E402
-from fasttrain.data import build_loaders  # noqa: E402
+from fasttrain.data import build_loaders, jpeg  # noqa: E402
 from fasttrain.data.datasets import _publish_dir, default_root  # noqa: E402
 from fasttrain.measure.env import conditions  # noqa: E402
 
@@ -92,17 +97,25 @@ def make_bench_set(root: Path, images: int, seed: int = 0) -> Path:
     return _publish_dir(build, root)
 
 
-def _decode_share(files: list[str]) -> int:
-    from torchvision.io import decode_jpeg
+def _decode_share(args: tuple[list[str], str]) -> int:
+    files, decoder = args
     torch.set_num_threads(1)
-    for f in files:
-        decode_jpeg(torch.frombuffer(bytearray(Path(f).read_bytes()), dtype=torch.uint8))
+    if decoder == "torchvision":
+        from torchvision.io import decode_jpeg
+        for f in files:
+            decode_jpeg(torch.frombuffer(bytearray(Path(f).read_bytes()), dtype=torch.uint8))
+    else:
+        from fasttrain.data import jpeg
+        for f in files:
+            raw = Path(f).read_bytes()
+            info = jpeg.jpeg_info(raw)
+            jpeg.decode_region(raw, (0, 0, info.height, info.width), info=info)
     return len(files)
 
 
-def decode_limit(files: list[str], workers: int, epochs: int) -> float:
-    """Images/s of plain JPEG decoding, one process per worker."""
-    shares = [files[i::workers] for i in range(workers)]
+def decode_limit(files: list[str], workers: int, epochs: int, decoder: str) -> float:
+    """Images/s of plain whole-image JPEG decoding, one process per worker."""
+    shares = [(files[i::workers], decoder) for i in range(workers)]
     with mp.get_context("spawn").Pool(workers) as pool:
         pool.map(_decode_share, shares)  # warm-up: page cache, process start
         start = time.perf_counter()
@@ -133,18 +146,20 @@ def _time_epochs(epoch_iter, epochs: int, batch: int) -> float:
 
 
 def backend_cfg(root: Path, backend: str, workers: int, batch: int,
-                ffcv_dir: Path | None = None) -> Config:
+                ffcv_dir: Path | None = None, region_decode: bool = True) -> Config:
     overrides = {"data.dataset": "imagefolder", "data.path": root, "data.backend": backend,
+                 "data.region_decode": str(region_decode).lower(),
                  "data.batch_size": batch, "data.num_workers": workers,
                  "data.train_res": RESOLUTION, "data.val_res": RESOLUTION,
                  "data.val_resize": 256, "data.ffcv_dir": ffcv_dir or "",
                  "aug.train_crop": "random_resized", "aug.hflip": 0.5,
-                 "train.device": "cpu", "train.channels_last": False}
+                 "train.device": "cpu"}
     return load(None, [f"--{k}={v}" for k, v in overrides.items()])
 
 
 def fasttrain_loader(cfg: Config, epochs: int) -> float:
-    loaders = build_loaders(cfg.data, cfg.aug, channels_last=False, dtype=torch.uint8)
+    # Channels-last: the layout training asks for (the batches the model would get).
+    loaders = build_loaders(cfg.data, cfg.aug, channels_last=True, dtype=torch.uint8)
 
     def epoch_iter(epoch: int):
         loaders.train.set_epoch(epoch)
@@ -171,7 +186,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="loader workers/threads per backend (default: every core)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--epochs", type=int, default=2, help="timed epochs after one warm-up")
-    p.add_argument("--backends", default="decode,pil,torch,dali,ffcv-jpeg512,ffcv-rn18")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="measure every backend this many times, in turn (median reported)")
+    p.add_argument("--backends", default="decode,decode-libjpeg,pil,torch,torch-whole,dali,"
+                   "ffcv-jpeg512,ffcv-jpeg512-whole,ffcv-rn18")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.workers)
@@ -179,52 +197,74 @@ def main(argv: list[str] | None = None) -> int:
     root = make_bench_set(default_root(f"bench_jpeg-{args.images}"), args.images)
     files = sorted(str(f) for f in (root / "train").rglob("*.jpg"))
     mean_kb = sum(os.path.getsize(f) for f in files) / len(files) / 1e3
-    rows = []
-    for name in args.backends.split(","):
-        t0 = time.perf_counter()
-        if name == "decode":
-            rate = decode_limit(files, args.workers, args.epochs)
-        elif name == "pil":
-            rate = pil_loader(root, args.workers, args.batch_size, args.epochs)
-        elif name in ("torch", "dali"):
-            rate = fasttrain_loader(backend_cfg(root, name, args.workers, args.batch_size),
-                                    args.epochs)
-        elif name in FFCV_STORAGE:
-            ffcv_dir = write_ffcv_files(root, name, args.workers)
-            rate = fasttrain_loader(backend_cfg(root, "ffcv", args.workers, args.batch_size,
-                                                ffcv_dir), args.epochs)
-        else:
-            raise SystemExit(f"error: --backends: unknown backend {name!r}")
-        rows.append({"backend": name, "images_per_s": round(rate, 1),
-                     "bench_s": round(time.perf_counter() - t0, 1)})
-        print(f"{name:14s} {rate:8.1f} img/s", flush=True)
+    names = args.backends.split(",")
+    known = {"decode", "decode-libjpeg", "pil", "torch", "torch-whole", "dali", *FFCV_STORAGE,
+             *(f"{n}-whole" for n in FFCV_STORAGE)}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"error: --backends: unknown backend {unknown[0]!r} "
+                         f"(known: {', '.join(sorted(known))})")
 
-    limit = next((r["images_per_s"] for r in rows if r["backend"] == "decode"), None)
-    pil = next((r["images_per_s"] for r in rows if r["backend"] == "pil"), None)
-    for r in rows:
-        if limit:
-            r["vs_decode_limit"] = round(r["images_per_s"] / limit, 3)
-        if pil:
-            r["vs_pil"] = round(r["images_per_s"] / pil, 3)
+    def measure(name: str) -> float:
+        if name == "decode":
+            return decode_limit(files, args.workers, args.epochs, "torchvision")
+        if name == "decode-libjpeg":
+            return decode_limit(files, args.workers, args.epochs, "fasttrain")
+        if name == "pil":
+            return pil_loader(root, args.workers, args.batch_size, args.epochs)
+        if name in ("torch", "torch-whole", "dali"):
+            backend = name.split("-")[0]
+            return fasttrain_loader(backend_cfg(root, backend, args.workers, args.batch_size,
+                                                region_decode=name != "torch-whole"),
+                                    args.epochs)
+        storage = name.removesuffix("-whole")
+        if storage in FFCV_STORAGE:
+            ffcv_dir = write_ffcv_files(root, storage, args.workers)
+            return fasttrain_loader(backend_cfg(root, "ffcv", args.workers, args.batch_size,
+                                                ffcv_dir, region_decode=name == storage),
+                                    args.epochs)
+        raise AssertionError(name)
+
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(args.rounds):
+        for name in names:
+            rates[name].append(measure(name))
+            print(f"round {round_ + 1}/{args.rounds}  {name:20s} {rates[name][-1]:8.1f} img/s",
+                  flush=True)
+
+    def ratio(name: str, base: str) -> float | None:
+        if base not in rates:
+            return None
+        return round(statistics.median(a / b for a, b in zip(rates[name], rates[base])), 3)
+
+    rows = []
+    for name in names:
+        rows.append({"backend": name, "images_per_s": round(statistics.median(rates[name]), 1),
+                     "images_per_s_min": round(min(rates[name]), 1),
+                     "images_per_s_max": round(max(rates[name]), 1),
+                     "images_per_s_rounds": [round(r, 1) for r in rates[name]],
+                     "vs_decode_limit": ratio(name, "decode"), "vs_pil": ratio(name, "pil")})
     result = {"benchmark": "bench_loaders", "date": datetime.now(timezone.utc).isoformat(),
               **conditions("cpu"),
               "set": {"images": len(files), "mean_file_kb": round(mean_kb, 1),
                       "classes": CLASSES, "size": "long side 420-580, aspect 0.66-0.8"},
               "transform": f"RandomResizedCrop {RESOLUTION} scale (0.08, 1) + flip",
               "workers": args.workers, "batch_size": args.batch_size,
-              "timed_epochs": args.epochs, "rows": rows}
+              "timed_epochs": args.epochs, "rounds": args.rounds,
+              "libjpeg_turbo": jpeg.lib_version(), "rows": rows}
     out = args.out or ROOT / "benchmarks" / "results" / f"loaders-cpu-{args.workers}w.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     from rich.console import Console
     from rich.table import Table
     table = Table(title=f"{len(files)} JPEGs (~{mean_kb:.0f} KB), {args.workers} workers")
-    for col in ("backend", "img/s", "vs decode limit", "vs PIL"):
+    for col in ("backend", "img/s (median)", "min-max", "vs decode limit", "vs PIL"):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(r["backend"], f"{r['images_per_s']:.0f}",
-                      f"{r.get('vs_decode_limit', float('nan')):.2f}",
-                      f"{r.get('vs_pil', float('nan')):.2f}")
+                      f"{r['images_per_s_min']:.0f}-{r['images_per_s_max']:.0f}",
+                      "-" if r["vs_decode_limit"] is None else f"{r['vs_decode_limit']:.2f}",
+                      "-" if r["vs_pil"] is None else f"{r['vs_pil']:.2f}")
     Console().print(table)
     print(f"wrote {out}")
     return 0
