@@ -382,7 +382,8 @@ BACKEND_SUPPORT = {
     "ffcv": {"train_crop": ("random_resized", "pad_random"), "ra_reps": False},
     "dali": {"train_crop": ("random_resized",), "ra_reps": False, "dataset": ("digits",
                                                                               "imagefolder")},
-    "resident": {"train_crop": ("random_resized", "pad_random"), "ra_reps": True},
+    "resident": {"train_crop": ("random_resized", "pad_random"), "ra_reps": True,
+                 "auto_augment": ("none", "trivialaugment")},
 }
 
 
@@ -395,7 +396,7 @@ def _check_backend(cfg: Config, origin: str) -> None:
     if cfg.aug.train_crop not in support["train_crop"]:
         raise ConfigError(f"{where} does not implement aug.train_crop={cfg.aug.train_crop} "
                           f"(only {', '.join(support['train_crop'])}); use data.backend=torch")
-    if cfg.aug.auto_augment != "none":
+    if cfg.aug.auto_augment not in support.get("auto_augment", ("none",)):
         raise ConfigError(f"{where} does not implement aug.auto_augment="
                           f"{cfg.aug.auto_augment}; use data.backend=torch")
     if cfg.aug.random_erase:

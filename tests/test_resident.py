@@ -201,9 +201,13 @@ def test_unequal_sizes_and_oversized_sets_are_refused(tmp_path, grey_root, monke
 
 def test_unsupported_augmentation_is_a_config_error():
     with pytest.raises(ConfigError, match="data.backend=resident does not implement "
-                                          "aug.auto_augment=trivialaugment"):
+                                          "aug.auto_augment=randaugment"):
         load(ROOT / "recipes" / "quickstart.yaml",
-             ["--data.backend=resident", "--aug.auto_augment=trivialaugment"])
+             ["--data.backend=resident", "--aug.auto_augment=randaugment"])
+    with pytest.raises(ConfigError, match="data.backend=resident does not implement "
+                                          "aug.random_erase"):
+        load(ROOT / "recipes" / "quickstart.yaml",
+             ["--data.backend=resident", "--aug.random_erase=0.25"])
     with pytest.raises(ConfigError, match="data.backend=dali reads image folders"):
         load(ROOT / "recipes" / "quickstart.yaml",
              ["--data.backend=dali", "--data.dataset=cifar10"])

@@ -4,7 +4,8 @@ For data sets that fit in device memory (CIFAR-10: 150 MB of uint8; the built-in
 worker processes, no host-to-device copies per step. Training augmentation runs on whole batches
 as tensor ops on the device: RandomResizedCrop as one `torchvision.ops.roi_align` call (every
 sample its own box, bilinear with adaptive sampling, so downscaling averages like an antialiased
-resize), zero-pad + random crop as one gather, flip as one `where`.
+resize), zero-pad + random crop as one gather, flip as one `where`, TrivialAugmentWide with one
+vectorised call per operation (`batch_augment`).
 
 Order and sharding come from the same `EpochSampler` as the torch backend (identical per-epoch
 sample order, exact resume inside an epoch). The random crop/flip parameters are drawn per batch
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 from ..config import AugConfig, DataConfig
+from .batch_augment import trivial_augment_wide
 from .datasets import DatasetError, ImageFolderDataset, SkippedSample, TensorImageDataset
 from .loader import EpochSampler, Loaders, ShardSampler, _datasets, rank_batches, sample_seed
 from .transforms import Normalize, ValTransform, progressive_resolution
@@ -67,7 +69,8 @@ def random_resized_crop_boxes(n: int, height: int, width: int, scale: tuple[floa
 
 
 class BatchAugment:
-    """Crop + flip of a uint8 (B, C, H, W) batch on its device → float (B, C, S, S) in 0..255."""
+    """Crop + flip (+ TrivialAugmentWide with `aug.auto_augment=trivialaugment`) of a uint8
+    (B, C, H, W) batch on its device → float (B, C, S, S) in 0..255."""
 
     def __init__(self, data: DataConfig, aug: AugConfig) -> None:
         self.data, self.aug = data, aug
@@ -101,6 +104,8 @@ class BatchAugment:
         if self.aug.hflip > 0:
             flip = (torch.rand(n, generator=generator) < self.aug.hflip).to(device)
             out = torch.where(flip[:, None, None, None], out.flip(3), out)
+        if self.aug.auto_augment == "trivialaugment":
+            out = trivial_augment_wide(out, generator)
         return out
 
 

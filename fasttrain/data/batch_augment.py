@@ -1,0 +1,169 @@
+"""TrivialAugmentWide on whole batches on the device (the resident backend's auto-augment).
+
+Every sample draws its own operation, magnitude bin and sign, as torchvision's
+`TrivialAugmentWide` does per image; each operation then runs once on the sub-batch that drew it,
+with per-sample magnitudes as tensors: at most 14 vectorised calls per batch instead of one
+Python call per image. The operations follow torchvision's v2 functional definitions (nearest
+interpolation, zero fill, the same inverse affine matrices and sampling grid, the same blend and
+grey-level formulas); they run on float images in 0..255, so results are not truncated to
+integers between operations (torchvision's uint8 path truncates). Written here because neither
+torchvision nor kornia applies TrivialAugmentWide with per-sample choices as batched tensor ops
+(torchvision's transform draws one operation per call, for the whole batch).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2 as v2
+import torchvision.transforms.v2.functional as TF
+
+BINS = 31
+BOUND = 255.0
+
+
+def _space() -> list[tuple[str, torch.Tensor | None, bool]]:
+    """(name, magnitude per bin or None, signed) for TrivialAugmentWide's operations, sorted by
+    name (the order the torch backend's per-sample AutoAugment uses)."""
+    space = v2.TrivialAugmentWide()._AUGMENTATION_SPACE
+    out = []
+    for name, (magnitudes_fn, signed) in sorted(space.items()):
+        magnitudes = magnitudes_fn(BINS, 32, 32)  # (the image size matters only to the
+        if magnitudes is not None and magnitudes.ndim == 0:  # non-wide policies' Translate)
+            magnitudes = None
+        out.append((name, magnitudes, signed))
+    return out
+
+
+SPACE = _space()
+
+
+def inverse_affine_matrices(angle: torch.Tensor, translate: torch.Tensor, shear: torch.Tensor,
+                            center: torch.Tensor) -> torch.Tensor:
+    """torchvision's `_get_inverse_affine_matrix` (scale 1) for a batch: angle (B,) degrees,
+    translate (B, 2), shear (B, 2) degrees, center (B, 2) in pixels relative to the image centre
+    → (B, 2, 3) float64 output-to-input matrices."""
+    rot, sx, sy = torch.deg2rad(angle), torch.deg2rad(shear[:, 0]), torch.deg2rad(shear[:, 1])
+    cx, cy = center.unbind(1)
+    tx, ty = translate.unbind(1)
+    a = torch.cos(rot - sy) / torch.cos(sy)
+    b = -torch.cos(rot - sy) * torch.tan(sx) / torch.cos(sy) - torch.sin(rot)
+    c = torch.sin(rot - sy) / torch.cos(sy)
+    d = -torch.sin(rot - sy) * torch.tan(sx) / torch.cos(sy) + torch.cos(rot)
+    m0, m1, m3, m4 = d, -b, -c, a
+    m2 = m0 * (-cx - tx) + m1 * (-cy - ty) + cx
+    m5 = m3 * (-cx - tx) + m4 * (-cy - ty) + cy
+    return torch.stack([m0, m1, m2, m3, m4, m5], dim=1).view(-1, 2, 3)
+
+
+def affine_nearest(images: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
+    """Warp float images (B, C, H, W) by per-sample inverse matrices (B, 2, 3), nearest
+    neighbour, zeros outside: torchvision's `_affine_grid` + `_apply_grid_transform`."""
+    n, _, h, w = images.shape
+    theta = matrices.to(torch.float32).to(images.device)
+    x = torch.linspace(-w * 0.5 + 0.5, w * 0.5 - 0.5, steps=w, device=images.device)
+    y = torch.linspace(-h * 0.5 + 0.5, h * 0.5 - 0.5, steps=h, device=images.device)
+    base = torch.stack([x.expand(h, w), y[:, None].expand(h, w), torch.ones(h, w,
+                                                                           device=images.device)],
+                       dim=-1).view(1, h * w, 3).expand(n, h * w, 3)
+    scale = torch.tensor([0.5 * w, 0.5 * h], dtype=torch.float32, device=images.device)
+    grid = base.bmm(theta.transpose(1, 2) / scale).view(n, h, w, 2)
+    return F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+def _grey(images: torch.Tensor) -> torch.Tensor:
+    r, g, b = images.unbind(dim=1)
+    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(1)
+
+
+def _blend(images: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    ratio = ratio.view(-1, 1, 1, 1)
+    return (images * ratio + other * (1.0 - ratio)).clamp_(0, BOUND)
+
+
+def _sharpness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    h, w = images.shape[-2:]
+    if h <= 2 or w <= 2:
+        return images
+    a, b = 1.0 / 13.0, 5.0 / 13.0
+    kernel = torch.tensor([[a, a, a], [a, b, a], [a, a, a]], device=images.device)
+    blurred = F.conv2d(images, kernel.expand(images.shape[1], 1, 3, 3), groups=images.shape[1])
+    out = images.clone()
+    inner = out[..., 1:-1, 1:-1]
+    inner.copy_(_blend(inner, blurred, factor))
+    return out.clamp_(0, BOUND)
+
+
+def _autocontrast(images: torch.Tensor) -> torch.Tensor:
+    low = images.amin(dim=(-2, -1), keepdim=True)
+    high = images.amax(dim=(-2, -1), keepdim=True)
+    flat = high == low
+    inv_scale = torch.where(flat, torch.ones_like(low), (high - low) / BOUND)
+    low = torch.where(flat, torch.zeros_like(low), low)
+    return ((images - low) / inv_scale).clamp_(0, BOUND)
+
+
+def apply_op(name: str, images: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """One TrivialAugmentWide operation on float images (B, C, H, W) in 0..255 with per-sample
+    signed magnitudes (B,) (ignored by the operations without one)."""
+    n, _, h, w = images.shape
+    zeros = torch.zeros(n, dtype=torch.float64)
+    mag = magnitude.to(torch.float64).cpu()
+    if name in ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"):
+        shear, translate = torch.zeros(n, 2, dtype=torch.float64), torch.zeros(n, 2,
+                                                                               dtype=torch.float64)
+        angle, center = zeros, torch.zeros(n, 2, dtype=torch.float64)
+        if name.startswith("Shear"):
+            shear[:, 0 if name == "ShearX" else 1] = torch.rad2deg(torch.atan(mag))
+            center[:] = torch.tensor([-w * 0.5, -h * 0.5], dtype=torch.float64)  # center=[0, 0]
+        elif name.startswith("Translate"):
+            translate[:, 0 if name == "TranslateX" else 1] = mag.trunc()  # int(magnitude)
+        else:
+            angle = -mag  # F.rotate inverts the angle for its matrix
+        return affine_nearest(images, inverse_affine_matrices(angle, translate, shear, center))
+    factor = (1.0 + magnitude).to(images.dtype).to(images.device)
+    if name == "Brightness":
+        return _blend(images, torch.zeros_like(images), factor)
+    if name == "Color":
+        return _blend(images, _grey(images).floor_(), factor)
+    if name == "Contrast":
+        return _blend(images, _grey(images).floor_().mean(dim=(-3, -2, -1), keepdim=True), factor)
+    if name == "Sharpness":
+        return _sharpness(images, factor)
+    if name == "Posterize":
+        step = (2.0 ** (8 - magnitude.to(images.device))).view(-1, 1, 1, 1).to(images.dtype)
+        return torch.where(step > 1, torch.floor(images / step) * step, images)
+    if name == "Solarize":
+        threshold = (BOUND * magnitude).view(-1, 1, 1, 1).to(images.dtype).to(images.device)
+        return torch.where(images >= threshold, BOUND - images, images)
+    if name == "AutoContrast":
+        return _autocontrast(images)
+    if name == "Equalize":  # a histogram operation: on the uint8 levels, as torchvision
+        return TF.equalize(images.round().clamp_(0, BOUND).to(torch.uint8)).to(images.dtype)
+    if name == "Identity":
+        return images
+    raise ValueError(f"unknown TrivialAugmentWide operation {name!r}")
+
+
+def trivial_augment_wide(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """TrivialAugmentWide for every sample of a float batch (B, C, H, W) in 0..255: operation
+    uniform over the 14, magnitude bin uniform over 31, sign + or - with probability 1/2 for
+    the signed operations, all drawn from `generator` (CPU)."""
+    n = images.shape[0]
+    ops = torch.randint(len(SPACE), (n,), generator=generator)
+    bins = torch.randint(BINS, (n,), generator=generator)
+    negative = torch.rand(n, generator=generator) < 0.5
+    out = images.clone()
+    for k, (name, magnitudes, signed) in enumerate(SPACE):
+        chosen = (ops == k).nonzero().flatten()
+        if len(chosen) == 0 or name == "Identity":
+            continue
+        magnitude = torch.zeros(len(chosen))
+        if magnitudes is not None:
+            magnitude = magnitudes[bins[chosen]].to(torch.float32)
+            if signed:
+                magnitude = torch.where(negative[chosen], -magnitude, magnitude)
+        index = chosen.to(images.device)
+        out.index_copy_(0, index, apply_op(name, images.index_select(0, index), magnitude))
+    return out
