@@ -1,0 +1,114 @@
+#!/usr/bin/env python
+"""Images/s of the CIFAR recipes' augmentation on the torch and resident backends, same cores.
+
+    bash tools/env.sh python benchmarks/bench_cifar_aug.py            # 20,000 images, 3 rounds
+
+The CIFAR recipes train with pad 4 + random 32 px crop, flip and TrivialAugmentWide. The torch
+backend runs it per image in `--workers` DataLoader processes (torchvision's operations); the
+resident backend keeps the set on the device and runs it on whole batches (one vectorised call
+per operation, fasttrain.data.batch_augment). The set is CIFAR-10's format and size per image
+(32x32 RGB), content with a natural image's 1/f spectrum, generated once under
+$FASTTRAIN_DATA/bench_cifar-<n> (no download). Each backend: one warm-up epoch, then `--epochs`
+timed epochs of the training loader with the model replaced by nothing (batches normalised to
+float32 on the CPU, as training on this machine would get them), measured `--rounds` times in
+turn; the table gives the median and the range. Writes
+`benchmarks/results/cifar-aug-cpu-<workers>w.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_loaders import natural_image  # noqa: E402
+from fasttrain.config import load  # noqa: E402
+from fasttrain.data import build_loaders, write_cifar10  # noqa: E402
+from fasttrain.data.datasets import _publish_dir, default_root  # noqa: E402
+from fasttrain.measure.env import conditions  # noqa: E402
+
+RECIPE = ROOT / "recipes" / "cifar_r20_w0.5.yaml"
+
+
+def make_set(root: Path, images: int) -> Path:
+    """CIFAR-10's python format: 5 train batches and a test batch of images // 5 each."""
+    per_batch = images // 5
+
+    def build(tmp: Path) -> None:
+        rng = np.random.default_rng(0)
+        pixels = np.stack([natural_image(rng, 32, 32).transpose(1, 2, 0)
+                           for _ in range(6 * per_batch)])
+        write_cifar10(tmp, pixels, rng.integers(0, 10, len(pixels)).tolist(), per_batch)
+
+    return _publish_dir(build, root)
+
+
+def measure(root: Path, backend: str, workers: int, batch: int, epochs: int) -> float:
+    cfg = load(RECIPE, [f"--data.path={root}", "--data.download=false",
+                        f"--data.backend={backend}", f"--data.num_workers={workers}",
+                        f"--data.batch_size={batch}"])
+    loaders = build_loaders(cfg.data, cfg.aug, channels_last=True, seed=0)
+    train = loaders.train
+    train.set_epoch(0)
+    for _ in train:
+        pass
+    seen, start = 0, time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        train.set_epoch(epoch)
+        for images, _ in train:
+            seen += images.shape[0]
+    return seen / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=20000, help="training images in the set")
+    p.add_argument("--workers", type=int, default=os.cpu_count(),
+                   help="torch backend's DataLoader workers (default: every core)")
+    p.add_argument("--batch-size", type=int, default=128, help="the recipes' batch")
+    p.add_argument("--epochs", type=int, default=1, help="timed epochs after one warm-up")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.workers)
+    root = make_set(default_root(f"bench_cifar-{args.images}"), args.images)
+    names = ["torch", "resident"]
+    rates: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(args.rounds):
+        for name in names:
+            rates[name].append(measure(root, name, args.workers, args.batch_size, args.epochs))
+            print(f"round {r + 1}/{args.rounds}  {name:9s} {rates[name][-1]:9.0f} img/s",
+                  flush=True)
+    rows = [{"backend": n, "images_per_s": round(statistics.median(v), 1),
+             "images_per_s_min": round(min(v), 1), "images_per_s_max": round(max(v), 1),
+             "images_per_s_rounds": [round(x, 1) for x in v]} for n, v in rates.items()]
+    speedup = statistics.median(a / b for a, b in zip(rates["resident"], rates["torch"]))
+    result = {"benchmark": "bench_cifar_aug", "date": datetime.now(timezone.utc).isoformat(),
+              **conditions("cpu"), "recipe": str(RECIPE.relative_to(ROOT)),
+              "augmentation": "pad 4 + random crop 32, flip 0.5, TrivialAugmentWide",
+              "images": args.images, "workers": args.workers, "batch_size": args.batch_size,
+              "timed_epochs": args.epochs, "rounds": args.rounds,
+              "resident_vs_torch": round(speedup, 2), "rows": rows}
+    out = args.out or ROOT / "benchmarks" / "results" / f"cifar-aug-cpu-{args.workers}w.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    for row in rows:
+        print(f"{row['backend']:9s} {row['images_per_s']:9.0f} img/s "
+              f"({row['images_per_s_min']:.0f}-{row['images_per_s_max']:.0f})")
+    print(f"resident / torch: {speedup:.2f}x; wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
