@@ -179,3 +179,22 @@ def test_without_the_library_boxes_come_from_whole_decodes(tmp_path, monkeypatch
     whole = read_image_box(str(tmp_path / "a.jpg"), lambda h, w: box, None)
     assert torch.equal(whole, jpeg.decode_region_reference((tmp_path / "a.jpg").read_bytes(), box))
     assert (whole.int() - region.int()).abs()[:, :, 1:-1].max() == 0
+
+
+def test_progressive_and_restart_marker_jpegs_match_torchvision():
+    import cv2
+    pixels = photo(301, 407, seed=4)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90, progressive=True)
+    ok, restart = cv2.imencode(".jpg", pixels[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90,
+                                                           cv2.IMWRITE_JPEG_RST_INTERVAL, 3])
+    assert ok
+    rng = random.Random(1)
+    for raw in (buf.getvalue(), restart.tobytes()):
+        whole = (0, 0, 301, 407)
+        assert torch.equal(jpeg.decode_region(raw, whole), jpeg.decode_region_reference(raw, whole))
+        for _ in range(20):
+            box = random_resized_crop_params(301, 407, (0.08, 1.0), (3 / 4, 4 / 3), rng)
+            diff = (jpeg.decode_region(raw, box).int()
+                    - jpeg.decode_region_reference(raw, box).int()).abs()
+            assert diff[:, :, 1:-1].max() == 0
