@@ -2,6 +2,7 @@
 """Images/s of the CIFAR recipes' augmentation on the torch and resident backends, same cores.
 
     bash tools/env.sh python benchmarks/bench_cifar_aug.py            # 20,000 images, 3 rounds
+    python benchmarks/bench_cifar_aug.py --device cuda                # on a GPU host
 
 The CIFAR recipes train with pad 4 + random 32 px crop, flip and TrivialAugmentWide. The torch
 backend runs it per image in `--workers` DataLoader processes (torchvision's operations); the
@@ -10,9 +11,9 @@ per operation, fasttrain.data.batch_augment). The set is CIFAR-10's format and s
 (32x32 RGB), content with a natural image's 1/f spectrum, generated once under
 $FASTTRAIN_DATA/bench_cifar-<n> (no download). Each backend: one warm-up epoch, then `--epochs`
 timed epochs of the training loader with the model replaced by nothing (batches normalised to
-float32 on the CPU, as training on this machine would get them), measured `--rounds` times in
-turn; the table gives the median and the range. Writes
-`benchmarks/results/cifar-aug-cpu-<workers>w.json`.
+float32 on `--device`, as training there would get them; on CUDA the clock stops after a
+synchronize), measured `--rounds` times in turn; the table gives the median and the range.
+Writes `benchmarks/results/cifar-aug-<device>-<workers>w.json`.
 """
 from __future__ import annotations
 
@@ -54,11 +55,12 @@ def make_set(root: Path, images: int) -> Path:
     return _publish_dir(build, root)
 
 
-def measure(root: Path, backend: str, workers: int, batch: int, epochs: int) -> float:
+def measure(root: Path, backend: str, workers: int, batch: int, epochs: int,
+            device: torch.device) -> float:
     cfg = load(RECIPE, [f"--data.path={root}", "--data.download=false",
                         f"--data.backend={backend}", f"--data.num_workers={workers}",
                         f"--data.batch_size={batch}"])
-    loaders = build_loaders(cfg.data, cfg.aug, channels_last=True, seed=0)
+    loaders = build_loaders(cfg.data, cfg.aug, channels_last=True, seed=0, device=device)
     train = loaders.train
     train.set_epoch(0)
     for _ in train:
@@ -68,6 +70,8 @@ def measure(root: Path, backend: str, workers: int, batch: int, epochs: int) -> 
         train.set_epoch(epoch)
         for images, _ in train:
             seen += images.shape[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return seen / (time.perf_counter() - start)
 
 
@@ -79,15 +83,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=128, help="the recipes' batch")
     p.add_argument("--epochs", type=int, default=1, help="timed epochs after one warm-up")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--device", default="cpu", help="training device the batches go to")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda: no CUDA device")
     torch.set_num_threads(args.workers)
     root = make_set(default_root(f"bench_cifar-{args.images}"), args.images)
     names = ["torch", "resident"]
     rates: dict[str, list[float]] = {n: [] for n in names}
     for r in range(args.rounds):
         for name in names:
-            rates[name].append(measure(root, name, args.workers, args.batch_size, args.epochs))
+            rates[name].append(measure(root, name, args.workers, args.batch_size, args.epochs,
+                                       device))
             print(f"round {r + 1}/{args.rounds}  {name:9s} {rates[name][-1]:9.0f} img/s",
                   flush=True)
     rows = [{"backend": n, "images_per_s": round(statistics.median(v), 1),
@@ -95,12 +104,13 @@ def main(argv: list[str] | None = None) -> int:
              "images_per_s_rounds": [round(x, 1) for x in v]} for n, v in rates.items()]
     speedup = statistics.median(a / b for a, b in zip(rates["resident"], rates["torch"]))
     result = {"benchmark": "bench_cifar_aug", "date": datetime.now(timezone.utc).isoformat(),
-              **conditions("cpu"), "recipe": str(RECIPE.relative_to(ROOT)),
+              **conditions(device.type), "recipe": str(RECIPE.relative_to(ROOT)),
               "augmentation": "pad 4 + random crop 32, flip 0.5, TrivialAugmentWide",
               "images": args.images, "workers": args.workers, "batch_size": args.batch_size,
               "timed_epochs": args.epochs, "rounds": args.rounds,
               "resident_vs_torch": round(speedup, 2), "rows": rows}
-    out = args.out or ROOT / "benchmarks" / "results" / f"cifar-aug-cpu-{args.workers}w.json"
+    out = args.out or (ROOT / "benchmarks" / "results"
+                       / f"cifar-aug-{device.type}-{args.workers}w.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     for row in rows:
