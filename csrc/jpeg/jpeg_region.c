@@ -72,6 +72,18 @@ static void set_error(char* err, size_t err_size, const char* format, ...) {
     va_end(args);
 }
 
+/* A decompressor whose errors land in `mgr` (the caller must setjmp(mgr->escape) next: the jump
+ * target has to be a frame that is still live) and whose warnings are dropped. */
+static void create_decompress(struct jpeg_decompress_struct* cinfo, struct ft_error_mgr* mgr,
+                              char* err, uint64_t err_size) {
+    cinfo->err = jpeg_std_error(&mgr->base);
+    mgr->base.error_exit = ft_error_exit;
+    mgr->base.output_message = ft_output_message;
+    mgr->err = err;
+    mgr->err_size = (size_t)err_size;
+    jpeg_create_decompress(cinfo);
+}
+
 /* Every colour space libjpeg converts to RGB itself: YCbCr, RGB and grayscale. */
 static int rgb_convertible(J_COLOR_SPACE space) {
     return space == JCS_YCbCr || space == JCS_RGB || space == JCS_GRAYSCALE;
@@ -89,12 +101,7 @@ FT_EXPORT int ft_jpeg_info(const uint8_t* data, uint64_t size, int32_t* height, 
         set_error(err, err_size, "empty input");
         return FT_JPEG_BAD_ARGUMENT;
     }
-    cinfo.err = jpeg_std_error(&mgr.base);
-    mgr.base.error_exit = ft_error_exit;
-    mgr.base.output_message = ft_output_message;
-    mgr.err = err;
-    mgr.err_size = (size_t)err_size;
-    jpeg_create_decompress(&cinfo);
+    create_decompress(&cinfo, &mgr, err, err_size);
     if (setjmp(mgr.escape)) {
         jpeg_destroy_decompress(&cinfo);
         return FT_JPEG_ERROR;
@@ -134,12 +141,7 @@ FT_EXPORT int ft_jpeg_decode_region(const uint8_t* data, uint64_t size, int32_t 
         set_error(err, err_size, "box must have top, left >= 0 and height, width > 0");
         return FT_JPEG_BAD_ARGUMENT;
     }
-    cinfo.err = jpeg_std_error(&mgr.base);
-    mgr.base.error_exit = ft_error_exit;
-    mgr.base.output_message = ft_output_message;
-    mgr.err = err;
-    mgr.err_size = (size_t)err_size;
-    jpeg_create_decompress(&cinfo);
+    create_decompress(&cinfo, &mgr, err, err_size);
     if (setjmp(mgr.escape)) {
         free(row);
         jpeg_destroy_decompress(&cinfo);
