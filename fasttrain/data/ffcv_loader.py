@@ -149,20 +149,18 @@ def _ffcv() -> SimpleNamespace:
         def region_c(data, size, d, top, left, height, width, out, err, err_size):
             return -1
 
+    dct_scale = numba.njit(nogil=True)(jpeg.dct_scale)
+    scaled_box = numba.njit(nogil=True)(jpeg.scaled_box)
+
     @numba.njit(nogil=True)
     def region_box(height, width, out_height, out_width, scale, ratio):
         """RandomResizedCrop's box drawn as crop_flip draws it, and the DCT reduction d that
         decode_region would use for it, with the box in the 1/d-scale image:
         (d, top, left, h, w)."""
         i, j, h, w = random_box(height, width, scale, ratio)
-        d = 8
-        while d > 1 and (h // d < out_height or w // d < out_width):
-            d //= 2
-        if d > 1:  # libjpeg rounds the scaled image's size up
-            bottom = min((height + d - 1) // d, (i + h + d - 1) // d)
-            right = min((width + d - 1) // d, (j + w + d - 1) // d)
-            i, j = i // d, j // d
-            h, w = bottom - i, right - j
+        d = dct_scale(h, w, out_height, out_width)
+        i, j, h, w = scaled_box((np.int64(i), np.int64(j), np.int64(h), np.int64(w)), d,
+                                height, width)
         return d, i, j, h, w
 
     class SeededCropFlip(ResizedCropRGBImageDecoder):
