@@ -89,10 +89,10 @@ def _sharpness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     a, b = 1.0 / 13.0, 5.0 / 13.0
     kernel = torch.tensor([[a, a, a], [a, b, a], [a, a, a]], device=images.device)
     blurred = F.conv2d(images, kernel.expand(images.shape[1], 1, 3, 3), groups=images.shape[1])
-    out = images.clone()
+    out = images.clone()  # the border keeps its pixels, as torchvision's
     inner = out[..., 1:-1, 1:-1]
-    inner.copy_(_blend(inner, blurred, factor))
-    return out.clamp_(0, BOUND)
+    inner.copy_(_blend(inner, blurred, factor))  # _blend clamps
+    return out
 
 
 def _autocontrast(images: torch.Tensor) -> torch.Tensor:

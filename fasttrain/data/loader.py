@@ -63,7 +63,7 @@ class SeededAugment(Dataset):
             if isinstance(sample, SkippedSample):
                 return sample
             crop, target = sample
-            return self.transform.after_crop(crop, rng, epoch), target
+            return self.transform.after_crop(crop, rng, size), target
         sample = self.dataset[index]
         if isinstance(sample, SkippedSample):
             return sample

@@ -140,11 +140,10 @@ class TrainAugment:
         from `rng`, as in __call__."""
         return random_resized_crop_params(height, width, self.aug.scale, self.aug.ratio, rng)
 
-    def after_crop(self, crop: torch.Tensor, rng: random.Random, epoch: int = 0
-                   ) -> torch.Tensor:
+    def after_crop(self, crop: torch.Tensor, rng: random.Random, size: int) -> torch.Tensor:
         """The rest of __call__ for a RandomResizedCrop box already cut out (maybe downscaled
-        while decoding): resize to the epoch's resolution, then flip, auto-augment, erasing."""
-        size = progressive_resolution(self.data, epoch)
+        while decoding): resize to `size` (the epoch's resolution, `progressive_resolution`),
+        then flip, auto-augment, erasing."""
         return self._finish(TF.resize(crop, [size, size], antialias=True), rng, size)
 
     def __call__(self, image: torch.Tensor, rng: random.Random, epoch: int = 0) -> torch.Tensor:
