@@ -20,7 +20,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @functools.lru_cache(maxsize=None)
 def git_commit(root: Path = ROOT) -> str:
-    """Short commit of `root`, with `-dirty` when tracked files differ; "unknown" outside git."""
+    """Short commit of `root`, with `-dirty` when tracked files differ; "unknown" outside git.
+
+    `FASTTRAIN_COMMIT` overrides it: a GPU host receives a copy of the tree without `.git`, so
+    `benchmarks/gpu_checklist.sh` passes the commit it was started from."""
+    if os.environ.get("FASTTRAIN_COMMIT"):
+        return os.environ["FASTTRAIN_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
                              capture_output=True, text=True, timeout=10)

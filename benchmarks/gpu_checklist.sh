@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The GPU checklist in one call, for a lent GPU host whose torch is already installed and that has
+# no package index (the project's GPU hosts: torch 2.11, Python 3.12, no ffcv/DALI):
+#
+#   FASTTRAIN_COMMIT=<sha> OUT=<dir> bash benchmarks/gpu_checklist.sh [DEADLINE_S]
+#
+# 1. builds the native ops for the GPU (TORCH_CUDA_ARCH_LIST, default 9.0) and runs `pytest -m cuda`;
+# 2. runs the benchmarks: fused BN+ReLU vs eager vs torch.compile (bench_bn_relu.py), training
+#    img/s of thin_resnet50 at w1.0@224 and w0.5@176 on GPU-resident synthetic data (compiled, fused
+#    and native norm+ReLU), the inference latency sweep (CUDA graphs), and the CIFAR augmentation
+#    comparison with batches going to the GPU.
+# Steps run in priority order; each has its own time limit, and a step that no longer fits before
+# DEADLINE_S (default 560 s) is skipped, so a short lease loses the least important numbers.
+# Logs and benchmarks/results/ are packed into $OUT/gpu.tgz after every step, so whatever
+# finished comes back even if the call is cut off. Pure-Python packages the host lacks (fvcore and
+# its needs) are read from .gpu/site when that folder exists.
+set -u
+OUT=${OUT:-/tmp/fasttrain-gpu}
+DEADLINE=${1:-560}
+PY=${PYTHON:-python3}
+LOGS=/tmp/fasttrain-gpu-logs
+mkdir -p "$OUT" "$LOGS"
+export PYTHONUNBUFFERED=1
+[ -d .gpu/site ] && export PYTHONPATH="$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}"
+SUMMARY="$LOGS/summary.txt"
+
+pack() { tar czf "$OUT/gpu.tgz" -C "$LOGS" . -C "$PWD" benchmarks/results 2>/dev/null; }
+
+# step NAME LIMIT_S CMD...: runs CMD under `timeout`, logs to $LOGS/NAME.log, records rc and time.
+step() {
+    local name=$1 limit=$2 left=$((DEADLINE - SECONDS))
+    shift 2
+    if [ "$left" -lt 30 ]; then
+        echo "$name: skipped (${left}s left)" | tee -a "$SUMMARY"
+        return 0
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    echo "=== $name (limit ${limit}s, t=${SECONDS}s)"
+    local t0=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
+    local rc=$?
+    echo "$name: rc=$rc in $((SECONDS - t0))s" | tee -a "$SUMMARY"
+    tail -n "${TAIL:-15}" "$LOGS/$name.log"
+    pack
+    return $rc
+}
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,utilization.gpu \
+        --format=csv
+    "$PY" -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))"
+    nvcc --version | tail -n 2
+    nproc
+} >"$LOGS/host.txt" 2>&1
+cat "$LOGS/host.txt"
+
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} FASTTRAIN_CUDA=1 FASTTRAIN_JPEG=0
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+step build 240 "$PY" -m pip install --no-deps --no-build-isolation --no-index -e . ||
+    step build-inplace 240 "$PY" setup.py build_ext --inplace
+step ext 60 "$PY" -c "from fasttrain.ops import _ext; print(_ext.HAS_EXT, _ext.HAS_CUDA_EXT, _ext.BUILD_INFO); assert _ext.HAS_CUDA_EXT"
+
+TAIL=30 step pytest-cuda 200 "$PY" -m pytest -m cuda -q -p no:cacheprovider -n 8 -o addopts="-ra" \
+    --timeout 180 tests
+
+step bench-bn-relu 220 "$PY" benchmarks/bench_bn_relu.py --widths 1.0 0.5
+step train-w1.0-224-compile-fused 150 "$PY" tools/benchmark.py --model thin_resnet50 --width 1.0 \
+    --device cuda --precision bf16 --mode compile --batch-size 256 --train --norm-act fused --save
+step train-w0.5-176-compile-fused 130 "$PY" tools/benchmark.py --model thin_resnet50 --width 0.5 \
+    --resolution 176 --device cuda --precision bf16 --mode compile --batch-size 256 --train \
+    --norm-act fused --save
+step latency-cudagraphs 90 "$PY" tools/benchmark.py --model thin_resnet50 \
+    --width 1.0,0.75,0.5,0.25 --device cuda --precision bf16 --mode cudagraphs \
+    --batch-size 1,64,256 --save
+step cifar-aug 90 "$PY" benchmarks/bench_cifar_aug.py --device cuda --rounds 2
+step train-w1.0-224-compile-native 150 "$PY" tools/benchmark.py --model thin_resnet50 --width 1.0 \
+    --device cuda --precision bf16 --mode compile --batch-size 256 --train --norm-act native --save
+step train-w0.5-176-compile-native 130 "$PY" tools/benchmark.py --model thin_resnet50 --width 0.5 \
+    --resolution 176 --device cuda --precision bf16 --mode compile --batch-size 256 --train \
+    --norm-act native --save
+
+nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv >>"$SUMMARY" 2>&1
+pack
+echo "=== summary (t=${SECONDS}s)"
+cat "$SUMMARY"
