@@ -386,13 +386,19 @@ def test_fallback_warns_once_and_matches(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
-def test_compiled_fused_thin_resnet_trains_like_native(device):
+def test_compiled_fused_thin_resnet_trains_like_native(device, monkeypatch):
     """A ThinResNet with norm_act=fused under torch.compile(fullgraph=True): no graph break,
     and three SGD steps follow the eager native model's losses and weights."""
     from fasttrain.models import CifarResNet
     from fasttrain.models.layers import NORM_ACT_LAYERS
 
     torch._dynamo.reset()
+    if device == "cuda":
+        # cuDNN convolutions default to TF32 (10-bit mantissa), and the compiled and eager models
+        # may pick different algorithms: three SGD steps then drift apart by far more than the
+        # norm+ReLU implementations differ. Full fp32 makes the comparison about the op alone.
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     losses, models = {}, {}
     data = torch.Generator().manual_seed(1)
     batches = [(torch.randn(16, 3, 16, 16, generator=data),
@@ -417,7 +423,8 @@ def test_compiled_fused_thin_resnet_trains_like_native(device):
     assert losses["fused"] == pytest.approx(losses["native"], rel=1e-3, abs=1e-4)
     native_state, fused_state = models["native"].state_dict(), models["fused"].state_dict()
     for k in native_state:
-        torch.testing.assert_close(fused_state[k], native_state[k], rtol=1e-3, atol=1e-4, msg=k)
+        torch.testing.assert_close(fused_state[k], native_state[k], rtol=1e-3, atol=1e-4,
+                                   msg=lambda m, k=k: f"{k}: {m}")
 
 
 # ---- the build -------------------------------------------------------------------------------

@@ -301,6 +301,8 @@ def test_cli_save_plot_csv_and_factory(tmp_path, monkeypatch, capsys):
     (["--model", "thin_resnet5"], "did you mean 'thin_resnet50'"),
     (["--factory", "x:y", "--width", "0.5"], "--width applies to --model only"),
     (["--model", "thin_resnet18", "--device", "cpu", "--mode", "cudagraphs"], "cudagraphs"),
+    (["--model", "thin_resnet18", "--device", "cpu", "--mode", "compile-cudagraphs", "--train"],
+     "compile-cudagraphs needs --device cuda"),
     (["--model", "thin_resnet18", "--batch-size", "1,x"], "--batch-size"),
     (["--model", "thin_resnet18", "--plot"], "--plot needs a PNG path"),
     (["--checkpoint", "/no/such/ckpt.pt"], "checkpoint not found"),

@@ -3,7 +3,7 @@
 
     python tools/benchmark.py --model thin_resnet18,thin_resnet50 --width 0.25,0.5,0.75,1.0 \
         --batch-size 1,8 [--device cuda|cpu] [--precision fp32|bf16|fp16] \
-        [--layout channels_last|contiguous] [--mode eager|compile|torchscript|cudagraphs] \
+        [--layout channels_last|contiguous] [--mode eager|compile|torchscript|cudagraphs|compile-cudagraphs] \
         [--resolution 224] [--threads N] [--iters 100] [--warmup 10] [--train] \
         [--json OUT.json] [--csv OUT.csv] [--save] [--plot [PNG]]
     python tools/benchmark.py --checkpoint runs/.../checkpoints/best.pt ...
@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto = cuda when available")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--layout", choices=["channels_last", "contiguous"], default="channels_last")
-    p.add_argument("--mode", choices=["eager", "compile", "torchscript", "cudagraphs"],
+    p.add_argument("--mode", choices=["eager", "compile", "torchscript", "cudagraphs",
+                                      "compile-cudagraphs"],
                    default="eager")
     p.add_argument("--batch-size", type=_list_of(int), default=[1], help="e.g. 1,8,64")
     p.add_argument("--resolution", type=_positive, default=None,

@@ -35,10 +35,12 @@ from .timing import LatencyStats, measure_latency
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 LAYOUTS = ("channels_last", "contiguous")
-MODES = ("eager", "compile", "torchscript", "cudagraphs")
+MODES = ("eager", "compile", "torchscript", "cudagraphs", "compile-cudagraphs")
 """eager; compile: torch.compile(model, dynamic=False), recompiled per batch size;
 torchscript: torch.jit.script (trace when scripting fails); cudagraphs: the eager forward captured
-in a CUDA graph and replayed (CUDA only). Warm-up, compilation and capture are never timed."""
+in a CUDA graph and replayed (CUDA only); compile-cudagraphs: torch.compile's "reduce-overhead"
+mode, the compiled kernels replayed as CUDA graphs (CUDA only). Warm-up, compilation and capture
+are never timed."""
 
 
 class BenchError(UserError, ValueError):
@@ -80,8 +82,8 @@ class Conditions:
             raise BenchError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise BenchError("device cuda requested but CUDA is not available here")
-        if self.mode == "cudagraphs" and dev.type != "cuda":
-            raise BenchError("mode cudagraphs needs --device cuda")
+        if self.mode in ("cudagraphs", "compile-cudagraphs") and dev.type != "cuda":
+            raise BenchError(f"mode {self.mode} needs --device cuda")
         if self.train and self.mode == "torchscript":
             raise BenchError("training throughput runs eager, compile or cudagraphs, "
                              "not torchscript")
@@ -132,10 +134,11 @@ def prepare_inference(model: nn.Module, *, batch_size: int, resolution: int,
     autocast = autocast_context(device, precision, cache_enabled=mode != "cudagraphs")
     if mode == "eager":
         net = model
-    elif mode == "compile":
+    elif mode in ("compile", "compile-cudagraphs"):
         # A fresh compile per batch size: static shapes, and no recompile limit across rows.
         torch.compiler.reset()
-        net = torch.compile(model, dynamic=False)
+        net = torch.compile(model, dynamic=False,
+                            mode="reduce-overhead" if mode == "compile-cudagraphs" else None)
     elif mode == "torchscript":
         net = model if isinstance(model, torch.jit.ScriptModule) else _script(model, x, autocast)
     elif mode == "cudagraphs":
