@@ -155,6 +155,10 @@ class TrainConfig:
     precision: Literal["bf16", "fp16", "fp32"] = _f("bf16", "autocast dtype (fp16 adds a GradScaler)")
     channels_last: bool = _f(True, "NHWC memory format for model and inputs")
     compile: Optional[bool] = _f(None, "torch.compile the model; null = on for CUDA, off for CPU")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune",
+                          "max-autotune-no-cudagraphs"] = _f(
+        "default", "torch.compile mode; reduce-overhead replays the compiled kernels as CUDA "
+        "graphs (thin networks: launches cost more than the kernels)")
     seed: int = _f(0, "seed of weights, shuffling and augmentation", ge=0)
     threads: int = _f(0, "CPU intra-op threads per rank; 0 = cores / local ranks", ge=0)
     grad_accum_steps: int = _f(1, "micro-batches per optimizer step (the global batch and its "

@@ -45,6 +45,8 @@ def test_dump_round_trips(tmp_path):
     ("optim:\n  lr: -1\n", [], "r.yaml: optim.lr must be > 0, got -1"),
     ("schedule:\n  epochs: 2.5\n", [], "schedule.epochs must be an integer, got 2.5"),
     ("train:\n  precision: fp8\n", [], "train.precision must be one of 'bf16', 'fp16', 'fp32'"),
+    ("", ["--train.compile_mode=fast"], "train.compile_mode must be one of 'default', "
+     "'reduce-overhead'"),
     ("model:\n  zero_init_residual: 1\n", [], "model.zero_init_residual must be true or false"),
     ("data:\n  mean: [0.5]\n", [], "data.mean must have 3 elements"),
     ("aug:\n  scale: [0.9, 0.1]\n", [], "aug.scale must be [low, high]"),

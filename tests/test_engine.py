@@ -187,6 +187,32 @@ def test_two_process_gloo_torchrun(data_root, tmp_path):
     assert result.stdout.count("epoch 1/1") == 1  # only rank 0 reports
 
 
+def test_graph_steps_only_for_cuda_graph_compile_modes(data_root, tmp_path):
+    cfg = _cfg(data_root, tmp_path, "--train.compile_mode=reduce-overhead")
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert loop._graph_steps(cfg, cuda, use_compile=True)
+    assert not loop._graph_steps(cfg, cuda, use_compile=False)
+    assert not loop._graph_steps(cfg, cpu, use_compile=True)  # Inductor graphs CUDA only
+    for mode in ("default", "max-autotune-no-cudagraphs"):
+        cfg = _cfg(data_root, tmp_path, f"--train.compile_mode={mode}")
+        assert not loop._graph_steps(cfg, cuda, use_compile=True)
+
+
+def test_evaluate_with_graph_steps_equals_plain(tmp_path):
+    """The CUDA-graph bookkeeping of evaluate (step marks, the flip pass's copy) changes no
+    number; the CPU twin of the path reduce-overhead takes on a GPU."""
+    from fasttrain.engine.precision import resolve_precision
+
+    torch.manual_seed(0)
+    model = create_model("thin_resnet18", width=0.25, num_classes=10)
+    batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(3)]
+    fp32 = resolve_precision("fp32")
+    plain = loop.evaluate(model, batches, fp32, torch.device("cpu"), flip=True)
+    graphed = loop.evaluate(model, batches, fp32, torch.device("cpu"), flip=True,
+                            graph_steps=True)
+    assert graphed == plain and plain["val_loss"] > 0
+
+
 @pytest.mark.slow
 def test_compiled_training_on_cpu_matches_eager(data_root, tmp_path):
     """The GPU default path (torch.compile) exercised on CPU: ~1 min of Inductor compilation."""

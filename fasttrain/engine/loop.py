@@ -119,6 +119,7 @@ class Parts:
     ema: ModelEma | None
     device: torch.device
     steps_per_epoch: int  # optimizer steps
+    graph_steps: bool = False  # train_model replays CUDA graphs (compile_mode reduce-overhead)
 
 
 @functools.cache  # one git call per run, not one per checkpoint
@@ -153,16 +154,27 @@ def _check_compatible(saved: dict[str, Any], cfg: Config, path: Path) -> None:
                                        f"config has {want!r}")
 
 
+def _graph_steps(cfg: Config, device: torch.device, use_compile: bool) -> bool:
+    """Whether the compiled model replays CUDA graphs (torch.compile's CUDA-graph trees)."""
+    return (use_compile and device.type == "cuda"
+            and cfg.train.compile_mode in ("reduce-overhead", "max-autotune"))
+
+
 def evaluate(model: nn.Module, loader: DeviceLoader, precision, device: torch.device,
-             flip: bool = False) -> dict[str, float]:
+             flip: bool = False, graph_steps: bool = False) -> dict[str, float]:
     """Loss, top-1 and top-5 (%) over the whole validation set, summed across ranks. With `flip`
-    the logits of each image and its mirror image are averaged (test-time augmentation)."""
+    the logits of each image and its mirror image are averaged (test-time augmentation).
+    `graph_steps`: `model` replays CUDA graphs, whose outputs the next call overwrites."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, n
     with torch.inference_mode(), precision.autocast(device):
         for images, labels in loader:
+            if graph_steps:
+                torch.compiler.cudagraph_mark_step_begin()
             logits = model(images)
             if flip:
+                if graph_steps:  # the mirrored call reuses the graph's output memory
+                    logits = logits.clone()
                 logits = (logits + model(images.flip(3))) / 2
             top1, top5 = accuracy_counts(logits, labels)
             loss = F.cross_entropy(logits.float(), labels, reduction="sum")
@@ -305,10 +317,11 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
             model, device_ids=[device.index] if device.type == "cuda" else None)
     use_compile = device.type == "cuda" if cfg.train.compile is None else cfg.train.compile
     if use_compile:
-        train_model = torch.compile(train_model)
+        mode = cfg.train.compile_mode
+        train_model = torch.compile(train_model, mode=None if mode == "default" else mode)
     parts = Parts(cfg, model, train_model, optimizer, scheduler, scaler, precision,
                   BatchMixer(cfg.aug, cfg.model.num_classes, cfg.optim.label_smoothing), ema,
-                  device, steps_per_epoch)
+                  device, steps_per_epoch, graph_steps=_graph_steps(cfg, device, use_compile))
 
     writer = None
     if dist.is_main:
@@ -330,7 +343,8 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
                                         save_step_checkpoint)
         t_train = time.perf_counter() - t0
         report.phase("validating")
-        val_metrics = evaluate(train_model, loaders.val, precision, device, cfg.aug.test_flip)
+        val_metrics = evaluate(train_model, loaders.val, precision, device, cfg.aug.test_flip,
+                               parts.graph_steps)
         if ema is not None:
             val_metrics.update({f"{k}_ema": v for k, v in evaluate(
                 ema.module, loaders.val, precision, device, cfg.aug.test_flip).items()})
@@ -410,6 +424,8 @@ def train_one_epoch(p: Parts, loader: DeviceLoader, state: TrainState, epoch: in
                 images, targets, _ = p.mixer(images, labels, rng)
             sync = micro == accum - 1 or no_sync is None
             with (contextlib.nullcontext() if sync else no_sync()):
+                if p.graph_steps:  # a new iteration: the graphs may reuse their output memory
+                    torch.compiler.cudagraph_mark_step_begin()
                 with p.precision.autocast(p.device):
                     logits = p.train_model(images)
                 loss = classification_loss(cfg.optim, logits, labels, targets)
