@@ -17,7 +17,9 @@ for three implementations: `fused` (fasttrain.ops.bn_relu.BatchNormReLU2d), `eag
 static shapes on CUDA, one dynamic-shape compile on CPU, see --compile-dynamic).
 
 Reported per row: median and min per-step wall time over --repeats timed runs of --iters steps
-each (CUDA events on GPU; on CPU as many steps as last ~25 ms), after --warmup steps
+each (on GPU: CUDA events around replays of the step captured in a CUDA graph, --timing graph, or
+around steps launched from Python, --timing launched; on CPU as many steps as last ~25 ms), after
+--warmup steps
 (compilation included); achieved bandwidth = the bytes
 a two-pass BatchNorm must move (train: 3 tensor passes forward + 5 backward; eval: 2) divided
 by the time, next to a device-to-device copy of the same tensor timed in the same run; the bytes
@@ -73,6 +75,7 @@ def conditions(device: torch.device, args) -> dict:
             "dtype": args.dtype, "param_dtype": "fp32", "layout": args.layout,
             "batch": args.batch, "widths": args.widths, "warmup": args.warmup, "iters": args.iters,
             "repeats": args.repeats, "compile_dynamic": args.compile_dynamic,
+            "timing": args.timing if device.type == "cuda" else "launched",
             "fasttrain_build": _ext.BUILD_INFO, "has_ext": _ext.HAS_EXT,
             "has_cuda_ext": _ext.HAS_CUDA_EXT}
     if device.type == "cuda":
@@ -118,12 +121,30 @@ def norm_act_shapes(width: float, batch: int) -> list[tuple[tuple[int, ...], int
 class Timer:
     """Per-step wall time (ms) of `fn`: `repeats` timed runs of `iters` steps each, after `warmup`
     steps. iters=0 picks, per call, the step count that makes a run last about `target_ms`
-    (small shapes on a CPU otherwise time the scheduler)."""
+    (small shapes on a CPU otherwise time the scheduler).
+
+    `graphs` (CUDA): the step is captured once in a CUDA graph and the replays are timed, so the
+    number is the kernels' and not the host's (Python, dispatch and launches of one layer take
+    longer than its kernels at most ResNet shapes; in training a compiled network replayed as CUDA
+    graphs has no such cost either). A step that cannot be captured is timed as launched."""
 
     def __init__(self, device: torch.device, warmup: int, iters: int, repeats: int,
-                 target_ms: float = 25.0) -> None:
+                 target_ms: float = 25.0, graphs: bool = False) -> None:
         self.device, self.warmup, self.iters, self.repeats = device, warmup, iters, repeats
-        self.target_ms = target_ms
+        self.target_ms, self.graphs = target_ms, graphs
+
+    @staticmethod
+    def _graphed(fn):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # lazy allocations and algorithm choices stay outside
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph.replay
 
     def _run(self, fn, iters: int) -> float:
         if self.device.type == "cuda":
@@ -139,13 +160,21 @@ class Timer:
             fn()
         return (time.perf_counter() - t0) * 1e3 / iters
 
-    def __call__(self, fn) -> tuple[list[float], int]:
+    def __call__(self, fn) -> tuple[list[float], int, str]:
+        """(per-step times of each repeat, steps per repeat, "graph" | "launched")."""
         for _ in range(self.warmup):
             fn()
+        timing = "launched"
+        if self.graphs and self.device.type == "cuda":
+            try:
+                fn, timing = self._graphed(fn), "graph"
+            except RuntimeError as e:
+                print(f"  graph capture failed ({str(e).splitlines()[0][:100]}): timing launches",
+                      file=sys.stderr)
         iters = self.iters
         if iters == 0:
             iters = max(1, min(1000, round(self.target_ms / max(self._run(fn, 1), 1e-3))))
-        return [self._run(fn, iters) for _ in range(self.repeats)], iters
+        return [self._run(fn, iters) for _ in range(self.repeats)], iters, timing
 
 
 def saved_bytes(fn) -> int:
@@ -209,7 +238,7 @@ def bench_shape(shape, count, width, device, dtype, layout, timer, dynamic):
     grad = torch.randn(shape, device=device, generator=g).to(dtype).contiguous(memory_format=fmt)
     nbytes = x.numel() * x.element_size()
     out = torch.empty_like(x)
-    copy_ms = statistics.median(timer(lambda: out.copy_(x))[0])
+    copy_ms = statistics.median(timer(lambda: out.copy_(x))[0])  # same timing as the rows
     copy_gbps = 2 * nbytes / copy_ms / 1e6
     rows = []
     for name in IMPLS:
@@ -228,12 +257,12 @@ def bench_shape(shape, count, width, device, dtype, layout, timer, dynamic):
         for mode in ("train", "eval"):
             m.train(mode == "train")
             step = train_step if mode == "train" else eval_step
-            times, iters = timer(step)
+            times, iters, timing = timer(step)
             med = statistics.median(times)
             passes = TRAIN_PASSES if mode == "train" else EVAL_PASSES
             row = {"width": width, "shape": list(shape), "count": count, "mode": mode, "impl": name,
                    "ms_median": med, "ms_min": min(times), "repeats": len(times),
-                   "iters": iters,
+                   "iters": iters, "timing": timing,
                    "bytes": passes * nbytes, "gbps": passes * nbytes / med / 1e6,
                    "copy_ms": copy_ms, "copy_gbps": copy_gbps}
             row["frac_of_copy"] = row["gbps"] / copy_gbps
@@ -333,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="batch of the whole-model saved-bytes count (default: --batch; 0 = skip)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU intra-op threads (0 = torch's default, one per core)")
+    p.add_argument("--timing", choices=["graph", "launched"], default="graph",
+                   help="CUDA: time replays of the step captured in a CUDA graph (the kernels' "
+                        "time), or steps launched from Python (adds the host's time per layer)")
     p.add_argument("--out", type=Path, default=None, help="result JSON (default: by conditions)")
     args = p.parse_args(argv)
     if args.threads:
@@ -350,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: fused kernels unavailable on {device} ({_ext.unavailable_reason(device)}):"
               f" 'fused' times the PyTorch fallback", file=sys.stderr)
     dtype = DTYPES[args.dtype]
-    timer = Timer(device, args.warmup, args.iters, args.repeats)
+    timer = Timer(device, args.warmup, args.iters, args.repeats, graphs=args.timing == "graph")
 
     rows: list[dict] = []
     for width in args.widths:
@@ -370,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
               "model_saved_bytes": {"model": "thin_resnet50", "batch": model_batch, **model_saved}}
     tag = device_tag(device) + (f"{torch.get_num_threads()}t" if device.type == "cpu" else "")
     out = args.out or (ROOT / "benchmarks" / "results" /
-                       f"bn_relu-{tag}-{args.dtype}-{args.layout}-b{args.batch}.json")
+                       f"bn_relu-{tag}-{args.dtype}-{args.layout}-b{args.batch}"
+                       f"{'-launched' if cuda and args.timing == 'launched' else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
