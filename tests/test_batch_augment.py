@@ -8,7 +8,7 @@ import torchvision.transforms.v2 as v2
 
 from fasttrain.config import load
 from fasttrain.data import build_loaders
-from fasttrain.data.batch_augment import SPACE, apply_op, trivial_augment_wide
+from fasttrain.data.batch_augment import SPACE, _pack, _unpack, apply_op, trivial_augment_wide
 from fasttrain.errors import ConfigError
 
 POLICY = v2.TrivialAugmentWide()
@@ -112,3 +112,15 @@ def test_cuda_batches_equal_the_cpu_twin():
     # that sits on a pixel boundary, or a blend by a fraction of a level.
     diff = (gpu - cpu).abs()
     assert diff.gt(1.0).float().mean() < 1e-3 and diff.mean() < 0.05
+
+
+def test_parameters_cross_to_the_device_exactly():
+    """The one-transfer packing of a batch's parameters (index, magnitudes, float64 matrices)
+    gives back every value bit for bit, in its own dtype and shape."""
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randperm(1000, generator=g), torch.randn(37, generator=g),
+               torch.randn(5, 2, 3, dtype=torch.float64, generator=g),
+               torch.tensor([2**40 + 1, -3]), torch.zeros(0)]
+    back = _unpack(_pack(tensors), tensors)
+    for a, b in zip(tensors, back):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)

@@ -61,13 +61,14 @@ def affine_nearest(images: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor
     """Warp float images (B, C, H, W) by per-sample inverse matrices (B, 2, 3), nearest
     neighbour, zeros outside: torchvision's `_affine_grid` + `_apply_grid_transform`."""
     n, _, h, w = images.shape
-    theta = matrices.to(torch.float32).to(images.device)
-    x = torch.linspace(-w * 0.5 + 0.5, w * 0.5 - 0.5, steps=w, device=images.device)
-    y = torch.linspace(-h * 0.5 + 0.5, h * 0.5 - 0.5, steps=h, device=images.device)
-    base = torch.stack([x.expand(h, w), y[:, None].expand(h, w), torch.ones(h, w,
-                                                                           device=images.device)],
+    device = images.device
+    theta = matrices.to(device=device, dtype=torch.float32)
+    x = torch.linspace(-w * 0.5 + 0.5, w * 0.5 - 0.5, steps=w, device=device)
+    y = torch.linspace(-h * 0.5 + 0.5, h * 0.5 - 0.5, steps=h, device=device)
+    base = torch.stack([x.expand(h, w), y[:, None].expand(h, w), torch.ones(h, w, device=device)],
                        dim=-1).view(1, h * w, 3).expand(n, h * w, 3)
-    scale = torch.tensor([0.5 * w, 0.5 * h], dtype=torch.float32, device=images.device)
+    scale = torch.empty(2, device=device)  # filled in place: no host-to-device copy, no sync
+    scale[0], scale[1] = 0.5 * w, 0.5 * h
     grid = base.bmm(theta.transpose(1, 2) / scale).view(n, h, w, 2)
     return F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
@@ -86,8 +87,8 @@ def _sharpness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     h, w = images.shape[-2:]
     if h <= 2 or w <= 2:
         return images
-    a, b = 1.0 / 13.0, 5.0 / 13.0
-    kernel = torch.tensor([[a, a, a], [a, b, a], [a, a, a]], device=images.device)
+    kernel = torch.full((3, 3), 1.0 / 13.0, device=images.device)  # filled in place: no sync
+    kernel[1, 1] = 5.0 / 13.0
     blurred = F.conv2d(images, kernel.expand(images.shape[1], 1, 3, 3), groups=images.shape[1])
     out = images.clone()  # the border keeps its pixels, as torchvision's
     inner = out[..., 1:-1, 1:-1]
@@ -104,25 +105,59 @@ def _autocontrast(images: torch.Tensor) -> torch.Tensor:
     return ((images - low) / inv_scale).clamp_(0, BOUND)
 
 
-def apply_op(name: str, images: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
-    """One TrivialAugmentWide operation on float images (B, C, H, W) in 0..255 with per-sample
-    signed magnitudes (B,) (ignored by the operations without one)."""
-    n, _, h, w = images.shape
-    zeros = torch.zeros(n, dtype=torch.float64)
-    mag = magnitude.to(torch.float64).cpu()
-    if name in ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"):
-        shear, translate = torch.zeros(n, 2, dtype=torch.float64), torch.zeros(n, 2,
-                                                                               dtype=torch.float64)
-        angle, center = zeros, torch.zeros(n, 2, dtype=torch.float64)
-        if name.startswith("Shear"):
-            shear[:, 0 if name == "ShearX" else 1] = torch.rad2deg(torch.atan(mag))
-            center[:] = torch.tensor([-w * 0.5, -h * 0.5], dtype=torch.float64)  # center=[0, 0]
-        elif name.startswith("Translate"):
-            translate[:, 0 if name == "TranslateX" else 1] = mag.trunc()  # int(magnitude)
-        else:
-            angle = -mag  # F.rotate inverts the angle for its matrix
-        return affine_nearest(images, inverse_affine_matrices(angle, translate, shear, center))
-    factor = (1.0 + magnitude).to(images.dtype).to(images.device)
+GEOMETRY = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+
+
+def _geometry_matrices(name: str, magnitude: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, 2, 3) float64 inverse matrices of a geometric operation for CPU magnitudes (B,)."""
+    n = magnitude.shape[0]
+    mag = magnitude.to(torch.float64)
+    shear = torch.zeros(n, 2, dtype=torch.float64)
+    translate = torch.zeros(n, 2, dtype=torch.float64)
+    angle, center = torch.zeros(n, dtype=torch.float64), torch.zeros(n, 2, dtype=torch.float64)
+    if name.startswith("Shear"):
+        shear[:, 0 if name == "ShearX" else 1] = torch.rad2deg(torch.atan(mag))
+        center[:] = torch.tensor([-w * 0.5, -h * 0.5], dtype=torch.float64)  # center=[0, 0]
+    elif name.startswith("Translate"):
+        translate[:, 0 if name == "TranslateX" else 1] = mag.trunc()  # int(magnitude)
+    else:
+        angle = -mag  # F.rotate inverts the angle for its matrix
+    return inverse_affine_matrices(angle, translate, shear, center)
+
+
+def _pack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One flat float64 tensor holding `tensors` (exact for int64 below 2**53 and float32)."""
+    return torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
+
+
+def _unpack(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors `_pack(like)` held, on `flat`'s device, with `like`'s shapes and dtypes."""
+    out, offset = [], 0
+    for t in like:
+        out.append(flat[offset:offset + t.numel()].view(t.shape).to(t.dtype))
+        offset += t.numel()
+    return out
+
+
+def _to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """CPU tensors → `device` in one transfer. A plain `.to(cuda)` of a CPU tensor synchronises
+    the stream; the ~25 small ones a batch needs made TrivialAugmentWide wait on the GPU that
+    many times."""
+    if device.type == "cpu" or not tensors:
+        return tensors
+    flat = _pack(tensors)
+    if device.type == "cuda":
+        flat = flat.pin_memory()  # from the caching host allocator: the copy need not sync
+    return _unpack(flat.to(device, non_blocking=True), tensors)
+
+
+def _apply(name: str, images: torch.Tensor, magnitude: torch.Tensor,
+           matrices: torch.Tensor | None) -> torch.Tensor:
+    """`apply_op` with its per-sample parameters already on the images' device: magnitudes (B,)
+    and, for the geometric operations, the (B, 2, 3) matrices of `_geometry_matrices`."""
+    if name in GEOMETRY:
+        return affine_nearest(images, matrices)
+    factor = (1.0 + magnitude).to(images.dtype)
     if name == "Brightness":
         return _blend(images, torch.zeros_like(images), factor)
     if name == "Color":
@@ -132,10 +167,10 @@ def apply_op(name: str, images: torch.Tensor, magnitude: torch.Tensor) -> torch.
     if name == "Sharpness":
         return _sharpness(images, factor)
     if name == "Posterize":
-        step = (2.0 ** (8 - magnitude.to(images.device))).view(-1, 1, 1, 1).to(images.dtype)
+        step = (2.0 ** (8 - magnitude)).view(-1, 1, 1, 1).to(images.dtype)
         return torch.where(step > 1, torch.floor(images / step) * step, images)
     if name == "Solarize":
-        threshold = (BOUND * magnitude).view(-1, 1, 1, 1).to(images.dtype).to(images.device)
+        threshold = (BOUND * magnitude).view(-1, 1, 1, 1).to(images.dtype)
         return torch.where(images >= threshold, BOUND - images, images)
     if name == "AutoContrast":
         return _autocontrast(images)
@@ -146,15 +181,29 @@ def apply_op(name: str, images: torch.Tensor, magnitude: torch.Tensor) -> torch.
     raise ValueError(f"unknown TrivialAugmentWide operation {name!r}")
 
 
+def apply_op(name: str, images: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """One TrivialAugmentWide operation on float images (B, C, H, W) in 0..255 with per-sample
+    signed magnitudes (B,) (ignored by the operations without one)."""
+    h, w = images.shape[-2:]
+    magnitude = magnitude.cpu().to(torch.float32)
+    params = [magnitude]
+    if name in GEOMETRY:
+        params.append(_geometry_matrices(name, magnitude, h, w))
+    params = _to_device(params, images.device)
+    return _apply(name, images, params[0], params[1] if name in GEOMETRY else None)
+
+
 def trivial_augment_wide(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """TrivialAugmentWide for every sample of a float batch (B, C, H, W) in 0..255: operation
     uniform over the 14, magnitude bin uniform over 31, sign + or - with probability 1/2 for
     the signed operations, all drawn from `generator` (CPU)."""
-    n = images.shape[0]
+    n, _, h, w = images.shape
     ops = torch.randint(len(SPACE), (n,), generator=generator)
     bins = torch.randint(BINS, (n,), generator=generator)
     negative = torch.rand(n, generator=generator) < 0.5
-    out = images.clone()
+    # Every operation's samples, magnitudes and matrices are worked out on the host first and
+    # cross to the device together: the launches below then never wait for the GPU.
+    plan, params = [], []
     for k, (name, magnitudes, signed) in enumerate(SPACE):
         chosen = (ops == k).nonzero().flatten()
         if len(chosen) == 0 or name == "Identity":
@@ -164,6 +213,15 @@ def trivial_augment_wide(images: torch.Tensor, generator: torch.Generator) -> to
             magnitude = magnitudes[bins[chosen]].to(torch.float32)
             if signed:
                 magnitude = torch.where(negative[chosen], -magnitude, magnitude)
-        index = chosen.to(images.device)
-        out.index_copy_(0, index, apply_op(name, images.index_select(0, index), magnitude))
+        plan.append((name, len(params)))
+        params += [chosen, magnitude]
+        if name in GEOMETRY:
+            params.append(_geometry_matrices(name, magnitude, h, w))
+    params = _to_device(params, images.device)
+    out = images.clone()
+    for name, at in plan:
+        index, magnitude = params[at], params[at + 1]
+        matrices = params[at + 2] if name in GEOMETRY else None
+        out.index_copy_(0, index, _apply(name, images.index_select(0, index), magnitude,
+                                         matrices))
     return out
