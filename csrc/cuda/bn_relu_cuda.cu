@@ -593,8 +593,19 @@ void with_vec(int v, F&& f) {
   f(std::integral_constant<int, 1>());
 }
 
+// Blocks of `kernel` (kThreads threads each) that one SM holds at once, from its registers and
+// shared memory. Grids are sized to SMs x this: one full wave. A fixed guess above it (the
+// Welford reductions at V = 8 hold ~70 registers a thread, so 4 blocks of 256 do not fit on one
+// SM) leaves a second, partly empty wave, and a grid-stride kernel then takes up to twice as long.
+template <typename Kernel>
+int resident_blocks(Kernel kernel) {
+  int n = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0));
+  return std::max(n, 1);
+}
+
 // NHWC launch shape: bx threads over channel vectors (a power of two up to a warp), by over rows;
-// grid.y fills the GPU with about `blocks_per_sm` blocks per SM.
+// grid.y fills the GPU with `blocks_per_sm` blocks per SM.
 struct Launch {
   dim3 grid, block;
 };
@@ -615,8 +626,9 @@ int nchw_parts(int64_t C, int64_t per_channel_vecs, int sms, int blocks_per_sm) 
   return int(std::min<int64_t>({want, ceil_div(per_channel_vecs, kThreads), 65535}));
 }
 
-int64_t flat_blocks(int64_t total_vec, int sms) {
-  return std::max<int64_t>(1, std::min<int64_t>(ceil_div(total_vec, kThreads), int64_t(sms) * 8));
+int64_t flat_blocks(int64_t total_vec, int sms, int blocks_per_sm) {
+  return std::max<int64_t>(
+      1, std::min<int64_t>(ceil_div(total_vec, kThreads), int64_t(sms) * blocks_per_sm));
 }
 
 template <typename A>
@@ -677,13 +689,15 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_forward_cuda(const Tensor& x_in, cons
         Tensor part;
         int parts;
         if (g.nhwc) {
-          const Launch l = nhwc_launch(g.M, g.C / V, sms, 4);
+          static const int occupancy = resident_blocks(stats_nhwc_kernel<T, A, V>);
+          const Launch l = nhwc_launch(g.M, g.C / V, sms, occupancy);
           parts = int(l.grid.y);
           part = at::empty({3 * parts + 1, g.C}, x.options().dtype(acc));
           stats_nhwc_kernel<T, A, V><<<l.grid, l.block, 0, stream>>>(
               xp, g.M, C, part.data_ptr<A>(), parts);
         } else {
-          parts = nchw_parts(g.C, g.N * (g.HW / V), sms, 4);
+          static const int occupancy = resident_blocks(stats_nchw_kernel<T, A, V>);
+          parts = nchw_parts(g.C, g.N * (g.HW / V), sms, occupancy);
           part = at::empty({3 * parts + 1, g.C}, x.options().dtype(acc));
           stats_nchw_kernel<T, A, V><<<dim3(C, parts), kThreads, 0, stream>>>(
               xp, g.N, C, g.HW, part.data_ptr<A>(), parts);
@@ -702,12 +716,14 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_forward_cuda(const Tensor& x_in, cons
         save_v = var.data_ptr<A>();
       }
       if (g.nhwc) {
-        const Launch l = nhwc_launch(g.M, g.C / V, sms, 8);
+        static const int occupancy = resident_blocks(forward_nhwc_kernel<T, A, V>);
+        const Launch l = nhwc_launch(g.M, g.C / V, sms, occupancy);
         forward_nhwc_kernel<T, A, V><<<l.grid, l.block, 0, stream>>>(
             xp, yp, g.M, C, mp, vp, ptr_or_null<A>(w), ptr_or_null<A>(b), A(eps), save_m, save_v);
       } else {
         const int64_t total_vec = x.numel() / V;
-        const unsigned blocks = unsigned(flat_blocks(total_vec, sms));
+        static const int occupancy = resident_blocks(forward_nchw_kernel<T, A, V>);
+        const unsigned blocks = unsigned(flat_blocks(total_vec, sms, occupancy));
         forward_nchw_kernel<T, A, V><<<blocks, kThreads, 0, stream>>>(
             xp, yp, total_vec, C, g.HW, mp, vp, ptr_or_null<A>(w), ptr_or_null<A>(b), A(eps),
             save_m, save_v);
@@ -759,13 +775,15 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_backward_cuda(const Tensor& grad_in, 
       Tensor part;
       int parts;
       if (g.nhwc) {
-        const Launch l = nhwc_launch(g.M, g.C / V, sms, 4);
+        static const int occupancy = resident_blocks(grad_sums_nhwc_kernel<T, A, V>);
+        const Launch l = nhwc_launch(g.M, g.C / V, sms, occupancy);
         parts = int(l.grid.y);
         part = at::empty({2, parts, g.C}, x.options().dtype(acc));
         grad_sums_nhwc_kernel<T, A, V><<<l.grid, l.block, 0, stream>>>(
             gp, xp, g.M, C, mp, vp, wp, bp, A(eps), part.data_ptr<A>(), parts);
       } else {
-        parts = nchw_parts(g.C, g.N * (g.HW / V), sms, 4);
+        static const int occupancy = resident_blocks(grad_sums_nchw_kernel<T, A, V>);
+        parts = nchw_parts(g.C, g.N * (g.HW / V), sms, occupancy);
         part = at::empty({2, parts, g.C}, x.options().dtype(acc));
         grad_sums_nchw_kernel<T, A, V><<<dim3(C, parts), kThreads, 0, stream>>>(
             gp, xp, g.N, C, g.HW, mp, vp, wp, bp, A(eps), part.data_ptr<A>(), parts);
@@ -777,12 +795,15 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_backward_cuda(const Tensor& grad_in, 
           grad_bias.data_ptr<A>(), mean_gy.data_ptr<A>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (g.nhwc) {
-        const Launch l = nhwc_launch(g.M, g.C / V, sms, 8);
+        static const int occupancy = resident_blocks(grad_x_nhwc_kernel<T, A, V>);
+        const Launch l = nhwc_launch(g.M, g.C / V, sms, occupancy);
         grad_x_nhwc_kernel<T, A, V><<<l.grid, l.block, 0, stream>>>(
             gp, xp, dp, g.M, C, mp, vp, wp, bp, A(eps), mean_gy.const_data_ptr<A>(), training);
       } else {
         const int64_t total_vec = x.numel() / V;
-        grad_x_nchw_kernel<T, A, V><<<unsigned(flat_blocks(total_vec, sms)), kThreads, 0, stream>>>(
+        static const int occupancy = resident_blocks(grad_x_nchw_kernel<T, A, V>);
+        grad_x_nchw_kernel<T, A, V><<<unsigned(flat_blocks(total_vec, sms, occupancy)), kThreads, 0,
+                                      stream>>>(
             gp, xp, dp, total_vec, C, g.HW, mp, vp, wp, bp, A(eps), mean_gy.const_data_ptr<A>(),
             training);
       }
