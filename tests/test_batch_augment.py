@@ -115,12 +115,12 @@ def test_cuda_batches_equal_the_cpu_twin():
 
 
 def test_parameters_cross_to_the_device_exactly():
-    """The one-transfer packing of a batch's parameters (index, magnitudes, float64 matrices)
-    gives back every value bit for bit, in its own dtype and shape."""
+    """The one-transfer packing of a batch's parameters (indices, magnitudes, float64 matrices,
+    flips) gives back every value bit for bit, in its own dtype and shape."""
     g = torch.Generator().manual_seed(0)
     tensors = [torch.randperm(1000, generator=g), torch.randn(37, generator=g),
                torch.randn(5, 2, 3, dtype=torch.float64, generator=g),
-               torch.tensor([2**40 + 1, -3]), torch.zeros(0)]
+               torch.tensor([2**40 + 1, -3]), torch.rand(9, generator=g) < 0.5, torch.zeros(0)]
     back = _unpack(_pack(tensors), tensors)
     for a, b in zip(tensors, back):
         assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)

@@ -186,6 +186,23 @@ def test_pad_random_crop_and_flip_are_exact_shifts():
     assert 70 < sum(f for _, _, f in seen) < 130
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("crop", ["pad_random", "random_resized"])
+def test_cuda_batch_augment_equals_the_cpu_twin(crop):
+    """The same draws (CPU generator) give the same crops and flips on the GPU: exact for the
+    integer shifts, within float rounding for roi_align's bilinear crops."""
+    images = torch.randint(0, 256, (64, 3, 20, 24), generator=torch.Generator().manual_seed(0),
+                           dtype=torch.uint8)
+    cfg = cfg_for(Path("unused"), f"--aug.train_crop={crop}", "--aug.padding=2")
+    augment = BatchAugment(cfg.data, cfg.aug)
+    cpu = augment(images, 0, torch.Generator().manual_seed(3))
+    gpu = augment(images.cuda(), 0, torch.Generator().manual_seed(3)).cpu()
+    if crop == "pad_random":
+        assert torch.equal(gpu, cpu)
+    else:
+        torch.testing.assert_close(gpu, cpu, rtol=0, atol=1e-2)  # of 255 levels
+
+
 def test_unequal_sizes_and_oversized_sets_are_refused(tmp_path, grey_root, monkeypatch):
     root = grey_folder(tmp_path / "mixed", count=4)
     odd = torch.full((3, 10, 10), 50, dtype=torch.uint8)

@@ -139,10 +139,10 @@ def _unpack(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-def _to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """CPU tensors → `device` in one transfer. A plain `.to(cuda)` of a CPU tensor synchronises
-    the stream; the ~25 small ones a batch needs made TrivialAugmentWide wait on the GPU that
-    many times."""
+def to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """CPU tensors → `device` in one transfer that does not wait for the GPU. A plain `.to(cuda)`
+    of a CPU tensor synchronises the stream; the ~25 small ones a batch of TrivialAugmentWide
+    needed made the host wait on the GPU that many times per batch."""
     if device.type == "cpu" or not tensors:
         return tensors
     flat = _pack(tensors)
@@ -189,7 +189,7 @@ def apply_op(name: str, images: torch.Tensor, magnitude: torch.Tensor) -> torch.
     params = [magnitude]
     if name in GEOMETRY:
         params.append(_geometry_matrices(name, magnitude, h, w))
-    params = _to_device(params, images.device)
+    params = to_device(params, images.device)
     return _apply(name, images, params[0], params[1] if name in GEOMETRY else None)
 
 
@@ -217,7 +217,7 @@ def trivial_augment_wide(images: torch.Tensor, generator: torch.Generator) -> to
         params += [chosen, magnitude]
         if name in GEOMETRY:
             params.append(_geometry_matrices(name, magnitude, h, w))
-    params = _to_device(params, images.device)
+    params = to_device(params, images.device)
     out = images.clone()
     for name, at in plan:
         index, magnitude = params[at], params[at + 1]

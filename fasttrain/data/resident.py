@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 from ..config import AugConfig, DataConfig
-from .batch_augment import trivial_augment_wide
+from .batch_augment import to_device, trivial_augment_wide
 from .datasets import DatasetError, ImageFolderDataset, SkippedSample, TensorImageDataset
 from .loader import EpochSampler, Loaders, ShardSampler, _datasets, rank_batches, sample_seed
 from .transforms import Normalize, ValTransform, progressive_resolution
@@ -80,30 +80,35 @@ class BatchAugment:
         n, _, height, width = images.shape
         size = progressive_resolution(self.data, epoch)
         device = images.device
+        # Every random draw first, on the host and in a fixed order, then one transfer that does
+        # not wait for the GPU; the device work follows.
         if self.aug.train_crop == "random_resized":
             boxes = random_resized_crop_boxes(n, height, width, self.aug.scale, self.aug.ratio,
                                               generator)
             top, left, h, w = boxes.to(torch.float32).unbind(1)
-            rois = torch.stack([torch.arange(n, dtype=torch.float32), left, top, left + w,
-                                top + h], dim=1).to(device)
-            out = roi_align(images.float(), rois, output_size=(size, size), spatial_scale=1.0,
-                            sampling_ratio=-1, aligned=True)
+            crop = [torch.stack([torch.arange(n, dtype=torch.float32), left, top, left + w,
+                                 top + h], dim=1)]
         else:
             # Pad at least enough for a `size` crop, like the torch backend.
             pad_h = max(self.aug.padding, (size - height + 1) // 2)
             pad_w = max(self.aug.padding, (size - width + 1) // 2)
-            padded = F.pad(images, (pad_w, pad_w, pad_h, pad_h))
-            tops = torch.randint(0, padded.shape[2] - size + 1, (n,), generator=generator)
-            lefts = torch.randint(0, padded.shape[3] - size + 1, (n,), generator=generator)
+            tops = torch.randint(0, height + 2 * pad_h - size + 1, (n,), generator=generator)
+            lefts = torch.randint(0, width + 2 * pad_w - size + 1, (n,), generator=generator)
             span = torch.arange(size)
-            rows = (tops[:, None] + span).to(device)[:, None, :, None]
-            cols = (lefts[:, None] + span).to(device)[:, None, None, :]
+            crop = [tops[:, None] + span, lefts[:, None] + span]
+        flip = [torch.rand(n, generator=generator) < self.aug.hflip] if self.aug.hflip > 0 else []
+        params = to_device(crop + flip, device)
+        if self.aug.train_crop == "random_resized":
+            out = roi_align(images.float(), params[0], output_size=(size, size),
+                            spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        else:
+            padded = F.pad(images, (pad_w, pad_w, pad_h, pad_h))
+            rows, cols = params[0][:, None, :, None], params[1][:, None, None, :]
             batch = torch.arange(n, device=device)[:, None, None, None]
             chans = torch.arange(padded.shape[1], device=device)[None, :, None, None]
             out = padded[batch, chans, rows, cols].float()
-        if self.aug.hflip > 0:
-            flip = (torch.rand(n, generator=generator) < self.aug.hflip).to(device)
-            out = torch.where(flip[:, None, None, None], out.flip(3), out)
+        if flip:
+            out = torch.where(params[-1][:, None, None, None], out.flip(3), out)
         if self.aug.auto_augment == "trivialaugment":
             out = trivial_augment_wide(out, generator)
         return out
