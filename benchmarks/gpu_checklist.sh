@@ -74,27 +74,30 @@ TAIL=30 step pytest-cuda 200 "$PY" -m pytest -m cuda -q -p no:cacheprovider -n 1
 TRAIN="$PY tools/benchmark.py --model thin_resnet50 --device cuda --precision bf16 --batch-size 256 --train --save"
 W10="--width 1.0"
 W05="--width 0.5 --resolution 176"
-# The engine end to end on the GPU with compile_mode reduce-overhead (CUDA-graph trees around the
-# real training loop, validation with flip TTA), on the built-in quickstart data.
+# Most informative first: the kernels and loaders changed since the last GPU run, the engine's
+# CUDA-graph mode end to end, then the training rows, then what earlier runs already measured.
+step profile-bn-relu 60 "$PY" benchmarks/profile_bn_relu.py
+step bench-bn-relu 220 "$PY" benchmarks/bench_bn_relu.py --widths 1.0 0.5
+step cifar-aug 90 "$PY" benchmarks/bench_cifar_aug.py --device cuda --rounds 2
+# The engine on the GPU with compile_mode reduce-overhead (CUDA-graph trees around the real
+# training loop, validation with flip TTA), on the built-in quickstart data.
 step engine-reduce-overhead 180 "$PY" tools/train.py recipes/quickstart.yaml --train.device=cuda \
     --train.compile=true --train.compile_mode=reduce-overhead --aug.test_flip=true \
     --log.dir=/tmp/fasttrain-runs --log.progress=plain
-# The cheap graph-replay rows first (no compilation), then the compiled ones.
-step train-w0.5-176-cudagraphs-fused 60 $TRAIN $W05 --mode cudagraphs --norm-act fused
 step train-w0.5-176-compile-cudagraphs-fused 150 $TRAIN $W05 --mode compile-cudagraphs --norm-act fused
-step profile-bn-relu 60 "$PY" benchmarks/profile_bn_relu.py
-step train-w1.0-224-cudagraphs-fused 60 $TRAIN $W10 --mode cudagraphs --norm-act fused
-step train-w0.5-176-cudagraphs-native 60 $TRAIN $W05 --mode cudagraphs --norm-act native
-step train-w1.0-224-cudagraphs-native 60 $TRAIN $W10 --mode cudagraphs --norm-act native
-step bench-bn-relu 220 "$PY" benchmarks/bench_bn_relu.py --widths 1.0 0.5
-step bench-bn-relu-launched 220 "$PY" benchmarks/bench_bn_relu.py --widths 1.0 0.5 --timing launched
-step train-w1.0-224-compile-fused 150 $TRAIN $W10 --mode compile --norm-act fused
-step train-w0.5-176-compile-fused 130 $TRAIN $W05 --mode compile --norm-act fused
+step train-w0.5-176-compile-cudagraphs-native 150 $TRAIN $W05 --mode compile-cudagraphs --norm-act native
 step train-w1.0-224-compile-cudagraphs-fused 150 $TRAIN $W10 --mode compile-cudagraphs --norm-act fused
+step train-w1.0-224-compile-cudagraphs-native 150 $TRAIN $W10 --mode compile-cudagraphs --norm-act native
+step train-w0.5-176-cudagraphs-fused 60 $TRAIN $W05 --mode cudagraphs --norm-act fused
+step train-w0.5-176-cudagraphs-native 60 $TRAIN $W05 --mode cudagraphs --norm-act native
+step train-w1.0-224-cudagraphs-fused 60 $TRAIN $W10 --mode cudagraphs --norm-act fused
+step train-w1.0-224-cudagraphs-native 60 $TRAIN $W10 --mode cudagraphs --norm-act native
+step bench-bn-relu-launched 220 "$PY" benchmarks/bench_bn_relu.py --widths 1.0 0.5 --timing launched
 step latency-cudagraphs 90 "$PY" tools/benchmark.py --model thin_resnet50 \
     --width 1.0,0.75,0.5,0.25 --device cuda --precision bf16 --mode cudagraphs \
     --batch-size 1,64,256 --save
-step cifar-aug 90 "$PY" benchmarks/bench_cifar_aug.py --device cuda --rounds 2
+step train-w1.0-224-compile-fused 150 $TRAIN $W10 --mode compile --norm-act fused
+step train-w0.5-176-compile-fused 130 $TRAIN $W05 --mode compile --norm-act fused
 step train-w1.0-224-compile-native 150 $TRAIN $W10 --mode compile --norm-act native
 step train-w0.5-176-compile-native 130 $TRAIN $W05 --mode compile --norm-act native
 
