@@ -167,7 +167,10 @@ def evaluate(model: nn.Module, loader: DeviceLoader, precision, device: torch.de
     `graph_steps`: `model` replays CUDA graphs, whose outputs the next call overwrites."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, n
-    with torch.inference_mode(), precision.autocast(device):
+    # CUDA-graph trees recorded under inference_mode can break the training graphs that follow
+    # (pytorch/pytorch#135892): no_grad there.
+    no_grad = torch.no_grad if graph_steps else torch.inference_mode
+    with no_grad(), precision.autocast(device):
         for images, labels in loader:
             if graph_steps:
                 torch.compiler.cudagraph_mark_step_begin()
