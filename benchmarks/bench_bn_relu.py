@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 from fasttrain.measure.env import cpu_name as cpu_model  # noqa: E402
 from fasttrain.measure.env import git_commit, nvidia_driver  # noqa: E402
+from fasttrain.measure.timing import cuda_graph_replay  # noqa: E402
 from fasttrain.models import create_model  # noqa: E402
 from fasttrain.models.layers import NORM_ACT_LAYERS  # noqa: E402
 from fasttrain.ops import _ext  # noqa: E402
@@ -133,18 +134,6 @@ class Timer:
         self.device, self.warmup, self.iters, self.repeats = device, warmup, iters, repeats
         self.target_ms, self.graphs = target_ms, graphs
 
-    @staticmethod
-    def _graphed(fn):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # lazy allocations and algorithm choices stay outside
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return graph.replay
 
     def _run(self, fn, iters: int) -> float:
         if self.device.type == "cuda":
@@ -167,7 +156,7 @@ class Timer:
         timing = "launched"
         if self.graphs and self.device.type == "cuda":
             try:
-                fn, timing = self._graphed(fn), "graph"
+                fn, timing = cuda_graph_replay(fn, self.device), "graph"
             except RuntimeError as e:
                 print(f"  graph capture failed ({str(e).splitlines()[0][:100]}): timing launches",
                       file=sys.stderr)

@@ -317,3 +317,29 @@ def test_cli_user_errors_exit_2_with_one_line(argv, message, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replay_reruns_the_captured_work():
+    """Warm-up runs execute, the capture only records, and each replay redoes the recorded work
+    on the tensors' current contents without calling Python."""
+    from fasttrain.measure.timing import cuda_graph_replay
+
+    x0 = torch.randn(1000, device="cuda")
+    x, out = x0.clone(), torch.zeros_like(x0)
+    calls = []
+
+    def fn():
+        calls.append(1)
+        out.add_(x)
+
+    replay = cuda_graph_replay(fn, "cuda", warmup=2)
+    torch.cuda.synchronize()
+    assert len(calls) == 3  # 2 warm-up runs + the capture
+    torch.testing.assert_close(out, 2 * x0)
+    x.fill_(1.0)
+    replay()
+    replay()
+    torch.cuda.synchronize()
+    assert len(calls) == 3
+    torch.testing.assert_close(out, 2 * x0 + 2)

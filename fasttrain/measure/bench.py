@@ -31,7 +31,7 @@ from .env import conditions
 from .macs import count_macs, count_params
 from .sources import BenchModel
 from .throughput import autocast_context, measure_throughput
-from .timing import LatencyStats, measure_latency
+from .timing import LatencyStats, cuda_graph_replay, measure_latency
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 LAYOUTS = ("channels_last", "contiguous")
@@ -164,19 +164,11 @@ def _script(model: nn.Module, x: torch.Tensor, autocast) -> torch.jit.ScriptModu
 
 
 def _graphed(model: nn.Module, x: torch.Tensor, autocast, device: torch.device):
-    # Warm up on a side stream (lazy init, cuDNN choices), then capture one forward pass.
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side), torch.inference_mode():
-        for _ in range(3):
-            with autocast():
-                model(x)
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.inference_mode(), torch.cuda.graph(graph):
-        with autocast():
+    def forward() -> None:
+        with torch.inference_mode(), autocast():
             model(x)
-    return graph.replay
+
+    return cuda_graph_replay(forward, device)
 
 
 def _metric_keys(prefix: str) -> list[str]:

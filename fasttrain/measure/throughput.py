@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .timing import LatencyStats, summarize, time_calls
+from .timing import LatencyStats, cuda_graph_replay, summarize, time_calls
 
 TRAIN_MODES = ("eager", "compile", "cudagraphs", "compile-cudagraphs")
 """eager; compile: torch.compile(model, dynamic=False) after torch.compiler.reset();
@@ -100,22 +100,10 @@ def build_train_step(model: nn.Module, *, batch_size: int, resolution: int, num_
     if mode != "cudagraphs":
         return step
 
-    # Whole-step capture (PyTorch CUDA-graphs docs, "whole network capture"): warm up on a side
-    # stream so lazy allocations and cuDNN choices happen outside the graph, then capture.
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    optimizer.zero_grad(set_to_none=True)  # gradients are then allocated from the graph's pool
-    with torch.cuda.graph(graph):
-        with autocast():
-            loss = F.cross_entropy(net(x), y)
-        loss.backward()
-        optimizer.step()
-    return graph.replay
+    # Whole-step capture (PyTorch CUDA-graphs docs, "whole network capture"): the step's
+    # zero_grad(set_to_none) inside the capture lets backward allocate the gradients from the
+    # graph's pool, where every replay rewrites them.
+    return cuda_graph_replay(step, device)
 
 
 def measure_throughput(model: nn.Module, *, batch_size: int, resolution: int, num_classes: int,

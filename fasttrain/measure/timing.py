@@ -121,6 +121,25 @@ class CudaEventTimer:
         return [a.elapsed_time(b) / 1e3 for a, b in self._events]
 
 
+def cuda_graph_replay(fn: Callable[[], object], device: torch.device | str | None = None,
+                      warmup: int = 3) -> Callable[[], None]:
+    """`fn` captured once in a CUDA graph; returns the graph's replay. `fn` first runs `warmup`
+    times on a side stream, so lazy allocations, cuDNN algorithm choices and compilation happen
+    outside the graph (PyTorch's CUDA-graphs notes). Tensors `fn` allocates during capture come
+    from the graph's private pool and are rewritten by every replay; `fn` must not synchronise
+    with the host."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def make_timer(device: torch.device | str, clock: Callable[[], float] | None = None):
     """CUDA events on a CUDA device, else a synchronised clock; an injected `clock` always wins."""
     device = torch.device(device)
