@@ -88,6 +88,10 @@ step train-w0.5-176-compile-cudagraphs-fused 150 $TRAIN $W05 --mode compile-cuda
 step train-w0.5-176-compile-cudagraphs-native 150 $TRAIN $W05 --mode compile-cudagraphs --norm-act native
 step train-w1.0-224-compile-cudagraphs-fused 150 $TRAIN $W10 --mode compile-cudagraphs --norm-act fused
 step train-w1.0-224-compile-cudagraphs-native 150 $TRAIN $W10 --mode compile-cudagraphs --norm-act native
+# Thin networks leave the GPU part idle at batch 256: does a larger per-GPU batch raise img/s?
+step train-w0.5-176-compile-cudagraphs-fused-b512-1024 150 "$PY" tools/benchmark.py \
+    --model thin_resnet50 --device cuda --precision bf16 --batch-size 512,1024 --train --save \
+    $W05 --mode compile-cudagraphs --norm-act fused
 step train-w0.5-176-cudagraphs-fused 60 $TRAIN $W05 --mode cudagraphs --norm-act fused
 step train-w0.5-176-cudagraphs-native 60 $TRAIN $W05 --mode cudagraphs --norm-act native
 step train-w1.0-224-cudagraphs-fused 60 $TRAIN $W10 --mode cudagraphs --norm-act fused
