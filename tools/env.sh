@@ -7,7 +7,8 @@
 # The venv lives outside the clone, in $FASTTRAIN_CACHE (default ~/.cache/fasttrain), keyed by a
 # hash of requirements.txt: a fresh clone (CI) reuses it and set-up is a no-op when it is current.
 # The editable install of fasttrain itself (which compiles csrc/, a few minutes) is redone when
-# the venv was last installed from another clone, or setup.py or csrc/ changed.
+# the venv was last installed from another clone, setup.py or csrc/ changed, or the clone has no
+# built library.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -59,7 +60,10 @@ fi
 # (which recompiles csrc/) when another clone installed it, or setup.py or csrc/ changed.
 sources=$(cd "$repo" && find setup.py csrc -type f 2>/dev/null | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16)
 editable="$repo $sources"
-if [ "$(cat "$venv/.editable" 2>/dev/null)" != "$editable" ]; then
+# The build writes the native libraries into the clone (editable install): a clone re-made at the
+# same path, or cleaned with `git clean -fdx`, has none although the record still matches.
+built=$(compgen -G "$repo/fasttrain/ops/_C.*.so" || true)
+if [ "$(cat "$venv/.editable" 2>/dev/null)" != "$editable" ] || [ -z "$built" ]; then
   log "installing fasttrain (editable) from $repo"
   # FASTTRAIN_JPEG=1: the packages above are there, so a decoder build failure is an error.
   if ! FASTTRAIN_JPEG=1 "$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$repo" \
