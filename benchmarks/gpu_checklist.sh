@@ -14,7 +14,9 @@
 # DEADLINE_S (default 560 s) is skipped, so a short lease loses the least important numbers.
 # Logs and benchmarks/results/ are packed into $OUT/gpu.tgz after every step, so whatever
 # finished comes back even if the call is cut off. Pure-Python packages the host lacks (fvcore and
-# its needs) are read from .gpu/site when that folder exists.
+# its needs) are read from .gpu/site when that folder exists (git-ignored; made here with
+# `python3 -m pip install --no-deps --target .gpu/site fvcore iopath yacs termcolor`, then
+# carried with the call).
 set -u
 OUT=${OUT:-/tmp/fasttrain-gpu}
 DEADLINE=${1:-560}
