@@ -30,7 +30,8 @@ from ..errors import UserError
 from .env import conditions
 from .macs import count_macs, count_params
 from .sources import BenchModel
-from .throughput import autocast_context, measure_throughput
+from .throughput import (COMPILE_MODES, CUDA_ONLY_MODES, autocast_context, compile_fresh,
+                         measure_throughput)
 from .timing import LatencyStats, cuda_graph_replay, measure_latency
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -82,7 +83,7 @@ class Conditions:
             raise BenchError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise BenchError("device cuda requested but CUDA is not available here")
-        if self.mode in ("cudagraphs", "compile-cudagraphs") and dev.type != "cuda":
+        if self.mode in CUDA_ONLY_MODES and dev.type != "cuda":
             raise BenchError(f"mode {self.mode} needs --device cuda")
         if self.train and self.mode == "torchscript":
             raise BenchError("training throughput runs eager, compile or cudagraphs, "
@@ -134,11 +135,8 @@ def prepare_inference(model: nn.Module, *, batch_size: int, resolution: int,
     autocast = autocast_context(device, precision, cache_enabled=mode != "cudagraphs")
     if mode == "eager":
         net = model
-    elif mode in ("compile", "compile-cudagraphs"):
-        # A fresh compile per batch size: static shapes, and no recompile limit across rows.
-        torch.compiler.reset()
-        net = torch.compile(model, dynamic=False,
-                            mode="reduce-overhead" if mode == "compile-cudagraphs" else None)
+    elif mode in COMPILE_MODES:
+        net = compile_fresh(model, mode)
     elif mode == "torchscript":
         net = model if isinstance(model, torch.jit.ScriptModule) else _script(model, x, autocast)
     elif mode == "cudagraphs":

@@ -26,6 +26,19 @@ optimizer step outside them; CUDA only). Thin networks take so little GPU time p
 launching the kernels from the CPU can cost more than running them: the graph modes show how
 much."""
 
+CUDA_ONLY_MODES = ("cudagraphs", "compile-cudagraphs")
+COMPILE_MODES = {"compile": None, "compile-cudagraphs": "reduce-overhead"}
+"""Benchmark mode -> torch.compile mode, for the modes that compile."""
+
+
+def compile_fresh(model: nn.Module, mode: str) -> nn.Module:
+    """`model` compiled for benchmark `mode` (one of COMPILE_MODES) with static shapes, after
+    torch.compiler.reset(): each batch size gets its own graph, as the engine's fixed-size batches
+    do; a shared cache would turn the second size into a slower dynamic-shape graph and count
+    towards the recompile limit."""
+    torch.compiler.reset()
+    return torch.compile(model, dynamic=False, mode=COMPILE_MODES[mode])
+
 
 def autocast_context(device: torch.device, precision: str, cache_enabled: bool = True
                      ) -> Callable[[], contextlib.AbstractContextManager]:
@@ -61,7 +74,7 @@ def build_train_step(model: nn.Module, *, batch_size: int, resolution: int, num_
     device = torch.device(device)
     if mode not in TRAIN_MODES:
         raise ValueError(f"training mode must be one of {', '.join(TRAIN_MODES)}, got {mode!r}")
-    if mode in ("cudagraphs", "compile-cudagraphs") and device.type != "cuda":
+    if mode in CUDA_ONLY_MODES and device.type != "cuda":
         raise ValueError(f"{mode} mode needs a CUDA device")
     if mode == "cudagraphs" and precision == "fp16":
         raise ValueError("cudagraphs training does not support fp16's GradScaler; use bf16")
@@ -77,11 +90,8 @@ def build_train_step(model: nn.Module, *, batch_size: int, resolution: int, num_
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     net = model
     graph_trees = mode == "compile-cudagraphs"
-    if mode in ("compile", "compile-cudagraphs"):
-        # Static shapes compiled afresh for this batch size (as the engine's fixed-size batches
-        # are); a shared cache would turn the second size into a slower dynamic-shape graph.
-        torch.compiler.reset()
-        net = torch.compile(model, dynamic=False, mode="reduce-overhead" if graph_trees else None)
+    if mode in COMPILE_MODES:
+        net = compile_fresh(model, mode)
 
     def step() -> None:
         if graph_trees:  # one training iteration: the graphs' previous outputs may be reused
