@@ -82,6 +82,82 @@ def test_augmentation_depends_on_seed_epoch_and_index_only(data_root):
     assert not torch.equal(a[0][0], d[0][0])
 
 
+def _crop(value: int, size: int = 6) -> torch.Tensor:
+    """A (3, size, size) uint8 sample in (H, W, C) memory, as the training crops are."""
+    return torch.full((size, size, 3), value, dtype=torch.uint8).permute(2, 0, 1)
+
+
+def test_recycling_collate_reuses_a_released_buffer_and_never_a_lent_one(monkeypatch):
+    from types import SimpleNamespace
+
+    from fasttrain.data import loader as loader_mod
+    from fasttrain.data.datasets import SkippedSample
+    collate = loader_mod.RecyclingCollate(workers=2, slots=2)
+    # Outside a worker: a plain stack, no token.
+    images, labels, skipped, token = collate([(_crop(1), 3), (_crop(2), 4)])
+    assert token is None and images.shape == (2, 3, 6, 6)
+    assert images.is_contiguous(memory_format=torch.channels_last)
+
+    monkeypatch.setattr(loader_mod, "get_worker_info", lambda: SimpleNamespace(id=1))
+    batch = [(_crop(1), 3), SkippedSample("bad.jpg", "truncated"), (_crop(2), 4)]
+    a, labels, skipped, token_a = collate(batch)
+    assert token_a == (1, 0) and collate.flags.tolist() == [[0, 0], [1, 0]]
+    assert labels.tolist() == [3, 4] and skipped == [("bad.jpg", "truncated")]
+    assert a.is_shared() and a.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(a[:, 0, 0, 0], torch.tensor([1, 2], dtype=torch.uint8))
+    b, _, _, token_b = collate([(_crop(5), 0)])
+    assert token_b == (1, 1)  # slot 0 is still lent: the other slot
+    c, _, _, token_c = collate([(_crop(6), 0)])
+    assert token_c is None and c.is_shared()  # no free slot: a fresh buffer, no reuse
+    assert a[0, 0, 0, 0] == 1 and b[0, 0, 0, 0] == 5  # nothing lent was written over
+    collate.release(token_a)
+    d, _, _, token_d = collate([(_crop(7), 0), (_crop(8), 0)])
+    assert token_d == (1, 0)
+    assert d.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()  # reused
+    collate.release(token_d)
+    # A larger batch than the slot holds reallocates it; the smaller buffer is not overrun.
+    e, _, _, token_e = collate([(_crop(9, size=12), 0)] * 2)
+    assert token_e == (1, 0) and e.shape == (2, 3, 12, 12) and torch.all(e == 9)
+    collate.reset()
+    assert not collate.flags.any()
+    # Samples not in (H, W, C) memory (whole images, validation): default_collate, no token.
+    f, _, _, token_f = collate([(torch.zeros(3, 4, 4, dtype=torch.uint8), 0)])
+    assert token_f is None and f.is_contiguous()
+
+
+def test_recycled_buffers_never_change_a_batch_already_handed_out(data_root):
+    """Worker buffers are reused (2 workers, 4 slots each, 40+ batches), yet every batch kept
+    from an epoch equals the 0-worker batch; raw uint8 batches are views until the next one."""
+    def epoch(workers, dtype):
+        cfg = _quick_cfg(f"--data.path={data_root / 'digits'}", "--data.batch_size=32",
+                         f"--data.num_workers={workers}")
+        loaders = build_loaders(cfg.data, cfg.aug, channels_last=True, dtype=dtype)
+        loaders.train.set_epoch(1)
+        if dtype == torch.uint8:  # valid until the next batch is asked for: keep copies
+            return [(x.clone(), y) for x, y in loaders.train], loaders
+        return list(loaders.train), loaders
+
+    reference, _ = epoch(0, torch.float32)
+    kept, loaders = epoch(2, torch.float32)
+    assert len(kept) == len(reference) == 1433 // 32
+    for (x, y), (x_ref, y_ref) in zip(kept, reference):
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+    collate = loaders.train.loader.collate_fn
+    assert not collate.flags.any()  # every slot released at the end of the epoch
+    raw, loaders = epoch(2, torch.uint8)
+    norm = loaders.train.normalize
+    for (x, _), (x_ref, _) in zip(raw, reference):
+        x = torch.addcmul(norm.shift, x.float(), norm.scale)
+        assert torch.allclose(x, x_ref, atol=1e-6)
+    # An iteration abandoned mid-epoch leaves slots lent; the next one starts from none.
+    it = iter(loaders.train)
+    next(it), next(it)
+    assert loaders.train.loader.collate_fn.flags.any()  # the workers did hand out slots
+    del it
+    again = [(x.clone(), y) for x, y in loaders.train]
+    assert [torch.equal(x, x_raw) for (x, _), (x_raw, _) in zip(again, raw)] == [True] * len(raw)
+
+
 @pytest.mark.parametrize("size,world", [(1437, 2), (10, 3), (7, 1)])
 def test_epoch_sampler_gives_each_rank_a_disjoint_equal_shard(size, world):
     shards = []

@@ -181,7 +181,7 @@ class TrainAugment:
 def channels_last_sample(image: torch.Tensor) -> torch.Tensor:
     """(C, H, W) whose memory is (H, W, C), a no-op when it already is (the resize kernels'
     output): batches of such samples stack without a transposing copy into the channels-last
-    layout training uses (`collate_skipping`)."""
+    layout training uses (`loader.RecyclingCollate`)."""
     return image.permute(1, 2, 0).contiguous().permute(2, 0, 1)
 
 
