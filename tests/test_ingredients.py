@@ -257,3 +257,23 @@ def test_auto_augment_is_a_function_of_its_generator(kind):
     assert 0 <= min(levels) and max(levels) <= 30
     if kind == "randaugment":
         assert abs(np.mean(levels) - 21) < 1.5  # level 7 of 10 → bin 21 of 30
+
+
+def test_horizontal_flip_equals_torchvision_in_either_memory_layout():
+    import torchvision.transforms.v2.functional as TF
+
+    from fasttrain.data.loader import torch_threads
+    from fasttrain.data.transforms import horizontal_flip
+    hwc = torch.randint(0, 256, (5, 7, 3), dtype=torch.uint8).permute(2, 0, 1)  # a crop
+    chw = hwc.contiguous()
+    for image in (hwc, chw):
+        flipped = horizontal_flip(image)
+        assert torch.equal(flipped, TF.horizontal_flip(image))
+    assert horizontal_flip(hwc).permute(1, 2, 0).is_contiguous()  # the crop's layout kept
+    kept = torch.get_num_threads()
+    with pytest.raises(RuntimeError):
+        with torch_threads(1):
+            assert torch.get_num_threads() == 1
+            torch.set_num_threads(2)
+            raise RuntimeError
+    assert torch.get_num_threads() == kept

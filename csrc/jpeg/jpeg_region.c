@@ -179,8 +179,11 @@ FT_EXPORT int ft_jpeg_decode_region(const uint8_t* data, uint64_t size, int32_t 
     }
     if (top > 0) jpeg_skip_scanlines(&cinfo, (JDIMENSION)top);
     const size_t offset = ((size_t)left - band_left) * 3, row_bytes = (size_t)width * 3;
+    /* When the band is the box (whole rows), rows go straight to `out`: the copy through `row`
+     * costs ~5 % of a whole-image decode. */
+    const int direct = offset == 0 && band_width == (JDIMENSION)width;
     for (int32_t r = 0; r < height; ++r) {
-        JSAMPROW rows[1] = {row};
+        JSAMPROW rows[1] = {direct ? out + (size_t)r * row_bytes : row};
         if (jpeg_read_scanlines(&cinfo, rows, 1) != 1) {
             set_error(err, err_size, "decoder returned no row %d", top + r);
             free(row);
@@ -188,7 +191,7 @@ FT_EXPORT int ft_jpeg_decode_region(const uint8_t* data, uint64_t size, int32_t 
             jpeg_destroy_decompress(&cinfo);
             return FT_JPEG_ERROR;
         }
-        memcpy(out + (size_t)r * row_bytes, row + offset, row_bytes);
+        if (!direct) memcpy(out + (size_t)r * row_bytes, row + offset, row_bytes);
     }
     free(row);
     /* Stopping early is allowed: jpeg_abort releases the remaining state. */
