@@ -191,6 +191,28 @@ def test_hflip_mirrors_the_same_crops(data_root):
         assert torch.equal(flipped, plain.flip(-1))
 
 
+def test_per_image_torch_work_runs_on_one_thread_and_restores_the_count(data_root,
+                                                                       monkeypatch):
+    """The crops are resized and flipped with one torch thread (idle intra-op threads would
+    spin on the cores DALI decodes on); the caller's thread count is back for what follows."""
+    seen = []
+    resize_flip = dali_loader._resize_flip
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return resize_flip(*args, **kwargs)
+
+    monkeypatch.setattr(dali_loader, "_resize_flip", recording)
+    kept = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        batches = _epoch(_loaders(_digits(data_root)).train, 0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(kept)
+    assert len(seen) == 32 * len(batches) and set(seen) == {1}
+
+
 def test_progressive_resolution_per_epoch(data_root):
     cfg = _digits(data_root, "--data.min_res=8", "--data.max_res=32", "--data.start_ramp=0",
                   "--data.end_ramp=3")

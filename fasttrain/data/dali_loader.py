@@ -35,8 +35,8 @@ import torchvision.transforms.v2.functional as TF
 
 from ..config import AugConfig, DataConfig
 from ..errors import ConfigError, DatasetError, RunError
-from .loader import Loaders, _datasets, rank_batches, sample_seed
-from .transforms import Normalize, ValTransform, progressive_resolution
+from .loader import Loaders, _datasets, rank_batches, sample_seed, torch_threads
+from .transforms import Normalize, ValTransform, horizontal_flip, progressive_resolution
 
 MISSING = "data.backend=dali needs NVIDIA DALI: pip install -e .[dali] (nvidia-dali-cuda130)"
 READER = "Reader"
@@ -203,11 +203,16 @@ class DaliLoader:
             count = min(self.batch_size, shard_size - index * self.batch_size)
             values = [v.as_array() for v in values]
             # Every view into DALI's buffers is read here, before the next pipe.run() reuses them.
-            finished = []
-            for i in range(count):
-                image = torch.from_numpy(np.asarray(images[i])).permute(2, 0, 1)  # zero-copy
-                finished.append(per_sample(image, *(v[i] for v in values)))
-            return (self.normalize(_stack(finished, self.channels_last)),
+            # One torch thread: DALI's threads are decoding the next batches on the other cores,
+            # and torch's idle intra-op threads spin-wait between these small per-image ops
+            # (2 threads on 2 cores: 690 img/s, 2.9 CPU-ms per image; 1 thread: 870-1070 img/s).
+            with torch_threads(1):
+                finished = []
+                for i in range(count):
+                    image = torch.from_numpy(np.asarray(images[i])).permute(2, 0, 1)  # zero-copy
+                    finished.append(per_sample(image, *(v[i] for v in values)))
+                batch = _stack(finished, self.channels_last)
+            return (self.normalize(batch),
                     torch.from_numpy(labels.as_array()[:count]).view(-1).long())
 
         return pipe.run, finish
@@ -247,7 +252,7 @@ def _resize_flip(crop: torch.Tensor, flip: Any, size: int) -> torch.Tensor:
     """The CPU training path's torch half: the decoded crop resized to size x size (the uint8
     antialiased bilinear of the torch backend's RandomResizedCrop), mirrored if `flip`."""
     image = TF.resize(crop, [size, size], antialias=True)
-    return TF.horizontal_flip(image) if flip else image
+    return horizontal_flip(image) if flip else image
 
 
 def _cause(error: RuntimeError) -> str:

@@ -44,6 +44,7 @@ from ..config import AugConfig, DataConfig
 from ..errors import ConfigError, DatasetError, RunError
 from . import jpeg
 from .datasets import SkippedSample, default_root
+from .loader import torch_threads
 from .transforms import Normalize, progressive_resolution
 
 SPLITS = ("train", "val")
@@ -67,7 +68,7 @@ def _ffcv() -> SimpleNamespace:
         RunError: FFCV (or a library it links at import, OpenCV / libjpeg-turbo) is missing.
     """
     try:
-        with _torch_threads_kept():  # importing FFCV sets torch's thread count to 1
+        with torch_threads():  # importing FFCV sets torch's thread count to 1
             import ffcv  # noqa: F401  (imported first: a stubbed-out package fails here)
             import ffcv.pipeline.compiler  # noqa: F401
         from ffcv.fields import IntField, RGBImageField
@@ -554,7 +555,7 @@ class FfcvDeviceLoader:
         size = loader.batch_size
         order = order[:len(loader) * size][self.start_batch * size:]
         loader.next_epoch = self.epoch + 1
-        with _torch_threads_kept():
+        with torch_threads():  # FFCV sets torch's thread count to its worker count
             self.ff.Compiler.set_num_threads(loader.num_workers)
             return self.ff.EpochIterator(loader, order)
 
@@ -570,16 +571,6 @@ class FfcvDeviceLoader:
                 yield self.normalize(images).contiguous(memory_format=fmt), labels
         finally:
             batches.close()
-
-
-class _torch_threads_kept:
-    """FFCV sets torch's intra-op thread count to its own worker count: keep the caller's."""
-
-    def __enter__(self) -> None:
-        self.threads = torch.get_num_threads()
-
-    def __exit__(self, *exc) -> None:
-        torch.set_num_threads(self.threads)
 
 
 def _threads(num_workers: int) -> int:
@@ -660,7 +651,7 @@ def build_ffcv_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world_siz
     threads = _threads(data.num_workers)
     order = {"random": ff.OrderOption.RANDOM,
              "quasi_random": ff.OrderOption.QUASI_RANDOM}[data.ffcv_order]
-    with _torch_threads_kept():
+    with torch_threads():
         train = ff.Loader(str(train_info.path), batch_size=batch, num_workers=threads,
                           order=order, distributed=world_size > 1, seed=seed, drop_last=True,
                           os_cache=data.ffcv_os_cache,

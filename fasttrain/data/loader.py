@@ -6,6 +6,7 @@ on 1 or N ranks (per sample), and after a resume.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 import math
 import random
@@ -19,6 +20,19 @@ from ..config import AugConfig, Config, ConfigError, DataConfig, _check_backend
 from .datasets import (DatasetError, ImageFolderDataset, SkippedSample, build_digits,
                        default_root, load_cifar10)
 from .transforms import Normalize, TrainAugment, ValTransform, progressive_resolution
+
+
+@contextmanager
+def torch_threads(count: int | None = None) -> Iterator[None]:
+    """torch's intra-op thread count set to `count` inside the block (None: left as it is) and
+    the caller's restored after it, whatever the block changed it to."""
+    kept = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(kept)
 
 
 def sample_seed(seed: int, epoch: int, index: int, repeat: int = 0) -> int:
