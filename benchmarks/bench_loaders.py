@@ -27,6 +27,11 @@ over its batches on the CPU, after one warm-up epoch (worker start-up, FFCV's JI
   ffcv-jpeg512-whole (FFCV's own whole-image decoder), and ffcv stored as ffcv-imagenet stores
   it for ResNet-18 (max side 400, 10 % JPEG / 90 % raw pixels).
 
+Each round measures every backend once, in turn, with the decode limit measured before the
+first and after every backend: a backend's ratio to the limit is taken against the mean of the
+two limits that bracket it (the VM's speed drifts by tens of percent within minutes), and the
+table gives medians over `--rounds` rounds.
+
 Writes `benchmarks/results/loaders-cpu-<workers>w.json` (conditions + rows) and prints a table.
 """
 from __future__ import annotations
@@ -225,17 +230,43 @@ def main(argv: list[str] | None = None) -> int:
                                     args.epochs)
         raise AssertionError(name)
 
+    # The VM's speed drifts by tens of percent within minutes, so a backend is compared with
+    # the decode limit measured right before and right after it (bracketing), not with one
+    # limit per round.
     rates: dict[str, list[float]] = {name: [] for name in names}
+    limits: dict[str, list[float]] = {name: [] for name in names}  # the bracketing limits' mean
+
+    def timed(round_: int, name: str) -> float:
+        rate = measure(name)
+        print(f"round {round_ + 1}/{args.rounds}  {name:20s} {rate:8.1f} img/s", flush=True)
+        return rate
+
+    bracket = "decode" in names
     for round_ in range(args.rounds):
+        before = timed(round_, "decode") if bracket else None
+        if bracket:
+            rates["decode"].append(before)
         for name in names:
-            rates[name].append(measure(name))
-            print(f"round {round_ + 1}/{args.rounds}  {name:20s} {rates[name][-1]:8.1f} img/s",
-                  flush=True)
+            if name == "decode":
+                continue
+            rates[name].append(timed(round_, name))
+            if bracket:
+                after = timed(round_, "decode")
+                rates["decode"].append(after)
+                limits[name].append((before + after) / 2)
+                before = after
+
+    def per_round(name: str, partner: str) -> list[float]:
+        # The decode limit's value for a round of `partner`: the mean of its bracket.
+        return limits[partner] if name == "decode" and bracket else rates[name]
 
     def ratio(name: str, base: str) -> float | None:
         if base not in rates:
             return None
-        return round(statistics.median(a / b for a, b in zip(rates[name], rates[base])), 3)
+        if name == base:
+            return 1.0
+        pairs = zip(per_round(name, base), per_round(base, name))
+        return round(statistics.median(a / b for a, b in pairs), 3)
 
     rows = []
     for name in names:
@@ -243,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                      "images_per_s_min": round(min(rates[name]), 1),
                      "images_per_s_max": round(max(rates[name]), 1),
                      "images_per_s_rounds": [round(r, 1) for r in rates[name]],
+                     "decode_limit_bracketing": [round(r, 1) for r in limits[name]],
                      "vs_decode_limit": ratio(name, "decode"), "vs_pil": ratio(name, "pil")})
     result = {"benchmark": "bench_loaders", "date": datetime.now(timezone.utc).isoformat(),
               **conditions("cpu"),
