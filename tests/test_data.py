@@ -158,6 +158,26 @@ def test_recycled_buffers_never_change_a_batch_already_handed_out(data_root):
     assert [torch.equal(x, x_raw) for (x, _), (x_raw, _) in zip(again, raw)] == [True] * len(raw)
 
 
+@pytest.mark.cuda
+def test_recycled_buffers_on_cuda_through_pinned_memory(data_root):
+    """The CUDA path: batches go from the workers' reused buffers through the pinning thread to
+    the device, and equal the CPU loader's; every buffer is released by the epoch's end."""
+    def epoch(device):
+        cfg = _quick_cfg(f"--data.path={data_root / 'digits'}", "--data.batch_size=32",
+                         "--data.num_workers=2")
+        loaders = build_loaders(cfg.data, cfg.aug, device=torch.device(device),
+                                channels_last=True)
+        loaders.train.set_epoch(1)
+        return [(x.cpu(), y.cpu()) for x, y in loaders.train], loaders
+
+    reference, _ = epoch("cpu")
+    on_gpu, loaders = epoch("cuda")
+    assert len(on_gpu) == len(reference)
+    for (x, y), (x_ref, y_ref) in zip(on_gpu, reference):
+        assert torch.equal(y, y_ref) and torch.allclose(x, x_ref, atol=1e-6)
+    assert not loaders.train.loader.collate_fn.flags.any()
+
+
 @pytest.mark.parametrize("size,world", [(1437, 2), (10, 3), (7, 1)])
 def test_epoch_sampler_gives_each_rank_a_disjoint_equal_shard(size, world):
     shards = []
