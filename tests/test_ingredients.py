@@ -277,3 +277,16 @@ def test_horizontal_flip_equals_torchvision_in_either_memory_layout():
             torch.set_num_threads(2)
             raise RuntimeError
     assert torch.get_num_threads() == kept
+
+
+@pytest.mark.parametrize("shape", [(280, 300), (230, 240), (100, 90), (224, 224), (7, 500)])
+def test_resize_square_equals_torchvision(shape):
+    import torchvision.transforms.v2.functional as TF
+
+    from fasttrain.data.transforms import resize_square
+    gen = torch.Generator().manual_seed(0)
+    crop = torch.randint(0, 256, (*shape, 3), dtype=torch.uint8, generator=gen).permute(2, 0, 1)
+    for image in (crop, crop.contiguous(), crop.float()):  # fast path, then the fallbacks
+        resized = resize_square(image, 224)
+        assert torch.equal(resized, TF.resize(image, [224, 224], antialias=True))
+    assert resize_square(crop, 224).permute(1, 2, 0).is_contiguous()  # the crop's layout kept

@@ -31,12 +31,12 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
 
 from ..config import AugConfig, DataConfig
 from ..errors import ConfigError, DatasetError, RunError
 from .loader import Loaders, _datasets, rank_batches, sample_seed, torch_threads
-from .transforms import Normalize, ValTransform, horizontal_flip, progressive_resolution
+from .transforms import (Normalize, ValTransform, horizontal_flip, progressive_resolution,
+                         resize_square)
 
 MISSING = "data.backend=dali needs NVIDIA DALI: pip install -e .[dali] (nvidia-dali-cuda130)"
 READER = "Reader"
@@ -251,7 +251,7 @@ def _stack(images: list[torch.Tensor], channels_last: bool) -> torch.Tensor:
 def _resize_flip(crop: torch.Tensor, flip: Any, size: int) -> torch.Tensor:
     """The CPU training path's torch half: the decoded crop resized to size x size (the uint8
     antialiased bilinear of the torch backend's RandomResizedCrop), mirrored if `flip`."""
-    image = TF.resize(crop, [size, size], antialias=True)
+    image = resize_square(crop, size)
     return horizontal_flip(image) if flip else image
 
 

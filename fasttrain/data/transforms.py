@@ -144,7 +144,7 @@ class TrainAugment:
         """The rest of __call__ for a RandomResizedCrop box already cut out (maybe downscaled
         while decoding): resize to `size` (the epoch's resolution, `progressive_resolution`),
         then flip, auto-augment, erasing."""
-        return self._finish(TF.resize(crop, [size, size], antialias=True), rng, size)
+        return self._finish(resize_square(crop, size), rng, size)
 
     def __call__(self, image: torch.Tensor, rng: random.Random, epoch: int = 0) -> torch.Tensor:
         _, height, width = image.shape  # (C, H, W) uint8
@@ -176,6 +176,21 @@ class TrainAugment:
                 image = image.clone()
                 image[:, top:top + h, left:left + w] = self.erase_fill
         return channels_last_sample(image)
+
+
+def resize_square(image: torch.Tensor, size: int) -> torch.Tensor:
+    """TF.resize(image, [size, size], antialias=True), pixel for pixel. A uint8 CPU image in
+    (H, W, C) memory (a decoded crop) goes to `interpolate` directly, restrided as torchvision
+    does so that the output keeps that layout and torch's uint8 kernel runs: torchvision's
+    dispatch is ~10 % of the resize of a crop to 224 (193 vs 174 us)."""
+    channels, height, width = image.shape
+    if (image.dtype != torch.uint8 or image.device.type != "cpu"
+            or not image.permute(1, 2, 0).is_contiguous() or (height, width) == (size, size)):
+        return TF.resize(image, [size, size], antialias=True)
+    batch = image.as_strided((1, channels, height, width),
+                             (height * width * channels, 1, width * channels, channels))
+    return torch.nn.functional.interpolate(batch, size=(size, size), mode="bilinear",
+                                           align_corners=False, antialias=True)[0]
 
 
 def horizontal_flip(image: torch.Tensor) -> torch.Tensor:
