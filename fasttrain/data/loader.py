@@ -199,26 +199,6 @@ class DeviceLoader:
                 recycling.release(lent)
 
 
-def _split_skipped(batch: list) -> tuple[list[torch.Tensor], torch.Tensor, list[tuple[str, str]]]:
-    good = [s for s in batch if not isinstance(s, SkippedSample)]
-    skipped = [(s.path, s.reason) for s in batch if isinstance(s, SkippedSample)]
-    labels = torch.tensor([label for _, label in good], dtype=torch.int64)
-    return [image for image, _ in good], labels, skipped
-
-
-def _stack(images: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
-    if not images:
-        return torch.empty(0, dtype=torch.uint8)
-    if not _channels_last_samples(images):
-        return default_collate(images)
-    stacked = torch.stack([image.permute(1, 2, 0) for image in images], out=out)
-    return stacked.permute(0, 3, 1, 2)
-
-
-def _channels_last_samples(images: list[torch.Tensor]) -> bool:
-    return all(image.permute(1, 2, 0).is_contiguous() for image in images)
-
-
 class RecyclingCollate:
     """The loaders' collate_fn: (images, labels, skipped, token). Unreadable samples
     (`SkippedSample`) are dropped from the batch and reported as (path, reason), so one bad file
@@ -235,9 +215,9 @@ class RecyclingCollate:
     slot's buffer until the main process calls `release(token)` with the batch's token, which it
     must do only once nothing it keeps reads that memory (`DeviceLoader` releases after
     normalising or pinning, or when the next batch is asked for if it handed out the buffer
-    itself). A worker with
-    no free slot allocates a fresh buffer (token None): slower, never wrong. `reset()` frees every
-    slot: call it before a new DataLoader iteration, which discards the previous one's batches.
+    itself). A worker with no free slot allocates a fresh buffer (token None): slower, never
+    wrong. `reset()` frees every slot: call it before a new DataLoader iteration, which discards
+    the previous one's batches.
     """
 
     def __init__(self, workers: int, slots: int = 4) -> None:
@@ -246,14 +226,20 @@ class RecyclingCollate:
 
     def __call__(self, batch: list) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]],
                                               tuple[int, int] | None]:
-        images, labels, skipped = _split_skipped(batch)
-        info = get_worker_info()
-        if info is None or not images or not _channels_last_samples(images):
-            return _stack(images), labels, skipped, None
+        good = [s for s in batch if not isinstance(s, SkippedSample)]
+        skipped = [(s.path, s.reason) for s in batch if isinstance(s, SkippedSample)]
+        labels = torch.tensor([label for _, label in good], dtype=torch.int64)
+        images = [image for image, _ in good]
+        if not images:
+            return torch.empty(0, dtype=torch.uint8), labels, skipped, None
+        if not all(image.permute(1, 2, 0).is_contiguous() for image in images):
+            return default_collate(images), labels, skipped, None
         first = images[0]
         shape = (len(images), first.shape[1], first.shape[2], first.shape[0])
-        token, out = self._buffer(info.id, first, shape)
-        return _stack(images, out), labels, skipped, token
+        info = get_worker_info()
+        token, out = self._buffer(info.id, first, shape) if info is not None else (None, None)
+        stacked = torch.stack([image.permute(1, 2, 0) for image in images], out=out)
+        return stacked.permute(0, 3, 1, 2), labels, skipped, token
 
     def _buffer(self, worker: int, like: torch.Tensor, shape: tuple[int, ...]
                 ) -> tuple[tuple[int, int] | None, torch.Tensor]:
