@@ -9,7 +9,8 @@
 #    synthetic data (whole step in a CUDA graph; torch.compile with and without CUDA graphs; fused
 #    and native norm+ReLU), where the fused BN+ReLU step's time goes (profile_bn_relu.py), fused
 #    BN+ReLU vs eager vs torch.compile (bench_bn_relu.py), the inference latency sweep (CUDA
-#    graphs), and the CIFAR augmentation comparison with batches going to the GPU.
+#    graphs), the CIFAR augmentation comparison with batches going to the GPU, and the JPEG
+#    loaders on the host's 16 cores (bench_loaders.py: decode limit, PIL, torch backend).
 # Steps run in priority order; each has its own time limit, and a step that no longer fits before
 # DEADLINE_S (default 560 s) is skipped, so a short lease loses the least important numbers.
 # Logs and benchmarks/results/ are packed into $OUT/gpu.tgz after every step, so whatever
@@ -102,6 +103,9 @@ step bench-bn-relu-launched 220 "$PY" benchmarks/bench_bn_relu.py --widths 1.0 0
 step latency-cudagraphs 90 "$PY" tools/benchmark.py --model thin_resnet50 \
     --width 1.0,0.75,0.5,0.25 --device cuda --precision bf16 --mode cudagraphs \
     --batch-size 1,64,256 --save
+# The JPEG loaders on the host's cores (CPU work; the reused worker buffers with 16 workers).
+step loaders-16w 200 "$PY" benchmarks/bench_loaders.py --backends decode,pil,torch,torch-whole \
+    --rounds 2 --workers 16
 step train-w1.0-224-compile-fused 150 $TRAIN $W10 --mode compile --norm-act fused
 step train-w0.5-176-compile-fused 130 $TRAIN $W05 --mode compile --norm-act fused
 step train-w1.0-224-compile-native 150 $TRAIN $W10 --mode compile --norm-act native
