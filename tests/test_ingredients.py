@@ -262,7 +262,6 @@ def test_auto_augment_is_a_function_of_its_generator(kind):
 def test_horizontal_flip_equals_torchvision_in_either_memory_layout():
     import torchvision.transforms.v2.functional as TF
 
-    from fasttrain.data.loader import torch_threads
     from fasttrain.data.transforms import horizontal_flip
     hwc = torch.randint(0, 256, (5, 7, 3), dtype=torch.uint8).permute(2, 0, 1)  # a crop
     chw = hwc.contiguous()
@@ -270,6 +269,10 @@ def test_horizontal_flip_equals_torchvision_in_either_memory_layout():
         flipped = horizontal_flip(image)
         assert torch.equal(flipped, TF.horizontal_flip(image))
     assert horizontal_flip(hwc).permute(1, 2, 0).is_contiguous()  # the crop's layout kept
+
+
+def test_torch_threads_restores_the_callers_count_after_an_error():
+    from fasttrain.data.loader import torch_threads
     kept = torch.get_num_threads()
     with pytest.raises(RuntimeError):
         with torch_threads(1):
