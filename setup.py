@@ -173,7 +173,8 @@ def extensions() -> tuple[list, dict]:
                       "sources_sha256": sources_sha256(CSRC)})
     headers = [str(p.relative_to(ROOT)) for p in sorted(CSRC.rglob("*.h"))]
     exts = [CppExtension(
-        "fasttrain.ops._C", ["csrc/fasttrain.cpp", "csrc/cpu/bn_relu_cpu.cpp"],
+        "fasttrain.ops._C", ["csrc/fasttrain.cpp", "csrc/cpu/bn_relu_cpu.cpp",
+                             "csrc/cpu/resize_u8.cpp"],
         include_dirs=[str(CSRC), str(GENERATED)],
         depends=headers + [str(GENERATED / "fasttrain_build_info.h")],
         # at::parallel_for is OpenMP in inline headers: without -fopenmp it runs serially.

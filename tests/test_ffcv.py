@@ -331,6 +331,50 @@ def test_random_resized_crop_statistics_match_the_torch_backend(cifar):
     assert abs(np.mean(aspects)) < 0.05 and min(areas) > 0.05 and max(areas) < 1.05
 
 
+def _crop_and_box(ff, image: np.ndarray, size: int, key: int):
+    """ff.crop_flip's output for one stored image (no flip) and the box it drew."""
+    import numba
+    seed_sample, random_box = ff.seed_sample, ff.random_box
+
+    @numba.njit
+    def draw(key, height, width, scale, ratio):
+        seed_sample(key)
+        return random_box(height, width, scale, ratio)
+
+    scale, ratio = np.array([0.08, 1.0]), np.array([3 / 4, 4 / 3])
+    out = np.zeros((size, size, 3), np.uint8)
+    ff.crop_flip(image, out, np.uint64(key), scale, ratio, 0.0, -1)
+    return out, draw(np.uint64(key), image.shape[0], image.shape[1], scale, ratio)
+
+
+def test_crops_are_the_torch_backends_resize_of_the_drawn_box():
+    """FFCV's RandomResizedCrop resizes with torch's antialiased bilinear kernel
+    (fasttrain.data.resize): pixel for pixel what the torch backend makes of the same box."""
+    from fasttrain.data.transforms import resize_square
+    ff = ffcv_loader._ffcv()
+    image = np.random.default_rng(0).integers(0, 256, (375, 500, 3), dtype=np.uint8)
+    for key in range(12):
+        out, (top, left, h, w) = _crop_and_box(ff, image, 224, key)
+        crop = torch.from_numpy(image[top:top + h, left:left + w].copy()).permute(2, 0, 1)
+        assert torch.equal(torch.from_numpy(out), resize_square(crop, 224).permute(1, 2, 0))
+
+
+def test_without_the_native_resize_ffcvs_own_resize_crops_the_same_box(monkeypatch):
+    """A build without fasttrain_resize_rgb_u8 falls back to FFCV's INTER_AREA: the same box,
+    a different filter (close on a smooth image, not equal)."""
+    from fasttrain.data import resize
+    from test_jpeg import photo
+    image = photo(375, 500, seed=2)
+    native = [_crop_and_box(ffcv_loader._ffcv(), image, 64, key) for key in range(4)]
+    monkeypatch.setattr(resize, "AVAILABLE", False)
+    fallback = ffcv_loader._ffcv.__wrapped__()  # a fresh namespace, compiled without it
+    for key, (out, box) in enumerate(native):
+        other, other_box = _crop_and_box(fallback, image, 64, key)
+        assert other_box == box
+        diff = np.abs(other.astype(int) - out.astype(int))
+        assert 0 < diff.mean() < 4 and not np.array_equal(other, out), diff.mean()
+
+
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
     """An ImageFolder of 48 photo-like 120x160 JPEGs, written to FFCV as JPEG (jpg mode)."""

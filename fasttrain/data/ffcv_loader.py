@@ -42,7 +42,7 @@ import torch
 
 from ..config import AugConfig, DataConfig
 from ..errors import ConfigError, DatasetError, RunError
-from . import jpeg
+from . import jpeg, resize
 from .datasets import SkippedSample, default_root
 from .loader import torch_threads
 from .transforms import Normalize, progressive_resolution
@@ -93,6 +93,27 @@ def _ffcv() -> SimpleNamespace:
     s27, s30, s31, s32 = np.uint64(27), np.uint64(30), np.uint64(31), np.uint64(32)
     random_box = numba.njit(nogil=True)(get_random_crop)
     resize_box = numba.njit(nogil=True)(resize_crop)
+    if resize.AVAILABLE:
+        resize_c = resize.numba_resizer()
+    else:  # numba types the call even when the library is missing: a callee that refuses
+        @numba.njit(nogil=True)
+        def resize_c(src, height, width, row_stride, dst, out_height, out_width):
+            return -1
+
+    @numba.njit(nogil=True)
+    def resize_window(image, top, left, height, width, out):
+        """out (h, w, 3) = the window [top, top + height) x [left, left + width) of image
+        (H, W, 3), resized by torch's antialiased bilinear kernel (fasttrain.data.resize: the
+        torch backend's pixels) when the library is there, else by FFCV's INTER_AREA."""
+        row = image.shape[1] * 3
+        packed = (image.strides[1] == 3 and image.strides[0] == row and out.strides[1] == 3
+                  and out.strides[0] == out.shape[1] * 3)
+        if packed:
+            offset = np.uintp(np.int64(top) * row + np.int64(left) * 3)
+            if resize_c(image.ctypes.data + offset, height, width, row, out.ctypes.data,
+                        out.shape[0], out.shape[1]) == 0:
+                return
+        resize_box(image, top, top + height, left, left + width, out)
 
     @numba.njit(nogil=True)
     def mix(z):
@@ -124,15 +145,20 @@ def _ffcv() -> SimpleNamespace:
                         out[r, width - 1 - c, ch] = value
 
     @numba.njit(nogil=True)
+    def seed_sample(key):
+        """Seed numba's generator for the sample of `key`. The generator is per thread:
+        seeding it in the thread that draws, right before the draws, makes a sample's draws
+        independent of the thread schedule."""
+        np.random.seed(np.uint32(mix(key) >> s32))
+
+    @numba.njit(nogil=True)
     def crop_flip(image, out, key, scale, ratio, flip_prob, pad):
         """One sample: image (H, W, C) -> out (h, w, C), cropped, resized, maybe mirrored."""
-        # numba's generator is per thread: seeding it here, in the thread that draws, makes
-        # the sample's draws independent of the thread schedule.
-        np.random.seed(np.uint32(mix(key) >> s32))
+        seed_sample(key)
         height, width = image.shape[0], image.shape[1]
         if pad < 0:  # RandomResizedCrop: torchvision's rule, FFCV's sampler
             i, j, h, w = random_box(height, width, scale, ratio)
-            resize_box(image, i, i + h, j, j + w, out)
+            resize_window(image, i, j, h, w, out)
         else:  # zero-pad by `pad`, take a window: out[r, c] = image[r + dy, c + dx]
             dy = np.random.randint(0, 2 * pad + 1) - pad
             dx = np.random.randint(0, 2 * pad + 1) - pad
@@ -206,13 +232,13 @@ def _ffcv() -> SimpleNamespace:
                         # draws in the same order); a JPEG the decoder refuses falls through
                         # to the whole-image decode.
                         out = destination[dst_ix]
-                        np.random.seed(np.uint32(mix(key + np.uint64(dst_ix)) >> s32))
+                        seed_sample(key + np.uint64(dst_ix))
                         d, i, j, h, w = region_box(np.int64(height), np.int64(width),
                                                    out.shape[0], out.shape[1], scale, ratio)
                         tmp = temp_storage[dst_ix]
                         if region_c(image_data.ctypes.data, image_data.size, d, i, j, h, w,
                                     tmp.ctypes.data, 0, 0) == 0:
-                            resize_box(tmp[:h * w * 3].reshape(h, w, 3), 0, h, 0, w, out)
+                            resize_window(tmp[:h * w * 3].reshape(h, w, 3), 0, 0, h, w, out)
                             flip_maybe(out, flip_prob)
                             continue
                     if fld["mode"] == jpg:
@@ -234,7 +260,8 @@ def _ffcv() -> SimpleNamespace:
         DatasetWriter=DatasetWriter, EpochIterator=EpochIterator, IntDecoder=IntDecoder,
         IntField=IntField, Loader=Loader, OrderOption=OrderOption, Reader=Reader,
         RGBImageField=RGBImageField, SeededCropFlip=SeededCropFlip, ToDevice=ToDevice,
-        ToTensor=ToTensor, ToTorchImage=ToTorchImage, numba=numba)
+        ToTensor=ToTensor, ToTorchImage=ToTorchImage, numba=numba, crop_flip=crop_flip,
+        seed_sample=seed_sample, random_box=random_box)
 
 
 # --------------------------------------------------------------------------------------------
