@@ -223,8 +223,8 @@ def test_batches_shapes_layout_and_labels(quick, digits):
 
 
 def test_validation_matches_the_torch_backend(quick, digits):
-    """Same samples, same order, same labels; the pixels agree up to JPEG re-encoding and the
-    resize filter (OpenCV area vs. torchvision antialiased bilinear)."""
+    """Same samples, same order, same labels; the pixels agree up to JPEG re-encoding (the
+    files store JPEGs FFCV's writer re-encoded)."""
     cfg, loaders = quick
     (images, labels), = list(loaders.val)
     assert images.shape == (364, 3, 16, 16)
@@ -234,6 +234,44 @@ def test_validation_matches_the_torch_backend(quick, digits):
     assert torch.equal(labels, ref_labels)
     diff = (images - ref_images).abs().mean(dim=(1, 2, 3))  # per image, 1.0 = 127.5 levels
     assert diff.max() < 0.1, diff.max()
+
+
+@pytest.fixture(scope="module")
+def odd_sizes(tmp_path_factory) -> Path:
+    """An ImageFolder whose validation images have sizes that exercise the val transform:
+    shorter side above, at and below val_resize=32, both orientations, odd and even margins
+    around the 24 px crop (ties in the center anchor); written raw at their own size."""
+    from test_jpeg import encode, photo
+    root = tmp_path_factory.mktemp("odd_sizes")
+    sizes = [(45, 60), (60, 45), (32, 47), (47, 32), (21, 30), (33, 33), (50, 37), (71, 39),
+             (26, 26), (32, 32)]
+    for split in ("train", "val"):
+        for i, (h, w) in enumerate(sizes):
+            folder = root / split / f"c{i % 2}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{i}.jpg").write_bytes(encode(photo(h, w, seed=i)))
+    data = DataConfig(dataset="imagefolder", path=str(root))
+    write_beton(data, write_mode="raw", max_resolution=0, num_workers=1)
+    return root
+
+
+def test_validation_of_original_pixels_is_the_torch_backends_exactly(odd_sizes):
+    """Resize of the shorter side (torchvision's size rule, skipped at val_resize), the torch
+    backend's kernel, torchvision's center anchor: with the original pixels stored, every
+    validation image equals the torch backend's bit for bit."""
+    args = [f"--data.path={odd_sizes}", "--data.dataset=imagefolder", "--data.val_res=24",
+            "--data.val_resize=32", "--data.train_res=24", "--data.batch_size=4",
+            "--data.num_workers=2"]
+    batches = {}
+    for backend in ("ffcv", "torch"):
+        cfg = load(None, [*args, f"--data.backend={backend}"])
+        loaders = _build(cfg, channels_last=False, seed=0, dtype=torch.uint8)
+        batches[backend] = [torch.cat(parts) for parts in zip(*loaders.val)]
+    images, labels = batches["ffcv"]
+    ref_images, ref_labels = batches["torch"]
+    assert images.shape == (10, 3, 24, 24) and torch.equal(labels, ref_labels)
+    assert torch.equal(images, ref_images), (images.int() - ref_images.int()).abs().amax(
+        dim=(1, 2, 3))
 
 
 def test_same_seed_same_batches_and_each_epoch_reshuffles(quick):

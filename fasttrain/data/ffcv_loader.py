@@ -13,8 +13,8 @@ clamped central crop) at the epoch's resolution (`progressive_resolution`), or t
 pad-and-crop, then the horizontal flip. Random-resized crops are resized with the torch
 backend's kernel (`resize.numba_resizer`: the same pixels for the same box, ~4x faster than
 libffcv's INTER_AREA, which remains the fallback without the library); validation resizes the shorter side to `val_resize` and
-center-crops `val_res` (FFCV's CenterCropRGBImageDecoder with ratio val_res / val_resize: the
-same region). The crop and flip of a sample are drawn from numba's RNG seeded per sample from
+center-crops `val_res` exactly as the torch backend does (`ResizeCenterCrop`: the same pixels
+when the file stores the original ones). The crop and flip of a sample are drawn from numba's RNG seeded per sample from
 (`seed`, the batch's sample ids, the position in the batch): the epoch's order is a function of
 (`seed`, epoch), so the augmentation is too, whatever the thread count, and a resume that skips
 the epoch's first batches sees the same batches as an uninterrupted run. FFCV's own random ops
@@ -75,11 +75,12 @@ def _ffcv() -> SimpleNamespace:
             import ffcv.pipeline.compiler  # noqa: F401
         from ffcv.fields import IntField, RGBImageField
         from ffcv.fields.basics import IntDecoder
-        from ffcv.fields.rgb_image import (IMAGE_MODES, CenterCropRGBImageDecoder,
-                                           ResizedCropRGBImageDecoder, get_random_crop)
+        from ffcv.fields.rgb_image import (IMAGE_MODES, ResizedCropRGBImageDecoder,
+                                           get_center_crop, get_random_crop)
         from ffcv.libffcv import imdecode, resize_crop
         from ffcv.loader import Loader, OrderOption
         from ffcv.loader.epoch_iterator import EpochIterator
+        from ffcv.pipeline.allocation_query import AllocationQuery
         from ffcv.pipeline.compiler import Compiler
         from ffcv.reader import Reader
         from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
@@ -257,8 +258,82 @@ def _ffcv() -> SimpleNamespace:
             decode.is_parallel = True
             return decode
 
+    @numba.njit(nogil=True)
+    def center_anchor(size, crop):
+        """torchvision's center_crop offset, int(round((size - crop) / 2)): Python's round,
+        ties to even."""
+        d = size - crop
+        half = d // 2
+        return half + (d % 2) * (half % 2)  # an odd d is a tie: round half up only to even
+
+    class ResizeCenterCrop(ResizedCropRGBImageDecoder):
+        """Validation as the torch backend does it (transforms.ValTransform): resize the
+        shorter side to `resize` (torchvision's output size rule; skipped when already there)
+        with the torch backend's antialiased bilinear kernel, then take the center
+        `output_size` crop (torchvision's anchor). JPEGs are decoded by fasttrain's decoder
+        (accurate IDCT, torchvision's pixels) when it is built, else by FFCV's. A file storing
+        the original pixels (raw, not shrunk) gives the torch backend's batches exactly."""
+
+        def __init__(self, output_size: tuple[int, int], resize: int) -> None:
+            super().__init__(output_size)
+            self.resize = int(resize)
+
+        @property
+        def get_crop_generator(self):
+            return get_center_crop
+
+        def declare_state_and_memory(self, previous_state):
+            state, (destination, temp) = super().declare_state_and_memory(previous_state)
+            heights = self.metadata["height"].astype(np.float64)
+            widths = self.metadata["width"].astype(np.float64)
+            short, long = np.minimum(heights, widths), np.maximum(heights, widths)
+            longest = int((self.resize * long / short).max())
+            # The resized image, when it is larger than the stored one (upscaled).
+            resized = AllocationQuery((np.uint64(self.resize * max(longest, 1) * 3),),
+                                      np.dtype("<u1"))
+            return state, (destination, temp, resized)
+
+        def generate_code(self):
+            jpg = IMAGE_MODES["jpg"]
+            mem_read = self.memory_read
+            my_range = Compiler.get_iterator()
+            imdecode_c = Compiler.compile(imdecode)
+            size, crop_h, crop_w = self.resize, self.output_size[0], self.output_size[1]
+            accurate = jpeg.AVAILABLE
+
+            def decode(batch_indices, my_storage, metadata, storage_state):
+                destination, temp_storage, resized_storage = my_storage
+                for dst_ix in my_range(len(batch_indices)):
+                    fld = metadata[batch_indices[dst_ix]]
+                    image_data = mem_read(fld["data_ptr"], storage_state)
+                    height, width = np.int64(fld["height"]), np.int64(fld["width"])
+                    if fld["mode"] == jpg:
+                        tmp = temp_storage[dst_ix]
+                        if not accurate or region_c(image_data.ctypes.data, image_data.size, 1,
+                                                    0, 0, height, width, tmp.ctypes.data,
+                                                    0, 0) != 0:
+                            imdecode_c(image_data, tmp, np.uint32(height), np.uint32(width),
+                                       np.uint32(height), np.uint32(width), 0, 0, 1, 1,
+                                       False, False)
+                        image = tmp[:height * width * 3].reshape(height, width, 3)
+                    else:
+                        image = image_data[:height * width * 3].reshape(height, width, 3)
+                    if min(height, width) != size:
+                        short, long = min(height, width), max(height, width)
+                        new_long = np.int64(size * long / short)
+                        rh, rw = (size, new_long) if height <= width else (new_long, size)
+                        resized = resized_storage[dst_ix][:rh * rw * 3].reshape(rh, rw, 3)
+                        resize_window(image, 0, 0, height, width, resized)
+                        image, height, width = resized, rh, rw
+                    top, left = center_anchor(height, crop_h), center_anchor(width, crop_w)
+                    destination[dst_ix][:] = image[top:top + crop_h, left:left + crop_w]
+                return destination[:len(batch_indices)]
+
+            decode.is_parallel = True
+            return decode
+
     return SimpleNamespace(
-        CenterCropRGBImageDecoder=CenterCropRGBImageDecoder, Compiler=Compiler,
+        Compiler=Compiler, ResizeCenterCrop=ResizeCenterCrop,
         DatasetWriter=DatasetWriter, EpochIterator=EpochIterator, IntDecoder=IntDecoder,
         IntField=IntField, Loader=Loader, OrderOption=OrderOption, Reader=Reader,
         RGBImageField=RGBImageField, SeededCropFlip=SeededCropFlip, ToDevice=ToDevice,
@@ -687,8 +762,7 @@ def build_ffcv_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world_siz
                           indices=None if len(train_good) == len(train_info.labels)
                           else train_good,
                           pipelines=_pipelines(ff, decoder, device))
-        val_decoder = ff.CenterCropRGBImageDecoder((data.val_res, data.val_res),
-                                                   ratio=data.val_res / data.val_resize)
+        val_decoder = ff.ResizeCenterCrop((data.val_res, data.val_res), data.val_resize)
         val = ff.Loader(str(val_info.path), batch_size=val_batch, num_workers=threads,
                         order=ff.OrderOption.SEQUENTIAL, distributed=False, seed=seed,
                         drop_last=False, os_cache=data.ffcv_os_cache,
