@@ -10,15 +10,16 @@ placeholder labelled -1 (FFCV's writer needs every slot filled) and never loaded
 Augmentation follows the torch backend's rules with FFCV's decoders: RandomResizedCrop drawn like
 torchvision (area uniform in `aug.scale`, log aspect uniform in `aug.ratio`, 10 tries, then a
 clamped central crop) at the epoch's resolution (`progressive_resolution`), or the CIFAR
-pad-and-crop, then the horizontal flip. Random-resized crops are resized with the torch
-backend's kernel (`resize.numba_resizer`: the same pixels for the same box, ~4x faster than
-libffcv's INTER_AREA, which remains the fallback without the library); validation resizes the shorter side to `val_resize` and
-center-crops `val_res` exactly as the torch backend does (`ResizeCenterCrop`: the same pixels
-when the file stores the original ones). The crop and flip of a sample are drawn from numba's RNG seeded per sample from
-(`seed`, the batch's sample ids, the position in the batch): the epoch's order is a function of
-(`seed`, epoch), so the augmentation is too, whatever the thread count, and a resume that skips
-the epoch's first batches sees the same batches as an uninterrupted run. FFCV's own random ops
-draw from unseeded per-thread generators, so they are not used.
+pad-and-crop, then the horizontal flip. Random-resized crops are resized with the torch backend's
+kernel (`resize.numba_resizer`: the same pixels for the same box, ~4x faster than libffcv's
+INTER_AREA, which remains the fallback without the library); validation resizes the shorter side
+to `val_resize` and center-crops `val_res` exactly as the torch backend does
+(`ResizeCenterCrop`: the same pixels when the file stores the original ones). The crop and flip
+of a sample are drawn from numba's RNG seeded per sample from (`seed`, the batch's sample ids,
+the position in the batch): the epoch's order is a function of (`seed`, epoch), so the
+augmentation is too, whatever the thread count, and a resume that skips the epoch's first
+batches sees the same batches as an uninterrupted run. FFCV's own random ops draw from unseeded
+per-thread generators, so they are not used.
 
 FFCV's threads are `data.num_workers` per rank (0 = FFCV's default, one per core; capped at the
 cores numba sees). Training uses FFCV's `distributed=True` sampler under DDP (torch's
@@ -288,7 +289,9 @@ def _ffcv() -> SimpleNamespace:
             widths = self.metadata["width"].astype(np.float64)
             short, long = np.minimum(heights, widths), np.maximum(heights, widths)
             longest = int((self.resize * long / short).max())
-            # The resized image, when it is larger than the stored one (upscaled).
+            # The resized image, one buffer per batch slot like FFCV's decode buffer, sized for
+            # the file's most elongated image: val_resize^2 x its aspect ratio x 3 bytes (at
+            # 256 px, 0.26 MB for 4:3; the decode buffer of a 512 px file is 0.79 MB).
             resized = AllocationQuery((np.uint64(self.resize * max(longest, 1) * 3),),
                                       np.dtype("<u1"))
             return state, (destination, temp, resized)
