@@ -274,6 +274,24 @@ def test_validation_of_original_pixels_is_the_torch_backends_exactly(odd_sizes):
         dim=(1, 2, 3))
 
 
+def test_validation_without_fasttrains_decoders_uses_ffcvs(quick, digits, monkeypatch):
+    """Without the region decoder and the native resize (a build without libjpeg-turbo's
+    headers), validation decodes with FFCV's decoder and resizes with INTER_AREA: the same
+    geometry, pixels close to the torch backend's."""
+    from fasttrain.data import jpeg, resize
+    _, loaders = quick
+    (full, labels), = list(loaders.val)
+    monkeypatch.setattr(jpeg, "AVAILABLE", False)
+    monkeypatch.setattr(resize, "AVAILABLE", False)
+    fallback = ffcv_loader._ffcv.__wrapped__()
+    monkeypatch.setattr(ffcv_loader, "_ffcv", lambda: fallback)
+    cfg = load(QUICKSTART, [f"--data.path={digits}", "--data.backend=ffcv"])
+    (images, fallback_labels), = list(_build(cfg, channels_last=True, seed=0).val)
+    assert torch.equal(labels, fallback_labels) and images.shape == full.shape
+    diff = (images - full).abs().mean(dim=(1, 2, 3))
+    assert 0 < diff.mean() and diff.max() < 0.1, diff.max()
+
+
 def test_same_seed_same_batches_and_each_epoch_reshuffles(quick):
     """Order and augmentation follow (seed, epoch) only: a second loader with another thread
     count gives the same batches, bit for bit."""
