@@ -48,6 +48,12 @@ class DataConfig:
         "than RAM; single process only, FFCV does not support it with distributed=True)")
     ffcv_os_cache: bool = _f(True, "ffcv: read through the OS page cache (file fits in RAM); "
                              "false = FFCV's own page reader")
+    ffcv_resize: Literal["torch", "opencv"] = _f(
+        "torch", "ffcv: torch = training crops resized by torch's antialiased bilinear kernel "
+        "(the torch backend's pixels, ~4x faster) and validation as the torch backend's "
+        "(shorter side to val_resize, center crop); opencv = FFCV's own: crops resized with "
+        "OpenCV INTER_AREA, validation by FFCV's center-crop decoder (ffcv-imagenet's "
+        "pipeline)")
     region_decode: bool = _f(
         True, "torch and ffcv backends, RandomResizedCrop: decode only the crop box of each JPEG "
         "(libjpeg-turbo region decoding, DCT-domain downscaling while the box stays at least "

@@ -387,7 +387,7 @@ def test_random_resized_crop_statistics_match_the_torch_backend(cifar):
     assert abs(np.mean(aspects)) < 0.05 and min(areas) > 0.05 and max(areas) < 1.05
 
 
-def _crop_and_box(ff, image: np.ndarray, size: int, key: int):
+def _crop_and_box(ff, image: np.ndarray, size: int, key: int, native: bool = True):
     """ff.crop_flip's output for one stored image (no flip) and the box it drew."""
     import numba
     seed_sample, random_box = ff.seed_sample, ff.random_box
@@ -399,7 +399,7 @@ def _crop_and_box(ff, image: np.ndarray, size: int, key: int):
 
     scale, ratio = np.array([0.08, 1.0]), np.array([3 / 4, 4 / 3])
     out = np.zeros((size, size, 3), np.uint8)
-    ff.crop_flip(image, out, np.uint64(key), scale, ratio, 0.0, -1)
+    ff.crop_flip(image, out, np.uint64(key), scale, ratio, 0.0, -1, native)
     return out, draw(np.uint64(key), image.shape[0], image.shape[1], scale, ratio)
 
 
@@ -415,20 +415,42 @@ def test_crops_are_the_torch_backends_resize_of_the_drawn_box():
         assert torch.equal(torch.from_numpy(out), resize_square(crop, 224).permute(1, 2, 0))
 
 
-def test_without_the_native_resize_ffcvs_own_resize_crops_the_same_box(monkeypatch):
-    """A build without fasttrain_resize_rgb_u8 falls back to FFCV's INTER_AREA: the same box,
-    a different filter (close on a smooth image, not equal)."""
+def test_opencv_resize_and_a_build_without_the_native_one_crop_the_same_box(monkeypatch):
+    """data.ffcv_resize=opencv, and a build without fasttrain_resize_rgb_u8, resize with FFCV's
+    INTER_AREA: the same box, a different filter (close on a smooth image, not equal)."""
     from fasttrain.data import resize
     from test_jpeg import photo
     image = photo(375, 500, seed=2)
-    native = [_crop_and_box(ffcv_loader._ffcv(), image, 64, key) for key in range(4)]
+    ff = ffcv_loader._ffcv()
+    native = [_crop_and_box(ff, image, 64, key) for key in range(4)]
+    opencv = [_crop_and_box(ff, image, 64, key, native=False) for key in range(4)]
     monkeypatch.setattr(resize, "AVAILABLE", False)
     fallback = ffcv_loader._ffcv.__wrapped__()  # a fresh namespace, compiled without it
-    for key, (out, box) in enumerate(native):
+    for key, ((out, box), (area, area_box)) in enumerate(zip(native, opencv)):
         other, other_box = _crop_and_box(fallback, image, 64, key)
-        assert other_box == box
-        diff = np.abs(other.astype(int) - out.astype(int))
-        assert 0 < diff.mean() < 4 and not np.array_equal(other, out), diff.mean()
+        assert other_box == area_box == box and np.array_equal(other, area)
+        diff = np.abs(area.astype(int) - out.astype(int))
+        assert 0 < diff.mean() < 4 and not np.array_equal(area, out), diff.mean()
+
+
+def test_ffcv_resize_opencv_is_ffcvs_own_pipeline(odd_sizes):
+    """data.ffcv_resize=opencv: the same training boxes and flips with INTER_AREA, and FFCV's
+    center-crop decoder for validation (the same region, other pixels)."""
+    args = [f"--data.path={odd_sizes}", "--data.dataset=imagefolder", "--data.val_res=24",
+            "--data.val_resize=32", "--data.train_res=24", "--data.batch_size=5",
+            "--data.num_workers=2", "--data.backend=ffcv"]
+    batches = {}
+    for how in ("torch", "opencv"):
+        loaders = _build(load(None, [*args, f"--data.ffcv_resize={how}"]), channels_last=False,
+                         seed=4, dtype=torch.uint8)
+        assert loaders.train.decoder.native_resize == (how == "torch")
+        batches[how] = (_epoch(loaders.train, 2), [torch.cat(p) for p in zip(*loaders.val)])
+    for (x, y), (xo, yo) in zip(batches["torch"][0], batches["opencv"][0]):
+        assert torch.equal(y, yo) and not torch.equal(x, xo)
+        assert (x.float() - xo.float()).abs().mean() < 6
+    (val, labels), (val_o, labels_o) = batches["torch"][1], batches["opencv"][1]
+    assert torch.equal(labels, labels_o) and val.shape == val_o.shape
+    assert 0 < (val.float() - val_o.float()).abs().mean() < 8
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ pad-and-crop, then the horizontal flip. Random-resized crops are resized with th
 kernel (`resize.numba_resizer`: the same pixels for the same box, ~4x faster than libffcv's
 INTER_AREA, which remains the fallback without the library); validation resizes the shorter side
 to `val_resize` and center-crops `val_res` exactly as the torch backend does
-(`ResizeCenterCrop`: the same pixels when the file stores the original ones). The crop and flip
+(`ResizeCenterCrop`: the same pixels when the file stores the original ones).
+`data.ffcv_resize=opencv` keeps FFCV's own resize and center-crop decoder (ffcv-imagenet's). The crop and flip
 of a sample are drawn from numba's RNG seeded per sample from (`seed`, the batch's sample ids,
 the position in the batch): the epoch's order is a function of (`seed`, epoch), so the
 augmentation is too, whatever the thread count, and a resume that skips the epoch's first
@@ -76,8 +77,9 @@ def _ffcv() -> SimpleNamespace:
             import ffcv.pipeline.compiler  # noqa: F401
         from ffcv.fields import IntField, RGBImageField
         from ffcv.fields.basics import IntDecoder
-        from ffcv.fields.rgb_image import (IMAGE_MODES, ResizedCropRGBImageDecoder,
-                                           get_center_crop, get_random_crop)
+        from ffcv.fields.rgb_image import (IMAGE_MODES, CenterCropRGBImageDecoder,
+                                           ResizedCropRGBImageDecoder, get_center_crop,
+                                           get_random_crop)
         from ffcv.libffcv import imdecode, resize_crop
         from ffcv.loader import Loader, OrderOption
         from ffcv.loader.epoch_iterator import EpochIterator
@@ -105,14 +107,15 @@ def _ffcv() -> SimpleNamespace:
             return -1
 
     @numba.njit(nogil=True)
-    def resize_window(image, top, left, height, width, out):
+    def resize_window(image, top, left, height, width, out, native):
         """out (h, w, 3) = the window [top, top + height) x [left, left + width) of image
         (H, W, 3), resized by torch's antialiased bilinear kernel (fasttrain.data.resize: the
-        torch backend's pixels) when the library is there, else by FFCV's INTER_AREA."""
+        torch backend's pixels) when `native` and the library is there, else by FFCV's
+        INTER_AREA."""
         row = image.shape[1] * 3
         packed = (image.strides[1] == 3 and image.strides[0] == row and out.strides[1] == 3
                   and out.strides[0] == out.shape[1] * 3)
-        if packed:
+        if native and packed:
             offset = np.uintp(np.int64(top) * row + np.int64(left) * 3)
             if resize_c(image.ctypes.data + offset, height, width, row, out.ctypes.data,
                         out.shape[0], out.shape[1]) == 0:
@@ -156,13 +159,14 @@ def _ffcv() -> SimpleNamespace:
         np.random.seed(np.uint32(mix(key) >> s32))
 
     @numba.njit(nogil=True)
-    def crop_flip(image, out, key, scale, ratio, flip_prob, pad):
-        """One sample: image (H, W, C) -> out (h, w, C), cropped, resized, maybe mirrored."""
+    def crop_flip(image, out, key, scale, ratio, flip_prob, pad, native):
+        """One sample: image (H, W, C) -> out (h, w, C), cropped, resized (`native`: by
+        resize_window's torch kernel), maybe mirrored."""
         seed_sample(key)
         height, width = image.shape[0], image.shape[1]
         if pad < 0:  # RandomResizedCrop: torchvision's rule, FFCV's sampler
             i, j, h, w = random_box(height, width, scale, ratio)
-            resize_window(image, i, j, h, w, out)
+            resize_window(image, i, j, h, w, out, native)
         else:  # zero-pad by `pad`, take a window: out[r, c] = image[r + dy, c + dx]
             dy = np.random.randint(0, 2 * pad + 1) - pad
             dx = np.random.randint(0, 2 * pad + 1) - pad
@@ -199,16 +203,21 @@ def _ffcv() -> SimpleNamespace:
         is RandomResizedCrop's (`scale`, `ratio`), or with `padding` >= 0 the CIFAR crop
         (images stored at `output_size`, zero-padded by `padding` on each side, a random
         `output_size` window). Randomness as in the module docstring. Variable-size images are
-        fine; `output_size` may change between epochs (it sizes the buffers of each epoch)."""
+        fine; `output_size` may change between epochs (it sizes the buffers of each epoch).
+        `region_decode`: decode only the box of JPEG-stored images; `native_resize`: torch's
+        resize kernel rather than INTER_AREA (each only where the library is built)."""
 
         def __init__(self, output_size: tuple[int, int], scale: Sequence[float],
                      ratio: Sequence[float], flip_prob: float, seed: int,
-                     padding: int = -1, region_decode: bool = False) -> None:
+                     padding: int = -1, region_decode: bool = False,
+                     native_resize: bool = True) -> None:
             super().__init__(output_size)
             self.scale, self.ratio = tuple(scale), tuple(ratio)
             self.flip_prob, self.seed, self.padding = float(flip_prob), int(seed), int(padding)
             # Region decoding applies to RandomResizedCrop of JPEG-stored images.
             self.region_decode = region_decode and padding < 0 and jpeg.AVAILABLE
+            # torch's resize (data.ffcv_resize=torch) when the library has it, else INTER_AREA.
+            self.native_resize = native_resize and resize.AVAILABLE
 
         @property
         def get_crop_generator(self):
@@ -222,7 +231,7 @@ def _ffcv() -> SimpleNamespace:
             scale, ratio = np.array(self.scale), np.array(self.ratio)
             flip_prob, pad = self.flip_prob, self.padding
             seed = np.uint64(self.seed & (2**64 - 1))
-            region = self.region_decode
+            region, native = self.region_decode, self.native_resize
 
             def decode(batch_indices, my_storage, metadata, storage_state):
                 destination, temp_storage = my_storage
@@ -242,7 +251,8 @@ def _ffcv() -> SimpleNamespace:
                         tmp = temp_storage[dst_ix]
                         if region_c(image_data.ctypes.data, image_data.size, d, i, j, h, w,
                                     tmp.ctypes.data, 0, 0) == 0:
-                            resize_window(tmp[:h * w * 3].reshape(h, w, 3), 0, 0, h, w, out)
+                            resize_window(tmp[:h * w * 3].reshape(h, w, 3), 0, 0, h, w, out,
+                                          native)
                             flip_maybe(out, flip_prob)
                             continue
                     if fld["mode"] == jpg:
@@ -253,7 +263,7 @@ def _ffcv() -> SimpleNamespace:
                     else:
                         image = image_data
                     crop_flip(image.reshape(height, width, 3), destination[dst_ix],
-                              key + np.uint64(dst_ix), scale, ratio, flip_prob, pad)
+                              key + np.uint64(dst_ix), scale, ratio, flip_prob, pad, native)
                 return destination[:len(batch_indices)]
 
             decode.is_parallel = True
@@ -326,7 +336,7 @@ def _ffcv() -> SimpleNamespace:
                         new_long = np.int64(size * long / short)
                         rh, rw = (size, new_long) if height <= width else (new_long, size)
                         resized = resized_storage[dst_ix][:rh * rw * 3].reshape(rh, rw, 3)
-                        resize_window(image, 0, 0, height, width, resized)
+                        resize_window(image, 0, 0, height, width, resized, True)
                         image, height, width = resized, rh, rw
                     top, left = center_anchor(height, crop_h), center_anchor(width, crop_w)
                     destination[dst_ix][:] = image[top:top + crop_h, left:left + crop_w]
@@ -336,7 +346,8 @@ def _ffcv() -> SimpleNamespace:
             return decode
 
     return SimpleNamespace(
-        Compiler=Compiler, ResizeCenterCrop=ResizeCenterCrop,
+        CenterCropRGBImageDecoder=CenterCropRGBImageDecoder, Compiler=Compiler,
+        ResizeCenterCrop=ResizeCenterCrop,
         DatasetWriter=DatasetWriter, EpochIterator=EpochIterator, IntDecoder=IntDecoder,
         IntField=IntField, Loader=Loader, OrderOption=OrderOption, Reader=Reader,
         RGBImageField=RGBImageField, SeededCropFlip=SeededCropFlip, ToDevice=ToDevice,
@@ -754,7 +765,8 @@ def build_ffcv_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world_siz
     else:
         _warn_small(train_info, data, rank)
         decoder = ff.SeededCropFlip((res, res), aug.scale, aug.ratio, aug.hflip, seed,
-                                    region_decode=data.region_decode)
+                                    region_decode=data.region_decode,
+                                    native_resize=data.ffcv_resize == "torch")
     threads = _threads(data.num_workers)
     order = {"random": ff.OrderOption.RANDOM,
              "quasi_random": ff.OrderOption.QUASI_RANDOM}[data.ffcv_order]
@@ -765,7 +777,11 @@ def build_ffcv_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world_siz
                           indices=None if len(train_good) == len(train_info.labels)
                           else train_good,
                           pipelines=_pipelines(ff, decoder, device))
-        val_decoder = ff.ResizeCenterCrop((data.val_res, data.val_res), data.val_resize)
+        if data.ffcv_resize == "torch":
+            val_decoder = ff.ResizeCenterCrop((data.val_res, data.val_res), data.val_resize)
+        else:  # FFCV's: the center square of side val_res / val_resize x the shorter side
+            val_decoder = ff.CenterCropRGBImageDecoder((data.val_res, data.val_res),
+                                                       ratio=data.val_res / data.val_resize)
         val = ff.Loader(str(val_info.path), batch_size=val_batch, num_workers=threads,
                         order=ff.OrderOption.SEQUENTIAL, distributed=False, seed=seed,
                         drop_last=False, os_cache=data.ffcv_os_cache,
