@@ -15,12 +15,12 @@ kernel (`resize.numba_resizer`: the same pixels for the same box, ~4x faster tha
 INTER_AREA, which remains the fallback without the library); validation resizes the shorter side
 to `val_resize` and center-crops `val_res` exactly as the torch backend does
 (`ResizeCenterCrop`: the same pixels when the file stores the original ones).
-`data.ffcv_resize=opencv` keeps FFCV's own resize and center-crop decoder (ffcv-imagenet's). The crop and flip
-of a sample are drawn from numba's RNG seeded per sample from (`seed`, the batch's sample ids,
-the position in the batch): the epoch's order is a function of (`seed`, epoch), so the
-augmentation is too, whatever the thread count, and a resume that skips the epoch's first
-batches sees the same batches as an uninterrupted run. FFCV's own random ops draw from unseeded
-per-thread generators, so they are not used.
+`data.ffcv_resize=opencv` keeps FFCV's own resize and center-crop decoder (ffcv-imagenet's).
+The crop and flip of a sample are drawn from numba's RNG seeded per sample from (`seed`, the
+batch's sample ids, the position in the batch): the epoch's order is a function of (`seed`,
+epoch), so the augmentation is too, whatever the thread count, and a resume that skips the
+epoch's first batches sees the same batches as an uninterrupted run. FFCV's own random ops draw
+from unseeded per-thread generators, so they are not used.
 
 FFCV's threads are `data.num_workers` per rank (0 = FFCV's default, one per core; capped at the
 cores numba sees). Training uses FFCV's `distributed=True` sampler under DDP (torch's
@@ -312,7 +312,6 @@ def _ffcv() -> SimpleNamespace:
             my_range = Compiler.get_iterator()
             imdecode_c = Compiler.compile(imdecode)
             size, crop_h, crop_w = self.resize, self.output_size[0], self.output_size[1]
-            accurate = jpeg.AVAILABLE
 
             def decode(batch_indices, my_storage, metadata, storage_state):
                 destination, temp_storage, resized_storage = my_storage
@@ -322,9 +321,9 @@ def _ffcv() -> SimpleNamespace:
                     height, width = np.int64(fld["height"]), np.int64(fld["width"])
                     if fld["mode"] == jpg:
                         tmp = temp_storage[dst_ix]
-                        if not accurate or region_c(image_data.ctypes.data, image_data.size, 1,
-                                                    0, 0, height, width, tmp.ctypes.data,
-                                                    0, 0) != 0:
+                        # The whole image as one box; without the library region_c refuses.
+                        if region_c(image_data.ctypes.data, image_data.size, 1, 0, 0, height,
+                                    width, tmp.ctypes.data, 0, 0) != 0:
                             imdecode_c(image_data, tmp, np.uint32(height), np.uint32(width),
                                        np.uint32(height), np.uint32(width), 0, 0, 1, 1,
                                        False, False)
