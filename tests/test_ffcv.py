@@ -387,8 +387,9 @@ def test_random_resized_crop_statistics_match_the_torch_backend(cifar):
     assert abs(np.mean(aspects)) < 0.05 and min(areas) > 0.05 and max(areas) < 1.05
 
 
-def _crop_and_box(ff, image: np.ndarray, size: int, key: int, native: bool = True):
-    """ff.crop_flip's output for one stored image (no flip) and the box it drew."""
+def _crop_and_box(ff, image: np.ndarray, size: int, key: int, native: bool = True,
+                  flip_prob: float = 0.0):
+    """ff.crop_flip's output for one stored image and the box it drew."""
     import numba
     seed_sample, random_box = ff.seed_sample, ff.random_box
 
@@ -399,7 +400,7 @@ def _crop_and_box(ff, image: np.ndarray, size: int, key: int, native: bool = Tru
 
     scale, ratio = np.array([0.08, 1.0]), np.array([3 / 4, 4 / 3])
     out = np.zeros((size, size, 3), np.uint8)
-    ff.crop_flip(image, out, np.uint64(key), scale, ratio, 0.0, -1, native)
+    ff.crop_flip(image, out, np.uint64(key), scale, ratio, flip_prob, -1, native)
     return out, draw(np.uint64(key), image.shape[0], image.shape[1], scale, ratio)
 
 
@@ -415,8 +416,20 @@ def test_crops_are_the_torch_backends_resize_of_the_drawn_box():
         assert torch.equal(torch.from_numpy(out), resize_square(crop, 224).permute(1, 2, 0))
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_flipped_crops_are_the_same_crops_mirrored(native):
+    """aug.hflip=1: the same box, mirrored (by the C function with torch's resize, by numba's
+    loop after INTER_AREA)."""
+    ff = ffcv_loader._ffcv()
+    image = np.random.default_rng(1).integers(0, 256, (375, 500, 3), dtype=np.uint8)
+    for key in range(6):
+        out, box = _crop_and_box(ff, image, 96, key, native)
+        flipped, flipped_box = _crop_and_box(ff, image, 96, key, native, flip_prob=1.0)
+        assert flipped_box == box and np.array_equal(flipped, out[:, ::-1])
+
+
 def test_opencv_resize_and_a_build_without_the_native_one_crop_the_same_box(monkeypatch):
-    """data.ffcv_resize=opencv, and a build without fasttrain_resize_rgb_u8, resize with FFCV's
+    """data.ffcv_resize=opencv, and a build without fasttrain_resize_flip_rgb_u8, resize with FFCV's
     INTER_AREA: the same box, a different filter (close on a smooth image, not equal)."""
     from fasttrain.data import resize
     from test_jpeg import photo

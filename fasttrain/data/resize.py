@@ -1,26 +1,30 @@
-"""Antialiased bilinear resize of uint8 RGB images as a plain C function, for FFCV's decoders.
+"""Antialiased bilinear resize (and flip) of uint8 RGB images as a plain C function.
 
 FFCV's numba-compiled pipeline can call C functions but not torch; the resize it ships
 (libffcv's OpenCV INTER_AREA) takes ~4x as long as torch's uint8 antialiased bilinear kernel on a
 ~280 px crop to 224 (519-674 vs 144-174 us here) and is a different filter. The operator library
-`fasttrain/ops/_C` exports `fasttrain_resize_rgb_u8` (csrc/cpu/resize_u8.cpp), which runs ATen's
-kernel on the caller's memory in the caller's thread, so FFCV's crops get the torch backend's
-resize pixel for pixel. Its reference twin is `transforms.resize_square`
-(torchvision's `resize(..., antialias=True)`).
+`fasttrain/ops/_C` exports `fasttrain_resize_flip_rgb_u8` (csrc/cpu/resize_u8.cpp), which runs
+ATen's kernel on the caller's memory in the caller's thread, so FFCV's crops get the torch
+backend's resize pixel for pixel. The torch and DALI loaders call it too (`resize_rgb`): one call
+resizes, flips and writes into the batch, where torch's ops cost a dispatch and an allocation
+each. Its reference twin is `transforms.resize_square` then `transforms.horizontal_flip`
+(torchvision's `resize(..., antialias=True)` and `horizontal_flip`).
 
-Without the library, `AVAILABLE` is False (`LOAD_ERROR` says why) and FFCV keeps its own resize.
+Without the library, `AVAILABLE` is False (`LOAD_ERROR` says why): FFCV keeps its own resize and
+the Python loaders torch's ops.
 """
 from __future__ import annotations
 
 import ctypes
+from typing import Sequence
 
 import torch
 
 AVAILABLE = False
 LOAD_ERROR = ""
-_SYMBOL = "fasttrain_resize_rgb_u8"
+_SYMBOL = "fasttrain_resize_flip_rgb_u8"
 _ARGTYPES = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-             ctypes.c_int64, ctypes.c_int64]
+             ctypes.c_int64, ctypes.c_int64, ctypes.c_int32]
 
 
 def _function() -> ctypes._CFuncPtr | None:
@@ -44,14 +48,17 @@ def _function() -> ctypes._CFuncPtr | None:
 _resize = _function()
 
 
-def resize_rgb(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def resize_rgb(image: torch.Tensor, height: int, width: int, flip: bool = False,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """An (H, W, 3) uint8 CPU image whose pixels are 3 packed bytes (rows may be further apart:
-    a window of a larger image) resized to (height, width, 3), as
-    `TF.resize(image.permute(2, 0, 1), [height, width], antialias=True)` computes it.
+    a window of a larger image) resized to (height, width, 3), mirrored left-right if `flip`,
+    as `TF.resize(image.permute(2, 0, 1), [height, width], antialias=True)` (then
+    `TF.horizontal_flip`) computes it. Written into `out` when given: a contiguous
+    (height, width, 3) uint8 CPU tensor not overlapping `image` (a row of a batch), returned.
 
     Raises:
         RuntimeError: the library is not available.
-        ValueError: not such an image, or a size < 1.
+        ValueError: not such an image or `out`, or a size < 1.
     """
     if _resize is None:
         raise RuntimeError(f"native resize unavailable: {LOAD_ERROR}")
@@ -62,17 +69,52 @@ def resize_rgb(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
                          f"{tuple(image.shape)} {image.dtype} strides {image.stride()}")
     if height < 1 or width < 1:
         raise ValueError(f"output size must be positive, got {height}x{width}")
-    out = torch.empty((height, width, 3), dtype=torch.uint8)
+    if out is None:
+        out = torch.empty((height, width, 3), dtype=torch.uint8)
+    elif (out.dtype != torch.uint8 or out.device.type != "cpu"
+          or tuple(out.shape) != (height, width, 3) or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous ({height}, {width}, 3) uint8 CPU tensor, "
+                         f"got {tuple(out.shape)} {out.dtype} strides {out.stride()}")
     if _resize(image.data_ptr(), image.shape[0], image.shape[1], image.stride(0),
-               out.data_ptr(), height, width) != 0:
+               out.data_ptr(), height, width, int(bool(flip))) != 0:
         raise RuntimeError(f"{_SYMBOL} failed on a {tuple(image.shape)} image")
+    return out
+
+
+def resize_into(out: torch.Tensor, sources: Sequence[tuple[int, int, int, int]],
+                flips: Sequence[bool]) -> torch.Tensor:
+    """out[i] = the image `sources[i]` resized to out's (H, W), mirrored where `flips[i]`: one
+    C call per image, no tensor per image (the DALI loader's batches, whose images are in DALI's
+    buffers). A source is (address, height, width, row stride in bytes) of an (h, w, 3) uint8
+    image with packed pixels that the caller keeps alive and that does not overlap `out`.
+
+    Raises:
+        RuntimeError: the library is not available, or the C function refused a source.
+        ValueError: `out` is not a contiguous (N, H, W, 3) uint8 CPU tensor with N >= the
+            number of sources, or `flips` has another length.
+    """
+    if _resize is None:
+        raise RuntimeError(f"native resize unavailable: {LOAD_ERROR}")
+    if (out.dtype != torch.uint8 or out.device.type != "cpu" or out.dim() != 4
+            or out.shape[3] != 3 or not out.is_contiguous() or out.shape[0] < len(sources)):
+        raise ValueError(f"out must be a contiguous (N >= {len(sources)}, H, W, 3) uint8 CPU "
+                         f"tensor, got {tuple(out.shape)} {out.dtype} strides {out.stride()}")
+    if len(flips) != len(sources):
+        raise ValueError(f"{len(sources)} sources but {len(flips)} flips")
+    height, width = out.shape[1], out.shape[2]
+    address, step = out.data_ptr(), out.stride(0)
+    for i, ((src, h, w, row_stride), flip) in enumerate(zip(sources, flips)):
+        if _resize(src, h, w, row_stride, address + i * step, height, width,
+                   int(bool(flip))) != 0:
+            raise RuntimeError(f"{_SYMBOL} failed on source {i} ({h}x{w}, row stride "
+                               f"{row_stride})")
     return out
 
 
 def numba_resizer() -> ctypes._CFuncPtr:
     """The C function with integer arguments only, the form numba-compiled code can call:
-    (src address, height, width, src row stride in bytes, dst address, out_height, out_width)
-    -> 0, or -1 on failure (dst then unspecified)."""
+    (src address, height, width, src row stride in bytes, dst address, out_height, out_width,
+    flip 0/1) -> 0, or -1 on failure (dst then unspecified)."""
     fn = _function()
     if fn is None:
         raise RuntimeError(f"native resize unavailable: {LOAD_ERROR}")
