@@ -23,7 +23,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from fasttrain.config import load
-from fasttrain.data import dali_loader
+from fasttrain.data import dali_loader, resize
 from fasttrain.data.datasets import ImageFolderDataset, read_image
 from fasttrain.data.loader import build_loaders
 from fasttrain.data.transforms import Normalize, ValTransform, random_resized_crop_params
@@ -191,18 +191,26 @@ def test_hflip_mirrors_the_same_crops(data_root):
         assert torch.equal(flipped, plain.flip(-1))
 
 
-def test_per_image_torch_work_runs_on_one_thread_and_restores_the_count(data_root,
+@pytest.mark.parametrize("native", [True, False])
+def test_per_image_torch_work_runs_on_one_thread_and_restores_the_count(data_root, native,
                                                                        monkeypatch):
     """The crops are resized and flipped with one torch thread (idle intra-op threads would
-    spin on the cores DALI decodes on); the caller's thread count is back for what follows."""
+    spin on the cores DALI decodes on), one C call per image (`native`: the batch written by
+    fasttrain's resize function) or torch's ops per sample (a build without it); the caller's
+    thread count is back for what follows."""
     seen = []
-    resize_flip = dali_loader._resize_flip
+    if native:
+        target, name = resize, "resize_into"
+    else:
+        monkeypatch.setattr(resize, "AVAILABLE", False)
+        target, name = dali_loader.ResizeFlip, "__call__"
+    original = getattr(target, name)
 
     def recording(*args, **kwargs):
         seen.append(torch.get_num_threads())
-        return resize_flip(*args, **kwargs)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(dali_loader, "_resize_flip", recording)
+    monkeypatch.setattr(target, name, recording)
     kept = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -210,7 +218,24 @@ def test_per_image_torch_work_runs_on_one_thread_and_restores_the_count(data_roo
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(kept)
-    assert len(seen) == 32 * len(batches) and set(seen) == {1}
+    assert len(seen) == (1 if native else 32) * len(batches) and set(seen) == {1}
+
+
+def test_batches_written_by_the_c_function_are_torch_ops_batches(data_root, monkeypatch):
+    """The training batch written straight from DALI's buffers by fasttrain's resize function
+    is, bit for bit, the per-sample torch path's (resize_square, horizontal_flip, stack), in
+    both layouts (contiguous-format batches always take the torch path)."""
+    cfg = _digits(data_root, "--data.batch_size=16", "--aug.hflip=0.5",
+                  "--aug.scale=[0.3,1.0]")
+    native = _epoch(_loaders(cfg, seed=5, dtype=torch.uint8).train, 1)[:6]
+    monkeypatch.setattr(resize, "AVAILABLE", False)
+    reference = _epoch(_loaders(cfg, seed=5, dtype=torch.uint8).train, 1)[:6]
+    contiguous = _epoch(_loaders(cfg, seed=5, dtype=torch.uint8, channels_last=False).train,
+                        1)[:6]
+    for (x, y), (xr, yr), (xc, yc) in zip(native, reference, contiguous):
+        assert x.is_contiguous(memory_format=torch.channels_last) and xc.is_contiguous()
+        assert torch.equal(x, xr) and torch.equal(x, xc)
+        assert torch.equal(y, yr) and torch.equal(y, yc)
 
 
 def test_progressive_resolution_per_epoch(data_root):
