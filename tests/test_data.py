@@ -125,6 +125,55 @@ def test_recycling_collate_reuses_a_released_buffer_and_never_a_lent_one(monkeyp
     assert token_f is None and f.is_contiguous()
 
 
+def test_pending_crops_are_resized_and_flipped_into_the_batch(monkeypatch):
+    from types import SimpleNamespace
+
+    from fasttrain.data import loader as loader_mod
+    from fasttrain.data.transforms import PendingCrop, horizontal_flip, resize_square
+    g = torch.Generator().manual_seed(0)
+    crops = [torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=g)
+             for h, w in ((20, 17), (9, 30))]
+    finished = _crop(4, size=12)  # a sample another path finished (same size)
+    batch = [(PendingCrop(crops[0], 12, True), 1), (finished, 2),
+             (PendingCrop(crops[1][1:8, 3:25], 12, False), 3)]  # a window: rows 90 bytes apart
+    expected = torch.stack([horizontal_flip(resize_square(crops[0].permute(2, 0, 1), 12)),
+                            finished,
+                            resize_square(crops[1][1:8, 3:25].contiguous().permute(2, 0, 1),
+                                          12)])
+    collate = loader_mod.RecyclingCollate(workers=1, slots=1)
+    images, labels, _, token = collate(batch)  # outside a worker: a fresh batch
+    assert token is None and torch.equal(images, expected) and labels.tolist() == [1, 2, 3]
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    monkeypatch.setattr(loader_mod, "get_worker_info", lambda: SimpleNamespace(id=0))
+    images, _, _, token = collate(batch)  # in a worker: into the shared buffer
+    assert token == (0, 0) and images.is_shared() and torch.equal(images, expected)
+    assert torch.equal(batch[0][0].finish(), expected[0])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_crops_resized_into_the_batch_are_the_torch_ops_batches(data_root, workers,
+                                                                 monkeypatch):
+    """Training crops resized and flipped into the batch by fasttrain's resize function (the
+    default) give the batches of torch's ops per sample (a build without it), bit for bit."""
+    from fasttrain.data import resize
+    from fasttrain.data.transforms import PendingCrop
+
+    def batches():
+        cfg = _quick_cfg(f"--data.path={data_root / 'digits'}", "--data.batch_size=32",
+                         f"--data.num_workers={workers}", "--aug.hflip=0.5")
+        loaders = build_loaders(cfg.data, cfg.aug, channels_last=True, dtype=torch.uint8,
+                                seed=7)
+        loaders.train.set_epoch(2)
+        sample, _ = loaders.train.loader.dataset[(2, 5, 0)]
+        assert isinstance(sample, PendingCrop) == resize.AVAILABLE
+        return [(x.clone(), y) for x, y in loaders.train][:8]
+
+    native = batches()
+    monkeypatch.setattr(resize, "AVAILABLE", False)
+    for (x, y), (x_ref, y_ref) in zip(native, batches()):
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+
+
 def test_recycled_buffers_never_change_a_batch_already_handed_out(data_root):
     """Worker buffers are reused (2 workers, 4 slots each, 40+ batches), yet every batch kept
     from an epoch equals the 0-worker batch; raw uint8 batches are views until the next one."""

@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_
 from ..config import AugConfig, Config, ConfigError, DataConfig, _check_backend
 from .datasets import (DatasetError, ImageFolderDataset, SkippedSample, build_digits,
                        default_root, load_cifar10)
-from .transforms import Normalize, TrainAugment, ValTransform, progressive_resolution
+from .transforms import (Normalize, PendingCrop, TrainAugment, ValTransform,
+                         progressive_resolution)
 
 
 @contextmanager
@@ -55,19 +56,23 @@ class SeededAugment(Dataset):
     dataset reads files (`read_box`), the box is drawn from the header's size and only it is
     decoded (`region_decode`: libjpeg-turbo region decoding; else whole-image decode + slice):
     the same draws from `rng` in the same order either way.
+
+    `pending_crops`: such crops may come back as `PendingCrop`s, resized into the batch by
+    `RecyclingCollate` (`TrainAugment.after_crop`); only for a DataLoader with that collate.
     """
 
     def __init__(self, dataset: Dataset, transform: Callable, seed: int,
-                 region_decode: bool = False) -> None:
+                 region_decode: bool = False, pending_crops: bool = False) -> None:
         self.dataset, self.transform, self.seed = dataset, transform, seed
-        self.region_decode = region_decode
+        self.region_decode, self.pending_crops = region_decode, pending_crops
         self.crop_at_decode = (getattr(transform, "crops_at_decode", False)
                                and hasattr(dataset, "read_box"))
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: tuple[int, int, int]
+                    ) -> tuple[torch.Tensor | PendingCrop, int] | SkippedSample:
         epoch, index, repeat = key
         rng = random.Random(sample_seed(self.seed, epoch, index, repeat))
         if self.crop_at_decode:
@@ -77,7 +82,7 @@ class SeededAugment(Dataset):
             if isinstance(sample, SkippedSample):
                 return sample
             crop, target = sample
-            return self.transform.after_crop(crop, rng, size), target
+            return self.transform.after_crop(crop, rng, size, self.pending_crops), target
         sample = self.dataset[index]
         if isinstance(sample, SkippedSample):
             return sample
@@ -204,7 +209,8 @@ class RecyclingCollate:
     (`SkippedSample`) are dropped from the batch and reported as (path, reason), so one bad file
     never stops an epoch. Samples in (H, W, C) memory (training crops) are stacked as
     (N, H, W, C), the channels-last (N, C, H, W) batch with no transposing copy, and inside a
-    worker into shared-memory buffers reused from batch to batch (`token` names the buffer).
+    worker into shared-memory buffers reused from batch to batch (`token` names the buffer);
+    `PendingCrop`s are resized and flipped straight into their row of it.
 
     Why: a batch leaves a worker through shared memory, and a fresh shared buffer per batch (what
     default_collate does) is a new shm file whose every 4 KiB page faults and is zeroed on first
@@ -232,14 +238,28 @@ class RecyclingCollate:
         images = [image for image, _ in good]
         if not images:
             return torch.empty(0, dtype=torch.uint8), labels, skipped, None
-        if not all(image.permute(1, 2, 0).is_contiguous() for image in images):
+        pending = [isinstance(image, PendingCrop) for image in images]
+        if any(pending):
+            size = next(image.size for image, p in zip(images, pending) if p)
+            shape = (len(images), size, size, 3)
+        elif all(image.permute(1, 2, 0).is_contiguous() for image in images):
+            first = images[0]
+            shape = (len(images), first.shape[1], first.shape[2], first.shape[0])
+        else:
             return default_collate(images), labels, skipped, None
-        first = images[0]
-        shape = (len(images), first.shape[1], first.shape[2], first.shape[0])
         info = get_worker_info()
-        token, out = self._buffer(info.id, first, shape) if info is not None else (None, None)
-        stacked = torch.stack([image.permute(1, 2, 0) for image in images], out=out)
-        return stacked.permute(0, 3, 1, 2), labels, skipped, token
+        like = torch.empty(0, dtype=torch.uint8) if any(pending) else images[0]
+        token, out = self._buffer(info.id, like, shape) if info is not None else (None, None)
+        if not any(pending):
+            stacked = torch.stack([image.permute(1, 2, 0) for image in images], out=out)
+            return stacked.permute(0, 3, 1, 2), labels, skipped, token
+        out = torch.empty(shape, dtype=torch.uint8) if out is None else out
+        for row, image in zip(out, images):
+            if isinstance(image, PendingCrop):
+                image.write(row)
+            else:
+                row.copy_(image.permute(1, 2, 0))
+        return out.permute(0, 3, 1, 2), labels, skipped, token
 
     def _buffer(self, worker: int, like: torch.Tensor, shape: tuple[int, ...]
                 ) -> tuple[tuple[int, int] | None, torch.Tensor]:
@@ -374,7 +394,7 @@ def _build_torch_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world_s
     workers = dict(num_workers=data.num_workers, persistent_workers=data.num_workers > 0,
                    pin_memory=device.type == "cuda")
     train_loader = DataLoader(SeededAugment(train_set, TrainAugment(data, aug), seed,
-                                            data.region_decode),
+                                            data.region_decode, pending_crops=True),
                               batch_size=batch, drop_last=True,
                               sampler=EpochSampler(len(train_set), rank, world_size, seed,
                                                    data.ra_reps),

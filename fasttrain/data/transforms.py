@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ import torchvision.transforms.v2 as v2
 import torchvision.transforms.v2.functional as TF
 
 from ..config import AugConfig, DataConfig
+from . import resize
 
 
 def _random_box(height: int, width: int, scale: tuple[float, float],
@@ -140,10 +142,23 @@ class TrainAugment:
         from `rng`, as in __call__."""
         return random_resized_crop_params(height, width, self.aug.scale, self.aug.ratio, rng)
 
-    def after_crop(self, crop: torch.Tensor, rng: random.Random, size: int) -> torch.Tensor:
+    def after_crop(self, crop: torch.Tensor, rng: random.Random, size: int,
+                   pending: bool = False) -> torch.Tensor | PendingCrop:
         """The rest of __call__ for a RandomResizedCrop box already cut out (maybe downscaled
         while decoding): resize to `size` (the epoch's resolution, `progressive_resolution`),
-        then flip, auto-augment, erasing."""
+        then flip, auto-augment, erasing.
+
+        `pending`: when only the resize and flip remain (no auto-augment, no erasing), fasttrain's
+        resize function is built and the crop's pixels are packed (H, W, 3) memory (decoded
+        crops are), return them as a `PendingCrop` instead, with the flip drawn: the collate
+        function resizes it straight into the batch (`loader.RecyclingCollate`). The same
+        draws from `rng` either way."""
+        if (pending and self.auto is None and self.aug.random_erase == 0 and resize.AVAILABLE
+                and crop.dtype == torch.uint8 and crop.device.type == "cpu"
+                and crop.shape[0] == 3 and crop.stride(0) == 1 and crop.stride(2) == 3
+                and crop.stride(1) >= 3 * crop.shape[2]):
+            flip = self.aug.hflip > 0 and rng.random() < self.aug.hflip
+            return PendingCrop(crop.permute(1, 2, 0), size, flip)
         return self._finish(resize_square(crop, size), rng, size)
 
     def __call__(self, image: torch.Tensor, rng: random.Random, epoch: int = 0) -> torch.Tensor:
@@ -176,6 +191,25 @@ class TrainAugment:
                 image = image.clone()
                 image[:, top:top + h, left:left + w] = self.erase_fill
         return channels_last_sample(image)
+
+
+class PendingCrop(NamedTuple):
+    """A training crop whose resize to size x size (and flip) is left to whoever writes the
+    batch: `write` puts it into a row of the batch with one C call (`resize.resize_rgb`), where
+    `finish()` + a copy would make a tensor per image and pass three of torch's dispatches.
+    `finish()` is what `TrainAugment.after_crop` would have returned."""
+
+    pixels: torch.Tensor  # (H, W, 3) uint8, packed pixels (rows may be further apart)
+    size: int
+    flip: bool
+
+    def write(self, out: torch.Tensor) -> None:
+        """out (size, size, 3), contiguous = the finished image."""
+        resize.resize_rgb(self.pixels, self.size, self.size, self.flip, out)
+
+    def finish(self) -> torch.Tensor:
+        """The finished (3, size, size) image, in (H, W, C) memory."""
+        return resize.resize_rgb(self.pixels, self.size, self.size, self.flip).permute(2, 0, 1)
 
 
 def resize_square(image: torch.Tensor, size: int) -> torch.Tensor:
