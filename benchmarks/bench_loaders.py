@@ -22,7 +22,9 @@ over its batches on the CPU, after one warm-up epoch (worker start-up, FFCV's JI
   normalises them on the GPU; on this CPU-only bench that pass would only add a constant cost):
   torch (DataLoader workers decoding only each crop box: region decoding, the default),
   torch-whole (`data.region_decode=false`: whole images decoded by torchvision, then cropped),
-  dali (CPU pipeline: region decoding in DALI, resize in torch), ffcv at full JPEG fidelity
+  dali (CPU pipeline: region decoding in DALI, resize in the main process), torch-ops and
+  dali-ops (the same with fasttrain's C resize+flip switched off, as in a build without it:
+  torch's ops per sample, then a copy into the batch), ffcv at full JPEG fidelity
   (every image stored as JPEG, max side 512: nothing resized away; region decoding) and
   ffcv-jpeg512-whole (FFCV's own whole-image decoder), and ffcv stored as ffcv-imagenet stores
   it for ResNet-18 (max side 400, 10 % JPEG / 90 % raw pixels).
@@ -43,8 +45,10 @@ import os
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -53,7 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fasttrain.config import Config, load  # noqa: E402
-from fasttrain.data import build_loaders, jpeg  # noqa: E402
+from fasttrain.data import build_loaders, jpeg, resize  # noqa: E402
 from fasttrain.data.datasets import _publish_dir, default_root  # noqa: E402
 from fasttrain.measure.env import conditions  # noqa: E402
 
@@ -173,6 +177,18 @@ def fasttrain_loader(cfg: Config, epochs: int) -> float:
     return _time_epochs(epoch_iter, epochs, cfg.data.batch_size)
 
 
+@contextmanager
+def native_resize(on: bool) -> Iterator[None]:
+    """fasttrain's C resize+flip (`resize.AVAILABLE`) left on, or off as in a build without it,
+    for loaders built and iterated inside the block (their workers fork inside it)."""
+    kept = resize.AVAILABLE
+    resize.AVAILABLE = kept and on
+    try:
+        yield
+    finally:
+        resize.AVAILABLE = kept
+
+
 def write_ffcv_files(root: Path, name: str, workers: int) -> Path:
     from fasttrain.data.ffcv_loader import write_beton
     mode, max_res, compress, quality = FFCV_STORAGE[name]
@@ -193,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=2, help="timed epochs after one warm-up")
     p.add_argument("--rounds", type=int, default=3,
                    help="measure every backend this many times, in turn (median reported)")
-    p.add_argument("--backends", default="decode,decode-libjpeg,pil,torch,torch-whole,dali,"
-                   "ffcv-jpeg512,ffcv-jpeg512-whole,ffcv-rn18")
+    p.add_argument("--backends", default="decode,decode-libjpeg,pil,torch,torch-ops,torch-whole,"
+                   "dali,dali-ops,ffcv-jpeg512,ffcv-jpeg512-whole,ffcv-rn18")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.workers)
@@ -203,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     files = sorted(str(f) for f in (root / "train").rglob("*.jpg"))
     mean_kb = sum(os.path.getsize(f) for f in files) / len(files) / 1e3
     names = args.backends.split(",")
-    known = {"decode", "decode-libjpeg", "pil", "torch", "torch-whole", "dali", *FFCV_STORAGE,
+    known = {"decode", "decode-libjpeg", "pil", "torch", "torch-ops", "torch-whole", "dali",
+             "dali-ops", *FFCV_STORAGE,
              *(f"{n}-whole" for n in FFCV_STORAGE)}
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -217,11 +234,12 @@ def main(argv: list[str] | None = None) -> int:
             return decode_limit(files, args.workers, args.epochs, "fasttrain")
         if name == "pil":
             return pil_loader(root, args.workers, args.batch_size, args.epochs)
-        if name in ("torch", "torch-whole", "dali"):
+        if name in ("torch", "torch-ops", "torch-whole", "dali", "dali-ops"):
             backend = name.split("-")[0]
-            return fasttrain_loader(backend_cfg(root, backend, args.workers, args.batch_size,
-                                                region_decode=name != "torch-whole"),
-                                    args.epochs)
+            cfg = backend_cfg(root, backend, args.workers, args.batch_size,
+                              region_decode=name != "torch-whole")
+            with native_resize(not name.endswith("-ops")):
+                return fasttrain_loader(cfg, args.epochs)
         storage = name.removesuffix("-whole")
         if storage in FFCV_STORAGE:
             ffcv_dir = write_ffcv_files(root, storage, args.workers)
