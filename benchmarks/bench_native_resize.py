@@ -1,0 +1,147 @@
+#!/usr/bin/env python
+"""What fasttrain's C resize+flip gives the torch and DALI loaders: a paired A/B, same process.
+
+    bash tools/env.sh python benchmarks/bench_native_resize.py                 # torch and dali
+    bash tools/env.sh python benchmarks/bench_native_resize.py --backends torch --rounds 20
+
+For each backend, two training loaders over bench_loaders.py's ImageNet-like JPEG set (same
+transform: RandomResizedCrop 224 + flip, uint8 channels-last batches, no model): one finishing
+crops with `fasttrain_resize_flip_rgb_u8` (the default: straight into the batch), one with
+torch's ops per sample and a copy into the batch (what a build without the function does,
+`resize.AVAILABLE` switched off). Epochs of the two alternate (ABBA order), so each pair is
+measured a few seconds apart: bench_loaders.py compares backends against a bracketing decode
+limit, and on this VM that drifts by more than the effect measured here. Per epoch: images/s
+and CPU-ms per image of the loader's process and its worker processes (psutil). The table gives
+the median ratio (C / torch's ops) over the rounds and its per-round range.
+
+Writes `benchmarks/results/native-resize-cpu-<workers>w.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import psutil
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_loaders import backend_cfg, make_bench_set, native_resize  # noqa: E402
+from fasttrain.data import build_loaders, resize  # noqa: E402
+from fasttrain.data.datasets import default_root  # noqa: E402
+from fasttrain.measure.env import conditions  # noqa: E402
+
+BATCH = 64
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    """User + system CPU seconds of `process` and its live children (the DataLoader workers)."""
+    total = 0.0
+    for p in [process, *process.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def timed_epoch(loader, epoch: int, native: bool) -> tuple[float, float]:
+    """(images/s, CPU-ms per image) of one epoch of `loader`."""
+    me = psutil.Process()
+    with native_resize(native):
+        loader.set_epoch(epoch)
+        cpu, start, seen = cpu_seconds(me), time.perf_counter(), 0
+        for images, _ in loader:
+            seen += images.shape[0]
+        wall, cpu = time.perf_counter() - start, cpu_seconds(me) - cpu
+    return seen / wall, 1e3 * cpu / seen
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backends", default="torch,dali")
+    p.add_argument("--workers", type=int, default=os.cpu_count())
+    p.add_argument("--images", type=int, default=1280)
+    p.add_argument("--rounds", type=int, default=12, help="A/B pairs of epochs per backend")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    names = args.backends.split(",")
+    unknown = [n for n in names if n not in ("torch", "dali")]
+    if unknown:
+        raise SystemExit(f"error: --backends: unknown backend {unknown[0]!r} (torch, dali)")
+    if not resize.AVAILABLE:
+        raise SystemExit(f"error: fasttrain's resize function is not built: {resize.LOAD_ERROR}")
+    torch.set_num_threads(args.workers)
+    root = make_bench_set(default_root(f"bench_jpeg-{args.images}"), args.images)
+
+    rows = []
+    for name in names:
+        cfg = backend_cfg(root, name, args.workers, BATCH)
+        loaders = {}
+        for native in (True, False):
+            with native_resize(native):  # torch's workers fork here, keeping the setting
+                loaders[native] = build_loaders(cfg.data, cfg.aug, channels_last=True,
+                                                dtype=torch.uint8).train
+            timed_epoch(loaders[native], 0, native)  # warm-up: workers, page cache
+        runs: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+        for round_ in range(args.rounds):
+            for native in ((True, False) if round_ % 2 == 0 else (False, True)):
+                rate, cpu = timed_epoch(loaders[native], round_ + 1, native)
+                runs[native].append((rate, cpu))
+                print(f"{name:6s} round {round_ + 1}/{args.rounds}  "
+                      f"{'C resize+flip' if native else 'torch ops':14s} {rate:7.1f} img/s "
+                      f"{cpu:5.2f} CPU-ms/img", flush=True)
+        del loaders
+        ratios = [a[0] / b[0] for a, b in zip(runs[True], runs[False])]
+        cpu_ratios = [a[1] / b[1] for a, b in zip(runs[True], runs[False])]
+        rows.append({
+            "backend": name,
+            "images_per_s": {"native": round(statistics.median(r for r, _ in runs[True]), 1),
+                             "torch_ops": round(statistics.median(r for r, _ in runs[False]), 1)},
+            "cpu_ms_per_image": {"native": round(statistics.median(c for _, c in runs[True]), 3),
+                                 "torch_ops": round(statistics.median(c for _, c in runs[False]),
+                                                    3)},
+            "speedup_median": round(statistics.median(ratios), 3),
+            "speedup_rounds": [round(r, 3) for r in ratios],
+            "cpu_ratio_median": round(statistics.median(cpu_ratios), 3),
+            "rounds": {"native": [[round(r, 1), round(c, 3)] for r, c in runs[True]],
+                       "torch_ops": [[round(r, 1), round(c, 3)] for r, c in runs[False]]},
+        })
+    result = {"benchmark": "bench_native_resize", "date": datetime.now(timezone.utc).isoformat(),
+              **conditions("cpu"), "set": {"images": args.images, "root": root.name},
+              "transform": "RandomResizedCrop 224 scale (0.08, 1) + flip, uint8 channels-last",
+              "workers": args.workers, "batch_size": BATCH, "rounds": args.rounds,
+              "rows": rows}
+    out = args.out or ROOT / "benchmarks" / "results" / f"native-resize-cpu-{args.workers}w.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title=f"C resize+flip vs torch's ops, {args.workers} workers, "
+                        f"{args.rounds} A/B rounds")
+    for col in ("backend", "img/s C / ops", "speed-up (median)", "per round",
+                "CPU-ms/img C / ops"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r["backend"],
+                      f"{r['images_per_s']['native']:.0f} / {r['images_per_s']['torch_ops']:.0f}",
+                      f"{r['speedup_median']:.3f}",
+                      f"{min(r['speedup_rounds']):.2f}-{max(r['speedup_rounds']):.2f}",
+                      f"{r['cpu_ms_per_image']['native']:.2f} / "
+                      f"{r['cpu_ms_per_image']['torch_ops']:.2f}")
+    Console().print(table)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
