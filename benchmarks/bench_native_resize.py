@@ -14,6 +14,11 @@ limit, and on this VM that drifts by more than the effect measured here. Per epo
 and CPU-ms per image of the loader's process and its worker processes (psutil). The table gives
 the median ratio (C / torch's ops) over the rounds and its per-round range.
 
+Throughput pairs still scatter by ±20 % here, so the torch backend's per-image work is also
+timed where scheduling cannot blur it: in this process, one thread, no workers, the dataset and
+the collate function called directly on 5-batch chunks of the epoch, C and torch's ops
+alternating (process CPU time per image; the same chunks both ways).
+
 Writes `benchmarks/results/native-resize-cpu-<workers>w.json`.
 """
 from __future__ import annotations
@@ -37,6 +42,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_loaders import backend_cfg, make_bench_set, native_resize  # noqa: E402
 from fasttrain.data import build_loaders, resize  # noqa: E402
 from fasttrain.data.datasets import default_root  # noqa: E402
+from fasttrain.data.loader import torch_threads  # noqa: E402
 from fasttrain.measure.env import conditions  # noqa: E402
 
 BATCH = 64
@@ -64,6 +70,36 @@ def timed_epoch(loader, epoch: int, native: bool) -> tuple[float, float]:
             seen += images.shape[0]
         wall, cpu = time.perf_counter() - start, cpu_seconds(me) - cpu
     return seen / wall, 1e3 * cpu / seen
+
+
+def in_process_cpu_us(root: Path, rounds: int) -> dict[str, object]:
+    """CPU-us per image of the torch backend's sample + collate work, one thread, no workers,
+    C and torch's ops on the same chunks in alternating order."""
+    cfg = backend_cfg(root, "torch", 0, BATCH)
+    loader = build_loaders(cfg.data, cfg.aug, channels_last=True, dtype=torch.uint8).train
+    dataset, collate = loader.loader.dataset, loader.loader.collate_fn
+    chunk = min(5, len(dataset) // BATCH) * BATCH
+    starts = range(0, max(1, len(dataset) - chunk + 1), chunk)
+
+    def run(native: bool, start: int) -> float:
+        keys = [(1, i, 0) for i in range(start, start + chunk)]
+        with native_resize(native), torch_threads(1):
+            cpu = time.process_time()
+            for b in range(0, chunk, BATCH):
+                collate([dataset[k] for k in keys[b:b + BATCH]])
+            return 1e6 * (time.process_time() - cpu) / chunk
+
+    run(True, 0), run(False, 0)  # warm-up: page cache, allocator
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for round_ in range(rounds):
+        start = starts[round_ % len(starts)]
+        for native in ((True, False) if round_ % 2 == 0 else (False, True)):
+            times[native].append(run(native, start))
+    ratios = [a / b for a, b in zip(times[True], times[False])]
+    return {"native": round(statistics.median(times[True]), 1),
+            "torch_ops": round(statistics.median(times[False]), 1),
+            "ratio_median": round(statistics.median(ratios), 3),
+            "ratio_rounds": [round(r, 3) for r in ratios]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": {"native": [[round(r, 1), round(c, 3)] for r, c in runs[True]],
                        "torch_ops": [[round(r, 1), round(c, 3)] for r, c in runs[False]]},
         })
+        if name == "torch":
+            rows[-1]["in_process_cpu_us_per_image"] = in_process_cpu_us(root, args.rounds)
     result = {"benchmark": "bench_native_resize", "date": datetime.now(timezone.utc).isoformat(),
               **conditions("cpu"), "set": {"images": args.images, "root": root.name},
               "transform": "RandomResizedCrop 224 scale (0.08, 1) + flip, uint8 channels-last",
@@ -129,15 +167,18 @@ def main(argv: list[str] | None = None) -> int:
     table = Table(title=f"C resize+flip vs torch's ops, {args.workers} workers, "
                         f"{args.rounds} A/B rounds")
     for col in ("backend", "img/s C / ops", "speed-up (median)", "per round",
-                "CPU-ms/img C / ops"):
+                "CPU-ms/img C / ops", "one process: CPU-us/img C / ops (ratio)"):
         table.add_column(col, justify="right")
     for r in rows:
+        one = r.get("in_process_cpu_us_per_image")
         table.add_row(r["backend"],
                       f"{r['images_per_s']['native']:.0f} / {r['images_per_s']['torch_ops']:.0f}",
                       f"{r['speedup_median']:.3f}",
                       f"{min(r['speedup_rounds']):.2f}-{max(r['speedup_rounds']):.2f}",
                       f"{r['cpu_ms_per_image']['native']:.2f} / "
-                      f"{r['cpu_ms_per_image']['torch_ops']:.2f}")
+                      f"{r['cpu_ms_per_image']['torch_ops']:.2f}",
+                      "-" if one is None else
+                      f"{one['native']:.0f} / {one['torch_ops']:.0f} ({one['ratio_median']:.3f})")
     Console().print(table)
     print(f"wrote {out}")
     return 0
