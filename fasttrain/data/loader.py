@@ -238,19 +238,18 @@ class RecyclingCollate:
         images = [image for image, _ in good]
         if not images:
             return torch.empty(0, dtype=torch.uint8), labels, skipped, None
-        pending = [isinstance(image, PendingCrop) for image in images]
-        if any(pending):
-            size = next(image.size for image, p in zip(images, pending) if p)
-            shape = (len(images), size, size, 3)
+        pending = [image for image in images if isinstance(image, PendingCrop)]
+        if pending:
+            shape = (len(images), pending[0].size, pending[0].size, 3)
         elif all(image.permute(1, 2, 0).is_contiguous() for image in images):
             first = images[0]
             shape = (len(images), first.shape[1], first.shape[2], first.shape[0])
         else:
             return default_collate(images), labels, skipped, None
         info = get_worker_info()
-        like = torch.empty(0, dtype=torch.uint8) if any(pending) else images[0]
+        like = torch.empty(0, dtype=torch.uint8) if pending else images[0]
         token, out = self._buffer(info.id, like, shape) if info is not None else (None, None)
-        if not any(pending):
+        if not pending:
             stacked = torch.stack([image.permute(1, 2, 0) for image in images], out=out)
             return stacked.permute(0, 3, 1, 2), labels, skipped, token
         out = torch.empty(shape, dtype=torch.uint8) if out is None else out

@@ -5,9 +5,9 @@ FFCV's numba-compiled pipeline can call C functions but not torch; the resize it
 ~280 px crop to 224 (519-674 vs 144-174 us here) and is a different filter. The operator library
 `fasttrain/ops/_C` exports `fasttrain_resize_flip_rgb_u8` (csrc/cpu/resize_u8.cpp), which runs
 ATen's kernel on the caller's memory in the caller's thread, so FFCV's crops get the torch
-backend's resize pixel for pixel. The torch and DALI loaders call it too (`resize_rgb`): one call
-resizes, flips and writes into the batch, where torch's ops cost a dispatch and an allocation
-each. Its reference twin is `transforms.resize_square` then `transforms.horizontal_flip`
+backend's resize pixel for pixel. The torch and DALI loaders call it too (`resize_rgb`,
+`resize_into`): one call resizes, flips and writes into the batch, where torch's ops cost a
+dispatch and an allocation each. Its reference twin is `transforms.resize_square` then `transforms.horizontal_flip`
 (torchvision's `resize(..., antialias=True)` and `horizontal_flip`).
 
 Without the library, `AVAILABLE` is False (`LOAD_ERROR` says why): FFCV keeps its own resize and
