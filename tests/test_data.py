@@ -150,6 +150,31 @@ def test_pending_crops_are_resized_and_flipped_into_the_batch(monkeypatch):
     assert torch.equal(batch[0][0].finish(), expected[0])
 
 
+def test_validation_samples_are_packed_and_stacked_into_reused_buffers(monkeypatch):
+    """ValTransform's output is the resize + center crop, in (H, W, C) memory, so validation
+    batches go through the workers' reused buffers rather than default_collate."""
+    from types import SimpleNamespace
+
+    import torchvision.transforms.v2.functional as TF
+
+    from fasttrain.data import loader as loader_mod
+    from fasttrain.data.transforms import ValTransform
+    cfg = load(None, ["--data.val_resize=40", "--data.val_res=32"])
+    g = torch.Generator().manual_seed(1)
+    planar = torch.randint(0, 256, (3, 45, 61), dtype=torch.uint8, generator=g)
+    hwc = torch.randint(0, 256, (50, 40, 3), dtype=torch.uint8, generator=g).permute(2, 0, 1)
+    samples = []
+    for image in (planar, hwc):
+        out = ValTransform(cfg.data)(image)
+        expected = TF.center_crop(TF.resize(image, [40], antialias=True), [32, 32])
+        assert torch.equal(out, expected) and out.permute(1, 2, 0).is_contiguous()
+        samples.append((out, 0))
+    monkeypatch.setattr(loader_mod, "get_worker_info", lambda: SimpleNamespace(id=0))
+    batch, _, _, token = loader_mod.RecyclingCollate(workers=1)(samples)
+    assert token == (0, 0) and batch.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch, torch.stack([s for s, _ in samples]))
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_crops_resized_into_the_batch_are_the_torch_ops_batches(data_root, workers,
                                                                  monkeypatch):

@@ -253,7 +253,13 @@ def channels_last_sample(image: torch.Tensor) -> torch.Tensor:
 
 class ValTransform:
     """Resize the shorter side to `val_resize` (skipped when already there), center-crop
-    `val_res`."""
+    `val_res`; the result in (H, W, C) memory (`channels_last_sample`).
+
+    Why the packed copy: the crop is a view into the resized image, and a batch of views goes
+    through default_collate (a fresh shared-memory buffer per batch and a transposing copy);
+    packed samples are stacked into the workers' reused buffers (`loader.RecyclingCollate`):
+    the torch backend's validation ran 1.14x the images/s (2 workers, 500x375 JPEGs, medians of
+    8 alternating epochs), for a 150 KB copy per 224 px image."""
 
     def __init__(self, data: DataConfig) -> None:
         self.resize, self.crop = data.val_resize, data.val_res
@@ -263,7 +269,7 @@ class ValTransform:
             image = TF.resize(image, [self.resize], antialias=True)
         if tuple(image.shape[1:]) != (self.crop, self.crop):
             image = TF.center_crop(image, [self.crop, self.crop])
-        return image
+        return channels_last_sample(image)
 
 
 class Normalize(torch.nn.Module):
