@@ -48,6 +48,14 @@ def _function() -> ctypes._CFuncPtr | None:
 _resize = _function()
 
 
+def is_packed_rgb(image: torch.Tensor) -> bool:
+    """True for an (H, W, 3) uint8 CPU image whose pixels are 3 packed bytes (rows may be
+    further apart: a window of a larger image), the memory the C function reads."""
+    return (image.dtype == torch.uint8 and image.device.type == "cpu" and image.dim() == 3
+            and image.shape[2] == 3 and image.stride(2) == 1 and image.stride(1) == 3
+            and image.stride(0) >= 3 * image.shape[1] and min(image.shape) >= 1)
+
+
 def resize_rgb(image: torch.Tensor, height: int, width: int, flip: bool = False,
                out: torch.Tensor | None = None) -> torch.Tensor:
     """An (H, W, 3) uint8 CPU image whose pixels are 3 packed bytes (rows may be further apart:
@@ -62,9 +70,7 @@ def resize_rgb(image: torch.Tensor, height: int, width: int, flip: bool = False,
     """
     if _resize is None:
         raise RuntimeError(f"native resize unavailable: {LOAD_ERROR}")
-    if (image.dtype != torch.uint8 or image.device.type != "cpu" or image.dim() != 3
-            or image.shape[2] != 3 or image.stride(2) != 1 or image.stride(1) != 3
-            or image.stride(0) < 3 * image.shape[1] or min(image.shape) < 1):
+    if not is_packed_rgb(image):
         raise ValueError(f"need an (H, W, 3) uint8 CPU image with packed pixels, got "
                          f"{tuple(image.shape)} {image.dtype} strides {image.stride()}")
     if height < 1 or width < 1:

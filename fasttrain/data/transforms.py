@@ -153,12 +153,11 @@ class TrainAugment:
         crops are), return them as a `PendingCrop` instead, with the flip drawn: the collate
         function resizes it straight into the batch (`loader.RecyclingCollate`). The same
         draws from `rng` either way."""
+        pixels = crop.permute(1, 2, 0)
         if (pending and self.auto is None and self.aug.random_erase == 0 and resize.AVAILABLE
-                and crop.dtype == torch.uint8 and crop.device.type == "cpu"
-                and crop.shape[0] == 3 and crop.stride(0) == 1 and crop.stride(2) == 3
-                and crop.stride(1) >= 3 * crop.shape[2]):
+                and resize.is_packed_rgb(pixels)):
             flip = self.aug.hflip > 0 and rng.random() < self.aug.hflip
-            return PendingCrop(crop.permute(1, 2, 0), size, flip)
+            return PendingCrop(pixels, size, flip)
         return self._finish(resize_square(crop, size), rng, size)
 
     def __call__(self, image: torch.Tensor, rng: random.Random, epoch: int = 0) -> torch.Tensor:
