@@ -235,6 +235,12 @@ def test_check_data_reports_problems_and_counts(tmp_path, run_tool):
     assert run_tool("check_data.py", str(tmp_path / "clean")).returncode == 0
     missing = run_tool("check_data.py", str(tmp_path / "nope"))
     assert missing.returncode == 2 and missing.stderr.strip().endswith("directory not found")
+    a_file = run_tool("check_data.py", str(clean / "1.jpg"))
+    assert a_file.returncode == 2 and a_file.stderr.strip().endswith("1.jpg: not a directory")
+    negative = run_tool("check_data.py", str(tmp_path / "clean"), "--workers", "-3")
+    assert negative.returncode == 2
+    assert negative.stderr.strip().splitlines() == [
+        "error: --workers=-3: must be 0 (one per core) or more"]
 
 
 def test_crafted_checkpoint_is_refused_by_the_cli(run_tool, tmp_path):

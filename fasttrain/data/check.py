@@ -9,7 +9,7 @@ from typing import Callable
 
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from ..errors import DatasetError
+from ..errors import DatasetError, UserError
 from .datasets import read_image
 
 
@@ -44,9 +44,13 @@ def scan(root: Path, workers: int = 0, progress: Callable[[int, int], None] | No
 
     Raises:
         DatasetError: `root` is not a directory.
+        UserError: `workers` is negative.
     """
+    if workers < 0:
+        raise UserError(f"--workers={workers}: must be 0 (one per core) or more")
     if not root.is_dir():
-        raise DatasetError(f"{root}: directory not found")
+        raise DatasetError(f"{root}: " + ("not a directory" if root.exists()
+                                          else "directory not found"))
     splits = [d for d in (root / "train", root / "val") if d.is_dir()] or [root]
     report = ScanReport(root)
     files: list[str] = []
