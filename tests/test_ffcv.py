@@ -187,6 +187,7 @@ def _write_tool(args: list[str]) -> int:
     (["--dataset=digits", "--write-mode=png"], "(--write-mode) must be one of"),
     (["--dataset=digits", "--compress-probability=2"], "must be in 0..1, got 2.0"),
     (["--dataset=digits", "--max-resolution=big"], "--max-resolution: invalid int value"),
+    (["--dataset=digits", "--smart-threshold=-5"], "(--smart-threshold) must be >= 0 bytes"),
     (["recipes/missing.yaml"], "recipes/missing.yaml: recipe file not found"),
 ])
 def test_write_tool_bad_input_exits_2_with_one_line(args, message, capsys):

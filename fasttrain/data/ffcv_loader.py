@@ -439,7 +439,8 @@ def _skip_reason(dataset, index: int) -> tuple[str, str]:
 
 
 def _check_write_params(write_mode: str, max_resolution: int, jpeg_quality: int,
-                        compress_probability: float, num_workers: int) -> None:
+                        compress_probability: float, num_workers: int,
+                        smart_threshold: int) -> None:
     if write_mode not in WRITE_MODES:
         raise ConfigError(f"write_mode (--write-mode) must be one of {', '.join(WRITE_MODES)}, "
                           f"got {write_mode!r}")
@@ -453,6 +454,9 @@ def _check_write_params(write_mode: str, max_resolution: int, jpeg_quality: int,
                           f"{compress_probability}")
     if num_workers < 0:
         raise ConfigError(f"num_workers (--num-workers) must be >= 0, got {num_workers}")
+    if smart_threshold < 0:
+        raise ConfigError(f"smart_threshold (--smart-threshold) must be >= 0 bytes, got "
+                          f"{smart_threshold}")
 
 
 def _fsync(path: Path) -> None:
@@ -546,7 +550,7 @@ def write_beton(data: DataConfig, out: Path | str | None = None, *,
         RunError: FFCV is not installed.
     """
     _check_write_params(write_mode, max_resolution, jpeg_quality, compress_probability,
-                        num_workers)
+                        num_workers, smart_threshold)
     ff = _ffcv()
     from .loader import _datasets  # the torch backend's datasets: the same labels
 
