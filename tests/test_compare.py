@@ -217,6 +217,16 @@ def test_cli_user_errors_exit_2_with_one_line(argv, message, tmp_path, capsys):
     assert message in err, err
 
 
+def test_unwritable_out_folder_exits_2_with_one_line(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("kept")
+    code = compare_tool.main(["--benchmark", "resnet56-cifar10",
+                              "--out", str(tmp_path / "a_file" / "plots")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: {tmp_path / 'a_file' / 'plots'}: cannot write the comparison")
+    assert (tmp_path / "a_file").read_text() == "kept"
+
+
 def test_bad_points_file_and_run_directory_exit_2(tmp_path, capsys):
     bad = tmp_path / "p.csv"
     bad.write_text("label,top1,macs\nok,50,1e6\nbroken,fifty,1e6\n")

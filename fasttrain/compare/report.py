@@ -203,9 +203,20 @@ def _reference(c: Comparison, x: str) -> list[tuple[str, float]]:
 
 
 def write_outputs(c: Comparison, out_dir: str | Path, name: str | None = None) -> list[Path]:
-    """Write the plots (PNG + SVG) and the tables; returns the written paths."""
+    """Write the plots (PNG + SVG) and the tables; returns the written paths.
+
+    Raises:
+        CompareError: `out_dir` cannot be created or written (names the folder and the reason).
+    """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        return _write_outputs(c, out, name)
+    except OSError as e:
+        raise CompareError(f"{out}: cannot write the comparison ({e.strerror or e})") from None
+
+
+def _write_outputs(c: Comparison, out: Path, name: str | None) -> list[Path]:
     name = name or (c.benchmark.name if c.benchmark else "compare")
     what = c.benchmark.title if c.benchmark else "ThinResNet vs pruned"
     thin_note = ("" if c.front else
