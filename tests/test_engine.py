@@ -79,6 +79,13 @@ def test_load_refuses_code_execution_and_garbage(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"\x00" * 10)
     with pytest.raises(CheckpointError):
         ckpt.load(tmp_path / "junk.pt")
+    # the legacy reader's EOFError() and KeyError(<number>) become words
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "text.pt").write_text("junk\n")
+    for name in ("empty.pt", "text.pt"):
+        with pytest.raises(CheckpointError, match=r"cannot load checkpoint \(empty, truncated or "
+                                                  r"not written by torch.save\)$"):
+            ckpt.load(tmp_path / name)
 
 
 def test_unwrap_compiled_model():

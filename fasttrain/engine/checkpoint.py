@@ -52,6 +52,11 @@ def load(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: checkpoint not found") from None
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... here
+        if isinstance(e, (EOFError, KeyError)):
+            # torch's legacy-format reader: EOFError for an empty file, KeyError(<a number>)
+            # for bytes that are no pickle at all; neither message means anything to a user.
+            raise CheckpointError(f"{path}: cannot load checkpoint (empty, truncated or not "
+                                  f"written by torch.save)") from None
         lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
         # The weights-only refusal names the offending global on a later line.
         reason = next((l for l in lines if "WeightsUnpickler error" in l), lines[0])
