@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -256,6 +257,8 @@ def _check_bounds(meta: dict[str, Any], value: Any) -> str | None:
     if "len" in meta and len(value) != meta["len"]:
         return f"must have {meta['len']} elements"
     for v in value if isinstance(value, list) else [value]:
+        if isinstance(v, float) and not math.isfinite(v):  # YAML's .inf / .nan, argv's inf
+            return "must be a finite number"
         for key, op, word in (("ge", float.__ge__, ">="), ("gt", float.__gt__, ">"),
                               ("le", float.__le__, "<="), ("lt", float.__lt__, "<")):
             if key in meta and not op(float(v), float(meta[key])):

@@ -43,6 +43,10 @@ def test_dump_round_trips(tmp_path):
     ("optimm:\n  lr: 0.1\n", [], "r.yaml: unknown section 'optimm' (did you mean 'optim'?)"),
     ("optim:\n  lr: fast\n", [], "r.yaml: optim.lr must be a number, got 'fast'"),
     ("optim:\n  lr: -1\n", [], "r.yaml: optim.lr must be > 0, got -1"),
+    ("optim:\n  lr: .inf\n", [], "r.yaml: optim.lr must be a finite number, got inf"),
+    ("", ["--model.width=.nan"], "--model.width=.nan: model.width must be a finite number, "
+     "got nan"),
+    ("aug:\n  ratio: [0.75, .inf]\n", [], "aug.ratio must be a finite number"),
     ("schedule:\n  epochs: 2.5\n", [], "schedule.epochs must be an integer, got 2.5"),
     ("train:\n  precision: fp8\n", [], "train.precision must be one of 'bf16', 'fp16', 'fp32'"),
     ("", ["--train.compile_mode=fast"], "train.compile_mode must be one of 'default', "

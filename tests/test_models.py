@@ -32,7 +32,8 @@ def test_width_rule(base, width, divisor, expected):
     assert base_channels(base, width, divisor) == expected
 
 
-@pytest.mark.parametrize("width,divisor", [(0.0, 1), (-1.0, 1), (0.01, 1), (0.5, 0)])
+@pytest.mark.parametrize("width,divisor", [(0.0, 1), (-1.0, 1), (0.01, 1), (0.5, 0),
+                                           (float("inf"), 1), (float("nan"), 1)])
 def test_width_rule_rejects_degenerate_widths(width, divisor):
     with pytest.raises(ValueError):
         base_channels(16, width, divisor)

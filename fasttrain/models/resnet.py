@@ -39,8 +39,8 @@ def base_channels(base: int, width: float, channel_divisor: int = 1) -> int:
     Raises:
         ValueError: width or divisor is not positive, or the result has no channel.
     """
-    if not width > 0:
-        raise ValueError(f"width must be > 0, got {width}")
+    if not (width > 0 and math.isfinite(width)):
+        raise ValueError(f"width must be a finite number > 0, got {width}")
     if channel_divisor < 1:
         raise ValueError(f"channel_divisor must be >= 1, got {channel_divisor}")
     b = math.floor(base * width + 0.5)
