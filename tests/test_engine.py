@@ -70,9 +70,15 @@ def test_atomic_save_keeps_previous_file_on_failure(tmp_path, monkeypatch):
 def test_load_refuses_code_execution_and_garbage(tmp_path):
     marker = tmp_path / "pwned"
     evil = write_code_running_checkpoint(tmp_path / "evil.pt", marker)
-    with pytest.raises(CheckpointError, match="cannot load checkpoint"):
+    # the reason, not torch's paragraph of advice around it
+    with pytest.raises(CheckpointError, match=r"cannot load checkpoint \(refused by weights-only "
+                                              r"loading: .*GLOBAL (posix|os)\.system"):
         ckpt.load(evil)
     assert not marker.exists()
+    (tmp_path / "garbage.pt").write_text("garbage\n")
+    with pytest.raises(CheckpointError, match=r"\(refused by weights-only loading: Unsupported "
+                                              r"operand 103\)$"):
+        ckpt.load(tmp_path / "garbage.pt")
     torch.save({"something": 1}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a fasttrain checkpoint"):
         ckpt.load(tmp_path / "other.pt")

@@ -58,8 +58,15 @@ def load(path: Path) -> dict[str, Any]:
             raise CheckpointError(f"{path}: cannot load checkpoint (empty, truncated or not "
                                   f"written by torch.save)") from None
         lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
-        # The weights-only refusal names the offending global on a later line.
-        reason = next((l for l in lines if "WeightsUnpickler error" in l), lines[0])
+        reason = lines[0]
+        if reason.startswith("Weights only load failed"):
+            # torch's weights-only refusal: a paragraph of advice around the real reason (the
+            # offending global, or the opcode of bytes that are no pickle), which may follow
+            # a "... WeightsUnpickler error:" prefix on its own line or the same one.
+            details = [l.rpartition("WeightsUnpickler error:")[2].strip() for l in lines[1:]
+                       if not l.startswith("Check the documentation of torch.load")]
+            detail = next((d for d in details if d), "")
+            reason = f"refused by weights-only loading: {detail}" if detail else reason
         raise CheckpointError(f"{path}: cannot load checkpoint ({reason})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path}: not a fasttrain checkpoint (no 'model' entry)")
