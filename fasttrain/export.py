@@ -26,6 +26,7 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,9 +162,8 @@ def model_from_checkpoint(path: str | Path, norm_act: str | None = None
         model = _build(mc)
         model.load_state_dict(state["model"])
     except (UserError, RuntimeError, KeyError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: checkpoint does not fit its model config ({first})"
-                              ) from None
+        raise CheckpointError(f"{path}: checkpoint does not fit its model config "
+                              f"({_first_problem(e)})") from None
     data = cfg.get("data") or {}
     versions = state.get("versions") or {}
     meta = make_metadata(mc, resolution=int(data.get("val_res") or default_resolution(mc["name"])),
@@ -171,6 +171,17 @@ def model_from_checkpoint(path: str | Path, norm_act: str | None = None
                          training_commit=str(versions.get("commit", "unknown")))
     meta["checkpoint_epoch"] = (state.get("train_state") or {}).get("epoch")
     return model.eval(), meta
+
+
+def _first_problem(e: BaseException) -> str:
+    """One line for an exception whose first line is only a heading, as load_state_dict's
+    "Error(s) in loading state_dict for X:" is: the heading, the first problem under it (the
+    key and shapes) and how many more there are."""
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
+    if len(lines) == 1 or not lines[0].endswith(":"):
+        return lines[0]
+    more = f" (+{len(lines) - 2} more)" if len(lines) > 2 else ""
+    return f"{lines[0]} {lines[1]}{more}"
 
 
 # --------------------------------------------------------------------------- BatchNorm folding
@@ -244,6 +255,25 @@ def fold_bn(model: nn.Module) -> tuple[nn.Module, int]:
         parent = model.get_submodule(parent_name)
         setattr(parent, child, nn.ReLU(inplace=True) if _is_norm_relu(bn) else nn.Identity())
     return model, len(pairs)
+
+
+def with_plain_norm_act(model: nn.Module) -> nn.Module:
+    """`model` with every norm+ReLU layer that is not the native one (e.g. the fused kernel's,
+    which calls a `torch.ops.fasttrain` op that a plain-torch reader of a torch.export or ONNX
+    file does not have) replaced in place by the native `BatchNormReLU2d` with the same state;
+    the same math. Layers left by `fold_bn` (unfoldable norms, or all of them with `--no-fold`)
+    are what this touches. Expects a CPU model (the exporter's copy)."""
+    native = NORM_ACT_LAYERS["native"]
+    for name, m in list(model.named_modules()):
+        if not (_is_norm_relu(m) and type(m) is not native):
+            continue
+        plain = native(m.num_features, eps=m.eps, momentum=m.momentum, affine=m.affine,
+                       track_running_stats=m.track_running_stats)
+        plain.load_state_dict(m.state_dict())
+        plain.train(m.training)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, plain)
+    return model
 
 
 # --------------------------------------------------------------------------- writers and readers
@@ -340,17 +370,23 @@ def load_exported(path: str | Path, fmt: str | None = None
             extra = {META_KEY: ""}
             ep = torch.export.load(str(path), extra_files=extra)
             return ep.module(), json.loads(extra[META_KEY] or "{}")
-    except (RuntimeError, ValueError, OSError) as e:
+    except Exception as e:  # torch raises RuntimeError, zipfile.BadZipFile, KeyError, ... here
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"{path}: cannot load {fmt} file ({first})") from None
+        raise ExportError(f"{path}: cannot load {fmt} file ({type(e).__name__}: {first})"
+                          ) from None
     try:
         import onnx
         import onnxruntime as ort
     except ImportError as e:
         raise ExportError(f"checking an ONNX file needs onnx and onnxruntime ({e})") from None
-    proto = onnx.load(str(path), load_external_data=False)
-    meta = next((json.loads(p.value) for p in proto.metadata_props if p.key == META_KEY), {})
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+        meta = next((json.loads(p.value) for p in proto.metadata_props if p.key == META_KEY), {})
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnx's DecodeError, onnxruntime's Fail/InvalidGraph, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"{path}: cannot load onnx file ({type(e).__name__}: {first})"
+                          ) from None
     name = session.get_inputs()[0].name
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -420,35 +456,63 @@ def export_model(model: nn.Module, meta: dict[str, Any], fmt: str, out: str | Pa
         The parity result and the metadata written.
 
     Raises:
-        ParityError: the file's outputs differ beyond `atol + rtol * max|eager|` (the file stays,
-            so it can be inspected).
-        ExportError: unknown format or a missing optional package.
+        ParityError: the file's outputs differ beyond `atol + rtol * max|eager|`; `out` is
+            left as it was and the failed file is kept as `<stem>.parity-failed<suffix>` next
+            to it, for inspection.
+        ExportError: unknown format, a missing optional package, a bad tolerance, or `out`
+            cannot be written.
+
+    `out` is replaced atomically, and only when the parity check passes.
     """
     from .measure.env import git_commit
 
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+    for name, tol in (("atol", atol), ("rtol", rtol)):
+        if not (math.isfinite(tol) and tol >= 0):
+            raise ExportError(f"--{name} must be a finite number >= 0, got {tol}")
     reference = copy.deepcopy(model).float().cpu().eval()
     net, n_folded = fold_bn(reference) if fold else (reference, 0)
+    net = with_plain_norm_act(net)
     meta = {**meta, "format": fmt, "bn_folded": n_folded, "export_commit": git_commit(),
             "torch_version": str(torch.__version__),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     # Batch 2 for the example: torch.export specialises a dimension it first sees as 1.
     example = torch.randn(2, *meta["input_size"])
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "torchscript":
-        meta["torchscript_method"] = to_torchscript(net, example, out, meta)
-    elif fmt == "export":
-        to_export(net, example, out, meta)
-    else:
-        to_onnx(net, example, out, meta)
-        meta["onnx_opset"] = ONNX_OPSET
-    exported, _ = load_exported(out, fmt)
-    parity = check_parity(reference, exported, meta["input_size"], batch_sizes=batch_sizes,
-                          atol=atol, rtol=rtol)
-    if not parity.ok:
-        raise ParityError(f"{out}: {fmt} output differs from eager: max abs {parity.max_abs:.3g}, "
-                          f"max rel {parity.max_rel:.3g} > atol {atol:g} + rtol {rtol:g} "
-                          f"(batch sizes {', '.join(map(str, batch_sizes))})")
+    if out.is_dir():
+        raise ExportError(f"{out}: is a directory; --out names the file to write")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"{out.parent}: cannot create the output folder "
+                          f"({e.strerror or e})") from None
+    # Written under a temporary name (same folder, same suffix: torch.export wants .pt2) and
+    # renamed only once the parity check passed, so a failed export never replaces a good file.
+    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")
+    try:
+        try:
+            if fmt == "torchscript":
+                meta["torchscript_method"] = to_torchscript(net, example, tmp, meta)
+            elif fmt == "export":
+                to_export(net, example, tmp, meta)
+            else:
+                to_onnx(net, example, tmp, meta)
+                meta["onnx_opset"] = ONNX_OPSET
+        except OSError as e:
+            raise ExportError(f"{out}: cannot write ({e.strerror or e})") from None
+        exported, _ = load_exported(tmp, fmt)
+        parity = check_parity(reference, exported, meta["input_size"], batch_sizes=batch_sizes,
+                              atol=atol, rtol=rtol)
+        if not parity.ok:
+            failed = out.with_name(f"{out.stem}.parity-failed{out.suffix}")
+            os.replace(tmp, failed)
+            raise ParityError(f"{out}: {fmt} output differs from eager: max abs "
+                              f"{parity.max_abs:.3g}, max rel {parity.max_rel:.3g} > atol "
+                              f"{atol:g} + rtol {rtol:g} (batch sizes "
+                              f"{', '.join(map(str, batch_sizes))}); written as {failed} for "
+                              f"inspection, {out} left as it was")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return parity, meta

@@ -167,13 +167,70 @@ def test_parity_failure_raises(tmp_path, monkeypatch):
             folded.fc.bias.add_(1.0)
         return folded, n
 
+    good = tmp_path / "net.pt"
+    ex.export_model(model, meta, "torchscript", good)
+    before = good.read_bytes()
     monkeypatch.setattr(ex, "fold_bn", broken_fold)
-    with pytest.raises(ex.ParityError, match="differs from eager"):
-        ex.export_model(model, meta, "torchscript", tmp_path / "bad.pt")
+    with pytest.raises(ex.ParityError, match="differs from eager.*net.pt left as it was"):
+        ex.export_model(model, meta, "torchscript", good)
+    # The earlier good file is untouched; the failed one is kept beside it, nothing else.
+    assert good.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.parity-failed.pt", "net.pt"]
+    run, _ = ex.load_exported(tmp_path / "net.parity-failed.pt")
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert (run(x) - model(x)).abs().max() > 0.5  # it is the broken export
     # The command line turns it into exit status 1 and one line.
     code = export_tool.main(["--model", "cifar_resnet20", "--width", "0.25", "--out",
                              str(tmp_path / "bad2.pt")])
-    assert code == 1
+    assert code == 1 and not (tmp_path / "bad2.pt").exists()
+
+
+def test_a_failed_write_leaves_no_file_behind(tmp_path, monkeypatch):
+    model, meta = small_model()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch.export, "save", full_disk)
+    with pytest.raises(ex.ExportError, match=r"net.pt2: cannot write \(No space left"):
+        ex.export_model(model, meta, "export", tmp_path / "net.pt2")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["export", "onnx"])
+def test_unfolded_fused_norm_act_exports_without_the_native_op(fmt, tmp_path):
+    # With --no-fold the fused kernel's layers stay; the file must not call torch.ops.fasttrain,
+    # which a plain-torch (or onnxruntime) reader does not have.
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+        pytest.importorskip("onnxscript")
+    model, meta = ex.model_from_name("cifar_resnet20", 0.25, resolution=16, norm_act="fused")
+    model = randomize_bn(model).eval()
+    out = tmp_path / f"net{ex.FORMATS[fmt]}"
+    parity, written = ex.export_model(model, meta, fmt, out, fold=False)
+    assert parity.ok and written["bn_folded"] == 0
+    if fmt == "export":
+        ep = torch.export.load(str(out))
+        targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+        assert not any("fasttrain" in t for t in targets), targets
+        assert any("batch_norm" in t for t in targets), targets
+
+
+def test_with_plain_norm_act_keeps_the_math_and_the_state():
+    model, _ = ex.model_from_name("cifar_resnet20", 0.25, norm_act="fused")
+    model = randomize_bn(model).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want = model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = ex.with_plain_norm_act(model)
+    kinds = {type(m) for m in plain.modules() if isinstance(m, nn.BatchNorm2d)}
+    assert kinds == {NORM_ACT_LAYERS["native"], nn.BatchNorm2d}  # BN before a residual add
+    assert all(torch.equal(v, state[k]) for k, v in plain.state_dict().items())
+    with torch.no_grad():
+        assert max_rel(plain(x), want) < 1e-6
 
 
 # --------------------------------------------------------------------------- checkpoints and CLI
@@ -231,10 +288,25 @@ def ex_macs(model, res):
     (["--checkpoint", "c.pt", "--width", "0.5", "--out", "x.pt"], "--model only"),
     (["--model", "cifar_resnet20", "--format", "tflite", "--out", "x.pt"], "--format"),
     (["--out", "x.pt"], "required"),
+    (["--model", "cifar_resnet20", "--num-classes", "0", "--out", "x.pt"],
+     "--num-classes: expected an integer >= 1, got 0"),
+    (["--model", "cifar_resnet20", "--width", "inf", "--out", "x.pt"],
+     "width must be a finite number > 0, got inf"),
+    (["--model", "cifar_resnet20", "--atol", "-1", "--out", "x.pt"],
+     "--atol: expected a finite number >= 0, got '-1'"),
+    (["--model", "cifar_resnet20", "--rtol", "nan", "--out", "x.pt"], "--rtol"),
+    (["--model", "cifar_resnet20", "--format", "export", "--out", "x.onnx"],
+     "--format export does not match --out x.onnx (a onnx suffix); use .pt2 for export"),
+    (["--model", "cifar_resnet20", "--out", "a_file/x.pt"], "a_file: cannot create the output "
+                                                            "folder"),
+    (["--model", "cifar_resnet20", "--out", "a_dir.pt"], "a_dir.pt: is a directory"),
+    (["--checkpoint", "c.pt", "--channel-divisor", "8", "--out", "x.pt"], "--model only"),
 ])
 def test_export_cli_user_errors_exit_2_with_one_line(argv, message, capsys, tmp_path,
                                                      monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("kept")
+    (tmp_path / "a_dir.pt").mkdir()
     try:
         code = export_tool.main(argv)
     except SystemExit as e:
@@ -249,8 +321,32 @@ def test_a_checkpoint_that_does_not_fit_is_refused(tmp_path):
     state = torch.load(path, weights_only=True)
     state["config"]["model"]["width"] = 0.5
     torch.save(state, path)
-    with pytest.raises(ex.CheckpointError, match="does not fit"):
+    # the message names the first offending key and its shapes, not only torch's heading
+    with pytest.raises(ex.CheckpointError, match=r"does not fit its model config \(Error\(s\) in "
+                                                 r"loading state_dict for CifarResNet: size "
+                                                 r"mismatch for \S+: .* \(\+\d+ more\)\)$"):
         ex.model_from_checkpoint(path)
+
+
+def test_export_never_writes_over_its_checkpoint(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path)
+    before = ckpt.read_bytes()
+    (tmp_path / "link.pt").hardlink_to(ckpt)
+    for out in (ckpt, tmp_path / "sub" / ".." / ckpt.name, tmp_path / "link.pt"):
+        assert export_tool.main(["--checkpoint", str(ckpt), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is the checkpoint itself" in err, err
+    assert ckpt.read_bytes() == before
+
+
+def test_a_corrupted_exported_file_is_one_line(tmp_path):
+    model, meta = small_model()
+    ex.export_model(model, meta, "export", tmp_path / "net.pt2")
+    (tmp_path / "cut.pt2").write_bytes((tmp_path / "net.pt2").read_bytes()[:2000])
+    (tmp_path / "text.pt2").write_text("not a zip")
+    for name in ("cut.pt2", "text.pt2"):
+        with pytest.raises(ex.ExportError, match=rf"{name}: cannot load export file \(\w+"):
+            ex.load_exported(tmp_path / name)
 
 
 # --------------------------------------------------------------------------- torch.hub

@@ -13,13 +13,18 @@ eager, unfolded model on random inputs at two batch sizes. Metadata (model, widt
 size, mean/std, training commit, export details) is stored in the file under "fasttrain.json".
 The format defaults to the one --out's suffix names.
 
+The file is written under a temporary name and renamed to --out only when the parity check
+passes, so a failed export never replaces an earlier file; --out may not be the checkpoint.
+
 Exit status: 0 when the parity check passes; 1 when the exported outputs differ beyond
-`atol + rtol * max|eager output|` (one line on stderr; the file is kept for inspection); 2 for
-user errors (one line on stderr).
+`atol + rtol * max|eager output|` (one line on stderr; --out is left as it was and the failed
+file is kept as <stem>.parity-failed<suffix> for inspection); 2 for user errors (one line on
+stderr).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -38,6 +43,26 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
     return values
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="Fold BatchNorm and export a model to TorchScript, "
                                    "torch.export or ONNX; exits 0 only when the export matches "
@@ -46,21 +71,36 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", metavar="PATH", help="a fasttrain checkpoint")
     src.add_argument("--model", metavar="NAME", help="a registered model (random weights)")
     p.add_argument("--width", type=float, default=None, help="--model: width multiplier (1.0)")
-    p.add_argument("--channel-divisor", type=int, default=1, help="--model: channel divisor")
-    p.add_argument("--num-classes", type=int, default=None,
+    p.add_argument("--channel-divisor", type=_positive_int, default=1, help="--model: channel divisor")
+    p.add_argument("--num-classes", type=_positive_int, default=None,
                    help="--model: classifier outputs (default 1000, CIFAR models 10)")
     p.add_argument("--format", choices=["torchscript", "export", "onnx"], default=None,
                    help="default: from --out's suffix (.pt, .pt2, .onnx)")
     p.add_argument("--out", required=True, metavar="FILE", help="the file to write")
-    p.add_argument("--resolution", type=int, default=None,
+    p.add_argument("--resolution", type=_positive_int, default=None,
                    help="input size stored in the metadata and used for the parity check "
                         "(default: the checkpoint's val_res; 224, CIFAR 32)")
     p.add_argument("--no-fold", action="store_true", help="keep BatchNorm layers")
-    p.add_argument("--atol", type=float, default=1e-4, help="parity: absolute tolerance")
-    p.add_argument("--rtol", type=float, default=1e-4,
+    p.add_argument("--atol", type=_tolerance, default=1e-4, help="parity: absolute tolerance")
+    p.add_argument("--rtol", type=_tolerance, default=1e-4,
                    help="parity: tolerance relative to the largest eager output")
     p.add_argument("--parity-batch-sizes", type=_batch_sizes, default=(1, 3), metavar="B1,B2")
     return p
+
+
+def _format_named_by(ex, out: str) -> str | None:
+    """The format --out's suffix names, or None for a suffix no format claims."""
+    try:
+        return ex.format_of(out)
+    except UserError:
+        return None
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve() or Path(a).samefile(b)
+    except OSError:  # b does not exist yet: it cannot be a (hard link to the) checkpoint
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,11 +109,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.checkpoint and (args.width is not None or args.num_classes is not None):
             raise UserError("--width and --num-classes apply to --model only (a checkpoint "
                             "names its own)")
-        if args.resolution is not None and args.resolution < 1:
-            raise UserError(f"--resolution must be >= 1, got {args.resolution}")
+        if args.checkpoint and args.channel_divisor != 1:
+            raise UserError("--channel-divisor applies to --model only (a checkpoint names "
+                            "its own)")
         from fasttrain import export as ex
 
         fmt = args.format or ex.format_of(args.out)
+        named = _format_named_by(ex, args.out)
+        if named is not None and named != fmt:
+            raise UserError(f"--format {fmt} does not match --out {args.out} (a {named} "
+                            f"suffix); use {ex.FORMATS[fmt]} for {fmt}")
+        if args.checkpoint and _same_file(args.checkpoint, args.out):
+            raise UserError(f"--out {args.out} is the checkpoint itself; exporting over it "
+                            f"would lose the trained weights")
         if args.checkpoint:
             model, meta = ex.model_from_checkpoint(args.checkpoint)
             if args.resolution:
