@@ -147,6 +147,11 @@ def test_progressive_resolution_follows_ffcv():
             assert res == int(np.round(interp / 32)) * 32
         assert progressive_resolution(data, epoch) == res, epoch
     assert progressive_resolution(DataConfig(train_res=176), 5) == 176
+    # Ends that are not multiples of 32: rounding alone gives 0 px or a size above max_res.
+    small = DataConfig(min_res=8, max_res=40, start_ramp=0, end_ramp=4)
+    assert [progressive_resolution(small, e) for e in range(5)] == [8, 8, 32, 32, 40]
+    narrow = DataConfig(min_res=16, max_res=24, start_ramp=0, end_ramp=4)
+    assert [progressive_resolution(narrow, e) for e in range(5)] == [16, 24, 24, 24, 24]
 
 
 def test_triangular_lr_at_chosen_iterations():

@@ -59,7 +59,9 @@ def random_resized_crop_params(height: int, width: int, scale: tuple[float, floa
 def progressive_resolution(data: DataConfig, epoch: int) -> int:
     """Training resolution of `epoch` (0-based): `train_res`, or with progressive resizing
     (`min_res` > 0) min_res up to `start_ramp`, max_res from `end_ramp`, and in between the
-    linear interpolation rounded to a multiple of 32 (ffcv-imagenet's `get_resolution`)."""
+    linear interpolation rounded to a multiple of 32 (ffcv-imagenet's `get_resolution`), kept
+    within [min_res, max_res] (rounding alone gives 0 px for min_res 8, or 32 px above a
+    max_res of 24, when the ends are not multiples of 32)."""
     if not data.min_res:
         return data.train_res
     if epoch <= data.start_ramp:
@@ -67,7 +69,7 @@ def progressive_resolution(data: DataConfig, epoch: int) -> int:
     if epoch >= data.end_ramp:
         return data.max_res
     interp = np.interp(epoch, [data.start_ramp, data.end_ramp], [data.min_res, data.max_res])
-    return int(np.round(interp / 32)) * 32
+    return min(max(int(np.round(interp / 32)) * 32, data.min_res), data.max_res)
 
 
 class AutoAugment:
