@@ -42,6 +42,15 @@ def test_digits_are_real_jpegs_with_a_deterministic_split(data_root, tmp_path):
     assert sample.stat().st_mtime_ns == mtime
 
 
+def test_digits_at_an_unusable_path_is_one_line(tmp_path):
+    (tmp_path / "a_file").write_text("kept")
+    with pytest.raises(DatasetError, match=r"a_file: exists and is not a directory"):
+        build_digits(tmp_path / "a_file")
+    with pytest.raises(DatasetError, match=r"a_file/digits: cannot write the data set here"):
+        build_digits(tmp_path / "a_file" / "digits")
+    assert (tmp_path / "a_file").read_text() == "kept"
+
+
 def _quick_cfg(*overrides):
     # These tests are about the torch backend (workers, per-sample seeding); the quickstart
     # recipe itself runs on the resident backend.

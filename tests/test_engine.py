@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +13,10 @@ import torch
 from conftest import write_code_running_checkpoint
 from fasttrain.config import ScheduleConfig, load
 from fasttrain.engine import checkpoint as ckpt
-from fasttrain.engine import loop, train
+from fasttrain.engine import distributed, loop, rundir, train
 from fasttrain.engine.optim import param_groups
 from fasttrain.engine.schedule import lr_factor
-from fasttrain.errors import CheckpointError, RunError
+from fasttrain.errors import CheckpointError, ConfigError, RunError
 from fasttrain.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -251,3 +252,132 @@ def test_grad_accumulation_keeps_the_global_batch_and_tensorboard_logs(data_root
     assert list((tmp_path / "acc" / "tensorboard").glob("events.out.tfevents.*"))
     saved = ckpt.load(tmp_path / "acc" / "checkpoints" / "last.pt")
     assert saved["train_state"]["step"] == 3 and "ema" in saved
+
+
+# --------------------------------------------------------------------------- run directories
+
+def _fake_run(log_dir: Path, name: str, *, last=True, best=False, metrics="") -> Path:
+    run = log_dir / name
+    (run / "checkpoints").mkdir(parents=True)
+    if last:
+        (run / "checkpoints" / "last.pt").write_bytes(b"x")
+    if best:
+        (run / "checkpoints" / "best.pt").write_bytes(b"x")
+    if metrics:
+        (run / "metrics.jsonl").write_text(metrics)
+    return run
+
+
+def test_resume_auto_takes_only_runs_of_the_same_recipe(tmp_path):
+    mine = _fake_run(tmp_path, "quickstart-20261130-060000")
+    os.utime(mine / "checkpoints" / "last.pt", (1, 1))  # older than the other recipe's run
+    _fake_run(tmp_path, "quickstart-small-20261130-070000")
+    _fake_run(tmp_path, "quickstart-notes")
+    found = rundir.find_resume("auto", tmp_path, "", "quickstart")
+    assert found == mine / "checkpoints" / "last.pt"
+    assert rundir.find_resume("auto", tmp_path, "", "quickstart-small").parent.parent.name == \
+        "quickstart-small-20261130-070000"
+    assert rundir.is_run_of(tmp_path / "quickstart-20261130-060000-2", "quickstart")
+
+
+def test_new_run_dir_never_reuses_a_folder_holding_a_run(tmp_path):
+    _fake_run(tmp_path, "only_best", last=False, best=True)
+    _fake_run(tmp_path, "only_metrics", last=False, metrics='{"epoch": 1}\n')
+    for name in ("only_best", "only_metrics"):
+        with pytest.raises(RunError, match="already holds checkpoints or metrics"):
+            rundir.new_run_dir(tmp_path, name, "quickstart")
+    (tmp_path / "empty").mkdir()  # an empty folder (made by hand) is fine
+    assert rundir.new_run_dir(tmp_path, "empty", "q") == tmp_path / "empty"
+    (tmp_path / "a_file").write_text("kept")
+    with pytest.raises(RunError, match=r"a_file/x: cannot create the run directory \(log.dir="):
+        rundir.new_run_dir(tmp_path / "a_file", "x", "q")
+    assert (tmp_path / "a_file").read_text() == "kept"
+
+
+def test_a_loose_checkpoint_has_no_run_directory(tmp_path):
+    run = _fake_run(tmp_path, "r")
+    assert rundir.run_dir_of(run / "checkpoints" / "last.pt") == run
+    (tmp_path / "m.pt").write_bytes(b"x")
+    assert rundir.run_dir_of(tmp_path / "m.pt") is None
+
+
+def test_trim_survives_a_torn_metrics_line(tmp_path):
+    good = [json.dumps({"epoch": e, "val_top1": 1.0}) for e in (1, 2, 3)]
+    run = _fake_run(tmp_path, "r", metrics="\n".join(good) + '\n{"epoch": 4, "train_lo\x00\x00')
+    loop._trim_run_dir(run, 2)
+    assert (run / "metrics.jsonl").read_text() == good[0] + "\n" + good[1] + "\n"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_a_gpu_is_a_config_error():
+    with pytest.raises(ConfigError, match="train.device=cuda but no CUDA device"):
+        distributed.resolve_device("cuda", 0)
+
+
+# --------------------------------------------------------------------------- resume rules
+
+@pytest.mark.slow
+def test_resume_refuses_optimizer_overrides_before_writing(data_root, tmp_path):
+    train(_cfg(data_root, tmp_path, "--schedule.epochs=1", "--schedule.warmup_epochs=0",
+               "--train.max_steps=1", "--log.name=r"))
+    config_before = (tmp_path / "r" / "config.yaml").read_text()
+    for override, message in (("--optim.lr=0.001", "optim.lr=0.2 but the config has 0.001"),
+                              ("--optim.name=lamb", "optim.name='sgd' but the config has 'lamb'"),
+                              ("--optim.decay_norm_and_bias=true", "decay_norm_and_bias"),
+                              ("--data.batch_size=32", "data.batch_size=64")):
+        cfg = _cfg(data_root, tmp_path, "--schedule.epochs=1", "--schedule.warmup_epochs=0",
+                   override, "--log.name=r")
+        with pytest.raises(CheckpointError, match=re.escape(message) + ".*--model.init_from="):
+            train(cfg, resume="auto")
+    assert (tmp_path / "r" / "config.yaml").read_text() == config_before
+    # The schedule may change: a longer run continues the same one.
+    more = train(_cfg(data_root, tmp_path, "--schedule.epochs=2", "--schedule.warmup_epochs=0",
+                      "--train.max_steps=2", "--log.name=r"), resume="auto")
+    assert more["step"] == 2
+
+
+@pytest.mark.slow
+def test_max_steps_inside_an_epoch_resumes_inside_it(data_root, tmp_path):
+    args = ("--schedule.epochs=2", "--schedule.warmup_epochs=0", "--schedule.kind=step",
+            "--schedule.milestones=[1]", "--schedule.gamma=0.5")
+    cut = train(_cfg(data_root, tmp_path, *args, "--train.max_steps=5", "--log.name=cut"))
+    assert cut["step"] == 5
+    state = ckpt.load(tmp_path / "cut" / "checkpoints" / "last.pt")["train_state"]
+    assert (state["epoch"], state["epoch_step"]) == (0, 5)  # not "epoch 1 done"
+    done = train(_cfg(data_root, tmp_path, *args, "--log.name=cut"), resume="auto")
+    steps_per_epoch = 1433 // 64
+    assert done["step"] == 2 * steps_per_epoch and done["epoch"] == 2
+    lines = [json.loads(l) for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2]  # the cut epoch's line was replaced
+    assert lines[0]["train_images"] == steps_per_epoch * 64
+    # `lr` is what the epoch's last step used (the step schedule halves it after epoch 1)
+    assert lines[0]["lr"] == pytest.approx(2 * lines[1]["lr"])
+
+
+@pytest.mark.slow
+def test_a_loose_checkpoint_resumes_into_a_new_run_directory(data_root, tmp_path):
+    args = ("--schedule.epochs=1", "--schedule.warmup_epochs=0", "--train.max_steps=1")
+    train(_cfg(data_root, tmp_path, *args, "--log.name=src"))
+    loose = tmp_path / "downloads"
+    loose.mkdir()
+    (loose / "m.pt").write_bytes((tmp_path / "src" / "checkpoints" / "last.pt").read_bytes())
+    summary = train(_cfg(data_root, tmp_path / "runs", "--schedule.epochs=1",
+                         "--schedule.warmup_epochs=0", "--train.max_steps=2"),
+                    recipe=str(QUICKSTART), resume=str(loose / "m.pt"))
+    assert Path(summary["run_dir"]).parent == tmp_path / "runs" and summary["step"] == 2
+    assert sorted(p.name for p in loose.iterdir()) == ["m.pt"]  # nothing written beside it
+
+
+@pytest.mark.slow
+def test_torchrun_error_seen_by_rank_0_stops_every_rank_with_one_line(data_root, tmp_path):
+    env = {**os.environ, "FASTTRAIN_DATA": str(data_root)}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(ROOT / "tools" / "train.py"), str(QUICKSTART), "--schedule.epochs=1",
+         "--schedule.warmup_epochs=0", f"--log.dir={tmp_path}",
+         "--resume", str(tmp_path / "nothing.pt")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.count(f"error: --resume {tmp_path / 'nothing.pt'}: no checkpoint") == 1
+    assert "[rank1]" not in result.stderr and "broadcast" not in result.stderr, \
+        result.stderr[-3000:]

@@ -5,7 +5,7 @@
     torchrun --nproc_per_node=N tools/train.py RECIPE ...
 
 User errors (bad recipe, override, data path or checkpoint) exit with status 2 and one line on
-stderr; success exits 0.
+stderr; Ctrl-C exits 130 with one line; success exits 0.
 """
 from __future__ import annotations
 
@@ -41,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":  # under torchrun, say it once
             print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            print("interrupted: the last checkpoint is intact; continue with --resume auto "
+                  "(or --resume RUN_DIR)", file=sys.stderr)
+        return 130  # the shell's status for SIGINT
     return 0
 
 

@@ -43,15 +43,20 @@ def _publish_dir(build: Callable[[Path], None], target: Path) -> Path:
     """
     if target.is_dir():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        raise DatasetError(f"{target}: exists and is not a directory (data.path)")
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         build(tmp)
         try:
             os.rename(tmp, target)
         except OSError:
             if not target.is_dir():
                 raise
+    except OSError as e:
+        raise DatasetError(f"{target}: cannot write the data set here (data.path: "
+                           f"{e.strerror or e})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -33,14 +35,16 @@ def _env_int(name: str, default: int) -> int:
 
 
 def resolve_device(preference: str, local_rank: int) -> torch.device:
-    """`auto` → CUDA when available; `cuda` without a GPU is a RuntimeError."""
+    """`auto` → CUDA when available; `cuda` without a GPU (or a local rank without its own
+    GPU) is a ConfigError."""
     if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available")
+        raise ConfigError("train.device=cuda but no CUDA device is available")
     if local_rank >= torch.cuda.device_count():
-        raise RuntimeError(f"local rank {local_rank} has no GPU "
-                           f"({torch.cuda.device_count()} visible)")
+        raise ConfigError(f"local rank {local_rank} has no GPU "
+                          f"({torch.cuda.device_count()} visible): start at most that many "
+                          f"processes per node")
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from .. import config as config_mod
 from ..config import Config, ModelConfig
-from ..errors import CheckpointError, ConfigError, TrainingError
+from ..errors import CheckpointError, ConfigError, TrainingError, UserError
 from ..data import build_loaders, sample_seed
 from ..data.loader import DeviceLoader
 from ..measure import count_macs, count_params, git_commit
@@ -142,16 +142,52 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+RESUME_FIXED = (("optim", ("name", "lr", "lr_reference_batch", "momentum", "nesterov", "betas",
+                            "eps", "weight_decay", "decay_norm_and_bias")),
+                ("data", ("batch_size",)), ("train", ("grad_accum_steps",)))
+"""Settings a resumed run cannot change: the optimizer's state carries them (its learning rate,
+hyper-parameters and parameter groups are loaded from the checkpoint, so an override would be
+recorded in config.yaml but silently not used), and the position inside an epoch is counted in
+batches of this size."""
+
+
 def _check_compatible(saved: dict[str, Any], cfg: Config, path: Path) -> None:
     if "optimizer" not in saved or "train_state" not in saved:
         raise CheckpointError(f"{path}: not a training checkpoint (no optimizer state); start "
                               f"from its weights with --model.init_from={path} instead")
-    saved_model = saved.get("config", {}).get("model", {})
+    saved_cfg = saved.get("config") or {}
+    saved_model = saved_cfg.get("model", {})
     for key in MODEL_IDENTITY:
         have, want = saved_model.get(key), getattr(cfg.model, key)
         if have != want:
             raise CheckpointError(f"{path}: checkpoint has model.{key}={have!r} but the "
                                        f"config has {want!r}")
+    for section, keys in RESUME_FIXED:
+        saved_section = saved_cfg.get(section) or {}
+        for key in keys:
+            if key not in saved_section:  # written before the key existed
+                continue
+            have, want = saved_section[key], getattr(getattr(cfg, section), key)
+            if have != want:
+                raise CheckpointError(
+                    f"{path}: checkpoint was trained with {section}.{key}={have!r} but the "
+                    f"config has {want!r}; a resumed run keeps its optimizer state and batch "
+                    f"size (start a new run from its weights with --model.init_from={path})")
+
+
+def _on_main(dist: distributed.DistInfo, fn):
+    """`fn()` on rank 0 only, its result on every rank; a user error raised there is raised on
+    every rank (so the others stop with the same one line instead of a broken collective)."""
+    outcome: tuple[Any, UserError | None] = (None, None)
+    if dist.is_main:
+        try:
+            outcome = (fn(), None)
+        except UserError as e:
+            outcome = (None, e)
+    result, error = distributed.broadcast_object(outcome)
+    if error is not None:
+        raise error
+    return result
 
 
 def _graph_steps(cfg: Config, device: torch.device, use_compile: bool) -> bool:
@@ -238,8 +274,8 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
     log_dir = Path(cfg.log.dir)
     stem = Path(recipe).stem if recipe else "run"
     resume_path = None
-    if resume and dist.is_main and not dry_run:
-        resume_path = find_resume(resume, log_dir, cfg.log.name, stem)
+    if resume and not dry_run:
+        resume_path = _on_main(dist, lambda: find_resume(resume, log_dir, cfg.log.name, stem))
         if resume_path is None:
             report.print(f"--resume auto: no checkpoint under {log_dir}, starting fresh")
 
@@ -277,11 +313,10 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
         report.summary(rows, "dry run: recipe is valid")
         return {"params": params, "macs": macs.conv_fc if macs else None}
 
-    run_dir = None
-    if dist.is_main:
-        run_dir = run_dir_of(resume_path) if resume_path else new_run_dir(log_dir, cfg.log.name,
-                                                                          stem)
-    run_dir, resume_path = distributed.broadcast_object((run_dir, resume_path))
+    # A checkpoint inside <run>/checkpoints/ continues that run; a loose file (downloaded,
+    # copied) starts a new run directory rather than writing next to it.
+    run_dir = _on_main(dist, lambda: (resume_path and run_dir_of(resume_path))
+                       or new_run_dir(log_dir, cfg.log.name, stem))
 
     model = model.to(memory_format=torch.channels_last) if cfg.train.channels_last else model
     optimizer = build_optimizer(cfg.optim, model, device, cfg.data.batch_size)
@@ -308,6 +343,8 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
             ema.load_state_dict(saved["ema"])
         _set_rng_state(saved["rng"])
         state = TrainState(**saved["train_state"])
+        # an epoch that train.max_steps cut short is in the history; it is trained again now
+        state.history = [h for h in state.history if h["epoch"] <= state.epoch]
         if dist.is_main:
             _trim_run_dir(run_dir, state.epoch)
         where = f"epoch {state.epoch}" + (f", step {state.epoch_step} of epoch {state.epoch + 1}"
@@ -355,10 +392,10 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
         skipped = _new_skipped_files(loaders, reported)
         for path, reason in skipped:
             report.print(f"skipped unreadable file {path}: {reason}")
-        state.epoch = epoch + 1
+        if not state.epoch_step:  # else train.max_steps stopped it inside: resume continues it
+            state.epoch = epoch + 1
         state.train_time_s += epoch_time
-        metrics = {"epoch": epoch + 1, **train_metrics, **val_metrics,
-                   "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": epoch_time,
+        metrics = {"epoch": epoch + 1, **train_metrics, **val_metrics, "epoch_time_s": epoch_time,
                    "train_images_per_s": train_metrics["train_images"] / t_train,
                    "train_time_s": state.train_time_s, "world_size": dist.world_size,
                    "step": state.step, "skipped_files": len(reported)}
@@ -370,6 +407,8 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
         if dist.is_main:
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
+                f.flush()
+                os.fsync(f.fileno())  # before the checkpoint that claims this epoch is done
             if writer is not None:
                 for key, value in metrics.items():
                     writer.add_scalar(key, value, epoch + 1)
@@ -444,6 +483,7 @@ def train_one_epoch(p: Parts, loader: DeviceLoader, state: TrainState, epoch: in
         p.scaler.step(p.optimizer)
         p.scaler.update()
         p.optimizer.zero_grad(set_to_none=True)
+        step_lr = p.optimizer.param_groups[0]["lr"]  # what this step used; step() moves it on
         p.scheduler.step()
         step += 1
         state.step += 1
@@ -474,9 +514,17 @@ def train_one_epoch(p: Parts, loader: DeviceLoader, state: TrainState, epoch: in
     loss_total += state.epoch_loss_sum
     images_total += state.epoch_images
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    state.epoch_step, state.epoch_loss_sum, state.epoch_images = 0, 0.0, 0
-    state.epoch_elapsed_s = 0.0
-    return {"train_loss": loss_total / max(world * step, 1), "train_images": int(images_total)}
+    if step < p.steps_per_epoch:
+        # train.max_steps stopped inside the epoch: keep the position and the partial sums, so
+        # the checkpoint saved next says where a resume continues (not "epoch done").
+        state.epoch_step, state.epoch_loss_sum, state.epoch_images = step, loss_total, \
+            int(images_total)
+        state.epoch_elapsed_s = time.perf_counter() - t_start
+    else:
+        state.epoch_step, state.epoch_loss_sum, state.epoch_images = 0, 0.0, 0
+        state.epoch_elapsed_s = 0.0
+    return {"train_loss": loss_total / max(world * step, 1), "train_images": int(images_total),
+            "lr": step_lr if step > start else p.optimizer.param_groups[0]["lr"]}
 
 
 def _trim_run_dir(run_dir: Path, epochs_done: int) -> None:
@@ -485,8 +533,17 @@ def _trim_run_dir(run_dir: Path, epochs_done: int) -> None:
     of interrupted checkpoint writes."""
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists():
-        keep = [line for line in metrics.read_text().splitlines()
-                if line.strip() and json.loads(line)["epoch"] <= epochs_done]
+        keep = []
+        # errors="replace": a power loss can leave a torn last line or NUL bytes; such lines
+        # are what this trim is for, and must not make the run impossible to resume.
+        for line in metrics.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+                done = isinstance(record, dict) and record["epoch"] <= epochs_done
+            except (ValueError, KeyError, TypeError):
+                done = False
+            if done:
+                keep.append(line)
         metrics.write_text("".join(line + "\n" for line in keep))
     for tmp in (run_dir / CHECKPOINTS).glob(".*.tmp-*"):
         tmp.unlink(missing_ok=True)

@@ -1,6 +1,7 @@
 """Run directories: `<log.dir>/<name>/{config.yaml, metrics.jsonl, checkpoints/}`."""
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -11,14 +12,24 @@ CHECKPOINTS = "checkpoints"
 LAST, BEST = "last.pt", "best.pt"
 
 
+def _holds_a_run(run: Path) -> bool:
+    """Whether `run` already holds something a run wrote (checkpoints or metrics)."""
+    return (any((run / CHECKPOINTS).glob("*.pt"))
+            or (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").stat().st_size > 0)
+
+
 def new_run_dir(log_dir: Path, name: str, recipe_stem: str) -> Path:
-    """A fresh run directory. An explicit `name` that already holds checkpoints is refused, so a
-    new run never overwrites one that could be resumed."""
+    """A fresh run directory. An explicit `name` whose folder already holds checkpoints or
+    metrics is refused, so a new run never overwrites (or appends to) an earlier one.
+
+    Raises:
+        RunError: the name is taken, or the folder cannot be created (names it and why).
+    """
     if name:
         run = log_dir / name
-        if (run / CHECKPOINTS / LAST).exists():
-            raise RunError(f"{run}: run directory already holds checkpoints; pass --resume auto "
-                           f"to continue it or choose another --log.name")
+        if run.is_dir() and _holds_a_run(run):
+            raise RunError(f"{run}: run directory already holds checkpoints or metrics; pass "
+                           f"--resume auto to continue it or choose another --log.name")
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run = log_dir / f"{recipe_stem}-{stamp}"
@@ -26,8 +37,18 @@ def new_run_dir(log_dir: Path, name: str, recipe_stem: str) -> Path:
         while run.exists():
             run = log_dir / f"{recipe_stem}-{stamp}-{n}"
             n += 1
-    (run / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+    try:
+        (run / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"{run}: cannot create the run directory (log.dir={log_dir}: "
+                       f"{e.strerror or e})") from None
     return run
+
+
+def is_run_of(run: Path, recipe_stem: str) -> bool:
+    """Whether `run` is named as `new_run_dir` names the runs of `recipe_stem` (so the runs of
+    `quickstart-small.yaml` are not taken for those of `quickstart.yaml`)."""
+    return re.fullmatch(rf"{re.escape(recipe_stem)}-\d{{8}}-\d{{6}}(-\d+)?", run.name) is not None
 
 
 def find_resume(resume: str, log_dir: Path, name: str, recipe_stem: str) -> Path | None:
@@ -35,7 +56,8 @@ def find_resume(resume: str, log_dir: Path, name: str, recipe_stem: str) -> Path
 
     `PATH` is a checkpoint file or a run directory (its checkpoints/last.pt). `auto` is
     `log.dir/log.name`'s last checkpoint when a name is set, else the newest
-    `log.dir/<recipe stem>-*` run that has one; None (start fresh) when there is none.
+    `log.dir/<recipe stem>-<date>-<time>` run that has one; None (start fresh) when there is
+    none.
     """
     if resume != "auto":
         path = Path(resume)
@@ -47,13 +69,15 @@ def find_resume(resume: str, log_dir: Path, name: str, recipe_stem: str) -> Path
     if name:
         candidates = [log_dir / name / CHECKPOINTS / LAST]
     else:
-        candidates = sorted(log_dir.glob(f"{recipe_stem}-*/{CHECKPOINTS}/{LAST}"),
+        candidates = sorted((p for p in log_dir.glob(f"{recipe_stem}-*/{CHECKPOINTS}/{LAST}")
+                             if is_run_of(p.parent.parent, recipe_stem)),
                             key=lambda p: p.stat().st_mtime)
     candidates = [c for c in candidates if c.is_file()]
     return candidates[-1] if candidates else None
 
 
-def run_dir_of(checkpoint: Path) -> Path:
-    """The run directory a checkpoint belongs to (`<run>/checkpoints/x.pt` → `<run>`)."""
+def run_dir_of(checkpoint: Path) -> Path | None:
+    """The run directory a checkpoint belongs to (`<run>/checkpoints/x.pt` → `<run>`); None for
+    a file outside a run's checkpoints/ folder (its folder is not a run to write into)."""
     parent = checkpoint.resolve().parent
-    return parent.parent if parent.name == CHECKPOINTS else parent
+    return parent.parent if parent.name == CHECKPOINTS else None
