@@ -5,10 +5,12 @@ No test asserts a timing: clocks are fake wherever a number is checked.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -155,6 +157,66 @@ def test_out_of_memory_is_recorded_and_the_sweep_continues():
     assert not bench.is_oom(other) and bench.is_oom(RuntimeError("CUDA error: out of memory"))
 
 
+class FailsAt(nn.Module):
+    """Fails for one batch size with an error that is not out of memory (a model that cannot
+    run at some size)."""
+
+    def __init__(self, bad: int) -> None:
+        super().__init__()
+        self.bad = bad
+        self.fc = nn.Linear(3, 5)
+
+    def forward(self, x):
+        if x.shape[0] == self.bad:
+            raise RuntimeError("Kernel size can't be greater than actual input size\nmore text")
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_other_failures_are_error_rows_and_the_sweep_continues(train):
+    bm = sources.BenchModel("bad", None, "test", FailsAt(4), 8, 5, None, None)
+    cond = bench.Conditions(device="cpu", iters=1, warmup=0, train=train)
+    rows = bench.run([bm], cond, [2, 4, 1])
+    assert [r["status"] for r in rows] == ["ok", "error", "ok"]
+    assert rows[1]["error"] == "RuntimeError: Kernel size can't be greater than actual input size"
+    assert rows[1]["images_per_s"] is None and rows[2]["images_per_s"] > 0
+
+
+def test_warmup_is_raised_to_what_compilation_needs(monkeypatch):
+    scripted = torch.jit.script(nn.Linear(3, 3))
+    plain = nn.Linear(3, 3)
+    assert bench.warmup_calls(0, "eager", plain) == 0
+    assert bench.warmup_calls(0, "cudagraphs", plain) == 0  # capture warms up before timing
+    assert bench.warmup_calls(0, "compile", plain) == 1
+    assert bench.warmup_calls(0, "compile-cudagraphs", plain) == 2
+    assert bench.warmup_calls(1, "torchscript", plain) == 2
+    assert bench.warmup_calls(0, "eager", scripted) == 2  # an exported TorchScript file
+    assert bench.warmup_calls(10, "compile", plain) == 10
+
+    seen = []
+    real_latency = bench.measure_latency
+
+    def spy_latency(fn, bs, **kw):
+        seen.append(kw["warmup"])
+        return real_latency(fn, bs, **kw)
+
+    monkeypatch.setattr(bench, "measure_latency", spy_latency)
+    bm = sources.from_registry("cifar_resnet20", [0.25])
+    cond = bench.Conditions(device="cpu", mode="torchscript", resolution=8, iters=1, warmup=0)
+    (row,) = bench.run(bm, cond, [2])
+    assert seen == [2] and row["warmup"] == 2  # the row says what ran
+
+    def fake_throughput(model, **kw):  # no torch.compile here: only the warm-up is checked
+        seen.append(kw["warmup"])
+        return summarize([TICK], kw["batch_size"])
+
+    monkeypatch.setattr(bench, "measure_throughput", fake_throughput)
+    cond = bench.Conditions(device="cpu", mode="compile", resolution=8, iters=1, warmup=0,
+                            train=True)
+    (row,) = bench.run(bm, cond, [2])
+    assert seen == [2, 1] and row["warmup"] == 1
+
+
 def test_training_rows_handle_oom_too():
     bm = sources.BenchModel("oom", None, "test", OomAbove(2), 8, None, None, None)
     rows = bench.run([bm], bench.Conditions(device="cpu", iters=1, warmup=0, train=True), [1, 3])
@@ -226,6 +288,65 @@ def test_factory_source_imports_from_the_working_directory(tmp_path, monkeypatch
                 "my_pruned_net:not_a_module"):
         with pytest.raises(sources.SourceError):
             sources.from_factory(bad)
+
+
+def test_factory_failures_are_one_line_source_errors(tmp_path, monkeypatch):
+    (tmp_path / "fac_needs_arg.py").write_text("def build(width):\n    return None\n")
+    (tmp_path / "fac_syntax.py").write_text("def build(:\n")
+    (tmp_path / "fac_raises.py").write_text("raise ValueError('no GPU here\\nsecond line')\n")
+    monkeypatch.chdir(tmp_path)
+    for spec, message in [
+            ("fac_needs_arg:build", "calling it failed (TypeError: build() missing 1 required"),
+            ("fac_syntax:build", "importing 'fac_syntax' failed (SyntaxError: "),
+            ("fac_raises:build", "importing 'fac_raises' failed (ValueError: no GPU here)"),
+            ("no_such_module_xyz:f", "cannot import 'no_such_module_xyz'")]:
+        with pytest.raises(sources.SourceError, match=None) as info:
+            sources.from_factory(spec)
+        assert message in str(info.value) and "\n" not in str(info.value), info.value
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny cifar_resnet20 (width 0.25) exported at 16 px, BatchNorm folded: TorchScript and
+    torch.export files."""
+    from fasttrain import export as ex
+
+    out = tmp_path_factory.mktemp("exported")
+    model, meta = ex.model_from_name("cifar_resnet20", 0.25, resolution=16)
+    _, written = ex.export_model(model, meta, "torchscript", out / "net.pt")
+    assert written["bn_folded"] > 0
+    ex.export_model(model, meta, "export", out / "net.pt2")
+    return out
+
+
+def test_exported_files_count_like_the_trained_network(exported):
+    cond = bench.Conditions(device="cpu", resolution=16, iters=1, warmup=0)
+    (reg,) = bench.run(sources.from_registry("cifar_resnet20", [0.25]), cond, [1])
+    for name in ("net.pt", "net.pt2"):
+        (row,) = bench.run([sources.from_file(exported / name)], cond, [1])
+        assert row["status"] == "ok"
+        assert (row["params"], row["macs"], row["macs_fvcore_total"]) == \
+            (reg["params"], reg["macs"], reg["macs_fvcore_total"]), name
+
+
+def test_a_torch_export_file_runs_at_its_exported_size_only(exported):
+    bm = sources.from_file(exported / "net.pt2")
+    assert bm.fixed_resolution == 16 and bm.resolution == 16
+    bench.Conditions(device="cpu", resolution=16).check([bm])
+    with pytest.raises(bench.BenchError, match=r"net\.pt2: exported for 16 px inputs only, "
+                                               r"not --resolution 32"):
+        bench.Conditions(device="cpu", resolution=32).check([bm])
+    assert sources.from_file(exported / "net.pt").fixed_resolution is None  # any size
+
+
+def test_file_and_checkpoint_sources_say_what_is_wrong(exported, tmp_path):
+    with pytest.raises(sources.SourceError, match=r"TorchScript archive.*use --file"):
+        sources.from_checkpoint(exported / "net.pt")
+    plain = tmp_path / "plain.pt"
+    torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())).save(str(plain))
+    with pytest.warns(UserWarning, match="MACs not counted: the file has no fasttrain metadata"):
+        bm = sources.from_file(plain)
+    assert bm.count_model is None
 
 
 def test_checkpoint_source_uses_the_checkpoint_config(tmp_path):
@@ -308,6 +429,19 @@ def test_cli_save_plot_csv_and_factory(tmp_path, monkeypatch, capsys):
     (["--checkpoint", "/no/such/ckpt.pt"], "checkpoint not found"),
     (["--file", "/no/such/model.pt"], "file not found"),
     (["--model", "thin_resnet18", "--width", "0"], "positive"),
+    (["--model", ""], "--model '': no model name given"),
+    (["--model", ","], "--model ',': no model name given"),
+    (["--checkpoint", ""], "--checkpoint: empty path"),
+    (["--file", ""], "--file: empty path"),
+    (["--factory", ""], "--factory: empty spec"),
+    (["--model", "thin_resnet18", "--width", "inf"], "expected finite positive values"),
+    (["--model", "thin_resnet18", "--width", "0.5,-inf"], "expected finite positive values"),
+    (["--model", "thin_resnet18", "--width", "nan"], "expected finite positive values"),
+    (["--checkpoint", "c.pt", "--num-classes", "5", "--channel-divisor", "8"],
+     "--num-classes and --channel-divisor apply to --model only"),
+    (["--file", "x.pt", "--num-classes", "3"], "--num-classes applies to --model only"),
+    (["--file", "x.pt", "--norm-act", "fused"], "--norm-act applies to --model and --checkpoint"),
+    (["--factory", "m:f", "--norm-act", "native"], "--norm-act applies to --model and"),
 ])
 def test_cli_user_errors_exit_2_with_one_line(argv, message, capsys):
     try:
@@ -343,3 +477,96 @@ def test_cuda_graph_replay_reruns_the_captured_work():
     torch.cuda.synchronize()
     assert len(calls) == 3
     torch.testing.assert_close(out, 2 * x0 + 2)
+
+
+TINY = ["--model", "cifar_resnet20", "--width", "0.25", "--resolution", "16", "--device", "cpu",
+        "--iters", "1", "--warmup", "0"]
+
+
+@pytest.mark.parametrize("taken, flag, inside", [
+    ("folder", "--json", ""),            # an existing folder where the file goes
+    ("folder", "--csv", ""),
+    ("folder", "--plot", ""),
+    ("file", "--json", "rows.json"),     # its folder would have to replace a file
+    ("file", "--csv", "a/rows.csv"),
+    ("file", "--results-dir", ""),       # --save's folder is a file
+])
+def test_cli_refuses_unwritable_outputs_before_measuring(taken, flag, inside, tmp_path,
+                                                         monkeypatch, capsys):
+    if taken == "folder":
+        (tmp_path / "taken").mkdir()
+    else:
+        (tmp_path / "taken").write_text("x")
+    path = tmp_path / "taken" / inside if inside else tmp_path / "taken"
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("measured before the check"))
+    extra = ["--save"] if flag == "--results-dir" else []
+    assert benchmark_tool.main(TINY + [flag, str(path)] + extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {flag} {path}: ") and err.count("\n") == 1, err
+
+
+def test_cli_creates_output_folders_and_keeps_results_when_one_write_fails(tmp_path, monkeypatch,
+                                                                           capsys):
+    out = tmp_path / "new" / "deeper"
+    assert benchmark_tool.main(TINY + ["--json", str(out / "rows.json"),
+                                       "--csv", str(out / "rows.csv")]) == 0
+    assert len(json.loads((out / "rows.json").read_text())) == 1
+    assert len((out / "rows.csv").read_text().splitlines()) == 2
+    capsys.readouterr()
+
+    real_run = bench.run
+
+    def run_then_take_the_path(*a, **k):  # the JSON path turns into a folder while measuring
+        rows = real_run(*a, **k)
+        (tmp_path / "late.json").mkdir()
+        return rows
+
+    monkeypatch.setattr(bench, "run", run_then_take_the_path)
+    code = benchmark_tool.main(TINY + ["--json", str(tmp_path / "late.json"),
+                                       "--csv", str(tmp_path / "kept.csv")])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err.startswith(f"error: --json: {tmp_path / 'late.json'}: cannot write")
+    assert captured.err.count("\n") == 1, captured.err
+    assert "cifar_resnet20" in captured.out  # the table came first
+    assert len((tmp_path / "kept.csv").read_text().splitlines()) == 2  # the other output too
+
+
+def test_cli_error_rows_are_written_and_exit_1(tmp_path, monkeypatch, capsys):
+    (tmp_path / "small_input_net.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(3, 8, 7)  # unpadded: needs inputs of 7 px or more
+            def forward(self, x):
+                return self.conv(x).mean((2, 3))
+        def build():
+            return Net()
+    """))
+    monkeypatch.chdir(tmp_path)
+    argv = ["--factory", "small_input_net:build", "--device", "cpu", "--batch-size", "1,2",
+            "--resolution", "4", "--iters", "1", "--warmup", "0", "--json", "rows.json"]
+    with pytest.warns(UserWarning, match="MACs not counted"):  # fvcore's trace fails the same way
+        assert benchmark_tool.main(argv) == 1
+    captured = capsys.readouterr()
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [r["status"] for r in rows] == ["error", "error"]
+    assert rows[0]["error"].startswith("RuntimeError: ") and "Kernel size" in rows[0]["error"]
+    assert "ERROR" in captured.out
+    assert captured.err.startswith("error: 2 of 2 rows failed") and \
+        captured.err.count("\n") == 1, captured.err
+
+
+def test_table_shows_the_size_of_small_models():
+    from rich.console import Console
+
+    bm = sources.from_registry("cifar_resnet20", [0.25])
+    rows = bench.run(bm, bench.Conditions(device="cpu", resolution=16, iters=1, warmup=0), [1],
+                     clock=FakeClock([TICK]))
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(benchmark_tool._table(rows, train=False))
+    text = console.export_text()
+    assert f"{rows[0]['params'] / 1e6:.3g}" in text and f"{rows[0]['macs'] / 1e9:.3g}" in text
+    assert not re.search(r"\b0\.000\b", text)  # what ".3f" printed for both

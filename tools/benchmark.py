@@ -15,16 +15,24 @@ inference_mode, CUDA events or a synchronised clock; n, mean, std, p50/p90/p99, 
 --train, full training steps on device-resident synthetic data (images/s, peak memory). Every row
 also holds params, conv+fc MACs and fvcore's total, and the conditions (device name, driver,
 torch/CUDA versions, git commit, date). A batch size that runs out of memory is recorded as
-status "oom" and the sweep continues.
+status "oom", one that fails for another reason as status "error" (the reason in the row's
+"error" field), and the sweep continues.
 
 Output: a table on stdout; --json/--csv write this run's rows; --save appends them to
 benchmarks/results/<kind>-<device>-<precision>-<layout>-<mode>-<res>px.{json,csv}; --plot draws
 latency (or images/s) against MACs (PNG; next to the saved results when no path is given).
-User errors exit with status 2 and one line on stderr.
+Output paths are checked before anything is measured; folders are created.
+
+Exit status: 0 when every row is "ok" or "oom"; 1 when some row has status "error" (all outputs
+are still written; one line on stderr says how many); 2 for a user error (bad option, model or
+file, impossible conditions, an output that cannot be written), with one line on stderr. When an
+output cannot be written the table and the other outputs are written first.
 """
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -42,8 +50,8 @@ def _list_of(kind):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}"
                                              f", got {text!r}") from None
-        if not values or any(v <= 0 for v in values):
-            raise argparse.ArgumentTypeError(f"expected positive values, got {text!r}")
+        if not values or not all(math.isfinite(v) and v > 0 for v in values):
+            raise argparse.ArgumentTypeError(f"expected finite positive values, got {text!r}")
         return values
     parse.__name__ = f"list of {kind.__name__}"
     return parse
@@ -99,7 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input size (default: the model's: 224, CIFAR 32, checkpoint val_res)")
     p.add_argument("--threads", type=_positive, default=None, help="CPU intra-op threads")
     p.add_argument("--iters", type=_positive, default=100, help="timed calls per row")
-    p.add_argument("--warmup", type=_non_negative, default=10, help="untimed calls per row")
+    p.add_argument("--warmup", type=_non_negative, default=10,
+                   help="untimed calls per row; raised to what compilation needs (compile 1, "
+                        "compile-cudagraphs 2, torchscript or a TorchScript file 2), the row "
+                        "records the number run")
     p.add_argument("--train", action="store_true",
                    help="measure training steps (forward, backward, SGD) instead of inference")
     p.add_argument("--json", metavar="PATH", help="write this run's rows as JSON")
@@ -112,20 +123,78 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _model_names(args) -> list[str]:
+    return [n.strip() for n in args.model.split(",") if n.strip()]
+
+
+def _check_sources(args) -> None:
+    """Refuse an empty source and options the chosen source would ignore."""
+    if args.model is not None and not _model_names(args):
+        raise UserError(f"--model {args.model!r}: no model name given")
+    for flag, value in (("--checkpoint", args.checkpoint), ("--file", args.file),
+                        ("--factory", args.factory)):
+        if value is not None and not value.strip():
+            raise UserError(f"{flag}: empty {'spec' if flag == '--factory' else 'path'}")
+    if args.model is None:
+        given = [flag for flag, set_ in (("--width", args.width is not None),
+                                         ("--num-classes", args.num_classes is not None),
+                                         ("--channel-divisor", args.channel_divisor != 1))
+                 if set_]
+        if given:
+            raise UserError(f"{' and '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to "
+                            f"--model only (other sources bring their own architecture)")
+    if args.norm_act is not None and (args.file is not None or args.factory is not None):
+        raise UserError("--norm-act applies to --model and --checkpoint only")
+
+
+def _check_output(flag: str, path: str, folder: bool = False) -> None:
+    """Refuse, before anything is measured, an output path that cannot be written, so that a
+    sweep's results are not lost at the end: an existing folder where a file goes (or a file
+    where a folder goes), or a folder that cannot be created."""
+    if not path.strip():
+        raise UserError(f"{flag}: empty path")
+    p = Path(path)
+    if folder and p.exists() and not p.is_dir():
+        raise UserError(f"{flag} {path}: exists and is not a folder")
+    if not folder and p.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; give a file path")
+    if not folder and p.exists() and not os.access(p, os.W_OK):
+        raise UserError(f"{flag} {path}: not writable")
+    existing = p if folder else p.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {path}: cannot create its folder ({existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: cannot write in {existing}")
+
+
+def _check_outputs(args) -> None:
+    if args.plot == "" and not args.save:
+        raise UserError("--plot needs a PNG path unless --save is given")
+    if args.json is not None:
+        _check_output("--json", args.json)
+    if args.csv is not None:
+        _check_output("--csv", args.csv)
+    if args.plot:
+        _check_output("--plot", args.plot)
+    if args.save or args.plot == "":
+        _check_output("--results-dir", args.results_dir, folder=True)
+
+
 def _load_models(args):
+    """The BenchModels of the chosen source; never an empty list."""
     from fasttrain.measure import sources
 
-    if args.width is not None and not args.model:
-        raise UserError("--width applies to --model only")
-    if args.model:
-        return [bm for name in args.model.split(",") if name.strip()
-                for bm in sources.from_registry(name.strip(), args.width or [1.0],
+    if args.model is not None:
+        return [bm for name in _model_names(args)
+                for bm in sources.from_registry(name, args.width or [1.0],
                                                 channel_divisor=args.channel_divisor,
                                                 num_classes=args.num_classes,
                                                 norm_act=args.norm_act or "native")]
-    if args.checkpoint:
+    if args.checkpoint is not None:
         return [sources.from_checkpoint(args.checkpoint, norm_act=args.norm_act)]
-    if args.file:
+    if args.file is not None:
         return [sources.from_file(args.file)]
     return [sources.from_factory(args.factory)]
 
@@ -148,7 +217,8 @@ def _table(rows, train: bool):
 
     for r in rows:
         head = [r["model"], f(r["width"], "g"), str(r["batch_size"]), str(r["resolution"]),
-                f(r["params"] / 1e6, ".3f"), f(r["macs"] and r["macs"] / 1e9, ".3f")]
+                # significant digits, not decimals: a CIFAR net's 0.0173 M params is not 0.000
+                f(r["params"] / 1e6, ".3g"), f(r["macs"] and r["macs"] / 1e9, ".3g")]
         if r["status"] != "ok":
             t.add_row(*head, r["status"].upper(), *[""] * (len(cols) - len(head) - 1))
         elif train:
@@ -162,11 +232,47 @@ def _table(rows, train: bool):
     return t
 
 
+def _progress(console, r) -> None:
+    text = f"{r['model']} w{r['width']} batch {r['batch_size']}: {r['status']}"
+    if r["status"] != "ok":
+        text += f" ({r['error']})"
+    console.print(text, style="dim", highlight=False, markup=False)
+
+
+def _write_outputs(rows, args, console) -> list[str]:
+    """Write every requested output; one that fails does not stop the others. Returns the
+    failures, one line each."""
+    from fasttrain.measure import bench
+
+    def plot():
+        png = (Path(args.plot) if args.plot else
+               Path(args.results_dir) / f"{bench.results_stem(rows)}.png")
+        return [bench.plot_vs_macs(rows, png)]
+
+    outputs = []
+    if args.json is not None:
+        outputs.append(("--json", lambda: [bench.write_json(rows, args.json)]))
+    if args.csv is not None:
+        outputs.append(("--csv", lambda: [bench.write_csv(rows, args.csv)]))
+    if args.save:
+        outputs.append(("--save", lambda: bench.append_results(rows, args.results_dir)))
+    if args.plot is not None:
+        outputs.append(("--plot", plot))
+    failures = []
+    for flag, write in outputs:
+        try:
+            for path in write():
+                console.print(f"wrote {path}", highlight=False)
+        except UserError as e:
+            failures.append(f"{flag}: {e}")
+    return failures
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.plot == "" and not args.save:
-            raise UserError("--plot needs a PNG path unless --save is given")
+        _check_sources(args)
+        _check_outputs(args)
         import torch
         from rich.console import Console
 
@@ -185,28 +291,20 @@ def main(argv: list[str] | None = None) -> int:
         console = Console()
         if not console.is_terminal:  # pipes and CI get 80 columns by default: too narrow
             console = Console(width=150)
-        rows = bench.run(models, cond, args.batch_size,
-                         on_row=lambda r: console.print(
-                             f"{r['model']} w{r['width']} batch {r['batch_size']}: {r['status']}",
-                             style="dim", highlight=False, markup=False))
-        console.print(_table(rows, args.train))
-        if args.json:
-            bench.write_json(rows, args.json)
-        if args.csv:
-            bench.write_csv(rows, args.csv)
-        saved = []
-        if args.save:
-            saved = list(bench.append_results(rows, args.results_dir))
-        if args.plot is not None:
-            png = (Path(args.plot) if args.plot else
-                   Path(args.results_dir) / f"{bench.results_stem(rows)}.png")
-            saved.append(bench.plot_vs_macs(rows, png))
-        for path in saved:
-            console.print(f"wrote {path}", highlight=False)
+        rows = bench.run(models, cond, args.batch_size, on_row=lambda r: _progress(console, r))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    console.print(_table(rows, args.train))  # first: whatever fails below, the numbers are shown
+    failures = _write_outputs(rows, args, console)
+    if failures:
+        print(f"error: {'; '.join(failures)}", file=sys.stderr)
+    failed = [r for r in rows if r["status"] == "error"]
+    if failed:
+        print(f"error: {len(failed)} of {len(rows)} rows failed (status \"error\"; first: "
+              f"{failed[0]['model']} batch {failed[0]['batch_size']}: {failed[0]['error']})",
+              file=sys.stderr)
+    return 2 if failures else 1 if failed else 0
 
 
 if __name__ == "__main__":

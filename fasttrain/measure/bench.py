@@ -4,7 +4,9 @@ A row is a flat dict: what was measured (model, width, batch, resolution, precis
 mode), the model's size (params; conv+fc MACs and fvcore's total, per image), the result
 (latency or training-step statistics, images/s, peak memory) and the conditions (device name,
 driver, torch/CUDA versions, git commit, date; see `fasttrain.measure.env`). A batch size that
-runs out of memory gives a row with `status: "oom"` and the sweep goes on.
+runs out of memory gives a row with `status: "oom"`, one that fails otherwise (a model that
+cannot run at that size, a compiler error) a row with `status: "error"`; either way the row's
+`error` holds the one-line reason and the sweep goes on.
 
 Files are named by their conditions, e.g. `latency-cpu2t-fp32-nhwc-eager-224px.json` (timm's
 `benchmark-infer-amp-nhwc-...` convention), so results taken under different conditions never
@@ -29,7 +31,7 @@ from torch import nn
 from ..errors import UserError
 from .env import conditions
 from .macs import count_macs, count_params
-from .sources import BenchModel
+from .sources import BenchModel, first_line
 from .throughput import (COMPILE_MODES, CUDA_ONLY_MODES, autocast_context, compile_fresh,
                          measure_throughput)
 from .timing import LatencyStats, cuda_graph_replay, measure_latency
@@ -42,6 +44,21 @@ torchscript: torch.jit.script (trace when scripting fails); cudagraphs: the eage
 in a CUDA graph and replayed (CUDA only); compile-cudagraphs: torch.compile's "reduce-overhead"
 mode, the compiled kernels replayed as CUDA graphs (CUDA only). Warm-up, compilation and capture
 are never timed."""
+
+MIN_WARMUP = {"compile": 1, "compile-cudagraphs": 2, "torchscript": 2}
+"""Untimed calls a mode needs before its calls run what will be measured: torch.compile compiles
+on the first call; CUDA graph trees (compile-cudagraphs) warm up on the first call and record on
+the second; TorchScript's profiling executor profiles the first call and optimises the graph on
+the second. cudagraphs needs none: its capture, after warm-up runs of its own, happens before."""
+
+
+def warmup_calls(requested: int, mode: str, model: nn.Module) -> int:
+    """The untimed calls a row runs: `requested`, raised to MIN_WARMUP of `mode` (and to
+    TorchScript's for a ScriptModule run eagerly), so compilation never reaches the timing."""
+    need = MIN_WARMUP.get(mode, 0)
+    if mode == "eager" and isinstance(model, torch.jit.ScriptModule):
+        need = MIN_WARMUP["torchscript"]
+    return max(requested, need)
 
 
 class BenchError(UserError, ValueError):
@@ -58,7 +75,8 @@ class Conditions:
         layout: "channels_last" | "contiguous": memory format of the model and the input.
         mode: one of MODES (inference) or `fasttrain.measure.throughput.TRAIN_MODES` (training).
         resolution: input size; None = each model's own (its metadata or 224 / 32 for CIFAR).
-        iters / warmup: timed and untimed calls per row.
+        iters / warmup: timed and untimed calls per row (warm-up raised where a mode needs
+            more to finish compiling; see `warmup_calls`).
         train: measure training throughput instead of inference latency.
     """
 
@@ -98,6 +116,10 @@ class Conditions:
                 what = "training" if self.train else self.mode
                 raise BenchError(f"{m.source}: an exported file runs in eager or cudagraphs "
                                  f"inference mode only, not {what}")
+            if (m.fixed_resolution is not None and self.resolution is not None
+                    and self.resolution != m.fixed_resolution):
+                raise BenchError(f"{m.source}: exported for {m.fixed_resolution} px inputs only, "
+                                 f"not --resolution {self.resolution}")
 
 
 def is_oom(e: BaseException) -> bool:
@@ -107,11 +129,6 @@ def is_oom(e: BaseException) -> bool:
     msg = str(e)
     return isinstance(e, RuntimeError) and ("out of memory" in msg
                                             or "can't allocate memory" in msg)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def prepare_inference(model: nn.Module, *, batch_size: int, resolution: int,
@@ -184,6 +201,10 @@ def run(models: list[BenchModel], cond: Conditions, batch_sizes: list[int], *,
         on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Measure every model at every batch size under `cond`; one row each (see module doc).
 
+    A batch size that fails gives a row with `status` "oom" (out of memory) or "error"
+    (anything else), the reason in `error`, and the sweep goes on. A row's `warmup` is the
+    number of untimed calls that ran (`warmup_calls`).
+
     Args:
         clock: inject a clock (seconds) instead of CUDA events / perf_counter (tests).
         on_row: called with each row as soon as it is measured (progress display).
@@ -199,16 +220,15 @@ def run(models: list[BenchModel], cond: Conditions, batch_sizes: list[int], *,
     rows = []
     for bm in models:
         resolution = cond.resolution or bm.resolution
-        params = count_params(bm.model)
+        params = count_params(bm.count_model if bm.count_model is not None else bm.model)
         macs = None
         if bm.count_model is not None:
             try:
                 macs = count_macs(bm.count_model, resolution)
             except Exception as e:  # fvcore cannot trace every model; the row says so (None)
-                warnings.warn(f"{bm.name}: MACs not counted ({_first_line(e)})")
+                warnings.warn(f"{bm.name}: MACs not counted ({first_line(e)})")
         num_classes = bm.num_classes
-        if cond.train and num_classes is None:
-            num_classes = _num_outputs(bm.model, resolution)
+        warmup = warmup_calls(cond.warmup, cond.mode, bm.model)
         for bs in batch_sizes:
             row: dict[str, Any] = {
                 "kind": kind, "model": bm.name, "width": bm.width, "source": bm.source,
@@ -216,29 +236,29 @@ def run(models: list[BenchModel], cond: Conditions, batch_sizes: list[int], *,
                 "layout": cond.layout, "mode": cond.mode, "norm_act": bm.norm_act,
                 "params": params, "macs": macs.conv_fc if macs else None,
                 "macs_fvcore_total": macs.total if macs else None,
-                "status": "ok", "error": None, "iters": cond.iters, "warmup": cond.warmup}
+                "status": "ok", "error": None, "iters": cond.iters, "warmup": warmup}
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             failure = None
             try:
                 if cond.train:
+                    if num_classes is None:  # inside the try: a forward that fails is this row's
+                        num_classes = _num_outputs(bm.model, resolution)
                     stats = measure_throughput(
                         copy.deepcopy(bm.model), batch_size=bs, resolution=resolution,
-                        num_classes=num_classes, iters=cond.iters, warmup=cond.warmup,
+                        num_classes=num_classes, iters=cond.iters, warmup=warmup,
                         device=device, precision=cond.precision, channels_last=channels_last,
                         mode=cond.mode, clock=clock)
                 else:
                     fn = prepare_inference(bm.model, batch_size=bs, resolution=resolution,
                                            device=device, precision=cond.precision,
                                            channels_last=channels_last, mode=cond.mode)
-                    stats = measure_latency(fn, bs, iters=cond.iters, warmup=cond.warmup,
+                    stats = measure_latency(fn, bs, iters=cond.iters, warmup=warmup,
                                             device=device, clock=clock)
                     del fn
                 row.update(stats.as_row(prefix))
-            except Exception as e:
-                if not is_oom(e):
-                    raise
-                failure = _first_line(e)
+            except Exception as e:  # one row fails, not the sweep: the row keeps the reason
+                failure = ("oom" if is_oom(e) else "error"), first_line(e)
             if failure is not None:
                 # Outside the except block: the traceback (and the tensors its frames hold) is
                 # gone, so the memory can really be returned before the next batch size.
@@ -246,7 +266,7 @@ def run(models: list[BenchModel], cond: Conditions, batch_sizes: list[int], *,
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 row.update({k: None for k in _metric_keys(prefix)})
-                row.update(status="oom", error=failure)
+                row.update(status=failure[0], error=failure[1])
             row["peak_mem_mib"] = (torch.cuda.max_memory_allocated(device) / 2**20
                                    if device.type == "cuda" else None)
             row.update(conditions(device))
@@ -282,18 +302,46 @@ def _fieldnames(rows: list[dict[str, Any]]) -> list[str]:
     return list(names)
 
 
-def write_json(rows: list[dict[str, Any]], path: str | Path) -> None:
-    """A JSON list with one row per line (appended rows give small diffs)."""
+@contextlib.contextmanager
+def _writing(path: Path):
+    """Create `path`'s folder; an OSError inside becomes a one-line BenchError naming `path`."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BenchError(f"{path}: cannot create its folder {path.parent} "
+                         f"({e.strerror or e})") from None
+    try:
+        yield
+    except OSError as e:
+        raise BenchError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
+def write_json(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """A JSON list with one row per line (appended rows give small diffs); folders created.
+
+    Raises:
+        BenchError: the file cannot be written.
+    """
+    path = Path(path)
     body = ",\n".join(json.dumps(r) for r in rows)
-    Path(path).write_text(f"[\n{body}\n]\n" if rows else "[]\n")
+    with _writing(path):
+        path.write_text(f"[\n{body}\n]\n" if rows else "[]\n")
+    return path
 
 
-def write_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
-    """CSV with the union of the rows' fields as the header; missing values are empty."""
-    with open(path, "w", newline="") as f:
+def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """CSV with the union of the rows' fields as the header; missing values are empty; folders
+    created.
+
+    Raises:
+        BenchError: the file cannot be written.
+    """
+    path = Path(path)
+    with _writing(path), open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=_fieldnames(rows), restval="")
         writer.writeheader()
         writer.writerows(rows)
+    return path
 
 
 def append_results(rows: list[dict[str, Any]], directory: str | Path,
@@ -302,12 +350,19 @@ def append_results(rows: list[dict[str, Any]], directory: str | Path,
 
     Returns:
         The JSON and CSV paths.
+
+    Raises:
+        BenchError: the existing record is not a JSON list of rows, or a file cannot be
+            read or written.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     stem = stem or results_stem(rows)
     json_path, csv_path = directory / f"{stem}.json", directory / f"{stem}.csv"
-    old = json.loads(json_path.read_text()) if json_path.exists() else []
+    try:
+        old = json.loads(json_path.read_text()) if json_path.exists() else []
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise BenchError(f"{json_path}: cannot read the saved rows ({first_line(e)}); move it "
+                         f"away first") from None
     if not isinstance(old, list):
         raise BenchError(f"{json_path}: not a list of result rows; move it away first")
     all_rows = old + rows
@@ -322,7 +377,7 @@ def plot_vs_macs(rows: list[dict[str, Any]], path: str | Path) -> Path:
     failed status are left out.
 
     Raises:
-        BenchError: no row can be plotted.
+        BenchError: no row can be plotted, or the file cannot be written (folders are created).
     """
     from matplotlib.figure import Figure  # Agg canvas, no pyplot state, no display needed
 
@@ -371,6 +426,9 @@ def plot_vs_macs(rows: list[dict[str, Any]], path: str | Path) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with _writing(path):
+        try:
+            fig.savefig(path, dpi=110)
+        except ValueError as e:  # a suffix matplotlib has no writer for
+            raise BenchError(f"{path}: cannot write ({first_line(e)})") from None
     return path

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,12 @@ from ..errors import UserError
 
 class SourceError(UserError, ValueError):
     """The model to benchmark cannot be found or built."""
+
+
+def first_line(e: BaseException) -> str:
+    """`Type: first line of the message` (the type alone when there is no message)."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 @dataclass
@@ -32,9 +39,13 @@ class BenchModel:
         resolution: its natural input size (used when the benchmark does not set one).
         num_classes: classifier outputs (labels of the training-throughput batch); None = unknown.
         norm_act: the norm+ReLU implementation, None when not a fasttrain model.
-        count_model: the module fvcore counts (the model itself, or, for TorchScript files that
-            fvcore cannot hook, the architecture rebuilt from the file's metadata); None = skip.
+        count_model: the module params and MACs are counted on: the model itself, or, for an
+            exported fasttrain file, the architecture rebuilt from its metadata with BatchNorm
+            unfolded (so the file counts like the network that was trained, and fvcore need not
+            hook a ScriptModule); None = MACs unknown, params counted on `model`.
         compiled: True for TorchScript / torch.export files: only eager and cudagraphs modes.
+        fixed_resolution: the only input size the model accepts (a torch.export file's
+            specialised height and width); None = any.
     """
 
     name: str
@@ -46,6 +57,7 @@ class BenchModel:
     norm_act: str | None
     count_model: nn.Module | None
     compiled: bool = False
+    fixed_resolution: int | None = None
 
 
 def from_registry(name: str, widths: list[float], *, channel_divisor: int = 1,
@@ -64,10 +76,24 @@ def from_registry(name: str, widths: list[float], *, channel_divisor: int = 1,
 
 
 def from_checkpoint(path: str | Path, norm_act: str | None = None) -> BenchModel:
-    """The trained model of a fasttrain checkpoint (`fasttrain.export.model_from_checkpoint`)."""
+    """The trained model of a fasttrain checkpoint (`fasttrain.export.model_from_checkpoint`).
+
+    Raises:
+        UserError: the file is not a usable checkpoint (an exported TorchScript file is named
+            as such, with a pointer to --file).
+    """
     from ..export import model_from_checkpoint
 
-    model, meta = model_from_checkpoint(path, norm_act=norm_act)
+    try:
+        with warnings.catch_warnings():
+            # torch.load's own note on TorchScript archives: the error below says it in one line.
+            warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive")
+            model, meta = model_from_checkpoint(path, norm_act=norm_act)
+    except UserError as e:
+        if "TorchScript archives" not in str(e):
+            raise
+        raise SourceError(f"{path}: a TorchScript archive, not a checkpoint (an exported file? "
+                          f"use --file)") from None
     name, width = _identity(meta)
     return BenchModel(name, width, str(path), model, meta["input_size"][1],
                       meta["num_classes"], meta["norm_act"], model)
@@ -82,26 +108,54 @@ def _identity(meta: dict) -> tuple[str, float | None]:
 
 
 def from_file(path: str | Path) -> BenchModel:
-    """An exported TorchScript (.pt) or torch.export (.pt2) file; metadata names the model."""
+    """An exported TorchScript (.pt) or torch.export (.pt2) file; metadata names the model.
+
+    Params and MACs of a file whose metadata names a fasttrain model are counted on that
+    architecture rebuilt with BatchNorm unfolded, so an exported network counts like its
+    checkpoint. A torch.export file runs at its exported input size only (`fixed_resolution`).
+
+    Raises:
+        SourceError / ExportError: an ONNX file, a missing file or one that does not load.
+    """
     from ..export import load_exported, model_from_metadata
 
     if Path(path).suffix.lower() == ".onnx":
         raise SourceError(f"{path}: ONNX files run in onnxruntime, not torch; benchmark the "
                           f"TorchScript or torch.export file instead")
     module, meta = load_exported(path)
+    script = isinstance(module, torch.jit.ScriptModule)
     count_model = None
     if meta.get("model"):
         try:
-            count_model = model_from_metadata(meta)
-        except (KeyError, ValueError):
-            count_model = None
-    elif not isinstance(module, torch.jit.ScriptModule):  # torch.export's GraphModule: fvcore
-        count_model = module                                # traces it; ScriptModules refuse hooks
-    resolution = meta.get("input_size", [3, 224, 224])[1]
+            # Folding changes what is counted (params of BN, fvcore's BN FLOPs), not the network.
+            count_model = model_from_metadata({**meta, "bn_folded": 0})
+        except (KeyError, ValueError, UserError) as e:
+            warnings.warn(f"{path}: MACs not counted: cannot rebuild {meta['model']!r} from the "
+                          f"file's metadata ({first_line(e)})", stacklevel=2)
+    elif not script:  # torch.export's GraphModule: fvcore traces it; ScriptModules refuse hooks
+        count_model = module
+    else:
+        warnings.warn(f"{path}: MACs not counted: the file has no fasttrain metadata",
+                      stacklevel=2)
+    fixed = None if script else _exported_size(module, meta)
+    resolution = fixed or meta.get("input_size", [3, 224, 224])[1]
     name, width = _identity(meta) if meta.get("model") else (Path(path).name, None)
     return BenchModel(name, width, str(path), module,
                       resolution, meta.get("num_classes"), meta.get("norm_act"), count_model,
-                      compiled=True)
+                      compiled=True, fixed_resolution=fixed)
+
+
+def _exported_size(module: nn.Module, meta: dict) -> int | None:
+    """The square input size a torch.export module was specialised to: its input placeholder's
+    shape (what the module's guards check), else the metadata's input_size; None if dynamic."""
+    graph = getattr(module, "graph", None)
+    inputs = [n for n in graph.nodes if n.op == "placeholder"] if graph is not None else []
+    shape = getattr(inputs[0].meta.get("val"), "shape", None) if inputs else None
+    if shape is not None and len(shape) == 4:
+        h, w = shape[2], shape[3]
+        return int(h) if isinstance(h, int) and h == w else None
+    size = meta.get("input_size")
+    return int(size[1]) if size else None
 
 
 def from_factory(spec: str) -> BenchModel:
@@ -109,6 +163,10 @@ def from_factory(spec: str) -> BenchModel:
 
     The module is imported from `sys.path` with the current directory first (as `python -m`
     does), so a factory file next to the user's shell works without installing it.
+
+    Raises:
+        SourceError: a malformed spec, or a module or function that fails (import error,
+            syntax error, an exception raised at import or by the call, not a module).
     """
     mod_name, sep, fn_name = spec.partition(":")
     if not sep or not mod_name or not fn_name:
@@ -119,10 +177,16 @@ def from_factory(spec: str) -> BenchModel:
         module = importlib.import_module(mod_name)
     except ImportError as e:
         raise SourceError(f"factory {spec!r}: cannot import {mod_name!r} ({e})") from None
+    except Exception as e:  # the user's code: a syntax error, or anything it raises at import
+        raise SourceError(f"factory {spec!r}: importing {mod_name!r} failed ({first_line(e)})"
+                          ) from None
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise SourceError(f"factory {spec!r}: {mod_name!r} has no callable {fn_name!r}")
-    model = fn()
+    try:
+        model = fn()
+    except Exception as e:
+        raise SourceError(f"factory {spec!r}: calling it failed ({first_line(e)})") from None
     if not isinstance(model, nn.Module):
         raise SourceError(f"factory {spec!r} returned {type(model).__name__}, not an nn.Module")
     return BenchModel(spec, None, spec, model.eval(), 224, None, None, model)
