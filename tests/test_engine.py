@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_code_running_checkpoint
+from conftest import load_tool, write_code_running_checkpoint
 from fasttrain.config import ScheduleConfig, load
 from fasttrain.engine import checkpoint as ckpt
 from fasttrain.engine import distributed, loop, rundir, train
@@ -381,3 +381,15 @@ def test_torchrun_error_seen_by_rank_0_stops_every_rank_with_one_line(data_root,
     assert result.stderr.count(f"error: --resume {tmp_path / 'nothing.pt'}: no checkpoint") == 1
     assert "[rank1]" not in result.stderr and "broadcast" not in result.stderr, \
         result.stderr[-3000:]
+
+
+def test_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
+    import fasttrain.engine
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fasttrain.engine, "train", interrupted)
+    assert load_tool("train").main([str(QUICKSTART)]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted: the last checkpoint is intact") and err.count("\n") == 1
