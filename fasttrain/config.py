@@ -7,9 +7,12 @@ whose one-line message names the file (or override), the key and the value.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
+import operator
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +22,49 @@ from typing import Any, Literal, Optional
 import yaml
 
 from .errors import ConfigError
+
+# YAML 1.1 (PyYAML) reads a float only with a dot, so `lr: 1e-3` would be the string '1e-3';
+# this is YAML 1.2's float, which is what anyone writing a learning rate means.
+_FLOAT_1_2 = re.compile(r'''^(?:
+     [-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$''', re.X)
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int) -> None:
+        super().__init__(f"line {line}: duplicate key {key!r}")
+        self.key, self.line = key, line
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.safe_load's loader with YAML 1.2 floats, refusing duplicate keys (PyYAML keeps the
+    last one silently, so `lr: 0.1` followed by `lr: 0.5` would train at 0.5 unnoticed)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` may be overridden, by design
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1)
+                seen.add(key)
+            except TypeError:  # unhashable: the base class reports it
+                pass
+        return super().construct_mapping(node, deep=deep)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Quotes strings that `_Loader` would read as floats (a run named 1e3), so `dump`
+    round-trips."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_1_2, list("-+0123456789."))
+_Dumper.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_1_2, list("-+0123456789."))
 
 
 def _f(default: Any, help: str = "", **bounds: Any) -> Any:
@@ -104,8 +150,10 @@ class AugConfig:
 @dataclass
 class ModelConfig:
     name: str = _f("thin_resnet50", "a name from fasttrain.models.list_models()")
-    width: float = _f(1.0, "uniform width multiplier of every layer", gt=0)
-    channel_divisor: int = _f(1, "round the base width up to a multiple of this", ge=1)
+    # Upper bounds: beyond them the allocation fails deep inside torch, not with a message.
+    # Wide ResNets go to 10, the thinning paper stays <= 1.
+    width: float = _f(1.0, "uniform width multiplier of every layer", gt=0, le=16)
+    channel_divisor: int = _f(1, "round the base width up to a multiple of this", ge=1, le=512)
     num_classes: int = _f(0, "classifier outputs; 0 = the dataset's class count", ge=0)
     zero_init_residual: bool = _f(True, "zero the last norm weight of each residual block")
     shortcut: Literal["A", "B"] = _f("A", "CIFAR ResNets: A = parameter-free, B = 1x1 conv")
@@ -148,11 +196,12 @@ class ScheduleConfig:
     kind: Literal["cosine", "step", "constant", "triangular"] = _f(
         "cosine", "LR shape after warmup; triangular: linear from 1e-4 x lr to lr at "
         "peak_epoch, then linear to 0 at the end (ffcv-imagenet 'cyclic'; no warmup)")
-    peak_epoch: float = _f(2.0, "triangular: epoch of the peak LR", ge=0)
+    peak_epoch: float = _f(2.0, "triangular: epoch of the peak LR (< epochs)", ge=0)
     warmup_epochs: float = _f(0.0, "linear warmup length (may be fractional)", ge=0)
     warmup_start_factor: float = _f(0.01, "LR factor at the first warmup step", gt=0, le=1)
     min_lr_factor: float = _f(0.0, "cosine: final LR as a fraction of the peak", ge=0, le=1)
-    milestones: list[int] = _f([30, 60, 80], "step: epochs at which the LR is multiplied by gamma")
+    milestones: list[int] = _f([30, 60, 80], "step: epochs at which the LR is multiplied by "
+                               "gamma (increasing)", ge=0)
     gamma: float = _f(0.1, "step: LR factor at each milestone", gt=0)
 
 
@@ -166,8 +215,11 @@ class TrainConfig:
                           "max-autotune-no-cudagraphs"] = _f(
         "default", "torch.compile mode; reduce-overhead replays the compiled kernels as CUDA "
         "graphs (thin networks: launches cost more than the kernels)")
-    seed: int = _f(0, "seed of weights, shuffling and augmentation", ge=0)
-    threads: int = _f(0, "CPU intra-op threads per rank; 0 = cores / local ranks", ge=0)
+    # torch.manual_seed takes up to 2**64 - 1; the signed range fits every int64 consumer.
+    seed: int = _f(0, "seed of weights, shuffling and augmentation", ge=0, le=2**63 - 1)
+    # Each is an OS thread: a typo like 100000 fails with "can't start new thread" otherwise.
+    threads: int = _f(0, "CPU intra-op threads per rank; 0 = cores / local ranks", ge=0,
+                      le=4096)
     grad_accum_steps: int = _f(1, "micro-batches per optimizer step (the global batch and its "
                                "LR stay the recipe's on fewer devices)", ge=1)
     ema: bool = _f(False, "keep an exponential moving average of the weights, validated too")
@@ -259,9 +311,10 @@ def _check_bounds(meta: dict[str, Any], value: Any) -> str | None:
     for v in value if isinstance(value, list) else [value]:
         if isinstance(v, float) and not math.isfinite(v):  # YAML's .inf / .nan, argv's inf
             return "must be a finite number"
-        for key, op, word in (("ge", float.__ge__, ">="), ("gt", float.__gt__, ">"),
-                              ("le", float.__le__, "<="), ("lt", float.__lt__, "<")):
-            if key in meta and not op(float(v), float(meta[key])):
+        # int against int exactly: as floats, 2**63 would pass `le=2**63 - 1`.
+        for key, op, word in (("ge", operator.ge, ">="), ("gt", operator.gt, ">"),
+                              ("le", operator.le, "<="), ("lt", operator.lt, "<")):
+            if key in meta and not op(v, meta[key]):
                 return f"must be {word} {meta[key]}"
     return None
 
@@ -271,13 +324,21 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path.resolve() in chain:
         raise ConfigError(f"{path}: base: cycle through {' -> '.join(map(str, chain))}")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: recipe file not found") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read recipe: {e.strerror}") from None
+    except UnicodeDecodeError as e:  # e.g. a checkpoint given where the recipe goes
+        raise ConfigError(f"{path}: not a text (YAML) recipe file (byte "
+                          f"0x{e.object[e.start]:02x} at offset {e.start} is not UTF-8)") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_Loader)
+    except _DuplicateKey as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except yaml.reader.ReaderError as e:  # valid UTF-8 but control characters: still binary
+        raise ConfigError(f"{path}: not a text (YAML) recipe file (character "
+                          f"#x{e.character:04x} at offset {e.position})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -334,7 +395,9 @@ def parse_override(arg: str) -> tuple[str, str, Any]:
     if not (sep and dot and section and key):
         raise ConfigError(f"override {arg!r}: expected --section.key=value")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = yaml.load(text, Loader=_Loader) if text.strip() else ""
+    except _DuplicateKey as e:
+        raise ConfigError(f"{arg}: duplicate key {e.key!r}") from None
     except yaml.YAMLError:
         value = text
     return section, key, value
@@ -357,11 +420,36 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
                 raise ConfigError(f"{path}: section {section!r} must be a mapping, got {values!r}")
             for key, value in values.items():
                 _set(cfg, str(path), section, str(key), value)
-    for arg in overrides:
-        section, key, value = parse_override(arg)
+    recipe = copy.deepcopy(cfg)
+    parsed = [(arg, *parse_override(arg)) for arg in overrides]
+    for arg, section, key, value in parsed:
         _set(cfg, arg, section, key, value)
-    _check_consistency(cfg, str(path) if path is not None else "config")
+    origin = str(path) if path is not None else "config"
+    try:
+        _check_consistency(cfg, origin)
+    except ConfigError as e:
+        blamed = _blame(e, recipe, parsed, origin)
+        if blamed == origin:
+            raise
+        raise ConfigError(blamed + str(e).removeprefix(origin)) from None
     return cfg
+
+
+def _blame(error: ConfigError, recipe: Config, parsed: list[tuple[str, str, str, Any]],
+           origin: str) -> str:
+    """Who a cross-key `error` should name: the overrides that set a key its message names,
+    alone when the recipe by itself is consistent (then they caused it), else together with the
+    recipe; the recipe alone when no override touched those keys."""
+    message = str(error).removeprefix(origin)
+    named = [arg for arg, section, key, _ in parsed
+             if re.search(rf"(?<![\w.]){re.escape(section)}\.{re.escape(key)}(?!\w)", message)]
+    if not named:
+        return origin
+    try:
+        _check_consistency(recipe, origin)
+    except ConfigError:
+        return f"{origin} with {' '.join(named)}"
+    return " ".join(named)
 
 
 def _check_consistency(cfg: Config, origin: str) -> None:
@@ -383,9 +471,19 @@ def _check_consistency(cfg: Config, origin: str) -> None:
                           f"max_res={d.max_res} start_ramp={d.start_ramp} "
                           f"end_ramp={d.end_ramp}")
     _check_backend(cfg, origin)
-    if cfg.schedule.kind == "triangular" and cfg.schedule.warmup_epochs:
+    s = cfg.schedule
+    if s.kind == "triangular" and s.warmup_epochs:
         raise ConfigError(f"{origin}: schedule.kind=triangular has its own ramp; set "
-                          f"schedule.warmup_epochs to 0, got {cfg.schedule.warmup_epochs}")
+                          f"schedule.warmup_epochs to 0, got {s.warmup_epochs}")
+    # Past the end, the triangle never comes down (and the LR ends at its peak).
+    if s.kind == "triangular" and s.peak_epoch >= s.epochs:
+        raise ConfigError(f"{origin}: schedule.peak_epoch must be < schedule.epochs "
+                          f"({s.epochs}) for schedule.kind=triangular, got {s.peak_epoch}")
+    # Milestones past the end are allowed (a run cut short of its recipe's length keeps the
+    # recipe's milestones); out of order they would be a typo.
+    if s.kind == "step" and any(b <= a for a, b in zip(s.milestones, s.milestones[1:])):
+        raise ConfigError(f"{origin}: schedule.milestones must be increasing for "
+                          f"schedule.kind=step, got {s.milestones}")
 
 
 # What each data backend implements beyond crop + flip + normalisation (the torch backend does
@@ -425,4 +523,4 @@ def _check_backend(cfg: Config, origin: str) -> None:
 
 def dump(cfg: Config) -> str:
     """The resolved config as YAML; `load` of it gives back an equal Config."""
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)
+    return yaml.dump(cfg.to_dict(), Dumper=_Dumper, sort_keys=False, default_flow_style=None)

@@ -9,9 +9,12 @@ from fasttrain.config import ConfigError, load
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write(tmp_path: Path, name: str, text: str) -> Path:
+def write(tmp_path: Path, name: str, text: str | bytes) -> Path:
     path = tmp_path / name
-    path.write_text(text)
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
     return path
 
 
@@ -38,6 +41,35 @@ def test_dump_round_trips(tmp_path):
     assert again == cfg
 
 
+def test_scientific_notation_without_a_dot_is_a_number(tmp_path):
+    """YAML 1.2 floats: PyYAML's YAML 1.1 resolver reads 1e-3 as a string."""
+    path = write(tmp_path, "r.yaml", "optim:\n  lr: 1e-3\n  weight_decay: 5e-4\n"
+                 "model:\n  name: thin_resnet50\nlog:\n  name: '1e3'\n")
+    cfg = load(path, ["--optim.eps=1E-8", "--optim.max_grad_norm=+2e0"])
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.eps) == (1e-3, 5e-4, 1e-8)
+    assert cfg.optim.max_grad_norm == 2.0
+    assert (cfg.model.name, cfg.log.name) == ("thin_resnet50", "1e3")
+    # dump quotes a string that now reads as a float, so the run's config.yaml loads back
+    assert load(write(tmp_path, "resolved.yaml", config.dump(cfg))) == cfg
+
+
+def test_merge_keys_are_not_duplicates(tmp_path):
+    path = write(tmp_path, "r.yaml", "optim: {<<: {lr: 0.1, momentum: 0.5}, lr: 0.2}\n")
+    cfg = load(path)
+    assert (cfg.optim.lr, cfg.optim.momentum) == (0.2, 0.5)
+
+
+def test_bounds_accept_their_limits(tmp_path):
+    cfg = load(None, [f"--train.seed={2**63 - 1}", "--train.threads=4096", "--model.width=16",
+                      "--model.channel_divisor=512", "--schedule.kind=step",
+                      "--schedule.milestones=[0, 30]", "--schedule.epochs=31"])
+    assert cfg.train.seed == 2**63 - 1 and cfg.schedule.milestones == [0, 30]
+    # a run cut short of its recipe keeps the recipe's milestones
+    assert load(write(tmp_path, "short.yaml", "schedule:\n  kind: step\n  epochs: 2\n")
+                ).schedule.milestones == [30, 60, 80]
+    load(None, ["--schedule.kind=triangular", "--schedule.peak_epoch=3.5", "--schedule.epochs=4"])
+
+
 @pytest.mark.parametrize("text,override,message", [
     ("optim:\n  lrr: 0.1\n", [], "r.yaml: unknown key optim.lrr (did you mean 'lr'?)"),
     ("optimm:\n  lr: 0.1\n", [], "r.yaml: unknown section 'optimm' (did you mean 'optim'?)"),
@@ -62,6 +94,31 @@ def test_dump_round_trips(tmp_path):
     ("", ["--data.dataset=imagenet"], "data.dataset must be one of 'digits'"),
     ("", ["--data.dataset=imagefolder"], "data.path is required"),
     ("base: missing.yaml\n", [], "missing.yaml: recipe file not found"),
+    (b"PK\x03\x04\x80\x00\x00", [], "r.yaml: not a text (YAML) recipe file (byte 0x80 at "
+     "offset 4 is not UTF-8)"),
+    (b"optim:\n  lr: \x00\n", [], "r.yaml: not a text (YAML) recipe file (character #x0000 "
+     "at offset 13)"),
+    ("optim:\n  lr: !!python/object/apply:os.getcwd []\n", [], "invalid YAML"),
+    ("optim:\n  lr: 0.1\n  lr: 0.5\n", [], "r.yaml: line 3: duplicate key 'lr'"),
+    ("optim: {lr: 0.1, lr: 0.5}\n", [], "r.yaml: line 1: duplicate key 'lr'"),
+    ("optim:\n  lr: 0.1\noptim:\n  momentum: 0.5\n", [], "r.yaml: line 3: duplicate key 'optim'"),
+    ("", ["--model.channels={stem: 8, stem: 16}"], "--model.channels={stem: 8, stem: 16}: "
+     "duplicate key 'stem'"),
+    ("", ["--data.batch_size=1e3"], "--data.batch_size=1e3: data.batch_size must be an integer, "
+     "got 1000.0"),
+    ("", ["--model.width=1.0e+4"], "model.width must be <= 16, got 10000.0"),
+    ("", ["--model.channel_divisor=100000"], "model.channel_divisor must be <= 512, got 100000"),
+    ("", ["--train.threads=100000"], "train.threads must be <= 4096, got 100000"),
+    ("", [f"--train.seed={2**64}"], f"train.seed must be <= {2**63 - 1}, got {2**64}"),
+    ("", [f"--train.seed={2**63}"], f"train.seed must be <= {2**63 - 1}, got {2**63}"),
+    ("", ["--train.seed=-1"], "train.seed must be >= 0, got -1"),
+    ("schedule:\n  kind: triangular\n  epochs: 16\n  peak_epoch: 20\n", [],
+     "r.yaml: schedule.peak_epoch must be < schedule.epochs (16) for schedule.kind=triangular, "
+     "got 20.0"),
+    ("schedule:\n  milestones: [-3, 5]\n", [], "r.yaml: schedule.milestones must be >= 0, "
+     "got [-3, 5]"),
+    ("schedule:\n  kind: step\n  milestones: [60, 30]\n", [], "r.yaml: schedule.milestones "
+     "must be increasing for schedule.kind=step, got [60, 30]"),
 ])
 def test_errors_name_file_key_and_value(tmp_path, text, override, message):
     path = write(tmp_path, "r.yaml", text)
@@ -69,6 +126,29 @@ def test_errors_name_file_key_and_value(tmp_path, text, override, message):
         load(path, override)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("text,override,message", [
+    # the recipe alone is consistent: the overrides that set a key the check names caused it
+    ("schedule:\n  epochs: 5\n  warmup_epochs: 2\n", ["--optim.lr=0.2", "--schedule.epochs=1"],
+     "--schedule.epochs=1: schedule.warmup_epochs must be <= schedule.epochs (1), got 2.0"),
+    ("", ["--aug.scale=[0.9,0.1]"], "--aug.scale=[0.9,0.1]: aug.scale must be [low, high], "
+     "got [0.9, 0.1]"),
+    ("", ["--schedule.kind=step", "--schedule.milestones=[5, 3]"], "--schedule.kind=step "
+     "--schedule.milestones=[5, 3]: schedule.milestones must be increasing for "
+     "schedule.kind=step, got [5, 3]"),
+    # the recipe alone is not: it is named, with the overrides that touched the keys
+    ("schedule:\n  epochs: 5\n  warmup_epochs: 9\n", ["--optim.lr=0.2"],
+     "{r}: schedule.warmup_epochs must be <= schedule.epochs (5), got 9.0"),
+    ("schedule:\n  epochs: 5\n  warmup_epochs: 9\n", ["--schedule.epochs=3"],
+     "{r} with --schedule.epochs=3: schedule.warmup_epochs must be <= schedule.epochs (3), "
+     "got 9.0"),
+])
+def test_cross_key_errors_name_who_caused_them(tmp_path, text, override, message):
+    path = write(tmp_path, "r.yaml", text)
+    with pytest.raises(ConfigError) as info:
+        load(path, override)
+    assert str(info.value) == message.replace("{r}", str(path))
 
 
 def test_base_cycle_is_an_error(tmp_path):
@@ -87,8 +167,15 @@ def test_base_cycle_is_an_error(tmp_path):
     (["{q}", "--nonsense"], "expected --section.key=value"),
     (["{q}", "--resume", "/nowhere/last.pt"], "no checkpoint at"),
     ([], "error: the following arguments are required: recipe"),
+    (["last.pt", "--dry-run"], "error: last.pt: not a text (YAML) recipe file"),
+    (["{q}", "--schedule.epochs=1"], "error: --schedule.epochs=1: schedule.warmup_epochs must be "
+     "<= schedule.epochs (1), got 2.0"),
+    (["{q}", "--train.seed=18446744073709551616"], "train.seed must be <= 9223372036854775807"),
+    (["{q}", "--train.threads=100000"], "train.threads must be <= 4096"),
+    (["{q}", "--model.width=1.0e+4"], "model.width must be <= 16"),
 ])
-def test_train_cli_user_errors_exit_2_with_one_line(run_tool, args, message):
+def test_train_cli_user_errors_exit_2_with_one_line(run_tool, tmp_path, args, message):
+    (tmp_path / "last.pt").write_bytes(b"PK\x03\x04" + bytes(range(128, 256)))  # not UTF-8
     args = [a.replace("{q}", str(ROOT / "recipes" / "quickstart.yaml")) for a in args]
     result = run_tool("train.py", *args)
     assert result.returncode == 2, result.stderr
