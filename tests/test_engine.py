@@ -393,3 +393,12 @@ def test_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
     assert load_tool("train").main([str(QUICKSTART)]) == 130
     err = capsys.readouterr().err
     assert err.startswith("interrupted: the last checkpoint is intact") and err.count("\n") == 1
+
+
+def test_a_micro_batch_of_one_at_a_1x1_feature_map_is_a_config_error(data_root, tmp_path):
+    cfg = _cfg(data_root, tmp_path, "--model.name=thin_resnet18", "--model.width=0.25",
+               "--data.batch_size=1", "--data.train_res=16", "--data.val_res=16",
+               "--schedule.epochs=1", "--schedule.warmup_epochs=0", "--train.max_steps=1")
+    with pytest.raises(ConfigError, match=r"data.batch_size=1: a training micro-batch of 1 "
+                                          r"image\(s\) per rank leaves BatchNorm one value"):
+        train(cfg)

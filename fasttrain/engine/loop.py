@@ -469,7 +469,11 @@ def train_one_epoch(p: Parts, loader: DeviceLoader, state: TrainState, epoch: in
                 if p.graph_steps:  # a new iteration: the graphs may reuse their output memory
                     torch.compiler.cudagraph_mark_step_begin()
                 with p.precision.autocast(p.device):
-                    logits = p.train_model(images)
+                    try:
+                        logits = p.train_model(images)
+                    except ValueError as e:
+                        _raise_if_one_value_per_channel(e, cfg, len(labels))
+                        raise
                 loss = classification_loss(cfg.optim, logits, labels, targets)
                 p.scaler.scale(loss / accum).backward()
             loss_sum += loss.detach().double() / accum
@@ -547,6 +551,16 @@ def _trim_run_dir(run_dir: Path, epochs_done: int) -> None:
         metrics.write_text("".join(line + "\n" for line in keep))
     for tmp in (run_dir / CHECKPOINTS).glob(".*.tmp-*"):
         tmp.unlink(missing_ok=True)
+
+
+def _raise_if_one_value_per_channel(e: ValueError, cfg: Config, micro_batch: int) -> None:
+    """BatchNorm's refusal of a training batch with one value per channel (a micro-batch of one
+    image reaching a 1x1 feature map) as a config error saying which keys to change."""
+    if "Expected more than 1 value per channel" in str(e):
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size}: a training micro-batch of "
+                          f"{micro_batch} image(s) per rank leaves BatchNorm one value per "
+                          f"channel at the network's smallest feature map; raise data.batch_size "
+                          f"(or the resolution)") from None
 
 
 def _raise_if_diverged(bad_step: torch.Tensor, epoch: int) -> None:
