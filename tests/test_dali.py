@@ -392,6 +392,31 @@ def test_undecodable_file_is_a_dataset_error_naming_it(tmp_path, capfd):
     assert loaders.train.skipped == {} and loaders.val.skipped == {}
 
 
+@pytest.mark.parametrize("kind", ["empty", "dangling"])
+def test_a_file_the_reader_cannot_map_is_the_one_named(tmp_path, kind):
+    # DALI's reader reads ahead: its failure surfaces on the sample before the bad file.
+    root = _grey_folder(tmp_path, 19, 5)
+    bad = root / "train" / "class0" / "zz_bad.jpg"
+    if kind == "empty":
+        bad.write_bytes(b"")
+    else:
+        bad.symlink_to(tmp_path / "gone.jpg")
+    cfg = _cfg(root, "--data.batch_size=4", "--data.train_res=8", "--data.val_res=8")
+    reason = "empty file" if kind == "empty" else "broken symbolic link"
+    with pytest.raises(DatasetError, match=rf"train/class0/zz_bad\.jpg: DALI cannot decode this "
+                                           rf"file \({reason}\)"):
+        _epoch(_loaders(cfg).train, 0)
+
+
+def test_a_relative_data_path_reads_from_the_working_directory(tmp_path, monkeypatch):
+    _grey_folder(tmp_path / "set", 8, 4)
+    monkeypatch.chdir(tmp_path)
+    cfg = _cfg(Path("set"), "--data.batch_size=4", "--data.train_res=8", "--data.val_res=8")
+    loaders = _loaders(cfg)
+    assert sum(len(labels) for _, labels in _epoch(loaders.train, 0)) == 8
+    assert sum(len(labels) for _, labels in loaders.val) == 4
+
+
 def test_missing_dataset_is_a_dataset_error(tmp_path):
     cfg = _cfg(tmp_path / "nowhere")
     with pytest.raises(DatasetError, match="nowhere/train: directory not found"):

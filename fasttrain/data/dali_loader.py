@@ -101,7 +101,9 @@ def _write_file_list(folder: str, name: str, samples: list[tuple[str, int]]) -> 
     than converting a Python list (1.28 M ImageNet paths: 0.7 s against 3 s per epoch)."""
     path = os.path.join(folder, name)
     with open(path, "w") as f:
-        f.write("".join(f"{p} {label}\n" for p, label in samples))
+        # Absolute: DALI reads a relative entry relative to the list's folder (a temp folder),
+        # not the working directory that a relative data.path means.
+        f.write("".join(f"{os.path.abspath(p)} {label}\n" for p, label in samples))
     return path
 
 
@@ -300,7 +302,20 @@ def _cause(error: RuntimeError) -> str:
 
 
 def _first_undecodable(paths: list[str]) -> tuple[str, str] | None:
-    """The first of `paths` DALI's CPU decoder rejects, with the reason; None if all decode."""
+    """The first of `paths` DALI's CPU decoder rejects, with the reason; None if all decode.
+
+    Files the reader itself cannot map (missing, a broken link, empty, unreadable) are found
+    first by opening them: the reader reads ahead, so its error surfaces on the sample before
+    the bad one and would name the wrong file."""
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                if not f.read(1):
+                    return path, "empty file"
+        except FileNotFoundError:
+            return path, ("broken symbolic link" if os.path.islink(path) else "file not found")
+        except OSError as e:
+            return path, f"cannot open ({e.strerror or e})"
     if not paths:
         return None
     dali = _dali()
