@@ -339,17 +339,17 @@ def test_resume_refuses_optimizer_overrides_before_writing(data_root, tmp_path):
 @pytest.mark.slow
 def test_max_steps_inside_an_epoch_resumes_inside_it(data_root, tmp_path):
     args = ("--schedule.epochs=2", "--schedule.warmup_epochs=0", "--schedule.kind=step",
-            "--schedule.milestones=[1]", "--schedule.gamma=0.5")
+            "--schedule.milestones=[1]", "--schedule.gamma=0.5", "--data.batch_size=128")
     cut = train(_cfg(data_root, tmp_path, *args, "--train.max_steps=5", "--log.name=cut"))
     assert cut["step"] == 5
     state = ckpt.load(tmp_path / "cut" / "checkpoints" / "last.pt")["train_state"]
     assert (state["epoch"], state["epoch_step"]) == (0, 5)  # not "epoch 1 done"
     done = train(_cfg(data_root, tmp_path, *args, "--log.name=cut"), resume="auto")
-    steps_per_epoch = 1433 // 64
+    steps_per_epoch = 1433 // 128
     assert done["step"] == 2 * steps_per_epoch and done["epoch"] == 2
     lines = [json.loads(l) for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2]  # the cut epoch's line was replaced
-    assert lines[0]["train_images"] == steps_per_epoch * 64
+    assert lines[0]["train_images"] == steps_per_epoch * 128
     # `lr` is what the epoch's last step used (the step schedule halves it after epoch 1)
     assert lines[0]["lr"] == pytest.approx(2 * lines[1]["lr"])
 
