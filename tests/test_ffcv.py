@@ -504,8 +504,72 @@ def test_region_decode_gives_the_whole_decode_batches(photos):
 
 def test_small_stored_images_warn_once(cifar):
     cfg = _cifar_cfg(cifar, "--data.train_res=64", "--data.val_res=16", "--data.val_resize=32")
-    with pytest.warns(UserWarning, match=r"at most 32 px.*smaller than the 64 px training crop"):
+    # stored at their own 32 px (the 512 px cap did not apply): no rewrite would help
+    with pytest.warns(UserWarning, match=r"at most 32 px \(their original size\), smaller than "
+                                         r"the 64 px training crop: .*lower data.train_res"):
         _build(cfg, seed=0)
+
+
+def test_small_images_shrunk_by_the_writer_suggest_a_larger_cap(cifar, tmp_path):
+    data = DataConfig(dataset="cifar10", path=str(cifar), download=False)
+    write_beton(data, tmp_path, write_mode="raw", max_resolution=16, num_workers=1)
+    cfg = _cifar_cfg(cifar, f"--data.ffcv_dir={tmp_path}", "--data.train_res=24",
+                     "--data.val_res=16", "--data.val_resize=16")
+    with pytest.warns(UserWarning, match=r"at most 16 px \(written with --max-resolution=16\).*"
+                                         r"rewrite with a larger --max-resolution"):
+        _build(cfg, seed=0)
+
+
+def _small_folder(root: Path, data_root: Path) -> Path:
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for f in sorted((data_root / "digits" / split / "3").iterdir())[:3]:
+                (root / split / cls / f.name).write_bytes(f.read_bytes())
+    return root
+
+
+def test_a_split_that_fails_publishes_neither(tmp_path, data_root):
+    root = _small_folder(tmp_path / "folder", data_root)
+    data = DataConfig(dataset="imagefolder", path=str(root))
+    write_beton(data, num_workers=1)
+    before = {p.name: p.read_bytes() for p in (root / "ffcv").iterdir()}
+    for f in (root / "val").rglob("*.jpg"):
+        f.write_bytes(b"")
+    (root / "train" / "a" / "extra.jpg").write_bytes((root / "train" / "b").iterdir()
+                                                     .__next__().read_bytes())
+    with pytest.raises(DatasetError, match="no readable image in the val split"):
+        write_beton(data, num_workers=1)
+    # train.beton is not replaced by a newer file whose val partner is missing
+    assert {p.name: p.read_bytes() for p in (root / "ffcv").iterdir()} == before
+
+
+def _copy_pair(folder: Path, train_from: Path, val_from: Path) -> Path:
+    folder.mkdir()
+    for name, source in (("train.beton", train_from), ("val.beton", val_from)):
+        for suffix in ("", ".json"):
+            (folder / f"{name}{suffix}").write_bytes((source / f"{name}{suffix}").read_bytes())
+    return folder
+
+
+def test_a_mismatched_pair_of_files_is_refused(tmp_path, digits, cifar, data_root):
+    mixed = _copy_pair(tmp_path / "mixed", cifar / "ffcv", digits / "ffcv")
+    cfg = _cifar_cfg(cifar, f"--data.ffcv_dir={mixed}")
+    with pytest.raises(DatasetError, match=r"val.beton: written from data.dataset=digits, but "
+                                           r"the config has data.dataset=cifar10"):
+        build_loaders(cfg.data, cfg.aug)
+    # two image folders with other classes: the class lists differ
+    other = _small_folder(tmp_path / "other", data_root)
+    write_beton(DataConfig(dataset="imagefolder", path=str(other)), num_workers=1)
+    pair = _copy_pair(tmp_path / "pair", other / "ffcv", digits / "ffcv")
+    sidecar = json.loads((pair / "val.beton.json").read_text())
+    sidecar["dataset"] = "imagefolder"  # as if the digits folder was written as an ImageFolder
+    (pair / "val.beton.json").write_text(json.dumps(sidecar))
+    cfg = load(None, ["--data.backend=ffcv", "--data.dataset=imagefolder",
+                      f"--data.path={other}", f"--data.ffcv_dir={pair}"])
+    with pytest.raises(DatasetError, match=r"were written from different data sets \(2 and 10 "
+                                           r"classes"):
+        build_loaders(cfg.data, cfg.aug)
 
 
 def test_pad_random_needs_images_stored_at_train_res(cifar):

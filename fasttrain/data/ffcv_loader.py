@@ -467,15 +467,34 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+@dataclass
+class _Written:
+    """A split written under temporary names, not yet published."""
+    tmp: Path
+    tmp_json: Path
+    result: WriteResult
+
+    def publish(self) -> None:
+        # The sidecar first: a beton is only ever published with its description beside it.
+        target = self.result.path
+        os.replace(self.tmp_json, sidecar_path(target))
+        os.replace(self.tmp, target)
+
+    def discard(self) -> None:
+        for path in (self.tmp, self.tmp_json):
+            path.unlink(missing_ok=True)
+
+
 def _write_split(ff: SimpleNamespace, dataset, target: Path, params: dict[str, Any],
-                 num_workers: int, info: dict[str, Any]) -> WriteResult:
-    """Write one split to a temp file, then rename it (and its sidecar) into place: an
-    interrupted write never leaves a file at `target`."""
+                 num_workers: int, info: dict[str, Any]) -> _Written:
+    """Write one split (and its sidecar) under temporary names next to `target`; the caller
+    publishes it (renames) once every split is written. A failure leaves nothing behind."""
     t0 = time.perf_counter()
     stamp = f"tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = target.with_name(f".{target.name}.{stamp}")
     tmp_json = target.with_name(f".{sidecar_path(target).name}.{stamp}")
     writer = None
+    done = False
     try:
         field_args = dict(write_mode=params["write_mode"],
                           max_resolution=params["max_resolution"] or None,
@@ -492,22 +511,22 @@ def _write_split(ff: SimpleNamespace, dataset, target: Path, params: dict[str, A
         labels = reader.metadata[f"f{reader.field_names.index('label')}"]
         skipped = [_skip_reason(dataset, int(i)) for i in np.flatnonzero(labels < 0)]
         if len(skipped) == len(labels):
-            raise DatasetError(f"{info['source']}: no readable image (first: "
-                               f"{skipped[0][0]}: {skipped[0][1]})")
+            raise DatasetError(f"{info['source']}: no readable image in the {info['split']} "
+                               f"split (first: {skipped[0][0]}: {skipped[0][1]})")
         sidecar = {"format": SIDECAR_FORMAT, **info, "images": int(len(labels)),
                    **params, "skipped": [list(s) for s in skipped],
                    "ffcv_version": _ffcv_version(),
                    "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         tmp_json.write_text(json.dumps(sidecar, indent=1) + "\n")
         _fsync(tmp)
-        # The sidecar first: a beton is only ever published with its description beside it.
-        os.replace(tmp_json, sidecar_path(target))
-        os.replace(tmp, target)
-        _fsync(target.parent)
-        return WriteResult(target, int(len(labels)), skipped, time.perf_counter() - t0)
+        _fsync(tmp_json)
+        done = True
+        return _Written(tmp, tmp_json, WriteResult(target, int(len(labels)), skipped,
+                                                   time.perf_counter() - t0))
     finally:
-        for path in (tmp, tmp_json):
-            path.unlink(missing_ok=True)
+        if not done:
+            for path in (tmp, tmp_json):
+                path.unlink(missing_ok=True)
         sm = getattr(writer, "metadata_sm", None)
         if sm is not None and not isinstance(sm, int):  # FFCV leaks it when interrupted
             try:
@@ -564,15 +583,24 @@ def write_beton(data: DataConfig, out: Path | str | None = None, *,
                   jpeg_quality=jpeg_quality, compress_probability=compress_probability,
                   smart_threshold=smart_threshold, chunk_size=chunk_size)
     workers = num_workers or os.cpu_count() or 1
-    results = []
-    for split in splits:
-        dataset = {"train": train, "val": val}[split]
-        source = getattr(dataset, "root", None) or root
-        info = {"split": split, "dataset": data.dataset, "source": str(source),
-                "classes": list(classes)}
-        results.append(_write_split(ff, dataset, out / f"{split}.beton", params, workers,
-                                    info))
-    return results
+    written: list[_Written] = []
+    try:
+        for split in splits:
+            dataset = {"train": train, "val": val}[split]
+            source = getattr(dataset, "root", None) or root
+            info = {"split": split, "dataset": data.dataset, "source": str(source),
+                    "classes": list(classes)}
+            written.append(_write_split(ff, dataset, out / f"{split}.beton", params, workers,
+                                        info))
+        # Published together: a failure in one split must not leave the other split new and
+        # its partner old (a mismatched pair the loader would train on).
+        for w in written:
+            w.publish()
+        _fsync(out)
+    finally:
+        for w in written:
+            w.discard()
+    return [w.result for w in written]
 
 
 # --------------------------------------------------------------------------------------------
@@ -726,10 +754,36 @@ def _warn_small(info: BetonInfo, data: DataConfig, rank: int) -> None:
     if rank == 0 and longest < largest and key not in _warned:
         _warned.add(key)
         written = info.sidecar.get("max_resolution")
-        how = f" (written with --max-resolution={written})" if written else ""
+        if written and longest >= written:  # the cap shrank them: a larger one keeps more
+            how = f" (written with --max-resolution={written})"
+            advice = "rewrite with a larger --max-resolution"
+        else:  # stored at their own size (cap 0, or above them): the data set is this small
+            how = " (their original size)" if written is not None else ""
+            advice = "lower data.train_res to avoid it"
         warnings.warn(f"{info.path}: stored images are at most {longest} px{how}, smaller "
                       f"than the {largest} px training crop: every crop is upsampled; "
-                      f"rewrite with a larger --max-resolution", stacklevel=3)
+                      f"{advice}", stacklevel=3)
+
+
+def _check_pair(train: BetonInfo, val: BetonInfo, data: DataConfig) -> None:
+    """The two files come from one data set, the one the config names (by their sidecars;
+    files without one are taken as they are). A pair written from different data sets would
+    validate against the wrong classes, or fail mid-epoch on a label out of range."""
+    rewrite = f"rewrite both with: {write_command(data)}"
+    for info in (train, val):
+        written = info.sidecar.get("dataset")
+        if written is not None and written != data.dataset:
+            raise DatasetError(f"{info.path}: written from data.dataset={written}, but the "
+                               f"config has data.dataset={data.dataset}; {rewrite}")
+    classes = [info.sidecar.get("classes") for info in (train, val)]
+    if None not in classes and classes[0] != classes[1]:
+        raise DatasetError(f"{train.path} and {val.path} were written from different data sets "
+                           f"({len(classes[0])} and {len(classes[1])} classes, first "
+                           f"{classes[0][:2]} and {classes[1][:2]}); {rewrite}")
+    n_train = len(classes[0]) if classes[0] is not None else int(train.labels.max()) + 1
+    if int(val.labels.max()) >= n_train:
+        raise DatasetError(f"{val.path}: label {int(val.labels.max())} but {train.path} has "
+                           f"{n_train} classes; {rewrite}")
 
 
 def build_ffcv_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world_size: int,
@@ -753,6 +807,7 @@ def build_ffcv_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world_siz
     folder = beton_dir(data)
     train_info = read_beton(ff, folder / "train.beton", data)
     val_info = read_beton(ff, folder / "val.beton", data)
+    _check_pair(train_info, val_info, data)
     train_good = train_info.good
     batch, val_batch = rank_batches(data, world_size, grad_accum_steps, len(train_good),
                                     train_info.path)
