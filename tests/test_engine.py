@@ -16,7 +16,7 @@ from fasttrain.engine import checkpoint as ckpt
 from fasttrain.engine import distributed, loop, rundir, train
 from fasttrain.engine.optim import param_groups
 from fasttrain.engine.schedule import lr_factor
-from fasttrain.errors import CheckpointError, ConfigError, RunError
+from fasttrain.errors import CheckpointError, ConfigError, DatasetError, RunError
 from fasttrain.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -401,4 +401,25 @@ def test_a_micro_batch_of_one_at_a_1x1_feature_map_is_a_config_error(data_root, 
                "--schedule.epochs=1", "--schedule.warmup_epochs=0", "--train.max_steps=1")
     with pytest.raises(ConfigError, match=r"data.batch_size=1: a training micro-batch of 1 "
                                           r"image\(s\) per rank leaves BatchNorm one value"):
+        train(cfg)
+
+
+def test_a_whole_unreadable_batch_stops_with_one_line(data_root, tmp_path):
+    # 6 training files, 5 of them empty, batches of 2: at least two batches hold no readable
+    # image, are dropped, and the epoch's fixed number of steps cannot be run.
+    good = sorted((data_root / "digits" / "train" / "3").iterdir())
+    for split, n in (("train", 3), ("val", 2)):
+        for cls in ("a", "b"):
+            (tmp_path / "set" / split / cls).mkdir(parents=True)
+            for i in range(n):
+                (tmp_path / "set" / split / cls / f"{i}.jpg").write_bytes(good[i].read_bytes())
+    for f in sorted((tmp_path / "set" / "train").rglob("*.jpg"))[1:]:
+        f.write_bytes(b"")
+    cfg = load(QUICKSTART, ["--data.dataset=imagefolder", f"--data.path={tmp_path / 'set'}",
+                            "--data.backend=torch", "--data.num_workers=0",
+                            "--data.batch_size=2", "--data.val_batch_size=2",
+                            "--schedule.epochs=1", "--schedule.warmup_epochs=0",
+                            f"--log.dir={tmp_path / 'runs'}", "--log.progress=plain"])
+    with pytest.raises(DatasetError, match=r"epoch 1: the training data ran out after \d of 3 "
+                                           r"batches .*: empty file\); remove them"):
         train(cfg)

@@ -20,7 +20,7 @@ from torch import nn
 
 from .. import config as config_mod
 from ..config import Config, ModelConfig
-from ..errors import CheckpointError, ConfigError, TrainingError, UserError
+from ..errors import CheckpointError, ConfigError, DatasetError, TrainingError, UserError
 from ..data import build_loaders, sample_seed
 from ..data.loader import DeviceLoader
 from ..measure import count_macs, count_params, git_commit
@@ -458,7 +458,10 @@ def train_one_epoch(p: Parts, loader: DeviceLoader, state: TrainState, epoch: in
     batches = iter(loader)
     while step < steps:
         for micro in range(accum):
-            images, labels = next(batches)
+            try:
+                images, labels = next(batches)
+            except StopIteration:
+                raise _ran_short(loader, epoch, step * accum + micro, steps * accum) from None
             targets = None
             if p.mixer.enabled or cfg.optim.loss == "bce":
                 # The mix of each step is a function of (seed, epoch, step): resumable.
@@ -551,6 +554,18 @@ def _trim_run_dir(run_dir: Path, epochs_done: int) -> None:
         metrics.write_text("".join(line + "\n" for line in keep))
     for tmp in (run_dir / CHECKPOINTS).glob(".*.tmp-*"):
         tmp.unlink(missing_ok=True)
+
+
+def _ran_short(loader: DeviceLoader, epoch: int, got: int, want: int) -> DatasetError:
+    """The loader ended early: a batch held only unreadable files and was dropped (each rank
+    must run the same number of steps, so the epoch cannot just be shorter)."""
+    skipped = getattr(loader, "skipped", {})
+    first = next(iter(skipped.items()), None)
+    which = f"; first: {first[0]}: {first[1]}" if first else ""
+    return DatasetError(f"epoch {epoch + 1}: the training data ran out after {got} of {want} "
+                        f"batches because a whole batch was unreadable files ({len(skipped)} "
+                        f"skipped so far{which}); remove them (tools/check_data.py lists them) "
+                        f"or raise data.batch_size")
 
 
 def _raise_if_one_value_per_channel(e: ValueError, cfg: Config, micro_batch: int) -> None:
