@@ -126,13 +126,48 @@ def test_user_points_csv(tmp_path):
     ("label,top1\nx,70\n", ":1: missing column 'macs'"),
     ("label,top1,macs\nx,70,1e6,5\n", ":2: more cells than the header's 3 columns"),
     ("label,top1,macs\nx,70,-5\n", ":2: column macs: must be > 0, got -5"),
+    # counts that round to 0 used to pass and crash the log axis (math domain error)
+    ("label,top1,macs\nx,70,0.4\n", ":2: column macs: must be >= 1 after rounding to a whole "
+                                     "count, got 0.4"),
+    ("label,top1,macs\nx,70,1e-300\n", ":2: column macs: must be >= 1 after rounding"),
+    ("label,top1,macs,params\nx,70,1e6,0.3\n", ":2: column params: must be >= 1 after"),
+    ("label,top1,macs,base_macs\nx,70,1e6,0.5\n", ":2: column base_macs: must be >= 1 after"),
+    ("label,top1,macs,top1\nx,70,1e6,71\n", ":1: column 'top1' appears more than once"),
+    ("label,top1,macs\nA,70,1e6\nB,71,2e6\nA,72,3e6\n",
+     ":4: column label: 'A' is already the label of line 2"),
+    (b"label,top1,macs\nR\xe9sNet,70,1e6\n", ": not UTF-8 text (byte 0xe9 at offset 17)"),
+    ("label,top1,macs\n\"" + "x" * 200_000 + "\",70,1e6\n",
+     ": not a readable CSV file (field larger than field limit"),
 ])
 def test_malformed_user_csv_names_file_line_and_column(tmp_path, text, message):
     path = tmp_path / "pts.csv"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(CompareError) as e:
         points_from_csv(path)
     assert str(e.value).startswith(str(path)) and message in str(e.value), str(e.value)
+
+
+def test_user_points_csv_with_a_byte_order_mark(tmp_path):
+    """Excel's "CSV UTF-8" starts with a BOM; it is not part of the first column's name."""
+    path = tmp_path / "excel.csv"
+    path.write_text("label,top1,macs\nRésNet w0.5,70,1e6\n", encoding="utf-8-sig")
+    (p,) = points_from_csv(path)
+    assert (p.label, p.top1, p.macs) == ("RésNet w0.5", 70.0, 1_000_000)
+
+
+def test_labels_are_unique_across_files(tmp_path):
+    """A label shared between files gets the file name; files of the same name in two folders
+    are numbered on top of that."""
+    for folder in ("a", "b", "c"):
+        (tmp_path / folder).mkdir()
+        name = "other.csv" if folder == "c" else "pts.csv"
+        (tmp_path / folder / name).write_text("label,kind,top1,macs\nA,thin,70,1e6\n"
+                                              "B,thin,80,4e6\n")
+    c = report.build_comparison(points_csv=[tmp_path / f / n for f, n in
+                                            (("a", "pts.csv"), ("b", "pts.csv"),
+                                             ("c", "other.csv"))])
+    assert [p.label for p in c.points] == ["A [pts.csv]", "B [pts.csv]", "A [pts.csv] #2",
+                                           "B [pts.csv] #2", "A [other.csv]", "B [other.csv]"]
 
 
 # --------------------------------------------------------------------------- latency
@@ -206,15 +241,28 @@ def test_literature_benchmark_plots_and_table(tmp_path):
     ([], "nothing to compare"),
     (["--benchmark", "resnet56-cifar10", "--tolerance", "2"], "fraction in [0, 1)"),
     (["--benchmark", "resnet56-cifar10", "--latency", "/no/lat.json"], "cannot read latency"),
+    # --name is a file-name stem: '../x' wrote outside --out, 'a/b' made a sub-folder
+    *[(["--benchmark", "resnet56-cifar10", "--name", name],
+       f"argument --name: name {name!r} is not a plain file-name stem")
+      for name in ("../x", "a/b", "x/", "..", ".", "")],
 ])
 def test_cli_user_errors_exit_2_with_one_line(argv, message, tmp_path, capsys):
+    out = tmp_path / "out"
     try:
-        code = compare_tool.main(argv + ["--out", str(tmp_path)])
+        code = compare_tool.main(argv + ["--out", str(out)])
     except SystemExit as e:
         code = e.code
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert message in err, err
+    assert [p.name for p in tmp_path.iterdir()] == []  # nothing written, in --out or beside it
+
+
+def test_write_outputs_refuses_a_name_with_a_folder(tmp_path):
+    c = report.build_comparison("resnet56-cifar10")
+    with pytest.raises(CompareError, match="'sub/x' is not a plain file-name stem"):
+        report.write_outputs(c, tmp_path / "out", "sub/x")
+    assert not (tmp_path / "out").exists()
 
 
 def test_unwritable_out_folder_exits_2_with_one_line(tmp_path, capsys):

@@ -6,6 +6,7 @@ import copy
 import importlib.metadata
 import importlib.util
 import json
+import os
 import sys
 
 import pytest
@@ -244,6 +245,8 @@ def test_prune_tool_writes_a_checkpoint_that_benchmark_and_export_accept(tmp_pat
     rows = tmp_path / "rows.json"
     assert benchmark_tool.main(["--checkpoint", str(out), "--device", "cpu", "--iters", "2",
                                 "--warmup", "1", "--json", str(rows)]) == 0
+    progress = capsys.readouterr().out
+    assert "cifar_resnet20 (pruned) batch 1: ok" in progress and "wNone" not in progress
     (row,) = json.loads(rows.read_text())
     assert (row["model"], row["width"], row["macs"], row["params"], row["resolution"]) == \
         ("cifar_resnet20 (pruned)", None, rec["macs"], rec["params"], 16)
@@ -277,8 +280,15 @@ def test_prune_tool_user_errors_exit_2_with_one_line(tmp_path, capsys):
               "checkpoint not found"),
              ([str(src), "--out", "x.pt", "--target-macs", "1000"], "out of reach"),
              ([str(src), "--out", "x.pt", "--target-width", "0.75"], "is not below"),
-             ([str(src), "--out", "x.pt", "--target-width", "-1"], "positive"),
+             ([str(src), "--out", "x.pt", "--target-width", "-1"], "finite number > 0"),
+             ([str(src), "--out", "x.pt", "--target-width", "inf"], "finite number > 0"),
+             ([str(src), "--out", "x.pt", "--tolerance", "nan", "--target-width", "0.25"],
+              "finite number > 0"),
              ([str(src), "--out", "x.pt"], "one of the arguments --target-macs --target-width")]
+    # A MAC count: 'inf' used to be an OverflowError traceback, 0.4 "not a positive number".
+    cases += [([str(src), "--out", "x.pt", "--target-macs", text],
+               f"expected a finite MAC count >= 1 (e.g. 2.6e6), got '{text}'")
+              for text in ("inf", "1e400", "0.4", "0", "-5", "nan", "many")]
     for argv, message in cases:
         try:
             code = prune_tool.main(argv)
@@ -287,6 +297,60 @@ def test_prune_tool_user_errors_exit_2_with_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
         assert message in err, err
+
+
+def _out_cases(tmp_path, src):
+    """(--out, message) pairs the pruned checkpoint must not be written to."""
+    (tmp_path / "same").mkdir()
+    (tmp_path / "a_file").write_text("kept")
+    os.link(src, tmp_path / "hard.pt")
+    (tmp_path / "soft.pt").symlink_to(src)
+    itself = "is the source checkpoint"
+    return [(str(tmp_path / "same" / ".." / src.name), itself),
+            (str(tmp_path / "hard.pt"), itself),
+            (str(tmp_path / "soft.pt"), itself),
+            (str(tmp_path / "same"), "is a folder; name the file to write"),
+            (str(tmp_path / "new") + "/", "names a folder; name the file to write"),
+            (os.devnull, "exists and is not a regular file"),
+            (str(tmp_path / "a_file" / "sub" / "x.pt"), f"{tmp_path / 'a_file'} is not a folder")]
+
+
+@needs_tp
+def test_prune_tool_refuses_a_bad_out_before_pruning(tmp_path, capsys, monkeypatch):
+    """An --out that is the source itself (through '..', a hard or a symbolic link) would lose
+    the trained weights; a folder, a device or an uncreatable folder would fail only after the
+    pruning: all are one line before any pruning work, and nothing is changed."""
+    src, _ = write_checkpoint(tmp_path / "src.pt")
+    before = src.read_bytes()
+
+    def no_pruning(*a, **kw):
+        raise AssertionError("pruned before --out was checked")
+
+    monkeypatch.setattr(prune, "prune_to_macs", no_pruning)
+    for out, message in _out_cases(tmp_path, src):
+        code = prune_tool.main([str(src), "--out", out, "--target-width", "0.25"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("error: output ") and err.count("\n") == 1, err
+        assert message in err and out in err, err
+    assert src.read_bytes() == before and (tmp_path / "a_file").read_text() == "kept"
+    assert not (tmp_path / "new").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "hard.pt", "same",
+                                                           "soft.pt", "src.pt"]
+
+
+@needs_tp
+def test_prune_tool_save_failure_is_one_line(tmp_path, capsys, monkeypatch):
+    src, _ = write_checkpoint(tmp_path / "src.pt")
+
+    def disk_full(state, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_atomic", disk_full)
+    out = tmp_path / "sub" / "pruned.pt"
+    assert prune_tool.main([str(src), "--out", str(out), "--target-width", "0.25"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: output {out}: cannot write the pruned checkpoint (No space left " \
+                  f"on device)\n", err
 
 
 def test_prune_tool_without_torch_pruning_says_what_to_install(tmp_path, capsys, monkeypatch):

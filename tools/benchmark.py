@@ -233,7 +233,9 @@ def _table(rows, train: bool):
 
 
 def _progress(console, r) -> None:
-    text = f"{r['model']} w{r['width']} batch {r['batch_size']}: {r['status']}"
+    # A pruned model is described by its channel spec and has no width.
+    width = "" if r["width"] is None else f" w{r['width']}"
+    text = f"{r['model']}{width} batch {r['batch_size']}: {r['status']}"
     if r["status"] != "ok":
         text += f" ({r['error']})"
     console.print(text, style="dim", highlight=False, markup=False)

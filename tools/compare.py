@@ -19,8 +19,8 @@ measured latency (when any), and Δ top-1 vs MAC reduction relative to each poin
 each as PNG and SVG; a markdown and a CSV table giving every point, the thin Pareto curve's top-1
 at its MACs (interpolated in log MACs) and the margin thin - point; the table in the terminal.
 
-User errors (unknown benchmark, missing run directory, malformed CSV row) exit 2 with one line
-on stderr naming the file, line and column.
+User errors (unknown benchmark, missing run directory, malformed CSV row, a --name that is not a
+plain file-name stem) exit 2 with one line on stderr naming the file, line and column.
 """
 from __future__ import annotations
 
@@ -54,6 +54,16 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _name(text: str) -> str:
+    from fasttrain.compare.literature import CompareError
+    from fasttrain.compare.report import check_name
+
+    try:
+        return check_name(text)
+    except CompareError as e:  # argparse: refused before any point is gathered or counted
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="Compare ThinResNets with structured pruning at equal MACs: "
                                    "plots (PNG+SVG) and a margin table.")
@@ -69,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="latency at this batch size (default: the smallest in the files)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compare"),
                    metavar="DIR", help="where the plots and tables go")
-    p.add_argument("--name", default=None,
-                   help="file name prefix (default: the benchmark, or 'compare')")
+    p.add_argument("--name", type=_name, default=None,
+                   help="file name prefix, without a folder (default: the benchmark, or "
+                        "'compare')")
     p.add_argument("--tolerance", type=_fraction, default=0.05,
                    help="a point up to this fraction outside the thin curve's MAC range takes "
                         "the curve's end value (default 0.05)")

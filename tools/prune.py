@@ -16,28 +16,40 @@ network, written as a checkpoint whose model config carries its channel spec:
     python tools/benchmark.py --checkpoint PRUNED.pt ...           # measure it
     python tools/export.py --checkpoint PRUNED.pt --out pruned.pt  # export it
 
-User errors (unreadable checkpoint, unreachable target, Torch-Pruning missing) exit 2 with one
-line on stderr.
+User errors (unreadable checkpoint, unreachable target, Torch-Pruning missing, an --out that is
+the checkpoint itself, a folder or not writable) exit 2 with one line on stderr; --out is
+checked before the pruning starts.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from fasttrain.cli import ArgumentParser
 from fasttrain.errors import UserError
 
 
-def _positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(float(text)) if kind is int else kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-        return value
-    return parse
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def _mac_count(text: str) -> int:
+    # A count, written as 2.6e6 as often as 2600000; below 1 it would truncate to 0.
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 1):
+        raise argparse.ArgumentTypeError(f"expected a finite MAC count >= 1 (e.g. 2.6e6), "
+                                         f"got {text!r}")
+    return int(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,15 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a fasttrain checkpoint (last.pt / best.pt)")
     p.add_argument("--out", required=True, help="where to write the pruned checkpoint")
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--target-macs", type=_positive(int), metavar="N",
+    target.add_argument("--target-macs", type=_mac_count, metavar="N",
                         help="conv+fc MACs per image to reach, e.g. 2.6e6")
-    target.add_argument("--target-width", type=_positive(float), metavar="W",
+    target.add_argument("--target-width", type=_positive, metavar="W",
                         help="reach the MACs of the same model at uniform width W")
     p.add_argument("--importance", choices=["l1", "bn_scale"], default="l1",
                    help="channel importance: group L1 magnitude or BatchNorm |gamma|")
     p.add_argument("--scope", choices=["global", "uniform"], default="global",
                    help="one ranking over all channels, or the same fraction from every group")
-    p.add_argument("--tolerance", type=_positive(float), default=0.05,
+    p.add_argument("--tolerance", type=_positive, default=0.05,
                    help="accepted relative distance from the target MACs (default 0.05)")
     return p
 

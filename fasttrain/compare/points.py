@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -179,51 +180,82 @@ def points_from_csv(path: str | Path) -> list[Point]:
     `macs` (conv+fc MACs per image, e.g. 1.05e9) required; `kind` (thin | pruned | other,
     default other), `params`, `base_top1`, `base_macs` (its own baseline, for the Δ view),
     `model`, `width`, `resolution`, `note` optional. Every point is labelled user-provided.
+    The file is UTF-8, with or without the byte-order mark spreadsheet programs write. Counts
+    (`macs`, `params`, `base_macs`, `resolution`) are rounded to whole numbers and must be >= 1
+    after rounding. Labels name the points in the plots and the table, so one label is used
+    once per file.
 
     Raises:
-        CompareError: unreadable file, unknown or missing column, or a bad cell, naming the
-            file, line and column.
+        CompareError: unreadable or non-UTF-8 file, unknown, missing or repeated column, a
+            label used twice (naming both lines), or a bad cell, naming the file, line and
+            column.
     """
     path = Path(path)
     try:
-        f = open(path, newline="")
+        # utf-8-sig: Excel's "CSV UTF-8" starts with a BOM that would otherwise stick to the
+        # first column's name
+        f = open(path, newline="", encoding="utf-8-sig")
     except OSError as e:
         raise CompareError(f"{path}: cannot read points CSV ({e.strerror})") from None
-    points = []
     with f:
-        reader = csv.DictReader(f)
-        header = list(reader.fieldnames or [])
-        unknown = [c for c in header if c not in USER_COLUMNS]
-        if unknown:
-            raise CompareError(f"{path}:1: unknown column {unknown[0]!r}; columns: "
-                               f"{', '.join(USER_COLUMNS)}")
-        missing = [c for c in USER_REQUIRED if c not in header]
-        if missing:
-            raise CompareError(f"{path}:1: missing column {missing[0]!r} (required: "
-                               f"{', '.join(USER_REQUIRED)})")
-        for row in reader:
-            line = reader.line_num
-            if None in row:
-                raise CompareError(f"{path}:{line}: more cells than the header's "
-                                   f"{len(header)} columns")
-            if not any((v or "").strip() for v in row.values()):
-                continue
-            values = {k: _user_cell(path, line, k, (v or "").strip()) for k, v in row.items()}
-            for k in USER_REQUIRED:
-                if values.get(k) is None:
-                    raise CompareError(f"{path}:{line}: column {k}: required, but empty")
-            kind = values.get("kind") or OTHER
-            if kind not in USER_KINDS:
-                raise CompareError(f"{path}:{line}: column kind: must be one of "
-                                   f"{', '.join(USER_KINDS)}, got {kind!r}")
-            as_int = {k: None if values.get(k) is None else round(values[k])
-                      for k in ("macs", "params", "base_macs", "resolution")}
-            points.append(Point(label=values["label"], kind=kind, origin=USER,
-                                top1=values["top1"], macs=as_int["macs"],
-                                params=as_int["params"], model=values.get("model"),
-                                width=values.get("width"), resolution=as_int["resolution"],
-                                base_top1=values.get("base_top1"),
-                                base_macs=as_int["base_macs"], source=f"{path}:{line}"))
+        try:
+            return _read_points(path, f)
+        except UnicodeDecodeError as e:
+            raise CompareError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at "
+                               f"offset {e.start}); save it as CSV UTF-8") from None
+        except csv.Error as e:
+            raise CompareError(f"{path}: not a readable CSV file ({e})") from None
+
+
+def _read_points(path: Path, f) -> list[Point]:
+    points = []
+    labels: dict[str, int] = {}  # label -> line it was first used on
+    reader = csv.DictReader(f)
+    header = list(reader.fieldnames or [])
+    unknown = [c for c in header if c not in USER_COLUMNS]
+    if unknown:
+        raise CompareError(f"{path}:1: unknown column {unknown[0]!r}; columns: "
+                           f"{', '.join(USER_COLUMNS)}")
+    repeated = [c for i, c in enumerate(header) if c in header[:i]]
+    if repeated:  # DictReader would silently keep the last one
+        raise CompareError(f"{path}:1: column {repeated[0]!r} appears more than once")
+    missing = [c for c in USER_REQUIRED if c not in header]
+    if missing:
+        raise CompareError(f"{path}:1: missing column {missing[0]!r} (required: "
+                           f"{', '.join(USER_REQUIRED)})")
+    for row in reader:
+        line = reader.line_num
+        if None in row:
+            raise CompareError(f"{path}:{line}: more cells than the header's "
+                               f"{len(header)} columns")
+        if not any((v or "").strip() for v in row.values()):
+            continue
+        values = {k: _user_cell(path, line, k, (v or "").strip()) for k, v in row.items()}
+        for k in USER_REQUIRED:
+            if values.get(k) is None:
+                raise CompareError(f"{path}:{line}: column {k}: required, but empty")
+        kind = values.get("kind") or OTHER
+        if kind not in USER_KINDS:
+            raise CompareError(f"{path}:{line}: column kind: must be one of "
+                               f"{', '.join(USER_KINDS)}, got {kind!r}")
+        as_int = {k: None if values.get(k) is None else round(values[k])
+                  for k in ("macs", "params", "base_macs", "resolution")}
+        for k, v in as_int.items():
+            if v is not None and v < 1:  # a count of 0 has no place on a log axis
+                raise CompareError(f"{path}:{line}: column {k}: must be >= 1 after "
+                                   f"rounding to a whole count, got {row[k].strip()}")
+        label = values["label"]
+        if label in labels:
+            raise CompareError(f"{path}:{line}: column label: {label!r} is already the "
+                               f"label of line {labels[label]}; labels name the points, "
+                               f"make them unique")
+        labels[label] = line
+        points.append(Point(label=values["label"], kind=kind, origin=USER,
+                            top1=values["top1"], macs=as_int["macs"],
+                            params=as_int["params"], model=values.get("model"),
+                            width=values.get("width"), resolution=as_int["resolution"],
+                            base_top1=values.get("base_top1"),
+                            base_macs=as_int["base_macs"], source=f"{path}:{line}"))
     return points
 
 
@@ -262,13 +294,20 @@ def assign_thin_baselines(points: list[Point]) -> None:
 
 
 def dedupe_labels(points: list[Point]) -> None:
-    """Make labels unique, in place, by appending the source's last path part."""
-    seen: dict[str, int] = {}
-    for p in points:
-        seen[p.label] = seen.get(p.label, 0) + 1
+    """Make the labels of the non-literature points unique, in place: a shared label gets the
+    source's last path part appended ("A [mine.csv]"); where that still repeats (the same file
+    or run folder name in two places), the second and later get " #2", " #3", ... in order."""
+    seen = Counter(p.label for p in points)
     for p in points:
         if seen[p.label] > 1 and p.kind != LITERATURE:
             p.label = f"{p.label} [{Path(p.source.split(':')[0]).name}]"
+    seen = Counter(p.label for p in points if p.kind != LITERATURE)
+    nth: Counter[str] = Counter()
+    for p in points:
+        if p.kind != LITERATURE and seen[p.label] > 1:
+            nth[p.label] += 1
+            if nth[p.label] > 1:
+                p.label = f"{p.label} #{nth[p.label]}"
 
 
 def check_benchmark_fit(points: list[Point], bench: Benchmark) -> list[str]:

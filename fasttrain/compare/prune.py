@@ -32,6 +32,7 @@ import dataclasses
 import datetime
 import importlib.metadata
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -279,6 +280,48 @@ def prune_to_macs(model: nn.Module, target_macs: int, resolution: int,
 
 # --------------------------------------------------------------------------- checkpoints
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or a.samefile(b)
+    except OSError:  # b does not exist yet: it cannot be a (hard link to the) source
+        return False
+
+
+def check_output(source: str | Path, out: str | Path) -> None:
+    """Refuse, before any pruning work, an output path the pruned checkpoint could not be
+    written to or that would replace `source`; creates the output's folder.
+
+    Raises:
+        PruneError: `out` is `source` (same path after resolving, a symlink to it or a hard
+            link), a folder or another non-regular file, or its folder cannot be created or
+            written; the message names the path.
+    """
+    named_folder = str(out).endswith(("/", os.sep))  # Path() drops the trailing slash
+    source, out = Path(source), Path(out)
+    if _same_file(source, out):
+        raise PruneError(f"output {out} is the source checkpoint {source} itself; writing the "
+                         f"pruned network there would lose the trained one: choose another "
+                         f"output path")
+    if out.is_dir() or named_folder:
+        raise PruneError(f"output {out}{os.sep if named_folder else ''} "
+                         f"{'is' if out.is_dir() else 'names'} a folder; name the file to "
+                         f"write, e.g. {out / 'pruned.pt'}")
+    if out.exists() and not out.is_file():
+        # save_atomic renames over the path: a device or a pipe would be replaced by a file
+        raise PruneError(f"output {out} exists and is not a regular file")
+    parent = out.parent
+    existing = next((a for a in (parent, *parent.parents) if a.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise PruneError(f"output {out}: {existing} is not a folder")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PruneError(f"output {out}: cannot create its folder {parent} "
+                         f"({e.strerror or e})") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PruneError(f"output {out}: folder {parent} is not writable")
+
+
 def prune_checkpoint(path: str | Path, out: str | Path, *, target_macs: int | None = None,
                      target_width: float | None = None, importance: str = "l1",
                      scope: str = "global", tolerance: float = 0.05) -> PruneResult:
@@ -292,8 +335,12 @@ def prune_checkpoint(path: str | Path, out: str | Path, *, target_macs: int | No
     `weights_only=True`; `--model.init_from=OUT` fine-tunes it with any recipe, and
     tools/benchmark.py and tools/export.py accept it like any checkpoint.
 
+    The output path is checked (`check_output`) once the checkpoint has been read and before
+    the pruning; an existing file at `out` is replaced atomically, never torn.
+
     Raises:
-        CheckpointError: unreadable checkpoint. PruneError: see `prune_to_macs`.
+        CheckpointError: unreadable checkpoint. PruneError: see `prune_to_macs` and
+            `check_output`, or `out` cannot be written (the message names it).
     """
     from ..config import ModelConfig
     from ..engine import checkpoint as ckpt
@@ -306,6 +353,7 @@ def prune_checkpoint(path: str | Path, out: str | Path, *, target_macs: int | No
     path = Path(path)
     model, meta = model_from_checkpoint(path)
     state = ckpt.load(path)
+    check_output(path, out)
     config = copy.deepcopy(state["config"])
     mc = dict(meta["model_config"])  # num_classes resolved
     resolution = meta["input_size"][1]
@@ -338,6 +386,10 @@ def prune_checkpoint(path: str | Path, out: str | Path, *, target_macs: int | No
     versions = {**(state.get("versions") or {}), "torch": str(torch.__version__),
                 "prune_commit": git_commit()}
     out = Path(out)
-    ckpt.save_atomic({"model": result.model.state_dict(), "config": config, "metrics": {},
-                      "versions": versions, "pruning": record}, out)
+    try:
+        ckpt.save_atomic({"model": result.model.state_dict(), "config": config, "metrics": {},
+                          "versions": versions, "pruning": record}, out)
+    except OSError as e:  # disk full, or the folder changed since check_output
+        raise PruneError(f"output {out}: cannot write the pruned checkpoint "
+                         f"({e.strerror or e})") from None
     return result

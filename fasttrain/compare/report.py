@@ -14,6 +14,7 @@ MACs. Files written to `out_dir` (`name` = the benchmark, or "compare"):
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -202,12 +203,29 @@ def _reference(c: Comparison, x: str) -> list[tuple[str, float]]:
     return [(f"w{r.width:g}", 100 * (1 - r.macs / base)) for r in rows]
 
 
-def write_outputs(c: Comparison, out_dir: str | Path, name: str | None = None) -> list[Path]:
-    """Write the plots (PNG + SVG) and the tables; returns the written paths.
+def check_name(name: str) -> str:
+    """`name` if it is a plain file-name stem, the prefix of every file `write_outputs` writes.
 
     Raises:
-        CompareError: `out_dir` cannot be created or written (names the folder and the reason).
+        CompareError: `name` is empty, '.' or '..', or holds a path separator or a NUL (the
+            files would land outside `out_dir`, in sub-folders, or nowhere).
     """
+    seps = [s for s in (os.sep, os.altsep, "/") if s]
+    if name in ("", ".", "..") or any(s in name for s in seps) or "\0" in name:
+        raise CompareError(f"name {name!r} is not a plain file-name stem (not empty, no path "
+                           f"separator, not '.' or '..'); the files go into the output folder")
+    return name
+
+
+def write_outputs(c: Comparison, out_dir: str | Path, name: str | None = None) -> list[Path]:
+    """Write the plots (PNG + SVG) and the tables into `out_dir`; returns the written paths.
+
+    Raises:
+        CompareError: `name` is not a plain file-name stem (`check_name`), or `out_dir`
+            cannot be created or written (names the folder and the reason).
+    """
+    if name is not None:
+        check_name(name)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
