@@ -183,14 +183,19 @@ def test_dry_run_prints_config_and_counts(run_tool, tmp_path):
     assert not (tmp_path / "runs").exists()  # nothing written
 
 
-@pytest.mark.slow
-def test_two_process_gloo_torchrun(data_root, tmp_path):
+def _torchrun_quickstart(data_root: Path, tmp_path: Path, *args: str):
+    """tools/train.py on the quickstart recipe, 1 epoch, under torchrun with 2 CPU ranks."""
     env = {**os.environ, "FASTTRAIN_DATA": str(data_root)}
-    result = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          str(ROOT / "tools" / "train.py"), str(QUICKSTART), "--schedule.epochs=1",
-         "--schedule.warmup_epochs=0", f"--log.dir={tmp_path}", "--log.name=ddp"],
+         "--schedule.warmup_epochs=0", f"--log.dir={tmp_path}", *args],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_two_process_gloo_torchrun(data_root, tmp_path):
+    result = _torchrun_quickstart(data_root, tmp_path, "--log.name=ddp")
     assert result.returncode == 0, result.stderr[-3000:]
     (metrics,) = [json.loads(l) for l in (tmp_path / "ddp" / "metrics.jsonl").read_text()
                   .splitlines()]
@@ -370,13 +375,7 @@ def test_a_loose_checkpoint_resumes_into_a_new_run_directory(data_root, tmp_path
 
 @pytest.mark.slow
 def test_torchrun_error_seen_by_rank_0_stops_every_rank_with_one_line(data_root, tmp_path):
-    env = {**os.environ, "FASTTRAIN_DATA": str(data_root)}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(ROOT / "tools" / "train.py"), str(QUICKSTART), "--schedule.epochs=1",
-         "--schedule.warmup_epochs=0", f"--log.dir={tmp_path}",
-         "--resume", str(tmp_path / "nothing.pt")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = _torchrun_quickstart(data_root, tmp_path, "--resume", str(tmp_path / "nothing.pt"))
     assert result.returncode != 0
     assert result.stderr.count(f"error: --resume {tmp_path / 'nothing.pt'}: no checkpoint") == 1
     assert "[rank1]" not in result.stderr and "broadcast" not in result.stderr, \

@@ -36,7 +36,7 @@ import os
 import sys
 from pathlib import Path
 
-from fasttrain.cli import ArgumentParser
+from fasttrain.cli import ArgumentParser, int_at_least
 from fasttrain.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,20 +57,7 @@ def _list_of(kind):
     return parse
 
 
-def _int_at_least(minimum: int):
-    """argparse type: an integer >= `minimum`."""
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if v < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {v}")
-        return v
-    return parse
-
-
-_positive, _non_negative = _int_at_least(1), _int_at_least(0)
+_positive, _non_negative = int_at_least(1), int_at_least(0)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,30 +28,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from fasttrain.cli import ArgumentParser
+from fasttrain.cli import ArgumentParser, finite_float, int_at_least
 from fasttrain.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {value}")
-    return value
+_positive_int = int_at_least(1)
+_fraction = finite_float(lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 
 
 def _name(text: str) -> str:

@@ -24,11 +24,10 @@ stderr).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
-from fasttrain.cli import ArgumentParser
+from fasttrain.cli import ArgumentParser, finite_float, int_at_least
 from fasttrain.errors import UserError
 
 
@@ -43,24 +42,8 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
     return values
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
-def _tolerance(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
+_positive_int = int_at_least(1)
+_tolerance = finite_float(lambda v: v >= 0, "a finite number >= 0")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,33 +23,19 @@ checked before the pruning starts.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
-from fasttrain.cli import ArgumentParser
+from fasttrain.cli import ArgumentParser, finite_float
 from fasttrain.errors import UserError
 
 
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
+_positive = finite_float(lambda v: v > 0, "a finite number > 0")
+# A count, written as 2.6e6 as often as 2600000; below 1 it would truncate to 0.
+_mac_count_float = finite_float(lambda v: v >= 1, "a finite MAC count >= 1 (e.g. 2.6e6)")
 
 
 def _mac_count(text: str) -> int:
-    # A count, written as 2.6e6 as often as 2600000; below 1 it would truncate to 0.
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value >= 1):
-        raise argparse.ArgumentTypeError(f"expected a finite MAC count >= 1 (e.g. 2.6e6), "
-                                         f"got {text!r}")
-    return int(value)
+    return int(_mac_count_float(text))
 
 
 def build_parser() -> argparse.ArgumentParser:
