@@ -498,12 +498,42 @@ BACKEND_SUPPORT = {
 }
 
 
+# data.* keys that only some backends read, and those backends: set to anything but the default
+# on another backend, they are an error rather than silently ignored. (data.ffcv_dir is not
+# here: tools/write_ffcv.py reads it whatever the recipe's backend.)
+BACKEND_KEYS = {
+    "ffcv_order": ("ffcv",),
+    "ffcv_os_cache": ("ffcv",),
+    "ffcv_resize": ("ffcv",),
+    # DALI always decodes the crop window only; resident decodes whole images once.
+    "region_decode": ("torch", "ffcv"),
+}
+
+
+def _yaml_value(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def _check_backend(cfg: Config, origin: str) -> None:
     backend = cfg.data.backend
+    where = f"{origin}: data.backend={backend}"
+    defaults = DataConfig()
+    for key, readers in BACKEND_KEYS.items():
+        value = getattr(cfg.data, key)
+        if backend not in readers and value != getattr(defaults, key):
+            raise ConfigError(f"{where} does not read data.{key}={_yaml_value(value)} (only "
+                              f"the {' and '.join(readers)} backend{'s' * (len(readers) > 1)} "
+                              f"do{'es' * (len(readers) == 1)}); remove it or use "
+                              f"data.backend={' or '.join(readers)}")
+    # FFCV's decoder crops inside the resized image; torch's center_crop (the other backends)
+    # zero-pads a crop larger than it.
+    if backend == "ffcv" and cfg.data.val_res > cfg.data.val_resize:
+        raise ConfigError(f"{where} center-crops inside the resized image: data.val_res="
+                          f"{cfg.data.val_res} must be <= data.val_resize={cfg.data.val_resize} "
+                          f"(the other backends zero-pad the border)")
     support = BACKEND_SUPPORT.get(backend)
     if support is None:
         return
-    where = f"{origin}: data.backend={backend}"
     if cfg.aug.train_crop not in support["train_crop"]:
         raise ConfigError(f"{where} does not implement aug.train_crop={cfg.aug.train_crop} "
                           f"(only {', '.join(support['train_crop'])}); use data.backend=torch")

@@ -151,6 +151,49 @@ def test_cross_key_errors_name_who_caused_them(tmp_path, text, override, message
     assert str(info.value) == message.replace("{r}", str(path))
 
 
+ONLY_FFCV = "(only the ffcv backend does); remove it or use data.backend=ffcv"
+ONLY_TORCH_FFCV = ("(only the torch and ffcv backends do); remove it or use data.backend=torch "
+                   "or ffcv")
+
+
+@pytest.mark.parametrize("override,message", [
+    (["--data.backend=dali", "--data.ffcv_order=quasi_random"],
+     f"data.backend=dali does not read data.ffcv_order=quasi_random {ONLY_FFCV}"),
+    (["--data.ffcv_resize=opencv"],
+     f"data.backend=torch does not read data.ffcv_resize=opencv {ONLY_FFCV}"),
+    (["--data.ffcv_os_cache=false"],
+     f"data.backend=torch does not read data.ffcv_os_cache=false {ONLY_FFCV}"),
+    (["--data.backend=resident", "--data.ffcv_order=quasi_random"],
+     f"data.backend=resident does not read data.ffcv_order=quasi_random {ONLY_FFCV}"),
+    (["--data.backend=dali", "--data.region_decode=false"],
+     f"data.backend=dali does not read data.region_decode=false {ONLY_TORCH_FFCV}"),
+    (["--data.backend=resident", "--data.region_decode=false"],
+     f"data.backend=resident does not read data.region_decode=false {ONLY_TORCH_FFCV}"),
+    (["--data.backend=ffcv", "--data.val_res=288"], "data.backend=ffcv center-crops inside the "
+     "resized image: data.val_res=288 must be <= data.val_resize=256 (the other backends "
+     "zero-pad the border)"),
+])
+def test_a_key_the_backend_does_not_read_is_an_error(override, message):
+    with pytest.raises(ConfigError) as info:
+        load(None, override)
+    assert str(info.value) == " ".join(override) + ": " + message  # one line, naming the args
+
+
+@pytest.mark.parametrize("backend", ["torch", "ffcv", "dali", "resident"])
+def test_backend_keys_at_their_defaults_or_on_their_backend_are_accepted(backend):
+    load(None, [f"--data.backend={backend}", "--data.ffcv_dir=/elsewhere"])  # write_ffcv reads it
+    for key, readers in config.BACKEND_KEYS.items():
+        default = getattr(config.DataConfig(), key)
+        load(None, [f"--data.backend={backend}", f"--data.{key}={str(default).lower()}"])
+        if backend in readers:
+            other = {"ffcv_order": "quasi_random", "ffcv_os_cache": "false",
+                     "ffcv_resize": "opencv", "region_decode": "false"}[key]
+            assert getattr(load(None, [f"--data.backend={backend}", f"--data.{key}={other}"]
+                               ).data, key) != default
+    if backend != "ffcv":  # they zero-pad a crop larger than the resized image
+        load(None, [f"--data.backend={backend}", "--data.val_res=288"])
+
+
 def test_base_cycle_is_an_error(tmp_path):
     write(tmp_path, "a.yaml", "base: b.yaml\n")
     write(tmp_path, "b.yaml", "base: a.yaml\n")

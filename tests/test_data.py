@@ -1,4 +1,6 @@
 """Data: built-in digits, ImageFolder, CIFAR-10 format, samplers and seeded augmentation."""
+import io
+import os
 import pickle
 import random
 from pathlib import Path
@@ -11,6 +13,8 @@ from PIL import Image
 from fasttrain.config import load
 from fasttrain.data import (DatasetError, EpochSampler, ShardSampler, build_digits,
                             build_loaders, load_cifar10, write_cifar10)
+from fasttrain.data.check import scan
+from fasttrain.data.datasets import ImageFolderDataset, SkippedSample, read_image
 from fasttrain.data.transforms import random_resized_crop_params
 from fasttrain.errors import ConfigError
 
@@ -318,6 +322,11 @@ def test_imagefolder_errors(tmp_path):
     cfg = load(None, ["--data.dataset=imagefolder", f"--data.path={tmp_path / 'none'}"])
     with pytest.raises(DatasetError, match="none/train: directory not found"):
         build_loaders(cfg.data, cfg.aug)
+    (tmp_path / "flat" / "train").mkdir(parents=True)  # images straight in train/, no classes
+    (tmp_path / "flat" / "val").mkdir(parents=True)
+    cfg = load(None, ["--data.dataset=imagefolder", f"--data.path={tmp_path / 'flat'}"])
+    with pytest.raises(DatasetError, match=r"flat/train: no class folders \(images go in "):
+        build_loaders(cfg.data, cfg.aug)
     (tmp_path / "x" / "train" / "a").mkdir(parents=True)
     (tmp_path / "x" / "val").mkdir(parents=True)
     cfg = load(None, ["--data.dataset=imagefolder", f"--data.path={tmp_path / 'x'}"])
@@ -364,3 +373,75 @@ def test_batch_must_split_across_ranks(data_root):
     cfg = _quick_cfg(f"--data.path={data_root / 'digits'}", "--data.batch_size=63")
     with pytest.raises(ConfigError, match="data.batch_size=63 is not divisible by the 2 ranks"):
         build_loaders(cfg.data, cfg.aug, rank=0, world_size=2)
+
+
+def _noise(size=(30, 20), seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def test_check_data_lists_exactly_the_files_the_loaders_read(tmp_path):
+    """Symbolic links to class folders and to subfolders are followed, as the loaders'
+    os.walk(followlinks=True) does; a dangling link is listed and reported as broken."""
+    elsewhere = tmp_path / "elsewhere"
+    for name in ("cls", "sub"):
+        (elsewhere / name).mkdir(parents=True)
+        for i in range(2):
+            _noise(seed=i).save(elsewhere / name / f"{name}{i}.jpg")
+    train = tmp_path / "data" / "train"
+    for cls in ("a", "b"):
+        (train / cls).mkdir(parents=True)
+        for i in range(3):
+            _noise(seed=i).save(train / cls / f"{i}.jpg")
+    os.symlink(elsewhere / "cls", train / "c_linked")  # a class folder that is a link
+    os.symlink(elsewhere / "sub", train / "b" / "sub")  # a subfolder that is a link
+    os.symlink(tmp_path / "nowhere.jpg", train / "a" / "gone.jpg")
+    dataset = ImageFolderDataset(train)
+    report = scan(tmp_path / "data", workers=1)
+    assert report.class_counts == {"train": {"a": 4, "b": 5, "c_linked": 2}}
+    assert report.images == len(dataset) == 11
+    assert report.problems == [(str(train / "a" / "gone.jpg"),
+                                f"broken symbolic link (to {tmp_path / 'nowhere.jpg'})")]
+    gone = next(i for i, (p, _) in enumerate(dataset.samples) if p.endswith("gone.jpg"))
+    assert dataset[gone] == SkippedSample(*report.problems[0])  # the loaders' reason too
+
+
+@pytest.mark.parametrize("ext,mode,fmt", [(".bmp", "RGB", "BMP"), (".tif", "RGB", "TIFF"),
+                                          (".tiff", "L", "TIFF"), (".pgm", "L", "PPM"),
+                                          (".ppm", "RGB", "PPM")])
+def test_formats_torchvision_cannot_decode_are_read_with_pil(tmp_path, ext, mode, fmt):
+    path = tmp_path / f"x{ext}"
+    _noise().convert(mode).save(path, format=fmt)
+    image = read_image(str(path))
+    expected = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+    assert image.dtype == torch.uint8 and torch.equal(image, expected)
+    png = tmp_path / "x.png"
+    _noise().save(png)
+    assert image.stride() == read_image(str(png)).stride()  # torchvision's (C, H, W) layout
+    folder = tmp_path / "data" / "a"
+    folder.mkdir(parents=True)
+    path.rename(folder / path.name)
+    assert scan(tmp_path / "data", workers=1).ok
+
+
+def _encoded(fmt: str) -> bytes:
+    out = io.BytesIO()
+    _noise().save(out, format=fmt)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("content,reason", [
+    (b"not an image at all" * 5, "cannot decode: not a JPEG, PNG, GIF, WebP, BMP, TIFF or "
+                                 "PBM/PGM/PPM image"),
+    (_encoded("PNG")[:200], "cannot decode: Out of bound read in decode_png. Probably, the "
+                            "input image is corrupted"),
+    (_encoded("BMP")[:900], "cannot decode: image file is truncated"),
+])
+def test_an_undecodable_file_has_a_clean_one_line_reason(tmp_path, content, reason):
+    path = tmp_path / "bad.jpg"
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as info:
+        read_image(str(path))
+    message = str(info.value)
+    assert message.startswith(reason)
+    assert "\n" not in message and ".cpp" not in message and "/__w/" not in message

@@ -218,17 +218,27 @@ def test_bad_files_are_skipped_counted_and_listed_once(tmp_path, capsys):
 
 def test_check_data_reports_problems_and_counts(tmp_path, run_tool):
     make_messy_folder(tmp_path / "data")
+    # What the loaders also read: BMP (decoded by PIL), a linked subfolder, a dangling link.
+    a, b = tmp_path / "data" / "train" / "a", tmp_path / "data" / "train" / "b"
+    Image.new("RGB", (30, 30)).save(a / "bitmap.bmp")
+    (tmp_path / "more").mkdir()
+    for i in range(2):
+        Image.new("RGB", (30, 30)).save(tmp_path / "more" / f"{i}.jpg")
+    os.symlink(tmp_path / "more", b / "more")
+    os.symlink(tmp_path / "nowhere.JPEG", a / "gone.JPEG")
     report = scan(tmp_path / "data", workers=2)
     problems = {Path(p).name: why for p, why in report.problems}
-    assert set(problems) == {"zero.JPEG", "truncated.JPEG", "text.JPEG", "c_empty"}
-    assert len(report.problems) == 5  # c_empty in train/ and in val/
+    assert set(problems) == {"zero.JPEG", "truncated.JPEG", "text.JPEG", "gone.JPEG", "c_empty"}
+    assert len(report.problems) == 6  # c_empty in train/ and in val/
     assert "empty" in problems["zero.JPEG"] and "truncated" in problems["truncated.JPEG"]
-    assert report.class_counts["train"] == {"a": 12, "b": 6, "c_empty": 0}
+    assert problems["gone.JPEG"].startswith("broken symbolic link")
+    assert report.class_counts["train"] == {"a": 14, "b": 8, "c_empty": 0}
     assert report.class_counts["val"] == {"a": 6, "b": 6, "c_empty": 0}
     assert [Path(p).name for p in report.ignored] == ["notes.txt"]
     result = run_tool("check_data.py", str(tmp_path / "data"), "--workers", "2")
     assert result.returncode == 1
-    assert "problem:" in result.stdout and "5 problem(s), 1 ignored file(s)" in result.stdout
+    assert "problem:" in result.stdout and "6 problem(s), 1 ignored file(s)" in result.stdout
+    assert f"problem: {a / 'gone.JPEG'}: broken symbolic link" in result.stdout
     clean = tmp_path / "clean" / "x"
     clean.mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(clean / "1.jpg")

@@ -1,4 +1,5 @@
 """The resident backend: whole set on the device, batched crop/flip, same contract as torch."""
+import io
 import random
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from torchvision.io import encode_jpeg
 
 from fasttrain.config import load
 from fasttrain.data import DatasetError, build_loaders
-from fasttrain.data import resident
+from fasttrain.data import datasets, resident
 from fasttrain.data.resident import BatchAugment, random_resized_crop_boxes
 from fasttrain.data.transforms import random_resized_crop_params
 from fasttrain.engine import train
@@ -214,6 +215,57 @@ def test_unequal_sizes_and_oversized_sets_are_refused(tmp_path, grey_root, monke
     cfg = cfg_for(grey_root)
     with pytest.raises(DatasetError, match="resident is for small sets"):
         build_loaders(cfg.data, cfg.aug)
+
+
+def _no_decoding(monkeypatch) -> None:
+    def decode(*args, **kwargs):
+        raise AssertionError("decoded before the memory check")
+    monkeypatch.setattr(datasets, "read_image", decode)
+    monkeypatch.setattr(datasets, "read_image_box", decode)
+
+
+def test_a_set_too_large_for_ram_is_refused_before_decoding(grey_root, monkeypatch):
+    monkeypatch.setattr(resident, "_available_ram", lambda: 100_000)
+    _no_decoding(monkeypatch)
+    cfg = cfg_for(grey_root)
+    with pytest.raises(DatasetError) as info:
+        build_loaders(cfg.data, cfg.aug)
+    # 37 training images of 20x24 from the first one's header, 37 validation ones at 16x16
+    size = (37 * 20 * 24 + 37 * 16 * 16) * 3 / 1024
+    assert str(info.value) == (
+        f"{grey_root}: 74 images would take {size:.1f} KiB decoded, more than 50% of the "
+        f"97.7 KiB available RAM; data.backend=resident is for small sets: use torch, ffcv or "
+        f"dali")
+
+
+def test_a_set_too_large_for_the_gpu_is_refused_before_decoding_and_moving(
+        grey_root, monkeypatch):
+    free = [100_000]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free.pop(0), 2**40))
+    cfg = cfg_for(grey_root)
+    with monkeypatch.context() as m:
+        _no_decoding(m)
+        with pytest.raises(DatasetError, match=r"more than 50% of the 97\.7 KiB free memory on "
+                                               r"cuda; data\.backend=resident is for small"):
+            build_loaders(cfg.data, cfg.aug, device=torch.device("cuda"))
+    # Enough before decoding, too little for the exact size when the set is moved.
+    free[:] = [2**30, 100_000]
+    with pytest.raises(DatasetError, match=r"74 images would take .* KiB decoded, more than 50% "
+                                           r"of the 97\.7 KiB free memory on cuda"):
+        build_loaders(cfg.data, cfg.aug, device=torch.device("cuda"))
+    assert not free
+
+
+def test_available_ram_is_memavailable_not_memfree(monkeypatch):
+    meminfo = "MemTotal:  8000000 kB\nMemFree:  100000 kB\nMemAvailable:  6000000 kB\n"
+    monkeypatch.setattr(resident, "open", lambda *a, **k: io.StringIO(meminfo), raising=False)
+    assert resident._available_ram() == 6000000 * 1024
+
+    def no_proc(*args, **kwargs):
+        raise FileNotFoundError("/proc/meminfo")
+    monkeypatch.setattr(resident, "open", no_proc, raising=False)
+    monkeypatch.setattr(resident.os, "sysconf", {"SC_AVPHYS_PAGES": 3, "SC_PAGE_SIZE": 4096}.get)
+    assert resident._available_ram() == 3 * 4096
 
 
 def test_unsupported_augmentation_is_a_config_error():

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.folder import find_classes
 
 from ..errors import DatasetError, UserError
-from .datasets import read_image
+from .datasets import folder_files, read_image
 
 
 @dataclass
@@ -39,11 +39,13 @@ def _check_file(path: str) -> tuple[str, str | None]:
 def scan(root: Path, workers: int = 0, progress: Callable[[int, int], None] | None = None
          ) -> ScanReport:
     """Decode every image under `root` (ImageFolder layout, with or without train/ and val/)
-    in `workers` processes (0 = one per core) and report unreadable files, empty class
-    folders, files that are not images, and the class counts.
+    in `workers` processes (0 = one per core) and report unreadable files (broken symbolic
+    links included), empty class folders, files that are not images, and the class counts.
+    The files are the ones the loaders list (`datasets.folder_files`: symbolic links to
+    folders followed), decoded by the loaders' `read_image`.
 
     Raises:
-        DatasetError: `root` is not a directory.
+        DatasetError: `root` is not a directory, or a split folder cannot be listed.
         UserError: `workers` is negative.
     """
     if workers < 0:
@@ -55,21 +57,21 @@ def scan(root: Path, workers: int = 0, progress: Callable[[int, int], None] | No
     report = ScanReport(root)
     files: list[str] = []
     for split in splits:
-        counts: Counter = Counter()
-        for cls in sorted(d for d in split.iterdir() if d.is_dir()):
-            n = 0
-            for f in sorted(p for p in cls.rglob("*") if p.is_file()):
-                if f.suffix.lower() in IMG_EXTENSIONS:
-                    files.append(str(f))
-                    n += 1
-                else:
-                    report.ignored.append(str(f))
-            counts[cls.name] = n
-            if n == 0:
-                report.problems.append((str(cls), "empty class folder"))
-        report.class_counts[split.name] = dict(counts)
-        if not counts:
+        try:
+            classes, class_to_idx = find_classes(str(split))
+        except FileNotFoundError:  # find_classes' word for a folder without class folders
+            report.class_counts[split.name] = {}
             report.problems.append((str(split), "no class folders"))
+            continue
+        except OSError as e:
+            raise DatasetError(f"{split}: cannot list the folder ({e.strerror})") from None
+        images, others = folder_files(split, class_to_idx)
+        files += [path for path, _ in images]
+        report.ignored += others
+        per_class = Counter(target for _, target in images)
+        report.class_counts[split.name] = {cls: per_class[class_to_idx[cls]] for cls in classes}
+        report.problems += [(str(split / cls), "empty class folder") for cls in classes
+                            if not per_class[class_to_idx[cls]]]
     report.images = len(files)
     with ProcessPoolExecutor(max_workers=workers or None) as pool:
         for done, (path, problem) in enumerate(pool.map(_check_file, files, chunksize=64), 1):

@@ -5,17 +5,22 @@ op (FFCV's layout): workers decode and crop, they never do float math per pixel.
 """
 from __future__ import annotations
 
+import io
 import os
 import pickle
+import re
 import shutil
+import textwrap
 import uuid
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.datasets.folder import (IMG_EXTENSIONS, find_classes, has_file_allowed_extension,
+                                         make_dataset)
 from torchvision.io import ImageReadMode, decode_image
 
 from ..errors import DatasetError
@@ -96,9 +101,31 @@ class SkippedSample(NamedTuple):
     reason: str
 
 
+def folder_files(root: Path, class_to_idx: dict[str, int]
+                 ) -> tuple[list[tuple[str, int]], list[str]]:
+    """(image files as (path, class index), other files) under `root/<class>/` for the classes
+    in `class_to_idx`, as every loader lists them: torchvision's `make_dataset` walk (sorted,
+    following symbolic links to folders, dangling links included: reading one fails) and an
+    image is a file with an `IMG_EXTENSIONS` extension. tools/check_data.py lists through this
+    too, so it checks exactly the files a run reads."""
+    images, others = [], []
+    for path, target in make_dataset(str(root), class_to_idx, is_valid_file=lambda _: True,
+                                     allow_empty=True):
+        if has_file_allowed_extension(path, IMG_EXTENSIONS):
+            images.append((path, target))
+        else:
+            others.append(path)
+    return images, others
+
+
 def _read_encoded(path: str) -> bytes:
-    with open(path, "rb") as f:  # not Path.read_bytes: its path parsing is half the time here
-        raw = f.read()
+    try:
+        with open(path, "rb") as f:  # not Path.read_bytes: its path parsing is half the time
+            raw = f.read()
+    except FileNotFoundError:
+        if os.path.islink(path):  # listed by the folder walk, but it points nowhere
+            raise ValueError(f"broken symbolic link (to {os.readlink(path)})") from None
+        raise
     if not raw:
         raise ValueError("empty file")
     # libjpeg-turbo decodes a truncated JPEG with a warning and grey rows; refuse it instead.
@@ -107,21 +134,52 @@ def _read_encoded(path: str) -> bytes:
     return raw
 
 
+# IMG_EXTENSIONS formats that torchvision.io cannot decode (it reads JPEG, PNG, GIF and WebP)
+# but DALI can, so the other backends read them with PIL (its "PPM" is PBM/PGM/PPM).
+PIL_FORMATS = ("BMP", "TIFF", "PPM")
+# torchvision's errors start with where they were raised in its build tree.
+_SOURCE_LOCATION = re.compile(r"^.*?\.(?:cpp|cc|cu|h):\d+, ")
+_REASON_CHARS = 160
+
+
+def _reason(error: BaseException) -> str:
+    """The first line of `error` without torchvision's source location, shortened at a word."""
+    lines = str(error).strip().splitlines()
+    text = _SOURCE_LOCATION.sub("", lines[0]) if lines else type(error).__name__
+    return textwrap.shorten(text, _REASON_CHARS, placeholder=" ...")
+
+
 def _decode_whole(raw: bytes) -> torch.Tensor:
     try:
         return decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8),
                             mode=ImageReadMode.RGB)
     except RuntimeError as e:
-        raise ValueError(f"cannot decode: {str(e).splitlines()[0][:120]}") from None
+        error = e
+    try:
+        with Image.open(io.BytesIO(raw), formats=PIL_FORMATS) as image:
+            rgb = np.array(image.convert("RGB"))  # (H, W, C)
+    except Image.UnidentifiedImageError:
+        reason = _reason(error)
+        if reason.startswith("Unsupported image file"):  # its list omits PIL_FORMATS
+            reason = "not a JPEG, PNG, GIF, WebP, BMP, TIFF or PBM/PGM/PPM image"
+        raise ValueError(f"cannot decode: {reason}") from None
+    # PIL's plugins report corrupt content as OSError, SyntaxError, struct.error, EOFError...
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"cannot decode: {_reason(e)}") from None
+    # (C, H, W) view of (H, W, C) memory: the strides torchvision's decoders return.
+    return torch.from_numpy(rgb).permute(2, 0, 1)
 
 
 def read_image(path: str) -> torch.Tensor:
     """Decode an image file to uint8 RGB (C, H, W), whatever its extension says.
 
-    torchvision.io (libjpeg-turbo, libpng) turns grayscale, CMYK and PNG content into RGB.
+    torchvision.io (libjpeg-turbo, libpng) turns grayscale, CMYK, PNG, GIF and WebP content
+    into RGB; BMP, TIFF and PBM/PGM/PPM content (`PIL_FORMATS`), which it cannot decode, is
+    decoded by PIL and converted with its `convert("RGB")`.
 
     Raises:
-        ValueError: empty, truncated (a JPEG without its end marker) or undecodable file.
+        ValueError: empty, truncated (a JPEG without its end marker), undecodable file, or a
+            broken symbolic link; the message is one line.
     """
     return _decode_whole(_read_encoded(path))
 
@@ -154,19 +212,28 @@ def read_image_box(path: str, choose_box: BoxChooser, min_size: tuple[int, int] 
 class ImageFolderDataset(Dataset):
     """Files under `root/<class>/...` decoded to uint8 RGB tensors (C, H, W).
 
-    A file that cannot be read or decoded yields a `SkippedSample` instead of raising, so the
-    loader drops it from its batch and reports it once; empty class folders are allowed.
+    The files are those `folder_files` lists. A file that cannot be read or decoded yields a
+    `SkippedSample` instead of raising, so the loader drops it from its batch and reports it
+    once; empty class folders are allowed.
+
+    Raises:
+        DatasetError: `root` is missing, cannot be listed, or holds no class folder or no image.
     """
 
     def __init__(self, root: Path, transform: Callable | None = None,
                  class_to_idx: dict[str, int] | None = None) -> None:
         if not root.is_dir():
             raise DatasetError(f"{root}: directory not found")
-        classes, found = find_classes(str(root)) if class_to_idx is None else (
-            sorted(class_to_idx, key=class_to_idx.get), class_to_idx)
+        try:
+            classes, found = find_classes(str(root)) if class_to_idx is None else (
+                sorted(class_to_idx, key=class_to_idx.get), class_to_idx)
+        except FileNotFoundError:  # find_classes' word for a folder without subfolders
+            raise DatasetError(f"{root}: no class folders (images go in {root}/<class>/)"
+                               ) from None
+        except OSError as e:
+            raise DatasetError(f"{root}: cannot list the folder ({e.strerror})") from None
         self.classes, self.class_to_idx = classes, found
-        self.samples: list[tuple[str, int]] = make_dataset(
-            str(root), found, extensions=IMG_EXTENSIONS, allow_empty=True)
+        self.samples: list[tuple[str, int]] = folder_files(root, found)[0]
         if not self.samples:
             raise DatasetError(f"{root}: no image files found")
         self.targets = [t for _, t in self.samples]

@@ -23,6 +23,7 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torchvision.ops import roi_align
 
 from ..config import AugConfig, DataConfig
@@ -31,7 +32,8 @@ from .datasets import DatasetError, ImageFolderDataset, SkippedSample, TensorIma
 from .loader import EpochSampler, Loaders, ShardSampler, _datasets, rank_batches, sample_seed
 from .transforms import Normalize, ValTransform, progressive_resolution
 
-# At most this share of the free device memory (or of available RAM on CPU) may hold the set.
+# At most this share of the free device memory (or of available RAM on CPU) may hold the set:
+# stacking the decoded images briefly needs the set twice.
 MEMORY_SHARE = 0.5
 
 
@@ -166,17 +168,68 @@ class ResidentLoader:
                    self.labels.index_select(0, index))
 
 
-def _check_fits(nbytes: int, device: torch.device, what: str) -> None:
+def _available_ram() -> int:
+    """Bytes of RAM available without swapping: the kernel's MemAvailable, which counts the
+    page cache it can drop (reading the data set fills it), where MemFree does not."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the kernel writes kB
+    except (OSError, ValueError):
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")  # no /proc: free pages
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} bytes"
+
+
+def _check_fits(nbytes: int, device: torch.device, what: str, ram: bool = True) -> None:
+    """Refuse a set of `nbytes` decoded (`what` says which and where) that would take more than
+    MEMORY_SHARE of the available RAM (with `ram`: the set is decoded on the host) or of the
+    free memory of a CUDA `device`.
+
+    Raises:
+        DatasetError: one line naming `what`, the size and the memory available.
+    """
+    places = [(_available_ram(), "available RAM")] if ram else []
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        where = f"free memory on {device}"
-    else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        where = "available RAM"
-    if nbytes > MEMORY_SHARE * free:
-        raise DatasetError(f"{what}: {nbytes / 2**30:.1f} GiB decoded is more than "
-                           f"{MEMORY_SHARE:.0%} of the {free / 2**30:.1f} GiB {where}; "
-                           f"data.backend=resident is for small sets: use torch, ffcv or dali")
+        places.append((torch.cuda.mem_get_info(device)[0], f"free memory on {device}"))
+    for free, where in places:
+        if nbytes > MEMORY_SHARE * free:
+            raise DatasetError(f"{what} would take {_bytes(nbytes)} decoded, more than "
+                               f"{MEMORY_SHARE:.0%} of the {_bytes(free)} {where}; "
+                               f"data.backend=resident is for small sets: use torch, ffcv or "
+                               f"dali")
+
+
+def _header_size(dataset: ImageFolderDataset) -> tuple[int, int] | None:
+    """(height, width) of the first image whose header PIL reads (no pixels are decoded), or
+    None when none does."""
+    for path, _ in dataset.samples:
+        try:
+            with Image.open(path) as image:
+                return image.height, image.width
+        except Exception:  # noqa: BLE001  unreadable files are the decode's to report
+            continue
+    return None
+
+
+def _decoded_bytes(dataset, size: int | None) -> int | None:
+    """Bytes of uint8 pixels `dataset` will take decoded, estimated before decoding: every image
+    `size` x `size` (validation, after its resize and crop), else the size of the first image
+    (resident sets have images of one size; unreadable files count too), or None when no image
+    header can be read."""
+    if size is not None:
+        return len(dataset) * 3 * size * size
+    if isinstance(dataset, TensorImageDataset):
+        return dataset.images.numel()
+    hw = _header_size(dataset)
+    return None if hw is None else len(dataset) * 3 * hw[0] * hw[1]
 
 
 def _decode_folder(dataset: ImageFolderDataset, transform, workers: int
@@ -224,10 +277,16 @@ def build_resident_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world
         ConfigError: a batch size does not split evenly across ranks.
     """
     train_set, val_set, classes, root = _datasets(data)
+    # Before decoding: a set that does not fit would be killed for memory before any message.
+    estimates = [_decoded_bytes(train_set, None), _decoded_bytes(val_set, data.val_res)]
+    if None not in estimates:
+        _check_fits(sum(estimates), device, f"{root}: {len(train_set) + len(val_set)} images")
     workers = data.num_workers or os.cpu_count() or 1
     train_images, train_labels, train_skipped = _materialise(train_set, None, workers)
     val_images, val_labels, val_skipped = _materialise(val_set, ValTransform(data), workers)
-    _check_fits(train_images.numel() + val_images.numel(), device, str(root))
+    if device.type == "cuda":  # the exact size, against what the device has free now
+        _check_fits(train_images.numel() + val_images.numel(), device,
+                    f"{root}: {len(train_labels) + len(val_labels)} images", ram=False)
     batch, val_batch = rank_batches(data, world_size, grad_accum_steps, len(train_labels), root)
     normalize = Normalize(data.mean, data.std, dtype).to(device)
     common = dict(rank=rank, world_size=world_size, seed=seed)
