@@ -79,13 +79,6 @@ def _format_named_by(ex, out: str) -> str | None:
         return None
 
 
-def _same_file(a: str, b: str) -> bool:
-    try:
-        return Path(a).resolve() == Path(b).resolve() or Path(a).samefile(b)
-    except OSError:  # b does not exist yet: it cannot be a (hard link to the) checkpoint
-        return False
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -102,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         if named is not None and named != fmt:
             raise UserError(f"--format {fmt} does not match --out {args.out} (a {named} "
                             f"suffix); use {ex.FORMATS[fmt]} for {fmt}")
-        if args.checkpoint and _same_file(args.checkpoint, args.out):
+        from fasttrain.engine.checkpoint import same_file
+
+        if args.checkpoint and same_file(args.checkpoint, args.out):
             raise UserError(f"--out {args.out} is the checkpoint itself; exporting over it "
                             f"would lose the trained weights")
         if args.checkpoint:

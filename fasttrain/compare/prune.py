@@ -280,13 +280,6 @@ def prune_to_macs(model: nn.Module, target_macs: int, resolution: int,
 
 # --------------------------------------------------------------------------- checkpoints
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve() or a.samefile(b)
-    except OSError:  # b does not exist yet: it cannot be a (hard link to the) source
-        return False
-
-
 def check_output(source: str | Path, out: str | Path) -> None:
     """Refuse, before any pruning work, an output path the pruned checkpoint could not be
     written to or that would replace `source`; creates the output's folder.
@@ -296,9 +289,11 @@ def check_output(source: str | Path, out: str | Path) -> None:
             link), a folder or another non-regular file, or its folder cannot be created or
             written; the message names the path.
     """
+    from ..engine.checkpoint import same_file
+
     named_folder = str(out).endswith(("/", os.sep))  # Path() drops the trailing slash
     source, out = Path(source), Path(out)
-    if _same_file(source, out):
+    if same_file(source, out):
         raise PruneError(f"output {out} is the source checkpoint {source} itself; writing the "
                          f"pruned network there would lose the trained one: choose another "
                          f"output path")
