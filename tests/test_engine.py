@@ -346,9 +346,11 @@ def test_max_steps_inside_an_epoch_resumes_inside_it(data_root, tmp_path):
     args = ("--schedule.epochs=2", "--schedule.warmup_epochs=0", "--schedule.kind=step",
             "--schedule.milestones=[1]", "--schedule.gamma=0.5", "--data.batch_size=128")
     cut = train(_cfg(data_root, tmp_path, *args, "--train.max_steps=5", "--log.name=cut"))
-    assert cut["step"] == 5
+    assert cut["step"] == 5 and cut["train_time_s"] > 0
     state = ckpt.load(tmp_path / "cut" / "checkpoints" / "last.pt")["train_state"]
     assert (state["epoch"], state["epoch_step"]) == (0, 5)  # not "epoch 1 done"
+    # its time is carried inside the epoch (counted once, when a resume completes it)
+    assert state["train_time_s"] == 0 and state["epoch_elapsed_s"] > 0
     done = train(_cfg(data_root, tmp_path, *args, "--log.name=cut"), resume="auto")
     steps_per_epoch = 1433 // 128
     assert done["step"] == 2 * steps_per_epoch and done["epoch"] == 2

@@ -377,6 +377,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
             _save(run_dir, parts, state, {}, is_best=False)
 
     reported: set[str] = set()
+    shown_time = state.train_time_s
     for epoch in range(state.epoch, epochs):
         t0 = time.perf_counter() - state.epoch_elapsed_s
         train_metrics = train_one_epoch(parts, loaders.train, state, epoch, report,
@@ -392,12 +393,16 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
         skipped = _new_skipped_files(loaders, reported)
         for path, reason in skipped:
             report.print(f"skipped unreadable file {path}: {reason}")
-        if not state.epoch_step:  # else train.max_steps stopped it inside: resume continues it
+        cut = state.epoch_step > 0  # train.max_steps stopped inside the epoch
+        if not cut:
             state.epoch = epoch + 1
-        state.train_time_s += epoch_time
+            state.train_time_s += epoch_time
+        # A cut epoch's training time is carried in state.epoch_elapsed_s and counted when a
+        # resume completes it; here it is only shown.
+        shown_time = state.train_time_s + (epoch_time if cut else 0.0)
         metrics = {"epoch": epoch + 1, **train_metrics, **val_metrics, "epoch_time_s": epoch_time,
                    "train_images_per_s": train_metrics["train_images"] / t_train,
-                   "train_time_s": state.train_time_s, "world_size": dist.world_size,
+                   "train_time_s": shown_time, "world_size": dist.world_size,
                    "step": state.step, "skipped_files": len(reported)}
         is_best = metrics["val_top1"] > state.best_val_top1
         state.best_val_top1 = max(state.best_val_top1, metrics["val_top1"])
@@ -423,10 +428,10 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
     report.summary([("epochs", str(state.epoch)),
                     ("final val top-1", f"{final.get('val_top1', float('nan')):.2f} %"),
                     ("best val top-1", f"{state.best_val_top1:.2f} %"),
-                    ("training time", f"{state.train_time_s:.1f} s (train + validation)"),
+                    ("training time", f"{shown_time:.1f} s (train + validation)"),
                     ("run directory", str(run_dir))], "done")
     return {"run_dir": str(run_dir), "epoch": state.epoch, "best_val_top1": state.best_val_top1,
-            "train_time_s": state.train_time_s, "step": state.step,
+            "train_time_s": shown_time, "step": state.step,
             "skipped_files": len(reported), **final}
 
 
