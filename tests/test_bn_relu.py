@@ -275,6 +275,15 @@ def test_input_checks_name_the_tensor_and_value():
         torch.ops.fasttrain.bn_relu_forward(x.int(), None, None, None, None, True, EPS)
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         ops.bn_relu(torch.randn(1, 3, 1, 1), None, None, training=True)
+    # eps as F.batch_norm checks it (zero in training divides a constant channel by zero)
+    x = torch.ones(2, 3, 2, 2)
+    with pytest.raises(ValueError, match="eps must be positive during training, but got 0.0"):
+        ops.BatchNormReLU2d(3, eps=0.0).train()(x)
+    with pytest.raises(ValueError, match="eps must be non-negative, but got -1e-05"):
+        ops.BatchNormReLU2d(3, eps=-1e-5).eval()(x)
+    for eps, training in ((0.0, True), (-1e-5, False)):  # the reference refuses the same
+        with pytest.raises(ValueError):
+            F.batch_norm(x, torch.zeros(3), torch.ones(3), training=training, eps=eps)
 
 
 def test_empty_batch_leaves_running_stats_unchanged():

@@ -192,8 +192,8 @@ def bn_relu(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Ten
         y with x's shape, dtype and layout; differentiable in x, weight and bias.
 
     Raises:
-        ValueError: training with one value per channel (as F.batch_norm), or only one of the
-            running statistics given.
+        ValueError: training with one value per channel or eps <= 0, eval with eps < 0 (as
+            F.batch_norm), or only one of the running statistics given.
     """
     if not _ext.supports(x.device):
         if not torch.compiler.is_compiling():
@@ -202,6 +202,11 @@ def bn_relu(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Ten
                                  eps)
     if (running_mean is None) != (running_var is None):
         raise ValueError("bn_relu: give both running_mean and running_var, or neither")
+    # F.batch_norm's own checks (a zero eps divides by a zero batch variance: NaN, silently)
+    if training and not eps > 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if not eps >= 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     if not training:
         return torch.ops.fasttrain.bn_relu_forward(x, weight, bias, running_mean, running_var,
                                                    False, eps)[0]
