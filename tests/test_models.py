@@ -39,6 +39,24 @@ def test_width_rule_rejects_degenerate_widths(width, divisor):
         base_channels(16, width, divisor)
 
 
+@pytest.mark.parametrize("name", ["cifar_resnet20", "thin_resnet18"])
+@pytest.mark.parametrize("kwargs, message", [
+    ({"width": "0.5"}, "width must be a number, got '0.5'"),
+    ({"width": True}, "width must be a number, got True"),
+    ({"channel_divisor": 1.5}, "channel_divisor must be an integer >= 1, got 1.5"),
+    ({"channel_divisor": True}, "channel_divisor must be an integer >= 1, got True"),
+    ({"num_classes": -1}, "num_classes must be an integer >= 1, got -1"),
+    ({"num_classes": 2.5}, "num_classes must be an integer >= 1, got 2.5"),
+    ({"in_chans": 0}, "in_chans must be an integer >= 1, got 0"),
+    ({"drop_path_rate": 1.0}, r"drop_path_rate must be in \[0, 1\), got 1.0"),
+    ({"drop_path_rate": -0.5}, r"drop_path_rate must be in \[0, 1\), got -0.5"),
+    ({"drop_path_rate": float("nan")}, r"drop_path_rate must be in \[0, 1\), got nan"),
+])
+def test_constructor_arguments_are_checked_by_name(name, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        create_model(name, **kwargs)
+
+
 @pytest.mark.parametrize("row", COUNTS, ids=lambda r: f"{r['model']}-w{r['width']}")
 def test_counts_match_reference(row):
     model = create_model(row["model"], width=float(row["width"]),

@@ -23,7 +23,7 @@ model without an explicit spec is exactly the uniform one (same modules, same st
 from __future__ import annotations
 
 import math
-from typing import Sequence, Type, Union
+from typing import Any, Sequence, Type, Union
 
 import torch
 import torch.nn.functional as F
@@ -190,6 +190,28 @@ class Bottleneck(nn.Module):
 Block = Union[Type[BasicBlock], Type[Bottleneck]]
 
 
+def check_model_args(width: Any, channel_divisor: Any, num_classes: Any, in_chans: Any,
+                     drop_path_rate: Any) -> None:
+    """The constructor arguments both ResNet classes share, checked where a caller (a hub user,
+    `create_model`) can pass anything: a ValueError naming the argument and the value, instead
+    of a TypeError or a negative tensor size from deep inside torch, or a silent no-op."""
+    def number(name: str, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+
+    def integer(name: str, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+    number("width", width)
+    integer("channel_divisor", channel_divisor)
+    integer("num_classes", num_classes)
+    integer("in_chans", in_chans)
+    number("drop_path_rate", drop_path_rate)
+    if not 0 <= drop_path_rate < 1:  # 1 drops every block; above, bernoulli fails at forward
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
+
+
 def drop_path_rates(rate: float, blocks: int) -> list[float]:
     """Per-block stochastic-depth rates rising linearly from 0 to `rate` (timm's rule)."""
     return [rate * i / max(1, blocks - 1) for i in range(blocks)]
@@ -238,6 +260,7 @@ class ResNet(nn.Module):
                  drop_path_rate: float = 0.0, blurpool: bool = False,
                  channels: ChannelSpec | None = None) -> None:
         super().__init__()
+        check_model_args(width, channel_divisor, num_classes, in_chans, drop_path_rate)
         if channels is None:
             channels = uniform_channels(base_channels(64, width, channel_divisor), layers,
                                         block.expansion)
@@ -312,6 +335,7 @@ class CifarResNet(nn.Module):
                  drop_path_rate: float = 0.0, blurpool: bool = False,
                  channels: ChannelSpec | None = None) -> None:
         super().__init__()
+        check_model_args(width, channel_divisor, num_classes, in_chans, drop_path_rate)
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
         if shortcut not in ("A", "B"):
