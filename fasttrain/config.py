@@ -454,6 +454,12 @@ def _blame(error: ConfigError, recipe: Config, parsed: list[tuple[str, str, str,
 
 def _check_consistency(cfg: Config, origin: str) -> None:
     """Checks that involve several keys."""
+    m = cfg.model
+    # Only the CIFAR ResNets have a shortcut choice (ImageNet ResNets always project), so on
+    # another model B would be silently ignored. (model.init_from replaces these keys.)
+    if m.shortcut != "A" and not m.name.startswith("cifar_") and not m.init_from:
+        raise ConfigError(f"{origin}: model.shortcut={m.shortcut} applies to the cifar_resnet* "
+                          f"models only (model.name={m.name} always projects); remove it")
     if cfg.aug.scale[0] > cfg.aug.scale[1]:
         raise ConfigError(f"{origin}: aug.scale must be [low, high], got {cfg.aug.scale}")
     if cfg.aug.ratio[0] > cfg.aug.ratio[1]:

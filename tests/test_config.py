@@ -119,6 +119,8 @@ def test_bounds_accept_their_limits(tmp_path):
      "got [-3, 5]"),
     ("schedule:\n  kind: step\n  milestones: [60, 30]\n", [], "r.yaml: schedule.milestones "
      "must be increasing for schedule.kind=step, got [60, 30]"),
+    ("model:\n  name: thin_resnet18\n  shortcut: B\n", [], "r.yaml: model.shortcut=B applies "
+     "to the cifar_resnet* models only (model.name=thin_resnet18 always projects)"),
 ])
 def test_errors_name_file_key_and_value(tmp_path, text, override, message):
     path = write(tmp_path, "r.yaml", text)
