@@ -17,24 +17,40 @@ import fasttrain.models as _models  # noqa: E402  (hub reads `dependencies` firs
 def _entry(name: str):
     def load(checkpoint: str | None = None, **kwargs):
         if checkpoint is None:
+            if "norm_act" in kwargs:  # the config's name for the layer choice, as with checkpoints
+                choice = kwargs.pop("norm_act")
+                if choice not in _models.NORM_ACT_LAYERS:
+                    raise ValueError(f"norm_act={choice!r}: choose from "
+                                     f"{', '.join(sorted(_models.NORM_ACT_LAYERS))}")
+                kwargs["norm_act_layer"] = _models.NORM_ACT_LAYERS[choice]
             return _models.create_model(name, **kwargs).eval()
+        if not str(checkpoint).strip():
+            raise ValueError("checkpoint= is empty: give the path of a fasttrain checkpoint")
         from fasttrain.export import model_from_checkpoint
 
-        model, meta = model_from_checkpoint(checkpoint)
+        # norm_act only picks the implementation of the same math (state dicts are identical).
+        model, meta = model_from_checkpoint(checkpoint, norm_act=kwargs.pop("norm_act", None))
         if meta["model"] != name:
             raise ValueError(f"{checkpoint} holds a {meta['model']}, not a {name}")
+        fixed = meta["model_config"]  # the architecture the checkpoint was trained as
         for key, value in kwargs.items():
-            if key not in meta:
+            if key not in fixed or key in ("name", "init_from", "channels"):
                 raise ValueError(f"{key}= cannot be combined with checkpoint= (the checkpoint "
                                  f"fixes the model)")
-            if meta[key] != value:
+            if fixed[key] != value:
                 raise ValueError(f"{checkpoint}: {key}={value!r} disagrees with the "
-                                 f"checkpoint's {key}={meta[key]!r}")
+                                 f"checkpoint's {key}={fixed[key]!r}")
         return model
 
     load.__name__ = load.__qualname__ = name
-    load.__doc__ = (f"fasttrain `{name}` (keyword arguments: see fasttrain.models.{name}); "
-                    f"`checkpoint=PATH` loads trained weights from a fasttrain checkpoint.")
+    load.__doc__ = (f"fasttrain `{name}`, in eval mode. Keyword arguments are the model's: "
+                    f"width, channel_divisor, num_classes, zero_init_residual, drop_path_rate, "
+                    f"blurpool, in_chans, norm_act (native | fused)"
+                    f"{', shortcut' if name.startswith('cifar_') else ''} "
+                    f"(see fasttrain.models.{'CifarResNet' if name.startswith('cifar_') else 'ResNet'}). "
+                    f"`checkpoint=PATH` loads trained weights from a fasttrain checkpoint; the "
+                    f"architecture is then the checkpoint's (`norm_act='fused'` may pick the "
+                    f"fused kernel).")
     return load
 
 

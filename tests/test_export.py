@@ -363,3 +363,18 @@ def test_hub_entry_points(tmp_path):
                        width=0.5)
     with pytest.raises(ValueError, match="holds a cifar_resnet20"):
         torch.hub.load(str(ROOT), "cifar_resnet56", source="local", checkpoint=str(ckpt))
+    # only the model's own arguments compare with a checkpoint (not its metadata's mean, ...)
+    with pytest.raises(ValueError, match=r"mean= cannot be combined with checkpoint="):
+        torch.hub.load(str(ROOT), "cifar_resnet20", source="local", checkpoint=str(ckpt),
+                       mean=[0.5] * 3)
+    with pytest.raises(ValueError, match="checkpoint= is empty"):
+        torch.hub.load(str(ROOT), "cifar_resnet20", source="local", checkpoint="")
+    # norm_act picks the implementation, with or without a checkpoint
+    fused = torch.hub.load(str(ROOT), "cifar_resnet20", source="local", checkpoint=str(ckpt),
+                           norm_act="fused")
+    assert type(fused.bn1) is NORM_ACT_LAYERS["fused"]
+    assert torch.equal(fused.fc.weight, state["fc.weight"])
+    plain = torch.hub.load(str(ROOT), "thin_resnet18", source="local", norm_act="fused")
+    assert type(plain.bn1) is NORM_ACT_LAYERS["fused"]
+    with pytest.raises(ValueError, match="norm_act='fast': choose from fused, native"):
+        torch.hub.load(str(ROOT), "thin_resnet18", source="local", norm_act="fast")
