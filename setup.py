@@ -58,12 +58,37 @@ def sources_sha256(csrc: Path) -> str:
     return h.hexdigest()
 
 
+def cuda_home_setting() -> str | None:
+    """`CUDA_HOME=...` (or `CUDA_PATH=...`) as set, for messages; None when neither is set."""
+    for key in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(key):
+            return f"{key}={os.environ[key]}"
+    return None
+
+
 def find_nvcc() -> str | None:
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if home:
         nvcc = Path(home) / "bin" / "nvcc"
         return str(nvcc) if nvcc.exists() else None
     return shutil.which("nvcc")
+
+
+def check_arch_list(value: str) -> str:
+    """TORCH_CUDA_ARCH_LIST, checked by torch's own parser now (names like 'Hopper', '9.0a',
+    '8.6+PTX'), so a bad entry is one line before anything compiles: torch itself fails deep
+    in the build, after the CPU libraries, and an empty value is an IndexError there."""
+    if not value.replace(";", " ").strip():
+        fail(f"TORCH_CUDA_ARCH_LIST is empty; unset it for the default {DEFAULT_ARCH_LIST!r} or "
+             f"name architectures such as '9.0'")
+    from torch.utils.cpp_extension import _get_cuda_arch_flags
+
+    try:
+        _get_cuda_arch_flags()
+    except (ValueError, IndexError) as e:
+        reason = str(e) if isinstance(e, ValueError) else "'native' needs a visible GPU"
+        fail(f"TORCH_CUDA_ARCH_LIST={value!r}: {reason}")
+    return value
 
 
 def nvcc_release(nvcc: str) -> str:
@@ -97,7 +122,9 @@ def decide_cuda(torch) -> tuple[bool, str, str | None]:
         return False, "FASTTRAIN_CUDA=0", None
     nvcc = find_nvcc()
     if torch.version.cuda is None or nvcc is None:
+        home = cuda_home_setting()
         missing = ("a CUDA build of torch" if torch.version.cuda is None
+                   else f"nvcc under {home}/bin (it overrides PATH)" if home
                    else "nvcc (PATH or CUDA_HOME)")
         if flag == "1":
             fail(f"FASTTRAIN_CUDA=1 but there is no {missing}; torch {torch.__version__}")
@@ -164,7 +191,7 @@ def extensions() -> tuple[list, dict]:
     if cuda:
         os.environ.setdefault("CUDA_HOME", str(toolkit_root(nvcc)))
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
-        arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
+        arch_list = check_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"])
     # Imported only now: torch.utils.cpp_extension reads CUDA_HOME at import time.
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 

@@ -3,12 +3,18 @@ CUDA torch are present. Outside test_bn_relu.py, whose op tests skip when the li
 loaded: here a missing library fails."""
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from fasttrain.ops import _ext
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_build_records_what_it_built():
@@ -31,3 +37,28 @@ def test_build_records_what_it_built():
         for arch in info["arch_list"].replace(" ", ";").split(";"):
             sm = "sm_" + arch.split("+")[0].replace(".", "")
             assert sm.encode() in blob, f"{sm} missing from {_ext.library_path('_C_cuda')}"
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"FASTTRAIN_CUDA": "1", "TORCH_CUDA_ARCH_LIST": "7.x"},
+     "TORCH_CUDA_ARCH_LIST='7.x': Unknown CUDA arch (7.x)"),
+    ({"FASTTRAIN_CUDA": "1", "TORCH_CUDA_ARCH_LIST": ""}, "TORCH_CUDA_ARCH_LIST is empty"),
+    ({"FASTTRAIN_CUDA": "1", "CUDA_HOME": "/nonexistent"},
+     "no nvcc under CUDA_HOME=/nonexistent/bin (it overrides PATH)"),
+])
+def test_build_settings_that_cannot_work_fail_in_one_line_before_compiling(tmp_path, env,
+                                                                           message):
+    if env.get("CUDA_HOME") is None and shutil.which("nvcc") is None:
+        pytest.skip("needs nvcc on PATH")
+    if torch.version.cuda is None:
+        pytest.skip("needs a CUDA build of torch")
+    for name in ("setup.py", "csrc"):  # a copy: nothing is written next to the real sources
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
+    result = subprocess.run([sys.executable, "setup.py", "--version"], cwd=tmp_path,
+                            env={**os.environ, **env}, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode != 0
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: fasttrain build: "), result.stderr
+    assert message in errors[0] and "Traceback" not in result.stderr
