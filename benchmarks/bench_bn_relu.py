@@ -34,9 +34,7 @@ CPU load) and prints a table. Timing is never asserted.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -50,7 +48,10 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from _args import check_out, device as device_arg, fail, write_json  # noqa: E402
+from fasttrain.cli import ArgumentParser, finite_float, int_at_least  # noqa: E402
 from fasttrain.measure.env import cpu_name as cpu_model  # noqa: E402
 from fasttrain.measure.env import git_commit, nvidia_driver  # noqa: E402
 from fasttrain.measure.timing import cuda_graph_replay  # noqa: E402
@@ -62,6 +63,9 @@ from fasttrain.ops.bn_relu import BatchNormReLU2d  # noqa: E402
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 IMPLS = ("fused", "eager", "compiled")
 TRAIN_PASSES, EVAL_PASSES = 8, 2  # tensor-sized reads + writes a two-pass BN+ReLU needs
+_positive, _non_negative = int_at_least(1), int_at_least(0)
+# The bound of the config's model.width; a width too thin for one channel is refused by the model.
+_width = finite_float(lambda v: 0 < v <= 16, "a width in (0, 16]")
 
 
 # ---- conditions ----------------------------------------------------------------------------------
@@ -101,8 +105,9 @@ def device_tag(device: torch.device) -> str:
 
 def norm_act_shapes(width: float, batch: int) -> list[tuple[tuple[int, ...], int]]:
     """(input shape, occurrences) of thin_resnet50's norm+ReLU layers, in network order."""
-    model = create_model("thin_resnet50", width=width, norm_act_layer=NORM_ACT_LAYERS["native"])
-    model = model.to("meta")
+    with torch.device("meta"):  # no weights allocated: instant even at width 16
+        model = create_model("thin_resnet50", width=width,
+                             norm_act_layer=NORM_ACT_LAYERS["native"])
     counts: dict[tuple[int, ...], int] = {}
 
     def hook(_module, inputs):
@@ -334,39 +339,52 @@ def print_table(rows, summary, model_saved) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch", type=int, default=None, help="default: 256 on CUDA, 8 on CPU")
-    p.add_argument("--widths", type=float, nargs="+", default=[1.0, 0.5])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", type=device_arg,
+                   default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
+    p.add_argument("--batch", type=_positive, default=None, help="default: 256 on CUDA, 8 on CPU")
+    p.add_argument("--widths", type=_width, nargs="+", default=[1.0, 0.5])
     p.add_argument("--dtype", choices=DTYPES, default="bf16")
     p.add_argument("--layout", choices=["nhwc", "nchw"], default="nhwc")
-    p.add_argument("--warmup", type=int, default=None, help="default: 10 on CUDA, 2 on CPU")
-    p.add_argument("--iters", type=int, default=None,
+    p.add_argument("--warmup", type=_non_negative, default=None,
+                   help="default: 10 on CUDA, 2 on CPU")
+    p.add_argument("--iters", type=_non_negative, default=None,
                    help="steps per timed run; 0 = about 25 ms worth (default: CUDA 20, CPU 0)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs (CUDA 10, CPU 7)")
+    p.add_argument("--repeats", type=_positive, default=None, help="timed runs (CUDA 10, CPU 7)")
     p.add_argument("--compile-dynamic", choices=["auto", "yes", "no"], default="auto",
                    help="auto: static per shape on CUDA, one dynamic compile on CPU (compiling "
                         "every shape statically takes minutes there)")
-    p.add_argument("--model-batch", type=int, default=None,
+    p.add_argument("--model-batch", type=_non_negative, default=None,
                    help="batch of the whole-model saved-bytes count (default: --batch; 0 = skip)")
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--threads", type=_non_negative, default=0,
                    help="CPU intra-op threads (0 = torch's default, one per core)")
     p.add_argument("--timing", choices=["graph", "launched"], default="graph",
                    help="CUDA: time replays of the step captured in a CUDA graph (the kernels' "
                         "time), or steps launched from Python (adds the host's time per layer)")
     p.add_argument("--out", type=Path, default=None, help="result JSON (default: by conditions)")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = args.device
     cuda = device.type == "cuda"
-    args.batch = args.batch or (256 if cuda else 8)
+    args.batch = args.batch if args.batch is not None else (256 if cuda else 8)
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
     args.iters = args.iters if args.iters is not None else (20 if cuda else 0)
-    args.repeats = args.repeats or (10 if cuda else 7)
+    args.repeats = args.repeats if args.repeats is not None else (10 if cuda else 7)
     dynamic = args.compile_dynamic == "yes" or (args.compile_dynamic == "auto" and not cuda)
     args.compile_dynamic = "dynamic" if dynamic else "static"
     model_batch = args.batch if args.model_batch is None else args.model_batch
+    shapes = {}
+    for width in args.widths:  # on the meta device: instant, and refuses a width before timing
+        try:
+            shapes[width] = norm_act_shapes(width, args.batch)
+        except ValueError as e:
+            fail(f"--widths {width}: {e}")
+    threads = args.threads or torch.get_num_threads()
+    tag = device_tag(device) + (f"{threads}t" if device.type == "cpu" else "")
+    out = check_out(args.out, ROOT / "benchmarks" / "results" /
+                    f"bn_relu-{tag}-{args.dtype}-{args.layout}-b{args.batch}"
+                    f"{'-launched' if cuda and args.timing == 'launched' else ''}.json")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not _ext.supports(device):
         print(f"warning: fused kernels unavailable on {device} ({_ext.unavailable_reason(device)}):"
               f" 'fused' times the PyTorch fallback", file=sys.stderr)
@@ -375,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[dict] = []
     for width in args.widths:
-        for shape, count in norm_act_shapes(width, args.batch):
+        for shape, count in shapes[width]:
             print(f"w{width} {shape} x{count} ...", file=sys.stderr, flush=True)
             rows += bench_shape(shape, count, width, device, dtype, args.layout, timer, dynamic)
     summary = summarize(rows)
@@ -389,12 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"{EVAL_PASSES}; copy moves 2",
               "rows": rows, "summary": summary,
               "model_saved_bytes": {"model": "thin_resnet50", "batch": model_batch, **model_saved}}
-    tag = device_tag(device) + (f"{torch.get_num_threads()}t" if device.type == "cpu" else "")
-    out = args.out or (ROOT / "benchmarks" / "results" /
-                       f"bn_relu-{tag}-{args.dtype}-{args.layout}-b{args.batch}"
-                       f"{'-launched' if cuda and args.timing == 'launched' else ''}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
     print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
     return 0
 

@@ -17,8 +17,6 @@ Writes `benchmarks/results/cifar-aug-<device>-<workers>w.json`.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
@@ -33,13 +31,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from _args import check_out, device as device_arg, fail, write_json  # noqa: E402
 from bench_loaders import natural_image  # noqa: E402
+from fasttrain.cli import ArgumentParser, int_at_least  # noqa: E402
 from fasttrain.config import load  # noqa: E402
 from fasttrain.data import build_loaders, write_cifar10  # noqa: E402
 from fasttrain.data.datasets import _publish_dir, default_root  # noqa: E402
 from fasttrain.measure.env import conditions  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "cifar_r20_w0.5.yaml"
+_positive = int_at_least(1)
 
 
 def make_set(root: Path, images: int) -> Path:
@@ -76,19 +77,24 @@ def measure(root: Path, backend: str, workers: int, batch: int, epochs: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=20000, help="training images in the set")
-    p.add_argument("--workers", type=int, default=os.cpu_count(),
+    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=_positive, default=20000, help="training images in the set")
+    p.add_argument("--workers", type=_positive, default=os.cpu_count(),
                    help="torch backend's DataLoader workers (default: every core)")
-    p.add_argument("--batch-size", type=int, default=128, help="the recipes' batch")
-    p.add_argument("--epochs", type=int, default=1, help="timed epochs after one warm-up")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--device", default="cpu", help="training device the batches go to")
+    p.add_argument("--batch-size", type=_positive, default=128, help="the recipes' batch")
+    p.add_argument("--epochs", type=_positive, default=1, help="timed epochs after one warm-up")
+    p.add_argument("--rounds", type=_positive, default=3)
+    p.add_argument("--device", type=device_arg, default="cpu",
+                   help="training device the batches go to (cpu or cuda[:N])")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda: no CUDA device")
+    device = args.device
+    train_images = args.images // 5 * 5  # make_set's 5 equal training batches
+    if train_images < args.batch_size:  # the loader would refuse it after the set is built
+        fail(f"--images {args.images}: {train_images} training images, fewer than one batch "
+             f"(--batch-size {args.batch_size})")
+    out = check_out(args.out, ROOT / "benchmarks" / "results"
+                    / f"cifar-aug-{device.type}-{args.workers}w.json")
     torch.set_num_threads(args.workers)
     root = make_set(default_root(f"bench_cifar-{args.images}"), args.images)
     names = ["torch", "resident"]
@@ -109,14 +115,12 @@ def main(argv: list[str] | None = None) -> int:
               "images": args.images, "workers": args.workers, "batch_size": args.batch_size,
               "timed_epochs": args.epochs, "rounds": args.rounds,
               "resident_vs_torch": round(speedup, 2), "rows": rows}
-    out = args.out or (ROOT / "benchmarks" / "results"
-                       / f"cifar-aug-{device.type}-{args.workers}w.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
     for row in rows:
         print(f"{row['backend']:9s} {row['images_per_s']:9.0f} img/s "
               f"({row['images_per_s_min']:.0f}-{row['images_per_s_max']:.0f})")
-    print(f"resident / torch: {speedup:.2f}x; wrote {out}")
+    print(f"resident / torch: {speedup:.2f}x")
+    write_json(out, result)
+    print(f"wrote {out}")
     return 0
 
 

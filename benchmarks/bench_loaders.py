@@ -38,8 +38,6 @@ Writes `benchmarks/results/loaders-cpu-<workers>w.json` (conditions + rows) and 
 """
 from __future__ import annotations
 
-import argparse
-import json
 import multiprocessing as mp
 import os
 import statistics
@@ -55,7 +53,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from _args import check_out, fail, write_json  # noqa: E402
+from fasttrain.cli import ArgumentParser, int_at_least  # noqa: E402
 from fasttrain.config import Config, load  # noqa: E402
 from fasttrain.data import build_loaders, jpeg, resize  # noqa: E402
 from fasttrain.data.datasets import _publish_dir, default_root  # noqa: E402
@@ -69,6 +70,9 @@ FFCV_STORAGE = {
     "ffcv-jpeg512": ("jpg", 512, 1.0, 90),
     "ffcv-rn18": ("proportion", 400, 0.10, 90),
 }
+BACKENDS = ("decode", "decode-libjpeg", "pil", "torch", "torch-ops", "torch-whole", "dali",
+            "dali-ops", *FFCV_STORAGE, *(f"{n}-whole" for n in FFCV_STORAGE))
+_positive = int_at_least(1)
 
 
 def natural_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
@@ -201,31 +205,32 @@ def write_ffcv_files(root: Path, name: str, workers: int) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=1280, help="training images in the set")
-    p.add_argument("--workers", type=int, default=os.cpu_count(),
+    p = ArgumentParser(description=__doc__.splitlines()[0])
+    # Every class folder needs an image: the validation set has one of each.
+    p.add_argument("--images", type=int_at_least(CLASSES), default=1280,
+                   help=f"training images in the set (at least {CLASSES} and --batch-size)")
+    p.add_argument("--workers", type=_positive, default=os.cpu_count(),
                    help="loader workers/threads per backend (default: every core)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=2, help="timed epochs after one warm-up")
-    p.add_argument("--rounds", type=int, default=3,
+    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--epochs", type=_positive, default=2, help="timed epochs after one warm-up")
+    p.add_argument("--rounds", type=_positive, default=3,
                    help="measure every backend this many times, in turn (median reported)")
     p.add_argument("--backends", default="decode,decode-libjpeg,pil,torch,torch-ops,torch-whole,"
                    "dali,dali-ops,ffcv-jpeg512,ffcv-jpeg512-whole,ffcv-rn18")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    names = args.backends.split(",")
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown:
+        fail(f"--backends: unknown backend {unknown[0]!r} (known: {', '.join(sorted(BACKENDS))})")
+    if args.images < args.batch_size:  # the loaders drop the last partial batch: no batch at all
+        fail(f"--images {args.images}: fewer than one batch (--batch-size {args.batch_size})")
+    out = check_out(args.out, ROOT / "benchmarks" / "results" / f"loaders-cpu-{args.workers}w.json")
     torch.set_num_threads(args.workers)
 
     root = make_bench_set(default_root(f"bench_jpeg-{args.images}"), args.images)
     files = sorted(str(f) for f in (root / "train").rglob("*.jpg"))
     mean_kb = sum(os.path.getsize(f) for f in files) / len(files) / 1e3
-    names = args.backends.split(",")
-    known = {"decode", "decode-libjpeg", "pil", "torch", "torch-ops", "torch-whole", "dali",
-             "dali-ops", *FFCV_STORAGE,
-             *(f"{n}-whole" for n in FFCV_STORAGE)}
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise SystemExit(f"error: --backends: unknown backend {unknown[0]!r} "
-                         f"(known: {', '.join(sorted(known))})")
 
     def measure(name: str) -> float:
         if name == "decode":
@@ -302,9 +307,6 @@ def main(argv: list[str] | None = None) -> int:
               "workers": args.workers, "batch_size": args.batch_size,
               "timed_epochs": args.epochs, "rounds": args.rounds,
               "libjpeg_turbo": jpeg.lib_version(), "rows": rows}
-    out = args.out or ROOT / "benchmarks" / "results" / f"loaders-cpu-{args.workers}w.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
     from rich.console import Console
     from rich.table import Table
     table = Table(title=f"{len(files)} JPEGs (~{mean_kb:.0f} KB), {args.workers} workers")
@@ -316,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                       "-" if r["vs_decode_limit"] is None else f"{r['vs_decode_limit']:.2f}",
                       "-" if r["vs_pil"] is None else f"{r['vs_pil']:.2f}")
     Console().print(table)
+    write_json(out, result)
     print(f"wrote {out}")
     return 0
 

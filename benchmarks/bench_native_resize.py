@@ -23,8 +23,6 @@ Writes `benchmarks/results/native-resize-cpu-<workers>w.json`.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
@@ -39,7 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from _args import check_out, fail, write_json  # noqa: E402
 from bench_loaders import backend_cfg, make_bench_set, native_resize  # noqa: E402
+from fasttrain.cli import ArgumentParser, int_at_least  # noqa: E402
 from fasttrain.data import build_loaders, resize  # noqa: E402
 from fasttrain.data.datasets import default_root  # noqa: E402
 from fasttrain.data.loader import torch_threads  # noqa: E402
@@ -103,19 +103,26 @@ def in_process_cpu_us(root: Path, rounds: int) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backends", default="torch,dali")
-    p.add_argument("--workers", type=int, default=os.cpu_count())
-    p.add_argument("--images", type=int, default=1280)
-    p.add_argument("--rounds", type=int, default=12, help="A/B pairs of epochs per backend")
+    p.add_argument("--workers", type=int_at_least(1), default=os.cpu_count(),
+                   help="loader workers and threads (default: every core)")
+    # One batch at least: the loaders drop a partial batch, the in-process timing splits whole
+    # batches (and 64 images fill every class folder).
+    p.add_argument("--images", type=int_at_least(BATCH), default=1280,
+                   help=f"training images in the set (at least one batch, {BATCH})")
+    p.add_argument("--rounds", type=int_at_least(1), default=12,
+                   help="A/B pairs of epochs per backend")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     names = args.backends.split(",")
     unknown = [n for n in names if n not in ("torch", "dali")]
     if unknown:
-        raise SystemExit(f"error: --backends: unknown backend {unknown[0]!r} (torch, dali)")
+        fail(f"--backends: unknown backend {unknown[0]!r} (torch, dali)")
+    out = check_out(args.out, ROOT / "benchmarks" / "results"
+                    / f"native-resize-cpu-{args.workers}w.json")
     if not resize.AVAILABLE:
-        raise SystemExit(f"error: fasttrain's resize function is not built: {resize.LOAD_ERROR}")
+        fail(f"fasttrain's resize function is not built: {resize.LOAD_ERROR}")
     torch.set_num_threads(args.workers)
     root = make_bench_set(default_root(f"bench_jpeg-{args.images}"), args.images)
 
@@ -159,9 +166,6 @@ def main(argv: list[str] | None = None) -> int:
               "transform": "RandomResizedCrop 224 scale (0.08, 1) + flip, uint8 channels-last",
               "workers": args.workers, "batch_size": BATCH, "rounds": args.rounds,
               "rows": rows}
-    out = args.out or ROOT / "benchmarks" / "results" / f"native-resize-cpu-{args.workers}w.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
     from rich.console import Console
     from rich.table import Table
     table = Table(title=f"C resize+flip vs torch's ops, {args.workers} workers, "
@@ -180,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                       "-" if one is None else
                       f"{one['native']:.0f} / {one['torch_ops']:.0f} ({one['ratio_median']:.3f})")
     Console().print(table)
+    write_json(out, result)
     print(f"wrote {out}")
     return 0
 

@@ -14,7 +14,6 @@ commit, date) and prints a table.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -27,18 +26,37 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _args import check_out, fail, write_json  # noqa: E402
+from fasttrain.cli import ArgumentParser, int_at_least  # noqa: E402
+
+RECIPE = ROOT / "recipes" / "quickstart.yaml"
 TARGET_TOP1 = 98.5
+
+
+def train_errors(stderr: str) -> list[str]:
+    """train.py's own one-line errors in a failed run's stderr, without torchrun's report
+    around them (whose traceback would otherwise bury them)."""
+    return list(dict.fromkeys(line for line in stderr.splitlines()
+                              if line.startswith("error: ")))
 
 
 def run_once(log_dir: Path, backend: str) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-           str(ROOT / "tools" / "train.py"), str(ROOT / "recipes" / "quickstart.yaml"),
+           str(ROOT / "tools" / "train.py"), str(RECIPE),
            f"--data.backend={backend}", f"--log.dir={log_dir}", "--log.progress=plain"]
     start = time.perf_counter()
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if result.returncode:
-        raise SystemExit(f"quickstart failed ({result.returncode}): {result.stderr[-2000:]}")
+        errors = train_errors(result.stderr)
+        if errors:  # train.py refused something: its words, one line each, as a user error
+            fail("\n".join([f"quickstart --data.backend={backend} failed: "
+                            f"{errors[0].removeprefix('error: ')}", *errors[1:]]))
+        raise SystemExit(f"quickstart --data.backend={backend} failed ({result.returncode}); "
+                         f"the end of its output:\n{result.stderr[-2000:]}")
     (metrics_file,) = log_dir.glob("*/metrics.jsonl")
     epochs = [json.loads(l) for l in metrics_file.read_text().splitlines()]
     hit = next((m for m in epochs if m["val_top1"] >= TARGET_TOP1), None)
@@ -52,20 +70,29 @@ def run_once(log_dir: Path, backend: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=3)
+    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int_at_least(1), default=3)
     p.add_argument("--backends", default="torch,resident", help="data backends to compare")
     p.add_argument("--out", type=Path, default=None, help="result JSON (default: by conditions)")
     args = p.parse_args(argv)
+    from fasttrain.config import load
+    from fasttrain.errors import ConfigError
+
+    backends = args.backends.split(",")
+    for backend in backends:  # the recipe as train.py will load it, before torchrun starts
+        try:
+            load(RECIPE, [f"--data.backend={backend}"])
+        except ConfigError as e:
+            fail(f"--backends {args.backends!r}: {e}")
+    cores = len(os.sched_getaffinity(0))
+    out = check_out(args.out, ROOT / "benchmarks" / "results" / f"quickstart-cpu-{cores}c.json")
     import torch
 
     from fasttrain.measure.env import cpu_name, git_commit
 
-    backends = args.backends.split(",")
     if "ffcv" in backends:  # the quickstart's FFCV files, written once (not timed)
-        from fasttrain.config import load
         from fasttrain.data.ffcv_loader import beton_dir, write_beton
-        data = load(ROOT / "recipes" / "quickstart.yaml").data
+        data = load(RECIPE).data
         if not (beton_dir(data) / "train.beton").exists():
             write_beton(data)
     runs: dict[str, list[dict]] = {b: [] for b in backends}
@@ -80,7 +107,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{backend} run {i + 1}: wall {r['wall_s']:.1f} s, training "
                   f"{r['train_time_s']:.1f} s, final top-1 {r['final_val_top1']:.2f} %, best "
                   f"{r['best_val_top1']:.2f} %, target at epoch {r['first_epoch_at_target']}")
-    cores = len(os.sched_getaffinity(0))
     result = {
         "benchmark": "quickstart",
         "command": "torchrun --nproc_per_node=1 tools/train.py recipes/quickstart.yaml "
@@ -95,9 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             for k in ("wall_s", "train_time_s", "final_val_top1", "best_val_top1")}}
             for b, rs in runs.items()},
     }
-    out = args.out or ROOT / "benchmarks" / "results" / f"quickstart-cpu-{cores}c.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
     print(f"wrote {out}")
     return 0
 

@@ -20,9 +20,26 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from _args import fail  # noqa: E402
+from fasttrain.cli import ArgumentParser, int_at_least  # noqa: E402
 from fasttrain.ops.bn_relu import BatchNormReLU2d  # noqa: E402
+
+_positive = int_at_least(1)
+
+
+def shape_arg(text: str) -> tuple[int, ...]:
+    """argparse type: "N,C,H,W" of positive integers."""
+    dims = text.split(",")
+    if len(dims) != 4:
+        raise argparse.ArgumentTypeError(f"expected N,C,H,W, got {text!r}")
+    try:
+        return tuple(_positive(d) for d in dims)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
 
 
 def step_fn(impl: str, shape: tuple[int, ...], device: torch.device):
@@ -45,17 +62,17 @@ def wall_ms(fn, iters: int) -> float:
     return (time.perf_counter() - t0) * 1e3 / iters
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", nargs="+", default=["256,512,7,7", "256,256,14,14",
-                                                   "256,64,56,56", "256,64,112,112"])
-    p.add_argument("--iters", type=int, default=50)
-    args = p.parse_args()
+def main(argv: list[str] | None = None) -> int:
+    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", type=shape_arg, nargs="+", metavar="N,C,H,W",
+                   default=[(256, 512, 7, 7), (256, 256, 14, 14), (256, 64, 56, 56),
+                            (256, 64, 112, 112)])
+    p.add_argument("--iters", type=_positive, default=50)
+    args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        sys.exit("profile_bn_relu.py: needs a CUDA device")
+        fail("profile_bn_relu.py needs a CUDA device (torch.cuda.is_available() is False)")
     device = torch.device("cuda")
-    for text in args.shapes:
-        shape = tuple(int(v) for v in text.split(","))
+    for shape in args.shapes:
         for impl in ("fused", "eager"):
             fn = step_fn(impl, shape, device)
             for _ in range(10):
@@ -76,7 +93,8 @@ def main() -> None:
             for e in sorted(kernels, key=lambda e: -e.device_time_total)[:8]:
                 print(f"    {e.device_time_total / args.iters:8.1f} us  x{e.count // args.iters:<2d}"
                       f" {e.key[:90]}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

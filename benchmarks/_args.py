@@ -1,0 +1,86 @@
+"""What the benchmark scripts share beyond fasttrain.cli: the --device type, the one-line user
+error, and the result file's check before measuring and its write after.
+
+A benchmark runs for minutes, so everything a user can get wrong is refused before the first
+measurement (and before any data set is generated), as one line and exit status 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import NoReturn
+
+
+def fail(message: str) -> NoReturn:
+    """A user error found after parsing: one line on stderr, exit status 2 (as a usage error)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def device(text: str):
+    """argparse type: `cpu` or `cuda[:N]` naming a device this machine has, as a torch.device.
+    The benchmarks time with CUDA events or the CPU clock, so no other device type can run."""
+    import torch  # here: the scripts that do not take --device parse without importing torch
+
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise argparse.ArgumentTypeError(f"{text}: no CUDA device")
+        if dev.index is not None and dev.index >= count:
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {count} CUDA device"
+                                             f"{'s' * (count > 1)} (cuda:0-{count - 1})")
+    return dev
+
+
+def check_out(out: Path | None, default: Path) -> Path:
+    """The result file (`out`, or `default` when --out is not given), checked before measuring:
+    not a folder, its folder created, a file can be created there (the write goes through one,
+    see write_json). Refused as one line (exit 2).
+
+    A probe file, not os.access: root passes os.access on read-only mounts and /proc."""
+    path = out if out is not None else default
+    name = f"--out {path}" if out is not None else f"{path} (the default --out)"
+    if path.is_dir():
+        fail(f"{name}: is a folder; give a file path")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        fail(f"{name}: cannot create its folder ({existing} is not a folder)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        fail(f"{name}: cannot write in {path.parent} ({e.strerror or e})")
+    return path
+
+
+def write_json(path: Path, result: dict) -> None:
+    """Write `result` to `path` through a temporary file and a rename, so that a failed write
+    leaves a previous result whole. If the write fails all the same (disk full, folder removed
+    meanwhile), the JSON goes to stdout before the one-line error, so the measurement survives."""
+    text = json.dumps(result, indent=2) + "\n"
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        fail(f"{path}: cannot write the result ({e.strerror or e}); its JSON is printed above")

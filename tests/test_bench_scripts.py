@@ -1,0 +1,218 @@
+"""The benchmark scripts refuse bad arguments before measuring anything: one line on stderr that
+names the option, exit status 2, no data set generated, no result file written; a result that
+cannot be written at the end still reaches stdout.
+
+Every case fails in argument parsing or the pre-checks. Each script's first step of real work
+(generating a set, timing a shape, starting torchrun) is replaced by one that raises, so a
+regression fails fast here instead of running a measurement."""
+import importlib.util
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+WRITERS = ["bench_bn_relu", "bench_cifar_aug", "bench_loaders", "bench_native_resize",
+           "bench_quickstart"]
+# The first step of real work in each script's main.
+FIRST_WORK = {"bench_bn_relu": "bench_shape", "bench_cifar_aug": "make_set",
+              "bench_loaders": "make_bench_set", "bench_native_resize": "make_bench_set",
+              "bench_quickstart": "run_once", "profile_bn_relu": "step_fn"}
+_modules: dict = {}
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+
+
+def load_bench(name: str):
+    """Import benchmarks/<name>.py as a module, once (the scripts are not a package)."""
+    if name not in _modules:
+        spec = importlib.util.spec_from_file_location(f"_bench_{name}",
+                                                      ROOT / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _modules[name] = module
+    return _modules[name]
+
+
+class Measured(Exception):
+    """Raised by the stand-in for a script's first step of real work."""
+
+
+@pytest.fixture
+def bench(monkeypatch, tmp_path):
+    """(module, data folder) with $FASTTRAIN_DATA in tmp_path and the first work step refused."""
+    data = tmp_path / "data"
+    monkeypatch.setenv("FASTTRAIN_DATA", str(data))
+
+    def get(name: str):
+        module = load_bench(name)
+
+        def refuse(*args, **kwargs):
+            raise Measured(f"{name}: {FIRST_WORK[name]} was reached")
+
+        monkeypatch.setattr(module, FIRST_WORK[name], refuse)
+        return module, data
+
+    return get
+
+
+def assert_refused(module, argv, capsys, *named: str) -> str:
+    capsys.readouterr()  # what importing printed
+    with pytest.raises(SystemExit) as exc:
+        module.main(argv)
+    captured = capsys.readouterr()
+    assert exc.value.code == 2, captured.err
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    for text in named:
+        assert text in lines[0]
+    return lines[0]
+
+
+def case(script: str, argv: list[str], named: list[str], marks=()):
+    """One bad command line; `named`: what its error line must contain (option, value)."""
+    return pytest.param(script, argv, named, marks=marks, id=f"{script} {' '.join(argv)}")
+
+
+CASES = [
+    # bench_bn_relu: 0 stays meaningful where the help documents it (--iters, --model-batch,
+    # --threads); --batch and --repeats have no 0 = default any more.
+    case("bench_bn_relu", ["--iters", "-5"], ["--iters", "-5"]),
+    case("bench_bn_relu", ["--warmup", "-1"], ["--warmup", "-1"]),
+    case("bench_bn_relu", ["--batch", "0"], ["--batch", "0"]),
+    case("bench_bn_relu", ["--batch", "-4"], ["--batch", "-4"]),
+    case("bench_bn_relu", ["--repeats", "0"], ["--repeats", "0"]),
+    case("bench_bn_relu", ["--model-batch", "-1"], ["--model-batch", "-1"]),
+    case("bench_bn_relu", ["--threads", "-1"], ["--threads", "-1"]),
+    case("bench_bn_relu", ["--widths", "0"], ["--widths", "'0'"]),
+    case("bench_bn_relu", ["--widths", "nan"], ["--widths", "nan"]),
+    case("bench_bn_relu", ["--widths", "17"], ["--widths", "17"]),
+    case("bench_bn_relu", ["--widths", "1", "0.001"], ["--widths", "0.001"]),
+    case("bench_bn_relu", ["--device", "bogus"], ["--device", "bogus"]),
+    case("bench_bn_relu", ["--device", "meta"], ["--device", "meta"]),
+    case("bench_bn_relu", ["--device", "cuda"], ["--device", "no CUDA device"],
+         marks=no_cuda),
+    case("profile_bn_relu", ["--shapes", "1,2,3"], ["--shapes", "1,2,3"]),
+    case("profile_bn_relu", ["--shapes", "1,0,3,3"], ["--shapes", "1,0,3,3"]),
+    case("profile_bn_relu", ["--iters", "0"], ["--iters", "0"]),
+    case("profile_bn_relu", ["--shapes", "2,4,3,3"], ["CUDA"], marks=no_cuda),
+    case("bench_cifar_aug", ["--workers", "0"], ["--workers", "0"]),
+    case("bench_cifar_aug", ["--workers", "-1"], ["--workers", "-1"]),
+    case("bench_cifar_aug", ["--rounds", "0"], ["--rounds", "0"]),
+    case("bench_cifar_aug", ["--epochs", "0"], ["--epochs", "0"]),
+    case("bench_cifar_aug", ["--images", "0"], ["--images", "0"]),
+    case("bench_cifar_aug", ["--images", "-5"], ["--images", "-5"]),
+    case("bench_cifar_aug", ["--batch-size", "0"], ["--batch-size", "0"]),
+    case("bench_cifar_aug", ["--images", "129"], ["--images 129", "--batch-size 128"]),
+    case("bench_cifar_aug", ["--device", "bogus"], ["--device", "bogus"]),
+    case("bench_cifar_aug", ["--device", "cuda"], ["--device", "no CUDA device"],
+         marks=no_cuda),
+    case("bench_loaders", ["--backends", "bogus"], ["--backends", "'bogus'"]),
+    case("bench_loaders", ["--backends", ""], ["--backends", "''"]),
+    case("bench_loaders", ["--workers", "0"], ["--workers", "0"]),
+    case("bench_loaders", ["--rounds", "0"], ["--rounds", "0"]),
+    case("bench_loaders", ["--rounds", "-1"], ["--rounds", "-1"]),
+    case("bench_loaders", ["--epochs", "0"], ["--epochs", "0"]),
+    case("bench_loaders", ["--images", "0"], ["--images", "0"]),
+    case("bench_loaders", ["--images", "-5"], ["--images", "-5"]),
+    case("bench_loaders", ["--images", "20"], ["--images 20", "--batch-size 64"]),
+    case("bench_native_resize", ["--backends", "torch,x"], ["--backends", "'x'"]),
+    case("bench_native_resize", ["--workers", "0"], ["--workers", "0"]),
+    case("bench_native_resize", ["--workers", "-1"], ["--workers", "-1"]),
+    case("bench_native_resize", ["--rounds", "0"], ["--rounds", "0"]),
+    case("bench_native_resize", ["--images", "0"], ["--images", "0"]),
+    case("bench_native_resize", ["--images", "63"], ["--images", "63"]),
+    case("bench_quickstart", ["--repeats", "0"], ["--repeats", "0"]),
+    case("bench_quickstart", ["--repeats", "-1"], ["--repeats", "-1"]),
+    case("bench_quickstart", ["--backends", "bogus"], ["--backends", "bogus"]),
+    case("bench_quickstart", ["--backends", ""], ["--backends", "''"]),
+    case("bench_quickstart", ["--backends", "torch,"], ["--backends", "'torch,'"]),
+]
+
+
+@pytest.mark.parametrize("script, argv, named", CASES)
+def test_bad_argument_is_one_line_before_any_work(bench, tmp_path, capsys, script, argv, named):
+    module, data = bench(script)
+    out = tmp_path / "results" / "r.json"
+    extra = ["--out", str(out)] if script in WRITERS else []
+    assert_refused(module, [*argv, *extra], capsys, *named)
+    assert not data.exists() or not any(data.iterdir())
+    assert not (tmp_path / "results").exists()  # refused before the result folder is made
+
+
+@pytest.mark.parametrize("script", WRITERS)
+@pytest.mark.parametrize("where", ["folder", "below a file"])
+def test_unwritable_out_is_refused_before_any_work(bench, tmp_path, capsys, script, where):
+    module, data = bench(script)
+    (tmp_path / "file").write_text("kept\n")
+    out = tmp_path if where == "folder" else tmp_path / "file" / "r.json"
+    device = ["--device", "cpu"] if script in ("bench_bn_relu", "bench_cifar_aug") else []
+    line = assert_refused(module, [*device, "--out", str(out)], capsys, f"--out {out}")
+    assert ("is a folder" if where == "folder" else "not a folder") in line
+    assert (tmp_path / "file").read_text() == "kept\n"
+    assert not data.exists() or not any(data.iterdir())
+
+
+def test_check_out_creates_the_folder_and_leaves_no_file(tmp_path):
+    args = load_bench("_args")
+    out = tmp_path / "a" / "b" / "r.json"
+    assert args.check_out(out, tmp_path / "default.json") == out
+    assert out.parent.is_dir() and list(out.parent.iterdir()) == []
+    assert args.check_out(None, out) == out  # the default when --out is not given
+
+
+def test_write_json_replaces_the_file_whole(tmp_path):
+    args = load_bench("_args")
+    out = tmp_path / "r.json"
+    out.write_text("old\n")
+    args.write_json(out, {"rows": [1, 2]})
+    assert json.loads(out.read_text()) == {"rows": [1, 2]}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left
+
+
+def test_failed_write_prints_the_result_and_keeps_the_old_file(tmp_path, monkeypatch, capsys):
+    args = load_bench("_args")
+    out = tmp_path / "r.json"
+    out.write_text("old\n")
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(args.os, "replace", full_disk)
+    with pytest.raises(SystemExit) as exc:
+        args.write_json(out, {"rows": [1, 2]})
+    captured = capsys.readouterr()
+    assert exc.value.code == 2
+    assert json.loads(captured.out) == {"rows": [1, 2]}  # the measurement survives on stdout
+    (line,) = captured.err.splitlines()
+    assert line.startswith("error: ") and str(out) in line and "No space left" in line
+    assert out.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+TORCHRUN_STDERR = """\
+[rank0]: some warning
+error: /nowhere/digits/train: directory not found
+E1130 08:00:00.000 elastic/multiprocessing/api.py:869] failed (exitcode: 2)
+Traceback (most recent call last):
+  File "torch/distributed/run.py", line 1, in <module>
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+""" + "x" * 3000 + "\n"
+
+
+def test_quickstart_shows_train_errors_not_torchrun_traceback(tmp_path, monkeypatch, capsys):
+    module = load_bench("bench_quickstart")
+    real_run = subprocess.run
+
+    def fake_run(cmd, *args, **kwargs):
+        if "torch.distributed.run" in cmd:
+            return subprocess.CompletedProcess(cmd, 1, "", TORCHRUN_STDERR)
+        return real_run(cmd, *args, **kwargs)
+
+    monkeypatch.setattr(module.subprocess, "run", fake_run)
+    out = tmp_path / "r.json"
+    line = assert_refused(module, ["--repeats", "1", "--backends", "torch", "--out", str(out)],
+                          capsys, "--data.backend=torch failed", "/nowhere/digits/train")
+    assert "Traceback" not in line and "xxx" not in line
+    assert not out.exists()
