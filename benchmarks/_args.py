@@ -9,7 +9,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import NoReturn
 
@@ -42,28 +41,18 @@ def device(text: str):
 
 
 def check_out(out: Path | None, default: Path) -> Path:
-    """The result file (`out`, or `default` when --out is not given), checked before measuring:
-    not a folder, its folder created, a file can be created there (the write goes through one,
-    see write_json). Refused as one line (exit 2).
+    """The result file (`out`, or `default` when --out is not given), checked before measuring
+    (fasttrain.cli.check_output: not a folder, its folder created, a file can be created
+    there); refused as one line (exit 2)."""
+    from fasttrain.cli import check_output
+    from fasttrain.errors import UserError
 
-    A probe file, not os.access: root passes os.access on read-only mounts and /proc."""
     path = out if out is not None else default
-    name = f"--out {path}" if out is not None else f"{path} (the default --out)"
-    if path.is_dir():
-        fail(f"{name}: is a folder; give a file path")
-    existing = path.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        fail(f"{name}: cannot create its folder ({existing} is not a folder)")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        fail(f"{name}: cannot write in {path.parent} ({e.strerror or e})")
-    return path
+        return check_output(path, f"--out {path}" if out is not None
+                            else f"{path} (the default --out)")
+    except UserError as e:
+        fail(str(e))
 
 
 def write_json(path: Path, result: dict) -> None:

@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import tempfile
+from pathlib import Path
 from typing import Callable
+
+from .errors import UserError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -44,3 +49,38 @@ def finite_float(ok: Callable[[float], bool], expected: str) -> Callable[[str], 
 
     parse.__name__ = expected
     return parse
+
+
+def check_output(path: str | Path, name: str, *, folder: bool = False) -> Path:
+    """Make sure an output can be written before the work that produces it starts (a sweep, a
+    pruning, a benchmark run: minutes lost otherwise): `path` is not a folder (with `folder`:
+    is one or can be made), its folder is created, and a file can be created in it. `name`
+    starts each one-line message ("--json rows.json", "output x.pt").
+
+    A probe file, not os.access: root passes os.access on read-only mounts and /proc.
+
+    Raises:
+        UserError: the path cannot be written; the message names it and why.
+    """
+    path = Path(path)
+    if folder:
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{name}: exists and is not a folder")
+        where = path
+    else:
+        if path.is_dir():
+            raise UserError(f"{name}: is a folder; name the file to write")
+        if path.exists() and not os.access(path, os.W_OK):
+            raise UserError(f"{name}: not writable")
+        where = path.parent
+    existing = next(a for a in (where, *where.parents) if a.exists())
+    if not existing.is_dir():
+        raise UserError(f"{name}: {existing} is not a folder")
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=where)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{name}: cannot write in {where} ({e.strerror or e})") from None
+    return path

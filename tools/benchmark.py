@@ -32,11 +32,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from pathlib import Path
 
-from fasttrain.cli import ArgumentParser, int_at_least
+from fasttrain.cli import ArgumentParser, check_output, int_at_least
 from fasttrain.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,25 +134,11 @@ def _check_sources(args) -> None:
 
 
 def _check_output(flag: str, path: str, folder: bool = False) -> None:
-    """Refuse, before anything is measured, an output path that cannot be written, so that a
-    sweep's results are not lost at the end: an existing folder where a file goes (or a file
-    where a folder goes), or a folder that cannot be created."""
+    """Refuse, before anything is measured, an output that cannot be written, so that a sweep's
+    results are not lost at the end."""
     if not path.strip():
         raise UserError(f"{flag}: empty path")
-    p = Path(path)
-    if folder and p.exists() and not p.is_dir():
-        raise UserError(f"{flag} {path}: exists and is not a folder")
-    if not folder and p.is_dir():
-        raise UserError(f"{flag} {path}: is a folder; give a file path")
-    if not folder and p.exists() and not os.access(p, os.W_OK):
-        raise UserError(f"{flag} {path}: not writable")
-    existing = p if folder else p.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"{flag} {path}: cannot create its folder ({existing} is a file)")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path}: cannot write in {existing}")
+    check_output(path, f"{flag} {path}", folder=folder)
 
 
 def _check_outputs(args) -> None:

@@ -40,6 +40,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..cli import check_output as check_writable
 from ..errors import UserError
 from ..measure import count_macs, count_params, git_commit
 from ..models.resnet import ShortcutA, channels_of
@@ -304,17 +305,10 @@ def check_output(source: str | Path, out: str | Path) -> None:
     if out.exists() and not out.is_file():
         # save_atomic renames over the path: a device or a pipe would be replaced by a file
         raise PruneError(f"output {out} exists and is not a regular file")
-    parent = out.parent
-    existing = next((a for a in (parent, *parent.parents) if a.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise PruneError(f"output {out}: {existing} is not a folder")
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PruneError(f"output {out}: cannot create its folder {parent} "
-                         f"({e.strerror or e})") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PruneError(f"output {out}: folder {parent} is not writable")
+        check_writable(out, f"output {out}")
+    except UserError as e:
+        raise PruneError(str(e)) from None
 
 
 def prune_checkpoint(path: str | Path, out: str | Path, *, target_macs: int | None = None,
