@@ -3,18 +3,20 @@ import io
 import os
 import pickle
 import random
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from fasttrain.config import load
 from fasttrain.data import (DatasetError, EpochSampler, ShardSampler, build_digits,
                             build_loaders, load_cifar10, write_cifar10)
 from fasttrain.data.check import scan
-from fasttrain.data.datasets import ImageFolderDataset, SkippedSample, read_image
+from fasttrain.data.datasets import ImageFolderDataset, SkippedSample, folder_files, read_image
 from fasttrain.data.transforms import random_resized_crop_params
 from fasttrain.errors import ConfigError
 
@@ -404,6 +406,46 @@ def test_check_data_lists_exactly_the_files_the_loaders_read(tmp_path):
                                 f"broken symbolic link (to {tmp_path / 'nowhere.jpg'})")]
     gone = next(i for i, (p, _) in enumerate(dataset.samples) if p.endswith("gone.jpg"))
     assert dataset[gone] == SkippedSample(*report.problems[0])  # the loaders' reason too
+
+
+def test_folder_listing_is_torchvisions(tmp_path):
+    """Same files in the same order as torchvision's make_dataset, links to folders followed."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for i in range(3):
+        _noise(seed=i).save(elsewhere / f"e{i}.jpg")
+    for cls in ("b", "a", "c"):
+        (tmp_path / "train" / cls / "deep" / "er").mkdir(parents=True)
+        for i, sub in enumerate(("", "deep", "deep/er")):
+            _noise(seed=i).save(tmp_path / "train" / cls / sub / f"{cls}{i}.jpg")
+        (tmp_path / "train" / cls / "notes.txt").write_text("x")
+    os.symlink(elsewhere, tmp_path / "train" / "a" / "linked")
+    classes = {"a": 0, "b": 1, "c": 2}
+    images, others = folder_files(tmp_path / "train", classes)
+    everything = make_dataset(str(tmp_path / "train"), classes, is_valid_file=lambda _: True)
+    assert images == make_dataset(str(tmp_path / "train"), classes, extensions=IMG_EXTENSIONS)
+    assert len(images) == 12 and len(others) == 3
+    assert others == [p for p, _ in everything if (p, classes[Path(p).relative_to(
+        tmp_path / "train").parts[0]]) not in images]
+
+
+@pytest.mark.parametrize("links", [{"a/up": ".."}, {"a/self": "."},
+                                   {"a/to_b": "../b", "b/to_a": "../a"}])
+def test_a_symbolic_link_loop_is_refused_not_listed_forty_times(tmp_path, links):
+    """os.walk follows a link to a containing folder until the path is too long: one
+    `up -> ..` link listed every image ~40 times, other classes' under this label."""
+    train = tmp_path / "data" / "train"
+    for cls in ("a", "b"):
+        (train / cls).mkdir(parents=True)
+        _noise().save(train / cls / "0.jpg")
+    for link, target in links.items():
+        os.symlink(target, train / link)
+    first = sorted(links)[0]
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(train / first))}.*: symbolic "
+                                           rf"link to .*, a folder it is inside of"):
+        ImageFolderDataset(train)
+    with pytest.raises(DatasetError, match="symbolic link"):
+        scan(tmp_path / "data", workers=1)
 
 
 @pytest.mark.parametrize("ext,mode,fmt", [(".bmp", "RGB", "BMP"), (".tif", "RGB", "TIFF"),

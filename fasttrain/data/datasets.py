@@ -19,8 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import (IMG_EXTENSIONS, find_classes, has_file_allowed_extension,
-                                         make_dataset)
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
 from torchvision.io import ImageReadMode, decode_image
 
 from ..errors import DatasetError
@@ -101,20 +100,54 @@ class SkippedSample(NamedTuple):
     reason: str
 
 
+def _walk_files(folder: str):
+    """(folder path, file names) as os.walk(followlinks=True) gives them, refusing a symbolic
+    link to a folder that contains it. os.walk follows such a loop until the path is too long
+    for the OS (~40 rounds), so one `up -> ..` link listed every image of the class ~40 times,
+    and the other classes' images under this class's label; torchvision's `make_dataset` has
+    no guard, which is why this walk is written here.
+
+    Raises:
+        DatasetError: a symbolic link points at a folder the walk is inside of.
+    """
+    chains = {folder: (os.path.realpath(folder),)}  # real paths of a folder and its parents
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        chain = chains.pop(root)
+        for name in dirs:
+            child = os.path.join(root, name)
+            real = os.path.realpath(child)
+            if real in chain:
+                raise DatasetError(f"{child}: symbolic link to {real}, a folder it is inside "
+                                   f"of, so its images would be listed again and again; "
+                                   f"remove the link")
+            chains[child] = (*chain, real)
+        yield root, files
+
+
 def folder_files(root: Path, class_to_idx: dict[str, int]
                  ) -> tuple[list[tuple[str, int]], list[str]]:
     """(image files as (path, class index), other files) under `root/<class>/` for the classes
-    in `class_to_idx`, as every loader lists them: torchvision's `make_dataset` walk (sorted,
-    following symbolic links to folders, dangling links included: reading one fails) and an
-    image is a file with an `IMG_EXTENSIONS` extension. tools/check_data.py lists through this
-    too, so it checks exactly the files a run reads."""
+    in `class_to_idx`, as every loader lists them: torchvision's `make_dataset` order (classes
+    sorted, then folders, then files; symbolic links to folders followed, dangling links
+    included: reading one fails) and an image is a file with an `IMG_EXTENSIONS` extension.
+    tools/check_data.py lists through this too, so it checks exactly the files a run reads.
+
+    Raises:
+        DatasetError: a symbolic link loops back to a folder that contains it.
+    """
     images, others = [], []
-    for path, target in make_dataset(str(root), class_to_idx, is_valid_file=lambda _: True,
-                                     allow_empty=True):
-        if has_file_allowed_extension(path, IMG_EXTENSIONS):
-            images.append((path, target))
-        else:
-            others.append(path)
+    for name in sorted(class_to_idx):
+        target = class_to_idx[name]
+        class_dir = os.path.join(str(root), name)
+        if not os.path.isdir(class_dir):
+            continue
+        for folder, files in sorted(_walk_files(class_dir)):
+            for file in sorted(files):
+                path = os.path.join(folder, file)
+                if has_file_allowed_extension(path, IMG_EXTENSIONS):
+                    images.append((path, target))
+                else:
+                    others.append(path)
     return images, others
 
 
