@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from .errors import UserError
 
@@ -84,3 +85,21 @@ def check_output(path: str | Path, name: str, *, folder: bool = False) -> Path:
     except OSError as e:
         raise UserError(f"{name}: cannot write in {where} ({e.strerror or e})") from None
     return path
+
+
+@contextlib.contextmanager
+def new_folders_removed_on_error(path: str | Path, *, folder: bool = False) -> Iterator[None]:
+    """Run the block; if it raises, remove again the folders on the way to `path` (with
+    `folder`: `path` itself too) that did not exist when it started and are still empty, so a
+    tool that fails after `check_output` made its output folder leaves nothing behind."""
+    where = Path(path) if folder else Path(path).parent
+    missing = [a for a in (where, *where.parents) if not a.exists()]  # deepest first
+    try:
+        yield
+    except BaseException:
+        for made in missing:
+            try:
+                made.rmdir()
+            except OSError:  # not empty (something was written there), or not made
+                break
+        raise

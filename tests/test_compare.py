@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -265,14 +266,31 @@ def test_write_outputs_refuses_a_name_with_a_folder(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_unwritable_out_folder_exits_2_with_one_line(tmp_path, capsys):
+@pytest.mark.parametrize("out", ["a_file/plots", "a_file"])
+def test_unwritable_out_folder_exits_2_with_one_line_before_any_work(tmp_path, capsys, out):
+    """Checked before the points are gathered: a bad --runs folder is not reached."""
     (tmp_path / "a_file").write_text("kept")
-    code = compare_tool.main(["--benchmark", "resnet56-cifar10",
-                              "--out", str(tmp_path / "a_file" / "plots")])
+    out = str(tmp_path / out)
+    code = compare_tool.main(["--benchmark", "resnet56-cifar10", "--runs", str(tmp_path / "no"),
+                              "--out", out])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1, err
-    assert err.startswith(f"error: {tmp_path / 'a_file' / 'plots'}: cannot write the comparison")
+    assert err.startswith(f"error: --out {out}: {tmp_path / 'a_file'} is not a folder"
+                          if out.endswith("plots") else
+                          f"error: --out {out}: exists and is not a folder"), err
     assert (tmp_path / "a_file").read_text() == "kept"
+
+
+def test_write_failure_names_the_folder(tmp_path, monkeypatch):
+    """A failure while writing (disk full, folder removed meanwhile) still names the folder."""
+    c = report.build_comparison("resnet56-cifar10")
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(report.plots, "plot_top1", full)
+    with pytest.raises(CompareError, match=rf"^{re.escape(str(tmp_path))}: cannot write the "
+                                           rf"comparison \(No space left on device\)$"):
+        report.write_outputs(c, tmp_path, None)
 
 
 def test_bad_points_file_and_run_directory_exit_2(tmp_path, capsys):

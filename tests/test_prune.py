@@ -346,11 +346,17 @@ def test_prune_tool_save_failure_is_one_line(tmp_path, capsys, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ckpt, "save_atomic", disk_full)
-    out = tmp_path / "sub" / "pruned.pt"
+    out = tmp_path / "sub" / "deeper" / "pruned.pt"
     assert prune_tool.main([str(src), "--out", str(out), "--target-width", "0.25"]) == 2
     err = capsys.readouterr().err
     assert err == f"error: output {out}: cannot write the pruned checkpoint (No space left " \
                   f"on device)\n", err
+    # The folders the output check made are removed again: a failed run leaves nothing.
+    assert [p.name for p in tmp_path.iterdir()] == ["src.pt"]
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "kept.txt").write_text("kept")
+    assert prune_tool.main([str(src), "--out", str(out), "--target-width", "0.25"]) == 2
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["kept.txt"]
 
 
 def test_prune_tool_without_torch_pruning_says_what_to_install(tmp_path, capsys, monkeypatch):

@@ -20,7 +20,7 @@ each as PNG and SVG; a markdown and a CSV table giving every point, the thin Par
 at its MACs (interpolated in log MACs) and the margin thin - point; the table in the terminal.
 
 User errors (unknown benchmark, missing run directory, malformed CSV row, a --name that is not a
-plain file-name stem) exit 2 with one line on stderr naming the file, line and column.
+plain file-name stem, an --out that cannot be written, checked first) exit 2 with one line on stderr naming the file, line and column.
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from fasttrain.cli import ArgumentParser, finite_float, int_at_least
+from fasttrain.cli import (ArgumentParser, check_output, finite_float, int_at_least,
+                           new_folders_removed_on_error)
 from fasttrain.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,12 +92,16 @@ def _terminal_table(c):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from fasttrain.compare import report
+        with new_folders_removed_on_error(args.out, folder=True):
+            # Before the points are gathered: counting runs' MACs and reading files takes a
+            # while.
+            check_output(args.out, f"--out {args.out}", folder=True)
+            from fasttrain.compare import report
 
-        c = report.build_comparison(args.benchmark, runs=args.runs, points_csv=args.points,
-                                    latency=args.latency, batch_size=args.batch_size,
-                                    tolerance=args.tolerance)
-        written = report.write_outputs(c, args.out, args.name)
+            c = report.build_comparison(args.benchmark, runs=args.runs, points_csv=args.points,
+                                        latency=args.latency, batch_size=args.batch_size,
+                                        tolerance=args.tolerance)
+            written = report.write_outputs(c, args.out, args.name)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

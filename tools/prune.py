@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fasttrain.cli import ArgumentParser, finite_float
+from fasttrain.cli import ArgumentParser, finite_float, new_folders_removed_on_error
 from fasttrain.errors import UserError
 
 
@@ -64,10 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         from fasttrain.compare import prune
 
         prune.require_torch_pruning()  # before the slow part: a missing package fails fast
-        result = prune.prune_checkpoint(args.checkpoint, args.out, target_macs=args.target_macs,
-                                        target_width=args.target_width,
-                                        importance=args.importance, scope=args.scope,
-                                        tolerance=args.tolerance)
+        with new_folders_removed_on_error(args.out):  # the output check makes --out's folder
+            result = prune.prune_checkpoint(args.checkpoint, args.out,
+                                            target_macs=args.target_macs,
+                                            target_width=args.target_width,
+                                            importance=args.importance, scope=args.scope,
+                                            tolerance=args.tolerance)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
