@@ -390,6 +390,10 @@ def _build_torch_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world_s
     train_set, val_set, classes, root = _datasets(data)
     batch, val_batch = rank_batches(data, world_size, grad_accum_steps, len(train_set), root)
     val_set.transform = ValTransform(data)
+    # Each DataLoader iterator draws its workers' base seed from `generator`, by default the
+    # global RNG, which dropout and stochastic depth draw from: a resume that starts a train
+    # iterator in the middle of an epoch, after a validation pass, would shift their stream.
+    # The base seed decides nothing here (samplers and augmentation are seeded explicitly).
     workers = dict(num_workers=data.num_workers, persistent_workers=data.num_workers > 0,
                    pin_memory=device.type == "cuda")
     train_loader = DataLoader(SeededAugment(train_set, TrainAugment(data, aug), seed,
@@ -397,10 +401,12 @@ def _build_torch_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world_s
                               batch_size=batch, drop_last=True,
                               sampler=EpochSampler(len(train_set), rank, world_size, seed,
                                                    data.ra_reps),
-                              collate_fn=RecyclingCollate(data.num_workers), **workers)
+                              collate_fn=RecyclingCollate(data.num_workers),
+                              generator=torch.Generator().manual_seed(seed), **workers)
     val_loader = DataLoader(val_set, batch_size=val_batch,
                             sampler=ShardSampler(len(val_set), rank, world_size),
-                            collate_fn=RecyclingCollate(data.num_workers), **workers)
+                            collate_fn=RecyclingCollate(data.num_workers),
+                            generator=torch.Generator().manual_seed(seed), **workers)
     normalize = Normalize(data.mean, data.std, dtype)
     return Loaders(DeviceLoader(train_loader, device, normalize, channels_last),
                    DeviceLoader(val_loader, device, normalize, channels_last),
