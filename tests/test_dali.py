@@ -88,6 +88,7 @@ def test_batches_shape_dtype_layout_device(data_root, channels_last):
     loaders = _loaders(cfg, channels_last=channels_last)
     assert (loaders.num_classes, loaders.classes) == (10, [str(i) for i in range(10)])
     assert len(loaders.train) == 1433 // 32
+    assert (loaders.train_images, loaders.val_images) == (1433, 364)
     batches = _epoch(loaders.train, 0)
     assert len(batches) == len(loaders.train)
     fmt = torch.channels_last if channels_last else torch.contiguous_format

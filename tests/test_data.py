@@ -76,6 +76,7 @@ def test_loaders_shapes_dtypes_and_normalisation(data_root):
     val_seen = sum(len(y) for _, y in loaders.val)
     assert val_seen == 364
     assert len(loaders.train) == 1433 // 32
+    assert (loaders.train_images, loaders.val_images) == (1433, 364)
 
 
 def test_augmentation_depends_on_seed_epoch_and_index_only(data_root):

@@ -210,6 +210,7 @@ def test_batches_shapes_layout_and_labels(quick, digits):
     assert (loaders.num_classes, loaders.classes) == (10, [str(d) for d in range(10)])
     assert loaders.root == digits and loaders.train.skipped == {} == loaders.val.skipped
     assert (len(loaders.train), len(loaders.val)) == (1433 // 64, 1)
+    assert (loaders.train_images, loaders.val_images) == (1433, 364)
     batches = _epoch(loaders.train, 0)
     assert len(batches) == 22
     images, labels = batches[0]

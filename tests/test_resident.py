@@ -59,6 +59,7 @@ def test_batches_shapes_dtype_layout_and_labels(grey_root):
     loaders = build_loaders(cfg.data, cfg.aug, channels_last=True, dtype=torch.bfloat16)
     assert loaders.classes == ["c0", "c1", "c2"] and loaders.num_classes == 3
     assert len(loaders.train) == 37 // 8
+    assert (loaders.train_images, loaders.val_images) == (37, 37)
     for images, labels in epoch_batches(loaders.train, 0):
         assert images.shape == (8, 3, 16, 16) and images.dtype == torch.bfloat16
         assert images.is_contiguous(memory_format=torch.channels_last)

@@ -502,4 +502,5 @@ def build_dali_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world_siz
     shard = len(val_samples) * (rank + 1) // world_size - len(val_samples) * rank // world_size
     val = DaliLoader(build_val, math.ceil(shard / val_batch), val_batch, True, (rank, world_size),
                      channels_last, to_dtype)
-    return Loaders(train, val, len(classes), list(classes), root)
+    return Loaders(train, val, len(classes), list(classes), root, len(train_samples),
+                   len(val_samples))

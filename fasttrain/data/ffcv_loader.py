@@ -857,4 +857,5 @@ def build_ffcv_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world_siz
     return Loaders(FfcvDeviceLoader(ff, train, device, normalize, channels_last, train_info,
                                     data, decoder),
                    FfcvDeviceLoader(ff, val, device, normalize, channels_last, val_info),
-                   len(classes), list(classes), dataset_root(data))
+                   len(classes), list(classes), dataset_root(data), len(train_good),
+                   len(val_info.good))

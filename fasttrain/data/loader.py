@@ -296,6 +296,8 @@ class Loaders:
     num_classes: int
     classes: list[str]
     root: Path
+    train_images: int  # the whole set's, over all ranks (files found; resident, ffcv: readable)
+    val_images: int
 
 
 def _datasets(data: DataConfig) -> tuple[Dataset, Dataset, list[str], Path]:
@@ -410,4 +412,4 @@ def _build_torch_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world_s
     normalize = Normalize(data.mean, data.std, dtype)
     return Loaders(DeviceLoader(train_loader, device, normalize, channels_last),
                    DeviceLoader(val_loader, device, normalize, channels_last),
-                   len(classes), list(classes), root)
+                   len(classes), list(classes), root, len(train_set), len(val_set))

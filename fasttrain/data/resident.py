@@ -296,4 +296,5 @@ def build_resident_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world
     val = ResidentLoader(val_images.to(device), val_labels.to(device), val_batch, normalize,
                          channels_last, **common)
     train.skipped, val.skipped = train_skipped, val_skipped
-    return Loaders(train, val, len(classes), list(classes), root)
+    return Loaders(train, val, len(classes), list(classes), root, len(train_labels),
+                   len(val_labels))

@@ -303,8 +303,10 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
     params = count_params(model)
     macs = count_macs(model, cfg.data.val_res) if dist.is_main else None
     rows = _summary_rows(cfg, params, macs, cfg.data.val_res) if dist.is_main else []
-    rows += [("data", f"{cfg.data.dataset} at {loaders.root}: {steps_per_epoch} steps/epoch "
-                      f"x {cfg.data.batch_size} global batch, {dist.world_size} rank(s)"
+    rows += [("data", f"{cfg.data.dataset} at {loaders.root}: {loaders.train_images:,} training"
+                      f" / {loaders.val_images:,} validation images, {loaders.num_classes} "
+                      f"classes; {steps_per_epoch} steps/epoch x {cfg.data.batch_size} global "
+                      f"batch, {dist.world_size} rank(s)"
                       + (f", {accum} micro-batches per step" if accum > 1 else "")),
              ("device", f"{device} ({cfg.train.precision}, "
                         f"{'channels_last' if cfg.train.channels_last else 'contiguous'})")]
