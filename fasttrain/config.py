@@ -267,7 +267,8 @@ def _type_name(tp: Any) -> str:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return f"{_type_name(args[0])} or null"
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+        return "a list of " + {int: "integers", float: "numbers", str: "strings"}[
+            typing.get_args(tp)[0]]
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
             dict: "a mapping"}[tp]
 
@@ -317,6 +318,33 @@ def _check_bounds(meta: dict[str, Any], value: Any) -> str | None:
             if key in meta and not op(v, meta[key]):
                 return f"must be {word} {meta[key]}"
     return None
+
+
+def _bounds_text(meta: dict[str, Any]) -> str:
+    words = [f"{word} {meta[key]}" for key, word in (("ge", ">="), ("gt", ">"), ("le", "<="),
+                                                     ("lt", "<")) if key in meta]
+    if "len" in meta:
+        words.insert(0, f"{meta['len']} elements")
+    return ", ".join(words)
+
+
+def describe(cfg: Config | None = None) -> list[str]:
+    """One line per key: `section.key = value  (type[; bounds])  help`, where value is
+    `cfg`'s (default: the built-in defaults) in recipe YAML syntax. This is what
+    `tools/train.py --keys [RECIPE]` prints."""
+    cfg = cfg or Config()
+    lines = []
+    for section in SECTIONS:
+        obj = getattr(cfg, section)
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            value = yaml.dump(getattr(obj, f.name), Dumper=_Dumper, default_flow_style=True,
+                              width=math.inf).strip().removesuffix("\n...").strip()
+            kind = _type_name(hints[f.name])
+            bounds = _bounds_text(dict(f.metadata))
+            lines.append(f"{section}.{f.name} = {value}  ({kind}{'; ' + bounds if bounds else ''})"
+                         f"  {f.metadata.get('help', '')}".rstrip())
+    return lines
 
 
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:

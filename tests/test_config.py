@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from fasttrain import config
+from conftest import load_tool
 from fasttrain.config import ConfigError, load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -227,3 +228,41 @@ def test_train_cli_user_errors_exit_2_with_one_line(run_tool, tmp_path, args, me
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_keys_lists_every_key_once_with_a_value_that_reads_back():
+    """`tools/train.py --keys`: each line's value, pasted into a recipe or an override, gives
+    that value back; its type and bounds are the ones `load` enforces."""
+    cfg = load(ROOT / "recipes" / "quickstart.yaml", ["--data.batch_size=32"])
+    lines = config.describe(cfg)
+    fields = [(s, f.name) for s in config.SECTIONS
+              for f in config.dataclasses.fields(getattr(cfg, s))]
+    assert [line.split(" = ")[0] for line in lines] == [f"{s}.{k}" for s, k in fields]
+    for line, (section, key) in zip(lines, fields):
+        value = line.split(" = ", 1)[1].split("  (", 1)[0]
+        again = load(None, [f"--{section}.{key}={value}"]) if value != "''" else None
+        if again is not None:
+            assert getattr(getattr(again, section), key) == getattr(getattr(cfg, section), key), line
+    by_key = {line.split(" = ")[0]: line for line in lines}
+    assert by_key["data.batch_size"].startswith("data.batch_size = 32  (an integer; >= 1)  global")
+    assert by_key["aug.scale"].startswith("aug.scale = [0.6, 1.0]  (a list of numbers; 2 "
+                                          "elements, > 0, <= 1)  RandomResizedCrop area")
+    assert by_key["data.backend"].startswith("data.backend = resident  (one of 'torch', 'ffcv'")
+    assert config.describe()[0].startswith("data.dataset = digits")  # the defaults
+
+
+def test_train_tool_keys_needs_no_recipe_and_exits_0(capsys):
+    train_tool = load_tool("train")
+    assert train_tool.main(["--keys"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == config.describe()
+    assert train_tool.main(["--keys", str(ROOT / "recipes" / "quickstart.yaml"),
+                            "--optim.lr=0.05"]) == 0
+    assert "optim.lr = 0.05  (a number; > 0)" in capsys.readouterr().out
+    assert train_tool.main(["--keys", str(ROOT / "recipes" / "quickstart.yaml"),
+                            "--optim.lr=-1"]) == 2
+    assert capsys.readouterr().err.startswith("error: --optim.lr=-1: optim.lr must be > 0")
+    with pytest.raises(SystemExit) as e:
+        train_tool.main([])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: the following arguments are required: recipe\n"

@@ -3,6 +3,7 @@
 
     python tools/train.py RECIPE [--section.key=value ...] [--dry-run] [--resume PATH|auto]
     torchrun --nproc_per_node=N tools/train.py RECIPE ...
+    python tools/train.py --keys [RECIPE [--section.key=value ...]]   # every key, then exit
 
 User errors (bad recipe, override, data path or checkpoint) exit with status 2 and one line on
 stderr; Ctrl-C exits 130 with one line; success exits 0.
@@ -13,27 +14,35 @@ import argparse
 import os
 import sys
 
-from fasttrain.config import load
+from fasttrain.config import describe, load
 from fasttrain.cli import ArgumentParser
 from fasttrain.errors import UserError
-
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="Train a ThinResNet from a recipe.",
                        epilog="Any --section.key=value overrides a recipe value, e.g. --optim.lr=0.2")
-    p.add_argument("recipe", help="recipe YAML file (recipes/*.yaml)")
+    p.add_argument("recipe", nargs="?", help="recipe YAML file (recipes/*.yaml)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate, build data and model, print config and counts, then exit")
     p.add_argument("--resume", metavar="PATH|auto",
                    help="continue from a checkpoint, a run directory, or the latest run (auto)")
+    p.add_argument("--keys", action="store_true",
+                   help="list every config key with its value (the recipe's, if given, else "
+                        "the default), type, bounds and help, then exit")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, overrides = build_parser().parse_known_args(argv)
+    parser = build_parser()
+    args, overrides = parser.parse_known_args(argv)
+    if args.recipe is None and not args.keys:
+        parser.error("the following arguments are required: recipe")
     try:
         cfg = load(args.recipe, overrides)
+        if args.keys:
+            print("\n".join(describe(cfg)))
+            return 0
         from fasttrain.engine import train  # imports torch: after the recipe is known good
 
         train(cfg, recipe=args.recipe, resume=args.resume, dry_run=args.dry_run)
