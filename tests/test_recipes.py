@@ -93,6 +93,23 @@ def test_family_members_differ_only_in_width():
             assert diff == {("model", "width")}, (a.name, b.name, diff)
 
 
+# ffcv-imagenet's README, "Training Details": ResNet-50 trained on 50 % JPEG at 500 px side
+# length, ResNet-18 on 10 % JPEG at 400 px (both quality 90).
+FFCV_STORAGE = {"r50": ("500", "0.5"), "r18": ("400", "0.1")}
+
+
+@pytest.mark.parametrize("recipe", [r for r in NAMED if "_ffcv_" in r.name], ids=lambda p: p.stem)
+def test_ffcv_recipe_header_writes_the_sources_storage(recipe):
+    header = " ".join(line.lstrip("# ") for line in recipe.read_text().splitlines()
+                      if line.startswith("#"))
+    resolution, jpeg = FFCV_STORAGE[recipe.name.split("_")[1]]
+    command = re.search(r"`(python tools/write_ffcv\.py [^`]*)`", header).group(1)
+    assert command.split() == ["python", "tools/write_ffcv.py", "RECIPE",
+                               "--data.path=/path/to/imagenet", f"--max-resolution={resolution}",
+                               f"--compress-probability={jpeg}"], recipe.name
+    assert f"max side {resolution} px, {float(jpeg):.0%} JPEG".replace("%", " %") in header
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", NAMED, ids=lambda p: p.stem)
 def test_recipe_trains_two_steps_on_cpu(recipe, tiny_imagenet, tiny_cifar, tmp_path):
