@@ -71,8 +71,12 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 step build 240 "$PY" setup.py build_ext --inplace
 step ext 60 "$PY" -c "from fasttrain.ops import _ext; print(_ext.HAS_EXT, _ext.HAS_CUDA_EXT, _ext.BUILD_INFO); assert _ext.HAS_CUDA_EXT"
 
+# The test outcome is a result like the benchmarks': a JUnit file named by the GPU, commit inside.
+GPU_SLUG=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 | tr 'A-Z ' 'a-z-')
 TAIL=30 step pytest-cuda 200 "$PY" -m pytest -m cuda -q -p no:cacheprovider -n 16 -o addopts="-ra" \
-    --timeout 180 tests --ignore tests/test_ffcv.py --ignore tests/test_dali.py
+    --timeout 180 tests --ignore tests/test_ffcv.py --ignore tests/test_dali.py \
+    --junitxml "benchmarks/results/pytest-cuda-${GPU_SLUG:-gpu}.xml" \
+    -o junit_suite_name="pytest -m cuda, commit ${FASTTRAIN_COMMIT:-unknown}"
 
 TRAIN="$PY tools/benchmark.py --model thin_resnet50 --device cuda --precision bf16 --batch-size 256 --train --save"
 W10="--width 1.0"
