@@ -395,8 +395,9 @@ def build_dali_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world_siz
 
     Training: the epoch's permutation is split into `world_size` contiguous shards that differ
     by at most one sample, so every rank yields (len(train) // world_size) // batch batches (the
-    rest of the epoch is dropped, differently each epoch). Validation: contiguous shards, padded
-    by the reader and trimmed by the loader, so every image is seen exactly once.
+    rest of the epoch is dropped, differently each epoch). Validation: each rank reads its
+    contiguous part of the list (none when there are fewer images than ranks), its last batch
+    padded by the reader and trimmed by the loader, so every image is seen exactly once.
 
     Raises:
         RunError: DALI is not installed.
@@ -420,9 +421,9 @@ def build_dali_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world_siz
         return dali.Pipeline(batch_size=batch_size, num_threads=threads, device_id=device_id,
                              seed=pipe_seed, prefetch_queue_depth=PREFETCH)
 
-    def reader(list_path: str) -> tuple[Any, Any]:
-        jpegs, labels = fn.readers.file(file_list=list_path, shard_id=rank,
-                                        num_shards=world_size, random_shuffle=False,
+    def reader(list_path: str, shard: tuple[int, int]) -> tuple[Any, Any]:
+        jpegs, labels = fn.readers.file(file_list=list_path, shard_id=shard[0],
+                                        num_shards=shard[1], random_shuffle=False,
                                         stick_to_shard=True, pad_last_batch=True, name=READER)
         return jpegs, labels.gpu() if gpu else labels
 
@@ -472,7 +473,8 @@ def build_dali_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world_siz
                                                             generator=g).tolist()]
         pipe = pipeline(batch, sample_seed(seed, epoch, rank, repeat=-2))
         with pipe:
-            jpegs, labels = reader(_write_file_list(list_dir, "train.txt", samples))
+            jpegs, labels = reader(_write_file_list(list_dir, "train.txt", samples),
+                                   (rank, world_size))
             # adjust_orientation=False everywhere: the torch backend's decoder ignores EXIF
             # orientation too, so both backends see the same pixels.
             crops = fn.decoders.image_random_crop(
@@ -485,12 +487,16 @@ def build_dali_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world_siz
             pipe.set_outputs(images, labels, *values)
         return pipe, samples, per_sample
 
-    val_samples = val_set.samples
+    # Each rank reads its own contiguous part of the validation list, [N * rank // world,
+    # N * (rank + 1) // world), as a list of its own: DALI's reader refuses a list with fewer
+    # files than shards (2 images on 3 ranks failed on the ranks that had one).
+    val_samples = val_set.samples[len(val_set.samples) * rank // world_size:
+                                  len(val_set.samples) * (rank + 1) // world_size]
 
     def build_val(epoch: int, list_dir: str) -> EpochPipeline:
         pipe = pipeline(val_batch, 0)  # nothing random
         with pipe:
-            jpegs, labels = reader(_write_file_list(list_dir, "val.txt", val_samples))
+            jpegs, labels = reader(_write_file_list(list_dir, "val.txt", val_samples), (0, 1))
             images, values, per_sample = val_tail(jpegs)
             pipe.set_outputs(images, labels, *values)
         return pipe, val_samples, per_sample
@@ -498,9 +504,7 @@ def build_dali_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world_siz
     to_dtype = Normalize(data.mean, data.std, dtype)
     train = DaliLoader(build_train, (len(train_samples) // world_size) // batch, batch, False,
                        (rank, world_size), channels_last, to_dtype)
-    # DALI's shard of the validation list: [N * rank // world, N * (rank + 1) // world).
-    shard = len(val_samples) * (rank + 1) // world_size - len(val_samples) * rank // world_size
-    val = DaliLoader(build_val, math.ceil(shard / val_batch), val_batch, True, (rank, world_size),
+    val = DaliLoader(build_val, math.ceil(len(val_samples) / val_batch), val_batch, True, (0, 1),
                      channels_last, to_dtype)
     return Loaders(train, val, len(classes), list(classes), root, len(train_samples),
-                   len(val_samples))
+                   len(val_set.samples))
