@@ -89,6 +89,14 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Rank `src`'s buffers (BatchNorm running statistics) into `module` on every rank, in
+    place (no-op on a single process)."""
+    if dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=src)
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank `src`'s `obj` on every rank (no-op on a single process)."""
     if not dist.is_initialized():

@@ -221,6 +221,12 @@ def evaluate(model: nn.Module, loader: DeviceLoader, precision, device: torch.de
                                    torch.tensor(len(labels), dtype=torch.float64, device=device)])
     distributed.all_reduce_sum(totals)
     loss, top1, top5, n = totals.tolist()  # sync point: once per validation
+    if n == 0:  # every validation file was skipped as unreadable (on every rank)
+        skipped = getattr(loader, "skipped", {})
+        first = next(iter(skipped.items()), None)
+        raise DatasetError("validation: no readable image, every file was skipped"
+                           + (f" (first: {first[0]}: {first[1]})" if first else "")
+                           + "; tools/check_data.py lists them")
     return {"val_loss": loss / n, "val_top1": 100 * top1 / n, "val_top5": 100 * top5 / n}
 
 
@@ -361,6 +367,15 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
     if use_compile:
         mode = cfg.train.compile_mode
         train_model = torch.compile(train_model, mode=None if mode == "default" else mode)
+    # Validation runs the plain model (compiled on its own when training is compiled), not DDP:
+    # DDP's forward starts with a broadcast of rank 0's buffers, a collective that a rank
+    # without validation batches (fewer images than ranks, or only unreadable ones) never
+    # joins, so the others waited forever. The broadcast is done explicitly before each
+    # validation instead: every rank evaluates rank 0's model, the one that is saved.
+    eval_model = train_model
+    if dist.enabled:
+        eval_model = (torch.compile(model, mode=None if cfg.train.compile_mode == "default"
+                                    else cfg.train.compile_mode) if use_compile else model)
     parts = Parts(cfg, model, train_model, optimizer, scheduler, scaler, precision,
                   BatchMixer(cfg.aug, cfg.model.num_classes, cfg.optim.label_smoothing), ema,
                   device, steps_per_epoch, graph_steps=_graph_steps(cfg, device, use_compile))
@@ -386,9 +401,12 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
                                         save_step_checkpoint)
         t_train = time.perf_counter() - t0
         report.phase("validating")
-        val_metrics = evaluate(train_model, loaders.val, precision, device, cfg.aug.test_flip,
+        distributed.broadcast_buffers(model)
+        val_metrics = evaluate(eval_model, loaders.val, precision, device, cfg.aug.test_flip,
                                parts.graph_steps)
         if ema is not None:
+            # Each rank's EMA averages its own BatchNorm statistics; rank 0's is the one saved.
+            distributed.broadcast_buffers(ema.module)
             val_metrics.update({f"{k}_ema": v for k, v in evaluate(
                 ema.module, loaders.val, precision, device, cfg.aug.test_flip).items()})
         epoch_time = time.perf_counter() - t0
