@@ -239,6 +239,22 @@ def test_a_set_too_large_for_ram_is_refused_before_decoding(grey_root, monkeypat
         f"dali")
 
 
+def test_every_rank_on_the_host_counts_against_the_ram(grey_root, monkeypatch):
+    """Each local rank decodes its own copy at once: a set fitting alone may not fit 3 times."""
+    size = (37 * 20 * 24 + 37 * 16 * 16) * 3
+    monkeypatch.setattr(resident, "_available_ram", lambda: int(2.5 * size))  # fits once
+    _no_decoding(monkeypatch)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    cfg = cfg_for(grey_root)
+    with pytest.raises(DatasetError, match=rf"^{grey_root}: 74 images would take "
+                                           rf"{size / 1024:.1f} KiB decoded on each of the 3 "
+                                           rf"ranks on this host, more than 50% of the"):
+        build_loaders(cfg.data, cfg.aug)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    with pytest.raises(AssertionError, match="decoded before the memory check"):
+        build_loaders(cfg.data, cfg.aug)  # passes the check, then reaches the decode
+
+
 def test_a_set_too_large_for_the_gpu_is_refused_before_decoding_and_moving(
         grey_root, monkeypatch):
     free = [100_000]
