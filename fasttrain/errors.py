@@ -18,6 +18,12 @@ class DatasetError(UserError, RuntimeError):
     """The data set is missing or malformed."""
 
 
+class ShardError(DatasetError):
+    """A problem in this rank's share of the data, which the other ranks do not see: under
+    torchrun every rank reports its own (other user errors are raised alike on every rank and
+    reported once, by rank 0)."""
+
+
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be read or does not fit the model."""
 

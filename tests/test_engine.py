@@ -261,6 +261,38 @@ def test_ema_metrics_under_ddp_are_those_of_the_saved_ema(data_root, tmp_path):
         assert again["val_loss"] == pytest.approx(metrics[key], rel=4e-7), key
 
 
+@pytest.mark.slow
+def test_an_error_in_one_ranks_share_is_said_by_that_rank(data_root, tmp_path):
+    """Rank 1's first batch is one unreadable file: only rank 1 can see it. Only rank 0 used to
+    print errors, so nothing was said (rank 0 printed gloo's traceback)."""
+    import shutil
+
+    from fasttrain.data import EpochSampler
+
+    digits, folder = data_root / "digits", tmp_path / "bad_in_rank_1"
+    for split, count in (("train", 8), ("val", 1)):
+        for cls in ("0", "1"):
+            (folder / split / cls).mkdir(parents=True)
+            for image in sorted((digits / split / cls).iterdir())[:count]:
+                shutil.copy(image, folder / split / cls)
+    files = sorted((folder / "train").glob("*/*.jpg"))  # the loaders' order
+    (_, first_of_rank_1, _), *_ = EpochSampler(len(files), rank=1, world_size=2, seed=0)
+    files[first_of_rank_1].write_bytes(b"")
+    result = _torchrun_quickstart(
+        data_root, tmp_path, "--log.name=r", "--data.dataset=imagefolder",
+        f"--data.path={folder}", "--data.backend=torch", "--data.batch_size=2",
+        "--data.val_batch_size=2", "--data.num_workers=0", "--train.seed=0", timeout=150)
+    assert result.returncode != 0
+    # (the unreadable file's batch is dropped: the loader yields 7 batches, then runs out)
+    assert (f"error: [rank 1] epoch 1: the training data ran out after 7 of 8 batches because a "
+            f"whole batch was unreadable files (1 skipped so far; first: "
+            f"{files[first_of_rank_1]}: empty file)") in result.stderr, result.stderr[-3000:]
+    # The ranks' own output, before torchrun's failure report: one line each, no traceback.
+    ranks_said = re.split(r"^[EW]\d{4} .*(?:closing signal|failed \(exitcode)", result.stderr,
+                          flags=re.M)[0]
+    assert "Traceback" not in ranks_said, result.stderr[-3000:]
+
+
 def test_validation_with_no_readable_image_is_one_line(tmp_path):
     """Every validation file skipped: a DatasetError, not a ZeroDivisionError traceback."""
     from fasttrain.engine.precision import resolve_precision

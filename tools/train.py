@@ -16,7 +16,10 @@ import sys
 
 from fasttrain.config import describe, load
 from fasttrain.cli import ArgumentParser
-from fasttrain.errors import UserError
+from fasttrain.errors import ShardError, UserError
+
+# gloo's words when the other end of a collective has died (NCCL waits for its watchdog).
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, overrides = parser.parse_known_args(argv)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if args.recipe is None and not args.keys:
         parser.error("the following arguments are required: recipe")
     try:
@@ -47,11 +51,21 @@ def main(argv: list[str] | None = None) -> int:
 
         train(cfg, recipe=args.recipe, resume=args.resume, dry_run=args.dry_run)
     except UserError as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, say it once
+        # Under torchrun, an error every rank raises alike is said once (by rank 0); one found
+        # in a rank's own share of the data by the rank that found it.
+        if isinstance(e, ShardError) and world > 1:
+            print(f"error: [rank {rank}] {e}", file=sys.stderr)
+        elif rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if world > 1 and any(words in str(e) for words in PEER_GONE):
+            print(f"error: [rank {rank}] stopped: another rank failed first (its error is in "
+                  f"the lines above or in torchrun's report)", file=sys.stderr)
+            return 1
+        raise
     except KeyboardInterrupt:
-        if os.environ.get("RANK", "0") == "0":
+        if rank == 0:
             print("interrupted: the last checkpoint is intact; continue with --resume auto "
                   "(or --resume RUN_DIR)", file=sys.stderr)
         return 130  # the shell's status for SIGINT

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..config import AugConfig, DataConfig
-from ..errors import ConfigError, DatasetError, RunError
+from ..errors import ConfigError, DatasetError, RunError, ShardError
 from . import resize
 from .loader import Loaders, _datasets, rank_batches, sample_seed, torch_threads
 from .transforms import (Normalize, ValTransform, horizontal_flip, progressive_resolution,
@@ -229,9 +229,9 @@ class DaliLoader:
         return pipe.run, finish
 
     def _error(self, error: RuntimeError, samples: list[tuple[str, int]],
-               batch: int) -> DatasetError:
-        """A one-line DatasetError for a pipeline failure at `batch`, naming the file when one
-        of the batches in flight cannot be decoded on the CPU."""
+               batch: int) -> ShardError:
+        """A one-line error for a pipeline failure at `batch` of this rank's shard, naming the
+        file when one of the batches in flight cannot be decoded on the CPU."""
         rank, world = self.shard
         lo, hi = len(samples) * rank // world, len(samples) * (rank + 1) // world  # DALI's shard
         first = lo + batch * self.batch_size
@@ -240,11 +240,11 @@ class DaliLoader:
         bad = _first_undecodable(window)
         if bad is not None:
             path, reason = bad
-            return DatasetError(f"{path}: DALI cannot decode this file ({reason}); "
-                                f"data.backend=dali stops at unreadable files, remove it or use "
-                                f"data.backend=torch, which skips them")
-        return DatasetError(f"data.backend=dali: the pipeline failed at batch {batch} of epoch "
-                            f"{self.epoch} ({_cause(error)})")
+            return ShardError(f"{path}: DALI cannot decode this file ({reason}); "
+                              f"data.backend=dali stops at unreadable files, remove it or use "
+                              f"data.backend=torch, which skips them")
+        return ShardError(f"data.backend=dali: the pipeline failed at batch {batch} of epoch "
+                          f"{self.epoch} ({_cause(error)})")
 
 
 def _stack(images: list[torch.Tensor], channels_last: bool) -> torch.Tensor:

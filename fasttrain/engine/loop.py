@@ -20,7 +20,8 @@ from torch import nn
 
 from .. import config as config_mod
 from ..config import Config, ModelConfig
-from ..errors import CheckpointError, ConfigError, DatasetError, TrainingError, UserError
+from ..errors import (CheckpointError, ConfigError, DatasetError, ShardError, TrainingError,
+                      UserError)
 from ..data import build_loaders, sample_seed
 from ..data.loader import DeviceLoader
 from ..measure import count_macs, count_params, git_commit
@@ -581,13 +582,13 @@ def _trim_run_dir(run_dir: Path, epochs_done: int) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _ran_short(loader: DeviceLoader, epoch: int, got: int, want: int) -> DatasetError:
+def _ran_short(loader: DeviceLoader, epoch: int, got: int, want: int) -> ShardError:
     """The loader ended early: a batch held only unreadable files and was dropped (each rank
     must run the same number of steps, so the epoch cannot just be shorter)."""
     skipped = getattr(loader, "skipped", {})
     first = next(iter(skipped.items()), None)
     which = f"; first: {first[0]}: {first[1]}" if first else ""
-    return DatasetError(f"epoch {epoch + 1}: the training data ran out after {got} of {want} "
+    return ShardError(f"epoch {epoch + 1}: the training data ran out after {got} of {want} "
                         f"batches because a whole batch was unreadable files ({len(skipped)} "
                         f"skipped so far{which}); remove them (tools/check_data.py lists them) "
                         f"or raise data.batch_size")
