@@ -89,6 +89,31 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+# No annotations: DDP checks a hook's against the real classes, and this module's are strings.
+def rank_ordered_mean_hook(group, bucket):  # (ProcessGroup | None, GradBucket) -> Future[Tensor]
+    """DDP communication hook: the ranks' gradients gathered, then summed in rank order and
+    divided by the world size, the same arithmetic whatever the bucket's layout.
+
+    DDP rebuilds its buckets after the first step of every construction, in the order the
+    gradients became ready, so the first step after a resume packs them differently from the
+    uninterrupted run's step; a ring all-reduce sums each element in an order that depends on
+    where it lies in the bucket, which on 3 or more ranks changes the rounding. Costs a
+    world-size times larger transfer: only for `train.deterministic`."""
+    group = group or dist.group.WORLD
+    world = dist.get_world_size(group)
+    grads = bucket.buffer()
+    gathered = [torch.empty_like(grads) for _ in range(world)]
+    future = dist.all_gather(gathered, grads, group=group, async_op=True).get_future()
+
+    def mean(_: torch.futures.Future) -> torch.Tensor:
+        total = gathered[0].clone()
+        for other in gathered[1:]:
+            total += other
+        return total.div_(world)
+
+    return future.then(mean)
+
+
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     """Rank `src`'s buffers (BatchNorm running statistics) into `module` on every rank, in
     place (no-op on a single process)."""

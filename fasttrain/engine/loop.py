@@ -364,6 +364,8 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
     if dist.enabled:
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+        if cfg.train.deterministic:  # bit-identical resumes on any number of ranks
+            train_model.register_comm_hook(None, distributed.rank_ordered_mean_hook)
     use_compile = device.type == "cuda" if cfg.train.compile is None else cfg.train.compile
     if use_compile:
         mode = cfg.train.compile_mode
