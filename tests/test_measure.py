@@ -570,3 +570,24 @@ def test_table_shows_the_size_of_small_models():
     text = console.export_text()
     assert f"{rows[0]['params'] / 1e6:.3g}" in text and f"{rows[0]['macs'] / 1e9:.3g}" in text
     assert not re.search(r"\b0\.000\b", text)  # what ".3f" printed for both
+
+
+def test_cuda_driver_version_without_nvidia_smi(monkeypatch):
+    """The fallback read a torch._C function that no supported torch has (an AttributeError on
+    a GPU host without nvidia-smi); it asks libcuda now, and says None without it."""
+    import ctypes
+
+    from fasttrain.measure import env as measure_env
+
+    class FakeLibcuda:
+        def cuDriverGetVersion(self, out):  # noqa: N802  libcuda's name
+            ctypes.cast(out, ctypes.POINTER(ctypes.c_int)).contents.value = 13020
+            return 0
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibcuda())
+    assert measure_env.cuda_driver_api_version() == "cuda-driver-api-13.2"
+
+    def missing(name):
+        raise OSError(f"{name}: cannot open shared object file")
+    monkeypatch.setattr(ctypes, "CDLL", missing)
+    assert measure_env.cuda_driver_api_version() is None

@@ -5,6 +5,7 @@ back to the machine, the software and the code that produced it (DESIGN.md §5).
 """
 from __future__ import annotations
 
+import ctypes
 import datetime
 import functools
 import os
@@ -61,6 +62,20 @@ def nvidia_driver() -> str | None:
     return lines[0].strip() if out.returncode == 0 and lines else None
 
 
+def cuda_driver_api_version() -> str | None:
+    """The CUDA driver API version (e.g. "cuda-driver-api-13.0") from libcuda's
+    cuDriverGetVersion, else None. torch has no public call for it (torch._C's private one is
+    gone), hence ctypes."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+        version = ctypes.c_int()
+        if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    return f"cuda-driver-api-{version.value // 1000}.{version.value % 1000 // 10}"
+
+
 def device_name(device: torch.device) -> str:
     """Marketing name of a CUDA device, or the CPU model."""
     if device.type == "cuda":
@@ -83,7 +98,7 @@ def conditions(device: torch.device | str) -> dict[str, object]:
     if device.type == "cuda":
         driver = nvidia_driver()
         if driver is None:  # no nvidia-smi: fall back to the CUDA driver API version
-            driver = f"cuda-driver-api-{torch._C._cuda_getDriverVersion()}"
+            driver = cuda_driver_api_version()
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     return {
         "device": device.type,
