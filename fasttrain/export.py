@@ -282,7 +282,8 @@ def with_plain_norm_act(model: nn.Module) -> nn.Module:
 def _quiet_jit():
     # torch >= 2.10 deprecates torch.jit.*; TorchScript is still what plain-torch loading needs.
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\.", category=FutureWarning)
+        # any category: a FutureWarning on torch 2.14, a DeprecationWarning on 2.11
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.")
         yield
 
 

@@ -170,7 +170,8 @@ def prepare_inference(model: nn.Module, *, batch_size: int, resolution: int,
 
 def _script(model: nn.Module, x: torch.Tensor, autocast) -> torch.jit.ScriptModule:
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\.", category=FutureWarning)
+        # any category: a FutureWarning on torch 2.14, a DeprecationWarning on 2.11
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.")
         try:
             return torch.jit.script(model)
         except Exception:  # e.g. super() in BatchNormReLU2d.forward: trace instead

@@ -31,7 +31,8 @@ def count_macs(model: nn.Module, resolution: int, in_chans: int = 3) -> MacCount
     """MACs of one image at `resolution` x `resolution` (model traced in eval mode on a copy)."""
     with warnings.catch_warnings():
         # fvcore scripts a loss function at import; torch deprecates jit.script. Not ours to fix.
-        warnings.filterwarnings("ignore", message=".*torch.jit.script", category=FutureWarning)
+        # any category: a FutureWarning on torch 2.14, a DeprecationWarning on 2.11
+        warnings.filterwarnings("ignore", message=".*torch.jit.script")
         from fvcore.nn import FlopCountAnalysis
 
     model = copy.deepcopy(model).eval().float()
