@@ -80,8 +80,8 @@ class DataConfig:
     dataset: Literal["digits", "imagefolder", "cifar10"] = _f(
         "digits", "digits: built-in UCI digits as JPEGs; imagefolder: path/{train,val}/CLASS/*; "
         "cifar10: torchvision's cifar-10-batches-py")
-    path: str = _f("", "dataset root; empty = $FASTTRAIN_DATA/<dataset> "
-                   "(default ~/.cache/fasttrain/data/<dataset>)")
+    path: str = _f("", "dataset root; empty = $FASTTRAIN_DATA/<dataset> (default "
+                   "$FASTTRAIN_CACHE/data/<dataset>, ~/.cache/fasttrain/data/<dataset>)")
     download: bool = _f(True, "cifar10: download when the files are missing")
     backend: Literal["torch", "ffcv", "dali", "resident"] = _f(
         "torch", "torch: DataLoader workers decoding with libjpeg-turbo/torchvision.io; ffcv: .beton files "

@@ -488,3 +488,16 @@ def test_an_undecodable_file_has_a_clean_one_line_reason(tmp_path, content, reas
     message = str(info.value)
     assert message.startswith(reason)
     assert "\n" not in message and ".cpp" not in message and "/__w/" not in message
+
+
+def test_default_data_root_follows_the_cache(monkeypatch, tmp_path):
+    """FASTTRAIN_DATA, else the cache tools/env.sh uses (FASTTRAIN_CACHE), else ~/.cache."""
+    from fasttrain.data import default_root
+
+    monkeypatch.delenv("FASTTRAIN_DATA", raising=False)
+    monkeypatch.delenv("FASTTRAIN_CACHE", raising=False)
+    assert default_root("digits") == Path.home() / ".cache" / "fasttrain" / "data" / "digits"
+    monkeypatch.setenv("FASTTRAIN_CACHE", str(tmp_path / "cache"))
+    assert default_root("digits") == tmp_path / "cache" / "data" / "digits"
+    monkeypatch.setenv("FASTTRAIN_DATA", str(tmp_path / "data"))
+    assert default_root("cifar10") == tmp_path / "data" / "cifar10"

@@ -34,8 +34,10 @@ CIFAR10_DIR = "cifar-10-batches-py"
 
 
 def default_root(dataset: str) -> Path:
-    """Where a data set lives when `data.path` is empty: $FASTTRAIN_DATA/<dataset>."""
-    base = os.environ.get("FASTTRAIN_DATA") or Path.home() / ".cache" / "fasttrain" / "data"
+    """Where a data set lives when `data.path` is empty: $FASTTRAIN_DATA/<dataset>, by default
+    in the cache folder tools/env.sh uses ($FASTTRAIN_CACHE, default ~/.cache/fasttrain)."""
+    cache = os.environ.get("FASTTRAIN_CACHE") or Path.home() / ".cache" / "fasttrain"
+    base = os.environ.get("FASTTRAIN_DATA") or Path(cache) / "data"
     return Path(base) / dataset
 
 
