@@ -6,24 +6,32 @@
 #
 # The venv lives outside the clone, in $FASTTRAIN_CACHE (default ~/.cache/fasttrain), keyed by a
 # hash of requirements.txt: a fresh clone (CI) reuses it and set-up is a no-op when it is current.
-# The editable install of fasttrain itself (which compiles csrc/, a few minutes) is redone when
-# the venv was last installed from another clone, setup.py or csrc/ changed, or the clone has no
-# built library.
+# PYTHON (default python3.11) is the interpreter a new venv is made from (3.11 or newer).
+# The native libraries (csrc/, a few minutes) are built into the clone by an editable install,
+# and rebuilt when the clone's record of what they were built for differs: another venv (another
+# torch), other setup.py or csrc/ contents, other build settings, or a library missing. The
+# command runs with the clone first on PYTHONPATH, so clones sharing the venv each run their own
+# code (the venv's editable install names only the clone that installed last).
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cache=${FASTTRAIN_CACHE:-$HOME/.cache/fasttrain}
+mkdir -p "$cache"
+cache=$(cd "$cache" && pwd)  # absolute: the command runs from the clone
 key=$(sha256sum < "$repo/requirements.txt" | cut -c1-16)
 venv="$cache/venv-$key"
-python=${PYTHON:-python3.11}
-command -v "$python" >/dev/null 2>&1 || python=python3
 
 log() { echo "[env] $*" >&2; }
+fail() { log "error: $*"; exit 1; }
 
-# One set-up at a time per venv (CI and a developer, or two shells, may start together).
-mkdir -p "$cache"
+# One set-up at a time per venv (CI and a developer, or two shells, may start together). The
+# lock is never passed on to child processes (9>&- on each): a pip orphaned by a killed set-up
+# would otherwise hold it for as long as it runs.
 exec 9>"$cache/.lock-$key"
-flock 9
+if ! flock -n 9; then
+  log "waiting for another set-up of $venv to finish (lock: $cache/.lock-$key)"
+  flock 9
+fi
 
 # FFCV (in requirements.txt) compiles against OpenCV and libjpeg-turbo found through pkg-config,
 # and its module links to them at import; fasttrain's region JPEG decoder (csrc/jpeg) builds
@@ -31,52 +39,82 @@ flock 9
 if ! { command -v pkg-config >/dev/null && pkg-config --exists opencv4 libturbojpeg libjpeg; }; then
   apt_packages="libopencv-dev libturbojpeg0-dev libjpeg62-turbo-dev pkg-config"
   if ! command -v apt-get >/dev/null; then
-    log "error: FFCV and the JPEG decoder need OpenCV 4 and libjpeg-turbo development files visible to pkg-config (Debian: $apt_packages); install them and rerun"
-    exit 1
+    fail "FFCV and the JPEG decoder need OpenCV 4 and libjpeg-turbo development files visible to pkg-config (Debian: $apt_packages); install them and rerun"
   fi
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   log "installing Debian packages for FFCV and the JPEG decoder: $apt_packages"
   if ! { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq \
-      --no-install-recommends $apt_packages; } > "$cache/apt.log" 2>&1; then
+      --no-install-recommends $apt_packages; } > "$cache/apt.log" 2>&1 9>&-; then
     cat "$cache/apt.log" >&2
-    log "error: apt-get install $apt_packages failed (log above, also in $cache/apt.log)"
-    exit 1
+    fail "apt-get install $apt_packages failed (log above, also in $cache/apt.log)"
   fi
 fi
 
+# Venvs of other requirements whose set-up was interrupted (no .complete) and that no set-up
+# holds now: ~6 GB each, never usable.
+for other in "$cache"/venv-*; do
+  [ -d "$other" ] && [ "$other" != "$venv" ] && [ ! -f "$other/.complete" ] || continue
+  if ( flock -n 8 ) 8>"$cache/.lock-${other##*/venv-}"; then
+    log "removing $other (an interrupted set-up)"
+    rm -rf "$other"
+  fi
+done
+
 if [ ! -f "$venv/.complete" ]; then
-  log "creating $venv (first run: a few minutes, torch is a large wheel)"
+  if [ -n "${PYTHON:-}" ]; then
+    python=$PYTHON
+  else
+    python=python3.11
+    command -v "$python" >/dev/null 2>&1 || python=python3
+  fi
+  # `command -v` passes an inactive pyenv shim: ask the interpreter itself.
+  version=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null 9>&-) \
+    || fail "PYTHON=$python: not a working Python interpreter"
+  "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 9>&- \
+    || fail "$python is Python $version; fasttrain needs 3.11 or newer (set PYTHON=python3.11)"
+  log "creating $venv with Python $version (first run: a few minutes, torch is a large wheel)"
   rm -rf "$venv"
-  "$python" -m venv "$venv"
+  "$python" -m venv "$venv" 9>&-
   # pip warns about every local index folder it skips; those lines say nothing about this project.
-  quiet_pip() { "$venv/bin/python" -m pip install --quiet "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+  quiet_pip() {
+    "$venv/bin/python" -m pip install --quiet "$@" 9>&- \
+      2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+  }
   quiet_pip --upgrade pip
   quiet_pip -r "$repo/requirements.txt"
   touch "$venv/.complete"
 fi
 
-# The editable install records the clone's path and what the native build depends on; redo it
-# (which recompiles csrc/) when another clone installed it, or setup.py or csrc/ changed.
-sources=$(cd "$repo" && find setup.py csrc -type f 2>/dev/null | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16)
-editable="$repo $sources"
-# The build writes the native libraries into the clone (editable install): a clone re-made at the
-# same path, or cleaned with `git clean -fdx`, has none although the record still matches.
-built=$(compgen -G "$repo/fasttrain/ops/_C.*.so" || true)
-if [ "$(cat "$venv/.editable" 2>/dev/null)" != "$editable" ] || [ -z "$built" ]; then
-  log "installing fasttrain (editable) from $repo"
+# What the clone's native libraries must have been built for. The record lives in the clone
+# (build/ is git-ignored): a clone used with two venvs kept the other torch's build when the
+# record lived in the venv, and a clone re-made at the same path, or cleaned with
+# `git clean -fdx`, has no libraries although a venv-side record still matched.
+sources=$(cd "$repo" && find setup.py csrc -type f -print0 2>/dev/null | LC_ALL=C sort -z \
+  | xargs -0 sha256sum | sha256sum | cut -c1-16)
+settings="FASTTRAIN_CUDA=${FASTTRAIN_CUDA:-} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-} CUDA_HOME=${CUDA_HOME:-} nvcc=$(command -v nvcc || true)"
+wanted="$venv $sources $settings"
+record="$repo/build/.fasttrain-native"
+built=yes
+for lib in fasttrain/ops/_C fasttrain/data/_jpeg; do
+  compgen -G "$repo/$lib.*.so" >/dev/null || built=no
+done
+if [ "$(cat "$record" 2>/dev/null)" != "$wanted" ] || [ "$built" = no ]; then
+  log "building fasttrain's native libraries (editable install) in $repo"
+  log_file="$cache/editable-install-$key.log"
   # FASTTRAIN_JPEG=1: the packages above are there, so a decoder build failure is an error.
-  if ! FASTTRAIN_JPEG=1 "$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$repo" \
-      > "$cache/editable-install.log" 2>&1; then
-    cat "$cache/editable-install.log" >&2
-    log "editable install failed (log above, also in $cache/editable-install.log)"
-    exit 1
+  if ! FASTTRAIN_JPEG=1 "$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation \
+      -e "$repo" > "$log_file" 2>&1 9>&-; then
+    cat "$log_file" >&2
+    fail "editable install failed (log above, also in $log_file)"
   fi
-  echo "$editable" > "$venv/.editable"
+  mkdir -p "$repo/build"
+  echo "$wanted" > "$record"
 fi
 exec 9>&-
 
 export PATH="$venv/bin:$PATH" VIRTUAL_ENV="$venv"
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 cd "$repo"
 if [ $# -eq 0 ]; then
   log "ready: $venv"
