@@ -62,3 +62,36 @@ def test_build_settings_that_cannot_work_fail_in_one_line_before_compiling(tmp_p
     errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: fasttrain build: "), result.stderr
     assert message in errors[0] and "Traceback" not in result.stderr
+
+
+def _env_sh(tmp_path: Path, python: str) -> subprocess.CompletedProcess:
+    """tools/env.sh with an empty cache under tmp_path (relative, from tmp_path) and PYTHON set:
+    what happens before any venv is made."""
+    env = {**os.environ, "FASTTRAIN_CACHE": "cache", "PYTHON": python}
+    return subprocess.run(["bash", str(ROOT / "tools" / "env.sh"), "true"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.skipif(shutil.which("flock") is None, reason="env.sh needs flock (util-linux)")
+def test_env_sh_refuses_an_unusable_python_and_clears_interrupted_venvs(tmp_path):
+    """Before: an old Python failed deep in pip (no matching matplotlib), a missing one fell
+    back to python3 silently, a relative cache left the command outside the venv, and an
+    interrupted venv of other requirements stayed forever (~6 GB)."""
+    (tmp_path / "cache" / "venv-0123456789abcdef" / "lib").mkdir(parents=True)  # no .complete
+    (tmp_path / "cache" / "venv-fedcba9876543210").mkdir()
+    (tmp_path / "cache" / "venv-fedcba9876543210" / ".complete").touch()  # a finished one: kept
+    result = _env_sh(tmp_path, "no-such-python")
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == \
+        "[env] error: PYTHON=no-such-python: not a working Python interpreter"
+    assert f"[env] removing {tmp_path}/cache/venv-0123456789abcdef (an interrupted set-up)" \
+        in result.stderr  # the relative cache was made absolute
+    assert [p.name for p in (tmp_path / "cache").glob("venv-*")] == ["venv-fedcba9876543210"]
+    old = tmp_path / "python3.10"
+    old.write_text('#!/bin/sh\ncase "$2" in *print*) echo 3.10;; *exit*) exit 1;; esac\n')
+    old.chmod(0o755)
+    result = _env_sh(tmp_path, str(old))
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"[env] error: {old} is Python 3.10; fasttrain needs 3.11 or newer (set "
+        f"PYTHON=python3.11)")
