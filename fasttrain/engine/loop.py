@@ -223,8 +223,7 @@ def evaluate(model: nn.Module, loader: DeviceLoader, precision, device: torch.de
     distributed.all_reduce_sum(totals)
     loss, top1, top5, n = totals.tolist()  # sync point: once per validation
     if n == 0:  # every validation file was skipped as unreadable (on every rank)
-        skipped = getattr(loader, "skipped", {})
-        first = next(iter(skipped.items()), None)
+        first = _first_skipped(loader)
         raise DatasetError("validation: no readable image, every file was skipped"
                            + (f" (first: {first[0]}: {first[1]})" if first else "")
                            + "; tools/check_data.py lists them")
@@ -367,9 +366,9 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
         if cfg.train.deterministic:  # bit-identical resumes on any number of ranks
             train_model.register_comm_hook(None, distributed.rank_ordered_mean_hook)
     use_compile = device.type == "cuda" if cfg.train.compile is None else cfg.train.compile
+    compile_mode = None if cfg.train.compile_mode == "default" else cfg.train.compile_mode
     if use_compile:
-        mode = cfg.train.compile_mode
-        train_model = torch.compile(train_model, mode=None if mode == "default" else mode)
+        train_model = torch.compile(train_model, mode=compile_mode)
     # Validation runs the plain model (compiled on its own when training is compiled), not DDP:
     # DDP's forward starts with a broadcast of rank 0's buffers, a collective that a rank
     # without validation batches (fewer images than ranks, or only unreadable ones) never
@@ -377,8 +376,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
     # validation instead: every rank evaluates rank 0's model, the one that is saved.
     eval_model = train_model
     if dist.enabled:
-        eval_model = (torch.compile(model, mode=None if cfg.train.compile_mode == "default"
-                                    else cfg.train.compile_mode) if use_compile else model)
+        eval_model = torch.compile(model, mode=compile_mode) if use_compile else model
     parts = Parts(cfg, model, train_model, optimizer, scheduler, scaler, precision,
                   BatchMixer(cfg.aug, cfg.model.num_classes, cfg.optim.label_smoothing), ema,
                   device, steps_per_epoch, graph_steps=_graph_steps(cfg, device, use_compile))
@@ -584,11 +582,16 @@ def _trim_run_dir(run_dir: Path, epochs_done: int) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _first_skipped(loader) -> tuple[str, str] | None:
+    """(path, reason) of the first file `loader` skipped as unreadable, or None."""
+    return next(iter(getattr(loader, "skipped", {}).items()), None)
+
+
 def _ran_short(loader: DeviceLoader, epoch: int, got: int, want: int) -> ShardError:
     """The loader ended early: a batch held only unreadable files and was dropped (each rank
     must run the same number of steps, so the epoch cannot just be shorter)."""
     skipped = getattr(loader, "skipped", {})
-    first = next(iter(skipped.items()), None)
+    first = _first_skipped(loader)
     which = f"; first: {first[0]}: {first[1]}" if first else ""
     return ShardError(f"epoch {epoch + 1}: the training data ran out after {got} of {want} "
                         f"batches because a whole batch was unreadable files ({len(skipped)} "
