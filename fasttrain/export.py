@@ -279,8 +279,9 @@ def with_plain_norm_act(model: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------- writers and readers
 
 @contextlib.contextmanager
-def _quiet_jit():
-    # torch >= 2.10 deprecates torch.jit.*; TorchScript is still what plain-torch loading needs.
+def quiet_jit():
+    """torch >= 2.10 deprecates torch.jit.*; TorchScript is still what plain-torch loading
+    needs, so its deprecation warnings are silenced inside this block."""
     with warnings.catch_warnings():
         # any category: a FutureWarning on torch 2.14, a DeprecationWarning on 2.11
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.")
@@ -291,7 +292,7 @@ def to_torchscript(model: nn.Module, example: torch.Tensor, path: str | Path,
                    meta: dict[str, Any]) -> str:
     """Write `model` as TorchScript with `meta` in `_extra_files`; `torch.jit.script` first, then
     `torch.jit.trace` on `example` when scripting fails. Returns "script" or "trace"."""
-    with _quiet_jit():
+    with quiet_jit():
         try:
             sm, method = torch.jit.script(model), "script"
         except Exception as e:  # TorchScript's frontend raises several types for unsupported code
@@ -364,7 +365,7 @@ def load_exported(path: str | Path, fmt: str | None = None
     try:
         if fmt == "torchscript":
             extra = {META_KEY: ""}
-            with _quiet_jit():
+            with quiet_jit():
                 module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
             return module, json.loads(extra[META_KEY] or "{}")
         if fmt == "export":

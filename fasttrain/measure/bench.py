@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..export import quiet_jit
 from .env import conditions
 from .macs import count_macs, count_params
 from .sources import BenchModel, first_line
@@ -169,9 +170,7 @@ def prepare_inference(model: nn.Module, *, batch_size: int, resolution: int,
 
 
 def _script(model: nn.Module, x: torch.Tensor, autocast) -> torch.jit.ScriptModule:
-    with warnings.catch_warnings():
-        # any category: a FutureWarning on torch 2.14, a DeprecationWarning on 2.11
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\.")
+    with quiet_jit():
         try:
             return torch.jit.script(model)
         except Exception:  # e.g. super() in BatchNormReLU2d.forward: trace instead
