@@ -591,3 +591,96 @@ def test_cuda_driver_version_without_nvidia_smi(monkeypatch):
         raise OSError(f"{name}: cannot open shared object file")
     monkeypatch.setattr(ctypes, "CDLL", missing)
     assert measure_env.cuda_driver_api_version() is None
+
+
+def test_a_failed_save_leaves_the_record_whole(tmp_path, monkeypatch, capsys):
+    argv = TINY + ["--batch-size", "1,2", "--save", "--results-dir", str(tmp_path)]
+    assert benchmark_tool.main(argv) == 0
+    (record,) = tmp_path.glob("*.json")
+    before = record.read_text()
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bench.os, "fsync", disk_full)
+    assert benchmark_tool.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and err.count("\n") == 1, err
+    assert record.read_text() == before and len(json.loads(before)) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [record.name, record.with_suffix(".csv").name])  # no temporary file left
+
+
+def test_outputs_are_checked_against_the_saved_record_before_measuring(tmp_path, monkeypatch,
+                                                                       capsys):
+    argv = TINY + ["--save", "--results-dir", str(tmp_path)]
+    assert benchmark_tool.main(argv) == 0
+    (record,) = tmp_path.glob("*.json")
+    capsys.readouterr()
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("measured before the check"))
+    # --json onto the record would have replaced the saved rows with this run's
+    assert benchmark_tool.main(argv + ["--json", str(record)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --save {record}: the same file as --json's output\n", err
+    assert benchmark_tool.main(TINY + ["--json", str(tmp_path / "a.json"),
+                                       "--csv", str(tmp_path / "a.json")]) == 2
+    assert "--csv" in capsys.readouterr().err
+    record.write_text('{"a": 1}\n')  # a damaged record: found now, not after the sweep
+    assert benchmark_tool.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {record}: not a list of result rows; move it away first\n", err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--width", "0.5,17"], "expected values <= 16, got '0.5,17'"),
+    (["--plot", "curve.xyz"], "--plot curve.xyz: the file name must end in .png, .pdf, .svg"),
+    (["--plot", "curve"], "--plot curve: the file name must end in"),
+])
+def test_cli_refuses_huge_widths_and_plot_names_it_cannot_write(argv, message, monkeypatch,
+                                                                capsys):
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("measured before the check"))
+    try:
+        code = benchmark_tool.main(TINY + argv)
+    except SystemExit as e:  # argparse errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_an_interrupted_sweep_writes_the_rows_measured(tmp_path, monkeypatch, capsys):
+    real_run = bench.run
+
+    def interrupted_after_one_row(models, cond, batch_sizes, on_row=None, **kwargs):
+        def row_then_ctrl_c(row):
+            on_row(row)
+            raise KeyboardInterrupt
+
+        return real_run(models, cond, batch_sizes, on_row=row_then_ctrl_c, **kwargs)
+
+    monkeypatch.setattr(bench, "run", interrupted_after_one_row)
+    out = tmp_path / "rows.json"
+    assert benchmark_tool.main(TINY + ["--batch-size", "1,2", "--json", str(out)]) == 130
+    captured = capsys.readouterr()
+    assert [r["batch_size"] for r in json.loads(out.read_text())] == [1]
+    assert captured.err == "error: interrupted; 1 row measured and written\n", captured.err
+
+
+def test_commit_is_dirty_for_code_changes_only(tmp_path, monkeypatch):
+    from fasttrain.measure.env import git_commit
+
+    monkeypatch.delenv("FASTTRAIN_COMMIT", raising=False)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    for name in ("code.py", "README.md", "benchmarks/results/rows.json"):
+        (tmp_path / name).write_text("0\n")
+    subprocess.run(git + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-qm", "x"], check=True)
+    clean = git_commit.__wrapped__(tmp_path)
+    assert re.fullmatch(r"[0-9a-f]{7,}", clean), clean
+    # --save appends to tracked result files; that is not a change of the measured code
+    (tmp_path / "benchmarks/results/rows.json").write_text("1\n")
+    (tmp_path / "README.md").write_text("1\n")
+    assert git_commit.__wrapped__(tmp_path) == clean
+    (tmp_path / "code.py").write_text("1\n")
+    assert git_commit.__wrapped__(tmp_path) == clean + "-dirty"

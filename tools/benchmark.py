@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 
-def _list_of(kind):
+def _list_of(kind, most: float = math.inf):
     def parse(text: str):
         try:
             values = [kind(v) for v in text.split(",") if v.strip()]
@@ -51,6 +51,8 @@ def _list_of(kind):
                                              f", got {text!r}") from None
         if not values or not all(math.isfinite(v) and v > 0 for v in values):
             raise argparse.ArgumentTypeError(f"expected finite positive values, got {text!r}")
+        if any(v > most for v in values):
+            raise argparse.ArgumentTypeError(f"expected values <= {most:g}, got {text!r}")
         return values
     parse.__name__ = f"list of {kind.__name__}"
     return parse
@@ -72,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--factory", metavar="MODULE:FUNCTION",
                      help="a function returning an nn.Module, imported from the current "
                           "directory or PYTHONPATH")
-    p.add_argument("--width", type=_list_of(float), default=None,
+    # The config's bound on model.width: a typo such as 100 would otherwise allocate until the
+    # kernel kills the process, with no message.
+    p.add_argument("--width", type=_list_of(float, most=16), default=None,
                    help="--model: width multipliers to sweep, e.g. 0.25,0.5,1.0 (default 1.0)")
     p.add_argument("--channel-divisor", type=_positive, default=1,
                    help="--model: round the base width up to a multiple of this")
@@ -149,9 +153,39 @@ def _check_outputs(args) -> None:
     if args.csv is not None:
         _check_output("--csv", args.csv)
     if args.plot:
+        from fasttrain.measure.bench import PLOT_SUFFIXES
+
+        if Path(args.plot).suffix.lower() not in PLOT_SUFFIXES:
+            raise UserError(f"--plot {args.plot}: the file name must end in "
+                            f"{', '.join(PLOT_SUFFIXES)}")
         _check_output("--plot", args.plot)
     if args.save or args.plot == "":
         _check_output("--results-dir", args.results_dir, folder=True)
+
+
+def _check_saved_record(args, models, cond) -> None:
+    """Before measuring: `--save`'s record must be readable (a sweep must not end in "move it
+    away first" and lose its rows), and no two outputs may be the same file (`--json` onto the
+    record would replace the saved rows with this run's)."""
+    from fasttrain.measure import bench
+
+    outputs = {"--json": args.json, "--csv": args.csv, "--plot": args.plot or None}
+    if args.save or args.plot == "":
+        stem = Path(args.results_dir) / bench.planned_results_stem(models, cond)
+        if args.save:
+            bench.read_record(stem.with_suffix(".json"))
+            outputs.update({"--save": stem.with_suffix(".json"),
+                            "--save (csv)": stem.with_suffix(".csv")})
+        if args.plot == "":
+            outputs["--plot"] = stem.with_suffix(".png")
+    seen: dict[Path, str] = {}
+    for flag, path in outputs.items():
+        if path is None:
+            continue
+        key = Path(path).resolve()
+        if key in seen:
+            raise UserError(f"{flag} {path}: the same file as {seen[key]}'s output")
+        seen[key] = flag
 
 
 def _load_models(args):
@@ -244,6 +278,7 @@ def _write_outputs(rows, args, console) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    rows: list[dict] = []  # filled as rows are measured, so that an interrupt keeps them
     try:
         _check_sources(args)
         _check_outputs(args)
@@ -262,13 +297,29 @@ def main(argv: list[str] | None = None) -> int:
                                 warmup=args.warmup, train=args.train)
         cond.check()  # before building models: impossible conditions fail fast
         models = _load_models(args)
+        _check_saved_record(args, models, cond)
         console = Console()
         if not console.is_terminal:  # pipes and CI get 80 columns by default: too narrow
             console = Console(width=150)
-        rows = bench.run(models, cond, args.batch_size, on_row=lambda r: _progress(console, r))
+
+        def on_row(row):
+            rows.append(row)
+            _progress(console, row)
+
+        bench.run(models, cond, args.batch_size, on_row=on_row)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # The rows measured so far are kept: written like a finished run's, then one line.
+        if rows:
+            console.print(_table(rows, args.train))
+            failures = _write_outputs(rows, args, console)
+            if failures:
+                print(f"error: {'; '.join(failures)}", file=sys.stderr)
+        print(f"error: interrupted; {len(rows)} row{'' if len(rows) == 1 else 's'} measured "
+              f"{'and written' if rows else ''}".rstrip(), file=sys.stderr)
+        return 130
     console.print(_table(rows, args.train))  # first: whatever fails below, the numbers are shown
     failures = _write_outputs(rows, args, console)
     if failures:

@@ -19,6 +19,7 @@ import copy
 import csv
 import gc
 import json
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -295,6 +296,19 @@ def results_stem(rows: list[dict[str, Any]]) -> str:
     return f"{r['kind']}-{dev}-{r['precision']}-{layout}-{r['mode']}-{res_part}"
 
 
+def planned_results_stem(models: list[BenchModel], cond: Conditions) -> str:
+    """The `results_stem` of the rows `run(models, cond, ...)` will return, known before anything
+    is measured (so that `--save`'s record can be checked first)."""
+    row = {"kind": "train" if cond.train else "latency", "precision": cond.precision,
+           "layout": cond.layout, "mode": cond.mode, **conditions(cond.device)}
+    return results_stem([{**row, "resolution": cond.resolution or bm.resolution}
+                         for bm in models])
+
+
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
+"""File types `plot_vs_macs` writes (matplotlib's Agg, PDF and SVG backends)."""
+
+
 def _fieldnames(rows: list[dict[str, Any]]) -> list[str]:
     names: dict[str, None] = {}
     for row in rows:
@@ -316,8 +330,24 @@ def _writing(path: Path):
         raise BenchError(f"{path}: cannot write ({e.strerror or e})") from None
 
 
+def _replace(path: Path, write: Callable[[Any], None]) -> None:
+    """Write `path` through a temporary file, fsync and rename: a write that fails (disk full,
+    interrupted) leaves the previous file whole, which matters for the appended record."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", newline="") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_json(rows: list[dict[str, Any]], path: str | Path) -> Path:
-    """A JSON list with one row per line (appended rows give small diffs); folders created.
+    """A JSON list with one row per line (appended rows give small diffs); folders created; an
+    existing file is replaced only once the new one is complete.
 
     Raises:
         BenchError: the file cannot be written.
@@ -325,7 +355,7 @@ def write_json(rows: list[dict[str, Any]], path: str | Path) -> Path:
     path = Path(path)
     body = ",\n".join(json.dumps(r) for r in rows)
     with _writing(path):
-        path.write_text(f"[\n{body}\n]\n" if rows else "[]\n")
+        _replace(path, lambda f: f.write(f"[\n{body}\n]\n" if rows else "[]\n"))
     return path
 
 
@@ -337,11 +367,32 @@ def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
         BenchError: the file cannot be written.
     """
     path = Path(path)
-    with _writing(path), open(path, "w", newline="") as f:
+
+    def write(f):
         writer = csv.DictWriter(f, fieldnames=_fieldnames(rows), restval="")
         writer.writeheader()
         writer.writerows(rows)
+
+    with _writing(path):
+        _replace(path, write)
     return path
+
+
+def read_record(json_path: str | Path) -> list[dict[str, Any]]:
+    """The rows saved in `json_path` ([] when it does not exist).
+
+    Raises:
+        BenchError: it cannot be read or is not a JSON list of rows.
+    """
+    json_path = Path(json_path)
+    try:
+        old = json.loads(json_path.read_text()) if json_path.exists() else []
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise BenchError(f"{json_path}: cannot read the saved rows ({first_line(e)}); move it "
+                         f"away first") from None
+    if not isinstance(old, list) or not all(isinstance(r, dict) for r in old):
+        raise BenchError(f"{json_path}: not a list of result rows; move it away first")
+    return old
 
 
 def append_results(rows: list[dict[str, Any]], directory: str | Path,
@@ -358,14 +409,7 @@ def append_results(rows: list[dict[str, Any]], directory: str | Path,
     directory = Path(directory)
     stem = stem or results_stem(rows)
     json_path, csv_path = directory / f"{stem}.json", directory / f"{stem}.csv"
-    try:
-        old = json.loads(json_path.read_text()) if json_path.exists() else []
-    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise BenchError(f"{json_path}: cannot read the saved rows ({first_line(e)}); move it "
-                         f"away first") from None
-    if not isinstance(old, list):
-        raise BenchError(f"{json_path}: not a list of result rows; move it away first")
-    all_rows = old + rows
+    all_rows = read_record(json_path) + rows
     write_json(all_rows, json_path)
     write_csv(all_rows, csv_path)
     return json_path, csv_path

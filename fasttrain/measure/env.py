@@ -19,9 +19,15 @@ ROOT = Path(__file__).resolve().parents[2]
 """The fasttrain checkout (the git repository whose commit is recorded)."""
 
 
+NOT_CODE = ("benchmarks/results", "docs", "*.md")
+"""Tracked paths whose edits do not make a commit `-dirty` (results and documentation)."""
+
+
 @functools.lru_cache(maxsize=None)
 def git_commit(root: Path = ROOT) -> str:
-    """Short commit of `root`, with `-dirty` when tracked files differ; "unknown" outside git.
+    """Short commit of `root`, with `-dirty` when tracked code differs; "unknown" outside git.
+    Result files and documentation do not count: `--save` appends to tracked result files, and
+    those edits must not mark the next measurement as made with changed code.
 
     `FASTTRAIN_COMMIT` overrides it: a GPU host receives a copy of the tree without `.git`, so
     `benchmarks/gpu_checklist.sh` passes the commit it was started from."""
@@ -32,7 +38,8 @@ def git_commit(root: Path = ROOT) -> str:
                              capture_output=True, text=True, timeout=10)
         if out.returncode != 0:
             return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", *(f":(exclude){p}" for p in NOT_CODE)], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
