@@ -321,6 +321,28 @@ def test_imagefolder_with_grayscale_png_and_cmyk_files(tmp_path):
     assert sum(len(y) for _, y in loaders.val) == 9  # 4 grayscale + 4 CMYK + 1 PNG
 
 
+def test_16_bit_pngs_decode_to_8_bit_rgb(tmp_path):
+    """libpng hands torchvision uint16 values for 16-bit PNGs; normalised as if uint8 they were
+    256x too large (and broke batching with 8-bit images)."""
+    gray = np.array([[0, 255, 256, 33067, 65535]], np.uint16)
+    Image.fromarray(gray).save(tmp_path / "gray16.png")
+    image = read_image(str(tmp_path / "gray16.png"))
+    assert image.dtype == torch.uint8 and image.shape == (3, 1, 5)
+    assert image[0].tolist() == [[0, 0, 1, 129, 255]]  # the high byte, like PIL's 8-bit view
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            folder = tmp_path / "set" / split / cls
+            folder.mkdir(parents=True)
+            Image.fromarray(np.full((20, 20), 33067, np.uint16)).save(folder / "16.png")
+            Image.new("RGB", (20, 20), (129, 129, 129)).save(folder / "8.png")
+    cfg = load(None, ["--data.dataset=imagefolder", f"--data.path={tmp_path / 'set'}",
+                      "--data.batch_size=4", "--data.val_batch_size=4", "--data.val_res=16",
+                      "--data.val_resize=16", "--data.num_workers=0"])
+    images, _ = next(iter(build_loaders(cfg.data, cfg.aug).val))
+    assert images.shape == (4, 3, 16, 16)
+    torch.testing.assert_close(images, images[:1].expand_as(images))  # 16-bit == 8-bit 129
+
+
 def test_imagefolder_errors(tmp_path):
     cfg = load(None, ["--data.dataset=imagefolder", f"--data.path={tmp_path / 'none'}"])
     with pytest.raises(DatasetError, match="none/train: directory not found"):

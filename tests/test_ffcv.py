@@ -16,6 +16,7 @@ from pathlib import Path
 
 import ffcv  # noqa: F401  (a missing FFCV fails here: CI must run these tests)
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 import torch.nn.functional as F
@@ -144,12 +145,26 @@ def test_unreadable_images_are_skipped_and_listed(tmp_path, data_root):
                 (root / split / cls / f.name).write_bytes(f.read_bytes())
     bad = root / "train" / "b" / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    # a 16-bit PNG is stored like any image (its uint16 pixels used to kill FFCV's worker)
+    Image.fromarray(np.full((9, 9), 40000, np.uint16)).save(root / "train" / "a" / "16.png")
     data = DataConfig(dataset="imagefolder", path=str(root))
     train, val = write_beton(data, num_workers=1)
     assert [p for p, _ in train.skipped] == [str(bad)] and not val.skipped
     info = read_beton(ffcv_loader._ffcv(), root / "ffcv" / "train.beton", data)
-    assert len(info.labels) == 7 and len(info.good) == 6  # stored as a placeholder, not loaded
+    assert len(info.labels) == 8 and len(info.good) == 7  # stored as a placeholder, not loaded
     assert list(info.skipped) == [str(bad)]
+
+
+def test_samples_ffcvs_image_field_would_reject_become_placeholders():
+    """RGBImageField.encode asserts uint8 (H, W, 3); a failed assertion in a writer process
+    hangs FFCV's writer, so such a sample is stored as a skipped placeholder instead."""
+    samples = [(torch.zeros(3, 4, 4, dtype=torch.uint8), 1),
+               (torch.zeros(3, 4, 4, dtype=torch.uint16), 2),
+               (torch.zeros(4, 4, 4, dtype=torch.uint8), 3)]
+    source = ffcv_loader._HWCSource(samples)
+    assert [source[i][1] for i in range(3)] == [1, ffcv_loader.SKIPPED_LABEL,
+                                                ffcv_loader.SKIPPED_LABEL]
+    assert source[0][0].shape == (4, 4, 3) and source[1][0] is source.PLACEHOLDER
 
 
 def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch, cifar):

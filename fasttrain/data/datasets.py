@@ -21,6 +21,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
 from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2.functional import to_dtype
 
 from ..errors import DatasetError
 from . import jpeg
@@ -186,8 +187,11 @@ def _reason(error: BaseException) -> str:
 
 def _decode_whole(raw: bytes) -> torch.Tensor:
     try:
-        return decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8),
-                            mode=ImageReadMode.RGB)
+        image = decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8),
+                             mode=ImageReadMode.RGB)
+        # A 16-bit PNG decodes to uint16, which every consumer would misread (values up to
+        # 65535 normalised as if up to 255); scaled to uint8 by torchvision (the high byte).
+        return image if image.dtype == torch.uint8 else to_dtype(image, torch.uint8, scale=True)
     except RuntimeError as e:
         error = e
     try:

@@ -419,9 +419,14 @@ class _HWCSource:
             if isinstance(sample, SkippedSample):
                 return self.PLACEHOLDER, SKIPPED_LABEL
             image, label = sample  # (C, H, W) uint8
-            return np.ascontiguousarray(image.permute(1, 2, 0).numpy()), int(label)
+            array = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
         except Exception:  # noqa: BLE001  (reported by the main process, see _skip_reason)
             return self.PLACEHOLDER, SKIPPED_LABEL
+        # What RGBImageField.encode asserts: an assertion there kills the worker and hangs the
+        # writer just the same.
+        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+            return self.PLACEHOLDER, SKIPPED_LABEL
+        return array, int(label)
 
 
 def _skip_reason(dataset, index: int) -> tuple[str, str]:
