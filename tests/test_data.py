@@ -425,10 +425,33 @@ def test_check_data_lists_exactly_the_files_the_loaders_read(tmp_path):
     report = scan(tmp_path / "data", workers=1)
     assert report.class_counts == {"train": {"a": 4, "b": 5, "c_linked": 2}}
     assert report.images == len(dataset) == 11
-    assert report.problems == [(str(train / "a" / "gone.jpg"),
-                                f"broken symbolic link (to {tmp_path / 'nowhere.jpg'})")]
+    assert report.problems == [
+        (str(tmp_path / "data" / "val"), "folder missing (training reads train/ and val/)"),
+        (str(train / "a" / "gone.jpg"), f"broken symbolic link (to {tmp_path / 'nowhere.jpg'})")]
     gone = next(i for i, (p, _) in enumerate(dataset.samples) if p.endswith("gone.jpg"))
-    assert dataset[gone] == SkippedSample(*report.problems[0])  # the loaders' reason too
+    assert dataset[gone] == SkippedSample(*report.problems[1])  # the loaders' reason too
+
+
+def test_check_data_reports_what_training_refuses_at_start(tmp_path):
+    """Validation classes that train/ lacks: the loaders refuse the tree, so the check must not
+    call it clean."""
+    for split, classes in (("train", "ab"), ("val", "abcdefg")):
+        for cls in classes:
+            (tmp_path / split / cls).mkdir(parents=True)
+            _noise(seed=0).save(tmp_path / split / cls / "0.jpg")
+    report = scan(tmp_path, workers=1)
+    assert report.problems == [(str(tmp_path / "val"), "5 class folders not in train/, which "
+                                                       "training refuses: c, d, e, f, g")]
+    cfg = load(None, ["--data.dataset=imagefolder", f"--data.path={tmp_path}"])
+    with pytest.raises(DatasetError, match="classes not in train/: c, d, e, f, g"):
+        build_loaders(cfg.data, cfg.aug)
+    for cls in "cdefg":
+        (tmp_path / "train" / cls).mkdir()
+        _noise(seed=0).save(tmp_path / "train" / cls / "0.jpg")
+    assert scan(tmp_path, workers=1).problems == []
+    (tmp_path / "train").rename(tmp_path / "elsewhere")
+    assert scan(tmp_path, workers=1).problems == [
+        (str(tmp_path / "train"), "folder missing (training reads train/ and val/)")]
 
 
 def test_folder_listing_is_torchvisions(tmp_path):

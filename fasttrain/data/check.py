@@ -40,7 +40,9 @@ def scan(root: Path, workers: int = 0, progress: Callable[[int, int], None] | No
          ) -> ScanReport:
     """Decode every image under `root` (ImageFolder layout, with or without train/ and val/)
     in `workers` processes (0 = one per core) and report unreadable files (broken symbolic
-    links included), empty class folders, files that are not images, and the class counts.
+    links included), empty class folders, files that are not images, the class counts, and
+    what training refuses at start: a missing train/ or val/ beside the other, validation
+    classes that train/ lacks.
     The files are the ones the loaders list (`datasets.folder_files`: symbolic links to
     folders followed), decoded by the loaders' `read_image`.
 
@@ -73,6 +75,21 @@ def scan(root: Path, workers: int = 0, progress: Callable[[int, int], None] | No
         report.problems += [(str(split / cls), "empty class folder") for cls in classes
                             if not per_class[class_to_idx[cls]]]
     report.images = len(files)
+    # What the loaders refuse at start (loader._datasets): reported here with the rest.
+    counts = report.class_counts
+    if "train" in counts and "val" not in counts:
+        report.problems.append((str(root / "val"), "folder missing (training reads train/ and "
+                                                   "val/)"))
+    elif "val" in counts and "train" not in counts:
+        report.problems.append((str(root / "train"), "folder missing (training reads train/ "
+                                                     "and val/)"))
+    elif "train" in counts:
+        extra = sorted(set(counts["val"]) - set(counts["train"]))
+        if extra:
+            report.problems.append((str(root / "val"), f"{len(extra)} class folder"
+                                    f"{'s' if len(extra) > 1 else ''} not in train/, which "
+                                    f"training refuses: {', '.join(extra[:5])}"
+                                    f"{', ...' if len(extra) > 5 else ''}"))
     with ProcessPoolExecutor(max_workers=workers or None) as pool:
         for done, (path, problem) in enumerate(pool.map(_check_file, files, chunksize=64), 1):
             if problem:
