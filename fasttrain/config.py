@@ -431,11 +431,17 @@ def parse_override(arg: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
-def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
+def load(path: str | Path | None, overrides: list[str] = (), *,
+         require_data_path: bool = True) -> Config:
     """Build a validated `Config` from a recipe file (or defaults) and `--section.key=value` args.
 
+    Args:
+        require_data_path: False to accept an ImageFolder recipe without `data.path` (to list
+            its keys; a run needs the path).
+
     Raises:
-        ConfigError: one line naming the file or override, the key and the value.
+        ConfigError: one line naming the file or override, the key and the value; a key given
+            twice among the overrides too (the later one would silently win).
     """
     cfg = Config()
     if path is not None:
@@ -450,13 +456,18 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
                 _set(cfg, str(path), section, str(key), value)
     recipe = copy.deepcopy(cfg)
     parsed = [(arg, *parse_override(arg)) for arg in overrides]
+    given: dict[tuple[str, str], str] = {}
     for arg, section, key, value in parsed:
         _set(cfg, arg, section, key, value)
+        if (section, key) in given:
+            raise ConfigError(f"{arg}: {section}.{key} given twice (also "
+                              f"{given[section, key]}); give it once")
+        given[section, key] = arg
     origin = str(path) if path is not None else "config"
     try:
-        _check_consistency(cfg, origin)
+        _check_consistency(cfg, origin, require_data_path)
     except ConfigError as e:
-        blamed = _blame(e, recipe, parsed, origin)
+        blamed = _blame(e, recipe, parsed, origin, require_data_path)
         if blamed == origin:
             raise
         raise ConfigError(blamed + str(e).removeprefix(origin)) from None
@@ -464,7 +475,7 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 
 def _blame(error: ConfigError, recipe: Config, parsed: list[tuple[str, str, str, Any]],
-           origin: str) -> str:
+           origin: str, require_data_path: bool = True) -> str:
     """Who a cross-key `error` should name: the overrides that set a key its message names,
     alone when the recipe by itself is consistent (then they caused it), else together with the
     recipe; the recipe alone when no override touched those keys."""
@@ -474,13 +485,13 @@ def _blame(error: ConfigError, recipe: Config, parsed: list[tuple[str, str, str,
     if not named:
         return origin
     try:
-        _check_consistency(recipe, origin)
+        _check_consistency(recipe, origin, require_data_path)
     except ConfigError:
         return f"{origin} with {' '.join(named)}"
     return " ".join(named)
 
 
-def _check_consistency(cfg: Config, origin: str) -> None:
+def _check_consistency(cfg: Config, origin: str, require_data_path: bool = True) -> None:
     """Checks that involve several keys."""
     m = cfg.model
     # Only the CIFAR ResNets have a shortcut choice (ImageNet ResNets always project), so on
@@ -495,7 +506,7 @@ def _check_consistency(cfg: Config, origin: str) -> None:
     if cfg.schedule.warmup_epochs > cfg.schedule.epochs:
         raise ConfigError(f"{origin}: schedule.warmup_epochs must be <= schedule.epochs "
                           f"({cfg.schedule.epochs}), got {cfg.schedule.warmup_epochs}")
-    if cfg.data.dataset == "imagefolder" and not cfg.data.path:
+    if cfg.data.dataset == "imagefolder" and not cfg.data.path and require_data_path:
         raise ConfigError(f"{origin}: data.path is required for data.dataset=imagefolder "
                           f"(an ImageNet-layout folder: see README, 'Preparing ImageNet')")
     d = cfg.data

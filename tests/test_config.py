@@ -266,3 +266,20 @@ def test_train_tool_keys_needs_no_recipe_and_exits_0(capsys):
         train_tool.main([])
     assert e.value.code == 2
     assert capsys.readouterr().err == "error: the following arguments are required: recipe\n"
+    # an ImageNet recipe names no data.path: its keys are listed all the same, a run needs it
+    imagenet = str(ROOT / "recipes" / "thin_r50_w0.5.yaml")
+    assert train_tool.main(["--keys", imagenet]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("model.width = 0.5  ") for line in listed)
+    assert train_tool.main([imagenet, "--dry-run"]) == 2
+    assert "data.path is required" in capsys.readouterr().err
+
+
+def test_a_key_given_twice_among_the_overrides_is_refused():
+    """The later value would silently win: a shell variable of shared overrides plus a change
+    of one of them is a likely way to end up with the wrong run."""
+    with pytest.raises(ConfigError) as e:
+        load(None, ["--optim.lr=0.1", "--model.width=0.5", "--optim.lr=0.2"])
+    assert str(e.value) == ("--optim.lr=0.2: optim.lr given twice (also --optim.lr=0.1); "
+                            "give it once")
+    assert load(None, ["--optim.lr=0.1", "--optim.momentum=0.8"]).optim.lr == 0.1

@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.recipe is None and not args.keys:
         parser.error("the following arguments are required: recipe")
     try:
-        cfg = load(args.recipe, overrides)
+        # An ImageNet recipe names no data.path (each user has their own): listing its keys
+        # must not need one.
+        cfg = load(args.recipe, overrides, require_data_path=not args.keys)
         if args.keys:
             print("\n".join(describe(cfg)))
             return 0
