@@ -440,8 +440,7 @@ def load(path: str | Path | None, overrides: list[str] = (), *,
             its keys; a run needs the path).
 
     Raises:
-        ConfigError: one line naming the file or override, the key and the value; a key given
-            twice among the overrides too (the later one would silently win).
+        ConfigError: one line naming the file or override, the key and the value.
     """
     cfg = Config()
     if path is not None:
@@ -456,13 +455,8 @@ def load(path: str | Path | None, overrides: list[str] = (), *,
                 _set(cfg, str(path), section, str(key), value)
     recipe = copy.deepcopy(cfg)
     parsed = [(arg, *parse_override(arg)) for arg in overrides]
-    given: dict[tuple[str, str], str] = {}
-    for arg, section, key, value in parsed:
+    for arg, section, key, value in parsed:  # in order: a later override of a key wins
         _set(cfg, arg, section, key, value)
-        if (section, key) in given:
-            raise ConfigError(f"{arg}: {section}.{key} given twice (also "
-                              f"{given[section, key]}); give it once")
-        given[section, key] = arg
     origin = str(path) if path is not None else "config"
     try:
         _check_consistency(cfg, origin, require_data_path)

@@ -526,6 +526,16 @@ def test_small_stored_images_warn_once(cifar):
         _build(cfg, seed=0)
 
 
+def test_small_stored_images_with_progressive_resizing_name_max_res(cifar, monkeypatch):
+    monkeypatch.setattr(ffcv_loader, "_warned", set())  # warned once per file and process
+    cfg = _cifar_cfg(cifar, "--data.min_res=16", "--data.max_res=64", "--data.start_ramp=0",
+                     "--data.end_ramp=2", "--data.val_res=16", "--data.val_resize=32")
+    # data.train_res is not the largest crop here: lowering it would change nothing
+    with pytest.warns(UserWarning, match=r"smaller than the 64 px training crop: every crop is "
+                                         r"upsampled; lower data.max_res to avoid it"):
+        _build(cfg, seed=0)
+
+
 def test_small_images_shrunk_by_the_writer_suggest_a_larger_cap(cifar, tmp_path):
     data = DataConfig(dataset="cifar10", path=str(cifar), download=False)
     write_beton(data, tmp_path, write_mode="raw", max_resolution=16, num_workers=1)

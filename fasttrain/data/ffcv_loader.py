@@ -764,7 +764,8 @@ def _warn_small(info: BetonInfo, data: DataConfig, rank: int) -> None:
             advice = "rewrite with a larger --max-resolution"
         else:  # stored at their own size (cap 0, or above them): the data set is this small
             how = " (their original size)" if written is not None else ""
-            advice = "lower data.train_res to avoid it"
+            # with progressive resizing the largest crop is data.max_res, not data.train_res
+            advice = (f"lower data.{'max_res' if data.min_res else 'train_res'} to avoid it")
         warnings.warn(f"{info.path}: stored images are at most {longest} px{how}, smaller "
                       f"than the {largest} px training crop: every crop is upsampled; "
                       f"{advice}", stacklevel=3)
