@@ -343,6 +343,18 @@ def test_16_bit_pngs_decode_to_8_bit_rgb(tmp_path):
     torch.testing.assert_close(images, images[:1].expand_as(images))  # 16-bit == 8-bit 129
 
 
+def test_an_animated_gif_decodes_to_its_first_frame(tmp_path):
+    """torchvision returns (frames, C, H, W) for an animated GIF; PIL's convert("RGB") keeps
+    the first frame, and so does read_image."""
+    frames = [Image.new("RGB", (6, 4), color) for color in ((200, 0, 0), (0, 0, 200))]
+    frames[0].save(tmp_path / "anim.jpg", format="GIF", save_all=True,
+                   append_images=frames[1:], duration=100, loop=0)
+    image = read_image(str(tmp_path / "anim.jpg"))
+    with Image.open(tmp_path / "anim.jpg") as pil:
+        first = torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1)
+    assert image.shape == (3, 4, 6) and torch.equal(image, first)
+
+
 def test_imagefolder_errors(tmp_path):
     cfg = load(None, ["--data.dataset=imagefolder", f"--data.path={tmp_path / 'none'}"])
     with pytest.raises(DatasetError, match="none/train: directory not found"):
@@ -430,6 +442,20 @@ def test_check_data_lists_exactly_the_files_the_loaders_read(tmp_path):
         (str(train / "a" / "gone.jpg"), f"broken symbolic link (to {tmp_path / 'nowhere.jpg'})")]
     gone = next(i for i, (p, _) in enumerate(dataset.samples) if p.endswith("gone.jpg"))
     assert dataset[gone] == SkippedSample(*report.problems[1])  # the loaders' reason too
+
+
+def test_check_data_prints_folder_names_as_they_are(tmp_path, capsys):
+    """Names are data, not rich markup: '[/x]' in the root used to raise MarkupError, a class
+    '[red]b' was shown as 'b'."""
+    from conftest import load_tool
+
+    root = tmp_path / "set[/x]"
+    for split in ("train", "val"):
+        (root / split / "[red]b").mkdir(parents=True)
+        _noise(seed=0).save(root / split / "[red]b" / "0.jpg")
+    assert load_tool("check_data").main([str(root), "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "set[/x]" in out and "1 ([red]b)" in out and "0 problem(s)" in out
 
 
 def test_check_data_reports_what_training_refuses_at_start(tmp_path):

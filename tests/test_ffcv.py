@@ -145,14 +145,18 @@ def test_unreadable_images_are_skipped_and_listed(tmp_path, data_root):
                 (root / split / cls / f.name).write_bytes(f.read_bytes())
     bad = root / "train" / "b" / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    # a 16-bit PNG is stored like any image (its uint16 pixels used to kill FFCV's worker)
+    # Stored like any image, though each used to kill FFCV's writer process (and hang the
+    # write): a 16-bit PNG (uint16 pixels), a strip longer than max_resolution:1 (its short
+    # side shrunk to 0 px).
     Image.fromarray(np.full((9, 9), 40000, np.uint16)).save(root / "train" / "a" / "16.png")
+    Image.new("RGB", (1200, 2)).save(root / "train" / "a" / "strip.png")
     data = DataConfig(dataset="imagefolder", path=str(root))
-    train, val = write_beton(data, num_workers=1)
+    train, val = write_beton(data, num_workers=1, max_resolution=512)
     assert [p for p, _ in train.skipped] == [str(bad)] and not val.skipped
     info = read_beton(ffcv_loader._ffcv(), root / "ffcv" / "train.beton", data)
-    assert len(info.labels) == 8 and len(info.good) == 7  # stored as a placeholder, not loaded
+    assert len(info.labels) == 9 and len(info.good) == 8  # stored as a placeholder, not loaded
     assert list(info.skipped) == [str(bad)]
+    assert (512, 1) in set(zip(info.widths.tolist(), info.heights.tolist()))
 
 
 def test_samples_ffcvs_image_field_would_reject_become_placeholders():
@@ -161,10 +165,30 @@ def test_samples_ffcvs_image_field_would_reject_become_placeholders():
     samples = [(torch.zeros(3, 4, 4, dtype=torch.uint8), 1),
                (torch.zeros(3, 4, 4, dtype=torch.uint16), 2),
                (torch.zeros(4, 4, 4, dtype=torch.uint8), 3)]
+    samples.append((torch.zeros(3, 1, 70000, dtype=torch.uint8), 4))  # FFCV stores uint16 sizes
     source = ffcv_loader._HWCSource(samples)
-    assert [source[i][1] for i in range(3)] == [1, ffcv_loader.SKIPPED_LABEL,
-                                                ffcv_loader.SKIPPED_LABEL]
+    assert [source[i][1] for i in range(4)] == [1] + [ffcv_loader.SKIPPED_LABEL] * 3
     assert source[0][0].shape == (4, 4, 3) and source[1][0] is source.PLACEHOLDER
+    shrunk = ffcv_loader._HWCSource(samples, max_resolution=512)[3]  # shrunk first: it fits
+    assert shrunk[0].shape == (1, 512, 3) and shrunk[1] == 4
+
+
+def test_a_folder_it_cannot_write_is_one_line_and_ctrl_c_exits_130(monkeypatch, capsys):
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/data/ffcv/.train.beton.tmp-1")
+
+    monkeypatch.setattr(ffcv_loader, "_write_split", denied)
+    assert _write_tool(["--dataset=digits"]) == 2
+    assert capsys.readouterr().err == ("error: /data/ffcv/.train.beton.tmp-1: cannot write the "
+                                       "FFCV files (Permission denied)\n")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ffcv_loader, "_write_split", interrupted)
+    assert _write_tool(["--dataset=digits"]) == 130
+    assert capsys.readouterr().err == ("error: interrupted; no file was replaced (earlier files "
+                                       "are kept)\n")
 
 
 def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch, cifar):

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 from rich.table import Table
 
@@ -41,7 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    table = Table(title=f"{report.root}: {report.images} image files")
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was checked to the end", file=sys.stderr)
+        return 130
+    # Folder names are data, not rich markup: "[red]b" is a class name.
+    table = Table(title=escape(f"{report.root}: {report.images} image files"))
     table.add_column("split")
     table.add_column("classes", justify="right")
     table.add_column("images", justify="right")
@@ -49,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     table.add_column("largest class", justify="right")
     for split, counts in report.class_counts.items():
         values = list(counts.values()) or [0]
-        table.add_row(split, str(len(counts)), str(sum(values)),
-                      f"{min(values)} ({min(counts, key=counts.get) if counts else '-'})",
-                      f"{max(values)} ({max(counts, key=counts.get) if counts else '-'})")
+        table.add_row(escape(split), str(len(counts)), str(sum(values)),
+                      escape(f"{min(values)} ({min(counts, key=counts.get) if counts else '-'})"),
+                      escape(f"{max(values)} ({max(counts, key=counts.get) if counts else '-'})"))
     console.print(table)
     for path in report.ignored:
         console.print(f"ignored (not an image extension): {path}", markup=False)

@@ -71,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; no file was replaced (earlier files are kept)",
+              file=sys.stderr)
+        return 130
     for r in results:
         size = r.path.stat().st_size / 2**20
         print(f"wrote {r.path}: {r.images - len(r.skipped)} images, {size:.1f} MiB, "

@@ -189,6 +189,8 @@ def _decode_whole(raw: bytes) -> torch.Tensor:
     try:
         image = decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8),
                              mode=ImageReadMode.RGB)
+        if image.dim() == 4:  # an animated GIF: (frames, C, H, W); PIL's convert takes frame 0
+            image = image[0]
         # A 16-bit PNG decodes to uint16, which every consumer would misread (values up to
         # 65535 normalised as if up to 255); scaled to uint8 by torchvision (the high byte).
         return image if image.dtype == torch.uint8 else to_dtype(image, torch.uint8, scale=True)

@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import functools
 import json
+import multiprocessing
 import os
+import signal
 import time
 import uuid
 import warnings
@@ -406,27 +408,43 @@ class _HWCSource:
     slot (FFCV waits forever for a sample whose worker raised)."""
 
     PLACEHOLDER = np.zeros((1, 1, 3), dtype=np.uint8)
+    MAX_SIDE = 65535  # FFCV stores heights and widths as uint16
 
-    def __init__(self, dataset) -> None:
-        self.dataset = dataset
+    def __init__(self, dataset, max_resolution: int = 0) -> None:
+        self.dataset, self.max_resolution = dataset, max_resolution
+        self.parent = os.getpid()
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        if os.getpid() != self.parent:  # in a writer process: Ctrl-C is the main process's
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             sample = self.dataset[index]
             if isinstance(sample, SkippedSample):
                 return self.PLACEHOLDER, SKIPPED_LABEL
             image, label = sample  # (C, H, W) uint8
             array = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
+            # What RGBImageField.encode asserts or fails on: an error there kills the writer
+            # process and FFCV's writer waits for its samples forever.
+            if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+                return self.PLACEHOLDER, SKIPPED_LABEL
+            height, width = array.shape[:2]
+            if self.max_resolution and max(height, width) > self.max_resolution:
+                # FFCV's own shrink (INTER_AREA, sides truncated), done here with each side at
+                # least 1 px: FFCV truncates the short side of an image longer than
+                # max_resolution:1 to 0 px, and OpenCV raises in the writer process.
+                import cv2  # FFCV's dependency, as its writer uses it
+
+                ratio = self.max_resolution / max(height, width)
+                size = (max(1, int(ratio * width)), max(1, int(ratio * height)))
+                array = cv2.resize(array, size, interpolation=cv2.INTER_AREA)
+            if max(array.shape[:2]) > self.MAX_SIDE:
+                return self.PLACEHOLDER, SKIPPED_LABEL
+            return array, int(label)
         except Exception:  # noqa: BLE001  (reported by the main process, see _skip_reason)
             return self.PLACEHOLDER, SKIPPED_LABEL
-        # What RGBImageField.encode asserts: an assertion there kills the worker and hangs the
-        # writer just the same.
-        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-            return self.PLACEHOLDER, SKIPPED_LABEL
-        return array, int(label)
 
 
 def _skip_reason(dataset, index: int) -> tuple[str, str]:
@@ -500,6 +518,7 @@ def _write_split(ff: SimpleNamespace, dataset, target: Path, params: dict[str, A
     tmp_json = target.with_name(f".{sidecar_path(target).name}.{stamp}")
     writer = None
     done = False
+    before: set = set()
     try:
         field_args = dict(write_mode=params["write_mode"],
                           max_resolution=params["max_resolution"] or None,
@@ -511,7 +530,9 @@ def _write_split(ff: SimpleNamespace, dataset, target: Path, params: dict[str, A
         writer = ff.DatasetWriter(str(tmp), {"image": ff.RGBImageField(**field_args),
                                              "label": ff.IntField()},
                                   num_workers=num_workers)
-        writer.from_indexed_dataset(_HWCSource(dataset), chunksize=params["chunk_size"])
+        before = set(multiprocessing.active_children())
+        writer.from_indexed_dataset(_HWCSource(dataset, params["max_resolution"]),
+                                    chunksize=params["chunk_size"])
         reader = ff.Reader(str(tmp))
         labels = reader.metadata[f"f{reader.field_names.index('label')}"]
         skipped = [_skip_reason(dataset, int(i)) for i in np.flatnonzero(labels < 0)]
@@ -530,6 +551,11 @@ def _write_split(ff: SimpleNamespace, dataset, target: Path, params: dict[str, A
                                                    time.perf_counter() - t0))
     finally:
         if not done:
+            # FFCV's writer processes outlive an interrupted write (and would keep writing
+            # into the file removed below)
+            for child in set(multiprocessing.active_children()) - before:
+                child.terminate()
+                child.join(5)
             for path in (tmp, tmp_json):
                 path.unlink(missing_ok=True)
         sm = getattr(writer, "metadata_sm", None)
@@ -602,6 +628,9 @@ def write_beton(data: DataConfig, out: Path | str | None = None, *,
         for w in written:
             w.publish()
         _fsync(out)
+    except OSError as e:  # an unwritable folder, a full disk: one line, not a traceback
+        raise DatasetError(f"{e.filename or out}: cannot write the FFCV files "
+                           f"({e.strerror or e})") from None
     finally:
         for w in written:
             w.discard()
