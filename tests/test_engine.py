@@ -524,3 +524,13 @@ def test_a_whole_unreadable_batch_stops_with_one_line(data_root, tmp_path):
     with pytest.raises(DatasetError, match=r"epoch 1: the training data ran out after \d of 3 "
                                            r"batches .*: empty file\); remove them"):
         train(cfg)
+
+
+def test_metrics_lines_are_strict_json_with_null_for_non_finite_values():
+    from fasttrain.engine.loop import json_line
+
+    line = json_line({"epoch": 3, "val_loss": float("nan"), "train_loss": float("inf"),
+                      "val_top1": 10.5, "lr": 0.1})
+    assert line == ('{"epoch": 3, "val_loss": null, "train_loss": null, "val_top1": 10.5, '
+                    '"lr": 0.1}')
+    json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import os
 import platform
 import random
@@ -39,6 +40,14 @@ from .schedule import build_scheduler
 MODEL_IDENTITY = ("name", "width", "channel_divisor", "num_classes", "shortcut", "channels")
 """ModelConfig keys that fix the architecture: a checkpoint must agree on all of them, and
 `model.init_from` copies them from its checkpoint."""
+
+
+def json_line(record: dict[str, Any]) -> str:
+    """`record` as one line of strict JSON: a non-finite number (a diverged validation loss) is
+    null, since JSON has no NaN or Infinity and strict parsers (JavaScript's JSON.parse, most
+    non-Python readers) refuse the NaN Python writes by default."""
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                       for k, v in record.items()}, allow_nan=False)
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
@@ -432,7 +441,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
         report.end_epoch(metrics, epochs)
         if dist.is_main:
             with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+                f.write(json_line(metrics) + "\n")
                 f.flush()
                 os.fsync(f.fileno())  # before the checkpoint that claims this epoch is done
             if writer is not None:
