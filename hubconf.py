@@ -7,7 +7,9 @@
 Keyword arguments go to the model constructor (`width`, `channel_divisor`, `num_classes`, ...;
 see fasttrain.models). `checkpoint` loads a local fasttrain checkpoint (`weights_only=True`): the
 architecture then comes from the checkpoint's config, and a keyword argument that disagrees with
-it is an error. Without a checkpoint the weights are random. Models are returned in eval mode.
+it is an error; `weights="ema"` takes the checkpoint's moving average of the weights (a
+`train.ema` run) instead of the trained weights. Without a checkpoint the weights are random.
+Models are returned in eval mode.
 """
 dependencies = ["torch"]
 
@@ -15,8 +17,11 @@ import fasttrain.models as _models  # noqa: E402  (hub reads `dependencies` firs
 
 
 def _entry(name: str):
-    def load(checkpoint: str | None = None, **kwargs):
+    def load(checkpoint: str | None = None, weights: str | None = None, **kwargs):
         if checkpoint is None:
+            if weights is not None:
+                raise ValueError("weights= needs checkpoint= (without one the weights are "
+                                 "random)")
             if "norm_act" in kwargs:  # the config's name for the layer choice, as with checkpoints
                 choice = kwargs.pop("norm_act")
                 if choice not in _models.NORM_ACT_LAYERS:
@@ -29,7 +34,8 @@ def _entry(name: str):
         from fasttrain.export import model_from_checkpoint
 
         # norm_act only picks the implementation of the same math (state dicts are identical).
-        model, meta = model_from_checkpoint(checkpoint, norm_act=kwargs.pop("norm_act", None))
+        model, meta = model_from_checkpoint(checkpoint, norm_act=kwargs.pop("norm_act", None),
+                                            weights=weights or "model")
         if meta["model"] != name:
             raise ValueError(f"{checkpoint} holds a {meta['model']}, not a {name}")
         fixed = meta["model_config"]  # the architecture the checkpoint was trained as
@@ -50,7 +56,8 @@ def _entry(name: str):
                     f"(see fasttrain.models.{'CifarResNet' if name.startswith('cifar_') else 'ResNet'}). "
                     f"`checkpoint=PATH` loads trained weights from a fasttrain checkpoint; the "
                     f"architecture is then the checkpoint's (`norm_act='fused'` may pick the "
-                    f"fused kernel).")
+                    f"fused kernel), and `weights='ema'` picks its moving average of the "
+                    f"weights.")
     return load
 
 

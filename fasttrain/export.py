@@ -24,6 +24,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import io
 import json
 import math
 import os
@@ -70,7 +71,8 @@ def make_metadata(model_config: dict[str, Any], *, resolution: int,
     architecture, and what preprocessing expects: `input_size` [3, H, W] (NCHW, RGB) and
     `(x/255 - mean) / std`."""
     mc = dict(model_config)
-    return {"model": mc["name"], "width": mc["width"],
+    # A pruned network (explicit channels) is at no uniform width: its source's would mislead.
+    return {"model": mc["name"], "width": None if mc.get("channels") else mc["width"],
             "channel_divisor": mc.get("channel_divisor", 1), "num_classes": mc["num_classes"],
             "shortcut": mc.get("shortcut") if mc["name"].startswith("cifar_") else None,
             "norm_act": mc.get("norm_act", "native"), "model_config": mc,
@@ -130,46 +132,95 @@ def model_from_name(name: str, width: float, *, channel_divisor: int = 1,
     return model.eval(), make_metadata(full, resolution=resolution or default_resolution(name))
 
 
-def model_from_checkpoint(path: str | Path, norm_act: str | None = None
-                          ) -> tuple[nn.Module, dict[str, Any]]:
+WEIGHTS = ("model", "ema")
+"""Which weights of a checkpoint to use: the trained model's, or their exponential moving
+average (saved with `train.ema`)."""
+
+
+def _mapping(path: Path, value: Any, where: str) -> dict[str, Any]:
+    """`value` when it is a mapping, {} when absent; a crafted or damaged file is one line."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: malformed checkpoint: {where} is of type "
+                              f"{type(value).__name__}, not a mapping")
+    return value
+
+
+def _ema_state(path: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """The model state dict inside the checkpoint's EMA (an `AveragedModel`: keys under
+    `module.`, plus its update count)."""
+    ema = state.get("ema")
+    if not isinstance(ema, dict):
+        raise CheckpointError(f"{path}: no EMA weights in this checkpoint (trained without "
+                              f"train.ema); use the model's weights")
+    return {k.removeprefix("module."): v for k, v in ema.items() if k != "n_averaged"}
+
+
+def model_from_checkpoint(path: str | Path, norm_act: str | None = None,
+                          weights: str = "model") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model of a fasttrain checkpoint (its `config['model']`), load its weights
     (`weights_only=True`) and return it in eval mode with its metadata; input size, mean and std
     come from the checkpoint's `config['data']` (validation crop), the training commit from its
-    `versions['commit']` ("unknown" when absent).
+    `versions['commit']` ("unknown" when absent); `weights` says which weights were loaded.
 
     Args:
         norm_act: override the checkpoint's `model.norm_act` (same state dict either way).
+        weights: "model" (the trained weights, what `val_top1` measured) or "ema" (their
+            moving average, what `val_top1_ema` measured; needs a `train.ema` run).
 
     Raises:
-        CheckpointError: unreadable file, no model config, or weights that do not fit.
+        CheckpointError: unreadable file, no model config, malformed entries, no EMA weights
+            for weights="ema", or weights that do not fit.
     """
     from .engine import checkpoint as ckpt
 
+    if weights not in WEIGHTS:
+        raise UserError(f"weights={weights!r}: choose from {', '.join(WEIGHTS)}")
     path = Path(path)
     state = ckpt.load(path)
     cfg = state.get("config")
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
         raise CheckpointError(f"{path}: checkpoint has no model config ('config'['model'])")
+    model_state = _mapping(path, state["model"], "'model'")
+    if weights == "ema":
+        model_state = _ema_state(path, state)
     mc = dict(cfg["model"])
     if norm_act is not None:
         mc["norm_act"] = norm_act
     if not mc.get("num_classes"):  # 0 = "the data set's": the classifier's shape says how many
-        fc = state["model"].get("fc.weight")
+        fc = model_state.get("fc.weight")
         if fc is None:
             raise CheckpointError(f"{path}: model.num_classes is 0 and there is no fc.weight")
         mc["num_classes"] = int(fc.shape[0])
     try:
         model = _build(mc)
-        model.load_state_dict(state["model"])
-    except (UserError, RuntimeError, KeyError, TypeError) as e:
+        model.load_state_dict(model_state)
+    except (UserError, RuntimeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: checkpoint does not fit its model config "
                               f"({_first_problem(e)})") from None
-    data = cfg.get("data") or {}
-    versions = state.get("versions") or {}
-    meta = make_metadata(mc, resolution=int(data.get("val_res") or default_resolution(mc["name"])),
-                         mean=data.get("mean"), std=data.get("std"),
+    data = _mapping(path, cfg.get("data"), "'config'['data']")
+    versions = _mapping(path, state.get("versions"), "'versions'")
+    train_state = _mapping(path, state.get("train_state"), "'train_state'")
+    try:
+        resolution = int(data.get("val_res") or default_resolution(mc["name"]))
+        resize = int(data.get("val_resize") or 0)  # shorter side before the center crop
+        mean, std = data.get("mean"), data.get("std")
+        for name, values in (("mean", mean), ("std", std)):
+            if values is not None and [float(v) for v in values] and len(values) != 3:
+                raise ValueError(f"{name} has {len(values)} values")
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: malformed checkpoint: 'config'['data'] ({e})") from None
+    meta = make_metadata(mc, resolution=resolution, mean=mean, std=std,
                          training_commit=str(versions.get("commit", "unknown")))
-    meta["checkpoint_epoch"] = (state.get("train_state") or {}).get("epoch")
+    meta["checkpoint_epoch"] = train_state.get("epoch")
+    meta["weights"] = weights
+    classes = state.get("classes")  # label order of the training data (absent in old files)
+    if isinstance(classes, list) and len(classes) == mc["num_classes"] and \
+            all(isinstance(c, str) for c in classes):
+        meta["classes"] = classes
+    if resize:
+        meta["resize"] = resize
     return model.eval(), meta
 
 
@@ -288,6 +339,13 @@ def quiet_jit():
         yield
 
 
+def parity_failed_path(out: str | Path) -> Path:
+    """Where `export_model` keeps a file that failed its parity check: `<stem>.parity-failed
+    <suffix>` next to `out` (replacing an earlier failed one)."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.parity-failed{out.suffix}")
+
+
 def to_torchscript(model: nn.Module, example: torch.Tensor, path: str | Path,
                    meta: dict[str, Any]) -> str:
     """Write `model` as TorchScript with `meta` in `_extra_files`; `torch.jit.script` first, then
@@ -300,8 +358,20 @@ def to_torchscript(model: nn.Module, example: torch.Tensor, path: str | Path,
             with torch.no_grad():
                 sm, method = torch.jit.trace(model, example), "trace"
         meta = {**meta, "torchscript_method": method}
-        torch.jit.save(sm, str(path), _extra_files={META_KEY: json.dumps(meta)})
+        buffer = io.BytesIO()
+        torch.jit.save(sm, buffer, _extra_files={META_KEY: json.dumps(meta)})
+    _write_bytes(path, buffer)
     return method
+
+
+def _write_bytes(path: str | Path, buffer: io.BytesIO) -> None:
+    """Write a serialised model with Python's file I/O: torch's C++ writer reports a failed
+    open as a RuntimeError and a failed write (disk full) by aborting the process, where an
+    OSError here becomes one line."""
+    with open(path, "wb") as f:
+        f.write(buffer.getbuffer())
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def to_export(model: nn.Module, example: torch.Tensor, path: str | Path,
@@ -310,7 +380,9 @@ def to_export(model: nn.Module, example: torch.Tensor, path: str | Path,
     in its extra files."""
     batch = torch.export.Dim("batch", min=1)
     ep = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
-    torch.export.save(ep, str(path), extra_files={META_KEY: json.dumps(meta)})
+    buffer = io.BytesIO()
+    torch.export.save(ep, buffer, extra_files={META_KEY: json.dumps(meta)})
+    _write_bytes(path, buffer)
 
 
 def to_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, meta: dict[str, Any],
@@ -507,7 +579,7 @@ def export_model(model: nn.Module, meta: dict[str, Any], fmt: str, out: str | Pa
         parity = check_parity(reference, exported, meta["input_size"], batch_sizes=batch_sizes,
                               atol=atol, rtol=rtol)
         if not parity.ok:
-            failed = out.with_name(f"{out.stem}.parity-failed{out.suffix}")
+            failed = parity_failed_path(out)
             os.replace(tmp, failed)
             raise ParityError(f"{out}: {fmt} output differs from eager: max abs "
                               f"{parity.max_abs:.3g}, max rel {parity.max_rel:.3g} > atol "

@@ -125,6 +125,7 @@ def test_smoke_training_writes_run_directory_and_loss_decreases(data_root, tmp_p
     best = ckpt.load(run / "checkpoints" / "best.pt")
     assert last["train_state"]["epoch"] == 3
     assert best["metrics"]["val_top1"] == max(m["val_top1"] for m in lines)
+    assert last["classes"] == [str(d) for d in range(10)]  # label order, for exported files
     model = create_model("cifar_resnet20", width=0.5, num_classes=10)
     model.load_state_dict(last["model"])  # plain module keys, no DDP/compile prefixes
     # The same explicit run name again would overwrite a resumable run: refused.

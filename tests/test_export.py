@@ -3,9 +3,11 @@ TorchScript / torch.export / ONNX, metadata, loading in a fresh process with pla
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -378,3 +380,116 @@ def test_hub_entry_points(tmp_path):
     assert type(plain.bn1) is NORM_ACT_LAYERS["fused"]
     with pytest.raises(ValueError, match="norm_act='fast': choose from fused, native"):
         torch.hub.load(str(ROOT), "thin_resnet18", source="local", norm_act="fast")
+
+
+# --------------------------------------------------------------------------- checkpoint weights
+
+def _checkpoint_with_ema(tmp_path) -> tuple[Path, dict, dict]:
+    """A checkpoint whose EMA (saved as the engine saves it: an AveragedModel's state dict)
+    holds weights other than the model's; returns the path and both state dicts."""
+    from fasttrain.engine.ema import ModelEma
+    from fasttrain.models import create_model
+
+    path = _checkpoint(tmp_path)
+    state = torch.load(path, weights_only=True)
+    averaged = randomize_bn(create_model("cifar_resnet20", width=0.25, num_classes=7), seed=5)
+    ema = ModelEma(averaged, decay=0.9, every=1)
+    state["ema"] = ema.state_dict()
+    state["classes"] = [f"class{i}" for i in range(7)]
+    state["config"]["data"]["val_resize"] = 28
+    state["metrics"] = {"val_top1": 50.0, "val_top1_ema": 60.0}
+    torch.save(state, path)
+    return path, state["model"], averaged.state_dict()
+
+
+def test_the_ema_weights_of_a_checkpoint_are_a_choice_everywhere(tmp_path, capsys):
+    path, model_state, ema_state = _checkpoint_with_ema(tmp_path)
+    model, meta = ex.model_from_checkpoint(path)
+    assert torch.equal(model.fc.weight, model_state["fc.weight"]) and meta["weights"] == "model"
+    ema_model, ema_meta = ex.model_from_checkpoint(path, weights="ema")
+    assert ema_meta["weights"] == "ema"
+    for key, value in ema_model.state_dict().items():  # buffers (BN statistics) too
+        assert torch.equal(value, ema_state[key]), key
+    # the data set's class names and the resize before the crop travel with the export
+    assert ema_meta["classes"] == [f"class{i}" for i in range(7)] and ema_meta["resize"] == 28
+    out = tmp_path / "ema.pt"
+    assert export_tool.main(["--checkpoint", str(path), "--weights", "ema", "--out",
+                             str(out)]) == 0
+    exported, file_meta = ex.load_exported(out)
+    assert file_meta["weights"] == "ema" and file_meta["classes"][6] == "class6"
+    x = torch.randn(2, 3, 24, 24)
+    torch.testing.assert_close(exported(x), ema_model(x), atol=1e-4, rtol=1e-4)
+    hub = torch.hub.load(str(ROOT), "cifar_resnet20", source="local", checkpoint=str(path),
+                         weights="ema")
+    assert torch.equal(hub.fc.weight, ema_state["fc.weight"])
+    with pytest.raises(ValueError, match="weights= needs checkpoint="):
+        torch.hub.load(str(ROOT), "cifar_resnet20", source="local", weights="ema")
+    capsys.readouterr()
+    assert export_tool.main(["--model", "cifar_resnet20", "--weights", "ema", "--out",
+                             str(tmp_path / "x.pt")]) == 2
+    assert "--weights applies to --checkpoint only" in capsys.readouterr().err
+    # a checkpoint of a run without train.ema: said in one line
+    (tmp_path / "plain").mkdir()
+    plain = _checkpoint(tmp_path / "plain")
+    with pytest.raises(ex.CheckpointError, match=r"no EMA weights in this checkpoint"):
+        ex.model_from_checkpoint(plain, weights="ema")
+
+
+def test_export_never_keeps_a_failed_file_over_its_checkpoint(tmp_path, capsys):
+    """A failed parity check keeps the file as <stem>.parity-failed<suffix>: that must not be
+    the checkpoint being exported."""
+    ckpt = _checkpoint(tmp_path)
+    source = ckpt.rename(tmp_path / "model.parity-failed.pt")
+    before = source.read_bytes()
+    assert export_tool.main(["--checkpoint", str(source), "--out", str(tmp_path / "model.pt"),
+                             "--atol", "0", "--rtol", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "which is the checkpoint itself" in err, err
+    assert source.read_bytes() == before
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "export"])
+def test_a_full_disk_is_one_line_not_an_abort(fmt, tmp_path):
+    """torch's C++ file writer aborts the process when a write fails (and raises a
+    RuntimeError for an open that fails); files are written from Python instead."""
+    import resource
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))  # Python ignores SIGXFSZ
+
+    out = tmp_path / f"net{ex.FORMATS[fmt]}"
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "export.py"), "--model",
+                             "cifar_resnet20", "--width", "0.5", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300, preexec_fn=small_files)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"error: {out}: cannot write (File too large)")
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_exported_file_or_a_crafted_one_given_as_a_checkpoint_is_one_line(tmp_path, capsys):
+    model, meta = small_model()
+    ex.export_model(model, meta, "torchscript", tmp_path / "net.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's two-line note on TorchScript archives: gone
+        assert export_tool.main(["--checkpoint", str(tmp_path / "net.pt"), "--out",
+                                 str(tmp_path / "again.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {tmp_path / 'net.pt'}: a TorchScript archive (an exported model?), "
+                   f"not a fasttrain checkpoint\n"), err
+    path = _checkpoint(tmp_path)
+    state = torch.load(path, weights_only=True)
+    for entry, value, where in ((("config", "data"), "x", "'config'['data'] is of type str"),
+                                (("train_state",), 5, "'train_state' is of type int"),
+                                (("versions",), "x", "'versions' is of type str"),
+                                (("config", "data", "val_res"), "big", "'config'['data']")):
+        crafted = json.loads(json.dumps(state["config"]))  # a deep copy of the plain part
+        broken = {**state, "config": crafted}
+        target = broken
+        for key in entry[:-1]:
+            target = target[key]
+        target[entry[-1]] = value
+        torch.save(broken, tmp_path / "crafted.pt")
+        with pytest.raises(ex.CheckpointError, match=rf"crafted.pt: malformed checkpoint: "
+                                                     rf"{re.escape(where)}"):
+            ex.model_from_checkpoint(tmp_path / "crafted.pt")

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--model: round the base width up to a multiple of this")
     p.add_argument("--num-classes", type=_positive, default=None,
                    help="--model: classifier outputs (default 1000, CIFAR models 10)")
+    p.add_argument("--weights", choices=["model", "ema"], default=None,
+                   help="--checkpoint: the trained weights (model, default) or their moving "
+                        "average (ema); the same network, so the numbers differ by noise only")
     p.add_argument("--norm-act", default=None,
                    help="norm+ReLU implementation for --model/--checkpoint (default: native, or "
                         "the checkpoint's); a fused one when fasttrain provides it")
@@ -135,6 +138,8 @@ def _check_sources(args) -> None:
                             f"--model only (other sources bring their own architecture)")
     if args.norm_act is not None and (args.file is not None or args.factory is not None):
         raise UserError("--norm-act applies to --model and --checkpoint only")
+    if args.weights is not None and args.checkpoint is None:
+        raise UserError("--weights applies to --checkpoint only")
 
 
 def _check_output(flag: str, path: str, folder: bool = False) -> None:
@@ -199,7 +204,8 @@ def _load_models(args):
                                                 num_classes=args.num_classes,
                                                 norm_act=args.norm_act or "native")]
     if args.checkpoint is not None:
-        return [sources.from_checkpoint(args.checkpoint, norm_act=args.norm_act)]
+        return [sources.from_checkpoint(args.checkpoint, norm_act=args.norm_act,
+                                        weights=args.weights or "model")]
     if args.file is not None:
         return [sources.from_file(args.file)]
     return [sources.from_factory(args.factory)]

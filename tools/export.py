@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channel-divisor", type=_positive_int, default=1, help="--model: channel divisor")
     p.add_argument("--num-classes", type=_positive_int, default=None,
                    help="--model: classifier outputs (default 1000, CIFAR models 10)")
+    p.add_argument("--weights", choices=["model", "ema"], default=None,
+                   help="--checkpoint: the trained weights (model, default) or their moving "
+                        "average (ema, in a train.ema run's checkpoints)")
     p.add_argument("--format", choices=["torchscript", "export", "onnx"], default=None,
                    help="default: from --out's suffix (.pt, .pt2, .onnx)")
     p.add_argument("--out", required=True, metavar="FILE", help="the file to write")
@@ -88,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.checkpoint and args.channel_divisor != 1:
             raise UserError("--channel-divisor applies to --model only (a checkpoint names "
                             "its own)")
+        if args.model and args.weights:
+            raise UserError("--weights applies to --checkpoint only (--model has random weights)")
         from fasttrain import export as ex
 
         fmt = args.format or ex.format_of(args.out)
@@ -100,8 +105,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.checkpoint and same_file(args.checkpoint, args.out):
             raise UserError(f"--out {args.out} is the checkpoint itself; exporting over it "
                             f"would lose the trained weights")
+        failed = ex.parity_failed_path(args.out)
+        if args.checkpoint and same_file(args.checkpoint, failed):
+            raise UserError(f"--out {args.out}: a failed export would be kept as {failed}, "
+                            f"which is the checkpoint itself; choose another --out")
         if args.checkpoint:
-            model, meta = ex.model_from_checkpoint(args.checkpoint)
+            model, meta = ex.model_from_checkpoint(args.checkpoint,
+                                                   weights=args.weights or "model")
             if args.resolution:
                 meta["input_size"] = [3, args.resolution, args.resolution]
         else:

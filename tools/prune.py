@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="conv+fc MACs per image to reach, e.g. 2.6e6")
     target.add_argument("--target-width", type=_positive, metavar="W",
                         help="reach the MACs of the same model at uniform width W")
+    p.add_argument("--weights", choices=["model", "ema"], default="model",
+                   help="prune the trained weights (model) or their moving average (ema, in a "
+                        "train.ema run's checkpoints)")
     p.add_argument("--importance", choices=["l1", "bn_scale"], default="l1",
                    help="channel importance: group L1 magnitude or BatchNorm |gamma|")
     p.add_argument("--scope", choices=["global", "uniform"], default="global",
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                                             target_macs=args.target_macs,
                                             target_width=args.target_width,
                                             importance=args.importance, scope=args.scope,
-                                            tolerance=args.tolerance)
+                                            tolerance=args.tolerance, weights=args.weights)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -313,7 +313,8 @@ def check_output(source: str | Path, out: str | Path) -> None:
 
 def prune_checkpoint(path: str | Path, out: str | Path, *, target_macs: int | None = None,
                      target_width: float | None = None, importance: str = "l1",
-                     scope: str = "global", tolerance: float = 0.05) -> PruneResult:
+                     scope: str = "global", tolerance: float = 0.05,
+                     weights: str = "model") -> PruneResult:
     """Prune the model of a fasttrain checkpoint and write a checkpoint of the pruned network.
 
     The target is `target_macs`, or the MACs of the same model at `target_width` under the
@@ -322,7 +323,8 @@ def prune_checkpoint(path: str | Path, out: str | Path, *, target_macs: int | No
     spec), `versions` and `pruning` (source path, epoch and validation top-1, source and pruned
     MACs/params, target, ratio, importance, scope, the bisection trace). It loads with
     `weights_only=True`; `--model.init_from=OUT` fine-tunes it with any recipe, and
-    tools/benchmark.py and tools/export.py accept it like any checkpoint.
+    tools/benchmark.py and tools/export.py accept it like any checkpoint. `weights` picks the
+    source's trained weights ("model") or their moving average ("ema").
 
     The output path is checked (`check_output`) once the checkpoint has been read and before
     the pruning; an existing file at `out` is replaced atomically, never torn.
@@ -340,7 +342,7 @@ def prune_checkpoint(path: str | Path, out: str | Path, *, target_macs: int | No
     if (target_macs is None) == (target_width is None):
         raise PruneError("give exactly one of target_macs and target_width")
     path = Path(path)
-    model, meta = model_from_checkpoint(path)
+    model, meta = model_from_checkpoint(path, weights=weights)
     state = ckpt.load(path)
     check_output(path, out)
     config = copy.deepcopy(state["config"])
@@ -362,12 +364,14 @@ def prune_checkpoint(path: str | Path, out: str | Path, *, target_macs: int | No
     config["model"] = {**config["model"], "channels": result.channels, "init_from": "",
                        "num_classes": mc["num_classes"]}
     metrics = state.get("metrics") or {}
+    source_top1 = metrics.get("val_top1_ema" if weights == "ema" else "val_top1")
     record = {"source": str(path), "source_epoch": (state.get("train_state") or {}).get("epoch"),
-              "source_val_top1": metrics.get("val_top1"), "source_model": mc["name"],
+              "source_val_top1": source_top1, "source_model": mc["name"],
               "source_width": mc["width"], "source_channels": mc.get("channels"),
               "source_macs": result.source_macs, "source_params": result.source_params,
               "target_macs": result.target_macs, "target_width": target_width,
               "macs": result.macs, "params": result.params, "resolution": resolution,
+              "source_weights": weights,
               "importance": importance, "scope": scope, "ratio": result.ratio,
               "tolerance": tolerance, "search": [list(s) for s in result.search],
               "torch_pruning": _tp_version(),
@@ -377,7 +381,8 @@ def prune_checkpoint(path: str | Path, out: str | Path, *, target_macs: int | No
     out = Path(out)
     try:
         ckpt.save_atomic({"model": result.model.state_dict(), "config": config, "metrics": {},
-                          "versions": versions, "pruning": record}, out)
+                          "versions": versions, "pruning": record,
+                          "classes": state.get("classes")}, out)
     except OSError as e:  # disk full, or the folder changed since check_output
         raise PruneError(f"output {out}: cannot write the pruned checkpoint "
                          f"({e.strerror or e})") from None

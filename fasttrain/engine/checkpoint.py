@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +45,20 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
         os.close(dir_fd)
 
 
+TORCHSCRIPT_NOT_CHECKPOINT = ("a TorchScript archive (an exported model?), not a fasttrain "
+                              "checkpoint")
+
+
 def load(path: Path) -> dict[str, Any]:
     """Load a checkpoint with `weights_only=True`: tensors and plain containers only, so a file
     crafted to run code on unpickling is refused."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch's notes on TorchScript archives and legacy pickles: the one-line errors
+            # below say what matters
+            warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive")
+            warnings.filterwarnings("ignore", message=".*Detected pickle protocol")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: checkpoint not found") from None
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... here
@@ -59,6 +69,8 @@ def load(path: Path) -> dict[str, Any]:
                                   f"written by torch.save)") from None
         lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
         reason = lines[0]
+        if "TorchScript archives" in reason:  # torch's advice (weights_only=False) is wrong here
+            raise CheckpointError(f"{path}: {TORCHSCRIPT_NOT_CHECKPOINT}") from None
         if reason.startswith("Weights only load failed"):
             # torch's weights-only refusal: a paragraph of advice around the real reason (the
             # offending global, or the opcode of bytes that are no pickle), which may follow

@@ -130,6 +130,7 @@ class Parts:
     device: torch.device
     steps_per_epoch: int  # optimizer steps
     graph_steps: bool = False  # train_model replays CUDA graphs (compile_mode reduce-overhead)
+    classes: list[str] = field(default_factory=list)  # the data set's, in label order
 
 
 @functools.cache  # one git call per run, not one per checkpoint
@@ -388,7 +389,8 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
         eval_model = torch.compile(model, mode=compile_mode) if use_compile else model
     parts = Parts(cfg, model, train_model, optimizer, scheduler, scaler, precision,
                   BatchMixer(cfg.aug, cfg.model.num_classes, cfg.optim.label_smoothing), ema,
-                  device, steps_per_epoch, graph_steps=_graph_steps(cfg, device, use_compile))
+                  device, steps_per_epoch, graph_steps=_graph_steps(cfg, device, use_compile),
+                  classes=list(loaders.classes))
 
     writer = None
     if dist.is_main:
@@ -643,7 +645,8 @@ def _save(run_dir: Path, p: Parts, state: TrainState, metrics: dict[str, Any],
     payload = {"model": ckpt.unwrap(p.model).state_dict(), "optimizer": p.optimizer.state_dict(),
                "scheduler": p.scheduler.state_dict(), "rng": _rng_state(),
                "train_state": dataclasses.asdict(state),
-               "config": p.cfg.to_dict(), "metrics": metrics, "versions": _versions()}
+               "config": p.cfg.to_dict(), "metrics": metrics, "versions": _versions(),
+               "classes": p.classes}
     if p.precision.use_scaler:
         payload["scaler"] = p.scaler.state_dict()
     if p.ema is not None:

@@ -75,8 +75,10 @@ def from_registry(name: str, widths: list[float], *, channel_divisor: int = 1,
     return out
 
 
-def from_checkpoint(path: str | Path, norm_act: str | None = None) -> BenchModel:
-    """The trained model of a fasttrain checkpoint (`fasttrain.export.model_from_checkpoint`).
+def from_checkpoint(path: str | Path, norm_act: str | None = None,
+                    weights: str = "model") -> BenchModel:
+    """The trained model of a fasttrain checkpoint (`fasttrain.export.model_from_checkpoint`;
+    `weights` "model" or "ema").
 
     Raises:
         UserError: the file is not a usable checkpoint (an exported TorchScript file is named
@@ -84,16 +86,14 @@ def from_checkpoint(path: str | Path, norm_act: str | None = None) -> BenchModel
     """
     from ..export import model_from_checkpoint
 
+    from ..engine.checkpoint import TORCHSCRIPT_NOT_CHECKPOINT
+
     try:
-        with warnings.catch_warnings():
-            # torch.load's own note on TorchScript archives: the error below says it in one line.
-            warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive")
-            model, meta = model_from_checkpoint(path, norm_act=norm_act)
+        model, meta = model_from_checkpoint(path, norm_act=norm_act, weights=weights)
     except UserError as e:
-        if "TorchScript archives" not in str(e):
+        if TORCHSCRIPT_NOT_CHECKPOINT not in str(e):
             raise
-        raise SourceError(f"{path}: a TorchScript archive, not a checkpoint (an exported file? "
-                          f"use --file)") from None
+        raise SourceError(f"{path}: {TORCHSCRIPT_NOT_CHECKPOINT} (use --file)") from None
     name, width = _identity(meta)
     return BenchModel(name, width, str(path), model, meta["input_size"][1],
                       meta["num_classes"], meta["norm_act"], model)
