@@ -422,6 +422,19 @@ def format_of(path: str | Path) -> str:
                       f"expected .pt, .pt2 or .onnx)")
 
 
+def _is_torch_save_archive(path: Path) -> bool:
+    """A torch.save zip (`<name>/data.pkl`, no TorchScript `code/` or torch.export model)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return (any(n.endswith("/data.pkl") for n in names)
+            and not any("/code/" in n or "/models/" in n for n in names))
+
+
 def load_exported(path: str | Path, fmt: str | None = None
                   ) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict[str, Any]]:
     """Load an exported file: a function images → logits (CPU tensors for ONNX) and its
@@ -432,7 +445,8 @@ def load_exported(path: str | Path, fmt: str | None = None
     """
     path = Path(path)
     if not path.is_file():
-        raise ExportError(f"{path}: file not found")
+        raise ExportError(f"{path}: " + ("a directory, not an exported file" if path.is_dir()
+                                         else "file not found"))
     fmt = fmt or format_of(path)
     try:
         if fmt == "torchscript":
@@ -445,6 +459,9 @@ def load_exported(path: str | Path, fmt: str | None = None
             ep = torch.export.load(str(path), extra_files=extra)
             return ep.module(), json.loads(extra[META_KEY] or "{}")
     except Exception as e:  # torch raises RuntimeError, zipfile.BadZipFile, KeyError, ... here
+        if _is_torch_save_archive(path):
+            raise ExportError(f"{path}: a torch.save file (a training checkpoint?), not an "
+                              f"exported model") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"{path}: cannot load {fmt} file ({type(e).__name__}: {first})"
                           ) from None

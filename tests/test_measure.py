@@ -324,7 +324,7 @@ def test_exported_files_count_like_the_trained_network(exported):
     (reg,) = bench.run(sources.from_registry("cifar_resnet20", [0.25]), cond, [1])
     for name in ("net.pt", "net.pt2"):
         (row,) = bench.run([sources.from_file(exported / name)], cond, [1])
-        assert row["status"] == "ok"
+        assert row["status"] == "ok" and row["norm_act"] == "folded"
         assert (row["params"], row["macs"], row["macs_fvcore_total"]) == \
             (reg["params"], reg["macs"], reg["macs_fvcore_total"]), name
 
@@ -342,6 +342,11 @@ def test_a_torch_export_file_runs_at_its_exported_size_only(exported):
 def test_file_and_checkpoint_sources_say_what_is_wrong(exported, tmp_path):
     with pytest.raises(sources.SourceError, match=r"TorchScript archive.*use --file"):
         sources.from_checkpoint(exported / "net.pt")
+    torch.save({"model": {}}, tmp_path / "last.pt")  # and the other way round
+    with pytest.raises(sources.SourceError, match=r"last.pt: a torch.save file \(a training "
+                                                  r"checkpoint\?\), not an exported model "
+                                                  r"\(use --checkpoint\)$"):
+        sources.from_file(tmp_path / "last.pt")
     plain = tmp_path / "plain.pt"
     torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())).save(str(plain))
     with pytest.warns(UserWarning, match="MACs not counted: the file has no fasttrain metadata"):
@@ -428,6 +433,7 @@ def test_cli_save_plot_csv_and_factory(tmp_path, monkeypatch, capsys):
     (["--model", "thin_resnet18", "--plot"], "--plot needs a PNG path"),
     (["--checkpoint", "/no/such/ckpt.pt"], "checkpoint not found"),
     (["--file", "/no/such/model.pt"], "file not found"),
+    (["--file", "/tmp"], "/tmp: a directory, not an exported file"),
     (["--model", "thin_resnet18", "--width", "0"], "positive"),
     (["--model", ""], "--model '': no model name given"),
     (["--model", ","], "--model ',': no model name given"),

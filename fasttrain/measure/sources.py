@@ -122,7 +122,12 @@ def from_file(path: str | Path) -> BenchModel:
     if Path(path).suffix.lower() == ".onnx":
         raise SourceError(f"{path}: ONNX files run in onnxruntime, not torch; benchmark the "
                           f"TorchScript or torch.export file instead")
-    module, meta = load_exported(path)
+    try:
+        module, meta = load_exported(path)
+    except UserError as e:
+        if "a torch.save file" not in str(e):
+            raise
+        raise SourceError(f"{e} (use --checkpoint)") from None
     script = isinstance(module, torch.jit.ScriptModule)
     count_model = None
     if meta.get("model"):
@@ -140,8 +145,10 @@ def from_file(path: str | Path) -> BenchModel:
     fixed = None if script else _exported_size(module, meta)
     resolution = fixed or meta.get("input_size", [3, 224, 224])[1]
     name, width = _identity(meta) if meta.get("model") else (Path(path).name, None)
+    # A folded file has no norm layers left: its training's norm_act (say fused) did not run.
+    norm_act = "folded" if meta.get("bn_folded") else meta.get("norm_act")
     return BenchModel(name, width, str(path), module,
-                      resolution, meta.get("num_classes"), meta.get("norm_act"), count_model,
+                      resolution, meta.get("num_classes"), norm_act, count_model,
                       compiled=True, fixed_resolution=fixed)
 
 
