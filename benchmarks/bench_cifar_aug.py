@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"benchmark": "bench_cifar_aug", "date": datetime.now(timezone.utc).isoformat(),
               **conditions(device.type), "recipe": str(RECIPE.relative_to(ROOT)),
               "augmentation": "pad 4 + random crop 32, flip 0.5, TrivialAugmentWide",
-              "images": args.images, "workers": args.workers, "batch_size": args.batch_size,
+              "images": train_images, "workers": args.workers, "batch_size": args.batch_size,
               "timed_epochs": args.epochs, "rounds": args.rounds,
               "resident_vs_torch": round(speedup, 2), "rows": rows}
     for row in rows:

@@ -90,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from fasttrain.measure.env import cpu_name, git_commit
 
+    from fasttrain.data import build_digits
+    from fasttrain.data.datasets import default_root
+
+    # The digits' JPEG files are written on first use: before the first timed run, not in it.
+    build_digits(default_root("digits"))
     if "ffcv" in backends:  # the quickstart's FFCV files, written once (not timed)
         from fasttrain.data.ffcv_loader import beton_dir, write_beton
         data = load(RECIPE).data
