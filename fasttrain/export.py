@@ -207,8 +207,10 @@ def model_from_checkpoint(path: str | Path, norm_act: str | None = None,
         resize = int(data.get("val_resize") or 0)  # shorter side before the center crop
         mean, std = data.get("mean"), data.get("std")
         for name, values in (("mean", mean), ("std", std)):
-            if values is not None and [float(v) for v in values] and len(values) != 3:
-                raise ValueError(f"{name} has {len(values)} values")
+            if values is not None:
+                numbers = [float(v) for v in values]  # a str or a list of words: TypeError...
+                if numbers and len(numbers) != 3:  # empty = the ImageNet default
+                    raise ValueError(f"{name} has {len(numbers)} values, not 3")
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: malformed checkpoint: 'config'['data'] ({e})") from None
     meta = make_metadata(mc, resolution=resolution, mean=mean, std=std,
