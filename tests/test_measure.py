@@ -608,7 +608,7 @@ def test_a_failed_save_leaves_the_record_whole(tmp_path, monkeypatch, capsys):
     def disk_full(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(bench.os, "fsync", disk_full)
+    monkeypatch.setattr(os, "fsync", disk_full)
     assert benchmark_tool.main(argv) == 2
     err = capsys.readouterr().err
     assert "No space left on device" in err and err.count("\n") == 1, err

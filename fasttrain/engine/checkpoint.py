@@ -5,7 +5,7 @@ import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Callable
 
 import torch
 from torch import nn
@@ -24,14 +24,14 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def save_atomic(state: dict[str, Any], path: Path) -> None:
-    """Write `state` to `path` so that a crash at any point leaves either the old file or the new
-    one, never a torn file: temp file in the same directory, fsync, rename, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def write_atomic(path: Path, write: Callable[[IO], None], mode: str = "wb") -> None:
+    """Call `write(f)` on a temporary file next to `path`, fsync it and rename it to `path`, then
+    fsync the folder: a crash or a failed write (disk full, interrupted) at any point leaves
+    either the old file or the new one, never a torn file, and no temporary file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
+        with open(tmp, mode, **({} if "b" in mode else {"newline": ""})) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -43,6 +43,12 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def save_atomic(state: dict[str, Any], path: Path) -> None:
+    """Write `state` to `path` (folders created) with `write_atomic`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda f: torch.save(state, f))
 
 
 TORCHSCRIPT_NOT_CHECKPOINT = ("a TorchScript archive (an exported model?), not a fasttrain "

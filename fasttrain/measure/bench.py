@@ -19,7 +19,6 @@ import copy
 import csv
 import gc
 import json
-import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from ..engine.checkpoint import write_atomic
 from ..errors import UserError
 from ..export import quiet_jit
 from .env import conditions
@@ -330,21 +330,6 @@ def _writing(path: Path):
         raise BenchError(f"{path}: cannot write ({e.strerror or e})") from None
 
 
-def _replace(path: Path, write: Callable[[Any], None]) -> None:
-    """Write `path` through a temporary file, fsync and rename: a write that fails (disk full,
-    interrupted) leaves the previous file whole, which matters for the appended record."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", newline="") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_json(rows: list[dict[str, Any]], path: str | Path) -> Path:
     """A JSON list with one row per line (appended rows give small diffs); folders created; an
     existing file is replaced only once the new one is complete.
@@ -355,7 +340,8 @@ def write_json(rows: list[dict[str, Any]], path: str | Path) -> Path:
     path = Path(path)
     body = ",\n".join(json.dumps(r) for r in rows)
     with _writing(path):
-        _replace(path, lambda f: f.write(f"[\n{body}\n]\n" if rows else "[]\n"))
+        write_atomic(path, lambda f: f.write(f"[\n{body}\n]\n" if rows else "[]\n"),
+                     mode="w")
     return path
 
 
@@ -374,7 +360,7 @@ def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
         writer.writerows(rows)
 
     with _writing(path):
-        _replace(path, write)
+        write_atomic(path, write, mode="w")
     return path
 
 
