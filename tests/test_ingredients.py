@@ -95,7 +95,7 @@ def test_ema_equals_its_closed_form():
     assert ema.module.weight.item() == pytest.approx(closed, rel=1e-6)
 
 
-def test_ema_updates_every_k_steps_and_restarts_in_warmup():
+def test_ema_updates_every_k_steps():
     model = nn.Linear(1, 1, bias=False)
     ema = ModelEma(model, 0.5, every=2)
     with torch.no_grad():
@@ -108,10 +108,20 @@ def test_ema_updates_every_k_steps_and_restarts_in_warmup():
     assert ema.module.weight.item() == 3.0  # not an update step
     ema.step(model, 4, in_warmup=False)
     assert ema.module.weight.item() == 4.0
-    with torch.no_grad():
-        model.weight.fill_(9.0)
-    ema.step(model, 6, in_warmup=True)
-    assert ema.module.weight.item() == 9.0  # warmup: restart from the weights
+
+
+def test_the_first_ema_update_after_warmup_copies_as_torchvisions():
+    """torchvision's train.py zeroes n_averaged after each warmup update, so the first update
+    after warmup is a copy of the weights, not an average with the last warmup copy."""
+    model = nn.Linear(1, 1, bias=False)
+    ema = ModelEma(model, 0.5, every=1)
+    for step, (weight, warmup) in enumerate([(1.0, True), (9.0, True), (5.0, False),
+                                             (7.0, False)], 1):
+        with torch.no_grad():
+            model.weight.fill_(weight)
+        ema.step(model, step, in_warmup=warmup)
+    # copies at steps 1-3 (the last warmup update reset the count), then 0.5 * 5 + 0.5 * 7
+    assert ema.module.weight.item() == 6.0
 
 
 def test_ema_decay_adjustment_matches_torchvision():

@@ -17,7 +17,8 @@ def adjusted_decay(decay: float, global_batch: int, ema_steps: int, epochs: int)
 class ModelEma(AveragedModel):
     """EMA of parameters and buffers: ema = d * ema + (1 - d) * model, updated every `every`
     optimizer steps. During LR warmup the average restarts from the current weights at each
-    update (torchvision resets `n_averaged` while epoch < warmup epochs)."""
+    update (torchvision resets `n_averaged` after each update while epoch < warmup epochs), so
+    the first update after warmup copies the weights too."""
 
     def __init__(self, model: nn.Module, decay: float, every: int) -> None:
         super().__init__(model, device=next(model.parameters()).device,
@@ -29,6 +30,8 @@ class ModelEma(AveragedModel):
         """Call after every optimizer step (1-based count)."""
         if optimizer_step % self.every:
             return
-        if in_warmup:
-            self.n_averaged.zero_()  # the next update copies the weights
         self.update_parameters(model)
+        if in_warmup:
+            # After the update, as torchvision does: the next update copies the weights, the
+            # first one after warmup included (the average starts from the warmed-up weights).
+            self.n_averaged.zero_()
