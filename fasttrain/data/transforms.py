@@ -115,10 +115,22 @@ class AutoAugment:
         return image
 
 
-def random_erase_box(height: int, width: int, rng: random.Random
-                     ) -> tuple[int, int, int, int] | None:
-    """torchvision RandomErasing's box: area 2-33 % of the image, aspect ratio 0.3-3.3."""
-    return _random_box(height, width, (0.02, 0.33), (0.3, 3.3), rng)
+def random_erase_box(height: int, width: int, rng: random.Random,
+                     scale: tuple[float, float] = (0.02, 0.33),
+                     ratio: tuple[float, float] = (0.3, 3.3)) -> tuple[int, int, int, int] | None:
+    """(top, left, h, w) by torchvision `RandomErasing.get_params`' rule, which differs from the
+    crop's: h = sqrt(area * ratio) (the crop's w), and the box must be strictly smaller than the
+    image in both sides; None (erase nothing) after 10 failed tries."""
+    area = height * width
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        erase_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        h = int(round(math.sqrt(erase_area * aspect)))
+        w = int(round(math.sqrt(erase_area / aspect)))
+        if 0 < h < height and 0 < w < width:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    return None
 
 
 class TrainAugment:
