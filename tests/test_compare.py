@@ -139,6 +139,8 @@ def test_user_points_csv(tmp_path):
     (b"label,top1,macs\nR\xe9sNet,70,1e6\n", ": not UTF-8 text (byte 0xe9 at offset 17)"),
     ("label,top1,macs\n\"" + "x" * 200_000 + "\",70,1e6\n",
      ": not a readable CSV file (field larger than field limit"),
+    ("label,top1,macs\n", ": no points (a header but no rows)"),
+    ("label,top1,macs\n\"A,50,1e9\nB,60,2e9\n", ":3: a quoted cell spans lines (an unclosed"),
 ])
 def test_malformed_user_csv_names_file_line_and_column(tmp_path, text, message):
     path = tmp_path / "pts.csv"
@@ -306,6 +308,28 @@ def test_bad_points_file_and_run_directory_exit_2(tmp_path, capsys):
     (run / "config.yaml").write_text("model: {name: cifar_resnet20, num_classes: 10}\n")
     assert compare_tool.main(["--runs", str(run), "--out", str(tmp_path)]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
+    (run / "metrics.jsonl").write_bytes(b'{"epoch": 1}\n\xff\n')
+    assert compare_tool.main(["--runs", str(run), "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"error: {run / 'metrics.jsonl'}: not UTF-8 text "
+                                       f"(byte 0xff at offset 13)\n")
+    latency = tmp_path / "lat.json"
+    latency.write_bytes(b"\xff\xfe[]")
+    (tmp_path / "ok.csv").write_text("label,top1,macs\nok,50,1e6\n")
+    assert compare_tool.main(["--points", str(tmp_path / "ok.csv"), "--latency", str(latency),
+                              "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.endswith(f"{latency}: not UTF-8 text (byte 0xff at offset "
+                                            f"0)\n")
+
+
+def test_labels_and_paths_are_printed_as_they_are(tmp_path, capsys):
+    """Rich markup in the terminal output ate '[...]' (the run-folder suffix that tells equal
+    labels apart) and raised MarkupError on '[/x]' after the files were written."""
+    points = tmp_path / "p.csv"
+    points.write_text("label,top1,macs\n[/x],60,1e9\nnet [run-a],61,2e9\n")
+    out = tmp_path / "out[red]"
+    assert compare_tool.main(["--points", str(points), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "[/x]" in printed and "net [run-a]" in printed and f"wrote {out}" in printed
 
 
 # --------------------------------------------------------------------------- end to end
@@ -382,3 +406,15 @@ def test_thin_vs_pruned_end_to_end(data_root, tmp_path, monkeypatch, capsys):
         assert float(pruned["thin_minus_point"]) == pytest.approx(want - last_top1("ft"))
     md = Path("cmp/digits-table.md").read_text()
     assert "latency p50 ms (batch 1)" in md and "1 thread" in md
+    # Again without latency into the same folder: the old latency plot (of these points, or of
+    # others) must not stay beside the new comparison.
+    assert compare_tool.main(["--runs", "runs/w025", "runs/ft", "--out", "cmp",
+                              "--name", "digits"]) == 0
+    assert not list(Path("cmp").glob("digits-top1-vs-latency.*"))
+    # A digits run set against a CIFAR-10 benchmark at equal MACs: refused, not tabulated.
+    capsys.readouterr()
+    assert compare_tool.main(["--runs", "runs/w025", "--benchmark", "resnet56-cifar10",
+                              "--out", "cmp2"]) == 2
+    assert capsys.readouterr().err == ("error: runs/w025: trained on data.dataset=digits, but "
+                                       "resnet56-cifar10 is on cifar10 (data.dataset=cifar10); "
+                                       "compare it without --benchmark\n")

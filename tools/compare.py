@@ -75,17 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _terminal_table(c):
     from rich.table import Table
+    from rich.text import Text
 
     from fasttrain.compare.report import display_rows
 
     title = c.benchmark.title if c.benchmark else "ThinResNet vs pruned"
     header, cells = display_rows(c)
-    t = Table(title=f"{title}: thin − point > 0 means the thin network is more accurate at "
-                    f"equal MACs")
+    t = Table(title=Text(f"{title}: thin − point > 0 means the thin network is more accurate "
+                         f"at equal MACs"))
     for i, h in enumerate(header):
         t.add_column(h, justify="left" if i < 3 else "right", overflow="fold")
-    for row in cells:
-        t.add_row(*row)
+    for row in cells:  # labels are data, not markup: "[run-name]" tells duplicates apart
+        t.add_row(*(Text(cell) for cell in row))
     return t
 
 
@@ -113,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
                       soft_wrap=True)
     console.print(_terminal_table(c))
     if c.latency:
-        console.print(f"latency: {c.latency.describe()}", highlight=False)
+        console.print(f"latency: {c.latency.describe()}", highlight=False, markup=False)
     for path in written:
-        console.print(f"wrote {path}", highlight=False, soft_wrap=True)
+        console.print(f"wrote {path}", highlight=False, markup=False, soft_wrap=True)
     return 0
 
 

@@ -29,6 +29,13 @@ AXES = {"macs": "conv+fc MACs per image (fvcore; the literature's \"FLOPs\")",
         "latency": "p50 latency per batch (ms)"}
 
 
+def _legend(ax) -> None:
+    """A legend when something is labelled (a plot of points without params or baselines has
+    nothing to draw, and matplotlib warns on an empty legend)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="best")
+
+
 def _value(p: Point, x: str) -> float | None:
     return {"macs": p.macs, "params": p.params, "latency": p.latency_ms}[x]
 
@@ -151,7 +158,7 @@ def plot_top1(points: list[Point], x: str, stem: Path, *, title: str, subtitle: 
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _si(v)))
     ax.set_xlabel(label)
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.legend(fontsize=7, loc="best")
+    _legend(ax)
     return _save(fig, stem)
 
 
@@ -176,5 +183,5 @@ def plot_delta(points: list[Point], stem: Path, *, title: str, subtitle: str = "
     ax.set_xlabel("MAC reduction relative to the point's own baseline (%)")
     ax.set_ylabel("Δ top-1 vs own baseline (percentage points)")
     ax.margins(x=0.08, y=0.08)
-    ax.legend(fontsize=7, loc="best")
+    _legend(ax)
     return _save(fig, stem)

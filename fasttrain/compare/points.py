@@ -52,6 +52,7 @@ class Point:
     latency_ms: float | None = None
     method: str | None = None
     source: str = ""
+    dataset: str | None = None  # a run's data.dataset (unknown for points files)
 
     @property
     def delta_top1(self) -> float | None:
@@ -80,12 +81,19 @@ def literature_points(points: Iterable[LiteraturePoint]) -> list[Point]:
 
 # --------------------------------------------------------------------------- run directories
 
+def _not_utf8(path: Path, e: UnicodeDecodeError) -> CompareError:
+    return CompareError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                        f"{e.start})")
+
+
 def _last_metrics(run: Path) -> dict[str, Any]:
     path = run / "metrics.jsonl"
     try:
         lines = [l for l in path.read_text().splitlines() if l.strip()]
     except OSError:
         raise CompareError(f"{run}: no metrics.jsonl (has the run finished an epoch?)") from None
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from None
     if not lines:
         raise CompareError(f"{path}: no finished epoch")
     try:
@@ -152,7 +160,7 @@ def point_from_run(run_dir: str | Path, warnings: list[str] | None = None) -> Po
     point = Point(label=f"{m.name} w{m.width:g}", kind=THIN, origin=MEASURED,
                   top1=metrics["val_top1"], macs=count_macs(model, res).conv_fc,
                   params=count_params(model), model=m.name, width=m.width, resolution=res,
-                  source=str(run))
+                  source=str(run), dataset=cfg.data.dataset)
     if m.channels is not None:
         point.kind, point.width = PRUNED, None
         point.label = f"{m.name} pruned"
@@ -201,8 +209,7 @@ def points_from_csv(path: str | Path) -> list[Point]:
         try:
             return _read_points(path, f)
         except UnicodeDecodeError as e:
-            raise CompareError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at "
-                               f"offset {e.start}); save it as CSV UTF-8") from None
+            raise CompareError(f"{_not_utf8(path, e)}; save it as CSV UTF-8") from None
         except csv.Error as e:
             raise CompareError(f"{path}: not a readable CSV file ({e})") from None
 
@@ -230,6 +237,8 @@ def _read_points(path: Path, f) -> list[Point]:
                                f"{len(header)} columns")
         if not any((v or "").strip() for v in row.values()):
             continue
+        if any("\n" in (v or "") for v in row.values()):  # an unclosed quote ate lines
+            raise CompareError(f"{path}:{line}: a quoted cell spans lines (an unclosed \"?)")
         values = {k: _user_cell(path, line, k, (v or "").strip()) for k, v in row.items()}
         for k in USER_REQUIRED:
             if values.get(k) is None:
@@ -256,6 +265,8 @@ def _read_points(path: Path, f) -> list[Point]:
                             width=values.get("width"), resolution=as_int["resolution"],
                             base_top1=values.get("base_top1"),
                             base_macs=as_int["base_macs"], source=f"{path}:{line}"))
+    if not points:  # a header alone (or blank lines) is a mistake, not an empty comparison
+        raise CompareError(f"{path}: no points (a header but no rows)")
     return points
 
 
@@ -310,9 +321,25 @@ def dedupe_labels(points: list[Point]) -> None:
                 p.label = f"{p.label} #{nth[p.label]}"
 
 
+# The fasttrain data sets a benchmark's runs may have trained on (an ImageNet run reads an
+# ImageNet-layout folder, which is all the config can say).
+BENCHMARK_DATASETS = {"imagenet": ("imagefolder",), "cifar10": ("cifar10",)}
+
+
 def check_benchmark_fit(points: list[Point], bench: Benchmark) -> list[str]:
     """Warnings for measured points whose resolution differs from the benchmark's (their MACs
-    are then not comparable to the published ones)."""
+    are then not comparable to the published ones).
+
+    Raises:
+        CompareError: a run trained on another data set than the benchmark's (its accuracy
+            would be set against the published ones at equal MACs all the same).
+    """
+    for p in points:
+        allowed = BENCHMARK_DATASETS.get(bench.dataset, ())
+        if p.dataset is not None and p.dataset not in allowed:
+            raise CompareError(f"{p.source}: trained on data.dataset={p.dataset}, but "
+                               f"{bench.name} is on {bench.dataset} (data.dataset="
+                               f"{' or '.join(allowed)}); compare it without --benchmark")
     return [f"{p.source}: {p.model} at {p.resolution} px, but {bench.name} counts MACs at "
             f"{bench.resolution} px: its MACs are not comparable with the published ones"
             for p in points if p.resolution is not None and p.resolution != bench.resolution]
@@ -345,6 +372,8 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
         text = path.read_text()
     except OSError as e:
         raise CompareError(f"{path}: cannot read latency results ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from None
     if path.suffix.lower() == ".json":
         try:
             rows = json.loads(text)

@@ -248,10 +248,14 @@ def _write_outputs(c: Comparison, out: Path, name: str | None) -> list[Path]:
     written += plots.plot_top1(c.points, "params", out / f"{name}-top1-vs-params",
                                title=f"{what}: top-1 vs parameters", subtitle=thin_note,
                                reference=_reference(c, "params"))
+    latency_plot = out / f"{name}-top1-vs-latency"
     if any(p.latency_ms is not None for p in c.points):
-        written += plots.plot_top1(c.points, "latency", out / f"{name}-top1-vs-latency",
+        written += plots.plot_top1(c.points, "latency", latency_plot,
                                    title=f"{what}: top-1 vs measured latency",
                                    subtitle=lat_note)
+    else:  # an earlier comparison's, of other points: it must not pass for this one's
+        for suffix in (".png", ".svg"):
+            latency_plot.with_suffix(suffix).unlink(missing_ok=True)
     written += plots.plot_delta(c.points, out / f"{name}-delta-vs-reduction",
                                 title=f"{what}: accuracy change vs MAC reduction, each relative "
                                       f"to its own baseline", subtitle=thin_note,
