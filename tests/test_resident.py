@@ -1,6 +1,7 @@
 """The resident backend: whole set on the device, batched crop/flip, same contract as torch."""
 import io
 import random
+import warnings
 from pathlib import Path
 
 import pytest
@@ -237,6 +238,23 @@ def test_a_set_too_large_for_ram_is_refused_before_decoding(grey_root, monkeypat
         f"{grey_root}: 74 images would take {size:.1f} KiB decoded, more than 50% of the "
         f"97.7 KiB available RAM; data.backend=resident is for small sets: use torch, ffcv or "
         f"dali")
+
+
+def test_the_size_of_a_huge_image_is_read_without_pils_bomb_limit(grey_root, monkeypatch):
+    """PIL warns above MAX_IMAGE_PIXELS and raises above twice it, even for a header read: the
+    size error must come alone, and must come at all."""
+    from PIL import Image
+
+    monkeypatch.setattr(resident, "_available_ram", lambda: 100_000)
+    _no_decoding(monkeypatch)
+    for limit in (300, 100):  # 20x24 = 480 px: a warning, then an error, from PIL
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+        cfg = cfg_for(grey_root)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(DatasetError, match=r"74 images would take .* KiB decoded"):
+                build_loaders(cfg.data, cfg.aug)
+        assert Image.MAX_IMAGE_PIXELS == limit
 
 
 def test_every_rank_on_the_host_counts_against_the_ram(grey_root, monkeypatch):

@@ -214,12 +214,19 @@ def _check_fits(nbytes: int, device: torch.device, what: str, ram: bool = True) 
 def _header_size(dataset: ImageFolderDataset) -> tuple[int, int] | None:
     """(height, width) of the first image whose header PIL reads (no pixels are decoded), or
     None when none does."""
-    for path, _ in dataset.samples:
-        try:
-            with Image.open(path) as image:
-                return image.height, image.width
-        except Exception:  # noqa: BLE001  unreadable files are the decode's to report
-            continue
+    # Only headers are read, so PIL's decompression-bomb limit does not apply: above it PIL
+    # warns (lines before the one-line size error), at twice it raises, and the size this
+    # check exists for would be lost.
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        for path, _ in dataset.samples:
+            try:
+                with Image.open(path) as image:
+                    return image.height, image.width
+            except Exception:  # noqa: BLE001  unreadable files are the decode's to report
+                continue
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
     return None
 
 
