@@ -254,6 +254,7 @@ setup(
         "ffcv": ["ffcv==1.0.2", "numba", "opencv-python", "pillow"],
         "dali": ["nvidia-dali-cuda130"],
         "prune": ["torch-pruning>=1.6"],
+        "tensorboard": ["tensorboard"],  # log.tensorboard: true
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

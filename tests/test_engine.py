@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -386,6 +387,19 @@ def test_resume_auto_takes_only_runs_of_the_same_recipe(tmp_path):
     assert rundir.is_run_of(tmp_path / "quickstart-20261130-060000-2", "quickstart")
 
 
+def test_resume_auto_takes_the_newest_run_even_before_its_first_checkpoint(tmp_path):
+    """A new run stopped before its first checkpoint: auto starts fresh, never falls back to an
+    older (perhaps finished) run, which it would train further."""
+    older = _fake_run(tmp_path, "quickstart-20261130-060000")
+    newer = _fake_run(tmp_path, "quickstart-20261130-060000-1")
+    os.utime(newer / "checkpoints" / "last.pt", (1, 1))  # its file older: the name decides
+    assert rundir.find_resume("auto", tmp_path, "", "quickstart") == \
+        newer / "checkpoints" / "last.pt"
+    _fake_run(tmp_path, "quickstart-20261130-070000", last=False)  # interrupted, no checkpoint
+    os.utime(older / "checkpoints" / "last.pt")  # the older run's checkpoint is the newest file
+    assert rundir.find_resume("auto", tmp_path, "", "quickstart") is None
+
+
 def test_new_run_dir_never_reuses_a_folder_holding_a_run(tmp_path):
     _fake_run(tmp_path, "only_best", last=False, best=True)
     _fake_run(tmp_path, "only_metrics", last=False, metrics='{"epoch": 1}\n')
@@ -448,6 +462,10 @@ def test_max_steps_inside_an_epoch_resumes_inside_it(data_root, tmp_path):
             "--schedule.milestones=[1]", "--schedule.gamma=0.5", "--data.batch_size=128")
     cut = train(_cfg(data_root, tmp_path, *args, "--train.max_steps=5", "--log.name=cut"))
     assert cut["step"] == 5 and cut["train_time_s"] > 0
+    checkpoints = tmp_path / "cut" / "checkpoints"
+    assert not (checkpoints / "best.pt").exists()  # a cut epoch is no candidate for best
+    early = checkpoints / "step5.pt"
+    early.write_bytes((checkpoints / "last.pt").read_bytes())
     state = ckpt.load(tmp_path / "cut" / "checkpoints" / "last.pt")["train_state"]
     assert (state["epoch"], state["epoch_step"]) == (0, 5)  # not "epoch 1 done"
     # its time is carried inside the epoch (counted once, when a resume completes it)
@@ -460,6 +478,15 @@ def test_max_steps_inside_an_epoch_resumes_inside_it(data_root, tmp_path):
     assert lines[0]["train_images"] == steps_per_epoch * 128
     # `lr` is what the epoch's last step used (the step schedule halves it after epoch 1)
     assert lines[0]["lr"] == pytest.approx(2 * lines[1]["lr"])
+    assert ckpt.load(checkpoints / "best.pt")["train_state"]["epoch_step"] == 0
+    assert lines[-1]["best_val_top1"] == max(m["val_top1"] for m in lines)
+    # The earlier checkpoint kept in the run's folder: continuing it there would cut epochs 1
+    # and 2 from metrics.jsonl; refused, with nothing changed.
+    before = (tmp_path / "cut" / "metrics.jsonl").read_text()
+    with pytest.raises(RunError, match=r"step5.pt: its run went on to step 22 .* would discard "
+                                       r"the later epochs"):
+        train(_cfg(data_root, tmp_path, *args, "--log.name=cut"), resume=str(early))
+    assert (tmp_path / "cut" / "metrics.jsonl").read_text() == before
 
 
 @pytest.mark.slow
@@ -469,6 +496,10 @@ def test_a_loose_checkpoint_resumes_into_a_new_run_directory(data_root, tmp_path
     loose = tmp_path / "downloads"
     loose.mkdir()
     (loose / "m.pt").write_bytes((tmp_path / "src" / "checkpoints" / "last.pt").read_bytes())
+    with pytest.raises(CheckpointError, match="optim.lr"):  # refused: no run folder made for it
+        train(_cfg(data_root, tmp_path / "runs", *args, "--optim.lr=0.01"),
+              recipe=str(QUICKSTART), resume=str(loose / "m.pt"))
+    assert not (tmp_path / "runs").exists()
     summary = train(_cfg(data_root, tmp_path / "runs", "--schedule.epochs=1",
                          "--schedule.warmup_epochs=0", "--train.max_steps=2"),
                     recipe=str(QUICKSTART), resume=str(loose / "m.pt"))
@@ -494,7 +525,41 @@ def test_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
     monkeypatch.setattr(fasttrain.engine, "train", interrupted)
     assert load_tool("train").main([str(QUICKSTART)]) == 130
     err = capsys.readouterr().err
-    assert err.startswith("interrupted: the last checkpoint is intact") and err.count("\n") == 1
+    assert err.startswith("interrupted: checkpoints already written are intact") and \
+        err.count("\n") == 1
+
+
+def test_sigterm_is_handled_like_ctrl_c_with_status_143(monkeypatch, capsys):
+    """docker stop / a scheduler's preemption: one line, 143, and the handler the process had
+    before is back afterwards."""
+    import signal
+
+    import fasttrain.engine
+
+    def terminated_while_training(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises in this frame as soon as the signal is delivered
+        pytest.fail("SIGTERM was not handled")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(fasttrain.engine, "train", terminated_while_training)
+    assert load_tool("train").main([str(QUICKSTART)]) == 143
+    err = capsys.readouterr().err
+    assert err.startswith("terminated: checkpoints already written are intact") and \
+        err.count("\n") == 1
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_tensorboard_logging_without_the_package_is_one_line_before_any_work(
+        data_root, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"log.tensorboard=true needs the tensorboard package"):
+        train(_cfg(data_root, tmp_path, "--log.tensorboard=true", "--log.name=tb"))
+    assert not (tmp_path / "tb").exists()
 
 
 def test_a_micro_batch_of_one_at_a_1x1_feature_map_is_a_config_error(data_root, tmp_path):

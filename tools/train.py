@@ -6,13 +6,15 @@
     python tools/train.py --keys [RECIPE [--section.key=value ...]]   # every key, then exit
 
 User errors (bad recipe, override, data path or checkpoint) exit with status 2 and one line on
-stderr; Ctrl-C exits 130 with one line; success exits 0.
+stderr; Ctrl-C exits 130 and SIGTERM 143, with one line; success exits 0.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
 from fasttrain.config import describe, load
 from fasttrain.cli import ArgumentParser
@@ -37,6 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is not threading.main_thread():  # no signals there
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, overrides = parser.parse_known_args(argv)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -66,12 +78,24 @@ def main(argv: list[str] | None = None) -> int:
                   f"the lines above or in torchrun's report)", file=sys.stderr)
             return 1
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, Terminated)
         if rank == 0:
-            print("interrupted: the last checkpoint is intact; continue with --resume auto "
-                  "(or --resume RUN_DIR)", file=sys.stderr)
-        return 130  # the shell's status for SIGINT
+            print(f"{'terminated' if terminated else 'interrupted'}: checkpoints already "
+                  f"written are intact; continue from the last one with --resume auto (or "
+                  f"--resume RUN_DIR)", file=sys.stderr)
+        return 143 if terminated else 130  # the shell's statuses for SIGTERM and SIGINT
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (docker stop, Slurm and Kubernetes preemption), handled as Ctrl-C is: a
+    checkpoint being written is abandoned whole (its temporary file removed) and one line is
+    printed, instead of an unannounced exit that left the temporary file behind."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
 
 
 if __name__ == "__main__":

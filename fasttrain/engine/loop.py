@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -21,8 +22,8 @@ from torch import nn
 
 from .. import config as config_mod
 from ..config import Config, ModelConfig
-from ..errors import (CheckpointError, ConfigError, DatasetError, ShardError, TrainingError,
-                      UserError)
+from ..errors import (CheckpointError, ConfigError, DatasetError, RunError, ShardError,
+                      TrainingError, UserError)
 from ..data import build_loaders, sample_seed
 from ..data.loader import DeviceLoader
 from ..measure import count_macs, count_params, git_commit
@@ -285,6 +286,9 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
     precision = resolve_precision(cfg.train.precision)
     init_weights = apply_init_from(cfg.model)  # the architecture may come from a checkpoint
     build_model(cfg.model, 1)  # unknown name / bad width: fail before touching data
+    if cfg.log.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("log.tensorboard=true needs the tensorboard package (pip install "
+                          "tensorboard, or the [tensorboard] extra)")
     if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
         resume = "auto"  # torchrun --max-restarts restarted us: continue the interrupted run
     log_dir = Path(cfg.log.dir)
@@ -293,7 +297,9 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
     if resume and not dry_run:
         resume_path = _on_main(dist, lambda: find_resume(resume, log_dir, cfg.log.name, stem))
         if resume_path is None:
-            report.print(f"--resume auto: no checkpoint under {log_dir}, starting fresh")
+            where = (log_dir / cfg.log.name / CHECKPOINTS / LAST if cfg.log.name else
+                     f"the newest {stem}-<date>-<time> run under {log_dir}")
+            report.print(f"--resume auto: no checkpoint at {where}, starting fresh")
 
     accum = cfg.train.grad_accum_steps
     loaders = build_loaders(cfg.data, cfg.aug, rank=dist.rank, world_size=dist.world_size,
@@ -331,6 +337,11 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
         report.summary(rows, "dry run: recipe is valid")
         return {"params": params, "macs": macs.conv_fc if macs else None}
 
+    saved = None
+    if resume_path:  # checked before a run directory is made for it
+        saved = ckpt.load(resume_path)
+        _check_compatible(saved, cfg, resume_path)
+        _check_no_later_history(saved, resume_path)
     # A checkpoint inside <run>/checkpoints/ continues that run; a loose file (downloaded,
     # copied) starts a new run directory rather than writing next to it.
     run_dir = _on_main(dist, lambda: (resume_path and run_dir_of(resume_path))
@@ -346,9 +357,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
                                cfg.schedule.epochs)
         ema = ModelEma(model, decay, cfg.train.ema_steps)
     state = TrainState()
-    if resume_path:
-        saved = ckpt.load(resume_path)
-        _check_compatible(saved, cfg, resume_path)
+    if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -436,9 +445,13 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
                    "train_images_per_s": train_metrics["train_images"] / t_train,
                    "train_time_s": shown_time, "world_size": dist.world_size,
                    "step": state.step, "skipped_files": len(reported)}
-        is_best = metrics["val_top1"] > state.best_val_top1
-        state.best_val_top1 = max(state.best_val_top1, metrics["val_top1"])
-        metrics["best_val_top1"] = state.best_val_top1
+        # An epoch cut by train.max_steps is trained again on resume (its line replaced): it is
+        # no candidate for best.pt, which would otherwise hold a mid-epoch state whose score
+        # no line of metrics.jsonl keeps.
+        is_best = not cut and metrics["val_top1"] > state.best_val_top1
+        if not cut:
+            state.best_val_top1 = max(state.best_val_top1, metrics["val_top1"])
+        metrics["best_val_top1"] = max(state.best_val_top1, metrics["val_top1"])
         state.history.append({k: metrics[k] for k in ("epoch", "val_top1", "train_loss")})
         report.end_epoch(metrics, epochs)
         if dist.is_main:
@@ -638,6 +651,26 @@ def _new_skipped_files(loaders, reported: set[str]) -> list[tuple[str, str]]:
     new = sorted({p: r for p, r in mine if p not in reported}.items())
     reported.update(p for p, _ in new)
     return new
+
+
+def _check_no_later_history(saved: dict[str, Any], path: Path) -> None:
+    """Refuse to continue a run from an earlier checkpoint of it (a best.pt or a kept copy in
+    its checkpoints/ folder) when its last.pt went further: the resume would cut the later
+    epochs from metrics.jsonl and overwrite last.pt.
+
+    Raises:
+        RunError: names both checkpoints' steps and how to continue the earlier one.
+    """
+    run = run_dir_of(path)
+    last = run / CHECKPOINTS / LAST if run is not None else None
+    if last is None or not last.is_file() or last.samefile(path):
+        return
+    later = (ckpt.load(last).get("train_state") or {}).get("step", 0)
+    here = (saved.get("train_state") or {}).get("step", 0)
+    if later > here:
+        raise RunError(f"--resume {path}: its run went on to step {later} ({last}); continuing "
+                       f"from step {here} there would discard the later epochs. Copy the "
+                       f"checkpoint out of {last.parent} to continue it in a new run directory")
 
 
 def _save(run_dir: Path, p: Parts, state: TrainState, metrics: dict[str, Any],

@@ -55,9 +55,9 @@ def find_resume(resume: str, log_dir: Path, name: str, recipe_stem: str) -> Path
     """The checkpoint that `--resume` names.
 
     `PATH` is a checkpoint file or a run directory (its checkpoints/last.pt). `auto` is
-    `log.dir/log.name`'s last checkpoint when a name is set, else the newest
-    `log.dir/<recipe stem>-<date>-<time>` run that has one; None (start fresh) when there is
-    none.
+    `log.dir/log.name`'s last checkpoint when a name is set, else that of the newest
+    `log.dir/<recipe stem>-<date>-<time>` run (by its start time); None (start fresh) when that
+    run has no checkpoint yet or there is no run.
     """
     if resume != "auto":
         path = Path(resume)
@@ -67,13 +67,23 @@ def find_resume(resume: str, log_dir: Path, name: str, recipe_stem: str) -> Path
             raise RunError(f"--resume {resume}: no checkpoint at {path}")
         return path
     if name:
-        candidates = [log_dir / name / CHECKPOINTS / LAST]
-    else:
-        candidates = sorted((p for p in log_dir.glob(f"{recipe_stem}-*/{CHECKPOINTS}/{LAST}")
-                             if is_run_of(p.parent.parent, recipe_stem)),
-                            key=lambda p: p.stat().st_mtime)
-    candidates = [c for c in candidates if c.is_file()]
-    return candidates[-1] if candidates else None
+        last = log_dir / name / CHECKPOINTS / LAST
+        return last if last.is_file() else None
+    # The newest run by its name (when it started), not the newest checkpoint: a run stopped
+    # before its first checkpoint must not hand `auto` to an older, perhaps finished, run that
+    # would then be trained further.
+    runs = sorted((p for p in log_dir.glob(f"{recipe_stem}-*") if is_run_of(p, recipe_stem)),
+                  key=_start_order)
+    if not runs:
+        return None
+    last = runs[-1] / CHECKPOINTS / LAST
+    return last if last.is_file() else None
+
+
+def _start_order(run: Path) -> tuple[str, int]:
+    """`<stem>-<date>-<time>[-n]` in the order the runs were started."""
+    match = re.search(r"-(\d{8}-\d{6})(?:-(\d+))?$", run.name)
+    return (match.group(1), int(match.group(2) or 0)) if match else ("", 0)
 
 
 def run_dir_of(checkpoint: Path) -> Path | None:
