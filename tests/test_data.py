@@ -572,3 +572,19 @@ def test_default_data_root_follows_the_cache(monkeypatch, tmp_path):
     assert default_root("digits") == tmp_path / "cache" / "data" / "digits"
     monkeypatch.setenv("FASTTRAIN_DATA", str(tmp_path / "data"))
     assert default_root("cifar10") == tmp_path / "data" / "cifar10"
+
+
+def test_loader_workers_leave_ctrl_c_to_the_main_process(tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group; a worker that died of it printed
+    a ConnectionResetError traceback beside the trainer's one-line message."""
+    import signal
+
+    cfg = load(None, ["--data.num_workers=1", "--data.batch_size=8"])
+    loaders = build_loaders(cfg.data, cfg.aug)
+    init = loaders.train.loader.worker_init_fn
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        init(0)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -406,6 +406,12 @@ def test_new_run_dir_never_reuses_a_folder_holding_a_run(tmp_path):
     for name in ("only_best", "only_metrics"):
         with pytest.raises(RunError, match="already holds checkpoints or metrics"):
             rundir.new_run_dir(tmp_path, name, "quickstart")
+        # --resume auto with that name: one line saying why, not "starting fresh" and then
+        # new_run_dir's advice to pass --resume auto
+        with pytest.raises(RunError, match=rf"--resume auto: {tmp_path / name} holds a run "
+                                           rf"\(checkpoints or metrics\) but no "
+                                           rf"checkpoints/last.pt; continue one of its"):
+            rundir.find_resume("auto", tmp_path, name, "quickstart")
     (tmp_path / "empty").mkdir()  # an empty folder (made by hand) is fine
     assert rundir.new_run_dir(tmp_path, "empty", "q") == tmp_path / "empty"
     (tmp_path / "a_file").write_text("kept")
@@ -600,3 +606,13 @@ def test_metrics_lines_are_strict_json_with_null_for_non_finite_values():
     assert line == ('{"epoch": 3, "val_loss": null, "train_loss": null, "val_top1": 10.5, '
                     '"lr": 0.1}')
     json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+
+
+def test_resuming_a_fine_tuned_run_without_its_init_from_says_so(tmp_path):
+    cfg = load(QUICKSTART)
+    saved_model = {**cfg.to_dict()["model"], "width": 0.25, "init_from": "pruned.pt"}
+    saved = {"optimizer": {}, "train_state": {}, "config": {"model": saved_model}}
+    with pytest.raises(CheckpointError, match=r"has model.width=0.25 but the config has 0.5; "
+                                              r"the run was started with "
+                                              r"--model.init_from=pruned.pt$"):
+        loop._check_compatible(saved, cfg, tmp_path / "last.pt")

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 import math
 import random
+import signal
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -322,6 +323,13 @@ def _datasets(data: DataConfig) -> tuple[Dataset, Dataset, list[str], Path]:
     return train, val, train.classes, root
 
 
+def _ignore_ctrl_c(worker_id: int) -> None:
+    """A terminal's Ctrl-C reaches every process of its group: workers that die of it while
+    the main process still talks to them print a ConnectionResetError traceback beside the
+    one-line message; the main process alone handles it and shuts them down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _per_rank(global_batch: int, world_size: int, key: str, accum: int = 1) -> int:
     if global_batch % (world_size * accum):
         split = f"{world_size} ranks" + (f" x {accum} accumulation steps" if accum > 1 else "")
@@ -397,7 +405,8 @@ def _build_torch_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world_s
     # iterator in the middle of an epoch, after a validation pass, would shift their stream.
     # The base seed decides nothing here (samplers and augmentation are seeded explicitly).
     workers = dict(num_workers=data.num_workers, persistent_workers=data.num_workers > 0,
-                   pin_memory=device.type == "cuda")
+                   pin_memory=device.type == "cuda",
+                   worker_init_fn=_ignore_ctrl_c if data.num_workers > 0 else None)
     train_loader = DataLoader(SeededAugment(train_set, TrainAugment(data, aug), seed,
                                             data.region_decode, pending_crops=True),
                               batch_size=batch, drop_last=True,

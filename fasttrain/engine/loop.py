@@ -172,8 +172,12 @@ def _check_compatible(saved: dict[str, Any], cfg: Config, path: Path) -> None:
     for key in MODEL_IDENTITY:
         have, want = saved_model.get(key), getattr(cfg.model, key)
         if have != want:
+            # A run fine-tuned from another checkpoint took its architecture from there: the
+            # same --model.init_from gives it again (the recipe alone describes another model).
+            hint = (f"; the run was started with --model.init_from={saved_model['init_from']}"
+                    if saved_model.get("init_from") and not cfg.model.init_from else "")
             raise CheckpointError(f"{path}: checkpoint has model.{key}={have!r} but the "
-                                       f"config has {want!r}")
+                                  f"config has {want!r}{hint}")
     for section, keys in RESUME_FIXED:
         saved_section = saved_cfg.get(section) or {}
         for key in keys:
@@ -470,9 +474,13 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
     if writer is not None:
         writer.close()
     final = state.history[-1] if state.history else {}
-    report.summary([("epochs", str(state.epoch)),
+    epochs_done = str(state.epoch) + (f" (+{state.epoch_step} steps of epoch {state.epoch + 1})"
+                                      if state.epoch_step else "")
+    best = (f"{state.best_val_top1:.2f} %" if state.best_val_top1 >= 0 else
+            "- (no complete epoch)")
+    report.summary([("epochs", epochs_done),
                     ("final val top-1", f"{final.get('val_top1', float('nan')):.2f} %"),
-                    ("best val top-1", f"{state.best_val_top1:.2f} %"),
+                    ("best val top-1", best),
                     ("training time", f"{shown_time:.1f} s (train + validation)"),
                     ("run directory", str(run_dir))], "done")
     return {"run_dir": str(run_dir), "epoch": state.epoch, "best_val_top1": state.best_val_top1,

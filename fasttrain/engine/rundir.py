@@ -68,6 +68,11 @@ def find_resume(resume: str, log_dir: Path, name: str, recipe_stem: str) -> Path
         return path
     if name:
         last = log_dir / name / CHECKPOINTS / LAST
+        if not last.is_file() and _holds_a_run(log_dir / name):
+            # Starting fresh there would be refused (new_run_dir): say why now, in one line.
+            raise RunError(f"--resume auto: {log_dir / name} holds a run (checkpoints or "
+                           f"metrics) but no {CHECKPOINTS}/{LAST}; continue one of its "
+                           f"checkpoints with --resume PATH, or choose another --log.name")
         return last if last.is_file() else None
     # The newest run by its name (when it started), not the newest checkpoint: a run stopped
     # before its first checkpoint must not hand `auto` to an older, perhaps finished, run that
