@@ -21,18 +21,25 @@ from . import resize
 
 
 def _random_box(height: int, width: int, scale: tuple[float, float],
-                ratio: tuple[float, float], rng: random.Random
+                ratio: tuple[float, float], rng: random.Random, *, erasing: bool = False
                 ) -> tuple[int, int, int, int] | None:
     """A box with area uniform in `scale` of the image and log aspect ratio uniform in `ratio`,
-    placed uniformly; None after 10 failed tries (torchvision's sampling rule)."""
+    placed uniformly; None after 10 failed tries (torchvision's sampling rules).
+
+    `RandomResizedCrop.get_params` takes the ratio as w/h and lets the box fill the image;
+    `RandomErasing.get_params` (`erasing`) takes it as h/w and wants the box strictly smaller
+    than the image on both sides."""
     area = height * width
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     for _ in range(10):
         target_area = area * rng.uniform(scale[0], scale[1])
         aspect = math.exp(rng.uniform(log_lo, log_hi))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
+        along = int(round(math.sqrt(target_area * aspect)))
+        across = int(round(math.sqrt(target_area / aspect)))
+        h, w = (along, across) if erasing else (across, along)
+        fits = (0 < h < height and 0 < w < width) if erasing else (0 < h <= height
+                                                                     and 0 < w <= width)
+        if fits:
             return rng.randint(0, height - h), rng.randint(0, width - w), h, w
     return None
 
@@ -118,19 +125,9 @@ class AutoAugment:
 def random_erase_box(height: int, width: int, rng: random.Random,
                      scale: tuple[float, float] = (0.02, 0.33),
                      ratio: tuple[float, float] = (0.3, 3.3)) -> tuple[int, int, int, int] | None:
-    """(top, left, h, w) by torchvision `RandomErasing.get_params`' rule, which differs from the
-    crop's: h = sqrt(area * ratio) (the crop's w), and the box must be strictly smaller than the
-    image in both sides; None (erase nothing) after 10 failed tries."""
-    area = height * width
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    for _ in range(10):
-        erase_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_lo, log_hi))
-        h = int(round(math.sqrt(erase_area * aspect)))
-        w = int(round(math.sqrt(erase_area / aspect)))
-        if 0 < h < height and 0 < w < width:
-            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
-    return None
+    """(top, left, h, w) by torchvision `RandomErasing.get_params`' rule; None (erase nothing)
+    after 10 failed tries."""
+    return _random_box(height, width, scale, ratio, rng, erasing=True)
 
 
 class TrainAugment:
