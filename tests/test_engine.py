@@ -187,6 +187,17 @@ def test_dry_run_prints_config_and_counts(run_tool, tmp_path):
     assert not (tmp_path / "runs").exists()  # nothing written
 
 
+def test_a_dry_run_checks_what_resume_and_log_name_would_meet(data_root, tmp_path):
+    """A dry run said "recipe is valid" for a --resume that names nothing and for a taken
+    --log.name, both refused by the real run; it checks them now, still writing nothing."""
+    with pytest.raises(RunError, match=r"--resume .*nothing.pt: no checkpoint at"):
+        train(_cfg(data_root, tmp_path), resume=str(tmp_path / "nothing.pt"), dry_run=True)
+    _fake_run(tmp_path, "taken", last=False, metrics='{"epoch": 1}\n')
+    with pytest.raises(RunError, match=r"taken: run directory already holds checkpoints"):
+        train(_cfg(data_root, tmp_path, "--log.name=taken"), dry_run=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
 def _torchrun_quickstart(data_root: Path, tmp_path: Path, *args: str, timeout: int = 300):
     """tools/train.py on the quickstart recipe, 1 epoch, under torchrun with 2 CPU ranks."""
     env = {**os.environ, "FASTTRAIN_DATA": str(data_root)}

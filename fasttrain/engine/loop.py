@@ -35,7 +35,8 @@ from .mix import BatchMixer, classification_loss
 from .optim import build_optimizer
 from .precision import Precision, resolve_precision
 from .progress import Reporter
-from .rundir import BEST, CHECKPOINTS, LAST, find_resume, new_run_dir, run_dir_of
+from .rundir import (BEST, CHECKPOINTS, LAST, check_name_free, find_resume, new_run_dir,
+                     run_dir_of)
 from .schedule import build_scheduler
 
 MODEL_IDENTITY = ("name", "width", "channel_divisor", "num_classes", "shortcut", "channels")
@@ -298,7 +299,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
     log_dir = Path(cfg.log.dir)
     stem = Path(recipe).stem if recipe else "run"
     resume_path = None
-    if resume and not dry_run:
+    if resume:  # read-only: a dry run checks what --resume names too
         resume_path = _on_main(dist, lambda: find_resume(resume, log_dir, cfg.log.name, stem))
         if resume_path is None:
             where = (log_dir / cfg.log.name / CHECKPOINTS / LAST if cfg.log.name else
@@ -336,16 +337,19 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
                       + (f", {accum} micro-batches per step" if accum > 1 else "")),
              ("device", f"{device} ({cfg.train.precision}, "
                         f"{'channels_last' if cfg.train.channels_last else 'contiguous'})")]
-    if dry_run:
-        report.print(config_mod.dump(cfg).rstrip())
-        report.summary(rows, "dry run: recipe is valid")
-        return {"params": params, "macs": macs.conv_fc if macs else None}
-
     saved = None
-    if resume_path:  # checked before a run directory is made for it
+    if resume_path:  # checked before a run directory is made for it (and by a dry run)
         saved = ckpt.load(resume_path)
         _check_compatible(saved, cfg, resume_path)
         _check_no_later_history(saved, resume_path)
+    if dry_run:
+        if resume_path:
+            rows.append(("resume", f"from {resume_path}"))
+        else:  # what new_run_dir would refuse, said on every rank
+            _on_main(dist, lambda: check_name_free(log_dir, cfg.log.name))
+        report.print(config_mod.dump(cfg).rstrip())
+        report.summary(rows, "dry run: recipe is valid")
+        return {"params": params, "macs": macs.conv_fc if macs else None}
     # A checkpoint inside <run>/checkpoints/ continues that run; a loose file (downloaded,
     # copied) starts a new run directory rather than writing next to it.
     run_dir = _on_main(dist, lambda: (resume_path and run_dir_of(resume_path))

@@ -18,6 +18,19 @@ def _holds_a_run(run: Path) -> bool:
             or (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").stat().st_size > 0)
 
 
+def check_name_free(log_dir: Path, name: str) -> None:
+    """Refuse an explicit run name whose folder already holds checkpoints or metrics (nothing
+    is written; `new_run_dir` and dry runs check with it).
+
+    Raises:
+        RunError: the name is taken.
+    """
+    run = log_dir / name
+    if name and run.is_dir() and _holds_a_run(run):
+        raise RunError(f"{run}: run directory already holds checkpoints or metrics; pass "
+                       f"--resume auto to continue it or choose another --log.name")
+
+
 def new_run_dir(log_dir: Path, name: str, recipe_stem: str) -> Path:
     """A fresh run directory. An explicit `name` whose folder already holds checkpoints or
     metrics is refused, so a new run never overwrites (or appends to) an earlier one.
@@ -26,10 +39,8 @@ def new_run_dir(log_dir: Path, name: str, recipe_stem: str) -> Path:
         RunError: the name is taken, or the folder cannot be created (names it and why).
     """
     if name:
+        check_name_free(log_dir, name)
         run = log_dir / name
-        if run.is_dir() and _holds_a_run(run):
-            raise RunError(f"{run}: run directory already holds checkpoints or metrics; pass "
-                           f"--resume auto to continue it or choose another --log.name")
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run = log_dir / f"{recipe_stem}-{stamp}"
