@@ -52,6 +52,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _args import check_out, device as device_arg, fail, write_json  # noqa: E402
 from fasttrain.cli import ArgumentParser, finite_float, int_at_least  # noqa: E402
+from fasttrain.config import MAX_WIDTH  # noqa: E402
 from fasttrain.measure.env import cpu_name as cpu_model  # noqa: E402
 from fasttrain.measure.env import git_commit, nvidia_driver  # noqa: E402
 from fasttrain.measure.timing import cuda_graph_replay  # noqa: E402
@@ -65,7 +66,7 @@ IMPLS = ("fused", "eager", "compiled")
 TRAIN_PASSES, EVAL_PASSES = 8, 2  # tensor-sized reads + writes a two-pass BN+ReLU needs
 _positive, _non_negative = int_at_least(1), int_at_least(0)
 # The bound of the config's model.width; a width too thin for one channel is refused by the model.
-_width = finite_float(lambda v: 0 < v <= 16, "a width in (0, 16]")
+_width = finite_float(lambda v: 0 < v <= MAX_WIDTH, f"a width in (0, {MAX_WIDTH}]")
 
 
 # ---- conditions ----------------------------------------------------------------------------------

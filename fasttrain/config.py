@@ -147,12 +147,17 @@ class AugConfig:
     test_flip: bool = _f(False, "validation averages the logits of the image and its mirror")
 
 
+MAX_WIDTH = 16
+"""Upper bound of `model.width` (and of the benchmark tools' widths): it stops a typo such as
+100 before torch allocates until the process is killed."""
+
+
 @dataclass
 class ModelConfig:
     name: str = _f("thin_resnet50", "a name from fasttrain.models.list_models()")
     # Upper bounds: beyond them the allocation fails deep inside torch, not with a message.
     # Wide ResNets go to 10, the thinning paper stays <= 1.
-    width: float = _f(1.0, "uniform width multiplier of every layer", gt=0, le=16)
+    width: float = _f(1.0, "uniform width multiplier of every layer", gt=0, le=MAX_WIDTH)
     channel_divisor: int = _f(1, "round the base width up to a multiple of this", ge=1, le=512)
     num_classes: int = _f(0, "classifier outputs; 0 = the dataset's class count", ge=0)
     zero_init_residual: bool = _f(True, "zero the last norm weight of each residual block")

@@ -424,6 +424,9 @@ def format_of(path: str | Path) -> str:
                       f"expected .pt, .pt2 or .onnx)")
 
 
+CHECKPOINT_NOT_EXPORT = "a torch.save file (a training checkpoint?), not an exported model"
+
+
 def _is_torch_save_archive(path: Path) -> bool:
     """A torch.save zip (`<name>/data.pkl`, no TorchScript `code/` or torch.export model)."""
     import zipfile
@@ -462,8 +465,7 @@ def load_exported(path: str | Path, fmt: str | None = None
             return ep.module(), json.loads(extra[META_KEY] or "{}")
     except Exception as e:  # torch raises RuntimeError, zipfile.BadZipFile, KeyError, ... here
         if _is_torch_save_archive(path):
-            raise ExportError(f"{path}: a torch.save file (a training checkpoint?), not an "
-                              f"exported model") from None
+            raise ExportError(f"{path}: {CHECKPOINT_NOT_EXPORT}") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"{path}: cannot load {fmt} file ({type(e).__name__}: {first})"
                           ) from None

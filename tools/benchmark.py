@@ -36,6 +36,7 @@ import sys
 from pathlib import Path
 
 from fasttrain.cli import ArgumentParser, check_output, int_at_least
+from fasttrain.config import MAX_WIDTH
 from fasttrain.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,9 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--factory", metavar="MODULE:FUNCTION",
                      help="a function returning an nn.Module, imported from the current "
                           "directory or PYTHONPATH")
-    # The config's bound on model.width: a typo such as 100 would otherwise allocate until the
-    # kernel kills the process, with no message.
-    p.add_argument("--width", type=_list_of(float, most=16), default=None,
+    p.add_argument("--width", type=_list_of(float, most=MAX_WIDTH), default=None,
                    help="--model: width multipliers to sweep, e.g. 0.25,0.5,1.0 (default 1.0)")
     p.add_argument("--channel-divisor", type=_positive, default=1,
                    help="--model: round the base width up to a multiple of this")

@@ -56,10 +56,17 @@ def new_run_dir(log_dir: Path, name: str, recipe_stem: str) -> Path:
     return run
 
 
+def _start(run: Path, recipe_stem: str) -> tuple[str, int] | None:
+    """(date-time, n) of a run named as `new_run_dir` names the runs of `recipe_stem`
+    (`<stem>-<date>-<time>[-n]`): sorts in the order the runs started; None for other names."""
+    match = re.fullmatch(rf"{re.escape(recipe_stem)}-(\d{{8}}-\d{{6}})(?:-(\d+))?", run.name)
+    return (match.group(1), int(match.group(2) or 0)) if match else None
+
+
 def is_run_of(run: Path, recipe_stem: str) -> bool:
     """Whether `run` is named as `new_run_dir` names the runs of `recipe_stem` (so the runs of
     `quickstart-small.yaml` are not taken for those of `quickstart.yaml`)."""
-    return re.fullmatch(rf"{re.escape(recipe_stem)}-\d{{8}}-\d{{6}}(-\d+)?", run.name) is not None
+    return _start(run, recipe_stem) is not None
 
 
 def find_resume(resume: str, log_dir: Path, name: str, recipe_stem: str) -> Path | None:
@@ -89,17 +96,11 @@ def find_resume(resume: str, log_dir: Path, name: str, recipe_stem: str) -> Path
     # before its first checkpoint must not hand `auto` to an older, perhaps finished, run that
     # would then be trained further.
     runs = sorted((p for p in log_dir.glob(f"{recipe_stem}-*") if is_run_of(p, recipe_stem)),
-                  key=_start_order)
+                  key=lambda run: _start(run, recipe_stem))
     if not runs:
         return None
     last = runs[-1] / CHECKPOINTS / LAST
     return last if last.is_file() else None
-
-
-def _start_order(run: Path) -> tuple[str, int]:
-    """`<stem>-<date>-<time>[-n]` in the order the runs were started."""
-    match = re.search(r"-(\d{8}-\d{6})(?:-(\d+))?$", run.name)
-    return (match.group(1), int(match.group(2) or 0)) if match else ("", 0)
 
 
 def run_dir_of(checkpoint: Path) -> Path | None:

@@ -117,7 +117,7 @@ def from_file(path: str | Path) -> BenchModel:
     Raises:
         SourceError / ExportError: an ONNX file, a missing file or one that does not load.
     """
-    from ..export import load_exported, model_from_metadata
+    from ..export import CHECKPOINT_NOT_EXPORT, load_exported, model_from_metadata
 
     if Path(path).suffix.lower() == ".onnx":
         raise SourceError(f"{path}: ONNX files run in onnxruntime, not torch; benchmark the "
@@ -125,7 +125,7 @@ def from_file(path: str | Path) -> BenchModel:
     try:
         module, meta = load_exported(path)
     except UserError as e:
-        if "a torch.save file" not in str(e):
+        if CHECKPOINT_NOT_EXPORT not in str(e):
             raise
         raise SourceError(f"{e} (use --checkpoint)") from None
     script = isinstance(module, torch.jit.ScriptModule)
