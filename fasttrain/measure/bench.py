@@ -151,7 +151,10 @@ def prepare_inference(model: nn.Module, *, batch_size: int, resolution: int,
         model.eval()
     x = torch.randn(batch_size, in_chans, resolution, resolution, device=device
                     ).contiguous(memory_format=fmt)
-    autocast = autocast_context(device, precision, cache_enabled=mode != "cudagraphs")
+    # No cache of cast weights where a graph is captured or traced: a CUDA graph would keep the
+    # capture's copies, and torch.jit.trace refuses to embed them (they require grad).
+    autocast = autocast_context(device, precision,
+                                cache_enabled=mode not in ("cudagraphs", "torchscript"))
     if mode == "eager":
         net = model
     elif mode in COMPILE_MODES:
