@@ -7,8 +7,8 @@ import torch
 import torchvision
 
 from fasttrain.measure import count_macs, count_params
-from fasttrain.models import (BatchNormReLU2d, CifarResNet, base_channels, create_model,
-                              list_models)
+from fasttrain.models import (NORM_ACT_LAYERS, BatchNormReLU2d, CifarResNet, base_channels,
+                              create_model, list_models)
 
 # Copy of ../shared/reference/thinresnet_counts.csv (exact counts, sources in its README).
 COUNTS = list(csv.DictReader(open(Path(__file__).parent / "data" / "thinresnet_counts.csv")))
@@ -67,6 +67,17 @@ def test_counts_match_reference(row):
     assert macs.conv_fc == int(row["macs"])
     assert macs.total > macs.conv_fc  # fvcore's total adds BatchNorm and pooling
     assert macs.by_operator["batch_norm"] > 0
+
+
+def test_fused_norm_act_counts_like_native():
+    # fvcore does not know the fused op: uncounted, the total fell with model.norm_act=fused
+    counts = {kind: count_macs(create_model("cifar_resnet20", width=0.25, norm_act_layer=layer),
+                               16) for kind, layer in NORM_ACT_LAYERS.items()}
+    assert counts["fused"].total == counts["native"].total
+    fused = counts["fused"].by_operator
+    assert fused["bn_relu_forward"] > 0  # the norms before a residual add stay batch_norm
+    assert fused["bn_relu_forward"] + fused["batch_norm"] == \
+        counts["native"].by_operator["batch_norm"]
 
 
 def test_channel_divisor_keeps_doubling_structure():

@@ -34,11 +34,16 @@ def count_macs(model: nn.Module, resolution: int, in_chans: int = 3) -> MacCount
         # any category: a FutureWarning on torch 2.14, a DeprecationWarning on 2.11
         warnings.filterwarnings("ignore", message=".*torch.jit.script")
         from fvcore.nn import FlopCountAnalysis
+        from fvcore.nn.jit_handles import batchnorm_flop_jit
 
     model = copy.deepcopy(model).eval().float()
     device = next(model.parameters()).device
     x = torch.zeros(1, in_chans, resolution, resolution, device=device)
-    analysis = FlopCountAnalysis(model, x)
+    # The fused norm+ReLU op takes aten::batch_norm's leading arguments (input, weight, bias,
+    # running_mean, running_var, training): counted as the BatchNorm it is, `total` does not
+    # depend on model.norm_act (fvcore counted an op it does not know as 0).
+    analysis = FlopCountAnalysis(model, x).set_op_handle("fasttrain::bn_relu_forward",
+                                                         batchnorm_flop_jit)
     analysis.unsupported_ops_warnings(False)
     analysis.uncalled_modules_warnings(False)
     with torch.no_grad():
