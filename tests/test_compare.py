@@ -203,6 +203,14 @@ def test_latency_is_matched_by_architecture(tmp_path):
     path.write_text(json.dumps([_row(), _row(params=20, macs=500, threads=2)]))
     with pytest.raises(CompareError, match="different conditions: threads 1 and 2"):
         attach_latency(pts, [path])
+    # fused, native and folded networks count alike but do not run alike
+    path.write_text(json.dumps([_row(params=20, macs=500, norm_act="native"),
+                                _row(norm_act="folded")]))
+    with pytest.raises(CompareError, match="different conditions: norm_act 'folded' and "):
+        attach_latency(pts, [path])
+    path.write_text(json.dumps([_row(norm_act="native"), _row(norm_act="folded")]))
+    with pytest.raises(CompareError, match="norm_act 'native' and 'folded'; compare one"):
+        attach_latency(pts, [path])
     path.write_text(json.dumps([{"kind": "latency"}]))
     with pytest.raises(CompareError, match="row 1: missing field 'status'"):
         attach_latency(pts, [path])

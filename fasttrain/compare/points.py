@@ -408,7 +408,7 @@ def attach_latency(points: list[Point], files: Iterable[str | Path],
     Raises:
         CompareError: unreadable files, rows missing fields, no row at `batch_size`, or matched
             rows measured under different conditions (device, threads, precision, layout,
-            mode): latencies from different set-ups are not comparable.
+            mode, norm_act): latencies from different set-ups are not comparable.
     """
     rows = []
     files = [Path(f) for f in files]
@@ -442,7 +442,16 @@ def attach_latency(points: list[Point], files: Iterable[str | Path],
     by_arch = {}
     for r in rows:
         if r["batch_size"] == batch:
-            by_arch[(r["params"], r["macs"], r["resolution"])] = r  # last one wins
+            arch = (r["params"], r["macs"], r["resolution"])
+            earlier = by_arch.get(arch)
+            # norm_act changes the latency but not the counts (a folded export counts like its
+            # checkpoint): such rows are not re-measurements of each other
+            if earlier is not None and earlier.get("norm_act") != r.get("norm_act"):
+                raise CompareError(f"latency rows of one network ({r['params']:,} params, "
+                                   f"{r['macs']:,} MACs) measured with norm_act "
+                                   f"{earlier.get('norm_act')!r} and {r.get('norm_act')!r}; "
+                                   f"compare one set-up at a time")
+            by_arch[arch] = r  # last one wins
     used = []
     for p in points:
         r = by_arch.get((p.params, p.macs, p.resolution))
@@ -451,11 +460,11 @@ def attach_latency(points: list[Point], files: Iterable[str | Path],
             used.append(r)
     if not used:
         return None
-    keys = ("device_name", "threads", "precision", "layout", "mode")
+    keys = ("device_name", "threads", "precision", "layout", "mode", "norm_act")
     first = used[0]
     for r in used[1:]:
         for k in keys:
-            if r[k] != first[k]:
+            if r.get(k) != first.get(k):
                 raise CompareError(f"latency rows measured under different conditions: "
                                    f"{k} {first[k]!r} and {r[k]!r}; compare one set-up at a "
                                    f"time")
