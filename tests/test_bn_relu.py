@@ -230,6 +230,25 @@ def test_gradcheck_float64(device, layout, training):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False])
+def test_double_backward_float64(device, training):
+    """Second derivatives (gradient penalties, Hessian-vector products) as nn.BatchNorm2d's:
+    the native backward has no derivative of its own, so create_graph=True recomputes."""
+    x, w, b, rm, rv = _make_inputs((2, 3, 4, 5), "nchw", torch.float64, device)
+    rm, rv = rm.double(), rv.double()
+    x, w, b = (t.double().detach().requires_grad_() for t in (x, w, b))
+
+    def f(x, w, b):
+        if training:
+            return torch.ops.fasttrain.bn_relu_forward(x, w, b, None, None, True, EPS)[0]
+        return torch.ops.fasttrain.bn_relu_forward(x, w, b, rm, rv, False, EPS)[0]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns of a missing autograd kernel: not here
+        assert torch.autograd.gradgradcheck(f, (x, w, b), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     """Schema, fake kernels, autograd registration and AOT dispatch (torch.library.opcheck)."""
     x, w, b, rm, rv = _make_inputs((2, 5, 3, 4), "nhwc", torch.float32, device)
@@ -391,6 +410,28 @@ def test_fallback_warns_once_and_matches(monkeypatch):
 
 
 # ---- in a model, compiled ----------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_with_dynamic_shapes_updates_running_stats_per_batch(device):
+    """Under dynamic shapes the element count of the unbiased running variance stays symbolic
+    (an int op argument baked in the first batch's count); torch.export with a dynamic batch
+    works in training mode as with nn.BatchNorm2d."""
+    torch._dynamo.reset()
+    fused, native = ops.BatchNormReLU2d(3, momentum=1.0), nn.BatchNorm2d(3, momentum=1.0)
+    fused, native = fused.to(device), native.to(device)
+    step = torch.compile(fused, fullgraph=True, dynamic=True)
+    for n in (2, 3, 5):
+        x = torch.randn(n, 3, 4, 4, device=device)
+        step(x)
+        native(x)
+        torch.testing.assert_close(fused.running_var, native.running_var, msg=f"batch {n}")
+    batch = torch.export.Dim("batch", min=2)
+    exported = torch.export.export(fused, (torch.randn(2, 3, 4, 4, device=device),),
+                                   dynamic_shapes=({0: batch},))
+    x = torch.randn(5, 3, 4, 4, device=device)
+    torch.testing.assert_close(exported.module()(x), F.relu(native(x)))
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)

@@ -148,6 +148,17 @@ if _ext.HAS_EXT:
 
     def _backward(ctx, grad_y, _grad_mean, _grad_var):
         x, weight, bias, mean, var = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the native backward has no derivative
+            inputs = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
+            with torch.enable_grad():
+                y = F.relu(F.batch_norm(x, None if ctx.training else mean.to(x.dtype),
+                                        None if ctx.training else var.to(x.dtype), weight, bias,
+                                        ctx.training, 0.0, ctx.eps))
+                grads = iter(torch.autograd.grad(y, inputs, grad_y, create_graph=True,
+                                                 allow_unused=True))
+            out = [next(grads) if t is not None and t.requires_grad else None
+                   for t in (x, weight, bias)]
+            return (*out, None, None, None, None)
         gx, gw, gb = torch.ops.fasttrain.bn_relu_backward(grad_y, x, weight, bias, mean, var,
                                                           ctx.training, ctx.eps)
         return (gx, gw if weight is not None else None, gb if bias is not None else None,
@@ -216,8 +227,14 @@ def bn_relu(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Ten
                          f"{x.size()}")
     y, mean, var = torch.ops.fasttrain.bn_relu_forward(x, weight, bias, None, None, True, eps)
     if running_mean is not None:
-        torch.ops.fasttrain.bn_update_running_stats(running_mean, running_var, mean, var,
-                                                    momentum, count)
+        if torch.compiler.is_compiling():
+            # A symbolic count (dynamic shapes) must stay symbolic: inductor passes the int
+            # argument of the custom op as the compile-time hint, baking in one batch's count.
+            bn_update_running_stats_reference(running_mean, running_var, mean, var, momentum,
+                                              count)
+        else:
+            torch.ops.fasttrain.bn_update_running_stats(running_mean, running_var, mean, var,
+                                                        momentum, count)
     return y
 
 
