@@ -11,8 +11,9 @@ fasttrain/ops/ and loaded by fasttrain/ops/_ext.py:
 Environment:
   FASTTRAIN_CUDA=1|0      force the CUDA library on (an error if it cannot be built) or off;
                           unset: build it when possible.
-  TORCH_CUDA_ARCH_LIST    GPU architectures to compile for (default "8.0;9.0": A100, H100).
-                          Set explicitly because without a GPU torch cannot guess it.
+  TORCH_CUDA_ARCH_LIST    GPU architectures to compile for (default "8.0;9.0+PTX": A100, H100
+                          and, JIT-compiled from PTX, newer GPUs). Set explicitly because
+                          without a GPU torch cannot guess it.
   CUDA_HOME               toolkit root; unset: the root of the `nvcc` found on PATH.
   FASTTRAIN_JPEG=1|0      force the region JPEG decoder on (an error without libjpeg-turbo's
                           headers) or off; unset: build it when possible.
@@ -37,7 +38,7 @@ from setuptools import find_packages, setup
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 GENERATED = ROOT / "build" / "generated"
-DEFAULT_ARCH_LIST = "8.0;9.0"
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 SOURCE_SUFFIXES = (".h", ".cuh", ".c", ".cpp", ".cu")
 
 
@@ -74,21 +75,36 @@ def find_nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
-def check_arch_list(value: str) -> str:
+def check_arch_list(value: str) -> dict[str, list[str]]:
     """TORCH_CUDA_ARCH_LIST, checked by torch's own parser now (names like 'Hopper', '9.0a',
     '8.6+PTX'), so a bad entry is one line before anything compiles: torch itself fails deep
-    in the build, after the CPU libraries, and an empty value is an IndexError there."""
+    in the build, after the CPU libraries, and an empty value is an IndexError there.
+
+    Returns what the library will hold, from the nvcc flags torch derives: {"sm": cubins,
+    "ptx": PTX versions}, e.g. {"sm": ["80", "90"], "ptx": ["90"]} for '8.0;9.0+PTX'. The
+    loader compares them with the GPU (fasttrain/ops/_ext.py)."""
     if not value.replace(";", " ").strip():
         fail(f"TORCH_CUDA_ARCH_LIST is empty; unset it for the default {DEFAULT_ARCH_LIST!r} or "
              f"name architectures such as '9.0'")
     from torch.utils.cpp_extension import _get_cuda_arch_flags
 
     try:
-        _get_cuda_arch_flags()
+        flags = _get_cuda_arch_flags()
     except (ValueError, IndexError) as e:
         reason = str(e) if isinstance(e, ValueError) else "'native' needs a visible GPU"
         fail(f"TORCH_CUDA_ARCH_LIST={value!r}: {reason}")
-    return value
+    codes = [c for f in flags for m in re.finditer(r"code=\[?([\w,]+)", f)
+             for c in m.group(1).split(",")]
+    return {"sm": sorted({c[3:] for c in codes if c.startswith("sm_")}),
+            "ptx": sorted({c[8:] for c in codes if c.startswith("compute_")})}
+
+
+def remove_stale(pattern: str, why: str) -> None:
+    """Deletes a library an earlier build left that this build does not make: the loader would
+    otherwise load kernels built from other sources (no hash of its own to tell)."""
+    for path in ROOT.glob(pattern):
+        say(f"removing {path.relative_to(ROOT)}: not built this time ({why})")
+        path.unlink()
 
 
 def nvcc_release(nvcc: str) -> str:
@@ -187,15 +203,22 @@ def extensions() -> tuple[list, dict]:
         return [], {}
     cuda, why, nvcc = decide_cuda(torch)
     jpeg, jpeg_why = decide_jpeg()
-    arch_list = None
+    arch_list, targets = None, None
     if cuda:
         os.environ.setdefault("CUDA_HOME", str(toolkit_root(nvcc)))
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
-        arch_list = check_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"])
+        arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
+        targets = check_arch_list(arch_list)
+    else:
+        remove_stale("fasttrain/ops/_C_cuda*.so", why)
+    if not jpeg:
+        remove_stale("fasttrain/data/_jpeg*.so", jpeg_why)
     # Imported only now: torch.utils.cpp_extension reads CUDA_HOME at import time.
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    write_build_info({"cuda": cuda, "cuda_reason": why, "arch_list": arch_list, "jpeg": jpeg,
+    write_build_info({"cuda": cuda, "cuda_reason": why, "arch_list": arch_list,
+                      "cuda_sm": targets and targets["sm"], "cuda_ptx": targets and targets["ptx"],
+                      "jpeg": jpeg,
                       "torch": torch.__version__, "torch_cuda": torch.version.cuda,
                       "sources_sha256": sources_sha256(CSRC)})
     headers = [str(p.relative_to(ROOT)) for p in sorted(CSRC.rglob("*.h"))]

@@ -3,6 +3,7 @@ CUDA torch are present. Outside test_bn_relu.py, whose op tests skip when the li
 loaded: here a missing library fails."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -62,6 +63,82 @@ def test_build_settings_that_cannot_work_fail_in_one_line_before_compiling(tmp_p
     errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: fasttrain build: "), result.stderr
     assert message in errors[0] and "Traceback" not in result.stderr
+
+
+def _setup_copy(tmp_path: Path, env: dict) -> subprocess.CompletedProcess:
+    """`setup.py --version` in a copy of setup.py and csrc/ (what runs before any compile)."""
+    for name in ("setup.py", "csrc"):
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
+    return subprocess.run([sys.executable, "setup.py", "--version"], cwd=tmp_path,
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+
+
+def test_a_build_without_cuda_or_jpeg_removes_their_earlier_libraries(tmp_path):
+    """A library left by an earlier build was loaded as if current: CUDA kernels from other
+    sources ran, and is_stale() (which hashes what _C was built from) could not tell."""
+    suffix = ".cpython-311-x86_64-linux-gnu.so"
+    stale = [tmp_path / "fasttrain" / "ops" / f"_C_cuda{suffix}",
+             tmp_path / "fasttrain" / "data" / f"_jpeg{suffix}"]
+    for path in stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"old")
+    kept = tmp_path / "fasttrain" / "ops" / f"_C{suffix}"
+    kept.write_bytes(b"rebuilt by this build")
+    result = _setup_copy(tmp_path, {"FASTTRAIN_CUDA": "0", "FASTTRAIN_JPEG": "0"})
+    assert result.returncode == 0, result.stderr
+    assert not any(p.exists() for p in stale) and kept.exists()
+    assert f"removing fasttrain/ops/_C_cuda{suffix}: not built this time (FASTTRAIN_CUDA=0)" \
+        in result.stderr
+
+
+def test_a_leftover_cuda_library_is_not_loaded():
+    assert "left from an earlier build: this build skipped CUDA (FASTTRAIN_CUDA=0)" in \
+        _ext.cuda_skip_reason({"cuda": False, "cuda_reason": "FASTTRAIN_CUDA=0"}, "13.0")
+    assert "is not a CUDA build" in _ext.cuda_skip_reason({"cuda": True}, None)
+    assert _ext.cuda_skip_reason({"cuda": True}, "13.0") is None
+
+
+def test_the_build_records_its_cubins_and_ptx(tmp_path):
+    if shutil.which("nvcc") is None or torch.version.cuda is None:
+        pytest.skip("needs nvcc and a CUDA build of torch")
+    result = _setup_copy(tmp_path, {"FASTTRAIN_CUDA": "1",
+                                    "TORCH_CUDA_ARCH_LIST": "8.0;9.0+PTX;9.0a"})
+    assert result.returncode == 0, result.stderr
+    header = (tmp_path / "build" / "generated" / "fasttrain_build_info.h").read_text()
+    info = json.loads(json.loads(header.split("FASTTRAIN_BUILD_INFO ", 1)[1]))
+    assert (info["cuda_sm"], info["cuda_ptx"]) == (["80", "90", "90a"], ["90"])
+
+
+@pytest.mark.parametrize("sm, ptx, capability, runs", [
+    (["80", "90"], [], (8, 0), True),
+    (["80", "90"], [], (8, 6), True),  # a cubin runs on later minors of its major
+    (["80", "90"], [], (7, 5), False),
+    (["80", "90"], [], (12, 0), False),  # no cubin of that major, no PTX to JIT-compile
+    (["80", "90"], ["90"], (12, 0), True),
+    (["80", "90"], ["90"], (8, 9), True),
+    (["90a"], [], (9, 0), True),
+    (["90a"], [], (10, 0), False),  # arch-specific: that GPU only
+    (None, None, (7, 5), True),  # an older build that did not record its targets
+])
+def test_cuda_kernels_are_used_only_on_gpus_the_build_has_code_for(monkeypatch, sm, ptx,
+                                                                   capability, runs):
+    """Without the check the first fused op on, say, a T4 or an RTX 50xx failed with "no kernel
+    image is available for execution on the device" instead of falling back."""
+    monkeypatch.setattr(_ext, "BUILD_INFO", {**_ext.BUILD_INFO, "cuda_sm": sm, "cuda_ptx": ptx})
+    monkeypatch.setattr(_ext, "HAS_CUDA_EXT", True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    _ext.cuda_arch_problem.cache_clear()
+    try:
+        gpu = torch.device("cuda", 0)
+        assert _ext.supports(gpu) is runs
+        reason = _ext.unavailable_reason(gpu)
+        if not runs:
+            assert reason.startswith("the CUDA library has no code for this GPU (compute "
+                                     f"capability {capability[0]}.{capability[1]}; built for ")
+            assert f"TORCH_CUDA_ARCH_LIST={capability[0]}.{capability[1]}" in reason
+    finally:
+        _ext.cuda_arch_problem.cache_clear()
 
 
 def _env_sh(tmp_path: Path, python: str) -> subprocess.CompletedProcess:

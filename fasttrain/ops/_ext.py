@@ -14,6 +14,7 @@ Callers fall back to the pure-PyTorch reference where a library is missing (fast
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import importlib.machinery
 import json
@@ -77,11 +78,22 @@ def _init() -> None:
         BUILD_INFO = json.loads(fn().decode())
     except (OSError, AttributeError, ValueError) as e:
         LOAD_ERRORS["build_info"] = str(e)
-    if torch.version.cuda is None:
+    skip = cuda_skip_reason(BUILD_INFO, torch.version.cuda)
+    if skip is not None:
         if library_path("_C_cuda") is not None:
-            LOAD_ERRORS["_C_cuda"] = f"torch {torch.__version__} is not a CUDA build"
+            LOAD_ERRORS["_C_cuda"] = skip
         return
     HAS_CUDA_EXT = _load("_C_cuda") is not None
+
+
+def cuda_skip_reason(build_info: dict, torch_cuda: str | None) -> str | None:
+    """Why not to load `_C_cuda` even if the file is there, or None to load it."""
+    if torch_cuda is None:
+        return f"torch {torch.__version__} is not a CUDA build"
+    if build_info.get("cuda") is False:  # the file is left from an earlier build
+        return (f"left from an earlier build: this build skipped CUDA "
+                f"({build_info.get('cuda_reason')})")
+    return None
 
 
 _init()
@@ -93,12 +105,56 @@ def is_stale() -> bool:
     return bool(HAS_EXT and current and current != BUILD_INFO.get("sources_sha256"))
 
 
+def _cubin_runs(code: str, major: int, minor: int) -> bool:
+    """Whether a cubin for sm_<code> ("80", "90a", "100f") runs on a GPU of that capability:
+    same major and a minor at least the cubin's; an arch-specific ("a") one on its own only."""
+    digits = code.rstrip("af")
+    want = (int(digits[:-1]), int(digits[-1]))
+    if code.endswith("a"):
+        return want == (major, minor)
+    return want[0] == major and want[1] <= minor
+
+
+def _ptx_runs(code: str, major: int, minor: int) -> bool:
+    """Whether PTX for compute_<code> JIT-compiles for that capability: any later GPU."""
+    digits = code.rstrip("af")
+    want = (int(digits[:-1]), int(digits[-1]))
+    return want == (major, minor) if code.endswith("a") else want <= (major, minor)
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_arch_problem(index: int) -> str | None:
+    """Why the CUDA library has no code for GPU `index`, or None when it has (or when an older
+    build did not record its targets). Without this the first kernel launch on, say, an sm_75
+    or sm_120 GPU fails with "no kernel image is available" instead of falling back."""
+    sm, ptx = BUILD_INFO.get("cuda_sm"), BUILD_INFO.get("cuda_ptx")
+    if sm is None and ptx is None:
+        return None
+    major, minor = torch.cuda.get_device_capability(index)
+    if any(_cubin_runs(c, major, minor) for c in sm or ()) or \
+            any(_ptx_runs(c, major, minor) for c in ptx or ()):
+        return None
+    built = ", ".join([f"sm_{c}" for c in sm or ()] + [f"PTX {c}" for c in ptx or ()])
+    return (f"the CUDA library has no code for this GPU (compute capability {major}.{minor}; "
+            f"built for {built}): rebuild with TORCH_CUDA_ARCH_LIST={major}.{minor}")
+
+
+@torch.compiler.assume_constant_result  # a Python fact of the build, not traced into graphs
+def _cuda_arch_ok(index: int) -> bool:
+    return cuda_arch_problem(index) is None
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def supports(device: torch.device) -> bool:
-    """Whether the compiled kernels cover tensors on `device`."""
+    """Whether the compiled kernels cover tensors on `device` (for CUDA: this GPU's
+    architecture too)."""
     if device.type == "cpu":
         return HAS_EXT
     if device.type == "cuda":
-        return HAS_CUDA_EXT
+        return HAS_CUDA_EXT and _cuda_arch_ok(_cuda_index(device))
     return False
 
 
@@ -109,4 +165,8 @@ def unavailable_reason(device: torch.device) -> str:
     name = "_C" if device.type == "cpu" or not HAS_EXT else "_C_cuda"
     if name == "_C_cuda" and BUILD_INFO.get("cuda") is False:
         return f"the CUDA library was not built ({BUILD_INFO.get('cuda_reason')})"
+    if name == "_C_cuda" and HAS_CUDA_EXT:
+        problem = cuda_arch_problem(_cuda_index(device))
+        if problem:
+            return problem
     return LOAD_ERRORS.get(name, f"fasttrain/ops/{name} is not loaded")
