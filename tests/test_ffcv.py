@@ -203,10 +203,41 @@ def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch, cifar):
 
     monkeypatch.setattr(ffcv.writer.DatasetWriter, "finalize", crash)
     with pytest.raises(KeyboardInterrupt):
-        write_beton(data, out, write_mode="jpg", num_workers=1)
+        write_beton(data, out, write_mode="jpg", num_workers=1, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["val.beton", "val.beton.json"]
     assert (out / "val.beton").read_bytes() == before
     assert not (out / "train.beton").exists()
+
+
+def test_files_written_with_other_settings_are_replaced_only_on_request(tmp_path, cifar,
+                                                                       capsys):
+    """README's two ImageNet commands (ResNet-50: 500 px, 50 % JPEG; ResNet-18: 400 px, 10 %)
+    both write to <DIR>/ffcv: the second replaced the first recipe's files silently."""
+    data = DataConfig(dataset="cifar10", path=str(cifar), download=False)
+    out = tmp_path / "out"
+    write_beton(data, out, max_resolution=500, compress_probability=0.5, num_workers=1,
+                splits=("val",))
+    before = (out / "val.beton").read_bytes()
+    with pytest.raises(DatasetError, match=r"val.beton: written with other settings "
+                                           r"\(max_resolution 500 \(now 400\), "
+                                           r"compress_probability 0.5 \(now 0.1\)\); write to "
+                                           r"another folder with --out=FOLDER"):
+        write_beton(data, out, max_resolution=400, compress_probability=0.1, num_workers=1,
+                    splits=("val",))
+    assert (out / "val.beton").read_bytes() == before
+    # settings the mode does not use are no difference; the same settings rewrite freely
+    write_beton(data, out, max_resolution=500, compress_probability=0.5, smart_threshold=1,
+                num_workers=1, splits=("val",))
+    with pytest.raises(DatasetError, match=r"write_mode proportion \(now raw\)"):
+        write_beton(data, out, write_mode="raw", num_workers=1, splits=("val",))
+    args = ["--dataset=cifar10", f"--path={cifar}", "--data.download=false", f"--out={out}",
+            "--write-mode=raw", "--num-workers=1"]
+    capsys.readouterr()
+    assert _write_tool(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith("or replace it with --overwrite\n")
+    assert _write_tool(args + ["--overwrite"]) == 0, capsys.readouterr().err
+    assert json.loads((out / "val.beton.json").read_text())["write_mode"] == "raw"
 
 
 def _write_tool(args: list[str]) -> int:

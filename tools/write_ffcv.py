@@ -45,6 +45,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--smart-threshold", type=int, default=256 * 256 * 3,
                    help="smart mode: bytes of raw pixels above which JPEG is used "
                         "(default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files written with other settings (refused without it)")
     p.add_argument("--num-workers", type=int, default=0,
                    help="writer processes; 0 = one per core (default: %(default)s)")
     return p
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                               jpeg_quality=args.jpeg_quality,
                               compress_probability=args.compress_probability,
                               smart_threshold=args.smart_threshold,
-                              num_workers=args.num_workers)
+                              num_workers=args.num_workers, overwrite=args.overwrite)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -575,11 +575,37 @@ def _ffcv_version() -> str:
         return "unknown"
 
 
+# The settings that change what is stored, per write mode.
+STORAGE_SETTINGS = {"proportion": ("max_resolution", "compress_probability", "jpeg_quality"),
+                    "jpg": ("max_resolution", "jpeg_quality"), "raw": ("max_resolution",),
+                    "smart": ("max_resolution", "smart_threshold", "jpeg_quality")}
+
+
+def _refuse_other_settings(target: Path, params: dict[str, Any]) -> None:
+    """Refuse to replace `target` when its sidecar records other storage settings: a second
+    recipe's write would silently change what the first trains on. A file without a readable
+    sidecar has nothing to compare and is replaced."""
+    try:
+        old = json.loads(sidecar_path(target).read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(old, dict):
+        return
+    keys = (("write_mode",) if old.get("write_mode") != params["write_mode"]
+            else STORAGE_SETTINGS.get(params["write_mode"], ()))
+    differ = [f"{k} {old.get(k)} (now {params[k]})" for k in keys if old.get(k) != params[k]]
+    if differ:
+        raise DatasetError(f"{target}: written with other settings ({', '.join(differ)}); "
+                           f"write to another folder with --out=FOLDER (and train with "
+                           f"--data.ffcv_dir=FOLDER), or replace it with --overwrite")
+
+
 def write_beton(data: DataConfig, out: Path | str | None = None, *,
                 write_mode: str = "proportion", max_resolution: int = 512,
                 jpeg_quality: int = 90, compress_probability: float = 0.5,
                 smart_threshold: int = 256 * 256 * 3, num_workers: int = 0,
-                chunk_size: int = 100, splits: Sequence[str] = SPLITS) -> list[WriteResult]:
+                chunk_size: int = 100, splits: Sequence[str] = SPLITS,
+                overwrite: bool = False) -> list[WriteResult]:
     """Write the data set `data` names (digits, an ImageFolder, CIFAR-10) as FFCV files
     `<out>/{train,val}.beton` with JSON sidecars, with ffcv-imagenet's knobs.
 
@@ -591,12 +617,15 @@ def write_beton(data: DataConfig, out: Path | str | None = None, *,
         max_resolution: longest side stored (larger images are shrunk); 0 = keep sizes.
         jpeg_quality: JPEG quality 1..100.
         num_workers: writer processes; 0 = one per core.
+        overwrite: replace files whose sidecars record other write settings (without it they
+            are refused: the ResNet-50 and ResNet-18 recipes store ImageNet differently, and
+            both default to `<dataset root>/ffcv`).
     Returns:
         One `WriteResult` per split: path, images, unreadable files (skipped, listed).
     Raises:
         ConfigError: a writing parameter is out of range.
-        DatasetError: the data set is missing or has no readable image, or `out` cannot be
-            created.
+        DatasetError: the data set is missing or has no readable image, `out` cannot be
+            created, or it holds files written with other settings (and not `overwrite`).
         RunError: FFCV is not installed.
     """
     _check_write_params(write_mode, max_resolution, jpeg_quality, compress_probability,
@@ -613,6 +642,9 @@ def write_beton(data: DataConfig, out: Path | str | None = None, *,
     params = dict(write_mode=write_mode, max_resolution=max_resolution,
                   jpeg_quality=jpeg_quality, compress_probability=compress_probability,
                   smart_threshold=smart_threshold, chunk_size=chunk_size)
+    if not overwrite:
+        for split in splits:
+            _refuse_other_settings(out / f"{split}.beton", params)
     workers = num_workers or os.cpu_count() or 1
     written: list[_Written] = []
     try:
