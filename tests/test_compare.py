@@ -61,6 +61,13 @@ def test_pareto_front_keeps_only_undominated_points():
     assert pareto_front([]) == [] and pareto_front([(3, 1.0)]) == [(3, 1.0)]
 
 
+def test_pareto_front_keeps_the_best_of_equal_macs():
+    # Sorted worst first at equal MACs, both would be kept: two curve points at one x.
+    front = pareto_front([(10, 70.0), (10, 72.0), (5, 60.0)])
+    assert front == [(5, 60.0), (10, 72.0)]
+    assert curve_value(front, 10) == (72.0, "exact")
+
+
 def test_curve_value_is_linear_in_log_macs():
     front = [(1e6, 60.0), (4e6, 70.0), (16e6, 74.0)]
     assert curve_value(front, 4e6) == (70.0, "exact")

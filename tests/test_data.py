@@ -287,6 +287,17 @@ def test_epoch_sampler_gives_each_rank_a_disjoint_equal_shard(size, world):
         assert [i for _, i, _ in sampler] != [i for _, i, _ in EpochSampler(size, 0, world, seed=3)]
 
 
+@pytest.mark.parametrize("world", [1, 2])
+def test_epoch_sampler_resumed_inside_an_epoch_yields_the_rest_of_it(world):
+    for rank in range(world):
+        sampler = EpochSampler(23, rank, world, seed=3)
+        sampler.set_epoch(4)
+        full = list(sampler)
+        for start in (1, 5):
+            sampler.set_epoch(4, start=start)
+            assert list(sampler) == full[start:] and len(sampler) == len(full) - start
+
+
 def test_shard_sampler_covers_every_sample_once():
     seen = [i for rank in range(3) for i in ShardSampler(10, rank, 3)]
     assert sorted(seen) == list(range(10))

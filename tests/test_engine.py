@@ -37,6 +37,29 @@ def test_warmup_then_cosine_per_step():
     assert all(a >= b for a, b in zip(values, values[1:]))
 
 
+def test_cosine_ends_at_min_lr_factor():
+    cfg = ScheduleConfig(epochs=10, kind="cosine", warmup_epochs=2, warmup_start_factor=0.1,
+                         min_lr_factor=0.1)
+    steps = 5  # cosine over steps 10..50
+
+    def closed_form(t):
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+    assert lr_factor(cfg, 10, steps) == pytest.approx(1.0)
+    assert lr_factor(cfg, 30, steps) == pytest.approx(closed_form(0.5))  # 0.55
+    assert lr_factor(cfg, 40, steps) == pytest.approx(closed_form(0.75))
+    assert lr_factor(cfg, 50, steps) == pytest.approx(closed_form(1.0))  # 0.1, not 0
+
+
+def test_accuracy_counts_top5_includes_the_fifth_ranked_class():
+    logits = torch.arange(10.0).repeat(3, 1)  # class 9 ranks first, class 5 fifth, 4 sixth
+    top1, top5 = loop.accuracy_counts(logits, torch.tensor([9, 5, 4]))
+    assert (top1.item(), top5.item()) == (1, 2)
+    # fewer than 5 classes: top-5 is capped at the class count, so every label is a hit
+    top1, top5 = loop.accuracy_counts(torch.arange(3.0).repeat(2, 1), torch.tensor([0, 2]))
+    assert (top1.item(), top5.item()) == (1, 2)
+
+
 def test_step_and_constant_schedules():
     cfg = ScheduleConfig(epochs=9, kind="step", milestones=[3, 6], gamma=0.1)
     assert [lr_factor(cfg, e * 10, 10) for e in (0, 2, 3, 5, 6, 8)] == \
@@ -504,6 +527,33 @@ def test_max_steps_inside_an_epoch_resumes_inside_it(data_root, tmp_path):
                                        r"the later epochs"):
         train(_cfg(data_root, tmp_path, *args, "--log.name=cut"), resume=str(early))
     assert (tmp_path / "cut" / "metrics.jsonl").read_text() == before
+
+
+def test_best_val_top1_of_a_metrics_line_counts_only_complete_epochs(data_root, tmp_path):
+    # As best.pt and the summary: an epoch cut by train.max_steps is trained again on resume.
+    digits = sorted((data_root / "digits" / "train" / "3").iterdir())
+    for split, n in (("train", 4), ("val", 2)):  # a tiny set: 2 steps of 4 per epoch
+        for cls in ("a", "b"):
+            (tmp_path / "set" / split / cls).mkdir(parents=True)
+            for i in range(n):
+                (tmp_path / "set" / split / cls / f"{i}.jpg").write_bytes(digits[i].read_bytes())
+
+    def run(max_steps, **kw):
+        train(load(QUICKSTART, ["--data.dataset=imagefolder", f"--data.path={tmp_path / 'set'}",
+                                "--data.backend=torch", "--data.batch_size=4",
+                                "--schedule.epochs=2", "--schedule.warmup_epochs=0",
+                                f"--train.max_steps={max_steps}", "--log.name=cut",
+                                f"--log.dir={tmp_path / 'runs'}", "--log.progress=plain"]), **kw)
+        return [json.loads(l) for l in (tmp_path / "runs" / "cut" / "metrics.jsonl")
+                .read_text().splitlines()]
+
+    (line,) = run(1)
+    assert line["epoch"] == 1 and line["best_val_top1"] is None
+    lines = run(3, resume="auto")  # completes epoch 1, cuts epoch 2 after one step
+    assert [m["epoch"] for m in lines] == [1, 2]
+    best = ckpt.load(tmp_path / "runs" / "cut" / "checkpoints" / "best.pt")["metrics"]
+    assert lines[0]["best_val_top1"] == lines[0]["val_top1"] == best["val_top1"]
+    assert lines[1]["best_val_top1"] == lines[0]["val_top1"]
 
 
 @pytest.mark.slow

@@ -50,6 +50,20 @@ def test_cutmix_lambda_is_the_pasted_area():
     assert (box[1] - box[0]) * (box[3] - box[2]) == 0
 
 
+class _CentreRng(random.Random):
+    """randrange(n) gives the centre n // 2, so the cutmix box is not clipped."""
+
+    def randrange(self, n):
+        return n // 2
+
+
+def test_cutmix_box_sides_scale_by_the_square_root_of_the_area():
+    # timm / torchvision: cut = sqrt(1 - lam), cut_h = int(H * cut), cut_w = int(W * cut), the
+    # box spanning centre +- cut // 2 on each axis: 20 x 30 at lam 0.75 → half sides 5 and 7.
+    y0, y1, x0, x1 = cutmix_box(20, 30, 0.75, _CentreRng())
+    assert (y0, y1, x0, x1) == (10 - 5, 10 + 5, 15 - 7, 15 + 7)
+
+
 def test_mixup_pixels_are_the_lambda_mixture():
     m = mixer(mixup=0.5)
     images = torch.rand(3, 3, 8, 8)
@@ -115,13 +129,14 @@ def test_the_first_ema_update_after_warmup_copies_as_torchvisions():
     after warmup is a copy of the weights, not an average with the last warmup copy."""
     model = nn.Linear(1, 1, bias=False)
     ema = ModelEma(model, 0.5, every=1)
-    for step, (weight, warmup) in enumerate([(1.0, True), (9.0, True), (5.0, False),
+    for step, (weight, warmup) in enumerate([(1.0, True), (9.0, True), (3.0, False),
                                              (7.0, False)], 1):
         with torch.no_grad():
             model.weight.fill_(weight)
         ema.step(model, step, in_warmup=warmup)
-    # copies at steps 1-3 (the last warmup update reset the count), then 0.5 * 5 + 0.5 * 7
-    assert ema.module.weight.item() == 6.0
+    # copies at steps 1-3 (the last warmup update reset the count), then 0.5 * 3 + 0.5 * 7;
+    # averaging through warmup would give ((1 + 9) / 2 + 3) / 2 = 4, then 5.5
+    assert ema.module.weight.item() == 5.0
 
 
 def test_ema_decay_adjustment_matches_torchvision():
@@ -236,6 +251,30 @@ def test_blurpool_preserves_a_constant_image_and_the_state_dict():
     assert isinstance(model.layer2[0].conv2, BlurPoolConv2d)
     assert not isinstance(model.conv1, BlurPoolConv2d)  # 3 input channels
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
+def test_blurpool_includes_a_conv_with_exactly_min_channels_inputs():
+    model = apply_blurpool(create_model("thin_resnet18", width=0.25))
+    conv = model.layer2[0].conv1
+    assert (conv.in_channels, conv.stride) == (16, (2, 2))
+    assert isinstance(conv, BlurPoolConv2d)
+    assert isinstance(model.layer2[0].downsample[0], BlurPoolConv2d)  # 16 inputs too
+
+
+def test_pad_random_crop_reaches_every_offset():
+    cfg = load(None, ["--data.train_res=8", "--aug.train_crop=pad_random", "--aug.padding=2",
+                      "--aug.hflip=0", "--data.backend=torch"])
+    augment = TrainAugment(cfg.data, cfg.aug)
+    # Pixel (r, c) holds 1 + 8r + c, so any non-zero output pixel says where the crop started
+    # in the 12 x 12 padded image (the padding is 0).
+    image = (torch.arange(64, dtype=torch.uint8) + 1).reshape(1, 8, 8).repeat(3, 1, 1)
+    offsets = set()
+    for seed in range(200):
+        out = augment(image, random.Random(seed))[0]
+        i, j = (int(v) for v in out.nonzero()[0])
+        r, c = divmod(int(out[i, j]) - 1, 8)
+        offsets.add((r + 2 - i, c + 2 - j))
+    assert offsets == {(top, left) for top in range(5) for left in range(5)}
 
 
 def test_fixres_176_232_224_sizes():

@@ -9,6 +9,7 @@ import torchvision
 from fasttrain.measure import count_macs, count_params
 from fasttrain.models import (NORM_ACT_LAYERS, BatchNormReLU2d, CifarResNet, base_channels,
                               create_model, list_models)
+from fasttrain.models.resnet import ShortcutA
 
 # Copy of ../shared/reference/thinresnet_counts.csv (exact counts, sources in its README).
 COUNTS = list(csv.DictReader(open(Path(__file__).parent / "data" / "thinresnet_counts.csv")))
@@ -125,6 +126,24 @@ def test_zero_init_residual_zeroes_last_norm_of_each_block():
     assert model.layer1[0].bn1.weight.abs().sum() > 0
     model = create_model("thin_resnet50", width=0.25, zero_init_residual=False)
     assert model.layer1[0].bn3.weight.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name,last", [("thin_resnet18", "bn2"), ("thin_resnet50", "bn3"),
+                                       ("cifar_resnet20", "bn2")])
+def test_zero_init_residual_reaches_every_block_of_every_stage(name, last):
+    # Bottlenecks too: a block left out would not start as the identity.
+    model = create_model(name, width=0.25)
+    blocks = [b for stage in ("layer1", "layer2", "layer3", "layer4") if hasattr(model, stage)
+              for b in model.get_submodule(stage)]
+    assert len(blocks) == {"thin_resnet18": 8, "thin_resnet50": 16, "cifar_resnet20": 9}[name]
+    assert all(getattr(b, last).weight.abs().sum() == 0 for b in blocks)
+    assert all(b.bn1.weight.abs().sum() > 0 for b in blocks)
+
+
+def test_shortcut_a_subsamples_from_the_first_pixel_and_pads_channels_evenly():
+    x = torch.randn(1, 4, 8, 8)
+    expected = torch.nn.functional.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 2, 2))
+    assert torch.equal(ShortcutA(4, 8, 2)(x), expected)
 
 
 def test_cifar_shortcuts():

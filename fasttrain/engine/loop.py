@@ -459,7 +459,8 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
         is_best = not cut and metrics["val_top1"] > state.best_val_top1
         if not cut:
             state.best_val_top1 = max(state.best_val_top1, metrics["val_top1"])
-        metrics["best_val_top1"] = max(state.best_val_top1, metrics["val_top1"])
+        # What best.pt holds and the summary shows: the best complete epoch (null before one).
+        metrics["best_val_top1"] = state.best_val_top1 if state.best_val_top1 >= 0 else None
         state.history.append({k: metrics[k] for k in ("epoch", "val_top1", "train_loss")})
         report.end_epoch(metrics, epochs)
         if dist.is_main:
@@ -469,7 +470,8 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
                 os.fsync(f.fileno())  # before the checkpoint that claims this epoch is done
             if writer is not None:
                 for key, value in metrics.items():
-                    writer.add_scalar(key, value, epoch + 1)
+                    if value is not None:  # best_val_top1 before a complete epoch
+                        writer.add_scalar(key, value, epoch + 1)
                 writer.flush()
             _save(run_dir, parts, state, metrics, is_best)
         if cfg.train.max_steps and state.step >= cfg.train.max_steps:
