@@ -63,6 +63,11 @@ FT_HD void welford_add(A& mean, A& m2, A x, A inv_n) {
 template <typename A>
 FT_HD void welford_combine(A& mean, A& m2, A n_a, A mean_b, A m2_b, A n_b) {
   if (n_b == A(0)) return;
+  if (n_a == A(0)) {  // not via the formula: d * d may overflow, and inf * n_a is then NaN
+    mean = mean_b;
+    m2 = m2_b;
+    return;
+  }
   const A f = n_b / (n_a + n_b);
   const A d = mean_b - mean;
   mean += d * f;

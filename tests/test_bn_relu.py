@@ -282,6 +282,19 @@ def test_unaligned_and_strided_inputs(device):
                 _close(out[i], ref[i], TOL[x.dtype][0 if i < 2 else 1], f"output {i}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_a_spread_beyond_fp32_gives_aten_result_not_nan(device, layout):
+    """Merging into an empty partial with a mean difference whose square overflows made
+    inf * 0 = NaN statistics, where aten gives an infinite variance and zero output."""
+    x = (torch.randn(2, 3, 3, 3, generator=torch.Generator().manual_seed(0)) * 1e20).to(device)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    y, mean, var = torch.ops.fasttrain.bn_relu_forward(x, None, None, None, None, True, EPS)
+    assert not mean.isnan().any() and not var.isnan().any() and not y.isnan().any()
+    torch.testing.assert_close(y, F.relu(F.batch_norm(x, None, None, training=True, eps=EPS)))
+
+
 def test_input_checks_name_the_tensor_and_value():
     x = torch.randn(2, 3, 4, 4)
     with pytest.raises(RuntimeError, match="x must be 4-D .* got 3-D"):
