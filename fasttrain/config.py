@@ -227,6 +227,8 @@ class TrainConfig:
                       le=4096)
     grad_accum_steps: int = _f(1, "micro-batches per optimizer step (the global batch and its "
                                "LR stay the recipe's on fewer devices)", ge=1)
+    sync_bn: bool = _f(False, "BatchNorm statistics over all ranks (torch.nn.SyncBatchNorm + "
+                       "ReLU, in place of model.norm_act's layers); CUDA, 2+ ranks")
     ema: bool = _f(False, "keep an exponential moving average of the weights, validated too")
     ema_decay: float = _f(0.99998, "EMA decay per image-batch step, adjusted for ema_steps "
                           "(torchvision reference)", ge=0, lt=1)

@@ -221,6 +221,21 @@ def test_a_dry_run_checks_what_resume_and_log_name_would_meet(data_root, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
 
+def test_sync_bn_on_cpu_ranks_is_one_line_before_anything_is_written(data_root, tmp_path):
+    """torch's SyncBatchNorm synchronises GPU tensors only: on CPU ranks it raised at the first
+    training step, after the run folder was made."""
+    cfg = _cfg(data_root, tmp_path, "--train.sync_bn=true")
+    two_cpu_ranks = distributed.DistInfo(0, 2, 0, 2, torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"^train.sync_bn=true needs CUDA devices \(torch's "
+                                          r"SyncBatchNorm synchronises GPU tensors only\); "
+                                          r"this run is on cpu$"):
+        loop._train(cfg, two_cpu_ranks, None, None, dry_run=False)
+    assert list(tmp_path.iterdir()) == []
+    # one process has nothing to synchronise: the setting changes nothing there
+    summary = train(_cfg(data_root, tmp_path, "--train.sync_bn=true"), dry_run=True)
+    assert summary["params"] == train(_cfg(data_root, tmp_path), dry_run=True)["params"]
+
+
 def _torchrun_quickstart(data_root: Path, tmp_path: Path, *args: str, timeout: int = 300):
     """tools/train.py on the quickstart recipe, 1 epoch, under torchrun with 2 CPU ranks."""
     env = {**os.environ, "FASTTRAIN_DATA": str(data_root)}

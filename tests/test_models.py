@@ -7,7 +7,8 @@ import torch
 import torchvision
 
 from fasttrain.measure import count_macs, count_params
-from fasttrain.models import (NORM_ACT_LAYERS, BatchNormReLU2d, CifarResNet, base_channels,
+from fasttrain.models import (NORM_ACT_LAYERS, BatchNormReLU2d, CifarResNet,
+                              SyncBatchNormReLU2d, base_channels, convert_sync_batchnorm,
                               create_model, list_models)
 from fasttrain.models.resnet import ShortcutA
 
@@ -144,6 +145,36 @@ def test_shortcut_a_subsamples_from_the_first_pixel_and_pads_channels_evenly():
     x = torch.randn(1, 4, 8, 8)
     expected = torch.nn.functional.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 2, 2))
     assert torch.equal(ShortcutA(4, 8, 2)(x), expected)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("norm_act", ["native", "fused"])
+def test_sync_batchnorm_conversion_keeps_the_relu(device, norm_act):
+    """torch's convert_sync_batchnorm turns a BatchNormReLU2d into a plain SyncBatchNorm (no
+    ReLU). Here it becomes SyncBatchNormReLU2d with the same tensors; in one process (no group
+    to synchronise with) it computes exactly what the layers did, in training and eval."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    torch.manual_seed(0)
+    model = create_model("cifar_resnet20", width=0.25, zero_init_residual=False,
+                         norm_act_layer=NORM_ACT_LAYERS[norm_act]).to(device)
+    twin = create_model("cifar_resnet20", width=0.25, norm_act_layer=NORM_ACT_LAYERS[norm_act])
+    twin = twin.to(device)
+    twin.load_state_dict(model.state_dict())
+    tensors = {k: v.data_ptr() for k, v in twin.state_dict().items()}
+    synced = convert_sync_batchnorm(twin)
+    assert type(synced.bn1) is SyncBatchNormReLU2d
+    assert type(synced.layer1[0].bn2) is torch.nn.SyncBatchNorm  # before the residual add
+    assert {k: v.data_ptr() for k, v in synced.state_dict().items()} == tensors
+    x = torch.randn(8, 3, 16, 16, device=device)
+    for mode in ("train", "eval"):
+        getattr(model, mode)()
+        getattr(synced, mode)()
+        torch.testing.assert_close(synced(x), model(x), msg=mode)
+    torch.testing.assert_close(synced.state_dict(), model.state_dict())
+    plain = torch.nn.SyncBatchNorm.convert_sync_batchnorm(
+        create_model("cifar_resnet20", width=0.25, norm_act_layer=NORM_ACT_LAYERS[norm_act]))
+    assert plain.bn1(torch.randn(2, plain.bn1.num_features, 8, 8)).min() < 0  # ReLU gone
 
 
 def test_cifar_shortcuts():

@@ -27,7 +27,7 @@ from ..errors import (CheckpointError, ConfigError, DatasetError, RunError, Shar
 from ..data import build_loaders, sample_seed
 from ..data.loader import DeviceLoader
 from ..measure import count_macs, count_params, git_commit
-from ..models import NORM_ACT_LAYERS, create_model, list_models
+from ..models import NORM_ACT_LAYERS, convert_sync_batchnorm, create_model, list_models
 from . import checkpoint as ckpt
 from . import distributed
 from .ema import ModelEma, adjusted_decay
@@ -291,6 +291,9 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
     precision = resolve_precision(cfg.train.precision)
     init_weights = apply_init_from(cfg.model)  # the architecture may come from a checkpoint
     build_model(cfg.model, 1)  # unknown name / bad width: fail before touching data
+    if cfg.train.sync_bn and dist.enabled and device.type != "cuda":
+        raise ConfigError(f"train.sync_bn=true needs CUDA devices (torch's SyncBatchNorm "
+                          f"synchronises GPU tensors only); this run is on {device.type}")
     if cfg.log.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("log.tensorboard=true needs the tensorboard package (pip install "
                           "tensorboard, or the [tensorboard] extra)")
@@ -329,6 +332,10 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
                                   f"its model config ({str(e).strip().splitlines()[0]})") from None
     params = count_params(model)
     macs = count_macs(model, cfg.data.val_res) if dist.is_main else None
+    # One process has nothing to synchronise with: the layers (and a fused kernel) stay.
+    sync_bn = cfg.train.sync_bn and dist.enabled
+    if sync_bn:
+        model = convert_sync_batchnorm(model)
     rows = _summary_rows(cfg, params, macs, cfg.data.val_res) if dist.is_main else []
     rows += [("data", f"{cfg.data.dataset} at {loaders.root}: {loaders.train_images:,} training"
                       f" / {loaders.val_images:,} validation images, {loaders.num_classes} "
@@ -336,7 +343,8 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
                       f"batch, {dist.world_size} rank(s)"
                       + (f", {accum} micro-batches per step" if accum > 1 else "")),
              ("device", f"{device} ({cfg.train.precision}, "
-                        f"{'channels_last' if cfg.train.channels_last else 'contiguous'})")]
+                        f"{'channels_last' if cfg.train.channels_last else 'contiguous'}"
+                        + (", SyncBatchNorm" if sync_bn else "") + ")")]
     saved = None
     if resume_path:  # checked before a run directory is made for it (and by a dry run)
         saved = ckpt.load(resume_path)

@@ -1,7 +1,7 @@
 """ThinResNet models: uniformly thinned ImageNet and CIFAR ResNets."""
 from __future__ import annotations
 
-from .layers import NORM_ACT_LAYERS, BatchNormReLU2d
+from .layers import NORM_ACT_LAYERS, BatchNormReLU2d, SyncBatchNormReLU2d, convert_sync_batchnorm
 from .registry import create_model, list_models, register_model
 from .resnet import BasicBlock, Bottleneck, CifarResNet, ResNet, base_channels
 
@@ -57,4 +57,5 @@ def cifar_resnet110(**kw) -> CifarResNet:
 
 
 __all__ = ["BasicBlock", "BatchNormReLU2d", "Bottleneck", "CifarResNet", "NORM_ACT_LAYERS",
-           "ResNet", "base_channels", "create_model", "list_models", "register_model"]
+           "ResNet", "SyncBatchNormReLU2d", "base_channels", "convert_sync_batchnorm",
+           "create_model", "list_models", "register_model"]

@@ -7,7 +7,7 @@ replaces only its `forward`, never the model code.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,3 +27,36 @@ class BatchNormReLU2d(nn.BatchNorm2d):
 
 NORM_ACT_LAYERS: dict[str, NormLayer] = {"native": BatchNormReLU2d, "fused": FusedBatchNormReLU2d}
 """`model.norm_act` choices → factory of a norm+ReLU layer for `num_features` channels."""
+
+
+class SyncBatchNormReLU2d(nn.SyncBatchNorm):
+    """`relu(sync_batch_norm(x))`: BatchNormReLU2d with statistics over all ranks."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(super().forward(x), inplace=True)
+
+
+def convert_sync_batchnorm(module: nn.Module,
+                           process_group: Optional[torch.distributed.ProcessGroup] = None
+                           ) -> nn.Module:
+    """`nn.SyncBatchNorm.convert_sync_batchnorm` that keeps the ReLU of norm+ReLU layers.
+
+    torch's conversion turns every BatchNorm subclass into a plain SyncBatchNorm, so a
+    BatchNormReLU2d (native or fused) silently lost its ReLU. Here those become
+    SyncBatchNormReLU2d and other BatchNorms torch's SyncBatchNorm, sharing the parameters and
+    buffers (state-dict keys unchanged). Modules are replaced in place; returns the root.
+    """
+    if isinstance(module, (BatchNormReLU2d, FusedBatchNormReLU2d)):
+        out = SyncBatchNormReLU2d(module.num_features, module.eps, module.momentum,
+                                  module.affine, module.track_running_stats, process_group)
+        if module.affine:
+            out.weight, out.bias = module.weight, module.bias
+        out.running_mean, out.running_var = module.running_mean, module.running_var
+        out.num_batches_tracked = module.num_batches_tracked
+        out.training = module.training
+        return out
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+    for name, child in module.named_children():
+        module.add_module(name, convert_sync_batchnorm(child, process_group))
+    return module
