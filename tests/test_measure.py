@@ -251,6 +251,11 @@ def test_results_files_are_named_by_conditions_and_appended(tmp_path):
     rows = bench.run(bm, cond, [1], clock=FakeClock([TICK, 2 * TICK, 3 * TICK, 4 * TICK]))
     threads = torch.get_num_threads()
     assert bench.results_stem(rows) == f"latency-cpu{threads}t-fp32-nhwc-eager-16px"
+    # a BN-folded export counts like its network: its latency must not land in the same file
+    folded = [{**r, "norm_act": "folded"} for r in rows]
+    assert bench.results_stem(folded) == f"latency-cpu{threads}t-fp32-nhwc-eager-16px-folded"
+    assert bench.results_stem([{**r, "kind": "train", "norm_act": "fused"} for r in rows]) == \
+        f"train-cpu{threads}t-fp32-nhwc-eager-16px"
     json_path, csv_path = bench.append_results(rows, tmp_path)
     bench.append_results(rows[:1], tmp_path)
     saved = json.loads(json_path.read_text())

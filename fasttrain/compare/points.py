@@ -439,25 +439,25 @@ def attach_latency(points: list[Point], files: Iterable[str | Path],
     if batch not in sizes:
         raise CompareError(f"no latency rows at batch size {batch}; the files have "
                            f"{', '.join(map(str, sizes))}")
-    by_arch = {}
+    by_arch: dict[tuple[int, int, int], list[dict]] = {}
     for r in rows:
         if r["batch_size"] == batch:
-            arch = (r["params"], r["macs"], r["resolution"])
-            earlier = by_arch.get(arch)
-            # norm_act changes the latency but not the counts (a folded export counts like its
-            # checkpoint): such rows are not re-measurements of each other
-            if earlier is not None and earlier.get("norm_act") != r.get("norm_act"):
-                raise CompareError(f"latency rows of one network ({r['params']:,} params, "
-                                   f"{r['macs']:,} MACs) measured with norm_act "
-                                   f"{earlier.get('norm_act')!r} and {r.get('norm_act')!r}; "
-                                   f"compare one set-up at a time")
-            by_arch[arch] = r  # last one wins
+            by_arch.setdefault((r["params"], r["macs"], r["resolution"]), []).append(r)
     used = []
     for p in points:
-        r = by_arch.get((p.params, p.macs, p.resolution))
-        if r is not None and p.kind != LITERATURE:
-            p.latency_ms = r["latency_ms_p50"]
-            used.append(r)
+        matches = by_arch.get((p.params, p.macs, p.resolution), [])
+        if not matches or p.kind == LITERATURE:
+            continue
+        # norm_act changes the latency but not the counts (a BN-folded export counts like its
+        # checkpoint): such rows are not re-measurements of each other
+        norms = list(dict.fromkeys(m.get("norm_act") for m in matches))
+        if len(norms) > 1:
+            raise CompareError(f"{p.label}: latency rows of its network ({p.params:,} params, "
+                               f"{p.macs:,} MACs) measured with norm_act {norms[0]!r} and "
+                               f"{norms[1]!r}; compare one set-up at a time")
+        r = matches[-1]  # the last (most recent) measurement
+        p.latency_ms = r["latency_ms_p50"]
+        used.append(r)
     if not used:
         return None
     keys = ("device_name", "threads", "precision", "layout", "mode", "norm_act")
@@ -466,8 +466,8 @@ def attach_latency(points: list[Point], files: Iterable[str | Path],
         for k in keys:
             if r.get(k) != first.get(k):
                 raise CompareError(f"latency rows measured under different conditions: "
-                                   f"{k} {first[k]!r} and {r[k]!r}; compare one set-up at a "
-                                   f"time")
+                                   f"{k} {first.get(k)!r} and {r.get(k)!r}; compare one "
+                                   f"set-up at a time")
     return LatencyConditions(first["device_name"], first["threads"], first["precision"],
                              first["layout"], first["mode"], batch,
                              str(first.get("torch_version", "?")),

@@ -296,7 +296,12 @@ def results_stem(rows: list[dict[str, Any]]) -> str:
     layout = "nhwc" if r["layout"] == "channels_last" else "nchw"
     res = sorted({row["resolution"] for row in rows})
     res_part = f"{res[0]}px" if len(res) == 1 else "multires"
-    return f"{r['kind']}-{dev}-{r['precision']}-{layout}-{r['mode']}-{res_part}"
+    # Latency of fused or BN-folded networks goes to files of its own: compare matches latency
+    # rows by params and MACs, which those share with the native network. Training rows of
+    # both stay together (the README tables set them side by side).
+    norms = sorted({str(row.get("norm_act")) for row in rows} - {"native", "None"})
+    norm_part = "".join(f"-{n}" for n in norms) if r["kind"] == "latency" else ""
+    return f"{r['kind']}-{dev}-{r['precision']}-{layout}-{r['mode']}-{res_part}{norm_part}"
 
 
 def planned_results_stem(models: list[BenchModel], cond: Conditions) -> str:
