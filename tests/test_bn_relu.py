@@ -487,3 +487,25 @@ def test_compiled_fused_thin_resnet_trains_like_native(device, monkeypatch):
     for k in native_state:
         torch.testing.assert_close(fused_state[k], native_state[k], rtol=1e-3, atol=1e-4,
                                    msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False])
+def test_double_backward_of_autocast_dtypes(device, training):
+    """bf16 x with fp32 weight, bias and running stats (autocast): aten accepts the mix, and
+    the recompute must hand F.batch_norm the statistics in the dtype the forward got."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 3, 4, 4, generator=g).to(device, torch.bfloat16)
+    w0, b0 = torch.randn(3, generator=g).to(device), torch.randn(3, generator=g).to(device)
+    gy = torch.randn(2, 3, 4, 4, generator=g).to(device, torch.bfloat16)
+    results = []
+    for fused in (True, False):
+        x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
+        rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+        f = ops.bn_relu if fused else (lambda *a: F.relu(F.batch_norm(*a)))
+        y = f(x, rm, rv, w, b, training, 0.1, EPS)
+        first = torch.autograd.grad(y, (x, w, b), gy, create_graph=True)
+        results.append(torch.autograd.grad(sum(t.float().square().sum() for t in first),
+                                           (x, w, b)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)

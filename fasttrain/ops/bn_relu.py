@@ -139,20 +139,23 @@ if _ext.HAS_EXT:
         return None
 
     def _setup_context(ctx, inputs, output):
-        x, weight, bias, _running_mean, _running_var, training, eps = inputs
+        x, weight, bias, running_mean, _running_var, training, eps = inputs
         _y, mean, var = output
         ctx.mark_non_differentiable(mean, var)
         # x, not y: see the module docstring (ReLU is not invertible where it clips).
         ctx.save_for_backward(x, weight, bias, mean, var)
         ctx.training, ctx.eps = training, eps
+        # eval: the dtype F.batch_norm met (fp32 buffers with bf16/fp16 x under autocast)
+        ctx.stats_dtype = running_mean.dtype if running_mean is not None else x.dtype
 
     def _backward(ctx, grad_y, _grad_mean, _grad_var):
         x, weight, bias, mean, var = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the native backward has no derivative
             inputs = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
             with torch.enable_grad():
-                y = F.relu(F.batch_norm(x, None if ctx.training else mean.to(x.dtype),
-                                        None if ctx.training else var.to(x.dtype), weight, bias,
+                stats = (None, None) if ctx.training else \
+                    (mean.to(ctx.stats_dtype), var.to(ctx.stats_dtype))
+                y = F.relu(F.batch_norm(x, *stats, weight, bias,
                                         ctx.training, 0.0, ctx.eps))
                 grads = iter(torch.autograd.grad(y, inputs, grad_y, create_graph=True,
                                                  allow_unused=True))
