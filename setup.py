@@ -107,6 +107,21 @@ def remove_stale(pattern: str, why: str) -> None:
         path.unlink()
 
 
+def build_ext_removing_stale(base: type, stale: list[tuple[str, str]]) -> type:
+    """`base` (torch's BuildExtension) that, once an in-place build (editable install, `develop`,
+    `build_ext --inplace`) has succeeded, deletes the libraries it skipped: only then are the
+    source tree's libraries this build's, and a failed build keeps the working ones."""
+
+    class BuildExt(base):
+        def run(self) -> None:
+            super().run()
+            if self.inplace or getattr(self, "editable_mode", False):
+                for pattern, why in stale:
+                    remove_stale(pattern, why)
+
+    return BuildExt
+
+
 def nvcc_release(nvcc: str) -> str:
     out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
     m = re.search(r"release (\d+\.\d+)", out)
@@ -203,16 +218,16 @@ def extensions() -> tuple[list, dict]:
         return [], {}
     cuda, why, nvcc = decide_cuda(torch)
     jpeg, jpeg_why = decide_jpeg()
-    arch_list, targets = None, None
+    arch_list, targets, stale = None, None, []
     if cuda:
         os.environ.setdefault("CUDA_HOME", str(toolkit_root(nvcc)))
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
         arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
         targets = check_arch_list(arch_list)
     else:
-        remove_stale("fasttrain/ops/_C_cuda*.so", why)
+        stale.append(("fasttrain/ops/_C_cuda*.so", why))
     if not jpeg:
-        remove_stale("fasttrain/data/_jpeg*.so", jpeg_why)
+        stale.append(("fasttrain/data/_jpeg*.so", jpeg_why))
     # Imported only now: torch.utils.cpp_extension reads CUDA_HOME at import time.
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
@@ -249,7 +264,7 @@ def extensions() -> tuple[list, dict]:
     else:
         say(f"CUDA library fasttrain/ops/_C_cuda: NO ({why})")
     say(bar)
-    return exts, {"build_ext": BuildExtension}
+    return exts, {"build_ext": build_ext_removing_stale(BuildExtension, stale)}
 
 
 ext_modules, cmdclass = extensions()

@@ -74,22 +74,49 @@ def _setup_copy(tmp_path: Path, env: dict) -> subprocess.CompletedProcess:
                           env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
 
 
-def test_a_build_without_cuda_or_jpeg_removes_their_earlier_libraries(tmp_path):
+def _setup_functions(root: Path) -> dict:
+    """setup.py's definitions (not its setup() call), as if the file lived in `root`."""
+    text = (ROOT / "setup.py").read_text().split("ext_modules, cmdclass = extensions()")[0]
+    namespace = {"__file__": str(root / "setup.py"), "__name__": "setup_under_test"}
+    exec(compile(text, str(ROOT / "setup.py"), "exec"), namespace)
+    return namespace
+
+
+def test_a_build_without_cuda_or_jpeg_removes_their_earlier_libraries(tmp_path, capsys):
     """A library left by an earlier build was loaded as if current: CUDA kernels from other
-    sources ran, and is_stale() (which hashes what _C was built from) could not tell."""
+    sources ran, and is_stale() (which hashes what _C was built from) could not tell. Removed
+    only after an in-place build succeeded: not by metadata commands (`--version`, egg_info,
+    sdist), out-of-place wheel builds, or a build that fails (the working libraries stay)."""
     suffix = ".cpython-311-x86_64-linux-gnu.so"
     stale = [tmp_path / "fasttrain" / "ops" / f"_C_cuda{suffix}",
              tmp_path / "fasttrain" / "data" / f"_jpeg{suffix}"]
     for path in stale:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"old")
-    kept = tmp_path / "fasttrain" / "ops" / f"_C{suffix}"
-    kept.write_bytes(b"rebuilt by this build")
     result = _setup_copy(tmp_path, {"FASTTRAIN_CUDA": "0", "FASTTRAIN_JPEG": "0"})
-    assert result.returncode == 0, result.stderr
-    assert not any(p.exists() for p in stale) and kept.exists()
+    assert result.returncode == 0 and all(p.exists() for p in stale), result.stderr
+
+    class Base:
+        inplace, fails = True, False
+
+        def run(self):
+            if self.fails:
+                raise RuntimeError("compile error")
+
+    build = _setup_functions(tmp_path)["build_ext_removing_stale"](
+        Base, [("fasttrain/ops/_C_cuda*.so", "FASTTRAIN_CUDA=0"),
+               ("fasttrain/data/_jpeg*.so", "FASTTRAIN_JPEG=0")])
+    out_of_place, failing = build(), build()
+    out_of_place.inplace = False
+    out_of_place.run()
+    failing.fails = True
+    with pytest.raises(RuntimeError):
+        failing.run()
+    assert all(p.exists() for p in stale)
+    build().run()
+    assert not any(p.exists() for p in stale)
     assert f"removing fasttrain/ops/_C_cuda{suffix}: not built this time (FASTTRAIN_CUDA=0)" \
-        in result.stderr
+        in capsys.readouterr().err
 
 
 def test_a_leftover_cuda_library_is_not_loaded():
