@@ -225,6 +225,10 @@ def test_files_written_with_other_settings_are_replaced_only_on_request(tmp_path
         write_beton(data, out, max_resolution=400, compress_probability=0.1, num_workers=1,
                     splits=("val",))
     assert (out / "val.beton").read_bytes() == before
+    # a sidecar whose file is gone guards nothing
+    (tmp_path / "gone").mkdir()
+    (tmp_path / "gone" / "val.beton.json").write_bytes((out / "val.beton.json").read_bytes())
+    write_beton(data, tmp_path / "gone", max_resolution=400, num_workers=1, splits=("val",))
     # settings the mode does not use are no difference; the same settings rewrite freely
     write_beton(data, out, max_resolution=500, compress_probability=0.5, smart_threshold=1,
                 num_workers=1, splits=("val",))

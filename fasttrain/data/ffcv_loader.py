@@ -584,7 +584,10 @@ STORAGE_SETTINGS = {"proportion": ("max_resolution", "compress_probability", "jp
 def _refuse_other_settings(target: Path, params: dict[str, Any]) -> None:
     """Refuse to replace `target` when its sidecar records other storage settings: a second
     recipe's write would silently change what the first trains on. A file without a readable
-    sidecar has nothing to compare and is replaced."""
+    sidecar has nothing to compare and is replaced; a sidecar without its file replaces
+    nothing."""
+    if not target.is_file():
+        return
     try:
         old = json.loads(sidecar_path(target).read_text())
     except (OSError, ValueError):
