@@ -35,3 +35,14 @@ class RunError(UserError, RuntimeError):
 class TrainingError(UserError, RuntimeError):
     """Training cannot go on (non-finite loss, checkpoint write failure); the message says
     where it stopped and what is safe on disk."""
+
+
+def first_problem(e: BaseException) -> str:
+    """One line for an exception whose first line is only a heading, as load_state_dict's
+    "Error(s) in loading state_dict for X:" is: the heading, the first problem under it (the
+    key and shapes) and how many more there are."""
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
+    if len(lines) == 1 or not lines[0].endswith(":"):
+        return lines[0]
+    more = f" (+{len(lines) - 2} more)" if len(lines) > 2 else ""
+    return f"{lines[0]} {lines[1]}{more}"

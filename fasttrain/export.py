@@ -36,7 +36,7 @@ from typing import Any, Callable
 import torch
 from torch import fx, nn
 
-from .errors import CheckpointError, UserError
+from .errors import CheckpointError, UserError, first_problem
 from .models import NORM_ACT_LAYERS
 
 META_KEY = "fasttrain.json"
@@ -198,7 +198,7 @@ def model_from_checkpoint(path: str | Path, norm_act: str | None = None,
         model.load_state_dict(model_state)
     except (UserError, RuntimeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: checkpoint does not fit its model config "
-                              f"({_first_problem(e)})") from None
+                              f"({first_problem(e)})") from None
     data = _mapping(path, cfg.get("data"), "'config'['data']")
     versions = _mapping(path, state.get("versions"), "'versions'")
     train_state = _mapping(path, state.get("train_state"), "'train_state'")
@@ -224,17 +224,6 @@ def model_from_checkpoint(path: str | Path, norm_act: str | None = None,
     if resize:
         meta["resize"] = resize
     return model.eval(), meta
-
-
-def _first_problem(e: BaseException) -> str:
-    """One line for an exception whose first line is only a heading, as load_state_dict's
-    "Error(s) in loading state_dict for X:" is: the heading, the first problem under it (the
-    key and shapes) and how many more there are."""
-    lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
-    if len(lines) == 1 or not lines[0].endswith(":"):
-        return lines[0]
-    more = f" (+{len(lines) - 2} more)" if len(lines) > 2 else ""
-    return f"{lines[0]} {lines[1]}{more}"
 
 
 # --------------------------------------------------------------------------- BatchNorm folding

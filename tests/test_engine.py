@@ -198,6 +198,27 @@ def test_resume_refuses_another_architecture(data_root, tmp_path):
                "--model.width=0.25", "--log.name=r")
     with pytest.raises(CheckpointError, match="model.width=0.5 but the config has 0.25"):
         train(cfg, resume=str(tmp_path / "r"))
+    # Weights that do not fit although the config keys agree: one line before any folder (a
+    # torch traceback came after a new run folder was made, and a dry run passed them).
+    state = torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=False)
+    state["model"]["renamed.weight"] = state["model"].pop("fc.weight")
+    torch.save(state, tmp_path / "renamed.pt")
+    before = sorted(tmp_path.iterdir())
+    for dry_run in (True, False):
+        with pytest.raises(CheckpointError, match=r"renamed.pt: weights do not fit the model "
+                                                  r"config \(Error\(s\) in loading state_dict "
+                                                  r"for CifarResNet: .*fc.weight"):
+            train(_cfg(data_root, tmp_path, "--schedule.epochs=2", "--schedule.warmup_epochs=0"),
+                  resume=str(tmp_path / "renamed.pt"), dry_run=dry_run)
+    assert sorted(tmp_path.iterdir()) == before
+    # a state dict saved from the compiled (or DDP-wrapped) module loads as the plain one
+    state = torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=False)
+    state["model"] = {f"_orig_mod.{k}": v for k, v in state["model"].items()}
+    torch.save(state, tmp_path / "compiled.pt")
+    assert ckpt.load(tmp_path / "compiled.pt")["model"].keys() == \
+        torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=False)["model"].keys()
+    train(_cfg(data_root, tmp_path, "--schedule.epochs=2", "--schedule.warmup_epochs=0"),
+          resume=str(tmp_path / "compiled.pt"), dry_run=True)
 
 
 def test_dry_run_prints_config_and_counts(run_tool, tmp_path):

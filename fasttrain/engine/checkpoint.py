@@ -88,7 +88,24 @@ def load(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: cannot load checkpoint ({reason})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path}: not a fasttrain checkpoint (no 'model' entry)")
+    if isinstance(state["model"], dict):
+        state["model"] = strip_wrapper_prefixes(state["model"])
     return state
+
+
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def strip_wrapper_prefixes(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A state dict saved from a torch.compile (`_orig_mod.`) or DDP (`module.`) wrapper, with
+    the plain module's keys (what fasttrain saves); any other dict is returned as it is."""
+    while state_dict and all(isinstance(k, str) for k in state_dict):
+        prefix = next((p for p in WRAPPER_PREFIXES
+                       if all(k.startswith(p) for k in state_dict)), None)
+        if prefix is None:
+            break
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+    return state_dict
 
 
 def same_file(a: str | Path, b: str | Path) -> bool:

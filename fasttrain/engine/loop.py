@@ -23,7 +23,7 @@ from torch import nn
 from .. import config as config_mod
 from ..config import Config, ModelConfig
 from ..errors import (CheckpointError, ConfigError, DatasetError, RunError, ShardError,
-                      TrainingError, UserError)
+                      TrainingError, UserError, first_problem)
 from ..data import build_loaders, sample_seed
 from ..data.loader import DeviceLoader
 from ..measure import count_macs, count_params, git_commit
@@ -329,7 +329,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
             model.load_state_dict(init_weights)
         except RuntimeError as e:
             raise CheckpointError(f"model.init_from={cfg.model.init_from}: weights do not fit "
-                                  f"its model config ({str(e).strip().splitlines()[0]})") from None
+                                  f"its model config ({first_problem(e)[:300]})") from None
     params = count_params(model)
     macs = count_macs(model, cfg.data.val_res) if dist.is_main else None
     # One process has nothing to synchronise with: the layers (and a fused kernel) stay.
@@ -350,6 +350,11 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
         saved = ckpt.load(resume_path)
         _check_compatible(saved, cfg, resume_path)
         _check_no_later_history(saved, resume_path)
+        try:  # before a run directory exists, and in a dry run too
+            model.load_state_dict(saved["model"])
+        except (RuntimeError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{resume_path}: weights do not fit the model config "
+                                  f"({first_problem(e)[:300]})") from None
     if dry_run:
         if resume_path:
             rows.append(("resume", f"from {resume_path}"))
