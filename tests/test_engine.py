@@ -13,6 +13,7 @@ import torch
 
 from conftest import load_tool, write_code_running_checkpoint
 from fasttrain.config import ScheduleConfig, load
+from fasttrain.data import transforms
 from fasttrain.engine import checkpoint as ckpt
 from fasttrain.engine import distributed, loop, rundir, train
 from fasttrain.engine.optim import param_groups
@@ -402,6 +403,23 @@ def test_evaluate_with_graph_steps_equals_plain(tmp_path):
     graphed = loop.evaluate(model, batches, fp32, torch.device("cpu"), flip=True,
                             graph_steps=True)
     assert graphed == plain and plain["val_loss"] > 0
+
+
+def test_compile_allows_a_graph_per_progressive_resolution(data_root, tmp_path, monkeypatch):
+    """Ten training resolutions (64 .. 352 px by 32) need ten graphs: past torch's default
+    recompile_limit of 8 the later ones trained eager, silently."""
+    cfg = _cfg(data_root, tmp_path, "--schedule.epochs=12", "--data.min_res=64",
+               "--data.max_res=352", "--data.start_ramp=1", "--data.end_ramp=10")
+    assert len({transforms.progressive_resolution(cfg.data, e) for e in range(12)}) == 10
+    assert loop._recompile_limit(cfg) == 14
+    seen = []
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: seen.append(
+        torch._dynamo.config.recompile_limit) or model)
+    train(_cfg(data_root, tmp_path, "--schedule.epochs=12", "--data.min_res=64",
+               "--data.max_res=352", "--data.start_ramp=1", "--data.end_ramp=10",
+               "--train.compile=true", "--train.max_steps=1"))
+    assert seen and set(seen) == {14}
 
 
 @pytest.mark.slow

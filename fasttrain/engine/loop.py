@@ -25,6 +25,7 @@ from ..config import Config, ModelConfig
 from ..errors import (CheckpointError, ConfigError, DatasetError, RunError, ShardError,
                       TrainingError, UserError, first_problem)
 from ..data import build_loaders, sample_seed
+from ..data.transforms import progressive_resolution
 from ..data.loader import DeviceLoader
 from ..measure import count_macs, count_params, git_commit
 from ..models import NORM_ACT_LAYERS, convert_sync_batchnorm, create_model, list_models
@@ -205,6 +206,15 @@ def _on_main(dist: distributed.DistInfo, fn):
     if error is not None:
         raise error
     return result
+
+
+def _recompile_limit(cfg: Config) -> int:
+    """Compiled graphs one run needs: each training resolution of progressive resizing is a new
+    input shape, compiled anew (torch does not make H and W dynamic for it), plus validation
+    (another grad mode, its own resolution) and a smaller last batch. Past torch's
+    recompile_limit (8) the model silently runs eager."""
+    sizes = {progressive_resolution(cfg.data, epoch) for epoch in range(cfg.schedule.epochs)}
+    return len(sizes) + 4
 
 
 def _graph_steps(cfg: Config, device: torch.device, use_compile: bool) -> bool:
@@ -408,6 +418,8 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
     use_compile = device.type == "cuda" if cfg.train.compile is None else cfg.train.compile
     compile_mode = None if cfg.train.compile_mode == "default" else cfg.train.compile_mode
     if use_compile:
+        dynamo_config = torch._dynamo.config
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, _recompile_limit(cfg))
         train_model = torch.compile(train_model, mode=compile_mode)
     # Validation runs the plain model (compiled on its own when training is compiled), not DDP:
     # DDP's forward starts with a broadcast of rank 0's buffers, a collective that a rank
