@@ -256,17 +256,58 @@ def test_unaligned_and_strided_inputs(device):
     """A data pointer off the 16-byte grid (the CUDA kernels drop to narrower loads) and
     non-contiguous views (copied to the kernel layout first) give the reference results."""
     x0, w, b, rm, rv = _make_inputs((2, 16, 5, 6), "nhwc", torch.bfloat16, device)
-    flat = torch.empty(x0.numel() + 1, dtype=x0.dtype, device=device)[1:]
-    unaligned = flat.view(2, 5, 6, 16).copy_(x0.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    def off_grid(t):  # the same values, channels_last, data pointer one element off
+        flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=device)[1:]
+        return flat.view(2, 5, 6, 16).copy_(t.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    unaligned = off_grid(x0)
     assert unaligned.is_contiguous(memory_format=torch.channels_last)
     strided = torch.cat([x0, x0], dim=3)[..., ::2]
-    for x in (unaligned, strided):
+    for x, grad_layout in ((unaligned, None), (strided, None), (x0, off_grid)):
         for training in (True, False):
             g = _grad_out(x, w, b, rm, rv, training, x.dtype)
+            g = grad_layout(g) if grad_layout else g  # an unaligned grad_out alone
             ref = _reference(x, w, b, rm, rv, training, g)
             out = _fused(x, w, b, rm, rv, training, g)
             for i in range(6):
                 _close(out[i], ref[i], TOL[x.dtype][0 if i < 2 else 1], f"output {i}")
+
+
+# The CUDA kernels load 8, 4, 2 or 1 16-bit values (4, 2, 1 fp32) at a time, by what divides
+# the contiguous extent: the channels (channels_last) or the H*W plane (NCHW). One case per
+# remainder modulo 8 of that extent.
+VECTOR_CASES = ([((3, c, 3, 5), "nhwc") for c in (2, 4, 6, 10, 12, 20)]
+                + [((3, 5, h, 2), "nchw") for h in (1, 2, 3, 5)])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,layout", VECTOR_CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_every_vector_width(device, shape, layout, dtype):
+    for training in (True, False):
+        _check_against_reference(shape, layout, DTYPES[dtype], training, device)
+
+
+@pytest.mark.cuda
+def test_kernels_run_on_the_callers_stream():
+    """On a side stream whose input is still being written, a kernel launched on another
+    stream would read it too early."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    x0, w, b, rm, rv = _make_inputs((8, 64, 28, 28), "nhwc", torch.bfloat16, "cuda")
+    g0 = _grad_out(x0, w, b, rm, rv, True, x0.dtype).cuda()
+    expected = _fused(x0, w, b, rm, rv, True, g0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)  # keeps the side stream busy before x is written
+        x, g = x0 * 1, g0 * 1
+        got = _fused(x, w, b, rm, rv, True, g)
+    torch.cuda.current_stream().wait_stream(side)
+    for a, e, name in zip(got, expected, ["y", "grad_x", "grad_weight", "grad_bias",
+                                           "running_mean", "running_var"]):
+        torch.testing.assert_close(a, e, rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.parametrize("device", DEVICES)
