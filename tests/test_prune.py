@@ -159,7 +159,7 @@ def test_channel_plan_uniform_and_global():
     ("cifar_resnet20", {}, 16, 0.25, "bn_scale", "uniform"),
     ("cifar_resnet20", {"shortcut": "B"}, 16, 0.3, "bn_scale", "global"),
     ("thin_resnet18", {}, 32, 0.3, "l1", "uniform"),
-    ("thin_resnet50", {}, 32, 0.3, "l1", "global"),
+    ("thin_resnet50", {"blurpool": True}, 32, 0.3, "l1", "global"),  # every blur kept
 ])
 def test_pruning_reaches_the_target_within_5_percent(name, kw, res, target_width, importance,
                                                      scope):
@@ -221,6 +221,25 @@ def test_unreachable_and_pointless_targets_are_prune_errors():
         prune.prune_to_macs(model, 3_000_000, 16, rebuild)
 
 
+@needs_tp
+def test_pruning_a_blurred_conv_below_16_inputs_is_refused():
+    """BlurPool blurs strided convs with >= 16 inputs: the in-place pruned network kept the
+    blur of one pruned to fewer, the network rebuilt from its saved config did not (another
+    function, under the MACs measured for the first)."""
+    model = trained_like(create_model("thin_resnet18", width=0.25, num_classes=10,
+                                      blurpool=True))
+    assert model.layer2[0].conv1.in_channels == 16
+
+    def rebuild(spec):
+        return create_model("thin_resnet18", channels=spec, num_classes=10, blurpool=True)
+
+    target = count_macs(create_model("thin_resnet18", width=0.2, num_classes=10,
+                                     blurpool=True), 32).conv_fc
+    with pytest.raises(prune.PruneError, match=r"pruning leaves layer\d\.0\.\w+ \(stride 2\) "
+                                               r"with \d+ inputs, too few for model.blurpool"):
+        prune.prune_to_macs(model, target, 32, rebuild, scope="uniform")
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 @needs_tp
@@ -256,6 +275,12 @@ def test_prune_tool_writes_a_checkpoint_that_benchmark_and_export_accept(tmp_pat
     _, meta = ex.load_exported(exported)
     assert meta["model_config"]["channels"] == mc["channels"]
     assert count_macs(ex.model_from_metadata(meta), 16).conv_fc == rec["macs"]
+    # pruned again before any training: its record would name it as the source (no top-1)
+    assert prune_tool.main([str(out), "--out", str(tmp_path / "again.pt"),
+                            "--target-width", "0.2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pruned.pt is a pruned network not trained since (" in err
+    assert not (tmp_path / "again.pt").exists()
 
 
 @needs_tp

@@ -273,10 +273,47 @@ def prune_to_macs(model: nn.Module, target_macs: int, resolution: int,
     except RuntimeError as e:  # a coupling the spec cannot express: a bug, not a user error
         raise RuntimeError(f"pruned weights do not fit the model rebuilt from its channel "
                            f"spec: {str(e).splitlines()[0]}") from None
+    _check_blur_kept(pruned, clean)
     clean.eval()
+    _check_same_function(pruned, clean, resolution)
     return PruneResult(clean, spec, ratio, macs, count_params(clean), source_macs,
                        count_params(model), int(target_macs), resolution, importance, scope,
                        tolerance, search)
+
+
+def _blurred(model: nn.Module) -> set[str]:
+    from ..models.regularize import BlurPoolConv2d
+
+    return {name for name, m in model.named_modules() if isinstance(m, BlurPoolConv2d)}
+
+
+def _check_blur_kept(pruned: nn.Module, clean: nn.Module) -> None:
+    """model.blurpool blurs strided convs by their input count (>= 16): one pruned below that
+    keeps its blur here but would lose it in every rebuild from the saved config (export,
+    hub, fine-tuning), a different network from the one selected and measured."""
+    lost = sorted(_blurred(pruned) - _blurred(clean))
+    if lost:
+        conv = pruned.get_submodule(lost[0])
+        raise PruneError(f"pruning leaves {lost[0]} (stride {max(conv.stride)}) with "
+                         f"{conv.in_channels} inputs, too few for model.blurpool's blur (16 or "
+                         f"more): the saved network would compute without it"
+                         + (f" ({len(lost) - 1} more such layers)" if len(lost) > 1 else "")
+                         + "; choose a larger target, or prune a network trained without "
+                         "blurpool")
+
+
+def _check_same_function(pruned: nn.Module, clean: nn.Module, resolution: int) -> None:
+    """The network saved (rebuilt from its channel spec) computes what the pruned one does."""
+    was_training = pruned.training
+    pruned.eval()
+    x = torch.randn(2, clean.conv1.in_channels, resolution, resolution,
+                    generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = pruned(x), clean(x)
+    pruned.train(was_training)
+    if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):  # a bug, not a user error
+        raise RuntimeError(f"the network rebuilt from the pruned channel spec computes "
+                           f"otherwise (max difference {(got - expected).abs().max().item():.3g})")
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -344,6 +381,13 @@ def prune_checkpoint(path: str | Path, out: str | Path, *, target_macs: int | No
     path = Path(path)
     model, meta = model_from_checkpoint(path, weights=weights)
     state = ckpt.load(path)
+    if state.get("pruning") and not state.get("train_state"):
+        # Its record would name this intermediate network as the source: no top-1, and the
+        # MAC reduction and accuracy change measured against it, not the trained network.
+        record = state["pruning"]
+        raise PruneError(f"{path} is a pruned network not trained since ({record.get('source')} "
+                         f"pruned to {record.get('macs')} MACs): prune that source to the new "
+                         f"target instead, or fine-tune this one first")
     check_output(path, out)
     config = copy.deepcopy(state["config"])
     mc = dict(meta["model_config"])  # num_classes resolved
