@@ -294,6 +294,13 @@ def test_init_from_takes_architecture_and_weights(tmp_path):
     assert cfg.channels == ckpt.load(out)["config"]["model"]["channels"]
     model = build_model(cfg, cfg.num_classes)
     model.load_state_dict(weights)
+    # BlurPool changes what the weights compute but not their shapes: said when it differs
+    cfg, notes = ModelConfig(init_from=str(out), blurpool=True), []
+    apply_init_from(cfg, notes)
+    assert notes == [f"note: model.init_from={out} was trained with model.blurpool=false, this "
+                     f"run has true"]
+    apply_init_from(ModelConfig(init_from=str(out)), notes := [])
+    assert notes == []
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         apply_init_from(ModelConfig(init_from=str(tmp_path / "missing.pt")))
 

@@ -75,9 +75,13 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
         raise ConfigError(f"model: {e}") from None
 
 
-def apply_init_from(cfg: ModelConfig) -> dict[str, torch.Tensor] | None:
+def apply_init_from(cfg: ModelConfig, notes: list[str] | None = None
+                    ) -> dict[str, torch.Tensor] | None:
     """`model.init_from`: copy the checkpoint's architecture keys (`MODEL_IDENTITY`) into `cfg`
-    (in place) and return its weights; None when `init_from` is empty.
+    (in place) and return its weights; None when `init_from` is empty. `notes` gets a line for
+    each option that changes what the network computes but not its weights' shapes and that
+    differs from the checkpoint's training (`model.blurpool`: its filters were part of what the
+    weights learned), which nothing else would mention.
 
     Raises:
         CheckpointError: unreadable file (loaded with weights_only=True) or no model config.
@@ -93,6 +97,10 @@ def apply_init_from(cfg: ModelConfig) -> dict[str, torch.Tensor] | None:
     for key in MODEL_IDENTITY:
         if key in saved_model:
             setattr(cfg, key, saved_model[key])
+    if notes is not None and saved_model.get("blurpool", cfg.blurpool) != cfg.blurpool:
+        notes.append(f"note: model.init_from={cfg.init_from} was trained with model.blurpool="
+                     f"{str(saved_model['blurpool']).lower()}, this run has "
+                     f"{str(cfg.blurpool).lower()}")
     return saved["model"]
 
 
@@ -299,7 +307,9 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     report = Reporter(cfg.log.progress, dist.is_main)
     precision = resolve_precision(cfg.train.precision)
-    init_weights = apply_init_from(cfg.model)  # the architecture may come from a checkpoint
+    init_weights = apply_init_from(cfg.model, notes := [])  # the architecture may come from it
+    for note in notes:
+        report.print(note)
     build_model(cfg.model, 1)  # unknown name / bad width: fail before touching data
     if cfg.train.sync_bn and dist.enabled and device.type != "cuda":
         raise ConfigError(f"train.sync_bn=true needs CUDA devices (torch's SyncBatchNorm "
