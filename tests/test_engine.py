@@ -490,7 +490,8 @@ def test_resume_auto_takes_the_newest_run_even_before_its_first_checkpoint(tmp_p
 
 def test_new_run_dir_never_reuses_a_folder_holding_a_run(tmp_path):
     _fake_run(tmp_path, "only_best", last=False, best=True)
-    _fake_run(tmp_path, "only_metrics", last=False, metrics='{"epoch": 1}\n')
+    # two epochs of metrics: it had checkpoints (removed since), not a first one in writing
+    _fake_run(tmp_path, "only_metrics", last=False, metrics='{"epoch": 1}\n{"epoch": 2}\n')
     for name in ("only_best", "only_metrics"):
         with pytest.raises(RunError, match="already holds checkpoints or metrics"):
             rundir.new_run_dir(tmp_path, name, "quickstart")
@@ -506,6 +507,22 @@ def test_new_run_dir_never_reuses_a_folder_holding_a_run(tmp_path):
     with pytest.raises(RunError, match=r"a_file/x: cannot create the run directory \(log.dir="):
         rundir.new_run_dir(tmp_path / "a_file", "x", "q")
     assert (tmp_path / "a_file").read_text() == "kept"
+
+
+def test_a_named_run_killed_in_its_first_checkpoint_restarts_in_place(data_root, tmp_path):
+    """Killed while writing its first epoch-end checkpoint, a named run holds epoch 1's metrics
+    line and no checkpoint: --resume auto (and torchrun --max-restarts) were refused for good
+    ("holds a run but no last.pt"), and so was starting again without --resume."""
+    run = _fake_run(tmp_path, "k", last=False, metrics='{"epoch": 1, "val_top1": 9.0}\n')
+    (run / "checkpoints" / ".last.pt.tmp").write_bytes(b"torn")  # the write that was cut
+    with pytest.raises(RunError, match="already holds checkpoints or metrics"):
+        rundir.new_run_dir(tmp_path, "k", "quickstart")  # a new run without --resume: refused
+    assert rundir.find_resume("auto", tmp_path, "k", "quickstart") is None
+    summary = train(_cfg(data_root, tmp_path, "--schedule.epochs=1", "--log.name=k",
+                         "--schedule.warmup_epochs=0"), resume="auto")
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1] and lines[0]["val_top1"] == summary["val_top1"]
+    assert (run / "checkpoints" / "last.pt").is_file()
 
 
 def test_a_loose_checkpoint_has_no_run_directory(tmp_path):

@@ -327,7 +327,9 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
         if resume_path is None:
             where = (log_dir / cfg.log.name / CHECKPOINTS / LAST if cfg.log.name else
                      f"the newest {stem}-<date>-<time> run under {log_dir}")
-            report.print(f"--resume auto: no checkpoint at {where}, starting fresh")
+            again = (cfg.log.name and (log_dir / cfg.log.name / "metrics.jsonl").is_file()
+                     and " (its interrupted first epoch's metrics are dropped)" or "")
+            report.print(f"--resume auto: no checkpoint at {where}, starting fresh{again}")
 
     accum = cfg.train.grad_accum_steps
     loaders = build_loaders(cfg.data, cfg.aug, rank=dist.rank, world_size=dist.world_size,
@@ -379,14 +381,14 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
         if resume_path:
             rows.append(("resume", f"from {resume_path}"))
         else:  # what new_run_dir would refuse, said on every rank
-            _on_main(dist, lambda: check_name_free(log_dir, cfg.log.name))
+            _on_main(dist, lambda: check_name_free(log_dir, cfg.log.name, resume == "auto"))
         report.print(config_mod.dump(cfg).rstrip())
         report.summary(rows, "dry run: recipe is valid")
         return {"params": params, "macs": macs.conv_fc if macs else None}
     # A checkpoint inside <run>/checkpoints/ continues that run; a loose file (downloaded,
     # copied) starts a new run directory rather than writing next to it.
     run_dir = _on_main(dist, lambda: (resume_path and run_dir_of(resume_path))
-                       or new_run_dir(log_dir, cfg.log.name, stem))
+                       or new_run_dir(log_dir, cfg.log.name, stem, resume == "auto"))
 
     model = model.to(memory_format=torch.channels_last) if cfg.train.channels_last else model
     optimizer = build_optimizer(cfg.optim, model, device, cfg.data.batch_size)

@@ -1,6 +1,7 @@
 """Run directories: `<log.dir>/<name>/{config.yaml, metrics.jsonl, checkpoints/}`."""
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -18,29 +19,50 @@ def _holds_a_run(run: Path) -> bool:
             or (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").stat().st_size > 0)
 
 
-def check_name_free(log_dir: Path, name: str) -> None:
+def stopped_before_first_checkpoint(run: Path) -> bool:
+    """Whether `run` holds only what a run killed while writing its first checkpoint leaves:
+    no checkpoint file, metrics of epoch 1 at most (its line is written just before that
+    checkpoint). Nothing to continue; `--resume auto` starts it again in place."""
+    if any((run / CHECKPOINTS).glob("*.pt")):
+        return False
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return all(json.loads(line).get("epoch") == 1 for line in lines if line.strip())
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON lines: not ours to drop
+        return False
+
+
+def check_name_free(log_dir: Path, name: str, restart: bool = False) -> None:
     """Refuse an explicit run name whose folder already holds checkpoints or metrics (nothing
-    is written; `new_run_dir` and dry runs check with it).
+    is written; `new_run_dir` and dry runs check with it). With `restart` (`--resume auto`), a
+    run stopped before its first checkpoint is no refusal.
 
     Raises:
         RunError: the name is taken.
     """
     run = log_dir / name
+    if restart and stopped_before_first_checkpoint(run):
+        return
     if name and run.is_dir() and _holds_a_run(run):
         raise RunError(f"{run}: run directory already holds checkpoints or metrics; pass "
                        f"--resume auto to continue it or choose another --log.name")
 
 
-def new_run_dir(log_dir: Path, name: str, recipe_stem: str) -> Path:
+def new_run_dir(log_dir: Path, name: str, recipe_stem: str, restart: bool = False) -> Path:
     """A fresh run directory. An explicit `name` whose folder already holds checkpoints or
-    metrics is refused, so a new run never overwrites (or appends to) an earlier one.
+    metrics is refused, so a new run never overwrites (or appends to) an earlier one; with
+    `restart`, one stopped before its first checkpoint is started again (its metrics dropped).
 
     Raises:
         RunError: the name is taken, or the folder cannot be created (names it and why).
     """
     if name:
-        check_name_free(log_dir, name)
+        check_name_free(log_dir, name, restart)
         run = log_dir / name
+        if restart and stopped_before_first_checkpoint(run):
+            (run / "metrics.jsonl").unlink(missing_ok=True)
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run = log_dir / f"{recipe_stem}-{stamp}"
@@ -86,7 +108,8 @@ def find_resume(resume: str, log_dir: Path, name: str, recipe_stem: str) -> Path
         return path
     if name:
         last = log_dir / name / CHECKPOINTS / LAST
-        if not last.is_file() and _holds_a_run(log_dir / name):
+        if (not last.is_file() and _holds_a_run(log_dir / name)
+                and not stopped_before_first_checkpoint(log_dir / name)):
             # Starting fresh there would be refused (new_run_dir): say why now, in one line.
             raise RunError(f"--resume auto: {log_dir / name} holds a run (checkpoints or "
                            f"metrics) but no {CHECKPOINTS}/{LAST}; continue one of its "
