@@ -27,7 +27,8 @@ QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 # Runs tools/train.py after arranging to die at a planned point (KILL_PLAN, JSON):
 #   {"loss_call": k}  SIGKILL itself at the k-th loss computation of this process;
 #   {"save_call": n}  SIGKILL itself half-way through writing the n-th checkpoint;
-#   {"exit_rank": r, "loss_call": k}  rank r exits with status 1 there, first attempt only.
+#   {"exit_rank": r, "loss_call": k}  rank r exits with status 1 there, first attempt only;
+#   {"nan_rank": r, "loss_call": k}  rank r's k-th loss is NaN.
 WRAPPER = r'''
 import json, os, runpy, signal, sys
 import torch
@@ -36,6 +37,8 @@ plan = json.loads(os.environ.get("KILL_PLAN", "{}"))
 first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
 rank = int(os.environ.get("RANK", "0"))
 def die():
+    if "nan_rank" in plan:
+        return rank == plan["nan_rank"]
     if "exit_rank" in plan:
         if first_attempt and rank == plan["exit_rank"]:
             os._exit(1)
@@ -45,8 +48,8 @@ if "loss_call" in plan:
     real_loss, calls = loop.classification_loss, [0]
     def loss(*a, **k):
         calls[0] += 1
-        if calls[0] == plan["loss_call"]:
-            die()
+        if calls[0] == plan["loss_call"] and die():
+            return real_loss(*a, **k) * float("nan")
         return real_loss(*a, **k)
     loop.classification_loss = loss
 if "save_call" in plan:
@@ -208,6 +211,49 @@ def test_non_finite_loss_stops_and_never_overwrites_a_good_checkpoint(data_root,
     saved = ckpt.load(tmp_path / "nan" / "checkpoints" / "last.pt")
     assert saved["train_state"]["step"] == 4
     assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+
+
+def test_non_finite_weights_with_a_finite_loss_stop_before_a_checkpoint(data_root, tmp_path,
+                                                                         monkeypatch):
+    """An overflowing update or BatchNorm running variance leaves the training loss finite
+    (batch statistics normalise it): only the loss was checked, and such a state was saved,
+    over a good last.pt and as best.pt, by a run ending with exit 0."""
+    real_build, calls = loop.build_model, []
+
+    def inf_running_var_at_step_7(bn, _inputs):
+        calls.append(1)
+        if len(calls) == 7:  # as a diverging running variance does; the loss is unaffected
+            bn.running_var.fill_(float("inf"))
+
+    def build_model(*args):
+        model = real_build(*args)
+        model.bn1.register_forward_pre_hook(inf_running_var_at_step_7)
+        return model
+
+    monkeypatch.setattr(loop, "build_model", build_model)
+    with pytest.raises(TrainingError, match=r"non-finite weights or BatchNorm statistics after "
+                                            r"optimizer step 8 \(epoch 1\)"):
+        train(_cfg(data_root, tmp_path, "--schedule.epochs=2", "--train.checkpoint_every=4",
+                   "--log.name=inf"))
+    saved = ckpt.load(tmp_path / "inf" / "checkpoints" / "last.pt")
+    assert saved["train_state"]["step"] == 4
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_on_another_rank_is_reported_by_rank_0(data_root, tmp_path):
+    """Rank 1 raised alone and printed nothing (only rank 0 prints user errors): the run
+    stopped with "another rank failed first" and no reason, or named a later step."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2"]
+    args = [a for a in tiny_args(data_root, tmp_path, "nan2")
+            if not a.startswith("--train.threads")]
+    result = run_wrapped(tmp_path, args, {"nan_rank": 1, "loss_call": 7}, data_root, launcher)
+    assert result.returncode != 0
+    assert result.stderr.count("error: non-finite loss at optimizer step 7 (epoch 1)") == 1, \
+        result.stderr[-3000:]
+    saved = ckpt.load(tmp_path / "nan2" / "checkpoints" / "last.pt")
+    assert saved["train_state"]["step"] == 4
 
 
 @pytest.mark.slow

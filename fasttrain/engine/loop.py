@@ -599,10 +599,11 @@ def train_one_epoch(p: Parts, loader: DeviceLoader, state: TrainState, epoch: in
             p.ema.step(p.model, state.step, in_warmup)
         checkpoint_now = (cfg.train.checkpoint_every and step < p.steps_per_epoch
                           and state.step % cfg.train.checkpoint_every == 0)
-        if checkpoint_now or (report.live and (step % cfg.log.interval == 0 or step == steps)):
-            _raise_if_diverged(bad_step, epoch)  # sync point: log intervals and checkpoints
-            if report.live:
-                report.update(step, loss.item(), p.optimizer.param_groups[0]["lr"])
+        if checkpoint_now:  # every rank: a collective, and the weights about to be saved
+            _raise_if_diverged(bad_step, epoch, p.model, state.step)
+        if report.live and (step % cfg.log.interval == 0 or step == steps):
+            _raise_if_diverged(bad_step, epoch)  # a sync point anyway (rank 0 only)
+            report.update(step, loss.item(), p.optimizer.param_groups[0]["lr"])
         if checkpoint_now:
             sums = torch.cat([loss_sum.view(1), torch.tensor([images_seen], dtype=torch.float64,
                                                              device=p.device)])
@@ -614,7 +615,7 @@ def train_one_epoch(p: Parts, loader: DeviceLoader, state: TrainState, epoch: in
             save_step_checkpoint()
             loss_sum.zero_()
             images_seen = 0
-    _raise_if_diverged(bad_step, epoch)
+    _raise_if_diverged(bad_step, epoch, p.model, state.step)
     totals = torch.cat([loss_sum.view(1),
                         torch.tensor([images_seen], dtype=torch.float64, device=p.device)])
     distributed.all_reduce_sum(totals)
@@ -684,11 +685,29 @@ def _raise_if_one_value_per_channel(e: ValueError, cfg: Config, micro_batch: int
                           f"(or the resolution)") from None
 
 
-def _raise_if_diverged(bad_step: torch.Tensor, epoch: int) -> None:
-    first = int(bad_step.item())
-    if first >= 0:
+def _raise_if_diverged(bad_step: torch.Tensor, epoch: int, model: nn.Module | None = None,
+                       step: int = 0) -> None:
+    """Stop at the first non-finite loss. With `model` (before anything is saved, called on
+    every rank): also when a weight or BatchNorm statistic is non-finite (an overflowing update
+    or running variance leaves the loss finite), and with the first bad step over all ranks,
+    so every rank raises the same error (rank 0's is the one printed)."""
+    never = torch.iinfo(torch.int64).max
+    flags = torch.stack([torch.where(bad_step < 0, never, bad_step), torch.zeros_like(bad_step)])
+    if model is not None:
+        finite = torch.stack([t.isfinite().all() for t in model.state_dict().values()
+                              if t.is_floating_point()]).all()
+        flags[1] = (~finite).long()
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flags[:1], op=torch.distributed.ReduceOp.MIN)
+            torch.distributed.all_reduce(flags[1:], op=torch.distributed.ReduceOp.MAX)
+    first, weights_bad = flags.tolist()
+    if first != never:
         raise TrainingError(f"non-finite loss at optimizer step {first} (epoch {epoch + 1}); "
                             f"stopping without saving over the last good checkpoint")
+    if weights_bad:
+        raise TrainingError(f"non-finite weights or BatchNorm statistics after optimizer step "
+                            f"{step} (epoch {epoch + 1}); stopping without saving over the last "
+                            f"good checkpoint")
 
 
 def _new_skipped_files(loaders, reported: set[str]) -> list[tuple[str, str]]:
