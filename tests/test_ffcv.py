@@ -173,6 +173,28 @@ def test_samples_ffcvs_image_field_would_reject_become_placeholders():
     assert shrunk[0].shape == (1, 512, 3) and shrunk[1] == 4
 
 
+def test_an_image_larger_than_a_page_is_skipped_or_gets_a_larger_page(tmp_path):
+    """FFCV's writer process raised in malloc for raw pixels over its 8 MiB page, and the
+    writer waited for the sample forever (--max-resolution=0, or above ~1,670 px)."""
+    assert ffcv_loader.page_size_for(512) == 1 << 23  # FFCV's default where it fits
+    assert ffcv_loader.page_size_for(2000) == 1 << 24  # 12 MB of raw pixels
+    assert ffcv_loader.page_size_for(0) == 1 << 23
+    root = tmp_path / "big"
+    for split in ("train", "val"):
+        (root / split / "c").mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(root / split / "c" / "s.png")
+    Image.fromarray(np.zeros((1100, 2700, 3), dtype=np.uint8)).save(root / "train" / "c" / "b.png")
+    data = DataConfig(dataset="imagefolder", path=str(root))
+    train, _ = write_beton(data, tmp_path / "keep", max_resolution=0, write_mode="raw",
+                           num_workers=1)
+    assert [(Path(p).name, r) for p, r in train.skipped] == [
+        ("b.png", "2700x1100 px: its raw pixels exceed FFCV's page of 8 MiB; set "
+                  "--max-resolution")]
+    train, _ = write_beton(data, tmp_path / "shrunk", max_resolution=2700, write_mode="raw",
+                           num_workers=1)
+    assert not train.skipped and train.images == 2
+
+
 def test_a_folder_it_cannot_write_is_one_line_and_ctrl_c_exits_130(monkeypatch, capsys):
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied", "/data/ffcv/.train.beton.tmp-1")

@@ -402,6 +402,12 @@ class WriteResult:
     seconds: float = 0.0
 
 
+# FFCV's DatasetWriter default page (4 x its 2 MiB minimum); what one sample may fill of it, with
+# room for the other fields and FFCV's bookkeeping.
+FFCV_PAGE_SIZE = 1 << 23
+PAGE_MARGIN = 1 << 16
+
+
 class _HWCSource:
     """`dataset[i]` as FFCV's writer takes it: ((H, W, C) uint8 array, label). An unreadable
     file becomes a 1x1 placeholder labelled -1: the writer's worker processes must fill every
@@ -410,8 +416,9 @@ class _HWCSource:
     PLACEHOLDER = np.zeros((1, 1, 3), dtype=np.uint8)
     MAX_SIDE = 65535  # FFCV stores heights and widths as uint16
 
-    def __init__(self, dataset, max_resolution: int = 0) -> None:
-        self.dataset, self.max_resolution = dataset, max_resolution
+    def __init__(self, dataset, max_resolution: int = 0,
+                 page_size: int = FFCV_PAGE_SIZE) -> None:
+        self.dataset, self.max_resolution, self.page_size = dataset, max_resolution, page_size
         self.parent = os.getpid()
 
     def __len__(self) -> int:
@@ -440,16 +447,31 @@ class _HWCSource:
                 ratio = self.max_resolution / max(height, width)
                 size = (max(1, int(ratio * width)), max(1, int(ratio * height)))
                 array = cv2.resize(array, size, interpolation=cv2.INTER_AREA)
-            if max(array.shape[:2]) > self.MAX_SIDE:
+            if max(array.shape[:2]) > self.MAX_SIDE or self.too_big(array.shape):
                 return self.PLACEHOLDER, SKIPPED_LABEL
             return array, int(label)
         except Exception:  # noqa: BLE001  (reported by the main process, see _skip_reason)
             return self.PLACEHOLDER, SKIPPED_LABEL
 
 
-def _skip_reason(dataset, index: int) -> tuple[str, str]:
+    def too_big(self, shape: tuple[int, ...]) -> bool:
+        """Whether raw pixels of that (shrunk) shape exceed one FFCV page: its writer process
+        raises in malloc, and the writer waits for the sample forever."""
+        return int(np.prod(shape)) + PAGE_MARGIN > self.page_size
+
+
+def page_size_for(max_resolution: int) -> int:
+    """A page that holds the raw pixels of a max_resolution x max_resolution image (FFCV stores
+    any image raw in proportion, raw and smart modes): FFCV's default when that fits, else the
+    next power of two. Unbounded sizes (0) keep the default; larger images are skipped."""
+    need = max_resolution * max_resolution * 3 + PAGE_MARGIN
+    return max(FFCV_PAGE_SIZE, 1 << (need - 1).bit_length())
+
+
+def _skip_reason(source: _HWCSource, index: int) -> tuple[str, str]:
     """(path, reason) of a sample the writer stored as a placeholder (read again here: only
     the main process can report)."""
+    dataset = source.dataset
     samples = getattr(dataset, "samples", None)
     where = samples[index][0] if samples is not None else f"sample {index}"
     try:
@@ -458,6 +480,15 @@ def _skip_reason(dataset, index: int) -> tuple[str, str]:
         return where, f"{type(e).__name__}: {e}"
     if isinstance(sample, SkippedSample):
         return sample.path, sample.reason
+    height, width = sample[0].shape[-2:]
+    if source.max_resolution and max(height, width) > source.max_resolution:
+        ratio = source.max_resolution / max(height, width)
+        height, width = max(1, int(ratio * height)), max(1, int(ratio * width))
+    if max(height, width) > source.MAX_SIDE:
+        return where, f"{width}x{height} px: FFCV stores sides up to {source.MAX_SIDE} px"
+    if source.too_big((height, width, 3)):
+        return where, (f"{width}x{height} px: its raw pixels exceed FFCV's page of "
+                       f"{source.page_size >> 20} MiB; set --max-resolution")
     return where, "could not be converted for FFCV"
 
 
@@ -527,15 +558,16 @@ def _write_split(ff: SimpleNamespace, dataset, target: Path, params: dict[str, A
         if params["write_mode"] == "smart":
             # FFCV's rule: JPEG when the raw pixels would exceed this many bytes.
             field_args["smart_threshold"] = params["smart_threshold"]
+        page_size = page_size_for(params["max_resolution"])
         writer = ff.DatasetWriter(str(tmp), {"image": ff.RGBImageField(**field_args),
                                              "label": ff.IntField()},
-                                  num_workers=num_workers)
+                                  num_workers=num_workers, page_size=page_size)
         before = set(multiprocessing.active_children())
-        writer.from_indexed_dataset(_HWCSource(dataset, params["max_resolution"]),
-                                    chunksize=params["chunk_size"])
+        source = _HWCSource(dataset, params["max_resolution"], page_size)
+        writer.from_indexed_dataset(source, chunksize=params["chunk_size"])
         reader = ff.Reader(str(tmp))
         labels = reader.metadata[f"f{reader.field_names.index('label')}"]
-        skipped = [_skip_reason(dataset, int(i)) for i in np.flatnonzero(labels < 0)]
+        skipped = [_skip_reason(source, int(i)) for i in np.flatnonzero(labels < 0)]
         if len(skipped) == len(labels):
             raise DatasetError(f"{info['source']}: no readable image in the {info['split']} "
                                f"split (first: {skipped[0][0]}: {skipped[0][1]})")
