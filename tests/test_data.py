@@ -572,6 +572,30 @@ def test_an_undecodable_file_has_a_clean_one_line_reason(tmp_path, content, reas
     assert "\n" not in message and ".cpp" not in message and "/__w/" not in message
 
 
+def test_jpeg_end_marker_is_looked_for_after_the_image_data(tmp_path):
+    """Data appended after the end-of-image marker (phones' motion-photo trailers) made a valid
+    JPEG "truncated" for every backend but DALI; an EXIF thumbnail's end marker before the
+    image data must not make a truncated image pass."""
+    jpeg = _encoded("JPEG")
+    assert jpeg.endswith(b"\xff\xd9")
+    (tmp_path / "trailer.jpg").write_bytes(jpeg + b"\x00" * 100 + b"TRAILERDATA" * 20)
+    (tmp_path / "plain.jpg").write_bytes(jpeg)
+    assert torch.equal(read_image(str(tmp_path / "trailer.jpg")),
+                       read_image(str(tmp_path / "plain.jpg")))
+    # an APP1 segment holding a thumbnail's start-of-scan and end-of-image markers
+    thumbnail = b"\xff\xd8\xff\xda\x00\x02thumb\xff\xd9"
+    app1 = b"\xff\xe1" + (len(thumbnail) + 2).to_bytes(2, "big") + thumbnail
+    with_thumbnail = jpeg[:2] + app1 + jpeg[2:]
+    (tmp_path / "thumb.jpg").write_bytes(with_thumbnail)
+    read_image(str(tmp_path / "thumb.jpg"))
+    for name, content in (("cut.jpg", jpeg[: len(jpeg) * 2 // 3]),
+                          ("cut_thumb.jpg", with_thumbnail[: len(with_thumbnail) * 2 // 3]),
+                          ("cut_header.jpg", jpeg[:40])):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match="truncated JPEG"):
+            read_image(str(tmp_path / name))
+
+
 def test_default_data_root_follows_the_cache(monkeypatch, tmp_path):
     """FASTTRAIN_DATA, else the cache tools/env.sh uses (FASTTRAIN_CACHE), else ~/.cache."""
     from fasttrain.data import default_root

@@ -165,9 +165,30 @@ def _read_encoded(path: str) -> bytes:
     if not raw:
         raise ValueError("empty file")
     # libjpeg-turbo decodes a truncated JPEG with a warning and grey rows; refuse it instead.
-    if raw[:2] == b"\xff\xd8" and b"\xff\xd9" not in raw[-64:]:
+    if raw[:2] == b"\xff\xd8" and _jpeg_truncated(raw):
         raise ValueError("truncated JPEG (no end-of-image marker)")
     return raw
+
+
+def _jpeg_truncated(raw: bytes) -> bool:
+    """Whether a JPEG has no end-of-image marker after its first scan. Walks the marker
+    segments to that scan, so neither an EXIF thumbnail's marker before it (in APP1) nor data
+    that cameras append after the image (phones' motion-photo trailers) is taken for it; the
+    scan data cannot hold one (0xFF is stuffed there)."""
+    i, n = 2, len(raw)
+    while i + 4 <= n:
+        if raw[i] != 0xFF:
+            return False  # not a segment where one belongs: the decoder says what is wrong
+        marker = raw[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker == 0xDA:  # start of scan
+            return raw.rfind(b"\xff\xd9") < i
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            i += 2
+        else:
+            i += 2 + int.from_bytes(raw[i + 2:i + 4], "big")
+    return True  # cut before the first scan
 
 
 # IMG_EXTENSIONS formats that torchvision.io cannot decode (it reads JPEG, PNG, GIF and WebP)
