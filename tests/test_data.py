@@ -617,9 +617,11 @@ def test_loader_workers_leave_ctrl_c_to_the_main_process(tmp_path):
     cfg = load(None, ["--data.num_workers=1", "--data.batch_size=8"])
     loaders = build_loaders(cfg.data, cfg.aug)
     init = loaders.train.loader.worker_init_fn
-    before = signal.getsignal(signal.SIGINT)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         init(0)
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # a group SIGTERM too
     finally:
-        signal.signal(signal.SIGINT, before)
+        for s, handler in before.items():
+            signal.signal(s, handler)

@@ -18,7 +18,7 @@ from fasttrain.engine import checkpoint as ckpt
 from fasttrain.engine import distributed, loop, rundir, train
 from fasttrain.engine.optim import param_groups
 from fasttrain.engine.schedule import lr_factor
-from fasttrain.errors import CheckpointError, ConfigError, DatasetError, RunError
+from fasttrain.errors import CheckpointError, ConfigError, DatasetError, RunError, TrainingError
 from fasttrain.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -523,6 +523,41 @@ def test_a_named_run_killed_in_its_first_checkpoint_restarts_in_place(data_root,
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1] and lines[0]["val_top1"] == summary["val_top1"]
     assert (run / "checkpoints" / "last.pt").is_file()
+
+
+def test_resume_relinks_a_best_pt_left_behind(data_root, tmp_path):
+    """Killed between last.pt's rename and best.pt's link, best.pt stayed an earlier epoch for
+    good: the resume restores the best score, so no later epoch relinked it."""
+    train(_cfg(data_root, tmp_path, "--schedule.epochs=1", "--schedule.warmup_epochs=0",
+               "--log.name=r"))
+    checkpoints = tmp_path / "r" / "checkpoints"
+    stale = ckpt.load(checkpoints / "last.pt")
+    stale["metrics"]["val_top1"] -= 10.0  # as an earlier, worse epoch
+    (checkpoints / "best.pt").unlink()
+    torch.save(stale, checkpoints / "best.pt")
+    train(_cfg(data_root, tmp_path, "--schedule.epochs=1", "--schedule.warmup_epochs=0",
+               "--log.name=r"), resume="auto")
+    assert (checkpoints / "best.pt").samefile(checkpoints / "last.pt")
+
+
+def test_a_failed_metrics_write_is_one_line_and_keeps_the_checkpoint(data_root, tmp_path,
+                                                                    monkeypatch):
+    """A full disk meets the metrics append first at the default settings: a traceback."""
+    real_open, appends = open, []
+
+    def full_disk(path, mode="r", *a, **k):
+        if str(path).endswith("metrics.jsonl") and "a" in mode:
+            appends.append(path)
+            if len(appends) == 2:
+                raise OSError(28, "No space left on device")
+        return real_open(path, mode, *a, **k)
+
+    monkeypatch.setattr(loop, "open", full_disk, raising=False)
+    with pytest.raises(TrainingError, match=r"cannot write .*metrics.jsonl after epoch 2 \(No "
+                                            r"space left on device\); the previous checkpoint"):
+        train(_cfg(data_root, tmp_path, "--schedule.epochs=2", "--schedule.warmup_epochs=0",
+                   "--model.width=0.25", "--log.name=full"))
+    assert ckpt.load(tmp_path / "full" / "checkpoints" / "last.pt")["train_state"]["epoch"] == 1
 
 
 def test_a_loose_checkpoint_has_no_run_directory(tmp_path):

@@ -324,10 +324,13 @@ def _datasets(data: DataConfig) -> tuple[Dataset, Dataset, list[str], Path]:
 
 
 def _ignore_ctrl_c(worker_id: int) -> None:
-    """A terminal's Ctrl-C reaches every process of its group: workers that die of it while
-    the main process still talks to them print a ConnectionResetError traceback beside the
-    one-line message; the main process alone handles it and shuts them down."""
+    """A terminal's Ctrl-C, and a SIGTERM sent to the process group (docker stop, Slurm,
+    torchrun tearing a job down), reach every process of the group: workers that die of it
+    while the main process still talks to them print a traceback beside the one-line message;
+    the main process alone handles it and shuts them down (a worker whose parent is gone exits
+    on its own)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _per_rank(global_batch: int, world_size: int, key: str, accum: int = 1) -> int:

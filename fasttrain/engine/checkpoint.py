@@ -38,7 +38,12 @@ def write_atomic(path: Path, write: Callable[[IO], None], mode: str = "wb") -> N
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_folder(path.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    """fsync a folder, so that a rename or link in it survives a power loss."""
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
@@ -125,6 +130,13 @@ def link_or_copy_atomic(src: Path, dst: Path) -> None:
     tmp.unlink(missing_ok=True)
     try:
         os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
+    except OSError:  # a copy must be on disk before it replaces dst, as write_atomic's file
+        try:
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     os.replace(tmp, dst)
+    fsync_folder(dst.parent)

@@ -417,6 +417,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
         state.history = [h for h in state.history if h["epoch"] <= state.epoch]
         if dist.is_main:
             _trim_run_dir(run_dir, state.epoch)
+            _relink_best(run_dir, resume_path, saved, state)
         where = f"epoch {state.epoch}" + (f", step {state.epoch_step} of epoch {state.epoch + 1}"
                                           if state.epoch_step else "")
         report.print(f"resumed from {resume_path} after {where}")
@@ -448,7 +449,12 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
 
     writer = None
     if dist.is_main:
-        (run_dir / "config.yaml").write_text(config_mod.dump(cfg))
+        try:  # replaced whole on a resume: never left torn or empty
+            ckpt.write_atomic(run_dir / "config.yaml", lambda f: f.write(config_mod.dump(cfg)),
+                              mode="w")
+        except OSError as e:
+            raise RunError(f"{run_dir / 'config.yaml'}: cannot write the run's config "
+                           f"({e.strerror or e})") from None
         report.summary(rows + [("run directory", str(run_dir))], "fasttrain")
         if cfg.log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -501,10 +507,15 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
         state.history.append({k: metrics[k] for k in ("epoch", "val_top1", "train_loss")})
         report.end_epoch(metrics, epochs)
         if dist.is_main:
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json_line(metrics) + "\n")
-                f.flush()
-                os.fsync(f.fileno())  # before the checkpoint that claims this epoch is done
+            try:
+                with open(run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json_line(metrics) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())  # before the checkpoint that claims this epoch is done
+            except OSError as e:  # a full disk meets this write first at the default settings
+                raise TrainingError(f"cannot write {run_dir / 'metrics.jsonl'} after epoch "
+                                    f"{epoch + 1} ({e.strerror or e}); the previous checkpoint "
+                                    f"is intact") from None
             if writer is not None:
                 for key, value in metrics.items():
                     if value is not None:  # best_val_top1 before a complete epoch
@@ -653,9 +664,29 @@ def _trim_run_dir(run_dir: Path, epochs_done: int) -> None:
                 done = False
             if done:
                 keep.append(line)
-        metrics.write_text("".join(line + "\n" for line in keep))
+        # atomically: a kill during a plain rewrite (truncate, then write) lost the history
+        ckpt.write_atomic(metrics, lambda f: f.write("".join(line + "\n" for line in keep)),
+                          mode="w")
     for tmp in (run_dir / CHECKPOINTS).glob(".*.tmp-*"):
         tmp.unlink(missing_ok=True)
+
+
+def _relink_best(run_dir: Path, resume_path: Path, saved: dict[str, Any],
+                 state: TrainState) -> None:
+    """A run killed between last.pt's rename and best.pt's link left best.pt an earlier epoch
+    for good (the resume does not repeat that epoch, and later ones are compared with the best
+    score the checkpoint restored): link it now when last.pt is the best and best.pt is behind."""
+    last, best = run_dir / CHECKPOINTS / LAST, run_dir / CHECKPOINTS / BEST
+    score = (saved.get("metrics") or {}).get("val_top1")
+    if (state.epoch_step or score is None or score != state.best_val_top1
+            or not ckpt.same_file(resume_path, last) or ckpt.same_file(last, best)):
+        return
+    try:
+        behind = (ckpt.load(best).get("metrics") or {}).get("val_top1", -1.0) < score
+    except CheckpointError:  # missing or torn
+        behind = True
+    if behind:
+        ckpt.link_or_copy_atomic(last, best)
 
 
 def _first_skipped(loader) -> tuple[str, str] | None:
