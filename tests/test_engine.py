@@ -412,13 +412,17 @@ def test_compile_allows_a_graph_per_progressive_resolution(data_root, tmp_path, 
                "--data.max_res=352", "--data.start_ramp=1", "--data.end_ramp=10")
     assert len({transforms.progressive_resolution(cfg.data, e) for e in range(12)}) == 10
     assert loop._recompile_limit(cfg) == 14
-    seen = []
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    seen, dynamo_config = [], torch._dynamo.config
     monkeypatch.setattr(torch, "compile", lambda model, **kw: seen.append(
-        torch._dynamo.config.recompile_limit) or model)
-    train(_cfg(data_root, tmp_path, "--schedule.epochs=12", "--data.min_res=64",
-               "--data.max_res=352", "--data.start_ramp=1", "--data.end_ramp=10",
-               "--train.compile=true", "--train.max_steps=1"))
+        dynamo_config.recompile_limit) or model)
+    # not monkeypatch.setattr: its undo deletes a config module's entry for good
+    before, dynamo_config.recompile_limit = dynamo_config.recompile_limit, 8
+    try:
+        train(_cfg(data_root, tmp_path, "--schedule.epochs=12", "--data.min_res=64",
+                   "--data.max_res=352", "--data.start_ramp=1", "--data.end_ramp=10",
+                   "--train.compile=true", "--train.max_steps=1"))
+    finally:
+        dynamo_config.recompile_limit = before
     assert seen and set(seen) == {14}
 
 
