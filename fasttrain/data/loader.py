@@ -9,6 +9,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 import math
+import os
 import random
 import signal
 from pathlib import Path
@@ -326,11 +327,16 @@ def _datasets(data: DataConfig) -> tuple[Dataset, Dataset, list[str], Path]:
 def _ignore_ctrl_c(worker_id: int) -> None:
     """A terminal's Ctrl-C, and a SIGTERM sent to the process group (docker stop, Slurm,
     torchrun tearing a job down), reach every process of the group: workers that die of it
-    while the main process still talks to them print a traceback beside the one-line message;
-    the main process alone handles it and shuts them down (a worker whose parent is gone exits
-    on its own)."""
+    while the main process still talks to them print a traceback beside the one-line message.
+    Ctrl-C is left to the main process, which shuts them down; SIGTERM ends a worker quietly
+    (exit status 0, which the main process does not report as a worker killed by a signal).
+    Not ignored: multiprocessing stops leftover workers at exit with SIGTERM, and waits."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_quietly)
+
+
+def _exit_quietly(signum: int, frame: object) -> None:
+    os._exit(0)
 
 
 def _per_rank(global_batch: int, world_size: int, key: str, accum: int = 1) -> int:
