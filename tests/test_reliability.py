@@ -205,10 +205,15 @@ def test_non_finite_loss_stops_and_never_overwrites_a_good_checkpoint(data_root,
         return loss * float("nan") if len(calls) == 7 else loss
 
     monkeypatch.setattr(loop, "classification_loss", nan_at_step_7)
-    with pytest.raises(TrainingError, match="non-finite loss at optimizer step 7 \\(epoch 1\\)"):
+    _stops_keeping_the_finite_step_4_checkpoint(
+        data_root, tmp_path, "non-finite loss at optimizer step 7 \\(epoch 1\\)")
+
+
+def _stops_keeping_the_finite_step_4_checkpoint(data_root, tmp_path, message):
+    with pytest.raises(TrainingError, match=message):
         train(_cfg(data_root, tmp_path, "--schedule.epochs=2", "--train.checkpoint_every=4",
-                   "--log.name=nan"))
-    saved = ckpt.load(tmp_path / "nan" / "checkpoints" / "last.pt")
+                   "--log.name=stopped"))
+    saved = ckpt.load(tmp_path / "stopped" / "checkpoints" / "last.pt")
     assert saved["train_state"]["step"] == 4
     assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
 
@@ -231,13 +236,9 @@ def test_non_finite_weights_with_a_finite_loss_stop_before_a_checkpoint(data_roo
         return model
 
     monkeypatch.setattr(loop, "build_model", build_model)
-    with pytest.raises(TrainingError, match=r"non-finite weights or BatchNorm statistics after "
-                                            r"optimizer step 8 \(epoch 1\)"):
-        train(_cfg(data_root, tmp_path, "--schedule.epochs=2", "--train.checkpoint_every=4",
-                   "--log.name=inf"))
-    saved = ckpt.load(tmp_path / "inf" / "checkpoints" / "last.pt")
-    assert saved["train_state"]["step"] == 4
-    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+    _stops_keeping_the_finite_step_4_checkpoint(
+        data_root, tmp_path, r"non-finite weights or BatchNorm statistics after optimizer step "
+                             r"8 \(epoch 1\)")
 
 
 @pytest.mark.slow
