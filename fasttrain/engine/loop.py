@@ -400,8 +400,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
                                cfg.schedule.epochs)
         ema = ModelEma(model, decay, cfg.train.ema_steps)
     state = TrainState()
-    if saved is not None:
-        model.load_state_dict(saved["model"])
+    if saved is not None:  # its weights are in the model already (checked above)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         if "scaler" in saved:
