@@ -78,6 +78,19 @@ def test_weight_decay_groups_by_rank_not_name():
     assert len(only["params"]) == len(list(model.parameters()))
 
 
+def test_best_pt_is_a_copy_where_hard_links_fail(tmp_path, monkeypatch):
+    (tmp_path / "last.pt").write_bytes(b"new" * 100)
+    (tmp_path / "best.pt").write_bytes(b"old")
+
+    def no_links(*args):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    ckpt.link_or_copy_atomic(tmp_path / "last.pt", tmp_path / "best.pt")
+    assert (tmp_path / "best.pt").read_bytes() == b"new" * 100
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]  # no temp file
+
+
 def test_atomic_save_keeps_previous_file_on_failure(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     ckpt.save_atomic({"model": {"w": torch.ones(2)}}, path)

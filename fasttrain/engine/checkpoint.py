@@ -130,13 +130,9 @@ def link_or_copy_atomic(src: Path, dst: Path) -> None:
     tmp.unlink(missing_ok=True)
     try:
         os.link(src, tmp)
-    except OSError:  # a copy must be on disk before it replaces dst, as write_atomic's file
-        try:
-            shutil.copyfile(src, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+    except OSError:  # no hard links here: a copy, on disk before it replaces dst
+        with open(src, "rb") as source:
+            write_atomic(dst, lambda f: shutil.copyfileobj(source, f))
+        return
     os.replace(tmp, dst)
     fsync_folder(dst.parent)
