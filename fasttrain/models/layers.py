@@ -46,17 +46,11 @@ def convert_sync_batchnorm(module: nn.Module,
     SyncBatchNormReLU2d and other BatchNorms torch's SyncBatchNorm, sharing the parameters and
     buffers (state-dict keys unchanged). Modules are replaced in place; returns the root.
     """
-    if isinstance(module, (BatchNormReLU2d, FusedBatchNormReLU2d)):
-        out = SyncBatchNormReLU2d(module.num_features, module.eps, module.momentum,
-                                  module.affine, module.track_running_stats, process_group)
-        if module.affine:
-            out.weight, out.bias = module.weight, module.bias
-        out.running_mean, out.running_var = module.running_mean, module.running_var
-        out.num_batches_tracked = module.num_batches_tracked
-        out.training = module.training
-        return out
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+        out = nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+        if isinstance(module, (BatchNormReLU2d, FusedBatchNormReLU2d)):
+            out.__class__ = SyncBatchNormReLU2d  # a subclass adding no state: only forward
+        return out
     for name, child in module.named_children():
         module.add_module(name, convert_sync_batchnorm(child, process_group))
     return module
