@@ -105,11 +105,16 @@ def is_stale() -> bool:
     return bool(HAS_EXT and current and current != BUILD_INFO.get("sources_sha256"))
 
 
-def _cubin_runs(code: str, major: int, minor: int) -> bool:
-    """Whether a cubin for sm_<code> ("80", "90a", "100f") runs on a GPU of that capability:
-    same major and a minor at least the cubin's; an arch-specific ("a") one on its own only."""
+def _capability(code: str) -> tuple[int, int]:
+    """(major, minor) of an architecture code such as "80", "90a" or "100f"."""
     digits = code.rstrip("af")
-    want = (int(digits[:-1]), int(digits[-1]))
+    return int(digits[:-1]), int(digits[-1])
+
+
+def _cubin_runs(code: str, major: int, minor: int) -> bool:
+    """Whether a cubin for sm_<code> runs on a GPU of that capability: same major and a minor
+    at least the cubin's; an arch-specific ("a") one on its own only."""
+    want = _capability(code)
     if code.endswith("a"):
         return want == (major, minor)
     return want[0] == major and want[1] <= minor
@@ -117,8 +122,7 @@ def _cubin_runs(code: str, major: int, minor: int) -> bool:
 
 def _ptx_runs(code: str, major: int, minor: int) -> bool:
     """Whether PTX for compute_<code> JIT-compiles for that capability: any later GPU."""
-    digits = code.rstrip("af")
-    want = (int(digits[:-1]), int(digits[-1]))
+    want = _capability(code)
     return want == (major, minor) if code.endswith("a") else want <= (major, minor)
 
 
