@@ -438,21 +438,26 @@ class _HWCSource:
             if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
                 return self.PLACEHOLDER, SKIPPED_LABEL
             height, width = array.shape[:2]
-            if self.max_resolution and max(height, width) > self.max_resolution:
-                # FFCV's own shrink (INTER_AREA, sides truncated), done here with each side at
-                # least 1 px: FFCV truncates the short side of an image longer than
-                # max_resolution:1 to 0 px, and OpenCV raises in the writer process.
+            stored = self.stored_size(height, width)
+            if stored != (height, width):
                 import cv2  # FFCV's dependency, as its writer uses it
 
-                ratio = self.max_resolution / max(height, width)
-                size = (max(1, int(ratio * width)), max(1, int(ratio * height)))
-                array = cv2.resize(array, size, interpolation=cv2.INTER_AREA)
+                array = cv2.resize(array, stored[::-1], interpolation=cv2.INTER_AREA)
             if max(array.shape[:2]) > self.MAX_SIDE or self.too_big(array.shape):
                 return self.PLACEHOLDER, SKIPPED_LABEL
             return array, int(label)
         except Exception:  # noqa: BLE001  (reported by the main process, see _skip_reason)
             return self.PLACEHOLDER, SKIPPED_LABEL
 
+
+    def stored_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) after FFCV's own shrink to max_resolution (INTER_AREA, sides
+        truncated), with each side at least 1 px: FFCV truncates the short side of an image
+        longer than max_resolution:1 to 0 px, and OpenCV raises in the writer process."""
+        if not self.max_resolution or max(height, width) <= self.max_resolution:
+            return height, width
+        ratio = self.max_resolution / max(height, width)
+        return max(1, int(ratio * height)), max(1, int(ratio * width))
 
     def too_big(self, shape: tuple[int, ...]) -> bool:
         """Whether raw pixels of that (shrunk) shape exceed one FFCV page: its writer process
@@ -480,10 +485,7 @@ def _skip_reason(source: _HWCSource, index: int) -> tuple[str, str]:
         return where, f"{type(e).__name__}: {e}"
     if isinstance(sample, SkippedSample):
         return sample.path, sample.reason
-    height, width = sample[0].shape[-2:]
-    if source.max_resolution and max(height, width) > source.max_resolution:
-        ratio = source.max_resolution / max(height, width)
-        height, width = max(1, int(ratio * height)), max(1, int(ratio * width))
+    height, width = source.stored_size(*sample[0].shape[-2:])
     if max(height, width) > source.MAX_SIDE:
         return where, f"{width}x{height} px: FFCV stores sides up to {source.MAX_SIDE} px"
     if source.too_big((height, width, 3)):
