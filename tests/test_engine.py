@@ -271,6 +271,25 @@ def test_sync_bn_on_cpu_ranks_is_one_line_before_anything_is_written(data_root, 
     assert summary["params"] == train(_cfg(data_root, tmp_path), dry_run=True)["params"]
 
 
+def test_cpu_compile_without_a_cxx_compiler_is_one_line_before_anything_is_written(
+        data_root, tmp_path):
+    """Inductor's CPU kernels need a C++ compiler; without one the first step failed with a
+    ~100-line traceback after the run folder was made, and --dry-run passed."""
+    import torch._inductor.config as inductor_config
+    cfg = _cfg(data_root, tmp_path, "--train.compile=true")
+    with inductor_config.patch({"cpp.cxx": (None, str(tmp_path / "no-such-g++"))}):
+        for dry_run in (True, False):
+            with pytest.raises(ConfigError, match=r"^train.compile=true on the CPU: Inductor "
+                                                  r"found no working C\+\+ compiler \(tried: "
+                                                  r".*no-such-g\+\+\); install g\+\+ or set "
+                                                  r"CXX, or train with --train.compile=false$"):
+                train(cfg, dry_run=dry_run)
+        # the check is about compiling: an eager run is not refused
+        assert train(_cfg(data_root, tmp_path, "--train.compile=false"), dry_run=True)
+    assert list(tmp_path.iterdir()) == []
+    assert loop._cpu_compiler_problem() is None  # this machine has g++
+
+
 def _torchrun_quickstart(data_root: Path, tmp_path: Path, *args: str, timeout: int = 300):
     """tools/train.py on the quickstart recipe, 1 epoch, under torchrun with 2 CPU ranks."""
     env = {**os.environ, "FASTTRAIN_DATA": str(data_root)}

@@ -225,6 +225,31 @@ def _recompile_limit(cfg: Config) -> int:
     return len(sizes) + 4
 
 
+def _cpu_compiler_problem() -> str | None:
+    """Why Inductor cannot build CPU kernels here (no working C++ compiler), or None.
+
+    Without this, the first training step fails after the data and the model are set up (and
+    `--dry-run` passes) with a ~100-line Inductor traceback. Inductor's own compiler search is
+    asked, so `CXX` and `torch._inductor.config.cpp.cxx` count as they will at compile time; it
+    is private API, so anything unexpected from it leaves the decision to the compile itself."""
+    try:
+        from torch._inductor import cpp_builder
+        from torch._inductor.exc import InvalidCxxCompiler
+    except ImportError:
+        return None
+    try:
+        cpp_builder.get_cpp_compiler()
+    except InvalidCxxCompiler:
+        from torch._inductor import config as inductor_config
+        cxx = inductor_config.cpp.cxx
+        tried = ", ".join(c for c in (cxx if isinstance(cxx, (list, tuple)) else (cxx,)) if c)
+        return (f"Inductor found no working C++ compiler (tried: {tried or 'none'}); install g++ or set "
+                f"CXX, or train with --train.compile=false")
+    except Exception:
+        return None
+    return None
+
+
 def _graph_steps(cfg: Config, device: torch.device, use_compile: bool) -> bool:
     """Whether the compiled model replays CUDA graphs (torch.compile's CUDA-graph trees)."""
     return (use_compile and device.type == "cuda"
@@ -314,6 +339,9 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
     if cfg.train.sync_bn and dist.enabled and device.type != "cuda":
         raise ConfigError(f"train.sync_bn=true needs CUDA devices (torch's SyncBatchNorm "
                           f"synchronises GPU tensors only); this run is on {device.type}")
+    use_compile = device.type == "cuda" if cfg.train.compile is None else cfg.train.compile
+    if use_compile and device.type == "cpu" and (problem := _cpu_compiler_problem()):
+        raise ConfigError(f"train.compile=true on the CPU: {problem}")
     if cfg.log.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("log.tensorboard=true needs the tensorboard package (pip install "
                           "tensorboard, or the [tensorboard] extra)")
@@ -427,7 +455,6 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
             model, device_ids=[device.index] if device.type == "cuda" else None)
         if cfg.train.deterministic:  # bit-identical resumes on any number of ranks
             train_model.register_comm_hook(None, distributed.rank_ordered_mean_hook)
-    use_compile = device.type == "cuda" if cfg.train.compile is None else cfg.train.compile
     compile_mode = None if cfg.train.compile_mode == "default" else cfg.train.compile_mode
     if use_compile:
         dynamo_config = torch._dynamo.config
