@@ -30,7 +30,8 @@ for backward with native and with fused norm+ReLU layers.
 
 Writes benchmarks/results/bn_relu-<device>-<dtype>-<layout>-b<batch>.json (device: h100, cpu2t
 for 2 CPU threads, ...) with the conditions (device, driver, torch, CUDA, commit, date, settings,
-CPU load) and prints a table. Timing is never asserted.
+CPU load) and prints a table. Timing is never asserted. Ctrl-C or SIGTERM (a time limit) writes
+the rows measured so far ("interrupted": true, the summary of complete widths only), exit 130.
 """
 from __future__ import annotations
 
@@ -393,25 +394,40 @@ def main(argv: list[str] | None = None) -> int:
     timer = Timer(device, args.warmup, args.iters, args.repeats, graphs=args.timing == "graph")
 
     rows: list[dict] = []
-    for width in args.widths:
-        for shape, count in shapes[width]:
-            print(f"w{width} {shape} x{count} ...", file=sys.stderr, flush=True)
-            rows += bench_shape(shape, count, width, device, dtype, args.layout, timer, dynamic)
-    summary = summarize(rows)
+    done: list[float] = []  # widths with every shape measured: the only ones summarised
+    try:
+        for width in args.widths:
+            for shape, count in shapes[width]:
+                print(f"w{width} {shape} x{count} ...", file=sys.stderr, flush=True)
+                rows += bench_shape(shape, count, width, device, dtype, args.layout, timer,
+                                    dynamic)
+            done.append(width)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from `timeout` (the GPU checklist's limit)
+        print(f"interrupted: writing the {len(rows)} rows measured; summary of widths "
+              f"{done or 'none'} only", file=sys.stderr)
+    interrupted = done != list(args.widths)
+    summary = summarize([r for r in rows if r["width"] in done])
     model_saved = ({str(w): model_saved_bytes(w, model_batch, device, dtype, args.layout)
-                    for w in args.widths} if model_batch else {})
+                    for w in done} if model_batch and not interrupted else {})
     print_table(rows, summary, model_saved)
 
     result = {"benchmark": "bn_relu", "conditions": conditions(device, args),
               "bytes_model": f"train {TRAIN_PASSES} tensor passes (fwd: stats read, normalise "
                              f"read+write; bwd: sums read g+x, grad_x read g+x+write), eval "
                              f"{EVAL_PASSES}; copy moves 2",
-              "rows": rows, "summary": summary,
+              "rows": rows, "summary": summary, "interrupted": interrupted,
               "model_saved_bytes": {"model": "thin_resnet50", "batch": model_batch, **model_saved}}
     write_json(out, result)
     print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
-    return 0
+    return 130 if interrupted else 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
+    import signal
+
+    signal.signal(signal.SIGTERM, _interrupt)  # a time limit keeps what was measured
     raise SystemExit(main())

@@ -223,6 +223,15 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in BACKENDS]
     if unknown:
         fail(f"--backends: unknown backend {unknown[0]!r} (known: {', '.join(sorted(BACKENDS))})")
+    # Without the region decoder these backends silently decode whole images: their rows would
+    # time what "torch-whole" (or the torchvision decode) times under another name.
+    from fasttrain.data import jpeg
+    needs_region = [n for n in names if n in ("decode-libjpeg", "torch", "torch-ops")
+                    or (n.startswith("ffcv-") and not n.endswith("-whole"))]
+    if needs_region and not jpeg.AVAILABLE:
+        fail(f"--backends {','.join(needs_region)}: fasttrain's region JPEG decoder is not built "
+             f"({jpeg.LOAD_ERROR or 'no library'}); build it with libjpeg-turbo "
+             f"(FASTTRAIN_JPEG=1) or leave these backends out")
     if args.images < args.batch_size:  # the loaders drop the last partial batch: no batch at all
         fail(f"--images {args.images}: fewer than one batch (--batch-size {args.batch_size})")
     out = check_out(args.out, ROOT / "benchmarks" / "results" / f"loaders-cpu-{args.workers}w.json")

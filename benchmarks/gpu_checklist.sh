@@ -2,7 +2,9 @@
 # The GPU checklist in one call, for a lent GPU host whose torch is already installed and that has
 # no package index (the project's GPU hosts: torch 2.11, Python 3.12, no ffcv/DALI):
 #
-#   FASTTRAIN_COMMIT=<sha> OUT=<dir> bash benchmarks/gpu_checklist.sh [DEADLINE_S]
+#   FASTTRAIN_COMMIT=$(git describe --always --dirty) OUT=<dir> bash benchmarks/gpu_checklist.sh [DEADLINE_S]
+#
+# (FASTTRAIN_COMMIT is recorded as given: `--dirty` keeps a run from uncommitted code honest.)
 #
 # 1. builds the native ops for the GPU (TORCH_CUDA_ARCH_LIST, default 9.0) and runs `pytest -m cuda`;
 # 2. runs the benchmarks: training img/s of thin_resnet50 at w1.0@224 and w0.5@176 on GPU-resident
@@ -11,21 +13,38 @@
 #    BN+ReLU vs eager vs torch.compile (bench_bn_relu.py), the inference latency sweep (CUDA
 #    graphs), the CIFAR augmentation comparison with batches going to the GPU, and the JPEG
 #    loaders on the host's 16 cores (bench_loaders.py: decode limit, PIL, torch backend).
-# Steps run in priority order; each has its own time limit, and a step that no longer fits before
-# DEADLINE_S (default 560 s) is skipped, so a short lease loses the least important numbers.
+# Steps run in priority order; each has its own time limit, cut at DEADLINE_S (default 560 s), and
+# a step starts only while half its limit (at least 30 s) is left, so a short lease loses the least
+# important numbers. A benchmark cut by its limit keeps the rows it measured (SIGTERM).
 # Logs and benchmarks/results/ are packed into $OUT/gpu.tgz after every step, so whatever
-# finished comes back even if the call is cut off. Pure-Python packages the host lacks (fvcore and
-# its needs) are read from .gpu/site when that folder exists (git-ignored; made here with
-# `python3 -m pip install --no-deps --target .gpu/site fvcore iopath yacs termcolor`, then
-# carried with the call).
+# finished comes back even if the call is cut off. If the native CUDA ops are missing or stale
+# after `build` (the `ext` step, which always runs), the script stops: every fused number would
+# time the PyTorch fallback. It exits non-zero when a step failed; ONLY names are checked.
+# Pure-Python packages the host lacks (fvcore and its needs) are read from .gpu/site when that
+# folder exists, and the built-in digits (which need scikit-learn to build) from .gpu/data
+# (both git-ignored; made here with
+# `python3 -m pip install --no-deps --target .gpu/site fvcore iopath yacs termcolor` and
+# `cp -r ~/.cache/fasttrain/data/digits .gpu/data/`, then carried with the call).
 set -u
 OUT=${OUT:-/tmp/fasttrain-gpu}
 DEADLINE=${1:-560}
 PY=${PYTHON:-python3}
-LOGS=/tmp/fasttrain-gpu-logs
+LOGS=${LOGS:-/tmp/fasttrain-gpu-logs}
+if ! [[ $DEADLINE =~ ^[0-9]+$ ]]; then
+    echo "error: DEADLINE_S must be a whole number of seconds, got '$DEADLINE'" >&2; exit 2
+fi
+STEPS=$(sed -n 's/^\(TAIL=[0-9]* \)\{0,1\}step \([^ ]*\) .*/\2/p' "${BASH_SOURCE[0]}")
+for name in ${ONLY:-}; do
+    if ! grep -qx -- "$name" <<<"$STEPS"; then
+        echo "error: ONLY names an unknown step '$name' (steps: $(echo $STEPS))" >&2; exit 2
+    fi
+done
 mkdir -p "$OUT" "$LOGS"
+rm -f "$LOGS/summary.txt"  # a rerun's summary is its own
+FAILED=0
 export PYTHONUNBUFFERED=1
 [ -d .gpu/site ] && export PYTHONPATH="$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}"
+[ -d .gpu/data ] && export FASTTRAIN_DATA="$PWD/.gpu/data"
 SUMMARY="$LOGS/summary.txt"
 
 pack() { tar czf "$OUT/gpu.tgz" -C "$LOGS" . -C "$PWD" benchmarks/results 2>/dev/null; }
@@ -35,10 +54,11 @@ pack() { tar czf "$OUT/gpu.tgz" -C "$LOGS" . -C "$PWD" benchmarks/results 2>/dev
 step() {
     local name=$1 limit=$2 left=$((DEADLINE - SECONDS))
     shift 2
-    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then
+    # ext always runs: a rerun on a fresh machine must not time the fallback as 'fused'.
+    if [ -n "${ONLY:-}" ] && [ "$name" != ext ] && [[ " $ONLY " != *" $name "* ]]; then
         return 0
     fi
-    if [ "$left" -lt 30 ]; then
+    if [ "$left" -lt 30 ] || [ $((2 * left)) -lt "$limit" ]; then
         echo "$name: skipped (${left}s left)" | tee -a "$SUMMARY"
         return 0
     fi
@@ -47,6 +67,7 @@ step() {
     local t0=$SECONDS
     timeout --kill-after=10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
     local rc=$?
+    [ "$rc" -ne 0 ] && FAILED=$((FAILED + 1))
     echo "$name: rc=$rc in $((SECONDS - t0))s" | tee -a "$SUMMARY"
     tail -n "${TAIL:-15}" "$LOGS/$name.log"
     pack
@@ -63,13 +84,25 @@ step() {
 } >"$LOGS/host.txt" 2>&1
 cat "$LOGS/host.txt"
 
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} FASTTRAIN_CUDA=1 FASTTRAIN_JPEG=0
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} FASTTRAIN_CUDA=1
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 # In place, not `pip install -e .`: without a pyproject.toml the host's setuptools runs `develop`,
 # which calls pip again with build isolation, and that needs a package index.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-step build 240 "$PY" setup.py build_ext --inplace
-step ext 60 "$PY" -c "from fasttrain.ops import _ext; print(_ext.HAS_EXT, _ext.HAS_CUDA_EXT, _ext.BUILD_INFO); assert _ext.HAS_CUDA_EXT"
+step build 240 "$PY" setup.py build_ext --inplace || BUILD_FAILED=1
+CHECK_EXT="import torch; from fasttrain.ops import _ext
+print(_ext.HAS_EXT, _ext.HAS_CUDA_EXT, _ext.BUILD_INFO)
+gpu = torch.device('cuda')
+assert _ext.supports(gpu), _ext.unavailable_reason(gpu)
+assert not _ext.is_stale(), 'libraries built from other sources'"
+step ext 60 "$PY" -c "$CHECK_EXT" || BUILD_FAILED=1
+if [ -n "${BUILD_FAILED:-}" ]; then
+    # Every fused row and the BN+ReLU benchmarks would time the PyTorch fallback under the
+    # name 'fused': stop rather than spend the lease on mislabelled numbers.
+    echo "native CUDA ops missing or stale: stopping (build.log, ext.log; a fresh machine" \
+         "needs ONLY=\"build ...\")" | tee -a "$SUMMARY"
+    pack; exit 1
+fi
 
 # The test outcome is a result like the benchmarks': a JUnit file named by the GPU, commit inside.
 GPU_SLUG=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 | tr 'A-Z ' 'a-z-')
@@ -90,7 +123,7 @@ step cifar-aug 90 "$PY" benchmarks/bench_cifar_aug.py --device cuda --rounds 2
 # training loop, validation with flip TTA), on the built-in quickstart data.
 step engine-reduce-overhead 180 "$PY" tools/train.py recipes/quickstart.yaml --train.device=cuda \
     --train.compile=true --train.compile_mode=reduce-overhead --aug.test_flip=true \
-    --log.dir=/tmp/fasttrain-runs --log.progress=plain
+    --log.dir="$LOGS/runs" --log.progress=plain
 step train-w0.5-176-compile-cudagraphs-fused 150 $TRAIN $W05 --mode compile-cudagraphs --norm-act fused
 step train-w0.5-176-compile-cudagraphs-native 150 $TRAIN $W05 --mode compile-cudagraphs --norm-act native
 step train-w1.0-224-compile-cudagraphs-fused 150 $TRAIN $W10 --mode compile-cudagraphs --norm-act fused
@@ -119,3 +152,4 @@ nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=
 pack
 echo "=== summary (t=${SECONDS}s)"
 cat "$SUMMARY"
+[ "$FAILED" -eq 0 ]

@@ -141,6 +141,47 @@ def test_bad_argument_is_one_line_before_any_work(bench, tmp_path, capsys, scrip
     assert not (tmp_path / "results").exists()  # refused before the result folder is made
 
 
+def test_loaders_needing_the_region_decoder_are_refused_without_it(bench, tmp_path, capsys,
+                                                                    monkeypatch):
+    """Without the region decoder "torch" decoded whole images silently: its row timed what
+    "torch-whole" times (the GPU checklist built without it)."""
+    from fasttrain.data import jpeg
+
+    module, data = bench("bench_loaders")
+    monkeypatch.setattr(jpeg, "AVAILABLE", False)
+    monkeypatch.setattr(jpeg, "LOAD_ERROR", "not built")
+    out = ["--out", str(tmp_path / "results" / "r.json")]
+    line = assert_refused(module, ["--backends", "decode,pil,torch,torch-whole,ffcv-rn18,"
+                                   "ffcv-rn18-whole", *out], capsys, "--backends torch,ffcv-rn18")
+    assert "region JPEG decoder is not built (not built)" in line
+    with pytest.raises(Measured):  # whole-image backends need no region decoder
+        module.main(["--backends", "decode,pil,torch-whole,ffcv-rn18-whole", *out])
+
+
+def test_bn_relu_interrupted_writes_the_rows_measured(bench, tmp_path, monkeypatch, capsys):
+    """A time limit (the GPU checklist's `timeout`: SIGTERM, mapped to KeyboardInterrupt) lost
+    every shape already timed; the summary covers complete widths only."""
+    module, _ = bench("bench_bn_relu")
+    calls = []
+
+    def timed(shape, count, width, *args):
+        if width == 0.25:
+            raise KeyboardInterrupt
+        calls.append(shape)
+        return [{"width": width, "shape": list(shape), "count": count, "mode": mode, "impl": i,
+                 "ms_median": 1.0, "bytes": 1e6, "copy_gbps": 100.0, "gbps": 1.0,
+                 "frac_of_copy": 0.01, "saved_bytes": 0}
+                for mode in ("train", "eval") for i in module.IMPLS]
+
+    monkeypatch.setattr(module, "bench_shape", timed)
+    out = tmp_path / "r.json"
+    assert module.main(["--device", "cpu", "--widths", "0.5", "0.25", "--out", str(out)]) == 130
+    result = json.loads(out.read_text())
+    assert result["interrupted"] is True and len(result["rows"]) == 6 * len(calls) > 0
+    assert {s["width"] for s in result["summary"]} == {0.5}
+    assert "interrupted: writing the" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("script", WRITERS)
 @pytest.mark.parametrize("where", ["folder", "below a file"])
 def test_unwritable_out_is_refused_before_any_work(bench, tmp_path, capsys, script, where):

@@ -133,6 +133,12 @@ def test_recycling_collate_reuses_a_released_buffer_and_never_a_lent_one(monkeyp
     assert token_d == (1, 0)
     assert d.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()  # reused
     collate.release(token_d)
+    # The pin-memory thread of older torch hands the token back as a list: one slot freed,
+    # not every slot of rows 1 and 0.
+    collate.flags.fill_(1)
+    collate.release([1, 0])
+    assert collate.flags.tolist() == [[1, 1], [0, 1]]
+    collate.reset()
     # A larger batch than the slot holds reallocates it; the smaller buffer is not overrun.
     e, _, _, token_e = collate([(_crop(9, size=12), 0)] * 2)
     assert token_e == (1, 0) and e.shape == (2, 3, 12, 12) and torch.all(e == 9)

@@ -218,6 +218,9 @@ def test_unfolded_fused_norm_act_exports_without_the_native_op(fmt, tmp_path):
         targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
         assert not any("fasttrain" in t for t in targets), targets
         assert any("batch_norm" in t for t in targets), targets
+        # the file holds the native math: measured rows say so, not its training's "fused"
+        from fasttrain.measure import sources
+        assert sources.from_file(out).norm_act == "native"
 
 
 def test_with_plain_norm_act_keeps_the_math_and_the_state():

@@ -469,6 +469,21 @@ def test_cli_user_errors_exit_2_with_one_line(argv, message, capsys):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["eager", "cudagraphs", "compile-cudagraphs"])
+def test_a_latency_rows_peak_memory_is_its_own(mode):
+    """The sweep moved each model to the GPU in place and kept it there (and compiled rows kept
+    the previous compile's CUDA-graph pool): a narrower network measured after a wider one
+    reported a larger peak than the wider one."""
+    cond = bench.Conditions(device="cuda", resolution=32, iters=2, warmup=1, mode=mode)
+    wide, narrow = sources.from_registry("cifar_resnet20", [4.0, 0.25])
+    (alone,) = bench.run([narrow], cond, [1])
+    rows = bench.run([wide, narrow], cond, [1])
+    assert [r["status"] for r in rows] == ["ok", "ok"], rows
+    assert rows[1]["peak_mem_mib"] < rows[0]["peak_mem_mib"], rows
+    assert rows[1]["peak_mem_mib"] == pytest.approx(alone["peak_mem_mib"], rel=0.2, abs=2)
+
+
+@pytest.mark.cuda
 def test_cuda_graph_replay_reruns_the_captured_work():
     """Warm-up runs execute, the capture only records, and each replay redoes the recorded work
     on the tensors' current contents without calling Python."""
@@ -678,6 +693,45 @@ def test_an_interrupted_sweep_writes_the_rows_measured(tmp_path, monkeypatch, ca
     captured = capsys.readouterr()
     assert [r["batch_size"] for r in json.loads(out.read_text())] == [1]
     assert captured.err == "error: interrupted; 1 row measured and written\n", captured.err
+
+
+def test_sigterm_writes_the_rows_measured_like_ctrl_c(tmp_path):
+    """`timeout` and batch schedulers stop a sweep with SIGTERM: the GPU checklist's time-limited
+    steps lost every row already measured."""
+    import signal
+
+    out = tmp_path / "rows.json"
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "tools" / "benchmark.py"), *TINY[:-4], "--iters", "2000",
+         "--warmup", "0", "--threads", "1", "--batch-size", "1,2,3,4,5,6,7,8", "--json", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        for line in proc.stdout:  # a progress line per row measured
+            if "batch 1: ok" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    measured = [r["batch_size"] for r in json.loads(out.read_text())]
+    assert measured[0] == 1 and len(measured) < 8, measured
+    assert err.startswith("error: interrupted; ") and err.endswith(" measured and written\n"), err
+
+
+def test_fused_rows_are_refused_when_the_kernels_are_unavailable(monkeypatch, capsys):
+    """Without the library the fused layers fall back to the reference math with a warning:
+    the rows said norm_act fused and timed the fallback."""
+    from fasttrain.ops import _ext
+
+    monkeypatch.setattr(_ext, "supports", lambda device: False)
+    monkeypatch.setattr(_ext, "unavailable_reason", lambda device: "the library was not built")
+    assert benchmark_tool.main(TINY + ["--norm-act", "fused"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --norm-act fused: the fused kernels are unavailable on cpu (the library was not "
+        "built); build them (pip install -e .) or measure with --norm-act native\n")
+    assert benchmark_tool.main(TINY + ["--norm-act", "native"]) == 0
 
 
 def test_commit_is_dirty_for_code_changes_only(tmp_path, monkeypatch):

@@ -281,6 +281,10 @@ def _write_outputs(rows, args, console) -> list[str]:
     return failures
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rows: list[dict] = []  # filled as rows are measured, so that an interrupt keeps them
@@ -302,6 +306,15 @@ def main(argv: list[str] | None = None) -> int:
                                 warmup=args.warmup, train=args.train)
         cond.check()  # before building models: impossible conditions fail fast
         models = _load_models(args)
+        if any(bm.norm_act == "fused" for bm in models):
+            from fasttrain.ops import _ext
+
+            dev = torch.device(device)
+            if not _ext.supports(dev):  # the rows would say fused and time the fallback
+                which = "--norm-act fused" if args.norm_act else "a model with norm_act fused"
+                raise UserError(f"{which}: the fused kernels are unavailable on {device} "
+                                f"({_ext.unavailable_reason(dev)}); build them (pip install -e .) "
+                                f"or measure with --norm-act native")
         _check_saved_record(args, models, cond)
         console = Console()
         if not console.is_terminal:  # pipes and CI get 80 columns by default: too narrow
@@ -338,4 +351,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    import signal
+
+    # SIGTERM (`timeout`, a batch scheduler's time limit) keeps the rows measured so far, like
+    # Ctrl-C: the GPU checklist cuts long sweeps this way.
+    signal.signal(signal.SIGTERM, _interrupt)
     sys.exit(main())

@@ -283,9 +283,12 @@ class RecyclingCollate:
                                                       device=like.device)
         return like.new(storage)
 
-    def release(self, token: tuple[int, int] | None) -> None:
+    def release(self, token: tuple[int, int] | list[int] | None) -> None:
         if token is not None:
-            self.flags[token] = 0
+            # Unpacked: the pin-memory thread of older torch (2.11 among them) hands a tuple
+            # back as a list, and `flags[[w, s]]` would free every slot of rows w and s.
+            worker, slot = token
+            self.flags[worker, slot] = 0
 
     def reset(self) -> None:
         self.flags.zero_()

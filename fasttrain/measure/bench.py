@@ -242,6 +242,13 @@ def run(models: list[BenchModel], cond: Conditions, batch_sizes: list[int], *,
                 "macs_fvcore_total": macs.total if macs else None,
                 "status": "ok", "error": None, "iters": cond.iters, "warmup": warmup}
             if device.type == "cuda":
+                # The previous row's copy of the model, input and graphs are gone: the peak is
+                # this row's alone (models measured earlier no longer sit on the device, and the
+                # CUDA-graph trees' pool of the previous compile is released first).
+                if cond.mode in COMPILE_MODES:
+                    torch.compiler.reset()
+                gc.collect()
+                torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
             failure = None
             try:
@@ -254,7 +261,10 @@ def run(models: list[BenchModel], cond: Conditions, batch_sizes: list[int], *,
                         device=device, precision=cond.precision, channels_last=channels_last,
                         mode=cond.mode, clock=clock)
                 else:
-                    fn = prepare_inference(bm.model, batch_size=bs, resolution=resolution,
+                    # A copy, as for training: prepare_inference moves its model to the device
+                    # in place, and bm.model would stay there for every later row's peak memory.
+                    fn = prepare_inference(copy.deepcopy(bm.model), batch_size=bs,
+                                           resolution=resolution,
                                            device=device, precision=cond.precision,
                                            channels_last=channels_last, mode=cond.mode)
                     stats = measure_latency(fn, bs, iters=cond.iters, warmup=warmup,

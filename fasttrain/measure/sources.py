@@ -145,8 +145,10 @@ def from_file(path: str | Path) -> BenchModel:
     fixed = None if script else _exported_size(module, meta)
     resolution = fixed or meta.get("input_size", [3, 224, 224])[1]
     name, width = _identity(meta) if meta.get("model") else (Path(path).name, None)
-    # A folded file has no norm layers left: its training's norm_act (say fused) did not run.
-    norm_act = "folded" if meta.get("bn_folded") else meta.get("norm_act")
+    # A folded file has no norm layers left, and an unfolded one holds the native math (the
+    # exporter replaces fused layers): its training's norm_act (say fused) does not run.
+    norm_act = ("folded" if meta.get("bn_folded") else
+                "native" if meta.get("norm_act") else None)
     return BenchModel(name, width, str(path), module,
                       resolution, meta.get("num_classes"), norm_act, count_model,
                       compiled=True, fixed_resolution=fixed)
