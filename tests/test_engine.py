@@ -671,6 +671,92 @@ def test_max_steps_inside_an_epoch_resumes_inside_it(data_root, tmp_path):
     assert (tmp_path / "cut" / "metrics.jsonl").read_text() == before
 
 
+def test_a_resume_with_train_max_steps_reached_trains_nothing(data_root, tmp_path):
+    """A requeue script resuming with the cap it was cut at trained the next epoch for 0 steps
+    and marked it done (a metrics line, a checkpoint one epoch on): its steps were lost."""
+    args = ("--schedule.epochs=2", "--schedule.warmup_epochs=0", "--data.batch_size=128",
+            "--model.width=0.25",
+            "--log.name=cap")
+    steps = 1433 // 128
+    train(_cfg(data_root, tmp_path, *args, f"--train.max_steps={steps}"))  # epoch 1, exactly
+    run = tmp_path / "cap"
+    files = ("metrics.jsonl", "config.yaml", "checkpoints/last.pt")
+    before = {f: (run / f).read_bytes() for f in files}
+    again = train(_cfg(data_root, tmp_path, *args, f"--train.max_steps={steps}"), resume="auto")
+    assert (again["epoch"], again["step"]) == (1, steps)
+    assert {f: (run / f).read_bytes() for f in files} == before
+    done = train(_cfg(data_root, tmp_path, *args), resume="auto")
+    assert (done["epoch"], done["step"]) == (2, 2 * steps)
+    # A finished run resumed with fewer epochs trains nothing; its config.yaml still describes
+    # the training the folder holds.
+    config = (run / "config.yaml").read_text()
+    train(_cfg(data_root, tmp_path, *args, "--schedule.epochs=1"), resume="auto")
+    assert (run / "config.yaml").read_text() == config and "epochs: 2" in config
+
+
+def test_resume_refusals_about_the_epoch_in_progress_write_nothing(data_root, tmp_path):
+    """Inside an epoch the rest of its sample order follows train.seed: another seed repeated
+    and skipped images. A checkpoint without EMA weights for a train.ema run was refused only
+    after a run folder was made (and a dry run passed it)."""
+    args = ("--schedule.epochs=2", "--schedule.warmup_epochs=0", "--data.batch_size=128")
+    train(_cfg(data_root, tmp_path, *args, "--train.max_steps=3", "--log.name=mid"))
+    before = sorted(p.name for p in (tmp_path / "mid").rglob("*"))
+    with pytest.raises(CheckpointError, match=r"last.pt: checkpoint is inside an epoch trained "
+                                              r"with train.seed=0 but the config has 7"):
+        train(_cfg(data_root, tmp_path, *args, "--train.seed=7", "--log.name=mid"),
+              resume="auto")
+    assert sorted(p.name for p in (tmp_path / "mid").rglob("*")) == before
+    loose = tmp_path / "loose.pt"
+    loose.write_bytes((tmp_path / "mid" / "checkpoints" / "last.pt").read_bytes())
+    for dry_run in (True, False):
+        with pytest.raises(CheckpointError, match=r"loose.pt: checkpoint has no EMA weights but "
+                                                  r"train.ema is true"):
+            train(_cfg(data_root, tmp_path / "runs", *args, "--train.ema=true"),
+                  resume=str(loose), dry_run=dry_run)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_tensorboard_hides_the_epochs_a_resume_trains_again(data_root, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = ("--schedule.epochs=2", "--schedule.warmup_epochs=0", "--data.batch_size=128",
+            "--model.width=0.25",
+            "--log.tensorboard=true", "--log.name=tb")
+    train(_cfg(data_root, tmp_path, *args, "--train.max_steps=3"))  # logs the cut epoch 1
+    train(_cfg(data_root, tmp_path, *args), resume="auto")
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    events.Reload()
+    lines = [json.loads(l) for l in (tmp_path / "tb" / "metrics.jsonl").read_text().splitlines()]
+    assert [(e.step, e.value) for e in events.Scalars("val_top1")] == \
+        [(m["epoch"], pytest.approx(m["val_top1"])) for m in lines]
+
+
+def test_a_torchrun_restart_continues_the_run_an_explicit_resume_started(tmp_path, monkeypatch,
+                                                                          capsys):
+    """A restart reused `--resume PATH` as given: from the same file again, in a new folder
+    (a loose file), or refused for good (a best.pt its run has moved past)."""
+    run = tmp_path / "r" / "checkpoints"
+    run.mkdir(parents=True)
+    (run / "last.pt").write_bytes(b"x")
+    loose, named = tmp_path / "loose.pt", tmp_path / "named" / "checkpoints"
+    assert loop._restart_resume(str(run / "best.pt"), tmp_path, "") == str(run / "last.pt")
+    assert loop._restart_resume(str(tmp_path / "r"), tmp_path, "") == str(run / "last.pt")
+    assert loop._restart_resume(None, tmp_path, "") == loop._restart_resume("auto", tmp_path,
+                                                                            "") == "auto"
+    assert loop._restart_resume(str(loose), tmp_path, "named") == str(loose)  # none written yet
+    named.mkdir(parents=True)
+    (named / "last.pt").write_bytes(b"x")
+    assert loop._restart_resume(str(loose), tmp_path, "named") == str(named / "last.pt")
+    assert loop._restart_resume(str(loose), tmp_path, "") == str(loose)
+    # that last case is said at the first attempt
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "2")
+    with pytest.raises(RunError, match="no checkpoint at"):
+        train(load(QUICKSTART, [f"--log.dir={tmp_path}", "--log.progress=plain"]),
+              resume=str(loose), dry_run=True)
+    assert (f"note: --resume {loose} is outside a run folder and the run has no --log.name: a "
+            f"torchrun restart would start from it again") in capsys.readouterr().out
+
+
 def test_best_val_top1_of_a_metrics_line_counts_only_complete_epochs(data_root, tmp_path):
     # As best.pt and the summary: an epoch cut by train.max_steps is trained again on resume.
     digits = sorted((data_root / "digits" / "train" / "3").iterdir())
@@ -714,6 +800,24 @@ def test_a_loose_checkpoint_resumes_into_a_new_run_directory(data_root, tmp_path
                     recipe=str(QUICKSTART), resume=str(loose / "m.pt"))
     assert Path(summary["run_dir"]).parent == tmp_path / "runs" and summary["step"] == 2
     assert sorted(p.name for p in loose.iterdir()) == ["m.pt"]  # nothing written beside it
+    # A loose checkpoint of a complete, best epoch is the new folder's best.pt: the best score
+    # it restores is backed by a file there (it was reported with no best.pt behind it).
+    epoch = 1433 // 64
+    train(_cfg(data_root, tmp_path, "--schedule.epochs=1", "--schedule.warmup_epochs=0",
+               "--log.name=whole"))
+    best = ckpt.load(tmp_path / "whole" / "checkpoints" / "last.pt")
+    (loose / "best.pt").write_bytes((tmp_path / "whole" / "checkpoints" / "last.pt").read_bytes())
+    more = ("--schedule.epochs=2", "--schedule.warmup_epochs=0", f"--train.max_steps={epoch + 1}")
+    summary = train(_cfg(data_root, tmp_path / "more", *more), resume=str(loose / "best.pt"))
+    adopted = Path(summary["run_dir"]) / "checkpoints" / "best.pt"
+    assert adopted.read_bytes() == (loose / "best.pt").read_bytes()
+    assert summary["best_val_top1"] == best["metrics"]["val_top1"]
+    # one whose run's best was another checkpoint: the best starts again in the new folder
+    best["train_state"]["best_val_top1"] = 100.0
+    torch.save(best, loose / "not-best.pt")
+    summary = train(_cfg(data_root, tmp_path / "other", *more), resume=str(loose / "not-best.pt"))
+    assert summary["best_val_top1"] == -1.0
+    assert not (Path(summary["run_dir"]) / "checkpoints" / "best.pt").exists()
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +125,7 @@ class TrainState:
     epoch_loss_sum: float = 0.0
     epoch_images: int = 0
     epoch_elapsed_s: float = 0.0
+    epoch_world_size: int = 0  # ranks whose losses epoch_loss_sum adds up (0: unknown)
 
 
 @dataclass
@@ -188,6 +190,12 @@ def _check_compatible(saved: dict[str, Any], cfg: Config, path: Path) -> None:
                     if saved_model.get("init_from") and not cfg.model.init_from else "")
             raise CheckpointError(f"{path}: checkpoint has model.{key}={have!r} but the "
                                   f"config has {want!r}{hint}")
+    saved_seed = (saved_cfg.get("train") or {}).get("seed")
+    if ((saved.get("train_state") or {}).get("epoch_step") and saved_seed is not None
+            and saved_seed != cfg.train.seed):
+        raise CheckpointError(f"{path}: checkpoint is inside an epoch trained with "
+                              f"train.seed={saved_seed!r} but the config has {cfg.train.seed!r}; "
+                              f"the rest of that epoch's sample order follows the seed")
     for section, keys in RESUME_FIXED:
         saved_section = saved_cfg.get(section) or {}
         for key in keys:
@@ -223,6 +231,28 @@ def _recompile_limit(cfg: Config) -> int:
     recompile_limit (8) the model silently runs eager."""
     sizes = {progressive_resolution(cfg.data, epoch) for epoch in range(cfg.schedule.epochs)}
     return len(sizes) + 4
+
+
+def _checkpoint_file(resume: str) -> Path:
+    """The checkpoint file an explicit `--resume PATH` names (a run folder: its last.pt)."""
+    path = Path(resume)
+    return path / CHECKPOINTS / LAST if path.is_dir() else path
+
+
+def _restart_resume(resume: str | None, log_dir: Path, name: str) -> str:
+    """What a torchelastic restart resumes: the run the first attempt was training. Without
+    `--resume` or with `auto`, `auto`. An explicit checkpoint of a run folder (its best.pt, an
+    older copy) is that run's last.pt, which the first attempt has moved on since; a loose file
+    continued into `log.dir/log.name` is that folder's last.pt once it has one. Otherwise (a
+    loose file and no name, or no checkpoint written yet) the same file again."""
+    if not resume or resume == "auto":
+        return "auto"
+    run = run_dir_of(_checkpoint_file(resume))
+    for last in ([run / CHECKPOINTS / LAST] if run is not None else []) + (
+            [log_dir / name / CHECKPOINTS / LAST] if name else []):
+        if last.is_file():
+            return str(last)
+    return resume
 
 
 def _cpu_compiler_problem() -> str | None:
@@ -345,10 +375,17 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
     if cfg.log.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("log.tensorboard=true needs the tensorboard package (pip install "
                           "tensorboard, or the [tensorboard] extra)")
-    if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
-        resume = "auto"  # torchrun --max-restarts restarted us: continue the interrupted run
     log_dir = Path(cfg.log.dir)
     stem = Path(recipe).stem if recipe else "run"
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
+        # torchrun --max-restarts restarted us: continue the interrupted run
+        resume = _restart_resume(resume, log_dir, cfg.log.name)
+    elif (resume and resume != "auto" and not cfg.log.name
+          and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0
+          and run_dir_of(_checkpoint_file(resume)) is None):
+        report.print(f"note: --resume {resume} is outside a run folder and the run has no "
+                     f"--log.name: a torchrun restart would start from it again, in a new run "
+                     f"folder; name the run to make a restart continue it")
     resume_path = None
     if resume:  # read-only: a dry run checks what --resume names too
         resume_path = _on_main(dist, lambda: find_resume(resume, log_dir, cfg.log.name, stem))
@@ -399,6 +436,9 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
     if resume_path:  # checked before a run directory is made for it (and by a dry run)
         saved = ckpt.load(resume_path)
         _check_compatible(saved, cfg, resume_path)
+        if cfg.train.ema and "ema" not in saved:  # before a run directory, in a dry run too
+            raise CheckpointError(f"{resume_path}: checkpoint has no EMA weights but "
+                                  f"train.ema is true")
         _check_no_later_history(saved, resume_path)
         try:  # before a run directory exists, and in a dry run too
             model.load_state_dict(saved["model"])
@@ -434,17 +474,20 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
         if "scaler" in saved:
             scaler.load_state_dict(saved["scaler"])
         if ema is not None:
-            if "ema" not in saved:
-                raise CheckpointError(f"{resume_path}: checkpoint has no EMA weights but "
-                                      f"train.ema is true")
             ema.load_state_dict(saved["ema"])
         _set_rng_state(saved["rng"])
         state = TrainState(**saved["train_state"])
+        if state.epoch_step and state.epoch_world_size not in (0, dist.world_size):
+            # a sum over the ranks' per-rank losses: the epoch's mean divides by world * steps
+            state.epoch_loss_sum *= dist.world_size / state.epoch_world_size
+            state.epoch_world_size = dist.world_size
         # an epoch that train.max_steps cut short is in the history; it is trained again now
         state.history = [h for h in state.history if h["epoch"] <= state.epoch]
         if dist.is_main:
             _trim_run_dir(run_dir, state.epoch)
             _relink_best(run_dir, resume_path, saved, state)
+        if run_dir_of(resume_path) is None:  # a loose file: this new folder has no best.pt
+            _adopt_best(run_dir, resume_path, saved, state, dist.is_main, report)
         where = f"epoch {state.epoch}" + (f", step {state.epoch_step} of epoch {state.epoch + 1}"
                                           if state.epoch_step else "")
         report.print(f"resumed from {resume_path} after {where}")
@@ -474,7 +517,14 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
                   classes=list(loaders.classes))
 
     writer = None
-    if dist.is_main:
+    # A resume with nothing left to train (a finished run, a train.max_steps already reached)
+    # leaves the folder's config describing the training it holds.
+    nothing_left = saved is not None and (run_dir / "config.yaml").is_file() and (
+        state.epoch >= cfg.schedule.epochs
+        or bool(cfg.train.max_steps and state.step >= cfg.train.max_steps))
+    if dist.is_main and nothing_left:
+        report.summary(rows + [("run directory", str(run_dir))], "fasttrain")
+    elif dist.is_main:
         try:  # replaced whole on a resume: never left torn or empty
             ckpt.write_atomic(run_dir / "config.yaml", lambda f: f.write(config_mod.dump(cfg)),
                               mode="w")
@@ -484,7 +534,10 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
         report.summary(rows + [("run directory", str(run_dir))], "fasttrain")
         if cfg.log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(str(run_dir / "tensorboard"))
+            # Scalars of epochs after the checkpoint (a cut epoch, one logged before a kill, a
+            # named run restarted before its first checkpoint) are hidden, as the trim of
+            # metrics.jsonl drops their lines.
+            writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=state.epoch + 1)
     epochs = cfg.schedule.epochs
 
     def save_step_checkpoint() -> None:
@@ -494,6 +547,11 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
     reported: set[str] = set()
     shown_time = state.train_time_s
     for epoch in range(state.epoch, epochs):
+        if cfg.train.max_steps and state.step >= cfg.train.max_steps:
+            # reached before this epoch started (a resume with the same or a smaller cap):
+            # training it for 0 steps would mark it done untrained
+            report.print(f"train.max_steps={cfg.train.max_steps} reached: stopping")
+            break
         t0 = time.perf_counter() - state.epoch_elapsed_s
         train_metrics = train_one_epoch(parts, loaders.train, state, epoch, report,
                                         save_step_checkpoint)
@@ -590,6 +648,7 @@ def train_one_epoch(p: Parts, loader: DeviceLoader, state: TrainState, epoch: in
     no_sync = getattr(p.train_model, "no_sync", None) or getattr(
         getattr(p.train_model, "_orig_mod", None), "no_sync", None)
     loss_sum = torch.zeros((), dtype=torch.float64, device=p.device)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     bad_step = torch.full((), -1, dtype=torch.int64, device=p.device)  # first non-finite loss
     images_seen, step = 0, start
     t_start = time.perf_counter() - state.epoch_elapsed_s
@@ -649,6 +708,7 @@ def train_one_epoch(p: Parts, loader: DeviceLoader, state: TrainState, epoch: in
             state.epoch_loss_sum += sums[0].item()
             state.epoch_images += int(sums[1].item())
             state.epoch_elapsed_s = time.perf_counter() - t_start
+            state.epoch_world_size = world
             save_step_checkpoint()
             loss_sum.zero_()
             images_seen = 0
@@ -659,16 +719,16 @@ def train_one_epoch(p: Parts, loader: DeviceLoader, state: TrainState, epoch: in
     loss_total, images_total = totals.tolist()  # sync point: once per epoch
     loss_total += state.epoch_loss_sum
     images_total += state.epoch_images
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     if step < p.steps_per_epoch:
         # train.max_steps stopped inside the epoch: keep the position and the partial sums, so
         # the checkpoint saved next says where a resume continues (not "epoch done").
         state.epoch_step, state.epoch_loss_sum, state.epoch_images = step, loss_total, \
             int(images_total)
         state.epoch_elapsed_s = time.perf_counter() - t_start
+        state.epoch_world_size = world
     else:
         state.epoch_step, state.epoch_loss_sum, state.epoch_images = 0, 0.0, 0
-        state.epoch_elapsed_s = 0.0
+        state.epoch_elapsed_s, state.epoch_world_size = 0.0, 0
     return {"train_loss": loss_total / max(world * step, 1), "train_images": int(images_total),
             "lr": step_lr if step > start else p.optimizer.param_groups[0]["lr"]}
 
@@ -713,6 +773,26 @@ def _relink_best(run_dir: Path, resume_path: Path, saved: dict[str, Any],
         behind = True
     if behind:
         ckpt.link_or_copy_atomic(last, best)
+
+
+def _adopt_best(run_dir: Path, resume_path: Path, saved: dict[str, Any], state: TrainState,
+                is_main: bool, report: Reporter) -> None:
+    """A loose checkpoint continued in a new run folder restores the best score of its run,
+    but that run's best.pt is not here: the file becomes best.pt when it is that best (a
+    complete epoch with that score), else the best restarts with this folder's first epoch."""
+    score = (saved.get("metrics") or {}).get("val_top1")
+    if state.best_val_top1 < 0:
+        return
+    if not state.epoch_step and score is not None and score == state.best_val_top1:
+        if is_main:
+            with open(resume_path, "rb") as source:
+                ckpt.write_atomic(run_dir / CHECKPOINTS / BEST,
+                                  lambda f: shutil.copyfileobj(source, f))
+        return
+    report.print(f"note: {resume_path} is not its run's best checkpoint (val top-1 "
+                 f"{state.best_val_top1:.2f} %, not in this folder): best.pt and best_val_top1 "
+                 f"start again with this run's next epoch")
+    state.best_val_top1 = -1.0
 
 
 def _first_skipped(loader) -> tuple[str, str] | None:
