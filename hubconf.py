@@ -43,6 +43,9 @@ def _entry(name: str):
             if key not in fixed or key in ("name", "init_from", "channels"):
                 raise ValueError(f"{key}= cannot be combined with checkpoint= (the checkpoint "
                                  f"fixes the model)")
+            if fixed.get("channels") and key in ("width", "channel_divisor"):
+                raise ValueError(f"{key}= cannot be combined with a pruned checkpoint= (its "
+                                 f"per-layer channels fix every width)")
             if fixed[key] != value:
                 raise ValueError(f"{checkpoint}: {key}={value!r} disagrees with the "
                                  f"checkpoint's {key}={fixed[key]!r}")

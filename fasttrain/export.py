@@ -177,6 +177,9 @@ def model_from_checkpoint(path: str | Path, norm_act: str | None = None,
 
     if weights not in WEIGHTS:
         raise UserError(f"weights={weights!r}: choose from {', '.join(WEIGHTS)}")
+    if norm_act is not None and norm_act not in NORM_ACT_LAYERS:
+        raise UserError(f"norm_act {norm_act!r}: choose from "
+                        f"{', '.join(sorted(NORM_ACT_LAYERS))}")
     path = Path(path)
     state = ckpt.load(path)
     cfg = state.get("config")
@@ -205,6 +208,8 @@ def model_from_checkpoint(path: str | Path, norm_act: str | None = None,
     try:
         resolution = int(data.get("val_res") or default_resolution(mc["name"]))
         resize = int(data.get("val_resize") or 0)  # shorter side before the center crop
+        if resolution < 1 or resize < 0:
+            raise ValueError(f"val_res {resolution}, val_resize {resize}")
         mean, std = data.get("mean"), data.get("std")
         for name, values in (("mean", mean), ("std", std)):
             if values is not None:
@@ -232,7 +237,8 @@ class _Tracer(fx.Tracer):
     """fx tracer that keeps every BatchNorm2d (and subclasses such as BatchNormReLU2d) a leaf."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, nn.BatchNorm2d) or super().is_leaf_module(m, qualname)
+        return (isinstance(m, (nn.BatchNorm2d, *_FOLDABLE_CONVS))
+                or super().is_leaf_module(m, qualname))
 
 
 def _is_norm_relu(m: nn.Module) -> bool:
@@ -261,6 +267,15 @@ def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     conv.bias = nn.Parameter((b * scale + shift).to(conv.weight.dtype))
 
 
+def _foldable_convs() -> tuple[type, ...]:
+    from .models.regularize import BlurPoolConv2d  # conv(blur(x)): linear in the conv's weights
+
+    return (nn.Conv2d, BlurPoolConv2d)
+
+
+_FOLDABLE_CONVS = _foldable_convs()
+
+
 def fold_bn(model: nn.Module) -> tuple[nn.Module, int]:
     """Fold BatchNorm into the preceding convolution, for inference.
 
@@ -286,7 +301,7 @@ def fold_bn(model: nn.Module) -> tuple[nn.Module, int]:
             continue
         src = node.args[0] if len(node.args) == 1 and not node.kwargs else None
         if not (isinstance(src, fx.Node) and src.op == "call_module"
-                and type(modules[src.target]) is nn.Conv2d and len(src.users) == 1
+                and type(modules[src.target]) in _FOLDABLE_CONVS and len(src.users) == 1
                 and calls[src.target] == 1 and calls[node.target] == 1):
             continue
         pairs.append((src.target, node.target))

@@ -2,6 +2,8 @@
 TorchScript / torch.export / ONNX, metadata, loading in a fresh process with plain torch."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import re
 import subprocess
@@ -17,6 +19,7 @@ from torch import nn
 from fasttrain import export as ex
 
 from conftest import load_tool
+from fasttrain.config import ModelConfig
 from fasttrain.models import NORM_ACT_LAYERS, BatchNormReLU2d, list_models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -306,6 +309,8 @@ def ex_macs(model, res):
                                                             "folder"),
     (["--model", "cifar_resnet20", "--out", "a_dir.pt"], "a_dir.pt: is a directory"),
     (["--checkpoint", "c.pt", "--channel-divisor", "8", "--out", "x.pt"], "--model only"),
+    (["--model", "cifar_resnet20", "--parity-batch-sizes", "2,2", "--out", "x.pt"],
+     "expected two different positive batch sizes, got '2,2'"),
 ])
 def test_export_cli_user_errors_exit_2_with_one_line(argv, message, capsys, tmp_path,
                                                      monkeypatch):
@@ -485,7 +490,9 @@ def test_an_exported_file_or_a_crafted_one_given_as_a_checkpoint_is_one_line(tmp
     for entry, value, where in ((("config", "data"), "x", "'config'['data'] is of type str"),
                                 (("train_state",), 5, "'train_state' is of type int"),
                                 (("versions",), "x", "'versions' is of type str"),
-                                (("config", "data", "val_res"), "big", "'config'['data']")):
+                                (("config", "data", "val_res"), "big", "'config'['data']"),
+                                (("config", "data", "val_res"), -5, "'config'['data'] (val_res "
+                                                                    "-5")):
         crafted = json.loads(json.dumps(state["config"]))  # a deep copy of the plain part
         broken = {**state, "config": crafted}
         target = broken
@@ -496,3 +503,58 @@ def test_an_exported_file_or_a_crafted_one_given_as_a_checkpoint_is_one_line(tmp
         with pytest.raises(ex.CheckpointError, match=rf"crafted.pt: malformed checkpoint: "
                                                      rf"{re.escape(where)}"):
             ex.model_from_checkpoint(tmp_path / "crafted.pt")
+
+
+def test_a_bad_norm_act_override_is_not_blamed_on_the_checkpoint(tmp_path):
+    with pytest.raises(ex.UserError, match=r"^norm_act 'bogus': choose from .*native"):
+        ex.model_from_checkpoint(_checkpoint(tmp_path), norm_act="bogus")
+
+
+def test_a_torch_export_file_given_as_a_checkpoint_is_one_line(tmp_path, capsys):
+    """torch's refusal of a .pt2 said the file was probably corrupted."""
+    from fasttrain.measure import sources
+
+    model, meta = small_model()
+    ex.export_model(model, meta, "export", tmp_path / "net.pt2")
+    assert export_tool.main(["--checkpoint", str(tmp_path / "net.pt2"), "--out",
+                             str(tmp_path / "again.pt")]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'net.pt2'}: a torch.export program "
+                                       f"(an exported model?), not a fasttrain checkpoint\n")
+    with pytest.raises(sources.SourceError, match=r"net.pt2: a torch.export program .* \(use "
+                                                  r"--file\)$"):
+        sources.from_checkpoint(tmp_path / "net.pt2")
+
+
+def test_a_blurpool_network_exports_scripted_folded_and_follows_the_input_dtype(tmp_path):
+    """The blur's [1, 2, 1] kernel was a CPU float32 constant in a traced file (scripting failed
+    on super().forward): bf16 or CUDA inputs failed, and its convs' BatchNorm stayed unfolded."""
+    mc = {**dataclasses.asdict(ModelConfig()), "name": "thin_resnet18", "width": 0.5,
+          "num_classes": 10, "blurpool": True}
+    model = randomize_bn(ex._build(mc)).eval()
+    norms = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    parity, written = ex.export_model(model, ex.make_metadata(mc, resolution=32), "torchscript",
+                                      tmp_path / "blur.pt")
+    assert parity.ok and written["torchscript_method"] == "script"
+    assert written["bn_folded"] == norms
+    loaded = torch.jit.load(str(tmp_path / "blur.pt"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = loaded(x)
+        got = loaded.to(torch.bfloat16)(x.bfloat16()).float()
+    assert max_rel(got, want) < 0.1
+    # the same for a traced copy (the fallback): the kernel follows the input
+    traced = torch.jit.trace(ex.with_plain_norm_act(copy.deepcopy(model)), x)
+    with torch.no_grad():
+        assert traced.to(torch.bfloat16)(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_export_at_another_resolution_scales_the_resize(tmp_path):
+    ckpt_path = _checkpoint(tmp_path)  # val_res 24
+    state = torch.load(ckpt_path, weights_only=True)
+    state["config"]["data"]["val_resize"] = 28
+    torch.save(state, ckpt_path)
+    out = tmp_path / "r.pt2"
+    assert export_tool.main(["--checkpoint", str(ckpt_path), "--resolution", "48", "--out",
+                             str(out)]) == 0
+    _, meta = ex.load_exported(out)
+    assert meta["input_size"] == [3, 48, 48] and meta["resize"] == 56  # 28/24 of the crop

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -260,6 +261,10 @@ def test_prune_tool_writes_a_checkpoint_that_benchmark_and_export_accept(tmp_pat
     model = create_model("cifar_resnet20", channels=mc["channels"], num_classes=10)
     model.load_state_dict(state["model"])
     assert count_macs(model, 16).conv_fc == rec["macs"]
+    # its recorded width is the source's: asking the hub for it as if uniform is refused
+    with pytest.raises(ValueError, match=r"^width= cannot be combined with a pruned checkpoint="):
+        torch.hub.load(str(Path(__file__).resolve().parents[1]), "cifar_resnet20",
+                       source="local", checkpoint=str(out), width=mc["width"])
 
     rows = tmp_path / "rows.json"
     assert benchmark_tool.main(["--checkpoint", str(out), "--device", "cpu", "--iters", "2",

@@ -37,8 +37,9 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
         values = tuple(int(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected e.g. 1,3, got {text!r}") from None
-    if len(values) != 2 or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected two positive batch sizes, got {text!r}")
+    if len(set(values)) != 2 or len(values) != 2 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected two different positive batch sizes, got "
+                                         f"{text!r}")
     return values
 
 
@@ -112,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.checkpoint:
             model, meta = ex.model_from_checkpoint(args.checkpoint,
                                                    weights=args.weights or "model")
-            if args.resolution:
+            if args.resolution and args.resolution != meta["input_size"][1]:
+                if meta.get("resize"):  # keep the training's crop ratio (e.g. 224/256)
+                    meta["resize"] = round(meta["resize"] * args.resolution
+                                           / meta["input_size"][1])
                 meta["input_size"] = [3, args.resolution, args.resolution]
         else:
             model, meta = ex.model_from_name(args.model, 1.0 if args.width is None else args.width,

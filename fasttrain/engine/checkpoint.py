@@ -60,6 +60,22 @@ TORCHSCRIPT_NOT_CHECKPOINT = ("a TorchScript archive (an exported model?), not a
                               "checkpoint")
 
 
+EXPORT_NOT_CHECKPOINT = ("a torch.export program (an exported model?), not a fasttrain "
+                         "checkpoint")
+
+
+def _is_torch_export_archive(path: Path) -> bool:
+    """A torch.export .pt2 package (a zip holding `<name>/models/` or `<name>/archive_format`)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return any("/models/" in n or n.endswith("/archive_format") for n in names)
+
+
 def load(path: Path) -> dict[str, Any]:
     """Load a checkpoint with `weights_only=True`: tensors and plain containers only, so a file
     crafted to run code on unpickling is refused."""
@@ -82,6 +98,8 @@ def load(path: Path) -> dict[str, Any]:
         reason = lines[0]
         if "TorchScript archives" in reason:  # torch's advice (weights_only=False) is wrong here
             raise CheckpointError(f"{path}: {TORCHSCRIPT_NOT_CHECKPOINT}") from None
+        if _is_torch_export_archive(path):  # torch's "internal miniz error ... corrupted"
+            raise CheckpointError(f"{path}: {EXPORT_NOT_CHECKPOINT}") from None
         if reason.startswith("Weights only load failed"):
             # torch's weights-only refusal: a paragraph of advice around the real reason (the
             # offending global, or the opcode of bytes that are no pickle), which may follow

@@ -86,14 +86,14 @@ def from_checkpoint(path: str | Path, norm_act: str | None = None,
     """
     from ..export import model_from_checkpoint
 
-    from ..engine.checkpoint import TORCHSCRIPT_NOT_CHECKPOINT
+    from ..engine.checkpoint import EXPORT_NOT_CHECKPOINT, TORCHSCRIPT_NOT_CHECKPOINT
 
     try:
         model, meta = model_from_checkpoint(path, norm_act=norm_act, weights=weights)
     except UserError as e:
-        if TORCHSCRIPT_NOT_CHECKPOINT not in str(e):
+        if TORCHSCRIPT_NOT_CHECKPOINT not in str(e) and EXPORT_NOT_CHECKPOINT not in str(e):
             raise
-        raise SourceError(f"{path}: {TORCHSCRIPT_NOT_CHECKPOINT} (use --file)") from None
+        raise SourceError(f"{e} (use --file)") from None
     name, width = _identity(meta)
     return BenchModel(name, width, str(path), model, meta["input_size"][1],
                       meta["num_classes"], meta["norm_act"], model)

@@ -34,12 +34,16 @@ class BlurPoolConv2d(nn.Conv2d):
 
     def _blur(self, x: torch.Tensor) -> torch.Tensor:
         channels = x.shape[1]
-        k = torch.tensor([1.0, 2.0, 1.0], dtype=x.dtype, device=x.device)
+        # Built from the input (not torch.tensor): a traced or scripted copy then follows the
+        # input's dtype and device instead of baking in a CPU float32 constant.
+        ones = x.new_ones(3)
+        k = ones + F.pad(ones[1:2], (1, 1))  # [1, 2, 1]
         kernel = (k[:, None] * k[None, :] / 16.0).expand(channels, 1, 3, 3)
         return F.conv2d(x, kernel, padding=1, groups=channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(self._blur(x))
+        # _conv_forward rather than super().forward(): TorchScript cannot script super() calls.
+        return self._conv_forward(self._blur(x), self.weight, self.bias)
 
 
 def apply_blurpool(model: nn.Module, min_channels: int = 16) -> nn.Module:
