@@ -20,8 +20,10 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}\n")
 
 
-def int_at_least(minimum: int) -> Callable[[str], int]:
-    """argparse type: an integer >= `minimum` ("expected an integer >= 1, got 0")."""
+def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """argparse type: an integer >= `minimum` ("expected an integer >= 1, got 0") and, with
+    `maximum`, <= it (sizes and counts a typo makes absurd: thousands of processes or threads,
+    allocations that get the process killed)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -29,10 +31,20 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"expected an integer <= {maximum}, got {value}")
         return value
 
     parse.__name__ = f"integer >= {minimum}"
     return parse
+
+
+def nonempty(text: str) -> str:
+    """argparse type: a path that is not empty (an unset shell variable: "" is no path, and
+    would otherwise mean "not given" or the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path")
+    return text
 
 
 def finite_float(ok: Callable[[float], bool], expected: str) -> Callable[[str], float]:

@@ -75,6 +75,13 @@ def _f(default: Any, help: str = "", **bounds: Any) -> Any:
     return field(default=default, metadata={"help": help, **bounds})
 
 
+# Upper bounds of sizes a typo can make absurd: past them torch allocates until the process is
+# killed (a 100000 px crop, 10^8 classes) or the machine forks thousands of workers.
+MAX_RESOLUTION = 8192
+MAX_CLASSES = 100_000  # ImageNet-21k has 21,841
+MAX_WORKERS = 1024
+
+
 @dataclass
 class DataConfig:
     dataset: Literal["digits", "imagefolder", "cifar10"] = _f(
@@ -108,10 +115,12 @@ class DataConfig:
         "(fasttrain.data.jpeg), whole images are decoded without it")
     batch_size: int = _f(256, "global training batch, split evenly across ranks", ge=1)
     val_batch_size: int = _f(0, "global validation batch; 0 = batch_size", ge=0)
-    num_workers: int = _f(4, "loader worker processes per rank (0 = in the main process)", ge=0)
-    train_res: int = _f(224, "training crop size (pixels)", ge=1)
-    val_res: int = _f(224, "validation center-crop size", ge=1)
-    val_resize: int = _f(256, "validation resize of the shorter side before the crop", ge=1)
+    num_workers: int = _f(4, "loader worker processes per rank (0 = in the main process)", ge=0,
+                          le=MAX_WORKERS)
+    train_res: int = _f(224, "training crop size (pixels)", ge=1, le=MAX_RESOLUTION)
+    val_res: int = _f(224, "validation center-crop size", ge=1, le=MAX_RESOLUTION)
+    val_resize: int = _f(256, "validation resize of the shorter side before the crop", ge=1,
+                         le=MAX_RESOLUTION)
     mean: list[float] = _f([0.485, 0.456, 0.406], "per-channel mean (0..1 scale)", len=3)
     std: list[float] = _f([0.229, 0.224, 0.225], "per-channel std (0..1 scale)", len=3, gt=0)
     ra_reps: int = _f(1, "repeated augmentation: each image appears this many times per epoch "
@@ -159,7 +168,8 @@ class ModelConfig:
     # Wide ResNets go to 10, the thinning paper stays <= 1.
     width: float = _f(1.0, "uniform width multiplier of every layer", gt=0, le=MAX_WIDTH)
     channel_divisor: int = _f(1, "round the base width up to a multiple of this", ge=1, le=512)
-    num_classes: int = _f(0, "classifier outputs; 0 = the dataset's class count", ge=0)
+    num_classes: int = _f(0, "classifier outputs; 0 = the dataset's class count", ge=0,
+                          le=MAX_CLASSES)
     zero_init_residual: bool = _f(True, "zero the last norm weight of each residual block")
     shortcut: Literal["A", "B"] = _f("A", "CIFAR ResNets: A = parameter-free, B = 1x1 conv")
     norm_act: Literal["native", "fused"] = _f("native", "norm+ReLU implementation")
@@ -243,7 +253,8 @@ class TrainConfig:
 @dataclass
 class LogConfig:
     dir: str = _f("runs", "where run directories are created")
-    name: str = _f("", "run directory name; empty = <recipe stem>-<timestamp>")
+    name: str = _f("", "run directory name (a plain folder name under log.dir); empty = "
+                   "<recipe stem>-<timestamp>")
     interval: int = _f(50, "steps between progress updates (each one syncs the device)", ge=1)
     progress: Literal["auto", "rich", "plain"] = _f("auto", "auto = rich on a terminal")
     tensorboard: bool = _f(False, "also write TensorBoard scalars to <run>/tensorboard")
@@ -438,6 +449,16 @@ def parse_override(arg: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
+def _text_for_text_keys(arg: str, section: str, key: str, value: Any) -> tuple[str, str, Any]:
+    """A text key's override as typed: YAML reads `--log.name=2024-01-01` as a date and `123`
+    as a number, which the key would refuse although the user typed a name."""
+    obj = getattr(Config(), section, None)
+    if obj is not None and not isinstance(value, str) and dataclasses.is_dataclass(obj):
+        if typing.get_type_hints(type(obj)).get(key) is str:
+            return section, key, arg.partition("=")[2]
+    return section, key, value
+
+
 def load(path: str | Path | None, overrides: list[str] = (), *,
          require_data_path: bool = True) -> Config:
     """Build a validated `Config` from a recipe file (or defaults) and `--section.key=value` args.
@@ -461,7 +482,7 @@ def load(path: str | Path | None, overrides: list[str] = (), *,
             for key, value in values.items():
                 _set(cfg, str(path), section, str(key), value)
     recipe = copy.deepcopy(cfg)
-    parsed = [(arg, *parse_override(arg)) for arg in overrides]
+    parsed = [(arg, *_text_for_text_keys(arg, *parse_override(arg))) for arg in overrides]
     for arg, section, key, value in parsed:  # in order: a later override of a key wins
         _set(cfg, arg, section, key, value)
     origin = str(path) if path is not None else "config"
@@ -494,6 +515,12 @@ def _blame(error: ConfigError, recipe: Config, parsed: list[tuple[str, str, str,
 
 def _check_consistency(cfg: Config, origin: str, require_data_path: bool = True) -> None:
     """Checks that involve several keys."""
+    name = cfg.log.name
+    if name and (name in (".", "..") or "/" in name or "\\" in name):
+        # A path would put the run into any existing folder (`..` is log.dir's parent), over
+        # a config.yaml that is not a run's.
+        raise ConfigError(f"{origin}: log.name must be a plain folder name (no path separator, "
+                          f"not . or ..; log.dir says where runs go), got {name!r}")
     m = cfg.model
     # Only the CIFAR ResNets have a shortcut choice (ImageNet ResNets always project), so on
     # another model B would be silently ignored. (model.init_from replaces these keys.)

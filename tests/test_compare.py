@@ -271,6 +271,7 @@ def test_literature_benchmark_plots_and_table(tmp_path):
     *[(["--benchmark", "resnet56-cifar10", "--name", name],
        f"argument --name: name {name!r} is not a plain file-name stem")
       for name in ("../x", "a/b", "x/", "..", ".", "")],
+    (["--benchmark", "resnet56-cifar10", "--out", ""], "argument --out: empty path"),
 ])
 def test_cli_user_errors_exit_2_with_one_line(argv, message, tmp_path, capsys):
     out = tmp_path / "out"

@@ -113,6 +113,15 @@ def test_bounds_accept_their_limits(tmp_path):
     ("", [f"--train.seed={2**64}"], f"train.seed must be <= {2**63 - 1}, got {2**64}"),
     ("", [f"--train.seed={2**63}"], f"train.seed must be <= {2**63 - 1}, got {2**63}"),
     ("", ["--train.seed=-1"], "train.seed must be >= 0, got -1"),
+    # typos that torch would meet as an allocation until killed, or thousands of processes
+    ("", ["--data.val_resize=100000"], "data.val_resize must be <= 8192, got 100000"),
+    ("", ["--data.train_res=100000"], "data.train_res must be <= 8192, got 100000"),
+    ("", ["--model.num_classes=100000000"], "model.num_classes must be <= 100000"),
+    ("", ["--data.num_workers=100000"], "data.num_workers must be <= 1024, got 100000"),
+    # a path would put the run into any existing folder, over a config.yaml not a run's
+    ("", ["--log.name=.."], "--log.name=..: log.name must be a plain folder name"),
+    ("", ["--log.name=a/b"], "log.name must be a plain folder name (no path separator, not . "
+     "or ..; log.dir says where runs go), got 'a/b'"),
     ("schedule:\n  kind: triangular\n  epochs: 16\n  peak_epoch: 20\n", [],
      "r.yaml: schedule.peak_epoch must be < schedule.epochs (16) for schedule.kind=triangular, "
      "got 20.0"),
@@ -219,10 +228,14 @@ def test_base_cycle_is_an_error(tmp_path):
     (["{q}", "--train.seed=18446744073709551616"], "train.seed must be <= 9223372036854775807"),
     (["{q}", "--train.threads=100000"], "train.threads must be <= 4096"),
     (["{q}", "--model.width=1.0e+4"], "model.width must be <= 16"),
+    (["{q}", "--resume", ""], "error: argument --resume: empty path"),  # an unset $CKPT
+    (["{q}", "--log.dir={file}/runs", "--dry-run"], "/a_file is a file, not a folder"),
 ])
 def test_train_cli_user_errors_exit_2_with_one_line(run_tool, tmp_path, args, message):
     (tmp_path / "last.pt").write_bytes(b"PK\x03\x04" + bytes(range(128, 256)))  # not UTF-8
-    args = [a.replace("{q}", str(ROOT / "recipes" / "quickstart.yaml")) for a in args]
+    (tmp_path / "a_file").write_text("kept")
+    args = [a.replace("{q}", str(ROOT / "recipes" / "quickstart.yaml"))
+            .replace("{file}", str(tmp_path / "a_file")) for a in args]
     result = run_tool("train.py", *args)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
@@ -282,3 +295,11 @@ def test_among_overrides_the_last_of_a_key_wins_and_a_file_refuses_duplicates(tm
     assert (cfg.optim.lr, cfg.model.width) == (0.2, 0.5)
     with pytest.raises(ConfigError, match=r"r.yaml: line 3: duplicate key 'lr'"):
         load(write(tmp_path, "r.yaml", "optim:\n  lr: 0.1\n  lr: 0.2\n"))
+
+
+def test_a_text_key_override_is_taken_as_typed():
+    """YAML read `--log.name=2024-01-01` as a date and `123` as a number: refused, although
+    the user typed a name."""
+    cfg = load(None, ["--log.name=2024-01-01", "--log.dir=123", "--data.path=~"])
+    assert (cfg.log.name, cfg.log.dir, cfg.data.path) == ("2024-01-01", "123", "~")
+    assert load(None, ["--log.name=run 1"]).log.name == "run 1"

@@ -475,6 +475,12 @@ def test_check_data_prints_folder_names_as_they_are(tmp_path, capsys):
     assert load_tool("check_data").main([str(root), "--workers", "1"]) == 0
     out = capsys.readouterr().out
     assert "set[/x]" in out and "1 ([red]b)" in out and "0 problem(s)" in out
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:  # an unset $DATA scanned the current folder
+        load_tool("check_data").main([""])
+    assert exc.value.code == 2 and "argument root: empty path" in capsys.readouterr().err
+    assert load_tool("check_data").main([str(root), "--workers", "100000"]) == 2
+    assert "--workers=100000: must be 0 (one per core) to 1024" in capsys.readouterr().err
 
 
 def test_check_data_reports_what_training_refuses_at_start(tmp_path):

@@ -671,6 +671,27 @@ def test_max_steps_inside_an_epoch_resumes_inside_it(data_root, tmp_path):
     assert (tmp_path / "cut" / "metrics.jsonl").read_text() == before
 
 
+def test_a_run_refused_at_its_first_step_leaves_no_folder_behind(data_root, tmp_path,
+                                                                  monkeypatch):
+    """A check only the first step can make (a one-image BatchNorm batch) left a run folder
+    holding nothing but config.yaml; files that are not the run's stay."""
+    args = ("--data.batch_size=1", "--data.train_res=4", "--train.max_steps=2",
+            "--model.width=0.25")
+    with pytest.raises(ConfigError, match=r"data.batch_size=1: a training micro-batch of 1 "):
+        train(_cfg(data_root, tmp_path, *args, "--log.name=one"))
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("kept")
+    with pytest.raises(ConfigError, match=r"a training micro-batch of 1 "):
+        train(_cfg(data_root, tmp_path, *args, "--log.name=mine"))
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+    # `--log.dir=~/...` as the shell leaves it after `=`: the home folder, not a folder "~"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(RunError, match=rf"^log.dir={re.escape(str(tmp_path))}/mine/notes.txt/"
+                                       rf"runs: .*notes.txt is a file, not a folder$"):
+        train(_cfg(data_root, "~/mine/notes.txt/runs"), dry_run=True)
+
+
 def test_a_resume_with_train_max_steps_reached_trains_nothing(data_root, tmp_path):
     """A requeue script resuming with the cap it was cut at trained the next epoch for 0 steps
     and marked it done (a metrics line, a checkpoint one epoch on): its steps were lost."""

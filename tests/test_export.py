@@ -310,7 +310,17 @@ def ex_macs(model, res):
     (["--model", "cifar_resnet20", "--out", "a_dir.pt"], "a_dir.pt: is a directory"),
     (["--checkpoint", "c.pt", "--channel-divisor", "8", "--out", "x.pt"], "--model only"),
     (["--model", "cifar_resnet20", "--parity-batch-sizes", "2,2", "--out", "x.pt"],
-     "expected two different positive batch sizes, got '2,2'"),
+     "expected two different batch sizes in 1..4096, got '2,2'"),
+    (["--checkpoint", "", "--out", "x.pt"], "argument --checkpoint: empty path"),
+    # each ran until torch's allocator or the time limit gave up
+    (["--model", "cifar_resnet20", "--width", "1000", "--out", "x.pt"], "--width 1000.0: must "
+                                                                        "be <= 16"),
+    (["--model", "cifar_resnet20", "--resolution", "100000", "--out", "x.pt"],
+     "expected an integer <= 8192, got 100000"),
+    (["--model", "cifar_resnet20", "--num-classes", "1000000000", "--out", "x.pt"],
+     "expected an integer <= 100000"),
+    (["--model", "cifar_resnet20", "--channel-divisor", "100000", "--out", "x.pt"],
+     "expected an integer <= 512"),
 ])
 def test_export_cli_user_errors_exit_2_with_one_line(argv, message, capsys, tmp_path,
                                                      monkeypatch):

@@ -285,6 +285,8 @@ def _write_tool(args: list[str]) -> int:
     (["--dataset=digits", "--max-resolution=big"], "--max-resolution: invalid int value"),
     (["--dataset=digits", "--smart-threshold=-5"], "(--smart-threshold) must be >= 0 bytes"),
     (["recipes/missing.yaml"], "recipes/missing.yaml: recipe file not found"),
+    (["--dataset=digits", "--out="], "argument --out: empty path"),  # was the current folder
+    (["--dataset=digits", "--num-workers=100000"], "(--num-workers) must be 0..1024"),
 ])
 def test_write_tool_bad_input_exits_2_with_one_line(args, message, capsys):
     code = _write_tool(args)

@@ -449,6 +449,8 @@ def test_cli_save_plot_csv_and_factory(tmp_path, monkeypatch, capsys):
     (["--checkpoint", ""], "--checkpoint: empty path"),
     (["--file", ""], "--file: empty path"),
     (["--factory", ""], "--factory: empty spec"),
+    # libgomp segfaulted at 100000 threads
+    (["--model", "thin_resnet18", "--threads", "100000"], "expected an integer <= 4096"),
     (["--model", "thin_resnet18", "--width", "inf"], "expected finite positive values"),
     (["--model", "thin_resnet18", "--width", "0.5,-inf"], "expected finite positive values"),
     (["--model", "thin_resnet18", "--width", "nan"], "expected finite positive values"),

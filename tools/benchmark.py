@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_list_of(int), default=[1], help="e.g. 1,8,64")
     p.add_argument("--resolution", type=_positive, default=None,
                    help="input size (default: the model's: 224, CIFAR 32, checkpoint val_res)")
-    p.add_argument("--threads", type=_positive, default=None, help="CPU intra-op threads")
+    p.add_argument("--threads", type=int_at_least(1, 4096), default=None,
+                   help="CPU intra-op threads")
     p.add_argument("--iters", type=_positive, default=100, help="timed calls per row")
     p.add_argument("--warmup", type=_non_negative, default=10,
                    help="untimed calls per row; raised to what compilation needs (compile 1, "

@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemaining
 from rich.table import Table
 
 from fasttrain.data.check import scan
-from fasttrain.cli import ArgumentParser
+from fasttrain.cli import ArgumentParser, nonempty
 from fasttrain.errors import UserError
 
 
@@ -28,7 +28,7 @@ from fasttrain.errors import UserError
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(description="Scan an image data set for unreadable files and class "
                                    "counts.")
-    p.add_argument("root", type=Path, help="data set directory")
+    p.add_argument("root", type=lambda text: Path(nonempty(text)), help="data set directory")
     p.add_argument("--workers", type=int, default=0, help="decoding processes (0 = all cores)")
     args = p.parse_args(argv)
     console = Console(highlight=False, soft_wrap=True)

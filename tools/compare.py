@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 from fasttrain.cli import (ArgumentParser, check_output, finite_float, int_at_least,
-                           new_folders_removed_on_error)
+                           new_folders_removed_on_error, nonempty)
 from fasttrain.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tools/benchmark.py result files (.json or .csv)")
     p.add_argument("--batch-size", type=_positive_int, default=None,
                    help="latency at this batch size (default: the smallest in the files)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compare"),
+    p.add_argument("--out", type=nonempty, default=str(ROOT / "benchmarks" / "results" / "compare"),
                    metavar="DIR", help="where the plots and tables go")
     p.add_argument("--name", type=_name, default=None,
                    help="file name prefix, without a folder (default: the benchmark, or "

@@ -27,7 +27,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from fasttrain.cli import ArgumentParser, finite_float, int_at_least
+from fasttrain.cli import ArgumentParser, finite_float, int_at_least, nonempty
+from fasttrain.config import MAX_CLASSES, MAX_RESOLUTION, MAX_WIDTH
 from fasttrain.errors import UserError
 
 
@@ -37,9 +38,9 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
         values = tuple(int(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected e.g. 1,3, got {text!r}") from None
-    if len(set(values)) != 2 or len(values) != 2 or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected two different positive batch sizes, got "
-                                         f"{text!r}")
+    if len(set(values)) != 2 or len(values) != 2 or min(values) < 1 or max(values) > 4096:
+        raise argparse.ArgumentTypeError(f"expected two different batch sizes in 1..4096, "
+                                         f"got {text!r}")
     return values
 
 
@@ -52,11 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "torch.export or ONNX; exits 0 only when the export matches "
                                    "the eager model.")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", metavar="PATH", help="a fasttrain checkpoint")
+    src.add_argument("--checkpoint", metavar="PATH", type=nonempty,
+                     help="a fasttrain checkpoint")
     src.add_argument("--model", metavar="NAME", help="a registered model (random weights)")
     p.add_argument("--width", type=float, default=None, help="--model: width multiplier (1.0)")
-    p.add_argument("--channel-divisor", type=_positive_int, default=1, help="--model: channel divisor")
-    p.add_argument("--num-classes", type=_positive_int, default=None,
+    p.add_argument("--channel-divisor", type=int_at_least(1, 512), default=1,
+                   help="--model: channel divisor")
+    p.add_argument("--num-classes", type=int_at_least(1, MAX_CLASSES), default=None,
                    help="--model: classifier outputs (default 1000, CIFAR models 10)")
     p.add_argument("--weights", choices=["model", "ema"], default=None,
                    help="--checkpoint: the trained weights (model, default) or their moving "
@@ -64,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["torchscript", "export", "onnx"], default=None,
                    help="default: from --out's suffix (.pt, .pt2, .onnx)")
     p.add_argument("--out", required=True, metavar="FILE", help="the file to write")
-    p.add_argument("--resolution", type=_positive_int, default=None,
+    p.add_argument("--resolution", type=int_at_least(1, MAX_RESOLUTION), default=None,
                    help="input size stored in the metadata and used for the parity check "
                         "(default: the checkpoint's val_res; 224, CIFAR 32)")
     p.add_argument("--no-fold", action="store_true", help="keep BatchNorm layers")
@@ -86,6 +89,8 @@ def _format_named_by(ex, out: str) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.width is not None and MAX_WIDTH < args.width < float("inf"):  # as model.width
+            raise UserError(f"--width {args.width}: must be <= {MAX_WIDTH}")
         if args.checkpoint and (args.width is not None or args.num_classes is not None):
             raise UserError("--width and --num-classes apply to --model only (a checkpoint "
                             "names its own)")

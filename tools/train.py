@@ -17,7 +17,7 @@ import sys
 import threading
 
 from fasttrain.config import describe, load
-from fasttrain.cli import ArgumentParser
+from fasttrain.cli import ArgumentParser, nonempty
 from fasttrain.errors import ShardError, UserError
 
 # gloo's words when the other end of a collective has died (NCCL waits for its watchdog).
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", nargs="?", help="recipe YAML file (recipes/*.yaml)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate, build data and model, print config and counts, then exit")
-    p.add_argument("--resume", metavar="PATH|auto",
+    p.add_argument("--resume", metavar="PATH|auto", type=nonempty,
                    help="continue from a checkpoint, a run directory, or the latest run (auto)")
     p.add_argument("--keys", action="store_true",
                    help="list every config key with its value (the recipe's, if given, else "

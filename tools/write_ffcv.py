@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 
-from fasttrain.cli import ArgumentParser
+from fasttrain.cli import ArgumentParser, nonempty
 from fasttrain.config import load
 from fasttrain.errors import UserError
 
@@ -30,8 +30,8 @@ def build_parser() -> ArgumentParser:
                                              "data.ffcv_dir)")
     p.add_argument("--dataset", help="digits | imagefolder | cifar10 (same as --data.dataset)")
     p.add_argument("--path", help="dataset root (same as --data.path)")
-    p.add_argument("--out", help="output folder (default: data.ffcv_dir, else <dataset "
-                                 "root>/ffcv)")
+    p.add_argument("--out", type=nonempty,
+                   help="output folder (default: data.ffcv_dir, else <dataset root>/ffcv)")
     p.add_argument("--write-mode", default="proportion",
                    help="proportion (JPEG with --compress-probability, else raw pixels), jpg, "
                         "raw, or smart (JPEG when the raw pixels exceed --smart-threshold "

@@ -1,6 +1,7 @@
 """Scan an image data set for files a long run would trip on, before the run."""
 from __future__ import annotations
 
+import os
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -9,6 +10,7 @@ from typing import Callable
 
 from torchvision.datasets.folder import find_classes
 
+from ..config import MAX_WORKERS
 from ..errors import DatasetError, UserError
 from .datasets import folder_files, read_image
 
@@ -50,8 +52,8 @@ def scan(root: Path, workers: int = 0, progress: Callable[[int, int], None] | No
         DatasetError: `root` is not a directory, or a split folder cannot be listed.
         UserError: `workers` is negative.
     """
-    if workers < 0:
-        raise UserError(f"--workers={workers}: must be 0 (one per core) or more")
+    if workers < 0 or workers > MAX_WORKERS:
+        raise UserError(f"--workers={workers}: must be 0 (one per core) to {MAX_WORKERS}")
     if not root.is_dir():
         raise DatasetError(f"{root}: " + ("not a directory" if root.exists()
                                           else "directory not found"))
@@ -90,7 +92,9 @@ def scan(root: Path, workers: int = 0, progress: Callable[[int, int], None] | No
                                     f"{'s' if len(extra) > 1 else ''} not in train/, which "
                                     f"training refuses: {', '.join(extra[:5])}"
                                     f"{', ...' if len(extra) > 5 else ''}"))
-    with ProcessPoolExecutor(max_workers=workers or None) as pool:
+    # More processes than files only costs their start-up.
+    with ProcessPoolExecutor(max_workers=max(1, min(workers or os.cpu_count() or 1,
+                                                    len(files)))) as pool:
         for done, (path, problem) in enumerate(pool.map(_check_file, files, chunksize=64), 1):
             if problem:
                 report.problems.append((path, problem))

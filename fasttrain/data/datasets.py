@@ -42,6 +42,9 @@ def default_root(dataset: str) -> Path:
     return Path(base) / dataset
 
 
+_ROOT_FROM = "the folder comes from data.path, else $FASTTRAIN_DATA, else $FASTTRAIN_CACHE"
+
+
 def _publish_dir(build: Callable[[Path], None], target: Path) -> Path:
     """Build a directory under a temporary name and rename it into place.
 
@@ -51,7 +54,7 @@ def _publish_dir(build: Callable[[Path], None], target: Path) -> Path:
     if target.is_dir():
         return target
     if target.exists():
-        raise DatasetError(f"{target}: exists and is not a directory (data.path)")
+        raise DatasetError(f"{target}: exists and is not a directory ({_ROOT_FROM})")
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -62,8 +65,8 @@ def _publish_dir(build: Callable[[Path], None], target: Path) -> Path:
             if not target.is_dir():
                 raise
     except OSError as e:
-        raise DatasetError(f"{target}: cannot write the data set here (data.path: "
-                           f"{e.strerror or e})") from None
+        raise DatasetError(f"{target}: cannot write the data set here ({e.strerror or e}; "
+                           f"{_ROOT_FROM})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -46,7 +46,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from ..config import AugConfig, DataConfig
+from ..config import MAX_WORKERS, AugConfig, DataConfig
 from ..errors import ConfigError, DatasetError, RunError
 from . import jpeg, resize
 from .datasets import SkippedSample, default_root
@@ -508,8 +508,9 @@ def _check_write_params(write_mode: str, max_resolution: int, jpeg_quality: int,
     if not 0.0 <= compress_probability <= 1.0:
         raise ConfigError(f"compress_probability (--compress-probability) must be in 0..1, got "
                           f"{compress_probability}")
-    if num_workers < 0:
-        raise ConfigError(f"num_workers (--num-workers) must be >= 0, got {num_workers}")
+    if not 0 <= num_workers <= MAX_WORKERS:
+        raise ConfigError(f"num_workers (--num-workers) must be 0..{MAX_WORKERS}, got "
+                          f"{num_workers}")
     if smart_threshold < 0:
         raise ConfigError(f"smart_threshold (--smart-threshold) must be >= 0 bytes, got "
                           f"{smart_threshold}")

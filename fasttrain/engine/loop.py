@@ -37,8 +37,8 @@ from .mix import BatchMixer, classification_loss
 from .optim import build_optimizer
 from .precision import Precision, resolve_precision
 from .progress import Reporter
-from .rundir import (BEST, CHECKPOINTS, LAST, check_name_free, find_resume, new_run_dir,
-                     run_dir_of)
+from .rundir import (BEST, CHECKPOINTS, LAST, check_log_dir, check_name_free,
+                     discard_unused_run_dir, find_resume, new_run_dir, run_dir_of)
 from .schedule import build_scheduler
 
 MODEL_IDENTITY = ("name", "width", "channel_divisor", "num_classes", "shortcut", "channels")
@@ -89,7 +89,7 @@ def apply_init_from(cfg: ModelConfig, notes: list[str] | None = None
     """
     if not cfg.init_from:
         return None
-    path = Path(cfg.init_from)
+    path = Path(cfg.init_from).expanduser()
     saved = ckpt.load(path)
     saved_model = (saved.get("config") or {}).get("model")
     if not isinstance(saved_model, dict) or not saved_model.get("num_classes"):
@@ -235,7 +235,7 @@ def _recompile_limit(cfg: Config) -> int:
 
 def _checkpoint_file(resume: str) -> Path:
     """The checkpoint file an explicit `--resume PATH` names (a run folder: its last.pt)."""
-    path = Path(resume)
+    path = Path(resume).expanduser()
     return path / CHECKPOINTS / LAST if path.is_dir() else path
 
 
@@ -343,14 +343,21 @@ def train(cfg: Config, recipe: str | None = None, resume: str | None = None,
         messages for the user.
     """
     dist = distributed.setup(cfg.train.device)
+    made: list[Path] = []
     try:
-        return _train(cfg, dist, recipe, resume, dry_run)
+        return _train(cfg, dist, recipe, resume, dry_run, made)
+    except UserError:
+        # Refused after its folder was made (a check only the first step can do, e.g. a
+        # one-image BatchNorm batch): the folder would only hold a config.yaml.
+        for run in made:
+            discard_unused_run_dir(run)
+        raise
     finally:
         distributed.teardown()
 
 
 def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: str | None,
-           dry_run: bool) -> dict[str, Any]:
+           dry_run: bool, made: list[Path] | None = None) -> dict[str, Any]:
     device = dist.device
     cores = len(os.sched_getaffinity(0))
     torch.set_num_threads(cfg.train.threads or max(1, cores // dist.local_world_size))
@@ -375,7 +382,8 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
     if cfg.log.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("log.tensorboard=true needs the tensorboard package (pip install "
                           "tensorboard, or the [tensorboard] extra)")
-    log_dir = Path(cfg.log.dir)
+    log_dir = Path(cfg.log.dir).expanduser()  # a `--log.dir=~/runs` the shell left as typed
+    check_log_dir(log_dir)  # a dry run too
     stem = Path(recipe).stem if recipe else "run"
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
         # torchrun --max-restarts restarted us: continue the interrupted run
@@ -457,6 +465,8 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
     # copied) starts a new run directory rather than writing next to it.
     run_dir = _on_main(dist, lambda: (resume_path and run_dir_of(resume_path))
                        or new_run_dir(log_dir, cfg.log.name, stem, resume == "auto"))
+    if made is not None and dist.is_main and not (resume_path and run_dir_of(resume_path)):
+        made.append(run_dir)
 
     model = model.to(memory_format=torch.channels_last) if cfg.train.channels_last else model
     optimizer = build_optimizer(cfg.optim, model, device, cfg.data.batch_size)

@@ -50,6 +50,36 @@ def check_name_free(log_dir: Path, name: str, restart: bool = False) -> None:
                        f"--resume auto to continue it or choose another --log.name")
 
 
+def check_log_dir(log_dir: Path) -> None:
+    """Refuse a `log.dir` that cannot hold folders (a file on its path), without writing.
+
+    Raises:
+        RunError: names the file in the way.
+    """
+    existing = log_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RunError(f"log.dir={log_dir}: {existing} is a file, not a folder")
+
+
+def discard_unused_run_dir(run: Path) -> None:
+    """Remove what a run wrote into `run` before anything of value: its config.yaml, an empty
+    checkpoints/ and TensorBoard's event files, then the folder if nothing else is in it. A
+    folder holding metrics or checkpoints is left alone, as is any file fasttrain did not
+    write there."""
+    if (run / "metrics.jsonl").exists() or any((run / CHECKPOINTS).glob("*")):
+        return
+    (run / "config.yaml").unlink(missing_ok=True)
+    for events in (run / "tensorboard").glob("events.out.tfevents.*"):
+        events.unlink()
+    for folder in (run / CHECKPOINTS, run / "tensorboard", run):
+        try:
+            folder.rmdir()
+        except OSError:  # missing, or holding files that are not the run's
+            pass
+
+
 def new_run_dir(log_dir: Path, name: str, recipe_stem: str, restart: bool = False) -> Path:
     """A fresh run directory. An explicit `name` whose folder already holds checkpoints or
     metrics is refused, so a new run never overwrites (or appends to) an earlier one; with
@@ -100,7 +130,7 @@ def find_resume(resume: str, log_dir: Path, name: str, recipe_stem: str) -> Path
     run has no checkpoint yet or there is no run.
     """
     if resume != "auto":
-        path = Path(resume)
+        path = Path(resume).expanduser()
         if path.is_dir():
             path = path / CHECKPOINTS / LAST
         if not path.is_file():
