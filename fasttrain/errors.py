@@ -43,6 +43,16 @@ def first_problem(e: BaseException) -> str:
     key and shapes) and how many more there are."""
     lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
     if len(lines) == 1 or not lines[0].endswith(":"):
-        return lines[0]
+        return _few_keys(lines[0])
     more = f" (+{len(lines) - 2} more)" if len(lines) > 2 else ""
-    return f"{lines[0]} {lines[1]}{more}"
+    return f"{lines[0]} {_few_keys(lines[1])}{more}"
+
+
+def _few_keys(line: str, shown: int = 3) -> str:
+    """load_state_dict's 'Missing key(s) in state_dict: "a", "b", ...' with its first keys
+    and a count: every key of a network is thousands of characters on one line."""
+    head, sep, keys = line.partition(" in state_dict: ")
+    names = keys.rstrip(". ").split(", ")
+    if not sep or len(names) <= shown:
+        return line
+    return f"{head}{sep}{', '.join(names[:shown])}, ... ({len(names)} keys)."

@@ -154,7 +154,11 @@ def _ema_state(path: Path, state: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(ema, dict):
         raise CheckpointError(f"{path}: no EMA weights in this checkpoint (trained without "
                               f"train.ema); use the model's weights")
-    return {k.removeprefix("module."): v for k, v in ema.items() if k != "n_averaged"}
+    from .engine.checkpoint import strip_wrapper_prefixes
+
+    # An EMA of a compiled or DDP model may carry their prefixes under its own `module.`.
+    return strip_wrapper_prefixes({k.removeprefix("module."): v for k, v in ema.items()
+                                   if k != "n_averaged"})
 
 
 def model_from_checkpoint(path: str | Path, norm_act: str | None = None,

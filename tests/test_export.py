@@ -568,3 +568,21 @@ def test_export_at_another_resolution_scales_the_resize(tmp_path):
                              str(out)]) == 0
     _, meta = ex.load_exported(out)
     assert meta["input_size"] == [3, 48, 48] and meta["resize"] == 56  # 28/24 of the crop
+
+
+def test_ema_weights_of_a_wrapped_model_load_and_misfits_are_short(tmp_path):
+    """An EMA state dict whose keys carry a compile/DDP prefix under the AveragedModel's
+    `module.` was refused with every key of the network listed on one line."""
+    path, _, averaged = _checkpoint_with_ema(tmp_path)
+    state = torch.load(path, weights_only=True)
+    state["ema"] = {(f"module._orig_mod.{k.removeprefix('module.')}" if k != "n_averaged"
+                     else k): v for k, v in state["ema"].items()}
+    torch.save(state, path)
+    model, _ = ex.model_from_checkpoint(path, weights="ema")
+    assert torch.equal(model.fc.weight, averaged["fc.weight"])
+    state["ema"] = {"module.x": torch.zeros(1)}
+    torch.save(state, path)
+    with pytest.raises(ex.CheckpointError) as info:
+        ex.model_from_checkpoint(path, weights="ema")
+    message = str(info.value)
+    assert len(message) < 400 and "keys)" in message and "\n" not in message, message
