@@ -437,13 +437,9 @@ CHECKPOINT_NOT_EXPORT = "a torch.save file (a training checkpoint?), not an expo
 
 def _is_torch_save_archive(path: Path) -> bool:
     """A torch.save zip (`<name>/data.pkl`, no TorchScript `code/` or torch.export model)."""
-    import zipfile
+    from .engine.checkpoint import zip_names
 
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except (OSError, zipfile.BadZipFile):
-        return False
+    names = zip_names(path)
     return (any(n.endswith("/data.pkl") for n in names)
             and not any("/code/" in n or "/models/" in n for n in names))
 

@@ -64,16 +64,21 @@ EXPORT_NOT_CHECKPOINT = ("a torch.export program (an exported model?), not a fas
                          "checkpoint")
 
 
-def _is_torch_export_archive(path: Path) -> bool:
-    """A torch.export .pt2 package (a zip holding `<name>/models/` or `<name>/archive_format`)."""
+def zip_names(path: str | Path) -> list[str]:
+    """The member names of a zip file (torch.save, TorchScript and torch.export files are zips);
+    empty for anything else or an unreadable file."""
     import zipfile
 
     try:
         with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
+            return archive.namelist()
     except (OSError, zipfile.BadZipFile):
-        return False
-    return any("/models/" in n or n.endswith("/archive_format") for n in names)
+        return []
+
+
+def _is_torch_export_archive(path: Path) -> bool:
+    """A torch.export .pt2 package (a zip holding `<name>/models/` or `<name>/archive_format`)."""
+    return any("/models/" in n or n.endswith("/archive_format") for n in zip_names(path))
 
 
 def load(path: Path) -> dict[str, Any]:
