@@ -355,7 +355,7 @@ def test_check_data_reports_problems_and_counts(tmp_path, run_tool):
     negative = run_tool("check_data.py", str(tmp_path / "clean"), "--workers", "-3")
     assert negative.returncode == 2
     assert negative.stderr.strip().splitlines() == [
-        "error: --workers=-3: must be 0 (one per core) or more"]
+        "error: --workers=-3: must be 0 (one per core) to 1024"]
 
 
 def test_crafted_checkpoint_is_refused_by_the_cli(run_tool, tmp_path):
