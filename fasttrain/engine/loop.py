@@ -273,8 +273,8 @@ def _cpu_compiler_problem() -> str | None:
         from torch._inductor import config as inductor_config
         cxx = inductor_config.cpp.cxx
         tried = ", ".join(c for c in (cxx if isinstance(cxx, (list, tuple)) else (cxx,)) if c)
-        return (f"Inductor found no working C++ compiler (tried: {tried or 'none'}); install g++ or set "
-                f"CXX, or train with --train.compile=false")
+        return (f"Inductor found no working C++ compiler (tried: {tried or 'none'}); install "
+                f"g++ or set CXX, or train with --train.compile=false")
     except Exception:
         return None
     return None
