@@ -37,7 +37,7 @@ from .mix import BatchMixer, classification_loss
 from .optim import build_optimizer
 from .precision import Precision, resolve_precision
 from .progress import Reporter
-from .rundir import (BEST, CHECKPOINTS, LAST, check_log_dir, check_name_free,
+from .rundir import (BEST, CHECKPOINTS, LAST, check_log_dir, check_name_free, checkpoint_file,
                      discard_unused_run_dir, find_resume, new_run_dir, run_dir_of)
 from .schedule import build_scheduler
 
@@ -233,12 +233,6 @@ def _recompile_limit(cfg: Config) -> int:
     return len(sizes) + 4
 
 
-def _checkpoint_file(resume: str) -> Path:
-    """The checkpoint file an explicit `--resume PATH` names (a run folder: its last.pt)."""
-    path = Path(resume).expanduser()
-    return path / CHECKPOINTS / LAST if path.is_dir() else path
-
-
 def _restart_resume(resume: str | None, log_dir: Path, name: str) -> str:
     """What a torchelastic restart resumes: the run the first attempt was training. Without
     `--resume` or with `auto`, `auto`. An explicit checkpoint of a run folder (its best.pt, an
@@ -247,7 +241,7 @@ def _restart_resume(resume: str | None, log_dir: Path, name: str) -> str:
     loose file and no name, or no checkpoint written yet) the same file again."""
     if not resume or resume == "auto":
         return "auto"
-    run = run_dir_of(_checkpoint_file(resume))
+    run = run_dir_of(checkpoint_file(resume))
     for last in ([run / CHECKPOINTS / LAST] if run is not None else []) + (
             [log_dir / name / CHECKPOINTS / LAST] if name else []):
         if last.is_file():
@@ -390,7 +384,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
         resume = _restart_resume(resume, log_dir, cfg.log.name)
     elif (resume and resume != "auto" and not cfg.log.name
           and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0
-          and run_dir_of(_checkpoint_file(resume)) is None):
+          and run_dir_of(checkpoint_file(resume)) is None):
         report.print(f"note: --resume {resume} is outside a run folder and the run has no "
                      f"--log.name: a torchrun restart would start from it again, in a new run "
                      f"folder; name the run to make a restart continue it")

@@ -121,6 +121,12 @@ def is_run_of(run: Path, recipe_stem: str) -> bool:
     return _start(run, recipe_stem) is not None
 
 
+def checkpoint_file(resume: str) -> Path:
+    """The checkpoint file an explicit `--resume PATH` names (a run folder: its last.pt)."""
+    path = Path(resume).expanduser()
+    return path / CHECKPOINTS / LAST if path.is_dir() else path
+
+
 def find_resume(resume: str, log_dir: Path, name: str, recipe_stem: str) -> Path | None:
     """The checkpoint that `--resume` names.
 
@@ -130,9 +136,7 @@ def find_resume(resume: str, log_dir: Path, name: str, recipe_stem: str) -> Path
     run has no checkpoint yet or there is no run.
     """
     if resume != "auto":
-        path = Path(resume).expanduser()
-        if path.is_dir():
-            path = path / CHECKPOINTS / LAST
+        path = checkpoint_file(resume)
         if not path.is_file():
             raise RunError(f"--resume {resume}: no checkpoint at {path}")
         return path
