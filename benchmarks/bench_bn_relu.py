@@ -52,7 +52,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _args import check_out, device as device_arg, fail, write_json  # noqa: E402
-from fasttrain.cli import ArgumentParser, finite_float, int_at_least  # noqa: E402
+from fasttrain.cli import (ArgumentParser, finite_float, int_at_least,  # noqa: E402
+                           sigterm_as_interrupt)
 from fasttrain.config import MAX_WIDTH  # noqa: E402
 from fasttrain.measure.env import cpu_name as cpu_model  # noqa: E402
 from fasttrain.measure.env import git_commit, nvidia_driver  # noqa: E402
@@ -422,12 +423,6 @@ def main(argv: list[str] | None = None) -> int:
     return 130 if interrupted else 0
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 if __name__ == "__main__":
-    import signal
-
-    signal.signal(signal.SIGTERM, _interrupt)  # a time limit keeps what was measured
+    sigterm_as_interrupt()  # a time limit keeps what was measured
     raise SystemExit(main())

@@ -39,6 +39,18 @@ def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], in
     return parse
 
 
+def sigterm_as_interrupt() -> None:
+    """Make SIGTERM (`timeout`, a batch scheduler's time limit) raise KeyboardInterrupt, so a
+    measuring script keeps what it measured as it does on Ctrl-C (the GPU checklist cuts long
+    steps this way). For a script's `__main__` only: it replaces the process's handler."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def nonempty(text: str) -> str:
     """argparse type: a path that is not empty (an unset shell variable: "" is no path, and
     would otherwise mean "not given" or the current folder)."""

@@ -35,7 +35,7 @@ import math
 import sys
 from pathlib import Path
 
-from fasttrain.cli import ArgumentParser, check_output, int_at_least
+from fasttrain.cli import ArgumentParser, check_output, int_at_least, sigterm_as_interrupt
 from fasttrain.config import MAX_WIDTH
 from fasttrain.errors import UserError
 
@@ -282,10 +282,6 @@ def _write_outputs(rows, args, console) -> list[str]:
     return failures
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rows: list[dict] = []  # filled as rows are measured, so that an interrupt keeps them
@@ -352,9 +348,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import signal
-
-    # SIGTERM (`timeout`, a batch scheduler's time limit) keeps the rows measured so far, like
-    # Ctrl-C: the GPU checklist cuts long sweeps this way.
-    signal.signal(signal.SIGTERM, _interrupt)
+    sigterm_as_interrupt()  # a time limit keeps the rows measured so far
     sys.exit(main())

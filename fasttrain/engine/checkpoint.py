@@ -154,8 +154,13 @@ def link_or_copy_atomic(src: Path, dst: Path) -> None:
     try:
         os.link(src, tmp)
     except OSError:  # no hard links here: a copy, on disk before it replaces dst
-        with open(src, "rb") as source:
-            write_atomic(dst, lambda f: shutil.copyfileobj(source, f))
+        copy_atomic(src, dst)
         return
     os.replace(tmp, dst)
     fsync_folder(dst.parent)
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    """Make `dst` a copy of `src`, on disk before it replaces `dst` atomically."""
+    with open(src, "rb") as source:
+        write_atomic(dst, lambda f: shutil.copyfileobj(source, f))

@@ -11,7 +11,6 @@ import math
 import os
 import platform
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -525,7 +524,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
     # leaves the folder's config describing the training it holds.
     nothing_left = saved is not None and (run_dir / "config.yaml").is_file() and (
         state.epoch >= cfg.schedule.epochs
-        or bool(cfg.train.max_steps and state.step >= cfg.train.max_steps))
+        or _max_steps_reached(cfg, state))
     if dist.is_main and nothing_left:
         report.summary(rows + [("run directory", str(run_dir))], "fasttrain")
     elif dist.is_main:
@@ -551,7 +550,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
     reported: set[str] = set()
     shown_time = state.train_time_s
     for epoch in range(state.epoch, epochs):
-        if cfg.train.max_steps and state.step >= cfg.train.max_steps:
+        if _max_steps_reached(cfg, state):
             # reached before this epoch started (a resume with the same or a smaller cap):
             # training it for 0 steps would mark it done untrained
             report.print(f"train.max_steps={cfg.train.max_steps} reached: stopping")
@@ -610,7 +609,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
                         writer.add_scalar(key, value, epoch + 1)
                 writer.flush()
             _save(run_dir, parts, state, metrics, is_best)
-        if cfg.train.max_steps and state.step >= cfg.train.max_steps:
+        if _max_steps_reached(cfg, state):
             report.print(f"train.max_steps={cfg.train.max_steps} reached: stopping")
             break
     if writer is not None:
@@ -779,6 +778,10 @@ def _relink_best(run_dir: Path, resume_path: Path, saved: dict[str, Any],
         ckpt.link_or_copy_atomic(last, best)
 
 
+def _max_steps_reached(cfg: Config, state: TrainState) -> bool:
+    return bool(cfg.train.max_steps and state.step >= cfg.train.max_steps)
+
+
 def _adopt_best(run_dir: Path, resume_path: Path, saved: dict[str, Any], state: TrainState,
                 is_main: bool, report: Reporter) -> None:
     """A loose checkpoint continued in a new run folder restores the best score of its run,
@@ -788,10 +791,8 @@ def _adopt_best(run_dir: Path, resume_path: Path, saved: dict[str, Any], state: 
     if state.best_val_top1 < 0:
         return
     if not state.epoch_step and score is not None and score == state.best_val_top1:
-        if is_main:
-            with open(resume_path, "rb") as source:
-                ckpt.write_atomic(run_dir / CHECKPOINTS / BEST,
-                                  lambda f: shutil.copyfileobj(source, f))
+        if is_main:  # a copy: a link would change with the user's file
+            ckpt.copy_atomic(resume_path, run_dir / CHECKPOINTS / BEST)
         return
     report.print(f"note: {resume_path} is not its run's best checkpoint (val top-1 "
                  f"{state.best_val_top1:.2f} %, not in this folder): best.pt and best_val_top1 "
