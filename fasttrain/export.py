@@ -161,8 +161,16 @@ def _ema_state(path: Path, state: dict[str, Any]) -> dict[str, Any]:
                                    if k != "n_averaged"})
 
 
+# What exported metadata keeps of a pruned checkpoint's `pruning` record (the bisection trace
+# and dates stay in the checkpoint).
+PRUNING_SUMMARY = ("source", "source_epoch", "source_weights", "source_val_top1", "source_model",
+                   "source_width", "source_macs", "macs", "params", "ratio", "importance",
+                   "scope", "torch_pruning")
+
+
 def model_from_checkpoint(path: str | Path, norm_act: str | None = None,
-                          weights: str = "model") -> tuple[nn.Module, dict[str, Any]]:
+                          weights: str = "model", state: dict[str, Any] | None = None
+                          ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model of a fasttrain checkpoint (its `config['model']`), load its weights
     (`weights_only=True`) and return it in eval mode with its metadata; input size, mean and std
     come from the checkpoint's `config['data']` (validation crop), the training commit from its
@@ -172,6 +180,7 @@ def model_from_checkpoint(path: str | Path, norm_act: str | None = None,
         norm_act: override the checkpoint's `model.norm_act` (same state dict either way).
         weights: "model" (the trained weights, what `val_top1` measured) or "ema" (their
             moving average, what `val_top1_ema` measured; needs a `train.ema` run).
+        state: the checkpoint at `path`, when the caller has loaded it already.
 
     Raises:
         CheckpointError: unreadable file, no model config, malformed entries, no EMA weights
@@ -185,7 +194,8 @@ def model_from_checkpoint(path: str | Path, norm_act: str | None = None,
         raise UserError(f"norm_act {norm_act!r}: choose from "
                         f"{', '.join(sorted(NORM_ACT_LAYERS))}")
     path = Path(path)
-    state = ckpt.load(path)
+    if state is None:
+        state = ckpt.load(path)
     cfg = state.get("config")
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
         raise CheckpointError(f"{path}: checkpoint has no model config ('config'['model'])")
@@ -232,6 +242,9 @@ def model_from_checkpoint(path: str | Path, norm_act: str | None = None,
         meta["classes"] = classes
     if resize:
         meta["resize"] = resize
+    pruning = state.get("pruning")
+    if isinstance(pruning, dict):  # "weights" alone would hide a network pruned from EMA weights
+        meta["pruning"] = {k: pruning[k] for k in PRUNING_SUMMARY if k in pruning}
     return model.eval(), meta
 
 

@@ -279,6 +279,9 @@ def test_prune_tool_writes_a_checkpoint_that_benchmark_and_export_accept(tmp_pat
     assert "pruned channels" in capsys.readouterr().out
     _, meta = ex.load_exported(exported)
     assert meta["model_config"]["channels"] == mc["channels"]
+    assert (meta["weights"], meta["pruning"]["source"], meta["pruning"]["source_weights"],
+            meta["pruning"]["macs"]) == ("model", str(src), "model", rec["macs"])
+    assert "search" not in meta["pruning"]
     assert count_macs(ex.model_from_metadata(meta), 16).conv_fc == rec["macs"]
     # pruned again before any training: its record would name it as the source (no top-1)
     assert prune_tool.main([str(out), "--out", str(tmp_path / "again.pt"),
@@ -286,6 +289,25 @@ def test_prune_tool_writes_a_checkpoint_that_benchmark_and_export_accept(tmp_pat
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pruned.pt is a pruned network not trained since (" in err
     assert not (tmp_path / "again.pt").exists()
+
+
+@needs_tp
+def test_a_network_pruned_from_ema_weights_says_so_in_its_export(tmp_path):
+    """The pruned checkpoint holds one set of weights ("model"); which weights of the source
+    it was pruned from travels in the exported metadata's pruning summary."""
+    src, model = write_checkpoint(tmp_path / "src.pt")
+    state = torch.load(src, weights_only=True)
+    state["ema"] = {**{f"module.{k}": v for k, v in model.state_dict().items()},
+                    "n_averaged": torch.tensor(5)}
+    state["metrics"]["val_top1_ema"] = 92.5
+    torch.save(state, src)
+    out = tmp_path / "pruned.pt"
+    assert prune_tool.main([str(src), "--out", str(out), "--target-width", "0.25",
+                            "--weights", "ema"]) == 0
+    _, meta = ex.model_from_checkpoint(out)
+    assert meta["weights"] == "model"
+    assert (meta["pruning"]["source_weights"], meta["pruning"]["source_val_top1"]) == \
+        ("ema", 92.5)
 
 
 @needs_tp

@@ -379,8 +379,8 @@ def prune_checkpoint(path: str | Path, out: str | Path, *, target_macs: int | No
     if (target_macs is None) == (target_width is None):
         raise PruneError("give exactly one of target_macs and target_width")
     path = Path(path)
-    model, meta = model_from_checkpoint(path, weights=weights)
     state = ckpt.load(path)
+    model, meta = model_from_checkpoint(path, weights=weights, state=state)
     if state.get("pruning") and not state.get("train_state"):
         # Its record would name this intermediate network as the source: no top-1, and the
         # MAC reduction and accuracy change measured against it, not the trained network.
