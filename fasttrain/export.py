@@ -478,7 +478,10 @@ def load_exported(path: str | Path, fmt: str | None = None
             return module, json.loads(extra[META_KEY] or "{}")
         if fmt == "export":
             extra = {META_KEY: ""}
-            ep = torch.export.load(str(path), extra_files=extra)
+            # An open file, not its name: torch logs a warning for a name not ending in .pt2
+            # (upper case, the temporary name of another suffix) although the file loads.
+            with open(path, "rb") as f:
+                ep = torch.export.load(f, extra_files=extra)
             return ep.module(), json.loads(extra[META_KEY] or "{}")
     except Exception as e:  # torch raises RuntimeError, zipfile.BadZipFile, KeyError, ... here
         if _is_torch_save_archive(path):

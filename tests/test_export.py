@@ -203,6 +203,18 @@ def test_a_failed_write_leaves_no_file_behind(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_torch_export_file_of_any_suffix_case_loads_without_a_warning(tmp_path, capfd):
+    # torch logs "Unable to load package ... a file ending in .pt2" for a name it does not
+    # recognise (A.PT2, and the temporary name of --format export --out x.bin), then loads it.
+    model, meta = small_model()
+    for name in ("A.PT2", "b.bin"):
+        ex.export_model(model, meta, "export", tmp_path / name)
+        run, loaded = ex.load_exported(tmp_path / name, "export")
+        assert loaded["format"] == "export"
+    err = capfd.readouterr().err
+    assert "Unable to load package" not in err, err
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["export", "onnx"])
 def test_unfolded_fused_norm_act_exports_without_the_native_op(fmt, tmp_path):
