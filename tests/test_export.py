@@ -201,6 +201,10 @@ def test_a_failed_write_leaves_no_file_behind(tmp_path, monkeypatch):
     with pytest.raises(ex.ExportError, match=r"net.pt2: cannot write \(No space left"):
         ex.export_model(model, meta, "export", tmp_path / "net.pt2")
     assert list(tmp_path.iterdir()) == []
+    # the tool also removes the folders it made for --out
+    assert export_tool.main(["--model", "cifar_resnet20", "--width", "0.25", "--resolution",
+                             "16", "--out", str(tmp_path / "new" / "deep" / "net.pt2")]) == 2
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_torch_export_file_of_any_suffix_case_loads_without_a_warning(tmp_path, capfd):

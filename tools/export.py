@@ -27,7 +27,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from fasttrain.cli import ArgumentParser, finite_float, int_at_least, nonempty
+from fasttrain.cli import (ArgumentParser, finite_float, int_at_least, new_folders_removed_on_error,
+                          nonempty)
 from fasttrain.config import MAX_CLASSES, MAX_RESOLUTION, MAX_WIDTH
 from fasttrain.errors import UserError
 
@@ -129,9 +130,12 @@ def main(argv: list[str] | None = None) -> int:
                                              num_classes=args.num_classes,
                                              resolution=args.resolution)
         try:
-            parity, meta = ex.export_model(model, meta, fmt, args.out, fold=not args.no_fold,
-                                           batch_sizes=args.parity_batch_sizes,
-                                           atol=args.atol, rtol=args.rtol)
+            # A failed write leaves no folder it made; a parity failure's file keeps its own.
+            with new_folders_removed_on_error(args.out):
+                parity, meta = ex.export_model(model, meta, fmt, args.out,
+                                               fold=not args.no_fold,
+                                               batch_sizes=args.parity_batch_sizes,
+                                               atol=args.atol, rtol=args.rtol)
         except ex.ParityError as e:
             print(f"error: parity check failed: {e}", file=sys.stderr)
             return 1
