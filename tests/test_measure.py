@@ -314,6 +314,52 @@ def test_factory_failures_are_one_line_source_errors(tmp_path, monkeypatch):
         assert message in str(info.value) and "\n" not in str(info.value), info.value
 
 
+def test_factory_rows_name_their_file_norm_act_and_input_channels(tmp_path, monkeypatch):
+    """A factory's plain BatchNorm is the native one (compare sets its latency beside thin
+    networks'); two `nets:build` of different folders stay apart; a grey-image network gets
+    one input channel; a torch.compile'd module is warmed up and counted on its module."""
+    for folder, width in (("a", 4), ("b", 6)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "nets.py").write_text(textwrap.dedent(f"""
+            import torch
+            from torch import nn
+            from fasttrain.export import model_from_name
+            def build():
+                return nn.Sequential(nn.Conv2d(3, {width}, 3), nn.BatchNorm2d({width}),
+                                     nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                     nn.Linear({width}, 5))
+            def grey():
+                return nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                     nn.Linear(4, 5))
+            def fused():
+                return model_from_name("cifar_resnet20", 0.25, norm_act="fused")[0]
+            def compiled():
+                return torch.compile(build())
+        """))
+    rows = []
+    for folder in ("a", "b"):
+        monkeypatch.chdir(tmp_path / folder)
+        sys.modules.pop("nets", None)  # the other folder's module of the same name
+        bm = sources.from_factory("nets:build")
+        assert (bm.norm_act, bm.in_chans) == ("native", 3)
+        assert bm.source == f"nets:build ({tmp_path / folder / 'nets.py'})"
+        rows += bench.run([bm], bench.Conditions(resolution=8, iters=1, warmup=0), [1])
+    assert [r["params"] for r in rows] == [3 * 4 * 9 + 4 + 8 + 4 * 5 + 5,
+                                           3 * 6 * 9 + 6 + 12 + 6 * 5 + 5]
+    assert rows[0]["source"] != rows[1]["source"]
+    grey = sources.from_factory("nets:grey")
+    (row,) = bench.run([grey], bench.Conditions(resolution=8, iters=1, warmup=0), [2])
+    assert row["status"] == "ok" and row["macs"] == 1 * 4 * 9 * 36 + 4 * 5, row["error"]
+    (row,) = bench.run([grey], bench.Conditions(resolution=8, iters=1, warmup=0, train=True),
+                       [2])
+    assert row["status"] == "ok", row["error"]
+    assert sources.from_factory("nets:fused").norm_act == "fused"
+    compiled = sources.from_factory("nets:compiled")
+    assert bench.warmup_calls(0, "eager", compiled.model) == 1
+    assert compiled.count_model is compiled.model._orig_mod
+    sys.modules.pop("nets", None)
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A tiny cifar_resnet20 (width 0.25) exported at 16 px, BatchNorm folded: TorchScript and

@@ -339,6 +339,9 @@ def test_prune_tool_user_errors_exit_2_with_one_line(tmp_path, capsys):
               "checkpoint not found"),
              ([str(src), "--out", "x.pt", "--target-macs", "1000"], "out of reach"),
              ([str(src), "--out", "x.pt", "--target-width", "0.75"], "is not below"),
+             # a typo for 0.25: refused before the 100x wider network (~64 GB) is built
+             ([str(src), "--out", "x.pt", "--target-width", "25"],
+              "--target-width 25 is not below the checkpoint's model.width 0.5"),
              ([str(src), "--out", "x.pt", "--target-width", "-1"], "finite number > 0"),
              ([str(src), "--out", "x.pt", "--target-width", "inf"], "finite number > 0"),
              ([str(src), "--out", "x.pt", "--tolerance", "nan", "--target-width", "0.25"],

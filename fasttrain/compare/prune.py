@@ -402,6 +402,12 @@ def prune_checkpoint(path: str | Path, out: str | Path, *, target_macs: int | No
         return build_model(cfg, cfg.num_classes)
 
     if target_width is not None:
+        # MACs grow with the width (a pruned network's `width` is its source's, which it is
+        # below): a width not below it is no target, and building it (a typo such as 25 for
+        # 0.25) could take all the memory there is
+        if target_width >= mc["width"]:
+            raise PruneError(f"--target-width {target_width:g} is not below the checkpoint's "
+                             f"model.width {mc['width']:g}")
         target_macs = count_macs(rebuild(None, target_width), resolution).conv_fc
     result = prune_to_macs(model, int(target_macs), resolution, rebuild, importance=importance,
                            scope=scope, tolerance=tolerance)

@@ -56,10 +56,15 @@ the second. cudagraphs needs none: its capture, after warm-up runs of its own, h
 
 def warmup_calls(requested: int, mode: str, model: nn.Module) -> int:
     """The untimed calls a row runs: `requested`, raised to MIN_WARMUP of `mode` (and to
-    TorchScript's for a ScriptModule run eagerly), so compilation never reaches the timing."""
+    TorchScript's for a ScriptModule run eagerly, torch.compile's for a compiled module), so
+    compilation never reaches the timing."""
     need = MIN_WARMUP.get(mode, 0)
     if mode == "eager" and isinstance(model, torch.jit.ScriptModule):
         need = MIN_WARMUP["torchscript"]
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    if mode == "eager" and isinstance(model, OptimizedModule):
+        need = MIN_WARMUP["compile"]  # a factory's torch.compile'd module compiles at first call
     return max(requested, need)
 
 
@@ -194,9 +199,9 @@ def _metric_keys(prefix: str) -> list[str]:
     return list(LatencyStats(0, 0, *([0.0] * 8)).as_row(prefix))
 
 
-def _num_outputs(model: nn.Module, resolution: int) -> int:
+def _num_outputs(model: nn.Module, resolution: int, in_chans: int = 3) -> int:
     with torch.no_grad():
-        out = model.eval()(torch.zeros(1, 3, resolution, resolution))
+        out = model.eval()(torch.zeros(1, in_chans, resolution, resolution))
     return int(out.shape[-1])
 
 
@@ -228,7 +233,7 @@ def run(models: list[BenchModel], cond: Conditions, batch_sizes: list[int], *,
         macs = None
         if bm.count_model is not None:
             try:
-                macs = count_macs(bm.count_model, resolution)
+                macs = count_macs(bm.count_model, resolution, in_chans=bm.in_chans)
             except Exception as e:  # fvcore cannot trace every model; the row says so (None)
                 warnings.warn(f"{bm.name}: MACs not counted ({first_line(e)})")
         num_classes = bm.num_classes
@@ -254,19 +259,20 @@ def run(models: list[BenchModel], cond: Conditions, batch_sizes: list[int], *,
             try:
                 if cond.train:
                     if num_classes is None:  # inside the try: a forward that fails is this row's
-                        num_classes = _num_outputs(bm.model, resolution)
+                        num_classes = _num_outputs(bm.model, resolution, bm.in_chans)
                     stats = measure_throughput(
                         copy.deepcopy(bm.model), batch_size=bs, resolution=resolution,
                         num_classes=num_classes, iters=cond.iters, warmup=warmup,
                         device=device, precision=cond.precision, channels_last=channels_last,
-                        mode=cond.mode, clock=clock)
+                        mode=cond.mode, in_chans=bm.in_chans, clock=clock)
                 else:
                     # A copy, as for training: prepare_inference moves its model to the device
                     # in place, and bm.model would stay there for every later row's peak memory.
                     fn = prepare_inference(copy.deepcopy(bm.model), batch_size=bs,
                                            resolution=resolution,
                                            device=device, precision=cond.precision,
-                                           channels_last=channels_last, mode=cond.mode)
+                                           channels_last=channels_last, mode=cond.mode,
+                                           in_chans=bm.in_chans)
                     stats = measure_latency(fn, bs, iters=cond.iters, warmup=warmup,
                                             device=device, clock=clock)
                     del fn
@@ -437,14 +443,20 @@ def plot_vs_macs(rows: list[dict[str, Any]], path: str | Path) -> Path:
                      ("latency_ms_p50", "p50 latency per batch (ms)"))
     fig = Figure(figsize=(7.5, 4.8))
     ax = fig.subplots()
-    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    # Rows of no width (factories, pruned networks) by source too: two factories `nets:build`
+    # of different folders share a model name; a width sweep is one line whatever its sources.
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     for r in ok:
-        groups.setdefault((r["model"], r["batch_size"]), []).append(r)
-    for (model, bs), group in sorted(groups.items()):
+        source = str(r.get("source")) if r.get("width") is None else ""
+        groups.setdefault((r["model"], source, r["batch_size"]), []).append(r)
+    names = [(model, bs) for model, _, bs in groups]
+    for (model, source, bs), group in sorted(groups.items()):
         group.sort(key=lambda r: r["macs"])
         xs = [r["macs"] / 1e9 for r in group]
         ys = [r[metric] for r in group]
-        ax.plot(xs, ys, marker="o", label=f"{model}, batch {bs}")
+        shared = names.count((model, bs)) > 1
+        ax.plot(xs, ys, marker="o",
+                label=f"{model}{f' ({source})' if shared else ''}, batch {bs}")
         for r, x, y in zip(group, xs, ys):
             if r.get("width") is not None:
                 ax.annotate(f"w{r['width']:g}", (x, y), textcoords="offset points",

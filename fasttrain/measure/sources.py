@@ -38,7 +38,9 @@ class BenchModel:
         model: the module to run (eval mode).
         resolution: its natural input size (used when the benchmark does not set one).
         num_classes: classifier outputs (labels of the training-throughput batch); None = unknown.
-        norm_act: the norm+ReLU implementation, None when not a fasttrain model.
+        norm_act: the norm+ReLU implementation ("native", "fused", or "folded" for an export
+            whose BatchNorm was folded; a factory's module: "fused" when it holds fasttrain's
+            fused layers, else "native"); None for an exported file of unknown origin.
         count_model: the module params and MACs are counted on: the model itself, or, for an
             exported fasttrain file, the architecture rebuilt from its metadata with BatchNorm
             unfolded (so the file counts like the network that was trained, and fvcore need not
@@ -46,6 +48,7 @@ class BenchModel:
         compiled: True for TorchScript / torch.export files: only eager and cudagraphs modes.
         fixed_resolution: the only input size the model accepts (a torch.export file's
             specialised height and width); None = any.
+        in_chans: input channels (a factory's first convolution's; else 3).
     """
 
     name: str
@@ -58,6 +61,7 @@ class BenchModel:
     count_model: nn.Module | None
     compiled: bool = False
     fixed_resolution: int | None = None
+    in_chans: int = 3
 
 
 def from_registry(name: str, widths: list[float], *, channel_divisor: int = 1,
@@ -198,4 +202,19 @@ def from_factory(spec: str) -> BenchModel:
         raise SourceError(f"factory {spec!r}: calling it failed ({first_line(e)})") from None
     if not isinstance(model, nn.Module):
         raise SourceError(f"factory {spec!r} returned {type(model).__name__}, not an nn.Module")
-    return BenchModel(spec, None, spec, model.eval(), 224, None, None, model)
+    # The spec names a module relative to the current directory: the file it was imported
+    # from tells two `nets:build` of different folders apart in a saved record.
+    where = getattr(module, "__file__", None)
+    source = f"{spec} ({Path(where).resolve()})" if where else spec
+    # What its norm layers run, as for fasttrain models: compare.py refuses to mix latency rows
+    # of different norm_act, and a plain module's BatchNorm is the native one.
+    from ..ops.bn_relu import BatchNormReLU2d as FusedBNReLU
+
+    norm_act = "fused" if any(isinstance(m, FusedBNReLU) for m in model.modules()) else "native"
+    # A torch.compile'd module: fvcore cannot trace the compiled function, its module it can.
+    count_model = getattr(model, "_orig_mod", model)
+    # A network for grey or multispectral images says so in its first convolution.
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    in_chans = first_conv.in_channels if first_conv is not None else 3
+    return BenchModel(spec, None, source, model.eval(), 224, None, norm_act, count_model,
+                      in_chans=in_chans)

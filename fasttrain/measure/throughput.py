@@ -119,11 +119,12 @@ def build_train_step(model: nn.Module, *, batch_size: int, resolution: int, num_
 def measure_throughput(model: nn.Module, *, batch_size: int, resolution: int, num_classes: int,
                        iters: int, warmup: int, device: torch.device | str,
                        precision: str = "fp32", channels_last: bool = True, mode: str = "eager",
-                       clock: Callable[[], float] | None = None) -> LatencyStats:
+                       in_chans: int = 3, clock: Callable[[], float] | None = None
+                       ) -> LatencyStats:
     """Per-step time statistics and images/s (`batch_size / mean step time`) of `iters` training
     steps after `warmup` untimed ones; see `build_train_step` for the step and its arguments."""
     step = build_train_step(model, batch_size=batch_size, resolution=resolution,
                             num_classes=num_classes, device=device, precision=precision,
-                            channels_last=channels_last, mode=mode)
+                            channels_last=channels_last, mode=mode, in_chans=in_chans)
     times = time_calls(step, iters=iters, warmup=warmup, device=device, clock=clock)
     return summarize(times, batch_size)
