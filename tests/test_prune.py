@@ -328,6 +328,13 @@ def test_init_from_takes_architecture_and_weights(tmp_path):
                      f"run has true"]
     apply_init_from(ModelConfig(init_from=str(out)), notes := [])
     assert notes == []
+    # recorded absolute: compare reads the pruning record through it from any folder
+    os.chdir(tmp_path)
+    try:
+        apply_init_from(cfg := ModelConfig(init_from="pruned.pt"))
+    finally:
+        os.chdir(Path(__file__).resolve().parent)
+    assert cfg.init_from == str(out)
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         apply_init_from(ModelConfig(init_from=str(tmp_path / "missing.pt")))
 

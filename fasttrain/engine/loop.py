@@ -78,8 +78,8 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
 def apply_init_from(cfg: ModelConfig, notes: list[str] | None = None
                     ) -> dict[str, torch.Tensor] | None:
     """`model.init_from`: copy the checkpoint's architecture keys (`MODEL_IDENTITY`) into `cfg`
-    (in place) and return its weights; None when `init_from` is empty. `notes` gets a line for
-    each option that changes what the network computes but not its weights' shapes and that
+    (in place; `init_from` made absolute) and return its weights; None when `init_from` is
+    empty. `notes` gets a line for each option that changes what the network computes but not its weights' shapes and that
     differs from the checkpoint's training (`model.blurpool`: its filters were part of what the
     weights learned), which nothing else would mention.
 
@@ -101,6 +101,9 @@ def apply_init_from(cfg: ModelConfig, notes: list[str] | None = None
         notes.append(f"note: model.init_from={cfg.init_from} was trained with model.blurpool="
                      f"{str(saved_model['blurpool']).lower()}, this run has "
                      f"{str(cfg.blurpool).lower()}")
+    # Absolute in the run's config.yaml: tools/compare.py reads the pruning record through it
+    # from wherever it runs.
+    cfg.init_from = str(path.resolve())
     return saved["model"]
 
 
