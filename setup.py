@@ -86,6 +86,9 @@ def check_arch_list(value: str) -> dict[str, list[str]]:
     if not value.replace(";", " ").strip():
         fail(f"TORCH_CUDA_ARCH_LIST is empty; unset it for the default {DEFAULT_ARCH_LIST!r} or "
              f"name architectures such as '9.0'")
+    if "" in value.replace(";", " ").split(" "):  # torch: "Unknown CUDA arch ()", no value
+        fail(f"TORCH_CUDA_ARCH_LIST={value!r}: an empty entry (a doubled, leading or trailing "
+             f"separator); separate architectures by one ';' or space, e.g. '8.0;9.0'")
     from torch.utils.cpp_extension import _get_cuda_arch_flags
 
     try:
@@ -123,7 +126,10 @@ def build_ext_removing_stale(base: type, stale: list[tuple[str, str]]) -> type:
 
 
 def nvcc_release(nvcc: str) -> str:
-    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    except OSError as e:  # not executable, a folder, a broken interpreter line
+        fail(f"cannot run `{nvcc} --version`: {e.strerror}")
     m = re.search(r"release (\d+\.\d+)", out)
     if not m:
         fail(f"cannot read the CUDA release from `{nvcc} --version`")

@@ -35,8 +35,8 @@ def test_build_records_what_it_built():
         assert info["arch_list"]
         # Each requested architecture has device code in the library (sm_XX in the fatbinary).
         blob = _ext.library_path("_C_cuda").read_bytes()
-        for arch in info["arch_list"].replace(" ", ";").split(";"):
-            sm = "sm_" + arch.split("+")[0].replace(".", "")
+        # From what the build recorded: torch expands names (Hopper, Ampere) and "+PTX".
+        for sm in ("sm_" + code for code in info.get("cuda_sm") or ()):
             assert sm.encode() in blob, f"{sm} missing from {_ext.library_path('_C_cuda')}"
 
 
@@ -44,8 +44,15 @@ def test_build_records_what_it_built():
     ({"FASTTRAIN_CUDA": "1", "TORCH_CUDA_ARCH_LIST": "7.x"},
      "TORCH_CUDA_ARCH_LIST='7.x': Unknown CUDA arch (7.x)"),
     ({"FASTTRAIN_CUDA": "1", "TORCH_CUDA_ARCH_LIST": ""}, "TORCH_CUDA_ARCH_LIST is empty"),
+    ({"FASTTRAIN_CUDA": "1", "TORCH_CUDA_ARCH_LIST": "8.0;"},
+     "TORCH_CUDA_ARCH_LIST='8.0;': an empty entry"),
+    ({"FASTTRAIN_CUDA": "1", "TORCH_CUDA_ARCH_LIST": "8.0  9.0"},
+     "TORCH_CUDA_ARCH_LIST='8.0  9.0': an empty entry"),
     ({"FASTTRAIN_CUDA": "1", "CUDA_HOME": "/nonexistent"},
      "no nvcc under CUDA_HOME=/nonexistent/bin (it overrides PATH)"),
+    # an nvcc that is not executable was a PermissionError traceback
+    ({"FASTTRAIN_CUDA": "1", "CUDA_HOME": "{tmp}/cuda"},
+     "cannot run `{tmp}/cuda/bin/nvcc --version`: Permission denied"),
 ])
 def test_build_settings_that_cannot_work_fail_in_one_line_before_compiling(tmp_path, env,
                                                                            message):
@@ -53,6 +60,10 @@ def test_build_settings_that_cannot_work_fail_in_one_line_before_compiling(tmp_p
         pytest.skip("needs nvcc on PATH")
     if torch.version.cuda is None:
         pytest.skip("needs a CUDA build of torch")
+    env = {k: v.replace("{tmp}", str(tmp_path)) for k, v in env.items()}
+    message = message.replace("{tmp}", str(tmp_path))
+    (tmp_path / "cuda" / "bin").mkdir(parents=True)
+    (tmp_path / "cuda" / "bin" / "nvcc").write_text("not a program")  # mode 644
     for name in ("setup.py", "csrc"):  # a copy: nothing is written next to the real sources
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
@@ -199,3 +210,70 @@ def test_env_sh_refuses_an_unusable_python_and_clears_interrupted_venvs(tmp_path
     assert result.stderr.splitlines()[-1] == (
         f"[env] error: {old} is Python 3.10; fasttrain needs 3.11 or newer (set "
         f"PYTHON=python3.11)")
+
+
+def _fake_project(tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of tools/env.sh in a project of fake native libraries, and a cache whose finished
+    venv's python runs `-m pip install` as a stand-in build (it logs FASTTRAIN_JPEG, fails when
+    told to) and anything else with this interpreter."""
+    repo = tmp_path / "repo"
+    (repo / "tools").mkdir(parents=True)
+    shutil.copy(ROOT / "tools" / "env.sh", repo / "tools" / "env.sh")
+    shutil.copy(ROOT / "requirements.txt", repo / "requirements.txt")
+    (repo / "setup.py").write_text("# fake\n")
+    (repo / "csrc").mkdir()
+    (repo / "csrc" / "op.cpp").write_text("// fake\n")
+    for lib in ("fasttrain/ops/_C.x.so", "fasttrain/ops/_C_cuda.x.so", "fasttrain/data/_jpeg.x.so"):
+        (repo / lib).parent.mkdir(parents=True, exist_ok=True)
+        (repo / lib).touch()
+    import hashlib
+
+    key = hashlib.sha256((repo / "requirements.txt").read_bytes()).hexdigest()[:16]
+    venv = tmp_path / "cache" / f"venv-{key}"
+    (venv / "bin").mkdir(parents=True)
+    (venv / ".complete").touch()
+    python = venv / "bin" / "python"
+    python.write_text(f'#!/bin/sh\nif [ "$1 $2 $3" = "-m pip install" ]; then\n'
+                      f'  echo "FASTTRAIN_JPEG=$FASTTRAIN_JPEG" >> "{tmp_path}/builds"\n'
+                      f'  echo "[fasttrain build] CPU library  fasttrain/ops/_C: yes"\n'
+                      f'  [ ! -e "{tmp_path}/fail" ] || exit 1\n  exit 0\nfi\n'
+                      f'exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    return repo, tmp_path / "builds"
+
+
+@pytest.mark.skipif(shutil.which("flock") is None, reason="env.sh needs flock (util-linux)")
+def test_env_sh_rebuilds_for_any_missing_library_or_interrupted_build(tmp_path):
+    """Before: a missing CUDA library (or a build interrupted after the old record matched)
+    was not rebuilt, FASTTRAIN_JPEG=0 was overridden, the build summary was never shown, and a
+    relative FASTTRAIN_CACHE/FASTTRAIN_DATA reached the command (run from the clone) as given."""
+    repo, builds = _fake_project(tmp_path)
+    (tmp_path / "work").mkdir()
+
+    def env_sh(*extra: str, **env_vars: str) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k != "FASTTRAIN_JPEG"}
+        env.update(FASTTRAIN_CACHE="../cache", FASTTRAIN_DATA="mydata", **env_vars)
+        return subprocess.run(["bash", str(repo / "tools" / "env.sh"), "python", "-c",
+                               "import os; print(os.environ['FASTTRAIN_CACHE'], "
+                               "os.environ['FASTTRAIN_DATA'], os.getcwd())", *extra],
+                              cwd=tmp_path / "work", env=env, capture_output=True, text=True,
+                              timeout=60)
+
+    def built() -> int:
+        return len(builds.read_text().splitlines()) if builds.exists() else 0
+
+    first = env_sh()
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.split() == [str(tmp_path / "cache"), str(tmp_path / "work" / "mydata"),
+                                    str(repo)]
+    assert "[env] [fasttrain build] CPU library  fasttrain/ops/_C: yes" in first.stderr
+    assert built() == 1 and builds.read_text() == "FASTTRAIN_JPEG=1\n"
+    assert env_sh().returncode == 0 and built() == 1  # up to date: nothing rebuilt
+    (repo / "fasttrain/ops/_C_cuda.x.so").unlink()  # a library the last build left
+    assert env_sh().returncode == 0 and built() == 2
+    (tmp_path / "fail").touch()  # an interrupted build
+    failed = env_sh(FASTTRAIN_JPEG="0")
+    assert failed.returncode == 1 and "editable install failed" in failed.stderr
+    assert builds.read_text().splitlines()[-1] == "FASTTRAIN_JPEG=0"
+    (tmp_path / "fail").unlink()
+    assert env_sh().returncode == 0 and built() == 4  # the old record did not survive

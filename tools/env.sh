@@ -9,15 +9,21 @@
 # PYTHON (default python3.11) is the interpreter a new venv is made from (3.11 or newer).
 # The native libraries (csrc/, a few minutes) are built into the clone by an editable install,
 # and rebuilt when the clone's record of what they were built for differs: another venv (another
-# torch), other setup.py or csrc/ contents, other build settings, or a library missing. The
-# command runs with the clone first on PYTHONPATH, so clones sharing the venv each run their own
-# code (the venv's editable install names only the clone that installed last).
+# torch), other setup.py or csrc/ contents, other build settings, a library of the last build
+# missing, or no record (an interrupted build). The command runs from the clone's root with the
+# clone first on PYTHONPATH, so clones sharing the venv each run their own code (the venv's
+# editable install names only the clone that installed last).
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cache=${FASTTRAIN_CACHE:-$HOME/.cache/fasttrain}
 mkdir -p "$cache"
 cache=$(cd "$cache" && pwd)  # absolute: the command runs from the clone
+export FASTTRAIN_CACHE="$cache"  # the command's data default ($FASTTRAIN_CACHE/data) too
+if [ -n "${FASTTRAIN_DATA:-}" ]; then
+  FASTTRAIN_DATA=$(realpath -m -- "$FASTTRAIN_DATA")
+  export FASTTRAIN_DATA
+fi
 key=$(sha256sum < "$repo/requirements.txt" | cut -c1-16)
 venv="$cache/venv-$key"
 
@@ -92,24 +98,33 @@ fi
 # `git clean -fdx`, has no libraries although a venv-side record still matched.
 sources=$(cd "$repo" && find setup.py csrc -type f -print0 2>/dev/null | LC_ALL=C sort -z \
   | xargs -0 sha256sum | sha256sum | cut -c1-16)
-settings="FASTTRAIN_CUDA=${FASTTRAIN_CUDA:-} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-} CUDA_HOME=${CUDA_HOME:-} nvcc=$(command -v nvcc || true)"
+jpeg=${FASTTRAIN_JPEG:-1}  # the packages above are there: a decoder build failure is an error
+settings="FASTTRAIN_CUDA=${FASTTRAIN_CUDA:-} FASTTRAIN_JPEG=$jpeg TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-} CUDA_HOME=${CUDA_HOME:-} CUDA_PATH=${CUDA_PATH:-} nvcc=$(command -v nvcc || true)"
 wanted="$venv $sources $settings"
 record="$repo/build/.fasttrain-native"
+# The record's second line names every library the build left; all must still be there.
 built=yes
-for lib in fasttrain/ops/_C fasttrain/data/_jpeg; do
-  compgen -G "$repo/$lib.*.so" >/dev/null || built=no
+libs=$(sed -n 2p "$record" 2>/dev/null || true)
+for lib in fasttrain/ops/_C.*.so $libs; do
+  compgen -G "$repo/$lib" >/dev/null || built=no
 done
-if [ "$(cat "$record" 2>/dev/null)" != "$wanted" ] || [ "$built" = no ]; then
+if [ "$(sed -n 1p "$record" 2>/dev/null)" != "$wanted" ] || [ "$built" = no ]; then
   log "building fasttrain's native libraries (editable install) in $repo"
   log_file="$cache/editable-install-$key.log"
-  # FASTTRAIN_JPEG=1: the packages above are there, so a decoder build failure is an error.
-  if ! FASTTRAIN_JPEG=1 "$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation \
+  rm -f "$record"  # an interrupted build leaves no record that could match
+  # -v: setup.py's "[fasttrain build]" lines (what was built or left out, and why) reach the
+  # log, and are shown from it, once (pip runs setup.py twice), without the rulers.
+  if ! FASTTRAIN_JPEG=$jpeg "$venv/bin/python" -m pip install -v --no-deps --no-build-isolation \
       -e "$repo" > "$log_file" 2>&1 9>&-; then
     cat "$log_file" >&2
     fail "editable install failed (log above, also in $log_file)"
   fi
+  grep -o '\[fasttrain build\] [^=].*' "$log_file" | awk '!seen[$0]++ { print "[env] " $0 }' >&2 \
+    || true
   mkdir -p "$repo/build"
-  echo "$wanted" > "$record"
+  libs=$(cd "$repo" && for f in fasttrain/ops/_C*.so fasttrain/data/_jpeg*.so; do
+    [ ! -e "$f" ] || printf '%s ' "$f"; done)
+  printf '%s\n%s\n' "$wanted" "$libs" > "$record"
 fi
 exec 9>&-
 
