@@ -17,7 +17,7 @@ from conftest import load_tool
 from fasttrain.compare import report
 from fasttrain.compare.literature import CompareError
 from fasttrain.compare.pareto import curve_value, pareto_front
-from fasttrain.compare.points import (OTHER, PRUNED, THIN, USER, Point, attach_latency,
+from fasttrain.compare.points import (MEASURED, OTHER, PRUNED, THIN, USER, Point, attach_latency,
                                       points_from_csv)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +105,28 @@ def test_margin_table_values():
     assert (rows["edge"]["thin_top1_at_macs"], rows["edge"]["thin_match"]) == (70.0, "nearest")
     assert rows["edge"]["thin_minus_point"] == pytest.approx(-1.0)
     assert rows["thin a"]["thin_top1_at_macs"] is None  # thin points make the curve
+    assert (rows["pruned"]["thin_points"], rows["edge"]["thin_points"]) == \
+        ("thin a – thin b", "thin b")
     assert [r["label"] for r in report.table_rows(pts, front, 0.05)][:2] == ["thin a", "thin b"]
+
+
+def test_a_point_is_set_against_the_thin_curve_of_its_own_model():
+    """A thin ResNet-18 more accurate than thin ResNet-50s of equal MACs used to set the curve
+    for a pruned ResNet-50 (interpolated between the ResNet-18 and a wider ResNet-50), turning
+    its margin's sign; which thin points were used was not shown."""
+    pts = [Point("thin r18 w0.75", THIN, MEASURED, 73.0, 1_043_000_000, model="thin_resnet18"),
+           Point("thin r50 w0.5", THIN, MEASURED, 72.0, 1_052_000_000, model="thin_resnet50"),
+           Point("thin r50 w0.75", THIN, MEASURED, 75.0, 2_323_000_000, model="thin_resnet50"),
+           Point("pruned r50", PRUNED, MEASURED, 72.5, 1_052_000_000, model="thin_resnet50"),
+           Point("paper", OTHER, USER, 72.5, 1_052_000_000)]  # no model: every thin point
+    front = pareto_front((p.macs, p.top1) for p in pts if p.kind == THIN)
+    rows = {r["label"]: r for r in report.table_rows(pts, front, 0.05)}
+    pruned, paper = rows["pruned r50"], rows["paper"]
+    assert (pruned["thin_top1_at_macs"], pruned["thin_match"], pruned["thin_points"]) == \
+        (72.0, "exact", "thin r50 w0.5")
+    assert pruned["thin_minus_point"] == pytest.approx(-0.5)
+    assert paper["thin_match"] == "interpolated" and paper["thin_minus_point"] > 0
+    assert paper["thin_points"] == "thin r18 w0.75 – thin r50 w0.75"
 
 
 # --------------------------------------------------------------------------- user CSV files
@@ -123,6 +144,25 @@ def test_user_points_csv(tmp_path):
     assert (b.kind, b.base_top1, b.base_macs, b.delta_top1) == (PRUNED, 76.0, 4_089_184_256,
                                                                 pytest.approx(-3.0))
     assert c.kind == OTHER and c.source == f"{path}:5"  # file lines, blank line counted
+
+
+def test_thin_points_get_a_baseline_of_their_own_model_only(tmp_path):
+    """A thin ResNet-18 of a file without a model column got the file's widest thin point, a
+    ResNet-50, as its baseline (Δ -15 pp, MAC reduction 87 %), with nothing said."""
+    path = tmp_path / "pts.csv"
+    path.write_text("label,kind,top1,macs\nthin r18 w0.25,thin,60,0.13e9\n"
+                    "thin r50 w0.5,thin,75,1.05e9\n")
+    c = report.build_comparison(points_csv=[path])
+    rows = {r["label"]: r for r in c.rows}
+    assert rows["thin r18 w0.25"]["delta_top1"] is None
+    assert c.warnings == ["thin points without a model (thin r18 w0.25, thin r50 w0.5): no Δ "
+                          "baseline; give a points CSV a model column (or base_top1/base_macs)"]
+    path.write_text("label,kind,top1,macs,model\nthin r18 w0.25,thin,60,0.13e9,r18\n"
+                    "thin r18 w1,thin,70,1.8e9,r18\nthin r50 w0.5,thin,75,1.05e9,r50\n")
+    c = report.build_comparison(points_csv=[path])
+    rows = {r["label"]: r for r in c.rows}
+    assert rows["thin r18 w0.25"]["delta_top1"] == pytest.approx(-10.0) and not c.warnings
+    assert rows["thin r50 w0.5"]["delta_top1"] == 0
 
 
 @pytest.mark.parametrize("text, message", [

@@ -55,3 +55,16 @@ def curve_value(front: list[tuple[float, float]], x: float, tolerance: float = 0
             t = math.log(x / xa) / math.log(xb / xa)
             return aa + t * (ab - aa), INTERPOLATED
     return a0, EXACT  # a single-point curve at exactly x
+
+
+def curve_points(front: list[tuple[float, float]], x: float, how: str
+                 ) -> list[tuple[float, float]]:
+    """The curve points `curve_value(front, x)` took its value from (`how` is what it
+    returned): the one point for EXACT and NEAREST, the two around `x` for INTERPOLATED."""
+    if how == NEAREST:
+        return [front[0] if x < front[0][0] else front[-1]]
+    if how == EXACT:
+        return [next((f for f in front if f[0] == x), front[0])]
+    if how == INTERPOLATED:
+        return next([a, b] for a, b in zip(front, front[1:]) if a[0] <= x <= b[0])
+    return []

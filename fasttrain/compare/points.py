@@ -289,12 +289,19 @@ def _user_cell(path: Path, line: int, column: str, text: str) -> Any:
 
 # --------------------------------------------------------------------------- baselines
 
-def assign_thin_baselines(points: list[Point]) -> None:
+def assign_thin_baselines(points: list[Point]) -> list[str]:
     """Give every thin point without a baseline the widest thin point of the same model and
-    origin (most MACs) as its baseline, in place."""
+    origin (most MACs) as its baseline, in place. Thin points of no known model get none (the
+    widest thin point of a file may be another architecture): a warning says so."""
+    unnamed = [p.label for p in points
+               if p.kind == THIN and p.base_top1 is None and p.macs and not p.model]
+    warnings = [f"thin points without a model ({', '.join(unnamed[:3])}"
+                f"{f' and {len(unnamed) - 3} more' if len(unnamed) > 3 else ''}): no Δ "
+                f"baseline; give a points CSV a model column (or base_top1/base_macs)"
+                ] if unnamed else []
     widest: dict[tuple[str | None, str], Point] = {}
     for p in points:
-        if p.kind == THIN and p.macs:
+        if p.kind == THIN and p.macs and p.model:
             key = (p.model, p.origin)
             if key not in widest or p.macs > widest[key].macs:
                 widest[key] = p
@@ -302,6 +309,7 @@ def assign_thin_baselines(points: list[Point]) -> None:
         if p.kind == THIN and p.base_top1 is None and (p.model, p.origin) in widest:
             ref = widest[(p.model, p.origin)]
             p.base_top1, p.base_macs = ref.top1, ref.macs
+    return warnings
 
 
 def dedupe_labels(points: list[Point]) -> None:

@@ -4,7 +4,10 @@ plots and tables (tools/compare.py is its command line).
 Table: one row per point. Thin points make the curve; every other point (pruned, other, published)
 gets the thin curve's top-1 at its MACs (`pareto.curve_value`) and the margin
 `thin - point` in percentage points: positive means the thin network is more accurate at equal
-MACs. Files written to `out_dir` (`name` = the benchmark, or "compare"):
+MACs. A point whose model has thin points of its own is set against their curve (a pruned
+ResNet-50 against thin ResNet-50s, not a thin ResNet-18 that happens to be better); others
+against the curve of all thin points. `thin_points` names the thin points the value came from.
+Files written to `out_dir` (`name` = the benchmark, or "compare"):
 
     <name>-top1-vs-macs.{png,svg}     <name>-top1-vs-params.{png,svg}
     <name>-top1-vs-latency.{png,svg}  (when latency results matched a point)
@@ -22,13 +25,13 @@ from typing import Any, Iterable
 from . import plots
 from .literature import (LITERATURE_CSV, Benchmark, CompareError, get_benchmark,
                          load_literature, thin_counts)
-from .pareto import NEAREST, curve_value, pareto_front
+from .pareto import NEAREST, curve_points, curve_value, pareto_front
 from .points import (LITERATURE, THIN, LatencyConditions, Point, assign_thin_baselines,
                      attach_latency, check_benchmark_fit, dedupe_labels, literature_points,
                      point_from_run, points_from_csv)
 
 COLUMNS = ("label", "kind", "origin", "model", "macs", "params", "top1", "base_top1",
-           "delta_top1", "mac_reduction_pct", "thin_top1_at_macs", "thin_match",
+           "delta_top1", "mac_reduction_pct", "thin_top1_at_macs", "thin_match", "thin_points",
            "thin_minus_point", "latency_ms_p50", "source")
 """Columns of the CSV table (the markdown table shows the same, formatted)."""
 
@@ -62,17 +65,28 @@ def table_rows(points: list[Point], front: list[tuple[float, float]], tolerance:
     def key(p: Point):
         return (order.get(p.kind, 1), p.macs is None, p.macs or 0, p.label)
 
+    thin_points = sorted((p for p in points if p.kind == THIN and p.macs), key=lambda p: p.label)
+    names: dict[tuple[float, float], str] = {}
+    for p in thin_points:
+        names.setdefault((p.macs, p.top1), p.label)
+    models = {p.model for p in thin_points if p.model}
+    fronts = {m: pareto_front((p.macs, p.top1) for p in thin_points if p.model == m)
+              for m in models}
     rows = []
     for p in sorted(points, key=key):
-        thin, how = (None, "")
+        thin, how, used = (None, "", "")
         if p.kind != THIN and p.macs:
-            thin, how = curve_value(front, p.macs, tolerance)
-            how = how if thin is not None else ""
+            curve = fronts.get(p.model, front) if p.model else front
+            thin, how = curve_value(curve, p.macs, tolerance)
+            if thin is None:
+                how = ""
+            else:
+                used = " – ".join(names[c] for c in curve_points(curve, p.macs, how))
         rows.append({"label": p.label, "kind": p.kind, "origin": p.origin, "model": p.model,
                      "macs": p.macs, "params": p.params, "top1": p.top1,
                      "base_top1": p.base_top1, "delta_top1": p.delta_top1,
                      "mac_reduction_pct": p.mac_reduction, "thin_top1_at_macs": thin,
-                     "thin_match": how,
+                     "thin_match": how, "thin_points": used,
                      "thin_minus_point": None if thin is None else thin - p.top1,
                      "latency_ms_p50": p.latency_ms, "source": p.source})
     return rows
@@ -110,7 +124,7 @@ def build_comparison(benchmark: str | None = None, runs: Iterable[str | Path] = 
     if latency and conditions is None:
         warnings.append(f"no point matched a latency row of {', '.join(map(str, latency))} "
                         f"(matched by params, MACs and resolution)")
-    assign_thin_baselines(points)
+    warnings += assign_thin_baselines(points)
     dedupe_labels(points)
     if bench is not None:
         warnings += check_benchmark_fit(points, bench)
@@ -143,7 +157,8 @@ def _num(value: float | None, spec: str, sign: bool = False) -> str:
 def display_rows(c: Comparison) -> tuple[list[str], list[list[str]]]:
     """Header and formatted cells of the table (markdown and terminal)."""
     header = ["point", "kind", "origin", "MACs", "params", "top-1 %", "Δ vs own base (pp)",
-              "MAC reduction %", "thin top-1 at equal MACs %", "thin − point (pp)"]
+              "MAC reduction %", "thin top-1 at equal MACs %", "from thin points",
+              "thin − point (pp)"]
     with_latency = any(r["latency_ms_p50"] is not None for r in c.rows)
     if with_latency:
         header.append(f"latency p50 ms (batch {c.latency.batch_size})" if c.latency
@@ -155,7 +170,7 @@ def display_rows(c: Comparison) -> tuple[list[str], list[list[str]]]:
             thin = f"≈ {thin} (nearest)"
         row = [r["label"], r["kind"], r["origin"], si(r["macs"]), si(r["params"]),
                _num(r["top1"], ".2f"), _num(r["delta_top1"], ".2f", sign=True),
-               _num(r["mac_reduction_pct"], ".1f"), thin,
+               _num(r["mac_reduction_pct"], ".1f"), thin, r["thin_points"],
                _num(r["thin_minus_point"], ".2f", sign=True)]
         if with_latency:
             row.append(_num(r["latency_ms_p50"], ".3f"))
