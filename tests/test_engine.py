@@ -610,6 +610,51 @@ def test_trim_survives_a_torn_metrics_line(tmp_path):
     assert (run / "metrics.jsonl").read_text() == good[0] + "\n" + good[1] + "\n"
 
 
+def test_trim_writes_nothing_when_nothing_is_dropped(tmp_path):
+    """A finished run resumed "trains and writes nothing": its metrics.jsonl was rewritten
+    (and a read-only run folder failed)."""
+    good = "".join(json.dumps({"epoch": e}) + "\n" for e in (1, 2))
+    run = _fake_run(tmp_path, "r", metrics=good)
+    inode = (run / "metrics.jsonl").stat().st_ino
+    loop._trim_run_dir(run, 2)
+    assert (run / "metrics.jsonl").stat().st_ino == inode
+
+
+def _hold_lock(folder: Path) -> subprocess.Popen:
+    """Another process holding the run directory's lock until killed."""
+    code = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_two_trainings_never_write_one_run_directory(tmp_path):
+    """Two runs started at once with one --log.name (or a requeued --resume auto while the
+    first still ran) both wrote into it: metrics.jsonl held epochs 1, 1, 2, 2."""
+    run = _fake_run(tmp_path, "dup", last=False)
+    holder = _hold_lock(run)
+    try:
+        with pytest.raises(RunError, match=r"dup: another training process is writing this run "
+                                           r"directory; wait for it to end or choose another"):
+            rundir.new_run_dir(tmp_path, "dup", "quickstart")
+        with pytest.raises(RunError, match="another training process"):
+            rundir.lock_run_dir(run)  # a resume of it
+    finally:
+        holder.kill()
+        holder.wait()
+    try:
+        assert rundir.new_run_dir(tmp_path, "dup", "quickstart") == run  # free again
+        rundir.lock_run_dir(run)  # the same process: already held, no error
+    finally:
+        rundir.release_run_dirs()
+    # unnamed runs started in the same second get folders of their own
+    made = {rundir.new_run_dir(tmp_path / "u", "", "quickstart") for _ in range(3)}
+    rundir.release_run_dirs()
+    assert len(made) == 3
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_device_without_a_gpu_is_a_config_error():
     with pytest.raises(ConfigError, match="train.device=cuda but no CUDA device"):
@@ -882,6 +927,60 @@ def test_sigterm_is_handled_like_ctrl_c_with_status_143(monkeypatch, capsys):
     assert err.startswith("terminated: checkpoints already written are intact") and \
         err.count("\n") == 1
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_late_sigterm_adds_no_traceback_to_the_outcome(monkeypatch, capsys):
+    """torchrun's SIGTERM to the ranks left after one failed arrived after the rank had said
+    its one line: a `Terminated` traceback followed it."""
+    import signal
+
+    tool = load_tool("train")
+
+    def said_then_terminated(argv):
+        print("error: [rank 0] stopped: another rank failed first", file=sys.stderr)
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered before this function returns
+        time.sleep(5)
+        return 1
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(tool, "_main", said_then_terminated)
+    assert tool.main([str(QUICKSTART)]) == 143
+    assert capsys.readouterr().err.count("\n") == 1
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_killed_dataloader_worker_is_one_line(monkeypatch, capsys):
+    import fasttrain.engine
+
+    def worker_killed(*args, **kwargs):
+        raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. ")
+
+    monkeypatch.setattr(fasttrain.engine, "train", worker_killed)
+    assert load_tool("train").main([str(QUICKSTART)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: DataLoader worker (pid 4242) is killed by signal: Killed. "
+                          "(out of memory? fewer data.num_workers)") and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_a_run_directory_that_cannot_be_updated_is_one_line_on_resume(data_root, tmp_path,
+                                                                      monkeypatch):
+    train(_cfg(data_root, tmp_path, "--schedule.epochs=1", "--schedule.warmup_epochs=0",
+               "--train.max_steps=1", "--log.name=r"))
+    metrics = tmp_path / "r" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + json.dumps({"epoch": 9}) + "\n")  # to drop
+    before = metrics.read_text()
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(metrics))
+
+    monkeypatch.setattr(ckpt, "write_atomic", full)
+    with pytest.raises(RunError, match=r"r: cannot update the run directory to resume it \(.*"
+                                       r"metrics.jsonl: No space left on device\); its files "
+                                       r"are unchanged"):
+        train(_cfg(data_root, tmp_path, "--schedule.epochs=2", "--schedule.warmup_epochs=0",
+                   "--log.name=r"), resume="auto")
+    assert metrics.read_text() == before
 
 
 def test_tensorboard_logging_without_the_package_is_one_line_before_any_work(

@@ -9,6 +9,7 @@ be read back from its pixels.
 """
 import json
 import math
+import os
 import random
 import sys
 from collections import Counter
@@ -231,6 +232,31 @@ def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch, cifar):
     assert not (out / "train.beton").exists()
 
 
+def test_a_writer_process_that_dies_ends_the_write_with_one_error(tmp_path, monkeypatch, cifar):
+    """A full disk ends an FFCV writer process before it reports; DatasetWriter then waited for
+    it forever (the tool sat at 100 % until killed, its temporary file left behind)."""
+    import multiprocessing
+
+    data = DataConfig(dataset="cifar10", path=str(cifar), download=False)
+    out = tmp_path / "out"
+    write_beton(data, out, write_mode="raw", num_workers=1, splits=("val",))
+    before = (out / "val.beton").read_bytes()
+
+    def dies_while_waited_for(self, *args, **kwargs):
+        worker = ffcv.writer.Process(target=os._exit, args=(1,))  # as FFCV starts them
+        worker.start()
+        multiprocessing.Queue().get(timeout=60)  # as FFCV's wait for its allocations
+        pytest.fail("the wait was not ended")
+
+    monkeypatch.setattr(ffcv.writer.DatasetWriter, "from_indexed_dataset", dies_while_waited_for)
+    with pytest.raises(DatasetError, match=r"val.beton: an FFCV writer process failed \(exit "
+                                           r"code 1; its error is above: a full disk\?\); no "
+                                           r"file was replaced"):
+        write_beton(data, out, write_mode="raw", num_workers=1, splits=("val",), overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["val.beton", "val.beton.json"]
+    assert (out / "val.beton").read_bytes() == before
+
+
 def test_files_written_with_other_settings_are_replaced_only_on_request(tmp_path, cifar,
                                                                        capsys):
     """README's two ImageNet commands (ResNet-50: 500 px, 50 % JPEG; ResNet-18: 400 px, 10 %)
@@ -299,6 +325,38 @@ def test_write_tool_exit_status_from_the_command_line(run_tool):
     assert result.returncode == 2
     assert result.stderr == ("error: give a recipe or --dataset (digits | imagefolder | "
                              "cifar10)\n")
+
+
+@pytest.mark.slow
+def test_sigterm_removes_the_partial_file_like_ctrl_c(data_root, tmp_path):
+    """A time limit's SIGTERM ended the tool with no message and left its hidden partial file
+    (for ImageNet, hundreds of GB no later write removes: each uses a new temporary name)."""
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "ffcv"
+    env = {**os.environ, "FASTTRAIN_DATA": str(data_root)}
+    # The tool as its command line runs it, each image slowed down: the signal comes while
+    # the writer processes work (one arriving inside a fork is swallowed by Python).
+    slowed = ("import runpy, sys, time; from fasttrain.data import ffcv_loader as f; "
+              "get = f._HWCSource.__getitem__; "
+              "f._HWCSource.__getitem__ = lambda self, i: (time.sleep(0.02), get(self, i))[1]; "
+              "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    tool = subprocess.Popen([sys.executable, "-c", slowed, str(ROOT / "tools" / "write_ffcv.py"),
+                             "--dataset=digits", f"--out={out}", "--num-workers=1"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(out.glob(".*.tmp-*")) and tool.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(2)  # 1,433 images at 20 ms: the write is under way for ~30 s
+    assert tool.poll() is None, "the write ended before it could be interrupted"
+    tool.send_signal(signal.SIGTERM)
+    _, err = tool.communicate(timeout=60)
+    assert tool.returncode == 130, err
+    assert "error: interrupted; no file was replaced (earlier files are kept)\n" in err
+    assert "Traceback" not in err, err
+    assert list(out.iterdir()) == []
 
 
 # ----------------------------------------------------------------------------------- loading

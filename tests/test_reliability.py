@@ -367,3 +367,59 @@ def test_crafted_checkpoint_is_refused_by_the_cli(run_tool, tmp_path):
     assert "cannot load checkpoint" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not marker.exists()
+
+
+class _FullDiskFile:
+    """A file whose writes fail as a full disk's do, once `room` bytes are written."""
+
+    def __init__(self, f, room: int):
+        self._f, self._room = f, room
+
+    def write(self, data) -> int:
+        size = len(memoryview(data).cast("B"))
+        if size > self._room:
+            raise OSError(28, "No space left on device")
+        self._room -= size
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+def test_a_checkpoint_meeting_a_full_disk_is_an_oserror_and_the_old_file_stays(tmp_path,
+                                                                              monkeypatch):
+    """torch's zip writer, given the file, turned the OSError of a full disk into
+    "RuntimeError: [enforce fail at inline_container.cc] unexpected pos", which the training
+    loop and tools/prune.py did not recognise: a traceback instead of one line."""
+    path = tmp_path / "last.pt"
+    ckpt.save_atomic({"model": {"w": torch.ones(3)}}, path)
+    before = path.read_bytes()
+    real_open = open
+    for room in (0, 100, 5000):
+        monkeypatch.setattr(ckpt, "open", lambda p, mode="r", **kw: _FullDiskFile(
+            real_open(p, mode, **kw), room), raising=False)
+        with pytest.raises(OSError) as info:
+            ckpt.save_atomic({"model": {"w": torch.zeros(100_000)}}, path)
+        assert info.value.errno == 28
+        assert path.read_bytes() == before and sorted(tmp_path.iterdir()) == [path]
+
+
+def test_a_read_only_folder_reports_the_write_error_not_the_cleanup_one(tmp_path, monkeypatch):
+    """On a read-only mount, unlinking the temporary file that was never made fails with EROFS
+    too; that second error hid the first (export and checkpoints: a chained traceback)."""
+    import errno as errno_
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno_.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(ckpt, "open", read_only, raising=False)
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.raises(OSError) as info:
+        ckpt.write_atomic(tmp_path / "metrics.jsonl", lambda f: f.write("x"), mode="w")
+    assert info.value.errno == errno_.EROFS and info.value.__context__ is None

@@ -42,10 +42,18 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is not threading.main_thread():  # no signals there
         return _main(argv)
     previous = signal.signal(signal.SIGTERM, _terminate)
+    status = 143
     try:
-        return _main(argv)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        try:
+            status = _main(argv)
+        finally:
+            # Leaving: the outcome is decided and said. A SIGTERM now (torchrun stopping the
+            # ranks left after one failed) must not add a traceback to that one line.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except Terminated:  # arrived after _main's own handling, before SIG_IGN took over
+        pass
+    signal.signal(signal.SIGTERM, previous)
+    return status
 
 
 def _main(argv: list[str] | None) -> int:
@@ -76,6 +84,13 @@ def _main(argv: list[str] | None) -> int:
         if world > 1 and any(words in str(e) for words in PEER_GONE):
             print(f"error: [rank {rank}] stopped: another rank failed first (its error is in "
                   f"the lines above or in torchrun's report)", file=sys.stderr)
+            return 1
+        if "DataLoader worker" in str(e) and ("killed by signal" in str(e)
+                                               or "exited unexpectedly" in str(e)):
+            # e.g. the kernel's out-of-memory killer: torch's words, without 40 lines of stack
+            print(f"error: {str(e).strip().splitlines()[0]} (out of memory? fewer "
+                  f"data.num_workers); checkpoints already written are intact; continue from "
+                  f"the last one with --resume auto", file=sys.stderr)
             return 1
         raise
     except KeyboardInterrupt as e:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 
-from fasttrain.cli import ArgumentParser, nonempty
+from fasttrain.cli import ArgumentParser, nonempty, sigterm_as_interrupt
 from fasttrain.config import load
 from fasttrain.errors import UserError
 
@@ -91,4 +91,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    sigterm_as_interrupt()  # a time limit or preemption removes the partial files as Ctrl-C does
     sys.exit(main())

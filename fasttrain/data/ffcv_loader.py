@@ -30,11 +30,13 @@ padding: each image is counted once).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import multiprocessing
 import os
 import signal
+import sys
 import time
 import uuid
 import warnings
@@ -567,7 +569,13 @@ def _write_split(ff: SimpleNamespace, dataset, target: Path, params: dict[str, A
                                   num_workers=num_workers, page_size=page_size)
         before = set(multiprocessing.active_children())
         source = _HWCSource(dataset, params["max_resolution"], page_size)
-        writer.from_indexed_dataset(source, chunksize=params["chunk_size"])
+        try:
+            with _writer_watchdog(sys.modules[type(writer).__module__]):
+                writer.from_indexed_dataset(source, chunksize=params["chunk_size"])
+        except _WriterDied as e:
+            raise DatasetError(f"{target}: an FFCV writer process failed (exit code {e.code}; "
+                               f"its error is above: a full disk?); no file was replaced"
+                               ) from None
         reader = ff.Reader(str(tmp))
         labels = reader.metadata[f"f{reader.field_names.index('label')}"]
         skipped = [_skip_reason(source, int(i)) for i in np.flatnonzero(labels < 0)]
@@ -600,6 +608,68 @@ def _write_split(ff: SimpleNamespace, dataset, target: Path, params: dict[str, A
                 sm.unlink()
             except (FileNotFoundError, OSError):
                 pass
+
+
+class _WriterDied(Exception):
+    """An FFCV writer process ended with an error (its exit code in `code`)."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
+@contextlib.contextmanager
+def _writer_watchdog(writer_module):
+    """FFCV's DatasetWriter waits forever for a writer process that died (a full disk: the
+    worker's OSError ends it before it reports its allocations). Record the processes it starts
+    (its module's `Process`, replaced for the block) and, when one exits with an error, end the
+    main thread's wait with `_WriterDied`: a signal of our own (SIGUSR1, its handler ours for
+    the block) interrupts a blocking queue read, whatever SIGINT's disposition is."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # no signals there
+        yield
+        return
+    started: list = []
+    real = writer_module.Process
+
+    class FFCVWriter(real):
+        def start(self):
+            super().start()
+            started.append(self)
+
+        def run(self):
+            # Forked with the tool's SIGTERM-as-Ctrl-C handler: the clean-up's terminate()
+            # would print a KeyboardInterrupt traceback per process.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            super().run()
+
+    failed: list[int] = []
+    stop = threading.Event()
+    main = threading.main_thread().ident
+
+    def watch():
+        while not stop.wait(0.2):
+            bad = [p.exitcode for p in list(started) if p.exitcode not in (None, 0)]
+            if bad:
+                failed.append(bad[0])
+                signal.pthread_kill(main, signal.SIGUSR1)
+                return
+
+    def writer_died(signum, frame):
+        raise _WriterDied(failed[0] if failed else -1)
+
+    previous = signal.signal(signal.SIGUSR1, writer_died)
+    writer_module.Process = FFCVWriter
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        writer_module.Process = real
+        signal.signal(signal.SIGUSR1, previous)
 
 
 def _ffcv_version() -> str:

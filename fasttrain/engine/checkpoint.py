@@ -1,6 +1,7 @@
 """Checkpoints: unwrapped model state, atomic writes, safe loads."""
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import warnings
@@ -36,7 +37,10 @@ def write_atomic(path: Path, write: Callable[[IO], None], mode: str = "wb") -> N
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only folder: unlink fails too (EROFS); the first error counts
+            pass
         raise
     fsync_folder(path.parent)
 
@@ -53,7 +57,12 @@ def fsync_folder(folder: Path) -> None:
 def save_atomic(state: dict[str, Any], path: Path) -> None:
     """Write `state` to `path` (folders created) with `write_atomic`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda f: torch.save(state, f))
+    # Serialised in memory, written by Python: torch's zip writer turns the OSError of a full
+    # disk into "RuntimeError: [enforce fail at inline_container.cc] unexpected pos" when the
+    # first record fails, which no caller recognises as a write failure.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_atomic(path, lambda f: f.write(buffer.getbuffer()))
 
 
 TORCHSCRIPT_NOT_CHECKPOINT = ("a TorchScript archive (an exported model?), not a fasttrain "

@@ -37,7 +37,8 @@ from .optim import build_optimizer
 from .precision import Precision, resolve_precision
 from .progress import Reporter
 from .rundir import (BEST, CHECKPOINTS, LAST, check_log_dir, check_name_free, checkpoint_file,
-                     discard_unused_run_dir, find_resume, new_run_dir, run_dir_of)
+                     discard_unused_run_dir, find_resume, lock_run_dir, new_run_dir,
+                     release_run_dirs, run_dir_of)
 from .schedule import build_scheduler
 
 MODEL_IDENTITY = ("name", "width", "channel_divisor", "num_classes", "shortcut", "channels")
@@ -79,9 +80,9 @@ def apply_init_from(cfg: ModelConfig, notes: list[str] | None = None
                     ) -> dict[str, torch.Tensor] | None:
     """`model.init_from`: copy the checkpoint's architecture keys (`MODEL_IDENTITY`) into `cfg`
     (in place; `init_from` made absolute) and return its weights; None when `init_from` is
-    empty. `notes` gets a line for each option that changes what the network computes but not its weights' shapes and that
-    differs from the checkpoint's training (`model.blurpool`: its filters were part of what the
-    weights learned), which nothing else would mention.
+    empty. `notes` gets a line for each option that changes what the network computes but not
+    its weights' shapes and that differs from the checkpoint's training (`model.blurpool`: its
+    filters were part of what the weights learned), which nothing else would mention.
 
     Raises:
         CheckpointError: unreadable file (loaded with weights_only=True) or no model config.
@@ -349,6 +350,7 @@ def train(cfg: Config, recipe: str | None = None, resume: str | None = None,
             discard_unused_run_dir(run)
         raise
     finally:
+        release_run_dirs()
         distributed.teardown()
 
 
@@ -459,8 +461,13 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
         return {"params": params, "macs": macs.conv_fc if macs else None}
     # A checkpoint inside <run>/checkpoints/ continues that run; a loose file (downloaded,
     # copied) starts a new run directory rather than writing next to it.
-    run_dir = _on_main(dist, lambda: (resume_path and run_dir_of(resume_path))
-                       or new_run_dir(log_dir, cfg.log.name, stem, resume == "auto"))
+    def claim_run_dir() -> Path:
+        if resume_path and (run := run_dir_of(resume_path)):
+            lock_run_dir(run)
+            return run
+        return new_run_dir(log_dir, cfg.log.name, stem, resume == "auto")
+
+    run_dir = _on_main(dist, claim_run_dir)
     if made is not None and dist.is_main and not (resume_path and run_dir_of(resume_path)):
         made.append(run_dir)
 
@@ -490,8 +497,13 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
         # an epoch that train.max_steps cut short is in the history; it is trained again now
         state.history = [h for h in state.history if h["epoch"] <= state.epoch]
         if dist.is_main:
-            _trim_run_dir(run_dir, state.epoch)
-            _relink_best(run_dir, resume_path, saved, state)
+            try:
+                _trim_run_dir(run_dir, state.epoch)
+                _relink_best(run_dir, resume_path, saved, state)
+            except OSError as e:  # a read-only or full run folder: one line, nothing lost
+                where = e.filename or run_dir / "metrics.jsonl"
+                raise RunError(f"{run_dir}: cannot update the run directory to resume it "
+                               f"({where}: {e.strerror or e}); its files are unchanged") from None
         if run_dir_of(resume_path) is None:  # a loose file: this new folder has no best.pt
             _adopt_best(run_dir, resume_path, saved, state, dist.is_main, report)
         where = f"epoch {state.epoch}" + (f", step {state.epoch_step} of epoch {state.epoch + 1}"
@@ -603,9 +615,11 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
                     f.flush()
                     os.fsync(f.fileno())  # before the checkpoint that claims this epoch is done
             except OSError as e:  # a full disk meets this write first at the default settings
+                last = run_dir / CHECKPOINTS / LAST
+                kept = (f"; the previous checkpoint {last} is intact" if last.exists() else
+                        f"; {last} is gone (was the run directory removed?)")
                 raise TrainingError(f"cannot write {run_dir / 'metrics.jsonl'} after epoch "
-                                    f"{epoch + 1} ({e.strerror or e}); the previous checkpoint "
-                                    f"is intact") from None
+                                    f"{epoch + 1} ({e.strerror or e}){kept}") from None
             if writer is not None:
                 for key, value in metrics.items():
                     if value is not None:  # best_val_top1 before a complete epoch
@@ -745,10 +759,11 @@ def _trim_run_dir(run_dir: Path, epochs_done: int) -> None:
     of interrupted checkpoint writes."""
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists():
-        keep = []
+        keep, lines = [], []
         # errors="replace": a power loss can leave a torn last line or NUL bytes; such lines
         # are what this trim is for, and must not make the run impossible to resume.
-        for line in metrics.read_text(errors="replace").splitlines():
+        lines = metrics.read_text(errors="replace").splitlines()
+        for line in lines:
             try:
                 record = json.loads(line)
                 done = isinstance(record, dict) and record["epoch"] <= epochs_done
@@ -756,9 +771,10 @@ def _trim_run_dir(run_dir: Path, epochs_done: int) -> None:
                 done = False
             if done:
                 keep.append(line)
-        # atomically: a kill during a plain rewrite (truncate, then write) lost the history
-        ckpt.write_atomic(metrics, lambda f: f.write("".join(line + "\n" for line in keep)),
-                          mode="w")
+        if keep != lines:  # nothing to drop: nothing written (a finished run resumed)
+            # atomically: a kill during a plain rewrite (truncate, then write) lost the history
+            ckpt.write_atomic(metrics, lambda f: f.write("".join(line + "\n" for line in keep)),
+                              mode="w")
     for tmp in (run_dir / CHECKPOINTS).glob(".*.tmp-*"):
         tmp.unlink(missing_ok=True)
 

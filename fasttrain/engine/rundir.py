@@ -1,7 +1,9 @@
 """Run directories: `<log.dir>/<name>/{config.yaml, metrics.jsonl, checkpoints/}`."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -88,24 +90,68 @@ def new_run_dir(log_dir: Path, name: str, recipe_stem: str, restart: bool = Fals
     Raises:
         RunError: the name is taken, or the folder cannot be created (names it and why).
     """
-    if name:
-        check_name_free(log_dir, name, restart)
-        run = log_dir / name
-        if restart and stopped_before_first_checkpoint(run):
-            (run / "metrics.jsonl").unlink(missing_ok=True)
-    else:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run = log_dir / f"{recipe_stem}-{stamp}"
-        n = 1
-        while run.exists():
-            run = log_dir / f"{recipe_stem}-{stamp}-{n}"
-            n += 1
     try:
+        if name:
+            check_name_free(log_dir, name, restart)
+            run = log_dir / name
+            run.mkdir(parents=True, exist_ok=True)
+            lock_run_dir(run)
+            check_name_free(log_dir, name, restart)  # again, now that no other run can start
+            if restart and stopped_before_first_checkpoint(run):
+                (run / "metrics.jsonl").unlink(missing_ok=True)
+        else:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            run, n = log_dir / f"{recipe_stem}-{stamp}", 1
+            while True:  # mkdir claims the name: two runs started in the same second differ
+                try:
+                    run.mkdir()
+                    break
+                except FileExistsError:
+                    run, n = log_dir / f"{recipe_stem}-{stamp}-{n}", n + 1
+            lock_run_dir(run)
         (run / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise RunError(f"{run}: cannot create the run directory (log.dir={log_dir}: "
-                       f"{e.strerror or e})") from None
+        raise RunError(f"{log_dir / name if name else log_dir}: cannot create the run directory "
+                       f"(log.dir={log_dir}: {e.strerror or e})") from None
     return run
+
+
+_LOCKS: dict[Path, int] = {}
+
+
+def lock_run_dir(run: Path) -> None:
+    """Hold an exclusive lock on `run` (flock on the folder itself: no file to leave behind, and
+    the kernel drops it when the process ends, kill -9 included) for the rest of the process:
+    two trainings writing one run directory interleave their metrics and checkpoints.
+
+    Raises:
+        RunError: another process holds it.
+    """
+    import fcntl
+
+    key = run.resolve()
+    if key in _LOCKS:
+        return
+    try:
+        fd = os.open(run, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return  # missing or unreadable: the writes that follow say so
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise RunError(f"{run}: another training process is writing this run directory; "
+                           f"wait for it to end or choose another --log.name") from None
+        return  # a file system without flock: unprotected, as before
+    _LOCKS[key] = fd
+
+
+def release_run_dirs() -> None:
+    """Drop the locks `lock_run_dir` took (the end of a `train` call in a longer process)."""
+    while _LOCKS:
+        os.close(_LOCKS.popitem()[1])
 
 
 def _start(run: Path, recipe_stem: str) -> tuple[str, int] | None:
