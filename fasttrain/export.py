@@ -164,8 +164,8 @@ def _ema_state(path: Path, state: dict[str, Any]) -> dict[str, Any]:
 # What exported metadata keeps of a pruned checkpoint's `pruning` record (the bisection trace
 # and dates stay in the checkpoint).
 PRUNING_SUMMARY = ("source", "source_epoch", "source_weights", "source_val_top1", "source_model",
-                   "source_width", "source_macs", "macs", "params", "ratio", "importance",
-                   "scope", "torch_pruning")
+                   "source_width", "source_macs", "source_params", "macs", "params", "ratio",
+                   "importance", "scope", "torch_pruning")
 
 
 def model_from_checkpoint(path: str | Path, norm_act: str | None = None,
@@ -480,8 +480,19 @@ def load_exported(path: str | Path, fmt: str | None = None
             extra = {META_KEY: ""}
             # An open file, not its name: torch logs a warning for a name not ending in .pt2
             # (upper case, the temporary name of another suffix) although the file loads.
-            with open(path, "rb") as f:
-                ep = torch.export.load(f, extra_files=extra)
+            # A file that is no torch.export archive (a checkpoint, a TorchScript file, a
+            # damaged one): torch logs the traceback of its first attempt as a warning before
+            # raising; the error below says it in one line.
+            import logging
+
+            export_log = logging.getLogger("torch.export")
+            level = export_log.level
+            export_log.setLevel(logging.ERROR)
+            try:
+                with open(path, "rb") as f:
+                    ep = torch.export.load(f, extra_files=extra)
+            finally:
+                export_log.setLevel(level)
             return ep.module(), json.loads(extra[META_KEY] or "{}")
     except Exception as e:  # torch raises RuntimeError, zipfile.BadZipFile, KeyError, ... here
         if _is_torch_save_archive(path):
@@ -629,5 +640,8 @@ def export_model(model: nn.Module, meta: dict[str, Any], fmt: str, out: str | Pa
                               f"inspection, {out} left as it was")
         os.replace(tmp, out)
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only folder (EROFS even for a missing file): nothing to remove
+            pass
     return parity, meta

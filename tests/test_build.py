@@ -269,6 +269,11 @@ def test_env_sh_rebuilds_for_any_missing_library_or_interrupted_build(tmp_path):
     assert "[env] [fasttrain build] CPU library  fasttrain/ops/_C: yes" in first.stderr
     assert built() == 1 and builds.read_text() == "FASTTRAIN_JPEG=1\n"
     assert env_sh().returncode == 0 and built() == 1  # up to date: nothing rebuilt
+    # run from another clone's root: its libraries are not this clone's (an unquoted glob
+    # matched them there and found this clone's "missing": a rebuild at every call)
+    (tmp_path / "work" / "fasttrain" / "ops").mkdir(parents=True)
+    (tmp_path / "work" / "fasttrain" / "ops" / "_C.cpython-310-x86_64-linux-gnu.so").touch()
+    assert env_sh().returncode == 0 and built() == 1
     (repo / "fasttrain/ops/_C_cuda.x.so").unlink()  # a library the last build left
     assert env_sh().returncode == 0 and built() == 2
     (tmp_path / "fail").touch()  # an interrupted build

@@ -127,6 +127,49 @@ def test_a_point_is_set_against_the_thin_curve_of_its_own_model():
     assert pruned["thin_minus_point"] == pytest.approx(-0.5)
     assert paper["thin_match"] == "interpolated" and paper["thin_minus_point"] > 0
     assert paper["thin_points"] == "thin r18 w0.75 – thin r50 w0.75"
+    # a thin point of another model with the same counts and top-1 is not named for it
+    pts.append(Point("thin r18 twin", THIN, MEASURED, 72.0, 1_052_000_000, model="a_r18"))
+    front = pareto_front((p.macs, p.top1) for p in pts if p.kind == THIN)
+    rows = {r["label"]: r for r in report.table_rows(pts, front, 0.05)}
+    assert rows["pruned r50"]["thin_points"] == "thin r50 w0.5"
+
+
+def test_a_moved_project_still_finds_the_pruning_record(tmp_path):
+    """model.init_from is recorded absolute; after the project folder moved, the record was
+    "not found" and the Δ columns empty. Its trailing parts are looked for from the run's
+    folders; a file of that name with other MACs is not taken for it."""
+    from fasttrain.compare import points as points_mod
+
+    run = tmp_path / "moved" / "runs" / "ft"
+    run.mkdir(parents=True)
+    torch.save({"model": {}, "pruning": {"macs": 123, "source": "x"}},
+               tmp_path / "moved" / "pruned.pt")
+    gone = str(tmp_path / "old-place" / "pruned.pt")
+    warnings = []
+    assert points_mod._pruning_record(gone, run, warnings, macs=123)["source"] == "x"
+    assert warnings == []
+    assert points_mod._pruning_record(gone, run, warnings, macs=999) is None
+    assert warnings == [f"{run}: model.init_from {gone} not found: its baseline (the network "
+                        f"it was pruned from) is unknown, so it is left out of the Δ view"]
+
+
+def test_the_plot_draws_the_thin_curve_of_each_model(tmp_path, monkeypatch):
+    """The table sets a point against its own model's curve; the plot drew one curve over all
+    thin points (a ResNet-18 curve where the ResNet-50 one decided the margin)."""
+    from matplotlib.axes import Axes
+
+    from fasttrain.compare import plots
+
+    labels, real = [], Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, **k: (labels.append(k.get("label")),
+                                                              real(self, *a, **k))[1])
+    pts = [Point(f"{m} {i}", THIN, MEASURED, top1, macs, model=m)
+           for m, rows in (("r18", ((1e8, 60.0), (1e9, 70.0))), ("r50", ((2e8, 55.0), (2e9, 65.0))))
+           for i, (macs, top1) in enumerate(rows)]
+    plots.plot_top1(pts, "macs", tmp_path / "p", title="t")
+    assert [l for l in labels if l and "Pareto" in l] == [
+        "ThinResNet Pareto curve of r18 (linear in log x)",
+        "ThinResNet Pareto curve of r50 (linear in log x)"]
 
 
 # --------------------------------------------------------------------------- user CSV files

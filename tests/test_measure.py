@@ -360,6 +360,54 @@ def test_factory_rows_name_their_file_norm_act_and_input_channels(tmp_path, monk
     sys.modules.pop("nets", None)
 
 
+def _append_many(directory: str, tag: str) -> None:
+    for i in range(60):
+        bench.append_results([{"kind": "latency", "tag": tag, "i": i}], directory, stem="rec")
+
+
+def test_two_benchmarks_saving_at_once_keep_every_row(tmp_path):
+    """Each read the record and wrote it back with its own rows: 266 of 400 rows survived."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    writers = [ctx.Process(target=_append_many, args=(str(tmp_path), tag)) for tag in "ab"]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(120)
+        assert w.exitcode == 0
+    rows = json.loads((tmp_path / "rec.json").read_text())
+    assert sorted((r["tag"], r["i"]) for r in rows) == [(t, i) for t in "ab" for i in range(60)]
+    assert len((tmp_path / "rec.csv").read_text().splitlines()) == 121
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rec.csv", "rec.json"]
+
+
+def test_a_file_that_is_no_torch_export_program_is_one_line(tmp_path, capfd):
+    """torch.export.load logged its first attempt's traceback (18 lines) before the error."""
+    path = tmp_path / "ck.pt2"
+    torch.save({"model": {"w": torch.ones(2)}}, path)
+    assert benchmark_tool.main(["--file", str(path), "--device", "cpu"]) == 2
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and "a torch.save file" in err, err
+
+
+def test_a_factory_with_fused_layers_and_no_kernels_says_what_to_do(tmp_path, monkeypatch,
+                                                                     capsys):
+    from fasttrain.ops import _ext
+
+    (tmp_path / "fusednets.py").write_text(
+        "from fasttrain.export import model_from_name\n"
+        "def build():\n    return model_from_name('cifar_resnet20', 0.25, norm_act='fused')[0]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(_ext, "supports", lambda device: False)
+    assert benchmark_tool.main(["--factory", "fusednets:build", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --factory fusednets:build (its module holds fused "
+                          "BatchNorm+ReLU layers): the fused kernels are unavailable on cpu")
+    assert err.rstrip().endswith("or have the factory build norm_act='native' layers"), err
+    sys.modules.pop("fusednets", None)
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A tiny cifar_resnet20 (width 0.25) exported at 16 px, BatchNorm folded: TorchScript and

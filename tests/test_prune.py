@@ -280,7 +280,8 @@ def test_prune_tool_writes_a_checkpoint_that_benchmark_and_export_accept(tmp_pat
     _, meta = ex.load_exported(exported)
     assert meta["model_config"]["channels"] == mc["channels"]
     assert (meta["weights"], meta["pruning"]["source"], meta["pruning"]["source_weights"],
-            meta["pruning"]["macs"]) == ("model", str(src), "model", rec["macs"])
+            meta["pruning"]["macs"]) == ("model", str(src.resolve()), "model", rec["macs"])
+    assert meta["pruning"]["source_params"] == rec["source_params"]
     assert "search" not in meta["pruning"]
     assert count_macs(ex.model_from_metadata(meta), 16).conv_fc == rec["macs"]
     # pruned again before any training: its record would name it as the source (no top-1)

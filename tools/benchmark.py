@@ -309,9 +309,14 @@ def main(argv: list[str] | None = None) -> int:
             dev = torch.device(device)
             if not _ext.supports(dev):  # the rows would say fused and time the fallback
                 which = "--norm-act fused" if args.norm_act else "a model with norm_act fused"
+                instead = ("have the factory build norm_act='native' layers" if args.factory
+                           else "measure with --norm-act native")
+                if args.factory:
+                    which = (f"--factory {args.factory} (its module holds fused "
+                             f"BatchNorm+ReLU layers)")
                 raise UserError(f"{which}: the fused kernels are unavailable on {device} "
                                 f"({_ext.unavailable_reason(dev)}); build them (pip install -e .) "
-                                f"or measure with --norm-act native")
+                                f"or {instead}")
         _check_saved_record(args, models, cond)
         console = Console()
         if not console.is_terminal:  # pipes and CI get 80 columns by default: too narrow

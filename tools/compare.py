@@ -108,11 +108,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from rich.console import Console
 
-    console = Console() if sys.stdout.isatty() else Console(width=200)
+    table = _terminal_table(c)
+    console = Console()
+    if not sys.stdout.isatty():  # a pipe or a log: the table at its natural width, unwrapped
+        console = Console(width=max(200, Console(width=10_000).measure(table).maximum))
     for w in c.warnings:
         console.print(f"warning: {w}", style="yellow", highlight=False, markup=False,
                       soft_wrap=True)
-    console.print(_terminal_table(c))
+    console.print(table)
     if c.latency:
         console.print(f"latency: {c.latency.describe()}", highlight=False, markup=False)
     for path in written:

@@ -105,7 +105,7 @@ record="$repo/build/.fasttrain-native"
 # The record's second line names every library the build left; all must still be there.
 built=yes
 libs=$(sed -n 2p "$record" 2>/dev/null || true)
-for lib in fasttrain/ops/_C.*.so $libs; do
+for lib in "fasttrain/ops/_C.*.so" $libs; do
   compgen -G "$repo/$lib" >/dev/null || built=no
 done
 if [ "$(sed -n 1p "$record" 2>/dev/null)" != "$wanted" ] || [ "$built" = no ]; then

@@ -146,11 +146,19 @@ def plot_top1(points: list[Point], x: str, stem: Path, *, title: str, subtitle: 
         v = _value(p, x)
         return None if v is None else (v, p.top1)
 
-    thin = [(v, p.top1) for p in points if p.kind == THIN and (v := _value(p, x)) is not None]
-    front = pareto_front(thin)
-    if len(front) > 1:
-        ax.plot([f[0] for f in front], [f[1] for f in front], color=STYLE[THIN][1], lw=1.5,
-                zorder=2, label="ThinResNet Pareto curve (linear in log x)")
+    thin = [(p.model, v, p.top1) for p in points
+            if p.kind == THIN and (v := _value(p, x)) is not None]
+    # One curve per model, as the table sets a point against its own model's thin curve
+    # (report.table_rows); points of no model make one curve together.
+    models = sorted({m for m, _, _ in thin}, key=lambda m: (m is None, m or ""))
+    styles = ("-", "--", "-.", ":")
+    for i, model in enumerate(models):
+        front = pareto_front((v, a) for m, v, a in thin if m == model)
+        if len(front) > 1:
+            name = f" of {model}" if len(models) > 1 and model else ""
+            ax.plot([f[0] for f in front], [f[1] for f in front], color=STYLE[THIN][1], lw=1.5,
+                    ls=styles[i % len(styles)], zorder=2,
+                    label=f"ThinResNet Pareto curve{name} (linear in log x)")
     _reference(ax, reference)
     _literature(ax, points, xy)
     _ours(ax, points, xy, log_x=True)

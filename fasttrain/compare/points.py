@@ -104,14 +104,31 @@ def _last_metrics(run: Path) -> dict[str, Any]:
     return {**last, "val_top1": top1}
 
 
-def _pruning_record(init_from: str, run: Path, warnings: list[str]) -> dict[str, Any] | None:
-    """The `pruning` entry of the checkpoint a run started from (tools/prune.py writes it)."""
+def _pruning_record(init_from: str, run: Path, warnings: list[str],
+                    macs: int | None = None) -> dict[str, Any] | None:
+    """The `pruning` entry of the checkpoint a run started from (tools/prune.py writes it).
+
+    `init_from` is absolute in the config.yaml of runs trained by this version; when a project
+    folder was moved or copied it no longer exists there, and its trailing parts are looked
+    for from the current folder and from the run's parent folders, a file found that way
+    counting only when its record's pruned MACs are the run's (`macs`)."""
     from ..engine import checkpoint as ckpt
     from ..errors import CheckpointError
 
     path = Path(init_from)
     candidates = [path] if path.is_absolute() else [path, run.parent / path, run / path]
+    moved: list[Path] = []
+    if path.is_absolute() and not path.is_file() and macs is not None:
+        tails = [Path(*path.parts[-k:]) for k in range(1, len(path.parts))]
+        moved = [base / tail for tail in tails for base in (Path.cwd(), *run.resolve().parents)]
     found = next((c for c in candidates if c.is_file()), None)
+    for c in moved if found is None else ():
+        try:
+            if c.is_file() and (ckpt.load(c).get("pruning") or {}).get("macs") == macs:
+                found = c
+                break
+        except CheckpointError:
+            continue
     if found is None:
         warnings.append(f"{run}: model.init_from {init_from} not found: its baseline (the "
                         f"network it was pruned from) is unknown, so it is left out of the "
@@ -164,7 +181,8 @@ def point_from_run(run_dir: str | Path, warnings: list[str] | None = None) -> Po
     if m.channels is not None:
         point.kind, point.width = PRUNED, None
         point.label = f"{m.name} pruned"
-        record = _pruning_record(m.init_from, run, warnings) if m.init_from else None
+        record = (_pruning_record(m.init_from, run, warnings, point.macs) if m.init_from
+                  else None)
         if record is not None:
             point.label = (f"{m.name} w{record['source_width']:g} pruned "
                            f"({record['importance']}, {record['scope']})")

@@ -66,9 +66,12 @@ def table_rows(points: list[Point], front: list[tuple[float, float]], tolerance:
         return (order.get(p.kind, 1), p.macs is None, p.macs or 0, p.label)
 
     thin_points = sorted((p for p in points if p.kind == THIN and p.macs), key=lambda p: p.label)
-    names: dict[tuple[float, float], str] = {}
+    # The label of a curve point, per model (two models' thin points may share MACs and top-1)
+    # and for the curve of all thin points ("*").
+    names: dict[tuple[str | None, float, float], str] = {}
     for p in thin_points:
-        names.setdefault((p.macs, p.top1), p.label)
+        names.setdefault((p.model, p.macs, p.top1), p.label)
+        names.setdefault(("*", p.macs, p.top1), p.label)
     models = {p.model for p in thin_points if p.model}
     fronts = {m: pareto_front((p.macs, p.top1) for p in thin_points if p.model == m)
               for m in models}
@@ -76,12 +79,14 @@ def table_rows(points: list[Point], front: list[tuple[float, float]], tolerance:
     for p in sorted(points, key=key):
         thin, how, used = (None, "", "")
         if p.kind != THIN and p.macs:
-            curve = fronts.get(p.model, front) if p.model else front
+            own = p.model in fronts
+            curve = fronts[p.model] if own else front
             thin, how = curve_value(curve, p.macs, tolerance)
             if thin is None:
                 how = ""
             else:
-                used = " – ".join(names[c] for c in curve_points(curve, p.macs, how))
+                used = " – ".join(names[(p.model if own else "*", *c)]
+                                  for c in curve_points(curve, p.macs, how))
         rows.append({"label": p.label, "kind": p.kind, "origin": p.origin, "model": p.model,
                      "macs": p.macs, "params": p.params, "top1": p.top1,
                      "base_top1": p.base_top1, "delta_top1": p.delta_top1,

@@ -19,11 +19,12 @@ import copy
 import csv
 import gc
 import json
+import os
 import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -419,10 +420,35 @@ def append_results(rows: list[dict[str, Any]], directory: str | Path,
     directory = Path(directory)
     stem = stem or results_stem(rows)
     json_path, csv_path = directory / f"{stem}.json", directory / f"{stem}.csv"
-    all_rows = read_record(json_path) + rows
-    write_json(all_rows, json_path)
-    write_csv(all_rows, csv_path)
+    # Two benchmarks saving at once each read the record and wrote it back with their own rows
+    # only: the folder's lock (flock on the folder itself, no file left) makes it one at a time.
+    with _folder_lock(directory):
+        all_rows = read_record(json_path) + rows
+        write_json(all_rows, json_path)
+        write_csv(all_rows, csv_path)
     return json_path, csv_path
+
+
+@contextlib.contextmanager
+def _folder_lock(directory: Path) -> Iterator[None]:
+    """An exclusive flock on `directory` (created if missing) for the block; without one where
+    the folder cannot be opened or locked (the writes then say what is wrong)."""
+    import fcntl
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a file system without flock
+            pass
+        yield
+    finally:
+        os.close(fd)
 
 
 def plot_vs_macs(rows: list[dict[str, Any]], path: str | Path) -> Path:
