@@ -126,8 +126,9 @@ class DataConfig:
     ra_reps: int = _f(1, "repeated augmentation: each image appears this many times per epoch "
                       "(differently augmented, spread over ranks); 1 = off", ge=1)
     min_res: int = _f(0, "progressive resizing: training resolution up to start_ramp; "
-                      "0 = off (train_res throughout)", ge=0)
-    max_res: int = _f(0, "progressive resizing: resolution from end_ramp on", ge=0)
+                      "0 = off (train_res throughout)", ge=0, le=MAX_RESOLUTION)
+    max_res: int = _f(0, "progressive resizing: resolution from end_ramp on", ge=0,
+                      le=MAX_RESOLUTION)
     start_ramp: int = _f(0, "progressive resizing: last epoch at min_res", ge=0)
     end_ramp: int = _f(0, "progressive resizing: first epoch at max_res", ge=0)
 

@@ -116,6 +116,9 @@ def test_bounds_accept_their_limits(tmp_path):
     # typos that torch would meet as an allocation until killed, or thousands of processes
     ("", ["--data.val_resize=100000"], "data.val_resize must be <= 8192, got 100000"),
     ("", ["--data.train_res=100000"], "data.train_res must be <= 8192, got 100000"),
+    # a typo trained a whole epoch at min_res, then failed to allocate at max_res
+    ("", ["--data.max_res=1000000"], "data.max_res must be <= 8192, got 1000000"),
+    ("", ["--data.min_res=1000000"], "data.min_res must be <= 8192, got 1000000"),
     ("", ["--model.num_classes=100000000"], "model.num_classes must be <= 100000"),
     ("", ["--data.num_workers=100000"], "data.num_workers must be <= 1024, got 100000"),
     # a path would put the run into any existing folder, over a config.yaml not a run's

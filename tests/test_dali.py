@@ -282,7 +282,7 @@ def test_set_epoch_start_batch_yields_the_tail_of_the_epoch(data_root):
 
 
 def test_train_shards_equal_lengths_no_duplicates(tmp_path):
-    """21 images on 2 ranks: shards of 10 and 11, each rank 2 batches of 4; within an epoch no
+    """21 images on 2 ranks: shares of 10 each, each rank 2 batches of 4; within an epoch no
     image appears twice and only the documented remainder (21 - 2*2*4 = 5) is dropped."""
     root = _grey_folder(tmp_path, 21, 3)
     cfg = _cfg(root, "--data.batch_size=8", "--data.train_res=8", "--data.val_res=8")
@@ -301,6 +301,31 @@ def test_train_shards_equal_lengths_no_duplicates(tmp_path):
         assert len(seen) == len(set(seen)) == 16 and set(seen) <= set(range(21))
         dropped.append(set(range(21)) - set(seen))
     assert dropped[0] != dropped[1]  # the remainder changes with the epoch's permutation
+
+
+def test_each_rank_reads_the_torch_backends_share_so_a_resume_may_change_ranks(tmp_path):
+    """DALI's shards were contiguous parts of the permutation, the torch backend's shares are
+    perm[rank::world]: a checkpoint inside an epoch resumed on another number of ranks skipped
+    the batches of another order (2 -> 1 ranks: 8 of 96 images twice, 8 never)."""
+    root = _grey_folder(tmp_path, 21, 3)
+    overrides = ("--data.batch_size=6", "--data.train_res=8", "--data.val_res=8")
+    cfg = _cfg(root, *overrides)
+    torch_cfg = _cfg(root, *overrides, "--data.backend=torch", "--data.num_workers=0")
+    for world in (1, 2, 3):
+        for rank in range(world):
+            batch = 6 // world
+            mine = _loaders(cfg, rank=rank, world_size=world, seed=5).train
+            twin = _loaders(torch_cfg, rank=rank, world_size=world, seed=5).train
+            ids = [_identities(x) for x, _ in _epoch(mine, 1)]
+            assert ids == [_identities(x) for x, _ in _epoch(twin, 1)], (world, rank)
+            assert all(len(i) == batch for i in ids)
+    # 2 steps done on 2 ranks (12 images), the rest of the epoch on 1 rank (6 more)
+    two = [_loaders(cfg, rank=r, world_size=2, seed=5).train for r in range(2)]
+    done = [i for t in two for x, _ in _epoch(t, 1)[:2] for i in _identities(x)]
+    one = _loaders(cfg, rank=0, world_size=1, seed=5).train
+    one.set_epoch(1, start_batch=2)
+    rest = [i for x, _ in one for i in _identities(x)]
+    assert len(done + rest) == len(set(done + rest)) == 18
 
 
 @pytest.mark.parametrize("n_val,ranks", [(11, 2), (3, 2), (2, 3), (1, 2)])

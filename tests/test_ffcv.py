@@ -739,6 +739,26 @@ def test_a_mismatched_pair_of_files_is_refused(tmp_path, digits, cifar, data_roo
         build_loaders(cfg.data, cfg.aug)
 
 
+def test_runs_of_neighbouring_seeds_do_not_share_their_epoch_orders(cifar, monkeypatch):
+    """FFCV orders epoch e by its seed + e: given train.seed as is, seed 1's epoch 0 was seed
+    0's epoch 1 (multi-seed comparisons got correlated sample orders)."""
+    seeds = []
+
+    class Recorded(Exception):
+        pass
+
+    def loader(*args, seed, **kwargs):
+        seeds.append(seed)
+        raise Recorded
+
+    monkeypatch.setattr(ffcv_loader._ffcv(), "Loader", loader)
+    for seed in (0, 1, 0):
+        with pytest.raises(Recorded):
+            build_loaders(_cifar_cfg(cifar).data, _cifar_cfg(cifar).aug, seed=seed)
+    assert seeds[0] == seeds[2] and abs(seeds[1] - seeds[0]) > 100
+    assert all(0 <= s < 2**31 for s in seeds)
+
+
 def test_pad_random_needs_images_stored_at_train_res(cifar):
     cfg = _cifar_cfg(cifar, "--aug.train_crop=pad_random", "--data.train_res=28")
     with pytest.raises(ConfigError, match=r"data.train_res=28 px .* holds 32x32"):

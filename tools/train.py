@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 from fasttrain.config import describe, load
 from fasttrain.cli import ArgumentParser, nonempty
@@ -79,6 +80,12 @@ def _main(argv: list[str] | None) -> int:
             print(f"error: [rank {rank}] {e}", file=sys.stderr)
         elif rank == 0:
             print(f"error: {e}", file=sys.stderr)
+        elif world > 1:
+            # Every rank found this error alike; rank 0 says it. Exiting first would make
+            # torchrun stop rank 0 (SIGTERM) before it printed: give it time, and let
+            # torchrun's SIGTERM, once rank 0 has exited, end this rank quietly.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            time.sleep(10)
         return 2
     except RuntimeError as e:
         if world > 1 and any(words in str(e) for words in PEER_GONE):

@@ -467,10 +467,17 @@ def build_dali_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world_siz
     train_samples = train_set.samples
 
     def build_train(epoch: int, list_dir: str) -> EpochPipeline:
-        # The torch backend's permutation of the epoch (EpochSampler), cut into DALI's shards.
+        # The torch backend's permutation of the epoch (EpochSampler) and its shares: rank k's
+        # is perm[k::world_size], of which it trains the first N // world_size. They are laid
+        # out one after the other, so DALI's contiguous shard k is exactly rank k's share:
+        # every rank reads the torch backend's samples, and a resume inside an epoch on another
+        # number of ranks still sees each sample once (contiguous shards of the permutation
+        # itself repeated and skipped samples there).
         g = torch.Generator().manual_seed(sample_seed(seed, epoch, -1))
-        samples = [train_samples[i] for i in torch.randperm(len(train_samples),
-                                                            generator=g).tolist()]
+        perm = torch.randperm(len(train_samples), generator=g).tolist()
+        per_rank = len(train_samples) // world_size
+        samples = [train_samples[i] for k in range(world_size)
+                   for i in perm[k::world_size][:per_rank]]
         pipe = pipeline(batch, sample_seed(seed, epoch, rank, repeat=-2))
         with pipe:
             jpegs, labels = reader(_write_file_list(list_dir, "train.txt", samples),

@@ -52,7 +52,7 @@ from ..config import MAX_WORKERS, AugConfig, DataConfig
 from ..errors import ConfigError, DatasetError, RunError
 from . import jpeg, resize
 from .datasets import SkippedSample, default_root
-from .loader import torch_threads
+from .loader import sample_seed, torch_threads
 from .transforms import Normalize, progressive_resolution
 
 SPLITS = ("train", "val")
@@ -1013,7 +1013,10 @@ def build_ffcv_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world_siz
              "quasi_random": ff.OrderOption.QUASI_RANDOM}[data.ffcv_order]
     with torch_threads():
         train = ff.Loader(str(train_info.path), batch_size=batch, num_workers=threads,
-                          order=order, distributed=world_size > 1, seed=seed, drop_last=True,
+                          # FFCV orders epoch e by seed + e: a mixed seed keeps the runs of
+                          # seeds s and s + 1 from sharing their epochs' orders shifted by one.
+                          order=order, distributed=world_size > 1,
+                          seed=sample_seed(seed, 0, -4) % 2**31, drop_last=True,
                           os_cache=data.ffcv_os_cache,
                           indices=None if len(train_good) == len(train_info.labels)
                           else train_good,

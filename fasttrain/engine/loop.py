@@ -199,6 +199,16 @@ def _check_compatible(saved: dict[str, Any], cfg: Config, path: Path) -> None:
         raise CheckpointError(f"{path}: checkpoint is inside an epoch trained with "
                               f"train.seed={saved_seed!r} but the config has {cfg.train.seed!r}; "
                               f"the rest of that epoch's sample order follows the seed")
+    ts = saved.get("train_state") or {}
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if (cfg.data.backend == "ffcv" and ts.get("epoch_step")
+            and ts.get("epoch_world_size") not in (None, 0, world)):
+        # FFCV's order is a numpy permutation on one rank and torch's padded DistributedSampler
+        # on several: skipping the batches done on another count would repeat and miss samples.
+        raise CheckpointError(f"{path}: checkpoint is inside epoch {ts.get('epoch', 0) + 1} "
+                              f"trained on {ts['epoch_world_size']} rank(s); data.backend=ffcv "
+                              f"can continue it only on {ts['epoch_world_size']} rank(s), or "
+                              f"resume from a checkpoint at an epoch boundary")
     for section, keys in RESUME_FIXED:
         saved_section = saved_cfg.get(section) or {}
         for key in keys:
