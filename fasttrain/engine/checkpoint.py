@@ -54,6 +54,32 @@ def fsync_folder(folder: Path) -> None:
         os.close(dir_fd)
 
 
+def lock_folder(folder: Path, *, wait: bool) -> int | None:
+    """Take an exclusive flock on `folder` itself (no lock file to leave behind; the kernel
+    drops it when the descriptor is closed or the process ends, kill -9 included) and return
+    the descriptor, whose closing releases it; None where the folder cannot be opened or its
+    file system has no flock (unprotected: the writes that follow say what is wrong).
+
+    Raises:
+        BlockingIOError: `wait` is False and another process holds the lock.
+    """
+    import fcntl
+
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def save_atomic(state: dict[str, Any], path: Path) -> None:
     """Write `state` to `path` (folders created) with `write_atomic`."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,6 @@
 """Run directories: `<log.dir>/<name>/{config.yaml, metrics.jsonl, checkpoints/}`."""
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -9,6 +8,7 @@ import time
 from pathlib import Path
 
 from ..errors import RunError
+from .checkpoint import lock_folder
 
 
 CHECKPOINTS = "checkpoints"
@@ -121,31 +121,22 @@ _LOCKS: dict[Path, int] = {}
 
 
 def lock_run_dir(run: Path) -> None:
-    """Hold an exclusive lock on `run` (flock on the folder itself: no file to leave behind, and
-    the kernel drops it when the process ends, kill -9 included) for the rest of the process:
+    """Hold an exclusive lock on `run` (`checkpoint.lock_folder`) for the rest of the process:
     two trainings writing one run directory interleave their metrics and checkpoints.
 
     Raises:
         RunError: another process holds it.
     """
-    import fcntl
-
     key = run.resolve()
     if key in _LOCKS:
         return
     try:
-        fd = os.open(run, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return  # missing or unreadable: the writes that follow say so
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        os.close(fd)
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise RunError(f"{run}: another training process is writing this run directory; "
-                           f"wait for it to end or choose another --log.name") from None
-        return  # a file system without flock: unprotected, as before
-    _LOCKS[key] = fd
+        fd = lock_folder(run, wait=False)
+    except BlockingIOError:
+        raise RunError(f"{run}: another training process is writing this run directory; "
+                       f"wait for it to end or choose another --log.name") from None
+    if fd is not None:
+        _LOCKS[key] = fd
 
 
 def release_run_dirs() -> None:

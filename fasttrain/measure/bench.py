@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from ..engine.checkpoint import write_atomic
+from ..engine.checkpoint import lock_folder, write_atomic
 from ..errors import UserError
 from ..export import quiet_jit
 from .env import conditions
@@ -431,24 +431,19 @@ def append_results(rows: list[dict[str, Any]], directory: str | Path,
 
 @contextlib.contextmanager
 def _folder_lock(directory: Path) -> Iterator[None]:
-    """An exclusive flock on `directory` (created if missing) for the block; without one where
-    the folder cannot be opened or locked (the writes then say what is wrong)."""
-    import fcntl
-
+    """`checkpoint.lock_folder` on `directory` (created if missing), waiting for it, for the
+    block."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        yield
-        return
+    except OSError:  # the writes in the block say what is wrong
+        fd = None
+    else:
+        fd = lock_folder(directory, wait=True)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:  # a file system without flock
-            pass
         yield
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 def plot_vs_macs(rows: list[dict[str, Any]], path: str | Path) -> Path:
