@@ -117,18 +117,16 @@ def _pruning_record(init_from: str, run: Path, warnings: list[str],
 
     path = Path(init_from)
     candidates = [path] if path.is_absolute() else [path, run.parent / path, run / path]
-    moved: list[Path] = []
-    if path.is_absolute() and not path.is_file() and macs is not None:
-        tails = [Path(*path.parts[-k:]) for k in range(1, len(path.parts))]
-        moved = [base / tail for tail in tails for base in (Path.cwd(), *run.resolve().parents)]
     found = next((c for c in candidates if c.is_file()), None)
-    for c in moved if found is None else ():
-        try:
-            if c.is_file() and (ckpt.load(c).get("pruning") or {}).get("macs") == macs:
-                found = c
-                break
-        except CheckpointError:
-            continue
+    if found is None and path.is_absolute() and macs is not None:  # a moved project
+        tails = [Path(*path.parts[-k:]) for k in range(1, len(path.parts))]
+        for c in (base / tail for tail in tails for base in (Path.cwd(), *run.resolve().parents)):
+            try:
+                record = ckpt.load(c).get("pruning") if c.is_file() else None
+            except CheckpointError:
+                continue
+            if isinstance(record, dict) and record.get("macs") == macs:
+                return record
     if found is None:
         warnings.append(f"{run}: model.init_from {init_from} not found: its baseline (the "
                         f"network it was pruned from) is unknown, so it is left out of the "

@@ -415,7 +415,8 @@ def prune_checkpoint(path: str | Path, out: str | Path, *, target_macs: int | No
                        "num_classes": mc["num_classes"]}
     metrics = state.get("metrics") or {}
     source_top1 = metrics.get("val_top1_ema" if weights == "ema" else "val_top1")
-    record = {"source": str(path.resolve()), "source_epoch": (state.get("train_state") or {}).get("epoch"),
+    record = {"source": str(path.resolve()),
+              "source_epoch": (state.get("train_state") or {}).get("epoch"),
               "source_val_top1": source_top1, "source_model": mc["name"],
               "source_width": mc["width"], "source_channels": mc.get("channels"),
               "source_macs": result.source_macs, "source_params": result.source_params,
