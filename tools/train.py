@@ -81,11 +81,13 @@ def _main(argv: list[str] | None) -> int:
         elif rank == 0:
             print(f"error: {e}", file=sys.stderr)
         elif world > 1:
-            # Every rank found this error alike; rank 0 says it. Exiting first would make
-            # torchrun stop rank 0 (SIGTERM) before it printed: give it time, and let
-            # torchrun's SIGTERM, once rank 0 has exited, end this rank quietly.
+            # Most such errors every rank finds alike; rank 0 says them. Exiting first would
+            # make torchrun stop rank 0 (SIGTERM) before it printed: give it time, and let
+            # torchrun's SIGTERM, once rank 0 has exited, end this rank quietly. Still alive
+            # after that, this rank met the error alone (rank 0 waits in a collective): say it.
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             time.sleep(10)
+            print(f"error: [rank {rank}] {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
         if world > 1 and any(words in str(e) for words in PEER_GONE):
