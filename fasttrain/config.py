@@ -115,7 +115,9 @@ class DataConfig:
         "(fasttrain.data.jpeg), whole images are decoded without it")
     batch_size: int = _f(256, "global training batch, split evenly across ranks", ge=1)
     val_batch_size: int = _f(0, "global validation batch; 0 = batch_size", ge=0)
-    num_workers: int = _f(4, "loader worker processes per rank (0 = in the main process)", ge=0,
+    num_workers: int = _f(4, "per rank: torch = DataLoader worker processes (0 = in the main "
+                          "process); ffcv = decoding threads, resident = threads of the one-time "
+                          "decode (0 = one per core); dali = DALI CPU threads (0 = 1)", ge=0,
                           le=MAX_WORKERS)
     train_res: int = _f(224, "training crop size (pixels)", ge=1, le=MAX_RESOLUTION)
     val_res: int = _f(224, "validation center-crop size", ge=1, le=MAX_RESOLUTION)
@@ -241,8 +243,9 @@ class TrainConfig:
     sync_bn: bool = _f(False, "BatchNorm statistics over all ranks (torch.nn.SyncBatchNorm + "
                        "ReLU, in place of model.norm_act's layers); CUDA, 2+ ranks")
     ema: bool = _f(False, "keep an exponential moving average of the weights, validated too")
-    ema_decay: float = _f(0.99998, "EMA decay per image-batch step, adjusted for ema_steps "
-                          "(torchvision reference)", ge=0, lt=1)
+    ema_decay: float = _f(0.99998, "EMA decay per image-batch step: 1 - decay is scaled by "
+                          "global batch x ema_steps / epochs (torchvision reference)", ge=0,
+                          lt=1)
     ema_steps: int = _f(32, "update the EMA every this many optimizer steps", ge=1)
     max_steps: int = _f(0, "stop after this many optimizer steps (smoke tests); 0 = all", ge=0)
     checkpoint_every: int = _f(0, "also checkpoint every this many optimizer steps (a resume "

@@ -34,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="PATH|auto", type=nonempty,
                    help="continue from a checkpoint, a run directory, or the latest run (auto)")
     p.add_argument("--keys", action="store_true",
-                   help="list every config key with its value (the recipe's, if given, else "
-                        "the default), type, bounds and help, then exit")
+                   help="list every config key with its value (the recipe's and the overrides', "
+                        "else the default), type, bounds and help, then exit")
     return p
 
 

@@ -11,10 +11,12 @@ resolution and flipped where DALI's coin says; validation images go through the 
 `ValTransform`, so their pixels are the torch backend's exactly (both decode with libjpeg-turbo).
 
 Order and augmentation are functions of (seed, epoch): the epoch's sample order is the torch
-backend's seeded permutation (`EpochSampler`), handed to DALI as an explicit file list and split
-into contiguous shards by DALI (`shard_id`/`num_shards`), and the pipeline's seed is derived from
-(seed, epoch, rank). Building a fresh pipeline each epoch also gives progressive resizing its
-epoch's resolution, and releases the pipeline's threads and buffers at the epoch's end.
+backend's seeded permutation (`EpochSampler`), each rank's share of it as the torch backend deals
+it (`perm[rank::world_size]`), written one share after the other into an explicit file list
+whose contiguous DALI shards (`shard_id`/`num_shards`) are exactly those shares, and the
+pipeline's seed is derived from (seed, epoch, rank). Building a fresh pipeline each epoch also
+gives progressive resizing its epoch's resolution, and releases the pipeline's threads and
+buffers at the epoch's end.
 
 DALI cannot skip an unreadable file: the pipeline stops. The loader then finds the file by
 decoding the failing batch's files one by one and raises a one-line `DatasetError` naming it
@@ -158,7 +160,7 @@ class DaliLoader:
             except RuntimeError as e:
                 raise self._error(e, samples, index) from None
         try:
-            # Training stops at the cap, before the larger shards' extra batch.
+            # Training stops at the cap (full batches only; validation's cap is its last batch).
             while index < self.num_batches:
                 try:
                     out = step()
@@ -393,11 +395,13 @@ def build_dali_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world_siz
     DALI's coin says; validation images with the torch backend's `ValTransform` (the same pixels
     as the torch backend); then `Normalize`.
 
-    Training: the epoch's permutation is split into `world_size` contiguous shards that differ
-    by at most one sample, so every rank yields (len(train) // world_size) // batch batches (the
-    rest of the epoch is dropped, differently each epoch). Validation: each rank reads its
-    contiguous part of the list (none when there are fewer images than ranks), its last batch
-    padded by the reader and trimmed by the loader, so every image is seen exactly once.
+    Training: rank k reads the torch backend's share of the epoch's permutation
+    (perm[k::world_size], its first len(train) // world_size samples), the shares laid out one
+    after the other so that DALI's contiguous shard k is exactly rank k's; every rank yields
+    (len(train) // world_size) // batch batches (the rest of the epoch is dropped, differently
+    each epoch). Validation: each rank reads its contiguous part of the list (none when there
+    are fewer images than ranks), its last batch padded by the reader and trimmed by the loader,
+    so every image is seen exactly once.
 
     Raises:
         RunError: DALI is not installed.

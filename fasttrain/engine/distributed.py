@@ -130,7 +130,3 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     dist.broadcast_object_list(box, src=src)
     return box[0]
 
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()

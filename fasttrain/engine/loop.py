@@ -341,7 +341,10 @@ def _summary_rows(cfg: Config, params: int, macs, res: int) -> list[tuple[str, s
 
 def train(cfg: Config, recipe: str | None = None, resume: str | None = None,
           dry_run: bool = False) -> dict[str, Any]:
-    """Train as `cfg` says; returns the final summary (also the last metrics line).
+    """Train as `cfg` says; returns the final summary: run_dir, epoch (the last epoch trained,
+    one cut by train.max_steps included), best_val_top1 (-1.0 before a complete epoch),
+    train_time_s, step, skipped_files, and that epoch's val_top1 and train_loss; not the whole
+    metrics line. A dry run returns params and macs only.
 
     Under torchrun every rank calls this; rank 0 writes the run directory.
 
@@ -651,6 +654,8 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
                     ("best val top-1", best),
                     ("training time", f"{shown_time:.1f} s (train + validation)"),
                     ("run directory", str(run_dir))], "done")
+    # `final`'s epoch (the last one trained, one cut by train.max_steps included) overrides
+    # state.epoch, which stays only when no epoch has been trained
     return {"run_dir": str(run_dir), "epoch": state.epoch, "best_val_top1": state.best_val_top1,
             "train_time_s": shown_time, "step": state.step,
             "skipped_files": len(reported), **final}
