@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
@@ -37,6 +38,14 @@ def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], in
 
     parse.__name__ = f"integer >= {minimum}"
     return parse
+
+
+def printable_paths() -> None:
+    """File names that are not UTF-8 (surrogate-escaped by Python) print with their bytes
+    escaped instead of raising UnicodeEncodeError on a strict (non-C-locale) stdout."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
 
 
 def sigterm_as_interrupt() -> None:

@@ -445,6 +445,26 @@ def test_a_relative_data_path_reads_from_the_working_directory(tmp_path, monkeyp
     assert sum(len(labels) for _, labels in loaders.val) == 4
 
 
+def test_a_file_name_that_is_not_utf8_is_read(tmp_path):
+    """The file list was written as UTF-8 text: a Latin-1 name (valid on Linux, surrogate-
+    escaped by Python) raised UnicodeEncodeError at the first epoch."""
+    root = _grey_folder(tmp_path / "set", 8, 4)
+    first = root / "train" / "class0" / "000.jpg"
+    os.rename(first, os.fsdecode(bytes(first.parent) + b"/caf\xe9.jpg"))
+    loaders = _loaders(_cfg(root, "--data.batch_size=4", "--data.train_res=8",
+                            "--data.val_res=8"))
+    seen = torch.cat([labels for _, labels in _epoch(loaders.train, 0)])
+    assert len(seen) == 8
+
+
+def test_a_file_name_with_a_line_break_is_refused_before_the_first_epoch(tmp_path):
+    root = _grey_folder(tmp_path / "set", 8, 4)
+    os.rename(root / "val" / "class1" / "001.jpg", root / "val" / "class1" / "x\n1.jpg")
+    with pytest.raises(DatasetError, match=r"x\\n1.jpg': a file name with a line break cannot "
+                                           r"be listed for DALI"):
+        _loaders(_cfg(root, "--data.batch_size=4", "--data.train_res=8", "--data.val_res=8"))
+
+
 def test_missing_dataset_is_a_dataset_error(tmp_path):
     cfg = _cfg(tmp_path / "nowhere")
     with pytest.raises(DatasetError, match="nowhere/train: directory not found"):

@@ -374,6 +374,20 @@ def test_an_animated_gif_decodes_to_its_first_frame(tmp_path):
     assert image.shape == (3, 4, 6) and torch.equal(image, first)
 
 
+def test_an_animated_webp_decodes_to_its_first_frame(tmp_path):
+    """torchvision.io refuses animated WebP ("not supported"): the torch, resident and ffcv
+    backends skipped such files, which DALI and torchvision's ImageFolder read."""
+    frames = [Image.new("RGB", (6, 4), color) for color in ((200, 0, 0), (0, 0, 200))]
+    frames[0].save(tmp_path / "anim.webp", format="WEBP", save_all=True, lossless=True,
+                   append_images=frames[1:], duration=100, loop=0)
+    image = read_image(str(tmp_path / "anim.webp"))
+    with Image.open(tmp_path / "anim.webp") as pil:
+        assert pil.n_frames == 2
+        first = torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1)
+    assert image.shape == (3, 4, 6) and torch.equal(image, first)
+    assert image[:, 0, 0].tolist() == [200, 0, 0]
+
+
 def test_imagefolder_errors(tmp_path):
     cfg = load(None, ["--data.dataset=imagefolder", f"--data.path={tmp_path / 'none'}"])
     with pytest.raises(DatasetError, match="none/train: directory not found"):
@@ -505,6 +519,33 @@ def test_check_data_reports_what_training_refuses_at_start(tmp_path):
         (str(tmp_path / "train"), "folder missing (training reads train/ and val/)")]
 
 
+def test_check_data_on_one_split_reports_no_missing_partner(tmp_path):
+    """`check_data DIR/train` (a folder of class folders) reported DIR/train/val missing."""
+    for split in ("train", "val"):
+        for cls in "ab":
+            (tmp_path / split / cls).mkdir(parents=True)
+            _noise(seed=0).save(tmp_path / split / cls / "0.jpg")
+    for split in ("train", "val"):
+        report = scan(tmp_path / split, workers=1)
+        assert report.problems == [] and report.images == 2
+
+
+def test_a_flat_val_folder_is_said_to_lack_class_folders(tmp_path):
+    """ImageNet's validation archive unpacks as 50,000 files without class folders: "no image
+    files found" said the opposite of what was there."""
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    _noise(seed=0).save(tmp_path / "train" / "a" / "0.jpg")
+    (tmp_path / "val").mkdir()
+    for i in range(3):
+        _noise(seed=i).save(tmp_path / "val" / f"ILSVRC2012_val_{i:08d}.JPEG")
+    cfg = load(None, ["--data.dataset=imagefolder", f"--data.path={tmp_path}"])
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(tmp_path / 'val'))}: no class "
+                                           rf"folders \(images go in .*/val/<class>/, one "
+                                           rf"folder per class of train/\)$"):
+        build_loaders(cfg.data, cfg.aug)
+    assert scan(tmp_path, workers=1).problems == [(str(tmp_path / "val"), "no class folders")]
+
+
 def test_folder_listing_is_torchvisions(tmp_path):
     """Same files in the same order as torchvision's make_dataset, links to folders followed."""
     elsewhere = tmp_path / "elsewhere"
@@ -526,19 +567,20 @@ def test_folder_listing_is_torchvisions(tmp_path):
         tmp_path / "train").parts[0]]) not in images]
 
 
-@pytest.mark.parametrize("links", [{"a/up": ".."}, {"a/self": "."},
-                                   {"a/to_b": "../b", "b/to_a": "../a"}])
-def test_a_symbolic_link_loop_is_refused_not_listed_forty_times(tmp_path, links):
+@pytest.mark.parametrize("links,named", [({"a/up": ".."}, "a/up"), ({"a/self": "."}, "a/self"),
+                                         ({"a/to_b": "../b", "b/to_a": "../a"}, "a/to_b/to_a"),
+                                         ({"a/up2": "../.."}, "a/up2")])
+def test_a_symbolic_link_loop_is_refused_not_listed_forty_times(tmp_path, links, named):
     """os.walk follows a link to a containing folder until the path is too long: one
-    `up -> ..` link listed every image ~40 times, other classes' under this label."""
+    `up -> ..` link listed every image ~40 times, other classes' under this label. The error
+    names the link (it named `up/a`, a folder met through it)."""
     train = tmp_path / "data" / "train"
     for cls in ("a", "b"):
         (train / cls).mkdir(parents=True)
         _noise().save(train / cls / "0.jpg")
     for link, target in links.items():
         os.symlink(target, train / link)
-    first = sorted(links)[0]
-    with pytest.raises(DatasetError, match=rf"^{re.escape(str(train / first))}.*: symbolic "
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(train / named))}: symbolic "
                                            rf"link to .*, a folder it is inside of"):
         ImageFolderDataset(train)
     with pytest.raises(DatasetError, match="symbolic link"):

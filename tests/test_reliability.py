@@ -321,6 +321,29 @@ def test_bad_files_are_skipped_counted_and_listed_once(tmp_path, capsys):
         assert name not in out
 
 
+def test_a_file_name_that_is_not_utf8_is_printed_escaped(tmp_path, run_tool):
+    """Linux names are bytes: an unreadable file named in Latin-1 made print() raise
+    UnicodeEncodeError on a strict UTF-8 stdout (any locale but C's), which killed a training
+    run in its first epoch and check_data before its report."""
+    make_messy_folder(tmp_path / "data")
+    a = tmp_path / "data" / "train" / "a"
+    os.rename(a / "zero.JPEG", os.fsdecode(bytes(a) + b"/caf\xe9.JPEG"))
+    strict = {"PYTHONIOENCODING": "utf-8"}
+    result = run_tool("check_data.py", str(tmp_path / "data"), "--workers", "1",
+                      extra_env=strict)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"problem: {a}/caf\\udce9.JPEG: empty file" in result.stdout
+    result = run_tool("train.py", str(QUICKSTART), "--data.dataset=imagefolder",
+                      f"--data.path={tmp_path / 'data'}", "--data.batch_size=4",
+                      "--data.backend=torch", "--data.num_workers=0", "--data.train_res=16",
+                      "--data.val_res=16", "--data.val_resize=16", "--model.width=0.25",
+                      "--schedule.epochs=1", "--schedule.warmup_epochs=0",
+                      f"--log.dir={tmp_path}", "--log.name=latin", "--log.progress=plain",
+                      extra_env=strict)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"skipped unreadable file {a}/caf\\udce9.JPEG: empty file" in result.stdout
+
+
 def test_check_data_reports_problems_and_counts(tmp_path, run_tool):
     make_messy_folder(tmp_path / "data")
     # What the loaders also read: BMP (decoded by PIL), a linked subfolder, a dangling link.

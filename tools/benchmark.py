@@ -35,7 +35,8 @@ import math
 import sys
 from pathlib import Path
 
-from fasttrain.cli import ArgumentParser, check_output, int_at_least, sigterm_as_interrupt
+from fasttrain.cli import (ArgumentParser, check_output, int_at_least, printable_paths,
+                           sigterm_as_interrupt)
 from fasttrain.config import MAX_WIDTH
 from fasttrain.errors import UserError
 
@@ -283,6 +284,7 @@ def _write_outputs(rows, args, console) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    printable_paths()
     args = build_parser().parse_args(argv)
     rows: list[dict] = []  # filled as rows are measured, so that an interrupt keeps them
     try:

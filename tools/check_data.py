@@ -20,12 +20,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemaining
 from rich.table import Table
 
 from fasttrain.data.check import scan
-from fasttrain.cli import ArgumentParser, nonempty
+from fasttrain.cli import ArgumentParser, nonempty, printable_paths
 from fasttrain.errors import UserError
 
 
 
 def main(argv: list[str] | None = None) -> int:
+    printable_paths()
     p = ArgumentParser(description="Scan an image data set for unreadable files and class "
                                    "counts.")
     p.add_argument("root", type=lambda text: Path(nonempty(text)), help="data set directory")

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 from fasttrain.cli import (ArgumentParser, check_output, finite_float, int_at_least,
-                           new_folders_removed_on_error, nonempty)
+                           new_folders_removed_on_error, nonempty, printable_paths)
 from fasttrain.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,6 +91,7 @@ def _terminal_table(c):
 
 
 def main(argv: list[str] | None = None) -> int:
+    printable_paths()
     args = build_parser().parse_args(argv)
     try:
         with new_folders_removed_on_error(args.out, folder=True):

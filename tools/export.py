@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 from fasttrain.cli import (ArgumentParser, finite_float, int_at_least, new_folders_removed_on_error,
-                          nonempty)
+                          nonempty, printable_paths)
 from fasttrain.config import MAX_CLASSES, MAX_RESOLUTION, MAX_WIDTH
 from fasttrain.errors import UserError
 
@@ -88,6 +88,7 @@ def _format_named_by(ex, out: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    printable_paths()
     args = build_parser().parse_args(argv)
     try:
         if args.width is not None and MAX_WIDTH < args.width < float("inf"):  # as model.width

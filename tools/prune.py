@@ -25,7 +25,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fasttrain.cli import ArgumentParser, finite_float, new_folders_removed_on_error
+from fasttrain.cli import (ArgumentParser, finite_float, new_folders_removed_on_error,
+                           printable_paths)
 from fasttrain.errors import UserError
 
 
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    printable_paths()
     args = build_parser().parse_args(argv)
     try:
         from fasttrain.compare import prune

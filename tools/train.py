@@ -18,7 +18,7 @@ import threading
 import time
 
 from fasttrain.config import describe, load
-from fasttrain.cli import ArgumentParser, nonempty
+from fasttrain.cli import ArgumentParser, nonempty, printable_paths
 from fasttrain.errors import ShardError, UserError
 
 # gloo's words when the other end of a collective has died (NCCL waits for its watchdog).
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    printable_paths()
     if threading.current_thread() is not threading.main_thread():  # no signals there
         return _main(argv)
     previous = signal.signal(signal.SIGTERM, _terminate)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 
-from fasttrain.cli import ArgumentParser, nonempty, sigterm_as_interrupt
+from fasttrain.cli import ArgumentParser, nonempty, printable_paths, sigterm_as_interrupt
 from fasttrain.config import load
 from fasttrain.errors import UserError
 
@@ -53,6 +53,7 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    printable_paths()
     args, overrides = build_parser().parse_known_args(argv)
     if args.recipe is None and args.dataset is None:
         print("error: give a recipe or --dataset (digits | imagefolder | cifar10)",

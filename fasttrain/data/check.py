@@ -78,7 +78,9 @@ def scan(root: Path, workers: int = 0, progress: Callable[[int, int], None] | No
                             if not per_class[class_to_idx[cls]]]
     report.images = len(files)
     # What the loaders refuse at start (loader._datasets): reported here with the rest.
-    counts = report.class_counts
+    # Only for the ImageNet layout: a folder of class folders (DIR/train itself, whose name
+    # is "train") is one split checked on its own, with no partner to miss.
+    counts = report.class_counts if splits != [root] else {}
     if "train" in counts and "val" not in counts:
         report.problems.append((str(root / "val"), "folder missing (training reads train/ and "
                                                    "val/)"))

@@ -123,6 +123,11 @@ def _walk_files(folder: str):
             child = os.path.join(root, name)
             real = os.path.realpath(child)
             if real in chain:
+                # The link may be a folder above `child` (`up -> ..`, met as `up/<class>`).
+                link = child
+                while not os.path.islink(link) and len(link) > len(folder):
+                    link = os.path.dirname(link)
+                child, real = link, os.path.realpath(link)
                 raise DatasetError(f"{child}: symbolic link to {real}, a folder it is inside "
                                    f"of, so its images would be listed again and again; "
                                    f"remove the link")
@@ -195,8 +200,9 @@ def _jpeg_truncated(raw: bytes) -> bool:
 
 
 # IMG_EXTENSIONS formats that torchvision.io cannot decode (it reads JPEG, PNG, GIF and WebP)
-# but DALI can, so the other backends read them with PIL (its "PPM" is PBM/PGM/PPM).
-PIL_FORMATS = ("BMP", "TIFF", "PPM")
+# but DALI can, so the other backends read them with PIL (its "PPM" is PBM/PGM/PPM); and WebP,
+# whose animated files torchvision.io refuses (PIL gives the first frame, as for a GIF).
+PIL_FORMATS = ("BMP", "TIFF", "PPM", "WEBP")
 # torchvision's errors start with where they were raised in its build tree.
 _SOURCE_LOCATION = re.compile(r"^.*?\.(?:cpp|cc|cu|h):\d+, ")
 _REASON_CHARS = 160
@@ -239,8 +245,9 @@ def read_image(path: str) -> torch.Tensor:
     """Decode an image file to uint8 RGB (C, H, W), whatever its extension says.
 
     torchvision.io (libjpeg-turbo, libpng) turns grayscale, CMYK, PNG, GIF and WebP content
-    into RGB; BMP, TIFF and PBM/PGM/PPM content (`PIL_FORMATS`), which it cannot decode, is
-    decoded by PIL and converted with its `convert("RGB")`.
+    into RGB; BMP, TIFF and PBM/PGM/PPM content (`PIL_FORMATS`), which it cannot decode, and
+    animated WebP, which it refuses, are decoded by PIL and converted with its `convert("RGB")`
+    (an animated file's first frame).
 
     Raises:
         ValueError: empty, truncated (a JPEG without its end marker), undecodable file, or a
@@ -300,6 +307,9 @@ class ImageFolderDataset(Dataset):
         self.classes, self.class_to_idx = classes, found
         self.samples: list[tuple[str, int]] = folder_files(root, found)[0]
         if not self.samples:
+            if not any((root / name).is_dir() for name in found):  # e.g. ImageNet's flat val
+                raise DatasetError(f"{root}: no class folders (images go in {root}/<class>/, "
+                                   f"one folder per class of train/)")
             raise DatasetError(f"{root}: no image files found")
         self.targets = [t for _, t in self.samples]
         self.transform = transform
