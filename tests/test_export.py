@@ -551,6 +551,25 @@ def test_a_torch_export_file_given_as_a_checkpoint_is_one_line(tmp_path, capsys)
         sources.from_checkpoint(tmp_path / "net.pt2")
 
 
+def test_an_unfolded_native_network_is_scripted_not_traced(tmp_path):
+    """The native norm+ReLU layer called super().forward, which TorchScript cannot compile:
+    every --no-fold export of it was silently a trace, and torch.jit.script of a hub model
+    failed."""
+    model, meta = small_model()
+    assert any(type(m) is BatchNormReLU2d for m in model.modules())
+    parity, written = ex.export_model(model.eval(), meta, "torchscript", tmp_path / "net.pt",
+                                      fold=False)
+    assert parity.ok and written["torchscript_method"] == "script" and written["bn_folded"] == 0
+    layer = BatchNormReLU2d(4, momentum=None)
+    scripted = torch.jit.script(copy.deepcopy(layer))
+    x = torch.randn(3, 4, 5, 5)
+    for training in (True, False):  # train mode: batch statistics, cumulative running stats
+        layer.train(training), scripted.train(training)
+        assert torch.equal(scripted(x), layer(x))
+    for key, value in layer.state_dict().items():
+        assert torch.equal(scripted.state_dict()[key], value), key
+
+
 def test_a_blurpool_network_exports_scripted_folded_and_follows_the_input_dtype(tmp_path):
     """The blur's [1, 2, 1] kernel was a CPU float32 constant in a traced file (scripting failed
     on super().forward): bf16 or CUDA inputs failed, and its convs' BatchNorm stayed unfolded."""

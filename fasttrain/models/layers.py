@@ -13,15 +13,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.bn_relu import BatchNormArguments
 from ..ops.bn_relu import BatchNormReLU2d as FusedBatchNormReLU2d
 
 NormLayer = Callable[[int], nn.Module]
 
 
-class BatchNormReLU2d(nn.BatchNorm2d):
+class BatchNormReLU2d(BatchNormArguments, nn.BatchNorm2d):
     """`relu(batch_norm(x))` with nn.BatchNorm2d's state and running-stat semantics."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript cannot compile super().forward
+            running_mean, running_var, training, momentum = self._batch_norm_arguments(x)
+            return F.relu(F.batch_norm(x, running_mean, running_var, self.weight, self.bias,
+                                       training, momentum, self.eps), inplace=True)
         return F.relu(super().forward(x), inplace=True)
 
 

@@ -241,23 +241,15 @@ def bn_relu(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Ten
     return y
 
 
-class BatchNormReLU2d(nn.BatchNorm2d):
-    """`nn.BatchNorm2d` + ReLU computed by the fused `bn_relu` op.
+class BatchNormArguments:
+    """nn.BatchNorm2d.forward's argument handling (torch 2.11-2.14) as a method that TorchScript
+    can compile, for BatchNorm2d subclasses whose forward does not call super().forward (which
+    TorchScript cannot compile)."""
 
-    A subclass of nn.BatchNorm2d with nothing added: same constructor, parameters, buffers and
-    state-dict keys, and the same running-statistics semantics (momentum, momentum=None
-    cumulative average, unbiased running variance, `num_batches_tracked`), so checkpoints move
-    freely between this module, fasttrain.models.layers.BatchNormReLU2d and nn.BatchNorm2d.
-    Under TorchScript it computes `relu(F.batch_norm(...))` instead of the fused op.
-    """
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        if not _ext.HAS_EXT:
-            _warn_fallback(torch.device("cpu"))
-
-    def forward(self, input: Tensor) -> Tensor:
-        # The argument handling of nn.BatchNorm2d.forward (torch 2.11-2.14), unchanged.
+    def _batch_norm_arguments(self, input: Tensor
+                              ) -> tuple[Optional[Tensor], Optional[Tensor], bool, float]:
+        """(running_mean, running_var, training, momentum) for F.batch_norm, after the input
+        check and the `num_batches_tracked` update that nn.BatchNorm2d.forward makes."""
         self._check_input_dim(input)
         if self.momentum is None:
             exponential_average_factor = 0.0
@@ -276,6 +268,27 @@ class BatchNormReLU2d(nn.BatchNorm2d):
             bn_training = (self.running_mean is None) and (self.running_var is None)
         running_mean = self.running_mean if not self.training or self.track_running_stats else None
         running_var = self.running_var if not self.training or self.track_running_stats else None
+        return running_mean, running_var, bn_training, exponential_average_factor
+
+
+class BatchNormReLU2d(BatchNormArguments, nn.BatchNorm2d):
+    """`nn.BatchNorm2d` + ReLU computed by the fused `bn_relu` op.
+
+    A subclass of nn.BatchNorm2d with nothing added: same constructor, parameters, buffers and
+    state-dict keys, and the same running-statistics semantics (momentum, momentum=None
+    cumulative average, unbiased running variance, `num_batches_tracked`), so checkpoints move
+    freely between this module, fasttrain.models.layers.BatchNormReLU2d and nn.BatchNorm2d.
+    Under TorchScript it computes `relu(F.batch_norm(...))` instead of the fused op.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if not _ext.HAS_EXT:
+            _warn_fallback(torch.device("cpu"))
+
+    def forward(self, input: Tensor) -> Tensor:
+        running_mean, running_var, bn_training, exponential_average_factor = \
+            self._batch_norm_arguments(input)
         if torch.jit.is_scripting():
             return F.relu(F.batch_norm(input, running_mean, running_var, self.weight, self.bias,
                                        bn_training, exponential_average_factor, self.eps))
