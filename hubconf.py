@@ -13,6 +13,8 @@ Models are returned in eval mode.
 """
 dependencies = ["torch"]
 
+import os  # noqa: E402
+
 import fasttrain.models as _models  # noqa: E402  (hub reads `dependencies` first)
 
 
@@ -28,9 +30,16 @@ def _entry(name: str):
                     raise ValueError(f"norm_act={choice!r}: choose from "
                                      f"{', '.join(sorted(_models.NORM_ACT_LAYERS))}")
                 kwargs["norm_act_layer"] = _models.NORM_ACT_LAYERS[choice]
+            from fasttrain.config import MAX_WIDTH
+
+            width = kwargs.get("width", 1.0)
+            # as model.width: a typo (100 for 1.0) would allocate gigabytes before failing
+            if isinstance(width, (int, float)) and width > MAX_WIDTH:
+                raise ValueError(f"width={width}: must be <= {MAX_WIDTH}")
             return _models.create_model(name, **kwargs).eval()
         if not str(checkpoint).strip():
             raise ValueError("checkpoint= is empty: give the path of a fasttrain checkpoint")
+        checkpoint = os.path.expanduser(checkpoint)  # "~/runs/...", as the training tools read
         from fasttrain.export import model_from_checkpoint
 
         # norm_act only picks the implementation of the same math (state dicts are identical).

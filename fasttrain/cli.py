@@ -68,6 +68,12 @@ def nonempty(text: str) -> str:
     return text
 
 
+def user_path(text: str) -> str:
+    """argparse type: a non-empty path, a leading `~` expanded. The shell leaves `~` as typed
+    after `=` (`--out=~/m.pt`): unexpanded, it named a folder called `~` in the current one."""
+    return os.path.expanduser(nonempty(text))
+
+
 def finite_float(ok: Callable[[float], bool], expected: str) -> Callable[[str], float]:
     """argparse type: a finite float for which `ok` holds; `expected` completes "expected ..."
     in the one-line error (e.g. "a finite number >= 0"). inf and nan never pass: a tolerance or

@@ -163,9 +163,9 @@ def _ema_state(path: Path, state: dict[str, Any]) -> dict[str, Any]:
 
 # What exported metadata keeps of a pruned checkpoint's `pruning` record (the bisection trace
 # and dates stay in the checkpoint).
-PRUNING_SUMMARY = ("source", "source_epoch", "source_weights", "source_val_top1", "source_model",
-                   "source_width", "source_macs", "source_params", "macs", "params", "ratio",
-                   "importance", "scope", "torch_pruning")
+PRUNING_SUMMARY = ("source", "source_epoch", "source_step", "source_weights", "source_val_top1",
+                   "source_model", "source_width", "source_macs", "source_params", "macs",
+                   "params", "ratio", "importance", "scope", "torch_pruning")
 
 
 def model_from_checkpoint(path: str | Path, norm_act: str | None = None,
@@ -234,7 +234,12 @@ def model_from_checkpoint(path: str | Path, norm_act: str | None = None,
         raise CheckpointError(f"{path}: malformed checkpoint: 'config'['data'] ({e})") from None
     meta = make_metadata(mc, resolution=resolution, mean=mean, std=std,
                          training_commit=str(versions.get("commit", "unknown")))
-    meta["checkpoint_epoch"] = train_state.get("epoch")
+    meta["checkpoint_epoch"] = train_state.get("epoch")  # complete epochs
+    # A checkpoint written inside an epoch (train.max_steps, train.checkpoint_every) has the
+    # epoch count of the one before it: the optimizer step tells the two apart.
+    meta["checkpoint_step"] = train_state.get("step")
+    if train_state.get("epoch_step"):
+        meta["checkpoint_epoch_step"] = train_state["epoch_step"]
     meta["weights"] = weights
     classes = state.get("classes")  # label order of the training data (absent in old files)
     if isinstance(classes, list) and len(classes) == mc["num_classes"] and \

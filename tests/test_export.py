@@ -414,6 +414,15 @@ def test_hub_entry_points(tmp_path):
     assert type(plain.bn1) is NORM_ACT_LAYERS["fused"]
     with pytest.raises(ValueError, match="norm_act='fast': choose from fused, native"):
         torch.hub.load(str(ROOT), "thin_resnet18", source="local", norm_act="fast")
+    with pytest.raises(ValueError, match=r"^width=1000000.0: must be <= 16$"):  # not 37 GB
+        torch.hub.load(str(ROOT), "thin_resnet18", source="local", width=1e6)
+
+
+def test_hub_expands_a_tilde_in_the_checkpoint_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _checkpoint(tmp_path)
+    model = torch.hub.load(str(ROOT), "cifar_resnet20", source="local", checkpoint="~/best.pt")
+    assert model.fc.out_features == 7
 
 
 # --------------------------------------------------------------------------- checkpoint weights

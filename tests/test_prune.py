@@ -244,6 +244,35 @@ def test_pruning_a_blurred_conv_below_16_inputs_is_refused():
 # --------------------------------------------------------------------------- checkpoints
 
 @needs_tp
+def test_a_checkpoint_cut_inside_an_epoch_is_told_apart_and_paths_may_start_with_a_tilde(
+        tmp_path, capsys, monkeypatch):
+    """A last.pt cut by train.max_steps (30 steps: epoch 1 complete, 8 steps into epoch 2, that
+    partial epoch validated) exported with best.pt's checkpoint_epoch and nothing else, and its
+    pruning record paired epoch 1 with epoch 2's top-1. `--out=~/...` (no shell expansion after
+    `=`) wrote into a folder named `~`."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    src, _ = write_checkpoint(tmp_path / "last.pt", top1=10.7)
+    state = torch.load(src, weights_only=True)
+    state["train_state"] = {"epoch": 1, "step": 30, "epoch_step": 8}
+    state["metrics"] = {"epoch": 2, "val_top1": 10.7}
+    torch.save(state, src)
+    assert export_tool.main(["--checkpoint", str(src), "--out=~/out/last.pt"]) == 0
+    _, meta = ex.load_exported(tmp_path / "home" / "out" / "last.pt")
+    assert (meta["checkpoint_epoch"], meta["checkpoint_step"], meta["checkpoint_epoch_step"]) \
+        == (1, 30, 8)
+    assert prune_tool.main([str(src), "--out=~/p/pruned.pt", "--target-width", "0.25"]) == 0
+    assert not (tmp_path / "~").exists()
+    rec = ckpt.load(tmp_path / "home" / "p" / "pruned.pt")["pruning"]
+    assert (rec["source_epoch"], rec["source_step"], rec["source_val_top1"]) == (2, 30, 10.7)
+    capsys.readouterr()
+    assert export_tool.main(["--checkpoint=~/p/pruned.pt", "--out", "pruned.pt"]) == 0
+    _, meta = ex.load_exported(tmp_path / "pruned.pt")
+    assert (meta["pruning"]["source_epoch"], meta["pruning"]["source_step"]) == (2, 30)
+    assert "checkpoint_epoch_step" not in meta  # the pruned file is no mid-epoch checkpoint
+
+
+@needs_tp
 def test_prune_tool_writes_a_checkpoint_that_benchmark_and_export_accept(tmp_path, capsys):
     src, _ = write_checkpoint(tmp_path / "src.pt")
     out = tmp_path / "pruned.pt"

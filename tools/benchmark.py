@@ -36,7 +36,7 @@ import sys
 from pathlib import Path
 
 from fasttrain.cli import (ArgumentParser, check_output, int_at_least, printable_paths,
-                           sigterm_as_interrupt)
+                           sigterm_as_interrupt, user_path)
 from fasttrain.config import MAX_WIDTH
 from fasttrain.errors import UserError
 
@@ -69,9 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", metavar="NAME[,NAME...]",
                      help="registered models (thin_resnet50, ...), each at every --width")
-    src.add_argument("--checkpoint", metavar="PATH",
+    src.add_argument("--checkpoint", metavar="PATH", type=user_path,
                      help="a fasttrain checkpoint (last.pt / best.pt)")
-    src.add_argument("--file", metavar="PATH",
+    src.add_argument("--file", metavar="PATH", type=user_path,
                      help="an exported TorchScript (.pt) or torch.export (.pt2) file")
     src.add_argument("--factory", metavar="MODULE:FUNCTION",
                      help="a function returning an nn.Module, imported from the current "
@@ -107,11 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "records the number run")
     p.add_argument("--train", action="store_true",
                    help="measure training steps (forward, backward, SGD) instead of inference")
-    p.add_argument("--json", metavar="PATH", help="write this run's rows as JSON")
-    p.add_argument("--csv", metavar="PATH", help="write this run's rows as CSV")
+    p.add_argument("--json", metavar="PATH", type=user_path, help="write this run's rows as JSON")
+    p.add_argument("--csv", metavar="PATH", type=user_path, help="write this run's rows as CSV")
     p.add_argument("--save", action="store_true",
                    help="append the rows under --results-dir, in files named by the conditions")
-    p.add_argument("--results-dir", metavar="DIR", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--results-dir", metavar="DIR", type=user_path,
+                   default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--plot", metavar="PNG", nargs="?", const="",
                    help="plot latency (or images/s) vs MACs; without PNG: next to --save's files")
     return p

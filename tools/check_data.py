@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemaining
 from rich.table import Table
 
 from fasttrain.data.check import scan
-from fasttrain.cli import ArgumentParser, nonempty, printable_paths
+from fasttrain.cli import ArgumentParser, printable_paths, user_path
 from fasttrain.errors import UserError
 
 
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     printable_paths()
     p = ArgumentParser(description="Scan an image data set for unreadable files and class "
                                    "counts.")
-    p.add_argument("root", type=lambda text: Path(nonempty(text)), help="data set directory")
+    p.add_argument("root", type=lambda text: Path(user_path(text)), help="data set directory")
     p.add_argument("--workers", type=int, default=0, help="decoding processes (0 = all cores)")
     args = p.parse_args(argv)
     console = Console(highlight=False, soft_wrap=True)

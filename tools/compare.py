@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 from fasttrain.cli import (ArgumentParser, check_output, finite_float, int_at_least,
-                           new_folders_removed_on_error, nonempty, printable_paths)
+                           new_folders_removed_on_error, printable_paths, user_path)
 from fasttrain.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,15 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "plots (PNG+SVG) and a margin table.")
     p.add_argument("--benchmark", metavar="NAME",
                    help="add the published results of resnet50-imagenet or resnet56-cifar10")
-    p.add_argument("--runs", nargs="+", default=[], metavar="RUN_DIR",
+    p.add_argument("--runs", nargs="+", default=[], metavar="RUN_DIR", type=user_path,
                    help="fasttrain run directories (thin, or fine-tuned from tools/prune.py)")
-    p.add_argument("--points", nargs="+", default=[], metavar="CSV",
+    p.add_argument("--points", nargs="+", default=[], metavar="CSV", type=user_path,
                    help="CSV files of points trained elsewhere (plotted as user-provided)")
-    p.add_argument("--latency", nargs="+", default=[], metavar="RESULTS",
+    p.add_argument("--latency", nargs="+", default=[], metavar="RESULTS", type=user_path,
                    help="tools/benchmark.py result files (.json or .csv)")
     p.add_argument("--batch-size", type=_positive_int, default=None,
                    help="latency at this batch size (default: the smallest in the files)")
-    p.add_argument("--out", type=nonempty, default=str(ROOT / "benchmarks" / "results" / "compare"),
+    p.add_argument("--out", type=user_path,
+                   default=str(ROOT / "benchmarks" / "results" / "compare"),
                    metavar="DIR", help="where the plots and tables go")
     p.add_argument("--name", type=_name, default=None,
                    help="file name prefix, without a folder (default: the benchmark, or "

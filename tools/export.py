@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 from fasttrain.cli import (ArgumentParser, finite_float, int_at_least, new_folders_removed_on_error,
-                          nonempty, printable_paths)
+                          printable_paths, user_path)
 from fasttrain.config import MAX_CLASSES, MAX_RESOLUTION, MAX_WIDTH
 from fasttrain.errors import UserError
 
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "torch.export or ONNX; exits 0 only when the export matches "
                                    "the eager model.")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", metavar="PATH", type=nonempty,
+    src.add_argument("--checkpoint", metavar="PATH", type=user_path,
                      help="a fasttrain checkpoint")
     src.add_argument("--model", metavar="NAME", help="a registered model (random weights)")
     p.add_argument("--width", type=float, default=None, help="--model: width multiplier (1.0)")
@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "average (ema, in a train.ema run's checkpoints)")
     p.add_argument("--format", choices=["torchscript", "export", "onnx"], default=None,
                    help="default: from --out's suffix (.pt, .pt2, .onnx)")
-    p.add_argument("--out", required=True, metavar="FILE", help="the file to write")
+    p.add_argument("--out", required=True, metavar="FILE", type=user_path,
+                   help="the file to write")
     p.add_argument("--resolution", type=int_at_least(1, MAX_RESOLUTION), default=None,
                    help="input size stored in the metadata and used for the parity check "
                         "(default: the checkpoint's val_res; 224, CIFAR 32)")

@@ -26,7 +26,7 @@ import argparse
 import sys
 
 from fasttrain.cli import (ArgumentParser, finite_float, new_folders_removed_on_error,
-                           printable_paths)
+                           printable_paths, user_path)
 from fasttrain.errors import UserError
 
 
@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="Prune a fasttrain checkpoint to a target MAC count with "
                                    "Torch-Pruning; the result fine-tunes with "
                                    "--model.init_from=OUT.")
-    p.add_argument("checkpoint", help="a fasttrain checkpoint (last.pt / best.pt)")
-    p.add_argument("--out", required=True, help="where to write the pruned checkpoint")
+    p.add_argument("checkpoint", type=user_path, help="a fasttrain checkpoint (last.pt / best.pt)")
+    p.add_argument("--out", required=True, type=user_path,
+                   help="where to write the pruned checkpoint")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-macs", type=_mac_count, metavar="N",
                         help="conv+fc MACs per image to reach, e.g. 2.6e6")

@@ -415,8 +415,12 @@ def prune_checkpoint(path: str | Path, out: str | Path, *, target_macs: int | No
                        "num_classes": mc["num_classes"]}
     metrics = state.get("metrics") or {}
     source_top1 = metrics.get("val_top1_ema" if weights == "ema" else "val_top1")
+    train_state = state.get("train_state") or {}
+    # The epoch whose validation gave source_val_top1: a checkpoint cut inside an epoch
+    # (train.max_steps) validated that partial epoch, which train_state does not count.
     record = {"source": str(path.resolve()),
-              "source_epoch": (state.get("train_state") or {}).get("epoch"),
+              "source_epoch": metrics.get("epoch", train_state.get("epoch")),
+              "source_step": train_state.get("step"),
               "source_val_top1": source_top1, "source_model": mc["name"],
               "source_width": mc["width"], "source_channels": mc.get("channels"),
               "source_macs": result.source_macs, "source_params": result.source_params,
