@@ -422,6 +422,24 @@ def test_graph_steps_only_for_cuda_graph_compile_modes(data_root, tmp_path):
         assert not loop._graph_steps(cfg, cuda, use_compile=True)
 
 
+def test_cuda_graph_steps_with_gradient_accumulation_are_refused_up_front(data_root, tmp_path):
+    """A graph replay overwrites the gradients the previous micro-batch left: torch stopped at
+    the second micro-batch with a traceback, after the data had been set up."""
+    cuda = torch.device("cuda", 0)
+    for mode in ("reduce-overhead", "max-autotune"):
+        cfg = _cfg(data_root, tmp_path, f"--train.compile_mode={mode}",
+                   "--train.grad_accum_steps=2")
+        with pytest.raises(ConfigError, match=rf"^train.compile_mode={mode} replays CUDA graphs, "
+                                              rf"which cannot accumulate gradients over "
+                                              rf"train.grad_accum_steps=2 micro-batches; "):
+            loop._check_graph_accumulation(cfg, cuda, use_compile=True)
+        loop._check_graph_accumulation(cfg, cuda, use_compile=False)
+        loop._check_graph_accumulation(cfg, torch.device("cpu"), use_compile=True)
+    cfg = _cfg(data_root, tmp_path, "--train.compile_mode=max-autotune-no-cudagraphs",
+               "--train.grad_accum_steps=2")
+    loop._check_graph_accumulation(cfg, cuda, use_compile=True)
+
+
 def test_evaluate_with_graph_steps_equals_plain(tmp_path):
     """The CUDA-graph bookkeeping of evaluate (step marks, the flip pass's copy) changes no
     number; the CPU twin of the path reduce-overhead takes on a GPU."""

@@ -293,6 +293,19 @@ def _graph_steps(cfg: Config, device: torch.device, use_compile: bool) -> bool:
             and cfg.train.compile_mode in ("reduce-overhead", "max-autotune"))
 
 
+def _check_graph_accumulation(cfg: Config, device: torch.device, use_compile: bool) -> None:
+    """Refuse CUDA-graph steps with gradient accumulation. A graph replay reuses its output
+    memory, gradients included: the next micro-batch's backward overwrites the .grad tensors
+    that the previous one left, and torch stops with "accessing gradient tensor output of
+    CUDAGraphs that has been overwritten" (pytorch/pytorch#169545) after the data set-up."""
+    accum = cfg.train.grad_accum_steps
+    if accum > 1 and _graph_steps(cfg, device, use_compile):
+        raise ConfigError(f"train.compile_mode={cfg.train.compile_mode} replays CUDA graphs, "
+                          f"which cannot accumulate gradients over train.grad_accum_steps="
+                          f"{accum} micro-batches; use train.compile_mode=default or "
+                          f"max-autotune-no-cudagraphs, or train.grad_accum_steps=1")
+
+
 def evaluate(model: nn.Module, loader: DeviceLoader, precision, device: torch.device,
              flip: bool = False, graph_steps: bool = False) -> dict[str, float]:
     """Loss, top-1 and top-5 (%) over the whole validation set, summed across ranks. With `flip`
@@ -300,6 +313,9 @@ def evaluate(model: nn.Module, loader: DeviceLoader, precision, device: torch.de
     `graph_steps`: `model` replays CUDA graphs, whose outputs the next call overwrites."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, n
+    # Counted on the host: a count made a tensor per batch is a host-to-device copy, which
+    # waits for the stream (a sync per validation batch).
+    count = 0
     # CUDA-graph trees recorded under inference_mode can break the training graphs that follow
     # (pytorch/pytorch#135892): no_grad there.
     no_grad = torch.no_grad if graph_steps else torch.inference_mode
@@ -314,8 +330,9 @@ def evaluate(model: nn.Module, loader: DeviceLoader, precision, device: torch.de
                 logits = (logits + model(images.flip(3))) / 2
             top1, top5 = accuracy_counts(logits, labels)
             loss = F.cross_entropy(logits.float(), labels, reduction="sum")
-            totals += torch.stack([loss.double(), top1.double(), top5.double(),
-                                   torch.tensor(len(labels), dtype=torch.float64, device=device)])
+            totals[:3] += torch.stack([loss.double(), top1.double(), top5.double()])
+            count += len(labels)
+    totals[3] = count  # a fill kernel, no copy
     distributed.all_reduce_sum(totals)
     loss, top1, top5, n = totals.tolist()  # sync point: once per validation
     if n == 0:  # every validation file was skipped as unreadable (on every rank)
@@ -378,6 +395,10 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    elif device.type == "cuda":
+        # One input shape per resolution: cuDNN times its algorithms once per shape and keeps
+        # the fastest, as torchvision's reference train.py does outside deterministic mode.
+        torch.backends.cudnn.benchmark = True
     report = Reporter(cfg.log.progress, dist.is_main)
     precision = resolve_precision(cfg.train.precision)
     init_weights = apply_init_from(cfg.model, notes := [])  # the architecture may come from it
@@ -390,6 +411,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
     use_compile = device.type == "cuda" if cfg.train.compile is None else cfg.train.compile
     if use_compile and device.type == "cpu" and (problem := _cpu_compiler_problem()):
         raise ConfigError(f"train.compile=true on the CPU: {problem}")
+    _check_graph_accumulation(cfg, device, use_compile)
     if cfg.log.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("log.tensorboard=true needs the tensorboard package (pip install "
                           "tensorboard, or the [tensorboard] extra)")

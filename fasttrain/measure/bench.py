@@ -224,6 +224,8 @@ def run(models: list[BenchModel], cond: Conditions, batch_sizes: list[int], *,
     """
     cond.check(models)
     device = torch.device(cond.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as training runs outside deterministic mode
     channels_last = cond.layout == "channels_last"
     kind = "train" if cond.train else "latency"
     prefix = "step" if cond.train else "latency"
