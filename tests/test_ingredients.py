@@ -139,6 +139,59 @@ def test_the_first_ema_update_after_warmup_copies_as_torchvisions():
     assert ema.module.weight.item() == 5.0
 
 
+def test_ema_updates_are_torchs_averaged_model_bit_for_bit():
+    """ModelEma replaces AveragedModel.update_parameters (two device syncs per update, four
+    kernels per integer buffer) with the same arithmetic: parameters, BatchNorm buffers and
+    num_batches_tracked equal torch's exactly, through warmup resets and a state-dict reload."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    torch.manual_seed(0)
+    model = create_model("cifar_resnet20", width=0.25, num_classes=3)
+    ours = ModelEma(model, 0.9, every=1)
+    torchs = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(1, 7):
+        loss = model(torch.randn(4, 3, 8, 8)).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        warmup = step <= 2
+        ours.step(model, step, in_warmup=warmup)
+        torchs.update_parameters(model)
+        if warmup:
+            torchs.n_averaged.zero_()
+        if step == 4:  # a resume: the next update must average, not copy
+            reloaded = ModelEma(model, 0.9, every=1)
+            reloaded.load_state_dict(ours.state_dict())
+            ours = reloaded
+        for (name, a), b in zip(ours.state_dict().items(), torchs.state_dict().values()):
+            assert torch.equal(a, b), (step, name)
+
+
+def _op_counts(fn, top_level: bool = False) -> dict[str, int]:
+    """aten ops `fn` dispatches (with `top_level`, only those no other op called: a CPU
+    foreach op runs per-tensor ops inside, a CUDA one launches a few kernels)."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return Counter(e.name for e in prof.events()
+                   if not (top_level and e.cpu_parent is not None
+                           and e.cpu_parent.name.startswith("aten::")))
+
+
+def test_an_ema_update_reads_nothing_back_from_the_device():
+    """AveragedModel.update_parameters tests `n_averaged` on the device twice per update: on a
+    GPU each test waits for the queued training step (torch's _local_scalar_dense)."""
+    model = create_model("cifar_resnet20", width=0.25, num_classes=3)
+    ema = ModelEma(model, 0.9, every=1)
+    for step in (1, 2):  # the copy, then an average
+        ops = _op_counts(lambda: ema.step(model, step, in_warmup=False))
+        assert "aten::_local_scalar_dense" not in ops and "aten::item" not in ops, ops
+
+
 def test_ema_decay_adjustment_matches_torchvision():
     # torchvision: alpha = (1 - decay) * world * batch_per_gpu * ema_steps / epochs
     assert adjusted_decay(0.99998, 1024, 32, 600) == pytest.approx(1 - 2e-5 * 1024 * 32 / 600)
@@ -212,6 +265,72 @@ def test_lamb_step_equals_hand_computation():
     q.grad = torch.full((3,), 2.0)
     Lamb([q], lr=0.1, eps=0.0, weight_decay=0.0).step()
     torch.testing.assert_close(q.detach(), torch.full((3,), 0.9))
+
+
+def _lamb_per_parameter(params, state, lr, b1, b2, eps, wd):
+    """The per-parameter LAMB update (timm's order of operations): the reference that the
+    multi-tensor implementation must equal bit for bit."""
+    for p in params:
+        if p.grad is None:
+            continue
+        st = state.setdefault(p, {"step": 0, "m": torch.zeros_like(p), "v": torch.zeros_like(p)})
+        st["step"] += 1
+        t, g = st["step"], p.grad
+        st["m"].mul_(b1).add_(g, alpha=1 - b1)
+        st["v"].mul_(b2).addcmul_(g, g, value=1 - b2)
+        denom = (st["v"] / (1 - b2 ** t)).sqrt_().add_(eps)
+        update = (st["m"] / (1 - b1 ** t)).div_(denom)
+        if wd != 0:
+            update.add_(p, alpha=wd)
+            w_norm, u_norm = p.norm(), update.norm()
+            one = torch.ones_like(w_norm)
+            update.mul_(torch.where(w_norm > 0, torch.where(u_norm > 0, w_norm / u_norm, one),
+                                    one))
+        p.add_(update, alpha=-lr)
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.02])
+def test_lamb_multi_tensor_step_equals_the_per_parameter_update(wd):
+    """Parameters of many shapes, one all zero (norm 0), one without a gradient at the first
+    step (so its step count lags): every value equal to the per-parameter loop's."""
+    torch.manual_seed(0)
+    shapes = [(8, 3, 3, 3), (8,), (5, 8), (5,), (4, 4)]
+    ours = [nn.Parameter(torch.randn(s)) for s in shapes]
+    with torch.no_grad():
+        ours[3].zero_()
+    theirs = [p.detach().clone() for p in ours]
+    opt = Lamb(ours, lr=0.01, betas=(0.9, 0.999), eps=1e-6, weight_decay=wd)
+    state: dict = {}
+    for step in range(4):
+        grads = [torch.randn(s) for s in shapes]
+        for i, (p, q, g) in enumerate(zip(ours, theirs, grads)):
+            late = i == 4 and step == 0
+            p.grad = None if late else g.clone()
+            q.grad = None if late else g.clone()
+        opt.step()
+        with torch.no_grad():
+            _lamb_per_parameter(theirs, state, 0.01, 0.9, 0.999, 1e-6, wd)
+        for p, q in zip(ours, theirs):
+            assert torch.equal(p.detach(), q)
+    assert opt.state[ours[4]]["step"] == 3 and opt.state[ours[0]]["step"] == 4
+
+
+def test_a_lamb_step_launches_the_same_ops_for_10_or_40_parameters():
+    """Multi-tensor ops: the per-parameter loop launched ~13-19 kernels per parameter (about
+    2,150 per step for a ResNet-50)."""
+    def ops_for(n: int) -> int:
+        params = [nn.Parameter(torch.randn(3, 3)) for _ in range(n)]
+        for p in params:
+            p.grad = torch.randn(3, 3)
+        opt = Lamb(params, lr=0.01, weight_decay=0.02)
+        opt.step()  # the state is created
+        counts = _op_counts(opt.step, top_level=True)
+        return sum(c for k, c in counts.items() if k.startswith("aten::_foreach")
+                   or k in ("aten::add_", "aten::mul_", "aten::div", "aten::div_",
+                            "aten::sqrt_", "aten::addcmul_", "aten::norm",
+                            "aten::linalg_vector_norm"))
+
+    assert ops_for(40) == ops_for(10)
 
 
 def test_linear_scaling_rule_is_opt_in():

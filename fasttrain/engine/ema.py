@@ -24,6 +24,36 @@ class ModelEma(AveragedModel):
         super().__init__(model, device=next(model.parameters()).device,
                          multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
         self.decay, self.every = decay, every
+        self._copy_next = True  # host mirror of `n_averaged == 0`: no device sync per update
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict, assign)
+        self._copy_next = bool(self.n_averaged == 0)  # one sync, at resume
+        return result
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        """AveragedModel.update_parameters' arithmetic without its two `bool(n_averaged ...)`
+        device syncs, and with the integer buffers (num_batches_tracked) updated in one batch
+        instead of four kernels each."""
+        ema = list(self.module.parameters()) + list(self.module.buffers())
+        src = [t.detach() for t in list(model.parameters()) + list(model.buffers())]
+        if self._copy_next:
+            torch._foreach_copy_(ema, src)
+        else:
+            floats = [(e, m) for e, m in zip(ema, src) if e.is_floating_point()]
+            ints = [(e, m) for e, m in zip(ema, src) if not e.is_floating_point()]
+            if floats:
+                torch._foreach_lerp_([e for e, _ in floats], [m for _, m in floats],
+                                     1 - self.decay)
+            if ints:  # the same formula as torch's per-tensor fallback, on a stacked copy
+                e_all = torch.stack([e.reshape(-1) for e, _ in ints])
+                m_all = torch.stack([m.reshape(-1) for _, m in ints])
+                mixed = (e_all * self.decay + m_all * (1 - self.decay)).to(e_all.dtype)
+                torch._foreach_copy_([e for e, _ in ints],
+                                     [r.view(e.shape) for r, (e, _) in zip(mixed, ints)])
+        self.n_averaged += 1
+        self._copy_next = False
 
     @torch.no_grad()
     def step(self, model: nn.Module, optimizer_step: int, in_warmup: bool) -> None:
@@ -35,3 +65,4 @@ class ModelEma(AveragedModel):
             # After the update, as torchvision does: the next update copies the weights, the
             # first one after warmup included (the average starts from the warmed-up weights).
             self.n_averaged.zero_()
+            self._copy_next = True
