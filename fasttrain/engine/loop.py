@@ -547,10 +547,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
 
     train_model: nn.Module = model
     if dist.enabled:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-        if cfg.train.deterministic:  # bit-identical resumes on any number of ranks
-            train_model.register_comm_hook(None, distributed.rank_ordered_mean_hook)
+        train_model = distributed.data_parallel(model, device, cfg.train.deterministic)
     compile_mode = None if cfg.train.compile_mode == "default" else cfg.train.compile_mode
     if use_compile:
         dynamo_config = torch._dynamo.config
