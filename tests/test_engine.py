@@ -757,6 +757,25 @@ def test_a_run_refused_at_its_first_step_leaves_no_folder_behind(data_root, tmp_
         train(_cfg(data_root, "~/mine/notes.txt/runs"), dry_run=True)
 
 
+def test_a_run_interrupted_before_its_first_checkpoint_leaves_no_folder(data_root, tmp_path,
+                                                                       monkeypatch):
+    """A preemption in the first (on ImageNet, long) epoch left a folder holding config.yaml
+    and an empty checkpoints/; every requeued `--resume auto` started, and left, one more."""
+    args = ("--data.train_res=8", "--data.val_res=8", "--data.val_resize=8",
+            "--model.width=0.25", "--schedule.epochs=1", "--schedule.warmup_epochs=0")
+    steps = []
+
+    def interrupted_step(*a, **kw):
+        steps.append(1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train_one_epoch", interrupted_step)
+    for _ in range(2):
+        with pytest.raises(KeyboardInterrupt):
+            train(_cfg(data_root, tmp_path, *args), resume="auto")
+    assert len(steps) == 2 and list(tmp_path.iterdir()) == []
+
+
 def test_a_resume_with_train_max_steps_reached_trains_nothing(data_root, tmp_path):
     """A requeue script resuming with the cap it was cut at trained the next epoch for 0 steps
     and marked it done (a metrics line, a checkpoint one epoch on): its steps were lost."""

@@ -373,9 +373,11 @@ def train(cfg: Config, recipe: str | None = None, resume: str | None = None,
     made: list[Path] = []
     try:
         return _train(cfg, dist, recipe, resume, dry_run, made)
-    except UserError:
+    except (UserError, KeyboardInterrupt):
         # Refused after its folder was made (a check only the first step can do, e.g. a
-        # one-image BatchNorm batch): the folder would only hold a config.yaml.
+        # one-image BatchNorm batch), or interrupted (Ctrl-C, SIGTERM: a preemption) before
+        # its first checkpoint: the folder would only hold a config.yaml, and each requeued
+        # `--resume auto` would leave one more.
         for run in made:
             discard_unused_run_dir(run)
         raise
