@@ -24,6 +24,7 @@ decoding the failing batch's files one by one and raises a one-line `DatasetErro
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import os
@@ -121,6 +122,18 @@ def _write_file_list(folder: str, name: str, samples: list[tuple[str, int]]) -> 
     return path
 
 
+def _release_freed_memory() -> None:
+    """Hand the heap memory that a shut-down pipeline freed back to the OS (glibc's
+    malloc_trim). Without it glibc keeps the freed buffers as heap that later pipelines did not
+    reuse: RSS grew ~5.5 MB per epoch (three pipelines per epoch with EMA validation), ~0.5 GB
+    per rank over an 88-epoch run."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to ask
+        pass
+
+
 class DaliLoader:
     """Iterates (images, labels) on `device` from a DALI pipeline built for each epoch.
 
@@ -188,6 +201,8 @@ class DaliLoader:
             # consumer stops early (train.max_steps, the per-rank batch cap).
             del step, finish
             pipe._shutdown()
+            del pipe
+            _release_freed_memory()
 
     def _dense(self, pipe: Any) -> tuple[Callable[[], Any], Callable[[Any, int], Batch]]:
         """The GPU path: DALI's PyTorch iterator over finished batches (it removes the reader's
