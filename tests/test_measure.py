@@ -791,6 +791,33 @@ def test_an_interrupted_sweep_writes_the_rows_measured(tmp_path, monkeypatch, ca
     assert captured.err == "error: interrupted; 1 row measured and written\n", captured.err
 
 
+def test_an_interrupt_while_the_outputs_are_written_waits_for_them(tmp_path, monkeypatch,
+                                                                    capsys):
+    """A Ctrl-C (or a time limit's SIGTERM) as a finished sweep wrote its files was a traceback,
+    and the files not yet written (--save's record, the plot) were lost."""
+    import signal
+
+    real_write = benchmark_tool._write_outputs
+
+    def interrupted_while_writing(rows, args, console):
+        os.kill(os.getpid(), signal.SIGINT)  # (SIGTERM is held alike)
+        return real_write(rows, args, console)
+
+    monkeypatch.setattr(benchmark_tool, "_write_outputs", interrupted_while_writing)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    out, csv_out = tmp_path / "rows.json", tmp_path / "rows.csv"
+    try:
+        code = benchmark_tool.main(TINY + ["--batch-size", "1,2", "--json", str(out), "--csv",
+                                           str(csv_out)])
+    except KeyboardInterrupt:
+        pytest.fail("the interrupt escaped while the outputs were written")
+    assert code == 130
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+    assert [r["batch_size"] for r in json.loads(out.read_text())] == [1, 2]
+    assert csv_out.read_text().count("\n") == 3
+    assert capsys.readouterr().err == "error: interrupted; 2 rows measured and written\n"
+
+
 def test_sigterm_writes_the_rows_measured_like_ctrl_c(tmp_path):
     """`timeout` and batch schedulers stop a sweep with SIGTERM: the GPU checklist's time-limited
     steps lost every row already measured."""

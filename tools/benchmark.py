@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from fasttrain.cli import (ArgumentParser, check_output, int_at_least, printable_paths,
@@ -335,18 +337,33 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         # The rows measured so far are kept: written like a finished run's, then one line.
+        return _finish(rows, args, console if rows else None, interrupted=True)
+    return _finish(rows, args, console, interrupted=False)
+
+
+def _finish(rows, args, console, interrupted: bool) -> int:
+    """Show the table and write the outputs with Ctrl-C and SIGTERM held until they are
+    written: an interrupt arriving then (a second Ctrl-C, a time limit as a finished sweep
+    writes) is one line after the files, not a traceback instead of them."""
+    held: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)
+                if threading.current_thread() is threading.main_thread()}  # none elsewhere
+    failures: list[str] = []
+    try:
         if rows:
-            console.print(_table(rows, args.train))
+            console.print(_table(rows, args.train))  # first: the numbers are shown
             failures = _write_outputs(rows, args, console)
-            if failures:
-                print(f"error: {'; '.join(failures)}", file=sys.stderr)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    interrupted = interrupted or bool(held)
+    if failures:
+        print(f"error: {'; '.join(failures)}", file=sys.stderr)
+    if interrupted:
         print(f"error: interrupted; {len(rows)} row{'' if len(rows) == 1 else 's'} measured "
               f"{'and written' if rows else ''}".rstrip(), file=sys.stderr)
         return 130
-    console.print(_table(rows, args.train))  # first: whatever fails below, the numbers are shown
-    failures = _write_outputs(rows, args, console)
-    if failures:
-        print(f"error: {'; '.join(failures)}", file=sys.stderr)
     failed = [r for r in rows if r["status"] == "error"]
     if failed:
         print(f"error: {len(failed)} of {len(rows)} rows failed (status \"error\"; first: "
