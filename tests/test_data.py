@@ -65,6 +65,31 @@ def _quick_cfg(*overrides):
     return load(ROOT / "recipes" / "quickstart.yaml", ["--data.backend=torch", *overrides])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_normalize_reads_uint8_without_a_float_copy_and_keeps_the_layout(dtype):
+    """(x/255 - mean)/std in float32, then the training dtype: uint8 batches go into the
+    multiply-add directly (no float32 copy first), float batches alike; the layout is kept."""
+    from fasttrain.data.transforms import Normalize
+
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    norm = Normalize(mean, std, dtype)
+    x = torch.randint(0, 256, (4, 3, 7, 9), dtype=torch.uint8)
+    want = ((x.double() / 255 - torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1))
+            / torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1))
+    for batch in (x, x.contiguous(memory_format=torch.channels_last)):
+        got = norm(batch)
+        assert got.dtype == dtype and got.stride() == batch.stride()
+        torch.testing.assert_close(got.double(), want, atol=1e-5 if dtype == torch.float32
+                                   else 2e-2, rtol=0)
+        assert torch.equal(got, norm(batch.float()))
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        norm(x)
+    ops = [e.name for e in prof.events() if e.cpu_parent is None]
+    assert ops[0] == "aten::addcmul", ops  # no conversion of the batch before it
+
+
 def test_loaders_shapes_dtypes_and_normalisation(data_root):
     cfg = _quick_cfg(f"--data.path={data_root / 'digits'}", "--data.batch_size=32")
     loaders = build_loaders(cfg.data, cfg.aug, channels_last=True)

@@ -302,4 +302,7 @@ class Normalize(torch.nn.Module):
             if images.dtype == torch.uint8:
                 return images
             return images.round().clamp_(0, 255).to(torch.uint8)
-        return torch.addcmul(self.shift, images.float(), self.scale).to(self.dtype)
+        # uint8 in: the kernel converts as it reads (type promotion), so no float32 copy of the
+        # batch is written and read back first (one kernel and ~150 MB of traffic per 224 px
+        # step of 256 images less on a GPU); the values are those of the float32 formula.
+        return torch.addcmul(self.shift, images, self.scale).to(self.dtype)
