@@ -478,8 +478,9 @@ def load_exported(path: str | Path, fmt: str | None = None
     try:
         if fmt == "torchscript":
             extra = {META_KEY: ""}
-            with quiet_jit():
-                module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+            # An open file: torch's C++ loader takes no name that is not UTF-8.
+            with quiet_jit(), open(path, "rb") as f:
+                module = torch.jit.load(f, map_location="cpu", _extra_files=extra)
             return module, json.loads(extra[META_KEY] or "{}")
         if fmt == "export":
             extra = {META_KEY: ""}
@@ -511,9 +512,11 @@ def load_exported(path: str | Path, fmt: str | None = None
     except ImportError as e:
         raise ExportError(f"checking an ONNX file needs onnx and onnxruntime ({e})") from None
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        with open(path, "rb") as f:  # bytes: onnxruntime takes no name that is not UTF-8
+            raw = f.read()
+        proto = onnx.load_from_string(raw)
         meta = next((json.loads(p.value) for p in proto.metadata_props if p.key == META_KEY), {})
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(raw, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnx's DecodeError, onnxruntime's Fail/InvalidGraph, ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"{path}: cannot load onnx file ({type(e).__name__}: {first})"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import math
 import re
 import xml.etree.ElementTree as ET
@@ -400,6 +401,27 @@ def test_write_failure_names_the_folder(tmp_path, monkeypatch):
     with pytest.raises(CompareError, match=rf"^{re.escape(str(tmp_path))}: cannot write the "
                                            rf"comparison \(No space left on device\)$"):
         report.write_outputs(c, tmp_path, None)
+
+
+def test_names_that_are_not_utf8_are_escaped_in_every_output(tmp_path, capsys):
+    """A run folder or points file named in Latin-1 (Linux names are bytes): the CSV writer
+    raised UnicodeEncodeError half-way (the table half-written), matplotlib a TypeError."""
+    runs = []
+    for name, top1 in ((b"r\xe9n", 60.0), (b"other", 70.0)):
+        run = Path(os.fsdecode(bytes(tmp_path) + b"/" + name))
+        run.mkdir()
+        (run / "config.yaml").write_text("model: {name: cifar_resnet20, num_classes: 10, "
+                                         "width: 0.25}\ndata: {val_res: 16}\n")
+        (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "val_top1": top1}) + "\n")
+        runs.append(str(run))
+    points = Path(os.fsdecode(bytes(tmp_path) + b"/p\xe9.csv"))
+    points.write_text("label,top1,macs\nmine,50,1e6\n")
+    out = tmp_path / "cmp"
+    assert compare_tool.main(["--runs", *runs, "--points", str(points), "--out", str(out),
+                              "--name", "x"]) == 0
+    table = (out / "x-table.csv").read_text()
+    assert "r\\udce9n" in table and "p\\udce9.csv:2" in table
+    assert "r\\udce9n" in (out / "x-table.md").read_text()
 
 
 def test_bad_points_file_and_run_directory_exit_2(tmp_path, capsys):

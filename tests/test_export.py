@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import re
 import subprocess
 import sys
@@ -558,6 +559,22 @@ def test_a_torch_export_file_given_as_a_checkpoint_is_one_line(tmp_path, capsys)
     with pytest.raises(sources.SourceError, match=r"net.pt2: a torch.export program .* \(use "
                                                   r"--file\)$"):
         sources.from_checkpoint(tmp_path / "net.pt2")
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_a_file_name_that_is_not_utf8_exports(tmp_path, fmt):
+    """torch.jit.load and onnxruntime take no name that is not UTF-8: the parity check's reload
+    failed (exit 2) after a good export."""
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+        pytest.importorskip("onnxscript")
+    model, meta = small_model()
+    folder = Path(os.fsdecode(bytes(tmp_path) + b"/r\xe9n"))
+    folder.mkdir()
+    parity, _ = ex.export_model(model.eval(), meta, fmt, folder / f"net{ex.FORMATS[fmt]}")
+    assert parity.ok
+    _, loaded_meta = ex.load_exported(folder / f"net{ex.FORMATS[fmt]}")
+    assert loaded_meta["model"] == meta["model"]
 
 
 def test_an_unfolded_native_network_is_scripted_not_traced(tmp_path):

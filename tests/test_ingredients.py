@@ -147,6 +147,7 @@ def test_ema_updates_are_torchs_averaged_model_bit_for_bit():
 
     torch.manual_seed(0)
     model = create_model("cifar_resnet20", width=0.25, num_classes=3)
+    model.register_buffer("counts", torch.tensor([7, 300, 11]))  # integers of another shape
     ours = ModelEma(model, 0.9, every=1)
     torchs = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -155,6 +156,7 @@ def test_ema_updates_are_torchs_averaged_model_bit_for_bit():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        model.counts += step * 13
         warmup = step <= 2
         ours.step(model, step, in_warmup=warmup)
         torchs.update_parameters(model)

@@ -791,6 +791,17 @@ def test_an_interrupted_sweep_writes_the_rows_measured(tmp_path, monkeypatch, ca
     assert captured.err == "error: interrupted; 1 row measured and written\n", captured.err
 
 
+def test_path_options_expand_a_leading_tilde(monkeypatch):
+    """The shell leaves `~` as typed after `=`: `--plot=~/b.png` wrote into a folder "~"."""
+    monkeypatch.setenv("HOME", "/home/someone")
+    args = benchmark_tool.build_parser().parse_args(
+        ["--model", "cifar_resnet20", "--plot=~/b.png", "--json=~/b.json", "--csv=~/b.csv",
+         "--results-dir=~/res"])
+    assert (args.plot, args.json, args.csv, args.results_dir) == (
+        "/home/someone/b.png", "/home/someone/b.json", "/home/someone/b.csv", "/home/someone/res")
+    assert benchmark_tool.build_parser().parse_args(["--model", "x", "--plot"]).plot == ""
+
+
 def test_an_interrupt_while_the_outputs_are_written_waits_for_them(tmp_path, monkeypatch,
                                                                     capsys):
     """A Ctrl-C (or a time limit's SIGTERM) as a finished sweep wrote its files was a traceback,

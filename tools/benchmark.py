@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import signal
 import sys
 import threading
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="append the rows under --results-dir, in files named by the conditions")
     p.add_argument("--results-dir", metavar="DIR", type=user_path,
                    default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--plot", metavar="PNG", nargs="?", const="",
+    p.add_argument("--plot", metavar="PNG", nargs="?", const="", type=os.path.expanduser,
                    help="plot latency (or images/s) vs MACs; without PNG: next to --save's files")
     return p
 

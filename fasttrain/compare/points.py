@@ -25,6 +25,12 @@ THIN, PRUNED, LITERATURE, OTHER = "thin", "pruned", "literature", "other"
 MEASURED, USER, PUBLISHED = "measured here", "user-provided", "published"
 
 
+def _shown(text: str) -> str:
+    """`text` with the undecodable bytes of a non-UTF-8 file name escaped (`caf\\udce9`), as
+    the tools print it: plot labels, the CSV and the Markdown table cannot hold surrogates."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 @dataclass
 class Point:
     """One network in a comparison (see module doc).
@@ -175,7 +181,7 @@ def point_from_run(run_dir: str | Path, warnings: list[str] | None = None) -> Po
     point = Point(label=f"{m.name} w{m.width:g}", kind=THIN, origin=MEASURED,
                   top1=metrics["val_top1"], macs=count_macs(model, res).conv_fc,
                   params=count_params(model), model=m.name, width=m.width, resolution=res,
-                  source=str(run), dataset=cfg.data.dataset)
+                  source=_shown(str(run)), dataset=cfg.data.dataset)
     if m.channels is not None:
         point.kind, point.width = PRUNED, None
         point.label = f"{m.name} pruned"
@@ -280,7 +286,7 @@ def _read_points(path: Path, f) -> list[Point]:
                             params=as_int["params"], model=values.get("model"),
                             width=values.get("width"), resolution=as_int["resolution"],
                             base_top1=values.get("base_top1"),
-                            base_macs=as_int["base_macs"], source=f"{path}:{line}"))
+                            base_macs=as_int["base_macs"], source=_shown(f"{path}:{line}")))
     if not points:  # a header alone (or blank lines) is a mistake, not an empty comparison
         raise CompareError(f"{path}: no points (a header but no rows)")
     return points

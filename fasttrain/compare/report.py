@@ -203,7 +203,7 @@ def markdown(c: Comparison) -> str:
 
 
 def write_csv(c: Comparison, path: Path) -> None:
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         for r in c.rows:
@@ -281,6 +281,6 @@ def _write_outputs(c: Comparison, out: Path, name: str | None) -> list[Path]:
                                       f"to its own baseline", subtitle=thin_note,
                                 reference=_reference(c, "reduction"))
     md, table = out / f"{name}-table.md", out / f"{name}-table.csv"
-    md.write_text(markdown(c))
+    md.write_text(markdown(c), encoding="utf-8", errors="backslashreplace")
     write_csv(c, table)
     return written + [md, table]

@@ -46,12 +46,16 @@ class ModelEma(AveragedModel):
             if floats:
                 torch._foreach_lerp_([e for e, _ in floats], [m for _, m in floats],
                                      1 - self.decay)
-            if ints:  # the same formula as torch's per-tensor fallback, on a stacked copy
-                e_all = torch.stack([e.reshape(-1) for e, _ in ints])
-                m_all = torch.stack([m.reshape(-1) for _, m in ints])
+            # The same formula as torch's per-tensor fallback, on one stacked copy per shape
+            # (a ResNet's integer buffers are its BatchNorms' num_batches_tracked scalars).
+            by_kind: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+            for e, m in ints:
+                by_kind.setdefault((e.shape, e.dtype), []).append((e, m))
+            for group in by_kind.values():
+                e_all = torch.stack([e for e, _ in group])
+                m_all = torch.stack([m for _, m in group])
                 mixed = (e_all * self.decay + m_all * (1 - self.decay)).to(e_all.dtype)
-                torch._foreach_copy_([e for e, _ in ints],
-                                     [r.view(e.shape) for r, (e, _) in zip(mixed, ints)])
+                torch._foreach_copy_([e for e, _ in group], list(mixed.unbind(0)))
         self.n_averaged += 1
         self._copy_next = False
 
