@@ -161,13 +161,6 @@ def _ema_state(path: Path, state: dict[str, Any]) -> dict[str, Any]:
                                    if k != "n_averaged"})
 
 
-# What exported metadata keeps of a pruned checkpoint's `pruning` record (the bisection trace
-# and dates stay in the checkpoint).
-PRUNING_SUMMARY = ("source", "source_epoch", "source_step", "source_weights", "source_val_top1",
-                   "source_model", "source_width", "source_macs", "source_params", "macs",
-                   "params", "ratio", "importance", "scope", "torch_pruning")
-
-
 def model_from_checkpoint(path: str | Path, norm_act: str | None = None,
                           weights: str = "model", state: dict[str, Any] | None = None
                           ) -> tuple[nn.Module, dict[str, Any]]:
@@ -249,7 +242,9 @@ def model_from_checkpoint(path: str | Path, norm_act: str | None = None,
         meta["resize"] = resize
     pruning = state.get("pruning")
     if isinstance(pruning, dict):  # "weights" alone would hide a network pruned from EMA weights
-        meta["pruning"] = {k: pruning[k] for k in PRUNING_SUMMARY if k in pruning}
+        meta["pruning"] = {k: pruning[k] for k in ckpt.PRUNING_SUMMARY if k in pruning}
+    elif isinstance(state.get("pruned_from"), dict):  # trained on from a pruned checkpoint
+        meta["pruning"] = state["pruned_from"]
     return model.eval(), meta
 
 

@@ -481,6 +481,13 @@ def test_thin_vs_pruned_end_to_end(data_root, tmp_path, monkeypatch, capsys):
                             "--target-width", "0.25"]) == 0
     assert train_tool.main(common + ["--log.name=ft", "--model.init_from=pruned.pt",
                                      "--schedule.epochs=1", "--optim.lr=0.05"]) == 0
+    # the fine-tuned network's export still says what it was pruned from (it said nothing)
+    assert load_tool("export").main(["--checkpoint", "runs/ft/checkpoints/last.pt", "--out",
+                                     "ft.pt"]) == 0
+    from fasttrain.export import load_exported
+    lineage = load_exported("ft.pt")[1]["pruning"]
+    assert lineage["fine_tuned_from"] == str(tmp_path / "pruned.pt")
+    assert lineage["source"] == str(tmp_path / "runs" / "w05" / "checkpoints" / "last.pt")
     for run in ("w025", "ft"):
         assert bench_tool.main(["--checkpoint", f"runs/{run}/checkpoints/last.pt", "--device",
                                 "cpu", "--threads", "1", "--batch-size", "1", "--iters", "5",

@@ -367,6 +367,20 @@ def test_init_from_takes_architecture_and_weights(tmp_path):
     assert cfg.init_from == str(out)
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         apply_init_from(ModelConfig(init_from=str(tmp_path / "missing.pt")))
+    # the lineage: what was pruned, carried by a fine-tuned checkpoint and a fine-tuned one's
+    record = ckpt.load(out)["pruning"]
+    apply_init_from(ModelConfig(init_from=str(out)), lineage=(lineage := {}))
+    assert lineage == {**{k: record[k] for k in ckpt.PRUNING_SUMMARY if k in record},
+                       "fine_tuned_from": str(out)}
+    assert lineage["source"] == str(src.resolve()) and "search" not in lineage
+    tuned = torch.load(out, weights_only=True)
+    del tuned["pruning"]
+    tuned["pruned_from"] = lineage
+    torch.save(tuned, tmp_path / "tuned.pt")
+    apply_init_from(ModelConfig(init_from=str(tmp_path / "tuned.pt")), lineage=(again := {}))
+    assert again == lineage
+    apply_init_from(ModelConfig(init_from=str(src)), lineage=(plain := {}))
+    assert plain == {}
 
 
 @needs_tp

@@ -156,6 +156,12 @@ def load(path: Path) -> dict[str, Any]:
     return state
 
 
+# What exports, and the checkpoints of a network fine-tuned from a pruned one (`pruned_from`),
+# keep of a pruned checkpoint's `pruning` record (the bisection trace and dates stay in it).
+PRUNING_SUMMARY = ("source", "source_epoch", "source_step", "source_weights", "source_val_top1",
+                   "source_model", "source_width", "source_macs", "source_params", "macs",
+                   "params", "ratio", "importance", "scope", "torch_pruning")
+
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
 

@@ -76,13 +76,16 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
         raise ConfigError(f"model: {e}") from None
 
 
-def apply_init_from(cfg: ModelConfig, notes: list[str] | None = None
-                    ) -> dict[str, torch.Tensor] | None:
+def apply_init_from(cfg: ModelConfig, notes: list[str] | None = None,
+                    lineage: dict[str, Any] | None = None) -> dict[str, torch.Tensor] | None:
     """`model.init_from`: copy the checkpoint's architecture keys (`MODEL_IDENTITY`) into `cfg`
     (in place; `init_from` made absolute) and return its weights; None when `init_from` is
     empty. `notes` gets a line for each option that changes what the network computes but not
     its weights' shapes and that differs from the checkpoint's training (`model.blurpool`: its
     filters were part of what the weights learned), which nothing else would mention.
+    `lineage` gets the summary of the pruning the weights came from (`PRUNING_SUMMARY` and
+    `fine_tuned_from`, the pruned file), when `init_from` was written by tools/prune.py or
+    trained on from such a file, so that the run's checkpoints and exports still say so.
 
     Raises:
         CheckpointError: unreadable file (loaded with weights_only=True) or no model config.
@@ -105,6 +108,13 @@ def apply_init_from(cfg: ModelConfig, notes: list[str] | None = None
     # Absolute in the run's config.yaml: tools/compare.py reads the pruning record through it
     # from wherever it runs.
     cfg.init_from = str(path.resolve())
+    if lineage is not None:
+        pruning, earlier = saved.get("pruning"), saved.get("pruned_from")
+        if isinstance(pruning, dict):
+            lineage.update({k: pruning[k] for k in ckpt.PRUNING_SUMMARY if k in pruning},
+                           fine_tuned_from=cfg.init_from)
+        elif isinstance(earlier, dict):  # fine-tuned again: the pruning is still the origin
+            lineage.update(earlier)
     return saved["model"]
 
 
@@ -147,6 +157,7 @@ class Parts:
     steps_per_epoch: int  # optimizer steps
     graph_steps: bool = False  # train_model replays CUDA graphs (compile_mode reduce-overhead)
     classes: list[str] = field(default_factory=list)  # the data set's, in label order
+    pruned_from: dict[str, Any] = field(default_factory=dict)  # apply_init_from's lineage
 
 
 @functools.cache  # one git call per run, not one per checkpoint
@@ -403,7 +414,8 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
         torch.backends.cudnn.benchmark = True
     report = Reporter(cfg.log.progress, dist.is_main)
     precision = resolve_precision(cfg.train.precision)
-    init_weights = apply_init_from(cfg.model, notes := [])  # the architecture may come from it
+    # the architecture may come from it
+    init_weights = apply_init_from(cfg.model, notes := [], lineage=(lineage := {}))
     for note in notes:
         report.print(note)
     build_model(cfg.model, 1)  # unknown name / bad width: fail before touching data
@@ -566,7 +578,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
     parts = Parts(cfg, model, train_model, optimizer, scheduler, scaler, precision,
                   BatchMixer(cfg.aug, cfg.model.num_classes, cfg.optim.label_smoothing), ema,
                   device, steps_per_epoch, graph_steps=_graph_steps(cfg, device, use_compile),
-                  classes=list(loaders.classes))
+                  classes=list(loaders.classes), pruned_from=lineage)
 
     writer = None
     # A resume with nothing left to train (a finished run, a train.max_steps already reached)
@@ -951,6 +963,8 @@ def _save(run_dir: Path, p: Parts, state: TrainState, metrics: dict[str, Any],
         payload["scaler"] = p.scaler.state_dict()
     if p.ema is not None:
         payload["ema"] = p.ema.state_dict()
+    if p.pruned_from:
+        payload["pruned_from"] = p.pruned_from
     last = run_dir / CHECKPOINTS / LAST
     try:
         ckpt.save_atomic(payload, last)
