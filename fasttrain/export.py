@@ -215,7 +215,10 @@ def model_from_checkpoint(path: str | Path, norm_act: str | None = None,
     try:
         resolution = int(data.get("val_res") or default_resolution(mc["name"]))
         resize = int(data.get("val_resize") or 0)  # shorter side before the center crop
-        if resolution < 1 or resize < 0:
+        from .config import MAX_RESOLUTION
+
+        # the config's own bounds: a crafted 10**9 overflowed torch's storage size (traceback)
+        if not (1 <= resolution <= MAX_RESOLUTION and 0 <= resize <= MAX_RESOLUTION):
             raise ValueError(f"val_res {resolution}, val_resize {resize}")
         mean, std = data.get("mean"), data.get("std")
         for name, values in (("mean", mean), ("std", std)):
@@ -223,6 +226,10 @@ def model_from_checkpoint(path: str | Path, norm_act: str | None = None,
                 numbers = [float(v) for v in values]  # a str or a list of words: TypeError...
                 if numbers and len(numbers) != 3:  # empty = the ImageNet default
                     raise ValueError(f"{name} has {len(numbers)} values, not 3")
+                # NaN would reach the metadata JSON, which strict parsers refuse; std 0 divides
+                if not all(math.isfinite(v) for v in numbers) or \
+                        (name == "std" and not all(v > 0 for v in numbers)):
+                    raise ValueError(f"{name} {numbers}")
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: malformed checkpoint: 'config'['data'] ({e})") from None
     meta = make_metadata(mc, resolution=resolution, mean=mean, std=std,

@@ -528,7 +528,16 @@ def test_an_exported_file_or_a_crafted_one_given_as_a_checkpoint_is_one_line(tmp
                                 (("versions",), "x", "'versions' is of type str"),
                                 (("config", "data", "val_res"), "big", "'config'['data']"),
                                 (("config", "data", "val_res"), -5, "'config'['data'] (val_res "
-                                                                    "-5")):
+                                                                    "-5"),
+                                # a torch traceback (storage size overflow), NaN in the JSON
+                                (("config", "data", "val_res"), 10**9,
+                                 "'config'['data'] (val_res 1000000000,"),
+                                (("config", "data", "val_resize"), 10**9,
+                                 "'config'['data'] (val_res 24, val_resize 1000000000)"),
+                                (("config", "data", "mean"), [float("nan"), 0.5, 0.5],
+                                 "'config'['data'] (mean [nan, 0.5, 0.5])"),
+                                (("config", "data", "std"), [0.2, 0.0, 0.2],
+                                 "'config'['data'] (std [0.2, 0.0, 0.2])")):
         crafted = json.loads(json.dumps(state["config"]))  # a deep copy of the plain part
         broken = {**state, "config": crafted}
         target = broken
