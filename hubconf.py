@@ -13,8 +13,6 @@ Models are returned in eval mode.
 """
 dependencies = ["torch"]
 
-import os  # noqa: E402
-
 import fasttrain.models as _models  # noqa: E402  (hub reads `dependencies` first)
 
 
@@ -39,7 +37,6 @@ def _entry(name: str):
             return _models.create_model(name, **kwargs).eval()
         if not str(checkpoint).strip():
             raise ValueError("checkpoint= is empty: give the path of a fasttrain checkpoint")
-        checkpoint = os.path.expanduser(checkpoint)  # "~/runs/...", as the training tools read
         from fasttrain.export import model_from_checkpoint
 
         # norm_act only picks the implementation of the same math (state dicts are identical).

@@ -186,7 +186,7 @@ def model_from_checkpoint(path: str | Path, norm_act: str | None = None,
     if norm_act is not None and norm_act not in NORM_ACT_LAYERS:
         raise UserError(f"norm_act {norm_act!r}: choose from "
                         f"{', '.join(sorted(NORM_ACT_LAYERS))}")
-    path = Path(path)
+    path = Path(path).expanduser()  # "~/runs/...": as model.init_from and --resume read it
     if state is None:
         state = ckpt.load(path)
     cfg = state.get("config")
