@@ -150,6 +150,8 @@ class AugConfig:
     randaug_magnitude: float = _f(9.0, "RandAugment: magnitude level out of 10 (timm scale)",
                                   ge=0, le=10)
     randaug_magnitude_std: float = _f(0.0, "RandAugment: std of the per-op magnitude noise", ge=0)
+    randaug_prob: float = _f(1.0, "RandAugment: probability that each drawn operation is applied "
+                             "(torchvision: 1; timm's rand-m*: 0.5)", ge=0, le=1)
     random_erase: float = _f(0.0, "probability of random erasing (filled with the mean colour)",
                              ge=0, le=1)
     mixup_alpha: float = _f(0.0, "mixup Beta(alpha, alpha); 0 = off", ge=0)
@@ -218,6 +220,10 @@ class ScheduleConfig:
     warmup_epochs: float = _f(0.0, "linear warmup length (may be fractional)", ge=0)
     warmup_start_factor: float = _f(0.01, "LR factor at the first warmup step", gt=0, le=1)
     min_lr_factor: float = _f(0.0, "cosine: final LR as a fraction of the peak", ge=0, le=1)
+    cosine_span: Literal["after_warmup", "whole_run"] = _f(
+        "after_warmup", "cosine: after_warmup = the cosine starts at the end of warmup "
+        "(torchvision); whole_run = it spans every epoch and warmup replaces its start "
+        "(timm's default, warmup_prefix=False)")
     milestones: list[int] = _f([30, 60, 80], "step: epochs at which the LR is multiplied by "
                                "gamma (increasing)", ge=0)
     gamma: float = _f(0.1, "step: LR factor at each milestone", gt=0)

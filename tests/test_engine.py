@@ -54,6 +54,28 @@ def test_cosine_ends_at_min_lr_factor():
     assert lr_factor(cfg, 50, steps) == pytest.approx(closed_form(1.0))  # 0.1, not 0
 
 
+def test_cosine_over_the_whole_run_follows_timms_scheduler():
+    """`cosine_span: whole_run` is timm's CosineLRScheduler with warmup_prefix=False (the RSB
+    runs'): the cosine's clock starts at step 0, warmup (linear from the start factor to 1)
+    replaces its first steps, and min_lr_factor is its floor."""
+    epochs, warmup_epochs, steps, start, floor = 100, 5, 7, 2e-4, 0.01
+    cfg = ScheduleConfig(epochs=epochs, kind="cosine", warmup_epochs=warmup_epochs,
+                         warmup_start_factor=start, min_lr_factor=floor, cosine_span="whole_run")
+    total, warmup = epochs * steps, warmup_epochs * steps
+
+    def timm(t):  # timm/scheduler/cosine_lr.py _get_lr, one cycle, base LR 1, lr_min = floor
+        if t < warmup:
+            return start + t * (1 - start) / warmup
+        return floor + 0.5 * (1 - floor) * (1 + math.cos(math.pi * t / total))
+
+    factors = [lr_factor(cfg, t, steps) for t in range(total)]
+    assert factors == pytest.approx([timm(t) for t in range(total)], rel=1e-12)
+    assert factors[warmup] < 1 and factors[warmup] == pytest.approx(1, abs=1e-2)
+    after = ScheduleConfig(**{**vars(cfg), "cosine_span": "after_warmup"})
+    assert lr_factor(after, warmup, steps) == 1.0  # torchvision's: the cosine starts at the peak
+    assert all(lr_factor(after, t, steps) > f for t, f in enumerate(factors) if warmup < t < total)
+
+
 def test_accuracy_counts_top5_includes_the_fifth_ranked_class():
     logits = torch.arange(10.0).repeat(3, 1)  # class 9 ranks first, class 5 fifth, 4 sixth
     top1, top5 = loop.accuracy_counts(logits, torch.tensor([9, 5, 4]))

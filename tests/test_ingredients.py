@@ -454,6 +454,28 @@ def test_auto_augment_is_a_function_of_its_generator(kind):
         assert abs(np.mean(levels) - 21) < 1.5  # level 7 of 10 → bin 21 of 30
 
 
+@pytest.mark.parametrize("prob", [0.0, 0.5, 1.0])
+def test_randaugment_applies_each_operation_with_randaug_prob(prob, monkeypatch):
+    """timm's RandAugment applies each of its operations with probability 0.5 (its AugmentOp),
+    torchvision's always: the applied count per image is Binomial(randaug_ops, prob)."""
+    aug = AutoAugment(AugConfig(auto_augment="randaugment", randaug_ops=2, randaug_prob=prob))
+    applied = []
+    apply = aug.policy._apply_image_or_video_transform
+    monkeypatch.setattr(aug.policy, "_apply_image_or_video_transform",
+                        lambda *a, **k: applied.append(1) or apply(*a, **k))
+    image = torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8)
+    counts = []
+    for seed in range(2000):
+        before = len(applied)
+        out = aug(image, random.Random(seed))
+        counts.append(len(applied) - before)
+        if counts[-1] == 0:
+            assert torch.equal(out, image)
+    assert np.mean(counts) == pytest.approx(2 * prob, abs=0.05)
+    if 0 < prob < 1:  # the two operations are drawn independently
+        assert np.mean(np.array(counts) == 0) == pytest.approx((1 - prob) ** 2, abs=0.03)
+
+
 def test_horizontal_flip_equals_torchvision_in_either_memory_layout():
     import torchvision.transforms.v2.functional as TF
 

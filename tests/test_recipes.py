@@ -93,6 +93,18 @@ def test_family_members_differ_only_in_width():
             assert diff == {("model", "width")}, (a.name, b.name, diff)
 
 
+@pytest.mark.parametrize("recipe", [r for r in NAMED if "_rsb_" in r.name], ids=lambda p: p.stem)
+def test_rsb_recipe_uses_timms_randaugment_probability_and_cosine(recipe):
+    """timm's RandAugment applies each operation with probability 0.5 and its cosine scheduler
+    (warmup_prefix=False) counts the warmup epochs in the cosine; the header says both."""
+    cfg = load(recipe, ["--data.path=x"])
+    assert (cfg.aug.auto_augment, cfg.aug.randaug_prob) == ("randaugment", 0.5)
+    assert (cfg.schedule.kind, cfg.schedule.cosine_span) == ("cosine", "whole_run")
+    header = " ".join(line.lstrip("# ") for line in recipe.read_text().splitlines()
+                      if line.startswith("#"))
+    assert "applied with probability 0.5" in header and "in place of its start" in header
+
+
 # ffcv-imagenet's README, "Training Details": ResNet-50 trained on 50 % JPEG at 500 px side
 # length, ResNet-18 on 10 % JPEG at 400 px (both quality 90).
 FFCV_STORAGE = {"r50": ("500", "0.5"), "r18": ("400", "0.1")}

@@ -85,8 +85,11 @@ class AutoAugment:
 
     RandAugment's magnitude is a level out of 10 (timm's scale, `rand-m7-mstd0.5`): each
     operation uses level ~ N(magnitude, magnitude_std) clipped to [0, 10], mapped onto
-    torchvision's 31 bins. torchvision's operation set is used (timm's adds Invert and SolarizeAdd
-    and has no Identity).
+    torchvision's 31 bins, and is applied with probability `randaug_prob` (timm's RandAugment
+    applies each of its operations with probability 0.5, torchvision's always).
+    torchvision's operation set and magnitude ranges are used: timm's adds Invert and SolarizeAdd
+    and has no Identity, and its `inc1` Posterize keeps 4 down to 0 bits where torchvision's
+    keeps 8 down to 4 (2 bits against 5 at level 7).
     """
 
     BINS = 31
@@ -94,6 +97,7 @@ class AutoAugment:
     def __init__(self, aug: AugConfig) -> None:
         self.kind, self.ops = aug.auto_augment, aug.randaug_ops
         self.magnitude, self.magnitude_std = aug.randaug_magnitude, aug.randaug_magnitude_std
+        self.prob = aug.randaug_prob if self.kind == "randaugment" else 1.0
         self.policy = (v2.TrivialAugmentWide() if self.kind == "trivialaugment"
                        else v2.RandAugment())
         self.space = sorted(self.policy._AUGMENTATION_SPACE.items())
@@ -110,6 +114,10 @@ class AutoAugment:
         height, width = image.shape[-2:]
         for _ in range(1 if self.kind == "trivialaugment" else self.ops):
             name, (magnitudes_fn, signed) = self.space[rng.randrange(len(self.space))]
+            # timm draws the operation, then whether to apply it; at 1 nothing is drawn, so
+            # the per-sample stream (and every earlier run) is unchanged.
+            if self.prob < 1 and rng.random() >= self.prob:
+                continue
             magnitudes = magnitudes_fn(self.BINS, height, width)
             magnitude = 0.0
             if magnitudes is not None:

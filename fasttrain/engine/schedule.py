@@ -13,8 +13,11 @@ def lr_factor(cfg: ScheduleConfig, step: int, steps_per_epoch: int) -> float:
 
     Linear warmup from `warmup_start_factor` to 1 over `warmup_epochs`, then cosine to
     `min_lr_factor` at the end of training, step decay by `gamma` at each milestone epoch, or
-    constant. `triangular` (ffcv-imagenet's "cyclic") interpolates linearly, per step, through
-    1e-4 at epoch 0, 1 at `peak_epoch` and 0 at the last epoch.
+    constant. The cosine runs from the end of warmup (`cosine_span: after_warmup`, torchvision's
+    SequentialLR) or over the whole run with warmup in place of its start (`whole_run`, timm's
+    CosineLRScheduler: the LR after warmup is the cosine's value there, just under 1).
+    `triangular` (ffcv-imagenet's "cyclic") interpolates linearly, per step, through 1e-4 at
+    epoch 0, 1 at `peak_epoch` and 0 at the last epoch.
     """
     if cfg.kind == "triangular":
         epoch = step / steps_per_epoch
@@ -26,7 +29,8 @@ def lr_factor(cfg: ScheduleConfig, step: int, steps_per_epoch: int) -> float:
     if step < warmup:
         return cfg.warmup_start_factor + (1 - cfg.warmup_start_factor) * step / warmup
     if cfg.kind == "cosine":
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        start = warmup if cfg.cosine_span == "after_warmup" else 0
+        progress = min(1.0, (step - start) / max(1, total - start))
         return cfg.min_lr_factor + (1 - cfg.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress))
     if cfg.kind == "step":
         epoch = step / steps_per_epoch
