@@ -125,8 +125,9 @@ class DataConfig:
                          le=MAX_RESOLUTION)
     mean: list[float] = _f([0.485, 0.456, 0.406], "per-channel mean (0..1 scale)", len=3)
     std: list[float] = _f([0.229, 0.224, 0.225], "per-channel std (0..1 scale)", len=3, gt=0)
-    ra_reps: int = _f(1, "repeated augmentation: each image appears this many times per epoch "
-                      "(differently augmented, spread over ranks); 1 = off", ge=1)
+    ra_reps: int = _f(1, "repeated augmentation: an epoch (its length kept) holds about "
+                      "1/ra_reps of the images, each this many times, differently augmented "
+                      "and spread over ranks and micro-batches; 1 = off", ge=1)
     min_res: int = _f(0, "progressive resizing: training resolution up to start_ramp; "
                       "0 = off (train_res throughout)", ge=0, le=MAX_RESOLUTION)
     max_res: int = _f(0, "progressive resizing: resolution from end_ramp on", ge=0,

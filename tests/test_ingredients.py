@@ -1,6 +1,7 @@
 """Training-recipe ingredients: each one's math or invariant, on small inputs."""
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ from fasttrain.engine.optim import Lamb, effective_lr
 from fasttrain.engine.schedule import lr_factor
 from fasttrain.models import create_model
 from fasttrain.models.regularize import BlurPoolConv2d, DropPath, apply_blurpool
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def mixer(mixup=0.0, cutmix=0.0, smoothing=0.0, classes=10):
@@ -216,6 +219,92 @@ def test_repeated_augmentation_sampler(size, world, reps):
             assert len(indices) == len(set(indices))
     for s in shares:  # every rank keeps an epoch of len(dataset) // world samples
         assert len(list(s)) == len(s) == size // world
+
+
+@pytest.mark.parametrize("size,world,accum,batch,reps",
+                         [(103, 1, 4, 5, 4), (64, 2, 2, 4, 3), (50, 3, 2, 4, 2)])
+def test_repeated_augmentation_with_accumulation_deals_micro_batches_as_ranks(
+        size, world, accum, batch, reps):
+    """Micro-batch k of step s on rank r is batch s of rank r * accum + k in a run on
+    world x accum ranks, so the global batch's composition (copies of an image in different
+    micro-batches) is the recipe's on fewer devices; a resume offset skips whole steps."""
+    for epoch in (0, 3):
+        for rank in range(world):
+            sampler = EpochSampler(size, rank, world, 7, reps, accum, batch)
+            sampler.set_epoch(epoch)
+            ours = [i for _, i, _ in sampler]
+            assert len(ours) == len(sampler)
+            steps = len(ours) // batch // accum
+            for k in range(accum):
+                twin = EpochSampler(size, rank * accum + k, world * accum, 7, reps)
+                twin.set_epoch(epoch)
+                theirs = [i for _, i, _ in twin]
+                assert steps == len(theirs) // batch
+                for step in range(steps):
+                    micro = ours[(step * accum + k) * batch:][:batch]
+                    assert micro == theirs[step * batch:(step + 1) * batch]
+                    assert len(set(micro)) == len(micro) or reps > world * accum
+            sampler.set_epoch(epoch, accum * batch)  # resume after one step
+            assert [i for _, i, _ in sampler] == ours[accum * batch:]
+
+
+def test_mixing_pairs_no_copies_under_accumulation_at_the_recipes_reps():
+    """thin_r50 recipes: ra_reps 4 and mixup/cutmix; on one rank with 4 micro-batches per step
+    no sample is mixed with another view of itself (roll by one within each micro-batch), where
+    dealing to the one real rank mixed 75 % of them so."""
+    size, batch, accum = 4096, 32, 4
+
+    def self_pairs(sampler):
+        indices = torch.tensor([i for _, i, _ in sampler])
+        micro = indices[:len(indices) // batch * batch].view(-1, batch)
+        return (micro == micro.roll(1, dims=1)).float().mean().item()
+
+    assert self_pairs(EpochSampler(size, 0, 1, 0, 4, accum, batch)) == 0.0
+    assert self_pairs(EpochSampler(size, 0, 1, 0, 4)) == pytest.approx(0.75)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "resident"])
+def test_loaders_deal_repeated_augmentation_to_micro_batches_as_to_ranks(backend, data_root):
+    """Both backends with ra_reps: one rank with 4 micro-batches per step yields the batches
+    ranks 0-3 of a 4-rank run yield (labels; the torch backend's pixels too, its augmentation
+    being a function of the sample alone)."""
+    from fasttrain.data import build_loaders
+
+    cfg = load(ROOT / "recipes" / "quickstart.yaml",
+               [f"--data.backend={backend}", f"--data.path={data_root / 'digits'}",
+                "--data.batch_size=64", "--data.ra_reps=4", "--data.num_workers=0"])
+
+    def batches(loader, count):
+        loader.set_epoch(1)
+        return [(x.clone(), y.clone()) for (x, y), _ in zip(loader, range(count))]
+
+    accumulated = batches(build_loaders(cfg.data, cfg.aug, seed=2,
+                                        grad_accum_steps=4).train, 8)
+    ranks = [batches(build_loaders(cfg.data, cfg.aug, seed=2, rank=k, world_size=4).train, 2)
+             for k in range(4)]
+    for step in range(2):
+        for k in range(4):
+            (x, y), (x_rank, y_rank) = accumulated[step * 4 + k], ranks[k][step]
+            assert torch.equal(y, y_rank)
+            if backend == "torch":
+                assert torch.equal(x, x_rank)
+
+
+@pytest.mark.parametrize("world,accum,mixup,said", [(1, 1, 0.2, "75%"), (2, 1, 0.2, "50%"),
+                                                     (1, 4, 0.2, None), (1, 1, 0.0, None)])
+def test_training_says_when_mixing_pairs_copies_of_an_image(world, accum, mixup, said):
+    from fasttrain.engine.loop import _note_copies_mixed
+
+    cfg = load(ROOT / "recipes" / "quickstart.yaml",
+               ["--data.ra_reps=4", f"--aug.mixup_alpha={mixup}",
+                f"--train.grad_accum_steps={accum}"])
+    printed = []
+    _note_copies_mixed(cfg, world, type("Report", (), {"print": printed.append})())
+    assert len(printed) == (said is not None)
+    if said:
+        assert f"mixes about {said} of the samples" in printed[0]
+        assert "train.grad_accum_steps >= 4" in printed[0]
 
 
 def test_progressive_resolution_follows_ffcv():

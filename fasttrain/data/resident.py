@@ -125,14 +125,16 @@ class ResidentLoader:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
                  normalize: Normalize, channels_last: bool, *, rank: int, world_size: int,
-                 seed: int, augment: BatchAugment | None = None, reps: int = 1) -> None:
+                 seed: int, augment: BatchAugment | None = None, reps: int = 1,
+                 accum: int = 1) -> None:
         self.images, self.labels, self.batch_size = images, labels, batch_size
         self.normalize, self.augment, self.seed, self.rank = normalize, augment, seed, rank
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.skipped: dict[str, str] = {}  # filled by the builder: unreadable files left out
         self.epoch, self.start_batch = 0, 0
         if augment is not None:
-            self.sampler = EpochSampler(len(labels), rank, world_size, seed, reps)
+            self.sampler = EpochSampler(len(labels), rank, world_size, seed, reps, accum,
+                                        batch_size)
         else:
             self.sampler = ShardSampler(len(labels), rank, world_size)
 
@@ -303,7 +305,7 @@ def build_resident_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world
     common = dict(rank=rank, world_size=world_size, seed=seed)
     train = ResidentLoader(train_images.to(device), train_labels.to(device), batch, normalize,
                            channels_last, augment=BatchAugment(data, aug), reps=data.ra_reps,
-                           **common)
+                           accum=grad_accum_steps, **common)
     val = ResidentLoader(val_images.to(device), val_labels.to(device), val_batch, normalize,
                          channels_last, **common)
     train.skipped, val.skipped = train_skipped, val_skipped

@@ -304,6 +304,21 @@ def _graph_steps(cfg: Config, device: torch.device, use_compile: bool) -> bool:
             and cfg.train.compile_mode in ("reduce-overhead", "max-autotune"))
 
 
+def _note_copies_mixed(cfg: Config, world_size: int, report: Reporter) -> None:
+    """Say so when repeated augmentation puts copies of an image in one micro-batch (fewer
+    ranks x micro-batches than data.ra_reps), where mixup/cutmix, which pairs neighbours,
+    mixes many samples with another view of themselves."""
+    reps, slots = cfg.data.ra_reps, world_size * cfg.train.grad_accum_steps
+    mixing = (cfg.aug.mixup_alpha > 0 or cfg.aug.cutmix_alpha > 0) and cfg.aug.mix_prob > 0
+    if mixing and reps > slots:
+        report.print(f"note: data.ra_reps={reps} on {world_size} rank(s) x "
+                     f"{cfg.train.grad_accum_steps} micro-batch(es) per step puts copies of an "
+                     f"image in one micro-batch: mixup/cutmix mixes about {1 - slots / reps:.0%}"
+                     f" of the samples with another view of themselves; ranks x "
+                     f"train.grad_accum_steps >= {reps} keeps them apart (the global batch "
+                     f"stays)")
+
+
 def _check_graph_accumulation(cfg: Config, device: torch.device, use_compile: bool) -> None:
     """Refuse CUDA-graph steps with gradient accumulation. A graph replay reuses its output
     memory, gradients included: the next micro-batch's backward overwrites the .grad tensors
@@ -460,6 +475,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
     if steps_per_epoch == 0:
         raise ConfigError(f"train.grad_accum_steps={accum} leaves no optimizer step per epoch "
                           f"({len(loaders.train)} micro-batches)")
+    _note_copies_mixed(cfg, dist.world_size, report)
     if cfg.model.num_classes == 0:
         cfg.model.num_classes = loaders.num_classes
     elif cfg.model.num_classes < loaders.num_classes:
