@@ -20,12 +20,14 @@
 # finished comes back even if the call is cut off. If the native CUDA ops are missing or stale
 # after `build` (the `ext` step, which always runs), the script stops: every fused number would
 # time the PyTorch fallback. It exits non-zero when a step failed; ONLY names are checked.
-# Pure-Python packages the host lacks (fvcore and its needs) are read from .gpu/site when that
-# folder exists, and the built-in digits (which need scikit-learn to build) from .gpu/data
-# (both git-ignored; made here with
-# `python3 -m pip install --no-deps --target .gpu/site fvcore iopath yacs termcolor` and
-# `cp -r ~/.cache/fasttrain/data/digits .gpu/data/`, then carried with the call).
+# Pure-Python packages the host may lack (fvcore, pytest and the plugins the cuda step uses, and
+# their needs) are read from .gpu/site when that folder exists, and the built-in digits (which
+# need scikit-learn to build) from .gpu/data (both git-ignored; made here with
+# `python3 -m pip install --no-deps --target .gpu/site fvcore iopath yacs termcolor
+#  pytest==9.2.0 pluggy iniconfig packaging pygments pytest-timeout==2.4.0 pytest-xdist execnet`
+# and `cp -r ~/.cache/fasttrain/data/digits .gpu/data/`, then carried with the call).
 set -u
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2  # every path below is the repository's
 OUT=${OUT:-/tmp/fasttrain-gpu}
 DEADLINE=${1:-560}
 PY=${PYTHON:-python3}
@@ -106,7 +108,10 @@ fi
 
 # The test outcome is a result like the benchmarks': a JUnit file named by the GPU, commit inside.
 GPU_SLUG=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 | tr 'A-Z ' 'a-z-')
-TAIL=30 step pytest-cuda 200 "$PY" -m pytest -m cuda -q -p no:cacheprovider -n 16 -o addopts="-ra" \
+# pytest-xdist spreads the tests over the host's cores when it is there (.gpu/site); without it
+# `-n` would be an unknown option and the step would test nothing.
+XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 16")
+TAIL=30 step pytest-cuda 200 "$PY" -m pytest -m cuda -q -p no:cacheprovider $XDIST -o addopts="-ra" \
     --timeout 180 tests --ignore tests/test_ffcv.py --ignore tests/test_dali.py \
     --junitxml "benchmarks/results/pytest-cuda-${GPU_SLUG:-gpu}.xml" \
     -o junit_suite_name="pytest -m cuda, commit ${FASTTRAIN_COMMIT:-unknown}"
@@ -140,9 +145,12 @@ step bench-bn-relu-launched 220 "$PY" benchmarks/bench_bn_relu.py --widths 1.0 0
 step latency-cudagraphs 90 "$PY" tools/benchmark.py --model thin_resnet50 \
     --width 1.0,0.75,0.5,0.25 --device cuda --precision bf16 --mode cudagraphs \
     --batch-size 1,64,256 --save
-# The JPEG loaders on the host's cores (CPU work; the reused worker buffers with 16 workers).
-step loaders-16w 200 "$PY" benchmarks/bench_loaders.py --backends decode,pil,torch,torch-whole \
-    --rounds 2 --workers 16
+# The JPEG loaders on the host's cores (CPU work; the reused worker buffers with 16 workers). The
+# torch backend's row needs the region JPEG decoder, which a host without libjpeg-turbo's
+# headers does not build (bench_loaders refuses the row rather than time whole decodes).
+LOADERS=decode,pil,torch-whole
+"$PY" -c "from fasttrain.data import jpeg; assert jpeg.AVAILABLE" 2>/dev/null && LOADERS+=,torch
+step loaders-16w 200 "$PY" benchmarks/bench_loaders.py --backends $LOADERS --rounds 2 --workers 16
 step train-w1.0-224-compile-fused 150 $TRAIN $W10 --mode compile --norm-act fused
 step train-w0.5-176-compile-fused 130 $TRAIN $W05 --mode compile --norm-act fused
 step train-w1.0-224-compile-native 150 $TRAIN $W10 --mode compile --norm-act native

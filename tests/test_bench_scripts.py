@@ -257,3 +257,22 @@ def test_quickstart_shows_train_errors_not_torchrun_traceback(tmp_path, monkeypa
                           capsys, "--data.backend=torch failed", "/nowhere/digits/train")
     assert "Traceback" not in line and "xxx" not in line
     assert not out.exists()
+
+
+def test_gpu_checklist_cuda_step_options_exist_in_the_pinned_pytest(tmp_path):
+    """The checklist's `pytest -m cuda` command, collected (not run) by this venv's pytest: an
+    option no installed plugin defines (`-n` without pytest-xdist) made the step fail at once
+    on a GPU host, testing nothing."""
+    import sys
+
+    script = (ROOT / "benchmarks" / "gpu_checklist.sh").read_text().splitlines()
+    start = next(i for i, line in enumerate(script) if " step pytest-cuda " in line)
+    end = next(i for i in range(start, len(script)) if not script[i].endswith("\\"))
+    command = "\n".join(script[start:end + 1]).replace("benchmarks/results/", f"{tmp_path}/")
+    xdist = subprocess.run([sys.executable, "-c", "import xdist"]).returncode == 0
+    shell = (f'step() {{ shift 2; "$@" --collect-only tests/test_bn_relu.py; }}\n'
+             f'PY={sys.executable}; XDIST="{"-n 2" if xdist else ""}"; GPU_SLUG=test\n{command}')
+    done = subprocess.run(["bash", "-c", shell], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode in (0, 5), done.stderr[-2000:]  # 5: every test deselected
+    assert "cuda" in done.stdout
