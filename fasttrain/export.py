@@ -152,6 +152,11 @@ def _ema_state(path: Path, state: dict[str, Any]) -> dict[str, Any]:
     `module.`, plus its update count)."""
     ema = state.get("ema")
     if not isinstance(ema, dict):
+        pruning = state.get("pruning")
+        if isinstance(pruning, dict):  # tools/prune.py keeps one set of weights
+            raise CheckpointError(f"{path}: a pruned checkpoint holds one set of weights (here "
+                                  f"pruned from its source's {pruning.get('source_weights')} "
+                                  f"weights), no EMA; use the model's weights")
         raise CheckpointError(f"{path}: no EMA weights in this checkpoint (trained without "
                               f"train.ema); use the model's weights")
     from .engine.checkpoint import strip_wrapper_prefixes

@@ -421,7 +421,18 @@ def test_names_that_are_not_utf8_are_escaped_in_every_output(tmp_path, capsys):
                               "--name", "x"]) == 0
     table = (out / "x-table.csv").read_text()
     assert "r\\udce9n" in table and "p\\udce9.csv:2" in table
-    assert "r\\udce9n" in (out / "x-table.md").read_text()
+    markdown = (out / "x-table.md").read_text()
+    assert "r\\udce9n" in markdown
+    # runs are in it: the table says which top-1 a run's is
+    assert "top-1 of a run: its last epoch's validation top-1 of the model weights" in markdown
+    # one run given twice was two points of one network ("#2")
+    again = str(Path(runs[0]).parent / "." / Path(runs[0]).name)
+    assert compare_tool.main(["--runs", runs[0], again, "--out", str(tmp_path / "twice")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --runs ") and err.count("\n") == 1
+    assert err.rstrip().endswith("the same run directory as " + runs[0].replace("\udce9",
+                                                                               "\\udce9"))
+    assert not (tmp_path / "twice").exists()
 
 
 def test_bad_points_file_and_run_directory_exit_2(tmp_path, capsys):

@@ -7,6 +7,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -275,10 +276,13 @@ def test_a_checkpoint_cut_inside_an_epoch_is_told_apart_and_paths_may_start_with
 @needs_tp
 def test_prune_tool_writes_a_checkpoint_that_benchmark_and_export_accept(tmp_path, capsys):
     src, _ = write_checkpoint(tmp_path / "src.pt")
-    out = tmp_path / "pruned.pt"
+    out = tmp_path / "my nets" / "pruned.pt"
     assert prune_tool.main([str(src), "--out", str(out), "--target-width", "0.25",
                             "--importance", "bn_scale"]) == 0
-    assert "wrote" in capsys.readouterr().out
+    printed = " ".join(capsys.readouterr().out.split())  # rich may wrap the long line
+    command = printed.split("fine-tune with: ")[1]
+    assert shlex.split(command) == ["python", "tools/train.py", "RECIPE",
+                                    f"--model.init_from={out}"]  # pastes into a shell as is
     state = ckpt.load(out)  # weights_only=True
     rec, mc = state["pruning"], state["config"]["model"]
     target = count_macs(create_model("cifar_resnet20", width=0.25, num_classes=10), 16).conv_fc
@@ -338,6 +342,10 @@ def test_a_network_pruned_from_ema_weights_says_so_in_its_export(tmp_path):
     assert meta["weights"] == "model"
     assert (meta["pruning"]["source_weights"], meta["pruning"]["source_val_top1"]) == \
         ("ema", 92.5)
+    # asking for its EMA: not "trained without train.ema" (the source was)
+    with pytest.raises(CheckpointError, match="a pruned checkpoint holds one set of weights "
+                       r"\(here pruned from its source's ema weights\), no EMA"):
+        ex.model_from_checkpoint(out, weights="ema")
 
 
 @needs_tp
@@ -384,6 +392,60 @@ def test_init_from_takes_architecture_and_weights(tmp_path):
 
 
 @needs_tp
+def test_pruning_a_fine_tuned_pruned_network_keeps_the_whole_lineage(tmp_path):
+    """Pruned, fine-tuned, pruned again: the second record holds the first pruning
+    (`source_pruning`) and the intermediate's channels, exports and fine-tuned checkpoints keep
+    both, and compare labels the runs "pruned" / "pruned x2", each against its own base: a run
+    fine-tuned twice from a pruned network used to be reported as having no pruning record."""
+    from fasttrain import config as config_mod
+    from fasttrain.compare.points import point_from_run
+
+    src, _ = write_checkpoint(tmp_path / "src.pt")
+    first = tmp_path / "pruned.pt"
+    prune.prune_checkpoint(src, first, target_width=0.375)
+    apply_init_from(ModelConfig(init_from=str(first)), lineage=(lineage := {}))
+
+    def fine_tuned(pruned, path, lineage, top1):  # what train() saves after model.init_from
+        state = torch.load(pruned, weights_only=True)
+        state.pop("pruning")
+        state.update(pruned_from=lineage, metrics={"val_top1": top1},
+                     train_state={"epoch": 2})
+        torch.save(state, path)
+        return path
+
+    tuned = fine_tuned(first, tmp_path / "tuned.pt", lineage, 88.0)
+    second = tmp_path / "pruned2.pt"
+    prune.prune_checkpoint(tuned, second, target_width=0.25)
+    record, tuned_state = ckpt.load(second)["pruning"], ckpt.load(tuned)
+    assert record["source_pruning"] == lineage and record["source_val_top1"] == 88.0
+    assert record["source_channels"] == tuned_state["config"]["model"]["channels"]
+    assert record["source_width"] == 0.5  # the thin network's at the root
+    _, meta = ex.model_from_checkpoint(second)
+    assert meta["pruning"]["source_pruning"] == lineage
+    assert meta["pruning"]["source_channels"] == record["source_channels"]
+    apply_init_from(ModelConfig(init_from=str(second)), lineage=(lineage2 := {}))
+    tuned2 = fine_tuned(second, tmp_path / "tuned2.pt", lineage2, 80.0)
+
+    def run(name, init_from):
+        cfg = Config()
+        cfg.model.init_from = str(init_from)
+        apply_init_from(cfg.model)  # the architecture, as the trainer takes it
+        cfg.data.val_res = cfg.data.train_res = cfg.data.val_resize = 16
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.yaml").write_text(config_mod.dump(cfg))
+        (folder / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "val_top1": 70.0}) + "\n")
+        return point_from_run(folder, warnings := [])
+
+    once = run("ft-again", tuned)  # fine-tuned from the fine-tuned pruned network
+    assert once.label == "cifar_resnet20 w0.5 pruned (l1, global)"
+    assert (once.base_top1, once.base_macs) == (91.0, 2_562_368)
+    twice = run("ft-iter2", tuned2)
+    assert twice.label == "cifar_resnet20 w0.5 pruned x2 (l1, global)"
+    assert (twice.base_top1, twice.base_macs) == (88.0, record["source_macs"])
+
+
+@needs_tp
 def test_prune_tool_user_errors_exit_2_with_one_line(tmp_path, capsys):
     src, _ = write_checkpoint(tmp_path / "src.pt")
     cases = [([str(tmp_path / "none.pt"), "--out", "x.pt", "--target-width", "0.25"],
@@ -396,7 +458,12 @@ def test_prune_tool_user_errors_exit_2_with_one_line(tmp_path, capsys):
              ([str(src), "--out", "x.pt", "--target-width", "-1"], "finite number > 0"),
              ([str(src), "--out", "x.pt", "--target-width", "inf"], "finite number > 0"),
              ([str(src), "--out", "x.pt", "--tolerance", "nan", "--target-width", "0.25"],
-              "finite number > 0"),
+              "a fraction > 0 and < 1"),
+             # 1.5 accepted a network 13 % off; 0.001 was reported as "within 0%"
+             ([str(src), "--out", "x.pt", "--tolerance", "1.5", "--target-width", "0.25"],
+              "a fraction > 0 and < 1 (0.05 = 5 %)"),
+             ([str(src), "--out", "x.pt", "--tolerance", "1e-9", "--target-width", "0.3"],
+              "no pruning ratio lands within 1e-07 % of"),
              ([str(src), "--out", "x.pt"], "one of the arguments --target-macs --target-width")]
     # A MAC count: 'inf' used to be an OverflowError traceback, 0.4 "not a positive number".
     cases += [([str(src), "--out", "x.pt", "--target-macs", text],

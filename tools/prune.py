@@ -23,6 +23,7 @@ checked before the pruning starts.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from fasttrain.cli import (ArgumentParser, finite_float, new_folders_removed_on_error,
@@ -31,6 +32,8 @@ from fasttrain.errors import UserError
 
 
 _positive = finite_float(lambda v: v > 0, "a finite number > 0")
+# A fraction of the target: 1 would accept any network at all, up to twice the MACs.
+_tolerance = finite_float(lambda v: 0 < v < 1, "a fraction > 0 and < 1 (0.05 = 5 %)")
 # A count, written as 2.6e6 as often as 2600000; below 1 it would truncate to 0.
 _mac_count_float = finite_float(lambda v: v >= 1, "a finite MAC count >= 1 (e.g. 2.6e6)")
 
@@ -58,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="channel importance: group L1 magnitude or BatchNorm |gamma|")
     p.add_argument("--scope", choices=["global", "uniform"], default="global",
                    help="one ranking over all channels, or the same fraction from every group")
-    p.add_argument("--tolerance", type=_positive, default=0.05,
+    p.add_argument("--tolerance", type=_tolerance, default=0.05,
                    help="accepted relative distance from the target MACs (default 0.05)")
     return p
 
@@ -97,10 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         "x".join(map(str, b)) for b in s["blocks"]) for s in result.channels["stages"])
     console.print(f"channels: stem {result.channels['stem']}; {stages}", highlight=False)
     console.print(f"ratio {result.ratio:.4f} after {len(result.search)} evaluations; MACs "
-                  f"{result.error:+.2%} from the target (tolerance {args.tolerance:.0%})",
+                  f"{result.error:+.2%} from the target (tolerance {args.tolerance * 100:.3g} %)",
                   highlight=False)
     console.print(f"wrote {args.out}; fine-tune with: python tools/train.py RECIPE "
-                  f"--model.init_from={args.out}", highlight=False, soft_wrap=True)
+                  f"{shlex.quote(f'--model.init_from={args.out}')}", highlight=False,
+                  soft_wrap=True)
     return 0
 
 

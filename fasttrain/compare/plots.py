@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .pareto import pareto_front
-from .points import LITERATURE, PRUNED, THIN, USER, Point
+from .points import LITERATURE, MEASURED, PRUNED, THIN, USER, Point
 
 STYLE = {  # kind -> marker, colour, legend text
     THIN: ("o", "C0", "ThinResNet"),
@@ -165,7 +165,8 @@ def plot_top1(points: list[Point], x: str, stem: Path, *, title: str, subtitle: 
     _log_x(ax)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _si(v)))
     ax.set_xlabel(label)
-    ax.set_ylabel("top-1 accuracy (%)")
+    runs = any(p.origin == MEASURED for p in points)
+    ax.set_ylabel("top-1 accuracy (%" + ("; runs: last epoch" if runs else "") + ")")
     _legend(ax)
     return _save(fig, stem)
 

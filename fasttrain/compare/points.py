@@ -139,10 +139,13 @@ def _pruning_record(init_from: str, run: Path, warnings: list[str],
                         f"Δ view")
         return None
     try:
-        record = ckpt.load(found).get("pruning")
+        state = ckpt.load(found)
     except CheckpointError as e:
         warnings.append(f"{run}: {e}")
         return None
+    # a run fine-tuned from a fine-tuned pruned network: the pruning its lineage carries
+    record = state.get("pruning") if isinstance(state.get("pruning"), dict) else \
+        state.get("pruned_from")
     if not isinstance(record, dict):
         warnings.append(f"{run}: {found} has no pruning record (not written by tools/prune.py)")
         return None
@@ -188,8 +191,13 @@ def point_from_run(run_dir: str | Path, warnings: list[str] | None = None) -> Po
         record = (_pruning_record(m.init_from, run, warnings, point.macs) if m.init_from
                   else None)
         if record is not None:
-            point.label = (f"{m.name} w{record['source_width']:g} pruned "
-                           f"({record['importance']}, {record['scope']})")
+            # pruned again after fine-tuning: "pruned x2", its base the intermediate network
+            times, earlier = 1, record.get("source_pruning")
+            while isinstance(earlier, dict):
+                times, earlier = times + 1, earlier.get("source_pruning")
+            point.label = (f"{m.name} w{record['source_width']:g} pruned"
+                           + (f" x{times}" if times > 1 else "")
+                           + f" ({record['importance']}, {record['scope']})")
             point.method = f"{record['importance']}, {record['scope']}"
             point.base_top1 = record.get("source_val_top1")
             point.base_macs = record.get("source_macs")

@@ -261,8 +261,8 @@ def prune_to_macs(model: nn.Module, target_macs: int, resolution: int,
             hi = mid
     ratio, macs = min(search, key=lambda rm: (abs(rm[1] / target_macs - 1), rm[0]))
     if abs(macs / target_macs - 1) > tolerance:
-        raise PruneError(f"no pruning ratio lands within {tolerance:.0%} of {target_macs:,} "
-                         f"MACs: the closest is {macs:,} ({macs / target_macs - 1:+.1%}) at "
+        raise PruneError(f"no pruning ratio lands within {tolerance * 100:.3g} % of "
+                         f"{target_macs:,} MACs: the closest is {macs:,} ({macs / target_macs - 1:+.1%}) at "
                          f"ratio {ratio:.4f}; try the other --scope or a larger --tolerance")
     plan = channel_plan(scores, ratio, scope)
     pruned = cache[tuple(sorted((k, tuple(v)) for k, v in plan.items()))][1]
@@ -423,6 +423,9 @@ def prune_checkpoint(path: str | Path, out: str | Path, *, target_macs: int | No
               "source_step": train_state.get("step"),
               "source_val_top1": source_top1, "source_model": mc["name"],
               "source_width": mc["width"], "source_channels": mc.get("channels"),
+              # a source fine-tuned from a pruned network: that pruning, and its own source's
+              "source_pruning": (state.get("pruned_from")
+                                 if isinstance(state.get("pruned_from"), dict) else None),
               "source_macs": result.source_macs, "source_params": result.source_params,
               "target_macs": result.target_macs, "target_width": target_width,
               "macs": result.macs, "params": result.params, "resolution": resolution,

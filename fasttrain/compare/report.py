@@ -26,9 +26,9 @@ from . import plots
 from .literature import (LITERATURE_CSV, Benchmark, CompareError, get_benchmark,
                          load_literature, thin_counts)
 from .pareto import NEAREST, curve_points, curve_value, pareto_front
-from .points import (LITERATURE, THIN, LatencyConditions, Point, assign_thin_baselines,
-                     attach_latency, check_benchmark_fit, dedupe_labels, literature_points,
-                     point_from_run, points_from_csv)
+from .points import (LITERATURE, MEASURED, THIN, LatencyConditions, Point,
+                     assign_thin_baselines, attach_latency, check_benchmark_fit, dedupe_labels,
+                     literature_points, point_from_run, points_from_csv)
 
 COLUMNS = ("label", "kind", "origin", "model", "macs", "params", "top1", "base_top1",
            "delta_top1", "mac_reduction_pct", "thin_top1_at_macs", "thin_match", "thin_points",
@@ -118,6 +118,12 @@ def build_comparison(benchmark: str | None = None, runs: Iterable[str | Path] = 
     """
     bench = get_benchmark(benchmark) if benchmark else None
     warnings: list[str] = []
+    runs, seen = list(runs), {}
+    for run in runs:  # the same run twice would be two points of one network ("#2")
+        key = Path(run).resolve()
+        if key in seen:
+            raise CompareError(f"--runs {run}: the same run directory as {seen[key]}")
+        seen[key] = run
     points = [point_from_run(r, warnings) for r in runs]
     for path in points_csv:
         points += points_from_csv(path)
@@ -193,6 +199,11 @@ def markdown(c: Comparison) -> str:
                  "the literature's \"FLOPs\"). \"thin − point\" > 0: the thin network is more "
                  "accurate at equal MACs (its curve interpolated linearly in log MACs; "
                  f"\"nearest\": within {c.tolerance:.0%} outside the curve's range)."]
+    if any(p.origin == MEASURED for p in c.points):
+        notes.append("top-1 of a run: its last epoch's validation top-1 of the model weights "
+                     "(not the best epoch's, not the EMA's); a pruned network's base: the "
+                     "top-1 its source checkpoint recorded for the weights it was pruned from "
+                     "(the EMA's after `tools/prune.py --weights ema`).")
     if not c.front:
         notes.append("No ThinResNet accuracy is part of this comparison"
                      + (" (none has been measured by this project for this benchmark yet)"

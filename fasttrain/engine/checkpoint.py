@@ -158,9 +158,13 @@ def load(path: Path) -> dict[str, Any]:
 
 # What exports, and the checkpoints of a network fine-tuned from a pruned one (`pruned_from`),
 # keep of a pruned checkpoint's `pruning` record (the bisection trace and dates stay in it).
+# `source_width` is the thin network's at the root of the lineage (a pruned network keeps its
+# source's width); `source_channels` and `source_pruning` are set when the source was itself
+# pruned (then fine-tuned), `source_pruning` holding that pruning's summary in turn.
 PRUNING_SUMMARY = ("source", "source_epoch", "source_step", "source_weights", "source_val_top1",
-                   "source_model", "source_width", "source_macs", "source_params", "macs",
-                   "params", "ratio", "importance", "scope", "torch_pruning")
+                   "source_model", "source_width", "source_channels", "source_pruning",
+                   "source_macs", "source_params", "macs", "params", "ratio", "importance",
+                   "scope", "torch_pruning")
 
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
