@@ -7,7 +7,9 @@ For each (N, C, H, W) shape, bf16 channels-last as in bench_bn_relu.py: the wall
 (forward, running-stat update, torch.autograd.grad of x/weight/bias) when steps run back to back,
 the GPU time its kernels take (torch.profiler, CUDA activity), and a table of the kernels by GPU
 time per step. A step whose wall time far exceeds its kernels' time is bound by the host (Python,
-dispatch, launches), not by the kernels. Prints only; nothing is asserted or written.
+dispatch, launches), not by the kernels. Prints only, the conditions (GPU, driver, torch, CUDA,
+commit, date) first, so that a saved copy of the output says what it measured; nothing is
+asserted or written.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _args import fail  # noqa: E402
 from fasttrain.cli import ArgumentParser, int_at_least  # noqa: E402
+from fasttrain.measure.env import conditions  # noqa: E402
 from fasttrain.ops.bn_relu import BatchNormReLU2d  # noqa: E402
 
 _positive = int_at_least(1)
@@ -72,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         fail("profile_bn_relu.py needs a CUDA device (torch.cuda.is_available() is False)")
     device = torch.device("cuda")
+    cond = conditions(device)
+    print("# " + ", ".join(f"{key} {cond[key]}" for key in (
+        "device_name", "driver", "torch_version", "cuda_version", "commit", "date")))
     for shape in args.shapes:
         for impl in ("fused", "eager"):
             fn = step_fn(impl, shape, device)

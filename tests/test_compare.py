@@ -289,6 +289,12 @@ def test_latency_is_matched_by_architecture(tmp_path):
     assert cond.batch_size == 1 and cond.threads == 1 and cond.files == (str(path),)
     attach_latency(pts, [path], batch_size=8)
     assert pts[0].latency_ms == 9.0
+    # a --train record (images/s, no latency fields) is no latency file: said so, not
+    # "missing field 'latency_ms_p50'"
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps([{"kind": "train", "status": "ok", "images_per_s": 9.0}]))
+    with pytest.raises(CompareError, match=f"^{train}: no successful inference rows$"):
+        attach_latency(pts, [train])
     with pytest.raises(CompareError, match="no latency rows at batch size 4"):
         attach_latency(pts, [path], batch_size=4)
     path.write_text(json.dumps([_row(), _row(params=20, macs=500, threads=2)]))

@@ -455,6 +455,16 @@ def test_file_and_checkpoint_sources_say_what_is_wrong(exported, tmp_path):
     with pytest.warns(UserWarning, match="MACs not counted: the file has no fasttrain metadata"):
         bm = sources.from_file(plain)
     assert bm.count_model is None
+    import copy
+    import warnings
+
+    # bench.run moves a deep copy, whose parameters torch then calls non-leaf in a warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bench.prepare_inference(copy.deepcopy(bm.model), batch_size=1, resolution=8,
+                                device="cpu", precision="fp32", channels_last=True,
+                                mode="eager")
+    assert [str(w.message) for w in caught] == []
 
 
 def test_checkpoint_source_uses_the_checkpoint_config(tmp_path):
@@ -755,6 +765,36 @@ def test_outputs_are_checked_against_the_saved_record_before_measuring(tmp_path,
     assert benchmark_tool.main(argv) == 2
     err = capsys.readouterr().err
     assert err == f"error: {record}: not a list of result rows; move it away first\n", err
+
+
+def test_save_keeps_other_machines_rows_out_and_plots_the_whole_record(tmp_path, monkeypatch,
+                                                                        capsys):
+    """A CPU record is named by its thread count only: another machine's (or torch's) rows
+    appended to it read as one sweep; refused before measuring. A bare --plot next to the
+    record plots the record, not only this run's rows (it replaced the saved plot)."""
+    argv = TINY + ["--save", "--results-dir", str(tmp_path), "--plot"]
+    assert benchmark_tool.main(argv) == 0
+    (record,) = tmp_path.glob("*.json")
+    first = len(json.loads(record.read_text()))
+    plotted = []
+    real_plot = bench.plot_vs_macs
+    monkeypatch.setattr(bench, "plot_vs_macs",
+                        lambda rows, path: plotted.append(len(rows)) or real_plot(rows, path))
+    assert benchmark_tool.main(argv) == 0
+    saved = json.loads(record.read_text())
+    assert plotted == [len(saved)] == [2 * first]
+    # what tells two registry networks of one name and width apart is in the row
+    assert {(r["channel_divisor"], r["num_classes"]) for r in saved} == {(1, 10)}
+    for row in saved:
+        row["device_name"] = "AMD EPYC"
+    record.write_text(json.dumps(saved))
+    capsys.readouterr()
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("measured before the check"))
+    assert benchmark_tool.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {record}: its rows were measured on AMD EPYC with torch ")
+    assert err.endswith("; give --results-dir another folder so the two never mix\n")
+    assert json.loads(record.read_text()) == saved
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -305,6 +305,7 @@ def test_prune_tool_writes_a_checkpoint_that_benchmark_and_export_accept(tmp_pat
     progress = capsys.readouterr().out
     assert "cifar_resnet20 (pruned) batch 1: ok" in progress and "wNone" not in progress
     (row,) = json.loads(rows.read_text())
+    assert (row["weights"], row["num_classes"]) == ("model", 10)
     assert (row["model"], row["width"], row["macs"], row["params"], row["resolution"]) == \
         ("cifar_resnet20 (pruned)", None, rec["macs"], rec["params"], 16)
     exported = tmp_path / "pruned_ts.pt"

@@ -183,7 +183,11 @@ def _check_saved_record(args, models, cond) -> None:
     if args.save or args.plot == "":
         stem = Path(args.results_dir) / bench.planned_results_stem(models, cond)
         if args.save:
-            bench.read_record(stem.with_suffix(".json"))
+            from fasttrain.measure.env import conditions
+
+            saved = bench.read_record(stem.with_suffix(".json"))
+            bench.check_record_machine(stem.with_suffix(".json"), saved,
+                                       conditions(cond.device))
             outputs.update({"--save": stem.with_suffix(".json"),
                             "--save (csv)": stem.with_suffix(".csv")})
         if args.plot == "":
@@ -264,9 +268,13 @@ def _write_outputs(rows, args, console) -> list[str]:
     from fasttrain.measure import bench
 
     def plot():
-        png = (Path(args.plot) if args.plot else
-               Path(args.results_dir) / f"{bench.results_stem(rows)}.png")
-        return [bench.plot_vs_macs(rows, png)]
+        if args.plot:
+            return [bench.plot_vs_macs(rows, args.plot)]
+        # next to --save's record: the plot of the record (this run's rows and the earlier
+        # ones), as the record's CSV twin is
+        stem = Path(args.results_dir) / bench.results_stem(rows)
+        shown = bench.read_record(stem.with_suffix(".json")) if args.save else rows
+        return [bench.plot_vs_macs(shown, stem.with_suffix(".png"))]
 
     outputs = []
     if args.json is not None:

@@ -452,6 +452,8 @@ def attach_latency(points: list[Point], files: Iterable[str | Path],
     files = [Path(f) for f in files]
     for path in files:
         for i, row in enumerate(_read_rows(path), start=1):
+            if row.get("kind") == "train":  # a --train record: img/s, no latency; skipped
+                continue
             missing = [k for k in LATENCY_FIELDS if k not in row]
             if missing:
                 raise CompareError(f"{path}: row {i}: missing field {missing[0]!r} (not a "

@@ -150,9 +150,14 @@ def prepare_inference(model: nn.Module, *, batch_size: int, resolution: int,
     """
     device = torch.device(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    with warnings.catch_warnings():
+        # Module._apply reads every parameter's .grad, and a deep-copied ScriptModule's
+        # parameters are not leaves: torch warns about a read that changes nothing (three
+        # lines per file benchmarked).
+        warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not")
+        model = model.to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
     with contextlib.suppress(NotImplementedError):  # torch.export modules refuse eval()
         model.eval()
     x = torch.randn(batch_size, in_chans, resolution, resolution, device=device
@@ -248,7 +253,10 @@ def run(models: list[BenchModel], cond: Conditions, batch_sizes: list[int], *,
                 "layout": cond.layout, "mode": cond.mode, "norm_act": bm.norm_act,
                 "params": params, "macs": macs.conv_fc if macs else None,
                 "macs_fvcore_total": macs.total if macs else None,
+                "num_classes": num_classes, **bm.details,
                 "status": "ok", "error": None, "iters": cond.iters, "warmup": warmup}
+            if device.type == "cuda":  # the committed rows before it existed ran with it off
+                row["cudnn_benchmark"] = torch.backends.cudnn.benchmark
             if device.type == "cuda":
                 # The previous row's copy of the model, input and graphs are gone: the peak is
                 # this row's alone (models measured earlier no longer sit on the device, and the
@@ -406,6 +414,31 @@ def read_record(json_path: str | Path) -> list[dict[str, Any]]:
     if not isinstance(old, list) or not all(isinstance(r, dict) for r in old):
         raise BenchError(f"{json_path}: not a list of result rows; move it away first")
     return old
+
+
+RECORD_MACHINE = ("device_name", "torch_version")
+"""Conditions every row of one record shares beyond those in its file name: a CPU record is
+named by its thread count only, and two machines' rows in one record would read as one
+sweep."""
+
+
+def check_record_machine(json_path: str | Path, saved: list[dict[str, Any]],
+                         here: dict[str, Any]) -> None:
+    """Refuse to add rows measured under `here` (a row's conditions) to the record `saved`
+    read from `json_path` when its rows were measured on another device or torch.
+
+    Raises:
+        BenchError: naming both machines.
+    """
+    def machine(row):
+        return tuple(row.get(k) for k in RECORD_MACHINE)
+
+    other = next((r for r in saved if machine(r) != machine(here)), None)
+    if other is not None:
+        theirs, ours = (f"{r.get('device_name')} with torch {r.get('torch_version')}"
+                        for r in (other, here))
+        raise BenchError(f"{json_path}: its rows were measured on {theirs}, this run is on "
+                         f"{ours}; give --results-dir another folder so the two never mix")
 
 
 def append_results(rows: list[dict[str, Any]], directory: str | Path,

@@ -8,8 +8,9 @@ import importlib
 import os
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,6 +50,8 @@ class BenchModel:
         fixed_resolution: the only input size the model accepts (a torch.export file's
             specialised height and width); None = any.
         in_chans: input channels (a factory's first convolution's; else 3).
+        details: what else tells this network apart in a result row (`channel_divisor` of a
+            registry model, the `weights` of a checkpoint), copied into each row.
     """
 
     name: str
@@ -62,6 +65,7 @@ class BenchModel:
     compiled: bool = False
     fixed_resolution: int | None = None
     in_chans: int = 3
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 def from_registry(name: str, widths: list[float], *, channel_divisor: int = 1,
@@ -75,7 +79,8 @@ def from_registry(name: str, widths: list[float], *, channel_divisor: int = 1,
         model, meta = model_from_name(name, w, channel_divisor=channel_divisor,
                                       num_classes=num_classes, norm_act=norm_act)
         out.append(BenchModel(name, w, "registry", model, meta["input_size"][1],
-                              meta["num_classes"], norm_act, model))
+                              meta["num_classes"], norm_act, model,
+                              details={"channel_divisor": channel_divisor}))
     return out
 
 
@@ -100,7 +105,8 @@ def from_checkpoint(path: str | Path, norm_act: str | None = None,
         raise SourceError(f"{e} (use --file)") from None
     name, width = _identity(meta)
     return BenchModel(name, width, str(path), model, meta["input_size"][1],
-                      meta["num_classes"], meta["norm_act"], model)
+                      meta["num_classes"], meta["norm_act"], model,
+                      details={"weights": weights})
 
 
 def _identity(meta: dict) -> tuple[str, float | None]:
