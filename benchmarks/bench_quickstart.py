@@ -9,8 +9,8 @@ already done, digits already cached) `--repeats` times per data backend, the bac
 per run: whole-command wall time (process start to exit, torch import and
 torchrun included), the training time the run reports (training + validation epochs), the final
 and best validation top-1 and the first epoch reaching the 98.5 % target. Writes
-`benchmarks/results/quickstart-cpu-<threads>c.json` with the conditions (CPU model, cores, torch,
-commit, date) and prints a table.
+`benchmarks/results/quickstart-cpu-<cores>c.json` (the cores it may run on) with the conditions
+(CPU model, cores, torch, commit, date) and prints a table.
 """
 from __future__ import annotations
 
