@@ -476,6 +476,20 @@ def test_resume_inside_an_epoch_skips_its_first_batches(quick):
         assert torch.equal(x, x2) and torch.equal(y, y2)
 
 
+def test_an_epoch_left_after_one_batch_stops_its_decoding_thread(quick):
+    """A script taking one batch and exiting aborted now and then ("terminate called without
+    an active exception"): FFCV's close() signalled its thread but did not wait for it."""
+    import threading
+
+    _, loaders = quick
+    loaders.train.set_epoch(2)
+    batches = iter(loaders.train)
+    next(batches)
+    batches.close()  # what leaving a for loop early or garbage collection does
+    assert not [t for t in threading.enumerate() if type(t).__name__ == "EpochIterator"]
+    assert len(_epoch(loaders.train, 2)) == 22  # the loader still works
+
+
 def test_pad_random_is_the_cifar_crop_and_labels_follow_images(cifar):
     """Each training image is its source shifted by (dy, dx) in [-4, 4] with zero fill, maybe
     mirrored (checked pixel for pixel against torch); shifts and flips are uniform, change
@@ -761,7 +775,13 @@ def test_runs_of_neighbouring_seeds_do_not_share_their_epoch_orders(cifar, monke
 
 def test_pad_random_needs_images_stored_at_train_res(cifar):
     cfg = _cifar_cfg(cifar, "--aug.train_crop=pad_random", "--data.train_res=28")
-    with pytest.raises(ConfigError, match=r"data.train_res=28 px .* holds 32x32"):
+    with pytest.raises(ConfigError, match=r"data.train_res=28 px; .* holds 32x32"):
+        build_loaders(cfg.data, cfg.aug, seed=0)
+    # images stored at train_res, progressive resizing on: the setting is named, not the file
+    cfg = _cifar_cfg(cifar, "--aug.train_crop=pad_random", "--data.min_res=32",
+                     "--data.max_res=64", "--data.end_ramp=2")
+    with pytest.raises(ConfigError, match=r"no progressive resizing \(data.min_res=32; set it "
+                                          r"to 0\)$"):
         build_loaders(cfg.data, cfg.aug, seed=0)
 
 

@@ -901,7 +901,22 @@ class FfcvDeviceLoader:
                 labels = labels.to(self.device, non_blocking=True).view(-1).clone()
                 yield self.normalize(images).contiguous(memory_format=fmt), labels
         finally:
-            batches.close()
+            _stop(batches)
+
+
+def _stop(batches) -> None:
+    """End an FFCV EpochIterator, also one left mid-epoch. Its `close()` only signals the
+    thread and then releases the memory the thread may still be decoding from; the thread
+    stops at its next full queue (at most its batches ahead, then 0.5 s), and a process exiting
+    before then could abort ("terminate called without an active exception"). So: signal,
+    join, then release, once (`closed`, which FFCV never sets, keeps `__del__` from releasing
+    again)."""
+    batches.terminate_event.set()
+    if batches.is_alive():
+        batches.join(timeout=60)
+    if not batches.closed:
+        batches.close()
+        batches.closed = True
 
 
 def _threads(num_workers: int) -> int:
@@ -996,11 +1011,15 @@ def build_ffcv_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world_siz
     if aug.train_crop == "pad_random":
         sizes = {(int(h), int(w)) for h, w in zip(train_info.heights[train_good],
                                                    train_info.widths[train_good])}
-        if sizes != {(data.train_res, data.train_res)} or data.min_res:
+        if data.min_res:
+            raise ConfigError(f"aug.train_crop=pad_random with data.backend=ffcv crops the "
+                              f"stored images as they are: no progressive resizing "
+                              f"(data.min_res={data.min_res}; set it to 0)")
+        if sizes != {(data.train_res, data.train_res)}:
             found = ", ".join(f"{w}x{h}" for h, w in sorted(sizes)[:3])
             raise ConfigError(f"aug.train_crop=pad_random with data.backend=ffcv needs every "
-                              f"stored image at data.train_res={data.train_res} px and no "
-                              f"progressive resizing; {train_info.path} holds {found}")
+                              f"stored image at data.train_res={data.train_res} px; "
+                              f"{train_info.path} holds {found}")
         decoder = ff.SeededCropFlip((res, res), aug.scale, aug.ratio, aug.hflip, seed,
                                     padding=aug.padding)
     else:
