@@ -76,6 +76,33 @@ def test_cosine_over_the_whole_run_follows_timms_scheduler():
     assert all(lr_factor(after, t, steps) > f for t, f in enumerate(factors) if warmup < t < total)
 
 
+def test_each_rank_draws_its_own_stochastic_depth_stream():
+    """Rank 0 keeps the single-process stream, other ranks get their own; a checkpoint of the
+    same number of ranks gives each its saved stream back, one of another number gives rank 0
+    the saved stream and the others fresh ones."""
+    def draws(rank, world, saved=None, step=0):
+        torch.manual_seed(7)
+        loop._rank_rng(7, rank, world, saved, step)
+        return torch.rand(4)
+
+    single = draws(0, 1)
+    assert torch.equal(draws(0, 2), single)
+    others = [draws(r, 3) for r in (1, 2)]
+    assert not torch.equal(others[0], single) and not torch.equal(others[0], others[1])
+    torch.manual_seed(11)
+    states = [loop._rng_state() for _ in range(2)]
+    torch.manual_seed(12)
+    states[1] = loop._rng_state()
+    saved = {"rng": states[0], "rng_ranks": states}
+    expect = []
+    for state in states:
+        loop._set_rng_state(state)
+        expect.append(torch.rand(4))
+    assert [torch.equal(draws(r, 2, saved), e) for r, e in enumerate(expect)] == [True, True]
+    assert torch.equal(draws(0, 3, saved), expect[0])  # another world size: rank 0's stream
+    assert not torch.equal(draws(1, 3, saved, step=5), draws(1, 3, saved, step=6))
+
+
 def test_accuracy_counts_top5_includes_the_fifth_ranked_class():
     logits = torch.arange(10.0).repeat(3, 1)  # class 9 ranks first, class 5 fifth, 4 sixth
     top1, top5 = loop.accuracy_counts(logits, torch.tensor([9, 5, 4]))

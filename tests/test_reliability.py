@@ -156,7 +156,7 @@ def test_a_resume_on_three_ranks_is_bit_identical(data_root, tmp_path):
            "--log.progress=plain", "--schedule.warmup_epochs=0", "--schedule.epochs=1",
            "--data.backend=torch", "--data.num_workers=0", "--data.batch_size=48",
            "--data.val_batch_size=363", "--model.width=0.25", "--train.deterministic=true",
-           "--train.threads=1"]
+           "--train.threads=1", "--model.drop_path_rate=0.2"]
     for extra in (["--log.name=straight"], ["--log.name=cut", "--train.max_steps=10"],
                   ["--log.name=cut", "--resume", "auto"]):
         result = subprocess.run(run + extra, cwd=tmp_path, env=env, capture_output=True,
@@ -167,6 +167,11 @@ def test_a_resume_on_three_ranks_is_bit_identical(data_root, tmp_path):
     assert a["train_state"]["step"] == b["train_state"]["step"] == 1433 // 48
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
+    # Stochastic depth draws from each rank's own stream (one seed everywhere dropped the same
+    # blocks on every rank), and the checkpoint keeps every rank's for the resume above.
+    streams = [r["torch"] for r in b["rng_ranks"]]
+    assert len(streams) == 3 and not torch.equal(streams[0], streams[1])
+    assert torch.equal(streams[0], b["rng"]["torch"])
     # Cut on one rank, finished on three: the epoch's train_loss divided one rank's saved loss
     # sum by three ranks' step count (23 % low here); the sum is rescaled on resume.
     one = [a if a != "--nproc_per_node=3" else "--nproc_per_node=1" for a in run]

@@ -153,3 +153,11 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     dist.broadcast_object_list(box, src=src)
     return box[0]
 
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank ([obj] on a single process)."""
+    if not dist.is_initialized():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered

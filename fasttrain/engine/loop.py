@@ -180,6 +180,30 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _rank_rng(seed: int, rank: int, world_size: int, saved: dict[str, Any] | None,
+              step: int) -> None:
+    """Give this rank its own global RNG stream, which stochastic depth and dropout draw from:
+    with one seed on every rank, every rank dropped the same blocks for its i-th sample. Rank 0
+    keeps the single-process stream. A resume restores each rank's saved state (`rng_ranks`);
+    from a checkpoint of another number of ranks, rank 0 takes the saved stream and the others
+    start fresh ones (seeded by the step)."""
+    if saved is not None:
+        ranks = saved.get("rng_ranks")
+        if isinstance(ranks, list) and len(ranks) == world_size:
+            _set_rng_state(ranks[rank])
+            return
+        _set_rng_state(saved["rng"])
+    if rank > 0:
+        fresh = sample_seed(seed, step, rank, repeat=-4)
+        torch.manual_seed(fresh)
+        random.seed(fresh)
+
+
+def _all_rng_states(dist: distributed.DistInfo) -> list[dict[str, Any]] | None:
+    """Every rank's RNG state for a checkpoint (a collective: called on every rank)."""
+    return distributed.all_gather_object(_rng_state()) if dist.enabled else None
+
+
 RESUME_FIXED = (("optim", ("name", "lr", "lr_reference_batch", "momentum", "nesterov", "betas",
                             "eps", "weight_decay", "decay_norm_and_bias")),
                 ("data", ("batch_size",)), ("train", ("grad_accum_steps",)))
@@ -553,7 +577,6 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
             scaler.load_state_dict(saved["scaler"])
         if ema is not None:
             ema.load_state_dict(saved["ema"])
-        _set_rng_state(saved["rng"])
         state = TrainState(**saved["train_state"])
         if state.epoch_step and state.epoch_world_size not in (0, dist.world_size):
             # a sum over the ranks' per-rank losses: the epoch's mean divides by world * steps
@@ -575,6 +598,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
                                           if state.epoch_step else "")
         report.print(f"resumed from {resume_path} after {where}")
 
+    _rank_rng(cfg.train.seed, dist.rank, dist.world_size, saved, state.step)
     train_model: nn.Module = model
     if dist.enabled:
         train_model = distributed.data_parallel(model, device, cfg.train.deterministic)
@@ -621,8 +645,9 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
     epochs = cfg.schedule.epochs
 
     def save_step_checkpoint() -> None:
+        rng_ranks = _all_rng_states(dist)
         if dist.is_main:
-            _save(run_dir, parts, state, {}, is_best=False)
+            _save(run_dir, parts, state, {}, is_best=False, rng_ranks=rng_ranks)
 
     reported: set[str] = set()
     shown_time = state.train_time_s
@@ -670,6 +695,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
         metrics["best_val_top1"] = state.best_val_top1 if state.best_val_top1 >= 0 else None
         state.history.append({k: metrics[k] for k in ("epoch", "val_top1", "train_loss")})
         report.end_epoch(metrics, epochs)
+        rng_ranks = _all_rng_states(dist)
         if dist.is_main:
             try:
                 with open(run_dir / "metrics.jsonl", "a") as f:
@@ -687,7 +713,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
                     if value is not None:  # best_val_top1 before a complete epoch
                         writer.add_scalar(key, value, epoch + 1)
                 writer.flush()
-            _save(run_dir, parts, state, metrics, is_best)
+            _save(run_dir, parts, state, metrics, is_best, rng_ranks=rng_ranks)
         if _max_steps_reached(cfg, state):
             report.print(f"train.max_steps={cfg.train.max_steps} reached: stopping")
             break
@@ -969,12 +995,14 @@ def _check_no_later_history(saved: dict[str, Any], path: Path) -> None:
 
 
 def _save(run_dir: Path, p: Parts, state: TrainState, metrics: dict[str, Any],
-          is_best: bool) -> None:
+          is_best: bool, rng_ranks: list[dict[str, Any]] | None = None) -> None:
     payload = {"model": ckpt.unwrap(p.model).state_dict(), "optimizer": p.optimizer.state_dict(),
                "scheduler": p.scheduler.state_dict(), "rng": _rng_state(),
                "train_state": dataclasses.asdict(state),
                "config": p.cfg.to_dict(), "metrics": metrics, "versions": _versions(),
                "classes": p.classes}
+    if rng_ranks is not None:  # every rank's stream ("rng" is rank 0's, as in one process)
+        payload["rng_ranks"] = rng_ranks
     if p.precision.use_scaler:
         payload["scaler"] = p.scaler.state_dict()
     if p.ema is not None:
