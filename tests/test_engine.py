@@ -292,7 +292,7 @@ def test_dry_run_prints_config_and_counts(run_tool, tmp_path):
     assert "68,050" in result.stdout  # cifar_resnet20 w0.5 params
     assert "name: cifar_resnet20" in result.stdout
     assert "1,433 training / 364 validation images, 10 classes; 22 steps/epoch x 64 global " \
-           "batch, 1 rank(s)" in " ".join(result.stdout.split()), result.stdout
+           "batch, 1 rank" in " ".join(result.stdout.split()), result.stdout
     assert not (tmp_path / "runs").exists()  # nothing written
 
 

@@ -222,8 +222,8 @@ def test_repeated_augmentation_sampler(size, world, reps):
 
 
 @pytest.mark.parametrize("size,world,accum,batch,reps",
-                         [(103, 1, 4, 5, 4), (64, 2, 2, 4, 3), (50, 3, 2, 4, 2)])
-def test_repeated_augmentation_with_accumulation_deals_micro_batches_as_ranks(
+                         [(103, 1, 4, 5, 4), (64, 2, 2, 4, 3), (50, 3, 2, 4, 2), (50, 2, 2, 4, 1)])
+def test_accumulation_deals_micro_batches_as_ranks(
         size, world, accum, batch, reps):
     """Micro-batch k of step s on rank r is batch s of rank r * accum + k in a run on
     world x accum ranks, so the global batch's composition (copies of an image in different
@@ -265,15 +265,17 @@ def test_mixing_pairs_no_copies_under_accumulation_at_the_recipes_reps():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "resident"])
-def test_loaders_deal_repeated_augmentation_to_micro_batches_as_to_ranks(backend, data_root):
-    """Both backends with ra_reps: one rank with 4 micro-batches per step yields the batches
-    ranks 0-3 of a 4-rank run yield (labels; the torch backend's pixels too, its augmentation
-    being a function of the sample alone)."""
+@pytest.mark.parametrize("reps", [1, 4])
+def test_loaders_deal_micro_batches_as_to_ranks(backend, reps, data_root):
+    """Both backends, with and without repeated augmentation: one rank with 4 micro-batches
+    per step yields the batches (images and crops) ranks 0-3 of a 4-rank run yield. (The
+    resident backend drew its crops by the real rank and position, and without ra_reps a
+    micro-batch was a slice of the rank's share: other images in each BatchNorm batch.)"""
     from fasttrain.data import build_loaders
 
     cfg = load(ROOT / "recipes" / "quickstart.yaml",
                [f"--data.backend={backend}", f"--data.path={data_root / 'digits'}",
-                "--data.batch_size=64", "--data.ra_reps=4", "--data.num_workers=0"])
+                "--data.batch_size=64", f"--data.ra_reps={reps}", "--data.num_workers=0"])
 
     def batches(loader, count):
         loader.set_epoch(1)
@@ -286,25 +288,28 @@ def test_loaders_deal_repeated_augmentation_to_micro_batches_as_to_ranks(backend
     for step in range(2):
         for k in range(4):
             (x, y), (x_rank, y_rank) = accumulated[step * 4 + k], ranks[k][step]
-            assert torch.equal(y, y_rank)
-            if backend == "torch":
-                assert torch.equal(x, x_rank)
+            assert torch.equal(y, y_rank) and torch.equal(x, x_rank)
 
 
-@pytest.mark.parametrize("world,accum,mixup,said", [(1, 1, 0.2, "75%"), (2, 1, 0.2, "50%"),
-                                                     (1, 4, 0.2, None), (1, 1, 0.0, None)])
-def test_training_says_when_mixing_pairs_copies_of_an_image(world, accum, mixup, said):
+@pytest.mark.parametrize("reps,batch,world,accum,mixup,said,advice", [
+    (4, 128, 1, 1, 0.2, "75%", "train.grad_accum_steps=4 keeps them apart"),
+    (4, 128, 2, 1, 0.2, "50%", "train.grad_accum_steps=2 keeps them apart"),
+    # the RSB recipes: 3 copies, a batch of 2048: 3 micro-batches would not split it
+    (3, 2048, 1, 1, 0.2, "67%", "train.grad_accum_steps=4 keeps them apart"),
+    (3, 2, 1, 2, 0.2, "33%", "data.batch_size=2 splits into no such number of micro-batches"),
+    (4, 128, 1, 4, 0.2, None, None), (4, 128, 1, 1, 0.0, None, None)])
+def test_training_says_when_mixing_pairs_copies_of_an_image(reps, batch, world, accum, mixup,
+                                                            said, advice):
     from fasttrain.engine.loop import _note_copies_mixed
 
     cfg = load(ROOT / "recipes" / "quickstart.yaml",
-               ["--data.ra_reps=4", f"--aug.mixup_alpha={mixup}",
-                f"--train.grad_accum_steps={accum}"])
+               [f"--data.ra_reps={reps}", f"--aug.mixup_alpha={mixup}",
+                f"--data.batch_size={batch}", f"--train.grad_accum_steps={accum}"])
     printed = []
     _note_copies_mixed(cfg, world, type("Report", (), {"print": printed.append})())
     assert len(printed) == (said is not None)
     if said:
-        assert f"mixes about {said} of the samples" in printed[0]
-        assert "train.grad_accum_steps >= 4" in printed[0]
+        assert f"mixes about {said} of the samples" in printed[0] and advice in printed[0]
 
 
 def test_progressive_resolution_follows_ffcv():

@@ -104,22 +104,24 @@ class EpochSampler(Sampler):
     rank still takes `len(dataset) // world_size` of its share: an epoch keeps its length and
     sees about len(dataset) / reps distinct images, each `reps` times.
 
-    With `reps` > 1 and `accum` micro-batches of `batch` samples per optimizer step, the stream
-    is dealt to world_size x accum virtual ranks instead, and micro-batch k of each step is
-    virtual rank `rank * accum + k`'s batch: the micro-batches are exactly the batches of a run
-    on world_size x accum ranks (`len(dataset) // (world_size * accum)` samples each). Dealt to
-    the real ranks only, the copies of an image would sit side by side in one micro-batch, and
-    mixup/cutmix (which pairs each sample with its neighbour) would mix most of them with
-    another view of themselves: 75 % of the samples at ra_reps 4 on one rank.
+    With `accum` micro-batches of `batch` samples per optimizer step, the stream is dealt to
+    world_size x accum virtual ranks instead, and micro-batch k of each step is virtual rank
+    `rank * accum + k`'s batch: the micro-batches are exactly the batches of a run on
+    world_size x accum ranks (`len(dataset) // (world_size * accum)` samples each), so each
+    normalises the same images in BatchNorm. Dealt to the real ranks only, a micro-batch would
+    be a slice of the rank's share instead, and with repeated augmentation the copies of an
+    image would sit side by side in it, where mixup/cutmix (which pairs each sample with its
+    neighbour) would mix most of them with another view of themselves: 75 % of the samples at
+    ra_reps 4 on one rank.
     """
 
     def __init__(self, size: int, rank: int, world_size: int, seed: int, reps: int = 1,
                  accum: int = 1, batch: int = 0) -> None:
         self.size, self.rank, self.world_size, self.seed = size, rank, world_size, seed
         self.reps, self.epoch, self.start = reps, 0, 0
-        self.virtual = accum if reps > 1 and accum > 1 else 1
-        if self.virtual > 1 and batch < 1:
-            raise ValueError("EpochSampler: accum > 1 with reps > 1 needs the micro-batch size")
+        self.virtual = accum
+        if accum > 1 and batch < 1:
+            raise ValueError("EpochSampler: accum > 1 needs the micro-batch size")
         self.batch = batch
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -134,8 +136,11 @@ class EpochSampler(Sampler):
         return self.epoch_length - self.start
 
     def share(self) -> tuple[list[int], list[int]]:
-        """This rank's whole share of the epoch's (index, repeat) stream, before truncation to
-        `len(self)`: over all ranks, every index appears exactly `reps` times."""
+        """This rank's share of the epoch's (index, repeat) stream, in the order its batches
+        take it, at least `epoch_length` long (`len(self)` counts from `start`). The stream
+        lists every index `reps` times; over all ranks the shares hold all of it without
+        accumulation, and each virtual rank's first `len(dataset) // (world_size * accum)`
+        with it."""
         g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1))
         order = torch.randperm(self.size, generator=g).repeat_interleave(self.reps)
         repeats = torch.arange(self.reps).repeat(self.size)
@@ -371,7 +376,8 @@ def _exit_quietly(signum: int, frame: object) -> None:
 
 def _per_rank(global_batch: int, world_size: int, key: str, accum: int = 1) -> int:
     if global_batch % (world_size * accum):
-        split = f"{world_size} ranks" + (f" x {accum} accumulation steps" if accum > 1 else "")
+        split = (f"{world_size} rank{'s' * (world_size > 1)}"
+                 + (f" x {accum} accumulation steps" if accum > 1 else ""))
         raise ConfigError(f"{key}={global_batch} is not divisible by the {split}")
     return global_batch // (world_size * accum)
 

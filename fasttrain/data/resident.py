@@ -163,8 +163,13 @@ class ResidentLoader:
             images = self.images.index_select(0, index)
             if self.augment is not None:
                 # Batch parameters from (seed, epoch, rank, position): resumable, worker-free.
-                g = torch.Generator().manual_seed(
-                    sample_seed(self.seed, self.epoch, start, repeat=-2 - self.rank))
+                # Under accumulation micro-batch k of a step is (virtual) rank rank * accum + k
+                # at that step's position, as the sampler deals it: the crops of a run on that
+                # many ranks.
+                micro, virtual = start // self.batch_size, self.sampler.virtual
+                g = torch.Generator().manual_seed(sample_seed(
+                    self.seed, self.epoch, micro // virtual * self.batch_size,
+                    repeat=-2 - (self.rank * virtual + micro % virtual)))
                 images = self.augment(images, self.epoch, g)
             yield (self.normalize(images).contiguous(memory_format=self.memory_format),
                    self.labels.index_select(0, index))

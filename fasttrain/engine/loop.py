@@ -335,12 +335,18 @@ def _note_copies_mixed(cfg: Config, world_size: int, report: Reporter) -> None:
     reps, slots = cfg.data.ra_reps, world_size * cfg.train.grad_accum_steps
     mixing = (cfg.aug.mixup_alpha > 0 or cfg.aug.cutmix_alpha > 0) and cfg.aug.mix_prob > 0
     if mixing and reps > slots:
-        report.print(f"note: data.ra_reps={reps} on {world_size} rank(s) x "
-                     f"{cfg.train.grad_accum_steps} micro-batch(es) per step puts copies of an "
+        batch = cfg.data.batch_size
+        # the fewest micro-batches that separate the copies and split the global batch evenly
+        fit = next((a for a in range(-(-reps // world_size), batch // world_size + 1)
+                    if batch % (world_size * a) == 0), None)
+        advice = (f"train.grad_accum_steps={fit} keeps them apart (the global batch stays)"
+                  if fit else f"data.batch_size={batch} splits into no such number of "
+                  f"micro-batches on {world_size} rank{'s' * (world_size > 1)}")
+        report.print(f"note: data.ra_reps={reps} on {world_size} rank{'s' * (world_size > 1)}"
+                     f" x {cfg.train.grad_accum_steps} micro-batch"
+                     f"{'es' * (cfg.train.grad_accum_steps > 1)} per step puts copies of an "
                      f"image in one micro-batch: mixup/cutmix mixes about {1 - slots / reps:.0%}"
-                     f" of the samples with another view of themselves; ranks x "
-                     f"train.grad_accum_steps >= {reps} keeps them apart (the global batch "
-                     f"stays)")
+                     f" of the samples with another view of themselves; {advice}")
 
 
 def _check_graph_accumulation(cfg: Config, device: torch.device, use_compile: bool) -> None:
@@ -521,8 +527,9 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
     rows = _summary_rows(cfg, params, macs, cfg.data.val_res) if dist.is_main else []
     rows += [("data", f"{cfg.data.dataset} at {loaders.root}: {loaders.train_images:,} training"
                       f" / {loaders.val_images:,} validation images, {loaders.num_classes} "
-                      f"classes; {steps_per_epoch} steps/epoch x {cfg.data.batch_size} global "
-                      f"batch, {dist.world_size} rank(s)"
+                      f"classes; {steps_per_epoch} step{'s' * (steps_per_epoch != 1)}/epoch "
+                      f"x {cfg.data.batch_size} global batch, {dist.world_size} "
+                      f"rank{'s' * (dist.world_size > 1)}"
                       + (f", {accum} micro-batches per step" if accum > 1 else "")),
              ("device", f"{device} ({cfg.train.precision}, "
                         f"{'channels_last' if cfg.train.channels_last else 'contiguous'}"
