@@ -185,6 +185,36 @@ def test_a_resume_on_three_ranks_is_bit_identical(data_root, tmp_path):
     assert losses[1] == pytest.approx(losses[0], rel=0.05), losses
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("reps", [1, 2])
+def test_accumulation_trains_the_weights_of_more_ranks(data_root, tmp_path, reps):
+    """One process with 2 micro-batches per step and 2 ranks with one: the same images and
+    crops in each BatchNorm batch, the same mixing draw and the same averaged gradient, so the
+    same weights bit for bit (BatchNorm running statistics differ: updated per micro-batch)."""
+    env = {**os.environ, "FASTTRAIN_DATA": str(data_root)}
+    common = [str(ROOT / "tools" / "train.py"), str(QUICKSTART), f"--log.dir={tmp_path}",
+              "--log.progress=plain", "--schedule.epochs=1", "--schedule.warmup_epochs=0",
+              "--data.backend=torch", "--data.num_workers=0", "--data.batch_size=64",
+              "--model.width=0.25", "--train.deterministic=true", "--train.threads=1",
+              "--train.max_steps=8", f"--data.ra_reps={reps}", "--aug.mixup_alpha=0.2",
+              "--aug.cutmix_alpha=1.0"]
+    runs = {"ranks": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                      "--nproc_per_node=2", *common, "--log.name=ranks"],
+            "accum": [sys.executable, *common, "--log.name=accum",
+                      "--train.grad_accum_steps=2"]}
+    for command in runs.values():
+        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    a, b = (ckpt.load(tmp_path / name / "checkpoints" / "last.pt") for name in runs)
+    assert a["train_state"]["step"] == b["train_state"]["step"] == 8
+    weights = [k for k, v in a["model"].items() if v.is_floating_point()
+               and not k.endswith(("running_mean", "running_var"))]
+    assert len(weights) > 50
+    for key in weights:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
 def _cfg(data_root, log_dir, *overrides):
     return load(QUICKSTART, [f"--data.path={data_root / 'digits'}", f"--log.dir={log_dir}",
                              "--log.progress=plain", "--model.width=0.25",
