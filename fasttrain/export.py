@@ -154,9 +154,11 @@ def _ema_state(path: Path, state: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(ema, dict):
         pruning = state.get("pruning")
         if isinstance(pruning, dict):  # tools/prune.py keeps one set of weights
+            # records written before --weights existed lack the key: those pruned the model
+            source = pruning.get("source_weights") or "model"
             raise CheckpointError(f"{path}: a pruned checkpoint holds one set of weights (here "
-                                  f"pruned from its source's {pruning.get('source_weights')} "
-                                  f"weights), no EMA; use the model's weights")
+                                  f"pruned from its source's {source} weights), no EMA; use the "
+                                  f"model's weights")
         raise CheckpointError(f"{path}: no EMA weights in this checkpoint (trained without "
                               f"train.ema); use the model's weights")
     from .engine.checkpoint import strip_wrapper_prefixes

@@ -150,6 +150,11 @@ def test_a_moved_project_still_finds_the_pruning_record(tmp_path):
     assert points_mod._pruning_record(gone, run, warnings, macs=123)["source"] == "x"
     assert warnings == []
     assert points_mod._pruning_record(gone, run, warnings, macs=999) is None
+    # a run fine-tuned from a fine-tuned pruned network: its lineage, also after the move
+    torch.save({"model": {}, "pruned_from": {"macs": 77, "source": "y"}},
+               tmp_path / "moved" / "tuned.pt")
+    tuned_gone = str(tmp_path / "old-place" / "tuned.pt")
+    assert points_mod._pruning_record(tuned_gone, run, [], macs=77)["source"] == "y"
     assert warnings == [f"{run}: model.init_from {gone} not found: its baseline (the network "
                         f"it was pruned from) is unknown, so it is left out of the Δ view"]
 

@@ -783,6 +783,10 @@ def test_save_keeps_other_machines_rows_out_and_plots_the_whole_record(tmp_path,
     assert benchmark_tool.main(argv) == 0
     saved = json.loads(record.read_text())
     assert plotted == [len(saved)] == [2 * first]
+    # a network measured again is one point, its latest row (it zigzagged as two)
+    assert bench.plotted_rows(saved) == saved[first:]
+    other_width = {**saved[0], "width": 0.5, "macs": saved[0]["macs"] * 4}
+    assert bench.plotted_rows([*saved, other_width]) == [*saved[first:], other_width]
     # what tells two registry networks of one name and width apart is in the row
     assert {(r["channel_divisor"], r["num_classes"]) for r in saved} == {(1, 10)}
     for row in saved:
@@ -792,7 +796,8 @@ def test_save_keeps_other_machines_rows_out_and_plots_the_whole_record(tmp_path,
     monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("measured before the check"))
     assert benchmark_tool.main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {record}: its rows were measured on AMD EPYC with torch ")
+    assert err.startswith(f"error: {record}: its rows were measured on AMD EPYC, this run is "
+                          f"on ")
     assert err.endswith("; give --results-dir another folder so the two never mix\n")
     assert json.loads(record.read_text()) == saved
 

@@ -347,6 +347,11 @@ def test_a_network_pruned_from_ema_weights_says_so_in_its_export(tmp_path):
     with pytest.raises(CheckpointError, match="a pruned checkpoint holds one set of weights "
                        r"\(here pruned from its source's ema weights\), no EMA"):
         ex.model_from_checkpoint(out, weights="ema")
+    old = torch.load(out, weights_only=True)  # pruned before --weights existed: the model's
+    del old["pruning"]["source_weights"]
+    torch.save(old, tmp_path / "old.pt")
+    with pytest.raises(CheckpointError, match=r"its source's model weights\), no EMA"):
+        ex.model_from_checkpoint(tmp_path / "old.pt", weights="ema")
 
 
 @needs_tp

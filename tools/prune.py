@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     for c in ("", "params", "conv+fc MACs", "vs source"):
         t.add_column(c, justify="left" if not c else "right")
     t.add_row("source", f"{result.source_params:,}", f"{result.source_macs:,}", "")
-    t.add_row("target", "", f"{result.target_macs:,}", f"{result.target_macs / result.source_macs:.3f}")
+    t.add_row("target", "", f"{result.target_macs:,}",
+              f"{result.target_macs / result.source_macs:.3f}")
     t.add_row("pruned", f"{result.params:,}", f"{result.macs:,}",
               f"{result.macs / result.source_macs:.3f}")
     console = Console() if sys.stdout.isatty() else Console(width=150)
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         "x".join(map(str, b)) for b in s["blocks"]) for s in result.channels["stages"])
     console.print(f"channels: stem {result.channels['stem']}; {stages}", highlight=False)
     console.print(f"ratio {result.ratio:.4f} after {len(result.search)} evaluations; MACs "
-                  f"{result.error:+.2%} from the target (tolerance {args.tolerance * 100:.3g} %)",
+                  f"{result.error * 100:+.2f} % from the target (tolerance "
+                  f"{args.tolerance * 100:.3g} %)",
                   highlight=False)
     console.print(f"wrote {args.out}; fine-tune with: python tools/train.py RECIPE "
                   f"{shlex.quote(f'--model.init_from={args.out}')}", highlight=False,

@@ -110,6 +110,15 @@ def _last_metrics(run: Path) -> dict[str, Any]:
     return {**last, "val_top1": top1}
 
 
+def _lineage(state: dict[str, Any]) -> dict[str, Any] | None:
+    """The pruning a checkpoint's weights come from: its own record (tools/prune.py wrote it)
+    or, for a network fine-tuned from a pruned one, the summary its checkpoints carry."""
+    for key in ("pruning", "pruned_from"):
+        if isinstance(state.get(key), dict):
+            return state[key]
+    return None
+
+
 def _pruning_record(init_from: str, run: Path, warnings: list[str],
                     macs: int | None = None) -> dict[str, Any] | None:
     """The `pruning` entry of the checkpoint a run started from (tools/prune.py writes it).
@@ -128,7 +137,7 @@ def _pruning_record(init_from: str, run: Path, warnings: list[str],
         tails = [Path(*path.parts[-k:]) for k in range(1, len(path.parts))]
         for c in (base / tail for tail in tails for base in (Path.cwd(), *run.resolve().parents)):
             try:
-                record = ckpt.load(c).get("pruning") if c.is_file() else None
+                record = _lineage(ckpt.load(c)) if c.is_file() else None
             except CheckpointError:
                 continue
             if isinstance(record, dict) and record.get("macs") == macs:
@@ -143,9 +152,7 @@ def _pruning_record(init_from: str, run: Path, warnings: list[str],
     except CheckpointError as e:
         warnings.append(f"{run}: {e}")
         return None
-    # a run fine-tuned from a fine-tuned pruned network: the pruning its lineage carries
-    record = state.get("pruning") if isinstance(state.get("pruning"), dict) else \
-        state.get("pruned_from")
+    record = _lineage(state)
     if not isinstance(record, dict):
         warnings.append(f"{run}: {found} has no pruning record (not written by tools/prune.py)")
         return None

@@ -262,8 +262,9 @@ def prune_to_macs(model: nn.Module, target_macs: int, resolution: int,
     ratio, macs = min(search, key=lambda rm: (abs(rm[1] / target_macs - 1), rm[0]))
     if abs(macs / target_macs - 1) > tolerance:
         raise PruneError(f"no pruning ratio lands within {tolerance * 100:.3g} % of "
-                         f"{target_macs:,} MACs: the closest is {macs:,} ({macs / target_macs - 1:+.1%}) at "
-                         f"ratio {ratio:.4f}; try the other --scope or a larger --tolerance")
+                         f"{target_macs:,} MACs: the closest is {macs:,} "
+                         f"({(macs / target_macs - 1) * 100:+.1f} %) at ratio {ratio:.4f}; try "
+                         f"the other --scope or a larger --tolerance")
     plan = channel_plan(scores, ratio, scope)
     pruned = cache[tuple(sorted((k, tuple(v)) for k, v in plan.items()))][1]
     spec = channels_of(pruned)

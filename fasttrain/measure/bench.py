@@ -416,16 +416,17 @@ def read_record(json_path: str | Path) -> list[dict[str, Any]]:
     return old
 
 
-RECORD_MACHINE = ("device_name", "torch_version")
+RECORD_MACHINE = ("device_name",)
 """Conditions every row of one record shares beyond those in its file name: a CPU record is
-named by its thread count only, and two machines' rows in one record would read as one
-sweep."""
+named by its thread count only, and two machines' rows in one record would read as one sweep.
+(Not the torch version: a GPU host's torch moving on must not make every `--save` of the GPU
+checklist fail; each row records its own.)"""
 
 
 def check_record_machine(json_path: str | Path, saved: list[dict[str, Any]],
                          here: dict[str, Any]) -> None:
     """Refuse to add rows measured under `here` (a row's conditions) to the record `saved`
-    read from `json_path` when its rows were measured on another device or torch.
+    read from `json_path` when its rows were measured on another device.
 
     Raises:
         BenchError: naming both machines.
@@ -435,8 +436,7 @@ def check_record_machine(json_path: str | Path, saved: list[dict[str, Any]],
 
     other = next((r for r in saved if machine(r) != machine(here)), None)
     if other is not None:
-        theirs, ours = (f"{r.get('device_name')} with torch {r.get('torch_version')}"
-                        for r in (other, here))
+        theirs, ours = (r.get("device_name") for r in (other, here))
         raise BenchError(f"{json_path}: its rows were measured on {theirs}, this run is on "
                          f"{ours}; give --results-dir another folder so the two never mix")
 
@@ -481,17 +481,33 @@ def _folder_lock(directory: Path) -> Iterator[None]:
             os.close(fd)
 
 
+# What makes two rows a measurement of the same thing (the plot keeps the later).
+_SAME_MEASUREMENT = ("kind", "model", "width", "source", "batch_size", "resolution", "norm_act",
+                     "channel_divisor", "num_classes", "weights", "params", "macs")
+
+
+def plotted_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows `plot_vs_macs` draws: successful ones with a MAC count, the last of each
+    measurement of one network under one setting (`_SAME_MEASUREMENT`), in first-seen order."""
+    newest: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        if r["status"] == "ok" and r.get("macs"):
+            newest[tuple(str(r.get(k)) for k in _SAME_MEASUREMENT)] = r
+    return list(newest.values())
+
+
 def plot_vs_macs(rows: list[dict[str, Any]], path: str | Path) -> Path:
     """PNG of p50 latency (inference rows) or images/s (training rows) against conv+fc MACs,
     one line per model and batch size, points labelled by width. Rows without MACs or with a
-    failed status are left out.
+    failed status are left out; of rows measuring one network under one setting again (a
+    record appended to), the last is plotted, and the title names every commit plotted.
 
     Raises:
         BenchError: no row can be plotted, or the file cannot be written (folders are created).
     """
     from matplotlib.figure import Figure  # Agg canvas, no pyplot state, no display needed
 
-    ok = [r for r in rows if r["status"] == "ok" and r.get("macs")]
+    ok = plotted_rows(rows)
     if not ok:
         raise BenchError("nothing to plot: no successful row with a MAC count")
     train = ok[0]["kind"] == "train"
@@ -532,9 +548,10 @@ def plot_vs_macs(rows: list[dict[str, Any]], path: str | Path) -> Path:
     loads = [row["load_avg_1m"] for row in ok if row.get("load_avg_1m") is not None]
     load = f", load avg {min(loads):g}-{max(loads):g}" if loads else ""
     threads = f"{r['threads']} thread{'s' if r['threads'] != 1 else ''}"
-    ax.set_title(f"{r['device_name']} ({threads}{load}), commit {r['commit']}"
-                 if r["device"] == "cpu" else f"{r['device_name']}, commit {r['commit']}",
-                 fontsize=9)
+    commits = list(dict.fromkeys(str(row["commit"]) for row in ok))
+    commit = f"commit{'s' * (len(commits) > 1)} {', '.join(commits)}"
+    ax.set_title(f"{r['device_name']} ({threads}{load}), {commit}"
+                 if r["device"] == "cpu" else f"{r['device_name']}, {commit}", fontsize=9)
     fig.suptitle(f"{'training throughput' if train else 'inference latency'} vs MACs: "
                  f"{r['precision']}, {r['layout']}, {r['mode']}, "
                  f"{'/'.join(map(str, res))} px, torch {r['torch_version']}", fontsize=10)
