@@ -19,7 +19,7 @@ from fasttrain.compare import report
 from fasttrain.compare.literature import CompareError
 from fasttrain.compare.pareto import curve_value, pareto_front
 from fasttrain.compare.points import (MEASURED, OTHER, PRUNED, THIN, USER, Point, attach_latency,
-                                      points_from_csv)
+                                      point_from_run, points_from_csv)
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
@@ -444,6 +444,29 @@ def test_names_that_are_not_utf8_are_escaped_in_every_output(tmp_path, capsys):
     assert err.rstrip().endswith("the same run directory as " + runs[0].replace("\udce9",
                                                                                "\\udce9"))
     assert not (tmp_path / "twice").exists()
+
+
+def test_a_run_cut_inside_an_epoch_is_compared_by_its_last_complete_one(tmp_path):
+    """A last metrics line of an epoch cut by train.max_steps (8 of 22 steps) was taken as the
+    run's result, with nothing said; so was a run short of its schedule."""
+    run = tmp_path / "cut"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: {name: cifar_resnet20, num_classes: 10, width: "
+                                     "0.25}\ndata: {val_res: 16}\nschedule: {epochs: 3}\n")
+    (run / "metrics.jsonl").write_text(
+        json.dumps({"epoch": 1, "val_top1": 50.0}) + "\n"
+        + json.dumps({"epoch": 2, "val_top1": 60.0, "epoch_step": 8}) + "\n")
+    warnings = []
+    assert point_from_run(run, warnings).top1 == 50.0
+    assert warnings == [f"{run}: epoch 2 was cut after 8 steps (train.max_steps): the last "
+                        f"complete epoch's top-1 is used",
+                        f"{run}: trained 1 of its 3 epochs: its top-1 is not its schedule's "
+                        f"final one"]
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "val_top1": 5.0,
+                                                   "epoch_step": 8}) + "\n")
+    warnings = []
+    assert point_from_run(run, warnings).top1 == 5.0
+    assert "its partial epoch's top-1 is all there is" in warnings[0]
 
 
 def test_bad_points_file_and_run_directory_exit_2(tmp_path, capsys):

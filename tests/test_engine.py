@@ -540,7 +540,8 @@ def test_compiled_training_on_cpu_matches_eager(data_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_grad_accumulation_keeps_the_global_batch_and_tensorboard_logs(data_root, tmp_path):
+def test_grad_accumulation_keeps_the_global_batch_and_tensorboard_logs(data_root, tmp_path,
+                                                                        capsys):
     summary = train(_cfg(data_root, tmp_path, "--schedule.epochs=2", "--train.grad_accum_steps=2",
                          "--train.max_steps=3", "--log.tensorboard=true", "--train.ema=true",
                          "--train.ema_steps=1", "--log.name=acc"))
@@ -548,10 +549,26 @@ def test_grad_accumulation_keeps_the_global_batch_and_tensorboard_logs(data_root
     (metrics,) = [json.loads(l) for l in (tmp_path / "acc" / "metrics.jsonl").read_text()
                   .splitlines()]
     assert metrics["train_images"] == 3 * 64  # 3 steps of 2 micro-batches of 32
-    assert "val_top1_ema" in metrics
+    assert "val_top1_ema" in metrics and metrics["epoch_step"] == 3
+    # the EMA's top-1 and the cut are on screen too (they were in metrics.jsonl only)
+    printed = " ".join(capsys.readouterr().out.split())
+    assert f"val_top1_ema {metrics['val_top1_ema']:.2f}" in printed
+    assert "(cut after 3 steps)" in printed
+    assert f"final val top-1 (EMA) │ {metrics['val_top1_ema']:.2f} %" in printed
     assert list((tmp_path / "acc" / "tensorboard").glob("events.out.tfevents.*"))
     saved = ckpt.load(tmp_path / "acc" / "checkpoints" / "last.pt")
     assert saved["train_state"]["step"] == 3 and "ema" in saved
+
+
+def test_the_summary_shows_a_long_run_directory_whole(capsys):
+    """Under a pipe the summary's value column cut a long path with '…' (not copyable)."""
+    from fasttrain.engine.progress import Reporter
+
+    path = "/tmp/" + "n" * 260 + "/run"
+    Reporter("plain", True).summary([("run directory", path)], "done")
+    printed = capsys.readouterr().out
+    assert "…" not in printed
+    assert path in "".join(printed.replace("│", "").split())
 
 
 # --------------------------------------------------------------------------- run directories
@@ -566,6 +583,18 @@ def _fake_run(log_dir: Path, name: str, *, last=True, best=False, metrics="") ->
     if metrics:
         (run / "metrics.jsonl").write_text(metrics)
     return run
+
+
+def test_reruns_of_different_runs_configs_are_named_apart(tmp_path):
+    """`tools/train.py runs/a/config.yaml` named every such rerun config-<date>-<time>, and
+    `--resume auto` of another run's config.yaml continued it."""
+    from fasttrain.engine.loop import recipe_stem
+
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    assert recipe_stem(tmp_path / "runs" / "a" / "config.yaml") == "a"
+    assert recipe_stem("runs/b/config.yaml") == "b"
+    assert recipe_stem("recipes/quickstart.yaml") == "quickstart"
+    assert recipe_stem(None) == "run"
 
 
 def test_resume_auto_takes_only_runs_of_the_same_recipe(tmp_path):
@@ -764,6 +793,8 @@ def test_max_steps_inside_an_epoch_resumes_inside_it(data_root, tmp_path):
     early.write_bytes((checkpoints / "last.pt").read_bytes())
     state = ckpt.load(tmp_path / "cut" / "checkpoints" / "last.pt")["train_state"]
     assert (state["epoch"], state["epoch_step"]) == (0, 5)  # not "epoch 1 done"
+    (partial,) = [json.loads(l) for l in (tmp_path / "cut" / "metrics.jsonl").open()]
+    assert partial["epoch_step"] == 5  # its line says it is a part of epoch 1
     # its time is carried inside the epoch (counted once, when a resume completes it)
     assert state["train_time_s"] == 0 and state["epoch_elapsed_s"] > 0
     done = train(_cfg(data_root, tmp_path, *args, "--log.name=cut"), resume="auto")
@@ -771,6 +802,7 @@ def test_max_steps_inside_an_epoch_resumes_inside_it(data_root, tmp_path):
     assert done["step"] == 2 * steps_per_epoch and done["epoch"] == 2
     lines = [json.loads(l) for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2]  # the cut epoch's line was replaced
+    assert not any("epoch_step" in m for m in lines)
     assert lines[0]["train_images"] == steps_per_epoch * 128
     # `lr` is what the epoch's last step used (the step schedule halves it after epoch 1)
     assert lines[0]["lr"] == pytest.approx(2 * lines[1]["lr"])

@@ -92,7 +92,10 @@ def _not_utf8(path: Path, e: UnicodeDecodeError) -> CompareError:
                         f"{e.start})")
 
 
-def _last_metrics(run: Path) -> dict[str, Any]:
+def _last_metrics(run: Path, warnings: list[str] | None = None) -> dict[str, Any]:
+    """The last complete epoch's metrics line; a last line of an epoch cut inside
+    (`train.max_steps`: it holds `epoch_step`) is passed over with a warning (taken, with one,
+    when it is the only line)."""
     path = run / "metrics.jsonl"
     try:
         lines = [l for l in path.read_text().splitlines() if l.strip()]
@@ -102,11 +105,21 @@ def _last_metrics(run: Path) -> dict[str, Any]:
         raise _not_utf8(path, e) from None
     if not lines:
         raise CompareError(f"{path}: no finished epoch")
+    number = len(lines)
     try:
         last = json.loads(lines[-1])
+        if isinstance(last, dict) and last.get("epoch_step"):
+            cut = (f"{run}: epoch {last.get('epoch')} was cut after {last['epoch_step']} "
+                   f"steps (train.max_steps): ")
+            if number > 1:
+                number -= 1
+                last = json.loads(lines[-2])
+            if warnings is not None:
+                warnings.append(cut + ("the last complete epoch's top-1 is used" if number <
+                                       len(lines) else "its partial epoch's top-1 is all there is"))
         top1 = float(last["val_top1"])
-    except (ValueError, KeyError, TypeError):
-        raise CompareError(f"{path}:{len(lines)}: not a metrics line with val_top1") from None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise CompareError(f"{path}:{number}: not a metrics line with val_top1") from None
     return {**last, "val_top1": top1}
 
 
@@ -160,8 +173,9 @@ def _pruning_record(init_from: str, run: Path, warnings: list[str],
 
 
 def point_from_run(run_dir: str | Path, warnings: list[str] | None = None) -> Point:
-    """The point of a fasttrain run directory: its last epoch's validation top-1, and params and
-    MACs of the model its config.yaml describes, counted at the validation resolution.
+    """The point of a fasttrain run directory: its last complete epoch's validation top-1, and
+    params and MACs of the model its config.yaml describes, counted at the validation
+    resolution. A run short of its schedule's epochs gets a warning.
 
     A run whose model has an explicit channel spec is "pruned"; its baseline comes from the
     pruned checkpoint named by `model.init_from` (the source checkpoint's top-1 and MACs).
@@ -181,7 +195,10 @@ def point_from_run(run_dir: str | Path, warnings: list[str] | None = None) -> Po
     if not (run / "config.yaml").is_file():
         raise CompareError(f"{run}: no config.yaml (not a fasttrain run directory)")
     cfg = config_mod.load(run / "config.yaml")
-    metrics = _last_metrics(run)
+    metrics = _last_metrics(run, warnings)
+    if isinstance(metrics.get("epoch"), int) and metrics["epoch"] < cfg.schedule.epochs:
+        warnings.append(f"{run}: trained {metrics['epoch']} of its {cfg.schedule.epochs} "
+                        f"epochs: its top-1 is not its schedule's final one")
     m = cfg.model
     if not m.num_classes:
         raise CompareError(f"{run}/config.yaml: model.num_classes is 0 (the trainer writes the "

@@ -328,6 +328,19 @@ def _graph_steps(cfg: Config, device: torch.device, use_compile: bool) -> bool:
             and cfg.train.compile_mode in ("reduce-overhead", "max-autotune"))
 
 
+def recipe_stem(recipe: str | Path | None) -> str:
+    """What unnamed run folders of `recipe` are called (`<stem>-<date>-<time>`) and how
+    `--resume auto` finds them: the file's stem, or for a run's own `config.yaml` (a run trained
+    again from it) that run folder's name, so that reruns of different runs never continue
+    each other ("config-<date>-<time>" for all of them did)."""
+    if not recipe:
+        return "run"
+    path = Path(recipe)
+    if path.name == "config.yaml" and path.resolve().parent.name:
+        return path.resolve().parent.name
+    return path.stem
+
+
 def _note_copies_mixed(cfg: Config, world_size: int, report: Reporter) -> None:
     """Say so when repeated augmentation puts copies of an image in one micro-batch (fewer
     ranks x micro-batches than data.ra_reps), where mixup/cutmix, which pairs neighbours,
@@ -476,7 +489,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
                           "tensorboard, or the [tensorboard] extra)")
     log_dir = Path(cfg.log.dir).expanduser()  # a `--log.dir=~/runs` the shell left as typed
     check_log_dir(log_dir)  # a dry run too
-    stem = Path(recipe).stem if recipe else "run"
+    stem = recipe_stem(recipe)
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
         # torchrun --max-restarts restarted us: continue the interrupted run
         resume = _restart_resume(resume, log_dir, cfg.log.name)
@@ -692,6 +705,8 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
                    "train_images_per_s": train_metrics["train_images"] / t_train,
                    "train_time_s": shown_time, "world_size": dist.world_size,
                    "step": state.step, "skipped_files": len(reported)}
+        if cut:  # a partial epoch's line says so (compare and readers skip it)
+            metrics["epoch_step"] = state.epoch_step
         # An epoch cut by train.max_steps is trained again on resume (its line replaced): it is
         # no candidate for best.pt, which would otherwise hold a mid-epoch state whose score
         # no line of metrics.jsonl keeps.
@@ -700,7 +715,8 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
             state.best_val_top1 = max(state.best_val_top1, metrics["val_top1"])
         # What best.pt holds and the summary shows: the best complete epoch (null before one).
         metrics["best_val_top1"] = state.best_val_top1 if state.best_val_top1 >= 0 else None
-        state.history.append({k: metrics[k] for k in ("epoch", "val_top1", "train_loss")})
+        state.history.append({k: metrics[k] for k in ("epoch", "val_top1", "train_loss",
+                                                       "val_top1_ema") if k in metrics})
         report.end_epoch(metrics, epochs)
         rng_ranks = _all_rng_states(dist)
         if dist.is_main:
@@ -733,6 +749,8 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
             "- (no complete epoch)")
     report.summary([("epochs", epochs_done),
                     ("final val top-1", f"{final.get('val_top1', float('nan')):.2f} %"),
+                    *([("final val top-1 (EMA)", f"{final['val_top1_ema']:.2f} %")]
+                      if "val_top1_ema" in final else []),
                     ("best val top-1", best),
                     ("training time", f"{shown_time:.1f} s (train + validation)"),
                     ("run directory", str(run_dir))], "done")

@@ -12,10 +12,14 @@ from rich.table import Table
 
 
 def format_epoch(m: dict[str, Any], epochs: int) -> str:
+    """One line per epoch: the metrics line's main numbers, the EMA's top-1 with train.ema,
+    and how many steps an epoch cut by train.max_steps trained."""
+    ema = f"  val_top1_ema {m['val_top1_ema']:.2f}" if "val_top1_ema" in m else ""
+    cut = f"  (cut after {m['epoch_step']} steps)" if m.get("epoch_step") else ""
     return (f"epoch {m['epoch']}/{epochs}  train_loss {m['train_loss']:.4f}  "
-            f"val_loss {m['val_loss']:.4f}  val_top1 {m['val_top1']:.2f}  "
+            f"val_loss {m['val_loss']:.4f}  val_top1 {m['val_top1']:.2f}{ema}  "
             f"val_top5 {m['val_top5']:.2f}  lr {m['lr']:.4g}  "
-            f"{m['epoch_time_s']:.1f}s ({m['train_images_per_s']:.0f} img/s)")
+            f"{m['epoch_time_s']:.1f}s ({m['train_images_per_s']:.0f} img/s){cut}")
 
 
 class Reporter:
@@ -65,7 +69,7 @@ class Reporter:
             return
         table = Table(title=title, show_header=False)
         table.add_column("", style="bold")
-        table.add_column("")
+        table.add_column("", overflow="fold")  # a long run directory stays whole, if wrapped
         for key, value in rows:
             table.add_row(key, value)
         self.console.print(table)
