@@ -103,6 +103,25 @@ def test_each_rank_draws_its_own_stochastic_depth_stream():
     assert not torch.equal(draws(1, 3, saved, step=5), draws(1, 3, saved, step=6))
 
 
+@pytest.mark.parametrize("overrides, said", [
+    (["--train.compile_mode=reduce-overhead"],
+     "note: train.compile_mode=reduce-overhead has no effect: the model is not compiled "
+     "(train.compile=None on cpu)"),
+    (["--train.compile=true", "--train.compile_mode=max-autotune"],
+     "note: train.compile_mode=max-autotune replays CUDA graphs on CUDA only: on cpu it "
+     "compiles as default"),
+    (["--train.precision=fp16"], "note: train.precision=fp16 on the CPU is correct but slow"),
+    (["--train.compile=true", "--train.compile_mode=max-autotune-no-cudagraphs"], None),
+    ([], None)])
+def test_settings_that_run_otherwise_than_expected_get_a_note(overrides, said):
+    cfg = load(QUICKSTART, overrides)
+    printed = []
+    use_compile = bool(cfg.train.compile)
+    loop._note_settings_without_effect(cfg, torch.device("cpu"), use_compile,
+                                       type("Report", (), {"print": printed.append})())
+    assert [p.startswith(said) for p in printed] == ([True] if said else [])
+
+
 def test_accuracy_counts_top5_includes_the_fifth_ranked_class():
     logits = torch.arange(10.0).repeat(3, 1)  # class 9 ranks first, class 5 fifth, 4 sixth
     top1, top5 = loop.accuracy_counts(logits, torch.tensor([9, 5, 4]))
