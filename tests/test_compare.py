@@ -467,6 +467,7 @@ def test_a_run_cut_inside_an_epoch_is_compared_by_its_last_complete_one(tmp_path
     warnings = []
     assert point_from_run(run, warnings).top1 == 5.0
     assert "its partial epoch's top-1 is all there is" in warnings[0]
+    assert warnings[1].startswith(f"{run}: trained 0 of its 3 epochs")
 
 
 def test_bad_points_file_and_run_directory_exit_2(tmp_path, capsys):

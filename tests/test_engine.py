@@ -609,9 +609,13 @@ def test_reruns_of_different_runs_configs_are_named_apart(tmp_path):
     `--resume auto` of another run's config.yaml continued it."""
     from fasttrain.engine.loop import recipe_stem
 
-    (tmp_path / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "runs" / "b").mkdir(parents=True)
+    (tmp_path / "runs" / "b" / "metrics.jsonl").write_text("{}\n")
     assert recipe_stem(tmp_path / "runs" / "a" / "config.yaml") == "a"
-    assert recipe_stem("runs/b/config.yaml") == "b"
+    assert recipe_stem(tmp_path / "runs" / "b" / "config.yaml") == "b"
+    # a recipe that happens to be called config.yaml, outside a run folder: its own name
+    assert recipe_stem(tmp_path / "runs" / "config.yaml") == "config"
     assert recipe_stem("recipes/quickstart.yaml") == "quickstart"
     assert recipe_stem(None) == "run"
 

@@ -787,6 +787,14 @@ def test_save_keeps_other_machines_rows_out_and_plots_the_whole_record(tmp_path,
     assert bench.plotted_rows(saved) == saved[first:]
     other_width = {**saved[0], "width": 0.5, "macs": saved[0]["macs"] * 4}
     assert bench.plotted_rows([*saved, other_width]) == [*saved[first:], other_width]
+    # the titles name every commit and torch drawn, as a record appended to mixes them
+    from matplotlib.figure import Figure
+
+    titles = []
+    monkeypatch.setattr(Figure, "suptitle", lambda self, text, **k: titles.append(text))
+    newer = {**other_width, "torch_version": "9.9", "commit": "abc1234"}
+    bench.plot_vs_macs([*saved, newer], tmp_path / "mixed.png")
+    assert titles[0].endswith(f"torch {saved[0]['torch_version']}, 9.9")
     # what tells two registry networks of one name and width apart is in the row
     assert {(r["channel_divisor"], r["num_classes"]) for r in saved} == {(1, 10)}
     for row in saved:

@@ -196,9 +196,11 @@ def point_from_run(run_dir: str | Path, warnings: list[str] | None = None) -> Po
         raise CompareError(f"{run}: no config.yaml (not a fasttrain run directory)")
     cfg = config_mod.load(run / "config.yaml")
     metrics = _last_metrics(run, warnings)
-    if isinstance(metrics.get("epoch"), int) and metrics["epoch"] < cfg.schedule.epochs:
-        warnings.append(f"{run}: trained {metrics['epoch']} of its {cfg.schedule.epochs} "
-                        f"epochs: its top-1 is not its schedule's final one")
+    if isinstance(metrics.get("epoch"), int):
+        complete = metrics["epoch"] - bool(metrics.get("epoch_step"))  # a cut epoch is not
+        if complete < cfg.schedule.epochs:
+            warnings.append(f"{run}: trained {complete} of its {cfg.schedule.epochs} epochs: "
+                            f"its top-1 is not its schedule's final one")
     m = cfg.model
     if not m.num_classes:
         raise CompareError(f"{run}/config.yaml: model.num_classes is 0 (the trainer writes the "

@@ -194,7 +194,7 @@ def _rank_rng(seed: int, rank: int, world_size: int, saved: dict[str, Any] | Non
             return
         _set_rng_state(saved["rng"])
     if rank > 0:
-        fresh = sample_seed(seed, step, rank, repeat=-4)
+        fresh = sample_seed(seed, step, rank, repeat=-1000)  # a tag no data draw uses
         torch.manual_seed(fresh)
         random.seed(fresh)
 
@@ -354,8 +354,10 @@ def recipe_stem(recipe: str | Path | None) -> str:
     if not recipe:
         return "run"
     path = Path(recipe)
-    if path.name == "config.yaml" and path.resolve().parent.name:
-        return path.resolve().parent.name
+    run = path.resolve().parent
+    if path.name == "config.yaml" and run.name and ((run / "metrics.jsonl").is_file()
+                                                    or (run / CHECKPOINTS).is_dir()):
+        return run.name
     return path.stem
 
 

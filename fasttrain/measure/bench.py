@@ -554,7 +554,9 @@ def plot_vs_macs(rows: list[dict[str, Any]], path: str | Path) -> Path:
                  if r["device"] == "cpu" else f"{r['device_name']}, {commit}", fontsize=9)
     fig.suptitle(f"{'training throughput' if train else 'inference latency'} vs MACs: "
                  f"{r['precision']}, {r['layout']}, {r['mode']}, "
-                 f"{'/'.join(map(str, res))} px, torch {r['torch_version']}", fontsize=10)
+                 f"{'/'.join(map(str, res))} px, torch "
+                 f"{', '.join(dict.fromkeys(str(row['torch_version']) for row in ok))}",
+                 fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
