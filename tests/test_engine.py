@@ -106,7 +106,7 @@ def test_each_rank_draws_its_own_stochastic_depth_stream():
 @pytest.mark.parametrize("overrides, said", [
     (["--train.compile_mode=reduce-overhead"],
      "note: train.compile_mode=reduce-overhead has no effect: the model is not compiled "
-     "(train.compile=None on cpu)"),
+     "(train.compile=null on cpu)"),
     (["--train.compile=true", "--train.compile_mode=max-autotune"],
      "note: train.compile_mode=max-autotune replays CUDA graphs on CUDA only: on cpu it "
      "compiles as default"),

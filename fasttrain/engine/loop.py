@@ -335,8 +335,9 @@ def _note_settings_without_effect(cfg: Config, device: torch.device, use_compile
     backward there is tens of times slower than fp32's)."""
     mode = cfg.train.compile_mode
     if mode != "default" and not use_compile:
+        compile_ = "null" if cfg.train.compile is None else str(cfg.train.compile).lower()
         report.print(f"note: train.compile_mode={mode} has no effect: the model is not "
-                     f"compiled (train.compile={cfg.train.compile} on {device.type})")
+                     f"compiled (train.compile={compile_} on {device.type})")
     elif mode in ("reduce-overhead", "max-autotune") and device.type != "cuda":
         report.print(f"note: train.compile_mode={mode} replays CUDA graphs on CUDA only: on "
                      f"{device.type} it compiles as default")
