@@ -1092,6 +1092,28 @@ def test_a_late_sigterm_adds_no_traceback_to_the_outcome(monkeypatch, capsys):
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_a_late_ctrl_c_adds_no_traceback_to_the_outcome(monkeypatch, capsys):
+    """torchrun forwards a Ctrl-C to every rank; one that had finished raised KeyboardInterrupt
+    outside the run's own handling, and its traceback followed the one line."""
+    import signal
+
+    tool = load_tool("train")
+
+    def finished_then_interrupted(argv):
+        os.kill(os.getpid(), signal.SIGINT)  # delivered before this function returns
+        time.sleep(5)
+        return 0
+
+    before = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(tool, "_main", finished_then_interrupted)
+    try:
+        assert tool.main([str(QUICKSTART)]) == 130
+    except KeyboardInterrupt:
+        pytest.fail("a late Ctrl-C escaped main()")
+    assert capsys.readouterr().err == ""
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_a_killed_dataloader_worker_is_one_line(monkeypatch, capsys):
     import fasttrain.engine
 

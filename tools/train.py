@@ -44,18 +44,24 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is not threading.main_thread():  # no signals there
         return _main(argv)
     previous = signal.signal(signal.SIGTERM, _terminate)
-    status = 143
+    previous_int = signal.getsignal(signal.SIGINT)
+    status: int | None = None
     try:
         try:
             status = _main(argv)
         finally:
-            # Leaving: the outcome is decided and said. A SIGTERM now (torchrun stopping the
-            # ranks left after one failed) must not add a traceback to that one line.
+            # Leaving: the outcome is decided and said. A SIGTERM or a Ctrl-C now (torchrun
+            # stopping the ranks left after one failed, or forwarding a Ctrl-C to a rank that
+            # has finished) must not add a traceback to that one line.
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
     except Terminated:  # arrived after _main's own handling, before SIG_IGN took over
         pass
+    except KeyboardInterrupt:  # likewise; an outcome already decided stands
+        status = 130 if status is None else status
     signal.signal(signal.SIGTERM, previous)
-    return status
+    signal.signal(signal.SIGINT, previous_int)
+    return 143 if status is None else status
 
 
 def _main(argv: list[str] | None) -> int:
@@ -124,4 +130,8 @@ def _terminate(signum, frame):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # the process is leaving with its one line said: no late signal adds a traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(code)
