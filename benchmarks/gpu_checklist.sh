@@ -111,8 +111,9 @@ GPU_SLUG=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head 
 # pytest-xdist spreads the tests over the host's cores when it is there (.gpu/site); without it
 # `-n` would be an unknown option and the step would test nothing.
 XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 16")
+TIMEOUT=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout 180")  # likewise
 TAIL=30 step pytest-cuda 200 "$PY" -m pytest -m cuda -q -p no:cacheprovider $XDIST \
-    -o addopts="-ra" --timeout 180 tests --ignore tests/test_ffcv.py --ignore tests/test_dali.py \
+    -o addopts="-ra" $TIMEOUT tests --ignore tests/test_ffcv.py --ignore tests/test_dali.py \
     --junitxml "benchmarks/results/pytest-cuda-${GPU_SLUG:-gpu}.xml" \
     -o junit_suite_name="pytest -m cuda, commit ${FASTTRAIN_COMMIT:-unknown}"
 

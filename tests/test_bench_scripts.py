@@ -271,7 +271,8 @@ def test_gpu_checklist_cuda_step_options_exist_in_the_pinned_pytest(tmp_path):
     command = "\n".join(script[start:end + 1]).replace("benchmarks/results/", f"{tmp_path}/")
     xdist = subprocess.run([sys.executable, "-c", "import xdist"]).returncode == 0
     shell = (f'step() {{ shift 2; "$@" --collect-only tests/test_bn_relu.py; }}\n'
-             f'PY={sys.executable}; XDIST="{"-n 2" if xdist else ""}"; GPU_SLUG=test\n{command}')
+             f'PY={sys.executable}; XDIST="{"-n 2" if xdist else ""}"; '
+             f'TIMEOUT="--timeout 180"; GPU_SLUG=test\n{command}')
     done = subprocess.run(["bash", "-c", shell], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode in (0, 5), done.stderr[-2000:]  # 5: every test deselected

@@ -122,6 +122,18 @@ def test_settings_that_run_otherwise_than_expected_get_a_note(overrides, said):
     assert [p.startswith(said) for p in printed] == ([True] if said else [])
 
 
+def test_cuda_rng_states_of_more_devices_than_visible_restore_the_visible_ones(monkeypatch):
+    """A checkpoint from a node showing 8 GPUs resumed where 2 are visible: set_rng_state_all
+    indexed past torch's generators (IndexError)."""
+    restored = []
+    state = {**loop._rng_state(), "cuda": [torch.tensor(i) for i in range(8)]}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, d: restored.append((int(s), d)))
+    loop._set_rng_state(state)
+    assert restored == [(0, 0), (1, 1)]
+
+
 def test_accuracy_counts_top5_includes_the_fifth_ranked_class():
     logits = torch.arange(10.0).repeat(3, 1)  # class 9 ranks first, class 5 fifth, 4 sixth
     top1, top5 = loop.accuracy_counts(logits, torch.tensor([9, 5, 4]))

@@ -783,8 +783,12 @@ def test_save_keeps_other_machines_rows_out_and_plots_the_whole_record(tmp_path,
     assert benchmark_tool.main(argv) == 0
     saved = json.loads(record.read_text())
     assert plotted == [len(saved)] == [2 * first]
-    # a network measured again is one point, its latest row (it zigzagged as two)
+    # a network measured again is one point, its latest row (it zigzagged as two), also
+    # against rows written before the newer fields existed
     assert bench.plotted_rows(saved) == saved[first:]
+    older = [{k: v for k, v in r.items() if k not in ("channel_divisor", "weights",
+                                                      "num_classes")} for r in saved[:first]]
+    assert bench.plotted_rows([*older, *saved[first:]]) == saved[first:]
     other_width = {**saved[0], "width": 0.5, "macs": saved[0]["macs"] * 4}
     assert bench.plotted_rows([*saved, other_width]) == [*saved[first:], other_width]
     # the titles name every commit and torch drawn, as a record appended to mixes them

@@ -12,7 +12,9 @@ resolution and flipped where DALI's coin says; validation images go through the 
 
 Order and augmentation are functions of (seed, epoch): the epoch's sample order is the torch
 backend's seeded permutation (`EpochSampler`), each rank's share of it as the torch backend deals
-it (`perm[rank::world_size]`), written one share after the other into an explicit file list
+it without gradient accumulation (`perm[rank::world_size]`; with accumulation the torch backend
+deals to ranks x micro-batches, and DALI's micro-batches stay consecutive slices of the rank's
+share), written one share after the other into an explicit file list
 whose contiguous DALI shards (`shard_id`/`num_shards`) are exactly those shares, and the
 pipeline's seed is derived from (seed, epoch, rank). Building a fresh pipeline each epoch also
 gives progressive resizing its epoch's resolution, and releases the pipeline's threads and
@@ -502,7 +504,8 @@ def build_dali_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world_siz
         # The torch backend's permutation of the epoch (EpochSampler) and its shares: rank k's
         # is perm[k::world_size], of which it trains the first N // world_size. They are laid
         # out one after the other, so DALI's contiguous shard k is exactly rank k's share:
-        # every rank reads the torch backend's samples, and a resume inside an epoch on another
+        # every rank reads the torch backend's samples (without accumulation, under which the
+        # torch backend deals to ranks x micro-batches), and a resume inside an epoch on another
         # number of ranks still sees each sample once (contiguous shards of the permutation
         # itself repeated and skipped samples there).
         g = torch.Generator().manual_seed(sample_seed(seed, epoch, -1))

@@ -177,7 +177,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate((3, tuple(state["python"]), None))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # one state per device the saving process saw: a host showing fewer devices takes
+        # the first ones (set_rng_state_all indexed past its generators)
+        for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
 
 
 def _rank_rng(seed: int, rank: int, world_size: int, saved: dict[str, Any] | None,
@@ -187,14 +190,16 @@ def _rank_rng(seed: int, rank: int, world_size: int, saved: dict[str, Any] | Non
     keeps the single-process stream. A resume restores each rank's saved state (`rng_ranks`);
     from a checkpoint of another number of ranks, rank 0 takes the saved stream and the others
     start fresh ones (seeded by the step)."""
+    fresh = sample_seed(seed, step, rank, repeat=-1000)  # a tag no data draw uses
     if saved is not None:
         ranks = saved.get("rng_ranks")
         if isinstance(ranks, list) and len(ranks) == world_size:
             _set_rng_state(ranks[rank])
+            if rank > 0 and "cuda" not in ranks[rank] and torch.cuda.is_available():
+                torch.cuda.manual_seed_all(fresh)  # saved by CPU ranks: no CUDA stream kept
             return
         _set_rng_state(saved["rng"])
     if rank > 0:
-        fresh = sample_seed(seed, step, rank, repeat=-1000)  # a tag no data draw uses
         torch.manual_seed(fresh)
         random.seed(fresh)
 

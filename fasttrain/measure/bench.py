@@ -481,9 +481,11 @@ def _folder_lock(directory: Path) -> Iterator[None]:
             os.close(fd)
 
 
-# What makes two rows a measurement of the same thing (the plot keeps the later).
-_SAME_MEASUREMENT = ("kind", "model", "width", "source", "batch_size", "resolution", "norm_act",
-                     "channel_divisor", "num_classes", "weights", "params", "macs")
+# What makes two rows a measurement of the same thing (the plot keeps the later), with the
+# value a row written before the field existed meant (the classes show in params already).
+_SAME_MEASUREMENT = {"kind": None, "model": None, "width": None, "source": None,
+                     "batch_size": None, "resolution": None, "norm_act": None,
+                     "channel_divisor": 1, "weights": "model", "params": None, "macs": None}
 
 
 def plotted_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -492,7 +494,9 @@ def plotted_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     newest: dict[tuple, dict[str, Any]] = {}
     for r in rows:
         if r["status"] == "ok" and r.get("macs"):
-            newest[tuple(str(r.get(k)) for k in _SAME_MEASUREMENT)] = r
+            key = tuple(str(r.get(k) if r.get(k) is not None else default)
+                        for k, default in _SAME_MEASUREMENT.items())
+            newest[key] = r
     return list(newest.values())
 
 
