@@ -435,7 +435,8 @@ def test_names_that_are_not_utf8_are_escaped_in_every_output(tmp_path, capsys):
     markdown = (out / "x-table.md").read_text()
     assert "r\\udce9n" in markdown
     # runs are in it: the table says which top-1 a run's is
-    assert "top-1 of a run: its last epoch's validation top-1 of the model weights" in markdown
+    assert ("top-1 of a run: its last complete epoch's validation top-1 of the model "
+            "weights") in markdown
     # one run given twice was two points of one network ("#2")
     again = str(Path(runs[0]).parent / "." / Path(runs[0]).name)
     assert compare_tool.main(["--runs", runs[0], again, "--out", str(tmp_path / "twice")]) == 2

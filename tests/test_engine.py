@@ -109,7 +109,7 @@ def test_each_rank_draws_its_own_stochastic_depth_stream():
      "(train.compile=null on cpu)"),
     (["--train.compile=true", "--train.compile_mode=max-autotune"],
      "note: train.compile_mode=max-autotune replays CUDA graphs on CUDA only: on cpu it "
-     "compiles as default"),
+     "compiles as max-autotune-no-cudagraphs"),
     (["--train.precision=fp16"], "note: train.precision=fp16 on the CPU is correct but slow"),
     (["--train.compile=true", "--train.compile_mode=max-autotune-no-cudagraphs"], None),
     ([], None)])
@@ -1106,24 +1106,56 @@ def test_a_late_sigterm_adds_no_traceback_to_the_outcome(monkeypatch, capsys):
 
 def test_a_late_ctrl_c_adds_no_traceback_to_the_outcome(monkeypatch, capsys):
     """torchrun forwards a Ctrl-C to every rank; one that had finished raised KeyboardInterrupt
-    outside the run's own handling, and its traceback followed the one line."""
+    as main() left (at its next call), and its traceback followed the one line."""
     import signal
 
     tool = load_tool("train")
+    before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+    real = signal.signal
+    calls = []
 
-    def finished_then_interrupted(argv):
-        os.kill(os.getpid(), signal.SIGINT)  # delivered before this function returns
+    def delivered_while_leaving(signum, handler):  # the Ctrl-C lands on main()'s way out
+        calls.append(signum)
+        if len(calls) == 2:  # after _main returned: main()'s first call to signal.signal
+            raise KeyboardInterrupt
+        return real(signum, handler)
+
+    def said_its_line(argv):
+        print("error: data.path: not found", file=sys.stderr)
+        return 2
+
+    monkeypatch.setattr(tool, "_main", said_its_line)
+    monkeypatch.setattr(signal, "signal", delivered_while_leaving)
+    try:
+        assert tool.main([str(QUICKSTART)]) == 2  # the outcome decided stands
+    except KeyboardInterrupt:
+        pytest.fail("a late Ctrl-C escaped main()")
+    monkeypatch.undo()
+    assert capsys.readouterr().err.count("\n") == 1
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+    def interrupted_before_anything(argv):  # before _main's own handling: its line is said
+        os.kill(os.getpid(), signal.SIGINT)
         time.sleep(5)
         return 0
 
-    before = signal.getsignal(signal.SIGINT)
-    monkeypatch.setattr(tool, "_main", finished_then_interrupted)
-    try:
-        assert tool.main([str(QUICKSTART)]) == 130
-    except KeyboardInterrupt:
-        pytest.fail("a late Ctrl-C escaped main()")
-    assert capsys.readouterr().err == ""
-    assert signal.getsignal(signal.SIGINT) is before
+    monkeypatch.setattr(tool, "_main", interrupted_before_anything)
+    assert tool.main([str(QUICKSTART)]) == 130
+    assert capsys.readouterr().err.startswith("interrupted: checkpoints already written")
+
+
+def test_main_gives_the_signal_handlers_back_however_it_leaves(capsys):
+    """main([]) (argparse's SystemExit) and --help left Ctrl-C and SIGTERM ignored for the rest
+    of the process (a pytest session, a notebook): a later training could not be stopped."""
+    import signal
+
+    tool = load_tool("train")
+    before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+    for argv in ([], ["--help"]):
+        with pytest.raises(SystemExit):
+            tool.main(argv)
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    capsys.readouterr()
 
 
 def test_a_killed_dataloader_worker_is_one_line(monkeypatch, capsys):

@@ -6,7 +6,7 @@
         [--batch-size N] [--out DIR] [--name NAME] [--tolerance 0.05]
 
 Inputs (fasttrain.compare): a benchmark's published pruning results (package data); fasttrain
-run directories (last epoch's validation top-1; params and conv+fc MACs of the model their
+run directories (last complete epoch's validation top-1; params and conv+fc MACs of the model their
 config.yaml describes, at the validation resolution; a run fine-tuned from a tools/prune.py
 checkpoint is a "pruned" point whose baseline is the network it was pruned from); CSV files of
 points trained elsewhere (columns label, top1, macs [, kind, params, base_top1, base_macs,

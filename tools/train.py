@@ -57,10 +57,13 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
     except Terminated:  # arrived after _main's own handling, before SIG_IGN took over
         pass
-    except KeyboardInterrupt:  # likewise; an outcome already decided stands
-        status = 130 if status is None else status
-    signal.signal(signal.SIGTERM, previous)
-    signal.signal(signal.SIGINT, previous_int)
+    except KeyboardInterrupt:  # likewise: an outcome already decided stands
+        if status is None:  # before _main said anything: say what its handler says
+            _interrupted(terminated=False)
+            status = 130
+    finally:  # whatever left _main (SystemExit from argparse too): the caller's handlers back
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     return 143 if status is None else status
 
 
@@ -111,12 +114,16 @@ def _main(argv: list[str] | None) -> int:
         raise
     except KeyboardInterrupt as e:
         terminated = isinstance(e, Terminated)
-        if rank == 0:
-            print(f"{'terminated' if terminated else 'interrupted'}: checkpoints already "
-                  f"written are intact; continue from the last one with --resume auto (or "
-                  f"--resume RUN_DIR)", file=sys.stderr)
+        _interrupted(terminated)
         return 143 if terminated else 130  # the shell's statuses for SIGTERM and SIGINT
     return 0
+
+
+def _interrupted(terminated: bool) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{'terminated' if terminated else 'interrupted'}: checkpoints already written "
+              f"are intact; continue from the last one with --resume auto (or --resume "
+              f"RUN_DIR)", file=sys.stderr)
 
 
 class Terminated(KeyboardInterrupt):

@@ -166,7 +166,7 @@ def plot_top1(points: list[Point], x: str, stem: Path, *, title: str, subtitle: 
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _si(v)))
     ax.set_xlabel(label)
     runs = any(p.origin == MEASURED for p in points)
-    ax.set_ylabel("top-1 accuracy (%" + ("; runs: last epoch" if runs else "") + ")")
+    ax.set_ylabel("top-1 accuracy (%" + ("; runs: last complete epoch" if runs else "") + ")")
     _legend(ax)
     return _save(fig, stem)
 

@@ -200,8 +200,9 @@ def markdown(c: Comparison) -> str:
                  "accurate at equal MACs (its curve interpolated linearly in log MACs; "
                  f"\"nearest\": within {c.tolerance:.0%} outside the curve's range)."]
     if any(p.origin == MEASURED for p in c.points):
-        notes.append("top-1 of a run: its last epoch's validation top-1 of the model weights "
-                     "(not the best epoch's, not the EMA's); a pruned network's base: the "
+        notes.append("top-1 of a run: its last complete epoch's validation top-1 of the "
+                     "model weights (not the best epoch's, not the EMA's); a pruned network's "
+                     "base: the "
                      "top-1 its source checkpoint recorded for the weights it was pruned from "
                      "(the EMA's after `tools/prune.py --weights ema`).")
     if not c.front:

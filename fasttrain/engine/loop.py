@@ -344,8 +344,9 @@ def _note_settings_without_effect(cfg: Config, device: torch.device, use_compile
         report.print(f"note: train.compile_mode={mode} has no effect: the model is not "
                      f"compiled (train.compile={compile_} on {device.type})")
     elif mode in ("reduce-overhead", "max-autotune") and device.type != "cuda":
+        like = "default" if mode == "reduce-overhead" else "max-autotune-no-cudagraphs"
         report.print(f"note: train.compile_mode={mode} replays CUDA graphs on CUDA only: on "
-                     f"{device.type} it compiles as default")
+                     f"{device.type} it compiles as {like}")
     if cfg.train.precision == "fp16" and device.type == "cpu":
         report.print("note: train.precision=fp16 on the CPU is correct but slow: torch's fp16 "
                      "convolution backward there took 40-90x fp32's time (measured on an "
