@@ -1092,7 +1092,7 @@ def test_a_late_sigterm_adds_no_traceback_to_the_outcome(monkeypatch, capsys):
     tool = load_tool("train")
 
     def said_then_terminated(argv):
-        print("error: [rank 0] stopped: another rank failed first", file=sys.stderr)
+        tool._say("error: [rank 0] stopped: another rank failed first")
         os.kill(os.getpid(), signal.SIGTERM)  # delivered before this function returns
         time.sleep(5)
         return 1
@@ -1121,7 +1121,7 @@ def test_a_late_ctrl_c_adds_no_traceback_to_the_outcome(monkeypatch, capsys):
         return real(signum, handler)
 
     def said_its_line(argv):
-        print("error: data.path: not found", file=sys.stderr)
+        tool._say("error: data.path: not found")
         return 2
 
     monkeypatch.setattr(tool, "_main", said_its_line)
@@ -1141,7 +1141,16 @@ def test_a_late_ctrl_c_adds_no_traceback_to_the_outcome(monkeypatch, capsys):
 
     monkeypatch.setattr(tool, "_main", interrupted_before_anything)
     assert tool.main([str(QUICKSTART)]) == 130
-    assert capsys.readouterr().err.startswith("interrupted: checkpoints already written")
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted: checkpoints already written") and err.count("\n") == 1
+
+    def interrupted_twice(argv):  # a second Ctrl-C right after _main's own line
+        tool._interrupted(terminated=False)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tool, "_main", interrupted_twice)
+    assert tool.main([str(QUICKSTART)]) == 130
+    assert capsys.readouterr().err.count("\n") == 1  # said once, not twice
 
 
 def test_main_gives_the_signal_handlers_back_however_it_leaves(capsys):

@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     previous_int = signal.getsignal(signal.SIGINT)
     status: int | None = None
+    _said[0] = False
     try:
         try:
             status = _main(argv)
@@ -55,12 +56,14 @@ def main(argv: list[str] | None = None) -> int:
             # has finished) must not add a traceback to that one line.
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except Terminated:  # arrived after _main's own handling, before SIG_IGN took over
-        pass
-    except KeyboardInterrupt:  # likewise: an outcome already decided stands
-        if status is None:  # before _main said anything: say what its handler says
-            _interrupted(terminated=False)
-            status = 130
+    except KeyboardInterrupt as e:  # arrived outside _main's own handling: a decided outcome
+        # stands; one not yet said is said as _main's handler says it (once: a second Ctrl-C
+        # right after _main's own line must not repeat it)
+        terminated = isinstance(e, Terminated)
+        if status is None and not _said[0]:
+            _interrupted(terminated)
+        if status is None:
+            status = 143 if terminated else 130
     finally:  # whatever left _main (SystemExit from argparse too): the caller's handlers back
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, previous_int)
@@ -87,9 +90,9 @@ def _main(argv: list[str] | None) -> int:
         # Under torchrun, an error every rank raises alike is said once (by rank 0); one found
         # in a rank's own share of the data by the rank that found it.
         if isinstance(e, ShardError) and world > 1:
-            print(f"error: [rank {rank}] {e}", file=sys.stderr)
+            _say(f"error: [rank {rank}] {e}")
         elif rank == 0:
-            print(f"error: {e}", file=sys.stderr)
+            _say(f"error: {e}")
         elif world > 1:
             # Most such errors every rank finds alike; rank 0 says them. Exiting first would
             # make torchrun stop rank 0 (SIGTERM) before it printed: give it time, and let
@@ -97,19 +100,19 @@ def _main(argv: list[str] | None) -> int:
             # after that, this rank met the error alone (rank 0 waits in a collective): say it.
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             time.sleep(10)
-            print(f"error: [rank {rank}] {e}", file=sys.stderr)
+            _say(f"error: [rank {rank}] {e}")
         return 2
     except RuntimeError as e:
         if world > 1 and any(words in str(e) for words in PEER_GONE):
-            print(f"error: [rank {rank}] stopped: another rank failed first (its error is in "
-                  f"the lines above or in torchrun's report)", file=sys.stderr)
+            _say(f"error: [rank {rank}] stopped: another rank failed first (its error is in "
+                 f"the lines above or in torchrun's report)")
             return 1
         if "DataLoader worker" in str(e) and ("killed by signal" in str(e)
                                                or "exited unexpectedly" in str(e)):
             # e.g. the kernel's out-of-memory killer: torch's words, without 40 lines of stack
-            print(f"error: {str(e).strip().splitlines()[0]} (out of memory? fewer "
-                  f"data.num_workers); checkpoints already written are intact; continue from "
-                  f"the last one with --resume auto", file=sys.stderr)
+            _say(f"error: {str(e).strip().splitlines()[0]} (out of memory? fewer "
+                 f"data.num_workers); checkpoints already written are intact; continue from "
+                 f"the last one with --resume auto")
             return 1
         raise
     except KeyboardInterrupt as e:
@@ -119,11 +122,20 @@ def _main(argv: list[str] | None) -> int:
     return 0
 
 
+_said = [False]  # whether this main() call has said its outcome line (main() resets it)
+
+
+def _say(line: str) -> None:
+    """Print the run's one outcome line on stderr."""
+    _said[0] = True
+    print(line, file=sys.stderr)
+
+
 def _interrupted(terminated: bool) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"{'terminated' if terminated else 'interrupted'}: checkpoints already written "
-              f"are intact; continue from the last one with --resume auto (or --resume "
-              f"RUN_DIR)", file=sys.stderr)
+        _say(f"{'terminated' if terminated else 'interrupted'}: checkpoints already written "
+             f"are intact; continue from the last one with --resume auto (or --resume "
+             f"RUN_DIR)")
 
 
 class Terminated(KeyboardInterrupt):

@@ -36,7 +36,7 @@ class Point:
     """One network in a comparison (see module doc).
 
     Attributes:
-        top1: validation top-1 (%); for run directories the last epoch's `val_top1`.
+        top1: validation top-1 (%); for run directories the last complete epoch's `val_top1`.
         macs: conv+fc MACs per image at `resolution` (fvcore; the literature's "FLOPs").
         reduction_pct: MAC reduction vs its own baseline as stated (literature); else derived
             from `base_macs` (see `mac_reduction`).
