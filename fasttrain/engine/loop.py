@@ -1050,11 +1050,13 @@ def _check_no_later_history(saved: dict[str, Any], path: Path) -> None:
 def _save(run_dir: Path, p: Parts, state: TrainState, metrics: dict[str, Any],
           is_best: bool, rng_ranks: list[dict[str, Any]] | None = None) -> None:
     payload = {"model": ckpt.unwrap(p.model).state_dict(), "optimizer": p.optimizer.state_dict(),
-               "scheduler": p.scheduler.state_dict(), "rng": _rng_state(),
+               "scheduler": p.scheduler.state_dict(),
+               # rank 0's stream, as in one process (already gathered under DDP)
+               "rng": rng_ranks[0] if rng_ranks else _rng_state(),
                "train_state": dataclasses.asdict(state),
                "config": p.cfg.to_dict(), "metrics": metrics, "versions": _versions(),
                "classes": p.classes}
-    if rng_ranks is not None:  # every rank's stream ("rng" is rank 0's, as in one process)
+    if rng_ranks is not None:  # every rank's stream
         payload["rng_ranks"] = rng_ranks
     if p.precision.use_scaler:
         payload["scaler"] = p.scaler.state_dict()

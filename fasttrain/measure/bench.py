@@ -255,9 +255,9 @@ def run(models: list[BenchModel], cond: Conditions, batch_sizes: list[int], *,
                 "macs_fvcore_total": macs.total if macs else None,
                 "num_classes": num_classes, **bm.details,
                 "status": "ok", "error": None, "iters": cond.iters, "warmup": warmup}
-            if device.type == "cuda":  # the committed rows before it existed ran with it off
-                row["cudnn_benchmark"] = torch.backends.cudnn.benchmark
             if device.type == "cuda":
+                # (the committed rows written before this field existed ran with it off)
+                row["cudnn_benchmark"] = torch.backends.cudnn.benchmark
                 # The previous row's copy of the model, input and graphs are gone: the peak is
                 # this row's alone (models measured earlier no longer sit on the device, and the
                 # CUDA-graph trees' pool of the previous compile is released first).
@@ -416,29 +416,23 @@ def read_record(json_path: str | Path) -> list[dict[str, Any]]:
     return old
 
 
-RECORD_MACHINE = ("device_name",)
-"""Conditions every row of one record shares beyond those in its file name: a CPU record is
-named by its thread count only, and two machines' rows in one record would read as one sweep.
-(Not the torch version: a GPU host's torch moving on must not make every `--save` of the GPU
-checklist fail; each row records its own.)"""
-
-
 def check_record_machine(json_path: str | Path, saved: list[dict[str, Any]],
                          here: dict[str, Any]) -> None:
     """Refuse to add rows measured under `here` (a row's conditions) to the record `saved`
-    read from `json_path` when its rows were measured on another device.
+    read from `json_path` when its rows were measured on another device: a CPU record is named
+    by its thread count only, and two machines' rows in one record would read as one sweep.
+    (Not the torch version: a GPU host's torch moving on must not make every `--save` of the
+    GPU checklist fail; each row records its own.)
 
     Raises:
         BenchError: naming both machines.
     """
-    def machine(row):
-        return tuple(row.get(k) for k in RECORD_MACHINE)
-
-    other = next((r for r in saved if machine(r) != machine(here)), None)
+    ours = here.get("device_name")
+    other = next((r for r in saved if r.get("device_name") != ours), None)
     if other is not None:
-        theirs, ours = (r.get("device_name") for r in (other, here))
-        raise BenchError(f"{json_path}: its rows were measured on {theirs}, this run is on "
-                         f"{ours}; give --results-dir another folder so the two never mix")
+        raise BenchError(f"{json_path}: its rows were measured on {other.get('device_name')}, "
+                         f"this run is on {ours}; give --results-dir another folder so the two "
+                         f"never mix")
 
 
 def append_results(rows: list[dict[str, Any]], directory: str | Path,
