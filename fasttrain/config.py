@@ -481,22 +481,32 @@ def load(path: str | Path | None, overrides: list[str] = (), *,
     Raises:
         ConfigError: one line naming the file or override, the key and the value.
     """
+    mapping = _read_yaml(Path(path)) if path is not None else {}
+    return load_mapping(mapping, str(path) if path is not None else "config", overrides,
+                        require_data_path=require_data_path)
+
+
+def load_mapping(mapping: dict[str, Any], origin: str, overrides: list[str] = (), *,
+                 require_data_path: bool = True) -> Config:
+    """`load` of sections already read (a checkpoint's stored `config`): every key checked as
+    a recipe's, errors naming `origin`.
+
+    Raises:
+        ConfigError: one line naming `origin` or the override, the key and the value.
+    """
     cfg = Config()
-    if path is not None:
-        path = Path(path)
-        for section, values in _read_yaml(path).items():
-            if not isinstance(values, dict):
-                if section not in SECTIONS:
-                    raise ConfigError(f"{path}: unknown section {section!r}"
-                                      f"{_suggest(section, SECTIONS)}")
-                raise ConfigError(f"{path}: section {section!r} must be a mapping, got {values!r}")
-            for key, value in values.items():
-                _set(cfg, str(path), section, str(key), value)
+    for section, values in mapping.items():
+        if not isinstance(values, dict):
+            if section not in SECTIONS:
+                raise ConfigError(f"{origin}: unknown section {section!r}"
+                                  f"{_suggest(section, SECTIONS)}")
+            raise ConfigError(f"{origin}: section {section!r} must be a mapping, got {values!r}")
+        for key, value in values.items():
+            _set(cfg, origin, section, str(key), value)
     recipe = copy.deepcopy(cfg)
     parsed = [(arg, *_text_for_text_keys(arg, *parse_override(arg))) for arg in overrides]
     for arg, section, key, value in parsed:  # in order: a later override of a key wins
         _set(cfg, arg, section, key, value)
-    origin = str(path) if path is not None else "config"
     try:
         _check_consistency(cfg, origin, require_data_path)
     except ConfigError as e:

@@ -359,6 +359,68 @@ def _datasets(data: DataConfig) -> tuple[Dataset, Dataset, list[str], Path]:
     return train, val, train.classes, root
 
 
+def build_val_loader(data: DataConfig, *, classes: list[str] | None = None,
+                     device: torch.device = torch.device("cpu"), channels_last: bool = True,
+                     dtype: torch.dtype = torch.float32) -> tuple[DeviceLoader, list[str], Path]:
+    """The validation set alone, through the torch backend's validation pipeline (shorter side
+    resized to `data.val_resize`, center crop `data.val_res`, normalised), one process, every
+    image once: `(loader, classes, root)`.
+
+    The torch backend's validation is every backend's (ffcv's decoder aside, which crops inside
+    the resized image: `data.ffcv_resize=opencv`), so a checkpoint is measured as training
+    measured it whatever backend trained it. Nothing of the training split is read but its class
+    folder names.
+
+    Args:
+        classes: the label order the model was trained with (a checkpoint's `classes`); None =
+            the order training would give: cifar10's own, else the sorted class folders of
+            `train/` (torchvision's ImageFolder order), or of `val/` when there is no `train/`.
+
+    Raises:
+        DatasetError: the validation split is missing or malformed, holds a class not in
+            `classes`, or CIFAR-10's classes are not `classes`.
+    """
+    root = Path(data.path).expanduser() if data.path else default_root(data.dataset)
+    if data.dataset == "cifar10":
+        val_set = load_cifar10(root, train=False, download=data.download)
+        if classes is not None and list(classes) != list(val_set.classes):
+            raise DatasetError(f"{root}: CIFAR-10's classes {val_set.classes} are not the "
+                               f"model's {list(classes)}")
+        classes = list(val_set.classes)
+    else:
+        if data.dataset == "digits":
+            build_digits(root)
+        val_dir = root / "val"
+        if not val_dir.is_dir():
+            raise DatasetError(f"{val_dir}: directory not found (data.path must hold val/ class "
+                               f"folders: see README, 'Preparing ImageNet')")
+        if classes is None:
+            classes = _class_folders(root / "train" if (root / "train").is_dir() else val_dir)
+        extra = sorted(set(_class_folders(val_dir)) - set(classes))
+        if extra:
+            raise DatasetError(f"{val_dir}: classes the model was not trained on: "
+                               f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
+        val_set = ImageFolderDataset(val_dir, class_to_idx={c: i for i, c in enumerate(classes)})
+    val_set.transform = ValTransform(data)
+    workers = dict(num_workers=data.num_workers, persistent_workers=False,
+                   pin_memory=device.type == "cuda",
+                   worker_init_fn=_ignore_ctrl_c if data.num_workers > 0 else None)
+    loader = DataLoader(val_set, batch_size=data.val_batch_size or data.batch_size,
+                        sampler=ShardSampler(len(val_set), 0, 1),
+                        collate_fn=RecyclingCollate(data.num_workers), **workers)
+    return (DeviceLoader(loader, device, Normalize(data.mean, data.std, dtype), channels_last),
+            list(classes), root)
+
+
+def _class_folders(folder: Path) -> list[str]:
+    """Sorted names of the folders (or links to folders) in `folder`, as torchvision's
+    find_classes lists them."""
+    try:
+        return sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    except OSError as e:
+        raise DatasetError(f"{folder}: cannot list the folder ({e.strerror})") from None
+
+
 def _ignore_ctrl_c(worker_id: int) -> None:
     """A terminal's Ctrl-C, and a SIGTERM sent to the process group (docker stop, Slurm,
     torchrun tearing a job down), reach every process of the group: workers that die of it

@@ -85,9 +85,9 @@ def from_registry(name: str, widths: list[float], *, channel_divisor: int = 1,
 
 
 def from_checkpoint(path: str | Path, norm_act: str | None = None,
-                    weights: str = "model") -> BenchModel:
+                    weights: str = "model", state: dict[str, Any] | None = None) -> BenchModel:
     """The trained model of a fasttrain checkpoint (`fasttrain.export.model_from_checkpoint`;
-    `weights` "model" or "ema").
+    `weights` "model" or "ema"; `state`: the checkpoint, when the caller has loaded it).
 
     Raises:
         UserError: the file is not a usable checkpoint (an exported TorchScript file is named
@@ -98,7 +98,8 @@ def from_checkpoint(path: str | Path, norm_act: str | None = None,
     from ..engine.checkpoint import EXPORT_NOT_CHECKPOINT, TORCHSCRIPT_NOT_CHECKPOINT
 
     try:
-        model, meta = model_from_checkpoint(path, norm_act=norm_act, weights=weights)
+        model, meta = model_from_checkpoint(path, norm_act=norm_act, weights=weights,
+                                            state=state)
     except UserError as e:
         if TORCHSCRIPT_NOT_CHECKPOINT not in str(e) and EXPORT_NOT_CHECKPOINT not in str(e):
             raise

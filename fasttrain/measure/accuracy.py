@@ -1,0 +1,117 @@
+"""Top-1 and top-5 of any network on a data set's validation split, measured as training
+measures them: the same validation pipeline (`fasttrain.data.build_val_loader`), precision,
+layout and averaging (`fasttrain.engine.evaluate`), so a checkpoint's number equals its run's
+`val_top1`, and a network trained or pruned elsewhere is scored on exactly the images and
+preprocessing the thin networks were.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from ..config import Config
+from ..errors import UserError
+from .sources import BenchModel, first_line
+
+
+class AccuracyError(UserError, ValueError):
+    """The network cannot be evaluated on this data (outputs, input size)."""
+
+
+def output_count(model: torch.nn.Module, resolution: int, device: torch.device,
+                 channels_last: bool, autocast) -> int:
+    """Logits per image of `model` (eval mode), from one forward pass of a blank image.
+
+    Raises:
+        AccuracyError: the model fails on a (1, 3, resolution, resolution) input or does not
+            return (1, classes) logits.
+    """
+    probe = torch.zeros(1, 3, resolution, resolution, device=device)
+    if channels_last:
+        probe = probe.contiguous(memory_format=torch.channels_last)
+    try:
+        with torch.inference_mode(), autocast:
+            logits = model(probe)
+    except Exception as e:  # the user's network: any error its forward raises
+        raise AccuracyError(f"the model fails on a {resolution}x{resolution} image "
+                            f"({first_line(e)})") from None
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != 1:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise AccuracyError(f"the model must return (batch, classes) logits, got {shape} for "
+                            f"one image")
+    return int(logits.shape[1])
+
+
+def measure_accuracy(source: BenchModel, cfg: Config, classes: list[str] | None = None
+                     ) -> dict[str, Any]:
+    """Evaluate `source.model` on the validation split `cfg.data` names, under `cfg.train`'s
+    device, precision and layout and with `cfg.aug.test_flip`; one process.
+
+    Args:
+        classes: the label order the model was trained with (a checkpoint's); None = the order
+            training on `cfg.data` gives (`build_val_loader`).
+
+    Returns:
+        A result record: `val_top1`, `val_top5` (%), `val_loss`, `images` (evaluated; files that
+        cannot be decoded are skipped, counted in `skipped`, the first named in
+        `first_skipped`), `seconds`, `images_per_s`, params and conv+fc MACs at `val_res` (None
+        when the network cannot be counted), the data and evaluation settings, and the
+        conditions (device, versions, commit).
+
+    Raises:
+        UserError: bad data (DatasetError), a device that is not there (ConfigError), a model
+            whose outputs do not cover the classes or whose input size is not `val_res`.
+    """
+    from ..data import build_val_loader
+    from ..engine import evaluate
+    from ..engine.distributed import resolve_device
+    from ..engine.precision import resolve_precision
+    from .env import conditions
+    from .macs import count_macs, count_params
+
+    data, train = cfg.data, cfg.train
+    device = resolve_device(train.device, 0)
+    if train.threads:
+        torch.set_num_threads(train.threads)
+    if source.fixed_resolution and source.fixed_resolution != data.val_res:
+        raise AccuracyError(f"{source.source}: a torch.export file runs at "
+                            f"{source.fixed_resolution}x{source.fixed_resolution} only, "
+                            f"data.val_res is {data.val_res}")
+    precision = resolve_precision(train.precision)
+    loader, classes, root = build_val_loader(data, classes=classes, device=device,
+                                             channels_last=train.channels_last,
+                                             dtype=precision.autocast_dtype or torch.float32)
+    model = source.model.to(device)
+    if train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    outputs = output_count(model, data.val_res, device, train.channels_last,
+                           precision.autocast(device))
+    if outputs < len(classes):
+        raise AccuracyError(f"the model has {outputs} outputs, the data at {root} has "
+                            f"{len(classes)} classes")
+    start = time.perf_counter()
+    metrics = evaluate(model, loader, precision, device, flip=cfg.aug.test_flip)
+    seconds = time.perf_counter() - start
+    images = len(loader.loader.dataset) - len(loader.skipped)
+    counted = source.count_model
+    macs = count_macs(counted, data.val_res).conv_fc if counted is not None else None
+    first_skipped = next(iter(loader.skipped.items()), None)
+    return {
+        "kind": "accuracy", "name": source.name, "width": source.width,
+        "source": source.source, **source.details, "norm_act": source.norm_act,
+        "dataset": data.dataset, "data_root": str(root), "split": "val",
+        "classes": len(classes), "model_outputs": outputs, "images": images,
+        "skipped": len(loader.skipped),
+        "first_skipped": ": ".join(first_skipped) if first_skipped else None,
+        "val_res": data.val_res, "val_resize": data.val_resize, "mean": list(data.mean),
+        "std": list(data.std), "test_flip": cfg.aug.test_flip,
+        "batch_size": data.val_batch_size or data.batch_size, "precision": train.precision,
+        "layout": "channels_last" if train.channels_last else "contiguous",
+        "val_top1": metrics["val_top1"], "val_top5": metrics["val_top5"],
+        "val_loss": metrics["val_loss"], "seconds": seconds,
+        "images_per_s": images / seconds if seconds > 0 else None,
+        "params": count_params(counted if counted is not None else source.model),
+        "macs": macs, **conditions(device),
+    }

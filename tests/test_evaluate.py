@@ -1,0 +1,193 @@
+"""tools/evaluate.py and its library parts (fasttrain.measure.accuracy, build_val_loader):
+a checkpoint evaluates to the top-1 its run recorded, exports and factories score alike, the
+class order is the model's, and the points CSV it writes is the one compare reads."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, load_tool
+from fasttrain.compare.points import points_from_csv
+from fasttrain.config import load
+from fasttrain.data import DatasetError, build_val_loader
+from fasttrain.engine import train
+
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+evaluate_tool = load_tool("evaluate")
+
+
+@pytest.fixture(scope="module")
+def run(data_root, tmp_path_factory) -> Path:
+    """A 2-epoch quickstart run with an EMA: checkpoints whose metrics record both top-1s."""
+    log_dir = tmp_path_factory.mktemp("runs")
+    cfg = load(QUICKSTART, [f"--data.path={data_root / 'digits'}", f"--log.dir={log_dir}",
+                            "--log.progress=plain", "--log.name=ev", "--model.width=0.25",
+                            "--schedule.epochs=2", "--schedule.warmup_epochs=0",
+                            "--train.ema=true", "--train.ema_steps=1"])
+    train(cfg, recipe=str(QUICKSTART))
+    return log_dir / "ev"
+
+
+def _last_metrics(run: Path) -> dict:
+    return json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+
+
+def _evaluate(capsys, *args: str) -> tuple[int, str, str]:
+    code = evaluate_tool.main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("weights", ["model", "ema"])
+def test_a_checkpoint_evaluates_to_the_top1_its_run_recorded(run, weights, tmp_path, capsys):
+    out_json = tmp_path / "r.json"
+    code, out, err = _evaluate(capsys, "--checkpoint", run / "checkpoints" / "last.pt",
+                               "--weights", weights, "--json", out_json)
+    assert code == 0, err
+    record = json.loads(out_json.read_text())
+    metrics = _last_metrics(run)
+    suffix = "" if weights == "model" else "_ema"
+    # the run validated through the resident backend; this through the torch pipeline
+    assert record["val_top1"] == metrics[f"val_top1{suffix}"]
+    assert record["val_loss"] == pytest.approx(metrics[f"val_loss{suffix}"], rel=1e-6)
+    assert record["images"] == 364 and record["classes"] == 10 and record["skipped"] == 0
+    assert record["weights"] == weights and record["val_res"] == 16
+    assert record["recorded"] == {"val_top1": metrics[f"val_top1{suffix}"], "epoch": 2,
+                                  "same_settings": True}
+    assert record["macs"] > 0 and record["params"] > 0 and record["device"] == "cpu"
+    assert "(same settings)" in out and "top-1" in out
+
+
+def test_overrides_change_the_measurement_and_the_output_says_so(run, tmp_path, capsys):
+    out_json = tmp_path / "r.json"
+    code, out, err = _evaluate(capsys, "--checkpoint", run / "checkpoints" / "last.pt",
+                               "--data.val_res=12", "--data.val_resize=14",
+                               "--aug.test_flip=true", "--json", out_json)
+    assert code == 0, err
+    record = json.loads(out_json.read_text())
+    assert (record["val_res"], record["val_resize"], record["test_flip"]) == (12, 14, True)
+    assert record["recorded"]["same_settings"] is False
+    assert "differ from these" in out
+
+
+def test_an_export_and_a_factory_score_like_their_checkpoint(run, data_root, tmp_path, capsys,
+                                                            monkeypatch):
+    from fasttrain import export as ex
+
+    last = run / "checkpoints" / "last.pt"
+    model, meta = ex.model_from_checkpoint(last)
+    script = tmp_path / "net.pt"
+    ex.export_model(model, meta, "torchscript", script)
+    (tmp_path / "myfactory.py").write_text(
+        "from fasttrain.export import model_from_checkpoint\n"
+        f"def build():\n    return model_from_checkpoint({str(last)!r})[0]\n")
+    monkeypatch.chdir(tmp_path)
+    data = [f"--data.path={data_root / 'digits'}"]
+    top1 = _last_metrics(run)["val_top1"]
+    for source in (["--file", script], ["--factory", "myfactory:build"]):
+        out_json = tmp_path / "r.json"
+        code, _, err = _evaluate(capsys, *source, QUICKSTART, *data, "--json", out_json)
+        assert code == 0, err
+        record = json.loads(out_json.read_text())
+        # BatchNorm folded into the convolutions moves logits by rounding only: at most one
+        # near-tied image may change its answer
+        assert abs(record["val_top1"] - top1) <= 100 / 364 + 1e-9, source
+    assert record["val_top1"] == top1  # the factory's module is the checkpoint's network
+
+
+def test_a_file_or_factory_without_a_recipe_is_refused(tmp_path, capsys):
+    code, _, err = _evaluate(capsys, "--factory", "mod:fn")
+    assert code == 2 and err.count("\n") == 1 and "give the recipe" in err
+
+
+def test_a_network_with_fewer_outputs_than_classes_is_refused(data_root, tmp_path, capsys,
+                                                             monkeypatch):
+    (tmp_path / "three.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(768, 3))\n")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _evaluate(capsys, "--factory", "three:build", QUICKSTART,
+                             f"--data.path={data_root / 'digits'}")
+    assert code == 2 and err.count("\n") == 1
+    assert "has 3 outputs" in err and "10 classes" in err
+
+
+def test_points_rows_are_added_for_compare_and_a_repeated_label_is_refused(run, tmp_path,
+                                                                          capsys):
+    points = tmp_path / "mine.csv"
+    ckpt = run / "checkpoints" / "last.pt"
+    assert _evaluate(capsys, "--checkpoint", ckpt, "--points", points)[0] == 0
+    code, _, err = _evaluate(capsys, "--checkpoint", ckpt, "--weights", "ema", "--points",
+                             points, "--label", "mine ema", "--kind", "other")
+    assert code == 0, err
+    read = points_from_csv(points)
+    assert [p.label for p in read] == ["ev", "mine ema"]
+    metrics = _last_metrics(run)
+    assert read[0].top1 == pytest.approx(metrics["val_top1"], abs=1e-4)
+    assert read[1].top1 == pytest.approx(metrics["val_top1_ema"], abs=1e-4)
+    assert (read[0].kind, read[0].model, read[0].width) == ("thin", "cifar_resnet20", 0.25)
+    assert read[1].kind == "other" and read[0].macs == read[1].macs > 0
+    before = points.read_bytes()
+    code, _, err = _evaluate(capsys, "--checkpoint", ckpt, "--points", points)
+    assert code == 2 and "labelled 'ev' exists" in err and points.read_bytes() == before
+    other = tmp_path / "other.csv"
+    other.write_text("name,score\nx,1\n")
+    code, _, err = _evaluate(capsys, "--checkpoint", ckpt, "--points", other)
+    assert code == 2 and "not a points CSV" in err and other.read_text() == "name,score\nx,1\n"
+
+
+def test_a_pruned_checkpoints_row_carries_its_baseline():
+    state = {"config": {"model": {"name": "thin_resnet50", "channels": {"stem": 8}}},
+             "pruning": {"source_val_top1": 76.1, "source_macs": 4_100_000_000}}
+    record = {"name": "thin_resnet50 (pruned)", "width": None, "val_top1": 70.0,
+              "macs": 2_000_000_000, "params": 10, "val_res": 224, "source": "p.pt",
+              "precision": "bf16", "test_flip": False, "commit": "abc"}
+    args = evaluate_tool.build_parser().parse_args(["--checkpoint", "p.pt"])
+    row = evaluate_tool._point_row(args, record, state, "p")
+    assert (row["kind"], row["model"], row["base_top1"], row["base_macs"]) == (
+        "pruned", "thin_resnet50", 76.1, 4_100_000_000)
+
+
+def test_bad_arguments_exit_2_with_one_line(capsys, monkeypatch):
+    with pytest.raises(SystemExit) as e:
+        evaluate_tool.main(["--file", "x.pt", "--weights", "ema"])
+    assert e.value.code == 2 and "only a checkpoint holds EMA" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        evaluate_tool.main(["--file", "x.pt", "r.yaml", "stray"])
+    assert e.value.code == 2
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = _evaluate(capsys, "--file", "x.pt", "r.yaml")
+    assert code == 2 and "not torchrun" in err
+
+
+def _folder(root: Path, split: str, classes: list[str]) -> None:
+    for i, name in enumerate(classes):
+        (root / split / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (10 * i, 0, 0)).save(root / split / name / f"{i}.jpg")
+
+
+def test_the_validation_loader_labels_images_in_the_models_class_order(tmp_path):
+    _folder(tmp_path, "train", ["a", "b", "c"])
+    _folder(tmp_path, "val", ["b", "c"])
+    cfg = load(None, ["--data.dataset=imagefolder", f"--data.path={tmp_path}",
+                      "--data.num_workers=0", "--data.batch_size=4", "--data.val_res=8",
+                      "--data.val_resize=8"])
+
+    def labels(classes):
+        loader, found, _ = build_val_loader(cfg.data, classes=classes)
+        got = torch.cat([y for _, y in loader]).tolist()
+        return found, got
+
+    assert labels(None) == (["a", "b", "c"], [1, 2])  # train/'s sorted folders, as training
+    assert labels(["c", "b", "a"]) == (["c", "b", "a"], [1, 0])
+    with pytest.raises(DatasetError, match="classes the model was not trained on: b"):
+        build_val_loader(cfg.data, classes=["a", "c"])
+    for image in (tmp_path / "train").rglob("*.jpg"):
+        image.unlink()
+    for folder in (tmp_path / "train").iterdir():
+        folder.rmdir()
+    (tmp_path / "train").rmdir()
+    assert labels(None) == (["b", "c"], [0, 1])  # no train/: val/'s own order

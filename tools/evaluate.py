@@ -1,0 +1,297 @@
+#!/usr/bin/env python
+"""Top-1/top-5 of a checkpoint, an exported file or any network on a validation split, measured
+as training measures `val_top1` (same preprocessing, precision, layout and averaging).
+
+    python tools/evaluate.py --checkpoint runs/.../checkpoints/best.pt [--weights model|ema] \
+        [RECIPE] [--section.key=value ...] [--json OUT.json] [--points POINTS.csv [--label L]]
+    python tools/evaluate.py --file model.pt RECIPE ...          (TorchScript or torch.export)
+    python tools/evaluate.py --factory mypkg.pruned:build RECIPE ...
+
+The data and evaluation settings are the recipe's or, for a checkpoint without a recipe, those
+the checkpoint was trained with; `--section.key=value` overrides any of them, e.g.
+`--data.path=/data/imagenet`, `--data.val_res=256 --data.val_resize=292` (another test
+resolution), `--aug.test_flip=true`, `--train.precision=fp32`, `--train.device=cpu`,
+`--data.val_batch_size=500`, `--data.num_workers=8`. Keys that do not concern evaluation are
+accepted and ignored. A checkpoint's images are labelled in its own class order.
+
+Outputs: the result on stdout (with the checkpoint's recorded top-1 when the settings are those
+it was recorded with); `--json` writes the record (settings, counts, conditions); `--points`
+adds a row to a points CSV that `tools/compare.py --points` reads (created with a header when
+missing; labels must stay unique). Outputs are checked before anything is evaluated.
+
+Exit status: 0 evaluated; 2 a user error (bad option, recipe, data, checkpoint or output), one
+line on stderr; 130 interrupted (Ctrl-C or SIGTERM).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+from fasttrain.cli import (ArgumentParser, check_output, nonempty, printable_paths,
+                           sigterm_as_interrupt, user_path)
+from fasttrain.errors import UserError
+
+# compare's points CSV columns (fasttrain.compare.points.USER_COLUMNS), in a readable order
+POINT_COLUMNS = ("label", "top1", "macs", "params", "kind", "model", "width", "resolution",
+                 "base_top1", "base_macs", "note")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(description="Evaluate a checkpoint, an exported file or any network on "
+                                   "a validation split, as training measures val_top1.",
+                       epilog="Any --section.key=value overrides a data or evaluation setting, "
+                              "e.g. --data.val_res=256 --data.val_resize=292")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", metavar="PATH", type=user_path,
+                     help="a fasttrain checkpoint (best.pt, last.pt, or tools/prune.py's output)")
+    src.add_argument("--file", metavar="PATH", type=user_path,
+                     help="an exported TorchScript (.pt) or torch.export (.pt2) file")
+    src.add_argument("--factory", metavar="MODULE:FUNCTION",
+                     help="a function returning the network (an nn.Module with its weights), "
+                          "imported from the current directory or the installed packages")
+    p.add_argument("recipe", nargs="?", type=user_path,
+                   help="recipe whose data and evaluation settings to use (required for --file "
+                        "and --factory; a checkpoint's own settings otherwise)")
+    p.add_argument("--weights", choices=("model", "ema"), default="model",
+                   help="a checkpoint's trained weights (val_top1) or their EMA (val_top1_ema)")
+    p.add_argument("--json", metavar="OUT.json", type=user_path, help="write the result record")
+    p.add_argument("--points", metavar="POINTS.csv", type=user_path,
+                   help="add the result as a row of a tools/compare.py --points CSV")
+    p.add_argument("--label", type=nonempty,
+                   help="the --points row's label (default: the run folder, file or factory)")
+    p.add_argument("--kind", choices=("thin", "pruned", "other"),
+                   help="the --points row's kind (default: thin for a ThinResNet, pruned for a "
+                        "network with explicit channels, other otherwise)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    printable_paths()
+    parser = build_parser()
+    args, overrides = parser.parse_known_args(argv)
+    unknown = [o for o in overrides if not o.startswith("--") or "." not in o.split("=")[0]]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.weights == "ema" and not args.checkpoint:
+        parser.error("--weights ema: only a checkpoint holds EMA weights")
+    if (args.label or args.kind) and not args.points:
+        parser.error(f"{'--label' if args.label else '--kind'} names the --points row: "
+                     f"give --points")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print("error: tools/evaluate.py runs in one process; start it with python, not "
+              "torchrun", file=sys.stderr)
+        return 2
+    try:
+        state, cfg, classes = _settings(args, overrides)
+        if args.json:
+            check_output(args.json, f"--json {args.json}")
+        label = _check_points(args, args.points) if args.points else None
+        source = _source(args, state)
+        if args.points and source.count_model is None:
+            raise UserError(f"--points {args.points}: the network's MACs cannot be counted (a "
+                            f"TorchScript file without fasttrain metadata); the row needs them")
+        from fasttrain.measure.accuracy import measure_accuracy
+
+        _say_start(source, cfg)
+        record = measure_accuracy(source, cfg, classes)
+        if state is not None:
+            record["recorded"] = _recorded(state, args.weights, cfg)
+        _show(record)
+        _write(args, record, state, label)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing written", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _settings(args, overrides: list[str]):
+    """(checkpoint or None, Config, class order or None): the recipe's settings, or the
+    checkpoint's stored ones, with the overrides."""
+    from fasttrain.config import ConfigError, load, load_mapping
+
+    state = None
+    if args.checkpoint:
+        from fasttrain.engine import checkpoint as ckpt
+
+        state = ckpt.load(Path(args.checkpoint).expanduser())
+    if args.recipe:
+        return state, load(args.recipe, overrides), _classes(state, args)
+    if state is None:
+        raise UserError(f"{'--file' if args.file else '--factory'}: give the recipe the "
+                        f"network was trained with (its data section: dataset, path, val_res, "
+                        f"val_resize, mean, std)")
+    stored = state.get("config")
+    if not isinstance(stored, dict):
+        raise ConfigError(f"{args.checkpoint}: no stored config; give a recipe")
+    return state, load_mapping(stored, f"{args.checkpoint} (stored config)", overrides), \
+        _classes(state, args)
+
+
+def _classes(state, args) -> list[str] | None:
+    classes = state.get("classes") if state is not None else None
+    if classes is not None and not (isinstance(classes, list)
+                                    and all(isinstance(c, str) for c in classes)):
+        raise UserError(f"{args.checkpoint}: malformed 'classes' entry")
+    return classes or None
+
+
+def _source(args, state):
+    from fasttrain.measure import sources
+
+    if args.checkpoint:
+        return sources.from_checkpoint(Path(args.checkpoint).expanduser(),
+                                       weights=args.weights, state=state)
+    if args.file:
+        return sources.from_file(Path(args.file).expanduser())
+    return sources.from_factory(args.factory)
+
+
+def _say_start(source, cfg) -> None:
+    d = cfg.data
+    print(f"evaluating {source.name} ({source.source}) on {d.dataset} val at {d.val_res}px "
+          f"(shorter side {d.val_resize}), {cfg.train.precision}"
+          f"{', flip averaged' if cfg.aug.test_flip else ''}", flush=True)
+
+
+def _recorded(state, weights: str, cfg) -> dict | None:
+    """The checkpoint's own top-1 and whether this evaluation's settings are those it was
+    measured with (else the two are different measurements)."""
+    metrics = state.get("metrics") or {}
+    key = "val_top1" if weights == "model" else "val_top1_ema"
+    if not isinstance(metrics.get(key), (int, float)):
+        return None
+    stored = state.get("config") or {}
+    data, aug, train = (stored.get(s) or {} for s in ("data", "aug", "train"))
+    now = cfg.to_dict()
+    same = all(src.get(k) == now[sec][k] for sec, src, keys in (
+        ("data", data, ("dataset", "val_res", "val_resize", "mean", "std")),
+        ("aug", aug, ("test_flip",)), ("train", train, ("precision",)))
+        for k in keys)
+    return {"val_top1": metrics[key], "epoch": metrics.get("epoch"), "same_settings": same}
+
+
+def _show(record) -> None:
+    n = record["images"]
+    print(f"top-1 {record['val_top1']:.2f} %  top-5 {record['val_top5']:.2f} %  loss "
+          f"{record['val_loss']:.4f}  ({n:,} images, {record['classes']} classes, "
+          f"{record['seconds']:.1f} s, {record['images_per_s'] or 0:,.0f} img/s)")
+    macs = f"{record['macs'] / 1e6:,.1f} M MACs" if record["macs"] else "MACs not counted"
+    print(f"{record['params'] / 1e6:,.3f} M params, {macs} at {record['val_res']}px; "
+          f"data {record['data_root']}")
+    if record["skipped"]:
+        print(f"warning: {record['skipped']} unreadable file(s) skipped (first: "
+              f"{record['first_skipped']}); tools/check_data.py lists them")
+    rec = record.get("recorded")
+    if rec:
+        when = f" after epoch {rec['epoch']}" if rec.get("epoch") is not None else ""
+        if rec["same_settings"]:
+            print(f"recorded in the checkpoint{when}: top-1 {rec['val_top1']:.2f} % "
+                  f"(same settings)")
+        else:
+            print(f"recorded in the checkpoint{when}: top-1 {rec['val_top1']:.2f} % under the "
+                  f"training's settings (data, test_flip or precision differ from these)")
+
+
+def _check_points(args, path: str) -> str:
+    """The --points row's label, checked before anything runs: the file can be written, is a
+    points CSV this tool can add to (a header of compare's columns), and has no row with that
+    label."""
+    check_output(path, f"--points {path}")
+    label = args.label or _default_label(args)
+    header, labels = _read_points(Path(path))
+    if header is not None:
+        unknown = [c for c in header if c not in POINT_COLUMNS]
+        if unknown or "label" not in header or "top1" not in header or "macs" not in header:
+            raise UserError(f"--points {path}: not a points CSV (header {','.join(header)}; "
+                            f"columns label, top1, macs required, known: "
+                            f"{', '.join(POINT_COLUMNS)})")
+        if label in labels:
+            raise UserError(f"--points {path}: a row labelled {label!r} exists; give another "
+                            f"--label")
+    return label
+
+
+def _read_points(path: Path) -> tuple[list[str] | None, set[str]]:
+    if not path.exists() or path.stat().st_size == 0:
+        return None, set()
+    try:
+        rows = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8-sig"), newline="")))
+    except (UnicodeDecodeError, csv.Error, OSError) as e:
+        raise UserError(f"--points {path}: cannot read it as a UTF-8 CSV ({e})") from None
+    if not rows:
+        return None, set()
+    header = [c.strip() for c in rows[0]]
+    at = header.index("label") if "label" in header else None
+    return header, {r[at].strip() for r in rows[1:] if at is not None and len(r) > at}
+
+
+def _default_label(args) -> str:
+    if args.checkpoint:
+        path = Path(args.checkpoint).expanduser()
+        run = path.parent.parent.name if path.parent.name == "checkpoints" else path.stem
+        return run + (" (ema)" if args.weights == "ema" else "")
+    if args.file:
+        return Path(args.file).name
+    return args.factory
+
+
+def _point_row(args, record, state, label: str) -> dict:
+    model_cfg = ((state or {}).get("config") or {}).get("model") or {}
+    pruned = bool(model_cfg.get("channels")) or "(pruned)" in record["name"]
+    kind = args.kind or ("pruned" if pruned else "thin" if record["width"] is not None
+                         else "other")
+    model = model_cfg.get("name") or (record["name"].removesuffix(" (pruned)")
+                                      if args.file else "")
+    row = {"label": label, "top1": f"{record['val_top1']:.4f}", "macs": record["macs"] or "",
+           "params": record["params"], "kind": kind, "model": model,
+           "width": record["width"] if record["width"] is not None else "",
+           "resolution": record["val_res"], "base_top1": "", "base_macs": "",
+           "note": f"tools/evaluate.py {record['source']} ({record['precision']}"
+                   f"{', flip' if record['test_flip'] else ''}, {record['commit']})"}
+    if state is not None:
+        from fasttrain.compare.points import _lineage
+
+        record_ = _lineage(state)
+        if record_ and kind == "pruned":
+            row["base_top1"] = record_.get("source_val_top1") or ""
+            row["base_macs"] = record_.get("source_macs") or ""
+    return row
+
+
+def _write(args, record, state, label) -> None:
+    from fasttrain.engine.checkpoint import write_atomic
+
+    if args.json:
+        text = json.dumps(record, indent=2, default=str) + "\n"
+        write_atomic(Path(args.json), lambda f: f.write(text), mode="w")
+        print(f"wrote {args.json}")
+    if args.points:
+        path = Path(args.points)
+        header, _ = _read_points(path)
+        row = _point_row(args, record, state, label)
+        if header is None:
+            header, old = list(POINT_COLUMNS), ""
+        else:
+            old = path.read_text(encoding="utf-8-sig")
+            if not old.endswith("\n"):
+                old += "\n"
+        out = io.StringIO(newline="")
+        writer = csv.writer(out, lineterminator="\n")
+        if not old:
+            writer.writerow(header)
+        writer.writerow([row.get(c, "") for c in header])
+        write_atomic(path, lambda f: f.write(old + out.getvalue()), mode="w")
+        print(f"added {label!r} to {args.points}")
+
+
+if __name__ == "__main__":
+    sigterm_as_interrupt()
+    sys.exit(main())
