@@ -11,7 +11,9 @@ it is an error; `weights="ema"` takes the checkpoint's moving average of the wei
 `train.ema` run) instead of the trained weights. Without a checkpoint the weights are random.
 Models are returned in eval mode.
 """
-dependencies = ["torch"]
+# What torch.hub checks before importing this file (module names): the models, the config
+# (width bounds) and a checkpoint's loading (config, engine).
+dependencies = ["torch", "torchvision", "yaml", "rich", "PIL"]
 
 import fasttrain.models as _models  # noqa: E402  (hub reads `dependencies` first)
 

@@ -299,6 +299,7 @@ setup(
         "dali": ["nvidia-dali-cuda130"],
         "prune": ["torch-pruning>=1.6"],
         "tensorboard": ["tensorboard"],  # log.tensorboard: true
+        "onnx": ["onnx", "onnxscript", "onnxruntime"],  # tools/export.py --format onnx
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

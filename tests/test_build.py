@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -282,3 +283,30 @@ def test_env_sh_rebuilds_for_any_missing_library_or_interrupted_build(tmp_path):
     assert builds.read_text().splitlines()[-1] == "FASTTRAIN_JPEG=0"
     (tmp_path / "fail").unlink()
     assert env_sh().returncode == 0 and built() == 4  # the old record did not survive
+
+
+@pytest.mark.skipif(not (ROOT / ".git").exists(), reason="needs the git checkout's file list")
+def test_an_sdist_made_without_torch_holds_the_sources_and_the_tests(tmp_path):
+    # `python -m build` makes the sdist in an isolated environment without torch, where
+    # setup.py declares no extension (whose sources would have put csrc/ in): MANIFEST.in must.
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+    tree = tmp_path / "tree"
+    for name in files:
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, tree / name)
+    (tmp_path / "stub" / "torch").mkdir(parents=True)
+    (tmp_path / "stub" / "torch" / "__init__.py").write_text("raise ImportError('no torch')\n")
+    done = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)],
+                          cwd=tree, env={**os.environ, "PYTHONPATH": str(tmp_path / "stub")},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "metadata only" in done.stderr
+    (archive,) = tmp_path.glob("fasttrain-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    assert {n for n in files if n.startswith("csrc/")} <= names
+    for needed in ("tests/conftest.py", "pytest.ini", "tools/train.py", "recipes/quickstart.yaml",
+                   "hubconf.py", "requirements.txt", "tests/data/thinresnet_counts.csv"):
+        assert needed in names, needed
+    assert not any(n.endswith((".so", ".pyc")) for n in names)

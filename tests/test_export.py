@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import json
 import os
 import re
@@ -387,6 +388,39 @@ def test_a_corrupted_exported_file_is_one_line(tmp_path):
 
 
 # --------------------------------------------------------------------------- torch.hub
+
+def test_hub_dependencies_name_every_package_the_hub_path_imports(tmp_path):
+    # torch.hub checks `dependencies` before importing hubconf.py, naming what is missing;
+    # a package it lacks fails later inside fasttrain with a bare ModuleNotFoundError.
+    ckpt = _checkpoint(tmp_path)
+    script = textwrap.dedent(f"""
+        import sys, torch
+        before = set(sys.modules)
+        torch.hub.load({str(ROOT)!r}, "thin_resnet18", width=0.25, source="local")
+        torch.hub.load({str(ROOT)!r}, "cifar_resnet20", source="local",
+                       checkpoint={str(ckpt)!r})
+        print(" ".join(sorted({{m.split(".")[0] for m in set(sys.modules) - before}})))
+        """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    imported = set(done.stdout.split())
+    declared = {"torchvision", "fvcore", "rich", "yaml", "matplotlib", "sklearn", "PIL"}
+    hub_deps = _hub_dependencies()
+    assert imported & declared <= hub_deps, imported & declared - hub_deps
+    assert all(importlib.util.find_spec(name) for name in hub_deps)
+
+
+def _hub_dependencies() -> set[str]:
+    """hubconf.py's `dependencies`, read as torch.hub reads it (the file's top level)."""
+    import ast
+
+    tree = ast.parse((ROOT / "hubconf.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and node.targets[0].id == "dependencies":
+            return set(ast.literal_eval(node.value))
+    raise AssertionError("hubconf.py has no dependencies list")
+
 
 def test_hub_entry_points(tmp_path):
     model = torch.hub.load(str(ROOT), "thin_resnet50", width=0.5, source="local")

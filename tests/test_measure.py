@@ -944,3 +944,20 @@ def test_commit_is_dirty_for_code_changes_only(tmp_path, monkeypatch):
     assert git_commit.__wrapped__(tmp_path) == clean
     (tmp_path / "code.py").write_text("1\n")
     assert git_commit.__wrapped__(tmp_path) == clean + "-dirty"
+
+
+def test_an_installed_copy_inside_another_repository_records_no_commit(tmp_path, monkeypatch):
+    # pip install into a project's .venv: git, asked from site-packages, answers with the
+    # enclosing project's commit, which is not fasttrain's
+    from fasttrain.measure.env import git_commit
+
+    monkeypatch.delenv("FASTTRAIN_COMMIT", raising=False)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    site = tmp_path / ".venv" / "lib" / "site-packages"
+    site.mkdir(parents=True)
+    (tmp_path / "a.txt").write_text("x\n")
+    subprocess.run(git + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "a.txt"], check=True)
+    subprocess.run(git + ["commit", "-qm", "user project"], check=True)
+    assert git_commit.__wrapped__(site) == "unknown"
+    assert re.fullmatch(r"[0-9a-f]{7,}", git_commit.__wrapped__(tmp_path))

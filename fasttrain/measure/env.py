@@ -25,7 +25,9 @@ NOT_CODE = ("benchmarks/results", "docs", "*.md")
 
 @functools.lru_cache(maxsize=None)
 def git_commit(root: Path = ROOT) -> str:
-    """Short commit of `root`, with `-dirty` when tracked code differs; "unknown" outside git.
+    """Short commit of `root`, with `-dirty` when tracked code differs; "unknown" when `root`
+    is not the top of a git checkout (outside git, or an installed copy inside another
+    repository).
     Result files and documentation do not count: `--save` appends to tracked result files, and
     those edits must not mark the next measurement as made with changed code.
 
@@ -34,6 +36,12 @@ def git_commit(root: Path = ROOT) -> str:
     if os.environ.get("FASTTRAIN_COMMIT"):
         return os.environ["FASTTRAIN_COMMIT"]
     try:
+        # An installed copy (site-packages, perhaps in a venv inside the user's own repository)
+        # is no checkout: git would answer with the enclosing repository's commit.
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root,
+                             capture_output=True, text=True, timeout=10)
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != Path(root).resolve():
+            return "unknown"
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
                              capture_output=True, text=True, timeout=10)
         if out.returncode != 0:

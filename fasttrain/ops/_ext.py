@@ -56,7 +56,8 @@ def _load(name: str) -> Path | None:
     path = library_path(name)
     if path is None:
         LOAD_ERRORS[name] = (f"fasttrain/ops/{name}*.so is not built; build it with "
-                             f"`pip install --no-build-isolation -e .` (tools/env.sh does)")
+                             f"`pip install --no-build-isolation -e .` in a checkout (tools/env.sh"
+                             f" does), or install with --no-build-isolation")
         return None
     try:
         torch.ops.load_library(str(path))
