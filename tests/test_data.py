@@ -718,3 +718,59 @@ def test_loader_workers_leave_ctrl_c_to_the_main_process(tmp_path):
     worker.terminate()
     worker.join(10)
     assert worker.exitcode == 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists() or not hasattr(os, "fork"),
+                    reason="needs Linux's /proc/self/smaps_rollup and fork")
+def test_forked_workers_reading_every_sample_keep_sharing_the_file_list():
+    # DataLoader workers are forked: reading a list of (path, label) tuples writes their
+    # reference counts, so each worker copied the pages (~200 MB per worker at ImageNet size).
+    from fasttrain.data.datasets import SampleList
+
+    pairs = [(f"/data/train/n{i % 1000:08d}/n{i % 1000:08d}_{i}.JPEG", i % 1000)
+             for i in range(300_000)]
+    compact = SampleList(pairs)
+    assert len(compact) == len(pairs) and list(compact) == pairs
+    assert compact[7] == pairs[7] and compact[-1] == pairs[-1] and compact[3:5] == pairs[3:5]
+    assert compact.labels() == [label for _, label in pairs]
+    with pytest.raises(IndexError):
+        compact[len(pairs)]
+
+    def private_growth_kib(samples) -> int:
+        def private_dirty() -> int:
+            for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+                if line.startswith("Private_Dirty:"):
+                    return int(line.split()[1])
+            raise AssertionError("no Private_Dirty line")
+
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the worker: every sample once, scattered, with no list of indices
+            try:
+                before, n = private_dirty(), len(samples)
+                for k in range(n):
+                    samples[k * 104729 % n]
+                os.write(write, str(private_dirty() - before).encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        with os.fdopen(read) as f:
+            grown = f.read()
+        os.waitpid(pid, 0)
+        return int(grown)
+
+    assert private_growth_kib(list(pairs)) > 10_000  # the problem, seen by this measurement
+    assert private_growth_kib(compact) < 2_000
+
+
+def test_an_image_folder_stores_its_samples_compactly(tmp_path):
+    from fasttrain.data.datasets import SampleList
+
+    for name in ("b", "a"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (4, 4)).save(tmp_path / name / "x\udcff.jpg")  # not UTF-8 on disk
+    dataset = ImageFolderDataset(tmp_path)
+    assert isinstance(dataset.samples, SampleList)
+    assert list(dataset.samples) == [(str(tmp_path / "a" / "x\udcff.jpg"), 0),
+                                     (str(tmp_path / "b" / "x\udcff.jpg"), 1)]
+    assert dataset.targets == [0, 1] and dataset[1][1] == 1

@@ -151,9 +151,9 @@ class ResidentLoader:
         if self.augment is None:
             return torch.as_tensor(self.sampler.indices)
         self.sampler.set_epoch(self.epoch)
-        indices, _ = self.sampler.share()
+        indices, _ = self.sampler.share_tensors()
         usable = self.sampler.epoch_length // self.batch_size * self.batch_size
-        return torch.tensor(indices[:usable], dtype=torch.int64)
+        return indices[:usable].clone()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self._order().to(self.images.device)
