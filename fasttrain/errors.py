@@ -18,14 +18,22 @@ class DatasetError(UserError, RuntimeError):
     """The data set is missing or malformed."""
 
 
-class ShardError(DatasetError):
-    """A problem in this rank's share of the data, which the other ranks do not see: under
-    torchrun every rank reports its own (other user errors are raised alike on every rank and
-    reported once, by rank 0)."""
+class RankError(UserError):
+    """A problem one rank meets and the others do not (its share of the data, its node's
+    disk): under torchrun every rank reports its own at once (other user errors are raised
+    alike on every rank and reported once, by rank 0)."""
+
+
+class ShardError(DatasetError, RankError):
+    """A problem in this rank's share of the data, which the other ranks do not see."""
 
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be read or does not fit the model."""
+
+
+class UnsharedCheckpointError(CheckpointError, RankError):
+    """The checkpoint rank 0 found is not on this rank's disk (another node's)."""
 
 
 class RunError(UserError, RuntimeError):

@@ -978,6 +978,25 @@ def test_a_torchrun_restart_continues_the_run_an_explicit_resume_started(tmp_pat
             f"torchrun restart would start from it again") in capsys.readouterr().out
 
 
+def test_a_torchrun_restart_continues_the_run_folder_its_job_recorded(tmp_path, monkeypatch):
+    from fasttrain.engine import distributed
+
+    ours, newer = tmp_path / "q-20260101-000000", tmp_path / "q-20991231-000000"
+    for run in (ours, newer):
+        (run / "checkpoints").mkdir(parents=True)
+    (newer / "checkpoints" / "last.pt").write_bytes(b"another job's")
+    monkeypatch.setattr(distributed, "remembered_run_dir", lambda: str(ours))
+    (ours / "config.yaml").write_text("x: 1\n")
+    # killed before its first checkpoint: what the first attempt started from, folder removed
+    assert loop._restart_resume(None, tmp_path, "") is None
+    assert loop._restart_resume("auto", tmp_path, "") is None  # not the newer run
+    assert not ours.exists() and newer.is_dir()
+    (ours / "checkpoints").mkdir(parents=True)
+    (ours / "checkpoints" / "last.pt").write_bytes(b"ours")
+    for resume in (None, "auto", str(tmp_path / "loose.pt")):
+        assert loop._restart_resume(resume, tmp_path, "") == str(ours)
+
+
 def test_best_val_top1_of_a_metrics_line_counts_only_complete_epochs(data_root, tmp_path):
     # As best.pt and the summary: an epoch cut by train.max_steps is trained again on resume.
     digits = sorted((data_root / "digits" / "train" / "3").iterdir())
@@ -1349,3 +1368,30 @@ def test_ddp_neither_broadcasts_buffers_each_step_nor_copies_gradients(tmp_path)
     for out in outs:
         result = torch.load(out)
         assert result["stats_are_own"] and result["one_storage"] == 1, result
+
+
+def test_a_run_stopped_by_any_error_before_its_first_checkpoint_leaves_no_folder(
+        data_root, tmp_path, monkeypatch):
+    # e.g. the RuntimeError of a collective whose peer died: each requeue left a config.yaml
+    def peer_gone(*args, **kwargs):
+        raise RuntimeError("Connection closed by peer")
+
+    monkeypatch.setattr(loop, "classification_loss", peer_gone)
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        train(_cfg(data_root, tmp_path, "--log.name=gone", "--schedule.epochs=1",
+                   "--schedule.warmup_epochs=0"))
+    assert not (tmp_path / "gone").exists()
+
+
+def test_a_rank_stopped_for_a_torchrun_restart_says_torchrun_continues(monkeypatch, capsys):
+    tool = load_tool("train")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "2")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    tool._interrupted(terminated=True)
+    assert capsys.readouterr().err == (
+        "terminated: checkpoints already written are intact; torchrun continues from the last "
+        "one if it restarts the job (1 restart left), else continue from the last one with "
+        "--resume auto (or --resume RUN_DIR)\n")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")  # none left: the user continues
+    tool._interrupted(terminated=True)
+    assert "intact; continue from the last one with --resume auto" in capsys.readouterr().err

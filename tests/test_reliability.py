@@ -28,7 +28,8 @@ QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 #   {"loss_call": k}  SIGKILL itself at the k-th loss computation of this process;
 #   {"save_call": n}  SIGKILL itself half-way through writing the n-th checkpoint;
 #   {"exit_rank": r, "loss_call": k}  rank r exits with status 1 there, first attempt only;
-#   {"nan_rank": r, "loss_call": k}  rank r's k-th loss is NaN.
+#   {"nan_rank": r, "loss_call": k}  rank r's k-th loss is NaN;
+#   {"hide_rank": r}  rank r does not see the checkpoint rank 0 finds to resume.
 WRAPPER = r'''
 import json, os, runpy, signal, sys
 import torch
@@ -52,6 +53,8 @@ if "loss_call" in plan:
             return real_loss(*a, **k) * float("nan")
         return real_loss(*a, **k)
     loop.classification_loss = loss
+if plan.get("hide_rank") == rank:  # a node that does not see rank 0's disk
+    loop._visible_here = lambda path: False
 if "save_call" in plan:
     real_save, saves = torch.save, [0]
     def save(obj, f, *a, **k):
@@ -316,6 +319,47 @@ def test_torchrun_max_restarts_resumes_after_a_rank_dies(data_root, tmp_path):
     lines = [json.loads(l) for l in (tmp_path / "elastic" / "metrics.jsonl").read_text()
              .splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2]
+
+
+@pytest.mark.slow
+def test_a_torchrun_restart_continues_its_own_run_not_a_newer_one(data_root, tmp_path):
+    # Without --log.name a restart used to resume the newest run of the recipe in log.dir,
+    # which another job may have started meanwhile (here: one named as if started later).
+    other = tmp_path / "quickstart-20991231-235959"
+    (other / "checkpoints").mkdir(parents=True)
+    (other / "checkpoints" / "last.pt").write_bytes(b"another job's checkpoint")
+    (other / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2", "--max-restarts=1"]
+    args = [a for a in tiny_args(data_root, tmp_path, "unused")
+            if not a.startswith(("--schedule.epochs", "--train.threads", "--log.name"))]
+    result = run_wrapped(tmp_path, args + ["--schedule.epochs=2"],
+                         {"exit_rank": 1, "loss_call": 15}, data_root, launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (other / "checkpoints" / "last.pt").read_bytes() == b"another job's checkpoint"
+    assert (other / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
+    (own,) = [p for p in tmp_path.glob("quickstart-*") if p != other]
+    assert f"resumed from {own}" in result.stdout
+    lines = [json.loads(l) for l in (own / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2]
+
+
+@pytest.mark.slow
+def test_a_rank_that_does_not_see_the_checkpoint_says_the_disk_must_be_shared(data_root,
+                                                                              tmp_path):
+    args = tiny_args(data_root, tmp_path, "multinode")
+    args = [a for a in args if not a.startswith("--schedule.epochs")]
+    first = run_wrapped(tmp_path, args + ["--schedule.epochs=2", "--train.max_steps=4"], None,
+                        data_root)
+    assert first.returncode == 0, first.stderr[-2000:]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2"]
+    result = run_wrapped(tmp_path, args + ["--schedule.epochs=2", "--resume", "auto"],
+                         {"hide_rank": 1}, data_root, launcher)
+    assert result.returncode != 0
+    assert ("rank 0 found this checkpoint, rank 1 does not see it: a run on several nodes "
+            "keeps log.dir (and a --resume PATH) on a disk they all share") in result.stderr
+    assert "or in another node's log" in result.stderr
 
 
 def make_messy_folder(root: Path) -> None:

@@ -19,7 +19,7 @@ import time
 
 from fasttrain.config import describe, load
 from fasttrain.cli import ArgumentParser, nonempty, printable_paths
-from fasttrain.errors import ShardError, UserError
+from fasttrain.errors import RankError, UserError
 
 # gloo's words when the other end of a collective has died (NCCL waits for its watchdog).
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
@@ -89,7 +89,7 @@ def _main(argv: list[str] | None) -> int:
     except UserError as e:
         # Under torchrun, an error every rank raises alike is said once (by rank 0); one found
         # in a rank's own share of the data by the rank that found it.
-        if isinstance(e, ShardError) and world > 1:
+        if isinstance(e, RankError) and world > 1:
             _say(f"error: [rank {rank}] {e}")
         elif rank == 0:
             _say(f"error: {e}")
@@ -105,7 +105,7 @@ def _main(argv: list[str] | None) -> int:
     except RuntimeError as e:
         if world > 1 and any(words in str(e) for words in PEER_GONE):
             _say(f"error: [rank {rank}] stopped: another rank failed first (its error is in "
-                 f"the lines above or in torchrun's report)")
+                 f"the lines above, in torchrun's report, or in another node's log)")
             return 1
         if "DataLoader worker" in str(e) and ("killed by signal" in str(e)
                                                or "exited unexpectedly" in str(e)):
@@ -133,8 +133,14 @@ def _say(line: str) -> None:
 
 def _interrupted(terminated: bool) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
+        left = (int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+                - int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
+        # torchrun stops the ranks left when one dies, then restarts them if it may
+        restart = (f"torchrun continues from the last one if it restarts the job ({left} "
+                   f"restart{'s' * (left != 1)} left), else continue" if terminated and left > 0
+                   else "continue")
         _say(f"{'terminated' if terminated else 'interrupted'}: checkpoints already written "
-             f"are intact; continue from the last one with --resume auto (or --resume "
+             f"are intact; {restart} from the last one with --resume auto (or --resume "
              f"RUN_DIR)")
 
 

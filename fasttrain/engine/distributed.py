@@ -73,8 +73,43 @@ def _attempt_store(rank: int, world: int) -> dist.Store:
                           int(os.environ.get("MASTER_PORT", 29500)), world,
                           is_master=rank == 0 and not agent_store,
                           timeout=timedelta(minutes=10), wait_for_workers=False)
+    if agent_store:
+        _job_store[0] = dist.PrefixStore("fasttrain/job", store)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return dist.PrefixStore(f"fasttrain/attempt_{attempt}", store)
+
+
+# torchrun's agent store outlives the workers it restarts: what one attempt leaves there the
+# next reads. None: not under torchrun, or a store that dies with the workers.
+_job_store: list[dist.Store | None] = [None]
+RUN_DIR_KEY = "run_dir"
+
+
+def _torchrun_job_store() -> dist.Store | None:
+    """The job-wide part of torchrun's agent store (a single-process run connects to it
+    here; a multi-process one kept it when it joined the process group)."""
+    if _job_store[0] is None and "TORCHELASTIC_RESTART_COUNT" in os.environ and (
+            os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"):
+        store = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                              int(os.environ.get("MASTER_PORT", 29500)), is_master=False,
+                              timeout=timedelta(minutes=1), wait_for_workers=False)
+        _job_store[0] = dist.PrefixStore("fasttrain/job", store)
+    return _job_store[0]
+
+
+def remember_run_dir(run_dir: str) -> None:
+    """Record, for the attempts torchrun may restart, the run folder this job trains into."""
+    store = _torchrun_job_store()
+    if store is not None:
+        store.set(RUN_DIR_KEY, run_dir)
+
+
+def remembered_run_dir() -> str | None:
+    """The run folder an earlier attempt of this torchrun job trained into, if any."""
+    store = _torchrun_job_store()
+    if store is None or not store.check([RUN_DIR_KEY]):
+        return None
+    return store.get(RUN_DIR_KEY).decode()
 
 
 def teardown() -> None:

@@ -23,7 +23,7 @@ from torch import nn
 from .. import config as config_mod
 from ..config import Config, ModelConfig
 from ..errors import (CheckpointError, ConfigError, DatasetError, RunError, ShardError,
-                      TrainingError, UserError, first_problem)
+                      TrainingError, UnsharedCheckpointError, UserError, first_problem)
 from ..data import build_loaders, sample_seed
 from ..data.transforms import progressive_resolution
 from ..data.loader import DeviceLoader
@@ -286,12 +286,27 @@ def _recompile_limit(cfg: Config) -> int:
     return len(sizes) + 4
 
 
-def _restart_resume(resume: str | None, log_dir: Path, name: str) -> str:
-    """What a torchelastic restart resumes: the run the first attempt was training. Without
-    `--resume` or with `auto`, `auto`. An explicit checkpoint of a run folder (its best.pt, an
-    older copy) is that run's last.pt, which the first attempt has moved on since; a loose file
-    continued into `log.dir/log.name` is that folder's last.pt once it has one. Otherwise (a
-    loose file and no name, or no checkpoint written yet) the same file again."""
+def _restart_resume(resume: str | None, log_dir: Path, name: str) -> str | None:
+    """What a torchelastic restart resumes: the run the first attempt was training.
+
+    Where torchrun's agent store holds the run folder an earlier attempt claimed
+    (`distributed.remembered_run_dir`), that folder: its last checkpoint, or, when it has none
+    yet, what the first attempt started from (a `--resume PATH`, else nothing: fresh), the
+    folder, holding no more than its config, removed first.
+
+    Otherwise, from the arguments alone: without `--resume` or with `auto`, `auto` (the newest
+    run of the recipe, which another job's may be). An explicit checkpoint of a run folder (its
+    best.pt, an older copy) is that run's last.pt, which the first attempt has moved on since;
+    a loose file continued into `log.dir/log.name` is that folder's last.pt once it has one.
+    Otherwise (a loose file and no name, or no checkpoint written yet) the same file again."""
+    pinned = distributed.remembered_run_dir()
+    if pinned is not None:
+        if (Path(pinned) / CHECKPOINTS / LAST).is_file():
+            return pinned
+        discard_unused_run_dir(Path(pinned))  # a SIGKILL before the first checkpoint left it
+        # `auto` found nothing to continue then (it would have claimed that run's folder), and
+        # must not find another job's run now
+        return None if resume == "auto" else resume
     if not resume or resume == "auto":
         return "auto"
     run = run_dir_of(checkpoint_file(resume))
@@ -300,6 +315,10 @@ def _restart_resume(resume: str | None, log_dir: Path, name: str) -> str:
         if last.is_file():
             return str(last)
     return resume
+
+
+def _visible_here(path: Path) -> bool:
+    return Path(path).is_file()
 
 
 def _cpu_compiler_problem() -> str | None:
@@ -469,11 +488,11 @@ def train(cfg: Config, recipe: str | None = None, resume: str | None = None,
     made: list[Path] = []
     try:
         return _train(cfg, dist, recipe, resume, dry_run, made)
-    except (UserError, KeyboardInterrupt):
+    except BaseException:
         # Refused after its folder was made (a check only the first step can do, e.g. a
-        # one-image BatchNorm batch), or interrupted (Ctrl-C, SIGTERM: a preemption) before
-        # its first checkpoint: the folder would only hold a config.yaml, and each requeued
-        # `--resume auto` would leave one more.
+        # one-image BatchNorm batch), interrupted (Ctrl-C, SIGTERM: a preemption) or stopped
+        # by another rank's failure before its first checkpoint: the folder would only hold a
+        # config.yaml, and each requeued `--resume auto` would leave one more.
         for run in made:
             discard_unused_run_dir(run)
         raise
@@ -519,9 +538,10 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
     stem = recipe_stem(recipe)
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
         # torchrun --max-restarts restarted us: continue the interrupted run
-        resume = _restart_resume(resume, log_dir, cfg.log.name)
+        resume = _on_main(dist, lambda: _restart_resume(resume, log_dir, cfg.log.name))
     elif (resume and resume != "auto" and not cfg.log.name
           and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0
+          and os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true"
           and run_dir_of(checkpoint_file(resume)) is None):
         report.print(f"note: --resume {resume} is outside a run folder and the run has no "
                      f"--log.name: a torchrun restart would start from it again, in a new run "
@@ -577,6 +597,11 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
                         + (", SyncBatchNorm" if sync_bn else "") + ")")]
     saved = None
     if resume_path:  # checked before a run directory is made for it (and by a dry run)
+        if not dist.is_main and not _visible_here(resume_path):
+            raise UnsharedCheckpointError(
+                f"{resume_path}: rank 0 found this checkpoint, rank {dist.rank} does not see it: "
+                f"a run on several nodes keeps log.dir (and a --resume PATH) on a disk they all "
+                f"share")
         saved = ckpt.load(resume_path)
         _check_compatible(saved, cfg, resume_path)
         if cfg.train.ema and "ema" not in saved:  # before a run directory, in a dry run too
@@ -601,8 +626,10 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
     def claim_run_dir() -> Path:
         if resume_path and (run := run_dir_of(resume_path)):
             lock_run_dir(run)
-            return run
-        return new_run_dir(log_dir, cfg.log.name, stem, resume == "auto")
+        else:
+            run = new_run_dir(log_dir, cfg.log.name, stem, resume == "auto")
+        distributed.remember_run_dir(str(run.resolve()))  # for torchrun's restarts
+        return run
 
     run_dir = _on_main(dist, claim_run_dir)
     if made is not None and dist.is_main and not (resume_path and run_dir_of(resume_path)):
