@@ -110,6 +110,11 @@ def check_output(path: str | Path, name: str, *, folder: bool = False) -> Path:
     else:
         if path.is_dir():
             raise UserError(f"{name}: is a folder; name the file to write")
+        if path.exists() and not path.is_file():
+            # written atomically, by a rename over it: a device (/dev/null) or a pipe
+            # (/dev/stdout) would be replaced by a plain file
+            raise UserError(f"{name}: exists and is not a regular file (a device or a pipe); "
+                            f"name a file to write")
         if path.exists() and not os.access(path, os.W_OK):
             raise UserError(f"{name}: not writable")
         where = path.parent

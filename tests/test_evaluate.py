@@ -2,6 +2,9 @@
 a checkpoint evaluates to the top-1 its run recorded, exports and factories score alike, the
 class order is the model's, and the points CSV it writes is the one compare reads."""
 import json
+import os
+import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -55,7 +58,9 @@ def test_a_checkpoint_evaluates_to_the_top1_its_run_recorded(run, weights, tmp_p
     assert record["images"] == 364 and record["classes"] == 10 and record["skipped"] == 0
     assert record["weights"] == weights and record["val_res"] == 16
     assert record["recorded"] == {"val_top1": metrics[f"val_top1{suffix}"], "epoch": 2,
+                                  "epoch_step": None, "differences": [],
                                   "same_settings": True}
+    assert record["val_classes"] == 10 and record["notes"] == []
     assert record["macs"] > 0 and record["params"] > 0 and record["device"] == "cpu"
     assert "(same settings)" in out and "top-1" in out
 
@@ -69,7 +74,7 @@ def test_overrides_change_the_measurement_and_the_output_says_so(run, tmp_path, 
     record = json.loads(out_json.read_text())
     assert (record["val_res"], record["val_resize"], record["test_flip"]) == (12, 14, True)
     assert record["recorded"]["same_settings"] is False
-    assert "differ from these" in out
+    assert "measured differently (data.val_res, data.val_resize, aug.test_flip)" in out
 
 
 def test_an_export_and_a_factory_score_like_their_checkpoint(run, data_root, tmp_path, capsys,
@@ -86,7 +91,9 @@ def test_an_export_and_a_factory_score_like_their_checkpoint(run, data_root, tmp
     monkeypatch.chdir(tmp_path)
     data = [f"--data.path={data_root / 'digits'}"]
     top1 = _last_metrics(run)["val_top1"]
-    for source in (["--file", script], ["--factory", "myfactory:build"]):
+    exported = tmp_path / "net.pt2"  # torch.export: its mode is fixed (eval() raises)
+    ex.export_model(model, meta, "export", exported)
+    for source in (["--file", script], ["--file", exported], ["--factory", "myfactory:build"]):
         out_json = tmp_path / "r.json"
         code, _, err = _evaluate(capsys, *source, QUICKSTART, *data, "--json", out_json)
         assert code == 0, err
@@ -148,7 +155,7 @@ def test_a_pruned_checkpoints_row_carries_its_baseline():
     args = evaluate_tool.build_parser().parse_args(["--checkpoint", "p.pt"])
     row = evaluate_tool._point_row(args, record, state, "p")
     assert (row["kind"], row["model"], row["base_top1"], row["base_macs"]) == (
-        "pruned", "thin_resnet50", 76.1, 4_100_000_000)
+        "pruned", "thin_resnet50", "76.1000", 4_100_000_000)
 
 
 def test_bad_arguments_exit_2_with_one_line(capsys, monkeypatch):
@@ -191,3 +198,41 @@ def test_the_validation_loader_labels_images_in_the_models_class_order(tmp_path)
         folder.rmdir()
     (tmp_path / "train").rmdir()
     assert labels(None) == (["b", "c"], [0, 1])  # no train/: val/'s own order
+
+
+def test_outputs_that_are_not_regular_files_are_refused_before_evaluating(run, tmp_path,
+                                                                         capsys):
+    # written by a rename over the path: a pipe or a device (/dev/null) became a plain file
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    for flag in ("--json", "--points"):
+        code, out, err = _evaluate(capsys, "--checkpoint", run / "checkpoints" / "last.pt",
+                                   flag, pipe)
+        assert code == 2 and "exists and is not a regular file" in err and out == ""
+        assert stat.S_ISFIFO(os.stat(pipe).st_mode)
+
+
+def test_a_partial_view_of_the_data_is_said(run, data_root, tmp_path, capsys):
+    # two classes of the digits' validation images, no train/: the checkpoint's order labels
+    # them; the output says how many classes the images cover and that data.path differs
+    for name in ("3", "7"):
+        shutil.copytree(data_root / "digits" / "val" / name, tmp_path / "sub" / "val" / name)
+    code, out, err = _evaluate(capsys, "--checkpoint", run / "checkpoints" / "last.pt",
+                               f"--data.path={tmp_path / 'sub'}")
+    assert code == 0, err
+    assert "images of 2 of the model's 10 classes" in out
+    assert "measured differently (data.path)" in out
+
+
+def test_a_model_without_class_names_whose_outputs_differ_gets_a_warning(data_root, tmp_path,
+                                                                        capsys, monkeypatch):
+    (tmp_path / "twelve.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(768, 12))\n")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _evaluate(capsys, "--factory", "twelve:build", QUICKSTART,
+                               f"--data.path={data_root / 'digits'}")
+    assert code == 0, err
+    assert ("warning: the model has 12 outputs and no class names: labels follow the 10 sorted "
+            "class folders") in out

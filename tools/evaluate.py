@@ -97,8 +97,14 @@ def main(argv: list[str] | None = None) -> int:
                             f"TorchScript file without fasttrain metadata); the row needs them")
         from fasttrain.measure.accuracy import measure_accuracy
 
-        _say_start(source, cfg)
-        record = measure_accuracy(source, cfg, classes)
+        _say_start(source, cfg, args.weights)
+        try:
+            record = measure_accuracy(source, cfg, classes)
+        except UserError as e:
+            if "no CUDA device" in str(e) and not any(o.startswith("--train.device")
+                                                      for o in overrides):
+                raise UserError(f"{e} (--train.device=cpu evaluates on the CPU)") from None
+            raise
         if state is not None:
             record["recorded"] = _recorded(state, args.weights, cfg)
         _show(record)
@@ -131,8 +137,16 @@ def _settings(args, overrides: list[str]):
     stored = state.get("config")
     if not isinstance(stored, dict):
         raise ConfigError(f"{args.checkpoint}: no stored config; give a recipe")
-    return state, load_mapping(stored, f"{args.checkpoint} (stored config)", overrides), \
-        _classes(state, args)
+    origin = f"{args.checkpoint} (stored config)"
+    try:
+        cfg = load_mapping(stored, origin, overrides)
+    except ConfigError as e:
+        if not str(e).startswith(origin):  # an override's error
+            raise
+        # e.g. a key an older or newer version had: the recipe the run used gives the settings
+        raise ConfigError(f"{e}; give the run's recipe (its config.yaml) to evaluate with "
+                          f"that instead") from None
+    return state, cfg, _classes(state, args)
 
 
 def _classes(state, args) -> list[str] | None:
@@ -154,34 +168,45 @@ def _source(args, state):
     return sources.from_factory(args.factory)
 
 
-def _say_start(source, cfg) -> None:
+def _say_start(source, cfg, weights: str) -> None:
     d = cfg.data
-    print(f"evaluating {source.name} ({source.source}) on {d.dataset} val at {d.val_res}px "
-          f"(shorter side {d.val_resize}), {cfg.train.precision}"
+    what = (source.source if source.source.startswith(source.name)  # a factory's spec
+            else f"{source.name} ({source.source})")
+    print(f"evaluating {what}{', EMA weights' if weights == 'ema' else ''} on {d.dataset} val "
+          f"at {d.val_res}px (shorter side {d.val_resize}), {cfg.train.precision}"
           f"{', flip averaged' if cfg.aug.test_flip else ''}", flush=True)
 
 
+# What decides a validation number (the batch size, workers and layout do not change it).
+RECORDED_SETTINGS = (("data", ("dataset", "path", "val_res", "val_resize", "mean", "std")),
+                     ("aug", ("test_flip",)), ("train", ("precision",)))
+
+
 def _recorded(state, weights: str, cfg) -> dict | None:
-    """The checkpoint's own top-1 and whether this evaluation's settings are those it was
-    measured with (else the two are different measurements)."""
+    """The checkpoint's own top-1 and what sets this evaluation apart from the one that
+    recorded it (`differences`; none: the same measurement)."""
     metrics = state.get("metrics") or {}
     key = "val_top1" if weights == "model" else "val_top1_ema"
     if not isinstance(metrics.get(key), (int, float)):
         return None
     stored = state.get("config") or {}
-    data, aug, train = (stored.get(s) or {} for s in ("data", "aug", "train"))
     now = cfg.to_dict()
-    same = all(src.get(k) == now[sec][k] for sec, src, keys in (
-        ("data", data, ("dataset", "val_res", "val_resize", "mean", "std")),
-        ("aug", aug, ("test_flip",)), ("train", train, ("precision",)))
-        for k in keys)
-    return {"val_top1": metrics[key], "epoch": metrics.get("epoch"), "same_settings": same}
+    differences = [f"{section}.{k}" for section, keys in RECORDED_SETTINGS for k in keys
+                   if (stored.get(section) or {}).get(k, now[section][k]) != now[section][k]]
+    if (stored.get("data") or {}).get("backend") == "ffcv":
+        # its .beton files may hold re-encoded or shrunk images; these are the originals
+        differences.append("ffcv's stored images")
+    return {"val_top1": metrics[key], "epoch": metrics.get("epoch"),
+            "epoch_step": metrics.get("epoch_step"), "differences": differences,
+            "same_settings": not differences}
 
 
 def _show(record) -> None:
-    n = record["images"]
+    n, present = record["images"], record["val_classes"]
+    classes = (f"{present} classes" if present == record["classes"] else
+               f"{present} of the model's {record['classes']} classes")
     print(f"top-1 {record['val_top1']:.2f} %  top-5 {record['val_top5']:.2f} %  loss "
-          f"{record['val_loss']:.4f}  ({n:,} images, {record['classes']} classes, "
+          f"{record['val_loss']:.4f}  ({n:,} images of {classes}, "
           f"{record['seconds']:.1f} s, {record['images_per_s'] or 0:,.0f} img/s)")
     macs = f"{record['macs'] / 1e6:,.1f} M MACs" if record["macs"] else "MACs not counted"
     print(f"{record['params'] / 1e6:,.3f} M params, {macs} at {record['val_res']}px; "
@@ -189,15 +214,20 @@ def _show(record) -> None:
     if record["skipped"]:
         print(f"warning: {record['skipped']} unreadable file(s) skipped (first: "
               f"{record['first_skipped']}); tools/check_data.py lists them")
+    for note in record["notes"]:
+        print(f"warning: {note}")
     rec = record.get("recorded")
     if rec:
         when = f" after epoch {rec['epoch']}" if rec.get("epoch") is not None else ""
+        if rec.get("epoch_step"):
+            when = (f" after step {rec['epoch_step']} of epoch {rec['epoch']} (an epoch cut "
+                    f"by train.max_steps)")
         if rec["same_settings"]:
             print(f"recorded in the checkpoint{when}: top-1 {rec['val_top1']:.2f} % "
                   f"(same settings)")
         else:
-            print(f"recorded in the checkpoint{when}: top-1 {rec['val_top1']:.2f} % under the "
-                  f"training's settings (data, test_flip or precision differ from these)")
+            print(f"recorded in the checkpoint{when}: top-1 {rec['val_top1']:.2f} %, measured "
+                  f"differently ({', '.join(rec['differences'])})")
 
 
 def _check_points(args, path: str) -> str:
@@ -254,14 +284,17 @@ def _point_row(args, record, state, label: str) -> dict:
            "params": record["params"], "kind": kind, "model": model,
            "width": record["width"] if record["width"] is not None else "",
            "resolution": record["val_res"], "base_top1": "", "base_macs": "",
-           "note": f"tools/evaluate.py {record['source']} ({record['precision']}"
-                   f"{', flip' if record['test_flip'] else ''}, {record['commit']})"}
+           "note": f"tools/evaluate.py {record['source']} ("
+                   f"{'EMA weights, ' if record.get('weights') == 'ema' else ''}"
+                   f"{record['precision']}{', flip' if record['test_flip'] else ''}, "
+                   f"{record['commit']})"}
     if state is not None:
         from fasttrain.compare.points import _lineage
 
         record_ = _lineage(state)
         if record_ and kind == "pruned":
-            row["base_top1"] = record_.get("source_val_top1") or ""
+            base = record_.get("source_val_top1")
+            row["base_top1"] = f"{base:.4f}" if isinstance(base, (int, float)) else ""
             row["base_macs"] = record_.get("source_macs") or ""
     return row
 
@@ -280,7 +313,7 @@ def _write(args, record, state, label) -> None:
         if header is None:
             header, old = list(POINT_COLUMNS), ""
         else:
-            old = path.read_text(encoding="utf-8-sig")
+            old = path.read_text(encoding="utf-8")  # a spreadsheet's byte-order mark kept
             if not old.endswith("\n"):
                 old += "\n"
         out = io.StringIO(newline="")

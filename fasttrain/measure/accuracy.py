@@ -44,6 +44,18 @@ def output_count(model: torch.nn.Module, resolution: int, device: torch.device,
     return int(logits.shape[1])
 
 
+class _FixedMode(torch.nn.Module):
+    """Runs a module whose train/eval mode cannot be set (torch.export's, whose `eval()` raises
+    NotImplementedError; its mode was fixed at export): `train()`/`eval()` stop here."""
+
+    def __init__(self, module) -> None:
+        super().__init__()
+        self.__dict__["module"] = module  # not a submodule: eval() does not reach it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
 def measure_accuracy(source: BenchModel, cfg: Config, classes: list[str] | None = None
                      ) -> dict[str, Any]:
     """Evaluate `source.model` on the validation split `cfg.data` names, under `cfg.train`'s
@@ -56,7 +68,8 @@ def measure_accuracy(source: BenchModel, cfg: Config, classes: list[str] | None 
     Returns:
         A result record: `val_top1`, `val_top5` (%), `val_loss`, `images` (evaluated; files that
         cannot be decoded are skipped, counted in `skipped`, the first named in
-        `first_skipped`), `seconds`, `images_per_s`, params and conv+fc MACs at `val_res` (None
+        `first_skipped`), `classes` (in the label order), `val_classes` (those with validation
+        images), `notes` (what may make the number mean something else), `seconds`, `images_per_s`, params and conv+fc MACs at `val_res` (None
         when the network cannot be counted), the data and evaluation settings, and the
         conditions (device, versions, commit).
 
@@ -80,21 +93,30 @@ def measure_accuracy(source: BenchModel, cfg: Config, classes: list[str] | None 
                             f"{source.fixed_resolution}x{source.fixed_resolution} only, "
                             f"data.val_res is {data.val_res}")
     precision = resolve_precision(train.precision)
+    given_order = classes is not None
     loader, classes, root = build_val_loader(data, classes=classes, device=device,
                                              channels_last=train.channels_last,
                                              dtype=precision.autocast_dtype or torch.float32)
     model = source.model.to(device)
     if train.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if source.fixed_resolution:  # torch.export's module: its mode is fixed, eval() raises
+        model = _FixedMode(model)
     outputs = output_count(model, data.val_res, device, train.channels_last,
                            precision.autocast(device))
     if outputs < len(classes):
         raise AccuracyError(f"the model has {outputs} outputs, the data at {root} has "
                             f"{len(classes)} classes")
+    notes = []
+    if not given_order and outputs != len(classes):
+        notes.append(f"the model has {outputs} outputs and no class names: labels follow the "
+                     f"{len(classes)} sorted class folders, so a model trained on other "
+                     f"classes is scored with misnumbered labels")
     start = time.perf_counter()
     metrics = evaluate(model, loader, precision, device, flip=cfg.aug.test_flip)
     seconds = time.perf_counter() - start
     images = len(loader.loader.dataset) - len(loader.skipped)
+    present = len(set(loader.loader.dataset.targets))  # classes with validation images
     counted = source.count_model
     macs = count_macs(counted, data.val_res).conv_fc if counted is not None else None
     first_skipped = next(iter(loader.skipped.items()), None)
@@ -102,7 +124,8 @@ def measure_accuracy(source: BenchModel, cfg: Config, classes: list[str] | None 
         "kind": "accuracy", "name": source.name, "width": source.width,
         "source": source.source, **source.details, "norm_act": source.norm_act,
         "dataset": data.dataset, "data_root": str(root), "split": "val",
-        "classes": len(classes), "model_outputs": outputs, "images": images,
+        "classes": len(classes), "val_classes": present, "model_outputs": outputs,
+        "images": images, "notes": notes,
         "skipped": len(loader.skipped),
         "first_skipped": ": ".join(first_skipped) if first_skipped else None,
         "val_res": data.val_res, "val_resize": data.val_resize, "mean": list(data.mean),

@@ -131,7 +131,7 @@ def from_file(path: str | Path) -> BenchModel:
     from ..export import CHECKPOINT_NOT_EXPORT, load_exported, model_from_metadata
 
     if Path(path).suffix.lower() == ".onnx":
-        raise SourceError(f"{path}: ONNX files run in onnxruntime, not torch; benchmark the "
+        raise SourceError(f"{path}: ONNX files run in onnxruntime, not torch; use the "
                           f"TorchScript or torch.export file instead")
     try:
         module, meta = load_exported(path)
