@@ -236,3 +236,19 @@ def test_a_model_without_class_names_whose_outputs_differ_gets_a_warning(data_ro
     assert code == 0, err
     assert ("warning: the model has 12 outputs and no class names: labels follow the 10 sorted "
             "class folders") in out
+
+
+def test_progress_is_reported_after_every_batch(run, capsys):
+    from fasttrain.config import load_mapping
+    from fasttrain.engine import checkpoint as ckpt
+    from fasttrain.measure import sources
+    from fasttrain.measure.accuracy import measure_accuracy
+
+    path = run / "checkpoints" / "last.pt"
+    state = ckpt.load(path)
+    cfg = load_mapping(state["config"], "stored", ["--data.val_batch_size=100"])
+    calls = []
+    record = measure_accuracy(sources.from_checkpoint(path, state=state), cfg,
+                              state["classes"], progress=lambda *a: calls.append(a))
+    assert calls == [(100, 364), (200, 364), (300, 364), (364, 364)]
+    assert record["val_top1"] == _last_metrics(run)["val_top1"]

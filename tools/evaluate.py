@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
         _say_start(source, cfg, args.weights)
         try:
-            record = measure_accuracy(source, cfg, classes)
+            record = _measure_with_progress(measure_accuracy, source, cfg, classes)
         except UserError as e:
             if "no CUDA device" in str(e) and not any(o.startswith("--train.device")
                                                       for o in overrides):
@@ -116,6 +116,20 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted; nothing written", file=sys.stderr)
         return 130
     return 0
+
+
+def _measure_with_progress(measure, source, cfg, classes):
+    """`measure` with a progress bar on a terminal (gone when done; none in pipes and logs)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    with Progress("evaluating", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task("evaluate", total=None)
+        return measure(source, cfg, classes,
+                       progress=lambda done, total: bar.update(task, completed=done,
+                                                               total=total))
 
 
 def _settings(args, overrides: list[str]):

@@ -7,7 +7,7 @@ preprocessing the thin networks were.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -56,14 +56,33 @@ class _FixedMode(torch.nn.Module):
         return self.module(x)
 
 
-def measure_accuracy(source: BenchModel, cfg: Config, classes: list[str] | None = None
-                     ) -> dict[str, Any]:
+class _Reporting:
+    """The validation loader, calling `progress(images so far, images in the set)` after each
+    batch; everything else is the loader's."""
+
+    def __init__(self, loader, progress: Callable[[int, int], None], total: int) -> None:
+        self.loader, self.progress, self.total = loader, progress, total
+
+    def __iter__(self):
+        done = 0
+        for images, labels in self.loader:
+            yield images, labels
+            done += len(labels)
+            self.progress(done, self.total)
+
+    def __getattr__(self, name: str):
+        return getattr(self.loader, name)
+
+
+def measure_accuracy(source: BenchModel, cfg: Config, classes: list[str] | None = None,
+                     progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Evaluate `source.model` on the validation split `cfg.data` names, under `cfg.train`'s
     device, precision and layout and with `cfg.aug.test_flip`; one process.
 
     Args:
         classes: the label order the model was trained with (a checkpoint's); None = the order
             training on `cfg.data` gives (`build_val_loader`).
+        progress: called after each batch with (images evaluated, images in the split).
 
     Returns:
         A result record: `val_top1`, `val_top5` (%), `val_loss`, `images` (evaluated; files that
@@ -113,7 +132,9 @@ def measure_accuracy(source: BenchModel, cfg: Config, classes: list[str] | None 
                      f"{len(classes)} sorted class folders, so a model trained on other "
                      f"classes is scored with misnumbered labels")
     start = time.perf_counter()
-    metrics = evaluate(model, loader, precision, device, flip=cfg.aug.test_flip)
+    batches = (_Reporting(loader, progress, len(loader.loader.dataset)) if progress
+               else loader)
+    metrics = evaluate(model, batches, precision, device, flip=cfg.aug.test_flip)
     seconds = time.perf_counter() - start
     images = len(loader.loader.dataset) - len(loader.skipped)
     present = len(set(loader.loader.dataset.targets))  # classes with validation images
