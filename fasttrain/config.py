@@ -465,7 +465,10 @@ def _text_for_text_keys(arg: str, section: str, key: str, value: Any) -> tuple[s
     as a number, which the key would refuse although the user typed a name."""
     obj = getattr(Config(), section, None)
     if obj is not None and not isinstance(value, str) and dataclasses.is_dataclass(obj):
-        if typing.get_type_hints(type(obj)).get(key) is str:
+        tp = typing.get_type_hints(type(obj)).get(key)
+        # a choice too: `--log.progress=off` is YAML 1.1's False, refused as `got False`
+        if tp is str or (typing.get_origin(tp) is Literal
+                         and all(isinstance(a, str) for a in typing.get_args(tp))):
             return section, key, arg.partition("=")[2]
     return section, key, value
 
@@ -494,6 +497,9 @@ def load_mapping(mapping: dict[str, Any], origin: str, overrides: list[str] = ()
     Raises:
         ConfigError: one line naming `origin` or the override, the key and the value.
     """
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{origin}: a config must be a mapping of sections, got "
+                          f"{type(mapping).__name__}")
     cfg = Config()
     for section, values in mapping.items():
         if not isinstance(values, dict):

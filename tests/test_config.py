@@ -306,3 +306,21 @@ def test_a_text_key_override_is_taken_as_typed():
     cfg = load(None, ["--log.name=2024-01-01", "--log.dir=123", "--data.path=~"])
     assert (cfg.log.name, cfg.log.dir, cfg.data.path) == ("2024-01-01", "123", "~")
     assert load(None, ["--log.name=run 1"]).log.name == "run 1"
+
+
+def test_a_yaml_boolean_word_given_to_a_choice_is_named_as_typed():
+    # --log.progress=off is YAML 1.1's False: the error said "got False"
+    with pytest.raises(ConfigError, match=r"log.progress must be one of 'auto', 'rich', "
+                                          r"'plain', got 'off'"):
+        load(None, ["--log.progress=off"])
+    assert load(None, ["--train.device=cpu"]).train.device == "cpu"
+
+
+def test_load_mapping_refuses_what_is_not_a_mapping_of_sections():
+    from fasttrain.config import load_mapping
+
+    with pytest.raises(ConfigError, match=r"^stored: a config must be a mapping of sections, "
+                                          r"got list$"):
+        load_mapping([1, 2], "stored")
+    cfg = load(None, ["--data.batch_size=8", "--model.width=0.5"])
+    assert load_mapping(cfg.to_dict(), "again") == cfg

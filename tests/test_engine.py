@@ -1395,3 +1395,60 @@ def test_a_rank_stopped_for_a_torchrun_restart_says_torchrun_continues(monkeypat
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")  # none left: the user continues
     tool._interrupted(terminated=True)
     assert "intact; continue from the last one with --resume auto" in capsys.readouterr().err
+
+
+def test_train_leaves_the_callers_config_and_process_settings_as_they_were(data_root,
+                                                                           tmp_path):
+    # a notebook trains several runs in one process: a deterministic run kept deterministic
+    # algorithms on (NaN-filled allocations on the CPU), its thread count stayed, and the
+    # Config it was given had num_classes filled in from the first data set
+    cfg = _cfg(data_root, tmp_path, "--schedule.epochs=1", "--schedule.warmup_epochs=0",
+               "--train.max_steps=1", "--train.deterministic=true", "--train.threads=1")
+    threads = torch.get_num_threads()
+    assert not torch.are_deterministic_algorithms_enabled()
+    train(cfg)
+    assert cfg.model.num_classes == 0
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert torch.get_num_threads() == threads
+
+
+def test_a_config_changed_by_attribute_is_checked_again(data_root, tmp_path):
+    for section, key, value, words in (("data", "batch_size", 0, "data.batch_size must be >= 1"),
+                                       ("data", "backend", "nope", "data.backend must be one of"),
+                                       ("train", "precision", "fp8", "train.precision must be")):
+        cfg = _cfg(data_root, tmp_path)
+        setattr(getattr(cfg, section), key, value)
+        with pytest.raises(ConfigError, match=re.escape(f"config: {words}")):
+            train(cfg)
+        if section == "data":
+            with pytest.raises(ConfigError, match=re.escape(f"build_loaders: {words}")):
+                loop.build_loaders(cfg.data, cfg.aug)
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_two_trainings_of_one_process_never_write_one_run_directory(data_root, tmp_path):
+    # notebook threads: the lock is the process's, so a second training of it was let in, and
+    # the first call to end released the other's lock
+    import threading
+
+    run = _fake_run(tmp_path, "busy", last=False)
+    held, done = threading.Event(), threading.Event()
+
+    def other_training():
+        rundir.lock_owner.set(object())
+        rundir.lock_run_dir(run)
+        held.set()
+        done.wait(60)
+        rundir.release_run_dirs()
+
+    thread = threading.Thread(target=other_training)
+    thread.start()
+    try:
+        assert held.wait(60)
+        with pytest.raises(RunError, match="another training in this process is writing"):
+            train(_cfg(data_root, tmp_path, "--log.name=busy"))
+        assert run.resolve() in rundir._LOCKS  # still the other training's
+    finally:
+        done.set()
+        thread.join()
+    assert run.resolve() not in rundir._LOCKS

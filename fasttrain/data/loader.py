@@ -7,6 +7,7 @@ on 1 or N ranks (per sample), and after a resume.
 from __future__ import annotations
 
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import dataclass
 import math
 import os
@@ -18,7 +19,7 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
-from ..config import AugConfig, Config, ConfigError, DataConfig, _check_backend
+from ..config import AugConfig, ConfigError, DataConfig, load_mapping
 from .datasets import (DatasetError, ImageFolderDataset, SkippedSample, build_digits,
                        default_root, load_cifar10)
 from .transforms import (Normalize, PendingCrop, TrainAugment, ValTransform,
@@ -492,8 +493,10 @@ def build_loaders(data: DataConfig, aug: AugConfig, *, rank: int = 0, world_size
             implement a setting.
         RunError: the backend's library is not installed.
     """
-    # Here, not only in config.load: callers may build a DataConfig themselves.
-    _check_backend(Config(data=data, aug=aug), "build_loaders")
+    # Here, not only in config.load: callers may build or change a DataConfig themselves.
+    checked = load_mapping({"data": dataclasses.asdict(data), "aug": dataclasses.asdict(aug)},
+                           "build_loaders")
+    data, aug = checked.data, checked.aug
     kwargs = dict(rank=rank, world_size=world_size, device=device, channels_last=channels_last,
                   seed=seed, grad_accum_steps=grad_accum_steps, dtype=dtype)
     if data.backend == "resident":

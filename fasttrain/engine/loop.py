@@ -31,6 +31,7 @@ from ..measure import count_macs, count_params, git_commit
 from ..models import NORM_ACT_LAYERS, convert_sync_batchnorm, create_model, list_models
 from . import checkpoint as ckpt
 from . import distributed
+from . import rundir as rundir_mod
 from .ema import ModelEma, adjusted_decay
 from .mix import BatchMixer, classification_loss
 from .optim import build_optimizer
@@ -478,14 +479,24 @@ def train(cfg: Config, recipe: str | None = None, resume: str | None = None,
     train_time_s, step, skipped_files, and that epoch's val_top1 and train_loss; not the whole
     metrics line. A dry run returns params and macs only.
 
-    Under torchrun every rank calls this; rank 0 writes the run directory.
+    Under torchrun every rank calls this; rank 0 writes the run directory. `cfg` is checked
+    again as a recipe is (a Config changed by attribute too) and left unchanged (training
+    fills in a copy: num_classes, model.init_from's architecture). The process's torch thread
+    count and deterministic-algorithms setting are restored on return; the global RNGs stay
+    seeded from `train.seed`, as after a training script.
 
     Raises:
         UserError subclasses (ConfigError, DatasetError, CheckpointError, RunError): one-line
         messages for the user.
     """
+    cfg = config_mod.load_mapping(cfg.to_dict(), "config")
+    threads = torch.get_num_threads()
+    deterministic = (torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled())
+    cudnn_benchmark = torch.backends.cudnn.benchmark
     dist = distributed.setup(cfg.train.device)
     made: list[Path] = []
+    owner = rundir_mod.lock_owner.set(object())  # this call's run-folder locks
     try:
         return _train(cfg, dist, recipe, resume, dry_run, made)
     except BaseException:
@@ -498,7 +509,11 @@ def train(cfg: Config, recipe: str | None = None, resume: str | None = None,
         raise
     finally:
         release_run_dirs()
+        rundir_mod.lock_owner.reset(owner)
         distributed.teardown()
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        torch.backends.cudnn.benchmark = cudnn_benchmark
 
 
 def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: str | None,

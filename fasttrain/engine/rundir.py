@@ -1,6 +1,7 @@
 """Run directories: `<log.dir>/<name>/{config.yaml, metrics.jsonl, checkpoints/}`."""
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import re
@@ -117,32 +118,43 @@ def new_run_dir(log_dir: Path, name: str, recipe_stem: str, restart: bool = Fals
     return run
 
 
-_LOCKS: dict[Path, int] = {}
+# The lock file descriptors this process holds, by run folder, with the training that took
+# each (a `train` call: `lock_owner`); a lock is per process, so one process's trainings
+# (notebook threads) must tell theirs apart themselves.
+_LOCKS: dict[Path, tuple[int, object]] = {}
+lock_owner: contextvars.ContextVar[object] = contextvars.ContextVar("run_lock_owner",
+                                                                     default=None)
 
 
 def lock_run_dir(run: Path) -> None:
-    """Hold an exclusive lock on `run` (`checkpoint.lock_folder`) for the rest of the process:
+    """Hold an exclusive lock on `run` (`checkpoint.lock_folder`) until `release_run_dirs`:
     two trainings writing one run directory interleave their metrics and checkpoints.
 
     Raises:
-        RunError: another process holds it.
+        RunError: another process holds it, or another training of this process (another
+            `lock_owner`, e.g. a `train` call in another thread).
     """
     key = run.resolve()
     if key in _LOCKS:
-        return
+        if _LOCKS[key][1] is lock_owner.get():
+            return
+        raise RunError(f"{run}: another training in this process is writing this run "
+                       f"directory; wait for it to end or choose another --log.name")
     try:
         fd = lock_folder(run, wait=False)
     except BlockingIOError:
         raise RunError(f"{run}: another training process is writing this run directory; "
                        f"wait for it to end or choose another --log.name") from None
     if fd is not None:
-        _LOCKS[key] = fd
+        _LOCKS[key] = (fd, lock_owner.get())
 
 
 def release_run_dirs() -> None:
-    """Drop the locks `lock_run_dir` took (the end of a `train` call in a longer process)."""
-    while _LOCKS:
-        os.close(_LOCKS.popitem()[1])
+    """Drop the locks `lock_run_dir` took for the current `lock_owner` (the end of a `train`
+    call in a longer process); other trainings' stay held."""
+    owner = lock_owner.get()
+    for key in [k for k, (_, o) in _LOCKS.items() if o is owner]:
+        os.close(_LOCKS.pop(key)[0])
 
 
 def _start(run: Path, recipe_stem: str) -> tuple[str, int] | None:

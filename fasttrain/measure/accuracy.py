@@ -77,7 +77,9 @@ class _Reporting:
 def measure_accuracy(source: BenchModel, cfg: Config, classes: list[str] | None = None,
                      progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Evaluate `source.model` on the validation split `cfg.data` names, under `cfg.train`'s
-    device, precision and layout and with `cfg.aug.test_flip`; one process.
+    device, precision and layout and with `cfg.aug.test_flip`; one process. `source.model` is
+    moved to that device and layout and left in eval mode; torch's thread count
+    (`train.threads`) is restored on return.
 
     Args:
         classes: the label order the model was trained with (a checkpoint's); None = the order
@@ -88,25 +90,37 @@ def measure_accuracy(source: BenchModel, cfg: Config, classes: list[str] | None 
         A result record: `val_top1`, `val_top5` (%), `val_loss`, `images` (evaluated; files that
         cannot be decoded are skipped, counted in `skipped`, the first named in
         `first_skipped`), `classes` (in the label order), `val_classes` (those with validation
-        images), `notes` (what may make the number mean something else), `seconds`, `images_per_s`, params and conv+fc MACs at `val_res` (None
-        when the network cannot be counted), the data and evaluation settings, and the
-        conditions (device, versions, commit).
+        images), `notes` (what may make the number mean something else), `seconds`,
+        `images_per_s`, params and conv+fc MACs at `val_res` (None when the network cannot be
+        counted), the data and evaluation settings, and the conditions (device, versions,
+        commit).
 
     Raises:
         UserError: bad data (DatasetError), a device that is not there (ConfigError), a model
             whose outputs do not cover the classes or whose input size is not `val_res`.
     """
+    from ..engine.distributed import resolve_device
+
+    device = resolve_device(cfg.train.device, 0)
+    threads = torch.get_num_threads()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    try:
+        return _measure(source, cfg, classes, progress, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(source: BenchModel, cfg: Config, classes: list[str] | None,
+             progress: Callable[[int, int], None] | None, device: torch.device
+             ) -> dict[str, Any]:
     from ..data import build_val_loader
     from ..engine import evaluate
-    from ..engine.distributed import resolve_device
     from ..engine.precision import resolve_precision
     from .env import conditions
     from .macs import count_macs, count_params
 
     data, train = cfg.data, cfg.train
-    device = resolve_device(train.device, 0)
-    if train.threads:
-        torch.set_num_threads(train.threads)
     if source.fixed_resolution and source.fixed_resolution != data.val_res:
         raise AccuracyError(f"{source.source}: a torch.export file runs at "
                             f"{source.fixed_resolution}x{source.fixed_resolution} only, "
