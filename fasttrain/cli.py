@@ -110,9 +110,13 @@ def check_output(path: str | Path, name: str, *, folder: bool = False) -> Path:
     else:
         if path.is_dir():
             raise UserError(f"{name}: is a folder; name the file to write")
+        # Written atomically, by a rename over the path: a device (/dev/null) or a pipe would
+        # be replaced by a plain file, and so would a symbolic link (/dev/stdout), not its
+        # target.
+        if path.is_symlink():
+            raise UserError(f"{name}: is a symbolic link (to {os.readlink(path)}); name the "
+                            f"file itself")
         if path.exists() and not path.is_file():
-            # written atomically, by a rename over it: a device (/dev/null) or a pipe
-            # (/dev/stdout) would be replaced by a plain file
             raise UserError(f"{name}: exists and is not a regular file (a device or a pipe); "
                             f"name a file to write")
         if path.exists() and not os.access(path, os.W_OK):

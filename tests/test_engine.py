@@ -990,6 +990,7 @@ def test_a_torchrun_restart_continues_the_run_folder_its_job_recorded(tmp_path, 
     # killed before its first checkpoint: what the first attempt started from, folder removed
     assert loop._restart_resume(None, tmp_path, "") is None
     assert loop._restart_resume("auto", tmp_path, "") is None  # not the newer run
+    assert loop._restart_resume(None, tmp_path, "named") == "auto"  # its own folder again
     assert not ours.exists() and newer.is_dir()
     (ours / "checkpoints").mkdir(parents=True)
     (ours / "checkpoints" / "last.pt").write_bytes(b"ours")
@@ -1452,3 +1453,45 @@ def test_two_trainings_of_one_process_never_write_one_run_directory(data_root, t
         done.set()
         thread.join()
     assert run.resolve() not in rundir._LOCKS
+
+
+def test_a_restarted_named_run_killed_between_its_metrics_and_checkpoint_starts_again(
+        data_root, tmp_path, monkeypatch):
+    # the first attempt wrote epoch 1's metrics line, not its checkpoint: the restart was
+    # refused ("already holds checkpoints or metrics") instead of starting that epoch again
+    run = _fake_run(tmp_path, "r", last=False, metrics='{"epoch": 1}\n')
+    (run / "config.yaml").write_text("x: 1\n")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setattr(distributed, "remembered_run_dir", lambda: str(run))
+    monkeypatch.setattr(distributed, "remember_run_dir", lambda path: None)
+    summary = train(_cfg(data_root, tmp_path, "--log.name=r", "--schedule.epochs=1",
+                         "--schedule.warmup_epochs=0", "--train.max_steps=2"))
+    assert Path(summary["run_dir"]) == run
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["epoch"], m.get("step")) for m in lines] == [(1, 2)]
+
+
+def test_a_run_folder_name_that_is_not_utf8_goes_through_torchruns_store():
+    import torch.distributed as dist
+    from datetime import timedelta
+
+    store = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=timedelta(seconds=10))
+    distributed._job_store[0] = dist.PrefixStore("fasttrain/job", store)
+    try:
+        distributed.remember_run_dir("/runs/r\udcff")
+        assert distributed.remembered_run_dir() == "/runs/r\udcff"
+    finally:
+        distributed._job_store[0] = None
+
+
+def test_an_agent_store_that_does_not_answer_is_one_line(monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1")  # nothing listens there
+    monkeypatch.setattr(distributed, "_job_store", [None])
+    from datetime import timedelta
+
+    monkeypatch.setattr(distributed, "STORE_TIMEOUT", timedelta(seconds=1))
+    with pytest.raises(RunError, match=r"torchrun's store at 127.0.0.1:1 does not answer"):
+        distributed.remember_run_dir("/runs/r")

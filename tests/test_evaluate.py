@@ -158,6 +158,15 @@ def test_a_pruned_checkpoints_row_carries_its_baseline():
         "pruned", "thin_resnet50", "76.1000", 4_100_000_000)
 
 
+def test_the_same_data_folder_written_otherwise_is_the_same_setting(run, data_root, capsys,
+                                                                   monkeypatch):
+    monkeypatch.chdir(data_root)
+    for path in (f"{data_root / 'digits'}/", "digits"):
+        code, out, err = _evaluate(capsys, "--checkpoint", run / "checkpoints" / "last.pt",
+                                   f"--data.path={path}")
+        assert code == 0 and "(same settings)" in out, (path, out, err)
+
+
 def test_bad_arguments_exit_2_with_one_line(capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         evaluate_tool.main(["--file", "x.pt", "--weights", "ema"])
@@ -165,6 +174,13 @@ def test_bad_arguments_exit_2_with_one_line(capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         evaluate_tool.main(["--file", "x.pt", "r.yaml", "stray"])
     assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:  # the 1 was taken for the recipe
+        evaluate_tool.main(["--checkpoint", "c.pt", "--train.threads", "1"])
+    assert e.value.code == 2
+    assert "override '--train.threads': expected --section.key=value" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        evaluate_tool.main(["--checkpoint", "c.pt", "--json", "o", "--points", "./o"])
+    assert e.value.code == 2 and "name the same file" in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "2")
     code, _, err = _evaluate(capsys, "--file", "x.pt", "r.yaml")
     assert code == 2 and "not torchrun" in err
@@ -203,13 +219,18 @@ def test_the_validation_loader_labels_images_in_the_models_class_order(tmp_path)
 def test_outputs_that_are_not_regular_files_are_refused_before_evaluating(run, tmp_path,
                                                                          capsys):
     # written by a rename over the path: a pipe or a device (/dev/null) became a plain file
-    pipe = tmp_path / "pipe"
+    pipe, kept, link = tmp_path / "pipe", tmp_path / "log.txt", tmp_path / "stdout"
     os.mkfifo(pipe)
+    kept.write_text("a log\n")
+    link.symlink_to(kept)  # as /dev/stdout -> /proc/self/fd/1 with stdout sent to a file
     for flag in ("--json", "--points"):
-        code, out, err = _evaluate(capsys, "--checkpoint", run / "checkpoints" / "last.pt",
-                                   flag, pipe)
-        assert code == 2 and "exists and is not a regular file" in err and out == ""
-        assert stat.S_ISFIFO(os.stat(pipe).st_mode)
+        for path, words in ((pipe, "exists and is not a regular file"),
+                            (link, "is a symbolic link")):
+            code, out, err = _evaluate(capsys, "--checkpoint",
+                                       run / "checkpoints" / "last.pt", flag, path)
+            assert code == 2 and words in err and out == ""
+    assert stat.S_ISFIFO(os.stat(pipe).st_mode) and link.is_symlink()
+    assert kept.read_text() == "a log\n"
 
 
 def test_a_partial_view_of_the_data_is_said(run, data_root, tmp_path, capsys):

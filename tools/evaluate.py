@@ -77,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [o for o in overrides if not o.startswith("--") or "." not in o.split("=")[0]]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    spaced = [o for o in overrides if "=" not in o]
+    if spaced:  # `--train.threads 1`: the 1 would be taken for the recipe
+        parser.error(f"override {spaced[0]!r}: expected --section.key=value")
+    if args.json and args.points and Path(args.json).absolute() == Path(args.points).absolute():
+        parser.error("--json and --points name the same file")
     if args.weights == "ema" and not args.checkpoint:
         parser.error("--weights ema: only a checkpoint holds EMA weights")
     if (args.label or args.kind) and not args.points:
@@ -191,6 +196,14 @@ def _say_start(source, cfg, weights: str) -> None:
           f"{', flip averaged' if cfg.aug.test_flip else ''}", flush=True)
 
 
+def _data_root(path: str, dataset: str) -> Path:
+    """The folder `data.path` names, as the loaders find it (here and now: a relative path or
+    the default root read where the training ran may have meant another folder)."""
+    from fasttrain.data import default_root
+
+    return (Path(path).expanduser() if path else default_root(dataset)).resolve()
+
+
 # What decides a validation number (the batch size, workers and layout do not change it).
 RECORDED_SETTINGS = (("data", ("dataset", "path", "val_res", "val_resize", "mean", "std")),
                      ("aug", ("test_flip",)), ("train", ("precision",)))
@@ -206,7 +219,11 @@ def _recorded(state, weights: str, cfg) -> dict | None:
     stored = state.get("config") or {}
     now = cfg.to_dict()
     differences = [f"{section}.{k}" for section, keys in RECORDED_SETTINGS for k in keys
-                   if (stored.get(section) or {}).get(k, now[section][k]) != now[section][k]]
+                   if (stored.get(section) or {}).get(k, now[section][k]) != now[section][k]
+                   and (section, k) != ("data", "path")]
+    if _data_root((stored.get("data") or {}).get("path", ""), cfg.data.dataset) != \
+            _data_root(cfg.data.path, cfg.data.dataset):
+        differences.insert(0, "data.path")
     if (stored.get("data") or {}).get("backend") == "ffcv":
         # its .beton files may hold re-encoded or shrunk images; these are the originals
         differences.append("ffcv's stored images")

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..errors import ConfigError
+from ..errors import ConfigError, RunError
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,7 @@ def _attempt_store(rank: int, world: int) -> dist.Store:
 # next reads. None: not under torchrun, or a store that dies with the workers.
 _job_store: list[dist.Store | None] = [None]
 RUN_DIR_KEY = "run_dir"
+STORE_TIMEOUT = timedelta(seconds=20)
 
 
 def _torchrun_job_store() -> dist.Store | None:
@@ -90,9 +91,15 @@ def _torchrun_job_store() -> dist.Store | None:
     here; a multi-process one kept it when it joined the process group)."""
     if _job_store[0] is None and "TORCHELASTIC_RESTART_COUNT" in os.environ and (
             os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"):
-        store = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                              int(os.environ.get("MASTER_PORT", 29500)), is_master=False,
-                              timeout=timedelta(minutes=1), wait_for_workers=False)
+        addr = (os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                int(os.environ.get("MASTER_PORT", 29500)))
+        try:  # torchrun starts its store before the workers: it answers at once
+            store = dist.TCPStore(*addr, is_master=False, timeout=STORE_TIMEOUT,
+                                  wait_for_workers=False)
+        except (RuntimeError, OSError) as e:  # DistNetworkError is a RuntimeError
+            raise RunError(f"torchrun's store at {addr[0]}:{addr[1]} does not answer "
+                           f"({str(e).strip().splitlines()[0][:120]}); TORCHELASTIC_* "
+                           f"variables set outside torchrun? unset them") from None
         _job_store[0] = dist.PrefixStore("fasttrain/job", store)
     return _job_store[0]
 
@@ -100,8 +107,8 @@ def _torchrun_job_store() -> dist.Store | None:
 def remember_run_dir(run_dir: str) -> None:
     """Record, for the attempts torchrun may restart, the run folder this job trains into."""
     store = _torchrun_job_store()
-    if store is not None:
-        store.set(RUN_DIR_KEY, run_dir)
+    if store is not None:  # bytes: a folder name that is not UTF-8 stays exact
+        store.set(RUN_DIR_KEY, os.fsencode(run_dir))
 
 
 def remembered_run_dir() -> str | None:
@@ -109,7 +116,7 @@ def remembered_run_dir() -> str | None:
     store = _torchrun_job_store()
     if store is None or not store.check([RUN_DIR_KEY]):
         return None
-    return store.get(RUN_DIR_KEY).decode()
+    return os.fsdecode(store.get(RUN_DIR_KEY))
 
 
 def teardown() -> None:

@@ -305,9 +305,12 @@ def _restart_resume(resume: str | None, log_dir: Path, name: str) -> str | None:
         if (Path(pinned) / CHECKPOINTS / LAST).is_file():
             return pinned
         discard_unused_run_dir(Path(pinned))  # a SIGKILL before the first checkpoint left it
+        if resume and resume != "auto":
+            return resume
         # `auto` found nothing to continue then (it would have claimed that run's folder), and
-        # must not find another job's run now
-        return None if resume == "auto" else resume
+        # must not find another job's run now; a named run is its own folder, which `auto`
+        # starts again (dropping the metrics of an epoch whose checkpoint was never written)
+        return "auto" if name else None
     if not resume or resume == "auto":
         return "auto"
     run = run_dir_of(checkpoint_file(resume))
@@ -641,14 +644,14 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
     def claim_run_dir() -> Path:
         if resume_path and (run := run_dir_of(resume_path)):
             lock_run_dir(run)
-        else:
-            run = new_run_dir(log_dir, cfg.log.name, stem, resume == "auto")
-        distributed.remember_run_dir(str(run.resolve()))  # for torchrun's restarts
-        return run
+            return run
+        return new_run_dir(log_dir, cfg.log.name, stem, resume == "auto")
 
     run_dir = _on_main(dist, claim_run_dir)
     if made is not None and dist.is_main and not (resume_path and run_dir_of(resume_path)):
         made.append(run_dir)
+    # for torchrun's restarts (after `made`: a store that fails leaves no folder behind)
+    _on_main(dist, lambda: distributed.remember_run_dir(str(run_dir.resolve())))
 
     model = model.to(memory_format=torch.channels_last) if cfg.train.channels_last else model
     optimizer = build_optimizer(cfg.optim, model, device, cfg.data.batch_size)
