@@ -1492,6 +1492,6 @@ def test_an_agent_store_that_does_not_answer_is_one_line(monkeypatch):
     monkeypatch.setattr(distributed, "_job_store", [None])
     from datetime import timedelta
 
-    monkeypatch.setattr(distributed, "STORE_TIMEOUT", timedelta(seconds=1))
+    monkeypatch.setattr(distributed, "STORE_TIMEOUT", timedelta(seconds=5))
     with pytest.raises(RunError, match=r"torchrun's store at 127.0.0.1:1 does not answer"):
         distributed.remember_run_dir("/runs/r")

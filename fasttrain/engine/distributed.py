@@ -3,6 +3,7 @@ NCCL with one GPU per rank on CUDA, gloo on CPU (so DDP runs in CI with CPU proc
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -94,11 +95,15 @@ def _torchrun_job_store() -> dist.Store | None:
         addr = (os.environ.get("MASTER_ADDR", "127.0.0.1"),
                 int(os.environ.get("MASTER_PORT", 29500)))
         try:  # torchrun starts its store before the workers: it answers at once
+            # a plain connection first: TCPStore retries for twice its timeout, printing
+            # C++ stack dumps
+            socket.create_connection(addr, timeout=STORE_TIMEOUT.total_seconds()).close()
             store = dist.TCPStore(*addr, is_master=False, timeout=STORE_TIMEOUT,
                                   wait_for_workers=False)
         except (RuntimeError, OSError) as e:  # DistNetworkError is a RuntimeError
             raise RunError(f"torchrun's store at {addr[0]}:{addr[1]} does not answer "
-                           f"({str(e).strip().splitlines()[0][:120]}); TORCHELASTIC_* "
+                           f"({(str(e).strip() or type(e).__name__).splitlines()[0][:120]}); "
+                           f"TORCHELASTIC_* "
                            f"variables set outside torchrun? unset them") from None
         _job_store[0] = dist.PrefixStore("fasttrain/job", store)
     return _job_store[0]
