@@ -273,3 +273,9 @@ def test_progress_is_reported_after_every_batch(run, capsys):
                               state["classes"], progress=lambda *a: calls.append(a))
     assert calls == [(100, 364), (200, 364), (300, 364), (364, 364)]
     assert record["val_top1"] == _last_metrics(run)["val_top1"]
+
+
+def test_the_json_record_is_strict_even_for_a_diverged_network():
+    record = {"val_loss": float("inf"), "mean": [0.5, float("nan")], "nested": {"x": 1.5}}
+    assert evaluate_tool._finite(record) == {"val_loss": None, "mean": [0.5, None],
+                                             "nested": {"x": 1.5}}

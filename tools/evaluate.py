@@ -28,6 +28,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -330,12 +331,27 @@ def _point_row(args, record, state, label: str) -> dict:
     return row
 
 
+def _finite(value):
+    """`value` with every non-finite float (an overflowed loss) replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _write(args, record, state, label) -> None:
     from fasttrain.engine.checkpoint import write_atomic
 
     if args.json:
-        text = json.dumps(record, indent=2, default=str) + "\n"
-        write_atomic(Path(args.json), lambda f: f.write(text), mode="w")
+        # strict JSON: a diverged network's infinite loss is null
+        text = json.dumps(_finite(record), indent=2, default=str, allow_nan=False) + "\n"
+        try:
+            write_atomic(Path(args.json), lambda f: f.write(text), mode="w")
+        except OSError as e:
+            raise UserError(f"--json {args.json}: cannot write ({e.strerror or e})") from None
         print(f"wrote {args.json}")
     if args.points:
         path = Path(args.points)
@@ -352,7 +368,11 @@ def _write(args, record, state, label) -> None:
         if not old:
             writer.writerow(header)
         writer.writerow([row.get(c, "") for c in header])
-        write_atomic(path, lambda f: f.write(old + out.getvalue()), mode="w")
+        try:
+            write_atomic(path, lambda f: f.write(old + out.getvalue()), mode="w")
+        except OSError as e:
+            raise UserError(f"--points {args.points}: cannot write ({e.strerror or e}); the "
+                            f"file is as it was") from None
         print(f"added {label!r} to {args.points}")
 
 
