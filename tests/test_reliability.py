@@ -362,6 +362,40 @@ def test_a_rank_that_does_not_see_the_checkpoint_says_the_disk_must_be_shared(da
     assert "or in another node's log" in result.stderr
 
 
+@pytest.mark.slow
+def test_a_c10d_restart_of_two_nodes_continues_the_run(data_root, tmp_path):
+    # A rank dies on node 1: its agent restarts it (TORCHELASTIC_RESTART_COUNT 1), and the c10d
+    # rendezvous makes node 0's agent restart its healthy worker too, uncounted (0). The ranks
+    # took their store prefix from that count and waited for each other for good.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(WRAPPER)
+    args = [a for a in tiny_args(data_root, tmp_path, "unused")
+            if not a.startswith(("--log.name", "--train.threads"))]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+                "--nproc_per_node=1", "--max-restarts=1", "--rdzv-backend=c10d",
+                f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes"]
+    env = {**os.environ, "FASTTRAIN_DATA": str(data_root)}
+    nodes = [subprocess.Popen(launcher + [str(wrapper)] + args, cwd=tmp_path,
+                              env={**env, "KILL_PLAN": json.dumps(plan)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for plan in ({}, {"exit_rank": 1, "loss_call": 30})]
+    try:
+        outputs = [node.communicate(timeout=240) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], [e[-2000:] for _, e in outputs]
+    (run,) = tmp_path.glob("quickstart-*")
+    assert f"resumed from {run}" in outputs[0][0]
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2, 3]
+
+
 def make_messy_folder(root: Path) -> None:
     rng = np.random.default_rng(0)
     for split in ("train", "val"):

@@ -64,10 +64,12 @@ def setup(device_preference: str) -> DistInfo:
 
 
 def _attempt_store(rank: int, world: int) -> dist.Store:
-    """torchrun's key-value store under a prefix unique to this launch attempt.
+    """torchrun's key-value store under a prefix unique to this start of the workers.
 
     After a `--max-restarts` restart the store still holds the previous attempt's keys; without a
     fresh prefix a rank can read a dead peer's gloo address and fail with "Connection refused".
+    The start is counted in the store (`start_round`), not taken from TORCHELASTIC_RESTART_COUNT,
+    on which the nodes of a c10d rendezvous can disagree.
     """
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
     store = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"),
@@ -76,8 +78,37 @@ def _attempt_store(rank: int, world: int) -> dist.Store:
                           timeout=timedelta(minutes=10), wait_for_workers=False)
     if agent_store:
         _job_store[0] = dist.PrefixStore("fasttrain/job", store)
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        attempt = _count_start(_job_store[0], world)
+    else:
+        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     return dist.PrefixStore(f"fasttrain/attempt_{attempt}", store)
+
+
+_start_round: list[int | None] = [None]
+
+
+def _count_start(store: dist.Store, world: int) -> int:
+    """This start of the worker group, counted in torchrun's store: every rank adds one to a
+    counter of its world size as it starts, and all `world` ranks of a start add theirs before
+    any rank of the next start can, so they all read the same `(count - 1) // world`."""
+    _start_round[0] = (store.add(f"starts/world{world}", 1) - 1) // world
+    return _start_round[0]
+
+
+def start_round() -> int:
+    """0 for the first start of this job's workers, k for the k-th start after it (a torchrun
+    restart). Where torchrun's agent store is, counted there: TORCHELASTIC_RESTART_COUNT counts
+    an agent's own restarts only, so when a c10d rendezvous restarts a node's healthy workers
+    because another node's failed, that node's ranks read 0 and the other's 1 (measured, 2
+    nodes): they took their process group's store prefixes from it and waited for each other
+    for good, and rank 0 would have started a new run instead of continuing. Elsewhere that
+    variable (0 outside torchrun)."""
+    if _start_round[0] is None:
+        store = _torchrun_job_store()
+        if store is None:
+            return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        _count_start(store, _env_int("WORLD_SIZE", 1))  # one process: no group counted it
+    return _start_round[0]
 
 
 # torchrun's agent store outlives the workers it restarts: what one attempt leaves there the

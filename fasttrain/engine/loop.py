@@ -554,7 +554,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
     log_dir = Path(cfg.log.dir).expanduser()  # a `--log.dir=~/runs` the shell left as typed
     check_log_dir(log_dir)  # a dry run too
     stem = recipe_stem(recipe)
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
+    if distributed.start_round() > 0:
         # torchrun --max-restarts restarted us: continue the interrupted run
         resume = _on_main(dist, lambda: _restart_resume(resume, log_dir, cfg.log.name))
     elif (resume and resume != "auto" and not cfg.log.name
