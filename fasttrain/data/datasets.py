@@ -286,19 +286,23 @@ class SampleList(Sequence[tuple[str, int]]):
     paths' bytes back to back with their offsets, and the labels.
 
     Why not the list: DataLoader workers are forked and share the parent's memory until they
-    write to it, and reading a Python object writes its reference count (and the garbage
-    collector writes to every tuple). A worker that went through ImageNet's 1.28 M (path,
-    label) tuples held its own ~200 MB copy of them (~260 MB with the collector's share): 16
-    workers x 8 ranks of a recipe, ~32 GB per node (pytorch/pytorch#13246). Reading numpy
-    buffers writes nothing, so the workers keep sharing one copy (~0 MB each, measured)."""
+    write to it, and reading a Python object writes its reference count. A worker that went
+    through ImageNet's 1.28 M (path, label) tuples held its own ~200 MB copy of them: 16
+    workers x 8 ranks of a recipe, ~26 GB per node (pytorch/pytorch#13246). Reading numpy
+    buffers writes nothing, so the workers keep sharing one copy (9-10 MB of private memory
+    after 150 k samples against 209 MB, measured)."""
 
     def __init__(self, pairs: Sequence[tuple[str, int]]) -> None:
-        encoded = [os.fsencode(path) for path, _ in pairs]
-        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-        np.cumsum([len(e) for e in encoded], out=self._offsets[1:])
-        self._paths = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
+        # One growing buffer, not a list of encoded paths joined: building it peaked at +531 MB
+        # for ImageNet's 1.28 M paths, twice what it keeps
+        paths, ends = bytearray(), np.empty(len(pairs), dtype=np.int64)
+        for i, (path, _) in enumerate(pairs):
+            paths += os.fsencode(path)
+            ends[i] = len(paths)
+        self._offsets = np.concatenate([np.zeros(1, dtype=np.int64), ends])
+        self._paths = np.frombuffer(paths, dtype=np.uint8)
         self._labels = np.fromiter((label for _, label in pairs), dtype=np.int64,
-                                   count=len(encoded))
+                                   count=len(pairs))
 
     def __len__(self) -> int:
         return len(self._labels)
