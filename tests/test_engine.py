@@ -1495,3 +1495,35 @@ def test_an_agent_store_that_does_not_answer_is_one_line(monkeypatch):
     monkeypatch.setattr(distributed, "STORE_TIMEOUT", timedelta(seconds=5))
     with pytest.raises(RunError, match=r"torchrun's store at 127.0.0.1:1 does not answer"):
         distributed.remember_run_dir("/runs/r")
+
+
+def test_an_interrupt_names_the_run_folder_to_continue(data_root, tmp_path, monkeypatch,
+                                                       capsys):
+    # the line said "--resume auto", which without --log.name continues the newest run of the
+    # recipe (another job's, perhaps), and promised checkpoints when none was written
+    args = ("--schedule.epochs=2", "--schedule.warmup_epochs=0", "--model.width=0.25")
+    real_epoch, calls, stop_at = loop.train_one_epoch, [], [2]
+
+    def interrupted_second_epoch(*a, **kw):
+        calls.append(1)
+        if len(calls) == stop_at[0]:
+            raise KeyboardInterrupt
+        return real_epoch(*a, **kw)
+
+    monkeypatch.setattr(loop, "train_one_epoch", interrupted_second_epoch)
+    with pytest.raises(KeyboardInterrupt) as e:
+        train(_cfg(data_root, tmp_path, *args))
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert e.value.fasttrain_resume == str(run)
+    calls.clear()
+    stop_at[0] = 1  # in the first epoch: before any checkpoint
+    with pytest.raises(KeyboardInterrupt) as e:
+        train(_cfg(data_root, tmp_path / "other", *args))
+    assert e.value.fasttrain_resume == ""
+    tool = load_tool("train")
+    tool._interrupted(False, str(run))
+    tool._interrupted(True, "")
+    assert capsys.readouterr().err == (
+        f"interrupted: checkpoints already written are intact; continue from the last one "
+        f"with --resume {run}\n"
+        "terminated: before the first checkpoint, nothing to continue\n")

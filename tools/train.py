@@ -117,7 +117,7 @@ def _main(argv: list[str] | None) -> int:
         raise
     except KeyboardInterrupt as e:
         terminated = isinstance(e, Terminated)
-        _interrupted(terminated)
+        _interrupted(terminated, getattr(e, "fasttrain_resume", None))
         return 143 if terminated else 130  # the shell's statuses for SIGTERM and SIGINT
     return 0
 
@@ -131,17 +131,26 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr)
 
 
-def _interrupted(terminated: bool) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
-        left = (int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
-                - int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
-        # torchrun stops the ranks left when one dies, then restarts them if it may
-        restart = (f"torchrun continues from the last one if it restarts the job ({left} "
-                   f"restart{'s' * (left != 1)} left), else continue" if terminated and left > 0
-                   else "continue")
-        _say(f"{'terminated' if terminated else 'interrupted'}: checkpoints already written "
-             f"are intact; {restart} from the last one with --resume auto (or --resume "
-             f"RUN_DIR)")
+def _interrupted(terminated: bool, resume: str | None = None) -> None:
+    """The one line of a Ctrl-C or a SIGTERM. `resume`: the run folder to continue (from
+    train()'s KeyboardInterrupt), "" when nothing was checkpointed, None when unknown."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    what = "terminated" if terminated else "interrupted"
+    left = (int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+            - int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
+    # torchrun stops the ranks left when one dies, then restarts them if it may
+    restart = terminated and left > 0
+    if resume == "":
+        _say(f"{what}: before the first checkpoint, nothing to continue"
+             + (f"; torchrun starts the run again if it restarts the job ({left} "
+                f"restart{'s' * (left != 1)} left)" if restart else ""))
+        return
+    how = f"--resume {resume}" if resume else "--resume auto (or --resume RUN_DIR)"
+    then = (f"torchrun continues from the last one if it restarts the job ({left} "
+            f"restart{'s' * (left != 1)} left), else continue" if restart else "continue")
+    _say(f"{what}: checkpoints already written are intact; {then} from the last one with "
+         f"{how}")
 
 
 class Terminated(KeyboardInterrupt):

@@ -475,6 +475,9 @@ def _summary_rows(cfg: Config, params: int, macs, res: int) -> list[tuple[str, s
                    ("MACs (fvcore total, incl. BN)", f"{macs.total:,}")]
 
 
+_claimed: list[Path | None] = [None]  # the run folder the current train() call writes
+
+
 def train(cfg: Config, recipe: str | None = None, resume: str | None = None,
           dry_run: bool = False) -> dict[str, Any]:
     """Train as `cfg` says; returns the final summary: run_dir, epoch (the last epoch trained,
@@ -491,6 +494,9 @@ def train(cfg: Config, recipe: str | None = None, resume: str | None = None,
     Raises:
         UserError subclasses (ConfigError, DatasetError, CheckpointError, RunError): one-line
         messages for the user.
+        KeyboardInterrupt (Ctrl-C, or SIGTERM as tools/train.py turns it): re-raised with
+        `fasttrain_resume`, the run folder to continue (one holding a checkpoint), "" when
+        there is none.
     """
     cfg = config_mod.load_mapping(cfg.to_dict(), "config")
     threads = torch.get_num_threads()
@@ -502,15 +508,19 @@ def train(cfg: Config, recipe: str | None = None, resume: str | None = None,
     owner = rundir_mod.lock_owner.set(object())  # this call's run-folder locks
     try:
         return _train(cfg, dist, recipe, resume, dry_run, made)
-    except BaseException:
+    except BaseException as e:
         # Refused after its folder was made (a check only the first step can do, e.g. a
         # one-image BatchNorm batch), interrupted (Ctrl-C, SIGTERM: a preemption) or stopped
         # by another rank's failure before its first checkpoint: the folder would only hold a
         # config.yaml, and each requeued `--resume auto` would leave one more.
         for run in made:
             discard_unused_run_dir(run)
+        if isinstance(e, KeyboardInterrupt):  # what its one line tells to continue from
+            last = _claimed[0] / CHECKPOINTS / LAST if _claimed[0] is not None else None
+            e.fasttrain_resume = str(last.parent.parent) if last and last.is_file() else ""
         raise
     finally:
+        _claimed[0] = None
         release_run_dirs()
         rundir_mod.lock_owner.reset(owner)
         distributed.teardown()
@@ -650,6 +660,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
     run_dir = _on_main(dist, claim_run_dir)
     if made is not None and dist.is_main and not (resume_path and run_dir_of(resume_path)):
         made.append(run_dir)
+    _claimed[0] = run_dir
     # for torchrun's restarts (after `made`: a store that fails leaves no folder behind)
     _on_main(dist, lambda: distributed.remember_run_dir(str(run_dir.resolve())))
 
