@@ -239,10 +239,20 @@ def test_a_partial_view_of_the_data_is_said(run, data_root, tmp_path, capsys):
     for name in ("3", "7"):
         shutil.copytree(data_root / "digits" / "val" / name, tmp_path / "sub" / "val" / name)
     code, out, err = _evaluate(capsys, "--checkpoint", run / "checkpoints" / "last.pt",
-                               f"--data.path={tmp_path / 'sub'}")
+                               f"--data.path={tmp_path / 'sub'}", "--json", tmp_path / "c.json")
     assert code == 0, err
     assert "images of 2 of the model's 10 classes" in out
     assert "measured differently (data.path)" in out
+    # an exported file carries the class names too: its labels are the checkpoint's
+    from fasttrain import export as ex
+
+    model, meta = ex.model_from_checkpoint(run / "checkpoints" / "last.pt")
+    ex.export_model(model, meta, "torchscript", tmp_path / "net.pt")
+    code, out, err = _evaluate(capsys, "--file", tmp_path / "net.pt", QUICKSTART,
+                               f"--data.path={tmp_path / 'sub'}", "--json", tmp_path / "f.json")
+    assert code == 0 and "warning" not in out, (out, err)
+    checkpoint, exported = (json.loads((tmp_path / f).read_text()) for f in ("c.json", "f.json"))
+    assert abs(exported["val_top1"] - checkpoint["val_top1"]) <= 100 / exported["images"] + 1e-9
 
 
 def test_a_model_without_class_names_whose_outputs_differ_gets_a_warning(data_root, tmp_path,

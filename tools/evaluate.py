@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             check_output(args.json, f"--json {args.json}")
         label = _check_points(args, args.points) if args.points else None
         source = _source(args, state)
+        if classes is None and args.file and source.classes:  # an export's label order
+            classes = _checked_classes(source.classes, args.file)
         if args.points and source.count_model is None:
             raise UserError(f"--points {args.points}: the network's MACs cannot be counted (a "
                             f"TorchScript file without fasttrain metadata); the row needs them")
@@ -171,9 +173,12 @@ def _settings(args, overrides: list[str]):
 
 def _classes(state, args) -> list[str] | None:
     classes = state.get("classes") if state is not None else None
-    if classes is not None and not (isinstance(classes, list)
-                                    and all(isinstance(c, str) for c in classes)):
-        raise UserError(f"{args.checkpoint}: malformed 'classes' entry")
+    return _checked_classes(classes, args.checkpoint) if classes is not None else None
+
+
+def _checked_classes(classes, where: str) -> list[str] | None:
+    if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise UserError(f"{where}: malformed 'classes' entry")
     return classes or None
 
 

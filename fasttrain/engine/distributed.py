@@ -90,7 +90,10 @@ _start_round: list[int | None] = [None]
 def _count_start(store: dist.Store, world: int) -> int:
     """This start of the worker group, counted in torchrun's store: every rank adds one to a
     counter of its world size as it starts, and all `world` ranks of a start add theirs before
-    any rank of the next start can, so they all read the same `(count - 1) // world`."""
+    any rank of the next start can, so they all read the same `(count - 1) // world`. A rank
+    that dies before it counts (while loading) leaves the counter uneven for the starts after:
+    their ranks disagree and cannot form a group (torchrun gives no round number that all
+    nodes' ranks share)."""
     _start_round[0] = (store.add(f"starts/world{world}", 1) - 1) // world
     return _start_round[0]
 

@@ -52,6 +52,8 @@ class BenchModel:
         in_chans: input channels (a factory's first convolution's; else 3).
         details: what else tells this network apart in a result row (`channel_divisor` of a
             registry model, the `weights` of a checkpoint), copied into each row.
+        classes: the class names in label order, where the checkpoint or the exported file
+            holds them; None = unknown.
     """
 
     name: str
@@ -66,6 +68,7 @@ class BenchModel:
     fixed_resolution: int | None = None
     in_chans: int = 3
     details: dict[str, Any] = field(default_factory=dict)
+    classes: list[str] | None = None
 
 
 def from_registry(name: str, widths: list[float], *, channel_divisor: int = 1,
@@ -107,7 +110,7 @@ def from_checkpoint(path: str | Path, norm_act: str | None = None,
     name, width = _identity(meta)
     return BenchModel(name, width, str(path), model, meta["input_size"][1],
                       meta["num_classes"], meta["norm_act"], model,
-                      details={"weights": weights})
+                      details={"weights": weights}, classes=meta.get("classes"))
 
 
 def _identity(meta: dict) -> tuple[str, float | None]:
@@ -162,7 +165,7 @@ def from_file(path: str | Path) -> BenchModel:
                 "native" if meta.get("norm_act") else None)
     return BenchModel(name, width, str(path), module,
                       resolution, meta.get("num_classes"), norm_act, count_model,
-                      compiled=True, fixed_resolution=fixed)
+                      compiled=True, fixed_resolution=fixed, classes=meta.get("classes"))
 
 
 def _exported_size(module: nn.Module, meta: dict) -> int | None:
