@@ -37,6 +37,15 @@ def _last_metrics(run: Path) -> dict:
     return json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
 
 
+def _linear_factory(folder: Path, module: str, outputs: int, monkeypatch) -> None:
+    """`module:build`, a linear classifier of 16x16 RGB images, importable from `folder`."""
+    (folder / f"{module}.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        f"    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(768, {outputs}))\n")
+    monkeypatch.chdir(folder)
+
+
 def _evaluate(capsys, *args: str) -> tuple[int, str, str]:
     code = evaluate_tool.main([str(a) for a in args])
     out = capsys.readouterr()
@@ -111,11 +120,7 @@ def test_a_file_or_factory_without_a_recipe_is_refused(tmp_path, capsys):
 
 def test_a_network_with_fewer_outputs_than_classes_is_refused(data_root, tmp_path, capsys,
                                                              monkeypatch):
-    (tmp_path / "three.py").write_text(
-        "import torch\n"
-        "def build():\n"
-        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(768, 3))\n")
-    monkeypatch.chdir(tmp_path)
+    _linear_factory(tmp_path, "three", 3, monkeypatch)
     code, _, err = _evaluate(capsys, "--factory", "three:build", QUICKSTART,
                              f"--data.path={data_root / 'digits'}")
     assert code == 2 and err.count("\n") == 1
@@ -257,11 +262,7 @@ def test_a_partial_view_of_the_data_is_said(run, data_root, tmp_path, capsys):
 
 def test_a_model_without_class_names_whose_outputs_differ_gets_a_warning(data_root, tmp_path,
                                                                         capsys, monkeypatch):
-    (tmp_path / "twelve.py").write_text(
-        "import torch\n"
-        "def build():\n"
-        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(768, 12))\n")
-    monkeypatch.chdir(tmp_path)
+    _linear_factory(tmp_path, "twelve", 12, monkeypatch)
     code, out, err = _evaluate(capsys, "--factory", "twelve:build", QUICKSTART,
                                f"--data.path={data_root / 'digits'}")
     assert code == 0, err
