@@ -475,9 +475,6 @@ def _summary_rows(cfg: Config, params: int, macs, res: int) -> list[tuple[str, s
                    ("MACs (fvcore total, incl. BN)", f"{macs.total:,}")]
 
 
-_claimed: list[Path | None] = [None]  # the run folder the current train() call writes
-
-
 def train(cfg: Config, recipe: str | None = None, resume: str | None = None,
           dry_run: bool = False) -> dict[str, Any]:
     """Train as `cfg` says; returns the final summary: run_dir, epoch (the last epoch trained,
@@ -504,10 +501,11 @@ def train(cfg: Config, recipe: str | None = None, resume: str | None = None,
                      torch.is_deterministic_algorithms_warn_only_enabled())
     cudnn_benchmark = torch.backends.cudnn.benchmark
     dist = distributed.setup(cfg.train.device)
-    made: list[Path] = []
+    made: list[Path] = []  # run folders this call created
+    claimed: list[Path] = []  # the run folder it writes, new or resumed
     owner = rundir_mod.lock_owner.set(object())  # this call's run-folder locks
     try:
-        return _train(cfg, dist, recipe, resume, dry_run, made)
+        return _train(cfg, dist, recipe, resume, dry_run, made, claimed)
     except BaseException as e:
         # Refused after its folder was made (a check only the first step can do, e.g. a
         # one-image BatchNorm batch), interrupted (Ctrl-C, SIGTERM: a preemption) or stopped
@@ -516,11 +514,10 @@ def train(cfg: Config, recipe: str | None = None, resume: str | None = None,
         for run in made:
             discard_unused_run_dir(run)
         if isinstance(e, KeyboardInterrupt):  # what its one line tells to continue from
-            last = _claimed[0] / CHECKPOINTS / LAST if _claimed[0] is not None else None
-            e.fasttrain_resume = str(last.parent.parent) if last and last.is_file() else ""
+            e.fasttrain_resume = next((str(run) for run in claimed
+                                       if (run / CHECKPOINTS / LAST).is_file()), "")
         raise
     finally:
-        _claimed[0] = None
         release_run_dirs()
         rundir_mod.lock_owner.reset(owner)
         distributed.teardown()
@@ -530,7 +527,8 @@ def train(cfg: Config, recipe: str | None = None, resume: str | None = None,
 
 
 def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: str | None,
-           dry_run: bool, made: list[Path] | None = None) -> dict[str, Any]:
+           dry_run: bool, made: list[Path] | None = None,
+           claimed: list[Path] | None = None) -> dict[str, Any]:
     device = dist.device
     cores = len(os.sched_getaffinity(0))
     torch.set_num_threads(cfg.train.threads or max(1, cores // dist.local_world_size))
@@ -660,7 +658,8 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
     run_dir = _on_main(dist, claim_run_dir)
     if made is not None and dist.is_main and not (resume_path and run_dir_of(resume_path)):
         made.append(run_dir)
-    _claimed[0] = run_dir
+    if claimed is not None:
+        claimed.append(run_dir)
     # for torchrun's restarts (after `made`: a store that fails leaves no folder behind)
     _on_main(dist, lambda: distributed.remember_run_dir(str(run_dir.resolve())))
 
