@@ -359,8 +359,7 @@ def _datasets(data: DataConfig) -> tuple[Dataset, Dataset, list[str], Path]:
                                f"train/ and val/ class folders: see README, 'Preparing "
                                f"ImageNet')")
     train = ImageFolderDataset(root / "train")
-    val_classes = sorted(p.name for p in (root / "val").iterdir() if p.is_dir())
-    extra = sorted(set(val_classes) - set(train.classes))
+    extra = sorted(set(_class_folders(root / "val")) - set(train.classes))
     if extra:
         raise DatasetError(f"{root / 'val'}: classes not in train/: {', '.join(extra[:5])}")
     val = ImageFolderDataset(root / "val", class_to_idx=train.class_to_idx)
@@ -374,10 +373,10 @@ def build_val_loader(data: DataConfig, *, classes: list[str] | None = None,
     resized to `data.val_resize`, center crop `data.val_res`, normalised), one process, every
     image once: `(loader, classes, root)`.
 
-    The torch backend's validation is every backend's (ffcv's decoder aside, which crops inside
-    the resized image: `data.ffcv_resize=opencv`), so a checkpoint is measured as training
-    measured it whatever backend trained it. Nothing of the training split is read but its class
-    folder names.
+    The torch backend's validation is the resident and dali backends' too, so a checkpoint they
+    trained is measured as training measured it (not ffcv's: its files may hold re-encoded or
+    shrunk images, and `data.ffcv_resize=opencv` crops inside the resized image). Nothing of the
+    training split is read but its class folder names.
 
     Args:
         classes: the label order the model was trained with (a checkpoint's `classes`); None =
