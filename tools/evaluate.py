@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -202,14 +203,6 @@ def _say_start(source, cfg, weights: str) -> None:
           f"{', flip averaged' if cfg.aug.test_flip else ''}", flush=True)
 
 
-def _data_root(path: str, dataset: str) -> Path:
-    """The folder `data.path` names, as the loaders find it (here and now: a relative path or
-    the default root read where the training ran may have meant another folder)."""
-    from fasttrain.data import default_root
-
-    return (Path(path).expanduser() if path else default_root(dataset)).resolve()
-
-
 # What decides a validation number (the batch size, workers and layout do not change it).
 RECORDED_SETTINGS = (("data", ("dataset", "path", "val_res", "val_resize", "mean", "std")),
                      ("aug", ("test_flip",)), ("train", ("precision",)))
@@ -218,6 +211,8 @@ RECORDED_SETTINGS = (("data", ("dataset", "path", "val_res", "val_resize", "mean
 def _recorded(state, weights: str, cfg) -> dict | None:
     """The checkpoint's own top-1 and what sets this evaluation apart from the one that
     recorded it (`differences`; none: the same measurement)."""
+    from fasttrain.data.datasets import dataset_root
+
     metrics = state.get("metrics") or {}
     key = "val_top1" if weights == "model" else "val_top1_ema"
     if not isinstance(metrics.get(key), (int, float)):
@@ -227,8 +222,10 @@ def _recorded(state, weights: str, cfg) -> dict | None:
     differences = [f"{section}.{k}" for section, keys in RECORDED_SETTINGS for k in keys
                    if (stored.get(section) or {}).get(k, now[section][k]) != now[section][k]
                    and (section, k) != ("data", "path")]
-    if _data_root((stored.get("data") or {}).get("path", ""), cfg.data.dataset) != \
-            _data_root(cfg.data.path, cfg.data.dataset):
+    # as resolved folders (here and now: a relative path or the default root read where the
+    # training ran may have meant another folder)
+    stored_data = dataclasses.replace(cfg.data, path=(stored.get("data") or {}).get("path", ""))
+    if dataset_root(stored_data).resolve() != dataset_root(cfg.data).resolve():
         differences.insert(0, "data.path")
     if (stored.get("data") or {}).get("backend") == "ffcv":
         # its .beton files may hold re-encoded or shrunk images; these are the originals

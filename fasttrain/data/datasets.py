@@ -42,6 +42,11 @@ def default_root(dataset: str) -> Path:
     return Path(base) / dataset
 
 
+def dataset_root(data) -> Path:
+    """The data set folder of a DataConfig: `data.path`, or the default for `data.dataset`."""
+    return Path(data.path).expanduser() if data.path else default_root(data.dataset)
+
+
 _ROOT_FROM = "the folder comes from data.path, else $FASTTRAIN_DATA, else $FASTTRAIN_CACHE"
 
 

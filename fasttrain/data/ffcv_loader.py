@@ -51,7 +51,7 @@ import torch
 from ..config import MAX_WORKERS, AugConfig, DataConfig
 from ..errors import ConfigError, DatasetError, RunError
 from . import jpeg, resize
-from .datasets import SkippedSample, default_root
+from .datasets import SkippedSample, dataset_root
 from .loader import sample_seed, torch_threads
 from .transforms import Normalize, progressive_resolution
 
@@ -368,11 +368,6 @@ def _ffcv() -> SimpleNamespace:
 
 # --------------------------------------------------------------------------------------------
 # Paths and sidecars
-
-def dataset_root(data: DataConfig) -> Path:
-    """The data set folder: `data.path`, or the default for `data.dataset`."""
-    return Path(data.path).expanduser() if data.path else default_root(data.dataset)
-
 
 def beton_dir(data: DataConfig) -> Path:
     """Where train.beton and val.beton live: `data.ffcv_dir`, default `<dataset root>/ffcv`."""

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_
 
 from ..config import AugConfig, ConfigError, DataConfig, load_mapping
 from .datasets import (DatasetError, ImageFolderDataset, SkippedSample, build_digits,
-                       default_root, load_cifar10)
+                       dataset_root, load_cifar10)
 from .transforms import (Normalize, PendingCrop, TrainAugment, ValTransform,
                          progressive_resolution)
 
@@ -346,7 +346,7 @@ class Loaders:
 
 
 def _datasets(data: DataConfig) -> tuple[Dataset, Dataset, list[str], Path]:
-    root = Path(data.path).expanduser() if data.path else default_root(data.dataset)
+    root = dataset_root(data)
     if data.dataset == "cifar10":
         train = load_cifar10(root, train=True, download=data.download)
         val = load_cifar10(root, train=False, download=False)
@@ -387,7 +387,7 @@ def build_val_loader(data: DataConfig, *, classes: list[str] | None = None,
         DatasetError: the validation split is missing or malformed, holds a class not in
             `classes`, or CIFAR-10's classes are not `classes`.
     """
-    root = Path(data.path).expanduser() if data.path else default_root(data.dataset)
+    root = dataset_root(data)
     if data.dataset == "cifar10":
         val_set = load_cifar10(root, train=False, download=data.download)
         if classes is not None and list(classes) != list(val_set.classes):
