@@ -189,22 +189,24 @@ def test_a_resume_on_three_ranks_is_bit_identical(data_root, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("reps", [1, 2])
-def test_accumulation_trains_the_weights_of_more_ranks(data_root, tmp_path, reps):
-    """One process with 2 micro-batches per step and 2 ranks with one: the same images and
+@pytest.mark.parametrize("reps, accum", [(2, 2), (1, 3)])
+def test_accumulation_trains_the_weights_of_more_ranks(data_root, tmp_path, reps, accum):
+    """One process with k micro-batches per step and k ranks with one: the same images and
     crops in each BatchNorm batch, the same mixing draw and the same averaged gradient, so the
-    same weights bit for bit (BatchNorm running statistics differ: updated per micro-batch)."""
+    same weights bit for bit (BatchNorm running statistics differ: updated per micro-batch).
+    k = 3: a mean that divides each micro-batch's loss by k rounds differently."""
     env = {**os.environ, "FASTTRAIN_DATA": str(data_root)}
     common = [str(ROOT / "tools" / "train.py"), str(QUICKSTART), f"--log.dir={tmp_path}",
               "--log.progress=plain", "--schedule.epochs=1", "--schedule.warmup_epochs=0",
-              "--data.backend=torch", "--data.num_workers=0", "--data.batch_size=64",
+              "--data.backend=torch", "--data.num_workers=0", f"--data.batch_size={21 * accum}",
+              f"--data.val_batch_size={60 * accum}",
               "--model.width=0.25", "--train.deterministic=true", "--train.threads=1",
               "--train.max_steps=8", f"--data.ra_reps={reps}", "--aug.mixup_alpha=0.2",
               "--aug.cutmix_alpha=1.0"]
     runs = {"ranks": [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                      "--nproc_per_node=2", *common, "--log.name=ranks"],
+                      f"--nproc_per_node={accum}", *common, "--log.name=ranks"],
             "accum": [sys.executable, *common, "--log.name=accum",
-                      "--train.grad_accum_steps=2"]}
+                      f"--train.grad_accum_steps={accum}"]}
     for command in runs.values():
         result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
                                 timeout=300)

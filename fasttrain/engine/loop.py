@@ -893,12 +893,19 @@ def train_one_epoch(p: Parts, loader: DeviceLoader, state: TrainState, epoch: in
                         _raise_if_one_value_per_channel(e, cfg, len(labels))
                         raise
                 loss = classification_loss(cfg.optim, logits, labels, targets)
-                p.scaler.scale(loss / accum).backward()
+                p.scaler.scale(loss).backward()
+            step_loss = loss.detach() if micro == 0 else step_loss + loss.detach()
             loss_sum += loss.detach().double() / accum
             # Recorded on the device: no sync per step; checked at the sync points below.
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()),
                                    state.step + 1, bad_step)
             images_seen += len(labels)
+        if accum > 1:
+            # Summed undivided, divided once: the arithmetic of `accum` ranks' rank-ordered
+            # mean, so one process equals them bit for bit for any k (a loss / k per
+            # micro-batch rounds unless k is a power of two).
+            torch._foreach_div_([q.grad for q in p.model.parameters() if q.grad is not None],
+                                float(accum))
         if cfg.optim.max_grad_norm > 0:
             p.scaler.unscale_(p.optimizer)
             torch.nn.utils.clip_grad_norm_(p.model.parameters(), cfg.optim.max_grad_norm)
@@ -917,7 +924,7 @@ def train_one_epoch(p: Parts, loader: DeviceLoader, state: TrainState, epoch: in
             _raise_if_diverged(bad_step, epoch, p.model, state.step)
         if report.live and (step % cfg.log.interval == 0 or step == steps):
             _raise_if_diverged(bad_step, epoch)  # a sync point anyway (rank 0 only)
-            report.update(step, loss.item(), p.optimizer.param_groups[0]["lr"])
+            report.update(step, step_loss.item() / accum, step_lr)
         if checkpoint_now:
             sums = torch.cat([loss_sum.view(1), torch.tensor([images_seen], dtype=torch.float64,
                                                              device=p.device)])

@@ -50,6 +50,8 @@ class Reporter:
         self._bar.start()
 
     def update(self, steps_done: int, loss: float, lr: float) -> None:
+        """`loss`: the main rank's mean over the last step's micro-batches; `lr`: the rate
+        that step used (as in the metrics line)."""
         if self._bar is not None:
             self._bar.update(self._task, completed=steps_done,
                              status=f"loss {loss:.4f} lr {lr:.4g}")
