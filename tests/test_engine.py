@@ -1384,6 +1384,38 @@ def test_a_run_stopped_by_any_error_before_its_first_checkpoint_leaves_no_folder
     assert not (tmp_path / "gone").exists()
 
 
+def test_discarding_a_named_folder_leaves_what_the_run_did_not_write(data_root, tmp_path,
+                                                                     monkeypatch):
+    # an interrupted run in an existing --log.name folder deleted its earlier event files,
+    # and through a tensorboard/ that was a link, event files outside log.dir
+    def peer_gone(*args, **kwargs):
+        raise RuntimeError("Connection closed by peer")
+
+    monkeypatch.setattr(loop, "classification_loss", peer_gone)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "events.out.tfevents.1.other").write_text("theirs")
+    for name, board in (("kept", None), ("linked", outside)):
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        (run / "notes.txt").write_text("mine")
+        if board is None:
+            (run / "tensorboard").mkdir()
+            (run / "tensorboard" / "events.out.tfevents.0.earlier").write_text("earlier")
+        else:
+            (run / "tensorboard").symlink_to(board)
+        with pytest.raises(RuntimeError, match="Connection closed by peer"):
+            train(_cfg(data_root, tmp_path / "runs", f"--log.name={name}",
+                       "--log.tensorboard=true", "--schedule.epochs=1",
+                       "--schedule.warmup_epochs=0"))
+        assert (run / "notes.txt").read_text() == "mine"
+        assert not (run / "config.yaml").exists() and not (run / "checkpoints").exists()
+    assert [p.name for p in (tmp_path / "runs" / "kept" / "tensorboard").iterdir()] == [
+        "events.out.tfevents.0.earlier"]
+    assert (outside / "events.out.tfevents.1.other").read_text() == "theirs"
+    assert len(list(outside.iterdir())) == 2  # the run's own events file, written there
+
+
 def test_a_rank_stopped_for_a_torchrun_restart_says_torchrun_continues(monkeypatch, capsys):
     tool = load_tool("train")
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "2")

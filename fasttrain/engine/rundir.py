@@ -66,17 +66,32 @@ def check_log_dir(log_dir: Path) -> None:
         raise RunError(f"log.dir={log_dir}: {existing} is a file, not a folder")
 
 
-def discard_unused_run_dir(run: Path) -> None:
+def event_files(run: Path) -> frozenset[str]:
+    """The TensorBoard event files `run/tensorboard` holds (names), unless it is a symbolic
+    link: taken before a run claims a named folder, so that its discarding leaves them."""
+    board = run / "tensorboard"
+    if board.is_symlink() or not board.is_dir():
+        return frozenset()
+    return frozenset(e.name for e in board.glob("events.out.tfevents.*"))
+
+
+def discard_unused_run_dir(run: Path, kept_events: frozenset[str] = frozenset()) -> None:
     """Remove what a run wrote into `run` before anything of value: its config.yaml, an empty
     checkpoints/ and TensorBoard's event files, then the folder if nothing else is in it. A
     folder holding metrics or checkpoints is left alone, as is any file fasttrain did not
-    write there."""
+    write there: event files named in `kept_events` (there before the run) and whatever
+    lies behind a symbolic link."""
     if (run / "metrics.jsonl").exists() or any((run / CHECKPOINTS).glob("*")):
         return
-    (run / "config.yaml").unlink(missing_ok=True)
-    for events in (run / "tensorboard").glob("events.out.tfevents.*"):
-        events.unlink()
-    for folder in (run / CHECKPOINTS, run / "tensorboard", run):
+    (run / "config.yaml").unlink(missing_ok=True)  # the run's: it writes it over any other
+    board = run / "tensorboard"
+    if not board.is_symlink():
+        for events in board.glob("events.out.tfevents.*"):
+            if events.name not in kept_events:
+                events.unlink()
+    for folder in (run / CHECKPOINTS, board, run):
+        if folder.is_symlink():
+            continue
         try:
             folder.rmdir()
         except OSError:  # missing, or holding files that are not the run's
