@@ -8,7 +8,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from .errors import UserError
 
@@ -91,11 +91,22 @@ def finite_float(ok: Callable[[float], bool], expected: str) -> Callable[[str], 
     return parse
 
 
-def check_output(path: str | Path, name: str, *, folder: bool = False) -> Path:
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether writing `b` would overwrite `a`: the same path once links and `..` are resolved,
+    or a hard link to it. False when either does not exist yet (and the paths differ)."""
+    try:
+        return Path(a).resolve() == Path(b).resolve() or Path(a).samefile(b)
+    except OSError:
+        return False
+
+
+def check_output(path: str | Path, name: str, *, folder: bool = False,
+                 inputs: Iterable[str | Path | None] = ()) -> Path:
     """Make sure an output can be written before the work that produces it starts (a sweep, a
     pruning, a benchmark run: minutes lost otherwise): `path` is not a folder (with `folder`:
     is one or can be made), its folder is created, and a file can be created in it. `name`
-    starts each one-line message ("--json rows.json", "output x.pt").
+    starts each one-line message ("--json rows.json", "output x.pt"). `inputs`: files the
+    tool reads (None for an absent option), which the output must not replace.
 
     A probe file, not os.access: root passes os.access on read-only mounts and /proc.
 
@@ -121,6 +132,9 @@ def check_output(path: str | Path, name: str, *, folder: bool = False) -> Path:
                             f"name a file to write")
         if path.exists() and not os.access(path, os.W_OK):
             raise UserError(f"{name}: not writable")
+        read = next((source for source in inputs if source and same_file(source, path)), None)
+        if read is not None:
+            raise UserError(f"{name}: is the input {read}; name another file to write")
         where = path.parent
     existing = next(a for a in (where, *where.parents) if a.exists())
     if not existing.is_dir():

@@ -236,6 +236,13 @@ def test_outputs_that_are_not_regular_files_are_refused_before_evaluating(run, t
             assert code == 2 and words in err and out == ""
     assert stat.S_ISFIFO(os.stat(pipe).st_mode) and link.is_symlink()
     assert kept.read_text() == "a log\n"
+    checkpoint = tmp_path / "last.pt"  # `--json` over the checkpoint evaluated replaced it
+    shutil.copy(run / "checkpoints" / "last.pt", checkpoint)
+    (tmp_path / "link.pt").symlink_to(checkpoint)
+    for flag, path in (("--json", tmp_path / "." / "last.pt"), ("--points", checkpoint)):
+        code, out, err = _evaluate(capsys, "--checkpoint", tmp_path / "link.pt", flag, path)
+        assert code == 2 and out == "" and "is the input" in err, err
+    assert checkpoint.read_bytes() == (run / "checkpoints" / "last.pt").read_bytes()
 
 
 def test_a_partial_view_of_the_data_is_said(run, data_root, tmp_path, capsys):

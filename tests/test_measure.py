@@ -641,6 +641,22 @@ def test_cli_refuses_unwritable_outputs_before_measuring(taken, flag, inside, tm
     assert err.startswith(f"error: {flag} {path}: ") and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("source", ["--file", "--checkpoint"])
+@pytest.mark.parametrize("flag", ["--json", "--csv"])
+def test_cli_refuses_an_output_that_is_the_measured_file(source, flag, tmp_path, monkeypatch,
+                                                         capsys):
+    # `--file m.pt --json m.pt` replaced the export with the results
+    measured = tmp_path / "m.pt"
+    measured.write_bytes(b"the network")
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("measured before the check"))
+    assert benchmark_tool.main([source, str(measured), "--device", "cpu", flag, "../m.pt"]) == 2
+    assert capsys.readouterr().err == (f"error: {flag} ../m.pt: is the input {measured}; name "
+                                       f"another file to write\n")
+    assert measured.read_bytes() == b"the network"
+
+
 def test_cli_creates_output_folders_and_keeps_results_when_one_write_fails(tmp_path, monkeypatch,
                                                                            capsys):
     out = tmp_path / "new" / "deeper"

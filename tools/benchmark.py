@@ -147,30 +147,30 @@ def _check_sources(args) -> None:
         raise UserError("--weights applies to --checkpoint only")
 
 
-def _check_output(flag: str, path: str, folder: bool = False) -> None:
-    """Refuse, before anything is measured, an output that cannot be written, so that a sweep's
-    results are not lost at the end."""
+def _check_output(args, flag: str, path: str, folder: bool = False) -> None:
+    """Refuse, before anything is measured, an output that cannot be written (or would replace
+    the --checkpoint/--file measured), so that a sweep's results are not lost at the end."""
     if not path.strip():
         raise UserError(f"{flag}: empty path")
-    check_output(path, f"{flag} {path}", folder=folder)
+    check_output(path, f"{flag} {path}", folder=folder, inputs=(args.checkpoint, args.file))
 
 
 def _check_outputs(args) -> None:
     if args.plot == "" and not args.save:
         raise UserError("--plot needs a PNG path unless --save is given")
     if args.json is not None:
-        _check_output("--json", args.json)
+        _check_output(args, "--json", args.json)
     if args.csv is not None:
-        _check_output("--csv", args.csv)
+        _check_output(args, "--csv", args.csv)
     if args.plot:
         from fasttrain.measure.bench import PLOT_SUFFIXES
 
         if Path(args.plot).suffix.lower() not in PLOT_SUFFIXES:
             raise UserError(f"--plot {args.plot}: the file name must end in "
                             f"{', '.join(PLOT_SUFFIXES)}")
-        _check_output("--plot", args.plot)
+        _check_output(args, "--plot", args.plot)
     if args.save or args.plot == "":
-        _check_output("--results-dir", args.results_dir, folder=True)
+        _check_output(args, "--results-dir", args.results_dir, folder=True)
 
 
 def _check_saved_record(args, models, cond) -> None:

@@ -35,7 +35,7 @@ import sys
 from pathlib import Path
 
 from fasttrain.cli import (ArgumentParser, check_output, nonempty, printable_paths,
-                           sigterm_as_interrupt, user_path)
+                           same_file, sigterm_as_interrupt, user_path)
 from fasttrain.errors import UserError
 
 # compare's points CSV columns (fasttrain.compare.points.USER_COLUMNS), in a readable order
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     spaced = [o for o in overrides if "=" not in o]
     if spaced:  # `--train.threads 1`: the 1 would be taken for the recipe
         parser.error(f"override {spaced[0]!r}: expected --section.key=value")
-    if args.json and args.points and Path(args.json).absolute() == Path(args.points).absolute():
+    if args.json and args.points and same_file(args.json, args.points):
         parser.error("--json and --points name the same file")
     if args.weights == "ema" and not args.checkpoint:
         parser.error("--weights ema: only a checkpoint holds EMA weights")
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         state, cfg, classes = _settings(args, overrides)
         if args.json:
-            check_output(args.json, f"--json {args.json}")
+            check_output(args.json, f"--json {args.json}", inputs=(args.checkpoint, args.file))
         label = _check_points(args, args.points) if args.points else None
         source = _source(args, state)
         if classes is None and args.file and source.classes:  # an export's label order
@@ -268,7 +268,7 @@ def _check_points(args, path: str) -> str:
     """The --points row's label, checked before anything runs: the file can be written, is a
     points CSV this tool can add to (a header of compare's columns), and has no row with that
     label."""
-    check_output(path, f"--points {path}")
+    check_output(path, f"--points {path}", inputs=(args.checkpoint, args.file))
     label = args.label or _default_label(args)
     header, labels = _read_points(Path(path))
     if header is not None:

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         if named is not None and named != fmt:
             raise UserError(f"--format {fmt} does not match --out {args.out} (a {named} "
                             f"suffix); use {ex.FORMATS[fmt]} for {fmt}")
-        from fasttrain.engine.checkpoint import same_file
+        from fasttrain.cli import same_file
 
         if args.checkpoint and same_file(args.checkpoint, args.out):
             raise UserError(f"--out {args.out} is the checkpoint itself; exporting over it "

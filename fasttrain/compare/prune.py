@@ -328,7 +328,7 @@ def check_output(source: str | Path, out: str | Path) -> None:
             link), a folder or another non-regular file, or its folder cannot be created or
             written; the message names the path.
     """
-    from ..engine.checkpoint import same_file
+    from ..cli import same_file
 
     named_folder = str(out).endswith(("/", os.sep))  # Path() drops the trailing slash
     source, out = Path(source), Path(out)

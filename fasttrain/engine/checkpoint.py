@@ -181,15 +181,6 @@ def strip_wrapper_prefixes(state_dict: dict[str, Any]) -> dict[str, Any]:
     return state_dict
 
 
-def same_file(a: str | Path, b: str | Path) -> bool:
-    """Whether writing `b` would overwrite `a`: the same path once links and `..` are resolved,
-    or a hard link to it. False when either does not exist yet (and the paths differ)."""
-    try:
-        return Path(a).resolve() == Path(b).resolve() or Path(a).samefile(b)
-    except OSError:
-        return False
-
-
 def link_or_copy_atomic(src: Path, dst: Path) -> None:
     """Make `dst` a snapshot of `src`: a hard link (no copy; `src` is later replaced by rename,
     so the link keeps this version), or a copy where links are not supported; swapped in

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import config as config_mod
+from ..cli import same_file
 from ..config import Config, ModelConfig
 from ..errors import (CheckpointError, ConfigError, DatasetError, RunError, ShardError,
                       TrainingError, UnsharedCheckpointError, UserError, first_problem)
@@ -996,7 +997,7 @@ def _relink_best(run_dir: Path, resume_path: Path, saved: dict[str, Any],
     last, best = run_dir / CHECKPOINTS / LAST, run_dir / CHECKPOINTS / BEST
     score = (saved.get("metrics") or {}).get("val_top1")
     if (state.epoch_step or score is None or score != state.best_val_top1
-            or not ckpt.same_file(resume_path, last) or ckpt.same_file(last, best)):
+            or not same_file(resume_path, last) or same_file(last, best)):
         return
     try:
         behind = (ckpt.load(best).get("metrics") or {}).get("val_top1", -1.0) < score
