@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -1382,6 +1383,40 @@ def test_a_run_stopped_by_any_error_before_its_first_checkpoint_leaves_no_folder
         train(_cfg(data_root, tmp_path, "--log.name=gone", "--schedule.epochs=1",
                    "--schedule.warmup_epochs=0"))
     assert not (tmp_path / "gone").exists()
+
+
+def test_a_log_gets_step_lines_inside_long_epochs(data_root, tmp_path, monkeypatch, capsys):
+    # plain output (a log) said nothing until an epoch's end: minutes for ImageNet
+    from fasttrain.engine.progress import Reporter
+
+    monkeypatch.setattr(Reporter, "plain_every_s", 0.0)
+    train(_cfg(data_root, tmp_path, "--schedule.epochs=1", "--schedule.warmup_epochs=0",
+               "--log.interval=10", "--train.max_steps=20"))
+    lines = [line for line in capsys.readouterr().out.splitlines() if " step " in line]
+    assert [line.split("  loss")[0] for line in lines] == ["epoch 1/1  step 10/20",
+                                                           "epoch 1/1  step 20/20"], lines
+    monkeypatch.setattr(Reporter, "plain_every_s", 3600.0)  # a short epoch: none
+    train(_cfg(data_root, tmp_path / "short", "--schedule.epochs=1",
+               "--schedule.warmup_epochs=0", "--log.interval=10", "--train.max_steps=20"))
+    assert " step " not in capsys.readouterr().out
+
+
+def test_a_training_stopped_inside_an_epoch_stops_its_progress_bar(data_root, tmp_path,
+                                                                    monkeypatch):
+    # the bar's refresh thread went on drawing after the error line and left the cursor hidden
+    from rich.live import _RefreshThread
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "classification_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(data_root, tmp_path, "--log.progress=rich", "--schedule.epochs=1",
+                   "--schedule.warmup_epochs=0"))
+    bars = [t for t in threading.enumerate() if isinstance(t, _RefreshThread)]
+    for thread in bars:  # a stopped bar's thread ends on its own, at its next refresh
+        thread.join(timeout=5)
+    assert not [t for t in bars if t.is_alive()]
 
 
 def test_discarding_a_named_folder_leaves_what_the_run_did_not_write(data_root, tmp_path,

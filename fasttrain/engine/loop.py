@@ -506,8 +506,9 @@ def train(cfg: Config, recipe: str | None = None, resume: str | None = None,
     made: list[tuple[Path, frozenset[str]]] = []
     claimed: list[Path] = []  # the run folder it writes, new or resumed
     owner = rundir_mod.lock_owner.set(object())  # this call's run-folder locks
+    report = Reporter(cfg.log.progress, dist.is_main)
     try:
-        return _train(cfg, dist, recipe, resume, dry_run, made, claimed)
+        return _train(cfg, dist, report, recipe, resume, dry_run, made, claimed)
     except BaseException as e:
         # Refused after its folder was made (a check only the first step can do, e.g. a
         # one-image BatchNorm batch), interrupted (Ctrl-C, SIGTERM: a preemption) or stopped
@@ -520,6 +521,7 @@ def train(cfg: Config, recipe: str | None = None, resume: str | None = None,
                                        if (run / CHECKPOINTS / LAST).is_file()), "")
         raise
     finally:
+        report.close()  # a bar left running redraws itself and keeps the cursor hidden
         release_run_dirs()
         rundir_mod.lock_owner.reset(owner)
         distributed.teardown()
@@ -528,8 +530,9 @@ def train(cfg: Config, recipe: str | None = None, resume: str | None = None,
         torch.backends.cudnn.benchmark = cudnn_benchmark
 
 
-def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: str | None,
-           dry_run: bool, made: list[tuple[Path, frozenset[str]]] | None = None,
+def _train(cfg: Config, dist: distributed.DistInfo, report: Reporter, recipe: str | None,
+           resume: str | None, dry_run: bool,
+           made: list[tuple[Path, frozenset[str]]] | None = None,
            claimed: list[Path] | None = None) -> dict[str, Any]:
     device = dist.device
     cores = len(os.sched_getaffinity(0))
@@ -544,7 +547,6 @@ def _train(cfg: Config, dist: distributed.DistInfo, recipe: str | None, resume: 
         # One input shape per resolution: cuDNN times its algorithms once per shape and keeps
         # the fastest, as torchvision's reference train.py does outside deterministic mode.
         torch.backends.cudnn.benchmark = True
-    report = Reporter(cfg.log.progress, dist.is_main)
     precision = resolve_precision(cfg.train.precision)
     # the architecture may come from it
     init_weights = apply_init_from(cfg.model, notes := [], lineage=(lineage := {}))
@@ -927,7 +929,7 @@ def train_one_epoch(p: Parts, loader: DeviceLoader, state: TrainState, epoch: in
                           and state.step % cfg.train.checkpoint_every == 0)
         if checkpoint_now:  # every rank: a collective, and the weights about to be saved
             _raise_if_diverged(bad_step, epoch, p.model, state.step)
-        if report.live and (step % cfg.log.interval == 0 or step == steps):
+        if (step % cfg.log.interval == 0 or step == steps) and report.due():
             _raise_if_diverged(bad_step, epoch)  # a sync point anyway (rank 0 only)
             report.update(step, step_loss.item() / accum, step_lr)
         if checkpoint_now:

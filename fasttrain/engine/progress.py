@@ -1,8 +1,9 @@
 """Progress reporting on the main rank: a rich live bar on a terminal, plain lines otherwise
-(CI logs), and a final summary table."""
+(CI logs, a long epoch's step at most once a minute), and a final summary table."""
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any
 
 from rich.console import Console
@@ -25,6 +26,10 @@ def format_epoch(m: dict[str, Any], epochs: int) -> str:
 class Reporter:
     """Reports training progress; every method is a no-op off the main rank."""
 
+    # Plain output (a log) gets a step line at most this often: an ImageNet epoch is minutes
+    # long, and a log silent until its end looks like a hung job.
+    plain_every_s = 60.0
+
     def __init__(self, mode: str, enabled: bool) -> None:
         self.enabled = enabled
         self.console = Console(file=sys.stdout, highlight=False, soft_wrap=True)
@@ -34,12 +39,16 @@ class Reporter:
         self.live = enabled and (mode == "rich" or (mode == "auto" and self.console.is_terminal))
         self._bar: Progress | None = None
         self._task = None
+        self._epoch = (0, 0, 0)  # (epoch, epochs, steps) of the epoch running
+        self._last_line = time.monotonic()
 
     def print(self, text: str) -> None:
         if self.enabled:
             self.console.print(text, markup=False)
 
     def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
+        self._epoch = (epoch, epochs, steps)
+        self._last_line = time.monotonic()
         if not self.live:
             return
         self._bar = Progress(TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(),
@@ -49,21 +58,39 @@ class Reporter:
         self._task = self._bar.add_task("train", total=steps, status="")
         self._bar.start()
 
+    def due(self) -> bool:
+        """Whether `update` would show something now (the caller's values cost a device sync):
+        always under a live bar; in plain output once `plain_every_s` has passed since the
+        epoch's start or its last step line."""
+        if self.live:
+            return True
+        return self.enabled and time.monotonic() - self._last_line >= self.plain_every_s
+
     def update(self, steps_done: int, loss: float, lr: float) -> None:
         """`loss`: the main rank's mean over the last step's micro-batches; `lr`: the rate
         that step used (as in the metrics line)."""
         if self._bar is not None:
             self._bar.update(self._task, completed=steps_done,
                              status=f"loss {loss:.4f} lr {lr:.4g}")
+        elif self.enabled and not self.live:
+            self._last_line = time.monotonic()
+            epoch, epochs, steps = self._epoch
+            self.print(f"epoch {epoch}/{epochs}  step {steps_done}/{steps}  loss {loss:.4f}  "
+                       f"lr {lr:.4g}")
 
     def phase(self, text: str) -> None:
         if self._bar is not None:
             self._bar.update(self._task, status=text)
 
-    def end_epoch(self, metrics: dict[str, Any], epochs: int) -> None:
+    def close(self) -> None:
+        """Stop a running bar (its refresh thread, the hidden cursor); for a training ended
+        by an error or a signal inside an epoch."""
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+
+    def end_epoch(self, metrics: dict[str, Any], epochs: int) -> None:
+        self.close()
         self.print(format_epoch(metrics, epochs))
 
     def summary(self, rows: list[tuple[str, str]], title: str) -> None:
