@@ -1,4 +1,5 @@
 """Engine: schedules, weight-decay groups, checkpoints, training, resume, DDP on CPU."""
+import argparse
 import copy
 import json
 import math
@@ -197,6 +198,13 @@ def test_load_refuses_code_execution_and_garbage(tmp_path):
                                               r"loading: .*GLOBAL (posix|os)\.system"):
         ckpt.load(evil)
     assert not marker.exists()
+    # another project's checkpoint: torch's message names the global on a line of its own
+    torch.save({"model": {}, "args": argparse.Namespace(lr=0.1)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError) as e:
+        ckpt.load(tmp_path / "other.pt")
+    assert str(e.value) == (f"{tmp_path / 'other.pt'}: cannot load checkpoint (refused by "
+                            f"weights-only loading: Unsupported global: GLOBAL "
+                            f"argparse.Namespace was not an allowed global by default.)")
     (tmp_path / "garbage.pt").write_text("garbage\n")
     with pytest.raises(CheckpointError, match=r"\(refused by weights-only loading: Unsupported "
                                               r"operand 103\)$"):

@@ -144,9 +144,15 @@ def load(path: Path) -> dict[str, Any]:
             # torch's weights-only refusal: a paragraph of advice around the real reason (the
             # offending global, or the opcode of bytes that are no pickle), which may follow
             # a "... WeightsUnpickler error:" prefix on its own line or the same one.
-            details = [l.rpartition("WeightsUnpickler error:")[2].strip() for l in lines[1:]
-                       if not l.startswith("Check the documentation of torch.load")]
-            detail = next((d for d in details if d), "")
+            marker = "WeightsUnpickler error:"
+            at = next((i for i, l in enumerate(lines) if marker in l), None)
+            details = (lines[1:] if at is None else
+                       [lines[at].rpartition(marker)[2].strip(), *lines[at + 1:]])
+            details = [d for d in details
+                       if d and not d.startswith("Check the documentation of torch.load")]
+            # its allow-listing advice ("Please use torch.serialization.add_safe_globals")
+            # is for code calling torch.load, not for a user of the tools
+            detail = details[0].split(" Please use ")[0] if details else ""
             reason = f"refused by weights-only loading: {detail}" if detail else reason
         raise CheckpointError(f"{path}: cannot load checkpoint ({reason})") from None
     if not isinstance(state, dict) or "model" not in state:
