@@ -471,6 +471,37 @@ def _is_torch_save_archive(path: Path) -> bool:
             and not any("/code/" in n or "/models/" in n for n in names))
 
 
+@contextlib.contextmanager
+def _weights_only_loads():
+    """Every torch.load inside restricted to tensors and plain containers, as
+    TORCH_FORCE_WEIGHTS_ONLY_LOAD makes it (read at each call): torch.export.load unpickles
+    an archive's weights and constants marked `use_pickle`, and its sample inputs when they
+    are not plain, with weights_only=False, so a crafted .pt2 ran code on loading."""
+    key = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+    before = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
+def _refuse_pickled_objects(path: Path) -> None:
+    """Refuse a .pt2 holding Python objects torch.export.load unpickles with plain pickle
+    (`opaque_obj_*` constants; no restricted loading applies): fasttrain's exports have none.
+    """
+    from .engine.checkpoint import zip_names
+
+    pickled = [n for n in zip_names(path)
+               if "/data/constants/" in n and n.rpartition("/")[2].startswith("opaque_obj_")]
+    if pickled:
+        raise ExportError(f"{path}: holds pickled Python objects ({pickled[0]}), which loading "
+                          f"would run; refused (a network exported from fasttrain has none)")
+
+
 def load_exported(path: str | Path, fmt: str | None = None
                   ) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict[str, Any]]:
     """Load an exported file: a function images → logits (CPU tensors for ONNX) and its
@@ -503,15 +534,21 @@ def load_exported(path: str | Path, fmt: str | None = None
             export_log = logging.getLogger("torch.export")
             level = export_log.level
             export_log.setLevel(logging.ERROR)
+            _refuse_pickled_objects(path)
             try:
-                with open(path, "rb") as f:
+                with open(path, "rb") as f, _weights_only_loads():
                     ep = torch.export.load(f, extra_files=extra)
             finally:
                 export_log.setLevel(level)
             return ep.module(), json.loads(extra[META_KEY] or "{}")
+    except ExportError:
+        raise
     except Exception as e:  # torch raises RuntimeError, zipfile.BadZipFile, KeyError, ... here
         if _is_torch_save_archive(path):
             raise ExportError(f"{path}: {CHECKPOINT_NOT_EXPORT}") from None
+        if "Weights only load failed" in str(e):
+            raise ExportError(f"{path}: holds pickled objects that are not plain tensors "
+                              f"(loading them could run code); refused") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"{path}: cannot load {fmt} file ({type(e).__name__}: {first})"
                           ) from None

@@ -5,8 +5,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.util
+import io
 import json
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -385,6 +387,50 @@ def test_a_corrupted_exported_file_is_one_line(tmp_path):
     for name in ("cut.pt2", "text.pt2"):
         with pytest.raises(ex.ExportError, match=rf"{name}: cannot load export file \(\w+"):
             ex.load_exported(tmp_path / name)
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("where", ["pickled weight", "sample inputs", "opaque constant"])
+def test_a_crafted_export_cannot_run_code_on_loading(where, tmp_path):
+    # torch.export.load unpickles `use_pickle` weights and odd sample inputs with
+    # weights_only=False: `evaluate --file x.pt2` ran the file's code
+    import zipfile
+
+    model, meta = small_model()
+    ex.export_model(model, meta, "export", tmp_path / "net.pt2")
+    marker = tmp_path / "ran"
+    payload = io.BytesIO()
+    torch.save(_RunsCode(marker), payload)
+    with zipfile.ZipFile(tmp_path / "net.pt2") as good:
+        names = good.namelist()
+        (config_name,) = [n for n in names if n.endswith("model_weights_config.json")]
+        config = json.loads(good.read(config_name))
+        first = next(iter(config["config"].values()))
+        first["use_pickle"] = True
+        replaced = {  # member name suffix -> crafted bytes
+            "pickled weight": {config_name: json.dumps(config).encode(),
+                               f"/data/weights/{first['path_name']}": payload.getvalue()},
+            "sample inputs": {"/sample_inputs/model.pt": payload.getvalue()},
+            "opaque constant": {}}[where]
+        with zipfile.ZipFile(tmp_path / "evil.pt2", "w") as evil:
+            for name in names:
+                crafted = [v for k, v in replaced.items() if name.endswith(k)]
+                evil.writestr(name, crafted[0] if crafted else good.read(name))
+            if where == "opaque constant":
+                evil.writestr("archive/data/constants/opaque_obj_0",
+                              pickle.dumps(_RunsCode(marker)))
+    with pytest.raises(ex.ExportError, match=r"evil.pt2: .*refused"):
+        ex.load_exported(tmp_path / "evil.pt2")
+    assert not marker.exists()
+    assert os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD") is None
+    ex.load_exported(tmp_path / "net.pt2")  # a plain export still loads
 
 
 # --------------------------------------------------------------------------- torch.hub
