@@ -13,6 +13,7 @@ import difflib
 import math
 import operator
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -409,7 +410,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     if base is None:
         return raw
     if not isinstance(base, str):
-        raise ConfigError(f"{path}: base: must be a path string, got {base!r}")
+        raise ConfigError(f"{path}: base: must be a path string, got {_shown(base)}")
     merged = _read_yaml(path.parent / base, chain + (path.resolve(),))
     for section, values in raw.items():
         if isinstance(values, dict) and isinstance(merged.get(section), dict):
@@ -417,6 +418,17 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         else:
             merged[section] = values
     return merged
+
+
+_SHOWN = reprlib.Repr()  # attributes, not arguments: Python 3.11's takes none
+_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxdict = 2, 6, 6
+_SHOWN.maxstring = _SHOWN.maxother = 120
+
+
+def _shown(value: Any) -> str:
+    """A value as an error message shows it: repr, cut short (a YAML of nested aliases
+    is a few lines whose full repr has billions of elements)."""
+    return _SHOWN.repr(value)
 
 
 def _suggest(name: str, options: list[str]) -> str:
@@ -437,10 +449,15 @@ def _set(cfg: Config, origin: str, section: str, key: str, value: Any) -> None:
         coerced = _coerce(tp, value)
     except TypeError:
         raise ConfigError(f"{origin}: {section}.{key} must be {_type_name(tp)}, "
-                          f"got {value!r}") from None
+                          f"got {_shown(value)}") from None
     problem = _check_bounds(dict(fields[key].metadata), coerced)
     if problem:
-        raise ConfigError(f"{origin}: {section}.{key} {problem}, got {value!r}")
+        raise ConfigError(f"{origin}: {section}.{key} {problem}, got {_shown(value)}")
+    texts = coerced if isinstance(coerced, (list, tuple)) else [coerced]
+    if any(isinstance(text, str) and "\0" in text for text in texts):
+        # no path, name or choice holds one: os functions raise "embedded null byte" later
+        raise ConfigError(f"{origin}: {section}.{key} contains a NUL character, "
+                          f"got {_shown(value)}")
     setattr(obj, key, coerced)
 
 
@@ -506,7 +523,8 @@ def load_mapping(mapping: dict[str, Any], origin: str, overrides: list[str] = ()
             if section not in SECTIONS:
                 raise ConfigError(f"{origin}: unknown section {section!r}"
                                   f"{_suggest(section, SECTIONS)}")
-            raise ConfigError(f"{origin}: section {section!r} must be a mapping, got {values!r}")
+            raise ConfigError(f"{origin}: section {section!r} must be a mapping, "
+                              f"got {_shown(values)}")
         for key, value in values.items():
             _set(cfg, origin, section, str(key), value)
     recipe = copy.deepcopy(cfg)
@@ -547,7 +565,7 @@ def _check_consistency(cfg: Config, origin: str, require_data_path: bool = True)
         # A path would put the run into any existing folder (`..` is log.dir's parent), over
         # a config.yaml that is not a run's.
         raise ConfigError(f"{origin}: log.name must be a plain folder name (no path separator, "
-                          f"not . or ..; log.dir says where runs go), got {name!r}")
+                          f"not . or ..; log.dir says where runs go), got {_shown(name)}")
     m = cfg.model
     # Only the CIFAR ResNets have a shortcut choice (ImageNet ResNets always project), so on
     # another model B would be silently ignored. (model.init_from replaces these keys.)

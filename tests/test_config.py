@@ -324,3 +324,25 @@ def test_load_mapping_refuses_what_is_not_a_mapping_of_sections():
         load_mapping([1, 2], "stored")
     cfg = load(None, ["--data.batch_size=8", "--model.width=0.5"])
     assert load_mapping(cfg.to_dict(), "again") == cfg
+
+
+def test_a_value_of_nested_yaml_aliases_is_refused_with_a_short_line(tmp_path):
+    # each level holds the previous one 9 times: a few lines whose repr in the message was
+    # 9**6 elements long (9**9 in the file that hung for minutes)
+    levels = ['&a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for name, prev in zip("bcdef", "abcde"):
+        levels.append(f"&{name} [{', '.join([f'*{prev}'] * 9)}]")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model:\n  width: [{', '.join(levels)}]\n")
+    with pytest.raises(ConfigError, match=r"r.yaml: model.width must be a number, got \[\[") as e:
+        load(recipe)
+    assert len(str(e.value)) < 1000, len(str(e.value))
+
+
+@pytest.mark.parametrize("override", ["--log.name=a\0b", "--data.path=/data/a\0b",
+                                      "--model.init_from=x\0.pt"])
+def test_a_nul_character_in_a_text_key_is_a_config_error(override):
+    # os functions raised "embedded null byte" (a traceback) once training touched the path
+    key = override[2:].partition("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key} contains a NUL character, got '"):
+        load(None, [override])
