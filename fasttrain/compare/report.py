@@ -214,12 +214,20 @@ def markdown(c: Comparison) -> str:
     return "\n".join(lines + notes) + "\n"
 
 
+def _inert(value: Any) -> Any:
+    """A text cell a spreadsheet will not take for a formula (labels come from points files
+    of other people): a leading =, +, -, @, tab or CR gets a ' before it, as OWASP advises."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
 def write_csv(c: Comparison, path: Path) -> None:
     with open(path, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         for r in c.rows:
-            writer.writerow({k: "" if r[k] is None else r[k] for k in COLUMNS})
+            writer.writerow({k: "" if r[k] is None else _inert(r[k]) for k in COLUMNS})
 
 
 def _reference(c: Comparison, x: str) -> list[tuple[str, float]]:
