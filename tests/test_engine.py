@@ -1393,6 +1393,28 @@ def test_a_run_stopped_by_any_error_before_its_first_checkpoint_leaves_no_folder
     assert not (tmp_path / "gone").exists()
 
 
+def test_a_resume_says_which_settings_changed_since_its_checkpoint(data_root, tmp_path,
+                                                                    capsys):
+    # a setting changed by an upgrade (a new key's default, a recipe's new value) or by hand
+    # changed the run's training without a word
+    args = ("--log.name=r", "--schedule.warmup_epochs=0", "--train.max_steps=2")
+    train(_cfg(data_root, tmp_path, "--schedule.epochs=1", *args))
+    last = tmp_path / "r" / "checkpoints" / "last.pt"
+    saved = torch.load(last, weights_only=True)
+    del saved["config"]["aug"]["randaug_prob"]  # as a version before the key wrote it
+    torch.save(saved, last)
+    capsys.readouterr()
+    train(_cfg(data_root, tmp_path, "--schedule.epochs=2", *args[:2], "--train.max_steps=3"),
+          resume="auto")
+    (line,) = [l for l in capsys.readouterr().out.splitlines() if l.startswith("settings")]
+    assert line == ("settings changed since that checkpoint: aug.randaug_prob (not recorded: "
+                    "set before the key existed) -> 1.0; schedule.epochs 1 -> 2; "
+                    "train.max_steps 2 -> 3")
+    train(_cfg(data_root, tmp_path, "--schedule.epochs=2", *args[:2], "--train.max_steps=3"),
+          resume="auto", dry_run=True)
+    assert re.search(r"│ changed since it +│ nothing ", capsys.readouterr().out)
+
+
 def test_a_log_gets_step_lines_inside_long_epochs(data_root, tmp_path, monkeypatch, capsys):
     # plain output (a log) said nothing until an epoch's end: minutes for ImageNet
     from fasttrain.engine.progress import Reporter

@@ -264,6 +264,24 @@ def _check_compatible(saved: dict[str, Any], cfg: Config, path: Path) -> None:
                     f"size (start a new run from its weights with --model.init_from={path})")
 
 
+def resume_changes(saved_cfg: dict[str, Any], cfg: Config) -> list[str]:
+    """The settings (outside `log`) in which `cfg` differs from a checkpoint's `saved_cfg`,
+    as "section.key old -> new"; a key the checkpoint's version did not have says so (its
+    default now may not be what that version did, e.g. data.ffcv_resize before it existed)."""
+    changes = []
+    for section, values in cfg.to_dict().items():
+        if section == "log":
+            continue
+        saved_section = saved_cfg.get(section) or {}
+        for key, value in values.items():
+            if key not in saved_section:
+                changes.append(f"{section}.{key} (not recorded: set before the key existed) "
+                               f"-> {value!r}")
+            elif saved_section[key] != value:
+                changes.append(f"{section}.{key} {saved_section[key]!r} -> {value!r}")
+    return changes
+
+
 def _on_main(dist: distributed.DistInfo, fn):
     """`fn()` on rank 0 only, its result on every rank; a user error raised there is raised on
     every rank (so the others stop with the same one line instead of a broken collective)."""
@@ -643,9 +661,11 @@ def _train(cfg: Config, dist: distributed.DistInfo, report: Reporter, recipe: st
         except (RuntimeError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{resume_path}: weights do not fit the model config "
                                   f"({first_problem(e)[:300]})") from None
+    changes = resume_changes(saved.get("config") or {}, cfg) if saved is not None else []
     if dry_run:
         if resume_path:
             rows.append(("resume", f"from {resume_path}"))
+            rows.append(("changed since it", "; ".join(changes) or "nothing"))
         else:  # what new_run_dir would refuse, said on every rank
             _on_main(dist, lambda: check_name_free(log_dir, cfg.log.name, resume == "auto"))
         report.print(config_mod.dump(cfg).rstrip())
@@ -707,6 +727,8 @@ def _train(cfg: Config, dist: distributed.DistInfo, report: Reporter, recipe: st
         where = f"epoch {state.epoch}" + (f", step {state.epoch_step} of epoch {state.epoch + 1}"
                                           if state.epoch_step else "")
         report.print(f"resumed from {resume_path} after {where}")
+        if changes:
+            report.print(f"settings changed since that checkpoint: {'; '.join(changes)}")
 
     _rank_rng(cfg.train.seed, dist.rank, dist.world_size, saved, state.step)
     train_model: nn.Module = model
