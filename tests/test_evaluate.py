@@ -74,6 +74,19 @@ def test_a_checkpoint_evaluates_to_the_top1_its_run_recorded(run, weights, tmp_p
     assert "(same settings)" in out and "top-1" in out
 
 
+def test_a_cut_epoch_of_an_older_checkpoint_is_named(run, tmp_path, capsys):
+    # before metrics lines carried epoch_step, a cut epoch's record read as a complete one
+    saved = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    saved["train_state"].update(epoch=1, epoch_step=8)
+    torch.save(saved, tmp_path / "cut.pt")
+    saved["train_state"].update(epoch=2, epoch_step=3)  # checkpoint_every: inside epoch 3
+    torch.save(saved, tmp_path / "inside.pt")
+    code, out, err = _evaluate(capsys, "--checkpoint", tmp_path / "cut.pt")
+    assert code == 0 and "after step 8 of epoch 2 (an epoch cut by train.max_steps)" in out
+    code, out, err = _evaluate(capsys, "--checkpoint", tmp_path / "inside.pt")
+    assert code == 0 and "after epoch 2: top-1" in out, out
+
+
 def test_overrides_change_the_measurement_and_the_output_says_so(run, tmp_path, capsys):
     out_json = tmp_path / "r.json"
     code, out, err = _evaluate(capsys, "--checkpoint", run / "checkpoints" / "last.pt",

@@ -230,8 +230,14 @@ def _recorded(state, weights: str, cfg) -> dict | None:
     if (stored.get("data") or {}).get("backend") == "ffcv":
         # its .beton files may hold re-encoded or shrunk images; these are the originals
         differences.append("ffcv's stored images")
+    epoch_step, ts = metrics.get("epoch_step"), state.get("train_state") or {}
+    if (epoch_step is None and ts.get("epoch_step")
+            and metrics.get("epoch") == ts.get("epoch", 0) + 1):
+        # a cut epoch's line from before metrics carried its step (the state did); a
+        # checkpoint_every checkpoint holds the previous complete epoch's line instead
+        epoch_step = ts["epoch_step"]
     return {"val_top1": metrics[key], "epoch": metrics.get("epoch"),
-            "epoch_step": metrics.get("epoch_step"), "differences": differences,
+            "epoch_step": epoch_step, "differences": differences,
             "same_settings": not differences}
 
 
