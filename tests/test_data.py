@@ -688,6 +688,13 @@ def test_default_data_root_follows_the_cache(monkeypatch, tmp_path):
     assert default_root("digits") == tmp_path / "cache" / "data" / "digits"
     monkeypatch.setenv("FASTTRAIN_DATA", str(tmp_path / "data"))
     assert default_root("cifar10") == tmp_path / "data" / "cifar10"
+    # A quoted '~/...' reaches the environment as it is: it was a folder named "~".
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("FASTTRAIN_DATA", "~/data")
+    assert default_root("digits") == tmp_path / "home" / "data" / "digits"
+    monkeypatch.delenv("FASTTRAIN_DATA")
+    monkeypatch.setenv("FASTTRAIN_CACHE", "~/cache")
+    assert default_root("digits") == tmp_path / "home" / "cache" / "data" / "digits"
 
 
 def _sleep_after(init) -> None:

@@ -36,10 +36,12 @@ CIFAR10_DIR = "cifar-10-batches-py"
 
 def default_root(dataset: str) -> Path:
     """Where a data set lives when `data.path` is empty: $FASTTRAIN_DATA/<dataset>, by default
-    in the cache folder tools/env.sh uses ($FASTTRAIN_CACHE, default ~/.cache/fasttrain)."""
-    cache = os.environ.get("FASTTRAIN_CACHE") or Path.home() / ".cache" / "fasttrain"
-    base = os.environ.get("FASTTRAIN_DATA") or Path(cache) / "data"
-    return Path(base) / dataset
+    in the cache folder tools/env.sh uses ($FASTTRAIN_CACHE, default ~/.cache/fasttrain). A
+    leading `~` in either variable is the home folder, as in the path options."""
+    # A quoted '~/x' reaches the environment unexpanded; taken literally, it made a folder "~".
+    cache = Path(os.environ.get("FASTTRAIN_CACHE") or "~/.cache/fasttrain").expanduser()
+    base = Path(os.environ.get("FASTTRAIN_DATA") or cache / "data").expanduser()
+    return base / dataset
 
 
 def dataset_root(data) -> Path:
