@@ -5,6 +5,7 @@ import os
 import pickle
 import random
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -500,6 +501,39 @@ def test_check_data_lists_exactly_the_files_the_loaders_read(tmp_path):
         (str(train / "a" / "gone.jpg"), f"broken symbolic link (to {tmp_path / 'nowhere.jpg'})")]
     gone = next(i for i, (p, _) in enumerate(dataset.samples) if p.endswith("gone.jpg"))
     assert dataset[gone] == SkippedSample(*report.problems[1])  # the loaders' reason too
+
+
+def test_a_fifo_or_a_link_to_a_device_is_an_unreadable_image(tmp_path):
+    """Named like images, a FIFO made check_data wait forever for a writer and a link to
+    /dev/zero was read until memory ran out; both are unreadable files (here /dev/null stands
+    in for the endless device: same kind, nothing to exhaust without the check)."""
+    cls = tmp_path / "data" / "a"
+    cls.mkdir(parents=True)
+    _noise().save(cls / "0.jpg")
+    os.symlink("/dev/null", cls / "device.jpg")
+    fifo = cls / "fifo.jpg"
+    os.mkfifo(fifo)
+
+    # Were the FIFO opened (once, by the scan), this writer would make it a file holding no
+    # image, a wrong answer rather than a hang.
+    def writer():
+        try:
+            with open(fifo, "wb") as f:  # waits for a reader
+                f.write(b"not an image")
+        except BrokenPipeError:  # the reader below left first
+            pass
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        report = scan(tmp_path / "data", workers=1)
+    finally:
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # lets a waiting writer go on
+        thread.join()
+    assert report.problems == [(str(cls / "device.jpg"),
+                                "not a regular file (a character device)"),
+                               (str(cls / "fifo.jpg"), "not a regular file (a FIFO)")]
+    dataset = ImageFolderDataset(tmp_path / "data")
+    assert dataset[1] == SkippedSample(*report.problems[0])  # the loaders' reason too
 
 
 def test_check_data_prints_folder_names_as_they_are(tmp_path, capsys):

@@ -10,6 +10,7 @@ import os
 import pickle
 import re
 import shutil
+import stat
 import textwrap
 import uuid
 from pathlib import Path
@@ -170,9 +171,21 @@ def folder_files(root: Path, class_to_idx: dict[str, int]
 
 
 def _read_encoded(path: str) -> bytes:
+    """The bytes of the regular file at `path` (symbolic links followed).
+
+    Raises:
+        OSError: the file cannot be opened or read.
+        ValueError: a broken link, not a regular file, empty or truncated; one line.
+    """
     try:
+        # Checked before opening: opening a FIFO waits for a writer (check_data hung), and
+        # reading a device (a link to /dev/zero) never ends (it ran out of memory).
+        info = os.stat(path)
+        kind = stat.S_IFMT(info.st_mode)
+        if kind != stat.S_IFREG:
+            raise ValueError(f"not a regular file (a {_FILE_KINDS.get(kind, 'special file')})")
         with open(path, "rb") as f:  # not Path.read_bytes: its path parsing is half the time
-            raw = f.read()
+            raw = f.read(info.st_size)  # bounded, should it be swapped for something endless
     except FileNotFoundError:
         if os.path.islink(path):  # listed by the folder walk, but it points nowhere
             raise ValueError(f"broken symbolic link (to {os.readlink(path)})") from None
@@ -183,6 +196,10 @@ def _read_encoded(path: str) -> bytes:
     if raw[:2] == b"\xff\xd8" and _jpeg_truncated(raw):
         raise ValueError("truncated JPEG (no end-of-image marker)")
     return raw
+
+
+_FILE_KINDS = {stat.S_IFIFO: "FIFO", stat.S_IFCHR: "character device",
+               stat.S_IFBLK: "block device", stat.S_IFSOCK: "socket", stat.S_IFDIR: "folder"}
 
 
 def _jpeg_truncated(raw: bytes) -> bool:
@@ -257,8 +274,9 @@ def read_image(path: str) -> torch.Tensor:
     (an animated file's first frame).
 
     Raises:
-        ValueError: empty, truncated (a JPEG without its end marker), undecodable file, or a
-            broken symbolic link; the message is one line.
+        ValueError: empty, truncated (a JPEG without its end marker), undecodable file, a
+            broken symbolic link, or not a regular file (a FIFO, a link to a device); the
+            message is one line.
     """
     return _decode_whole(_read_encoded(path))
 
