@@ -5,8 +5,10 @@ import os
 import pickle
 import random
 import re
+import struct
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,8 @@ from fasttrain.config import load
 from fasttrain.data import (DatasetError, EpochSampler, ShardSampler, build_digits,
                             build_loaders, load_cifar10, write_cifar10)
 from fasttrain.data.check import scan
-from fasttrain.data.datasets import ImageFolderDataset, SkippedSample, folder_files, read_image
+from fasttrain.data.datasets import (ImageFolderDataset, SkippedSample, folder_files, read_image,
+                                     read_image_box)
 from fasttrain.data.transforms import random_resized_crop_params
 from fasttrain.errors import ConfigError
 
@@ -664,9 +667,9 @@ def test_formats_torchvision_cannot_decode_are_read_with_pil(tmp_path, ext, mode
     assert scan(tmp_path / "data", workers=1).ok
 
 
-def _encoded(fmt: str) -> bytes:
+def _encoded(fmt: str, size=(30, 20)) -> bytes:
     out = io.BytesIO()
-    _noise().save(out, format=fmt)
+    _noise(size).save(out, format=fmt)
     return out.getvalue()
 
 
@@ -685,6 +688,55 @@ def test_an_undecodable_file_has_a_clean_one_line_reason(tmp_path, content, reas
     message = str(info.value)
     assert message.startswith(reason)
     assert "\n" not in message and ".cpp" not in message and "/__w/" not in message
+
+
+def _declaring(fmt: str, height: int, width: int) -> bytes:
+    """A tiny image whose header declares `height` x `width` pixels (a decompression bomb's
+    header without its GBs of pixels)."""
+    raw = _encoded(fmt)
+    size = struct.pack(">II", width, height)
+    if fmt == "JPEG":  # start-of-frame: marker, length, precision, height, width (16 bits)
+        i = raw.index(b"\xff\xc0")
+        return raw[:i + 5] + struct.pack(">HH", height, width) + raw[i + 9:]
+    # PNG: signature, IHDR length, "IHDR", width, height (32 bits), rest, CRC of type + data
+    ihdr = raw[12:16] + size + raw[24:29]
+    return raw[:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + raw[33:]
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL's, above it
+@pytest.mark.parametrize("name,content,reason", [
+    # the header read by fasttrain's JPEG decoder (PIL's when it is not built)
+    ("bomb.jpg", lambda: _declaring("JPEG", 3000, 4000), r"4000x3000 pixels, more than "
+     r"PIL\.Image\.MAX_IMAGE_PIXELS \(1000\), could be a decompression bomb$"),
+    # PIL reads the other headers, and refuses twice its limit itself (a GIF named .png:
+    # .gif is not among torchvision's IMG_EXTENSIONS)
+    ("bomb.png", lambda: _declaring("PNG", 3000, 4000), r"Image size \(12000000 pixels\) "
+     r"exceeds limit of 2000 pixels, could be decompression bomb DOS attack\.$"),
+    ("big.png", lambda: _encoded("PNG", (30, 40)), r"30x40 pixels, more than PIL\.Image"),
+    ("gif.png", lambda: _encoded("GIF", (30, 40)), r"30x40 pixels, more than PIL\.Image"),
+    ("big.webp", lambda: _encoded("WEBP", (30, 40)), r"30x40 pixels, more than PIL\.Image"),
+    ("big.tif", lambda: _encoded("TIFF", (30, 40)), r"30x40 pixels, more than PIL\.Image"),
+])
+def test_images_over_pils_pixel_limit_are_refused_before_decoding(tmp_path, monkeypatch, name,
+                                                                  content, reason):
+    """torchvision's decoders have no size limit: a 633-byte JPEG declaring 30000x30000 pixels
+    decoded to 3.5 GB, a PNG of 875 KB to 2.7 GB. What PIL refuses (MAX_IMAGE_PIXELS) is
+    refused from the headers, an unreadable image like any other (here under a limit of 1000
+    pixels: the 30x40 images are 1200)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    cls = tmp_path / "data" / "a"
+    cls.mkdir(parents=True)
+    _noise((20, 30)).save(cls / "fits.png")  # 600 pixels
+    (cls / name).write_bytes(content())
+    with pytest.raises(ValueError, match=f"^cannot decode: {reason}"):
+        read_image(str(cls / name))
+    with pytest.raises(ValueError, match=f"^cannot decode: {reason}"):
+        read_image_box(str(cls / name), lambda h, w: (0, 0, 2, 2), (1, 1))  # region decode
+    report = scan(tmp_path / "data", workers=1)  # its workers are forked: the limit holds
+    assert [path for path, _ in report.problems] == [str(cls / name)]
+    dataset = ImageFolderDataset(tmp_path / "data")
+    skipped = dataset[[p for p, _ in dataset.samples].index(str(cls / name))]
+    assert isinstance(skipped, SkippedSample) and re.search(reason, skipped.reason)
 
 
 def test_jpeg_end_marker_is_looked_for_after_the_image_data(tmp_path):

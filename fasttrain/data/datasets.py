@@ -239,7 +239,48 @@ def _reason(error: BaseException) -> str:
     return textwrap.shorten(text, _REASON_CHARS, placeholder=" ...")
 
 
+def _check_pixels(height: int, width: int) -> None:
+    """Refuse an image larger than PIL.Image.MAX_IMAGE_PIXELS (None: no limit), PIL's own
+    guard, which torchvision's decoders lack.
+
+    Raises:
+        ValueError: over the limit; one line.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and height * width > limit:
+        raise ValueError(f"cannot decode: {width}x{height} pixels, more than "
+                         f"PIL.Image.MAX_IMAGE_PIXELS ({limit}), could be a decompression bomb")
+
+
+def _check_declared_size(raw: bytes) -> None:
+    """Refuse an image whose headers declare more pixels than `_check_pixels` allows, before
+    anything is decoded: a 633-byte JPEG declaring 30000x30000 pixels decoded to 3.5 GB.
+
+    Raises:
+        ValueError: over the limit; one line. Headers that cannot be read pass: the decoder
+            says what is wrong with them.
+    """
+    if jpeg.AVAILABLE and jpeg.is_jpeg(raw):
+        try:
+            info = jpeg.jpeg_info(raw)  # reads the headers only
+        except ValueError:
+            return
+        _check_pixels(info.height, info.width)
+        return
+    try:
+        # Image.open reads the headers only. PIL refuses twice its limit itself (and warns
+        # above it: fasttrain then refuses the image all the same).
+        with Image.open(io.BytesIO(raw)) as image:
+            height, width = image.height, image.width
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"cannot decode: {_reason(e)}") from None
+    except Exception:  # noqa: BLE001  (not an image PIL knows: the decoders say why)
+        return
+    _check_pixels(height, width)
+
+
 def _decode_whole(raw: bytes) -> torch.Tensor:
+    _check_declared_size(raw)
     try:
         image = decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8),
                              mode=ImageReadMode.RGB)
@@ -275,8 +316,9 @@ def read_image(path: str) -> torch.Tensor:
 
     Raises:
         ValueError: empty, truncated (a JPEG without its end marker), undecodable file, a
-            broken symbolic link, or not a regular file (a FIFO, a link to a device); the
-            message is one line.
+            broken symbolic link, not a regular file (a FIFO, a link to a device), or more
+            pixels than PIL.Image.MAX_IMAGE_PIXELS (checked on the headers, before decoding);
+            the message is one line.
     """
     return _decode_whole(_read_encoded(path))
 
@@ -294,12 +336,13 @@ def read_image_box(path: str, choose_box: BoxChooser, min_size: tuple[int, int] 
     and sliced. `choose_box` is called exactly once either way, so seeded draws stay in step.
 
     Raises:
-        ValueError: empty, truncated or undecodable file.
+        ValueError: empty, truncated or undecodable file, or too large (as in `read_image`).
     """
     raw = _read_encoded(path)
     if region_decode and jpeg.AVAILABLE and jpeg.is_jpeg(raw):
         info = jpeg.jpeg_info(raw)
         if info.rgb:
+            _check_pixels(info.height, info.width)
             return jpeg.decode_region(raw, choose_box(info.height, info.width), min_size, info)
     image = _decode_whole(raw)
     top, left, h, w = choose_box(image.shape[1], image.shape[2])
