@@ -16,6 +16,8 @@ from collections import Counter
 from pathlib import Path
 
 import ffcv  # noqa: F401  (a missing FFCV fails here: CI must run these tests)
+import ffcv.reader
+import ffcv.types
 import numpy as np
 from PIL import Image
 import pytest
@@ -805,6 +807,66 @@ def test_truncated_beton_is_a_dataset_error(tmp_path, cifar, keep):
     cfg = _cifar_cfg(cifar, f"--data.ffcv_dir={folder}")
     with pytest.raises(DatasetError, match="train.beton: (not a readable|truncated) FFCV file.*"
                                            "rewrite it with: python tools/write_ffcv.py"):
+        build_loaders(cfg.data, cfg.aug)
+
+
+def _corrupt_header(path: Path, field: str, value: int) -> None:
+    header = np.memmap(path, dtype=ffcv.types.HeaderType, mode="r+", shape=(1,))
+    header[field] = value
+    header.flush()
+
+
+def _corrupt_image(path: Path, sample: int, **values: int) -> None:
+    reader = ffcv.reader.Reader(str(path))
+    offset = ffcv.types.HeaderType.itemsize + reader.field_descriptors.nbytes
+    metadata = np.memmap(path, dtype=reader.metadata_type, mode="r+", offset=offset,
+                         shape=(reader.num_samples,))
+    image = metadata[f"f{reader.field_names.index('image')}"]
+    for name, value in values.items():
+        image[name][sample] = value
+    metadata.flush()
+
+
+@pytest.mark.parametrize("corrupt,sidecar,message", [
+    # FFCV's memory manager raised OverflowError
+    (lambda p: _corrupt_header(p, "page_size", 0), True,
+     r"not a readable FFCV file \(page_size 0 is not a power of two\)"),
+    # FFCV allocated ~22 GiB for the metadata
+    (lambda p: _corrupt_header(p, "num_samples", 10 ** 9), True,
+     r"not a readable FFCV file \(num_samples 1000000000: their metadata do not fit in its "
+     r"\d+ bytes\)"),
+    # numpy raised OverflowError seeking there
+    (lambda p: _corrupt_header(p, "alloc_table_ptr", 2 ** 63), True,
+     r"not a readable FFCV file \(alloc_table_ptr 9223372036854775808 is outside its data"),
+    # FFCV allocated 65535 x 65535 x 3 bytes per image of a batch at the first epoch; the
+    # sidecar says how large the writer let images be, else a raw image must fit in a page
+    (lambda p: _corrupt_image(p, 7, height=65535, width=65535), True,
+     r"corrupt FFCV file \(sample 7 \(65535x65535 px\) is larger than the 512 px it was "
+     r"written with"),
+    (lambda p: _corrupt_image(p, 7, height=65535, width=65535), False,
+     r"corrupt FFCV file \(sample 7 \(65535x65535 px\) has more raw pixels than its "
+     r"\d+-byte page holds\)"),
+    (lambda p: _corrupt_image(p, 7, height=0), True,
+     r"corrupt FFCV file \(sample 7 \(0x32 px\) is stored as an empty image\)"),
+    # FFCV would read the image there, or copy it as raw pixels (mode 1) or decode it (0)
+    (lambda p: _corrupt_image(p, 7, data_ptr=2 ** 62), True,
+     r"corrupt FFCV file \(sample 7 \(32x32 px\) points past the image data\)"),
+    (lambda p: _corrupt_image(p, 7, mode=9), True,
+     r"corrupt FFCV file \(sample 7 \(32x32 px\) has an unknown storage mode\)"),
+])
+def test_a_corrupt_header_or_image_size_is_one_line_not_a_huge_allocation(tmp_path, cifar,
+                                                                           corrupt, sidecar,
+                                                                           message):
+    """Numbers FFCV allocates or seeks by are checked against the file's size and the sidecar
+    when the file is opened: they gave tracebacks (OverflowError, MemoryError) or, for image
+    sizes, a 257 GB allocation at the first epoch."""
+    folder = _copy_pair(tmp_path / "ffcv", cifar / "ffcv", cifar / "ffcv")
+    if not sidecar:
+        (folder / "train.beton.json").unlink()
+    corrupt(folder / "train.beton")
+    cfg = _cifar_cfg(cifar, f"--data.ffcv_dir={folder}")
+    with pytest.raises(DatasetError, match=rf"^{folder / 'train.beton'}: {message}.*; rewrite "
+                                           rf"it with: python tools/write_ffcv.py"):
         build_loaders(cfg.data, cfg.aug)
 
 

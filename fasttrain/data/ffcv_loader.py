@@ -90,6 +90,7 @@ def _ffcv() -> SimpleNamespace:
         from ffcv.pipeline.allocation_query import AllocationQuery
         from ffcv.pipeline.compiler import Compiler
         from ffcv.reader import Reader
+        from ffcv import types as ffcv_types
         from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
         from ffcv.writer import DatasetWriter
         import numba
@@ -361,9 +362,10 @@ def _ffcv() -> SimpleNamespace:
         ResizeCenterCrop=ResizeCenterCrop,
         DatasetWriter=DatasetWriter, EpochIterator=EpochIterator, IntDecoder=IntDecoder,
         IntField=IntField, Loader=Loader, OrderOption=OrderOption, Reader=Reader,
-        RGBImageField=RGBImageField, SeededCropFlip=SeededCropFlip, ToDevice=ToDevice,
-        ToTensor=ToTensor, ToTorchImage=ToTorchImage, numba=numba, crop_flip=crop_flip,
-        seed_sample=seed_sample, random_box=random_box)
+        types=ffcv_types, IMAGE_MODES=IMAGE_MODES, RGBImageField=RGBImageField,
+        SeededCropFlip=SeededCropFlip, ToDevice=ToDevice, ToTensor=ToTensor,
+        ToTorchImage=ToTorchImage, numba=numba, crop_flip=crop_flip, seed_sample=seed_sample,
+        random_box=random_box)
 
 
 # --------------------------------------------------------------------------------------------
@@ -800,28 +802,94 @@ class BetonInfo:
         return f"{self.path} ({len(self.good)} images; {how})"
 
 
+def _header_problem(ff: SimpleNamespace, path: Path, size: int) -> str | None:
+    """What is wrong with a .beton's header, checked against the file's `size` before FFCV's
+    Reader allocates and seeks by its numbers (a corrupt num_samples made it allocate 22 GiB, a
+    page_size of 0 or a pointer past 2^63 raised OverflowError); None when they fit. A file
+    of another format version is left to the Reader, whose error says so."""
+    types = ff.types
+    if size < types.HeaderType.itemsize:
+        return f"{size} bytes, fewer than FFCV's header"
+    header = np.fromfile(path, dtype=types.HeaderType, count=1)[0]
+    if header["version"] != types.CURRENT_VERSION:
+        return None
+    page = int(header["page_size"])
+    if page <= 0 or page & (page - 1):  # FFCV's writer refuses other sizes
+        return f"page_size {page} is not a power of two"
+    count = int(header["num_fields"])
+    fields_end = types.HeaderType.itemsize + count * types.FieldDescType.itemsize
+    if fields_end > size:
+        return f"num_fields {count} do not fit in its {size} bytes"
+    fields = np.fromfile(path, dtype=types.FieldDescType, count=count,
+                         offset=types.HeaderType.itemsize)
+    handlers = types.get_handlers(fields)
+    if None in handlers:  # a custom field: the Reader refuses it
+        return None
+    samples = int(header["num_samples"])
+    metadata_end = fields_end + samples * types.get_metadata_type(handlers).itemsize
+    if metadata_end > size:
+        return f"num_samples {samples}: their metadata do not fit in its {size} bytes"
+    table = int(header["alloc_table_ptr"])
+    if not metadata_end <= table <= size:
+        return f"alloc_table_ptr {table} is outside its data ({metadata_end} to {size} bytes)"
+    return None
+
+
+def _images_problem(ff: SimpleNamespace, image: np.ndarray, good: np.ndarray, page_size: int,
+                    data_end: int, max_resolution: int | None) -> str | None:
+    """What is wrong with the image field's metadata of the loadable samples `good`: FFCV
+    sizes its decode buffers by the largest height x width (garbage sizes made it allocate
+    257 GB at the first epoch) and reads each image at its data_ptr. None when all is well."""
+    image = image[good]
+    heights, widths = image["height"].astype(np.int64), image["width"].astype(np.int64)
+    raw = image["mode"] == ff.IMAGE_MODES["raw"]
+    checks = [
+        (~np.isin(image["mode"], list(ff.IMAGE_MODES.values())), "has an unknown storage mode"),
+        ((heights < 1) | (widths < 1), "is stored as an empty image"),
+        (image["data_ptr"] >= data_end, "points past the image data"),
+    ]
+    if max_resolution:
+        checks.append((np.maximum(heights, widths) > max_resolution,
+                       f"is larger than the {max_resolution} px it was written with "
+                       f"(--max-resolution in the sidecar)"))
+    # raw pixels are written into one page
+    checks.append((raw & (heights * widths * 3 > page_size),
+                   f"has more raw pixels than its {page_size}-byte page holds"))
+    for bad, what in checks:
+        if bad.any():
+            i = int(np.argmax(bad))
+            return (f"sample {int(good[i])} ({int(heights[i])}x{int(widths[i])} px) {what}")
+    return None
+
+
 def read_beton(ff: SimpleNamespace, path: Path, data: DataConfig) -> BetonInfo:
-    """Open a .beton's header, metadata and sidecar.
+    """Open a .beton's header, metadata and sidecar, checking what FFCV would allocate or read
+    by against the file's size and the sidecar.
 
     Raises:
-        DatasetError: the file is missing or not a complete FFCV file.
+        DatasetError: the file is missing or not a complete, consistent FFCV file.
     """
     if not path.is_file():
         raise DatasetError(f"{path}: FFCV file not found; write it with: {write_command(data)}")
     rewrite = f"rewrite it with: {write_command(data)}"
+    size = path.stat().st_size
     try:
-        reader = ff.Reader(str(path))
-    except (AssertionError, OSError, IndexError, KeyError, TypeError, ValueError) as e:
-        raise DatasetError(f"{path}: not a readable FFCV file ({type(e).__name__}: {e}); "
-                           f"{rewrite}") from None
+        problem = _header_problem(ff, path, size)
+        if problem is None:
+            reader = ff.Reader(str(path))
+    except (AssertionError, OSError, IndexError, KeyError, TypeError, ValueError,
+            MemoryError, OverflowError) as e:
+        problem = f"{type(e).__name__}: {e}"
+    if problem is not None:
+        raise DatasetError(f"{path}: not a readable FFCV file ({problem}); {rewrite}")
     names = list(reader.field_names)
     if "image" not in names or "label" not in names:
         raise DatasetError(f"{path}: FFCV file without 'image' and 'label' fields (fields: "
                            f"{', '.join(names)}); {rewrite}")
     alloc = reader.alloc_table
-    end = int((alloc["ptr"] + alloc["size"]).max()) if len(alloc) else 0
-    if (len(reader.metadata) != reader.num_samples or not len(alloc)
-            or end > path.stat().st_size):
+    # Compared without adding: a garbage ptr + size wraps around in uint64.
+    past_end = (alloc["ptr"] > size) | (alloc["size"] > size - np.minimum(alloc["ptr"], size))
+    if len(reader.metadata) != reader.num_samples or not len(alloc) or past_end.any():
         raise DatasetError(f"{path}: truncated FFCV file; {rewrite}")
     image = reader.metadata[f"f{names.index('image')}"]
     labels = np.asarray(reader.metadata[f"f{names.index('label')}"], dtype=np.int64)
@@ -838,6 +906,11 @@ def read_beton(ff: SimpleNamespace, path: Path, data: DataConfig) -> BetonInfo:
                      sidecar)
     if not len(info.good):
         raise DatasetError(f"{path}: no loadable images")
+    problem = _images_problem(ff, image, info.good, int(reader.page_size),
+                              int(reader.header["alloc_table_ptr"]),
+                              sidecar.get("max_resolution"))
+    if problem is not None:
+        raise DatasetError(f"{path}: corrupt FFCV file ({problem}); {rewrite}")
     return info
 
 
