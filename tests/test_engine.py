@@ -901,6 +901,21 @@ def test_a_run_interrupted_before_its_first_checkpoint_leaves_no_folder(data_roo
     assert len(steps) == 2 and list(tmp_path.iterdir()) == []
 
 
+def test_an_interrupted_dry_run_says_nothing_was_written(data_root, tmp_path, monkeypatch,
+                                                         capsys):
+    # it said "checkpoints already written are intact; continue ... with --resume auto"
+    import fasttrain.engine
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fasttrain.engine, "train", interrupted)
+    tool = load_tool("train")
+    assert tool.main([str(QUICKSTART), f"--data.path={data_root / 'digits'}",
+                      f"--log.dir={tmp_path}", "--dry-run"]) == 130
+    assert capsys.readouterr().err == "interrupted: dry run stopped, nothing written\n"
+
+
 def test_a_resume_with_train_max_steps_reached_trains_nothing(data_root, tmp_path):
     """A requeue script resuming with the cap it was cut at trained the next epoch for 0 steps
     and marked it done (a metrics line, a checkpoint one epoch on): its steps were lost."""

@@ -117,7 +117,12 @@ def _main(argv: list[str] | None) -> int:
         raise
     except KeyboardInterrupt as e:
         terminated = isinstance(e, Terminated)
-        _interrupted(terminated, getattr(e, "fasttrain_resume", None))
+        if args.dry_run:  # it writes nothing: no checkpoint to speak of
+            if rank == 0:
+                _say(f"{'terminated' if terminated else 'interrupted'}: dry run stopped, "
+                     f"nothing written")
+        else:
+            _interrupted(terminated, getattr(e, "fasttrain_resume", None))
         return 143 if terminated else 130  # the shell's statuses for SIGTERM and SIGINT
     return 0
 
