@@ -1446,6 +1446,18 @@ def test_a_log_gets_step_lines_inside_long_epochs(data_root, tmp_path, monkeypat
     assert " step " not in capsys.readouterr().out
 
 
+def test_a_closed_stdout_does_not_stop_the_training(data_root, tmp_path, monkeypatch):
+    # `train.py ... | tee log` with tee killed: rich's SystemExit(1) ended the run mid-way
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with open(write_end, "w") as closed:
+        monkeypatch.setattr(sys, "stdout", closed)
+        summary = train(_cfg(data_root, tmp_path, "--schedule.epochs=1",
+                             "--schedule.warmup_epochs=0", "--model.width=0.25",
+                             "--train.max_steps=3", "--log.name=piped"))
+    assert summary["epoch"] == 1 and (tmp_path / "piped" / "checkpoints" / "last.pt").exists()
+
+
 def test_a_training_stopped_inside_an_epoch_stops_its_progress_bar(data_root, tmp_path,
                                                                     monkeypatch):
     # the bar's refresh thread went on drawing after the error line and left the cursor hidden

@@ -2,6 +2,7 @@
 (CI logs, a long epoch's step at most once a minute), and a final summary table."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any
@@ -23,6 +24,18 @@ def format_epoch(m: dict[str, Any], epochs: int) -> str:
             f"{m['epoch_time_s']:.1f}s ({m['train_images_per_s']:.0f} img/s){cut}")
 
 
+class _LogConsole(Console):
+    """A console whose closed output (a killed `tee`, `| head`, `| grep -m1`) drops the rest
+    of what it would print instead of ending the training: rich's default raises
+    SystemExit(1), which stopped a run mid-epoch without a word."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        devnull = os.open(os.devnull, os.O_WRONLY)  # later writes, print()'s too, go nowhere
+        os.dup2(devnull, self.file.fileno())
+        os.close(devnull)
+
+
 class Reporter:
     """Reports training progress; every method is a no-op off the main rank."""
 
@@ -32,7 +45,7 @@ class Reporter:
 
     def __init__(self, mode: str, enabled: bool) -> None:
         self.enabled = enabled
-        self.console = Console(file=sys.stdout, highlight=False, soft_wrap=True)
+        self.console = _LogConsole(file=sys.stdout, highlight=False, soft_wrap=True)
         if not self.console.is_terminal:
             # Logs and CI: no terminal width to respect, and truncated paths help nobody.
             self.console.width = 200
