@@ -21,6 +21,7 @@ from fasttrain.data import transforms
 from fasttrain.engine import checkpoint as ckpt
 from fasttrain.engine import distributed, loop, rundir, train
 from fasttrain.engine.optim import param_groups
+from fasttrain.engine.progress import Reporter
 from fasttrain.engine.schedule import lr_factor
 from fasttrain.errors import CheckpointError, ConfigError, DatasetError, RunError, TrainingError
 from fasttrain.models import create_model
@@ -355,7 +356,7 @@ def test_sync_bn_on_cpu_ranks_is_one_line_before_anything_is_written(data_root, 
     with pytest.raises(ConfigError, match=r"^train.sync_bn=true needs CUDA devices \(torch's "
                                           r"SyncBatchNorm synchronises GPU tensors only\); "
                                           r"this run is on cpu$"):
-        loop._train(cfg, two_cpu_ranks, None, None, dry_run=False)
+        loop._train(cfg, two_cpu_ranks, Reporter("plain", True), None, None, dry_run=False)
     assert list(tmp_path.iterdir()) == []
     # one process has nothing to synchronise: the setting changes nothing there
     summary = train(_cfg(data_root, tmp_path, "--train.sync_bn=true"), dry_run=True)
@@ -602,8 +603,6 @@ def test_grad_accumulation_keeps_the_global_batch_and_tensorboard_logs(data_root
 
 def test_the_summary_shows_a_long_run_directory_whole(capsys):
     """Under a pipe the summary's value column cut a long path with '…' (not copyable)."""
-    from fasttrain.engine.progress import Reporter
-
     path = "/tmp/" + "n" * 260 + "/run"
     Reporter("plain", True).summary([("run directory", path)], "done")
     printed = capsys.readouterr().out
@@ -1432,8 +1431,6 @@ def test_a_resume_says_which_settings_changed_since_its_checkpoint(data_root, tm
 
 def test_a_log_gets_step_lines_inside_long_epochs(data_root, tmp_path, monkeypatch, capsys):
     # plain output (a log) said nothing until an epoch's end: minutes for ImageNet
-    from fasttrain.engine.progress import Reporter
-
     monkeypatch.setattr(Reporter, "plain_every_s", 0.0)
     train(_cfg(data_root, tmp_path, "--schedule.epochs=1", "--schedule.warmup_epochs=0",
                "--log.interval=10", "--train.max_steps=20"))
