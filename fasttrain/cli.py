@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 from .errors import UserError
 
@@ -165,3 +166,77 @@ def new_folders_removed_on_error(path: str | Path, *, folder: bool = False) -> I
             except OSError:  # not empty (something was written there), or not made
                 break
         raise
+
+
+# The status of a process killed by SIGPIPE in the shell's convention (128 + 13): what `cmd |
+# head` gives for a C tool, and what a script with `set -o pipefail` tells from a failure.
+STDOUT_CLOSED = 141
+
+Main = TypeVar("Main", bound=Callable[..., int])
+
+
+class _ClosableStdout:
+    """sys.stdout while a tool runs: a write or flush that finds the reader gone (`| head -3`)
+    points the file descriptor at /dev/null (the Python docs' "Note on SIGPIPE"), so that the
+    rest of the output is dropped, not raised, and the interpreter's own flush at exit does not
+    fail either. Everything else is the stream's."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.reader_gone = False
+
+    def _gone(self) -> None:
+        self.reader_gone = True
+        try:
+            fd = self.stream.fileno()
+        except (AttributeError, OSError, ValueError):  # a stand-in stream without one
+            return
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+
+    def write(self, text: str) -> int:
+        if not self.reader_gone:
+            try:
+                return self.stream.write(text)
+            except BrokenPipeError:
+                self._gone()
+        return len(text)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._gone()
+            with contextlib.suppress(BrokenPipeError):  # the text still buffered: to /dev/null
+                self.stream.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def stdout_may_close(main: Main) -> Main:
+    """Decorate a tool's `main(argv) -> int`: when the reader of stdout goes away before the
+    tool has printed everything (`| head -3`, `| grep -m1`, a killed tee), the rest of what it
+    prints is dropped and the tool carries on: it still writes the files it was asked for.
+    The status is then STDOUT_CLOSED (141) instead of 0; any other status keeps its meaning
+    (2 an error, said on stderr; a tool's 1), since only success is in doubt when part of
+    the output was not read. Without this, rich turned the BrokenPipeError into a silent
+    exit 1 before the outputs were written."""
+
+    @functools.wraps(main)
+    def run(argv: list[str] | None = None) -> int:
+        guard = _ClosableStdout(sys.stdout)
+        sys.stdout = guard
+        try:
+            status = main(argv)
+        finally:
+            guard.flush()  # here, not at exit: a pipe's buffered text meets the closed reader
+            sys.stdout = guard.stream
+        return STDOUT_CLOSED if guard.reader_gone and status == 0 else status
+
+    return run  # type: ignore[return-value]

@@ -4,10 +4,12 @@ built-in data set (train two widths, prune, fine-tune, benchmark, compare)."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import math
 import re
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -330,6 +332,23 @@ def test_latency_is_matched_by_architecture(tmp_path):
 
 
 # --------------------------------------------------------------------------- literature view
+
+class _ReaderGone(io.StringIO):
+    """A stdout whose reader has gone (`| head`): every write raises BrokenPipeError."""
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_closed_stdout_still_writes_the_outputs_and_exits_141(tmp_path, monkeypatch):
+    """`compare.py ... | head -3`: rich turned the broken pipe into a silent exit 1."""
+    pts = tmp_path / "mine.csv"
+    pts.write_text("label,kind,top1,macs\nR56 w0.5,thin,92.0,31482176\n")
+    monkeypatch.setattr(sys, "stdout", _ReaderGone())
+    assert compare_tool.main(["--points", str(pts), "--out", str(tmp_path / "out")]) == 141
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert "compare-table.md" in written and "compare-table.csv" in written, written
+
 
 def test_literature_benchmark_plots_and_table(tmp_path):
     pts = tmp_path / "mine.csv"

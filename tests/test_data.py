@@ -559,6 +559,26 @@ def test_check_data_prints_folder_names_as_they_are(tmp_path, capsys):
     assert "--workers=100000: must be 0 (one per core) to 1024" in capsys.readouterr().err
 
 
+def test_check_data_with_stdout_closed_exits_141_not_1(tmp_path):
+    """`check_data.py DIR | head -5` exited 1, "problems found", silently, on a clean set."""
+    import subprocess
+    import sys
+
+    for split in ("train", "val"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        _noise(seed=0).save(tmp_path / split / "a" / "0.jpg")
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line
+    try:
+        res = subprocess.run([sys.executable, str(ROOT / "tools" / "check_data.py"),
+                              str(tmp_path), "--workers", "1"], stdout=write,
+                             stderr=subprocess.PIPE, text=True, timeout=120,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    finally:
+        os.close(write)
+    assert (res.returncode, res.stderr) == (141, "")
+
+
 def test_check_data_reports_what_training_refuses_at_start(tmp_path):
     """Validation classes that train/ lacks: the loaders refuse the tree, so the check must not
     call it clean."""

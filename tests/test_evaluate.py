@@ -1,10 +1,12 @@
 """tools/evaluate.py and its library parts (fasttrain.measure.accuracy, build_val_loader):
 a checkpoint evaluates to the top-1 its run recorded, exports and factories score alike, the
 class order is the model's, and the points CSV it writes is the one compare reads."""
+import io
 import json
 import os
 import shutil
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -85,6 +87,22 @@ def test_a_cut_epoch_of_an_older_checkpoint_is_named(run, tmp_path, capsys):
     assert code == 0 and "after step 8 of epoch 2 (an epoch cut by train.max_steps)" in out
     code, out, err = _evaluate(capsys, "--checkpoint", tmp_path / "inside.pt")
     assert code == 0 and "after epoch 2: top-1" in out, out
+
+
+class _ReaderGone(io.StringIO):
+    """A stdout whose reader has gone (`| head`): every write raises BrokenPipeError."""
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_closed_stdout_still_writes_the_record_and_exits_141(run, tmp_path, monkeypatch):
+    """`evaluate.py ... | head -1`: the result lines' BrokenPipeError was a traceback and
+    --json was never written."""
+    monkeypatch.setattr(sys, "stdout", _ReaderGone())
+    assert evaluate_tool.main(["--checkpoint", str(run / "checkpoints" / "last.pt"), "--json",
+                               str(tmp_path / "r.json")]) == 141
+    assert json.loads((tmp_path / "r.json").read_text())["images"] == 364
 
 
 def test_overrides_change_the_measurement_and_the_output_says_so(run, tmp_path, capsys):

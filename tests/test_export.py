@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import importlib.util
 import io
 import json
@@ -193,6 +194,21 @@ def test_parity_failure_raises(tmp_path, monkeypatch):
     code = export_tool.main(["--model", "cifar_resnet20", "--width", "0.25", "--out",
                              str(tmp_path / "bad2.pt")])
     assert code == 1 and not (tmp_path / "bad2.pt").exists()
+
+
+class _ReaderGone(io.StringIO):
+    """A stdout whose reader has gone (`| head`): every write raises BrokenPipeError."""
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_closed_stdout_still_writes_the_export_and_exits_141(tmp_path, monkeypatch):
+    """`export.py ... | head -1`: the second line's BrokenPipeError was a traceback."""
+    monkeypatch.setattr(sys, "stdout", _ReaderGone())
+    assert export_tool.main(["--model", "cifar_resnet20", "--width", "0.25", "--resolution",
+                             "16", "--out", str(tmp_path / "net.pt")]) == 141
+    assert ex.load_exported(tmp_path / "net.pt")[1]["input_size"] == [3, 16, 16]
 
 
 def test_a_failed_write_leaves_no_file_behind(tmp_path, monkeypatch):

@@ -927,6 +927,25 @@ def test_sigterm_writes_the_rows_measured_like_ctrl_c(tmp_path):
     assert err.startswith("error: interrupted; ") and err.endswith(" measured and written\n"), err
 
 
+def test_a_closed_stdout_still_writes_every_output_and_exits_141(tmp_path):
+    """`benchmark ... --json a --csv b | head -3`: rich turned the broken pipe into a silent
+    exit 1 (the status of a failed row) after writing a but not b."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line: every write finds it closed
+    try:
+        res = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), *TINY,
+                              "--batch-size", "1,2", "--json", str(tmp_path / "a.json"),
+                              "--csv", str(tmp_path / "b.csv")],
+                             stdout=write, stderr=subprocess.PIPE, text=True, timeout=300,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    finally:
+        os.close(write)
+    assert res.returncode == 141, res.stderr
+    assert res.stderr == ""
+    assert [r["batch_size"] for r in json.loads((tmp_path / "a.json").read_text())] == [1, 2]
+    assert (tmp_path / "b.csv").read_text().count("\n") == 3
+
+
 def test_fused_rows_are_refused_when_the_kernels_are_unavailable(monkeypatch, capsys):
     """Without the library the fused layers fall back to the reference math with a warning:
     the rows said norm_act fused and timed the fallback."""

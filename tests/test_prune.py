@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib.metadata
 import importlib.util
+import io
 import json
 import os
 import shlex
@@ -271,6 +272,24 @@ def test_a_checkpoint_cut_inside_an_epoch_is_told_apart_and_paths_may_start_with
     _, meta = ex.load_exported(tmp_path / "pruned.pt")
     assert (meta["pruning"]["source_epoch"], meta["pruning"]["source_step"]) == (2, 30)
     assert "checkpoint_epoch_step" not in meta  # the pruned file is no mid-epoch checkpoint
+
+
+class _ReaderGone(io.StringIO):
+    """A stdout whose reader has gone (`| head`): every write raises BrokenPipeError."""
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+@needs_tp
+def test_a_closed_stdout_still_writes_the_pruned_checkpoint_and_exits_141(tmp_path,
+                                                                          monkeypatch):
+    """`prune.py ... | head -3`: rich turned the broken pipe into a silent exit 1."""
+    src, _ = write_checkpoint(tmp_path / "src.pt")
+    monkeypatch.setattr(sys, "stdout", _ReaderGone())
+    assert prune_tool.main([str(src), "--out", str(tmp_path / "p.pt"), "--target-width",
+                            "0.25"]) == 141
+    assert ckpt.load(tmp_path / "p.pt")["pruning"]["target_macs"] > 0
 
 
 @needs_tp

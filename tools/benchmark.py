@@ -24,9 +24,10 @@ latency (or images/s) against MACs (PNG; next to the saved results when no path 
 Output paths are checked before anything is measured; folders are created.
 
 Exit status: 0 when every row is "ok" or "oom"; 1 when some row has status "error" (all outputs
-are still written; one line on stderr says how many); 2 for a user error (bad option, model or
-file, impossible conditions, an output that cannot be written), with one line on stderr. When an
-output cannot be written the table and the other outputs are written first.
+are still written; one line on stderr says how many); 141 (instead of 0) when stdout was closed
+before everything was printed (`| head -3`), the outputs still written; 2 for a user error (bad
+option, model or file, impossible conditions, an output that cannot be written), with one line
+on stderr. When an output cannot be written the table and the other outputs are written first.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ import threading
 from pathlib import Path
 
 from fasttrain.cli import (ArgumentParser, check_output, int_at_least, printable_paths,
-                           sigterm_as_interrupt, user_path)
+                           sigterm_as_interrupt, stdout_may_close, user_path)
 from fasttrain.config import MAX_WIDTH
 from fasttrain.errors import UserError
 
@@ -295,6 +296,7 @@ def _write_outputs(rows, args, console) -> list[str]:
     return failures
 
 
+@stdout_may_close
 def main(argv: list[str] | None = None) -> int:
     printable_paths()
     args = build_parser().parse_args(argv)

@@ -7,7 +7,7 @@ Decodes every image under DIR (ImageNet layout DIR/{train,val}/CLASS/*, or DIR/C
 parallel with a progress bar, then prints the class counts per split and every problem found:
 undecodable, empty or truncated files, empty class folders. Files without an image extension
 are listed as ignored (the loaders never read them). Exit status: 0 clean, 1 problems found,
-2 bad arguments.
+2 bad arguments, 141 clean but stdout closed before the report was printed (`| head`).
 """
 from __future__ import annotations
 
@@ -20,11 +20,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemaining
 from rich.table import Table
 
 from fasttrain.data.check import scan
-from fasttrain.cli import ArgumentParser, printable_paths, user_path
+from fasttrain.cli import ArgumentParser, printable_paths, stdout_may_close, user_path
 from fasttrain.errors import UserError
 
 
 
+@stdout_may_close
 def main(argv: list[str] | None = None) -> int:
     printable_paths()
     p = ArgumentParser(description="Scan an image data set for unreadable files and class "

@@ -29,7 +29,8 @@ import sys
 from pathlib import Path
 
 from fasttrain.cli import (ArgumentParser, check_output, finite_float, int_at_least,
-                           new_folders_removed_on_error, printable_paths, user_path)
+                           new_folders_removed_on_error, printable_paths, stdout_may_close,
+                           user_path)
 from fasttrain.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,6 +92,7 @@ def _terminal_table(c):
     return t
 
 
+@stdout_may_close
 def main(argv: list[str] | None = None) -> int:
     printable_paths()
     args = build_parser().parse_args(argv)

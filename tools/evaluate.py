@@ -20,7 +20,8 @@ adds a row to a points CSV that `tools/compare.py --points` reads (created with 
 missing; labels must stay unique). Outputs are checked before anything is evaluated.
 
 Exit status: 0 evaluated; 2 a user error (bad option, recipe, data, checkpoint or output), one
-line on stderr; 130 interrupted (Ctrl-C or SIGTERM).
+line on stderr; 130 interrupted (Ctrl-C or SIGTERM); 141 instead of 0 when stdout was closed early
+(`| head -1`), the outputs written all the same.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ import sys
 from pathlib import Path
 
 from fasttrain.cli import (ArgumentParser, check_output, nonempty, printable_paths,
-                           same_file, sigterm_as_interrupt, user_path)
+                           same_file, sigterm_as_interrupt, stdout_may_close, user_path)
 from fasttrain.errors import UserError
 
 # compare's points CSV columns (fasttrain.compare.points.USER_COLUMNS), in a readable order
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@stdout_may_close
 def main(argv: list[str] | None = None) -> int:
     printable_paths()
     parser = build_parser()

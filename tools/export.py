@@ -19,7 +19,7 @@ passes, so a failed export never replaces an earlier file; --out may not be the 
 Exit status: 0 when the parity check passes; 1 when the exported outputs differ beyond
 `atol + rtol * max|eager output|` (one line on stderr; --out is left as it was and the failed
 file is kept as <stem>.parity-failed<suffix> for inspection); 2 for user errors (one line on
-stderr).
+stderr); 141 instead of 0 when stdout was closed early (`| head -1`), --out written all the same.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 from fasttrain.cli import (ArgumentParser, finite_float, int_at_least, new_folders_removed_on_error,
-                          printable_paths, user_path)
+                          printable_paths, stdout_may_close, user_path)
 from fasttrain.config import MAX_CLASSES, MAX_RESOLUTION, MAX_WIDTH
 from fasttrain.errors import UserError
 
@@ -88,6 +88,7 @@ def _format_named_by(ex, out: str) -> str | None:
         return None
 
 
+@stdout_may_close
 def main(argv: list[str] | None = None) -> int:
     printable_paths()
     args = build_parser().parse_args(argv)

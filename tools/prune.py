@@ -27,7 +27,7 @@ import shlex
 import sys
 
 from fasttrain.cli import (ArgumentParser, finite_float, new_folders_removed_on_error,
-                           printable_paths, user_path)
+                           printable_paths, stdout_may_close, user_path)
 from fasttrain.errors import UserError
 
 
@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@stdout_may_close
 def main(argv: list[str] | None = None) -> int:
     printable_paths()
     args = build_parser().parse_args(argv)

@@ -11,13 +11,14 @@ written. ffcv-imagenet's ImageNet setting is the default: --write-mode=proportio
 --max-resolution=512 --compress-probability=0.5 --jpeg-quality=90. Each file is written under a
 temporary name and renamed when complete, so an interrupted write leaves nothing the loader
 would read. Unreadable images are skipped and listed. Exit status: 0 written, 2 bad arguments or
-data (one line on stderr).
+data (one line on stderr), 141 written but stdout closed before the summary (`| head -1`).
 """
 from __future__ import annotations
 
 import sys
 
-from fasttrain.cli import ArgumentParser, nonempty, printable_paths, sigterm_as_interrupt
+from fasttrain.cli import (ArgumentParser, nonempty, printable_paths, sigterm_as_interrupt,
+                           stdout_may_close)
 from fasttrain.config import load
 from fasttrain.errors import UserError
 
@@ -52,6 +53,7 @@ def build_parser() -> ArgumentParser:
     return p
 
 
+@stdout_may_close
 def main(argv: list[str] | None = None) -> int:
     printable_paths()
     args, overrides = build_parser().parse_known_args(argv)
