@@ -240,3 +240,23 @@ def stdout_may_close(main: Main) -> Main:
         return STDOUT_CLOSED if guard.reader_gone and status == 0 else status
 
     return run  # type: ignore[return-value]
+
+
+def print_table(console, table) -> None:
+    """Print a rich Table with every cell whole: when it is wider than the console (or the
+    console is a pipe or a file), it is printed at its natural width, each row one line (a
+    terminal wraps the long lines; a log stays greppable). Left to itself, rich shrank the
+    columns to fit 80 columns, cutting numbers to "…" or folding them inside their cells (even
+    in columns marked no_wrap: it shrinks those last, not never)."""
+    from rich.measure import Measurement
+
+    natural = Measurement.get(console, console.options.update_width(1_000_000), table).maximum
+    if console.is_terminal and natural <= console.width:
+        console.print(table)
+        return
+    width = table.width
+    table.width = natural
+    try:
+        console.print(table, crop=False)
+    finally:
+        table.width = width

@@ -350,6 +350,26 @@ def test_a_closed_stdout_still_writes_the_outputs_and_exits_141(tmp_path, monkey
     assert "compare-table.md" in written and "compare-table.csv" in written, written
 
 
+def test_the_terminal_table_never_cuts_or_folds_a_number(tmp_path, monkeypatch, capsys):
+    """At 80 columns the numbers were folded inside their cells (`10.1` over `6`)."""
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # the tool: a terminal
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich: one too
+    monkeypatch.setenv("COLUMNS", "80")
+    pts = tmp_path / "mine.csv"
+    pts.write_text("label,kind,top1,macs,params\n"
+                   "R56 w0.5,thin,92.0,31482176,214546\nR56 w1,thin,94.0,125485696,853018\n")
+    assert compare_tool.main(["--benchmark", "resnet56-cifar10", "--points", str(pts),
+                              "--out", str(tmp_path / "out")]) == 0
+    printed = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)
+    c = report.build_comparison("resnet56-cifar10", points_csv=[str(pts)])
+    header, cells = report.display_rows(c)
+    numbers = [cell for row in cells for h, cell in zip(header, row)
+               if h not in ("point", "kind", "origin", "from thin points") and cell]
+    assert len(numbers) > 50
+    for cell in numbers:
+        assert re.search(rf"│ +{re.escape(cell)} +│", printed), (cell, printed)
+
+
 def test_literature_benchmark_plots_and_table(tmp_path):
     pts = tmp_path / "mine.csv"
     pts.write_text("label,kind,top1,macs,params\n"

@@ -946,6 +946,23 @@ def test_a_closed_stdout_still_writes_every_output_and_exits_141(tmp_path):
     assert (tmp_path / "b.csv").read_text().count("\n") == 3
 
 
+def test_the_table_shows_every_number_whole_on_an_80_column_terminal(tmp_path, monkeypatch,
+                                                                     capsys):
+    """At 80 columns rich showed params, MACs and img/s as "…" (and model names as `cifar_…`
+    at 100): a table too wide for the terminal is printed whole, its lines left to wrap."""
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich: a terminal (the tool asks rich)
+    monkeypatch.setenv("COLUMNS", "80")
+    out = tmp_path / "rows.json"
+    assert benchmark_tool.main(TINY + ["--json", str(out)]) == 0
+    printed = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)
+    row = json.loads(out.read_text())[0]
+    for cell in (row["model"], f"{row['params'] / 1e6:.3g}", f"{row['macs'] / 1e9:.3g}",
+                 f"{row['latency_ms_p50']:.2f}", f"{row['images_per_s']:.1f}",
+                 f"{row['latency_ms_mean']:.2f} ± {row['latency_ms_std']:.2f}"):
+        assert re.search(rf"│ +{re.escape(cell)} +│", printed), (cell, printed)
+    assert "…" not in printed
+
+
 def test_fused_rows_are_refused_when_the_kernels_are_unavailable(monkeypatch, capsys):
     """Without the library the fused layers fall back to the reference math with a warning:
     the rows said norm_act fused and timed the fallback."""

@@ -8,6 +8,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -290,6 +291,23 @@ def test_a_closed_stdout_still_writes_the_pruned_checkpoint_and_exits_141(tmp_pa
     assert prune_tool.main([str(src), "--out", str(tmp_path / "p.pt"), "--target-width",
                             "0.25"]) == 141
     assert ckpt.load(tmp_path / "p.pt")["pruning"]["target_macs"] > 0
+
+
+@needs_tp
+def test_the_table_shows_every_count_whole_on_a_narrow_terminal(tmp_path, monkeypatch, capsys):
+    """At 40 columns the source's MACs were shown as `2,562,…`."""
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # the tool: a terminal
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich: one too
+    monkeypatch.setenv("COLUMNS", "40")
+    src, _ = write_checkpoint(tmp_path / "src.pt")
+    assert prune_tool.main([str(src), "--out", str(tmp_path / "p.pt"), "--target-width",
+                            "0.25"]) == 0
+    printed = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)
+    rec = ckpt.load(tmp_path / "p.pt")["pruning"]
+    for count in (rec["source_macs"], rec["source_params"], rec["target_macs"], rec["macs"],
+                  rec["params"]):
+        assert f"{count:,}" in printed, (count, printed)
+    assert "…" not in printed
 
 
 @needs_tp

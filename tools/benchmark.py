@@ -39,8 +39,8 @@ import sys
 import threading
 from pathlib import Path
 
-from fasttrain.cli import (ArgumentParser, check_output, int_at_least, printable_paths,
-                           sigterm_as_interrupt, stdout_may_close, user_path)
+from fasttrain.cli import (ArgumentParser, check_output, int_at_least, print_table,
+                           printable_paths, sigterm_as_interrupt, stdout_may_close, user_path)
 from fasttrain.config import MAX_WIDTH
 from fasttrain.errors import UserError
 
@@ -363,7 +363,7 @@ def _finish(rows, args, console, interrupted: bool) -> int:
     failures: list[str] = []
     try:
         if rows:
-            console.print(_table(rows, args.train))  # first: the numbers are shown
+            print_table(console, _table(rows, args.train))  # first: the numbers are shown
             failures = _write_outputs(rows, args, console)
     finally:
         for s, handler in previous.items():

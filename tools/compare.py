@@ -29,8 +29,8 @@ import sys
 from pathlib import Path
 
 from fasttrain.cli import (ArgumentParser, check_output, finite_float, int_at_least,
-                           new_folders_removed_on_error, printable_paths, stdout_may_close,
-                           user_path)
+                           new_folders_removed_on_error, print_table, printable_paths,
+                           stdout_may_close, user_path)
 from fasttrain.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +86,7 @@ def _terminal_table(c):
     t = Table(title=Text(f"{title}: thin − point > 0 means the thin network is more accurate "
                          f"at equal MACs"))
     for i, h in enumerate(header):
-        t.add_column(h, justify="left" if i < 3 else "right", overflow="fold")
+        t.add_column(h, justify="left" if i < 3 else "right")
     for row in cells:  # labels are data, not markup: "[run-name]" tells duplicates apart
         t.add_row(*(Text(cell) for cell in row))
     return t
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     for w in c.warnings:
         console.print(f"warning: {w}", style="yellow", highlight=False, markup=False,
                       soft_wrap=True)
-    console.print(table)
+    print_table(console, table)
     if c.latency:
         console.print(f"latency: {c.latency.describe()}", highlight=False, markup=False)
     for path in written:

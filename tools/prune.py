@@ -27,7 +27,7 @@ import shlex
 import sys
 
 from fasttrain.cli import (ArgumentParser, finite_float, new_folders_removed_on_error,
-                           printable_paths, stdout_may_close, user_path)
+                           print_table, printable_paths, stdout_may_close, user_path)
 from fasttrain.errors import UserError
 
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console() if sys.stdout.isatty() else Console(width=150)
     console.print(f"pruned {args.checkpoint} ({args.importance} importance, {args.scope}) at "
                   f"{result.resolution} px", highlight=False, soft_wrap=True)
-    console.print(t)
+    print_table(console, t)
     stages = " / ".join(f"out {s['out']}, inner " + ",".join(
         "x".join(map(str, b)) for b in s["blocks"]) for s in result.channels["stages"])
     console.print(f"channels: stem {result.channels['stem']}; {stages}", highlight=False)
