@@ -49,6 +49,33 @@ def printable_paths() -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
+# What a table's symbols become on a stream that cannot encode them (PYTHONIOENCODING=ascii,
+# a Latin-1 locale).
+ASCII_STAND_INS = {"±": "+/-", "−": "-", "–": "-", "Δ": "delta", "≈": "~"}
+
+
+def printable(text: str, stream=None) -> str:
+    """`text` as `stream` (default: sys.stdout) can show it: a symbol its encoding lacks becomes
+    its ASCII stand-in (± +/-, − and – -, Δ delta, ≈ ~), any other character it lacks a
+    backslash escape, as printable_paths would print it. For table cells and headers: rich
+    measures the text it is given, so an escape made only when writing (`\\xb1`) widened the
+    row past the table's frame."""
+    encoding = getattr(stream or sys.stdout, "encoding", None) or "utf-8"
+    try:
+        text.encode(encoding)
+        return text
+    except UnicodeEncodeError:
+        pass
+    except LookupError:  # an encoding Python does not know: leave it to the stream
+        return text
+    for symbol, plain in ASCII_STAND_INS.items():
+        try:
+            symbol.encode(encoding)
+        except UnicodeEncodeError:
+            text = text.replace(symbol, plain)
+    return text.encode(encoding, "backslashreplace").decode(encoding)
+
+
 def sigterm_as_interrupt() -> None:
     """Make SIGTERM (`timeout`, a batch scheduler's time limit) raise KeyboardInterrupt, so a
     measuring script keeps what it measured as it does on Ctrl-C (the GPU checklist cuts long

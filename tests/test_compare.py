@@ -370,6 +370,24 @@ def test_the_terminal_table_never_cuts_or_folds_a_number(tmp_path, monkeypatch, 
         assert re.search(rf"│ +{re.escape(cell)} +│", printed), (cell, printed)
 
 
+def test_an_ascii_stdout_gets_ascii_stand_ins_and_an_aligned_table(tmp_path, monkeypatch):
+    """PYTHONIOENCODING=ascii: `thin \\u2212 point` and `\\u0394 vs own base` widened the rows
+    past rich's ASCII frame."""
+    pts = tmp_path / "mine.csv"
+    pts.write_text("label,kind,top1,macs,params\n"
+                   "R56 w0.5,thin,92.0,31482176,214546\nR56 w1,thin,94.0,125485696,853018\n")
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert compare_tool.main(["--benchmark", "resnet56-cifar10", "--points", str(pts),
+                              "--out", str(tmp_path / "out")]) == 0
+    stdout.flush()
+    printed = stdout.buffer.getvalue().decode("ascii")
+    assert "thin - point > 0" in printed and "delta vs own base" in printed, printed
+    assert "\\u" not in printed and "\\x" not in printed
+    table = [line for line in printed.splitlines() if line[:1] in "+|"]
+    assert len(table) >= 5 and len({len(line) for line in table}) == 1, printed
+
+
 def test_literature_benchmark_plots_and_table(tmp_path):
     pts = tmp_path / "mine.csv"
     pts.write_text("label,kind,top1,macs,params\n"

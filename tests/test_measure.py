@@ -963,6 +963,19 @@ def test_the_table_shows_every_number_whole_on_an_80_column_terminal(tmp_path, m
     assert "…" not in printed
 
 
+def test_an_ascii_stdout_gets_ascii_stand_ins_and_an_aligned_table(monkeypatch):
+    """PYTHONIOENCODING=ascii (or a Latin-1 locale): the cells printed `mean \\xb1 std`, rows
+    wider than rich's ASCII frame."""
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert benchmark_tool.main(TINY + ["--batch-size", "1,2"]) == 0
+    stdout.flush()
+    printed = stdout.buffer.getvalue().decode("ascii")
+    assert "mean +/- std ms" in printed and "\\x" not in printed, printed
+    table = [line for line in printed.splitlines() if line[:1] in "+|"]
+    assert len(table) >= 5 and len({len(line) for line in table}) == 1, printed
+
+
 def test_fused_rows_are_refused_when_the_kernels_are_unavailable(monkeypatch, capsys):
     """Without the library the fused layers fall back to the reference math with a warning:
     the rows said norm_act fused and timed the fallback."""

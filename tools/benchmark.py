@@ -39,7 +39,7 @@ import sys
 import threading
 from pathlib import Path
 
-from fasttrain.cli import (ArgumentParser, check_output, int_at_least, print_table,
+from fasttrain.cli import (ArgumentParser, check_output, int_at_least, print_table, printable,
                            printable_paths, sigterm_as_interrupt, stdout_may_close, user_path)
 from fasttrain.config import MAX_WIDTH
 from fasttrain.errors import UserError
@@ -224,33 +224,36 @@ def _load_models(args):
 def _table(rows, train: bool):
     from rich.table import Table
 
-    t = Table(title=f"{'training throughput' if train else 'inference latency'}: "
-                    f"{rows[0]['device_name']}, {rows[0]['precision']}, {rows[0]['layout']}, "
-                    f"{rows[0]['mode']}, torch {rows[0]['torch_version']}, "
-                    f"commit {rows[0]['commit']}")
+    t = Table(title=printable(f"{'training throughput' if train else 'inference latency'}: "
+                              f"{rows[0]['device_name']}, {rows[0]['precision']}, "
+                              f"{rows[0]['layout']}, {rows[0]['mode']}, torch "
+                              f"{rows[0]['torch_version']}, commit {rows[0]['commit']}"))
     cols = ["model", "width", "batch", "res", "params (M)", "MACs (G)"]
     cols += (["step ms mean", "step ms p50", "img/s", "peak MiB"] if train else
              ["p50 ms", "p90 ms", "p99 ms", "mean ± std ms", "img/s"])
     for c in cols:
-        t.add_column(c, justify="left" if c == "model" else "right")
+        t.add_column(printable(c), justify="left" if c == "model" else "right")
 
     def f(v, spec):
         return "-" if v is None else format(v, spec)
+
+    def add_row(*cells):  # as stdout can print them: ± is +/- on an ASCII stream
+        t.add_row(*map(printable, cells))
 
     for r in rows:
         head = [r["model"], f(r["width"], "g"), str(r["batch_size"]), str(r["resolution"]),
                 # significant digits, not decimals: a CIFAR net's 0.0173 M params is not 0.000
                 f(r["params"] / 1e6, ".3g"), f(r["macs"] and r["macs"] / 1e9, ".3g")]
         if r["status"] != "ok":
-            t.add_row(*head, r["status"].upper(), *[""] * (len(cols) - len(head) - 1))
+            add_row(*head, r["status"].upper(), *[""] * (len(cols) - len(head) - 1))
         elif train:
-            t.add_row(*head, f(r["step_ms_mean"], ".2f"), f(r["step_ms_p50"], ".2f"),
-                      f(r["images_per_s"], ".1f"), f(r["peak_mem_mib"], ".0f"))
+            add_row(*head, f(r["step_ms_mean"], ".2f"), f(r["step_ms_p50"], ".2f"),
+                    f(r["images_per_s"], ".1f"), f(r["peak_mem_mib"], ".0f"))
         else:
-            t.add_row(*head, f(r["latency_ms_p50"], ".2f"), f(r["latency_ms_p90"], ".2f"),
-                      f(r["latency_ms_p99"], ".2f"),
-                      f"{r['latency_ms_mean']:.2f} ± {r['latency_ms_std']:.2f}",
-                      f(r["images_per_s"], ".1f"))
+            add_row(*head, f(r["latency_ms_p50"], ".2f"), f(r["latency_ms_p90"], ".2f"),
+                    f(r["latency_ms_p99"], ".2f"),
+                    f"{r['latency_ms_mean']:.2f} ± {r['latency_ms_std']:.2f}",
+                    f(r["images_per_s"], ".1f"))
     return t
 
 

@@ -29,8 +29,8 @@ import sys
 from pathlib import Path
 
 from fasttrain.cli import (ArgumentParser, check_output, finite_float, int_at_least,
-                           new_folders_removed_on_error, print_table, printable_paths,
-                           stdout_may_close, user_path)
+                           new_folders_removed_on_error, print_table, printable,
+                           printable_paths, stdout_may_close, user_path)
 from fasttrain.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,12 +83,13 @@ def _terminal_table(c):
 
     title = c.benchmark.title if c.benchmark else "ThinResNet vs pruned"
     header, cells = display_rows(c)
-    t = Table(title=Text(f"{title}: thin − point > 0 means the thin network is more accurate "
-                         f"at equal MACs"))
+    # as stdout can print them: − is - and Δ delta on an ASCII stream
+    t = Table(title=Text(printable(f"{title}: thin − point > 0 means the thin network is more "
+                                   f"accurate at equal MACs")))
     for i, h in enumerate(header):
-        t.add_column(h, justify="left" if i < 3 else "right")
+        t.add_column(printable(h), justify="left" if i < 3 else "right")
     for row in cells:  # labels are data, not markup: "[run-name]" tells duplicates apart
-        t.add_row(*(Text(cell) for cell in row))
+        t.add_row(*(Text(printable(cell)) for cell in row))
     return t
 
 
@@ -117,11 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     if not sys.stdout.isatty():  # a pipe or a log: the table at its natural width, unwrapped
         console = Console(width=max(200, Console(width=10_000).measure(table).maximum))
     for w in c.warnings:
-        console.print(f"warning: {w}", style="yellow", highlight=False, markup=False,
+        console.print(printable(f"warning: {w}"), style="yellow", highlight=False, markup=False,
                       soft_wrap=True)
     print_table(console, table)
     if c.latency:
-        console.print(f"latency: {c.latency.describe()}", highlight=False, markup=False)
+        console.print(printable(f"latency: {c.latency.describe()}"), highlight=False,
+                      markup=False)
     for path in written:
         console.print(f"wrote {path}", highlight=False, markup=False, soft_wrap=True)
     return 0
