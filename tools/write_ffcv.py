@@ -10,15 +10,19 @@ else <dataset root>/ffcv: where the loader looks), each with a JSON sidecar reco
 written. ffcv-imagenet's ImageNet setting is the default: --write-mode=proportion
 --max-resolution=512 --compress-probability=0.5 --jpeg-quality=90. Each file is written under a
 temporary name and renamed when complete, so an interrupted write leaves nothing the loader
-would read. Unreadable images are skipped and listed. Exit status: 0 written, 2 bad arguments or
-data (one line on stderr), 141 written but stdout closed before the summary (`| head -1`).
+would read (nor the output folder, when it made it). FFCV's progress bar is drawn only when
+stderr is a terminal. Unreadable images are skipped and listed. Exit status: 0 written, 2 bad
+arguments or data (one line on stderr), 141 written but stdout closed before the summary
+(`| head -1`).
 """
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
-from fasttrain.cli import (ArgumentParser, nonempty, printable_paths, sigterm_as_interrupt,
-                           stdout_may_close)
+from fasttrain.cli import (ArgumentParser, new_folders_removed_on_error, nonempty,
+                           printable_paths, sigterm_as_interrupt, stdout_may_close)
 from fasttrain.config import load
 from fasttrain.errors import UserError
 
@@ -63,16 +67,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     overrides += [f"--data.{key}={value}" for key, value in
                   (("dataset", args.dataset), ("path", args.path)) if value is not None]
+    if not sys.stderr.isatty():
+        # FFCV's writer always draws a tqdm bar: in a log, frames joined by \r, one line as
+        # long as the write (ImageNet: hours). tqdm reads TQDM_* when it is first imported,
+        # which is below (torch imports it).
+        os.environ.setdefault("TQDM_DISABLE", "1")
     try:
         cfg = load(args.recipe, overrides)
         from fasttrain.data.ffcv_loader import beton_dir, write_beton  # imports torch
 
-        results = write_beton(cfg.data, args.out, write_mode=args.write_mode,
-                              max_resolution=args.max_resolution,
-                              jpeg_quality=args.jpeg_quality,
-                              compress_probability=args.compress_probability,
-                              smart_threshold=args.smart_threshold,
-                              num_workers=args.num_workers, overwrite=args.overwrite)
+        out = Path(args.out).expanduser() if args.out is not None else beton_dir(cfg.data)
+        with new_folders_removed_on_error(out, folder=True):  # Ctrl-C leaves no empty folder
+            results = write_beton(cfg.data, out, write_mode=args.write_mode,
+                                  max_resolution=args.max_resolution,
+                                  jpeg_quality=args.jpeg_quality,
+                                  compress_probability=args.compress_probability,
+                                  smart_threshold=args.smart_threshold,
+                                  num_workers=args.num_workers, overwrite=args.overwrite)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
