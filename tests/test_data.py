@@ -579,6 +579,28 @@ def test_check_data_with_stdout_closed_exits_141_not_1(tmp_path):
     assert (res.returncode, res.stderr) == (141, "")
 
 
+def test_check_data_draws_its_progress_bar_on_stderr(tmp_path, monkeypatch, capsys):
+    """`check_data.py DIR > report.txt` on a terminal showed no bar: it went to stdout."""
+    from conftest import load_tool
+
+    for split in ("train", "val"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        _noise(seed=0).save(tmp_path / split / "a" / "0.jpg")
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich: both streams are terminals
+    assert load_tool("check_data").main([str(tmp_path), "--workers", "1"]) == 0
+    printed = capsys.readouterr()
+    assert "scanning" in printed.err and "scanning" not in printed.out
+    assert "0 problem(s)" in printed.out
+    # a pipe: the report at its natural width, as the other tools' (it followed COLUMNS=80)
+    monkeypatch.setenv("TTY_COMPATIBLE", "0")
+    monkeypatch.setenv("COLUMNS", "80")
+    long = "n" * 70
+    for split in ("train", "val"):
+        (tmp_path / split / "a").rename(tmp_path / split / long)
+    assert load_tool("check_data").main([str(tmp_path), "--workers", "1"]) == 0
+    assert f"1 ({long}) │ 1 ({long}) │" in capsys.readouterr().out
+
+
 def test_check_data_reports_what_training_refuses_at_start(tmp_path):
     """Validation classes that train/ lacks: the loaders refuse the tree, so the check must not
     call it clean."""

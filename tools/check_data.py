@@ -4,10 +4,11 @@
     python tools/check_data.py DIR [--workers N]
 
 Decodes every image under DIR (ImageNet layout DIR/{train,val}/CLASS/*, or DIR/CLASS/*) in
-parallel with a progress bar, then prints the class counts per split and every problem found:
-undecodable, empty or truncated files, empty class folders. Files without an image extension
-are listed as ignored (the loaders never read them). Exit status: 0 clean, 1 problems found,
-2 bad arguments, 141 clean but stdout closed before the report was printed (`| head`).
+parallel with a progress bar (on stderr, when it is a terminal), then prints the class counts
+per split and every problem found: undecodable, empty or truncated files, empty class folders.
+Files without an image extension are listed as ignored (the loaders never read them). Exit
+status: 0 clean, 1 problems found, 2 bad arguments, 141 clean but stdout closed before the
+report was printed (`| head`).
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemaining
 from rich.table import Table
 
 from fasttrain.data.check import scan
-from fasttrain.cli import ArgumentParser, printable_paths, stdout_may_close, user_path
+from fasttrain.cli import (ArgumentParser, print_table, printable_paths, stdout_may_close,
+                           user_path)
 from fasttrain.errors import UserError
 
 
@@ -34,10 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=0, help="decoding processes (0 = all cores)")
     args = p.parse_args(argv)
     console = Console(highlight=False, soft_wrap=True)
+    # The bar on stderr, as evaluate's: `check_data.py DIR > report.txt` shows it while the
+    # report goes to the file.
+    progress = Console(stderr=True)
     try:
         with Progress("scanning", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=console, transient=True,
-                      disable=not console.is_terminal) as bar:
+                      console=progress, transient=True,
+                      disable=not progress.is_terminal) as bar:
             task = bar.add_task("scan", total=None)
             report = scan(args.root, args.workers,
                           lambda done, total: bar.update(task, completed=done, total=total))
@@ -59,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(escape(split), str(len(counts)), str(sum(values)),
                       escape(f"{min(values)} ({min(counts, key=counts.get) if counts else '-'})"),
                       escape(f"{max(values)} ({max(counts, key=counts.get) if counts else '-'})"))
-    console.print(table)
+    print_table(console, table)  # in a pipe or a log: one line per split, whatever COLUMNS says
     for path in report.ignored:
         console.print(f"ignored (not an image extension): {path}", markup=False)
     for path, problem in report.problems:
