@@ -119,6 +119,19 @@ def finite_float(ok: Callable[[float], bool], expected: str) -> Callable[[str], 
     return parse
 
 
+def not_stdout(flag: str, path: str | None) -> None:
+    """Refuse `-` as an output file: the tools print their results on stdout, so `-` cannot
+    mean stdout there (it wrote a file named `-`), and outputs are written by a rename, which
+    a stream cannot take (see check_output).
+
+    Raises:
+        UserError: `path` is `-`; the message names the option.
+    """
+    if path == "-":
+        raise UserError(f"{flag} -: writes a file, not stdout (where the results are printed); "
+                        f"name a file")
+
+
 def same_file(a: str | Path, b: str | Path) -> bool:
     """Whether writing `b` would overwrite `a`: the same path once links and `..` are resolved,
     or a hard link to it. False when either does not exist yet (and the paths differ)."""

@@ -203,6 +203,16 @@ def test_the_same_data_folder_written_otherwise_is_the_same_setting(run, data_ro
         assert code == 0 and "(same settings)" in out, (path, out, err)
 
 
+def test_a_dash_for_an_output_is_refused_not_written_as_a_file(tmp_path, monkeypatch, capsys):
+    """`--json -` wrote a file named `-`; stdout shows the results, so `-` is refused."""
+    monkeypatch.chdir(tmp_path)
+    for flag in ("--json", "--points"):
+        assert evaluate_tool.main(["--checkpoint", "c.pt", flag, "-"]) == 2
+        assert capsys.readouterr().err == (f"error: {flag} -: writes a file, not stdout (where "
+                                           f"the results are printed); name a file\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_bad_arguments_exit_2_with_one_line(capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         evaluate_tool.main(["--file", "x.pt", "--weights", "ema"])

@@ -976,6 +976,16 @@ def test_an_ascii_stdout_gets_ascii_stand_ins_and_an_aligned_table(monkeypatch):
     assert len(table) >= 5 and len({len(line) for line in table}) == 1, printed
 
 
+def test_a_dash_for_an_output_is_refused_before_measuring(tmp_path, monkeypatch, capsys):
+    """`--json -` measured the sweep and wrote a file named `-`: stdout has the table."""
+    monkeypatch.chdir(tmp_path)
+    for flag in ("--json", "--csv", "--plot"):
+        assert benchmark_tool.main(TINY + [flag, "-"]) == 2
+        assert capsys.readouterr() == ("", f"error: {flag} -: writes a file, not stdout (where "
+                                           f"the results are printed); name a file\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_fused_rows_are_refused_when_the_kernels_are_unavailable(monkeypatch, capsys):
     """Without the library the fused layers fall back to the reference math with a warning:
     the rows said norm_act fused and timed the fallback."""

@@ -39,8 +39,9 @@ import sys
 import threading
 from pathlib import Path
 
-from fasttrain.cli import (ArgumentParser, check_output, int_at_least, print_table, printable,
-                           printable_paths, sigterm_as_interrupt, stdout_may_close, user_path)
+from fasttrain.cli import (ArgumentParser, check_output, int_at_least, not_stdout, print_table,
+                           printable, printable_paths, sigterm_as_interrupt, stdout_may_close,
+                           user_path)
 from fasttrain.config import MAX_WIDTH
 from fasttrain.errors import UserError
 
@@ -305,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rows: list[dict] = []  # filled as rows are measured, so that an interrupt keeps them
     try:
+        for flag, path in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)):
+            not_stdout(flag, path)
         _check_sources(args)
         _check_outputs(args)
         import torch

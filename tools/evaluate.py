@@ -35,7 +35,7 @@ import os
 import sys
 from pathlib import Path
 
-from fasttrain.cli import (ArgumentParser, check_output, nonempty, printable_paths,
+from fasttrain.cli import (ArgumentParser, check_output, nonempty, not_stdout, printable_paths,
                            same_file, sigterm_as_interrupt, stdout_may_close, user_path)
 from fasttrain.errors import UserError
 
@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
               "torchrun", file=sys.stderr)
         return 2
     try:
+        not_stdout("--json", args.json)
+        not_stdout("--points", args.points)
         state, cfg, classes = _settings(args, overrides)
         if args.json:
             check_output(args.json, f"--json {args.json}", inputs=(args.checkpoint, args.file))
