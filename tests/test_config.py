@@ -1,4 +1,7 @@
 """Typed config: recipes, base inheritance, overrides, and one-line errors with exit code 2."""
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -346,3 +349,13 @@ def test_a_nul_character_in_a_text_key_is_a_config_error(override):
     key = override[2:].partition("=")[0]
     with pytest.raises(ConfigError, match=rf"{key} contains a NUL character, got '"):
         load(None, [override])
+
+
+def test_train_keys_into_a_closed_pipe_is_quiet():
+    # `train.py --keys | head -1`: a BrokenPipeError traceback (exit 1, or 120 at exit)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), "--keys"],
+                            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(write_end)
+    assert (result.returncode, result.stderr) == (0, "")

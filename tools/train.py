@@ -81,7 +81,12 @@ def _main(argv: list[str] | None) -> int:
         # must not need one.
         cfg = load(args.recipe, overrides, require_data_path=not args.keys)
         if args.keys:
-            print("\n".join(describe(cfg)))
+            try:
+                print("\n".join(describe(cfg)), flush=True)
+            except BrokenPipeError:  # `--keys | head`: the reader took what it wanted
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())  # (the Python docs' note on SIGPIPE)
+                os.close(devnull)
             return 0
         from fasttrain.engine import train  # imports torch: after the recipe is known good
 
