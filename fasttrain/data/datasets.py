@@ -11,14 +11,16 @@ import pickle
 import re
 import shutil
 import stat
+import struct
 import textwrap
 import uuid
+import zlib
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
 from torchvision.io import ImageReadMode, decode_image
@@ -227,6 +229,9 @@ def _jpeg_truncated(raw: bytes) -> bool:
 # but DALI can, so the other backends read them with PIL (its "PPM" is PBM/PGM/PPM); and WebP,
 # whose animated files torchvision.io refuses (PIL gives the first frame, as for a GIF).
 PIL_FORMATS = ("BMP", "TIFF", "PPM", "WEBP")
+# The magic by which torchvision.io.decode_image hands content to libpng: decoded by PIL
+# instead (`_decode_png`), whatever the file's extension.
+_PNG_MAGIC = b"\x89PNG"
 # torchvision's errors start with where they were raised in its build tree.
 _SOURCE_LOCATION = re.compile(r"^.*?\.(?:cpp|cc|cu|h):\d+, ")
 _REASON_CHARS = 160
@@ -279,16 +284,89 @@ def _check_declared_size(raw: bytes) -> None:
     _check_pixels(height, width)
 
 
+# Adam7 interlacing's passes: first row, first column, row step, column step.
+_ADAM7 = ((0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), (0, 1, 2, 2),
+          (1, 0, 2, 1))
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type
+
+
+def _check_png_data_size(raw: bytes) -> None:
+    """Refuse a PNG whose image data (its IDAT chunks, inflated) is shorter than its header's
+    size needs. libpng refuses it ("Not enough image data"); PIL decodes the rows that are there
+    and leaves the others black (its decoder deliberately ends with the data), and nothing
+    installable here says so. Call it on a verified PNG (chunks whole, their CRCs right).
+
+    Raises:
+        ValueError: no header first, too little data, or corrupt compressed data; one line.
+    """
+    if raw[12:16] != b"IHDR":  # the PNG standard's place for it, which libpng requires
+        raise ValueError("the first chunk is not the header (IHDR)")
+    width, height, depth, colour, _, _, interlace = struct.unpack_from(">IIBBBBB", raw, 16)
+    bits = depth * _PNG_CHANNELS.get(colour, 1)
+    needed = 0
+    for top, left, row_step, column_step in _ADAM7 if interlace else ((0, 0, 1, 1),):
+        rows = -(-(height - top) // row_step)
+        columns = -(-(width - left) // column_step)
+        if rows > 0 and columns > 0:  # each row: a filter byte and its packed samples
+            needed += rows * (1 + (columns * bits + 7) // 8)
+    inflate, size, offset = zlib.decompressobj(), 0, 8
+    while size < needed:
+        length, kind = struct.unpack_from(">I4s", raw, offset)
+        if kind == b"IEND":
+            break
+        data = raw[offset + 8:offset + 8 + length] if kind == b"IDAT" else b""
+        while data and size < needed:  # in steps, not a second copy of a large image
+            size += len(inflate.decompress(data, 1 << 20))
+            data = inflate.unconsumed_tail
+        offset += 12 + length
+    if size < needed:
+        raise ValueError(f"not enough image data ({size} of {needed} bytes)")
+
+
+def _decode_png(raw: bytes) -> torch.Tensor:
+    """PNG content decoded by PIL to what torchvision's decode_png gives with ImageReadMode.RGB,
+    its 16-bit output scaled to uint8 (the high byte: every consumer reads values up to 255):
+    gray and palette expanded, alpha and transparency (tRNS) dropped, Adam7
+    interlacing undone, an APNG's default image. The same values, (C, H, W) strides too.
+
+    Not torchvision's decoder: libpng reports corrupt data by a longjmp that torchvision's
+    handler turns into a segmentation fault (a byte changed in the compressed data, a height
+    larger than the data), which killed a DataLoader worker's epoch and tools/check_data.py.
+
+    Raises:
+        ValueError: corrupt (a chunk's CRC included) or truncated; one line.
+    """
+    try:
+        # libpng refuses a chunk whose CRC is wrong; PIL's decoder does not check the image
+        # data's CRCs, nor that the file goes on to its end chunk (IEND).
+        with PngImagePlugin.PngImageFile(io.BytesIO(raw)) as image:
+            image.verify()
+        _check_png_data_size(raw)
+        with PngImagePlugin.PngImageFile(io.BytesIO(raw)) as image:
+            if image.mode == "I;16":  # 16-bit gray, which PIL's convert clips to 255
+                gray = to_dtype(torch.from_numpy(np.array(image)), torch.uint8, scale=True)
+                rgb = gray.unsqueeze(2).expand(-1, -1, 3).numpy()
+            else:
+                # Dropped as libpng's RGB output drops it; convert would warn that it does.
+                image.info.pop("transparency", None)
+                rgb = np.array(image.convert("RGB"))  # PIL reads 16-bit colour's high bytes
+    # PIL reports corrupt content as SyntaxError, OSError, struct.error, EOFError...
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"cannot decode: {_reason(e)}") from None
+    # (C, H, W) view of (H, W, C) memory: the strides torchvision's decoders return.
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
+
+
 def _decode_whole(raw: bytes) -> torch.Tensor:
     _check_declared_size(raw)
+    if raw.startswith(_PNG_MAGIC):
+        return _decode_png(raw)
     try:
         image = decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8),
                              mode=ImageReadMode.RGB)
         if image.dim() == 4:  # an animated GIF: (frames, C, H, W); PIL's convert takes frame 0
             image = image[0]
-        # A 16-bit PNG decodes to uint16, which every consumer would misread (values up to
-        # 65535 normalised as if up to 255); scaled to uint8 by torchvision (the high byte).
-        return image if image.dtype == torch.uint8 else to_dtype(image, torch.uint8, scale=True)
+        return image
     except RuntimeError as e:
         error = e
     try:
@@ -309,10 +387,12 @@ def _decode_whole(raw: bytes) -> torch.Tensor:
 def read_image(path: str) -> torch.Tensor:
     """Decode an image file to uint8 RGB (C, H, W), whatever its extension says.
 
-    torchvision.io (libjpeg-turbo, libpng) turns grayscale, CMYK, PNG, GIF and WebP content
-    into RGB; BMP, TIFF and PBM/PGM/PPM content (`PIL_FORMATS`), which it cannot decode, and
-    animated WebP, which it refuses, are decoded by PIL and converted with its `convert("RGB")`
-    (an animated file's first frame).
+    torchvision.io (libjpeg-turbo, giflib, libwebp) turns grayscale, CMYK, GIF and WebP content
+    into RGB; PNG content is decoded by PIL to exactly what torchvision's libpng decoder gave
+    (`_decode_png`: libpng crashed the process on corrupt files); BMP, TIFF and PBM/PGM/PPM
+    content (`PIL_FORMATS`), which torchvision cannot decode, and animated WebP, which it
+    refuses, are decoded by PIL and converted with its `convert("RGB")` (an animated file's
+    first frame).
 
     Raises:
         ValueError: empty, truncated (a JPEG without its end marker), undecodable file, a
