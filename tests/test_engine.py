@@ -1455,6 +1455,22 @@ def test_a_closed_stdout_does_not_stop_the_training(data_root, tmp_path, monkeyp
     assert summary["epoch"] == 1 and (tmp_path / "piped" / "checkpoints" / "last.pt").exists()
 
 
+def test_a_restart_discarding_the_first_attempts_folder_leaves_earlier_event_files(tmp_path):
+    # torchrun's restart discards the folder a SIGKILLed first attempt left: it knew nothing of
+    # what was there before that attempt, and deleted the user's earlier event files
+    run = tmp_path / "named"
+    (run / "tensorboard").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    earlier = run / "tensorboard" / "events.out.tfevents.0.earlier"
+    earlier.write_text("earlier")
+    os.utime(earlier, (1e9, 1e9))
+    (run / "config.yaml").write_text("the first attempt's")
+    (run / "tensorboard" / "events.out.tfevents.1.attempt").write_text("its own")
+    rundir.discard_unused_run_dir(run)
+    assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*")) == [
+        "tensorboard", "tensorboard/events.out.tfevents.0.earlier"]
+
+
 def test_a_training_stopped_inside_an_epoch_stops_its_progress_bar(data_root, tmp_path,
                                                                     monkeypatch):
     # the bar's refresh thread went on drawing after the error line and left the cursor hidden
@@ -1491,6 +1507,7 @@ def test_discarding_a_named_folder_leaves_what_the_run_did_not_write(data_root, 
         if board is None:
             (run / "tensorboard").mkdir()
             (run / "tensorboard" / "events.out.tfevents.0.earlier").write_text("earlier")
+            os.utime(run / "tensorboard" / "events.out.tfevents.0.earlier", (1e9, 1e9))
         else:
             (run / "tensorboard").symlink_to(board)
         with pytest.raises(RuntimeError, match="Connection closed by peer"):

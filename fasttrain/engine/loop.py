@@ -39,8 +39,8 @@ from .optim import build_optimizer
 from .precision import Precision, resolve_precision
 from .progress import Reporter
 from .rundir import (BEST, CHECKPOINTS, LAST, check_log_dir, check_name_free, checkpoint_file,
-                     discard_unused_run_dir, event_files, find_resume, lock_run_dir,
-                     new_run_dir, release_run_dirs, run_dir_of)
+                     discard_unused_run_dir, find_resume, lock_run_dir, new_run_dir,
+                     release_run_dirs, run_dir_of)
 from .schedule import build_scheduler
 
 MODEL_IDENTITY = ("name", "width", "channel_divisor", "num_classes", "shortcut", "channels")
@@ -520,8 +520,7 @@ def train(cfg: Config, recipe: str | None = None, resume: str | None = None,
                      torch.is_deterministic_algorithms_warn_only_enabled())
     cudnn_benchmark = torch.backends.cudnn.benchmark
     dist = distributed.setup(cfg.train.device)
-    # run folders this call claimed, with the event files each held before (kept if discarded)
-    made: list[tuple[Path, frozenset[str]]] = []
+    made: list[Path] = []  # run folders this call claimed (new, or named and free)
     claimed: list[Path] = []  # the run folder it writes, new or resumed
     owner = rundir_mod.lock_owner.set(object())  # this call's run-folder locks
     report = Reporter(cfg.log.progress, dist.is_main)
@@ -532,8 +531,8 @@ def train(cfg: Config, recipe: str | None = None, resume: str | None = None,
         # one-image BatchNorm batch), interrupted (Ctrl-C, SIGTERM: a preemption) or stopped
         # by another rank's failure before its first checkpoint: the folder would only hold a
         # config.yaml, and each requeued `--resume auto` would leave one more.
-        for run, kept_events in made:
-            discard_unused_run_dir(run, kept_events)
+        for run in made:
+            discard_unused_run_dir(run)
         if isinstance(e, KeyboardInterrupt):  # what its one line tells to continue from
             e.fasttrain_resume = next((str(run) for run in claimed
                                        if (run / CHECKPOINTS / LAST).is_file()), "")
@@ -550,7 +549,7 @@ def train(cfg: Config, recipe: str | None = None, resume: str | None = None,
 
 def _train(cfg: Config, dist: distributed.DistInfo, report: Reporter, recipe: str | None,
            resume: str | None, dry_run: bool,
-           made: list[tuple[Path, frozenset[str]]] | None = None,
+           made: list[Path] | None = None,
            claimed: list[Path] | None = None) -> dict[str, Any]:
     device = dist.device
     cores = len(os.sched_getaffinity(0))
@@ -679,12 +678,9 @@ def _train(cfg: Config, dist: distributed.DistInfo, report: Reporter, recipe: st
             return run
         return new_run_dir(log_dir, cfg.log.name, stem, resume == "auto")
 
-    # a named folder may exist (a run stopped before its first checkpoint, the user's own)
-    kept_events = (event_files(log_dir / cfg.log.name) if dist.is_main and cfg.log.name
-                   else frozenset())
     run_dir = _on_main(dist, claim_run_dir)
     if made is not None and dist.is_main and not (resume_path and run_dir_of(resume_path)):
-        made.append((run_dir, kept_events))
+        made.append(run_dir)
     if claimed is not None:
         claimed.append(run_dir)
     # for torchrun's restarts (after `made`: a store that fails leaves no folder behind)

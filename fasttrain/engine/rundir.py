@@ -66,28 +66,25 @@ def check_log_dir(log_dir: Path) -> None:
         raise RunError(f"log.dir={log_dir}: {existing} is a file, not a folder")
 
 
-def event_files(run: Path) -> frozenset[str]:
-    """The TensorBoard event files `run/tensorboard` holds (names), unless it is a symbolic
-    link: taken before a run claims a named folder, so that its discarding leaves them."""
-    board = run / "tensorboard"
-    if board.is_symlink() or not board.is_dir():
-        return frozenset()
-    return frozenset(e.name for e in board.glob("events.out.tfevents.*"))
-
-
-def discard_unused_run_dir(run: Path, kept_events: frozenset[str] = frozenset()) -> None:
+def discard_unused_run_dir(run: Path) -> None:
     """Remove what a run wrote into `run` before anything of value: its config.yaml, an empty
     checkpoints/ and TensorBoard's event files, then the folder if nothing else is in it. A
     folder holding metrics or checkpoints is left alone, as is any file fasttrain did not
-    write there: event files named in `kept_events` (there before the run) and whatever
-    lies behind a symbolic link."""
+    write there: event files older than the run's config.yaml (which it writes before its
+    event file: a `--log.name` folder's earlier ones, also when a torchrun restart discards
+    the first attempt's folder) and whatever lies behind a symbolic link."""
     if (run / "metrics.jsonl").exists() or any((run / CHECKPOINTS).glob("*")):
         return
-    (run / "config.yaml").unlink(missing_ok=True)  # the run's: it writes it over any other
+    config = run / "config.yaml"
+    try:
+        written = config.stat().st_mtime_ns
+    except OSError:  # stopped before writing it: before any event file too
+        written = None
+    config.unlink(missing_ok=True)  # the run's: it writes it over any other
     board = run / "tensorboard"
-    if not board.is_symlink():
+    if written is not None and not board.is_symlink():
         for events in board.glob("events.out.tfevents.*"):
-            if events.name not in kept_events:
+            if events.stat().st_mtime_ns >= written:
                 events.unlink()
     for folder in (run / CHECKPOINTS, board, run):
         if folder.is_symlink():
