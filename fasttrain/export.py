@@ -476,27 +476,46 @@ def _weights_only_loads():
     """Every torch.load inside restricted to tensors and plain containers, as
     TORCH_FORCE_WEIGHTS_ONLY_LOAD makes it (read at each call): torch.export.load unpickles
     an archive's weights and constants marked `use_pickle`, and its sample inputs when they
-    are not plain, with weights_only=False, so a crafted .pt2 ran code on loading."""
-    key = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
-    before = os.environ.get(key)
-    os.environ[key] = "1"
+    are not plain, with weights_only=False, so a crafted .pt2 ran code on loading. Its
+    opposite, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD, is lifted meanwhile (torch refuses both)."""
+    keys = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    before = {key: os.environ.get(key) for key in keys}
+    os.environ[keys[0]] = "1"
+    os.environ.pop(keys[1], None)
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = before
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _refuse_pickled_objects(path: Path) -> None:
     """Refuse a .pt2 holding Python objects torch.export.load unpickles with plain pickle
-    (`opaque_obj_*` constants; no restricted loading applies): fasttrain's exports have none.
-    """
+    (constants whose `path_name` starts with `opaque_obj_`; no restricted loading applies):
+    fasttrain's exports have none. Both the archive's members and its constants configs are
+    read, since torch goes by the config's name, which may hold a folder."""
+    import zipfile
+
     from .engine.checkpoint import zip_names
 
-    pickled = [n for n in zip_names(path)
-               if "/data/constants/" in n and n.rpartition("/")[2].startswith("opaque_obj_")]
+    names = zip_names(path)
+    pickled = [n for n in names
+               if "/data/constants/" in n and "opaque_obj_" in n.partition("/data/constants/")[2]]
+    for name in names:
+        if pickled or not (name.endswith("_constants_config.json")
+                           and "/data/constants/" in name):
+            continue
+        try:
+            with zipfile.ZipFile(path) as archive:
+                config = json.loads(archive.read(name))
+            entries = (config.get("config") or {}).values()
+            pickled = [str(e.get("path_name")) for e in entries if isinstance(e, dict)
+                       and str(e.get("path_name", "")).startswith("opaque_obj_")]
+        except (OSError, ValueError, AttributeError, zipfile.BadZipFile):
+            pass  # a damaged config: torch's loading says what is wrong with it
     if pickled:
         raise ExportError(f"{path}: holds pickled Python objects ({pickled[0]}), which loading "
                           f"would run; refused (a network exported from fasttrain has none)")

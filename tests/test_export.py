@@ -413,8 +413,9 @@ class _RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.mark.parametrize("where", ["pickled weight", "sample inputs", "opaque constant"])
-def test_a_crafted_export_cannot_run_code_on_loading(where, tmp_path):
+@pytest.mark.parametrize("where", ["pickled weight", "sample inputs", "opaque constant",
+                                   "opaque constant in a folder"])
+def test_a_crafted_export_cannot_run_code_on_loading(where, tmp_path, monkeypatch):
     # torch.export.load unpickles `use_pickle` weights and odd sample inputs with
     # weights_only=False: `evaluate --file x.pt2` ran the file's code
     import zipfile
@@ -430,23 +431,35 @@ def test_a_crafted_export_cannot_run_code_on_loading(where, tmp_path):
         config = json.loads(good.read(config_name))
         first = next(iter(config["config"].values()))
         first["use_pickle"] = True
+        (constants_name,) = [n for n in names if n.endswith("model_constants_config.json")]
+        constants = json.loads(good.read(constants_name))
+        # torch unpickles a constant whose config name starts with opaque_obj_, folder or not
+        constants["config"]["c"] = {"path_name": "opaque_obj_0/x", "is_param": False,
+                                    "use_pickle": False, "tensor_meta": None}
         replaced = {  # member name suffix -> crafted bytes
             "pickled weight": {config_name: json.dumps(config).encode(),
                                f"/data/weights/{first['path_name']}": payload.getvalue()},
             "sample inputs": {"/sample_inputs/model.pt": payload.getvalue()},
-            "opaque constant": {}}[where]
+            "opaque constant": {},
+            "opaque constant in a folder": {constants_name: json.dumps(constants).encode()}
+        }[where]
         with zipfile.ZipFile(tmp_path / "evil.pt2", "w") as evil:
             for name in names:
                 crafted = [v for k, v in replaced.items() if name.endswith(k)]
                 evil.writestr(name, crafted[0] if crafted else good.read(name))
-            if where == "opaque constant":
-                evil.writestr("archive/data/constants/opaque_obj_0",
+            if where.startswith("opaque constant"):
+                member = "opaque_obj_0" + ("/x" if where.endswith("folder") else "")
+                evil.writestr(f"archive/data/constants/{member}",
                               pickle.dumps(_RunsCode(marker)))
     with pytest.raises(ex.ExportError, match=r"evil.pt2: .*refused"):
         ex.load_exported(tmp_path / "evil.pt2")
     assert not marker.exists()
     assert os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD") is None
     ex.load_exported(tmp_path / "net.pt2")  # a plain export still loads
+    # also where the opposite is set (torch refuses both at once): it stays set after
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    ex.load_exported(tmp_path / "net.pt2")
+    assert os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] == "1"
 
 
 # --------------------------------------------------------------------------- torch.hub
