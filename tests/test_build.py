@@ -253,7 +253,7 @@ def test_env_sh_rebuilds_for_any_missing_library_or_interrupted_build(tmp_path):
 
     def env_sh(*extra: str, **env_vars: str) -> subprocess.CompletedProcess:
         env = {k: v for k, v in os.environ.items() if k != "FASTTRAIN_JPEG"}
-        env.update(FASTTRAIN_CACHE="../cache", FASTTRAIN_DATA="mydata", **env_vars)
+        env.update({"FASTTRAIN_CACHE": "../cache", "FASTTRAIN_DATA": "mydata", **env_vars})
         return subprocess.run(["bash", str(repo / "tools" / "env.sh"), "python", "-c",
                                "import os; print(os.environ['FASTTRAIN_CACHE'], "
                                "os.environ['FASTTRAIN_DATA'], os.getcwd())", *extra],
@@ -270,6 +270,10 @@ def test_env_sh_rebuilds_for_any_missing_library_or_interrupted_build(tmp_path):
     assert "[env] [fasttrain build] CPU library  fasttrain/ops/_C: yes" in first.stderr
     assert built() == 1 and builds.read_text() == "FASTTRAIN_JPEG=1\n"
     assert env_sh().returncode == 0 and built() == 1  # up to date: nothing rebuilt
+    # a quoted ~ (FASTTRAIN_CACHE='~/cache') made a folder named ~ in the current one
+    tilde = env_sh(FASTTRAIN_CACHE="~/cache", FASTTRAIN_DATA="~/mydata", HOME=str(tmp_path))
+    assert tilde.stdout.split()[:2] == [str(tmp_path / "cache"), str(tmp_path / "mydata")]
+    assert not (tmp_path / "work" / "~").exists() and built() == 1
     # run from another clone's root: its libraries are not this clone's (an unquoted glob
     # matched them there and found this clone's "missing": a rebuild at every call)
     (tmp_path / "work" / "fasttrain" / "ops").mkdir(parents=True)

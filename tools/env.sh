@@ -16,12 +16,14 @@
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cache=${FASTTRAIN_CACHE:-$HOME/.cache/fasttrain}
+# A quoted '~/x' reaches here unexpanded: the home folder, as the Python side reads it.
+tilde() { case $1 in "~") echo "$HOME" ;; "~/"*) echo "$HOME/${1#"~/"}" ;; *) echo "$1" ;; esac; }
+cache=$(tilde "${FASTTRAIN_CACHE:-$HOME/.cache/fasttrain}")
 mkdir -p "$cache"
 cache=$(cd "$cache" && pwd)  # absolute: the command runs from the clone
 export FASTTRAIN_CACHE="$cache"  # the command's data default ($FASTTRAIN_CACHE/data) too
 if [ -n "${FASTTRAIN_DATA:-}" ]; then
-  FASTTRAIN_DATA=$(realpath -m -- "$FASTTRAIN_DATA")
+  FASTTRAIN_DATA=$(realpath -m -- "$(tilde "$FASTTRAIN_DATA")")
   export FASTTRAIN_DATA
 fi
 key=$(sha256sum < "$repo/requirements.txt" | cut -c1-16)
