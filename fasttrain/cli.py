@@ -160,6 +160,9 @@ def check_output(path: str | Path, name: str, *, folder: bool = False,
             raise UserError(f"{name}: exists and is not a folder")
         where = path
     else:
+        if str(path) == "-":  # not stdout here: see not_stdout
+            raise UserError(f"{name}: writes a file, not stdout (where the results are "
+                            f"printed); name a file")
         if path.is_dir():
             raise UserError(f"{name}: is a folder; name the file to write")
         # Written atomically, by a rename over the path: a device (/dev/null) or a pipe would

@@ -284,6 +284,10 @@ def test_outputs_that_are_not_regular_files_are_refused_before_evaluating(run, t
         code, out, err = _evaluate(capsys, "--checkpoint", tmp_path / "link.pt", flag, path)
         assert code == 2 and out == "" and "is the input" in err, err
     assert checkpoint.read_bytes() == (run / "checkpoints" / "last.pt").read_bytes()
+    recipe = tmp_path / "r.yaml"  # the recipe read: replaced by the JSON record
+    shutil.copy(QUICKSTART, recipe)
+    code, out, err = _evaluate(capsys, recipe, "--checkpoint", checkpoint, "--json", recipe)
+    assert code == 2 and "is the input" in err and recipe.read_text() == QUICKSTART.read_text()
 
 
 def test_a_partial_view_of_the_data_is_said(run, data_root, tmp_path, capsys):

@@ -535,6 +535,7 @@ def _out_cases(tmp_path, src):
             (str(tmp_path / "same"), "is a folder; name the file to write"),
             (str(tmp_path / "new") + "/", "names a folder; name the file to write"),
             (os.devnull, "exists and is not a regular file"),
+            ("-", "writes a file, not stdout"),  # it wrote a file named -
             (str(tmp_path / "a_file" / "sub" / "x.pt"), f"{tmp_path / 'a_file'} is not a folder")]
 
 

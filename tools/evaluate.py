@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         not_stdout("--points", args.points)
         state, cfg, classes = _settings(args, overrides)
         if args.json:
-            check_output(args.json, f"--json {args.json}", inputs=(args.checkpoint, args.file))
+            check_output(args.json, f"--json {args.json}",
+                         inputs=(args.checkpoint, args.file, args.recipe))
         label = _check_points(args, args.points) if args.points else None
         source = _source(args, state)
         if classes is None and args.file and source.classes:  # an export's label order
@@ -278,7 +279,8 @@ def _check_points(args, path: str) -> str:
     """The --points row's label, checked before anything runs: the file can be written, is a
     points CSV this tool can add to (a header of compare's columns), and has no row with that
     label."""
-    check_output(path, f"--points {path}", inputs=(args.checkpoint, args.file))
+    check_output(path, f"--points {path}",
+                 inputs=(args.checkpoint, args.file, args.recipe))
     label = args.label or _default_label(args)
     header, labels = _read_points(Path(path))
     if header is not None:
