@@ -218,6 +218,19 @@ STDOUT_CLOSED = 141
 Main = TypeVar("Main", bound=Callable[..., int])
 
 
+def drop_output(stream) -> None:
+    """Point `stream`'s file descriptor at /dev/null, for a stream whose reader has gone (the
+    Python docs' "Note on SIGPIPE"): later writes, and the interpreter's flush at exit, go
+    nowhere instead of raising BrokenPipeError. A stream without a descriptor is left."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # a stand-in stream without one
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
 class _ClosableStdout:
     """sys.stdout while a tool runs: a write or flush that finds the reader gone (`| head -3`)
     points the file descriptor at /dev/null (the Python docs' "Note on SIGPIPE"), so that the
@@ -230,13 +243,7 @@ class _ClosableStdout:
 
     def _gone(self) -> None:
         self.reader_gone = True
-        try:
-            fd = self.stream.fileno()
-        except (AttributeError, OSError, ValueError):  # a stand-in stream without one
-            return
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, fd)
-        os.close(devnull)
+        drop_output(self.stream)
 
     def write(self, text: str) -> int:
         if not self.reader_gone:

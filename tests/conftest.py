@@ -1,4 +1,5 @@
 import importlib.util
+import io
 import os
 import pickle
 import subprocess
@@ -67,3 +68,10 @@ def write_code_running_checkpoint(path: Path, marker: Path) -> Path:
 
     path.write_bytes(pickle.dumps({"model": Evil()}, protocol=2))
     return path
+
+
+class ReaderGone(io.StringIO):
+    """A stdout whose reader has gone (`| head`): every write raises BrokenPipeError."""
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")

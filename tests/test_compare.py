@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import load_tool
+from conftest import ReaderGone, load_tool
 from fasttrain.compare import report
 from fasttrain.compare.literature import CompareError
 from fasttrain.compare.pareto import curve_value, pareto_front
@@ -333,18 +333,11 @@ def test_latency_is_matched_by_architecture(tmp_path):
 
 # --------------------------------------------------------------------------- literature view
 
-class _ReaderGone(io.StringIO):
-    """A stdout whose reader has gone (`| head`): every write raises BrokenPipeError."""
-
-    def write(self, text):
-        raise BrokenPipeError(32, "Broken pipe")
-
-
 def test_a_closed_stdout_still_writes_the_outputs_and_exits_141(tmp_path, monkeypatch):
     """`compare.py ... | head -3`: rich turned the broken pipe into a silent exit 1."""
     pts = tmp_path / "mine.csv"
     pts.write_text("label,kind,top1,macs\nR56 w0.5,thin,92.0,31482176\n")
-    monkeypatch.setattr(sys, "stdout", _ReaderGone())
+    monkeypatch.setattr(sys, "stdout", ReaderGone())
     assert compare_tool.main(["--points", str(pts), "--out", str(tmp_path / "out")]) == 141
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert "compare-table.md" in written and "compare-table.csv" in written, written

@@ -1,7 +1,6 @@
 """tools/evaluate.py and its library parts (fasttrain.measure.accuracy, build_val_loader):
 a checkpoint evaluates to the top-1 its run recorded, exports and factories score alike, the
 class order is the model's, and the points CSV it writes is the one compare reads."""
-import io
 import json
 import os
 import shutil
@@ -13,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, load_tool
+from conftest import ROOT, ReaderGone, load_tool
 from fasttrain.compare.points import points_from_csv
 from fasttrain.config import load
 from fasttrain.data import DatasetError, build_val_loader
@@ -89,17 +88,10 @@ def test_a_cut_epoch_of_an_older_checkpoint_is_named(run, tmp_path, capsys):
     assert code == 0 and "after epoch 2: top-1" in out, out
 
 
-class _ReaderGone(io.StringIO):
-    """A stdout whose reader has gone (`| head`): every write raises BrokenPipeError."""
-
-    def write(self, text):
-        raise BrokenPipeError(32, "Broken pipe")
-
-
 def test_a_closed_stdout_still_writes_the_record_and_exits_141(run, tmp_path, monkeypatch):
     """`evaluate.py ... | head -1`: the result lines' BrokenPipeError was a traceback and
     --json was never written."""
-    monkeypatch.setattr(sys, "stdout", _ReaderGone())
+    monkeypatch.setattr(sys, "stdout", ReaderGone())
     assert evaluate_tool.main(["--checkpoint", str(run / "checkpoints" / "last.pt"), "--json",
                                str(tmp_path / "r.json")]) == 141
     assert json.loads((tmp_path / "r.json").read_text())["images"] == 364

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import io
 import importlib.util
 import io
 import json
@@ -23,7 +22,7 @@ from torch import nn
 
 from fasttrain import export as ex
 
-from conftest import load_tool
+from conftest import ReaderGone, load_tool
 from fasttrain.config import ModelConfig
 from fasttrain.models import NORM_ACT_LAYERS, BatchNormReLU2d, list_models
 
@@ -196,16 +195,9 @@ def test_parity_failure_raises(tmp_path, monkeypatch):
     assert code == 1 and not (tmp_path / "bad2.pt").exists()
 
 
-class _ReaderGone(io.StringIO):
-    """A stdout whose reader has gone (`| head`): every write raises BrokenPipeError."""
-
-    def write(self, text):
-        raise BrokenPipeError(32, "Broken pipe")
-
-
 def test_a_closed_stdout_still_writes_the_export_and_exits_141(tmp_path, monkeypatch):
     """`export.py ... | head -1`: the second line's BrokenPipeError was a traceback."""
-    monkeypatch.setattr(sys, "stdout", _ReaderGone())
+    monkeypatch.setattr(sys, "stdout", ReaderGone())
     assert export_tool.main(["--model", "cifar_resnet20", "--width", "0.25", "--resolution",
                              "16", "--out", str(tmp_path / "net.pt")]) == 141
     assert ex.load_exported(tmp_path / "net.pt")[1]["input_size"] == [3, 16, 16]

@@ -7,7 +7,6 @@ loaders are module fixtures. The tiny CIFAR-10 set is position-coded: red = 8 * 
 8 * row, blue = the sample id, label = id % 10, stored raw, so a crop's source, box and flip can
 be read back from its pixels.
 """
-import io
 import json
 import math
 import os
@@ -25,7 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import load_tool
+from conftest import ReaderGone, load_tool
 from fasttrain.config import DataConfig, load
 from fasttrain.data import build_loaders, write_cifar10
 from fasttrain.data import ffcv_loader
@@ -217,16 +216,9 @@ def test_a_folder_it_cannot_write_is_one_line_and_ctrl_c_exits_130(monkeypatch, 
                                        "are kept)\n")
 
 
-class _ReaderGone(io.StringIO):
-    """A stdout whose reader has gone (`| head`): every write raises BrokenPipeError."""
-
-    def write(self, text):
-        raise BrokenPipeError(32, "Broken pipe")
-
-
 def test_a_closed_stdout_still_writes_the_files_and_exits_141(tmp_path, monkeypatch, cifar):
     """`write_ffcv.py ... | head -1`: the summary's BrokenPipeError was a traceback."""
-    monkeypatch.setattr(sys, "stdout", _ReaderGone())
+    monkeypatch.setattr(sys, "stdout", ReaderGone())
     assert _write_tool(["--dataset=cifar10", f"--path={cifar}", "--data.download=false",
                         f"--out={tmp_path}", "--write-mode=raw", "--num-workers=1"]) == 141
     assert sorted(p.name for p in tmp_path.glob("*.beton")) == ["train.beton", "val.beton"]

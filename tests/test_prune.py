@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import importlib.metadata
 import importlib.util
-import io
 import json
 import os
 import re
@@ -17,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import load_tool
+from conftest import ReaderGone, load_tool
 from fasttrain import export as ex
 from fasttrain.config import Config, ModelConfig, load
 from fasttrain.engine import checkpoint as ckpt
@@ -275,19 +274,12 @@ def test_a_checkpoint_cut_inside_an_epoch_is_told_apart_and_paths_may_start_with
     assert "checkpoint_epoch_step" not in meta  # the pruned file is no mid-epoch checkpoint
 
 
-class _ReaderGone(io.StringIO):
-    """A stdout whose reader has gone (`| head`): every write raises BrokenPipeError."""
-
-    def write(self, text):
-        raise BrokenPipeError(32, "Broken pipe")
-
-
 @needs_tp
 def test_a_closed_stdout_still_writes_the_pruned_checkpoint_and_exits_141(tmp_path,
                                                                           monkeypatch):
     """`prune.py ... | head -3`: rich turned the broken pipe into a silent exit 1."""
     src, _ = write_checkpoint(tmp_path / "src.pt")
-    monkeypatch.setattr(sys, "stdout", _ReaderGone())
+    monkeypatch.setattr(sys, "stdout", ReaderGone())
     assert prune_tool.main([str(src), "--out", str(tmp_path / "p.pt"), "--target-width",
                             "0.25"]) == 141
     assert ckpt.load(tmp_path / "p.pt")["pruning"]["target_macs"] > 0

@@ -18,7 +18,7 @@ import threading
 import time
 
 from fasttrain.config import describe, load
-from fasttrain.cli import ArgumentParser, nonempty, printable_paths
+from fasttrain.cli import ArgumentParser, drop_output, nonempty, printable_paths
 from fasttrain.errors import RankError, UserError
 
 # gloo's words when the other end of a collective has died (NCCL waits for its watchdog).
@@ -84,9 +84,7 @@ def _main(argv: list[str] | None) -> int:
             try:
                 print("\n".join(describe(cfg)), flush=True)
             except BrokenPipeError:  # `--keys | head`: the reader took what it wanted
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, sys.stdout.fileno())  # (the Python docs' note on SIGPIPE)
-                os.close(devnull)
+                drop_output(sys.stdout)
             return 0
         from fasttrain.engine import train  # imports torch: after the recipe is known good
 

@@ -2,7 +2,6 @@
 (CI logs, a long epoch's step at most once a minute), and a final summary table."""
 from __future__ import annotations
 
-import os
 import sys
 import time
 from typing import Any
@@ -11,6 +10,8 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
+
+from ..cli import drop_output
 
 
 def format_epoch(m: dict[str, Any], epochs: int) -> str:
@@ -31,9 +32,7 @@ class _LogConsole(Console):
 
     def on_broken_pipe(self) -> None:
         self.quiet = True
-        devnull = os.open(os.devnull, os.O_WRONLY)  # later writes, print()'s too, go nowhere
-        os.dup2(devnull, self.file.fileno())
-        os.close(devnull)
+        drop_output(self.file)  # later writes, print()'s too, go nowhere
 
 
 class Reporter:
