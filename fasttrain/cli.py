@@ -119,16 +119,17 @@ def finite_float(ok: Callable[[float], bool], expected: str) -> Callable[[str], 
     return parse
 
 
-def not_stdout(flag: str, path: str | None) -> None:
+def not_stdout(path: str | Path | None, name: str) -> None:
     """Refuse `-` as an output file: the tools print their results on stdout, so `-` cannot
     mean stdout there (it wrote a file named `-`), and outputs are written by a rename, which
-    a stream cannot take (see check_output).
+    a stream cannot take (see check_output, which calls this). `name` starts the message
+    ("--json -").
 
     Raises:
-        UserError: `path` is `-`; the message names the option.
+        UserError: `path` is `-`.
     """
-    if path == "-":
-        raise UserError(f"{flag} -: writes a file, not stdout (where the results are printed); "
+    if path is not None and str(path) == "-":
+        raise UserError(f"{name}: writes a file, not stdout (where the results are printed); "
                         f"name a file")
 
 
@@ -160,9 +161,7 @@ def check_output(path: str | Path, name: str, *, folder: bool = False,
             raise UserError(f"{name}: exists and is not a folder")
         where = path
     else:
-        if str(path) == "-":  # not stdout here: see not_stdout
-            raise UserError(f"{name}: writes a file, not stdout (where the results are "
-                            f"printed); name a file")
+        not_stdout(path, name)
         if path.is_dir():
             raise UserError(f"{name}: is a folder; name the file to write")
         # Written atomically, by a rename over the path: a device (/dev/null) or a pipe would

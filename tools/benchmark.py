@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []  # filled as rows are measured, so that an interrupt keeps them
     try:
         for flag, path in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)):
-            not_stdout(flag, path)
+            not_stdout(path, f"{flag} {path}")
         _check_sources(args)
         _check_outputs(args)
         import torch

@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
               "torchrun", file=sys.stderr)
         return 2
     try:
-        not_stdout("--json", args.json)
-        not_stdout("--points", args.points)
+        not_stdout(args.json, f"--json {args.json}")
+        not_stdout(args.points, f"--points {args.points}")
         state, cfg, classes = _settings(args, overrides)
         if args.json:
             check_output(args.json, f"--json {args.json}",
