@@ -499,23 +499,21 @@ def _refuse_pickled_objects(path: Path) -> None:
     read, since torch goes by the config's name, which may hold a folder."""
     import zipfile
 
-    from .engine.checkpoint import zip_names
-
-    names = zip_names(path)
-    pickled = [n for n in names
-               if "/data/constants/" in n and "opaque_obj_" in n.partition("/data/constants/")[2]]
-    for name in names:
-        if pickled or not (name.endswith("_constants_config.json")
-                           and "/data/constants/" in name):
-            continue
-        try:
-            with zipfile.ZipFile(path) as archive:
-                config = json.loads(archive.read(name))
-            entries = (config.get("config") or {}).values()
-            pickled = [str(e.get("path_name")) for e in entries if isinstance(e, dict)
-                       and str(e.get("path_name", "")).startswith("opaque_obj_")]
-        except (OSError, ValueError, AttributeError, zipfile.BadZipFile):
-            pass  # a damaged config: torch's loading says what is wrong with it
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            pickled = [n for n in names if "opaque_obj_" in n.partition("/data/constants/")[2]]
+            for name in names:
+                if "/data/constants/" not in name or not name.endswith("_constants_config.json"):
+                    continue
+                try:
+                    entries = (json.loads(archive.read(name)).get("config") or {}).values()
+                except (OSError, ValueError, AttributeError, zipfile.BadZipFile):
+                    continue  # a damaged config: torch's loading says what is wrong with it
+                pickled += [str(e.get("path_name")) for e in entries if isinstance(e, dict)
+                            and str(e.get("path_name", "")).startswith("opaque_obj_")]
+    except (OSError, zipfile.BadZipFile):
+        return  # no zip: torch's loading says what it is
     if pickled:
         raise ExportError(f"{path}: holds pickled Python objects ({pickled[0]}), which loading "
                           f"would run; refused (a network exported from fasttrain has none)")
