@@ -114,16 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     table = _terminal_table(c)
-    console = Console()
-    if not sys.stdout.isatty():  # a pipe or a log: the table at its natural width, unwrapped
-        console = Console(width=max(200, Console(width=10_000).measure(table).maximum))
+    console = Console()  # lines unwrapped (soft_wrap); print_table sizes the table itself
     for w in c.warnings:
         console.print(printable(f"warning: {w}"), style="yellow", highlight=False, markup=False,
                       soft_wrap=True)
     print_table(console, table)
     if c.latency:
         console.print(printable(f"latency: {c.latency.describe()}"), highlight=False,
-                      markup=False)
+                      markup=False, soft_wrap=True)
     for path in written:
         console.print(f"wrote {path}", highlight=False, markup=False, soft_wrap=True)
     return 0
