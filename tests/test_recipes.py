@@ -1,6 +1,7 @@
 """Recipes: every file validates, families differ only in their naming keys, every recipe trains
 two steps on CPU (so none can rot), and the ImageNet entry points behave as documented."""
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -9,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from fasttrain.config import load
-from fasttrain.data import write_cifar10
+from fasttrain.data import build_loaders, write_cifar10
 from fasttrain.engine import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,6 +133,23 @@ def test_recipe_trains_two_steps_on_cpu(recipe, tiny_imagenet, tiny_cifar, tmp_p
     assert summary["step"] == 2
     assert np.isfinite(summary["train_loss"]) and 0 <= summary["val_top1"] <= 100
     assert (tmp_path / "r" / "checkpoints" / "last.pt").is_file()
+
+
+def test_every_recipe_data_pickles_for_spawned_workers(tiny_imagenet, tiny_cifar):
+    """spawn (macOS) and forkserver (Linux from Python 3.14) workers receive the dataset,
+    collate and worker_init_fn pickled: each recipe's must survive that and give the same
+    samples (torchvision's auto-augment policies hold lambdas)."""
+    for recipe in NAMED:
+        cfg = load(recipe, tiny_overrides(recipe, tiny_imagenet, tiny_cifar) +
+                   ["--data.backend=torch", "--data.num_workers=2"])
+        loaders = build_loaders(cfg.data, cfg.aug)
+        for device_loader, key in ((loaders.train, (0, 3, 0)), (loaders.val, 3)):
+            loader = device_loader.loader
+            sent = (loader.dataset, loader.collate_fn, loader.worker_init_fn)
+            dataset, collate, init = pickle.loads(pickle.dumps(sent))
+            ours, theirs = collate([loader.dataset[key]]), collate([dataset[key]])
+            assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1]), recipe
+            assert init is loader.worker_init_fn
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -100,6 +100,15 @@ class AutoAugment:
         self.prob = aug.randaug_prob if self.kind == "randaugment" else 1.0
         self.policy = (v2.TrivialAugmentWide() if self.kind == "trivialaugment"
                        else v2.RandAugment())
+        self.space = sorted(self.policy._AUGMENTATION_SPACE.items())
+
+    # The space holds torchvision's lambdas, which cannot be pickled; spawn and forkserver
+    # workers (macOS, Python >= 3.14 on Linux) receive the augmentation pickled.
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "space"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
         self.space = sorted(self.policy._AUGMENTATION_SPACE.items())
 
     def _level(self, rng: random.Random) -> int:
