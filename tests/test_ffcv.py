@@ -9,7 +9,9 @@ be read back from its pixels.
 """
 import json
 import math
+import multiprocessing
 import os
+import pickle
 import random
 import sys
 from collections import Counter
@@ -286,6 +288,17 @@ def test_a_writer_process_that_dies_ends_the_write_with_one_error(tmp_path, monk
         write_beton(data, out, write_mode="raw", num_workers=1, splits=("val",), overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["val.beton", "val.beton.json"]
     assert (out / "val.beton").read_bytes() == before
+
+
+def test_the_writer_process_class_pickles_for_spawn_and_forkserver():
+    """macOS starts processes with spawn, Linux from Python 3.14 with forkserver: both pickle
+    FFCV's writer processes, whose class the watchdog replaces (a local class could not be; a
+    whole write under spawn gave the bytes of one under fork, checked by hand: 10-20 s here)."""
+    with ffcv_loader._writer_watchdog(ffcv.writer):
+        process_class = ffcv.writer.Process
+        assert process_class is not multiprocessing.Process
+        assert pickle.loads(pickle.dumps(process_class)) is process_class
+    assert ffcv.writer.Process is multiprocessing.Process
 
 
 def test_files_written_with_other_settings_are_replaced_only_on_request(tmp_path, cifar,

@@ -615,6 +615,24 @@ class _WriterDied(Exception):
         self.code = code
 
 
+class _WatchedWriter(multiprocessing.Process):
+    """FFCV's writer `Process` (multiprocessing's) while `_writer_watchdog` runs: records the
+    processes started, for the watchdog. At module level: spawn and forkserver (macOS, Python
+    >= 3.14 on Linux) pickle the process object, and a class local to a function cannot be."""
+
+    started: list[multiprocessing.Process] = []  # the parent's, since the last watchdog began
+
+    def start(self) -> None:
+        super().start()
+        _WatchedWriter.started.append(self)
+
+    def run(self) -> None:
+        # Forked with the tool's SIGTERM-as-Ctrl-C handler: the clean-up's terminate()
+        # would print a KeyboardInterrupt traceback per process.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        super().run()
+
+
 @contextlib.contextmanager
 def _writer_watchdog(writer_module):
     """FFCV's DatasetWriter waits forever for a writer process that died (a full disk: the
@@ -627,19 +645,9 @@ def _writer_watchdog(writer_module):
     if threading.current_thread() is not threading.main_thread():  # no signals there
         yield
         return
-    started: list = []
+    started = _WatchedWriter.started
+    started.clear()
     real = writer_module.Process
-
-    class FFCVWriter(real):
-        def start(self):
-            super().start()
-            started.append(self)
-
-        def run(self):
-            # Forked with the tool's SIGTERM-as-Ctrl-C handler: the clean-up's terminate()
-            # would print a KeyboardInterrupt traceback per process.
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            super().run()
 
     failed: list[int] = []
     stop = threading.Event()
@@ -657,7 +665,7 @@ def _writer_watchdog(writer_module):
         raise _WriterDied(failed[0] if failed else -1)
 
     previous = signal.signal(signal.SIGUSR1, writer_died)
-    writer_module.Process = FFCVWriter
+    writer_module.Process = _WatchedWriter
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
     try:
