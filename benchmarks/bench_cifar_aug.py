@@ -17,7 +17,6 @@ Writes `benchmarks/results/cifar-aug-<device>-<workers>w.json`.
 """
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import time
@@ -37,7 +36,7 @@ from fasttrain.cli import ArgumentParser, int_at_least  # noqa: E402
 from fasttrain.config import load  # noqa: E402
 from fasttrain.data import build_loaders, write_cifar10  # noqa: E402
 from fasttrain.data.datasets import _publish_dir, default_root  # noqa: E402
-from fasttrain.measure.env import conditions  # noqa: E402
+from fasttrain.measure.env import conditions, usable_cores  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "cifar_r20_w0.5.yaml"
 _positive = int_at_least(1)
@@ -79,8 +78,8 @@ def measure(root: Path, backend: str, workers: int, batch: int, epochs: int,
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=_positive, default=20000, help="training images in the set")
-    p.add_argument("--workers", type=_positive, default=os.cpu_count(),
-                   help="torch backend's DataLoader workers (default: every core)")
+    p.add_argument("--workers", type=_positive, default=usable_cores(),
+                   help="torch backend's DataLoader workers (default: every core it may use)")
     p.add_argument("--batch-size", type=_positive, default=128, help="the recipes' batch")
     p.add_argument("--epochs", type=_positive, default=1, help="timed epochs after one warm-up")
     p.add_argument("--rounds", type=_positive, default=3)

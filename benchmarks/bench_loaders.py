@@ -60,7 +60,7 @@ from fasttrain.cli import ArgumentParser, int_at_least  # noqa: E402
 from fasttrain.config import Config, load  # noqa: E402
 from fasttrain.data import build_loaders, jpeg, resize  # noqa: E402
 from fasttrain.data.datasets import _publish_dir, default_root  # noqa: E402
-from fasttrain.measure.env import conditions  # noqa: E402
+from fasttrain.measure.env import conditions, usable_cores  # noqa: E402
 
 RESOLUTION = 224
 CLASSES = 10
@@ -209,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     # Every class folder needs an image: the validation set has one of each.
     p.add_argument("--images", type=int_at_least(CLASSES), default=1280,
                    help=f"training images in the set (at least {CLASSES} and --batch-size)")
-    p.add_argument("--workers", type=_positive, default=os.cpu_count(),
-                   help="loader workers/threads per backend (default: every core)")
+    p.add_argument("--workers", type=_positive, default=usable_cores(),
+                   help="loader workers/threads per backend (default: every core it may use)")
     p.add_argument("--batch-size", type=_positive, default=64)
     p.add_argument("--epochs", type=_positive, default=2, help="timed epochs after one warm-up")
     p.add_argument("--rounds", type=_positive, default=3,

@@ -23,7 +23,6 @@ Writes `benchmarks/results/native-resize-cpu-<workers>w.json`.
 """
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import time
@@ -43,7 +42,7 @@ from fasttrain.cli import ArgumentParser, int_at_least  # noqa: E402
 from fasttrain.data import build_loaders, resize  # noqa: E402
 from fasttrain.data.datasets import default_root  # noqa: E402
 from fasttrain.data.loader import torch_threads  # noqa: E402
-from fasttrain.measure.env import conditions  # noqa: E402
+from fasttrain.measure.env import conditions, usable_cores  # noqa: E402
 
 BATCH = 64
 
@@ -105,8 +104,8 @@ def in_process_cpu_us(root: Path, rounds: int) -> dict[str, object]:
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backends", default="torch,dali")
-    p.add_argument("--workers", type=int_at_least(1), default=os.cpu_count(),
-                   help="loader workers and threads (default: every core)")
+    p.add_argument("--workers", type=int_at_least(1), default=usable_cores(),
+                   help="loader workers and threads (default: every core it may use)")
     # One batch at least: the loaders drop a partial batch, the in-process timing splits whole
     # batches (and 64 images fill every class folder).
     p.add_argument("--images", type=int_at_least(BATCH), default=1280,

@@ -84,11 +84,11 @@ def main(argv: list[str] | None = None) -> int:
             load(RECIPE, [f"--data.backend={backend}"])
         except ConfigError as e:
             fail(f"--backends {args.backends!r}: {e}")
-    cores = len(os.sched_getaffinity(0))
-    out = check_out(args.out, ROOT / "benchmarks" / "results" / f"quickstart-cpu-{cores}c.json")
     import torch
 
-    from fasttrain.measure.env import cpu_name, git_commit
+    from fasttrain.measure.env import cpu_name, git_commit, usable_cores
+    cores = usable_cores()
+    out = check_out(args.out, ROOT / "benchmarks" / "results" / f"quickstart-cpu-{cores}c.json")
 
     from fasttrain.data import build_digits
     from fasttrain.data.datasets import default_root

@@ -24,6 +24,7 @@ from fasttrain.engine.optim import param_groups
 from fasttrain.engine.progress import Reporter
 from fasttrain.engine.schedule import lr_factor
 from fasttrain.errors import CheckpointError, ConfigError, DatasetError, RunError, TrainingError
+from fasttrain.measure.env import usable_cores
 from fasttrain.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -335,6 +336,15 @@ def test_dry_run_prints_config_and_counts(run_tool, tmp_path):
     assert "1,433 training / 364 validation images, 10 classes; 22 steps/epoch x 64 global " \
            "batch, 1 rank" in " ".join(result.stdout.split()), result.stdout
     assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_runs_where_the_platform_has_no_affinity_mask(data_root, tmp_path, monkeypatch):
+    """macOS has no os.sched_getaffinity: every run died on it (a dry run too); the threads
+    then come from every core."""
+    monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    assert usable_cores() == 3
+    train(_cfg(data_root, tmp_path), dry_run=True)
 
 
 def test_a_dry_run_checks_what_resume_and_log_name_would_meet(data_root, tmp_path):

@@ -302,6 +302,13 @@ def test_available_ram_is_memavailable_not_memfree(monkeypatch):
     monkeypatch.setattr(resident.os, "sysconf", {"SC_AVPHYS_PAGES": 3, "SC_PAGE_SIZE": 4096}.get)
     assert resident._available_ram() == 3 * 4096
 
+    def darwin(name):  # macOS's sysconf names no free pages: all of RAM instead of a crash
+        if name == "SC_AVPHYS_PAGES":
+            raise ValueError("unrecognized configuration name")
+        return {"SC_PHYS_PAGES": 5, "SC_PAGE_SIZE": 4096}[name]
+    monkeypatch.setattr(resident.os, "sysconf", darwin)
+    assert resident._available_ram() == 5 * 4096
+
 
 def test_unsupported_augmentation_is_a_config_error():
     with pytest.raises(ConfigError, match="data.backend=resident does not implement "

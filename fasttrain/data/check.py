@@ -1,7 +1,6 @@
 """Scan an image data set for files a long run would trip on, before the run."""
 from __future__ import annotations
 
-import os
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -12,6 +11,7 @@ from torchvision.datasets.folder import find_classes
 
 from ..config import MAX_WORKERS
 from ..errors import DatasetError, UserError
+from ..measure.env import usable_cores
 from .datasets import folder_files, read_image
 
 
@@ -95,7 +95,7 @@ def scan(root: Path, workers: int = 0, progress: Callable[[int, int], None] | No
                                     f"training refuses: {', '.join(extra[:5])}"
                                     f"{', ...' if len(extra) > 5 else ''}"))
     # More processes than files only costs their start-up.
-    with ProcessPoolExecutor(max_workers=max(1, min(workers or os.cpu_count() or 1,
+    with ProcessPoolExecutor(max_workers=max(1, min(workers or usable_cores(),
                                                     len(files)))) as pool:
         for done, (path, problem) in enumerate(pool.map(_check_file, files, chunksize=64), 1):
             if problem:

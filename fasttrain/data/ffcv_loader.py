@@ -50,6 +50,7 @@ import torch
 
 from ..config import MAX_WORKERS, AugConfig, DataConfig
 from ..errors import ConfigError, DatasetError, RunError
+from ..measure.env import usable_cores
 from . import jpeg, resize
 from .datasets import SkippedSample, dataset_root
 from .loader import sample_seed, torch_threads
@@ -758,7 +759,7 @@ def write_beton(data: DataConfig, out: Path | str | None = None, *,
     if not overwrite:
         for split in splits:
             _refuse_other_settings(out / f"{split}.beton", params)
-    workers = num_workers or os.cpu_count() or 1
+    workers = num_workers or usable_cores()
     written: list[_Written] = []
     try:
         for split in splits:

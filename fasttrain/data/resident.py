@@ -27,6 +27,7 @@ from PIL import Image
 from torchvision.ops import roi_align
 
 from ..config import AugConfig, DataConfig
+from ..measure.env import usable_cores
 from .batch_augment import to_device, trivial_augment_wide
 from .datasets import DatasetError, ImageFolderDataset, SkippedSample, TensorImageDataset
 from .loader import EpochSampler, Loaders, ShardSampler, _datasets, rank_batches, sample_seed
@@ -185,7 +186,15 @@ def _available_ram() -> int:
                     return int(line.split()[1]) * 1024  # the kernel writes kB
     except (OSError, ValueError):
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")  # no /proc: free pages
+    try:  # no /proc: the free pages
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):  # macOS names no free pages: all of RAM, an upper bound
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _local_ranks() -> int:
+    """The ranks torchrun started on this host (LOCAL_WORLD_SIZE), 1 outside torchrun."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
 
 
 def _bytes(n: float) -> str:
@@ -205,7 +214,7 @@ def _check_fits(nbytes: int, device: torch.device, what: str, ram: bool = True) 
     """
     # Every rank on this host decodes its own copy at the same time (torchrun's
     # LOCAL_WORLD_SIZE): 3 CPU ranks each passing alone at 40 % of the RAM needed 120 %.
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    local = _local_ranks()
     places = [(_available_ram(), nbytes * local, "available RAM")] if ram else []
     if device.type == "cuda":
         places.append((torch.cuda.mem_get_info(device)[0], nbytes, f"free memory on {device}"))
@@ -299,7 +308,8 @@ def build_resident_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world
     estimates = [_decoded_bytes(train_set, None), _decoded_bytes(val_set, data.val_res)]
     if None not in estimates:
         _check_fits(sum(estimates), device, f"{root}: {len(train_set) + len(val_set)} images")
-    workers = data.num_workers or os.cpu_count() or 1
+    # Every rank on this host decodes at the same time: share the cores, as training's threads do.
+    workers = data.num_workers or max(1, usable_cores() // _local_ranks())
     train_images, train_labels, train_skipped = _materialise(train_set, None, workers)
     val_images, val_labels, val_skipped = _materialise(val_set, ValTransform(data), workers)
     if device.type == "cuda":  # the exact size, against what the device has free now

@@ -29,6 +29,7 @@ from ..data import build_loaders, sample_seed
 from ..data.transforms import progressive_resolution
 from ..data.loader import DeviceLoader
 from ..measure import count_macs, count_params, git_commit
+from ..measure.env import usable_cores
 from ..models import NORM_ACT_LAYERS, convert_sync_batchnorm, create_model, list_models
 from . import checkpoint as ckpt
 from . import distributed
@@ -552,7 +553,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, report: Reporter, recipe: st
            made: list[Path] | None = None,
            claimed: list[Path] | None = None) -> dict[str, Any]:
     device = dist.device
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     torch.set_num_threads(cfg.train.threads or max(1, cores // dist.local_world_size))
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)

@@ -54,6 +54,15 @@ def git_commit(root: Path = ROOT) -> str:
     return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its affinity mask (taskset, cgroup cpusets, Slurm)
+    where the platform has one (Linux), else every core (macOS has no such call)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    if affinity is not None:
+        return len(affinity(0))
+    return os.cpu_count() or 1
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_name() -> str:
     try:
