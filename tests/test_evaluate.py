@@ -174,6 +174,61 @@ def test_points_rows_are_added_for_compare_and_a_repeated_label_is_refused(run, 
     assert code == 2 and "not a points CSV" in err and other.read_text() == "name,score\nx,1\n"
 
 
+def test_evaluations_adding_to_one_points_file_at_once_keep_every_row(tmp_path, monkeypatch):
+    """Each evaluation reads the CSV and writes it back: two finishing together (xargs -P)
+    both said "added", and the later write dropped the other's row. A waits inside its write
+    until B has either written (no lock: B's row is then lost) or waits for A's lock."""
+    import threading
+    from argparse import Namespace
+
+    from fasttrain.engine import checkpoint
+
+    tool = load_tool("evaluate")
+    points = tmp_path / "mine.csv"
+    record = {"name": "cifar_resnet20", "width": 0.25, "val_top1": 50.0, "macs": 100,
+              "params": 10, "val_res": 16, "source": "x.pt", "precision": "fp32",
+              "test_flip": False, "commit": "abc"}
+    a_writes, b_wrote, b_waits = threading.Event(), threading.Event(), threading.Event()
+    real_write, real_lock = checkpoint.write_atomic, checkpoint.lock_folder
+
+    def write_atomic(path, write, mode="wb"):
+        if threading.current_thread().name == "A":
+            a_writes.set()
+            for _ in range(300):
+                if b_wrote.is_set() or b_waits.is_set():
+                    break
+                threading.Event().wait(0.1)
+        real_write(path, write, mode)
+        if threading.current_thread().name == "B":
+            b_wrote.set()
+
+    def lock_folder(folder, *, wait):
+        if wait and threading.current_thread().name == "B":
+            b_waits.set()
+        return real_lock(folder, wait=wait)
+
+    monkeypatch.setattr(checkpoint, "write_atomic", write_atomic)
+    monkeypatch.setattr(checkpoint, "lock_folder", lock_folder)
+    errors = []
+
+    def evaluate(label):
+        args = Namespace(json=None, points=str(points), kind=None, file=None, label=label)
+        try:
+            tool._write(args, record, None, label)
+        except BaseException as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+
+    a = threading.Thread(target=evaluate, args=("a",), name="A")
+    a.start()
+    assert a_writes.wait(60)
+    b = threading.Thread(target=evaluate, args=("b",), name="B")
+    b.start()
+    a.join(60)
+    b.join(60)
+    assert not errors
+    assert sorted(p.label for p in points_from_csv(points)) == ["a", "b"]
+
+
 def test_a_pruned_checkpoints_row_carries_its_baseline():
     state = {"config": {"model": {"name": "thin_resnet50", "channels": {"stem": 8}}},
              "pruning": {"source_val_top1": 76.1, "source_macs": 4_100_000_000}}

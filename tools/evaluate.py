@@ -34,6 +34,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from fasttrain.cli import (ArgumentParser, check_output, nonempty, not_stdout, printable_paths,
                            same_file, sigterm_as_interrupt, stdout_may_close, user_path)
@@ -357,7 +358,7 @@ def _finite(value):
 
 
 def _write(args, record, state, label) -> None:
-    from fasttrain.engine.checkpoint import write_atomic
+    from fasttrain.engine.checkpoint import folder_locked, write_atomic
 
     if args.json:
         # strict JSON: a diverged network's infinite loss is null
@@ -369,25 +370,37 @@ def _write(args, record, state, label) -> None:
         print(f"wrote {args.json}")
     if args.points:
         path = Path(args.points)
-        header, _ = _read_points(path)
-        row = _point_row(args, record, state, label)
-        if header is None:
-            header, old = list(POINT_COLUMNS), ""
-        else:
-            old = path.read_text(encoding="utf-8")  # a spreadsheet's byte-order mark kept
-            if not old.endswith("\n"):
-                old += "\n"
-        out = io.StringIO(newline="")
-        writer = csv.writer(out, lineterminator="\n")
-        if not old:
-            writer.writerow(header)
-        writer.writerow([row.get(c, "") for c in header])
-        try:
-            write_atomic(path, lambda f: f.write(old + out.getvalue()), mode="w")
-        except OSError as e:
-            raise UserError(f"--points {args.points}: cannot write ({e.strerror or e}); the "
-                            f"file is as it was") from None
+        # Evaluations run side by side (xargs -P over checkpoints) into one file: each reads it
+        # and writes it back, so without the lock the last to finish dropped the others' rows.
+        with folder_locked(path.parent):
+            _add_point(args, path, _point_row(args, record, state, label))
         print(f"added {label!r} to {args.points}")
+
+
+def _add_point(args, path: Path, row: dict[str, Any]) -> None:
+    """Append `row` to the points CSV at `path` (made with a header if missing), atomically."""
+    from fasttrain.engine.checkpoint import write_atomic
+
+    header, labels = _read_points(path)
+    if row["label"] in labels:  # checked before evaluating; another evaluation added it since
+        raise UserError(f"--points {args.points}: a row labelled {row['label']!r} was added "
+                        f"while this one ran; the file is as it was")
+    if header is None:
+        header, old = list(POINT_COLUMNS), ""
+    else:
+        old = path.read_text(encoding="utf-8")  # a spreadsheet's byte-order mark kept
+        if not old.endswith("\n"):
+            old += "\n"
+    out = io.StringIO(newline="")
+    writer = csv.writer(out, lineterminator="\n")
+    if not old:
+        writer.writerow(header)
+    writer.writerow([row.get(c, "") for c in header])
+    try:
+        write_atomic(path, lambda f: f.write(old + out.getvalue()), mode="w")
+    except OSError as e:
+        raise UserError(f"--points {args.points}: cannot write ({e.strerror or e}); the "
+                        f"file is as it was") from None
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """Checkpoints: unwrapped model state, atomic writes, safe loads."""
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -78,6 +80,30 @@ def lock_folder(folder: Path, *, wait: bool) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+@contextlib.contextmanager
+def folder_locked(directory: Path) -> Iterator[None]:
+    """`lock_folder` on `directory` (created if missing) for the block: read-modify-write of a
+    file shared by processes (a results record, a points CSV) one process at a time. Waits for
+    the lock, saying so on stderr once when another process holds it (a training holds its run
+    folder's until it ends)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:  # the writes in the block say what is wrong
+        fd = None
+    else:
+        try:
+            fd = lock_folder(directory, wait=False)
+        except BlockingIOError:
+            print(f"waiting for another process writing in {directory} ...", file=sys.stderr,
+                  flush=True)
+            fd = lock_folder(directory, wait=True)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:

@@ -19,17 +19,16 @@ import copy
 import csv
 import gc
 import json
-import os
 import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
-from ..engine.checkpoint import lock_folder, write_atomic
+from ..engine.checkpoint import folder_locked, write_atomic
 from ..errors import UserError
 from ..export import quiet_jit
 from .env import conditions
@@ -451,28 +450,11 @@ def append_results(rows: list[dict[str, Any]], directory: str | Path,
     json_path, csv_path = directory / f"{stem}.json", directory / f"{stem}.csv"
     # Two benchmarks saving at once each read the record and wrote it back with their own rows
     # only: the folder's lock (flock on the folder itself, no file left) makes it one at a time.
-    with _folder_lock(directory):
+    with folder_locked(directory):
         all_rows = read_record(json_path) + rows
         write_json(all_rows, json_path)
         write_csv(all_rows, csv_path)
     return json_path, csv_path
-
-
-@contextlib.contextmanager
-def _folder_lock(directory: Path) -> Iterator[None]:
-    """`checkpoint.lock_folder` on `directory` (created if missing), waiting for it, for the
-    block."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError:  # the writes in the block say what is wrong
-        fd = None
-    else:
-        fd = lock_folder(directory, wait=True)
-    try:
-        yield
-    finally:
-        if fd is not None:
-            os.close(fd)
 
 
 # What makes two rows a measurement of the same thing (the plot keeps the later), with the
