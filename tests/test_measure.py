@@ -818,14 +818,14 @@ def test_save_keeps_other_machines_rows_out_and_plots_the_whole_record(tmp_path,
     # what tells two registry networks of one name and width apart is in the row
     assert {(r["channel_divisor"], r["num_classes"]) for r in saved} == {(1, 10)}
     for row in saved:
-        row["device_name"] = "AMD EPYC"
+        row["device_name"] = "Another CPU (not this machine)"
     record.write_text(json.dumps(saved))
     capsys.readouterr()
     monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("measured before the check"))
     assert benchmark_tool.main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {record}: its rows were measured on AMD EPYC, this run is "
-                          f"on ")
+    assert err.startswith(f"error: {record}: its rows were measured on Another CPU (not this "
+                          f"machine), this run is on ")
     assert err.endswith("; give --results-dir another folder so the two never mix\n")
     assert json.loads(record.read_text()) == saved
 
