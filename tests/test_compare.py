@@ -467,6 +467,37 @@ def test_write_failure_names_the_folder(tmp_path, monkeypatch):
         report.write_outputs(c, tmp_path, None)
 
 
+def test_a_full_disk_leaves_every_earlier_output_whole_and_names_the_file(tmp_path,
+                                                                         monkeypatch):
+    """The plots and tables were written in place: a full disk left a truncated PNG beside the
+    earlier comparison's tables. Each file now replaces its earlier one only when whole."""
+    from matplotlib.figure import Figure
+
+    c = report.build_comparison("resnet56-cifar10")
+    written = report.write_outputs(c, tmp_path, None)
+    before = {p: p.read_bytes() for p in written}
+    real = Figure.savefig
+
+    def fills_the_disk(fig, fname, **kwargs):
+        if kwargs.get("format") == "svg" or str(fname).endswith(".svg"):
+            real(fig, fname, **kwargs)
+            return
+        partial = b"\x89PNG partial"
+        if isinstance(fname, (str, os.PathLike)):
+            with open(fname, "wb") as f:
+                f.write(partial)
+        else:
+            fname.write(partial)
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Figure, "savefig", fills_the_disk)
+    png = tmp_path / "resnet56-cifar10-top1-vs-macs.png"
+    with pytest.raises(CompareError, match=rf"^{re.escape(str(png))}: cannot write \(No space "
+                                           rf"left on device\); the file is as it was$"):
+        report.write_outputs(c, tmp_path, None)
+    assert {p: p.read_bytes() for p in written} == before
+    assert sorted(tmp_path.iterdir()) == sorted(written)  # no temporary file left
+
+
 def test_names_that_are_not_utf8_are_escaped_in_every_output(tmp_path, capsys):
     """A run folder or points file named in Latin-1 (Linux names are bytes): the CSV writer
     raised UnicodeEncodeError half-way (the table half-written), matplotlib a TypeError."""

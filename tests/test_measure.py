@@ -5,6 +5,7 @@ No test asserts a timing: clocks are fake wherever a number is checked.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -245,7 +246,7 @@ def test_impossible_conditions_are_user_errors():
             cond.check()
 
 
-def test_results_files_are_named_by_conditions_and_appended(tmp_path):
+def test_results_files_are_named_by_conditions_and_appended(tmp_path, monkeypatch):
     bm = sources.from_registry("cifar_resnet20", [0.25, 0.5])
     cond = bench.Conditions(device="cpu", resolution=16, iters=2, warmup=0)
     rows = bench.run(bm, cond, [1], clock=FakeClock([TICK, 2 * TICK, 3 * TICK, 4 * TICK]))
@@ -264,6 +265,21 @@ def test_results_files_are_named_by_conditions_and_appended(tmp_path):
     assert len(lines) == 4 and lines[0].startswith("kind,model,width,source,batch_size")
     png = bench.plot_vs_macs(rows, tmp_path / "plot.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A full disk while replacing the plot truncated the earlier one (written in place).
+    before = png.read_bytes()
+
+    def fills_the_disk(fig, fname, **kwargs):
+        with (open(fname, "wb") if isinstance(fname, (str, os.PathLike)) else
+              contextlib.nullcontext(fname)) as f:
+            f.write(b"\x89PNG partial")
+        raise OSError(28, "No space left on device")
+    from matplotlib.figure import Figure
+    monkeypatch.setattr(Figure, "savefig", fills_the_disk)
+    with pytest.raises(bench.BenchError, match=rf"^{re.escape(str(png))}: cannot write "
+                                               rf"\(No space left on device\)$"):
+        bench.plot_vs_macs(rows, png)
+    assert png.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -14,8 +14,9 @@ unchanged file.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import IO, Callable, Sequence
 
+from .literature import CompareError
 from .pareto import pareto_front
 from .points import LITERATURE, MEASURED, PRUNED, THIN, USER, Point
 
@@ -58,9 +59,26 @@ def _save(fig, stem: Path) -> list[Path]:
     stem.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     png, svg = stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".svg")
-    fig.savefig(png, dpi=110)
-    fig.savefig(svg, metadata={"Date": None})
+    write_replacing(png, lambda f: fig.savefig(f, format="png", dpi=110))
+    write_replacing(svg, lambda f: fig.savefig(f, format="svg", metadata={"Date": None}))
     return [png, svg]
+
+
+def write_replacing(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """`write(f)` to `path` through a temporary file renamed over it
+    (`checkpoint.write_atomic`): a failed write (a full disk) leaves the earlier file whole,
+    where writing in place left a truncated plot or table.
+
+    Raises:
+        CompareError: `path` cannot be written; names it.
+    """
+    from ..engine.checkpoint import write_atomic
+
+    try:
+        write_atomic(path, write)
+    except OSError as e:
+        raise CompareError(f"{path}: cannot write ({e.strerror or e}); the file is as it "
+                           f"was") from None
 
 
 def _literature(ax, points: list[Point], xy: Callable[[Point], tuple[float, float] | None]

@@ -17,6 +17,7 @@ Files written to `out_dir` (`name` = the benchmark, or "compare"):
 from __future__ import annotations
 
 import csv
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,11 +224,16 @@ def _inert(value: Any) -> Any:
 
 
 def write_csv(c: Comparison, path: Path) -> None:
-    with open(path, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        for r in c.rows:
-            writer.writerow({k: "" if r[k] is None else _inert(r[k]) for k in COLUMNS})
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=COLUMNS)
+    writer.writeheader()
+    for r in c.rows:
+        writer.writerow({k: "" if r[k] is None else _inert(r[k]) for k in COLUMNS})
+    plots.write_replacing(path, lambda f: f.write(_utf8(text.getvalue())))
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", errors="backslashreplace")
 
 
 def _reference(c: Comparison, x: str) -> list[tuple[str, float]]:
@@ -261,17 +267,26 @@ def write_outputs(c: Comparison, out_dir: str | Path, name: str | None = None) -
     """Write the plots (PNG + SVG) and the tables into `out_dir`; returns the written paths.
 
     Raises:
-        CompareError: `name` is not a plain file-name stem (`check_name`), or `out_dir`
-            cannot be created or written (names the folder and the reason).
+        CompareError: `name` is not a plain file-name stem (`check_name`), `out_dir` cannot
+            be created, or a file cannot be written (names it and the reason; the files
+            written before it are the new comparison's, the others as they were).
     """
     if name is not None:
         check_name(name)
+    from ..engine.checkpoint import folder_locked
+
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        return _write_outputs(c, out, name)
     except OSError as e:
         raise CompareError(f"{out}: cannot write the comparison ({e.strerror or e})") from None
+    # Two comparisons into one folder at once left one's plots beside the other's tables.
+    with folder_locked(out):
+        try:
+            return _write_outputs(c, out, name)
+        except OSError as e:  # the stale latency plot's removal
+            raise CompareError(f"{out}: cannot write the comparison ({e.strerror or e})"
+                               ) from None
 
 
 def _write_outputs(c: Comparison, out: Path, name: str | None) -> list[Path]:
@@ -301,6 +316,6 @@ def _write_outputs(c: Comparison, out: Path, name: str | None) -> list[Path]:
                                       f"to its own baseline", subtitle=thin_note,
                                 reference=_reference(c, "reduction"))
     md, table = out / f"{name}-table.md", out / f"{name}-table.csv"
-    md.write_text(markdown(c), encoding="utf-8", errors="backslashreplace")
+    plots.write_replacing(md, lambda f: f.write(_utf8(markdown(c))))
     write_csv(c, table)
     return written + [md, table]

@@ -543,7 +543,9 @@ def plot_vs_macs(rows: list[dict[str, Any]], path: str | Path) -> Path:
     path = Path(path)
     with _writing(path):
         try:
-            fig.savefig(path, dpi=110)
+            # A temporary file renamed over the plot: a full disk truncated the earlier one.
+            write_atomic(path, lambda f: fig.savefig(f, format=path.suffix[1:] or None,
+                                                     dpi=110))
         except ValueError as e:  # a suffix matplotlib has no writer for
             raise BenchError(f"{path}: cannot write ({first_line(e)})") from None
     return path
