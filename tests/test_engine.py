@@ -747,6 +747,27 @@ def test_a_failed_metrics_write_is_one_line_and_keeps_the_checkpoint(data_root, 
     assert ckpt.load(tmp_path / "full" / "checkpoints" / "last.pt")["train_state"]["epoch"] == 1
 
 
+def test_a_full_disk_at_the_first_metrics_line_says_so_and_leaves_no_folder(data_root, tmp_path,
+                                                                            monkeypatch):
+    """It said last.pt "is gone (was the run directory removed?)" of a run that had written
+    none, and left the folder (config.yaml, an empty metrics.jsonl) at every try."""
+    real_open = open
+
+    def full_disk(path, mode="r", *a, **k):
+        if str(path).endswith("metrics.jsonl") and "a" in mode:
+            real_open(path, mode, *a, **k).close()  # the append creates the file, then fails
+            raise OSError(28, "No space left on device")
+        return real_open(path, mode, *a, **k)
+
+    monkeypatch.setattr(loop, "open", full_disk, raising=False)
+    with pytest.raises(TrainingError, match=r"cannot write .*metrics.jsonl after epoch 1 \(No "
+                                            r"space left on device\); no checkpoint was written "
+                                            r"yet$"):
+        train(_cfg(data_root, tmp_path, "--schedule.epochs=2", "--schedule.warmup_epochs=0",
+                   "--model.width=0.25", "--train.max_steps=2"))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_loose_checkpoint_has_no_run_directory(tmp_path):
     run = _fake_run(tmp_path, "r")
     assert rundir.run_dir_of(run / "checkpoints" / "last.pt") == run

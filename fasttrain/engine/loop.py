@@ -837,7 +837,8 @@ def _train(cfg: Config, dist: distributed.DistInfo, report: Reporter, recipe: st
             except OSError as e:  # a full disk meets this write first at the default settings
                 last = run_dir / CHECKPOINTS / LAST
                 kept = (f"; the previous checkpoint {last} is intact" if last.exists() else
-                        f"; {last} is gone (was the run directory removed?)")
+                        "; no checkpoint was written yet" if last.parent.is_dir() else
+                        f"; {last.parent} is gone (was the run directory removed?)")
                 raise TrainingError(f"cannot write {run_dir / 'metrics.jsonl'} after epoch "
                                     f"{epoch + 1} ({e.strerror or e}){kept}") from None
             if writer is not None:

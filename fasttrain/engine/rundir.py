@@ -72,9 +72,14 @@ def discard_unused_run_dir(run: Path) -> None:
     folder holding metrics or checkpoints is left alone, as is any file fasttrain did not
     write there: event files older than the run's config.yaml (which it writes before its
     event file: a `--log.name` folder's earlier ones, also when a torchrun restart discards
-    the first attempt's folder) and whatever lies behind a symbolic link."""
-    if (run / "metrics.jsonl").exists() or any((run / CHECKPOINTS).glob("*")):
+    the first attempt's folder) and whatever lies behind a symbolic link. An empty
+    metrics.jsonl (a full disk at the first epoch's line) is nothing of value."""
+    metrics = run / "metrics.jsonl"
+    if any((run / CHECKPOINTS).glob("*")):
         return
+    if metrics.is_symlink() or metrics.exists() and metrics.stat().st_size > 0:
+        return
+    metrics.unlink(missing_ok=True)
     config = run / "config.yaml"
     try:
         written = config.stat().st_mtime_ns
