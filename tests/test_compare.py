@@ -553,6 +553,18 @@ def test_a_run_cut_inside_an_epoch_is_compared_by_its_last_complete_one(tmp_path
     assert point_from_run(run, warnings).top1 == 5.0
     assert "its partial epoch's top-1 is all there is" in warnings[0]
     assert warnings[1].startswith(f"{run}: trained 0 of its 3 epochs")
+    # A full disk cut the third line short: compare refused the run ("not a metrics line"),
+    # which still has two complete epochs and their checkpoint.
+    (run / "metrics.jsonl").write_text(
+        json.dumps({"epoch": 1, "val_top1": 50.0}) + "\n"
+        + json.dumps({"epoch": 2, "val_top1": 60.0}) + "\n" + '{"epoch": 3, "val_to')
+    warnings = []
+    assert point_from_run(run, warnings).top1 == 60.0
+    assert warnings[0] == (f"{run / 'metrics.jsonl'}: its last line is cut short (a write "
+                           f"stopped by a crash or a full disk): passed over")
+    # a complete line without its newline is a line
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 3, "val_top1": 70.0}))
+    assert point_from_run(run, []).top1 == 70.0
 
 
 def test_bad_points_file_and_run_directory_exit_2(tmp_path, capsys):

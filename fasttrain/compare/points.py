@@ -95,14 +95,24 @@ def _not_utf8(path: Path, e: UnicodeDecodeError) -> CompareError:
 def _last_metrics(run: Path, warnings: list[str] | None = None) -> dict[str, Any]:
     """The last complete epoch's metrics line; a last line of an epoch cut inside
     (`train.max_steps`: it holds `epoch_step`) is passed over with a warning (taken, with one,
-    when it is the only line)."""
+    when it is the only line), and so is a last line cut short (no newline, no JSON: a write
+    that a crash or a full disk stopped, which `--resume auto` trims)."""
     path = run / "metrics.jsonl"
     try:
-        lines = [l for l in path.read_text().splitlines() if l.strip()]
+        text = path.read_text()
     except OSError:
         raise CompareError(f"{run}: no metrics.jsonl (has the run finished an epoch?)") from None
     except UnicodeDecodeError as e:
         raise _not_utf8(path, e) from None
+    lines = [l for l in text.splitlines() if l.strip()]
+    if lines and not text.endswith("\n"):
+        try:
+            json.loads(lines[-1])
+        except ValueError:
+            lines.pop()
+            if warnings is not None:
+                warnings.append(f"{path}: its last line is cut short (a write stopped by a "
+                                f"crash or a full disk): passed over")
     if not lines:
         raise CompareError(f"{path}: no finished epoch")
     number = len(lines)
