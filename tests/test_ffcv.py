@@ -7,12 +7,14 @@ loaders are module fixtures. The tiny CIFAR-10 set is position-coded: red = 8 * 
 8 * row, blue = the sample id, label = id % 10, stored raw, so a crop's source, box and flip can
 be read back from its pixels.
 """
+import functools
 import json
 import math
 import multiprocessing
 import os
 import pickle
 import random
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -265,27 +267,36 @@ def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch, cifar):
     assert not (out / "train.beton").exists()
 
 
-def test_a_writer_process_that_dies_ends_the_write_with_one_error(tmp_path, monkeypatch, cifar):
-    """A full disk ends an FFCV writer process before it reports; DatasetWriter then waited for
-    it forever (the tool sat at 100 % until killed, its temporary file left behind)."""
-    import multiprocessing
+def _disk_full():
+    raise OSError(28, "No space left on device", "/data/val.beton")
 
+
+@pytest.mark.parametrize("dies, why", [
+    (functools.partial(os._exit, 1), "exit code 1; its error is above: a full disk?"),
+    (_disk_full, "No space left on device: /data/val.beton")])
+def test_a_writer_process_that_dies_ends_the_write_with_one_error(tmp_path, monkeypatch, cifar,
+                                                                  capfd, dies, why):
+    """A full disk ends an FFCV writer process before it reports; DatasetWriter then waited for
+    it forever (the tool sat at 100 % until killed, its temporary file left behind). A
+    process's OSError is said in that one line, where its 15-line traceback came first."""
     data = DataConfig(dataset="cifar10", path=str(cifar), download=False)
     out = tmp_path / "out"
     write_beton(data, out, write_mode="raw", num_workers=1, splits=("val",))
     before = (out / "val.beton").read_bytes()
 
     def dies_while_waited_for(self, *args, **kwargs):
-        worker = ffcv.writer.Process(target=os._exit, args=(1,))  # as FFCV starts them
+        worker = ffcv.writer.Process(target=dies)  # as FFCV starts them
         worker.start()
         multiprocessing.Queue().get(timeout=60)  # as FFCV's wait for its allocations
         pytest.fail("the wait was not ended")
 
     monkeypatch.setattr(ffcv.writer.DatasetWriter, "from_indexed_dataset", dies_while_waited_for)
-    with pytest.raises(DatasetError, match=r"val.beton: an FFCV writer process failed \(exit "
-                                           r"code 1; its error is above: a full disk\?\); no "
-                                           r"file was replaced"):
+    capfd.readouterr()
+    with pytest.raises(DatasetError, match=rf"val.beton: an FFCV writer process failed "
+                                           rf"\({re.escape(why)}\); no file was replaced$"):
         write_beton(data, out, write_mode="raw", num_workers=1, splits=("val",), overwrite=True)
+    if dies is _disk_full:
+        assert "Traceback" not in capfd.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["val.beton", "val.beton.json"]
     assert (out / "val.beton").read_bytes() == before
 
@@ -299,6 +310,60 @@ def test_the_writer_process_class_pickles_for_spawn_and_forkserver():
         assert process_class is not multiprocessing.Process
         assert pickle.loads(pickle.dumps(process_class)) is process_class
     assert ffcv.writer.Process is multiprocessing.Process
+
+
+def test_two_writers_into_one_folder_take_turns_so_the_settings_check_holds(tmp_path, cifar,
+                                                                           monkeypatch):
+    """Two writes with other settings started together both passed the check and the last to
+    finish replaced the other's files (5 of 5 tries). A waits inside its write until B has
+    written too (no lock) or waits for A's lock; then B meets A's files and is refused."""
+    import threading
+
+    from fasttrain.engine import checkpoint
+
+    data = DataConfig(dataset="cifar10", path=str(cifar), download=False)
+    out = tmp_path / "out"
+    a_writes, b_wrote, b_waits = threading.Event(), threading.Event(), threading.Event()
+    real_split, real_lock = ffcv_loader._write_split, checkpoint.lock_folder
+
+    def write_split(*args, **kwargs):
+        if threading.current_thread().name == "A":
+            a_writes.set()
+            for _ in range(300):
+                if b_wrote.is_set() or b_waits.is_set():
+                    break
+                threading.Event().wait(0.1)
+        result = real_split(*args, **kwargs)
+        if threading.current_thread().name == "B":
+            b_wrote.set()
+        return result
+
+    def lock_folder(folder, *, wait):
+        if wait and threading.current_thread().name == "B":
+            b_waits.set()
+        return real_lock(folder, wait=wait)
+
+    monkeypatch.setattr(ffcv_loader, "_write_split", write_split)
+    monkeypatch.setattr(checkpoint, "lock_folder", lock_folder)
+    outcomes = {}
+
+    def write(quality):
+        try:
+            write_beton(data, out, write_mode="jpg", jpeg_quality=quality, num_workers=1,
+                        splits=("val",))
+            outcomes[quality] = "written"
+        except DatasetError as e:
+            outcomes[quality] = str(e)
+
+    a = threading.Thread(target=write, args=(90,), name="A")
+    a.start()
+    assert a_writes.wait(60)
+    b = threading.Thread(target=write, args=(50,), name="B")
+    b.start()
+    a.join(120)
+    b.join(120)
+    assert outcomes[90] == "written" and "other settings" in outcomes[50], outcomes
+    assert json.loads((out / "val.beton.json").read_text())["jpeg_quality"] == 90
 
 
 def test_files_written_with_other_settings_are_replaced_only_on_request(tmp_path, cifar,

@@ -571,9 +571,9 @@ def _write_split(ff: SimpleNamespace, dataset, target: Path, params: dict[str, A
             with _writer_watchdog(sys.modules[type(writer).__module__]):
                 writer.from_indexed_dataset(source, chunksize=params["chunk_size"])
         except _WriterDied as e:
-            raise DatasetError(f"{target}: an FFCV writer process failed (exit code {e.code}; "
-                               f"its error is above: a full disk?); no file was replaced"
-                               ) from None
+            why = e.reason or f"exit code {e.code}; its error is above: a full disk?"
+            raise DatasetError(f"{target}: an FFCV writer process failed ({why}); no file was "
+                               f"replaced") from None
         reader = ff.Reader(str(tmp))
         labels = reader.metadata[f"f{reader.field_names.index('label')}"]
         skipped = [_skip_reason(source, int(i)) for i in np.flatnonzero(labels < 0)]
@@ -609,11 +609,12 @@ def _write_split(ff: SimpleNamespace, dataset, target: Path, params: dict[str, A
 
 
 class _WriterDied(Exception):
-    """An FFCV writer process ended with an error (its exit code in `code`)."""
+    """An FFCV writer process ended with an error (its exit code in `code`; `reason`: its
+    OSError in one line, "" when it printed a traceback)."""
 
-    def __init__(self, code: int):
-        super().__init__(code)
-        self.code = code
+    def __init__(self, code: int, reason: str = ""):
+        super().__init__(code, reason)
+        self.code, self.reason = code, reason
 
 
 class _WatchedWriter(multiprocessing.Process):
@@ -622,8 +623,10 @@ class _WatchedWriter(multiprocessing.Process):
     >= 3.14 on Linux) pickle the process object, and a class local to a function cannot be."""
 
     started: list[multiprocessing.Process] = []  # the parent's, since the last watchdog began
+    errors: Any = None  # the watchdog's SimpleQueue of the processes' one-line OSErrors
 
     def start(self) -> None:
+        self._errors = _WatchedWriter.errors  # travels with the process object
         super().start()
         _WatchedWriter.started.append(self)
 
@@ -631,7 +634,13 @@ class _WatchedWriter(multiprocessing.Process):
         # Forked with the tool's SIGTERM-as-Ctrl-C handler: the clean-up's terminate()
         # would print a KeyboardInterrupt traceback per process.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        super().run()
+        try:
+            super().run()
+        except OSError as e:  # a full disk: the parent's one line says it, not a traceback
+            if self._errors is None:
+                raise
+            self._errors.put(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}")
+            sys.exit(1)
 
 
 @contextlib.contextmanager
@@ -648,9 +657,10 @@ def _writer_watchdog(writer_module):
         return
     started = _WatchedWriter.started
     started.clear()
+    errors = _WatchedWriter.errors = multiprocessing.SimpleQueue()
     real = writer_module.Process
 
-    failed: list[int] = []
+    failed: list[_WriterDied] = []
     stop = threading.Event()
     main = threading.main_thread().ident
 
@@ -658,12 +668,12 @@ def _writer_watchdog(writer_module):
         while not stop.wait(0.2):
             bad = [p.exitcode for p in list(started) if p.exitcode not in (None, 0)]
             if bad:
-                failed.append(bad[0])
+                failed.append(_WriterDied(bad[0], "" if errors.empty() else errors.get()))
                 signal.pthread_kill(main, signal.SIGUSR1)
                 return
 
     def writer_died(signum, frame):
-        raise _WriterDied(failed[0] if failed else -1)
+        raise failed[0] if failed else _WriterDied(-1)
 
     previous = signal.signal(signal.SIGUSR1, writer_died)
     writer_module.Process = _WatchedWriter
@@ -676,6 +686,8 @@ def _writer_watchdog(writer_module):
         thread.join()
         writer_module.Process = real
         signal.signal(signal.SIGUSR1, previous)
+        _WatchedWriter.errors = None
+        errors.close()
 
 
 def _ffcv_version() -> str:
@@ -756,10 +768,22 @@ def write_beton(data: DataConfig, out: Path | str | None = None, *,
     params = dict(write_mode=write_mode, max_resolution=max_resolution,
                   jpeg_quality=jpeg_quality, compress_probability=compress_probability,
                   smart_threshold=smart_threshold, chunk_size=chunk_size)
+    from ..engine.checkpoint import folder_locked  # here: the engine imports this package
+
+    # From the settings check to the publishing, one writer at a time: two started together
+    # both passed the check and the last to finish replaced the other's files silently.
+    with folder_locked(out):
+        return _write_splits(ff, data, out, params, splits, overwrite,
+                             num_workers or usable_cores(), (train, val, classes, root))
+
+
+def _write_splits(ff: SimpleNamespace, data: DataConfig, out: Path, params: dict[str, Any],
+                  splits: Sequence[str], overwrite: bool, workers: int,
+                  datasets: tuple) -> list[WriteResult]:
+    train, val, classes, root = datasets
     if not overwrite:
         for split in splits:
             _refuse_other_settings(out / f"{split}.beton", params)
-    workers = num_workers or usable_cores()
     written: list[_Written] = []
     try:
         for split in splits:
