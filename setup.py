@@ -4,6 +4,8 @@ Besides the Python package this builds the `fasttrain` operator libraries (csrc/
 fasttrain/ops/ and loaded by fasttrain/ops/_ext.py:
 
 - fasttrain/ops/_C       schemas + CPU kernels: always built (needs torch at build time);
+                         multithreaded with OpenMP where the C++ compiler takes -fopenmp
+                         (Apple clang does not: then single-threaded);
 - fasttrain/ops/_C_cuda  CUDA kernels: built when `nvcc` and a CUDA build of torch are present;
 - fasttrain/data/_jpeg   region JPEG decoding (plain C, ctypes API): built when libjpeg-turbo's
                          development files are present (Debian: libjpeg62-turbo-dev).
@@ -206,6 +208,33 @@ def decide_jpeg() -> tuple[bool, str]:
     return False, why
 
 
+def decide_openmp() -> tuple[bool, str]:
+    """(compile and link fasttrain/ops/_C with -fopenmp?, why): builds a probe with the flag,
+    with the C++ compiler torch's build runs (CXX, else c++). Apple clang has no -fopenmp
+    ("unsupported option"), which failed the whole install on macOS; without the flag
+    at::parallel_for's OpenMP pragma is never compiled in and its loop runs in the calling thread,
+    same results (the CPU kernels merge their chunks in a fixed order), one core."""
+    import shlex
+    import tempfile
+    from torch.utils.cpp_extension import get_cxx_compiler
+    cxx = shlex.split(get_cxx_compiler())
+    probe = ("int main() {\n  int s = 0;\n#pragma omp parallel for reduction(+ : s)\n"
+             "  for (int i = 0; i < 4; ++i) s += i;\n  return s != 6;\n}\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "probe.cpp"
+        src.write_text(probe)
+        try:
+            result = subprocess.run(cxx + ["-fopenmp", str(src), "-o", str(Path(tmp) / "probe")],
+                                    capture_output=True, text=True)
+            ok, detail = result.returncode == 0, (result.stderr.strip().splitlines() or [""])[0]
+        except OSError as e:  # no such compiler: the build itself will say so
+            ok, detail = False, str(e)
+    if ok:
+        return True, f"{shlex.join(cxx)} accepts -fopenmp"
+    return False, (f"{shlex.join(cxx)} cannot build with -fopenmp ({detail}): at::parallel_for "
+                   f"runs on one thread")
+
+
 def write_build_info(info: dict) -> None:
     """build/generated/fasttrain_build_info.h: the build's decisions, compiled into _C."""
     GENERATED.mkdir(parents=True, exist_ok=True)
@@ -224,6 +253,7 @@ def extensions() -> tuple[list, dict]:
         return [], {}
     cuda, why, nvcc = decide_cuda(torch)
     jpeg, jpeg_why = decide_jpeg()
+    openmp, openmp_why = decide_openmp()
     arch_list, targets, stale = None, None, []
     if cuda:
         os.environ.setdefault("CUDA_HOME", str(toolkit_root(nvcc)))
@@ -239,17 +269,18 @@ def extensions() -> tuple[list, dict]:
 
     write_build_info({"cuda": cuda, "cuda_reason": why, "arch_list": arch_list,
                       "cuda_sm": targets and targets["sm"], "cuda_ptx": targets and targets["ptx"],
-                      "jpeg": jpeg,
+                      "jpeg": jpeg, "openmp": openmp,
                       "torch": torch.__version__, "torch_cuda": torch.version.cuda,
                       "sources_sha256": sources_sha256(CSRC)})
     headers = [str(p.relative_to(ROOT)) for p in sorted(CSRC.rglob("*.h"))]
+    openmp_flag = ["-fopenmp"] if openmp else []
     exts = [CppExtension(
         "fasttrain.ops._C", ["csrc/fasttrain.cpp", "csrc/cpu/bn_relu_cpu.cpp",
                              "csrc/cpu/resize_u8.cpp"],
         include_dirs=[str(CSRC), str(GENERATED)],
         depends=headers + [str(GENERATED / "fasttrain_build_info.h")],
         # at::parallel_for is OpenMP in inline headers: without -fopenmp it runs serially.
-        extra_compile_args={"cxx": ["-O3", "-fopenmp"]}, extra_link_args=["-fopenmp"])]
+        extra_compile_args={"cxx": ["-O3", *openmp_flag]}, extra_link_args=openmp_flag)]
     if jpeg:
         from setuptools import Extension
         exts.append(Extension("fasttrain.data._jpeg", ["csrc/jpeg/jpeg_region.c"],
@@ -262,7 +293,8 @@ def extensions() -> tuple[list, dict]:
     bar = "=" * 78
     say(bar)
     say(f"torch {torch.__version__} (CUDA {torch.version.cuda})")
-    say("CPU library  fasttrain/ops/_C: yes")
+    say(f"CPU library  fasttrain/ops/_C: yes, {'with' if openmp else 'WITHOUT'} OpenMP "
+        f"({openmp_why})")
     say(f"JPEG library fasttrain/data/_jpeg: {'yes' if jpeg else 'NO'} ({jpeg_why})")
     if cuda:
         say(f"CUDA library fasttrain/ops/_C_cuda: yes, {why}")

@@ -131,6 +131,32 @@ def test_a_build_without_cuda_or_jpeg_removes_their_earlier_libraries(tmp_path, 
         in capsys.readouterr().err
 
 
+def test_a_compiler_without_openmp_builds_the_cpu_library_single_threaded(tmp_path,
+                                                                          monkeypatch, capsys):
+    """Apple clang has no -fopenmp: `pip install --no-build-isolation -e .` failed on macOS
+    ("clang: error: unsupported option '-fopenmp'") where _C builds fine without it."""
+    real = shutil.which("c++")
+    if real is None:
+        pytest.skip("needs a C++ compiler named c++")
+    clang = tmp_path / "clang++"  # Apple clang's answer to the flag, else the real compiler
+    clang.write_text('#!/bin/sh\nfor a in "$@"; do if [ "$a" = -fopenmp ]; then\n'
+                     '  echo "clang: error: unsupported option \'-fopenmp\'" >&2; exit 1\n'
+                     f'fi; done\nexec {real} "$@"\n')
+    clang.chmod(0o755)
+    monkeypatch.setenv("FASTTRAIN_CUDA", "0")
+    monkeypatch.setenv("FASTTRAIN_JPEG", "0")
+    extensions = _setup_functions(tmp_path)["extensions"]
+    flags = {}
+    for cxx in (real, str(clang)):
+        monkeypatch.setenv("CXX", cxx)  # the C++ compiler torch's build runs
+        (cpu,), _ = extensions()
+        flags[cxx] = cpu.extra_compile_args["cxx"], cpu.extra_link_args
+    assert flags == {real: (["-O3", "-fopenmp"], ["-fopenmp"]), str(clang): (["-O3"], [])}
+    assert (f"CPU library  fasttrain/ops/_C: yes, WITHOUT OpenMP ({clang} cannot build with "
+            f"-fopenmp (clang: error: unsupported option '-fopenmp'): at::parallel_for runs on "
+            f"one thread)") in capsys.readouterr().err
+
+
 def test_a_leftover_cuda_library_is_not_loaded():
     assert "left from an earlier build: this build skipped CUDA (FASTTRAIN_CUDA=0)" in \
         _ext.cuda_skip_reason({"cuda": False, "cuda_reason": "FASTTRAIN_CUDA=0"}, "13.0")
