@@ -239,6 +239,28 @@ def test_env_sh_refuses_an_unusable_python_and_clears_interrupted_venvs(tmp_path
         f"PYTHON=python3.11)")
 
 
+def test_env_sh_names_the_commands_it_lacks_before_any_work(tmp_path):
+    """Without flock (macOS) env.sh printed `flock: command not found`, then a false "waiting
+    for another set-up" line, then died with status 127."""
+    bin_dir = tmp_path / "bin"  # every command on a Debian PATH but flock
+    bin_dir.mkdir()
+    for folder in ("/usr/local/bin", "/usr/bin", "/bin"):
+        for tool in Path(folder).glob("*") if Path(folder).is_dir() else ():
+            if tool.name != "flock" and not (bin_dir / tool.name).exists():
+                (bin_dir / tool.name).symlink_to(tool)
+    (tmp_path / "cache").mkdir()
+    result = subprocess.run([shutil.which("bash") or "/bin/bash", str(ROOT / "tools" / "env.sh"),
+                             "true"], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PATH": str(bin_dir),
+                                 "FASTTRAIN_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "[env] error: not found: flock. tools/env.sh targets Linux (Debian/Ubuntu: GNU "
+        "coreutils, util-linux); elsewhere install torch, then fasttrain as README's "
+        "'Environment' says"]
+    assert not any((tmp_path / "cache").iterdir())  # no lock file, no venv
+
+
 def _fake_project(tmp_path: Path) -> tuple[Path, Path]:
     """A copy of tools/env.sh in a project of fake native libraries, and a cache whose finished
     venv's python runs `-m pip install` as a stand-in build (it logs FASTTRAIN_JPEG, fails when

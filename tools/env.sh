@@ -15,6 +15,21 @@
 # editable install names only the clone that installed last).
 set -euo pipefail
 
+log() { echo "[env] $*" >&2; }
+fail() { log "error: $*"; exit 1; }
+
+# This script targets Debian/Ubuntu Linux. Elsewhere (macOS: no flock, BSD realpath) a missing
+# command failed midway, after a false "waiting for another set-up" line: say so before any work.
+missing=""
+need() { missing="${missing:+$missing, }$1"; }
+command -v sha256sum >/dev/null 2>&1 || need sha256sum
+command -v flock >/dev/null 2>&1 || need flock
+realpath -m -- / >/dev/null 2>&1 || need "GNU realpath (-m)"
+if [ -n "$missing" ]; then
+  fail "not found: $missing. tools/env.sh targets Linux (Debian/Ubuntu: GNU coreutils," \
+    "util-linux); elsewhere install torch, then fasttrain as README's 'Environment' says"
+fi
+
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # A quoted '~/x' reaches here unexpanded: the home folder, as the Python side reads it.
 tilde() { case $1 in "~") echo "$HOME" ;; "~/"*) echo "$HOME/${1#"~/"}" ;; *) echo "$1" ;; esac; }
@@ -28,9 +43,6 @@ if [ -n "${FASTTRAIN_DATA:-}" ]; then
 fi
 key=$(sha256sum < "$repo/requirements.txt" | cut -c1-16)
 venv="$cache/venv-$key"
-
-log() { echo "[env] $*" >&2; }
-fail() { log "error: $*"; exit 1; }
 
 # One set-up at a time per venv (CI and a developer, or two shells, may start together). The
 # lock is never passed on to child processes (9>&- on each): a pip orphaned by a killed set-up
