@@ -170,13 +170,22 @@ def backend_cfg(root: Path, backend: str, workers: int, batch: int,
     return load(None, [f"--{k}={v}" for k, v in overrides.items()])
 
 
+def train_loader(cfg: Config):
+    """`cfg`'s training loader: uint8 channels-last batches (the layout training asks for, the
+    batches the model would get). Its DataLoader workers (torch backend) keep the C resize+flip
+    as `native_resize` sets it now, whatever the start method (`resize.pin_in_workers`)."""
+    train = build_loaders(cfg.data, cfg.aug, channels_last=True, dtype=torch.uint8).train
+    if isinstance(getattr(train, "loader", None), torch.utils.data.DataLoader):
+        resize.pin_in_workers(train.loader)
+    return train
+
+
 def fasttrain_loader(cfg: Config, epochs: int) -> float:
-    # Channels-last: the layout training asks for (the batches the model would get).
-    loaders = build_loaders(cfg.data, cfg.aug, channels_last=True, dtype=torch.uint8)
+    train = train_loader(cfg)
 
     def epoch_iter(epoch: int):
-        loaders.train.set_epoch(epoch)
-        return loaders.train
+        train.set_epoch(epoch)
+        return train
 
     return _time_epochs(epoch_iter, epochs, cfg.data.batch_size)
 
@@ -184,7 +193,8 @@ def fasttrain_loader(cfg: Config, epochs: int) -> float:
 @contextmanager
 def native_resize(on: bool) -> Iterator[None]:
     """fasttrain's C resize+flip (`resize.AVAILABLE`) left on, or off as in a build without it,
-    for loaders built and iterated inside the block (their workers fork inside it)."""
+    in this process (where DALI's batches are resized) and in the workers of loaders that
+    `train_loader` builds inside the block."""
     kept = resize.AVAILABLE
     resize.AVAILABLE = kept and on
     try:

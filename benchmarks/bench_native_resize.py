@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _args import check_out, fail, write_json  # noqa: E402
-from bench_loaders import backend_cfg, make_bench_set, native_resize  # noqa: E402
+from bench_loaders import backend_cfg, make_bench_set, native_resize, train_loader  # noqa: E402
 from fasttrain.cli import ArgumentParser, int_at_least  # noqa: E402
 from fasttrain.data import build_loaders, resize  # noqa: E402
 from fasttrain.data.datasets import default_root  # noqa: E402
@@ -130,9 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = backend_cfg(root, name, args.workers, BATCH)
         loaders = {}
         for native in (True, False):
-            with native_resize(native):  # torch's workers fork here, keeping the setting
-                loaders[native] = build_loaders(cfg.data, cfg.aug, channels_last=True,
-                                                dtype=torch.uint8).train
+            with native_resize(native):  # kept by torch's workers, however they start
+                loaders[native] = train_loader(cfg)
             timed_epoch(loaders[native], 0, native)  # warm-up: workers, page cache
         runs: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
         for round_ in range(args.rounds):

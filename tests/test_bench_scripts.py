@@ -277,3 +277,43 @@ def test_gpu_checklist_cuda_step_options_exist_in_the_pinned_pytest(tmp_path):
                           timeout=300)
     assert done.returncode in (0, 5), done.stderr[-2000:]  # 5: every test deselected
     assert "cuda" in done.stdout
+
+
+class _Available(torch.utils.data.Dataset):
+    """One sample: `resize.AVAILABLE` as the worker process that loads it sees it."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> bool:
+        from fasttrain.data import resize
+        return resize.AVAILABLE
+
+
+def test_the_torch_ops_arm_switches_the_c_resize_off_in_spawned_workers(monkeypatch):
+    """bench_loaders' torch-ops row (and bench_native_resize's torch's-ops arm) switched the C
+    resize off in the parent only: spawned workers (macOS, Linux from Python 3.14) used it."""
+    from types import SimpleNamespace
+    bench = load_bench("bench_loaders")
+
+    class Train:  # the torch backend's loader, its dataset replaced by the probe
+        def __init__(self) -> None:
+            self.loader = torch.utils.data.DataLoader(
+                _Available(), batch_size=None, num_workers=1, persistent_workers=True,
+                multiprocessing_context="spawn")
+            self.seen: list[bool] = []
+
+        def set_epoch(self, epoch: int) -> None:
+            pass
+
+        def __iter__(self):
+            for available in self.loader:
+                self.seen.append(available)
+                yield torch.zeros(1), None
+
+    train = Train()
+    monkeypatch.setattr(bench, "build_loaders", lambda *a, **k: SimpleNamespace(train=train))
+    cfg = SimpleNamespace(data=SimpleNamespace(batch_size=1), aug=None)
+    with bench.native_resize(False):
+        bench.fasttrain_loader(cfg, epochs=1)
+    assert train.seen == [False, False]  # warm-up and timed epoch

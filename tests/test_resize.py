@@ -131,3 +131,25 @@ def test_the_c_function_refuses_bad_arguments_without_raising():
     assert fn(0, 4, 4, 12, out.data_ptr(), 8, 8, 0) == -1  # null source
     assert fn(image.data_ptr(), 4, 4, 11, out.data_ptr(), 8, 8, 0) == -1  # rows overlap
     assert fn(image.data_ptr(), 4, 4, 12, out.data_ptr(), 0, 8, 1) == -1
+
+
+class _Available(torch.utils.data.Dataset):
+    """One sample: `resize.AVAILABLE` as the worker process that loads it sees it."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> bool:
+        return resize.AVAILABLE
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_switching_the_function_off_reaches_workers_of_every_start_method(monkeypatch, method):
+    """The benchmarks' torch's-ops arms switched the function off in their own process only:
+    spawned and forkserver workers (macOS, Linux from Python 3.14) re-imported this module, saw
+    True and timed the C function under the other arm's name."""
+    monkeypatch.setattr(resize, "AVAILABLE", False)
+    loader = torch.utils.data.DataLoader(_Available(), batch_size=None, num_workers=1,
+                                         multiprocessing_context=method)
+    resize.pin_in_workers(loader)
+    assert list(loader) == [False]

@@ -11,12 +11,13 @@ dispatch and an allocation each. Its reference twin is `transforms.resize_square
 (torchvision's `resize(..., antialias=True)` and `horizontal_flip`).
 
 Without the library, `AVAILABLE` is False (`LOAD_ERROR` says why): FFCV keeps its own resize and
-the Python loaders torch's ops.
+the Python loaders torch's ops. Setting it False switches the function off in this process (the
+benchmarks' torch's-ops arms); `pin_in_workers` carries that to a DataLoader's workers.
 """
 from __future__ import annotations
 
 import ctypes
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -115,6 +116,31 @@ def resize_into(out: torch.Tensor, sources: Sequence[tuple[int, int, int, int]],
             raise RuntimeError(f"{_SYMBOL} failed on source {i} ({h}x{w}, row stride "
                                f"{row_stride})")
     return out
+
+
+def pin_in_workers(loader: torch.utils.data.DataLoader) -> None:
+    """Makes the worker processes `loader` starts see `AVAILABLE` as it is in this process now.
+
+    Forked workers inherit the module as it is, but spawned ones (macOS; any loader with
+    multiprocessing_context="spawn") import it afresh, and forkserver ones (Linux from Python
+    3.14) fork from a server that imported it, with the environment it had, when it started:
+    both see whether the library loaded, so switching the function off here did not reach them.
+    The value travels in the loader's worker_init_fn, which every start method pickles."""
+    loader.worker_init_fn = _SetAvailable(AVAILABLE, loader.worker_init_fn)
+
+
+class _SetAvailable:
+    """A DataLoader worker_init_fn: `AVAILABLE` switched off in the worker unless `available`,
+    then the loader's own `then`. A module-level class: spawn and forkserver pickle it."""
+
+    def __init__(self, available: bool, then: Callable[[int], None] | None) -> None:
+        self.available, self.then = available, then
+
+    def __call__(self, worker_id: int) -> None:
+        global AVAILABLE
+        AVAILABLE = AVAILABLE and self.available  # never on where the library did not load
+        if self.then is not None:
+            self.then(worker_id)
 
 
 def numba_resizer() -> ctypes._CFuncPtr:
