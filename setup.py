@@ -253,7 +253,6 @@ def extensions() -> tuple[list, dict]:
         return [], {}
     cuda, why, nvcc = decide_cuda(torch)
     jpeg, jpeg_why = decide_jpeg()
-    openmp, openmp_why = decide_openmp()
     arch_list, targets, stale = None, None, []
     if cuda:
         os.environ.setdefault("CUDA_HOME", str(toolkit_root(nvcc)))
@@ -264,8 +263,11 @@ def extensions() -> tuple[list, dict]:
         stale.append(("fasttrain/ops/_C_cuda*.so", why))
     if not jpeg:
         stale.append(("fasttrain/data/_jpeg*.so", jpeg_why))
-    # Imported only now: torch.utils.cpp_extension reads CUDA_HOME at import time.
+    # Imported only now: torch.utils.cpp_extension reads CUDA_HOME at import time (importing it
+    # earlier linked against the toolkit torch guessed: /usr/local for a wrapper
+    # /usr/local/bin/nvcc, "cannot find -lcudart"). Whatever imports it runs after this line.
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    openmp, openmp_why = decide_openmp()
 
     write_build_info({"cuda": cuda, "cuda_reason": why, "arch_list": arch_list,
                       "cuda_sm": targets and targets["sm"], "cuda_ptx": targets and targets["ptx"],

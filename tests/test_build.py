@@ -157,6 +157,35 @@ def test_a_compiler_without_openmp_builds_the_cpu_library_single_threaded(tmp_pa
             f"one thread)") in capsys.readouterr().err
 
 
+def test_the_cuda_library_links_against_the_toolkit_of_a_wrapper_nvcc(tmp_path):
+    """A wrapper script /usr/local/bin/nvcc (exec-ing the toolkit's nvcc) made torch guess
+    CUDA_HOME=/usr/local when torch.utils.cpp_extension was imported before setup.py set
+    CUDA_HOME (the OpenMP probe did): the link then failed with "cannot find -lcudart"."""
+    real = shutil.which("nvcc")
+    if real is None or torch.version.cuda is None:
+        pytest.skip("needs nvcc on PATH and a CUDA build of torch")
+    bin_dir = tmp_path / "wrapper" / "bin"  # torch's guess would be tmp_path/wrapper
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "nvcc").write_text(f'#!/bin/sh\nexec {real} "$@"\n')
+    (bin_dir / "nvcc").chmod(0o755)
+    script = ("import sys\n"
+              "text = open(sys.argv[1]).read().split('ext_modules, cmdclass = extensions()')[0]\n"
+              "ns = {'__file__': sys.argv[2], '__name__': 'setup_under_test'}\n"
+              "exec(compile(text, sys.argv[1], 'exec'), ns)\n"
+              "ns['extensions']()\n"  # then the toolkit torch's build links against:
+              "import torch.utils.cpp_extension as ext\nprint(ext.CUDA_HOME)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "CUDA_PATH")}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", FASTTRAIN_CUDA="1",
+               FASTTRAIN_JPEG="0")
+    result = subprocess.run([sys.executable, "-c", script, str(ROOT / "setup.py"),
+                             str(tmp_path / "setup.py")], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    home = Path(result.stdout.strip().splitlines()[-1])
+    assert (home / "include" / "cuda_runtime.h").exists(), (home, result.stderr)
+    assert home != tmp_path / "wrapper"
+
+
 def test_a_leftover_cuda_library_is_not_loaded():
     assert "left from an earlier build: this build skipped CUDA (FASTTRAIN_CUDA=0)" in \
         _ext.cuda_skip_reason({"cuda": False, "cuda_reason": "FASTTRAIN_CUDA=0"}, "13.0")
