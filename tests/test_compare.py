@@ -567,6 +567,31 @@ def test_a_run_cut_inside_an_epoch_is_compared_by_its_last_complete_one(tmp_path
     assert point_from_run(run, []).top1 == 70.0
 
 
+def test_runs_of_one_architecture_are_counted_once(tmp_path, monkeypatch):
+    """Every run's model was built and its MACs traced again (~0.6 s a ResNet-50 run): a sweep
+    of seeds spent most of a comparison recounting the same network."""
+    import fasttrain.measure
+    from fasttrain.compare import points as points_mod
+
+    counted, real = [], fasttrain.measure.count_macs
+    monkeypatch.setattr(points_mod, "_COUNTS", {}, raising=False)
+    monkeypatch.setattr(fasttrain.measure, "count_macs",
+                        lambda model, res: counted.append(res) or real(model, res))
+    found = []
+    for name, width, res in (("a", 0.25, 16), ("b", 0.25, 16), ("c", 0.5, 16), ("d", 0.25, 24)):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.yaml").write_text(f"model: {{name: cifar_resnet20, num_classes: 10, "
+                                         f"width: {width}, init_from: ''}}\n"
+                                         f"data: {{val_res: {res}}}\n")
+        (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "val_top1": 50.0}) + "\n")
+        point = point_from_run(run, [])
+        found.append((point.macs, point.params))
+    assert counted == [16, 16, 24]
+    assert found[0] == found[1] and len(set(found)) == 3
+    assert found[2][1] > found[0][1] and found[3][1] == found[0][1]
+
+
 def test_bad_points_file_and_run_directory_exit_2(tmp_path, capsys):
     bad = tmp_path / "p.csv"
     bad.write_text("label,top1,macs\nok,50,1e6\nbroken,fifty,1e6\n")
