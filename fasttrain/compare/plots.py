@@ -81,46 +81,70 @@ def write_replacing(path: Path, write: Callable[[IO[bytes]], None]) -> None:
                            f"was") from None
 
 
+# Beyond this many points of one family (published / ours) the per-point labels are left out:
+# hundreds of labels overprint into a blot, and each text costs every draw (with a scatter and
+# a label per point, comparing 1,000 points took ~70 s, 4,000 ~7 min); the table names them all.
+LABEL_LIMIT = 80
+
+
+def _unlabelled_note(ax, dropped: list[str]) -> None:
+    if dropped:
+        ax.annotate(f"points not labelled (over {LABEL_LIMIT}; the table names them): "
+                    f"{', '.join(dropped)}", (0.01, 0.01), xycoords="axes fraction", fontsize=6,
+                    color="0.4")
+
+
 def _literature(ax, points: list[Point], xy: Callable[[Point], tuple[float, float] | None]
-                ) -> int:
+                ) -> list[str]:
+    """Published points, one scatter per method (a collection draws thousands of markers at
+    the cost of one artist). Returns what was left unlabelled, for `_unlabelled_note`."""
     import matplotlib
 
-    methods = sorted({p.method for p in points if p.kind == LITERATURE})
+    shown = [(p, xy(p)) for p in points if p.kind == LITERATURE and xy(p) is not None]
+    methods = sorted({p.method for p, _ in shown})
     cmap = matplotlib.colormaps["tab20"]
-    colours = {m: cmap(i % 20) for i, m in enumerate(methods)}
-    n = 0
-    for p in points:
-        if p.kind != LITERATURE or xy(p) is None:
-            continue
-        x, y = xy(p)
-        ax.scatter([x], [y], marker="^", s=22, color=colours[p.method], alpha=0.85,
-                   label="published (labelled by method)" if n == 0 else None, zorder=3)
+    labelled = len(shown) <= LABEL_LIMIT
+    for i, method in enumerate(methods):
+        at = [v for p, v in shown if p.method == method]
+        ax.scatter([v[0] for v in at], [v[1] for v in at], marker="^", s=22,
+                   color=cmap(i % 20), alpha=0.85, zorder=3,
+                   label=None if i else "published" + (" (labelled by method)" if labelled
+                                                        else " (one colour per method)"))
+    if not labelled:
+        return [f"{len(shown)} published"]
+    for p, (x, y) in shown:
         ax.annotate(p.method, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=5.5,
                     color="0.25")
-        n += 1
-    return n
+    return []
 
 
 def _ours(ax, points: list[Point], xy: Callable[[Point], tuple[float, float] | None],
-          log_x: bool) -> None:
+          log_x: bool) -> list[str]:
+    """Thin, pruned and other points, one scatter per kind and origin. Returns what was left
+    unlabelled, for `_unlabelled_note`."""
     import math
 
     ours = [(p, xy(p)) for p in points if p.kind != LITERATURE and xy(p) is not None]
+    groups: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for p, v in ours:
+        groups.setdefault((p.kind, p.origin), []).append(v)
+    for (kind, origin), at in groups.items():
+        marker, colour, text = STYLE.get(kind, STYLE["other"])
+        ax.scatter([v[0] for v in at], [v[1] for v in at], marker=marker, s=40, color=colour,
+                   zorder=4, facecolors="none" if origin == USER else colour,
+                   label=f"{text} ({origin})")
+    if len(ours) > LABEL_LIMIT:
+        return [f"{len(ours)} of ours"]
     scale = (lambda v: math.log(v)) if log_x else (lambda v: v)
     xs = [scale(v[0]) for _, v in ours]
     lo, span = (min(xs), (max(xs) - min(xs)) or 1.0) if xs else (0.0, 1.0)
-    seen = set()
     for p, (x, y) in ours:
-        marker, colour, text = STYLE.get(p.kind, STYLE["other"])
-        legend = f"{text} ({p.origin})"
-        ax.scatter([x], [y], marker=marker, s=40, color=colour, zorder=4,
-                   facecolors="none" if p.origin == USER else colour,
-                   label=None if legend in seen else legend)
-        seen.add(legend)
+        colour = STYLE.get(p.kind, STYLE["other"])[1]
         right = (scale(x) - lo) / span > 0.6  # label towards the middle: never off the canvas
         ax.annotate(p.label + (" (user-provided)" if p.origin == USER else ""), (x, y),
                     textcoords="offset points", xytext=(-4 if right else 4, -10),
                     ha="right" if right else "left", fontsize=7, color=colour)
+    return []
 
 
 def _reference(ax, reference: Sequence[tuple[str, float]]) -> None:
@@ -178,8 +202,7 @@ def plot_top1(points: list[Point], x: str, stem: Path, *, title: str, subtitle: 
                     ls=styles[i % len(styles)], zorder=2,
                     label=f"ThinResNet Pareto curve{name} (linear in log x)")
     _reference(ax, reference)
-    _literature(ax, points, xy)
-    _ours(ax, points, xy, log_x=True)
+    _unlabelled_note(ax, _literature(ax, points, xy) + _ours(ax, points, xy, log_x=True))
     _log_x(ax)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _si(v)))
     ax.set_xlabel(label)
@@ -205,8 +228,7 @@ def plot_delta(points: list[Point], stem: Path, *, title: str, subtitle: str = "
         ax.plot([t[0] for t in thin], [t[1] for t in thin], color=STYLE[THIN][1], lw=1.2,
                 zorder=2)
     _reference(ax, reference)
-    _literature(ax, points, xy)
-    _ours(ax, points, xy, log_x=False)
+    _unlabelled_note(ax, _literature(ax, points, xy) + _ours(ax, points, xy, log_x=False))
     ax.set_xlabel("MAC reduction relative to the point's own baseline (%)")
     ax.set_ylabel("Δ top-1 vs own baseline (percentage points)")
     ax.margins(x=0.08, y=0.08)
