@@ -358,12 +358,14 @@ def test_env_sh_rebuilds_for_any_missing_library_or_interrupted_build(tmp_path):
     assert env_sh().returncode == 0 and built() == 1
     (repo / "fasttrain/ops/_C_cuda.x.so").unlink()  # a library the last build left
     assert env_sh().returncode == 0 and built() == 2
+    # another compiler (one without -fopenmp builds _C single-threaded) was not a rebuild
+    assert env_sh(CXX="g++").returncode == 0 and built() == 3
     (tmp_path / "fail").touch()  # an interrupted build
     failed = env_sh(FASTTRAIN_JPEG="0")
     assert failed.returncode == 1 and "editable install failed" in failed.stderr
     assert builds.read_text().splitlines()[-1] == "FASTTRAIN_JPEG=0"
     (tmp_path / "fail").unlink()
-    assert env_sh().returncode == 0 and built() == 4  # the old record did not survive
+    assert env_sh().returncode == 0 and built() == 5  # the old record did not survive
 
 
 @pytest.mark.skipif(not (ROOT / ".git").exists(), reason="needs the git checkout's file list")

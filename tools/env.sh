@@ -113,7 +113,8 @@ fi
 sources=$(cd "$repo" && find setup.py csrc -type f -print0 2>/dev/null | LC_ALL=C sort -z \
   | xargs -0 sha256sum | sha256sum | cut -c1-16)
 jpeg=${FASTTRAIN_JPEG:-1}  # the packages above are there: a decoder build failure is an error
-settings="FASTTRAIN_CUDA=${FASTTRAIN_CUDA:-} FASTTRAIN_JPEG=$jpeg TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-} CUDA_HOME=${CUDA_HOME:-} CUDA_PATH=${CUDA_PATH:-} nvcc=$(command -v nvcc || true)"
+# CXX: the compiler decides whether _C gets OpenMP (setup.py's probe).
+settings="FASTTRAIN_CUDA=${FASTTRAIN_CUDA:-} FASTTRAIN_JPEG=$jpeg TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-} CUDA_HOME=${CUDA_HOME:-} CUDA_PATH=${CUDA_PATH:-} nvcc=$(command -v nvcc || true) CXX=${CXX:-}"
 wanted="$venv $sources $settings"
 record="$repo/build/.fasttrain-native"
 # The record's second line names every library the build left; all must still be there.
