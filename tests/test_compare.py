@@ -157,8 +157,41 @@ def test_a_moved_project_still_finds_the_pruning_record(tmp_path):
                tmp_path / "moved" / "tuned.pt")
     tuned_gone = str(tmp_path / "old-place" / "tuned.pt")
     assert points_mod._pruning_record(tuned_gone, run, [], macs=77)["source"] == "y"
-    assert warnings == [f"{run}: model.init_from {gone} not found: its baseline (the network "
-                        f"it was pruned from) is unknown, so it is left out of the Δ view"]
+    assert warnings == [f"{run}: model.init_from {gone} found as {tmp_path / 'moved' / 'pruned.pt'}"
+                        f", but its pruned network has 123 MACs and the run's 999: not the file "
+                        f"the run was fine-tuned from (pruned again since?), so its baseline is "
+                        f"unknown and it is left out of the Δ view"]
+    warnings = []
+    assert points_mod._pruning_record(str(tmp_path / "nowhere.pt"), run, warnings, 1) is None
+    assert warnings == [f"{run}: model.init_from {tmp_path / 'nowhere.pt'} not found: its "
+                        f"baseline (the network it was pruned from) is unknown, so it is left "
+                        f"out of the Δ view"]
+
+
+def test_a_relative_init_from_is_not_taken_from_another_prune(tmp_path, monkeypatch):
+    """Runs of older versions record model.init_from as given (runs/pruned/x.pt): compare took
+    whatever file of that name the current folder held (a user's own prune of the README's
+    steps) as the run's baseline, without a word. The run's own checkpoint says where its
+    network came from; a file found by name counts only with the run's MACs."""
+    from fasttrain.compare import points as points_mod
+
+    run = tmp_path / "runs" / "ft"
+    (run / "checkpoints").mkdir(parents=True)
+    (tmp_path / "runs" / "pruned").mkdir()
+    torch.save({"model": {}, "pruning": {"macs": 500, "source_val_top1": 90.0}},
+               tmp_path / "runs" / "pruned" / "x.pt")  # another prune, same name
+    monkeypatch.chdir(tmp_path)
+    warnings = []
+    assert points_mod._pruning_record("runs/pruned/x.pt", run, warnings, macs=400) is None
+    assert "found as runs/pruned/x.pt, but its pruned network has 500 MACs and the run's 400" \
+        in warnings[0]
+    # the run's checkpoints carry the summary of what it was fine-tuned from: that decides
+    torch.save({"model": {"w": torch.zeros(3)},
+                "pruned_from": {"macs": 400, "source_val_top1": 80.0}},
+               run / "checkpoints" / "last.pt")
+    warnings = []
+    record = points_mod._pruning_record("runs/pruned/x.pt", run, warnings, macs=400)
+    assert record["source_val_top1"] == 80.0 and warnings == []
 
 
 def test_the_plot_draws_the_thin_curve_of_each_model(tmp_path, monkeypatch):

@@ -144,42 +144,57 @@ def _lineage(state: dict[str, Any]) -> dict[str, Any] | None:
 
 def _pruning_record(init_from: str, run: Path, warnings: list[str],
                     macs: int | None = None) -> dict[str, Any] | None:
-    """The `pruning` entry of the checkpoint a run started from (tools/prune.py writes it).
+    """The pruning the run's network comes from: the summary the run's own checkpoints carry
+    (`pruned_from`, written by this version's trainer), else the `pruning` entry of the
+    checkpoint `init_from` names (tools/prune.py writes it).
 
     `init_from` is absolute in the config.yaml of runs trained by this version; when a project
     folder was moved or copied it no longer exists there, and its trailing parts are looked
-    for from the current folder and from the run's parent folders, a file found that way
-    counting only when its record's pruned MACs are the run's (`macs`)."""
+    for from the current folder and from the run's parent folders. A file found any way counts
+    only when its record's pruned MACs are the run's (`macs`): a relative path (older
+    versions) taken from the current folder, or a file pruned again since, gave another
+    network's baseline without a word."""
     from ..engine import checkpoint as ckpt
     from ..errors import CheckpointError
 
+    for name in ("last.pt", "best.pt"):
+        try:  # mmap: only the pickled dicts are read, not a ResNet-50's weights
+            own = _lineage(ckpt.load(run / "checkpoints" / name, mmap=True))
+        except CheckpointError:
+            continue
+        if isinstance(own, dict):
+            return own
     path = Path(init_from)
     candidates = [path] if path.is_absolute() else [path, run.parent / path, run / path]
-    found = next((c for c in candidates if c.is_file()), None)
-    if found is None and path.is_absolute() and macs is not None:  # a moved project
+    if path.is_absolute() and not path.is_file() and macs is not None:  # a moved project
         tails = [Path(*path.parts[-k:]) for k in range(1, len(path.parts))]
-        for c in (base / tail for tail in tails for base in (Path.cwd(), *run.resolve().parents)):
-            try:
-                record = _lineage(ckpt.load(c)) if c.is_file() else None
-            except CheckpointError:
-                continue
-            if isinstance(record, dict) and record.get("macs") == macs:
-                return record
-    if found is None:
-        warnings.append(f"{run}: model.init_from {init_from} not found: its baseline (the "
-                        f"network it was pruned from) is unknown, so it is left out of the "
-                        f"Δ view")
-        return None
-    try:
-        state = ckpt.load(found)
-    except CheckpointError as e:
-        warnings.append(f"{run}: {e}")
-        return None
-    record = _lineage(state)
-    if not isinstance(record, dict):
-        warnings.append(f"{run}: {found} has no pruning record (not written by tools/prune.py)")
-        return None
-    return record
+        candidates += [base / tail for tail in tails
+                       for base in (Path.cwd(), *run.resolve().parents)]
+    problem = None
+    for c in candidates:
+        if not c.is_file():
+            continue
+        try:
+            record = _lineage(ckpt.load(c))
+        except CheckpointError as e:
+            problem = problem or f"{run}: {e}"
+            continue
+        if not isinstance(record, dict):
+            problem = problem or (f"{run}: {c} has no pruning record (not written by "
+                                  f"tools/prune.py)")
+            continue
+        if macs is not None and record.get("macs") not in (None, macs):
+            problem = problem or (
+                f"{run}: model.init_from {init_from} found as {c}, but its pruned network has "
+                f"{record['macs']:,} MACs and the run's {macs:,}: not the file the run was "
+                f"fine-tuned from (pruned again since?), so its baseline is unknown and it is "
+                f"left out of the Δ view")
+            continue
+        return record
+    warnings.append(problem or f"{run}: model.init_from {init_from} not found: its baseline "
+                               f"(the network it was pruned from) is unknown, so it is left "
+                               f"out of the Δ view")
+    return None
 
 
 # (model section without init_from, resolution) -> (conv+fc MACs, params). A sweep's runs share

@@ -142,16 +142,17 @@ def _is_torch_export_archive(path: Path) -> bool:
     return any("/models/" in n or n.endswith("/archive_format") for n in zip_names(path))
 
 
-def load(path: Path) -> dict[str, Any]:
+def load(path: Path, mmap: bool = False) -> dict[str, Any]:
     """Load a checkpoint with `weights_only=True`: tensors and plain containers only, so a file
-    crafted to run code on unpickling is refused."""
+    crafted to run code on unpickling is refused. `mmap`: tensors map the file instead of being
+    read (for a look at the other entries)."""
     try:
         with warnings.catch_warnings():
             # torch's notes on TorchScript archives and legacy pickles: the one-line errors
             # below say what matters
             warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive")
             warnings.filterwarnings("ignore", message=".*Detected pickle protocol")
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: checkpoint not found") from None
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... here
