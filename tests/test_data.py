@@ -471,6 +471,39 @@ def test_cifar10_missing_without_download_and_hostile_pickle(tmp_path):
         load_cifar10(tmp_path, train=True, download=False)
 
 
+def test_a_cifar10_download_without_network_says_so_and_leaves_no_folder(tmp_path,
+                                                                          monkeypatch):
+    """No network was reported as "cannot write the data set here" (urllib's URLError is an
+    OSError), pointing at the folder's permissions, and left the empty data folder behind,
+    also from `train.py --dry-run`."""
+    import socket
+    import urllib.error
+
+    import torchvision.datasets.utils as tv_utils
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", offline)
+    root = tmp_path / "data" / "c10"
+    with pytest.raises(DatasetError) as e:
+        load_cifar10(root, train=True, download=True)
+    assert str(e.value) == (f"cannot download CIFAR-10 to {root} (no answer from "
+                            f"https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz: [Errno -2] "
+                            f"Name or service not known); place cifar-10-batches-py/ there by hand")
+    assert list(tmp_path.iterdir()) == []
+    # a folder that was there stays, and a write error is still one
+    root.mkdir(parents=True)
+
+    def unwritable(url, folder, **kwargs):
+        raise PermissionError(13, "Permission denied", f"{folder}/cifar-10-python.tar.gz")
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", unwritable)
+    with pytest.raises(DatasetError, match="cannot write the data set here .Permission denied"):
+        load_cifar10(root, train=True, download=True)
+    assert list(root.iterdir()) == []
+
+
 def test_batch_must_split_across_ranks(data_root):
     cfg = _quick_cfg(f"--data.path={data_root / 'digits'}", "--data.batch_size=63")
     with pytest.raises(ConfigError, match="data.batch_size=63 is not divisible by the 2 ranks"):

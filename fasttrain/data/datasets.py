@@ -574,6 +574,14 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, list[int]]:
     return data.transpose(0, 2, 3, 1), labels  # (N, H, W, C)
 
 
+class _NotFetched(Exception):
+    """The CIFAR-10 download got no data (no network, a refused or reset connection)."""
+
+    def __init__(self, reason: object) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 def load_cifar10(root: Path, train: bool, download: bool) -> TensorImageDataset:
     """CIFAR-10 in torchvision's on-disk format (`root/cifar-10-batches-py/`), downloading it
     (with an MD5 check) when missing and `download` is set."""
@@ -582,12 +590,29 @@ def load_cifar10(root: Path, train: bool, download: bool) -> TensorImageDataset:
         if not download:
             raise DatasetError(f"{folder}: CIFAR-10 not found and data.download is false")
         from torchvision.datasets.utils import download_and_extract_archive
+
+        def fetch(tmp: Path) -> None:
+            try:
+                download_and_extract_archive(CIFAR10_URL, str(tmp), md5=CIFAR10_MD5,
+                                             remove_finished=True)
+            except OSError as e:
+                if e.filename is None:  # URLError, a reset connection, a timeout: no write
+                    raise _NotFetched(getattr(e, "reason", None) or e) from None
+                raise
+
+        made = [p for p in (root, *root.parents) if not p.exists()]
         try:
-            _publish_dir(lambda tmp: download_and_extract_archive(
-                CIFAR10_URL, str(tmp), md5=CIFAR10_MD5, remove_finished=True), root / ".download")
+            _publish_dir(fetch, root / ".download")
         except Exception as e:  # network errors come in many types; all mean the same here
-            raise DatasetError(f"cannot download CIFAR-10 to {root} ({type(e).__name__}: {e}); "
-                               f"place {CIFAR10_DIR}/ there by hand") from None
+            for folder in made:  # an empty data folder was all it left (from --dry-run too)
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+            why = (f"no answer from {CIFAR10_URL}: {e.reason}" if isinstance(e, _NotFetched)
+                   else f"{type(e).__name__}: {e}")
+            raise DatasetError(f"cannot download CIFAR-10 to {root} ({why}); place "
+                               f"{CIFAR10_DIR}/ there by hand") from None
         _publish_dir(lambda tmp: shutil.copytree(root / ".download" / CIFAR10_DIR, tmp), folder)
         shutil.rmtree(root / ".download", ignore_errors=True)
     names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
