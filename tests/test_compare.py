@@ -168,6 +168,18 @@ def test_a_moved_project_still_finds_the_pruning_record(tmp_path):
                         f"out of the Δ view"]
 
 
+def test_a_point_at_another_resolution_is_named_by_its_label_without_a_model():
+    """A points row of `evaluate --factory` has no model: the warning read "None at 16 px"."""
+    from fasttrain.compare.literature import get_benchmark
+    from fasttrain.compare.points import check_benchmark_fit
+
+    bench = get_benchmark("resnet56-cifar10")
+    mine = Point("my net", OTHER, USER, 90.0, 10**7, resolution=16, source="mine.csv:2")
+    assert check_benchmark_fit([mine], bench) == [
+        f"mine.csv:2: my net at 16 px, but resnet56-cifar10 counts MACs at {bench.resolution} "
+        f"px: its MACs are not comparable with the published ones"]
+
+
 def test_a_relative_init_from_is_not_taken_from_another_prune(tmp_path, monkeypatch):
     """Runs of older versions record model.init_from as given (runs/pruned/x.pt): compare took
     whatever file of that name the current folder held (a user's own prune of the README's

@@ -446,8 +446,8 @@ def check_benchmark_fit(points: list[Point], bench: Benchmark) -> list[str]:
             raise CompareError(f"{p.source}: trained on data.dataset={p.dataset}, but "
                                f"{bench.name} is on {bench.dataset} (data.dataset="
                                f"{' or '.join(allowed)}); compare it without --benchmark")
-    return [f"{p.source}: {p.model} at {p.resolution} px, but {bench.name} counts MACs at "
-            f"{bench.resolution} px: its MACs are not comparable with the published ones"
+    return [f"{p.source}: {p.model or p.label} at {p.resolution} px, but {bench.name} counts "
+            f"MACs at {bench.resolution} px: its MACs are not comparable with the published ones"
             for p in points if p.resolution is not None and p.resolution != bench.resolution]
 
 
