@@ -827,6 +827,31 @@ def test_two_trainings_never_write_one_run_directory(tmp_path):
     assert len(made) == 3
 
 
+def test_a_resume_auto_of_a_busy_run_folder_is_refused_in_one_line(data_root, tmp_path,
+                                                                    capsys):
+    """A requeued `--resume auto` while the first training was still in its first epoch said
+    "no checkpoint ..., starting fresh" and then that another process was writing the folder:
+    the first line said something that did not happen."""
+    short = ("--schedule.epochs=1", "--schedule.warmup_epochs=0")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    holder = _hold_lock(busy)
+    try:
+        with pytest.raises(RunError, match="busy: another training process is writing"):
+            train(_cfg(data_root, tmp_path, *short, "--log.name=busy"),
+                  resume="auto")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert "starting fresh" not in capsys.readouterr().out
+    # said where it does start fresh, in a dry run too
+    for dry_run in (True, False):
+        train(_cfg(data_root, tmp_path, *short, "--train.max_steps=1",
+                   f"--log.name=free{dry_run}"), resume="auto", dry_run=dry_run)
+        assert f"--resume auto: no checkpoint at {tmp_path / f'free{dry_run}'}" in \
+            capsys.readouterr().out
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_device_without_a_gpu_is_a_config_error():
     with pytest.raises(ConfigError, match="train.device=cuda but no CUDA device"):

@@ -594,7 +594,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, report: Reporter, recipe: st
         report.print(f"note: --resume {resume} is outside a run folder and the run has no "
                      f"--log.name: a torchrun restart would start from it again, in a new run "
                      f"folder; name the run to make a restart continue it")
-    resume_path = None
+    resume_path, fresh = None, ""
     if resume:  # read-only: a dry run checks what --resume names too
         resume_path = _on_main(dist, lambda: find_resume(resume, log_dir, cfg.log.name, stem))
         if resume_path is None:
@@ -602,7 +602,9 @@ def _train(cfg: Config, dist: distributed.DistInfo, report: Reporter, recipe: st
                      f"the newest {stem}-<date>-<time> run under {log_dir}")
             again = (cfg.log.name and (log_dir / cfg.log.name / "metrics.jsonl").is_file()
                      and " (its interrupted first epoch's metrics are dropped)" or "")
-            report.print(f"--resume auto: no checkpoint at {where}, starting fresh{again}")
+            # said once the run folder is this run's: a folder another training is writing
+            # is refused in one line, without "starting fresh" before it
+            fresh = f"--resume auto: no checkpoint at {where}, starting fresh{again}"
 
     accum = cfg.train.grad_accum_steps
     loaders = build_loaders(cfg.data, cfg.aug, rank=dist.rank, world_size=dist.world_size,
@@ -668,6 +670,8 @@ def _train(cfg: Config, dist: distributed.DistInfo, report: Reporter, recipe: st
             rows.append(("changed since it", "; ".join(changes) or "nothing"))
         else:  # what new_run_dir would refuse, said on every rank
             _on_main(dist, lambda: check_name_free(log_dir, cfg.log.name, resume == "auto"))
+        if fresh:
+            report.print(fresh)
         report.print(config_mod.dump(cfg).rstrip())
         report.summary(rows, "dry run: recipe is valid")
         return {"params": params, "macs": macs.conv_fc if macs else None}
@@ -680,6 +684,8 @@ def _train(cfg: Config, dist: distributed.DistInfo, report: Reporter, recipe: st
         return new_run_dir(log_dir, cfg.log.name, stem, resume == "auto")
 
     run_dir = _on_main(dist, claim_run_dir)
+    if fresh:
+        report.print(fresh)
     if made is not None and dist.is_main and not (resume_path and run_dir_of(resume_path)):
         made.append(run_dir)
     if claimed is not None:
