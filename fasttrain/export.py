@@ -550,8 +550,8 @@ def load_exported(path: str | Path, fmt: str | None = None
 
             export_log = logging.getLogger("torch.export")
             level = export_log.level
-            export_log.setLevel(logging.ERROR)
             _refuse_pickled_objects(path)
+            export_log.setLevel(logging.ERROR)  # after the refusal: it raises, leaving it set
             try:
                 with open(path, "rb") as f, _weights_only_loads():
                     ep = torch.export.load(f, extra_files=extra)

@@ -827,6 +827,25 @@ def test_two_trainings_never_write_one_run_directory(tmp_path):
     assert len(made) == 3
 
 
+def test_a_compiled_run_starts_from_no_earlier_run_s_graphs(data_root, tmp_path, monkeypatch):
+    """In one process (a notebook), each compiled train() added its graphs to dynamo's cache:
+    after a few widths the recompile limit was reached and later runs trained uncompiled,
+    and a second batch size got a dynamic-shape graph. Each compiled run resets the cache.
+    And the commit recorded in checkpoints was the process's first run's."""
+    resets = []
+    monkeypatch.setattr(torch.compiler, "reset", lambda: resets.append(1))
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: model)  # no compile cost
+    commits = []
+    for i, compile_ in enumerate(("false", "true", "true")):
+        monkeypatch.setenv("FASTTRAIN_COMMIT", f"c{i}")
+        run = train(_cfg(data_root, tmp_path, "--schedule.epochs=1",
+                         "--schedule.warmup_epochs=0", "--train.max_steps=1",
+                         f"--train.compile={compile_}"))["run_dir"]
+        commits.append(ckpt.load(Path(run) / "checkpoints" / "last.pt")["versions"]["commit"])
+    assert len(resets) == 2
+    assert commits == ["c0", "c1", "c2"]  # the code's commit at each run, not the first's
+
+
 def test_a_resume_auto_of_a_busy_run_folder_is_refused_in_one_line(data_root, tmp_path,
                                                                     capsys):
     """A requeued `--resume auto` while the first training was still in its first epoch said

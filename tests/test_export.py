@@ -443,9 +443,14 @@ def test_a_crafted_export_cannot_run_code_on_loading(where, tmp_path, monkeypatc
                 member = "opaque_obj_0" + ("/x" if where.endswith("folder") else "")
                 evil.writestr(f"archive/data/constants/{member}",
                               pickle.dumps(_RunsCode(marker)))
+    import logging
+
+    level = logging.getLogger("torch.export").level
     with pytest.raises(ex.ExportError, match=r"evil.pt2: .*refused"):
         ex.load_exported(tmp_path / "evil.pt2")
     assert not marker.exists()
+    # a refusal left torch.export's warnings silenced for the rest of the process
+    assert logging.getLogger("torch.export").level == level
     assert os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD") is None
     ex.load_exported(tmp_path / "net.pt2")  # a plain export still loads
     # also where the opposite is set (torch refuses both at once): it stays set after

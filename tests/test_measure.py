@@ -918,6 +918,25 @@ def test_an_interrupt_while_the_outputs_are_written_waits_for_them(tmp_path, mon
     assert capsys.readouterr().err == "error: interrupted; 2 rows measured and written\n"
 
 
+def test_a_benchmark_called_in_a_process_leaves_its_thread_count_and_asks_git_anew(
+        tmp_path, monkeypatch):
+    """In a notebook, `benchmark.main([... '--threads', '1'])` left torch at one thread for
+    all later work (and the next benchmark without --threads measured, and recorded, one
+    thread); git_commit answered its first answer for the life of the process, so edits or
+    commits since were missing from every later checkpoint and result."""
+    from fasttrain.measure.env import git_commit
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # what the notebook had
+    seen = []
+    monkeypatch.setattr(torch, "set_num_threads", seen.append)
+    assert benchmark_tool.main([*TINY, "--threads", "1", "--json", str(tmp_path / "r.json")]) == 0
+    assert seen[0] == 1 and seen[-1] == 3
+    monkeypatch.setenv("FASTTRAIN_COMMIT", "abc1234")
+    assert git_commit() == "abc1234"
+    monkeypatch.setenv("FASTTRAIN_COMMIT", "def5678")
+    assert git_commit() == "def5678"
+
+
 def test_sigterm_writes_the_rows_measured_like_ctrl_c(tmp_path):
     """`timeout` and batch schedulers stop a sweep with SIGTERM: the GPU checklist's time-limited
     steps lost every row already measured."""

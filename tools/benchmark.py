@@ -302,6 +302,16 @@ def _write_outputs(rows, args, console) -> list[str]:
 
 @stdout_may_close
 def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return _main(argv)
+    finally:  # --threads is this measurement's: a notebook's later work runs as before
+        torch.set_num_threads(threads)
+
+
+def _main(argv: list[str] | None) -> int:
     printable_paths()
     args = build_parser().parse_args(argv)
     rows: list[dict] = []  # filled as rows are measured, so that an interrupt keeps them

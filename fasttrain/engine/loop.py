@@ -163,7 +163,7 @@ class Parts:
     pruned_from: dict[str, Any] = field(default_factory=dict)  # apply_init_from's lineage
 
 
-@functools.cache  # one git call per run, not one per checkpoint
+@functools.cache  # one git call per run (train() clears it), not one per checkpoint
 def _versions() -> dict[str, str]:
     return {"torch": str(torch.__version__), "cuda": str(torch.version.cuda),
             "python": platform.python_version(), "commit": git_commit()}
@@ -553,6 +553,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, report: Reporter, recipe: st
            made: list[Path] | None = None,
            claimed: list[Path] | None = None) -> dict[str, Any]:
     device = dist.device
+    _versions.cache_clear()  # a notebook's code may have changed since its last run
     cores = usable_cores()
     torch.set_num_threads(cfg.train.threads or max(1, cores // dist.local_world_size))
     torch.manual_seed(cfg.train.seed)
@@ -739,6 +740,10 @@ def _train(cfg: Config, dist: distributed.DistInfo, report: Reporter, recipe: st
         train_model = distributed.data_parallel(model, device, cfg.train.deterministic)
     compile_mode = None if cfg.train.compile_mode == "default" else cfg.train.compile_mode
     if use_compile:
+        # What an earlier compiled run of this process left (a notebook): its graphs count
+        # against the recompile limit (later widths ran uncompiled) and its shapes made this
+        # run's batch dimension dynamic. A fresh start, as in a new process.
+        torch.compiler.reset()
         dynamo_config = torch._dynamo.config
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, _recompile_limit(cfg))
         train_model = torch.compile(train_model, mode=compile_mode)

@@ -23,7 +23,6 @@ NOT_CODE = ("benchmarks/results", "docs", "*.md")
 """Tracked paths whose edits do not make a commit `-dirty` (results and documentation)."""
 
 
-@functools.lru_cache(maxsize=None)
 def git_commit(root: Path = ROOT) -> str:
     """Short commit of `root`, with `-dirty` when tracked code differs; "unknown" when `root`
     is not the top of a git checkout (outside git, or an installed copy inside another
@@ -32,7 +31,10 @@ def git_commit(root: Path = ROOT) -> str:
     those edits must not mark the next measurement as made with changed code.
 
     `FASTTRAIN_COMMIT` overrides it: a GPU host receives a copy of the tree without `.git`, so
-    `benchmarks/gpu_checklist.sh` passes the commit it was started from."""
+    `benchmarks/gpu_checklist.sh` passes the commit it was started from.
+
+    Asked anew at every call (~10 ms): a process that lives on (a notebook) while the code is
+    edited or committed wrote the first answer into every later checkpoint and result."""
     if os.environ.get("FASTTRAIN_COMMIT"):
         return os.environ["FASTTRAIN_COMMIT"]
     try:
