@@ -1046,14 +1046,14 @@ def test_commit_is_dirty_for_code_changes_only(tmp_path, monkeypatch):
     subprocess.run(git + ["init", "-q"], check=True)
     subprocess.run(git + ["add", "."], check=True)
     subprocess.run(git + ["commit", "-qm", "x"], check=True)
-    clean = git_commit.__wrapped__(tmp_path)
+    clean = git_commit(tmp_path)
     assert re.fullmatch(r"[0-9a-f]{7,}", clean), clean
     # --save appends to tracked result files; that is not a change of the measured code
     (tmp_path / "benchmarks/results/rows.json").write_text("1\n")
     (tmp_path / "README.md").write_text("1\n")
-    assert git_commit.__wrapped__(tmp_path) == clean
+    assert git_commit(tmp_path) == clean
     (tmp_path / "code.py").write_text("1\n")
-    assert git_commit.__wrapped__(tmp_path) == clean + "-dirty"
+    assert git_commit(tmp_path) == clean + "-dirty"
 
 
 def test_an_installed_copy_inside_another_repository_records_no_commit(tmp_path, monkeypatch):
@@ -1069,5 +1069,5 @@ def test_an_installed_copy_inside_another_repository_records_no_commit(tmp_path,
     subprocess.run(git + ["init", "-q"], check=True)
     subprocess.run(git + ["add", "a.txt"], check=True)
     subprocess.run(git + ["commit", "-qm", "user project"], check=True)
-    assert git_commit.__wrapped__(site) == "unknown"
-    assert re.fullmatch(r"[0-9a-f]{7,}", git_commit.__wrapped__(tmp_path))
+    assert git_commit(site) == "unknown"
+    assert re.fullmatch(r"[0-9a-f]{7,}", git_commit(tmp_path))
