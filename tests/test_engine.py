@@ -1612,18 +1612,25 @@ def test_a_rank_stopped_for_a_torchrun_restart_says_torchrun_continues(monkeypat
 
 
 def test_train_leaves_the_callers_config_and_process_settings_as_they_were(data_root,
-                                                                           tmp_path):
+                                                                           tmp_path,
+                                                                           monkeypatch):
     # a notebook trains several runs in one process: a deterministic run kept deterministic
     # algorithms on (NaN-filled allocations on the CPU), its thread count stayed, and the
     # Config it was given had num_classes filled in from the first data set
-    cfg = _cfg(data_root, tmp_path, "--schedule.epochs=1", "--schedule.warmup_epochs=0",
-               "--train.max_steps=1", "--train.deterministic=true", "--train.threads=1")
+    short = ("--schedule.epochs=1", "--schedule.warmup_epochs=0", "--train.max_steps=1",
+             "--train.deterministic=true", "--train.threads=1")
+    cfg = _cfg(data_root, tmp_path, *short)
     threads = torch.get_num_threads()
     assert not torch.are_deterministic_algorithms_enabled()
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     train(cfg)
     assert cfg.model.num_classes == 0
     assert not torch.are_deterministic_algorithms_enabled()
     assert torch.get_num_threads() == threads
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ  # set for the run's cuBLAS calls only
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the user's own setting is kept
+    train(_cfg(data_root, tmp_path, *short, "--log.name=again"))
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
 
 
 def test_a_config_changed_by_attribute_is_checked_again(data_root, tmp_path):

@@ -590,6 +590,29 @@ def test_cli_user_errors_exit_2_with_one_line(argv, message, capsys):
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
 
 
+def test_a_sweep_gives_the_callers_cudnn_benchmark_setting_back(monkeypatch):
+    # CUDA rows measure with cuDNN's algorithm search on, as training does; a notebook's later
+    # deterministic work kept it on (a setting is only a flag: no GPU needed to check it)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    with bench.cudnn_benchmark_for(torch.device("cuda")):
+        assert torch.backends.cudnn.benchmark
+    assert not torch.backends.cudnn.benchmark
+    with pytest.raises(KeyboardInterrupt), bench.cudnn_benchmark_for(torch.device("cuda")):
+        raise KeyboardInterrupt
+    assert not torch.backends.cudnn.benchmark
+    with bench.cudnn_benchmark_for(torch.device("cpu")):
+        assert not torch.backends.cudnn.benchmark
+
+
+@pytest.mark.cuda
+def test_a_cuda_sweep_measures_with_cudnn_benchmark_and_restores_it(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    cond = bench.Conditions(device="cuda", resolution=32, iters=2, warmup=1)
+    (row,) = bench.run(sources.from_registry("cifar_resnet20", [0.25]), cond, [2])
+    assert row["status"] == "ok" and row["cudnn_benchmark"] is True, row
+    assert not torch.backends.cudnn.benchmark
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode", ["eager", "cudagraphs", "compile-cudagraphs"])
 def test_a_latency_rows_peak_memory_is_its_own(mode):

@@ -505,7 +505,8 @@ def train(cfg: Config, recipe: str | None = None, resume: str | None = None,
     Under torchrun every rank calls this; rank 0 writes the run directory. `cfg` is checked
     again as a recipe is (a Config changed by attribute too) and left unchanged (training
     fills in a copy: num_classes, model.init_from's architecture). The process's torch thread
-    count and deterministic-algorithms setting are restored on return; the global RNGs stay
+    count, deterministic-algorithms setting, cudnn.benchmark and CUBLAS_WORKSPACE_CONFIG are
+    restored on return; the global RNGs stay
     seeded from `train.seed`, as after a training script.
 
     Raises:
@@ -520,6 +521,7 @@ def train(cfg: Config, recipe: str | None = None, resume: str | None = None,
     deterministic = (torch.are_deterministic_algorithms_enabled(),
                      torch.is_deterministic_algorithms_warn_only_enabled())
     cudnn_benchmark = torch.backends.cudnn.benchmark
+    cublas_workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     dist = distributed.setup(cfg.train.device)
     made: list[Path] = []  # run folders this call claimed (new, or named and free)
     claimed: list[Path] = []  # the run folder it writes, new or resumed
@@ -546,6 +548,10 @@ def train(cfg: Config, recipe: str | None = None, resume: str | None = None,
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         torch.backends.cudnn.benchmark = cudnn_benchmark
+        if cublas_workspace is None:  # set for a deterministic run's cuBLAS calls only
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas_workspace
 
 
 def _train(cfg: Config, dist: distributed.DistInfo, report: Reporter, recipe: str | None,

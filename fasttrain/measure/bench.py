@@ -228,8 +228,26 @@ def run(models: list[BenchModel], cond: Conditions, batch_sizes: list[int], *,
     """
     cond.check(models)
     device = torch.device(cond.device)
+    with cudnn_benchmark_for(device):
+        return _measure_rows(models, cond, batch_sizes, device, clock, on_row)
+
+
+@contextlib.contextmanager
+def cudnn_benchmark_for(device: torch.device):
+    """cuDNN's algorithm search on for a CUDA device, as training runs outside deterministic
+    mode; the caller's setting back afterwards (a notebook's later deterministic work)."""
+    before = torch.backends.cudnn.benchmark
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # as training runs outside deterministic mode
+        torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def _measure_rows(models: list[BenchModel], cond: Conditions, batch_sizes: list[int],
+                  device: torch.device, clock: Callable[[], float] | None,
+                  on_row: Callable[[dict[str, Any]], None] | None) -> list[dict[str, Any]]:
     channels_last = cond.layout == "channels_last"
     kind = "train" if cond.train else "latency"
     prefix = "step" if cond.train else "latency"
