@@ -148,6 +148,9 @@ class AugConfig:
     hflip: float = _f(0.5, "probability of a horizontal flip", ge=0, le=1)
     auto_augment: Literal["none", "trivialaugment", "randaugment"] = _f(
         "none", "per-image policy after crop and flip (TrivialAugmentWide or RandAugment)")
+    auto_augment_interpolation: Literal["bilinear", "nearest"] = _f(
+        "bilinear", "resampling of the policy's rotate, shear and translate (torchvision's "
+        "reference recipe passes its bilinear; nearest is the transforms' own default)")
     randaug_ops: int = _f(2, "RandAugment: operations per image", ge=1)
     randaug_magnitude: float = _f(9.0, "RandAugment: magnitude level out of 10 (timm scale)",
                                   ge=0, le=10)

@@ -570,6 +570,37 @@ def test_randaugment_applies_each_operation_with_randaug_prob(prob, monkeypatch)
         assert np.mean(np.array(counts) == 0) == pytest.approx((1 - prob) ** 2, abs=0.03)
 
 
+@pytest.mark.parametrize("kind", ["trivialaugment", "randaugment"])
+def test_auto_augment_rotates_shears_and_translates_with_the_configured_interpolation(kind):
+    """torchvision's reference recipe passes its bilinear to TrivialAugmentWide; the policies'
+    own default, nearest, which fasttrain used, aliases every rotated or sheared edge."""
+    import torchvision.transforms.v2 as v2
+    import torchvision.transforms.v2.functional as TF
+
+    image = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(0))
+    for mode in ("bilinear", "nearest"):
+        aug = AutoAugment(AugConfig(auto_augment=kind, auto_augment_interpolation=mode,
+                                    randaug_ops=1, randaug_magnitude=10))
+        rotated = []
+        apply = aug.policy._apply_image_or_video_transform
+
+        def spy(img, name, magnitude, **kwargs):
+            out = apply(img, name, magnitude, **kwargs)
+            if name == "Rotate":
+                rotated.append((out, magnitude))
+            return out
+
+        aug.policy._apply_image_or_video_transform = spy
+        for seed in range(400):
+            aug(image, random.Random(seed))
+        assert rotated, "no Rotate drawn"
+        for out, magnitude in rotated:
+            expected = TF.rotate(image, magnitude, interpolation=v2.InterpolationMode(mode))
+            assert torch.equal(out, expected), (mode, magnitude)
+    assert AugConfig().auto_augment_interpolation == "bilinear"
+
+
 def test_horizontal_flip_equals_torchvision_in_either_memory_layout():
     import torchvision.transforms.v2.functional as TF
 

@@ -4,11 +4,11 @@ Every sample draws its own operation, magnitude bin and sign, as torchvision's
 `TrivialAugmentWide` does per image; each operation then runs once on the sub-batch that drew it,
 with per-sample magnitudes as tensors: at most 14 vectorised calls per batch instead of one
 Python call per image. The operations follow torchvision's v2 functional definitions (nearest
-interpolation, zero fill, the same inverse affine matrices and sampling grid, the same blend and
-grey-level formulas); they run on float images in 0..255, so results are not truncated to
-integers between operations (torchvision's uint8 path truncates). Written here because neither
-torchvision nor kornia applies TrivialAugmentWide with per-sample choices as batched tensor ops
-(torchvision's transform draws one operation per call, for the whole batch).
+or bilinear interpolation, zero fill, the same inverse affine matrices and sampling grid, the
+same blend and grey-level formulas); they run on float images in 0..255, so results are not
+rounded or truncated to integers between operations (torchvision's uint8 path is). Written here
+because neither torchvision nor kornia applies TrivialAugmentWide with per-sample choices as
+batched tensor ops (torchvision's transform draws one operation per call, for the whole batch).
 """
 from __future__ import annotations
 
@@ -57,9 +57,11 @@ def inverse_affine_matrices(angle: torch.Tensor, translate: torch.Tensor, shear:
     return torch.stack([m0, m1, m2, m3, m4, m5], dim=1).view(-1, 2, 3)
 
 
-def affine_nearest(images: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
-    """Warp float images (B, C, H, W) by per-sample inverse matrices (B, 2, 3), nearest
-    neighbour, zeros outside: torchvision's `_affine_grid` + `_apply_grid_transform`."""
+def affine(images: torch.Tensor, matrices: torch.Tensor,
+           interpolation: str = "bilinear") -> torch.Tensor:
+    """Warp float images (B, C, H, W) by per-sample inverse matrices (B, 2, 3), `interpolation`
+    "nearest" or "bilinear", zeros outside: torchvision's `_affine_grid` +
+    `_apply_grid_transform` (which also rounds a uint8 image's result to integers)."""
     n, _, h, w = images.shape
     device = images.device
     theta = matrices.to(device=device, dtype=torch.float32)
@@ -70,7 +72,8 @@ def affine_nearest(images: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor
     scale = torch.empty(2, device=device)  # filled in place: no host-to-device copy, no sync
     scale[0], scale[1] = 0.5 * w, 0.5 * h
     grid = base.bmm(theta.transpose(1, 2) / scale).view(n, h, w, 2)
-    return F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return F.grid_sample(images, grid, mode=interpolation, padding_mode="zeros",
+                         align_corners=False)
 
 
 def _grey(images: torch.Tensor) -> torch.Tensor:
@@ -152,11 +155,11 @@ def to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.T
 
 
 def _apply(name: str, images: torch.Tensor, magnitude: torch.Tensor,
-           matrices: torch.Tensor | None) -> torch.Tensor:
+           matrices: torch.Tensor | None, interpolation: str) -> torch.Tensor:
     """`apply_op` with its per-sample parameters already on the images' device: magnitudes (B,)
     and, for the geometric operations, the (B, 2, 3) matrices of `_geometry_matrices`."""
     if name in GEOMETRY:
-        return affine_nearest(images, matrices)
+        return affine(images, matrices, interpolation)
     factor = (1.0 + magnitude).to(images.dtype)
     if name == "Brightness":
         return _blend(images, torch.zeros_like(images), factor)
@@ -181,22 +184,27 @@ def _apply(name: str, images: torch.Tensor, magnitude: torch.Tensor,
     raise ValueError(f"unknown TrivialAugmentWide operation {name!r}")
 
 
-def apply_op(name: str, images: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+def apply_op(name: str, images: torch.Tensor, magnitude: torch.Tensor,
+             interpolation: str = "bilinear") -> torch.Tensor:
     """One TrivialAugmentWide operation on float images (B, C, H, W) in 0..255 with per-sample
-    signed magnitudes (B,) (ignored by the operations without one)."""
+    signed magnitudes (B,) (ignored by the operations without one); the geometric ones resample
+    by `interpolation` ("bilinear" or "nearest")."""
     h, w = images.shape[-2:]
     magnitude = magnitude.cpu().to(torch.float32)
     params = [magnitude]
     if name in GEOMETRY:
         params.append(_geometry_matrices(name, magnitude, h, w))
     params = to_device(params, images.device)
-    return _apply(name, images, params[0], params[1] if name in GEOMETRY else None)
+    return _apply(name, images, params[0], params[1] if name in GEOMETRY else None,
+                  interpolation)
 
 
-def trivial_augment_wide(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def trivial_augment_wide(images: torch.Tensor, generator: torch.Generator,
+                         interpolation: str = "bilinear") -> torch.Tensor:
     """TrivialAugmentWide for every sample of a float batch (B, C, H, W) in 0..255: operation
     uniform over the 14, magnitude bin uniform over 31, sign + or - with probability 1/2 for
-    the signed operations, all drawn from `generator` (CPU)."""
+    the signed operations, all drawn from `generator` (CPU); rotate, shear and translate
+    resample by `interpolation` ("bilinear" or "nearest")."""
     n, _, h, w = images.shape
     ops = torch.randint(len(SPACE), (n,), generator=generator)
     bins = torch.randint(BINS, (n,), generator=generator)
@@ -223,5 +231,5 @@ def trivial_augment_wide(images: torch.Tensor, generator: torch.Generator) -> to
         index, magnitude = params[at], params[at + 1]
         matrices = params[at + 2] if name in GEOMETRY else None
         out.index_copy_(0, index, _apply(name, images.index_select(0, index), magnitude,
-                                         matrices))
+                                         matrices, interpolation))
     return out

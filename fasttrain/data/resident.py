@@ -113,7 +113,7 @@ class BatchAugment:
         if flip:
             out = torch.where(params[-1][:, None, None, None], out.flip(3), out)
         if self.aug.auto_augment == "trivialaugment":
-            out = trivial_augment_wide(out, generator)
+            out = trivial_augment_wide(out, generator, self.aug.auto_augment_interpolation)
         return out
 
 

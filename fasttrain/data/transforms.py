@@ -98,8 +98,10 @@ class AutoAugment:
         self.kind, self.ops = aug.auto_augment, aug.randaug_ops
         self.magnitude, self.magnitude_std = aug.randaug_magnitude, aug.randaug_magnitude_std
         self.prob = aug.randaug_prob if self.kind == "randaugment" else 1.0
-        self.policy = (v2.TrivialAugmentWide() if self.kind == "trivialaugment"
-                       else v2.RandAugment())
+        interpolation = v2.InterpolationMode(aug.auto_augment_interpolation)
+        self.policy = (v2.TrivialAugmentWide(interpolation=interpolation)
+                       if self.kind == "trivialaugment"
+                       else v2.RandAugment(interpolation=interpolation))
         self.space = sorted(self.policy._AUGMENTATION_SPACE.items())
 
     # The space holds torchvision's lambdas, which cannot be pickled; spawn and forkserver
