@@ -119,14 +119,26 @@ class Conditions:
             raise BenchError(f"iters must be >= 1 and warmup >= 0, got {self.iters}, "
                              f"{self.warmup}")
         for m in models:
-            if m.compiled and (self.train or self.mode in ("compile", "torchscript")):
+            scripted = isinstance(m.model, torch.jit.ScriptModule)
+            if m.compiled and (self.train or self.mode == "compile"
+                               or (self.mode == "torchscript" and not scripted)):
                 what = "training" if self.train else self.mode
-                raise BenchError(f"{m.source}: an exported file runs in eager or cudagraphs "
+                modes = "eager, torchscript" if scripted else "eager"
+                raise BenchError(f"{m.source}: an exported file runs in {modes} or cudagraphs "
                                  f"inference mode only, not {what}")
             if (m.fixed_resolution is not None and self.resolution is not None
                     and self.resolution != m.fixed_resolution):
                 raise BenchError(f"{m.source}: exported for {m.fixed_resolution} px inputs only, "
                                  f"not --resolution {self.resolution}")
+
+
+def row_mode(bm: BenchModel, cond: Conditions) -> str:
+    """The mode a row of `bm` records: a TorchScript module (a .pt file from tools/export.py, or
+    a factory's scripted model) measured "eager" runs under TorchScript's executor and is
+    recorded as torchscript, so that compare never sets its latency against eager rows."""
+    if cond.mode == "eager" and isinstance(bm.model, torch.jit.ScriptModule):
+        return "torchscript"
+    return cond.mode
 
 
 def is_oom(e: BaseException) -> bool:
@@ -267,7 +279,7 @@ def _measure_rows(models: list[BenchModel], cond: Conditions, batch_sizes: list[
             row: dict[str, Any] = {
                 "kind": kind, "model": bm.name, "width": bm.width, "source": bm.source,
                 "batch_size": bs, "resolution": resolution, "precision": cond.precision,
-                "layout": cond.layout, "mode": cond.mode, "norm_act": bm.norm_act,
+                "layout": cond.layout, "mode": row_mode(bm, cond), "norm_act": bm.norm_act,
                 "params": params, "macs": macs.conv_fc if macs else None,
                 "macs_fvcore_total": macs.total if macs else None,
                 "num_classes": num_classes, **bm.details,
@@ -345,16 +357,18 @@ def results_stem(rows: list[dict[str, Any]]) -> str:
     # both stay together (the README tables set them side by side).
     norms = sorted({str(row.get("norm_act")) for row in rows} - {"native", "None"})
     norm_part = "".join(f"-{n}" for n in norms) if r["kind"] == "latency" else ""
-    return f"{r['kind']}-{dev}-{r['precision']}-{layout}-{r['mode']}-{res_part}{norm_part}"
+    # A TorchScript file's rows are torchscript among a sweep's eager ones (`row_mode`)
+    mode_part = "-".join(sorted({row["mode"] for row in rows}))
+    return f"{r['kind']}-{dev}-{r['precision']}-{layout}-{mode_part}-{res_part}{norm_part}"
 
 
 def planned_results_stem(models: list[BenchModel], cond: Conditions) -> str:
     """The `results_stem` of the rows `run(models, cond, ...)` will return, known before anything
     is measured (so that `--save`'s record can be checked first)."""
     row = {"kind": "train" if cond.train else "latency", "precision": cond.precision,
-           "layout": cond.layout, "mode": cond.mode, **conditions(cond.device)}
-    return results_stem([{**row, "resolution": cond.resolution or bm.resolution}
-                         for bm in models])
+           "layout": cond.layout, **conditions(cond.device)}
+    return results_stem([{**row, "mode": row_mode(bm, cond), "norm_act": bm.norm_act,
+                          "resolution": cond.resolution or bm.resolution} for bm in models])
 
 
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
