@@ -1,12 +1,14 @@
 """tools/evaluate.py and its library parts (fasttrain.measure.accuracy, build_val_loader):
 a checkpoint evaluates to the top-1 its run recorded, exports and factories score alike, the
 class order is the model's, and the points CSV it writes is the one compare reads."""
+import importlib.util
 import json
 import os
 import shutil
 import stat
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -136,6 +138,40 @@ def test_an_export_and_a_factory_score_like_their_checkpoint(run, data_root, tmp
     assert record["val_top1"] == top1  # the factory's module is the checkpoint's network
 
 
+@pytest.mark.skipif(importlib.util.find_spec("torch_pruning") is None,
+                    reason="needs the [prune] extra")
+def test_a_pruned_networks_row_sets_its_source_at_its_own_resolution(run, data_root, tmp_path,
+                                                                     capsys):
+    """Evaluated at 32 px, a pruned checkpoint's row took its source's MACs counted at the
+    pruning's 16 px (compare: a -100 % MAC reduction); an exported pruned file's row had no
+    baseline at all, though its metadata holds the pruning record."""
+    from fasttrain import export as ex
+    from fasttrain.compare import prune
+    from fasttrain.measure import count_macs
+    from fasttrain.models import create_model
+
+    pruned = tmp_path / "pruned.pt"
+    prune.prune_checkpoint(run / "checkpoints" / "last.pt", pruned, target_width=0.125)
+    script = tmp_path / "pruned-script.pt"
+    ex.export_model(*ex.model_from_checkpoint(pruned), "torchscript", script)
+    points = tmp_path / "p.csv"
+    at32 = ["--data.val_res=32", "--data.val_resize=32"]
+    for label, source in (("at16", ["--checkpoint", pruned]),
+                          ("at32", ["--checkpoint", pruned, *at32]),
+                          ("file", ["--file", script, QUICKSTART,
+                                    f"--data.path={data_root / 'digits'}"])):
+        code, _, err = _evaluate(capsys, *source, "--points", points, "--label", label)
+        assert code == 0, (label, err)
+    rows = {p.label: p for p in points_from_csv(points)}
+    source = create_model("cifar_resnet20", width=0.25, num_classes=10)
+    assert rows["at16"].base_macs == count_macs(source, 16).conv_fc
+    assert rows["at32"].base_macs == count_macs(source, 32).conv_fc
+    assert rows["at32"].macs < rows["at32"].base_macs  # fewer than its source, at 32 px too
+    assert (rows["file"].kind, rows["file"].base_macs, rows["file"].base_top1) == (
+        "pruned", rows["at16"].base_macs, rows["at16"].base_top1)
+    assert rows["file"].base_top1 == pytest.approx(_last_metrics(run)["val_top1"], abs=1e-4)
+
+
 def test_a_file_or_factory_without_a_recipe_is_refused(tmp_path, capsys):
     code, _, err = _evaluate(capsys, "--factory", "mod:fn")
     assert code == 2 and err.count("\n") == 1 and "give the recipe" in err
@@ -214,7 +250,7 @@ def test_evaluations_adding_to_one_points_file_at_once_keep_every_row(tmp_path, 
     def evaluate(label):
         args = Namespace(json=None, points=str(points), kind=None, file=None, label=label)
         try:
-            tool._write(args, record, None, label)
+            tool._write(args, record, SimpleNamespace(meta={}), label)
         except BaseException as e:  # noqa: BLE001  (reported below)
             errors.append(e)
 
@@ -230,13 +266,13 @@ def test_evaluations_adding_to_one_points_file_at_once_keep_every_row(tmp_path, 
 
 
 def test_a_pruned_checkpoints_row_carries_its_baseline():
-    state = {"config": {"model": {"name": "thin_resnet50", "channels": {"stem": 8}}},
-             "pruning": {"source_val_top1": 76.1, "source_macs": 4_100_000_000}}
+    meta = {"model_config": {"name": "thin_resnet50", "channels": {"stem": 8}},
+            "pruning": {"source_val_top1": 76.1, "source_macs": 4_100_000_000}}
     record = {"name": "thin_resnet50 (pruned)", "width": None, "val_top1": 70.0,
               "macs": 2_000_000_000, "params": 10, "val_res": 224, "source": "p.pt",
               "precision": "bf16", "test_flip": False, "commit": "abc"}
     args = evaluate_tool.build_parser().parse_args(["--checkpoint", "p.pt"])
-    row = evaluate_tool._point_row(args, record, state, "p")
+    row = evaluate_tool._point_row(args, record, SimpleNamespace(meta=meta), "p")
     assert (row["kind"], row["model"], row["base_top1"], row["base_macs"]) == (
         "pruned", "thin_resnet50", "76.1000", 4_100_000_000)
 

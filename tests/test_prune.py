@@ -461,11 +461,11 @@ def test_pruning_a_fine_tuned_pruned_network_keeps_the_whole_lineage(tmp_path):
     apply_init_from(ModelConfig(init_from=str(second)), lineage=(lineage2 := {}))
     tuned2 = fine_tuned(second, tmp_path / "tuned2.pt", lineage2, 80.0)
 
-    def run(name, init_from):
+    def run(name, init_from, res=16):
         cfg = Config()
         cfg.model.init_from = str(init_from)
         apply_init_from(cfg.model)  # the architecture, as the trainer takes it
-        cfg.data.val_res = cfg.data.train_res = cfg.data.val_resize = 16
+        cfg.data.val_res = cfg.data.train_res = cfg.data.val_resize = res
         folder = tmp_path / name
         folder.mkdir()
         (folder / "config.yaml").write_text(config_mod.dump(cfg))
@@ -478,6 +478,23 @@ def test_pruning_a_fine_tuned_pruned_network_keeps_the_whole_lineage(tmp_path):
     twice = run("ft-iter2", tuned2)
     assert twice.label == "cifar_resnet20 w0.5 pruned x2 (l1, global)"
     assert (twice.base_top1, twice.base_macs) == (88.0, record["source_macs"])
+    # Fine-tuned and evaluated at 32 px: the source's MACs were counted at the pruning's 16 px
+    # (a -100 % MAC reduction); its architecture is counted again at 32 px.
+    source = create_model("cifar_resnet20", width=0.5, num_classes=10)
+    wide = run("ft-32px", tuned, res=32)
+    assert wide.base_macs == count_macs(source, 32).conv_fc > 3 * once.base_macs
+    assert wide.base_macs > wide.macs
+    wide2 = run("ft2-32px", tuned2, res=32)  # its source is the fine-tuned pruned network
+    assert wide2.base_macs == count_macs(build_model(ModelConfig(
+        name="cifar_resnet20", channels=record["source_channels"]), 10), 32).conv_fc
+    # the file is matched to the run by its channels, not its MACs; another network's file
+    # (the second prune, found where the first's should be) is still refused
+    from fasttrain.compare.points import _pruning_record
+
+    warnings = []
+    first_spec = tuned_state["config"]["model"]["channels"]
+    assert _pruning_record(str(second), tmp_path / "ft-32px", warnings, 1, first_spec) is None
+    assert "its pruned network's channels are not the run's" in warnings[0]
 
 
 @needs_tp

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         if state is not None:
             record["recorded"] = _recorded(state, args.weights, cfg)
         _show(record)
-        _write(args, record, state, label)
+        _write(args, record, source, label)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -320,8 +320,8 @@ def _default_label(args) -> str:
     return args.factory
 
 
-def _point_row(args, record, state, label: str) -> dict:
-    model_cfg = ((state or {}).get("config") or {}).get("model") or {}
+def _point_row(args, record, source, label: str) -> dict:
+    model_cfg = source.meta.get("model_config") or {}
     pruned = bool(model_cfg.get("channels")) or "(pruned)" in record["name"]
     kind = args.kind or ("pruned" if pruned else "thin" if record["width"] is not None
                          else "other")
@@ -335,14 +335,14 @@ def _point_row(args, record, state, label: str) -> dict:
                    f"{'EMA weights, ' if record.get('weights') == 'ema' else ''}"
                    f"{record['precision']}{', flip' if record['test_flip'] else ''}, "
                    f"{record['commit']})"}
-    if state is not None:
-        from fasttrain.compare.points import _lineage
+    lineage = source.meta.get("pruning")  # a checkpoint's or an exported file's
+    if isinstance(lineage, dict) and kind == "pruned":
+        from fasttrain.compare.points import base_macs_at
 
-        record_ = _lineage(state)
-        if record_ and kind == "pruned":
-            base = record_.get("source_val_top1")
-            row["base_top1"] = f"{base:.4f}" if isinstance(base, (int, float)) else ""
-            row["base_macs"] = record_.get("source_macs") or ""
+        base = lineage.get("source_val_top1")
+        row["base_top1"] = f"{base:.4f}" if isinstance(base, (int, float)) else ""
+        row["base_macs"] = base_macs_at(lineage, model_cfg, record["val_res"],
+                                        record["macs"]) or ""
     return row
 
 
@@ -357,7 +357,7 @@ def _finite(value):
     return value
 
 
-def _write(args, record, state, label) -> None:
+def _write(args, record, source, label) -> None:
     from fasttrain.engine.checkpoint import folder_locked, write_atomic
 
     if args.json:
@@ -373,7 +373,7 @@ def _write(args, record, state, label) -> None:
         # Evaluations run side by side (xargs -P over checkpoints) into one file: each reads it
         # and writes it back, so without the lock the last to finish dropped the others' rows.
         with folder_locked(path.parent):
-            _add_point(args, path, _point_row(args, record, state, label))
+            _add_point(args, path, _point_row(args, record, source, label))
         print(f"added {label!r} to {args.points}")
 
 

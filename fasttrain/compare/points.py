@@ -143,7 +143,8 @@ def _lineage(state: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _pruning_record(init_from: str, run: Path, warnings: list[str],
-                    macs: int | None = None) -> dict[str, Any] | None:
+                    macs: int | None = None,
+                    channels: dict | None = None) -> dict[str, Any] | None:
     """The pruning the run's network comes from: the summary the run's own checkpoints carry
     (`pruned_from`, written by this version's trainer), else the `pruning` entry of the
     checkpoint `init_from` names (tools/prune.py writes it).
@@ -151,9 +152,10 @@ def _pruning_record(init_from: str, run: Path, warnings: list[str],
     `init_from` is absolute in the config.yaml of runs trained by this version; when a project
     folder was moved or copied it no longer exists there, and its trailing parts are looked
     for from the current folder and from the run's parent folders. A file found any way counts
-    only when its record's pruned MACs are the run's (`macs`): a relative path (older
-    versions) taken from the current folder, or a file pruned again since, gave another
-    network's baseline without a word."""
+    only when its network's channel spec is the run's (`channels`), or, for a file without
+    one, when its record's pruned MACs are the run's (`macs`): a relative path (older versions)
+    taken from the current folder, or a file pruned again since, gave another network's
+    baseline without a word."""
     from ..engine import checkpoint as ckpt
     from ..errors import CheckpointError
 
@@ -175,7 +177,8 @@ def _pruning_record(init_from: str, run: Path, warnings: list[str],
         if not c.is_file():
             continue
         try:
-            record = _lineage(ckpt.load(c))
+            state = ckpt.load(c)
+            record = _lineage(state)
         except CheckpointError as e:
             problem = problem or f"{run}: {e}"
             continue
@@ -183,7 +186,18 @@ def _pruning_record(init_from: str, run: Path, warnings: list[str],
             problem = problem or (f"{run}: {c} has no pruning record (not written by "
                                   f"tools/prune.py)")
             continue
-        if macs is not None and record.get("macs") not in (None, macs):
+        spec = ((state.get("config") or {}).get("model") or {}).get("channels")
+        if channels is not None and spec is not None:
+            # (not the MACs: a run fine-tuned at another resolution than the pruning's counts
+            # other MACs for the same network)
+            if spec != channels:
+                problem = problem or (
+                    f"{run}: model.init_from {init_from} found as {c}, but its pruned network's "
+                    f"channels are not the run's: not the file the run was fine-tuned from "
+                    f"(pruned again since?), so its baseline is unknown and it is left out of "
+                    f"the Δ view")
+                continue
+        elif macs is not None and record.get("macs") not in (None, macs):
             problem = problem or (
                 f"{run}: model.init_from {init_from} found as {c}, but its pruned network has "
                 f"{record['macs']:,} MACs and the run's {macs:,}: not the file the run was "
@@ -213,6 +227,30 @@ def _counts(m, res: int) -> tuple[int, int]:
         model = build_model(m, m.num_classes)
         _COUNTS[key] = count_macs(model, res).conv_fc, count_params(model)
     return _COUNTS[key]
+
+
+def base_macs_at(record: dict[str, Any], model_config: dict[str, Any], res: int,
+                 macs: int | None) -> int | None:
+    """The pruning source's conv+fc MACs at `res`, where the pruned network (model section
+    `model_config`, a dict) counts `macs`. `record` is the pruning summary (tools/prune.py's,
+    or the one a fine-tuned network carries): its `source_macs` were counted at the pruning
+    resolution, and a network fine-tuned or evaluated at another one set them against its own
+    count there (16 px against 32 px: a -100 % MAC reduction). Its `macs` tell: unequal to
+    `macs`, the source it names is counted again at `res`; None when that cannot be done."""
+    base = record.get("source_macs")
+    if macs is None or record.get("macs") in (None, macs):
+        return base
+    from ..config import ModelConfig
+
+    known = {f for f in ModelConfig.__dataclass_fields__}
+    source = {k: v for k, v in model_config.items() if k in known}
+    source.update(name=record.get("source_model") or source.get("name"),
+                  width=record.get("source_width", source.get("width")),
+                  channels=record.get("source_channels"), init_from="")
+    try:
+        return _counts(ModelConfig(**source), res)[0]
+    except Exception:  # a record this version cannot rebuild: no reduction, not a wrong one
+        return None
 
 
 def point_from_run(run_dir: str | Path, warnings: list[str] | None = None) -> Point:
@@ -255,8 +293,8 @@ def point_from_run(run_dir: str | Path, warnings: list[str] | None = None) -> Po
     if m.channels is not None:
         point.kind, point.width = PRUNED, None
         point.label = f"{m.name} pruned"
-        record = (_pruning_record(m.init_from, run, warnings, point.macs) if m.init_from
-                  else None)
+        record = (_pruning_record(m.init_from, run, warnings, point.macs, m.channels)
+                  if m.init_from else None)
         if record is not None:
             # pruned again after fine-tuning: "pruned x2", its base the intermediate network
             times, earlier = 1, record.get("source_pruning")
@@ -267,7 +305,7 @@ def point_from_run(run_dir: str | Path, warnings: list[str] | None = None) -> Po
                            + f" ({record['importance']}, {record['scope']})")
             point.method = f"{record['importance']}, {record['scope']}"
             point.base_top1 = record.get("source_val_top1")
-            point.base_macs = record.get("source_macs")
+            point.base_macs = base_macs_at(record, asdict(m), res, point.macs)
     return point
 
 

@@ -54,6 +54,8 @@ class BenchModel:
             registry model, the `weights` of a checkpoint), copied into each row.
         classes: the class names in label order, where the checkpoint or the exported file
             holds them; None = unknown.
+        meta: the fasttrain metadata of a checkpoint or exported file (`model_config`, the
+            `pruning` its network comes from, ...); empty for other sources.
     """
 
     name: str
@@ -69,6 +71,7 @@ class BenchModel:
     in_chans: int = 3
     details: dict[str, Any] = field(default_factory=dict)
     classes: list[str] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def from_registry(name: str, widths: list[float], *, channel_divisor: int = 1,
@@ -110,7 +113,7 @@ def from_checkpoint(path: str | Path, norm_act: str | None = None,
     name, width = _identity(meta)
     return BenchModel(name, width, str(path), model, meta["input_size"][1],
                       meta["num_classes"], meta["norm_act"], model,
-                      details={"weights": weights}, classes=meta.get("classes"))
+                      details={"weights": weights}, classes=meta.get("classes"), meta=meta)
 
 
 def _identity(meta: dict) -> tuple[str, float | None]:
@@ -165,7 +168,8 @@ def from_file(path: str | Path) -> BenchModel:
                 "native" if meta.get("norm_act") else None)
     return BenchModel(name, width, str(path), module,
                       resolution, meta.get("num_classes"), norm_act, count_model,
-                      compiled=True, fixed_resolution=fixed, classes=meta.get("classes"))
+                      compiled=True, fixed_resolution=fixed, classes=meta.get("classes"),
+                      meta=meta)
 
 
 def _exported_size(module: nn.Module, meta: dict) -> int | None:
