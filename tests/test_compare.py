@@ -805,3 +805,30 @@ def test_table_cells_that_a_spreadsheet_would_run_are_made_inert(tmp_path):
     assert compare_tool.main(["--points", str(points), "--out", str(out), "--name", "x"]) == 0
     labels = [r["label"] for r in csv.DictReader(open(out / "x-table.csv"))]
     assert sorted(labels) == ["'=HYPERLINK(\"http://x/?\"&A1)", "'@SUM(1)", "plain"], labels
+
+
+def test_option_b_cifar_runs_are_another_model_than_option_a(tmp_path):
+    """Option-A and option-B CIFAR ResNets were one thin model: an option-A w0.25 run's Δ was
+    measured against an option-B w0.5 run, and both formed one thin curve."""
+    from fasttrain import config as config_mod
+    from fasttrain.compare.points import assign_thin_baselines, point_from_run
+    from fasttrain.config import Config
+
+    def run(name, shortcut, width, top1):
+        cfg = Config()
+        cfg.model.name, cfg.model.width, cfg.model.num_classes = "cifar_resnet20", width, 10
+        cfg.model.shortcut = shortcut
+        cfg.data.val_res = cfg.data.train_res = cfg.data.val_resize = 16
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.yaml").write_text(config_mod.dump(cfg))
+        (folder / "metrics.jsonl").write_text(json.dumps({"epoch": 90, "val_top1": top1}) + "\n")
+        return point_from_run(folder, [])
+
+    a_thin, a_wide, b_wide = (run("a25", "A", 0.25, 90.0), run("a50", "A", 0.5, 93.0),
+                              run("b100", "B", 1.0, 97.0))
+    assert (a_thin.model, b_wide.model) == ("cifar_resnet20", "cifar_resnet20 (shortcut B)")
+    assert b_wide.label == "cifar_resnet20 (shortcut B) w1"
+    assert assign_thin_baselines([a_thin, a_wide, b_wide]) == []
+    assert (a_thin.base_top1, a_thin.base_macs) == (93.0, a_wide.macs)
+    assert (b_wide.base_top1, b_wide.base_macs) == (97.0, b_wide.macs)

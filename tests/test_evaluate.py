@@ -275,6 +275,10 @@ def test_a_pruned_checkpoints_row_carries_its_baseline():
     row = evaluate_tool._point_row(args, record, SimpleNamespace(meta=meta), "p")
     assert (row["kind"], row["model"], row["base_top1"], row["base_macs"]) == (
         "pruned", "thin_resnet50", "76.1000", 4_100_000_000)
+    meta = {"model_config": {"name": "cifar_resnet20", "width": 0.5, "shortcut": "B"}}
+    record.update(name="cifar_resnet20", width=0.5)
+    row = evaluate_tool._point_row(args, record, SimpleNamespace(meta=meta), "b")
+    assert (row["kind"], row["model"]) == ("thin", "cifar_resnet20 (shortcut B)")  # its own
 
 
 def test_the_same_data_folder_written_otherwise_is_the_same_setting(run, data_root, capsys,

@@ -325,8 +325,10 @@ def _point_row(args, record, source, label: str) -> dict:
     pruned = bool(model_cfg.get("channels")) or "(pruned)" in record["name"]
     kind = args.kind or ("pruned" if pruned else "thin" if record["width"] is not None
                          else "other")
-    model = model_cfg.get("name") or (record["name"].removesuffix(" (pruned)")
-                                      if args.file else "")
+    from fasttrain.compare.points import model_identity
+
+    model = model_identity(model_cfg) or (record["name"].removesuffix(" (pruned)")
+                                          if args.file else "")
     row = {"label": label, "top1": f"{record['val_top1']:.4f}", "macs": record["macs"] or "",
            "params": record["params"], "kind": kind, "model": model,
            "width": record["width"] if record["width"] is not None else "",

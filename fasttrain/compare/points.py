@@ -253,6 +253,16 @@ def base_macs_at(record: dict[str, Any], model_config: dict[str, Any], res: int,
         return None
 
 
+def model_identity(model_config: dict[str, Any]) -> str:
+    """The `model` of a point: the registry name, and for a CIFAR ResNet with option-B
+    shortcuts (1x1 projections) that too: it is another architecture than option A (the CIFAR
+    recipes' and the pruning literature's), with its own thin curve and baselines."""
+    name = str(model_config.get("name") or "")
+    if name.startswith("cifar_") and model_config.get("shortcut") == "B":
+        return f"{name} (shortcut B)"
+    return name
+
+
 def point_from_run(run_dir: str | Path, warnings: list[str] | None = None) -> Point:
     """The point of a fasttrain run directory: its last complete epoch's validation top-1, and
     params and MACs of the model its config.yaml describes, counted at the validation
@@ -286,13 +296,14 @@ def point_from_run(run_dir: str | Path, warnings: list[str] | None = None) -> Po
                            f"resolved count; was this file edited?)")
     res = cfg.data.val_res
     macs, params = _counts(m, res)
-    point = Point(label=f"{m.name} w{m.width:g}", kind=THIN, origin=MEASURED,
+    model = model_identity(asdict(m))
+    point = Point(label=f"{model} w{m.width:g}", kind=THIN, origin=MEASURED,
                   top1=metrics["val_top1"], macs=macs,
-                  params=params, model=m.name, width=m.width, resolution=res,
+                  params=params, model=model, width=m.width, resolution=res,
                   source=_shown(str(run)), dataset=cfg.data.dataset)
     if m.channels is not None:
         point.kind, point.width = PRUNED, None
-        point.label = f"{m.name} pruned"
+        point.label = f"{model} pruned"
         record = (_pruning_record(m.init_from, run, warnings, point.macs, m.channels)
                   if m.init_from else None)
         if record is not None:
@@ -300,7 +311,7 @@ def point_from_run(run_dir: str | Path, warnings: list[str] | None = None) -> Po
             times, earlier = 1, record.get("source_pruning")
             while isinstance(earlier, dict):
                 times, earlier = times + 1, earlier.get("source_pruning")
-            point.label = (f"{m.name} w{record['source_width']:g} pruned"
+            point.label = (f"{model} w{record['source_width']:g} pruned"
                            + (f" x{times}" if times > 1 else "")
                            + f" ({record['importance']}, {record['scope']})")
             point.method = f"{record['importance']}, {record['scope']}"
