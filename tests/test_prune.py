@@ -598,3 +598,73 @@ def test_prune_tool_without_torch_pruning_says_what_to_install(tmp_path, capsys,
     assert prune_tool.main([str(src), "--out", "x.pt", "--target-width", "0.25"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install -e .[prune]" in err and "torch-pruning" in err
+
+
+# --------------------------------------------------------------------------- your own pruning
+
+@needs_tp
+def test_a_network_pruned_by_torch_pruning_itself_becomes_a_pruned_checkpoint(tmp_path):
+    """A researcher's own pruning (Torch-Pruning used directly): save_pruned writes what
+    tools/prune.py would, so fine-tuning takes it with model.init_from and compare sets it
+    against its source; without it, a hand-made checkpoint had no baseline."""
+    import torch_pruning as tp
+
+    from fasttrain import config as config_mod
+    from fasttrain.compare.points import point_from_run
+
+    src, _ = write_checkpoint(tmp_path / "src.pt", name="thin_resnet18", width=0.25, res=32)
+    model, _ = ex.model_from_checkpoint(src)
+    pruner = tp.pruner.MetaPruner(model, torch.zeros(1, 3, 32, 32),
+                                  importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                  pruning_ratio=0.5, ignored_layers=[model.fc])
+    pruner.step()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model.eval()(x)
+    out = tmp_path / "mine.pt"
+    result = prune.save_pruned(model, src, out, method="my-method")
+    state = ckpt.load(out)
+    record = state["pruning"]
+    assert (record["importance"], record["scope"], record["source_val_top1"]) == (
+        "my-method", "custom", 91.0)
+    source_macs = count_macs(create_model("thin_resnet18", width=0.25, num_classes=10),
+                             32).conv_fc
+    assert record["source_macs"] == result.source_macs == source_macs
+    assert record["macs"] == result.macs == count_macs(model, 32).conv_fc < source_macs
+    assert state["config"]["model"]["channels"] == channels_of(model)
+    saved, _ = ex.model_from_checkpoint(out)
+    with torch.no_grad():
+        torch.testing.assert_close(saved(x), expected)
+    cfg = Config()
+    cfg.model.init_from = str(out)
+    apply_init_from(cfg.model, lineage=(lineage := {}))
+    assert (lineage["importance"], lineage["fine_tuned_from"]) == ("my-method", str(out))
+    cfg.data.val_res = cfg.data.train_res = cfg.data.val_resize = 32
+    run = tmp_path / "ft"
+    run.mkdir()
+    (run / "config.yaml").write_text(config_mod.dump(cfg))
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "val_top1": 88.0}) + "\n")
+    point = point_from_run(run, [])
+    assert point.label == "thin_resnet18 w0.25 pruned (my-method, custom)"
+    assert (point.base_top1, point.base_macs, point.macs) == (91.0, source_macs, record["macs"])
+
+
+@needs_tp
+def test_save_pruned_refuses_what_is_not_a_channel_pruned_network_of_the_source(tmp_path):
+    src, _ = write_checkpoint(tmp_path / "src.pt")  # cifar_resnet20 w0.5, option A
+    out = tmp_path / "out.pt"
+
+    def refused(model, words):
+        with pytest.raises(prune.PruneError, match=words):
+            prune.save_pruned(model, src, out, method="m")
+        assert not out.exists()
+
+    model, _ = ex.model_from_checkpoint(src)
+    refused(model, r"the pruned network has 2,562,368 MACs at 16 px, not fewer than its "
+                   r"source's 2,562,368")
+    # a classifier left at another width than the stream it reads (a pruning tool's
+    # stream pruned without its coupled layers): a network that cannot run
+    model.fc = nn.Linear(12, 10)
+    refused(model, r"the pruned network's weights do not fit the cifar_resnet20 its channel "
+                   r"counts describe \(size mismatch for fc\.weight.*in CIFAR option-A networks")
+    refused(nn.Sequential(nn.Conv2d(3, 4, 3)), r"not a cifar_resnet20 with channels removed")

@@ -43,6 +43,7 @@ from torch import nn
 from ..cli import check_output as check_writable
 from ..errors import UserError
 from ..measure import count_macs, count_params, git_commit
+from ..measure.sources import first_line
 from ..models.resnet import ShortcutA, channels_of
 
 IMPORTANCES = ("l1", "bn_scale")
@@ -371,14 +372,96 @@ def prune_checkpoint(path: str | Path, out: str | Path, *, target_macs: int | No
         CheckpointError: unreadable checkpoint. PruneError: see `prune_to_macs` and
             `check_output`, or `out` cannot be written (the message names it).
     """
-    from ..config import ModelConfig
-    from ..engine import checkpoint as ckpt
-    from ..engine.loop import build_model
-    from ..export import model_from_checkpoint
-
     require_torch_pruning()
     if (target_macs is None) == (target_width is None):
         raise PruneError("give exactly one of target_macs and target_width")
+    path, state, model, mc, resolution = _read_source(path, out, weights)
+    rebuild = _rebuilder(mc)
+    if target_width is not None:
+        # MACs grow with the width (a pruned network's `width` is its source's, which it is
+        # below): a width not below it is no target, and building it (a typo such as 25 for
+        # 0.25) could take all the memory there is
+        if target_width >= mc["width"]:
+            raise PruneError(f"--target-width {target_width:g} is not below the checkpoint's "
+                             f"model.width {mc['width']:g}")
+        target_macs = count_macs(rebuild(None, target_width), resolution).conv_fc
+    result = prune_to_macs(model, int(target_macs), resolution, rebuild, importance=importance,
+                           scope=scope, tolerance=tolerance)
+    _write_pruned(path, state, mc, result, out, weights,
+                  {"target_macs": result.target_macs, "target_width": target_width,
+                   "ratio": result.ratio, "tolerance": tolerance,
+                   "search": [list(s) for s in result.search], "torch_pruning": _tp_version()})
+    return result
+
+
+def save_pruned(model: nn.Module, source: str | Path, out: str | Path, *, method: str,
+                weights: str = "model") -> PruneResult:
+    """Write a network pruned by other code from the model of the fasttrain checkpoint
+    `source` (Torch-Pruning used directly, or any method that removes channels in place) as
+    the pruned checkpoint tools/prune.py would write: `--model.init_from=OUT` fine-tunes it,
+    tools/compare.py sets it against its source (Δ top-1, MAC reduction) and the thin
+    networks, and benchmark, export, evaluate and torch.hub take it. `method` names the method
+    in compare's labels ("<model> w0.5 pruned (<method>, custom)"); `weights` says which of the
+    source's weights it was pruned from ("model" or "ema": the baseline top-1).
+
+    The network keeps the fasttrain module structure with fewer channels: its channel spec is
+    read (`channels_of`), and the network rebuilt from the spec must take its weights and
+    compute what it computes. The returned result's `ratio` is NaN (no search ran).
+
+    Raises:
+        CheckpointError: unreadable source. PruneError: not a channel-pruned network of the
+            source's model (a module missing, weights that fit no network of its spec, another
+            function, no fewer MACs), or `out` cannot be written.
+    """
+    path, state, source_model, mc, resolution = _read_source(source, out, weights)
+    name = mc["name"]
+    try:
+        spec = channels_of(model)
+        clean = _rebuilder(mc)(spec)
+    except (AttributeError, TypeError, ValueError, IndexError) as e:
+        raise PruneError(f"the pruned network is not a {name} with channels removed "
+                         f"({first_line(e)})") from None
+    try:
+        clean.load_state_dict(model.state_dict())
+    except RuntimeError as e:
+        raise PruneError(f"the pruned network's weights do not fit the {name} its channel counts "
+                         f"describe ({_size_mismatch(e)}): a layer was pruned out of step with "
+                         f"the layers it is coupled to (in CIFAR option-A networks the residual "
+                         f"streams cannot be pruned: leave the stem and the blocks' outputs)"
+                         ) from None
+    _check_blur_kept(model, clean)
+    clean.eval()
+    try:
+        _check_same_function(model, clean, resolution)
+    except RuntimeError as e:
+        raise PruneError(f"the pruned network is not a channel-pruned {name}: the {name} "
+                         f"rebuilt from its channel counts computes otherwise "
+                         f"({str(e).rpartition('(')[2].rstrip(')')})") from None
+    macs, source_macs = (count_macs(m, resolution).conv_fc for m in (clean, source_model))
+    if macs >= source_macs:
+        raise PruneError(f"the pruned network has {macs:,} MACs at {resolution} px, not fewer "
+                         f"than its source's {source_macs:,}")
+    result = PruneResult(clean, spec, math.nan, macs, count_params(clean), source_macs,
+                         count_params(source_model), macs, resolution, method, "custom", 0.0)
+    _write_pruned(path, state, mc, result, out, weights,
+                  {"target_macs": None, "target_width": None, "ratio": None,
+                   "tolerance": None, "search": []})
+    return result
+
+
+def _size_mismatch(e: RuntimeError) -> str:
+    """The first size-mismatch line of a load_state_dict error (its first line is a header)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return next((line for line in lines if "size mismatch" in line or "Missing" in line),
+                lines[0] if lines else "")
+
+
+def _read_source(path: str | Path, out: str | Path, weights: str):
+    """(path, state, model, model_config, resolution) of the checkpoint to prune, `out`
+    checked as an output; a pruned network not trained since is refused."""
+    from ..engine import checkpoint as ckpt
+    from ..export import model_from_checkpoint
+
     path = Path(path)
     state = ckpt.load(path)
     model, meta = model_from_checkpoint(path, weights=weights, state=state)
@@ -390,9 +473,14 @@ def prune_checkpoint(path: str | Path, out: str | Path, *, target_macs: int | No
                          f"pruned to {record.get('macs')} MACs): prune that source to the new "
                          f"target instead, or fine-tune this one first")
     check_output(path, out)
-    config = copy.deepcopy(state["config"])
-    mc = dict(meta["model_config"])  # num_classes resolved
-    resolution = meta["input_size"][1]
+    return path, state, model, dict(meta["model_config"]), meta["input_size"][1]
+
+
+def _rebuilder(mc: dict[str, Any]) -> Callable[..., nn.Module]:
+    """The model section `mc` (num_classes resolved) built with a channel spec or a width."""
+    from ..config import ModelConfig
+    from ..engine.loop import build_model
+
     known = {f.name for f in dataclasses.fields(ModelConfig)}
 
     def rebuild(channels: dict[str, Any] | None, width: float | None = None) -> nn.Module:
@@ -402,16 +490,17 @@ def prune_checkpoint(path: str | Path, out: str | Path, *, target_macs: int | No
             cfg.width = width
         return build_model(cfg, cfg.num_classes)
 
-    if target_width is not None:
-        # MACs grow with the width (a pruned network's `width` is its source's, which it is
-        # below): a width not below it is no target, and building it (a typo such as 25 for
-        # 0.25) could take all the memory there is
-        if target_width >= mc["width"]:
-            raise PruneError(f"--target-width {target_width:g} is not below the checkpoint's "
-                             f"model.width {mc['width']:g}")
-        target_macs = count_macs(rebuild(None, target_width), resolution).conv_fc
-    result = prune_to_macs(model, int(target_macs), resolution, rebuild, importance=importance,
-                           scope=scope, tolerance=tolerance)
+    return rebuild
+
+
+def _write_pruned(path: Path, state: dict[str, Any], mc: dict[str, Any], result: PruneResult,
+                  out: str | Path, weights: str, search: dict[str, Any]) -> None:
+    """The pruned checkpoint: `model` (pruned weights), `config` (the source's, with
+    `model.channels`), `versions` and the `pruning` record (source, counts, how it was found:
+    `search`)."""
+    from ..engine import checkpoint as ckpt
+
+    config = copy.deepcopy(state["config"])
     config["model"] = {**config["model"], "channels": result.channels, "init_from": "",
                        "num_classes": mc["num_classes"]}
     metrics = state.get("metrics") or {}
@@ -428,12 +517,9 @@ def prune_checkpoint(path: str | Path, out: str | Path, *, target_macs: int | No
               "source_pruning": (state.get("pruned_from")
                                  if isinstance(state.get("pruned_from"), dict) else None),
               "source_macs": result.source_macs, "source_params": result.source_params,
-              "target_macs": result.target_macs, "target_width": target_width,
-              "macs": result.macs, "params": result.params, "resolution": resolution,
-              "source_weights": weights,
-              "importance": importance, "scope": scope, "ratio": result.ratio,
-              "tolerance": tolerance, "search": [list(s) for s in result.search],
-              "torch_pruning": _tp_version(),
+              "macs": result.macs, "params": result.params, "resolution": result.resolution,
+              "source_weights": weights, "importance": result.importance,
+              "scope": result.scope, **search,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     versions = {**(state.get("versions") or {}), "torch": str(torch.__version__),
                 "prune_commit": git_commit()}
@@ -445,4 +531,3 @@ def prune_checkpoint(path: str | Path, out: str | Path, *, target_macs: int | No
     except OSError as e:  # disk full, or the folder changed since check_output
         raise PruneError(f"output {out}: cannot write the pruned checkpoint "
                          f"({e.strerror or e})") from None
-    return result
