@@ -197,16 +197,25 @@ def test_load_refuses_code_execution_and_garbage(tmp_path):
     evil = write_code_running_checkpoint(tmp_path / "evil.pt", marker)
     # the reason, not torch's paragraph of advice around it
     with pytest.raises(CheckpointError, match=r"cannot load checkpoint \(refused by weights-only "
-                                              r"loading: .*GLOBAL (posix|os)\.system"):
+                                              r"loading: .*GLOBAL (posix|os)\.system") as e:
         ckpt.load(evil)
     assert not marker.exists()
+    assert "factory" not in str(e.value)  # no hint to load a file that calls a function
     # another project's checkpoint: torch's message names the global on a line of its own
     torch.save({"model": {}, "args": argparse.Namespace(lr=0.1)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError) as e:
         ckpt.load(tmp_path / "other.pt")
     assert str(e.value) == (f"{tmp_path / 'other.pt'}: cannot load checkpoint (refused by "
                             f"weights-only loading: Unsupported global: GLOBAL "
-                            f"argparse.Namespace was not an allowed global by default.)")
+                            f"argparse.Namespace was not an allowed global by default.; if it "
+                            f"is a model you saved whole with torch.save(model), "
+                            f"tools/evaluate.py and tools/benchmark.py take it through "
+                            f"--factory, a function of yours that loads it)")
+    # a whole model: the hint is what helps (--checkpoint refuses it, --file sends it here)
+    torch.save(create_model("cifar_resnet20", width=0.25), tmp_path / "whole.pt")
+    with pytest.raises(CheckpointError, match=r"GLOBAL fasttrain\.models\.resnet\.CifarResNet "
+                                              r".*take it through --factory"):
+        ckpt.load(tmp_path / "whole.pt")
     (tmp_path / "garbage.pt").write_text("garbage\n")
     with pytest.raises(CheckpointError, match=r"\(refused by weights-only loading: Unsupported "
                                               r"operand 103\)$"):

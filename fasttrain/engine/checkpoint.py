@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -181,6 +182,13 @@ def load(path: Path, mmap: bool = False) -> dict[str, Any]:
             # is for code calling torch.load, not for a user of the tools
             detail = details[0].split(" Please use ")[0] if details else ""
             reason = f"refused by weights-only loading: {detail}" if detail else reason
+            named = re.search(r"GLOBAL ([\w.]+)", detail)
+            if named and named[1].rpartition(".")[2][:1].isupper():
+                # a class: most often a whole model pickled with torch.save(model) (a function
+                # such as os.system is no model, and no hint to load the file is given then)
+                reason += ("; if it is a model you saved whole with torch.save(model), "
+                           "tools/evaluate.py and tools/benchmark.py take it through "
+                           "--factory, a function of yours that loads it")
         raise CheckpointError(f"{path}: cannot load checkpoint ({reason})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path}: not a fasttrain checkpoint (no 'model' entry)")
