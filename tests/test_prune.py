@@ -517,6 +517,14 @@ def test_prune_tool_user_errors_exit_2_with_one_line(tmp_path, capsys):
              ([str(src), "--out", "x.pt", "--tolerance", "1e-9", "--target-width", "0.3"],
               "no pruning ratio lands within 1e-07 % of"),
              ([str(src), "--out", "x.pt"], "one of the arguments --target-macs --target-width")]
+    # channel_divisor 8 builds w0.2 with the channels of w0.25: "target 2,766,080 MACs is not
+    # below the model's 2,766,080 MACs" left the user guessing
+    rounded, _ = write_checkpoint(tmp_path / "rounded.pt", name="thin_resnet18", width=0.25,
+                                  res=32, channel_divisor=8)
+    cases.append(([str(rounded), "--out", "x.pt", "--target-width", "0.2"],
+                  "--target-width 0.2 builds the same channel counts as the checkpoint's "
+                  "model.width 0.25 (model.channel_divisor 8 rounds both up alike): nothing to "
+                  "prune; choose a smaller width"))
     # A MAC count: 'inf' used to be an OverflowError traceback, 0.4 "not a positive number".
     cases += [([str(src), "--out", "x.pt", "--target-macs", text],
                f"expected a finite MAC count >= 1 (e.g. 2.6e6), got '{text}'")

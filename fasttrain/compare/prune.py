@@ -384,7 +384,13 @@ def prune_checkpoint(path: str | Path, out: str | Path, *, target_macs: int | No
         if target_width >= mc["width"]:
             raise PruneError(f"--target-width {target_width:g} is not below the checkpoint's "
                              f"model.width {mc['width']:g}")
-        target_macs = count_macs(rebuild(None, target_width), resolution).conv_fc
+        thinner = rebuild(None, target_width)
+        if mc.get("channels") is None and channels_of(thinner) == channels_of(model):
+            raise PruneError(f"--target-width {target_width:g} builds the same channel counts "
+                             f"as the checkpoint's model.width {mc['width']:g} (model."
+                             f"channel_divisor {mc.get('channel_divisor', 1)} rounds both up "
+                             f"alike): nothing to prune; choose a smaller width")
+        target_macs = count_macs(thinner, resolution).conv_fc
     result = prune_to_macs(model, int(target_macs), resolution, rebuild, importance=importance,
                            scope=scope, tolerance=tolerance)
     _write_pruned(path, state, mc, result, out, weights,
