@@ -1044,6 +1044,34 @@ def test_two_ranks_split_training_and_see_each_validation_image_once(cifar, tmp_
 # -------------------------------------------------------------------------------- end to end
 
 @pytest.mark.slow
+def test_train_in_a_process_leaves_no_ffcv_file_open(digits, tmp_path):
+    """A notebook's train(ffcv) kept both .beton files open (descriptors and memory maps, in
+    FFCV's reference cycles) until Python happened to collect them."""
+    import shutil
+
+    from fasttrain.engine import train
+
+    files = tmp_path / "ffcv"
+    shutil.copytree(digits / "ffcv", files)  # the module's fixtures keep their own open
+
+    def open_here():
+        held = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                held.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                continue
+        held += [line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()]
+        return sorted({h for h in held if h.startswith(str(files))})
+
+    cfg = load(QUICKSTART, [f"--data.path={digits}", "--data.backend=ffcv",
+                            f"--data.ffcv_dir={files}", "--schedule.epochs=1",
+                            "--schedule.warmup_epochs=0", "--train.max_steps=2",
+                            f"--log.dir={tmp_path}", "--log.progress=plain"])
+    train(cfg)
+    assert open_here() == []
+
+
 def test_quickstart_trains_with_ffcv(digits, run_tool, tmp_path):
     """tools/train.py on the files the write tool put in the default folder (data.path empty:
     $FASTTRAIN_DATA/digits/ffcv)."""

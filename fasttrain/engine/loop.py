@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import gc
 import importlib.util
 import json
 import math
@@ -552,6 +553,11 @@ def train(cfg: Config, recipe: str | None = None, resume: str | None = None,
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
         else:
             os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas_workspace
+        if cfg.data.backend == "ffcv":
+            # FFCV's loaders hold their .beton files (descriptors and memory maps) in reference
+            # cycles: a notebook kept them open, and a deleted file's disk space, until Python
+            # happened to collect them
+            gc.collect()
 
 
 def _train(cfg: Config, dist: distributed.DistInfo, report: Reporter, recipe: str | None,
