@@ -353,10 +353,11 @@ def test_factory_rows_name_their_file_norm_act_and_input_channels(tmp_path, monk
                 return torch.compile(build())
         """))
     rows = []
+    path_before = list(sys.path)
     for folder in ("a", "b"):
-        monkeypatch.chdir(tmp_path / folder)
-        sys.modules.pop("nets", None)  # the other folder's module of the same name
+        monkeypatch.chdir(tmp_path / folder)  # a notebook changing folder: the module anew
         bm = sources.from_factory("nets:build")
+        assert sys.path == path_before
         assert (bm.norm_act, bm.in_chans) == ("native", 3)
         assert bm.source == f"nets:build ({tmp_path / folder / 'nets.py'})"
         rows += bench.run([bm], bench.Conditions(resolution=8, iters=1, warmup=0), [1])
@@ -373,6 +374,11 @@ def test_factory_rows_name_their_file_norm_act_and_input_channels(tmp_path, monk
     compiled = sources.from_factory("nets:compiled")
     assert bench.warmup_calls(0, "eager", compiled.model) == 1
     assert compiled.count_model is compiled.model._orig_mod
+    # edited between two calls (a notebook): the new file's network, not the cached module's
+    nets = tmp_path / "b" / "nets.py"
+    nets.write_text(nets.read_text().replace("nn.Linear(6, 5)", "nn.Linear(6, 7)"))
+    os.utime(nets, ns=(nets.stat().st_atime_ns, nets.stat().st_mtime_ns + 10**9))
+    assert sources.from_factory("nets:build").model[-1].out_features == 7
     sys.modules.pop("nets", None)
 
 

@@ -4,7 +4,9 @@ the same way as a ThinResNet).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import importlib.machinery
 import os
 import sys
 import warnings
@@ -185,11 +187,69 @@ def _exported_size(module: nn.Module, meta: dict) -> int | None:
     return int(size[1]) if size else None
 
 
+# Source files of the modules from_factory imported: (mtime_ns, size) when imported.
+_IMPORTED: dict[str, tuple[int, int]] = {}
+
+
+def _stamp(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+@contextlib.contextmanager
+def _current_directory_first():
+    """The current directory first on sys.path (as `python -m` has it) for the duration only:
+    the caller's sys.path is as it was afterwards."""
+    cwd = os.getcwd()
+    sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        sys.path.remove(cwd)  # the first occurrence: the one inserted
+
+
+def _import_as_now(mod_name: str):
+    """The module `mod_name` as a new process would import it now: a module imported earlier
+    in this process from another folder (a notebook that changed directory) is imported from
+    where the search path finds it now, and one whose source file changed since this function
+    imported it (edited between two benchmarks) is reloaded. Written here because importlib
+    caches a module by name for the life of the process, whatever happened to its file."""
+    top = mod_name.partition(".")[0]
+    loaded = sys.modules.get(top)
+    if loaded is not None and getattr(loaded, "__file__", None):
+        importlib.invalidate_caches()
+        found = importlib.machinery.PathFinder.find_spec(top, sys.path)
+        here = os.path.realpath(os.getcwd())
+        origin = os.path.realpath(found.origin) if found and found.origin else None
+        # only the user's own files, in the current directory: an installed package is never
+        # imported twice
+        if (origin is not None and origin.startswith(here + os.sep)
+                and origin != os.path.realpath(loaded.__file__)):
+            for name in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
+                del sys.modules[name]
+    module = sys.modules.get(mod_name)
+    where = getattr(module, "__file__", None)
+    if module is not None and where in _IMPORTED and _IMPORTED[where] != _stamp(where):
+        module = importlib.reload(module)
+    else:
+        module = importlib.import_module(mod_name)
+    where = getattr(module, "__file__", None)
+    if where:
+        _IMPORTED[where] = _stamp(where)
+    return module
+
+
 def from_factory(spec: str) -> BenchModel:
     """`package.module:function` → `function()`, which must return an nn.Module.
 
     The module is imported from `sys.path` with the current directory first (as `python -m`
-    does), so a factory file next to the user's shell works without installing it.
+    does), so a factory file next to the user's shell works without installing it; sys.path is
+    restored afterwards. In a long-lived process (a notebook) the module is what a new process
+    would import: from the current directory's file after a change of directory, and reloaded
+    after its source file changed.
 
     Raises:
         SourceError: a malformed spec, or a module or function that fails (import error,
@@ -198,22 +258,22 @@ def from_factory(spec: str) -> BenchModel:
     mod_name, sep, fn_name = spec.partition(":")
     if not sep or not mod_name or not fn_name:
         raise SourceError(f"factory {spec!r} must look like package.module:function")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise SourceError(f"factory {spec!r}: cannot import {mod_name!r} ({e})") from None
-    except Exception as e:  # the user's code: a syntax error, or anything it raises at import
-        raise SourceError(f"factory {spec!r}: importing {mod_name!r} failed ({first_line(e)})"
-                          ) from None
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise SourceError(f"factory {spec!r}: {mod_name!r} has no callable {fn_name!r}")
-    try:
-        model = fn()
-    except Exception as e:
-        raise SourceError(f"factory {spec!r}: calling it failed ({first_line(e)})") from None
+    with _current_directory_first():
+        try:
+            module = _import_as_now(mod_name)
+        except ImportError as e:
+            raise SourceError(f"factory {spec!r}: cannot import {mod_name!r} ({e})") from None
+        except Exception as e:  # the user's code: a syntax error, or anything it raises
+            raise SourceError(f"factory {spec!r}: importing {mod_name!r} failed "
+                              f"({first_line(e)})") from None
+        fn = getattr(module, fn_name, None)
+        if not callable(fn):
+            raise SourceError(f"factory {spec!r}: {mod_name!r} has no callable {fn_name!r}")
+        try:  # (a factory may import its folder's modules when called)
+            model = fn()
+        except Exception as e:
+            raise SourceError(f"factory {spec!r}: calling it failed ({first_line(e)})"
+                              ) from None
     if not isinstance(model, nn.Module):
         raise SourceError(f"factory {spec!r} returned {type(model).__name__}, not an nn.Module")
     # The spec names a module relative to the current directory: the file it was imported
