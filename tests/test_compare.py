@@ -832,3 +832,18 @@ def test_option_b_cifar_runs_are_another_model_than_option_a(tmp_path):
     assert assign_thin_baselines([a_thin, a_wide, b_wide]) == []
     assert (a_thin.base_top1, a_thin.base_macs) == (93.0, a_wide.macs)
     assert (b_wide.base_top1, b_wide.base_macs) == (97.0, b_wide.macs)
+
+
+def test_published_cifar_points_are_set_against_the_option_a_thin_curve(tmp_path):
+    """The literature's ResNet-56 has option-A shortcuts: with option-B thin points in the
+    comparison, published points were measured against a curve of both."""
+    csv_path = tmp_path / "ab.csv"
+    csv_path.write_text("label,kind,model,width,top1,macs\n"
+                        "A w0.5,thin,cifar_resnet56,0.5,91.0,32000000\n"
+                        "A w1,thin,cifar_resnet56,1.0,93.0,125000000\n"
+                        "B w0.5,thin,cifar_resnet56 (shortcut B),0.5,92.5,33000000\n"
+                        "B w1,thin,cifar_resnet56 (shortcut B),1.0,94.0,127000000\n")
+    c = report.build_comparison("resnet56-cifar10", points_csv=[csv_path])
+    published = [r for r in c.rows if r["kind"] == LITERATURE and r["thin_points"]]
+    assert published and all(r["model"] == "cifar_resnet56" for r in published)
+    assert {r["thin_points"] for r in published} <= {"A w0.5", "A w1", "A w0.5 – A w1"}

@@ -76,12 +76,15 @@ class Point:
 
 # --------------------------------------------------------------------------- literature
 
-def literature_points(points: Iterable[LiteraturePoint]) -> list[Point]:
+def literature_points(points: Iterable[LiteraturePoint], model: str | None = None
+                      ) -> list[Point]:
     """Published operating points as comparison points (rows without MACs stay out of the MAC
-    axes but keep their place in the table)."""
+    axes but keep their place in the table). `model`: the benchmark's network (its fasttrain
+    model, option-A shortcuts for the CIFAR ResNets, as the literature's), whose thin curve
+    they are set against when the comparison has one."""
     return [Point(label=f"{p.method} ({p.venue})", kind=LITERATURE, origin=PUBLISHED, top1=p.top1,
                   macs=p.macs, params=p.params, base_top1=p.base_top1,
-                  reduction_pct=p.macs_reduction_pct, method=p.method,
+                  reduction_pct=p.macs_reduction_pct, method=p.method, model=model,
                   source=f"{p.source} (line {p.line})") for p in points]
 
 

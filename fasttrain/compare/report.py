@@ -142,7 +142,7 @@ def build_comparison(benchmark: str | None = None, runs: Iterable[str | Path] = 
         warnings += check_benchmark_fit(points, bench)
         lit = load_literature(literature, bench.name)
         warnings += lit.warnings
-        points += literature_points(lit.points)
+        points += literature_points(lit.points, bench.model)
     front = pareto_front((p.macs, p.top1) for p in points if p.kind == THIN and p.macs)
     return Comparison(bench, points, front, table_rows(points, front, tolerance), conditions,
                       tolerance, warnings)
