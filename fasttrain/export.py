@@ -562,6 +562,13 @@ def load_exported(path: str | Path, fmt: str | None = None
         raise
     except Exception as e:  # torch raises RuntimeError, zipfile.BadZipFile, KeyError, ... here
         if _is_torch_save_archive(path):
+            from .engine.checkpoint import load as load_checkpoint
+
+            try:  # weights-only: a model pickled whole is refused at its class, unrun
+                load_checkpoint(path, mmap=True)
+            except CheckpointError as refused:
+                if "--factory" in str(refused):  # not a checkpoint either: say what works
+                    raise ExportError(str(refused)) from None
             raise ExportError(f"{path}: {CHECKPOINT_NOT_EXPORT}") from None
         if "Weights only load failed" in str(e):
             raise ExportError(f"{path}: holds pickled objects that are not plain tensors "

@@ -495,6 +495,15 @@ def test_file_and_checkpoint_sources_say_what_is_wrong(exported, tmp_path):
                                                   r"checkpoint\?\), not an exported model "
                                                   r"\(use --checkpoint\)$"):
         sources.from_file(tmp_path / "last.pt")
+    # a model saved whole is no checkpoint either: --checkpoint refused it in turn
+    from fasttrain.errors import UserError
+    from fasttrain.models import create_model
+
+    torch.save(create_model("cifar_resnet20", width=0.25), tmp_path / "whole.pt")
+    with pytest.raises(UserError, match=r"whole\.pt: cannot load checkpoint \(refused by "
+                                        r"weights-only loading: .*CifarResNet.* through "
+                                        r"--factory, a function of yours that loads it\)$"):
+        sources.from_file(tmp_path / "whole.pt")
     plain = tmp_path / "plain.pt"
     torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())).save(str(plain))
     with pytest.warns(UserWarning, match="MACs not counted: the file has no fasttrain metadata"):
