@@ -643,6 +643,14 @@ def test_a_network_pruned_by_torch_pruning_itself_becomes_a_pruned_checkpoint(tm
     saved, _ = ex.model_from_checkpoint(out)
     with torch.no_grad():
         torch.testing.assert_close(saved(x), expected)
+    assert record["torch_pruning"] == importlib.metadata.version("torch-pruning")
+    # a network kept in bf16 (or on a GPU) is checked and saved as a checkpoint holds it, in
+    # float32 on the CPU; "computes otherwise (CPUBFloat16Type) ..." refused it
+    model.to(torch.bfloat16)
+    prune.save_pruned(model, src, tmp_path / "bf16.pt", method="my-method")
+    assert next(model.parameters()).dtype == torch.bfloat16  # the caller's network as it was
+    weights = ckpt.load(tmp_path / "bf16.pt")["model"]
+    assert all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())
     cfg = Config()
     cfg.model.init_from = str(out)
     apply_init_from(cfg.model, lineage=(lineage := {}))

@@ -289,7 +289,9 @@ def _blurred(model: nn.Module) -> set[str]:
     return {name for name, m in model.named_modules() if isinstance(m, BlurPoolConv2d)}
 
 
-def _check_blur_kept(pruned: nn.Module, clean: nn.Module) -> None:
+def _check_blur_kept(pruned: nn.Module, clean: nn.Module,
+                     remedy: str = "choose a larger target, or prune a network trained "
+                                   "without blurpool") -> None:
     """model.blurpool blurs strided convs by their input count (>= 16): one pruned below that
     keeps its blur here but would lose it in every rebuild from the saved config (export,
     hub, fine-tuning), a different network from the one selected and measured."""
@@ -300,8 +302,7 @@ def _check_blur_kept(pruned: nn.Module, clean: nn.Module) -> None:
                          f"{conv.in_channels} inputs, too few for model.blurpool's blur (16 or "
                          f"more): the saved network would compute without it"
                          + (f" ({len(lost) - 1} more such layers)" if len(lost) > 1 else "")
-                         + "; choose a larger target, or prune a network trained without "
-                         "blurpool")
+                         + f"; {remedy}")
 
 
 def _check_same_function(pruned: nn.Module, clean: nn.Module, resolution: int) -> None:
@@ -421,6 +422,9 @@ def save_pruned(model: nn.Module, source: str | Path, out: str | Path, *, method
     """
     path, state, source_model, mc, resolution = _read_source(source, out, weights)
     name = mc["name"]
+    # checked and saved as a checkpoint holds a network: on the CPU in float32 (a copy: the
+    # caller's network stays where and what it is, say bf16 on a GPU)
+    model = copy.deepcopy(model).cpu().float()
     try:
         spec = channels_of(model)
         clean = _rebuilder(mc)(spec)
@@ -435,8 +439,15 @@ def save_pruned(model: nn.Module, source: str | Path, out: str | Path, *, method
                          f"the layers it is coupled to (in CIFAR option-A networks the residual "
                          f"streams cannot be pruned: leave the stem and the blocks' outputs)"
                          ) from None
-    _check_blur_kept(model, clean)
+    _check_blur_kept(model, clean, "prune a network trained without blurpool, or keep 16 "
+                                    "or more inputs there")
     clean.eval()
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, clean.conv1.in_channels, resolution, resolution))
+    except Exception as e:
+        raise PruneError(f"the pruned network fails on a {resolution} px input "
+                         f"({first_line(e)})") from None
     try:
         _check_same_function(model, clean, resolution)
     except RuntimeError as e:
@@ -451,8 +462,16 @@ def save_pruned(model: nn.Module, source: str | Path, out: str | Path, *, method
                          count_params(source_model), macs, resolution, method, "custom", 0.0)
     _write_pruned(path, state, mc, result, out, weights,
                   {"target_macs": None, "target_width": None, "ratio": None,
-                   "tolerance": None, "search": []})
+                   "tolerance": None, "search": [], "torch_pruning": _installed_tp()})
     return result
+
+
+def _installed_tp() -> str | None:
+    """Torch-Pruning's version where it is installed (the user's pruning may have used it)."""
+    try:
+        return importlib.metadata.version("torch-pruning")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _size_mismatch(e: RuntimeError) -> str:
