@@ -399,6 +399,16 @@ def test_latency_is_matched_by_architecture(tmp_path):
     path.write_text(json.dumps([_row(), _row(params=20, macs=500, norm_act="native")]))
     with pytest.raises(CompareError, match="norm_act None and 'native'"):  # an older file
         attach_latency(pts, [path])
+    # one network measured eager (its checkpoint) and torchscript (its exported file), in two
+    # files: the file given last won, in silence
+    scripted = tmp_path / "ts.json"
+    scripted.write_text(json.dumps([_row(mode="torchscript", latency_ms_p50=0.9)]))
+    path.write_text(json.dumps([_row()]))
+    for files in ([path, scripted], [scripted, path]):
+        with pytest.raises(CompareError, match="^a: latency rows of its network .* mode "
+                                               "'(eager|torchscript)' and "
+                                               "'(eager|torchscript)'; compare one"):
+            attach_latency(pts, files)
     path.write_text(json.dumps([{"kind": "latency"}]))
     with pytest.raises(CompareError, match="row 1: missing field 'status'"):
         attach_latency(pts, [path])

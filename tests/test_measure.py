@@ -456,8 +456,8 @@ def test_exported_files_count_like_the_trained_network(exported):
 
 def test_a_torchscript_files_rows_say_torchscript_and_compare_keeps_them_apart(exported):
     """Its eager rows ran TorchScript's executor: recorded as eager, compare set a TorchScript
-    file's latency (0.27 ms) against an eager checkpoint's (0.64 ms) of the same network (it
-    refuses rows of different modes)."""
+    file's latency (0.27 ms) against an eager checkpoint's (0.64 ms) of the same network (rows
+    of different modes it refuses: test_compare.py::test_latency_is_matched_by_architecture)."""
     cond = bench.Conditions(device="cpu", resolution=16, iters=1, warmup=0)
     script, program = (sources.from_file(exported / name) for name in ("net.pt", "net.pt2"))
     (reg,) = sources.from_registry("cifar_resnet20", [0.25])

@@ -550,6 +550,10 @@ LATENCY_FIELDS = ("kind", "status", "params", "macs", "resolution", "batch_size"
                   "latency_ms_p50", "device_name", "precision", "layout", "mode")
 
 
+# What a latency row was measured under: rows that differ in one are not comparable.
+CONDITION_KEYS = ("device_name", "threads", "precision", "layout", "mode", "norm_act")
+
+
 def attach_latency(points: list[Point], files: Iterable[str | Path],
                    batch_size: int | None = None) -> LatencyConditions | None:
     """Set `latency_ms` (p50) of every point whose params, MACs and resolution equal those of a
@@ -609,21 +613,24 @@ def attach_latency(points: list[Point], files: Iterable[str | Path],
         if not matches or p.kind == LITERATURE:
             continue
         # norm_act changes the latency but not the counts (a BN-folded export counts like its
-        # checkpoint): such rows are not re-measurements of each other
-        norms = list(dict.fromkeys(m.get("norm_act") for m in matches))
-        if len(norms) > 1:
-            raise CompareError(f"{p.label}: latency rows of its network ({p.params:,} params, "
-                               f"{p.macs:,} MACs) measured with norm_act {norms[0]!r} and "
-                               f"{norms[1]!r}; compare one set-up at a time")
+        # checkpoint), and so do the mode (a TorchScript file's rows against a checkpoint's
+        # eager ones) and the other conditions: such rows are not re-measurements of each
+        # other, and the last file given would win
+        for key in CONDITION_KEYS:
+            values = list(dict.fromkeys(m.get(key) for m in matches))
+            if len(values) > 1:
+                raise CompareError(f"{p.label}: latency rows of its network ({p.params:,} "
+                                   f"params, {p.macs:,} MACs) measured with {key} "
+                                   f"{values[0]!r} and {values[1]!r}; compare one set-up at "
+                                   f"a time")
         r = matches[-1]  # the last (most recent) measurement
         p.latency_ms = r["latency_ms_p50"]
         used.append(r)
     if not used:
         return None
-    keys = ("device_name", "threads", "precision", "layout", "mode", "norm_act")
     first = used[0]
     for r in used[1:]:
-        for k in keys:
+        for k in CONDITION_KEYS:
             if r.get(k) != first.get(k):
                 raise CompareError(f"latency rows measured under different conditions: "
                                    f"{k} {first.get(k)!r} and {r.get(k)!r}; compare one "
