@@ -167,6 +167,11 @@ def test_a_pruned_networks_row_sets_its_source_at_its_own_resolution(run, data_r
     assert rows["at16"].base_macs == count_macs(source, 16).conv_fc
     assert rows["at32"].base_macs == count_macs(source, 32).conv_fc
     assert rows["at32"].macs < rows["at32"].base_macs  # fewer than its source, at 32 px too
+    import csv
+
+    notes = {r["label"]: r["note"] for r in csv.DictReader(points.open(encoding="utf-8"))}
+    assert "base top-1 measured at the pruning's resolution" in notes["at32"]
+    assert "base top-1" not in notes["at16"] + notes["file"]
     assert (rows["file"].kind, rows["file"].base_macs, rows["file"].base_top1) == (
         "pruned", rows["at16"].base_macs, rows["at16"].base_top1)
     assert rows["file"].base_top1 == pytest.approx(_last_metrics(run)["val_top1"], abs=1e-4)

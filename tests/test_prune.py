@@ -470,7 +470,9 @@ def test_pruning_a_fine_tuned_pruned_network_keeps_the_whole_lineage(tmp_path):
         folder.mkdir()
         (folder / "config.yaml").write_text(config_mod.dump(cfg))
         (folder / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "val_top1": 70.0}) + "\n")
-        return point_from_run(folder, warnings := [])
+        point = point_from_run(folder, warnings := [])
+        point.warnings = warnings
+        return point
 
     once = run("ft-again", tuned)  # fine-tuned from the fine-tuned pruned network
     assert once.label == "cifar_resnet20 w0.5 pruned (l1, global)"
@@ -483,6 +485,11 @@ def test_pruning_a_fine_tuned_pruned_network_keeps_the_whole_lineage(tmp_path):
     source = create_model("cifar_resnet20", width=0.5, num_classes=10)
     wide = run("ft-32px", tuned, res=32)
     assert wide.base_macs == count_macs(source, 32).conv_fc > 3 * once.base_macs
+    def other_resolution(point):
+        return [w for w in point.warnings if "another resolution than its pruning's" in w]
+
+    assert other_resolution(once) == [] and len(other_resolution(wide)) == 1
+    assert "ft-32px: evaluated at 32 px, another resolution" in other_resolution(wide)[0]
     assert wide.base_macs > wide.macs
     wide2 = run("ft2-32px", tuned2, res=32)  # its source is the fine-tuned pruned network
     assert wide2.base_macs == count_macs(build_model(ModelConfig(

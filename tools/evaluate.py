@@ -345,6 +345,8 @@ def _point_row(args, record, source, label: str) -> dict:
         row["base_top1"] = f"{base:.4f}" if isinstance(base, (int, float)) else ""
         row["base_macs"] = base_macs_at(lineage, model_cfg, record["val_res"],
                                         record["macs"]) or ""
+        if lineage.get("macs") not in (None, record["macs"]):
+            row["note"] += "; base top-1 measured at the pruning's resolution, not this one"
     return row
 
 

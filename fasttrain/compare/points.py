@@ -320,6 +320,11 @@ def point_from_run(run_dir: str | Path, warnings: list[str] | None = None) -> Po
             point.method = f"{record['importance']}, {record['scope']}"
             point.base_top1 = record.get("source_val_top1")
             point.base_macs = base_macs_at(record, asdict(m), res, point.macs)
+            if record.get("macs") not in (None, point.macs):
+                warnings.append(f"{run}: evaluated at {res} px, another resolution than its "
+                                f"pruning's: its source's MACs are counted at {res} px, but "
+                                f"the source's top-1 is the one it had at its own, so its Δ "
+                                f"top-1 sets accuracies at two resolutions against each other")
     return point
 
 
