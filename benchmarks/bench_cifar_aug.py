@@ -108,9 +108,11 @@ def main(argv: list[str] | None = None) -> int:
              "images_per_s_min": round(min(v), 1), "images_per_s_max": round(max(v), 1),
              "images_per_s_rounds": [round(x, 1) for x in v]} for n, v in rates.items()]
     speedup = statistics.median(a / b for a, b in zip(rates["resident"], rates["torch"]))
+    aug = load(RECIPE, [f"--data.path={root}"]).aug  # what the rounds ran
     result = {"benchmark": "bench_cifar_aug", "date": datetime.now(timezone.utc).isoformat(),
               **conditions(device.type), "recipe": str(RECIPE.relative_to(ROOT)),
-              "augmentation": "pad 4 + random crop 32, flip 0.5, TrivialAugmentWide",
+              "augmentation": f"pad 4 + random crop 32, flip 0.5, TrivialAugmentWide "
+                              f"({aug.auto_augment_interpolation} resampling)",
               "images": train_images, "workers": args.workers, "batch_size": args.batch_size,
               "timed_epochs": args.epochs, "rounds": args.rounds,
               "resident_vs_torch": round(speedup, 2), "rows": rows}
