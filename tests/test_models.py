@@ -157,12 +157,17 @@ def test_shortcut_a_subsamples_from_the_first_pixel_and_pads_channels_evenly():
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("norm_act", ["native", "fused"])
-def test_sync_batchnorm_conversion_keeps_the_relu(device, norm_act):
+def test_sync_batchnorm_conversion_keeps_the_relu(device, norm_act, monkeypatch):
     """torch's convert_sync_batchnorm turns a BatchNormReLU2d into a plain SyncBatchNorm (no
     ReLU). Here it becomes SyncBatchNormReLU2d with the same tensors; in one process (no group
     to synchronise with) it computes exactly what the layers did, in training and eval."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
+    if device == "cuda":
+        # TF32 convolutions (cuDNN's default) would grow the fused kernel's last-bit difference
+        # from SyncBatchNorm's over 19 layers: full fp32 makes it about the layers alone
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     torch.manual_seed(0)
     model = create_model("cifar_resnet20", width=0.25, zero_init_residual=False,
                          norm_act_layer=NORM_ACT_LAYERS[norm_act]).to(device)
@@ -203,3 +208,32 @@ def test_norm_act_is_a_batchnorm_with_relu():
     torch.testing.assert_close(bn(x), torch.relu(ref(x)))
     assert bn.state_dict().keys() == ref.state_dict().keys()
     torch.testing.assert_close(bn.running_var, ref.running_var)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_global_pooling_trains_under_deterministic_algorithms(device, monkeypatch):
+    """torch has no deterministic CUDA backward for adaptive average pooling: a deterministic
+    eager run on a GPU raised at its first backward pass. There the classifier's pooling takes
+    the mean over H and W; on the CPU that path is forced to check it is the same average."""
+    from fasttrain.models import resnet
+
+    if device == "cpu":  # the CUDA path's CPU twin
+        monkeypatch.setattr(resnet, "_deterministic_cuda", lambda x: True)
+    torch.manual_seed(0)
+    model = create_model("thin_resnet18", width=0.25, num_classes=10).to(device)
+    x = torch.randn(4, 3, 32, 32, device=device)
+    reference = torch.nn.AdaptiveAvgPool2d(1)
+    features = torch.randn(4, 8, 5, 5, device=device, requires_grad=True)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        pooled = model.avgpool(features)
+        torch.testing.assert_close(pooled, reference(features.detach()))
+        model(x).square().sum().backward()  # raised on CUDA before
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        model(x).square().sum().backward()
+        assert all(torch.equal(a, p.grad) for a, p in zip(grads, model.parameters()))
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    torch.testing.assert_close(model.avgpool(features), reference(features))  # off: as before

@@ -290,7 +290,7 @@ class ResNet(nn.Module):
                                     norm_act_layer, next(rates)))
                 in_ch = out
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.avgpool = GlobalAvgPool2d()
         self.num_features = in_ch
         self.fc = nn.Linear(in_ch, num_classes)
         _init_weights(self, zero_init_residual)
@@ -301,6 +301,35 @@ class ResNet(nn.Module):
         x = self.maxpool(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class GlobalAvgPool2d(nn.AdaptiveAvgPool2d):
+    """The classifier's global average pooling: `AdaptiveAvgPool2d(1)` (logits bit-identical
+    to torchvision's ResNets), except on CUDA under `torch.use_deterministic_algorithms`,
+    where torch has no deterministic backward for adaptive pooling and raises at the first
+    backward pass: there the mean over H and W, the same average, whose backward is a
+    broadcast."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (scripted or traced with torch.fx for an export: inference, never differentiated)
+        if not torch.jit.is_scripting():
+            if not _fx_symbolic_tracing() and _deterministic_cuda(x):
+                return x.mean((2, 3), keepdim=True)
+        return F.adaptive_avg_pool2d(x, 1)
+
+
+def _deterministic_cuda(x: torch.Tensor) -> bool:
+    return x.is_cuda and torch.are_deterministic_algorithms_enabled()
+
+
+# torch.fx.symbolic_trace (BatchNorm folding) cannot branch on a proxy's device. torch 2.14
+# has a test for symbolic tracing alone; its is_fx_tracing, the older name, also answers true
+# under torch.export (and warns about it there).
+_fx_symbolic_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing",
+                               torch.fx._symbolic_trace.is_fx_tracing)
 
 
 class ShortcutA(nn.Module):
@@ -370,7 +399,7 @@ class CifarResNet(nn.Module):
                                          norm_act_layer, next(rates)))
                 in_ch = planes
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.avgpool = GlobalAvgPool2d()
         self.num_features = in_ch
         self.fc = nn.Linear(in_ch, num_classes)
         _init_weights(self, zero_init_residual)
