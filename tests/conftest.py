@@ -27,6 +27,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _cpu_unless_marked_cuda(request, monkeypatch):
+    """Tests not marked `cuda` check what CI checks, the CPU behaviour, on a GPU host too:
+    `auto` devices resolve to the CPU in this process and in the processes a test starts (a
+    two-rank gloo test otherwise gave rank 1 no GPU on a one-GPU host, and bit-identity
+    checks ran on CUDA with TF32 and torch.compile)."""
+    if "cuda" in request.keywords or not torch.cuda.is_available():
+        return
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory) -> Path:
     """A session-wide data directory holding the built-in digits (built once)."""
