@@ -368,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     device = args.device
     cuda = device.type == "cuda"
+    if cuda and device.index is not None:
+        # events and graph captures go to the current device's streams: make it this one
+        torch.cuda.set_device(device)
     args.batch = args.batch if args.batch is not None else (256 if cuda else 8)
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
     args.iters = args.iters if args.iters is not None else (20 if cuda else 0)

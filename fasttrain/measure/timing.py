@@ -108,13 +108,15 @@ class CudaEventTimer:
         self.device = device
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
+    # Recorded on `device`'s stream, not the current device's: timing work on cuda:1 from a
+    # process whose current device is cuda:0 measured an empty interval.
     def start(self) -> None:
         ev = torch.cuda.Event(enable_timing=True)
-        ev.record()
+        ev.record(torch.cuda.current_stream(self.device))
         self._events.append((ev, torch.cuda.Event(enable_timing=True)))
 
     def stop(self) -> None:
-        self._events[-1][1].record()
+        self._events[-1][1].record(torch.cuda.current_stream(self.device))
 
     def times(self) -> list[float]:
         torch.cuda.synchronize(self.device)  # sync point: once, after all timed calls
@@ -128,15 +130,18 @@ def cuda_graph_replay(fn: Callable[[], object], device: torch.device | str | Non
     outside the graph (PyTorch's CUDA-graphs notes). Tensors `fn` allocates during capture come
     from the graph's private pool and are rewritten by every replay; `fn` must not synchronise
     with the host."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
+    # On `device` (torch.cuda.graph captures on a stream of the current device: work on
+    # another device would not be in the graph)
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
             fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
     return graph.replay
 
 
