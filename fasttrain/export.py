@@ -676,7 +676,9 @@ def export_model(model: nn.Module, meta: dict[str, Any], fmt: str, out: str | Pa
         if not (math.isfinite(tol) and tol >= 0):
             raise ExportError(f"--{name} must be a finite number >= 0, got {tol}")
     reference = copy.deepcopy(model).float().cpu().eval()
-    net, n_folded = fold_bn(reference) if fold else (reference, 0)
+    # (a copy without folding: the native layers put in place of fused ones must be checked
+    # against the fused network, not against themselves)
+    net, n_folded = fold_bn(reference) if fold else (copy.deepcopy(reference), 0)
     net = with_plain_norm_act(net)
     meta = {**meta, "format": fmt, "bn_folded": n_folded, "export_commit": git_commit(),
             "torch_version": str(torch.__version__),

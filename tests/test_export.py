@@ -233,17 +233,28 @@ def test_a_torch_export_file_of_any_suffix_case_loads_without_a_warning(tmp_path
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["export", "onnx"])
-def test_unfolded_fused_norm_act_exports_without_the_native_op(fmt, tmp_path):
+def test_unfolded_fused_norm_act_exports_without_the_native_op(fmt, tmp_path, monkeypatch):
     # With --no-fold the fused kernel's layers stay; the file must not call torch.ops.fasttrain,
     # which a plain-torch (or onnxruntime) reader does not have.
     if fmt == "onnx":
         pytest.importorskip("onnxruntime")
         pytest.importorskip("onnxscript")
+    from fasttrain.ops.bn_relu import BatchNormReLU2d as Fused
+
     model, meta = ex.model_from_name("cifar_resnet20", 0.25, resolution=16, norm_act="fused")
     model = randomize_bn(model).eval()
     out = tmp_path / f"net{ex.FORMATS[fmt]}"
+    references = []  # the parity check compared the file with itself (0 difference), not
+    real_check = ex.check_parity  # with the fused network it replaces
+
+    def check_parity(reference, *args, **kwargs):
+        references.append(sum(isinstance(m, Fused) for m in reference.modules()))
+        return real_check(reference, *args, **kwargs)
+
+    monkeypatch.setattr(ex, "check_parity", check_parity)
     parity, written = ex.export_model(model, meta, fmt, out, fold=False)
     assert parity.ok and written["bn_folded"] == 0
+    assert references == [sum(isinstance(m, Fused) for m in model.modules())] and references[0]
     if fmt == "export":
         ep = torch.export.load(str(out))
         targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
