@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import re
+import stat
 import subprocess
 import sys
 import textwrap
@@ -344,9 +345,10 @@ def ex_macs(model, res):
     (["--model", "cifar_resnet20", "--rtol", "nan", "--out", "x.pt"], "--rtol"),
     (["--model", "cifar_resnet20", "--format", "export", "--out", "x.onnx"],
      "--format export does not match --out x.onnx (a onnx suffix); use .pt2 for export"),
-    (["--model", "cifar_resnet20", "--out", "a_file/x.pt"], "a_file: cannot create the output "
-                                                            "folder"),
-    (["--model", "cifar_resnet20", "--out", "a_dir.pt"], "a_dir.pt: is a directory"),
+    (["--model", "cifar_resnet20", "--out", "a_file/x.pt"], "--out a_file/x.pt: a_file is not "
+                                                            "a folder"),
+    (["--model", "cifar_resnet20", "--out", "a_dir.pt"], "--out a_dir.pt: is a folder; name the "
+                                                         "file to write"),
     (["--checkpoint", "c.pt", "--channel-divisor", "8", "--out", "x.pt"], "--model only"),
     (["--model", "cifar_resnet20", "--parity-batch-sizes", "2,2", "--out", "x.pt"],
      "expected two different batch sizes in 1..4096, got '2,2'"),
@@ -396,6 +398,17 @@ def test_export_never_writes_over_its_checkpoint(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "is the checkpoint itself" in err, err
     assert ckpt.read_bytes() == before
+    # a link to another file, or a pipe, was replaced by the exported file (the rename)
+    other = tmp_path / "other.pt"
+    other.write_bytes(b"theirs")
+    (tmp_path / "to-other.pt").symlink_to(other)
+    os.mkfifo(tmp_path / "fifo.pt")
+    for out in ("to-other.pt", "fifo.pt"):
+        assert export_tool.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --out {tmp_path / out}: ") and err.count("\n") == 1, err
+    assert (tmp_path / "to-other.pt").is_symlink() and other.read_bytes() == b"theirs"
+    assert stat.S_ISFIFO((tmp_path / "fifo.pt").lstat().st_mode)
 
 
 def test_a_corrupted_exported_file_is_one_line(tmp_path):

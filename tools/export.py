@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         if named is not None and named != fmt:
             raise UserError(f"--format {fmt} does not match --out {args.out} (a {named} "
                             f"suffix); use {ex.FORMATS[fmt]} for {fmt}")
-        from fasttrain.cli import same_file
+        from fasttrain.cli import check_output, same_file
 
         if args.checkpoint and same_file(args.checkpoint, args.out):
             raise UserError(f"--out {args.out} is the checkpoint itself; exporting over it "
@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             # A failed write leaves no folder it made; a parity failure's file keeps its own.
             with new_folders_removed_on_error(args.out):
+                # a link, a device or a pipe would be replaced by the renamed file
+                check_output(args.out, f"--out {args.out}", inputs=(args.checkpoint,))
                 parity, meta = ex.export_model(model, meta, fmt, args.out,
                                                fold=not args.no_fold,
                                                batch_sizes=args.parity_batch_sizes,
