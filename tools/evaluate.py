@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         from fasttrain.measure.accuracy import measure_accuracy
 
         _say_start(source, cfg, args.weights)
+        if args.file:
+            for line in _preprocessing_differences(source.meta, cfg, args.file):
+                print(line, file=sys.stderr)
         try:
             record = _measure_with_progress(measure_accuracy, source, cfg, classes)
         except UserError as e:
@@ -207,6 +210,27 @@ def _say_start(source, cfg, weights: str) -> None:
     print(f"evaluating {what}{', EMA weights' if weights == 'ema' else ''} on {d.dataset} val "
           f"at {d.val_res}px (shorter side {d.val_resize}), {cfg.train.precision}"
           f"{', flip averaged' if cfg.aug.test_flip else ''}", flush=True)
+
+
+def _preprocessing_differences(meta: dict, cfg, path: str) -> list[str]:
+    """Warnings where the recipe preprocesses otherwise than the exported file's metadata says
+    its network expects (input size, resize, mean, std): the recipe decides, and a wrong one
+    gave a low top-1 without a word."""
+    d = cfg.data
+    size = (meta.get("input_size") or [None, None])[1]
+    expected = {"data.val_res": size, "data.val_resize": meta.get("resize"),
+                "data.mean": meta.get("mean"), "data.std": meta.get("std")}
+    used = {"data.val_res": d.val_res, "data.val_resize": d.val_resize,
+            "data.mean": list(d.mean), "data.std": list(d.std)}
+
+    def differs(a, b) -> bool:
+        if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            return any(abs(float(x) - float(y)) > 1e-6 for x, y in zip(a, b))
+        return a != b
+
+    return [f"warning: {path} was exported for {key}={expected[key]}, this evaluation uses "
+            f"{used[key]} (the recipe's): its top-1 may not be the network's"
+            for key in expected if expected[key] is not None and differs(expected[key], used[key])]
 
 
 # What decides a validation number (the batch size, workers and layout do not change it).
