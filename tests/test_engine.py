@@ -217,9 +217,15 @@ def test_load_refuses_code_execution_and_garbage(tmp_path):
                                               r".*take it through --factory"):
         ckpt.load(tmp_path / "whole.pt")
     (tmp_path / "garbage.pt").write_text("garbage\n")
-    with pytest.raises(CheckpointError, match=r"\(refused by weights-only loading: Unsupported "
-                                              r"operand 103\)$"):
+    with pytest.raises(CheckpointError, match=r"garbage\.pt: not a checkpoint \(not written "
+                                              r"by torch\.save: another format, or damaged; "
+                                              r"Unsupported operand 103\)$"):
         ckpt.load(tmp_path / "garbage.pt")
+    (tmp_path / "net.onnx").write_bytes(b"\x08\x08\x12\x07pytorch")  # an ONNX protobuf's start
+    with pytest.raises(CheckpointError, match=r"net\.onnx: not a checkpoint \(an ONNX file: "
+                                              r"tools/evaluate\.py and tools/benchmark\.py "
+                                              r"take exported files with --file; "):
+        ckpt.load(tmp_path / "net.onnx")
     torch.save({"something": 1}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a fasttrain checkpoint"):
         ckpt.load(tmp_path / "other.pt")

@@ -182,6 +182,15 @@ def load(path: Path, mmap: bool = False) -> dict[str, Any]:
             # is for code calling torch.load, not for a user of the tools
             detail = details[0].split(" Please use ")[0] if details else ""
             reason = f"refused by weights-only loading: {detail}" if detail else reason
+            if detail.startswith("Unsupported operand"):
+                # the first byte is no pickle opcode: another format, not a refused pickle
+                onnx = Path(path).suffix.lower() == ".onnx"
+                raise CheckpointError(
+                    f"{path}: not a checkpoint ("
+                    + ("an ONNX file: tools/evaluate.py and tools/benchmark.py take exported "
+                       "files with --file" if onnx else
+                       "not written by torch.save: another format, or damaged")
+                    + f"; {detail})") from None
             named = re.search(r"GLOBAL ([\w.]+)", detail)
             if named and named[1].rpartition(".")[2][:1].isupper():
                 # a class: most often a whole model pickled with torch.save(model) (a function
