@@ -66,10 +66,7 @@ def require_torch_pruning():
 
 
 def _tp_version() -> str:
-    try:
-        return importlib.metadata.version("torch-pruning")
-    except importlib.metadata.PackageNotFoundError:
-        return str(getattr(require_torch_pruning(), "__version__", "unknown"))
+    return _installed_tp() or str(getattr(require_torch_pruning(), "__version__", "unknown"))
 
 
 def _importance(name: str):
