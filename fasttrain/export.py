@@ -254,6 +254,10 @@ def model_from_checkpoint(path: str | Path, norm_act: str | None = None,
         meta["classes"] = classes
     if resize:
         meta["resize"] = resize
+    aug = cfg.get("aug")
+    if isinstance(aug, dict) and isinstance(aug.get("test_flip"), bool):
+        # whether the top-1 its training recorded averaged each image with its mirror
+        meta["test_flip"] = aug["test_flip"]
     pruning = state.get("pruning")
     if isinstance(pruning, dict):  # "weights" alone would hide a network pruned from EMA weights
         meta["pruning"] = {k: pruning[k] for k in ckpt.PRUNING_SUMMARY if k in pruning}

@@ -197,6 +197,12 @@ def test_a_file_evaluated_with_other_preprocessing_than_its_metadata_says_is_war
         "data.val_res", "data.val_resize", "data.mean"], err
     assert lines[0] == (f"warning: {script} was exported for data.val_res=16, this evaluation "
                         f"uses 32 (the recipe's): its top-1 may not be the network's")
+    # the metadata says whether the recorded top-1 averaged each image with its mirror
+    _, meta = ex.model_from_checkpoint(run / "checkpoints" / "last.pt")
+    assert meta["test_flip"] is False
+    code, _, err = _evaluate(capsys, "--file", script, QUICKSTART, data, "--aug.test_flip=true")
+    assert code == 0 and err.count("note: ") == 1, err
+    assert "training validated with aug.test_flip=false, this evaluation uses true" in err
 
 
 def test_a_file_or_factory_without_a_recipe_is_refused(tmp_path, capsys):

@@ -228,9 +228,16 @@ def _preprocessing_differences(meta: dict, cfg, path: str) -> list[str]:
             return any(abs(float(x) - float(y)) > 1e-6 for x, y in zip(a, b))
         return a != b
 
-    return [f"warning: {path} was exported for {key}={expected[key]}, this evaluation uses "
-            f"{used[key]} (the recipe's): its top-1 may not be the network's"
-            for key in expected if expected[key] is not None and differs(expected[key], used[key])]
+    lines = [f"warning: {path} was exported for {key}={expected[key]}, this evaluation uses "
+             f"{used[key]} (the recipe's): its top-1 may not be the network's"
+             for key in expected
+             if expected[key] is not None and differs(expected[key], used[key])]
+    if isinstance(meta.get("test_flip"), bool) and meta["test_flip"] != cfg.aug.test_flip:
+        lines.append(f"note: {path}'s training validated with aug.test_flip="
+                     f"{str(meta['test_flip']).lower()}, this evaluation uses "
+                     f"{str(cfg.aug.test_flip).lower()}: its top-1 is not comparable with the "
+                     f"recorded one")
+    return lines
 
 
 # What decides a validation number (the batch size, workers and layout do not change it).
