@@ -488,6 +488,8 @@ def test_a_torch_export_file_runs_at_its_exported_size_only(exported):
 
 
 def test_file_and_checkpoint_sources_say_what_is_wrong(exported, tmp_path):
+    from fasttrain.errors import UserError
+
     with pytest.raises(sources.SourceError, match=r"TorchScript archive.*use --file"):
         sources.from_checkpoint(exported / "net.pt")
     torch.save({"model": {}}, tmp_path / "last.pt")  # and the other way round
@@ -495,8 +497,18 @@ def test_file_and_checkpoint_sources_say_what_is_wrong(exported, tmp_path):
                                                   r"checkpoint\?\), not an exported model "
                                                   r"\(use --checkpoint\)$"):
         sources.from_file(tmp_path / "last.pt")
+    # the other export format under a suffix: torch said "corrupted" or "see the warnings above"
+    import shutil
+
+    shutil.copy(exported / "net.pt2", tmp_path / "program.pt")
+    shutil.copy(exported / "net.pt", tmp_path / "script.pt2")
+    with pytest.raises(UserError, match=r"program\.pt: a torch\.export program, not a "
+                                        r"TorchScript file; name it program\.pt2$"):
+        sources.from_file(tmp_path / "program.pt")
+    with pytest.raises(UserError, match=r"script\.pt2: a TorchScript archive, not a "
+                                        r"torch\.export program; name it script\.pt$"):
+        sources.from_file(tmp_path / "script.pt2")
     # a model saved whole is no checkpoint either: --checkpoint refused it in turn
-    from fasttrain.errors import UserError
     from fasttrain.models import create_model
 
     torch.save(create_model("cifar_resnet20", width=0.25), tmp_path / "whole.pt")
