@@ -574,16 +574,14 @@ def load_exported(path: str | Path, fmt: str | None = None
                 if "--factory" in str(refused):  # not a checkpoint either: say what works
                     raise ExportError(str(refused)) from None
             raise ExportError(f"{path}: {CHECKPOINT_NOT_EXPORT}") from None
-        from .engine.checkpoint import zip_names
+        from .engine.checkpoint import _is_torch_export_archive, zip_names
 
-        names = zip_names(path)
         # the other format under this one's suffix: torch's own message ("checkpoint file is
         # corrupted", "check the warnings above") sent the user looking for damage
-        if fmt == "torchscript" and any("/models/" in n or n.endswith("/archive_format")
-                                        for n in names):
+        if fmt == "torchscript" and _is_torch_export_archive(path):
             raise ExportError(f"{path}: a torch.export program, not a TorchScript file; name it "
                               f"{path.stem}.pt2") from None
-        if fmt == "export" and any("/code/" in n for n in names):
+        if fmt == "export" and any("/code/" in n for n in zip_names(path)):
             raise ExportError(f"{path}: a TorchScript archive, not a torch.export program; name "
                               f"it {path.stem}.pt") from None
         if "Weights only load failed" in str(e):
