@@ -232,6 +232,20 @@ def test_load_refuses_code_execution_and_garbage(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"\x00" * 10)
     with pytest.raises(CheckpointError):
         ckpt.load(tmp_path / "junk.pt")
+    # a copy cut short: torch says "[Errno 22] Invalid argument" or "failed finding central
+    # directory" depending on where the cut falls; both are one line saying what happened
+    ckpt.save_atomic({"model": create_model("cifar_resnet20", width=0.25).state_dict()},
+                     tmp_path / "whole.pt")
+    data = (tmp_path / "whole.pt").read_bytes()
+    for cut in (0.1, 0.5, 0.99, 30_000 / len(data)):
+        (tmp_path / "cut.pt").write_bytes(data[:int(len(data) * cut)])
+        for mmap in (False, True):
+            with pytest.raises(CheckpointError) as e:
+                ckpt.load(tmp_path / "cut.pt", mmap=mmap)
+            assert str(e.value) == (
+                f"{tmp_path / 'cut.pt'}: cannot load checkpoint (truncated or damaged: a zip "
+                f"archive, torch.save's format, whose directory at the end is missing; "
+                f"{int(len(data) * cut):,} bytes; copy it again or use another checkpoint)")
     # the legacy reader's EOFError() and KeyError(<number>) become words
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "text.pt").write_text("junk\n")

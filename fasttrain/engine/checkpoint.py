@@ -143,6 +143,25 @@ def _is_torch_export_archive(path: Path) -> bool:
     return any("/models/" in n or n.endswith("/archive_format") for n in zip_names(path))
 
 
+def _is_damaged_zip(path: Path) -> bool:
+    """A file that starts like a zip archive (what torch.save, TorchScript and torch.export
+    write) but whose directory at the end cannot be read: most often a copy or download cut
+    short, for which torch says "[Errno 22] Invalid argument" or "failed finding central
+    directory" depending on where the cut fell."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                return False
+        with zipfile.ZipFile(path):
+            return False
+    except zipfile.BadZipFile:
+        return True
+    except OSError:
+        return False
+
+
 def load(path: Path, mmap: bool = False) -> dict[str, Any]:
     """Load a checkpoint with `weights_only=True`: tensors and plain containers only, so a file
     crafted to run code on unpickling is refused. `mmap`: tensors map the file instead of being
@@ -162,6 +181,11 @@ def load(path: Path, mmap: bool = False) -> dict[str, Any]:
             # for bytes that are no pickle at all; neither message means anything to a user.
             raise CheckpointError(f"{path}: cannot load checkpoint (empty, truncated or not "
                                   f"written by torch.save)") from None
+        if _is_damaged_zip(path):
+            raise CheckpointError(
+                f"{path}: cannot load checkpoint (truncated or damaged: a zip archive, torch.save's "
+                f"format, whose directory at the end is missing; {Path(path).stat().st_size:,} "
+                f"bytes; copy it again or use another checkpoint)") from None
         lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
         reason = lines[0]
         if "TorchScript archives" in reason:  # torch's advice (weights_only=False) is wrong here
