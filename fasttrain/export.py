@@ -565,6 +565,12 @@ def load_exported(path: str | Path, fmt: str | None = None
     except ExportError:
         raise
     except Exception as e:  # torch raises RuntimeError, zipfile.BadZipFile, KeyError, ... here
+        from .engine.checkpoint import damaged_zip
+
+        damage = damaged_zip(path, written_by={"export": "torch.export"}.get(fmt, "TorchScript"))
+        if damage:  # torch: "[Errno 22] Invalid argument", "istream reader failed", ...
+            raise ExportError(f"{path}: cannot load {fmt} file ({damage}; copy it again or "
+                              f"export it again)") from None
         if _is_torch_save_archive(path):
             from .engine.checkpoint import load as load_checkpoint
 

@@ -143,23 +143,25 @@ def _is_torch_export_archive(path: Path) -> bool:
     return any("/models/" in n or n.endswith("/archive_format") for n in zip_names(path))
 
 
-def _is_damaged_zip(path: Path) -> bool:
-    """A file that starts like a zip archive (what torch.save, TorchScript and torch.export
-    write) but whose directory at the end cannot be read: most often a copy or download cut
-    short, for which torch says "[Errno 22] Invalid argument" or "failed finding central
-    directory" depending on where the cut fell."""
+def damaged_zip(path: Path, written_by: str = "torch.save") -> str | None:
+    """Why `path` cannot be read when it starts like a zip archive (what torch.save,
+    TorchScript and torch.export write) but the archive's directory at its end cannot be read:
+    most often a copy or download cut short, for which torch says "[Errno 22] Invalid argument"
+    or "failed finding central directory" depending on where the cut fell. None otherwise."""
     import zipfile
 
     try:
         with open(path, "rb") as f:
             if f.read(4) != b"PK\x03\x04":
-                return False
+                return None
         with zipfile.ZipFile(path):
-            return False
+            return None
     except zipfile.BadZipFile:
-        return True
+        size = Path(path).stat().st_size
+        return (f"truncated or damaged: a zip archive, {written_by}'s format, whose directory "
+                f"at the end is missing; {size:,} bytes")
     except OSError:
-        return False
+        return None
 
 
 def load(path: Path, mmap: bool = False) -> dict[str, Any]:
@@ -181,11 +183,10 @@ def load(path: Path, mmap: bool = False) -> dict[str, Any]:
             # for bytes that are no pickle at all; neither message means anything to a user.
             raise CheckpointError(f"{path}: cannot load checkpoint (empty, truncated or not "
                                   f"written by torch.save)") from None
-        if _is_damaged_zip(path):
-            raise CheckpointError(
-                f"{path}: cannot load checkpoint (truncated or damaged: a zip archive, torch.save's "
-                f"format, whose directory at the end is missing; {Path(path).stat().st_size:,} "
-                f"bytes; copy it again or use another checkpoint)") from None
+        damage = damaged_zip(path)
+        if damage:
+            raise CheckpointError(f"{path}: cannot load checkpoint ({damage}; copy it again or "
+                                  f"use another checkpoint)") from None
         lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
         reason = lines[0]
         if "TorchScript archives" in reason:  # torch's advice (weights_only=False) is wrong here
