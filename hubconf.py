@@ -46,7 +46,8 @@ def _entry(name: str):
                                             weights=weights or "model")
         if meta["model"] != name:
             raise ValueError(f"{checkpoint} holds a {meta['model']}, not a {name}")
-        fixed = meta["model_config"]  # the architecture the checkpoint was trained as
+        # the architecture the checkpoint was trained as; models train on RGB images only
+        fixed = {**meta["model_config"], "in_chans": model.conv1.in_channels}
         for key, value in kwargs.items():
             if key not in fixed or key in ("name", "init_from", "channels"):
                 raise ValueError(f"{key}= cannot be combined with checkpoint= (the checkpoint "

@@ -541,6 +541,14 @@ def test_hub_entry_points(tmp_path):
     with pytest.raises(ValueError, match="disagrees"):
         torch.hub.load(str(ROOT), "cifar_resnet20", source="local", checkpoint=str(ckpt),
                        width=0.5)
+    # a constructor argument the config does not hold compares with the model built
+    agreeing = torch.hub.load(str(ROOT), "cifar_resnet20", source="local", checkpoint=str(ckpt),
+                              in_chans=3)
+    assert torch.equal(agreeing.fc.weight, state["fc.weight"])
+    with pytest.raises(ValueError, match=r"in_chans=1 disagrees with the checkpoint's "
+                                         r"in_chans=3"):
+        torch.hub.load(str(ROOT), "cifar_resnet20", source="local", checkpoint=str(ckpt),
+                       in_chans=1)
     with pytest.raises(ValueError, match="holds a cifar_resnet20"):
         torch.hub.load(str(ROOT), "cifar_resnet56", source="local", checkpoint=str(ckpt))
     # only the model's own arguments compare with a checkpoint (not its metadata's mean, ...)
