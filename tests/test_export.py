@@ -204,6 +204,20 @@ def test_a_closed_stdout_still_writes_the_export_and_exits_141(tmp_path, monkeyp
     assert ex.load_exported(tmp_path / "net.pt")[1]["input_size"] == [3, 16, 16]
 
 
+def test_export_model_takes_the_cifar_shortcut_option(tmp_path, capsys):
+    # option B (1x1 projections) is another architecture: only checkpoints could export it
+    for shortcut in ("A", "B"):
+        out = tmp_path / f"net-{shortcut}.pt"
+        assert export_tool.main(["--model", "cifar_resnet20", "--width", "0.25", "--shortcut",
+                                 shortcut, "--out", str(out)]) == 0
+        assert (f"cifar_resnet20{' (shortcut B)' if shortcut == 'B' else ''} w0.25, 10 classes"
+                in capsys.readouterr().out)
+        run, meta = ex.load_exported(out)
+        assert meta["shortcut"] == meta["model_config"]["shortcut"] == shortcut
+        projections = [n for n, _ in run.named_parameters() if ".downsample." in n]
+        assert bool(projections) == (shortcut == "B"), projections
+
+
 def test_a_failed_write_leaves_no_file_behind(tmp_path, monkeypatch):
     model, meta = small_model()
 
@@ -350,6 +364,10 @@ def ex_macs(model, res):
     (["--model", "cifar_resnet20", "--out", "a_dir.pt"], "--out a_dir.pt: is a folder; name the "
                                                          "file to write"),
     (["--checkpoint", "c.pt", "--channel-divisor", "8", "--out", "x.pt"], "--model only"),
+    (["--checkpoint", "c.pt", "--shortcut", "B", "--out", "x.pt"],
+     "--shortcut applies to --model only (a checkpoint names its own)"),
+    (["--model", "thin_resnet18", "--shortcut", "B", "--out", "x.pt"],
+     "--shortcut applies to CIFAR ResNets (cifar_*) only, not thin_resnet18"),
     (["--model", "cifar_resnet20", "--parity-batch-sizes", "2,2", "--out", "x.pt"],
      "expected two different batch sizes in 1..4096, got '2,2'"),
     (["--checkpoint", "", "--out", "x.pt"], "argument --checkpoint: empty path"),

@@ -627,6 +627,9 @@ def test_cli_save_plot_csv_and_factory(tmp_path, monkeypatch, capsys):
     (["--checkpoint", "c.pt", "--num-classes", "5", "--channel-divisor", "8"],
      "--num-classes and --channel-divisor apply to --model only"),
     (["--file", "x.pt", "--num-classes", "3"], "--num-classes applies to --model only"),
+    (["--checkpoint", "c.pt", "--shortcut", "B"], "--shortcut applies to --model only"),
+    (["--model", "cifar_resnet20,thin_resnet18", "--shortcut", "A"],
+     "--shortcut applies to CIFAR ResNets (cifar_*) only, not thin_resnet18"),
     (["--file", "x.pt", "--norm-act", "fused"], "--norm-act applies to --model and --checkpoint"),
     (["--factory", "m:f", "--norm-act", "native"], "--norm-act applies to --model and"),
 ])
@@ -1008,6 +1011,23 @@ def test_a_benchmark_called_in_a_process_leaves_its_thread_count_and_asks_git_an
     assert git_commit() == "abc1234"
     monkeypatch.setenv("FASTTRAIN_COMMIT", "def5678")
     assert git_commit() == "def5678"
+
+
+def test_registry_models_take_the_cifar_shortcut_option(tmp_path):
+    # option B is another architecture at the same width: its rows say so and count its 1x1
+    # projections; before, only an option-B checkpoint could be measured
+    rows = {}
+    for shortcut in ("A", "B"):
+        out = tmp_path / f"{shortcut}.json"
+        assert benchmark_tool.main([*TINY, "--shortcut", shortcut, "--json", str(out)]) == 0
+        [rows[shortcut]] = json.loads(out.read_text())
+    assert (rows["A"]["model"], rows["B"]["model"]) == ("cifar_resnet20",
+                                                        "cifar_resnet20 (shortcut B)")
+    assert rows["B"]["params"] > rows["A"]["params"] and rows["B"]["macs"] > rows["A"]["macs"]
+    from fasttrain.models import create_model
+
+    option_b = create_model("cifar_resnet20", width=0.25, shortcut="B")
+    assert rows["B"]["params"] == sum(p.numel() for p in option_b.parameters())
 
 
 def test_sigterm_writes_the_rows_measured_like_ctrl_c(tmp_path):

@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--model: round the base width up to a multiple of this")
     p.add_argument("--num-classes", type=_positive, default=None,
                    help="--model: classifier outputs (default 1000, CIFAR models 10)")
+    p.add_argument("--shortcut", choices=["A", "B"], default=None,
+                   help="--model, CIFAR ResNets: A = parameter-free (default), B = 1x1 conv")
     p.add_argument("--weights", choices=["model", "ema"], default=None,
                    help="--checkpoint: the trained weights (model, default) or their moving "
                         "average (ema); the same network, so the numbers differ by noise only")
@@ -138,11 +140,17 @@ def _check_sources(args) -> None:
     if args.model is None:
         given = [flag for flag, set_ in (("--width", args.width is not None),
                                          ("--num-classes", args.num_classes is not None),
-                                         ("--channel-divisor", args.channel_divisor != 1))
+                                         ("--channel-divisor", args.channel_divisor != 1),
+                                         ("--shortcut", args.shortcut is not None))
                  if set_]
         if given:
             raise UserError(f"{' and '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to "
                             f"--model only (other sources bring their own architecture)")
+    elif args.shortcut is not None:
+        other = [n for n in _model_names(args) if not n.startswith("cifar_")]
+        if other:
+            raise UserError(f"--shortcut applies to CIFAR ResNets (cifar_*) only, not "
+                            f"{', '.join(other)}")
     if args.norm_act is not None and (args.file is not None or args.factory is not None):
         raise UserError("--norm-act applies to --model and --checkpoint only")
     if args.weights is not None and args.checkpoint is None:
@@ -213,7 +221,8 @@ def _load_models(args):
                 for bm in sources.from_registry(name, args.width or [1.0],
                                                 channel_divisor=args.channel_divisor,
                                                 num_classes=args.num_classes,
-                                                norm_act=args.norm_act or "native")]
+                                                norm_act=args.norm_act or "native",
+                                                shortcut=args.shortcut or "A")]
     if args.checkpoint is not None:
         return [sources.from_checkpoint(args.checkpoint, norm_act=args.norm_act,
                                         weights=args.weights or "model")]

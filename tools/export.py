@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--model: channel divisor")
     p.add_argument("--num-classes", type=int_at_least(1, MAX_CLASSES), default=None,
                    help="--model: classifier outputs (default 1000, CIFAR models 10)")
+    p.add_argument("--shortcut", choices=["A", "B"], default=None,
+                   help="--model, CIFAR ResNets: A = parameter-free (default), B = 1x1 conv")
     p.add_argument("--weights", choices=["model", "ema"], default=None,
                    help="--checkpoint: the trained weights (model, default) or their moving "
                         "average (ema, in a train.ema run's checkpoints)")
@@ -98,9 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.checkpoint and (args.width is not None or args.num_classes is not None):
             raise UserError("--width and --num-classes apply to --model only (a checkpoint "
                             "names its own)")
-        if args.checkpoint and args.channel_divisor != 1:
-            raise UserError("--channel-divisor applies to --model only (a checkpoint names "
-                            "its own)")
+        if args.checkpoint and (args.channel_divisor != 1 or args.shortcut is not None):
+            flag = "--channel-divisor" if args.channel_divisor != 1 else "--shortcut"
+            raise UserError(f"{flag} applies to --model only (a checkpoint names its own)")
+        if args.model and args.shortcut is not None and not args.model.startswith("cifar_"):
+            raise UserError(f"--shortcut applies to CIFAR ResNets (cifar_*) only, not "
+                            f"{args.model}")
         if args.model and args.weights:
             raise UserError("--weights applies to --checkpoint only (--model has random weights)")
         from fasttrain import export as ex
@@ -131,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             model, meta = ex.model_from_name(args.model, 1.0 if args.width is None else args.width,
                                              channel_divisor=args.channel_divisor,
                                              num_classes=args.num_classes,
-                                             resolution=args.resolution)
+                                             resolution=args.resolution,
+                                             shortcut=args.shortcut or "A")
         try:
             # A failed write leaves no folder it made; a parity failure's file keeps its own.
             with new_folders_removed_on_error(args.out):
@@ -156,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     size = "x".join(map(str, meta["input_size"]))
     shape = ("pruned channels" if (meta.get("model_config") or {}).get("channels")
              else f"w{meta['width']:g}")
-    print(f"wrote {args.out} ({fmt}{extra}, {size_mb:.2f} MiB): {meta['model']} "
+    shortcut_b = " (shortcut B)" if meta.get("shortcut") == "B" else ""  # CIFAR ResNets only
+    print(f"wrote {args.out} ({fmt}{extra}, {size_mb:.2f} MiB): {meta['model']}{shortcut_b} "
           f"{shape}, {meta['num_classes']} classes, input {size}, "
           f"{meta['bn_folded']} BatchNorm folded")
     print(f"parity vs eager at batch {' and '.join(map(str, parity.batch_sizes))}: max abs "

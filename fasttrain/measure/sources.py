@@ -77,16 +77,18 @@ class BenchModel:
 
 
 def from_registry(name: str, widths: list[float], *, channel_divisor: int = 1,
-                  num_classes: int | None = None, norm_act: str = "native"
-                  ) -> list[BenchModel]:
-    """One BenchModel per width of the registered model `name` (random weights)."""
+                  num_classes: int | None = None, norm_act: str = "native",
+                  shortcut: str = "A") -> list[BenchModel]:
+    """One BenchModel per width of the registered model `name` (random weights); `shortcut`:
+    CIFAR ResNets' (A or B; a B network's rows are named `<model> (shortcut B)`)."""
     from ..export import model_from_name
 
     out = []
     for w in widths:
         model, meta = model_from_name(name, w, channel_divisor=channel_divisor,
-                                      num_classes=num_classes, norm_act=norm_act)
-        out.append(BenchModel(name, w, "registry", model, meta["input_size"][1],
+                                      num_classes=num_classes, norm_act=norm_act,
+                                      shortcut=shortcut)
+        out.append(BenchModel(_identity(meta)[0], w, "registry", model, meta["input_size"][1],
                               meta["num_classes"], norm_act, model,
                               details={"channel_divisor": channel_divisor}))
     return out
@@ -119,11 +121,14 @@ def from_checkpoint(path: str | Path, norm_act: str | None = None,
 
 
 def _identity(meta: dict) -> tuple[str, float | None]:
-    """Row name and width of a fasttrain model: a network with an explicit channel spec (a
-    pruned one) is not at any uniform width, so it is named `<model> (pruned)`, width None."""
+    """Row name and width of a fasttrain model: a CIFAR ResNet with option-B shortcuts is named
+    `<model> (shortcut B)` (another architecture than option A, at the same width); a network
+    with an explicit channel spec (a pruned one) is not at any uniform width, so it is named
+    `<model> (pruned)` (`(pruned, shortcut B)`), width None."""
+    shortcut_b = meta["model"].startswith("cifar_") and meta.get("shortcut") == "B"
     if (meta.get("model_config") or {}).get("channels"):
-        return f"{meta['model']} (pruned)", None
-    return meta["model"], meta.get("width")
+        return f"{meta['model']} (pruned{', shortcut B' if shortcut_b else ''})", None
+    return f"{meta['model']}{' (shortcut B)' if shortcut_b else ''}", meta.get("width")
 
 
 def from_file(path: str | Path) -> BenchModel:
