@@ -477,6 +477,25 @@ def test_a_torchscript_files_rows_say_torchscript_and_compare_keeps_them_apart(e
         bench.Conditions(device="cpu", mode="compile").check([script])
 
 
+def test_a_module_holding_a_scripted_part_is_recorded_as_torchscript(exported):
+    # a factory wrapping a scripted backbone (normalisation in front) said "eager": compare
+    # would set its TorchScript-executor time against eager rows
+    import dataclasses
+
+    (reg,) = sources.from_registry("cifar_resnet20", [0.25])
+    script = torch.jit.load(exported / "net.pt")
+    cond = bench.Conditions(device="cpu", resolution=16, iters=1, warmup=0)
+    for part, mode in ((script, "torchscript"), (torch.jit.trace(nn.Conv2d(3, 3, 1),
+                                                                 torch.randn(1, 3, 4, 4)),
+                                                 "torchscript"), (nn.Conv2d(3, 3, 1), "eager")):
+        wrapper = nn.Sequential(nn.Identity(), part)
+        bm = dataclasses.replace(reg, model=wrapper, count_model=None)
+        assert bench.row_mode(bm, cond) == mode
+    (row,) = bench.run([dataclasses.replace(reg, model=nn.Sequential(nn.Identity(), script),
+                                            count_model=None)], cond, [1])
+    assert (row["status"], row["mode"]) == ("ok", "torchscript"), row["error"]
+
+
 def test_a_torch_export_file_runs_at_its_exported_size_only(exported):
     bm = sources.from_file(exported / "net.pt2")
     assert bm.fixed_resolution == 16 and bm.resolution == 16

@@ -135,8 +135,11 @@ class Conditions:
 def row_mode(bm: BenchModel, cond: Conditions) -> str:
     """The mode a row of `bm` records: a TorchScript module (a .pt file from tools/export.py, or
     a factory's scripted model) measured "eager" runs under TorchScript's executor and is
-    recorded as torchscript, so that compare never sets its latency against eager rows."""
-    if cond.mode == "eager" and isinstance(bm.model, torch.jit.ScriptModule):
+    recorded as torchscript, so that compare never sets its latency against eager rows. So is
+    a module holding a scripted or traced part (a factory's wrapper around a scripted
+    backbone): its time is not an eager network's either."""
+    if cond.mode == "eager" and any(isinstance(m, torch.jit.ScriptModule)
+                                    for m in bm.model.modules()):
         return "torchscript"
     return cond.mode
 
