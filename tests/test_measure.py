@@ -454,7 +454,8 @@ def test_exported_files_count_like_the_trained_network(exported):
             (reg["params"], reg["macs"], reg["macs_fvcore_total"]), name
 
 
-def test_a_torchscript_files_rows_say_torchscript_and_compare_keeps_them_apart(exported):
+def test_a_torchscript_files_rows_say_torchscript_and_compare_keeps_them_apart(
+        exported, tmp_path, monkeypatch):
     """Its eager rows ran TorchScript's executor: recorded as eager, compare set a TorchScript
     file's latency (0.27 ms) against an eager checkpoint's (0.64 ms) of the same network (rows
     of different modes it refuses: test_compare.py::test_latency_is_matched_by_architecture)."""
@@ -465,6 +466,15 @@ def test_a_torchscript_files_rows_say_torchscript_and_compare_keeps_them_apart(e
     assert [r["mode"] for r in rows] == ["eager", "torchscript", "eager"]
     assert bench.results_stem(rows) == bench.planned_results_stem([reg, script, program], cond)
     assert "-eager-torchscript-" in bench.results_stem(rows)
+    # the table's and the plot's titles name both modes (they said the first row's)
+    from matplotlib.figure import Figure
+
+    assert ", fp32, channels_last, eager/torchscript, torch " in \
+        benchmark_tool._table(rows, train=False).title
+    titles = []
+    monkeypatch.setattr(Figure, "suptitle", lambda self, text, **k: titles.append(text))
+    bench.plot_vs_macs(rows, tmp_path / "mixed.png")
+    assert "fp32, channels_last, eager/torchscript, 16 px" in titles[0], titles
     ts = bench.Conditions(device="cpu", resolution=16, iters=1, warmup=0, mode="torchscript")
     (row,) = bench.run([script], ts, [1])  # the file as it is, beside scripted checkpoints
     assert (row["status"], row["mode"]) == ("ok", "torchscript"), row["error"]

@@ -234,9 +234,12 @@ def _load_models(args):
 def _table(rows, train: bool):
     from rich.table import Table
 
+    from fasttrain.measure.bench import distinct
+
+    # rows of one call may differ in mode (a TorchScript file among eager rows, `row_mode`)
     t = Table(title=printable(f"{'training throughput' if train else 'inference latency'}: "
-                              f"{rows[0]['device_name']}, {rows[0]['precision']}, "
-                              f"{rows[0]['layout']}, {rows[0]['mode']}, torch "
+                              f"{rows[0]['device_name']}, {distinct(rows, 'precision')}, "
+                              f"{distinct(rows, 'layout')}, {distinct(rows, 'mode')}, torch "
                               f"{rows[0]['torch_version']}, commit {rows[0]['commit']}"))
     cols = ["model", "width", "batch", "res", "params (M)", "MACs (G)"]
     cols += (["step ms mean", "step ms p50", "img/s", "peak MiB"] if train else

@@ -341,6 +341,12 @@ def _measure_rows(models: list[BenchModel], cond: Conditions, batch_sizes: list[
 
 # --------------------------------------------------------------------------- files
 
+def distinct(rows: list[dict[str, Any]], key: str) -> str:
+    """The values of `key` in `rows`, each once in first-seen order, joined by "/": what a title
+    says of rows that may differ there (a TorchScript file's torchscript rows among eager ones)."""
+    return "/".join(dict.fromkeys(str(row.get(key)) for row in rows))
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
@@ -568,9 +574,9 @@ def plot_vs_macs(rows: list[dict[str, Any]], path: str | Path) -> Path:
     ax.set_title(f"{r['device_name']} ({threads}{load}), {commit}"
                  if r["device"] == "cpu" else f"{r['device_name']}, {commit}", fontsize=9)
     fig.suptitle(f"{'training throughput' if train else 'inference latency'} vs MACs: "
-                 f"{r['precision']}, {r['layout']}, {r['mode']}, "
+                 f"{distinct(ok, 'precision')}, {distinct(ok, 'layout')}, {distinct(ok, 'mode')}, "
                  f"{'/'.join(map(str, res))} px, torch "
-                 f"{', '.join(dict.fromkeys(str(row['torch_version']) for row in ok))}",
+                 f"{distinct(ok, 'torch_version').replace('/', ', ')}",
                  fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
