@@ -18,12 +18,27 @@ dependencies = ["torch", "torchvision", "yaml", "rich", "PIL"]
 import fasttrain.models as _models  # noqa: E402  (hub reads `dependencies` first)
 
 
+def _model_arguments(name: str) -> list[str]:
+    """The keyword arguments `name`'s constructor takes, plus hub's `norm_act`."""
+    import inspect
+
+    cls = _models.CifarResNet if name.startswith("cifar_") else _models.ResNet
+    taken = [p for p in inspect.signature(cls.__init__).parameters
+             if p not in ("self", "block", "layers", "depth")]
+    return sorted({*taken, "norm_act"})
+
+
 def _entry(name: str):
     def load(checkpoint: str | None = None, weights: str | None = None, **kwargs):
         if checkpoint is None:
             if weights is not None:
                 raise ValueError("weights= needs checkpoint= (without one the weights are "
                                  "random)")
+            accepted = _model_arguments(name)
+            for key in kwargs:  # the constructor's TypeError named ResNet.__init__, not the model
+                if key not in accepted:
+                    raise ValueError(f"{key}= is not an argument of {name}; it takes "
+                                     f"{', '.join(accepted)}")
             if "norm_act" in kwargs:  # the config's name for the layer choice, as with checkpoints
                 choice = kwargs.pop("norm_act")
                 if choice not in _models.NORM_ACT_LAYERS:

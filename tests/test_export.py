@@ -584,6 +584,16 @@ def test_hub_entry_points(tmp_path):
     assert type(plain.bn1) is NORM_ACT_LAYERS["fused"]
     with pytest.raises(ValueError, match="norm_act='fast': choose from fused, native"):
         torch.hub.load(str(ROOT), "thin_resnet18", source="local", norm_act="fast")
+    # an argument of another model (CIFAR ResNets' shortcut) or none: one line, not a TypeError
+    # naming ResNet.__init__
+    for bad in ({"shortcut": "B"}, {"bogus": 1}):
+        with pytest.raises(ValueError, match=rf"^{next(iter(bad))}= is not an argument of "
+                                             rf"thin_resnet50; it takes blurpool, "
+                                             rf"channel_divisor, channels, .*, width, "
+                                             rf"zero_init_residual$"):
+            torch.hub.load(str(ROOT), "thin_resnet50", source="local", **bad)
+    option_b = torch.hub.load(str(ROOT), "cifar_resnet20", source="local", shortcut="B")
+    assert any(".downsample." in n for n, _ in option_b.named_parameters())
     with pytest.raises(ValueError, match=r"^width=1000000.0: must be <= 16$"):  # not 37 GB
         torch.hub.load(str(ROOT), "thin_resnet18", source="local", width=1e6)
 
