@@ -350,6 +350,9 @@ def test_bad_arguments_exit_2_with_one_line(capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     code, _, err = _evaluate(capsys, "--file", "x.pt", "r.yaml")
     assert code == 2 and "not torchrun" in err
+    monkeypatch.setenv("RANK", "1")  # the other ranks exit 2 without repeating the line
+    code, _, err = _evaluate(capsys, "--file", "x.pt", "r.yaml")
+    assert (code, err) == (2, "")
 
 
 def _folder(root: Path, split: str, classes: list[str]) -> None:

@@ -93,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{'--label' if args.label else '--kind'} names the --points row: "
                      f"give --points")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        print("error: tools/evaluate.py runs in one process; start it with python, not "
-              "torchrun", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # one line, not one per rank
+            print("error: tools/evaluate.py runs in one process; start it with python, not "
+                  "torchrun", file=sys.stderr)
         return 2
     try:
         not_stdout(args.json, f"--json {args.json}")
