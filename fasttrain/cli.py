@@ -14,9 +14,46 @@ from typing import Callable, Iterable, Iterator, TypeVar
 from .errors import UserError
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """`--help` names each option's default ("(default: 100)") unless its help already speaks
+    of one; argparse's ArgumentDefaultsHelpFormatter also prints "(default: None)" and
+    "(default: False)" and skips options without a help text."""
+
+    @staticmethod
+    def shown_default(action: argparse.Action) -> str | None:
+        default = action.default
+        if (not action.option_strings or default in (None, False, argparse.SUPPRESS)
+                or isinstance(action, (argparse._HelpAction, argparse._VersionAction))
+                or "default" in (action.help or "").lower()):
+            return None
+        if isinstance(default, (list, tuple)):
+            default = ",".join(map(str, default))
+        if str(default) == "":  # an empty list or name: nothing to show
+            return None
+        return str(default).replace("%", "%%")  # argparse %-formats help texts
+
+    def add_argument(self, action: argparse.Action) -> None:
+        shown = self.shown_default(action)
+        if shown is not None and action.help is None:
+            action.help = f"default: {shown}"
+        super().add_argument(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        shown = self.shown_default(action)
+        if shown is None or help_text == f"default: {shown}":
+            return help_text
+        return f"{help_text} (default: {shown})"
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr and exit status 2 (argparse also
-    prints the usage block), like every other user error of the tools."""
+    prints the usage block), like every other user error of the tools, and `--help` names the
+    defaults (`DefaultsHelpFormatter`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:
         self.exit(2, f"error: {message}\n")

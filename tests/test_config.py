@@ -359,3 +359,27 @@ def test_train_keys_into_a_closed_pipe_is_quiet():
                             stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
     os.close(write_end)
     assert (result.returncode, result.stderr) == (0, "")
+
+
+@pytest.mark.parametrize("tool", ["benchmark", "check_data", "compare", "evaluate", "export",
+                                  "prune", "train", "write_ffcv"])
+def test_help_names_the_defaults_and_never_none(tool, capsys, monkeypatch):
+    # --help said "timed calls per row" for --iters 100: the defaults were in the README only
+    monkeypatch.setenv("COLUMNS", "200")  # one option per line
+    with pytest.raises(SystemExit) as e:
+        load_tool(tool).main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for shown in ("(default: None)", "(default: False)", "(default: )", "(default: [",
+                  "(default: ("):
+        assert shown not in text, (tool, shown)
+    expected = {"benchmark": ["--iters ITERS  timed calls per row (default: 100)",
+                              "--precision {fp32,bf16,fp16}  default: fp32",
+                              "--batch-size BATCH_SIZE  e.g. 1,8,64 (default: 1)"],
+                "prune": ["(default: l1)", "(default: global)"],
+                "export": ["--atol ATOL  parity: absolute tolerance (default: 0.0001)",
+                           "--parity-batch-sizes B1,B2  default: 1,3"],
+                "write_ffcv": ["(default: 90)"]}
+    squeezed = " ".join(text.split())
+    for line in expected.get(tool, []):
+        assert " ".join(line.split()) in squeezed, (tool, line)
