@@ -1040,6 +1040,16 @@ def test_a_resume_with_train_max_steps_reached_trains_nothing(data_root, tmp_pat
     config = (run / "config.yaml").read_text()
     train(_cfg(data_root, tmp_path, *args, "--schedule.epochs=1"), resume="auto")
     assert (run / "config.yaml").read_text() == config and "epochs: 2" in config
+    # A cap inside an epoch: the resume dropped the cut epoch's metrics line as if it were
+    # about to train it again (an empty metrics.jsonl, "final val top-1 nan %")
+    cut = train(_cfg(data_root, tmp_path, *args[:-1], "--log.name=mid", "--train.max_steps=3"))
+    mid = tmp_path / "mid"
+    before = {f: (mid / f).read_bytes() for f in files}
+    again = train(_cfg(data_root, tmp_path, *args[:-1], "--log.name=mid",
+                       "--train.max_steps=3"), resume="auto")
+    assert {f: (mid / f).read_bytes() for f in files} == before
+    assert before["metrics.jsonl"].count(b"\n") == 1
+    assert (again["epoch"], again["step"], again["val_top1"]) == (1, 3, cut["val_top1"])
 
 
 def test_resume_refusals_about_the_epoch_in_progress_write_nothing(data_root, tmp_path):

@@ -716,6 +716,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, report: Reporter, recipe: st
                                cfg.schedule.epochs)
         ema = ModelEma(model, decay, cfg.train.ema_steps)
     state = TrainState()
+    nothing_left = False
     if saved is not None:  # its weights are in the model already (checked above)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -728,11 +729,18 @@ def _train(cfg: Config, dist: distributed.DistInfo, report: Reporter, recipe: st
             # a sum over the ranks' per-rank losses: the epoch's mean divides by world * steps
             state.epoch_loss_sum *= dist.world_size / state.epoch_world_size
             state.epoch_world_size = dist.world_size
-        # an epoch that train.max_steps cut short is in the history; it is trained again now
-        state.history = [h for h in state.history if h["epoch"] <= state.epoch]
+        # A resume with nothing left to train (a finished run, a train.max_steps already
+        # reached) leaves the folder's config, metrics and history describing the training it
+        # holds; the cut epoch's line stays.
+        nothing_left = (run_dir / "config.yaml").is_file() and (
+            state.epoch >= cfg.schedule.epochs or _max_steps_reached(cfg, state))
+        if not nothing_left:
+            # an epoch that train.max_steps cut short is in the history; it is trained again now
+            state.history = [h for h in state.history if h["epoch"] <= state.epoch]
         if dist.is_main:
             try:
-                _trim_run_dir(run_dir, state.epoch)
+                _trim_run_dir(run_dir, max([h["epoch"] for h in state.history]
+                                           + [state.epoch]))
                 _relink_best(run_dir, resume_path, saved, state)
             except OSError as e:  # a read-only or full run folder: one line, nothing lost
                 where = e.filename or run_dir / "metrics.jsonl"
@@ -773,11 +781,6 @@ def _train(cfg: Config, dist: distributed.DistInfo, report: Reporter, recipe: st
                   classes=list(loaders.classes), pruned_from=lineage)
 
     writer = None
-    # A resume with nothing left to train (a finished run, a train.max_steps already reached)
-    # leaves the folder's config describing the training it holds.
-    nothing_left = saved is not None and (run_dir / "config.yaml").is_file() and (
-        state.epoch >= cfg.schedule.epochs
-        or _max_steps_reached(cfg, state))
     if dist.is_main and nothing_left:
         report.summary(rows + [("run directory", str(run_dir))], "fasttrain")
     elif dist.is_main:
