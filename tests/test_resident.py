@@ -1,5 +1,6 @@
 """The resident backend: whole set on the device, batched crop/flip, same contract as torch."""
 import io
+import os
 import random
 import warnings
 from pathlib import Path
@@ -240,19 +241,25 @@ def test_a_set_too_large_for_ram_is_refused_before_decoding(grey_root, monkeypat
         f"dali")
 
 
-def test_the_size_of_a_huge_image_is_read_without_pils_bomb_limit(grey_root, monkeypatch):
-    """PIL warns above MAX_IMAGE_PIXELS and raises above twice it, even for a header read: the
-    size error must come alone, and must come at all."""
+def test_an_image_above_pils_limit_is_passed_over_by_the_size_estimate(tmp_path, monkeypatch):
+    """The decode skips an image declaring more than MAX_IMAGE_PIXELS: one sorting first had its
+    size taken for every image, and the set was refused as too large for memory. PIL warns
+    above the limit and raises above twice it, even for a header read: neither may leak."""
     from PIL import Image
 
-    monkeypatch.setattr(resident, "_available_ram", lambda: 100_000)
+    root = grey_folder(tmp_path / "g", count=6)
+    huge = torch.full((3, 200, 240), 90, dtype=torch.uint8)  # 48,000 px
+    (root / "train" / "c0" / "000-huge.jpg").write_bytes(encode_jpeg(huge).numpy())
+    monkeypatch.setattr(resident, "_available_ram", lambda: 20_000)
     _no_decoding(monkeypatch)
-    for limit in (300, 100):  # 20x24 = 480 px: a warning, then an error, from PIL
+    size = (7 * 20 * 24 + 6 * 16 * 16) * 3 / 1024  # 7 training images as the 20x24 ones
+    for limit in (40_000, 20_000):  # a warning, then an error, from PIL
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
-        cfg = cfg_for(grey_root)
+        cfg = cfg_for(root)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            with pytest.raises(DatasetError, match=r"74 images would take .* KiB decoded"):
+            with pytest.raises(DatasetError, match=rf"13 images would take {size:.1f} KiB "
+                                                   rf"decoded"):
                 build_loaders(cfg.data, cfg.aug)
         assert Image.MAX_IMAGE_PIXELS == limit
 
@@ -325,11 +332,25 @@ def test_unsupported_augmentation_is_a_config_error():
 
 
 def test_unreadable_files_are_left_out_and_reported(tmp_path):
+    import threading
+
     root = grey_folder(tmp_path / "bad", count=9)
     (root / "train" / "c1" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    # a FIFO sorting first: the size estimate opened it and waited for a writer for good
+    fifo = root / "train" / "c0" / "000-fifo.jpg"
+    os.mkfifo(fifo)
     cfg = cfg_for(root, "--data.batch_size=3")
-    loaders = build_loaders(cfg.data, cfg.aug)
-    assert list(loaders.train.skipped) == [str(root / "train" / "c1" / "broken.jpg")]
+    built = []
+    worker = threading.Thread(target=lambda: built.append(build_loaders(cfg.data, cfg.aug)),
+                              daemon=True)
+    worker.start()
+    worker.join(120)
+    if worker.is_alive():
+        with open(fifo, "wb"):  # lets the blocked open return
+            pass
+        pytest.fail("build_loaders waited on a FIFO")
+    (loaders,) = built
+    assert sorted(loaders.train.skipped) == [str(fifo), str(root / "train" / "c1" / "broken.jpg")]
     assert len(loaders.train) == 3
 
 

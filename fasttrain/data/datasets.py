@@ -200,6 +200,19 @@ def _read_encoded(path: str) -> bytes:
     return raw
 
 
+def open_image_header(path: str) -> Image.Image:
+    """PIL's lazily decoded image of the regular file at `path` (its header read; a FIFO or a
+    device is refused before opening, as `_read_encoded` refuses them).
+
+    Raises:
+        OSError, ValueError: not a regular file, or a file PIL cannot identify.
+    """
+    kind = stat.S_IFMT(os.stat(path).st_mode)
+    if kind != stat.S_IFREG:
+        raise ValueError(f"not a regular file (a {_FILE_KINDS.get(kind, 'special file')})")
+    return Image.open(path)
+
+
 _FILE_KINDS = {stat.S_IFIFO: "FIFO", stat.S_IFCHR: "character device",
                stat.S_IFBLK: "block device", stat.S_IFSOCK: "socket", stat.S_IFDIR: "folder"}
 

@@ -29,7 +29,8 @@ from torchvision.ops import roi_align
 from ..config import AugConfig, DataConfig
 from ..measure.env import usable_cores
 from .batch_augment import to_device, trivial_augment_wide
-from .datasets import DatasetError, ImageFolderDataset, SkippedSample, TensorImageDataset
+from .datasets import (DatasetError, ImageFolderDataset, SkippedSample, TensorImageDataset,
+                       open_image_header)
 from .loader import EpochSampler, Loaders, ShardSampler, _datasets, rank_batches, sample_seed
 from .transforms import Normalize, ValTransform, progressive_resolution
 
@@ -228,19 +229,22 @@ def _check_fits(nbytes: int, device: torch.device, what: str, ram: bool = True) 
 
 
 def _header_size(dataset: ImageFolderDataset) -> tuple[int, int] | None:
-    """(height, width) of the first image whose header PIL reads (no pixels are decoded), or
-    None when none does."""
-    # Only headers are read, so PIL's decompression-bomb limit does not apply: above it PIL
-    # warns (lines before the one-line size error), at twice it raises, and the size this
-    # check exists for would be lost.
+    """(height, width) of the first image the decode will keep, read from its header (no pixels
+    are decoded), or None when there is none. Files the decode skips are passed over: paths
+    that are no regular file (opening a FIFO waited for a writer for good), unreadable files,
+    and images above PIL's `MAX_IMAGE_PIXELS` (one such image sorting first refused the whole
+    set as too large for memory)."""
+    # The limit is applied here, not by PIL: above it PIL warns, at twice it raises.
     limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
         for path, _ in dataset.samples:
             try:
-                with Image.open(path) as image:
-                    return image.height, image.width
+                with open_image_header(path) as image:
+                    height, width = image.height, image.width
             except Exception:  # noqa: BLE001  unreadable files are the decode's to report
                 continue
+            if limit is None or height * width <= limit:
+                return height, width
     finally:
         Image.MAX_IMAGE_PIXELS = limit
     return None
