@@ -56,15 +56,25 @@ if "loss_call" in plan:
 if plan.get("hide_rank") == rank:  # a node that does not see rank 0's disk
     loop._visible_here = lambda path: False
 if "save_call" in plan:
-    real_save, saves = torch.save, [0]
-    def save(obj, f, *a, **k):
-        saves[0] += 1
-        if saves[0] == plan["save_call"]:
-            f.write(b"half a checkpoint")
-            f.flush()
-            die()
-        return real_save(obj, f, *a, **k)
-    torch.save = save
+    # In the file write itself (checkpoints are serialised in memory first): half the bytes
+    # reach the temporary file next to last.pt, then the process dies.
+    import io
+    import fasttrain.engine.checkpoint as ckpt
+    real_write_atomic, saves = ckpt.write_atomic, [0]
+    def write_atomic(path, write, mode="wb"):
+        if str(path).endswith(".pt"):
+            saves[0] += 1
+            if saves[0] == plan["save_call"]:
+                def half(f):
+                    data = io.BytesIO()
+                    write(data)
+                    f.write(data.getbuffer()[:len(data.getbuffer()) // 2])
+                    f.flush()
+                    os.fsync(f.fileno())
+                    die()
+                return real_write_atomic(path, half, mode)
+        return real_write_atomic(path, write, mode)
+    ckpt.write_atomic = write_atomic
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 '''
@@ -104,9 +114,13 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(data_root, tmp_path):
         result = run_wrapped(tmp_path, tiny_args(data_root, tmp_path, "killed", *extra), plan,
                              data_root)
         outcomes.append((plan, result.returncode))
+        leftovers = list((tmp_path / "killed" / "checkpoints").glob(".last.pt.tmp-*"))
         if result.returncode == 0:
+            assert not leftovers, leftovers  # the resume removed the torn file
             break
         assert result.returncode == -signal.SIGKILL, (plan, result.stderr[-2000:])
+        if plan and "save_call" in plan:  # died inside the write: a torn temporary file
+            assert len(leftovers) == 1 and leftovers[0].stat().st_size > 0, leftovers
     assert outcomes[-1][1] == 0, outcomes
     assert sum(code == -signal.SIGKILL for _, code in outcomes) >= 2, outcomes
     a = ckpt.load(tmp_path / "straight" / "checkpoints" / "last.pt")
@@ -227,16 +241,23 @@ def _cfg(data_root, log_dir, *overrides):
 
 
 def test_failed_checkpoint_write_keeps_the_previous_one(data_root, tmp_path, monkeypatch):
-    real_save, calls = torch.save, []
+    # in the file write itself, after some bytes reached the temporary file (checkpoints are
+    # serialised in memory first, so a failing torch.save would never touch the disk)
+    real_write_atomic, calls = ckpt.write_atomic, []
 
-    def disk_full_on_third(obj, f, *a, **k):
+    def disk_full_on_third(path, write, mode="wb"):
+        if not str(path).endswith(".pt"):
+            return real_write_atomic(path, write, mode)
         calls.append(1)
-        if len(calls) == 3:
-            f.write(b"partial")
-            raise OSError(28, "No space left on device")
-        return real_save(obj, f, *a, **k)
 
-    monkeypatch.setattr(torch, "save", disk_full_on_third)
+        def partial(f):
+            f.write(b"partial")
+            f.flush()
+            assert list(path.parent.glob(f".{path.name}.tmp-*"))  # on disk now
+            raise OSError(28, "No space left on device")
+        return real_write_atomic(path, partial if len(calls) == 3 else write, mode)
+
+    monkeypatch.setattr(ckpt, "write_atomic", disk_full_on_third)
     with pytest.raises(TrainingError, match=r"cannot write checkpoint .*last.pt at step 12: "
                                             r"No space left on device; the previous"):
         train(_cfg(data_root, tmp_path, "--schedule.epochs=2", "--train.checkpoint_every=4",
