@@ -730,7 +730,8 @@ def test_a_named_run_killed_in_its_first_checkpoint_restarts_in_place(data_root,
     line and no checkpoint: --resume auto (and torchrun --max-restarts) were refused for good
     ("holds a run but no last.pt"), and so was starting again without --resume."""
     run = _fake_run(tmp_path, "k", last=False, metrics='{"epoch": 1, "val_top1": 9.0}\n')
-    (run / "checkpoints" / ".last.pt.tmp").write_bytes(b"torn")  # the write that was cut
+    torn = run / "checkpoints" / ".last.pt.tmp-4242"  # the write that was cut (write_atomic's name)
+    torn.write_bytes(b"torn")
     with pytest.raises(RunError, match="already holds checkpoints or metrics"):
         rundir.new_run_dir(tmp_path, "k", "quickstart")  # a new run without --resume: refused
     assert rundir.find_resume("auto", tmp_path, "k", "quickstart") is None
@@ -738,7 +739,7 @@ def test_a_named_run_killed_in_its_first_checkpoint_restarts_in_place(data_root,
                          "--schedule.warmup_epochs=0"), resume="auto")
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1] and lines[0]["val_top1"] == summary["val_top1"]
-    assert (run / "checkpoints" / "last.pt").is_file()
+    assert (run / "checkpoints" / "last.pt").is_file() and not torn.exists()
 
 
 def test_resume_relinks_a_best_pt_left_behind(data_root, tmp_path):
@@ -840,6 +841,11 @@ def test_two_trainings_never_write_one_run_directory(tmp_path):
         with pytest.raises(RunError, match=r"dup: another training process is writing this run "
                                            r"directory; wait for it to end or choose another"):
             rundir.new_run_dir(tmp_path, "dup", "quickstart")
+        # once it has written metrics: that, not "pass --resume auto" (refused the same way)
+        (run / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n')
+        with pytest.raises(RunError, match=r"dup: another training process is writing"):
+            rundir.new_run_dir(tmp_path, "dup", "quickstart")
+        (run / "metrics.jsonl").unlink()
         with pytest.raises(RunError, match="another training process"):
             rundir.lock_run_dir(run)  # a resume of it
     finally:

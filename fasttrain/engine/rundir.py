@@ -110,13 +110,25 @@ def new_run_dir(log_dir: Path, name: str, recipe_stem: str, restart: bool = Fals
     """
     try:
         if name:
-            check_name_free(log_dir, name, restart)
             run = log_dir / name
+            if run.is_dir():
+                # a training writing it now says so first (not "pass --resume auto", which
+                # would be refused for the same reason); a refusal then lets go of the lock
+                held = run.resolve() in _LOCKS
+                lock_run_dir(run)
+                try:
+                    check_name_free(log_dir, name, restart)
+                except RunError:
+                    if not held:
+                        os.close(_LOCKS.pop(run.resolve())[0])
+                    raise
             run.mkdir(parents=True, exist_ok=True)
             lock_run_dir(run)
             check_name_free(log_dir, name, restart)  # again, now that no other run can start
             if restart and stopped_before_first_checkpoint(run):
                 (run / "metrics.jsonl").unlink(missing_ok=True)
+                for torn in (run / CHECKPOINTS).glob(".*.tmp-*"):  # the cut checkpoint write
+                    torn.unlink(missing_ok=True)
         else:
             log_dir.mkdir(parents=True, exist_ok=True)
             stamp = time.strftime("%Y%m%d-%H%M%S")
