@@ -124,8 +124,16 @@ def _main(argv: list[str] | None) -> int:
             if rank == 0:
                 _say(f"{'terminated' if terminated else 'interrupted'}: dry run stopped, "
                      f"nothing written")
+        elif not hasattr(e, "fasttrain_resume"):
+            # before train() claimed a run folder (importing torch, loading the data): it
+            # named checkpoints that a new run does not have
+            if rank == 0:
+                _say(f"{'terminated' if terminated else 'interrupted'}: before training "
+                     f"started, nothing written"
+                     + (f"; the same --resume {args.resume} continues the run"
+                        if args.resume else ""))
         else:
-            _interrupted(terminated, getattr(e, "fasttrain_resume", None))
+            _interrupted(terminated, e.fasttrain_resume)
         return 143 if terminated else 130  # the shell's statuses for SIGTERM and SIGINT
     return 0
 
