@@ -118,9 +118,14 @@ def test_ffcv_recipe_header_writes_the_sources_storage(recipe):
                       if line.startswith("#"))
     resolution, jpeg = FFCV_STORAGE[recipe.name.split("_")[1]]
     command = re.search(r"`(python tools/write_ffcv\.py [^`]*)`", header).group(1)
+    # the ResNet-18 files go to a folder of their own: both families' default is DIR/ffcv, and
+    # a write with other settings over the other family's files is refused
+    own = ["--out=/path/to/imagenet/ffcv-rn18"] if "_r18_" in recipe.name else []
     assert command.split() == ["python", "tools/write_ffcv.py", "RECIPE",
                                "--data.path=/path/to/imagenet", f"--max-resolution={resolution}",
-                               f"--compress-probability={jpeg}"], recipe.name
+                               f"--compress-probability={jpeg}", *own], recipe.name
+    if own:
+        assert "train with --data.ffcv_dir=/path/to/imagenet/ffcv-rn18" in header, recipe.name
     assert f"max side {resolution} px, {float(jpeg):.0%} JPEG".replace("%", " %") in header
 
 
