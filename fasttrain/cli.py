@@ -22,7 +22,8 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
     @staticmethod
     def shown_default(action: argparse.Action) -> str | None:
         default = action.default
-        if (not action.option_strings or default in (None, False, argparse.SUPPRESS)
+        if (not action.option_strings or default is None or default is False
+                or default == argparse.SUPPRESS
                 or isinstance(action, (argparse._HelpAction, argparse._VersionAction))
                 or "default" in (action.help or "").lower()):
             return None

@@ -379,7 +379,9 @@ def test_help_names_the_defaults_and_never_none(tool, capsys, monkeypatch):
                 "prune": ["(default: l1)", "(default: global)"],
                 "export": ["--atol ATOL  parity: absolute tolerance (default: 0.0001)",
                            "--parity-batch-sizes B1,B2  default: 1,3"],
-                "write_ffcv": ["(default: 90)"]}
+                "write_ffcv": ["(default: 90)"],
+                # 0 == False: a zero default was taken for an unset flag and not shown
+                "check_data": ["(0 = all cores) (default: 0)"]}
     squeezed = " ".join(text.split())
     for line in expected.get(tool, []):
         assert " ".join(line.split()) in squeezed, (tool, line)
