@@ -385,6 +385,16 @@ def test_a_dry_run_checks_what_resume_and_log_name_would_meet(data_root, tmp_pat
     with pytest.raises(RunError, match=r"taken: run directory already holds checkpoints"):
         train(_cfg(data_root, tmp_path, "--log.name=taken"), dry_run=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+    # one another training is writing: that, as the real run says (not "pass --resume auto")
+    holder = _hold_lock(tmp_path / "taken")
+    try:
+        with pytest.raises(RunError, match=r"taken: another training process is writing"):
+            train(_cfg(data_root, tmp_path, "--log.name=taken"), dry_run=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    rundir.lock_run_dir(tmp_path / "taken")  # the dry run let go of it
+    rundir.release_run_dirs()
 
 
 def test_sync_bn_on_cpu_ranks_is_one_line_before_anything_is_written(data_root, tmp_path):
@@ -832,6 +842,17 @@ def _hold_lock(folder: Path) -> subprocess.Popen:
     return holder
 
 
+def test_a_used_name_on_a_file_system_without_flock_is_refused_in_one_line(tmp_path,
+                                                                           monkeypatch):
+    # lock_folder gives None where the folder has no flock: the refusal's release of the lock
+    # it had not got raised a KeyError traceback
+    run = _fake_run(tmp_path, "used", last=False, metrics='{"epoch": 1}\n')
+    monkeypatch.setattr(rundir, "lock_folder", lambda folder, wait: None)
+    with pytest.raises(RunError, match=r"used: run directory already holds checkpoints or "
+                                       r"metrics"):
+        rundir.new_run_dir(tmp_path, "used", "quickstart")
+
+
 def test_two_trainings_never_write_one_run_directory(tmp_path):
     """Two runs started at once with one --log.name (or a requeued --resume auto while the
     first still ran) both wrote into it: metrics.jsonl held epochs 1, 1, 2, 2."""
@@ -1234,7 +1255,7 @@ def test_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
     assert capsys.readouterr().err == "interrupted: before training started, nothing written\n"
     assert load_tool("train").main([str(QUICKSTART), "--resume", "auto"]) == 130
     assert capsys.readouterr().err == ("interrupted: before training started, nothing written; "
-                                       "the same --resume auto continues the run\n")
+                                       "run it again with --resume auto\n")
 
 
 def test_sigterm_is_handled_like_ctrl_c_with_status_143(monkeypatch, capsys):
@@ -1795,6 +1816,15 @@ def test_an_interrupt_names_the_run_folder_to_continue(data_root, tmp_path, monk
     with pytest.raises(KeyboardInterrupt) as e:
         train(_cfg(data_root, tmp_path / "other", *args))
     assert e.value.fasttrain_resume == ""
+    # while a resume loads its data, before it claims the run folder: that run's checkpoints
+    # are intact and the same --resume continues it (it said "nothing to continue")
+    def loading_interrupted(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(loop, "build_loaders", loading_interrupted)
+    for resume in (str(run), "auto"):
+        with pytest.raises(KeyboardInterrupt) as e:
+            train(_cfg(data_root, tmp_path, *args), resume=resume)
+        assert e.value.fasttrain_resume == resume
     tool = load_tool("train")
     tool._interrupted(False, str(run))
     tool._interrupted(True, "")

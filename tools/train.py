@@ -130,8 +130,8 @@ def _main(argv: list[str] | None) -> int:
             if rank == 0:
                 _say(f"{'terminated' if terminated else 'interrupted'}: before training "
                      f"started, nothing written"
-                     + (f"; the same --resume {args.resume} continues the run"
-                        if args.resume else ""))
+                     + (f"; run it again with --resume {args.resume}" if args.resume
+                        else ""))
         else:
             _interrupted(terminated, e.fasttrain_resume)
         return 143 if terminated else 130  # the shell's statuses for SIGTERM and SIGINT

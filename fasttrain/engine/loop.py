@@ -538,8 +538,11 @@ def train(cfg: Config, recipe: str | None = None, resume: str | None = None,
         for run in made:
             discard_unused_run_dir(run)
         if isinstance(e, KeyboardInterrupt):  # what its one line tells to continue from
+            # before a folder was claimed (loading the data) a resume's checkpoint is intact:
+            # the same --resume continues
             e.fasttrain_resume = next((str(run) for run in claimed
-                                       if (run / CHECKPOINTS / LAST).is_file()), "")
+                                       if (run / CHECKPOINTS / LAST).is_file()),
+                                      resume if resume and not claimed else "")
         raise
     finally:
         report.close()  # a bar left running redraws itself and keeps the cursor hidden
@@ -682,7 +685,12 @@ def _train(cfg: Config, dist: distributed.DistInfo, report: Reporter, recipe: st
             rows.append(("resume", f"from {resume_path}"))
             rows.append(("changed since it", "; ".join(changes) or "nothing"))
         else:  # what new_run_dir would refuse, said on every rank
-            _on_main(dist, lambda: check_name_free(log_dir, cfg.log.name, resume == "auto"))
+            def check_name() -> None:
+                named = log_dir / cfg.log.name
+                if cfg.log.name and named.is_dir():  # busy first, as new_run_dir says it
+                    lock_run_dir(named)  # released when train() returns
+                check_name_free(log_dir, cfg.log.name, resume == "auto")
+            _on_main(dist, check_name)
         if fresh:
             report.print(fresh)
         report.print(config_mod.dump(cfg).rstrip())

@@ -119,8 +119,9 @@ def new_run_dir(log_dir: Path, name: str, recipe_stem: str, restart: bool = Fals
                 try:
                     check_name_free(log_dir, name, restart)
                 except RunError:
-                    if not held:
-                        os.close(_LOCKS.pop(run.resolve())[0])
+                    taken = None if held else _LOCKS.pop(run.resolve(), None)
+                    if taken is not None:  # none where the file system has no flock
+                        os.close(taken[0])
                     raise
             run.mkdir(parents=True, exist_ok=True)
             lock_run_dir(run)
