@@ -250,15 +250,18 @@ def test_an_image_above_pils_limit_is_passed_over_by_the_size_estimate(tmp_path,
     root = grey_folder(tmp_path / "g", count=6)
     huge = torch.full((3, 200, 240), 90, dtype=torch.uint8)  # 48,000 px
     (root / "train" / "c0" / "000-huge.jpg").write_bytes(encode_jpeg(huge).numpy())
+    # a truncated JPEG (a copy cut short), which the decode skips too, sorting before it
+    big = encode_jpeg(torch.randint(0, 255, (3, 120, 100), dtype=torch.uint8)).numpy()
+    (root / "train" / "c0" / "000-a-cut.jpg").write_bytes(big[:len(big) // 2].tobytes())
     monkeypatch.setattr(resident, "_available_ram", lambda: 20_000)
     _no_decoding(monkeypatch)
-    size = (7 * 20 * 24 + 6 * 16 * 16) * 3 / 1024  # 7 training images as the 20x24 ones
+    size = (8 * 20 * 24 + 6 * 16 * 16) * 3 / 1024  # 8 training images as the 20x24 ones
     for limit in (40_000, 20_000):  # a warning, then an error, from PIL
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
         cfg = cfg_for(root)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            with pytest.raises(DatasetError, match=rf"13 images would take {size:.1f} KiB "
+            with pytest.raises(DatasetError, match=rf"14 images would take {size:.1f} KiB "
                                                    rf"decoded"):
                 build_loaders(cfg.data, cfg.aug)
         assert Image.MAX_IMAGE_PIXELS == limit

@@ -172,7 +172,7 @@ def folder_files(root: Path, class_to_idx: dict[str, int]
     return images, others
 
 
-def _read_encoded(path: str) -> bytes:
+def read_encoded(path: str) -> bytes:
     """The bytes of the regular file at `path` (symbolic links followed).
 
     Raises:
@@ -198,19 +198,6 @@ def _read_encoded(path: str) -> bytes:
     if raw[:2] == b"\xff\xd8" and _jpeg_truncated(raw):
         raise ValueError("truncated JPEG (no end-of-image marker)")
     return raw
-
-
-def open_image_header(path: str) -> Image.Image:
-    """PIL's lazily decoded image of the regular file at `path` (its header read; a FIFO or a
-    device is refused before opening, as `_read_encoded` refuses them).
-
-    Raises:
-        OSError, ValueError: not a regular file, or a file PIL cannot identify.
-    """
-    kind = stat.S_IFMT(os.stat(path).st_mode)
-    if kind != stat.S_IFREG:
-        raise ValueError(f"not a regular file (a {_FILE_KINDS.get(kind, 'special file')})")
-    return Image.open(path)
 
 
 _FILE_KINDS = {stat.S_IFIFO: "FIFO", stat.S_IFCHR: "character device",
@@ -413,7 +400,7 @@ def read_image(path: str) -> torch.Tensor:
             pixels than PIL.Image.MAX_IMAGE_PIXELS (checked on the headers, before decoding);
             the message is one line.
     """
-    return _decode_whole(_read_encoded(path))
+    return _decode_whole(read_encoded(path))
 
 
 BoxChooser = Callable[[int, int], tuple[int, int, int, int]]
@@ -431,7 +418,7 @@ def read_image_box(path: str, choose_box: BoxChooser, min_size: tuple[int, int] 
     Raises:
         ValueError: empty, truncated or undecodable file, or too large (as in `read_image`).
     """
-    raw = _read_encoded(path)
+    raw = read_encoded(path)
     if region_decode and jpeg.AVAILABLE and jpeg.is_jpeg(raw):
         info = jpeg.jpeg_info(raw)
         if info.rgb:

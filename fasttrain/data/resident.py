@@ -15,6 +15,7 @@ not its per-sample values.
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +31,7 @@ from ..config import AugConfig, DataConfig
 from ..measure.env import usable_cores
 from .batch_augment import to_device, trivial_augment_wide
 from .datasets import (DatasetError, ImageFolderDataset, SkippedSample, TensorImageDataset,
-                       open_image_header)
+                       read_encoded)
 from .loader import EpochSampler, Loaders, ShardSampler, _datasets, rank_batches, sample_seed
 from .transforms import Normalize, ValTransform, progressive_resolution
 
@@ -231,15 +232,16 @@ def _check_fits(nbytes: int, device: torch.device, what: str, ram: bool = True) 
 def _header_size(dataset: ImageFolderDataset) -> tuple[int, int] | None:
     """(height, width) of the first image the decode will keep, read from its header (no pixels
     are decoded), or None when there is none. Files the decode skips are passed over: paths
-    that are no regular file (opening a FIFO waited for a writer for good), unreadable files,
-    and images above PIL's `MAX_IMAGE_PIXELS` (one such image sorting first refused the whole
-    set as too large for memory)."""
+    that are no regular file (opening a FIFO waited for a writer for good), empty, truncated
+    and unreadable files, and images above PIL's `MAX_IMAGE_PIXELS` (one such image sorting
+    first refused the whole set as too large for memory)."""
     # The limit is applied here, not by PIL: above it PIL warns, at twice it raises.
     limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
         for path, _ in dataset.samples:
             try:
-                with open_image_header(path) as image:
+                # the decode's own reading: a FIFO is never opened, a truncated JPEG refused
+                with Image.open(io.BytesIO(read_encoded(path))) as image:
                     height, width = image.height, image.width
             except Exception:  # noqa: BLE001  unreadable files are the decode's to report
                 continue
