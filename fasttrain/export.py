@@ -567,7 +567,7 @@ def load_exported(path: str | Path, fmt: str | None = None
     except Exception as e:  # torch raises RuntimeError, zipfile.BadZipFile, KeyError, ... here
         from .engine.checkpoint import damaged_zip
 
-        damage = damaged_zip(path, written_by={"export": "torch.export"}.get(fmt, "TorchScript"))
+        damage = damaged_zip(path)
         if damage:  # torch: "[Errno 22] Invalid argument", "istream reader failed", ...
             raise ExportError(f"{path}: cannot load {fmt} file ({damage}; copy it again or "
                               f"export it again)") from None

@@ -244,8 +244,9 @@ def test_load_refuses_code_execution_and_garbage(tmp_path):
                 ckpt.load(tmp_path / "cut.pt", mmap=mmap)
             assert str(e.value) == (
                 f"{tmp_path / 'cut.pt'}: cannot load checkpoint (truncated or damaged: a zip "
-                f"archive, torch.save's format, whose directory at the end is missing; "
-                f"{int(len(data) * cut):,} bytes; copy it again or use another checkpoint)")
+                f"archive (as torch writes checkpoints and exports) whose directory at the end "
+                f"is missing; {int(len(data) * cut):,} bytes; copy it again or use another "
+                f"checkpoint)")
     # the legacy reader's EOFError() and KeyError(<number>) become words
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "text.pt").write_text("junk\n")

@@ -143,7 +143,7 @@ def _is_torch_export_archive(path: Path) -> bool:
     return any("/models/" in n or n.endswith("/archive_format") for n in zip_names(path))
 
 
-def damaged_zip(path: Path, written_by: str = "torch.save") -> str | None:
+def damaged_zip(path: Path) -> str | None:
     """Why `path` cannot be read when it starts like a zip archive (what torch.save,
     TorchScript and torch.export write) but the archive's directory at its end cannot be read:
     most often a copy or download cut short, for which torch says "[Errno 22] Invalid argument"
@@ -158,8 +158,9 @@ def damaged_zip(path: Path, written_by: str = "torch.save") -> str | None:
             return None
     except zipfile.BadZipFile:
         size = Path(path).stat().st_size
-        return (f"truncated or damaged: a zip archive, {written_by}'s format, whose directory "
-                f"at the end is missing; {size:,} bytes")
+        # which of torch's formats cannot be told from the start of a file cut short
+        return (f"truncated or damaged: a zip archive (as torch writes checkpoints and exports) "
+                f"whose directory at the end is missing; {size:,} bytes")
     except OSError:
         return None
 
