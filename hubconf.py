@@ -30,15 +30,15 @@ def _model_arguments(name: str) -> list[str]:
 
 def _entry(name: str):
     def load(checkpoint: str | None = None, weights: str | None = None, **kwargs):
+        accepted = _model_arguments(name)
+        for key in kwargs:  # the constructor's TypeError named ResNet.__init__, not the model
+            if key not in accepted:
+                raise ValueError(f"{key}= is not an argument of {name}; it takes "
+                                 f"{', '.join(accepted)}")
         if checkpoint is None:
             if weights is not None:
                 raise ValueError("weights= needs checkpoint= (without one the weights are "
                                  "random)")
-            accepted = _model_arguments(name)
-            for key in kwargs:  # the constructor's TypeError named ResNet.__init__, not the model
-                if key not in accepted:
-                    raise ValueError(f"{key}= is not an argument of {name}; it takes "
-                                     f"{', '.join(accepted)}")
             if "norm_act" in kwargs:  # the config's name for the layer choice, as with checkpoints
                 choice = kwargs.pop("norm_act")
                 if choice not in _models.NORM_ACT_LAYERS:
