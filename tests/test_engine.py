@@ -116,6 +116,15 @@ def test_each_rank_draws_its_own_stochastic_depth_stream():
      "compiles as max-autotune-no-cudagraphs"),
     (["--train.precision=fp16"], "note: train.precision=fp16 on the CPU is correct but slow"),
     (["--train.compile=true", "--train.compile_mode=max-autotune-no-cudagraphs"], None),
+    # a policy's keys under another policy were accepted and silently unused
+    (["--aug.auto_augment=trivialaugment", "--aug.randaug_magnitude=7", "--aug.randaug_ops=3"],
+     "note: aug.randaug_ops=3, aug.randaug_magnitude=7.0 have no effect with "
+     "aug.auto_augment=trivialaugment (read with aug.auto_augment=randaugment only)"),
+    (["--aug.auto_augment=none", "--aug.auto_augment_interpolation=nearest"],
+     "note: aug.auto_augment_interpolation=nearest has no effect with aug.auto_augment=none "
+     "(read with aug.auto_augment=trivialaugment or randaugment only)"),
+    (["--data.backend=torch", "--aug.auto_augment=randaugment", "--aug.randaug_magnitude=7",
+      "--aug.auto_augment_interpolation=nearest"], None),
     ([], None)])
 def test_settings_that_run_otherwise_than_expected_get_a_note(overrides, said):
     cfg = load(QUICKSTART, overrides)

@@ -381,7 +381,8 @@ def _note_settings_without_effect(cfg: Config, device: torch.device, use_compile
                                   report: Reporter) -> None:
     """Notes for settings that run but not as a user would expect: a compile mode without
     compilation or without CUDA graphs to replay, fp16 on the CPU (torch's fp16 convolution
-    backward there is tens of times slower than fp32's)."""
+    backward there is tens of times slower than fp32's), a policy's augmentation keys set
+    under another policy."""
     mode = cfg.train.compile_mode
     if mode != "default" and not use_compile:
         compile_ = "null" if cfg.train.compile is None else str(cfg.train.compile).lower()
@@ -395,6 +396,19 @@ def _note_settings_without_effect(cfg: Config, device: torch.device, use_compile
         report.print("note: train.precision=fp16 on the CPU is correct but slow: torch's fp16 "
                      "convolution backward there took 40-90x fp32's time (measured on an "
                      "Intel Xeon); bf16 or fp32 train at full speed")
+    # Keys of one augmentation policy set under another: not refused (overriding an RSB
+    # recipe's policy would then need its four randaug_* keys reset too), but said.
+    aug, defaults = cfg.aug, type(cfg.aug)()
+    policy_keys = {"randaugment": ("randaug_ops", "randaug_magnitude", "randaug_magnitude_std",
+                                   "randaug_prob"),
+                   "trivialaugment or randaugment": ("auto_augment_interpolation",)}
+    for readers, keys in policy_keys.items():
+        unread = [f"aug.{k}={getattr(aug, k)}" for k in keys
+                  if getattr(aug, k) != getattr(defaults, k)]
+        if unread and aug.auto_augment not in readers.split(" or "):
+            report.print(f"note: {', '.join(unread)} ha{'ve' if len(unread) > 1 else 's'} no "
+                         f"effect with aug.auto_augment={aug.auto_augment} (read with "
+                         f"aug.auto_augment={readers} only)")
 
 
 def recipe_stem(recipe: str | Path | None) -> str:
