@@ -135,6 +135,26 @@ def test_settings_that_run_otherwise_than_expected_get_a_note(overrides, said):
     assert [p.startswith(said) for p in printed] == ([True] if said else [])
 
 
+def test_fp16_whose_first_step_overflows_adds_no_scheduler_warning(data_root, tmp_path,
+                                                                   monkeypatch):
+    # the scaler skips a step whose gradients overflow; torch then warned that the schedule
+    # stepped before the optimizer (advice for code calling them out of order)
+    import warnings
+
+    class OverflowingScaler(torch.amp.GradScaler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "init_scale": 2.0 ** 100})
+
+    monkeypatch.setattr(torch.amp, "GradScaler", OverflowingScaler)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        summary = train(_cfg(data_root, tmp_path, "--train.precision=fp16", "--model.width=0.25",
+                             "--schedule.epochs=1", "--schedule.warmup_epochs=0",
+                             "--train.max_steps=2", "--data.batch_size=16"))
+    assert summary["step"] == 2
+    assert not [w for w in seen if "lr_scheduler.step()" in str(w.message)]
+
+
 def test_cuda_rng_states_of_more_devices_than_visible_restore_the_visible_ones(monkeypatch):
     """A checkpoint from a node showing 8 GPUs resumed where 2 are visible: set_rng_state_all
     indexed past torch's generators (IndexError)."""

@@ -13,6 +13,7 @@ import os
 import platform
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -988,7 +989,15 @@ def train_one_epoch(p: Parts, loader: DeviceLoader, state: TrainState, epoch: in
         p.scaler.update()
         p.optimizer.zero_grad(set_to_none=True)
         step_lr = p.optimizer.param_groups[0]["lr"]  # what this step used; step() moves it on
-        p.scheduler.step()
+        if p.scaler.is_enabled():
+            # fp16: a first step whose gradients overflow is skipped by the scaler, and torch
+            # then warns that the schedule stepped before the optimizer, advice for code that
+            # calls them out of order; the schedule counts steps, skipped ones included.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                p.scheduler.step()
+        else:
+            p.scheduler.step()
         step += 1
         state.step += 1
         if p.ema is not None:
