@@ -465,14 +465,24 @@ def test_an_ascii_stdout_gets_ascii_stand_ins_and_an_aligned_table(tmp_path, mon
 
 
 def test_literature_benchmark_plots_and_table(tmp_path):
+    import matplotlib
+
     pts = tmp_path / "mine.csv"
     pts.write_text("label,kind,top1,macs,params\n"
                    "R56 w0.5,thin,92.0,31482176,214546\nR56 w1,thin,94.0,125485696,853018\n")
+    salt = matplotlib.rcParams["svg.hashsalt"]
     assert compare_tool.main(["--benchmark", "resnet56-cifar10", "--points", str(pts),
                               "--out", str(tmp_path / "out")]) == 0
     out = tmp_path / "out"
     assert_images(out.glob("*.png"))
     assert_images(out.glob("*.svg"))
+    # the SVGs' ids are stable (regenerated files diff clean) and the process's setting stays
+    # (a notebook's own SVGs kept fasttrain's salt)
+    first = {p.name: p.read_bytes() for p in out.glob("*.svg")}
+    assert compare_tool.main(["--benchmark", "resnet56-cifar10", "--points", str(pts),
+                              "--out", str(tmp_path / "out")]) == 0
+    assert {p.name: p.read_bytes() for p in out.glob("*.svg")} == first
+    assert matplotlib.rcParams["svg.hashsalt"] == salt
     assert sorted(p.name for p in out.glob("*.png")) == [
         "resnet56-cifar10-delta-vs-reduction.png", "resnet56-cifar10-top1-vs-macs.png",
         "resnet56-cifar10-top1-vs-params.png"]

@@ -42,10 +42,8 @@ def _value(p: Point, x: str) -> float | None:
 
 
 def _figure(title: str, subtitle: str):
-    import matplotlib
     from matplotlib.figure import Figure
 
-    matplotlib.rcParams["svg.hashsalt"] = "fasttrain"  # stable ids: regenerated files diff clean
     fig = Figure(figsize=(9, 6))
     ax = fig.subplots()
     fig.suptitle(title, fontsize=11)
@@ -60,7 +58,12 @@ def _save(fig, stem: Path) -> list[Path]:
     fig.tight_layout()
     png, svg = stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".svg")
     write_replacing(png, lambda f: fig.savefig(f, format="png", dpi=110))
-    write_replacing(svg, lambda f: fig.savefig(f, format="svg", metadata={"Date": None}))
+    import matplotlib
+
+    # stable ids, so regenerated files diff clean; set for this write only (a notebook's own
+    # SVGs keep their random ids)
+    with matplotlib.rc_context({"svg.hashsalt": "fasttrain"}):
+        write_replacing(svg, lambda f: fig.savefig(f, format="svg", metadata={"Date": None}))
     return [png, svg]
 
 
