@@ -1277,15 +1277,57 @@ def test_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err == ("interrupted: checkpoints already written are intact; continue from the "
                    "last one with --resume runs/q\n")
-    # before train() claimed a folder (importing torch, loading data): it named checkpoints
-    # a new run does not have
-    monkeypatch.setattr(fasttrain.engine, "train", lambda *a, **k: (_ for _ in ()).throw(
-        KeyboardInterrupt()))
-    assert load_tool("train").main([str(QUICKSTART)]) == 130
+    # before train() was called (importing torch): it named checkpoints a new run does not have
+    tool = load_tool("train")
+    monkeypatch.setattr(tool, "load", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert tool.main([str(QUICKSTART)]) == 130
     assert capsys.readouterr().err == "interrupted: before training started, nothing written\n"
-    assert load_tool("train").main([str(QUICKSTART), "--resume", "auto"]) == 130
+    assert tool.main([str(QUICKSTART), "--resume", "auto"]) == 130
     assert capsys.readouterr().err == ("interrupted: before training started, nothing written; "
                                        "run it again with --resume auto\n")
+
+
+def test_a_second_signal_during_the_clean_up_changes_nothing(data_root, tmp_path, monkeypatch,
+                                                             capsys):
+    """Under torchrun a rank gets the terminal's Ctrl-C, torchrun's copy, then its SIGTERM: one
+    raised while train() removed an unused run folder left it half removed (an empty
+    checkpoints/) and lost what to continue from ("before training started")."""
+    import signal
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    real_discard = loop.discard_unused_run_dir
+
+    def discard_meeting_another_signal(run):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)  # a handler would raise here
+        (run / "config.yaml").unlink()  # as the real one begins, then finishes
+        real_discard(run)
+
+    monkeypatch.setattr(loop, "train_one_epoch", interrupted)
+    monkeypatch.setattr(loop, "discard_unused_run_dir", discard_meeting_another_signal)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt) as e:
+        train(_cfg(data_root, tmp_path, "--schedule.warmup_epochs=0", "--log.name=twice"))
+    assert e.value.fasttrain_resume == "" and not (tmp_path / "twice").exists()
+    assert signal.getsignal(signal.SIGINT) is before
+    # and tools/train.py takes what to continue from the first exception of a chain
+    import fasttrain.engine
+
+    def replaced_by_a_late_signal(*args, **kwargs):
+        try:
+            first = KeyboardInterrupt()
+            first.fasttrain_resume = "runs/q"
+            raise first
+        finally:
+            raise KeyboardInterrupt  # the late second one, raised in train()'s finally
+
+    monkeypatch.setattr(fasttrain.engine, "train", replaced_by_a_late_signal)
+    capsys.readouterr()
+    assert load_tool("train").main([str(QUICKSTART)]) == 130
+    assert capsys.readouterr().err == ("interrupted: checkpoints already written are intact; "
+                                       "continue from the last one with --resume runs/q\n")
 
 
 def test_sigterm_is_handled_like_ctrl_c_with_status_143(monkeypatch, capsys):
@@ -1304,7 +1346,8 @@ def test_sigterm_is_handled_like_ctrl_c_with_status_143(monkeypatch, capsys):
     monkeypatch.setattr(fasttrain.engine, "train", terminated_while_training)
     assert load_tool("train").main([str(QUICKSTART)]) == 143
     err = capsys.readouterr().err
-    assert err == "terminated: before training started, nothing written\n"
+    assert err == ("terminated: checkpoints already written are intact; continue from the last "
+                   "one with --resume auto (or --resume RUN_DIR)\n")
     assert signal.getsignal(signal.SIGTERM) is before
 
 

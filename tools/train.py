@@ -41,12 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     printable_paths()
+    _said[0] = entered[0] = False
     if threading.current_thread() is not threading.main_thread():  # no signals there
         return _main(argv)
     previous = signal.signal(signal.SIGTERM, _terminate)
     previous_int = signal.getsignal(signal.SIGINT)
     status: int | None = None
-    _said[0] = False
     try:
         try:
             status = _main(argv)
@@ -88,6 +88,7 @@ def _main(argv: list[str] | None) -> int:
             return 0
         from fasttrain.engine import train  # imports torch: after the recipe is known good
 
+        entered[0] = True
         train(cfg, recipe=args.recipe, resume=args.resume, dry_run=args.dry_run)
     except UserError as e:
         # Under torchrun, an error every rank raises alike is said once (by rank 0); one found
@@ -119,26 +120,35 @@ def _main(argv: list[str] | None) -> int:
             return 1
         raise
     except KeyboardInterrupt as e:
+        # A second signal (torchrun forwards a Ctrl-C the ranks also got from the terminal,
+        # then sends SIGTERM) may have replaced train()'s exception while it cleaned up: the
+        # first one, which says what to continue, is in the chain.
+        first = e
+        while first is not None and not hasattr(first, "fasttrain_resume"):
+            first = first.__context__
+        if first is not None:
+            e = first
         terminated = isinstance(e, Terminated)
         if args.dry_run:  # it writes nothing: no checkpoint to speak of
             if rank == 0:
                 _say(f"{'terminated' if terminated else 'interrupted'}: dry run stopped, "
                      f"nothing written")
-        elif not hasattr(e, "fasttrain_resume"):
-            # before train() claimed a run folder (importing torch, loading the data): it
-            # named checkpoints that a new run does not have
+        elif first is None and not entered[0]:
+            # before train() was called (importing torch): it named checkpoints that a new
+            # run does not have
             if rank == 0:
                 _say(f"{'terminated' if terminated else 'interrupted'}: before training "
                      f"started, nothing written"
                      + (f"; run it again with --resume {args.resume}" if args.resume
                         else ""))
         else:
-            _interrupted(terminated, e.fasttrain_resume)
+            _interrupted(terminated, e.fasttrain_resume if first is not None else None)
         return 143 if terminated else 130  # the shell's statuses for SIGTERM and SIGINT
     return 0
 
 
 _said = [False]  # whether this main() call has said its outcome line (main() resets it)
+entered = [False]  # whether this main() call has called train() (main() resets it)
 
 
 def _say(line: str) -> None:

@@ -511,6 +511,26 @@ def _summary_rows(cfg: Config, params: int, macs, res: int) -> list[tuple[str, s
                    ("MACs (fvcore total, incl. BN)", f"{macs.total:,}")]
 
 
+@contextlib.contextmanager
+def _repeated_stops_ignored(stopping: bool):
+    """While a stop (Ctrl-C, SIGTERM) is being cleaned up after, further SIGINT and SIGTERM
+    are ignored: under torchrun a rank gets the terminal's Ctrl-C, torchrun's forwarded copy
+    and then its SIGTERM, and one raised inside the clean-up left a half-removed run folder
+    and lost what to continue from. Main thread only (signals are handled there)."""
+    import signal
+    import threading
+
+    if not stopping or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def train(cfg: Config, recipe: str | None = None, resume: str | None = None,
           dry_run: bool = False) -> dict[str, Any]:
     """Train as `cfg` says; returns the final summary: run_dir, epoch (the last epoch trained,
@@ -550,14 +570,15 @@ def train(cfg: Config, recipe: str | None = None, resume: str | None = None,
         # one-image BatchNorm batch), interrupted (Ctrl-C, SIGTERM: a preemption) or stopped
         # by another rank's failure before its first checkpoint: the folder would only hold a
         # config.yaml, and each requeued `--resume auto` would leave one more.
-        for run in made:
-            discard_unused_run_dir(run)
-        if isinstance(e, KeyboardInterrupt):  # what its one line tells to continue from
-            # before a folder was claimed (loading the data) a resume's checkpoint is intact:
-            # the same --resume continues
-            e.fasttrain_resume = next((str(run) for run in claimed
-                                       if (run / CHECKPOINTS / LAST).is_file()),
-                                      resume if resume and not claimed else "")
+        with _repeated_stops_ignored(isinstance(e, KeyboardInterrupt)):
+            for run in made:
+                discard_unused_run_dir(run)
+            if isinstance(e, KeyboardInterrupt):  # what its one line tells to continue from
+                # before a folder was claimed (loading the data) a resume's checkpoint is
+                # intact: the same --resume continues
+                e.fasttrain_resume = next((str(run) for run in claimed
+                                           if (run / CHECKPOINTS / LAST).is_file()),
+                                          resume if resume and not claimed else "")
         raise
     finally:
         report.close()  # a bar left running redraws itself and keeps the cursor hidden
