@@ -312,6 +312,27 @@ def test_training_says_when_mixing_pairs_copies_of_an_image(reps, batch, world, 
         assert f"mixes about {said} of the samples" in printed[0] and advice in printed[0]
 
 
+@pytest.mark.parametrize("batch, world, accum, sync_bn, said", [
+    # 2 images on 2 ranks trained silently to a validation loss of 2e7
+    (2, 2, 1, False, "data.batch_size=2 over 2 ranks x 1 micro-batch): its statistics are "
+                     "that image's, which validation's running statistics do not match; use a "
+                     "larger data.batch_size or train.sync_bn"),
+    (4, 1, 4, False, "data.batch_size=4 over 1 rank x 4 micro-batches)"),
+    (2, 2, 1, True, None), (4, 2, 1, False, None), (1, 1, 1, True, "over 1 rank x")])
+def test_training_says_when_batch_norm_sees_one_image(batch, world, accum, sync_bn, said):
+    from fasttrain.engine.loop import _note_single_image_batch_norm
+
+    cfg = load(ROOT / "recipes" / "quickstart.yaml",
+               [f"--data.batch_size={batch}", f"--train.grad_accum_steps={accum}",
+                f"--train.sync_bn={str(sync_bn).lower()}"])
+    printed = []
+    _note_single_image_batch_norm(cfg, world, type("Report", (), {"print": printed.append})())
+    assert len(printed) == (said is not None), printed
+    if said:
+        assert printed[0].startswith("note: each training step's BatchNorm sees one image (")
+        assert said in printed[0], printed[0]
+
+
 def test_progressive_resolution_follows_ffcv():
     data = DataConfig(min_res=160, max_res=192, start_ramp=65, end_ramp=76)
     expected = {0: 160, 65: 160, 66: 160, 70: 160, 71: 192, 72: 192, 76: 192, 87: 192}

@@ -427,6 +427,23 @@ def recipe_stem(recipe: str | Path | None) -> str:
     return path.stem
 
 
+def _note_single_image_batch_norm(cfg: Config, world_size: int, report: Reporter) -> None:
+    """Say so when each BatchNorm of a training step sees one image (a per-rank micro-batch of
+    one, not synchronised across ranks): it normalises every image with that image's own
+    statistics, which validation's running statistics do not reproduce (2 images on 2 ranks
+    ended an epoch at a validation loss of 2e7). A 1x1 feature map is refused instead, at the
+    first step."""
+    micro = cfg.data.batch_size // (world_size * cfg.train.grad_accum_steps)
+    synced = cfg.train.sync_bn and world_size > 1
+    if micro == 1 and not synced:
+        report.print(f"note: each training step's BatchNorm sees one image (data.batch_size="
+                     f"{cfg.data.batch_size} over {world_size} rank{'s' * (world_size > 1)} x "
+                     f"{cfg.train.grad_accum_steps} micro-batch"
+                     f"{'es' * (cfg.train.grad_accum_steps > 1)}): its statistics are that "
+                     f"image's, which validation's running statistics do not match; use a "
+                     f"larger data.batch_size" + (" or train.sync_bn" if world_size > 1 else ""))
+
+
 def _note_copies_mixed(cfg: Config, world_size: int, report: Reporter) -> None:
     """Say so when repeated augmentation puts copies of an image in one micro-batch (fewer
     ranks x micro-batches than data.ra_reps), where mixup/cutmix, which pairs neighbours,
@@ -668,6 +685,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, report: Reporter, recipe: st
         raise ConfigError(f"train.grad_accum_steps={accum} leaves no optimizer step per epoch "
                           f"({len(loaders.train)} micro-batches)")
     _note_copies_mixed(cfg, dist.world_size, report)
+    _note_single_image_batch_norm(cfg, dist.world_size, report)
     _note_settings_without_effect(cfg, device, use_compile, report)
     if cfg.model.num_classes == 0:
         cfg.model.num_classes = loaders.num_classes
