@@ -41,7 +41,7 @@ from .mix import BatchMixer, classification_loss
 from .optim import build_optimizer
 from .precision import Precision, resolve_precision
 from .progress import Reporter
-from .rundir import (BEST, CHECKPOINTS, LAST, check_log_dir, check_name_free, checkpoint_file,
+from .rundir import (BEST, CHECKPOINTS, LAST, check_log_dir, check_name_usable, checkpoint_file,
                      discard_unused_run_dir, find_resume, lock_run_dir, new_run_dir,
                      release_run_dirs, run_dir_of)
 from .schedule import build_scheduler
@@ -738,13 +738,9 @@ def _train(cfg: Config, dist: distributed.DistInfo, report: Reporter, recipe: st
         if resume_path:
             rows.append(("resume", f"from {resume_path}"))
             rows.append(("changed since it", "; ".join(changes) or "nothing"))
-        else:  # what new_run_dir would refuse, said on every rank
-            def check_name() -> None:
-                named = log_dir / cfg.log.name
-                if cfg.log.name and named.is_dir():  # busy first, as new_run_dir says it
-                    lock_run_dir(named)  # released when train() returns
-                check_name_free(log_dir, cfg.log.name, resume == "auto")
-            _on_main(dist, check_name)
+        else:  # what new_run_dir would refuse, said on every rank (a lock it takes is
+            # released when train() returns)
+            _on_main(dist, lambda: check_name_usable(log_dir, cfg.log.name, resume == "auto"))
         if fresh:
             report.print(fresh)
         report.print(config_mod.dump(cfg).rstrip())

@@ -100,6 +100,29 @@ def discard_unused_run_dir(run: Path) -> None:
             pass
 
 
+def check_name_usable(log_dir: Path, name: str, restart: bool = False) -> None:
+    """`check_name_free`, with a folder another training is writing named as such first (not
+    "pass --resume auto", which would be refused for the same reason): an existing folder is
+    locked for this call's `lock_owner` (`lock_run_dir`), and let go again on a refusal.
+
+    Raises:
+        RunError: the folder is being written, or the name is taken.
+    """
+    run = log_dir / name
+    if not (name and run.is_dir()):
+        check_name_free(log_dir, name, restart)
+        return
+    held = run.resolve() in _LOCKS
+    lock_run_dir(run)
+    try:
+        check_name_free(log_dir, name, restart)
+    except RunError:
+        taken = None if held else _LOCKS.pop(run.resolve(), None)
+        if taken is not None:  # none where the file system has no flock
+            os.close(taken[0])
+        raise
+
+
 def new_run_dir(log_dir: Path, name: str, recipe_stem: str, restart: bool = False) -> Path:
     """A fresh run directory. An explicit `name` whose folder already holds checkpoints or
     metrics is refused, so a new run never overwrites (or appends to) an earlier one; with
@@ -110,19 +133,8 @@ def new_run_dir(log_dir: Path, name: str, recipe_stem: str, restart: bool = Fals
     """
     try:
         if name:
+            check_name_usable(log_dir, name, restart)
             run = log_dir / name
-            if run.is_dir():
-                # a training writing it now says so first (not "pass --resume auto", which
-                # would be refused for the same reason); a refusal then lets go of the lock
-                held = run.resolve() in _LOCKS
-                lock_run_dir(run)
-                try:
-                    check_name_free(log_dir, name, restart)
-                except RunError:
-                    taken = None if held else _LOCKS.pop(run.resolve(), None)
-                    if taken is not None:  # none where the file system has no flock
-                        os.close(taken[0])
-                    raise
             run.mkdir(parents=True, exist_ok=True)
             lock_run_dir(run)
             check_name_free(log_dir, name, restart)  # again, now that no other run can start
