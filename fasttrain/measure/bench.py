@@ -341,10 +341,11 @@ def _measure_rows(models: list[BenchModel], cond: Conditions, batch_sizes: list[
 
 # --------------------------------------------------------------------------- files
 
-def distinct(rows: list[dict[str, Any]], key: str) -> str:
-    """The values of `key` in `rows`, each once in first-seen order, joined by "/": what a title
-    says of rows that may differ there (a TorchScript file's torchscript rows among eager ones)."""
-    return "/".join(dict.fromkeys(str(row.get(key)) for row in rows))
+def distinct(rows: list[dict[str, Any]], key: str, sep: str = "/") -> str:
+    """The values of `key` in `rows`, each once in first-seen order, joined by `sep`: what a
+    title says of rows that may differ there (a TorchScript file's torchscript rows among eager
+    ones)."""
+    return sep.join(dict.fromkeys(str(row.get(key)) for row in rows))
 
 
 def _slug(text: str) -> str:
@@ -576,7 +577,7 @@ def plot_vs_macs(rows: list[dict[str, Any]], path: str | Path) -> Path:
     fig.suptitle(f"{'training throughput' if train else 'inference latency'} vs MACs: "
                  f"{distinct(ok, 'precision')}, {distinct(ok, 'layout')}, {distinct(ok, 'mode')}, "
                  f"{'/'.join(map(str, res))} px, torch "
-                 f"{distinct(ok, 'torch_version').replace('/', ', ')}",
+                 f"{distinct(ok, 'torch_version', sep=', ')}",
                  fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
