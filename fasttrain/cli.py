@@ -60,6 +60,17 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}\n")
 
 
+def check_cifar_only(flag: str, models: Iterable[str]) -> None:
+    """Refuse `flag` (an option of CIFAR ResNets, such as --shortcut) for any other model.
+
+    Raises:
+        UserError: names the models that are not CIFAR ResNets.
+    """
+    other = [m for m in models if not m.startswith("cifar_")]
+    if other:
+        raise UserError(f"{flag} applies to CIFAR ResNets (cifar_*) only, not {', '.join(other)}")
+
+
 def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     """argparse type: an integer >= `minimum` ("expected an integer >= 1, got 0") and, with
     `maximum`, <= it (sizes and counts a typo makes absurd: thousands of processes or threads,

@@ -39,9 +39,9 @@ import sys
 import threading
 from pathlib import Path
 
-from fasttrain.cli import (ArgumentParser, check_output, int_at_least, not_stdout, print_table,
-                           printable, printable_paths, sigterm_as_interrupt, stdout_may_close,
-                           user_path)
+from fasttrain.cli import (ArgumentParser, check_cifar_only, check_output, int_at_least,
+                           not_stdout, print_table, printable, printable_paths,
+                           sigterm_as_interrupt, stdout_may_close, user_path)
 from fasttrain.config import MAX_WIDTH
 from fasttrain.errors import UserError
 
@@ -147,10 +147,7 @@ def _check_sources(args) -> None:
             raise UserError(f"{' and '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to "
                             f"--model only (other sources bring their own architecture)")
     elif args.shortcut is not None:
-        other = [n for n in _model_names(args) if not n.startswith("cifar_")]
-        if other:
-            raise UserError(f"--shortcut applies to CIFAR ResNets (cifar_*) only, not "
-                            f"{', '.join(other)}")
+        check_cifar_only("--shortcut", _model_names(args))
     if args.norm_act is not None and (args.file is not None or args.factory is not None):
         raise UserError("--norm-act applies to --model and --checkpoint only")
     if args.weights is not None and args.checkpoint is None:

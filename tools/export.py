@@ -27,8 +27,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from fasttrain.cli import (ArgumentParser, finite_float, int_at_least, new_folders_removed_on_error,
-                          printable_paths, stdout_may_close, user_path)
+from fasttrain.cli import (ArgumentParser, check_cifar_only, finite_float, int_at_least,
+                          new_folders_removed_on_error, printable_paths, stdout_may_close,
+                          user_path)
 from fasttrain.config import MAX_CLASSES, MAX_RESOLUTION, MAX_WIDTH
 from fasttrain.errors import UserError
 
@@ -103,9 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.checkpoint and (args.channel_divisor != 1 or args.shortcut is not None):
             flag = "--channel-divisor" if args.channel_divisor != 1 else "--shortcut"
             raise UserError(f"{flag} applies to --model only (a checkpoint names its own)")
-        if args.model and args.shortcut is not None and not args.model.startswith("cifar_"):
-            raise UserError(f"--shortcut applies to CIFAR ResNets (cifar_*) only, not "
-                            f"{args.model}")
+        if args.model and args.shortcut is not None:
+            check_cifar_only("--shortcut", [args.model])
         if args.model and args.weights:
             raise UserError("--weights applies to --checkpoint only (--model has random weights)")
         from fasttrain import export as ex
