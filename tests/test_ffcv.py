@@ -312,6 +312,34 @@ def test_the_writer_process_class_pickles_for_spawn_and_forkserver():
     assert ffcv.writer.Process is multiprocessing.Process
 
 
+def test_an_interrupted_write_with_unread_work_lets_the_process_exit():
+    """Ctrl-C early in a large write (2,700 images) hung the tool: FFCV's work queue still
+    held items its feeder thread was writing into a pipe nobody read, and the interpreter
+    joins that thread at exit. Here: a write's queues as FFCV makes them (its module's
+    `Queue`), ~2 MB put, nobody reading, the block ended by KeyboardInterrupt."""
+    import subprocess
+
+    script = ("import multiprocessing, types\n"
+              "from fasttrain.data import ffcv_loader\n"
+              "module = types.SimpleNamespace(Process=multiprocessing.Process,\n"
+              "                               Queue=multiprocessing.Queue)\n"
+              "try:\n"
+              "    with ffcv_loader._writer_watchdog(module):\n"
+              "        work = module.Queue()\n"
+              "        for _ in range(2000):\n"
+              "            work.put(bytes(1000))\n"
+              "        raise KeyboardInterrupt\n"
+              "except KeyboardInterrupt:\n"
+              "    assert module.Queue is multiprocessing.Queue\n"
+              "    print('interrupted')\n")
+    try:
+        done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process did not exit within 60 s of the interrupted block")
+    assert (done.returncode, done.stdout) == (0, "interrupted\n"), done.stderr
+
+
 def test_two_writers_into_one_folder_take_turns_so_the_settings_check_holds(tmp_path, cifar,
                                                                            monkeypatch):
     """Two writes with other settings started together both passed the check and the last to

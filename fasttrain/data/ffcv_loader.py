@@ -649,7 +649,13 @@ def _writer_watchdog(writer_module):
     worker's OSError ends it before it reports its allocations). Record the processes it starts
     (its module's `Process`, replaced for the block) and, when one exits with an error, end the
     main thread's wait with `_WriterDied`: a signal of our own (SIGUSR1, its handler ours for
-    the block) interrupts a blocking queue read, whatever SIGINT's disposition is."""
+    the block) interrupts a blocking queue read, whatever SIGINT's disposition is.
+
+    Its `Queue` is replaced too, to record the queues: when the block ends in an exception
+    (Ctrl-C early in a large write), the work queue still holds items its feeder thread is
+    writing into a pipe nobody reads any more, and the interpreter joins that thread at exit:
+    the tool hung instead of exiting. `cancel_join_thread` on each lets it exit (the items
+    are for processes that were terminated anyway)."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():  # no signals there
@@ -675,16 +681,27 @@ def _writer_watchdog(writer_module):
     def writer_died(signum, frame):
         raise failed[0] if failed else _WriterDied(-1)
 
+    queues: list[Any] = []
+    real_queue = writer_module.Queue
+
+    def recorded_queue(*args, **kwargs):
+        queues.append(real_queue(*args, **kwargs))
+        return queues[-1]
+
     previous = signal.signal(signal.SIGUSR1, writer_died)
-    writer_module.Process = _WatchedWriter
+    writer_module.Process, writer_module.Queue = _WatchedWriter, recorded_queue
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
     try:
         yield
+    except BaseException:
+        for queue in queues:
+            queue.cancel_join_thread()
+        raise
     finally:
         stop.set()
         thread.join()
-        writer_module.Process = real
+        writer_module.Process, writer_module.Queue = real, real_queue
         signal.signal(signal.SIGUSR1, previous)
         _WatchedWriter.errors = None
         errors.close()
