@@ -471,6 +471,51 @@ def test_cifar10_missing_without_download_and_hostile_pickle(tmp_path):
         load_cifar10(tmp_path, train=True, download=False)
 
 
+def _cifar_meta(names) -> bytes:
+    return pickle.dumps({"label_names": names})
+
+
+@pytest.mark.parametrize("file, content, message", [
+    # Labels outside the class list failed the loss with an IndexError mid-training.
+    ("data_batch_2", {"data": np.zeros((1, 3072), np.uint8), "labels": [10]},
+     "data_batch_2: label 10 is not one of the 10 classes (0 to 9)"),
+    ("data_batch_2", {"data": np.zeros((1, 3072), np.uint8), "labels": [-1]},
+     "data_batch_2: label -1 is not one of the 10 classes (0 to 9)"),
+    ("batches.meta", _cifar_meta(["cat", "dog", "bird"]),
+     "data_batch_2: label 3 is not one of the 3 classes (0 to 2)"),
+    # Any other shape was reshaped into scrambled images.
+    ("data_batch_3", {"data": np.zeros((1, 32, 32, 3), np.uint8), "labels": [0]},
+     "data_batch_3: data has shape (1, 32, 32, 3), not (images, 3072)"),
+    ("data_batch_3", {"data": np.zeros((2, 1536), np.uint8), "labels": [0]},
+     "data_batch_3: data has shape (2, 1536), not (images, 3072)"),
+    # A broken meta file was an UnpicklingError or KeyError traceback.
+    ("batches.meta", b"not a pickle", "batches.meta: not a CIFAR-10 meta file ("),
+    ("batches.meta", pickle.dumps({"names": ["a"]}),
+     "batches.meta: not a CIFAR-10 meta file (no 'label_names')"),
+    ("batches.meta", _cifar_meta("airplane"),
+     "batches.meta: label_names is not a list of class names"),
+    ("batches.meta", _cifar_meta([]), "batches.meta: label_names is not a list of class names"),
+    # A missing file was "not a CIFAR-10 batch file ([Errno 2] No such file or directory...)".
+    ("data_batch_4", None,
+     "data_batch_4: missing (CIFAR-10 has data_batch_1 to data_batch_5 and test_batch)"),
+], ids=["label-10", "label-minus-1", "3-class-names", "4-d-data", "short-rows", "meta-garbage",
+        "meta-no-names", "meta-names-a-string", "meta-no-classes", "missing-batch"])
+def test_a_malformed_cifar10_folder_is_one_error_naming_the_file(tmp_path, file, content,
+                                                                 message):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar10(tmp_path, np.zeros((6, 32, 32, 3), np.uint8), [0, 3, 9, 1, 2, 5],
+                  per_batch=1)
+    if content is None:
+        (folder / file).unlink()
+    else:
+        (folder / file).write_bytes(content if isinstance(content, bytes)
+                                    else pickle.dumps(content))
+    with pytest.raises(DatasetError) as e:
+        load_cifar10(tmp_path, train=True, download=False)
+    assert str(e.value).startswith(f"{folder}/{message}"), str(e.value)
+    assert "\n" not in str(e.value)
+
+
 def test_a_cifar10_download_without_network_says_so_and_leaves_no_folder(tmp_path,
                                                                           monkeypatch):
     """No network was reported as "cannot write the data set here" (urllib's URLError is an

@@ -561,17 +561,46 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _read_cifar_batch(path: Path) -> tuple[np.ndarray, list[int]]:
+def _read_cifar_batch(path: Path, classes: Sequence[str]) -> tuple[np.ndarray, list[int]]:
+    """One batch file: images (N, 32, 32, 3) and labels, each an index into `classes`."""
+    if not path.is_file():
+        raise DatasetError(f"{path}: missing (CIFAR-10 has data_batch_1 to data_batch_5 and "
+                           f"test_batch)")
     try:
         with open(path, "rb") as f:
             entry = _ArrayUnpickler(f, encoding="latin1").load()
-        data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        data = np.asarray(entry["data"], dtype=np.uint8)
         labels = [int(v) for v in entry.get("labels", entry.get("fine_labels"))]
     except (OSError, pickle.UnpicklingError, KeyError, TypeError, ValueError, EOFError) as e:
         raise DatasetError(f"{path}: not a CIFAR-10 batch file ({e})") from None
+    # Rows of 3,072 bytes (3 planes of 32x32): any other shape would be reshaped into
+    # images silently scrambled.
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DatasetError(f"{path}: data has shape {tuple(data.shape)}, not (images, 3072)")
     if len(labels) != len(data):
         raise DatasetError(f"{path}: {len(data)} images but {len(labels)} labels")
-    return data.transpose(0, 2, 3, 1), labels  # (N, H, W, C)
+    # An out-of-range label would fail the loss with an IndexError mid-training.
+    bad = next((label for label in labels if not 0 <= label < len(classes)), None)
+    if bad is not None:
+        raise DatasetError(f"{path}: label {bad} is not one of the {len(classes)} classes "
+                           f"(0 to {len(classes) - 1})")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels  # (N, H, W, C)
+
+
+def _read_cifar_classes(meta_path: Path) -> list[str]:
+    """The class names of `batches.meta` (its `label_names`); "0" to "9" without the file."""
+    if not meta_path.is_file():
+        return [str(i) for i in range(10)]
+    try:
+        with open(meta_path, "rb") as f:
+            names = _ArrayUnpickler(f, encoding="latin1").load()["label_names"]
+    except (OSError, pickle.UnpicklingError, KeyError, TypeError, ValueError, EOFError) as e:
+        why = f"no {e}" if isinstance(e, KeyError) else str(e)
+        raise DatasetError(f"{meta_path}: not a CIFAR-10 meta file ({why})") from None
+    if (not isinstance(names, (list, tuple)) or not names
+            or not all(isinstance(n, str) for n in names)):
+        raise DatasetError(f"{meta_path}: label_names is not a list of class names")
+    return list(names)
 
 
 class _NotFetched(Exception):
@@ -616,12 +645,8 @@ def load_cifar10(root: Path, train: bool, download: bool) -> TensorImageDataset:
         _publish_dir(lambda tmp: shutil.copytree(root / ".download" / CIFAR10_DIR, tmp), folder)
         shutil.rmtree(root / ".download", ignore_errors=True)
     names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
-    parts = [_read_cifar_batch(folder / n) for n in names]
-    meta_path = folder / "batches.meta"
-    classes = [str(i) for i in range(10)]
-    if meta_path.is_file():
-        with open(meta_path, "rb") as f:
-            classes = list(_ArrayUnpickler(f, encoding="latin1").load()["label_names"])
+    classes = _read_cifar_classes(folder / "batches.meta")
+    parts = [_read_cifar_batch(folder / n, classes) for n in names]
     return TensorImageDataset(np.concatenate([p[0] for p in parts]),
                               [l for p in parts for l in p[1]], classes)
 
