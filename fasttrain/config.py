@@ -34,6 +34,25 @@ _FLOAT_1_2 = re.compile(r'''^(?:
     |\.(?:nan|NaN|NAN))$''', re.X)
 
 
+# YAML 1.1 (PyYAML) reads `010` as octal 8, `1:20` as sexagesimal 80 and `off`, `no`, `y`
+# as booleans (`name: no` would be False); YAML 1.2's core schema reads decimal digits as a
+# decimal integer (underscores allowed, as in Python), 0o/0x as octal/hex, and only
+# true/false as booleans.
+_INT_1_2 = re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7]+|0x[0-9a-fA-F]+)$")
+_BOOL_1_2 = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+
+
+def _construct_int_1_2(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node).replace("_", "")
+    try:
+        if text[:2] in ("0o", "0x"):
+            return int(text[2:], 8 if text[1] == "o" else 16)
+        return int(text, 10)
+    except ValueError:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"not a YAML 1.2 integer: {text!r}", node.start_mark) from None
+
+
 class _DuplicateKey(yaml.YAMLError):
     def __init__(self, key: Any, line: int) -> None:
         super().__init__(f"line {line}: duplicate key {key!r}")
@@ -41,8 +60,9 @@ class _DuplicateKey(yaml.YAMLError):
 
 
 class _Loader(yaml.SafeLoader):
-    """yaml.safe_load's loader with YAML 1.2 floats, refusing duplicate keys (PyYAML keeps the
-    last one silently, so `lr: 0.1` followed by `lr: 0.5` would train at 0.5 unnoticed)."""
+    """yaml.safe_load's loader with YAML 1.2 numbers and booleans, refusing duplicate keys
+    (PyYAML keeps the last one silently, so `lr: 0.1` followed by `lr: 0.5` would train at
+    0.5 unnoticed)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set[Any] = set()
@@ -64,8 +84,24 @@ class _Dumper(yaml.SafeDumper):
     round-trips."""
 
 
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_1_2, list("-+0123456789."))
-_Dumper.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_1_2, list("-+0123456789."))
+def _add_yaml_1_2_scalars(cls: type, replace: bool) -> None:
+    """Add YAML 1.2's (core schema) implicit float, int and bool resolvers to `cls`,
+    replacing YAML 1.1's int and bool ones when `replace`. `_Dumper` keeps both, so it quotes
+    every string either would read as a number or a boolean (a run named 0o17, or off: a
+    dumped recipe is read the same by `_Loader` and by other YAML 1.1 tools)."""
+    if replace:
+        replaced = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:bool")
+        cls.yaml_implicit_resolvers = {
+            first: [(tag, regexp) for tag, regexp in resolvers if tag not in replaced]
+            for first, resolvers in cls.yaml_implicit_resolvers.items()}
+    cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_1_2, list("-+0123456789."))
+    cls.add_implicit_resolver("tag:yaml.org,2002:int", _INT_1_2, list("-+0123456789"))
+    cls.add_implicit_resolver("tag:yaml.org,2002:bool", _BOOL_1_2, list("tTfF"))
+
+
+_add_yaml_1_2_scalars(_Loader, replace=True)
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int_1_2)
+_add_yaml_1_2_scalars(_Dumper, replace=False)
 
 
 def _f(default: Any, help: str = "", **bounds: Any) -> Any:

@@ -1,5 +1,6 @@
 """Typed config: recipes, base inheritance, overrides, and one-line errors with exit code 2."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -317,6 +318,37 @@ def test_a_yaml_boolean_word_given_to_a_choice_is_named_as_typed():
                                           r"'plain', got 'off'"):
         load(None, ["--log.progress=off"])
     assert load(None, ["--train.device=cpu"]).train.device == "cpu"
+
+
+def test_numbers_and_booleans_are_read_as_yaml_1_2_in_recipes_and_overrides(tmp_path):
+    """YAML 1.1 read `epochs: 010` as octal 8 and `seed: 1:20` as sexagesimal 80, silently;
+    `progress: off` in a recipe as False ("got False") where the override said "got 'off'";
+    `name: no` as False."""
+    recipe = write(tmp_path, "r.yaml", "schedule:\n  epochs: 010\ntrain:\n  seed: 1_000\n"
+                                       "log:\n  name: no\n")
+    cfg = load(recipe)
+    assert (cfg.schedule.epochs, cfg.train.seed, cfg.log.name) == (10, 1000, "no")
+    cfg = load(None, ["--schedule.epochs=010", "--train.seed=0x10", "--data.batch_size=0o20",
+                      "--train.deterministic=true"])
+    assert (cfg.schedule.epochs, cfg.train.seed, cfg.data.batch_size) == (10, 16, 16)
+    assert cfg.train.deterministic is True
+    for text, message in [("train:\n  seed: 1:20\n", "train.seed must be an integer, got '1:20'"),
+                          ("log:\n  progress: off\n", "log.progress must be one of 'auto', "
+                                                       "'rich', 'plain', got 'off'"),
+                          ("train:\n  deterministic: yes\n",
+                           "train.deterministic must be true or false, got 'yes'")]:
+        with pytest.raises(ConfigError, match=re.escape(f"r.yaml: {message}")):
+            load(write(tmp_path, "r.yaml", text))
+        section, rest = text.split(":\n  ")
+        key, value = rest.strip().split(": ")
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load(None, [f"--{section}.{key}={value}"])
+    # a dump quotes the names either YAML version would read as something else
+    for name in ("0o17", "off", "010", "1:20", "yes"):
+        cfg = load(None, [f"--log.name={name}"])
+        dumped = write(tmp_path, "dumped.yaml", config.dump(cfg))
+        assert load(dumped).log.name == name
+        assert f"name: '{name}'" in dumped.read_text()
 
 
 def test_load_mapping_refuses_what_is_not_a_mapping_of_sections():
