@@ -558,10 +558,13 @@ def load_mapping(mapping: dict[str, Any], origin: str, overrides: list[str] = ()
                           f"{type(mapping).__name__}")
     cfg = Config()
     for section, values in mapping.items():
+        # checked before the values: an unknown section with no keys (`optimm: {}`) is a typo
+        # too, and a key that is not text (`1:`) has no suggestion
+        if not isinstance(section, str) or section not in SECTIONS:
+            close = _suggest(section, SECTIONS) if isinstance(section, str) else ""
+            raise ConfigError(f"{origin}: unknown section {_shown(section)}{close}; sections: "
+                              f"{', '.join(SECTIONS)}")
         if not isinstance(values, dict):
-            if section not in SECTIONS:
-                raise ConfigError(f"{origin}: unknown section {section!r}"
-                                  f"{_suggest(section, SECTIONS)}")
             raise ConfigError(f"{origin}: section {section!r} must be a mapping, "
                               f"got {_shown(values)}")
         for key, value in values.items():

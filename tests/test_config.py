@@ -78,6 +78,11 @@ def test_bounds_accept_their_limits(tmp_path):
 @pytest.mark.parametrize("text,override,message", [
     ("optim:\n  lrr: 0.1\n", [], "r.yaml: unknown key optim.lrr (did you mean 'lr'?)"),
     ("optimm:\n  lr: 0.1\n", [], "r.yaml: unknown section 'optimm' (did you mean 'optim'?)"),
+    # a misspelt section with no keys was accepted; a key that is not text a TypeError
+    ("optimm: {}\n", [], "r.yaml: unknown section 'optimm' (did you mean 'optim'?); "
+     "sections: data, aug, model,"),
+    ("1:\n  lr: 0.1\n", [], "r.yaml: unknown section 1; sections: data, aug,"),
+    ("true: {}\n", [], "r.yaml: unknown section True; sections: data, aug,"),
     ("optim:\n  lr: fast\n", [], "r.yaml: optim.lr must be a number, got 'fast'"),
     ("optim:\n  lr: -1\n", [], "r.yaml: optim.lr must be > 0, got -1"),
     ("optim:\n  lr: .inf\n", [], "r.yaml: optim.lr must be a finite number, got inf"),
