@@ -47,14 +47,44 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         return f"{help_text} (default: {shown})"
 
 
+class _StoreOnce(argparse._StoreAction):
+    """argparse's default action, refusing an option given twice: argparse keeps the last
+    value silently, so `--checkpoint a.pt ... --checkpoint b.pt` measured b.pt alone and
+    `--json x --json y` wrote one file. Options meant to repeat say so (action="extend")."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        given = getattr(parser, "_options_given", None)
+        if option_string is not None and given is not None:
+            if self.dest in given:
+                parser.error(f"{'/'.join(self.option_strings)} given twice ({given[self.dest]} "
+                             f"and {option_string} {_shown_values(values)}); give it once")
+            given[self.dest] = f"{option_string} {_shown_values(values)}"
+        super().__call__(parser, namespace, values, option_string)
+
+
+def _shown_values(values) -> str:
+    values = values if isinstance(values, list) else [values]
+    return " ".join(str(v) for v in values)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr and exit status 2 (argparse also
-    prints the usage block), like every other user error of the tools, and `--help` names the
-    defaults (`DefaultsHelpFormatter`)."""
+    prints the usage block), like every other user error of the tools, an option that takes a
+    value may be given once (`_StoreOnce`), and `--help` names the defaults
+    (`DefaultsHelpFormatter`)."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
+        self.register("action", None, _StoreOnce)
+        self.register("action", "store", _StoreOnce)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._options_given: dict[str, str] = {}
+        try:
+            return super().parse_known_args(args, namespace)
+        finally:
+            self._options_given = None
 
     def error(self, message: str) -> None:
         self.exit(2, f"error: {message}\n")

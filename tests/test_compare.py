@@ -270,6 +270,29 @@ def test_user_points_csv(tmp_path):
     assert c.kind == OTHER and c.source == f"{path}:5"  # file lines, blank line counted
 
 
+def test_points_and_latency_options_repeat_and_refuse_one_file_twice(tmp_path, capsys):
+    """`--points a.csv --points b.csv` compared b.csv alone (argparse kept the last list), and
+    one file given twice was each of its points twice."""
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    a.write_text("label,top1,macs\nmine a,50,1e6\n")
+    b.write_text("label,top1,macs\nmine b,60,2e6\n")
+    out = tmp_path / "cmp"
+    assert compare_tool.main(["--points", str(a), "--points", str(b), "--out", str(out),
+                              "--name", "x"]) == 0
+    table = (out / "x-table.csv").read_text()
+    assert "mine a" in table and "mine b" in table
+    capsys.readouterr()
+    again = tmp_path / "." / "a.csv"
+    for option, path in (("--points", a), ("--latency", tmp_path / "lat.json")):
+        assert compare_tool.main(["--points", str(a), option, str(path), str(again) if
+                                  option == "--points" else str(path),
+                                  "--out", str(tmp_path / "twice")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {option} ") and err.count("\n") == 1
+        assert err.rstrip().endswith(f"the same file as {path}"), err
+    assert not (tmp_path / "twice").exists()
+
+
 def test_thin_points_get_a_baseline_of_their_own_model_only(tmp_path):
     """A thin ResNet-18 of a file without a model column got the file's widest thin point, a
     ResNet-50, as its baseline (Δ -15 pp, MAC reduction 87 %), with nothing said."""

@@ -398,6 +398,28 @@ def test_train_keys_into_a_closed_pipe_is_quiet():
     assert (result.returncode, result.stderr) == (0, "")
 
 
+@pytest.mark.parametrize("tool, args", [
+    ("benchmark", ["--checkpoint", "a.pt", "--checkpoint=b.pt"]),
+    ("benchmark", ["--model", "thin_resnet50", "--json", "x.json", "--json", "y.json"]),
+    ("evaluate", ["--file", "a.ts", "--file", "b.ts"]),
+    ("export", ["--model", "thin_resnet50", "--out", "a.pt", "--out", "b.pt"]),
+    ("prune", ["last.pt", "--out", "a.pt", "--target-width", "0.5", "--out", "b.pt"]),
+    ("train", ["--resume", "auto", "--resume", "x"]),
+])
+def test_an_option_given_twice_is_refused_not_the_last_kept(tool, args, capsys, tmp_path,
+                                                            monkeypatch):
+    """argparse keeps an option's last value silently: `--checkpoint a.pt --checkpoint b.pt`
+    measured b.pt alone, `--out` twice wrote one file."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        load_tool(tool).main(args)
+    err = capsys.readouterr().err
+    option = args[-2] if "=" not in args[-1] else args[-1].partition("=")[0]
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: {option} given twice (") and err.endswith("); give it once\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("tool", ["benchmark", "check_data", "compare", "evaluate", "export",
                                   "prune", "train", "write_ffcv"])
 def test_help_names_the_defaults_and_never_none(tool, capsys, monkeypatch):

@@ -55,12 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "plots (PNG+SVG) and a margin table.")
     p.add_argument("--benchmark", metavar="NAME",
                    help="add the published results of resnet50-imagenet or resnet56-cifar10")
-    p.add_argument("--runs", nargs="+", default=[], metavar="RUN_DIR", type=user_path,
-                   help="fasttrain run directories (thin, or fine-tuned from tools/prune.py)")
-    p.add_argument("--points", nargs="+", default=[], metavar="CSV", type=user_path,
-                   help="CSV files of points trained elsewhere (plotted as user-provided)")
-    p.add_argument("--latency", nargs="+", default=[], metavar="RESULTS", type=user_path,
-                   help="tools/benchmark.py result files (.json or .csv)")
+    p.add_argument("--runs", nargs="+", action="extend", default=[], metavar="RUN_DIR",
+                   type=user_path,
+                   help="fasttrain run directories (thin, or fine-tuned from tools/prune.py); "
+                        "may be repeated")
+    p.add_argument("--points", nargs="+", action="extend", default=[], metavar="CSV",
+                   type=user_path,
+                   help="CSV files of points trained elsewhere (plotted as user-provided); may "
+                        "be repeated")
+    p.add_argument("--latency", nargs="+", action="extend", default=[], metavar="RESULTS",
+                   type=user_path,
+                   help="tools/benchmark.py result files (.json or .csv); may be repeated")
     p.add_argument("--batch-size", type=_positive_int, default=None,
                    help="latency at this batch size (default: the smallest in the files)")
     p.add_argument("--out", type=user_path,

@@ -119,19 +119,17 @@ def build_comparison(benchmark: str | None = None, runs: Iterable[str | Path] = 
     """
     bench = get_benchmark(benchmark) if benchmark else None
     warnings: list[str] = []
-    runs, seen = list(runs), {}
-    for run in runs:  # the same run twice would be two points of one network ("#2")
-        key = Path(run).resolve()
-        if key in seen:
-            raise CompareError(f"--runs {run}: the same run directory as {seen[key]}")
-        seen[key] = run
+    # the same run or CSV twice would be each of its points twice ("#2"); the same latency
+    # file twice, rows matching a point twice
+    runs = _each_once("--runs", runs, "run directory")
+    points_csv = _each_once("--points", points_csv, "file")
+    latency = _each_once("--latency", latency, "file")
     points = [point_from_run(r, warnings) for r in runs]
     for path in points_csv:
         points += points_from_csv(path)
     if not points and bench is None:
         raise CompareError("nothing to compare: give a benchmark, run directories or a points "
                            "CSV")
-    latency = list(latency)
     conditions = attach_latency(points, latency, batch_size)
     if latency and conditions is None:
         warnings.append(f"no point matched a latency row of {', '.join(map(str, latency))} "
@@ -146,6 +144,17 @@ def build_comparison(benchmark: str | None = None, runs: Iterable[str | Path] = 
     front = pareto_front((p.macs, p.top1) for p in points if p.kind == THIN and p.macs)
     return Comparison(bench, points, front, table_rows(points, front, tolerance), conditions,
                       tolerance, warnings)
+
+
+def _each_once(option: str, paths: Iterable[str | Path], what: str) -> list[str | Path]:
+    """`paths` as a list, refusing two that resolve to the same file or folder."""
+    paths, seen = list(paths), {}
+    for path in paths:
+        key = Path(path).resolve()
+        if key in seen:
+            raise CompareError(f"{option} {path}: the same {what} as {seen[key]}")
+        seen[key] = path
+    return paths
 
 
 # --------------------------------------------------------------------------- formatting
