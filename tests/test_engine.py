@@ -125,6 +125,15 @@ def test_each_rank_draws_its_own_stochastic_depth_stream():
      "(read with aug.auto_augment=trivialaugment or randaugment only)"),
     (["--data.backend=torch", "--aug.auto_augment=randaugment", "--aug.randaug_magnitude=7",
       "--aug.auto_augment_interpolation=nearest"], None),
+    # one optimizer's keys under the other were silently unused (quickstart: Nesterov SGD)
+    (["--optim.name=lamb"], "note: optim.nesterov=true has no effect with optim.name=lamb "
+                            "(read with optim.name=sgd only)"),
+    (["--optim.name=lamb", "--optim.momentum=0.8", "--optim.nesterov=false"],
+     "note: optim.momentum=0.8 has no effect with optim.name=lamb"),
+    (["--optim.betas=[0.9, 0.98]", "--optim.eps=1e-8"],
+     "note: optim.betas=[0.9, 0.98], optim.eps=1e-08 have no effect with optim.name=sgd (read "
+     "with optim.name=lamb only)"),
+    (["--optim.name=lamb", "--optim.nesterov=false", "--optim.betas=[0.9, 0.98]"], None),
     ([], None)])
 def test_settings_that_run_otherwise_than_expected_get_a_note(overrides, said):
     cfg = load(QUICKSTART, overrides)

@@ -410,6 +410,23 @@ def _note_settings_without_effect(cfg: Config, device: torch.device, use_compile
             report.print(f"note: {', '.join(unread)} ha{'ve' if len(unread) > 1 else 's'} no "
                          f"effect with aug.auto_augment={aug.auto_augment} (read with "
                          f"aug.auto_augment={readers} only)")
+    # The same for one optimizer's keys under the other (`--optim.name=lamb` on an SGD recipe
+    # keeps its Nesterov momentum, which LAMB has no use for).
+    optim, optim_defaults = cfg.optim, type(cfg.optim)()
+    for reader, keys in {"sgd": ("momentum", "nesterov"), "lamb": ("betas", "eps")}.items():
+        unread = [f"optim.{k}={_yaml_text(getattr(optim, k))}" for k in keys
+                  if getattr(optim, k) != getattr(optim_defaults, k)]
+        if unread and optim.name != reader:
+            report.print(f"note: {', '.join(unread)} ha{'ve' if len(unread) > 1 else 's'} no "
+                         f"effect with optim.name={optim.name} (read with optim.name={reader} "
+                         f"only)")
+
+
+def _yaml_text(value: Any) -> str:
+    """A config value as an override would give it (true, not True)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
 
 
 def recipe_stem(recipe: str | Path | None) -> str:
