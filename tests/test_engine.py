@@ -635,6 +635,17 @@ def test_evaluate_with_graph_steps_equals_plain(tmp_path):
     assert graphed == plain and plain["val_loss"] > 0
 
 
+def test_each_epoch_records_its_training_resolution(data_root, tmp_path):
+    """With progressive resizing the resolution an epoch trained at was in no output: a
+    throughput or loss change between epochs could not be told from a resolution step."""
+    train(_cfg(data_root, tmp_path, "--schedule.epochs=3", "--data.min_res=8",
+               "--data.max_res=16", "--data.start_ramp=0", "--data.end_ramp=2",
+               "--log.name=prog"))
+    lines = [json.loads(l) for l in (tmp_path / "prog" / "metrics.jsonl").read_text()
+             .splitlines()]
+    assert [m["train_res"] for m in lines] == [8, 8, 16]
+
+
 def test_compile_allows_a_graph_per_progressive_resolution(data_root, tmp_path, monkeypatch):
     """Ten training resolutions (64 .. 352 px by 32) need ten graphs: past torch's default
     recompile_limit of 8 the later ones trained eager, silently."""

@@ -913,6 +913,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, report: Reporter, recipe: st
         shown_time = state.train_time_s + (epoch_time if cut else 0.0)
         metrics = {"epoch": epoch + 1, **train_metrics, **val_metrics, "epoch_time_s": epoch_time,
                    "train_images_per_s": train_metrics["train_images"] / t_train,
+                   "train_res": progressive_resolution(cfg.data, epoch),
                    "train_time_s": shown_time, "world_size": dist.world_size,
                    "step": state.step, "skipped_files": len(reported)}
         if cut:  # a partial epoch's line says so (compare and readers skip it)
