@@ -517,6 +517,31 @@ def test_check_data_reports_problems_and_counts(tmp_path, run_tool):
         "error: --workers=-3: must be 0 (one per core) to 1024"]
 
 
+def test_hidden_folders_taken_as_classes_are_reported_and_noted(tmp_path):
+    """`.ipynb_checkpoints` (a notebook opened on the data) became class 0 and shifted every
+    other label, with nothing said by check_data or the run."""
+    from fasttrain.engine import loop
+
+    root = tmp_path / "data"
+    for cls in ("a", "b", ".ipynb_checkpoints"):
+        (root / cls).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(root / cls / "1.jpg")
+    report = scan(root, workers=1)
+    assert report.problems == [(str(root / ".ipynb_checkpoints"), "hidden folder taken as a "
+                                "class: remove it if it is not one (it shifts every other "
+                                "class's label)")]
+    printed = []
+    loop._note_hidden_class_folders([".git", ".ipynb_checkpoints", "a", "b"], root,
+                                    type("Report", (), {"print": printed.append})())
+    assert printed == [f"note: hidden folders of {root} taken as classes (as torchvision's "
+                       f"ImageFolder does): .git, .ipynb_checkpoints; remove them if not meant "
+                       f"as a class (tools/check_data.py lists them)"]
+    printed.clear()
+    loop._note_hidden_class_folders(["a", "b"], root,
+                                    type("Report", (), {"print": printed.append})())
+    assert printed == []
+
+
 def test_crafted_checkpoint_is_refused_by_the_cli(run_tool, tmp_path):
     marker = tmp_path / "pwned"
     evil = write_code_running_checkpoint(tmp_path / "evil.pt", marker)

@@ -76,6 +76,10 @@ def scan(root: Path, workers: int = 0, progress: Callable[[int, int], None] | No
         report.class_counts[split.name] = {cls: per_class[class_to_idx[cls]] for cls in classes}
         report.problems += [(str(split / cls), "empty class folder") for cls in classes
                             if not per_class[class_to_idx[cls]]]
+        # torchvision's ImageFolder (and so the loaders) takes them as classes, sorted first
+        report.problems += [(str(split / cls), "hidden folder taken as a class: remove it if "
+                             "it is not one (it shifts every other class's label)")
+                            for cls in classes if cls.startswith(".")]
     report.images = len(files)
     # What the loaders refuse at start (loader._datasets): reported here with the rest.
     # Only for the ImageNet layout: a folder of class folders (DIR/train itself, whose name

@@ -378,6 +378,18 @@ def _graph_steps(cfg: Config, device: torch.device, use_compile: bool) -> bool:
             and cfg.train.compile_mode in ("reduce-overhead", "max-autotune"))
 
 
+def _note_hidden_class_folders(classes: list[str], root: Path, report: Reporter) -> None:
+    """A note for hidden folders taken as classes (`.ipynb_checkpoints`, `.git`): torchvision's
+    ImageFolder takes them, so they are kept (labels stay torchvision's), but one is rarely
+    meant as a class and, sorted first, shifts every other class's label."""
+    hidden = [name for name in classes if name.startswith(".")]
+    if hidden:
+        report.print(f"note: hidden folder{'s' * (len(hidden) > 1)} of {root} taken as "
+                     f"class{'es' * (len(hidden) > 1)} (as torchvision's ImageFolder does): "
+                     f"{', '.join(hidden)}; remove {'them' if len(hidden) > 1 else 'it'} if "
+                     f"not meant as a class (tools/check_data.py lists them)")
+
+
 def _note_settings_without_effect(cfg: Config, device: torch.device, use_compile: bool,
                                   report: Reporter) -> None:
     """Notes for settings that run but not as a user would expect: a compile mode without
@@ -704,6 +716,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, report: Reporter, recipe: st
     _note_copies_mixed(cfg, dist.world_size, report)
     _note_single_image_batch_norm(cfg, dist.world_size, report)
     _note_settings_without_effect(cfg, device, use_compile, report)
+    _note_hidden_class_folders(loaders.classes, loaders.root, report)
     if cfg.model.num_classes == 0:
         cfg.model.num_classes = loaders.num_classes
     elif cfg.model.num_classes < loaders.num_classes:
