@@ -419,6 +419,12 @@ def test_files_written_with_other_settings_are_replaced_only_on_request(tmp_path
                 num_workers=1, splits=("val",))
     with pytest.raises(DatasetError, match=r"write_mode proportion \(now raw\)"):
         write_beton(data, out, write_mode="raw", num_workers=1, splits=("val",))
+    # of another mode, the settings both store are named too (it said write_mode alone, and
+    # the next try met max_resolution)
+    with pytest.raises(DatasetError, match=r"\(write_mode proportion \(now jpg\), "
+                                           r"max_resolution 500 \(now 400\)\); write"):
+        write_beton(data, out, write_mode="jpg", max_resolution=400, num_workers=1,
+                    splits=("val",))
     args = ["--dataset=cifar10", f"--path={cifar}", "--data.download=false", f"--out={out}",
             "--write-mode=raw", "--num-workers=1"]
     capsys.readouterr()

@@ -734,8 +734,11 @@ def _refuse_other_settings(target: Path, params: dict[str, Any]) -> None:
         return
     if not isinstance(old, dict):
         return
-    keys = (("write_mode",) if old.get("write_mode") != params["write_mode"]
-            else STORAGE_SETTINGS.get(params["write_mode"], ()))
+    # Of another mode, the settings both modes store are named too (max_resolution always).
+    now = STORAGE_SETTINGS.get(params["write_mode"], ())
+    then = STORAGE_SETTINGS.get(old.get("write_mode"), ())
+    keys = (("write_mode",) if old.get("write_mode") != params["write_mode"] else ()) + tuple(
+        k for k in now if k in then)
     differ = [f"{k} {old.get(k)} (now {params[k]})" for k in keys if old.get(k) != params[k]]
     if differ:
         raise DatasetError(f"{target}: written with other settings ({', '.join(differ)}); "
