@@ -416,8 +416,14 @@ def describe(cfg: Config | None = None) -> list[str]:
     return lines
 
 
-def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a recipe and its `base:` ancestors, merged section by section (child wins)."""
+def _read_yaml(path: Path, chain: tuple[Path, ...] = (),
+               origins: dict[tuple[Any, Any], str] | None = None) -> dict[str, Any]:
+    """Read a recipe and its `base:` ancestors, merged section by section (child wins).
+
+    `origins`, when given, is filled with the file each value comes from: (section, key) ->
+    path, and (section, None) -> the file that last gave the section, so that an error in a
+    base file names that file, not the recipe that names it."""
+    origins = {} if origins is None else origins
     if path.resolve() in chain:
         raise ConfigError(f"{path}: base: cycle through {' -> '.join(map(str, chain))}")
     try:
@@ -446,16 +452,25 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"{path}: a recipe must be a mapping of sections, "
                           f"got {type(raw).__name__}")
     base = raw.pop("base", None)
-    if base is None:
-        return raw
-    if not isinstance(base, str):
-        raise ConfigError(f"{path}: base: must be a path string, got {_shown(base)}")
-    merged = _read_yaml(path.parent / base, chain + (path.resolve(),))
+    merged: dict[str, Any] = {}
+    if base is not None:
+        if not isinstance(base, str) or not base.strip():
+            raise ConfigError(f"{path}: base: must be a recipe file's path, got {_shown(base)}")
+        base_path = path.parent / Path(base).expanduser()  # `~/recipes/x.yaml` as a shell would
+        if not base_path.is_file():
+            why = "is a directory" if base_path.is_dir() else "recipe file not found"
+            raise ConfigError(f"{path}: base: {base}: {why} ({base_path})")
+        merged = _read_yaml(base_path, chain + (path.resolve(),), origins)
     for section, values in raw.items():
         if isinstance(values, dict) and isinstance(merged.get(section), dict):
             merged[section] = {**merged[section], **values}
         else:
             merged[section] = values
+            for stale in [k for k in origins if k[0] == section]:  # the base's, replaced
+                del origins[stale]
+        origins[(section, None)] = str(path)
+        if isinstance(values, dict):
+            origins.update({(section, key): str(path) for key in values})
     return merged
 
 
@@ -540,15 +555,18 @@ def load(path: str | Path | None, overrides: list[str] = (), *,
     Raises:
         ConfigError: one line naming the file or override, the key and the value.
     """
-    mapping = _read_yaml(Path(path)) if path is not None else {}
+    origins: dict[tuple[Any, Any], str] = {}
+    mapping = _read_yaml(Path(path), origins=origins) if path is not None else {}
     return load_mapping(mapping, str(path) if path is not None else "config", overrides,
-                        require_data_path=require_data_path)
+                        require_data_path=require_data_path, origins=origins)
 
 
 def load_mapping(mapping: dict[str, Any], origin: str, overrides: list[str] = (), *,
-                 require_data_path: bool = True) -> Config:
+                 require_data_path: bool = True,
+                 origins: dict[tuple[Any, Any], str] | None = None) -> Config:
     """`load` of sections already read (a checkpoint's stored `config`): every key checked as
-    a recipe's, errors naming `origin`.
+    a recipe's, errors naming `origin` (or the file `origins` gives for a section or key: a
+    recipe's `base:` file; cross-key errors name `origin`).
 
     Raises:
         ConfigError: one line naming `origin` or the override, the key and the value.
@@ -557,18 +575,20 @@ def load_mapping(mapping: dict[str, Any], origin: str, overrides: list[str] = ()
         raise ConfigError(f"{origin}: a config must be a mapping of sections, got "
                           f"{type(mapping).__name__}")
     cfg = Config()
+    origins = origins or {}
     for section, values in mapping.items():
+        where = origins.get((section, None), origin)
         # checked before the values: an unknown section with no keys (`optimm: {}`) is a typo
         # too, and a key that is not text (`1:`) has no suggestion
         if not isinstance(section, str) or section not in SECTIONS:
             close = _suggest(section, SECTIONS) if isinstance(section, str) else ""
-            raise ConfigError(f"{origin}: unknown section {_shown(section)}{close}; sections: "
+            raise ConfigError(f"{where}: unknown section {_shown(section)}{close}; sections: "
                               f"{', '.join(SECTIONS)}")
         if not isinstance(values, dict):
-            raise ConfigError(f"{origin}: section {section!r} must be a mapping, "
+            raise ConfigError(f"{where}: section {section!r} must be a mapping, "
                               f"got {_shown(values)}")
         for key, value in values.items():
-            _set(cfg, origin, section, str(key), value)
+            _set(cfg, origins.get((section, key), where), section, str(key), value)
     recipe = copy.deepcopy(cfg)
     parsed = [(arg, *_text_for_text_keys(arg, *parse_override(arg))) for arg in overrides]
     for arg, section, key, value in parsed:  # in order: a later override of a key wins

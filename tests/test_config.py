@@ -40,6 +40,45 @@ def test_base_inheritance_and_overrides(tmp_path):
     assert cfg.train.compile is True
 
 
+def test_an_error_in_a_base_file_names_that_file(tmp_path, monkeypatch):
+    """A bad value or unknown key in a `base:` file was reported against the recipe naming it,
+    where it is not; `base: ~/x.yaml` was not expanded, `base: ""` said "Is a directory", and
+    a missing base did not say which recipe named it."""
+    write(tmp_path, "base.yaml", "optim:\n  lr: -1\n")
+    child = write(tmp_path, "child.yaml", "base: base.yaml\nmodel:\n  width: 0.5\n")
+    with pytest.raises(ConfigError) as e:
+        load(child)
+    assert str(e.value) == f"{tmp_path / 'base.yaml'}: optim.lr must be > 0, got -1"
+    # a value the child gives is the child's; a section the child replaces whole, too
+    write(tmp_path, "base.yaml", "sched: {}\noptim:\n  momentum: 0.8\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path / 'base.yaml'))}: "
+                                          r"unknown section 'sched'"):
+        load(child)
+    write(tmp_path, "base.yaml", "optim:\n  lrr: 0.1\n  momentum: 0.8\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path / 'base.yaml'))}: "
+                                          r"unknown key optim.lrr"):
+        load(child)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path / 'c3.yaml'))}: "
+                                          r"unknown key optim.lrr"):
+        load(write(tmp_path, "c3.yaml", "base: base.yaml\noptim:\n  lrr: 0.3\n"))
+    write(tmp_path, "base.yaml", "optim:\n  momentum: 0.8\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path / 'c4.yaml'))}: "
+                                          r"optim.momentum must be < 1"):
+        load(write(tmp_path, "c4.yaml", "base: base.yaml\noptim: {momentum: 2}\n"))
+    # base paths: ~ expanded; empty, a folder or a missing file named with the recipe
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "sub").mkdir()
+    assert load(write(tmp_path / "sub", "c5.yaml", "base: ~/base.yaml\n")
+                ).optim.momentum == 0.8
+    for base, why in (('""', 'base: must be a recipe file\'s path, got \'\''),
+                      (".", "base: .: is a directory"),
+                      ("nope.yaml", "base: nope.yaml: recipe file not found")):
+        recipe = write(tmp_path, "c6.yaml", f"base: {base}\n")
+        with pytest.raises(ConfigError) as e:
+            load(recipe)
+        assert str(e.value).startswith(f"{recipe}: {why}"), str(e.value)
+
+
 def test_dump_round_trips(tmp_path):
     cfg = load(ROOT / "recipes" / "quickstart.yaml", ["--optim.lr=0.3"])
     again = load(write(tmp_path, "resolved.yaml", config.dump(cfg)))
