@@ -268,7 +268,11 @@ def test_base_cycle_is_an_error(tmp_path):
     (["missing.yaml"], "error: missing.yaml: recipe file not found"),
     (["{q}", "--optim.lrr=1"], "error: --optim.lrr=1: unknown key optim.lrr"),
     (["{q}", "--optim.lr=-3"], "error: --optim.lr=-3: optim.lr must be > 0, got -3"),
-    (["{q}", "--model.name=thin_resnet5"], "model.name 'thin_resnet5' is not a registered model"),
+    (["{q}", "--model.name=thin_resnet5"], "model.name 'thin_resnet5' is not a registered model"
+     " (did you mean 'thin_resnet50'?); registered: cifar_resnet110, cifar_resnet20, "),
+    (["{q}", "--model.name=bogus"], "model.name 'bogus' is not a registered model; registered: "
+     "cifar_resnet110, cifar_resnet20, cifar_resnet32, cifar_resnet44, cifar_resnet56, "
+     "thin_resnet101, thin_resnet152, thin_resnet18, thin_resnet34, thin_resnet50"),
     (["{q}", "--data.batch_size=100000"], "larger than the training set"),
     (["{q}", "--nonsense"], "expected --section.key=value"),
     (["{q}", "--resume", "/nowhere/last.pt"], "no checkpoint at"),

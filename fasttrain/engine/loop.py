@@ -65,7 +65,8 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
         import difflib
         close = difflib.get_close_matches(cfg.name, list_models(), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"model.name {cfg.name!r} is not a registered model{hint}")
+        raise ConfigError(f"model.name {cfg.name!r} is not a registered model{hint}; "
+                          f"registered: {', '.join(list_models())}")
     kwargs: dict[str, Any] = dict(width=cfg.width, channel_divisor=cfg.channel_divisor,
                                   num_classes=num_classes,
                                   zero_init_residual=cfg.zero_init_residual,
