@@ -486,8 +486,10 @@ def _shown(value: Any) -> str:
 
 
 def _suggest(name: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(name, options, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    # compared in lower case: `optim.LR` or `Optim` is as close to its key as a typo
+    lowered = {option.lower(): option for option in options}
+    close = difflib.get_close_matches(name.lower(), list(lowered), n=1)
+    return f" (did you mean {lowered[close[0]]!r}?)" if close else ""
 
 
 def _set(cfg: Config, origin: str, section: str, key: str, value: Any) -> None:

@@ -116,6 +116,9 @@ def test_bounds_accept_their_limits(tmp_path):
 
 @pytest.mark.parametrize("text,override,message", [
     ("optim:\n  lrr: 0.1\n", [], "r.yaml: unknown key optim.lrr (did you mean 'lr'?)"),
+    # suggestions were case-sensitive: LR got none
+    ("optim:\n  LR: 0.1\n", [], "r.yaml: unknown key optim.LR (did you mean 'lr'?)"),
+    ("Optim:\n  lr: 0.1\n", [], "r.yaml: unknown section 'Optim' (did you mean 'optim'?)"),
     ("optimm:\n  lr: 0.1\n", [], "r.yaml: unknown section 'optimm' (did you mean 'optim'?)"),
     # a misspelt section with no keys was accepted; a key that is not text a TypeError
     ("optimm: {}\n", [], "r.yaml: unknown section 'optimm' (did you mean 'optim'?); "
