@@ -75,6 +75,8 @@ def test_a_checkpoint_evaluates_to_the_top1_its_run_recorded(run, weights, tmp_p
     assert record["val_classes"] == 10 and record["notes"] == []
     assert record["macs"] > 0 and record["params"] > 0 and record["device"] == "cpu"
     assert "(same settings)" in out and "top-1" in out
+    # counts below a million exactly: a small network's were "0.068 M params, 0.7 M MACs"
+    assert f"{record['params']:,} params, {record['macs']:,} MACs at 16px" in out, out
 
 
 def test_a_cut_epoch_of_an_older_checkpoint_is_named(run, tmp_path, capsys):

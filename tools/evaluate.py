@@ -279,6 +279,13 @@ def _recorded(state, weights: str, cfg) -> dict | None:
             "same_settings": not differences}
 
 
+def _count(n: int) -> str:
+    """A parameter or MAC count: 68,050; 25.557 M; 4,089.2 M."""
+    if n < 1_000_000:
+        return f"{n:,}"
+    return f"{n / 1e6:,.3f} M" if n < 1e9 else f"{n / 1e6:,.1f} M"
+
+
 def _show(record) -> None:
     n, present = record["images"], record["val_classes"]
     classes = (f"{present} classes" if present == record["classes"] else
@@ -286,8 +293,9 @@ def _show(record) -> None:
     print(f"top-1 {record['val_top1']:.2f} %  top-5 {record['val_top5']:.2f} %  loss "
           f"{record['val_loss']:.4f}  ({n:,} images of {classes}, "
           f"{record['seconds']:.1f} s, {record['images_per_s'] or 0:,.0f} img/s)")
-    macs = f"{record['macs'] / 1e6:,.1f} M MACs" if record["macs"] else "MACs not counted"
-    print(f"{record['params'] / 1e6:,.3f} M params, {macs} at {record['val_res']}px; "
+    # exact counts below a million: a small network's "0.000 M params" said nothing
+    macs = ("MACs not counted" if not record["macs"] else f"{_count(record['macs'])} MACs")
+    print(f"{_count(record['params'])} params, {macs} at {record['val_res']}px; "
           f"data {record['data_root']}")
     if record["skipped"]:
         print(f"warning: {record['skipped']} unreadable file(s) skipped (first: "
