@@ -14,6 +14,7 @@ import math
 import operator
 import re
 import reprlib
+import shlex
 import types
 import typing
 from dataclasses import dataclass, field
@@ -517,13 +518,19 @@ def _set(cfg: Config, origin: str, section: str, key: str, value: Any) -> None:
     setattr(obj, key, coerced)
 
 
-def parse_override(arg: str) -> tuple[str, str, Any]:
-    """`--section.key=value` → (section, key, value); the value is parsed as YAML (safe)."""
+def parse_override(arg: str, following: str | None = None) -> tuple[str, str, Any]:
+    """`--section.key=value` → (section, key, value); the value is parsed as YAML (safe).
+    `following`: the argument after `arg`, named in the error when `arg` lacks its `=`
+    (`--optim.lr 0.2`, the form argparse options take)."""
     body = arg[2:] if arg.startswith("--") else arg
     name, sep, text = body.partition("=")
     section, dot, key = name.partition(".")
     if not (sep and dot and section and key):
-        raise ConfigError(f"override {arg!r}: expected --section.key=value")
+        hint = ""
+        if not sep and dot and section and key and following is not None \
+                and not following.startswith("--"):
+            hint = f" (write {arg}={shlex.quote(following)})"
+        raise ConfigError(f"override {arg!r}: expected --section.key=value{hint}")
     try:
         value = yaml.load(text, Loader=_Loader) if text.strip() else ""
     except _DuplicateKey as e:
@@ -592,7 +599,9 @@ def load_mapping(mapping: dict[str, Any], origin: str, overrides: list[str] = ()
         for key, value in values.items():
             _set(cfg, origins.get((section, key), where), section, str(key), value)
     recipe = copy.deepcopy(cfg)
-    parsed = [(arg, *_text_for_text_keys(arg, *parse_override(arg))) for arg in overrides]
+    overrides = list(overrides)
+    parsed = [(arg, *_text_for_text_keys(arg, *parse_override(arg, following)))
+              for arg, following in zip(overrides, overrides[1:] + [None])]
     for arg, section, key, value in parsed:  # in order: a later override of a key wins
         _set(cfg, arg, section, key, value)
     try:

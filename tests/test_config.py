@@ -143,6 +143,10 @@ def test_bounds_accept_their_limits(tmp_path):
     ("optim:\n  lr: [\n", [], "invalid YAML"),
     ("", ["--optim.lr=abc"], "--optim.lr=abc: optim.lr must be a number, got 'abc'"),
     ("", ["--optim"], "expected --section.key=value"),
+    # argparse's form (a space, not `=`) is named with its fix
+    ("", ["--optim.lr", "0.2"], "override '--optim.lr': expected --section.key=value (write "
+     "--optim.lr=0.2)"),
+    ("", ["--log.name", "my run"], "(write --log.name='my run')"),
     ("", ["--data.dataset=imagenet"], "data.dataset must be one of 'digits'"),
     ("", ["--data.dataset=imagefolder"], "data.path is required"),
     ("base: missing.yaml\n", [], "missing.yaml: recipe file not found"),
