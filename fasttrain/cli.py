@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import functools
 import math
 import os
@@ -229,12 +230,22 @@ def check_output(path: str | Path, name: str, *, folder: bool = False,
     starts each one-line message ("--json rows.json", "output x.pt"). `inputs`: files the
     tool reads (None for an absent option), which the output must not replace.
 
-    A probe file, not os.access: root passes os.access on read-only mounts and /proc.
+    A probe file, not os.access: root passes os.access on read-only mounts and /proc. For a
+    file, the probe's name is as long as the longest name the tools write it under first
+    (`.NAME.tmp-PID`, `STEM.parity-failed.SUFFIX`): a name near the file system's limit passed
+    the check and failed after the work.
 
     Raises:
         UserError: the path cannot be written; the message names it and why.
     """
-    path = Path(path)
+    try:
+        return _check_output(Path(path), name, folder, inputs)
+    except OSError as e:  # a stat of the path: a name too long, a loop of links
+        raise UserError(f"{name}: {e.strerror or e}") from None
+
+
+def _check_output(path: Path, name: str, folder: bool,
+                  inputs: Iterable[str | Path | None]) -> Path:
     if folder:
         if path.exists() and not path.is_dir():
             raise UserError(f"{name}: exists and is not a folder")
@@ -263,10 +274,22 @@ def check_output(path: str | Path, name: str, *, folder: bool = False,
         raise UserError(f"{name}: {existing} is not a folder")
     try:
         where.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=where)
+    except OSError as e:
+        raise UserError(f"{name}: cannot write in {where} ({e.strerror or e})") from None
+    try:
+        if folder:
+            fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=where)
+        else:
+            probe = str(where / f".{path.name}.probe-{os.getpid():09d}")  # +16 bytes
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
+        if e.errno == errno.ENAMETOOLONG and not folder:
+            size = len(os.fsencode(path.name))
+            raise UserError(f"{name}: file name too long ({size} bytes; it is written under a "
+                            f"temporary name 16 bytes longer, over this folder's limit)"
+                            ) from None
         raise UserError(f"{name}: cannot write in {where} ({e.strerror or e})") from None
     return path
 

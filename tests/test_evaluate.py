@@ -335,6 +335,19 @@ def test_a_dash_for_an_output_is_refused_not_written_as_a_file(tmp_path, monkeyp
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_output_that_is_the_factorys_module_is_refused(tmp_path, monkeypatch, capsys):
+    """`--factory nets:build RECIPE --json nets.py` would replace the user's code."""
+    _linear_factory(tmp_path, "nets", 10, monkeypatch)
+    code = (tmp_path / "nets.py").read_text()
+    for flag in ("--json", "--points"):
+        assert evaluate_tool.main(["--factory", "nets:build", str(QUICKSTART), flag,
+                                   "nets.py"]) == 2
+        assert capsys.readouterr().err == (f"error: {flag} nets.py: is the input "
+                                           f"{tmp_path / 'nets.py'}; name another file to "
+                                           f"write\n")
+    assert (tmp_path / "nets.py").read_text() == code
+
+
 def test_bad_arguments_exit_2_with_one_line(capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         evaluate_tool.main(["--file", "x.pt", "--weights", "ema"])

@@ -778,6 +778,74 @@ def test_cli_refuses_an_output_that_is_the_measured_file(source, flag, tmp_path,
     assert measured.read_bytes() == b"the network"
 
 
+@pytest.mark.parametrize("flag", ["--json", "--csv"])
+def test_cli_refuses_an_output_that_is_the_factorys_module(flag, tmp_path, monkeypatch, capsys):
+    """`--factory facs:build --json facs.py` replaced the user's code with the rows."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    code = "import torch\ndef build():\n    return torch.nn.Conv2d(3, 4, 3)\n"
+    (tmp_path / "facs.py").write_text(code)
+    (tmp_path / "pkg" / "nets.py").write_text(code)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("measured before the check"))
+    for spec, module in (("facs:build", "facs.py"), ("pkg.nets:build", "pkg/nets.py")):
+        assert benchmark_tool.main(["--factory", spec, "--device", "cpu", flag, module]) == 2
+        assert capsys.readouterr().err == (f"error: {flag} {module}: is the input "
+                                           f"{tmp_path / module}; name another file to write\n")
+        assert (tmp_path / module).read_text() == code
+    assert sources.factory_file("not_a_module_here:build") is None
+
+
+def test_cli_output_names_too_long_and_list_repeats_are_one_line_before_measuring(
+        tmp_path, monkeypatch, capsys):
+    """A name over the file system's limit was a traceback; one just under it passed the check
+    and failed after the sweep (its temporary name is longer). `--batch-size 1,,2` ran as 1,2
+    and `1,1` measured each row twice."""
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("measured before the check"))
+    for path, why in ((tmp_path / f"{'a' * 300}.json", "File name too long"),
+                      (tmp_path / "new" / f"{'b' * 250}.json",
+                       "file name too long (255 bytes; it is written under a temporary name 16 "
+                       "bytes longer, over this folder's limit)")):
+        assert benchmark_tool.main(TINY + ["--json", str(path)]) == 2
+        assert capsys.readouterr().err == f"error: --json {path}: {why}\n"
+    assert not (tmp_path / "new").exists()
+    for args, why in ((["--batch-size", "1,,2"], "argument --batch-size: an empty item in "
+                                                 "'1,,2'"),
+                      (["--batch-size", "1,1"], "argument --batch-size: 1 given twice in '1,1'"),
+                      (["--width", "0.25,0.5,0.25"], "argument --width: 0.25 given twice"),
+                      (["--model", "cifar_resnet20,cifar_resnet20"],
+                       "--model 'cifar_resnet20,cifar_resnet20': cifar_resnet20 given twice")):
+        with contextlib.suppress(SystemExit):
+            assert benchmark_tool.main(TINY[2:] + args if args[0] == "--model" else
+                                       TINY + args) == 2
+        assert capsys.readouterr().err.startswith(f"error: {why}")
+
+
+def test_cli_leaves_no_output_folder_after_an_error_found_before_measuring(tmp_path, capsys):
+    """A bad model name or an unreadable checkpoint left the outputs' new folders behind."""
+    text = tmp_path / "text.pt"
+    text.write_text("not a checkpoint")
+    for source in (["--model", "bogus_model"], ["--checkpoint", str(text)]):
+        assert benchmark_tool.main(source + ["--device", "cpu", "--json",
+                                             str(tmp_path / "a" / "b" / "x.json"), "--save",
+                                             "--results-dir", str(tmp_path / "r" / "s")]) == 2
+        assert capsys.readouterr().err.count("\n") == 1
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["text.pt"]
+
+
+def test_a_source_path_that_is_not_utf8_is_written_escaped_to_the_csv(tmp_path, capsys):
+    """The CSV (and --save's CSV twin) failed with UnicodeEncodeError after the measurement."""
+    net = torch.jit.script(nn.Conv2d(3, 4, 3))
+    name = Path(os.fsdecode(bytes(tmp_path) + b"/bad\xff.pt"))
+    net.save(str(tmp_path / "good.pt"))
+    os.rename(tmp_path / "good.pt", name)
+    rows = tmp_path / "rows.csv"
+    with pytest.warns(UserWarning, match="MACs not counted"):
+        assert benchmark_tool.main(["--file", str(name), "--device", "cpu", "--resolution", "8",
+                                    "--iters", "1", "--warmup", "0", "--csv", str(rows)]) == 0
+    assert "bad\\udcff.pt" in rows.read_text()
+
+
 def test_cli_creates_output_folders_and_keeps_results_when_one_write_fails(tmp_path, monkeypatch,
                                                                            capsys):
     out = tmp_path / "new" / "deeper"

@@ -32,6 +32,7 @@ on stderr. When an output cannot be written the table and the other outputs are 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import signal
@@ -40,8 +41,8 @@ import threading
 from pathlib import Path
 
 from fasttrain.cli import (ArgumentParser, check_cifar_only, check_output, int_at_least,
-                           not_stdout, print_table, printable, printable_paths,
-                           sigterm_as_interrupt, stdout_may_close, user_path)
+                           new_folders_removed_on_error, not_stdout, print_table, printable,
+                           printable_paths, sigterm_as_interrupt, stdout_may_close, user_path)
 from fasttrain.config import MAX_WIDTH
 from fasttrain.errors import UserError
 
@@ -51,11 +52,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _list_of(kind, most: float = math.inf):
     def parse(text: str):
+        items = text.split(",")
         try:
-            values = [kind(v) for v in text.split(",") if v.strip()]
+            values = [kind(v) for v in items if v.strip()]
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}"
                                              f", got {text!r}") from None
+        # `1,,2` ran as 1,2 and `1,1` measured the same rows twice (and --save kept both)
+        if values and len(values) < len(items):
+            raise argparse.ArgumentTypeError(f"an empty item in {text!r}")
+        twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        if twice is not None:
+            raise argparse.ArgumentTypeError(f"{twice:g} given twice in {text!r}")
         if not values or not all(math.isfinite(v) and v > 0 for v in values):
             raise argparse.ArgumentTypeError(f"expected finite positive values, got {text!r}")
         if any(v > most for v in values):
@@ -133,6 +141,13 @@ def _check_sources(args) -> None:
     """Refuse an empty source and options the chosen source would ignore."""
     if args.model is not None and not _model_names(args):
         raise UserError(f"--model {args.model!r}: no model name given")
+    if args.model is not None:
+        names = [n.strip() for n in args.model.split(",")]
+        if "" in names:
+            raise UserError(f"--model {args.model!r}: an empty name")
+        twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+        if twice is not None:
+            raise UserError(f"--model {args.model!r}: {twice} given twice")
     for flag, value in (("--checkpoint", args.checkpoint), ("--file", args.file),
                         ("--factory", args.factory)):
         if value is not None and not value.strip():
@@ -156,10 +171,14 @@ def _check_sources(args) -> None:
 
 def _check_output(args, flag: str, path: str, folder: bool = False) -> None:
     """Refuse, before anything is measured, an output that cannot be written (or would replace
-    the --checkpoint/--file measured), so that a sweep's results are not lost at the end."""
+    the --checkpoint/--file measured or the --factory's module), so that a sweep's results are
+    not lost at the end."""
     if not path.strip():
         raise UserError(f"{flag}: empty path")
-    check_output(path, f"{flag} {path}", folder=folder, inputs=(args.checkpoint, args.file))
+    from fasttrain.measure.sources import factory_file
+
+    check_output(path, f"{flag} {path}", folder=folder,
+                 inputs=(args.checkpoint, args.file, factory_file(args.factory)))
 
 
 def _check_outputs(args) -> None:
@@ -328,37 +347,20 @@ def _main(argv: list[str] | None) -> int:
         for flag, path in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)):
             not_stdout(path, f"{flag} {path}")
         _check_sources(args)
-        _check_outputs(args)
-        import torch
+        # The output checks create the outputs' folders: a user error found before measuring
+        # (a bad model name, an unreadable checkpoint) leaves none of them behind.
+        setup = contextlib.ExitStack()
+        for path, folder in ((args.json, False), (args.csv, False), (args.plot or None, False),
+                             (args.results_dir if args.save or args.plot == "" else None,
+                              True)):
+            if path:
+                setup.enter_context(new_folders_removed_on_error(path, folder=folder))
+        with setup:
+            models, cond = _prepare(args)
         from rich.console import Console
 
         from fasttrain.measure import bench
 
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        device = args.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        cond = bench.Conditions(device=device, precision=args.precision, layout=args.layout,
-                                mode=args.mode, resolution=args.resolution, iters=args.iters,
-                                warmup=args.warmup, train=args.train)
-        cond.check()  # before building models: impossible conditions fail fast
-        models = _load_models(args)
-        if any(bm.norm_act == "fused" for bm in models):
-            from fasttrain.ops import _ext
-
-            dev = torch.device(device)
-            if not _ext.supports(dev):  # the rows would say fused and time the fallback
-                which = "--norm-act fused" if args.norm_act else "a model with norm_act fused"
-                instead = ("have the factory build norm_act='native' layers" if args.factory
-                           else "measure with --norm-act native")
-                if args.factory:
-                    which = (f"--factory {args.factory} (its module holds fused "
-                             f"BatchNorm+ReLU layers)")
-                raise UserError(f"{which}: the fused kernels are unavailable on {device} "
-                                f"({_ext.unavailable_reason(dev)}); build them (pip install -e .) "
-                                f"or {instead}")
-        _check_saved_record(args, models, cond)
         console = Console()
         if not console.is_terminal:  # pipes and CI get 80 columns by default: too narrow
             console = Console(width=150)
@@ -375,6 +377,42 @@ def _main(argv: list[str] | None) -> int:
         # The rows measured so far are kept: written like a finished run's, then one line.
         return _finish(rows, args, console if rows else None, interrupted=True)
     return _finish(rows, args, console, interrupted=False)
+
+
+def _prepare(args):
+    """Everything checked before measuring: the outputs, the conditions, the models (built),
+    the saved record. Returns (models, conditions)."""
+    import torch
+
+    from fasttrain.measure import bench
+
+    _check_outputs(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    cond = bench.Conditions(device=device, precision=args.precision, layout=args.layout,
+                            mode=args.mode, resolution=args.resolution, iters=args.iters,
+                            warmup=args.warmup, train=args.train)
+    cond.check()  # before building models: impossible conditions fail fast
+    models = _load_models(args)
+    if any(bm.norm_act == "fused" for bm in models):
+        from fasttrain.ops import _ext
+
+        dev = torch.device(device)
+        if not _ext.supports(dev):  # the rows would say fused and time the fallback
+            which = "--norm-act fused" if args.norm_act else "a model with norm_act fused"
+            instead = ("have the factory build norm_act='native' layers" if args.factory
+                       else "measure with --norm-act native")
+            if args.factory:
+                which = (f"--factory {args.factory} (its module holds fused "
+                         f"BatchNorm+ReLU layers)")
+            raise UserError(f"{which}: the fused kernels are unavailable on {device} "
+                            f"({_ext.unavailable_reason(dev)}); build them (pip install -e .) "
+                            f"or {instead}")
+    _check_saved_record(args, models, cond)
+    return models, cond
 
 
 def _finish(rows, args, console, interrupted: bool) -> int:

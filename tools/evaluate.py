@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         state, cfg, classes = _settings(args, overrides)
         if args.json:
             check_output(args.json, f"--json {args.json}",
-                         inputs=(args.checkpoint, args.file, args.recipe))
+                         inputs=_inputs(args))
         label = _check_points(args, args.points) if args.points else None
         source = _source(args, state)
         if classes is None and args.file and source.classes:  # an export's label order
@@ -316,12 +316,20 @@ def _show(record) -> None:
                   f"differently ({', '.join(rec['differences'])})")
 
 
+def _inputs(args) -> tuple:
+    """The files this evaluation reads, which no output may replace (the factory's module
+    too)."""
+    from fasttrain.measure.sources import factory_file
+
+    return args.checkpoint, args.file, args.recipe, factory_file(args.factory)
+
+
 def _check_points(args, path: str) -> str:
     """The --points row's label, checked before anything runs: the file can be written, is a
     points CSV this tool can add to (a header of compare's columns), and has no row with that
     label."""
     check_output(path, f"--points {path}",
-                 inputs=(args.checkpoint, args.file, args.recipe))
+                 inputs=_inputs(args))
     label = args.label or _default_label(args)
     header, labels = _read_points(Path(path))
     if header is not None:

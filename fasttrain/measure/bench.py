@@ -429,11 +429,15 @@ def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
         BenchError: the file cannot be written.
     """
     path = Path(path)
+    # A source path that is not UTF-8 holds surrogates (`bad\udcff.pt`), which a UTF-8 file
+    # cannot: written escaped, as the tools print it (JSON escapes them itself).
+    shown = [{k: v.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(v, str)
+              else v for k, v in row.items()} for row in rows]
 
     def write(f):
         writer = csv.DictWriter(f, fieldnames=_fieldnames(rows), restval="")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(shown)
 
     with _writing(path):
         write_atomic(path, write, mode="w")

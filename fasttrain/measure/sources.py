@@ -247,6 +247,28 @@ def _import_as_now(mod_name: str):
     return module
 
 
+def factory_file(spec: str | None) -> str | None:
+    """The source file `from_factory(spec)` would import the module from (the current
+    directory first), found without importing anything; None when there is none (no spec, a
+    module not found, a built-in). Outputs are checked against it: `--json facs.py` for
+    `--factory facs:build` replaced the user's code with the rows."""
+    mod_name = (spec or "").partition(":")[0]
+    if not mod_name:
+        return None
+    found, path = None, None
+    with _current_directory_first():
+        path = list(sys.path)
+        for part in mod_name.split("."):
+            try:
+                found = importlib.machinery.PathFinder.find_spec(part, path)
+            except (ImportError, ValueError):
+                return None
+            if found is None:
+                return None
+            path = list(found.submodule_search_locations or [])
+    return found.origin if found.has_location and found.origin else None
+
+
 def from_factory(spec: str) -> BenchModel:
     """`package.module:function` → `function()`, which must return an nn.Module.
 
