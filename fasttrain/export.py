@@ -705,6 +705,11 @@ def export_model(model: nn.Module, meta: dict[str, Any], fmt: str, out: str | Pa
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     # Batch 2 for the example: torch.export specialises a dimension it first sees as 1.
     example = torch.randn(2, *meta["input_size"])
+    with torch.no_grad():
+        # A diverged run's NaN weights failed the parity check, blamed on the export.
+        if not torch.isfinite(reference(example.clone())).all():
+            raise ExportError("the model's own output is not finite (NaN or inf weights or "
+                              "BatchNorm statistics: a diverged run?); nothing was exported")
     out = Path(out)
     if out.is_dir():
         raise ExportError(f"{out}: is a directory; --out names the file to write")
@@ -728,8 +733,14 @@ def export_model(model: nn.Module, meta: dict[str, Any], fmt: str, out: str | Pa
         except OSError as e:
             raise ExportError(f"{out}: cannot write ({e.strerror or e})") from None
         exported, _ = load_exported(tmp, fmt)
-        parity = check_parity(reference, exported, meta["input_size"], batch_sizes=batch_sizes,
-                              atol=atol, rtol=rtol)
+        try:
+            parity = check_parity(reference, exported, meta["input_size"],
+                                  batch_sizes=batch_sizes, atol=atol, rtol=rtol)
+        except ParityError as e:  # another shape, non-finite outputs: kept for inspection too
+            failed = parity_failed_path(out)
+            os.replace(tmp, failed)
+            raise ParityError(f"{out}: {e}; written as {failed} for inspection, {out} left as "
+                              f"it was") from None
         if not parity.ok:
             failed = parity_failed_path(out)
             os.replace(tmp, failed)

@@ -167,6 +167,30 @@ def test_torchscript_file_loads_in_a_fresh_process_without_fasttrain(tmp_path):
         assert max_rel(torch.load(tmp_path / "out.pt"), model(x)) < 1e-5
 
 
+def test_a_model_with_nan_weights_is_refused_before_exporting(tmp_path, monkeypatch):
+    """A diverged run's NaN weights were reported as a failed parity check, blamed on the
+    export, and no failed file was kept although the message's kind promises one."""
+    model, meta = small_model()
+    with torch.no_grad():
+        model.fc.weight.fill_(float("nan"))
+    with pytest.raises(ex.ExportError, match=r"^the model's own output is not finite \(NaN or "
+                                             r"inf weights or BatchNorm statistics"):
+        ex.export_model(model, meta, "torchscript", tmp_path / "net.pt")
+    assert list(tmp_path.iterdir()) == []
+    # an output of another shape, or not finite, from the file alone: kept like a mismatch
+    model, meta = small_model()
+
+    def other_shape(*args, **kwargs):
+        raise ex.ParityError("exported output shape (1, 9) != eager (1, 10) at batch 1")
+
+    monkeypatch.setattr(ex, "check_parity", other_shape)
+    with pytest.raises(ex.ParityError, match=r"net.pt: exported output shape \(1, 9\) != eager "
+                                             r"\(1, 10\) at batch 1; written as .*"
+                                             r"net.parity-failed.pt for inspection"):
+        ex.export_model(model, meta, "torchscript", tmp_path / "net.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.parity-failed.pt"]
+
+
 def test_parity_failure_raises(tmp_path, monkeypatch):
     model, meta = small_model()
     real_fold = ex.fold_bn
