@@ -365,6 +365,26 @@ def test_resume_continues_exactly_where_it_stopped(data_root, tmp_path, monkeypa
     assert json.loads(lines[-1])["val_top1"] == straight["val_top1"]
 
 
+def test_resume_of_a_run_folder_refuses_another_log_name(data_root, tmp_path):
+    """`--resume runs/A --log.name=B` trained in A, wrote name B into A's config.yaml, and a
+    later `--resume auto` from that file started a new run B from scratch."""
+    train(_cfg(data_root, tmp_path, "--schedule.epochs=2", "--train.max_steps=1",
+               "--log.name=A"))
+    config_before = (tmp_path / "A" / "config.yaml").read_bytes()
+    for dry_run in (True, False):
+        with pytest.raises(ConfigError, match=rf"^log.name=B: --resume {re.escape(str(tmp_path))}"
+                                              rf"/A continues the run A \(.*\) in its folder; "
+                                              rf"drop --log.name, or start a new run from its "
+                                              rf"weights with --model.init_from="):
+            train(_cfg(data_root, tmp_path, "--schedule.epochs=2", "--log.name=B"),
+                  resume=str(tmp_path / "A"), dry_run=dry_run)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["A"]
+    assert (tmp_path / "A" / "config.yaml").read_bytes() == config_before
+    # its own name, or none, continue it
+    train(_cfg(data_root, tmp_path, "--schedule.epochs=2", "--train.max_steps=2",
+               "--log.name=A"), resume=str(tmp_path / "A"), dry_run=True)
+
+
 @pytest.mark.slow
 def test_resume_refuses_another_architecture(data_root, tmp_path):
     train(_cfg(data_root, tmp_path, "--schedule.epochs=1", "--schedule.warmup_epochs=0",

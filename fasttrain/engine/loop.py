@@ -696,6 +696,14 @@ def _train(cfg: Config, dist: distributed.DistInfo, report: Reporter, recipe: st
     resume_path, fresh = None, ""
     if resume:  # read-only: a dry run checks what --resume names too
         resume_path = _on_main(dist, lambda: find_resume(resume, log_dir, cfg.log.name, stem))
+        continued = run_dir_of(resume_path) if resume_path else None
+        if continued is not None and cfg.log.name and cfg.log.name != continued.name:
+            # The run continues in its own folder: the name was ignored, yet written into its
+            # config.yaml, whose `--resume auto` then started a new run under that name.
+            raise ConfigError(f"log.name={cfg.log.name}: --resume {resume} continues the run "
+                              f"{continued.name} ({continued}) in its folder; drop --log.name, "
+                              f"or start a new run from its weights with "
+                              f"--model.init_from={resume_path}")
         if resume_path is None:
             where = (log_dir / cfg.log.name / CHECKPOINTS / LAST if cfg.log.name else
                      f"the newest {stem}-<date>-<time> run under {log_dir}")
