@@ -165,7 +165,7 @@ class DataConfig:
     std: list[float] = _f([0.229, 0.224, 0.225], "per-channel std (0..1 scale)", len=3, gt=0)
     ra_reps: int = _f(1, "repeated augmentation: an epoch (its length kept) holds about "
                       "1/ra_reps of the images, each this many times, differently augmented "
-                      "and spread over ranks and micro-batches; 1 = off", ge=1)
+                      "and spread over ranks and micro-batches; 1 = off", ge=1, le=64)
     min_res: int = _f(0, "progressive resizing: training resolution up to start_ramp; "
                       "0 = off (train_res throughout)", ge=0, le=MAX_RESOLUTION)
     max_res: int = _f(0, "progressive resizing: resolution from end_ramp on", ge=0,
@@ -181,14 +181,14 @@ class AugConfig:
         "pad_random: pad by `padding` then a random train_res crop (CIFAR style)")
     scale: list[float] = _f([0.08, 1.0], "RandomResizedCrop area range", len=2, gt=0, le=1)
     ratio: list[float] = _f([0.75, 4.0 / 3.0], "RandomResizedCrop aspect range", len=2, gt=0)
-    padding: int = _f(4, "pad_random: pixels of zero padding on each side", ge=0)
+    padding: int = _f(4, "pad_random: pixels of zero padding on each side", ge=0, le=256)
     hflip: float = _f(0.5, "probability of a horizontal flip", ge=0, le=1)
     auto_augment: Literal["none", "trivialaugment", "randaugment"] = _f(
         "none", "per-image policy after crop and flip (TrivialAugmentWide or RandAugment)")
     auto_augment_interpolation: Literal["bilinear", "nearest"] = _f(
         "bilinear", "resampling of the policy's rotate, shear and translate (torchvision's "
         "reference recipe passes its bilinear; nearest is the transforms' own default)")
-    randaug_ops: int = _f(2, "RandAugment: operations per image", ge=1)
+    randaug_ops: int = _f(2, "RandAugment: operations per image", ge=1, le=16)
     randaug_magnitude: float = _f(9.0, "RandAugment: magnitude level out of 10 (timm scale)",
                                   ge=0, le=10)
     randaug_magnitude_std: float = _f(0.0, "RandAugment: std of the per-op magnitude noise", ge=0)
@@ -632,7 +632,10 @@ def _blame(error: ConfigError, recipe: Config, parsed: list[tuple[str, str, str,
 
 
 def _check_consistency(cfg: Config, origin: str, require_data_path: bool = True) -> None:
-    """Checks that involve several keys."""
+    """Checks that involve several keys (and text keys that may not be empty)."""
+    if not cfg.log.dir.strip():  # Path("") is the current folder: runs landed there
+        raise ConfigError(f"{origin}: log.dir must name a folder (empty: an unset shell "
+                          f"variable?), got {_shown(cfg.log.dir)}")
     name = cfg.log.name
     if name and (name in (".", "..") or "/" in name or "\\" in name):
         # A path would put the run into any existing folder (`..` is log.dir's parent), over

@@ -127,6 +127,13 @@ def test_bounds_accept_their_limits(tmp_path):
     ("true: {}\n", [], "r.yaml: unknown section True; sections: data, aug,"),
     ("optim:\n  lr: fast\n", [], "r.yaml: optim.lr must be a number, got 'fast'"),
     ("optim:\n  lr: -1\n", [], "r.yaml: optim.lr must be > 0, got -1"),
+    # typos that were a multi-terabyte allocation's traceback, or an epoch that never ended
+    ("aug:\n  padding: 1000000\n", [], "r.yaml: aug.padding must be <= 256, got 1000000"),
+    ("", ["--data.ra_reps=1000000000"], "--data.ra_reps=1000000000: data.ra_reps must be <= 64"),
+    ("", ["--aug.randaug_ops=100000000"], "aug.randaug_ops must be <= 16, got 100000000"),
+    # an unset shell variable (`--log.dir=$RUNS`) wrote runs into the current folder
+    ("", ["--log.dir="], "--log.dir=: log.dir must name a folder (empty: an unset shell "
+     "variable?), got ''"),
     ("optim:\n  lr: .inf\n", [], "r.yaml: optim.lr must be a finite number, got inf"),
     ("", ["--model.width=.nan"], "--model.width=.nan: model.width must be a finite number, "
      "got nan"),
