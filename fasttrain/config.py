@@ -542,14 +542,17 @@ def parse_override(arg: str, following: str | None = None) -> tuple[str, str, An
 
 def _text_for_text_keys(arg: str, section: str, key: str, value: Any) -> tuple[str, str, Any]:
     """A text key's override as typed: YAML reads `--log.name=2024-01-01` as a date and `123`
-    as a number, which the key would refuse although the user typed a name."""
+    as a number, which the key would refuse although the user typed a name, and `exp #2` as
+    `exp` (a comment), `'a'` as `a`: another run folder than the one typed. A choice's value
+    as typed too, less surrounding spaces (none is part of a choice)."""
     obj = getattr(Config(), section, None)
-    if obj is not None and not isinstance(value, str) and dataclasses.is_dataclass(obj):
+    if obj is not None and dataclasses.is_dataclass(obj):
         tp = typing.get_type_hints(type(obj)).get(key)
-        # a choice too: `--log.progress=off` is YAML 1.1's False, refused as `got False`
-        if tp is str or (typing.get_origin(tp) is Literal
-                         and all(isinstance(a, str) for a in typing.get_args(tp))):
+        if tp is str:
             return section, key, arg.partition("=")[2]
+        if (typing.get_origin(tp) is Literal
+                and all(isinstance(a, str) for a in typing.get_args(tp))):
+            return section, key, arg.partition("=")[2].strip()
     return section, key, value
 
 

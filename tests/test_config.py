@@ -372,6 +372,11 @@ def test_a_text_key_override_is_taken_as_typed():
     cfg = load(None, ["--log.name=2024-01-01", "--log.dir=123", "--data.path=~"])
     assert (cfg.log.name, cfg.log.dir, cfg.data.path) == ("2024-01-01", "123", "~")
     assert load(None, ["--log.name=run 1"]).log.name == "run 1"
+    # YAML's reading of text changed the name: `exp #2` was `exp` (a comment), 'a' was a
+    for typed in ("exp #2", "'quoted'", "[a]", "a: b", "|"):
+        assert load(None, [f"--log.name={typed}"]).log.name == typed
+    assert load(None, ["--data.path=/data/set #1"]).data.path == "/data/set #1"
+    assert load(None, ["--log.progress= plain"]).log.progress == "plain"
 
 
 def test_a_yaml_boolean_word_given_to_a_choice_is_named_as_typed():
