@@ -134,6 +134,21 @@ def test_each_rank_draws_its_own_stochastic_depth_stream():
      "note: optim.betas=[0.9, 0.98], optim.eps=1e-08 have no effect with optim.name=sgd (read "
      "with optim.name=lamb only)"),
     (["--optim.name=lamb", "--optim.nesterov=false", "--optim.betas=[0.9, 0.98]"], None),
+    # so were a schedule's, a crop's or a feature's keys under another (or with it off)
+    (["--schedule.kind=constant", "--schedule.gamma=0.5"],
+     "note: schedule.gamma=0.5 has no effect with schedule.kind=constant (read with "
+     "schedule.kind=step only)"),
+    (["--data.max_res=32", "--data.end_ramp=3"], "note: data.max_res=32, data.end_ramp=3 have "
+     "no effect with data.min_res=0 (read with data.min_res > 0 only)"),
+    (["--aug.padding=8"], "note: aug.padding=8 has no effect with aug.train_crop=random_resized"),
+    (["--aug.mix_prob=0.5"], "note: aug.mix_prob=0.5 has no effect with no mixup or cutmix"),
+    (["--train.ema_decay=0.9"], "note: train.ema_decay=0.9 has no effect with train.ema=false"),
+    (["--optim.bce_target_thresh=0.2"], "note: optim.bce_target_thresh=0.2 has no effect with "
+     "optim.loss=ce"),
+    (["--optim.loss=bce", "--optim.bce_target_thresh=0.2", "--train.ema=true",
+      "--train.ema_decay=0.9", "--aug.mixup_alpha=0.2", "--aug.mix_prob=0.5",
+      "--schedule.kind=step", "--schedule.gamma=0.5", "--data.min_res=8", "--data.max_res=16",
+      "--data.end_ramp=3", "--aug.train_crop=pad_random", "--aug.padding=2"], None),
     ([], None)])
 def test_settings_that_run_otherwise_than_expected_get_a_note(overrides, said):
     cfg = load(QUICKSTART, overrides)

@@ -413,6 +413,7 @@ def _note_settings_without_effect(cfg: Config, device: torch.device, use_compile
     # Keys of one augmentation policy set under another: not refused (overriding an RSB
     # recipe's policy would then need its four randaug_* keys reset too), but said.
     aug, defaults = cfg.aug, type(cfg.aug)()
+    defaults_cfg = type(cfg)()
     policy_keys = {"randaugment": ("randaug_ops", "randaug_magnitude", "randaug_magnitude_std",
                                    "randaug_prob"),
                    "trivialaugment or randaugment": ("auto_augment_interpolation",)}
@@ -423,16 +424,41 @@ def _note_settings_without_effect(cfg: Config, device: torch.device, use_compile
             report.print(f"note: {', '.join(unread)} ha{'ve' if len(unread) > 1 else 's'} no "
                          f"effect with aug.auto_augment={aug.auto_augment} (read with "
                          f"aug.auto_augment={readers} only)")
-    # The same for one optimizer's keys under the other (`--optim.name=lamb` on an SGD recipe
-    # keeps its Nesterov momentum, which LAMB has no use for).
-    optim, optim_defaults = cfg.optim, type(cfg.optim)()
-    for reader, keys in {"sgd": ("momentum", "nesterov"), "lamb": ("betas", "eps")}.items():
-        unread = [f"optim.{k}={_yaml_text(getattr(optim, k))}" for k in keys
-                  if getattr(optim, k) != getattr(optim_defaults, k)]
-        if unread and optim.name != reader:
+    # The same for the keys of one optimizer, schedule, crop or feature under another (or
+    # off): `--optim.name=lamb` on an SGD recipe keeps its Nesterov momentum, which LAMB has no
+    # use for; `--schedule.kind=constant` keeps the step schedule's milestones.
+    o, sch, d, a, t = cfg.optim, cfg.schedule, cfg.data, cfg.aug, cfg.train
+    for keys, read, reader, setting in [
+            (("optim.momentum", "optim.nesterov"), o.name == "sgd", "optim.name=sgd",
+             f"optim.name={o.name}"),
+            (("optim.betas", "optim.eps"), o.name == "lamb", "optim.name=lamb",
+             f"optim.name={o.name}"),
+            (("optim.bce_target_thresh",), o.loss == "bce", "optim.loss=bce",
+             f"optim.loss={o.loss}"),
+            (("schedule.milestones", "schedule.gamma"), sch.kind == "step", "schedule.kind=step",
+             f"schedule.kind={sch.kind}"),
+            (("schedule.min_lr_factor", "schedule.cosine_span"), sch.kind == "cosine",
+             "schedule.kind=cosine", f"schedule.kind={sch.kind}"),
+            (("schedule.peak_epoch",), sch.kind == "triangular", "schedule.kind=triangular",
+             f"schedule.kind={sch.kind}"),
+            (("data.max_res", "data.start_ramp", "data.end_ramp"), d.min_res > 0,
+             "data.min_res > 0", "data.min_res=0"),
+            (("aug.padding",), a.train_crop == "pad_random", "aug.train_crop=pad_random",
+             f"aug.train_crop={a.train_crop}"),
+            (("aug.mix_prob",), a.mixup_alpha > 0 or a.cutmix_alpha > 0,
+             "aug.mixup_alpha or aug.cutmix_alpha > 0", "no mixup or cutmix"),
+            (("train.ema_decay", "train.ema_steps"), t.ema, "train.ema=true",
+             "train.ema=false")]:
+        unread = [f"{key}={_yaml_text(_value(cfg, key))}" for key in keys
+                  if _value(cfg, key) != _value(defaults_cfg, key)]
+        if unread and not read:
             report.print(f"note: {', '.join(unread)} ha{'ve' if len(unread) > 1 else 's'} no "
-                         f"effect with optim.name={optim.name} (read with optim.name={reader} "
-                         f"only)")
+                         f"effect with {setting} (read with {reader} only)")
+
+
+def _value(cfg: Config, key: str) -> Any:
+    section, _, name = key.partition(".")
+    return getattr(getattr(cfg, section), name)
 
 
 def _yaml_text(value: Any) -> str:
