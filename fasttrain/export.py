@@ -593,6 +593,13 @@ def load_exported(path: str | Path, fmt: str | None = None
         if "Weights only load failed" in str(e):
             raise ExportError(f"{path}: holds pickled objects that are not plain tensors "
                               f"(loading them could run code); refused") from None
+        import zipfile
+
+        if not zipfile.is_zipfile(path):  # torch said "istream reader failed: getting the ..."
+            kind = {"torchscript": "TorchScript", "export": "torch.export"}.get(fmt, fmt)
+            what = "an empty file" if path.stat().st_size == 0 else "not a zip archive"
+            raise ExportError(f"{path}: not a {kind} file ({what}; those files are zip "
+                              f"archives)") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"{path}: cannot load {fmt} file ({type(e).__name__}: {first})"
                           ) from None

@@ -457,8 +457,17 @@ def test_a_corrupted_exported_file_is_one_line(tmp_path):
     model, meta = small_model()
     ex.export_model(model, meta, "export", tmp_path / "net.pt2")
     (tmp_path / "text.pt2").write_text("not a zip")
-    with pytest.raises(ex.ExportError, match=r"text\.pt2: cannot load export file \(\w+"):
+    with pytest.raises(ex.ExportError, match=r"text\.pt2: not a torch.export file \(not a zip "
+                                             r"archive; those files are zip archives\)$"):
         ex.load_exported(tmp_path / "text.pt2")
+    # torch's words for these were "istream reader failed: getting the current position."
+    (tmp_path / "text.pt").write_text("hello\n")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(ex.ExportError, match=r"text\.pt: not a TorchScript file \(not a zip "):
+        ex.load_exported(tmp_path / "text.pt")
+    with pytest.raises(ex.ExportError, match=r"empty\.pt: not a TorchScript file \(an empty "
+                                             r"file; those files are zip archives\)$"):
+        ex.load_exported(tmp_path / "empty.pt")
     # a copy cut short: torch said "[Errno 22] Invalid argument" (torch.export) or "istream
     # reader failed: reading file." (TorchScript), depending on where the cut fell
     ex.export_model(model, meta, "torchscript", tmp_path / "net.pt")

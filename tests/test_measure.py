@@ -814,10 +814,15 @@ def test_cli_output_names_too_long_and_list_repeats_are_one_line_before_measurin
                       (["--batch-size", "1,1"], "argument --batch-size: 1 given twice in '1,1'"),
                       (["--width", "0.25,0.5,0.25"], "argument --width: 0.25 given twice"),
                       (["--model", "cifar_resnet20,cifar_resnet20"],
-                       "--model 'cifar_resnet20,cifar_resnet20': cifar_resnet20 given twice")):
+                       "--model 'cifar_resnet20,cifar_resnet20': cifar_resnet20 given twice"),
+                      # an "error" row (exit 1) after the sweep began; export had the bound
+                      (["--resolution", "1000000000"],
+                       "argument --resolution: expected an integer <= 8192, got 1000000000")):
+        given = {args[0]}
+        base = [a for i, a in enumerate(TINY) if a not in given
+                and (i == 0 or TINY[i - 1] not in given)]
         with contextlib.suppress(SystemExit):
-            assert benchmark_tool.main(TINY[2:] + args if args[0] == "--model" else
-                                       TINY + args) == 2
+            assert benchmark_tool.main(base + args) == 2
         assert capsys.readouterr().err.startswith(f"error: {why}")
 
 

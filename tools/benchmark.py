@@ -43,7 +43,7 @@ from pathlib import Path
 from fasttrain.cli import (ArgumentParser, check_cifar_only, check_output, int_at_least,
                            new_folders_removed_on_error, not_stdout, print_table, printable,
                            printable_paths, sigterm_as_interrupt, stdout_may_close, user_path)
-from fasttrain.config import MAX_WIDTH
+from fasttrain.config import MAX_RESOLUTION, MAX_WIDTH
 from fasttrain.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "compile-cudagraphs"],
                    default="eager")
     p.add_argument("--batch-size", type=_list_of(int), default=[1], help="e.g. 1,8,64")
-    p.add_argument("--resolution", type=_positive, default=None,
+    p.add_argument("--resolution", type=int_at_least(1, MAX_RESOLUTION), default=None,
                    help="input size (default: the model's: 224, CIFAR 32, checkpoint val_res)")
     p.add_argument("--threads", type=int_at_least(1, 4096), default=None,
                    help="CPU intra-op threads")
