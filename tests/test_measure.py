@@ -975,6 +975,12 @@ def test_outputs_are_checked_against_the_saved_record_before_measuring(tmp_path,
     assert benchmark_tool.main(argv) == 2
     err = capsys.readouterr().err
     assert err == f"error: {record}: not a list of result rows; move it away first\n", err
+    # a row without its status (edited by hand) failed the plot with a KeyError after saving
+    record.write_text('[{"model": "x", "status": "ok"}, {"model": "y"}]\n')
+    assert benchmark_tool.main(argv + ["--plot"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {record}: row 2 has no status ok / oom / error (edited by hand?); "
+                   f"fix or move it away first\n"), err
 
 
 def test_save_keeps_other_machines_rows_out_and_plots_the_whole_record(tmp_path, monkeypatch,

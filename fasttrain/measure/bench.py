@@ -444,6 +444,9 @@ def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
     return path
 
 
+STATUSES = ("ok", "oom", "error")  # of a row: measured, out of memory, failed otherwise
+
+
 def read_record(json_path: str | Path) -> list[dict[str, Any]]:
     """The rows saved in `json_path` ([] when it does not exist).
 
@@ -458,6 +461,12 @@ def read_record(json_path: str | Path) -> list[dict[str, Any]]:
                          f"away first") from None
     if not isinstance(old, list) or not all(isinstance(r, dict) for r in old):
         raise BenchError(f"{json_path}: not a list of result rows; move it away first")
+    # every row the tool writes has a status: one without (a hand edit) failed the plot with a
+    # KeyError after the new rows were saved
+    bad = next((i for i, r in enumerate(old, 1) if r.get("status") not in STATUSES), None)
+    if bad is not None:
+        raise BenchError(f"{json_path}: row {bad} has no status {' / '.join(STATUSES)} (edited "
+                         f"by hand?); fix or move it away first")
     return old
 
 
