@@ -384,7 +384,8 @@ def test_factory_rows_name_their_file_norm_act_and_input_channels(tmp_path, monk
 
 def _append_many(directory: str, tag: str) -> None:
     for i in range(60):
-        bench.append_results([{"kind": "latency", "tag": tag, "i": i}], directory, stem="rec")
+        row = {"kind": "latency", "status": "ok", "tag": tag, "i": i}
+        bench.append_results([row], directory, stem="rec")
 
 
 def test_two_benchmarks_saving_at_once_keep_every_row(tmp_path):
