@@ -251,13 +251,20 @@ def prune_to_macs(model: nn.Module, target_macs: int, resolution: int,
     while len(search) < max_evals and hi - lo > 1e-5:
         mid = (lo + hi) / 2
         macs = evaluate(mid)
-        if abs(macs / target_macs - 1) <= tolerance / 10:
+        if macs < source_macs and abs(macs / target_macs - 1) <= tolerance / 10:
             break
         if macs > target_macs:
             lo = mid
         else:
             hi = mid
-    ratio, macs = min(search, key=lambda rm: (abs(rm[1] / target_macs - 1), rm[0]))
+    # A ratio that prunes nothing is no result, though within the tolerance of a target near
+    # the source's MACs: it was written as a "pruned" checkpoint of the unchanged network.
+    pruning = [rm for rm in search if rm[1] < source_macs]
+    if not pruning:
+        raise PruneError(f"target {target_macs:,} MACs: no ratio within reach prunes a channel "
+                         f"of the model's {source_macs:,} (its groups are down to one channel, "
+                         f"or the target is within the tolerance of its MACs)")
+    ratio, macs = min(pruning, key=lambda rm: (abs(rm[1] / target_macs - 1), rm[0]))
     if abs(macs / target_macs - 1) > tolerance:
         raise PruneError(f"no pruning ratio lands within {tolerance * 100:.3g} % of "
                          f"{target_macs:,} MACs: the closest is {macs:,} "
