@@ -681,6 +681,12 @@ def test_a_run_cut_inside_an_epoch_is_compared_by_its_last_complete_one(tmp_path
     # a complete line without its newline is a line
     (run / "metrics.jsonl").write_text(json.dumps({"epoch": 3, "val_top1": 70.0}))
     assert point_from_run(run, []).top1 == 70.0
+    # a NaN (a hand edit: the trainer writes strict JSON) was a point, and the thin curve
+    for bad in ("NaN", "1e999", "-1", "101"):
+        (run / "metrics.jsonl").write_text('{"epoch": 3, "val_top1": %s}\n' % bad)
+        with pytest.raises(CompareError, match=r"metrics.jsonl:1: val_top1 must be a "
+                                               r"percentage in \[0, 100\], got "):
+            point_from_run(run, [])
 
 
 def test_runs_of_one_architecture_are_counted_once(tmp_path, monkeypatch):

@@ -133,6 +133,9 @@ def _last_metrics(run: Path, warnings: list[str] | None = None) -> dict[str, Any
         top1 = float(last["val_top1"])
     except (ValueError, KeyError, TypeError, AttributeError):
         raise CompareError(f"{path}:{number}: not a metrics line with val_top1") from None
+    if not 0 <= top1 <= 100:  # NaN too (a hand-edited line): it was plotted as the thin curve
+        raise CompareError(f"{path}:{number}: val_top1 must be a percentage in [0, 100], got "
+                           f"{top1}")
     return {**last, "val_top1": top1}
 
 
