@@ -243,6 +243,30 @@ def test_points_rows_are_added_for_compare_and_a_repeated_label_is_refused(run, 
     other.write_text("name,score\nx,1\n")
     code, _, err = _evaluate(capsys, "--checkpoint", ckpt, "--points", other)
     assert code == 2 and "not a points CSV" in err and other.read_text() == "name,score\nx,1\n"
+    # what compare refuses is refused here, not written: " ev" duplicated "ev" there, a label
+    # of two lines spanned lines, a header name with a space was no column
+    for label, why in ((" ev", "labelled 'ev' exists"),
+                       ("a\nb", "--label 'a\\nb': a label is one non-empty line")):
+        code, _, err = _evaluate(capsys, "--checkpoint", ckpt, "--points", points,
+                                 "--label", label)
+        assert code == 2 and why in err and points.read_bytes() == before, err
+    spaced = tmp_path / "spaced.csv"
+    spaced.write_text("label, top1,macs\nx,50,1000\n")
+    code, _, err = _evaluate(capsys, "--checkpoint", ckpt, "--points", spaced)
+    assert code == 2 and "not a points CSV" in err
+    # a file of the three required columns lost the row's kind, params and model; and a
+    # private file became world-readable
+    short = tmp_path / "short.csv"
+    short.write_text("label,top1,macs\nx,50,1000\n")
+    short.chmod(0o600)
+    code, _, err = _evaluate(capsys, "--checkpoint", ckpt, "--points", short, "--kind", "other")
+    assert code == 0, err
+    x, ev = points_from_csv(short)
+    assert (x.label, x.kind, x.params) == ("x", "other", None)
+    assert (ev.kind, ev.model, ev.params) == ("other", "cifar_resnet20", read[0].params)
+    assert short.read_text().splitlines()[0] == ("label,top1,macs,params,kind,model,width,"
+                                                 "resolution,note")
+    assert short.stat().st_mode & 0o777 == 0o600
 
 
 def test_evaluations_adding_to_one_points_file_at_once_keep_every_row(tmp_path, monkeypatch):

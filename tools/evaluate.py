@@ -330,7 +330,11 @@ def _check_points(args, path: str) -> str:
     label."""
     check_output(path, f"--points {path}",
                  inputs=_inputs(args))
-    label = args.label or _default_label(args)
+    # As compare reads it: stripped (" base" duplicated "base" there), one line (compare
+    # refuses a cell spanning lines).
+    label = (args.label or _default_label(args)).strip()
+    if not label or "\n" in label or "\r" in label:
+        raise UserError(f"--label {label!r}: a label is one non-empty line")
     header, labels = _read_points(Path(path))
     if header is not None:
         unknown = [c for c in header if c not in POINT_COLUMNS]
@@ -353,7 +357,8 @@ def _read_points(path: Path) -> tuple[list[str] | None, set[str]]:
         raise UserError(f"--points {path}: cannot read it as a UTF-8 CSV ({e})") from None
     if not rows:
         return None, set()
-    header = [c.strip() for c in rows[0]]
+    # names as compare reads them: " top1" is no column there
+    header = [c.removeprefix("\ufeff") for c in rows[0]]
     at = header.index("label") if "label" in header else None
     return header, {r[at].strip() for r in rows[1:] if at is not None and len(r) > at}
 
@@ -445,7 +450,17 @@ def _add_point(args, path: Path, row: dict[str, Any]) -> None:
             old += "\n"
     out = io.StringIO(newline="")
     writer = csv.writer(out, lineterminator="\n")
-    if not old:
+    missing = [c for c in POINT_COLUMNS if c not in header and row.get(c) not in (None, "")]
+    if old and missing:
+        # A file with fewer columns (label,top1,macs) lost the row's kind, params and
+        # baseline: the header is extended, the rows padded with empty cells (read as absent).
+        rows = list(csv.reader(io.StringIO(old, newline="")))
+        header = header + missing
+        writer.writerow(rows[0] + missing)
+        for r in rows[1:]:
+            writer.writerow(r + [""] * (len(header) - len(r)) if r else r)
+        old = ""
+    elif not old:
         writer.writerow(header)
     writer.writerow([row.get(c, "") for c in header])
     try:

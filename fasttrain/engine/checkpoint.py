@@ -6,6 +6,7 @@ import io
 import os
 import re
 import shutil
+import stat
 import sys
 import warnings
 from pathlib import Path
@@ -31,13 +32,18 @@ def unwrap(model: nn.Module) -> nn.Module:
 def write_atomic(path: Path, write: Callable[[IO], None], mode: str = "wb") -> None:
     """Call `write(f)` on a temporary file next to `path`, fsync it and rename it to `path`, then
     fsync the folder: a crash or a failed write (disk full, interrupted) at any point leaves
-    either the old file or the new one, never a torn file, and no temporary file."""
+    either the old file or the new one, never a torn file, and no temporary file. A file
+    replaced keeps its permissions (a private 0600 file became the umask's 0644)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, mode, **({} if "b" in mode else {"newline": ""})) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        try:
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
+        except FileNotFoundError:
+            pass
         os.replace(tmp, path)
     except BaseException:
         try:
