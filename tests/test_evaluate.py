@@ -376,6 +376,9 @@ def test_bad_arguments_exit_2_with_one_line(capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         evaluate_tool.main(["--file", "x.pt", "--weights", "ema"])
     assert e.value.code == 2 and "only a checkpoint holds EMA" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # it said "empty path"
+        evaluate_tool.main(["--checkpoint", "x.pt", "--points", "p.csv", "--label", " "])
+    assert capsys.readouterr().err == "error: argument --label: empty label\n"
     with pytest.raises(SystemExit) as e:
         evaluate_tool.main(["--file", "x.pt", "r.yaml", "stray"])
     assert e.value.code == 2

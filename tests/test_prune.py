@@ -518,6 +518,9 @@ def test_prune_tool_user_errors_exit_2_with_one_line(tmp_path, capsys):
              ([str(src), "--out", "x.pt", "--target-width", "25"],
               "--target-width 25 is not below the checkpoint's model.width 0.5"),
              ([str(src), "--out", "x.pt", "--target-width", "-1"], "finite number > 0"),
+             # it said "model: width 0.001 ...", naming no option
+             ([str(src), "--out", "x.pt", "--target-width", "0.001"],
+              "--target-width 0.001: width 0.001 leaves no channel of base 16"),
              ([str(src), "--out", "x.pt", "--target-width", "inf"], "finite number > 0"),
              ([str(src), "--out", "x.pt", "--tolerance", "nan", "--target-width", "0.25"],
               "a fraction > 0 and < 1"),

@@ -36,13 +36,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fasttrain.cli import (ArgumentParser, check_output, nonempty, not_stdout, printable_paths,
+from fasttrain.cli import (ArgumentParser, check_output, not_stdout, printable_paths,
                            same_file, sigterm_as_interrupt, stdout_may_close, user_path)
 from fasttrain.errors import UserError
 
 # compare's points CSV columns (fasttrain.compare.points.USER_COLUMNS), in a readable order
 POINT_COLUMNS = ("label", "top1", "macs", "params", "kind", "model", "width", "resolution",
                  "base_top1", "base_macs", "note")
+
+
+def _label(text: str) -> str:
+    """argparse type: a --points row label, not empty (an unset shell variable)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty label")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="OUT.json", type=user_path, help="write the result record")
     p.add_argument("--points", metavar="POINTS.csv", type=user_path,
                    help="add the result as a row of a tools/compare.py --points CSV")
-    p.add_argument("--label", type=nonempty,
+    p.add_argument("--label", type=_label,
                    help="the --points row's label (default: the run folder, file or factory)")
     p.add_argument("--kind", choices=("thin", "pruned", "other"),
                    help="the --points row's kind (default: thin for a ThinResNet, pruned for a "

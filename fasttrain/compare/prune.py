@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ..cli import check_output as check_writable
-from ..errors import UserError
+from ..errors import ConfigError, UserError
 from ..measure import count_macs, count_params, git_commit
 from ..measure.sources import first_line
 from ..models.resnet import ShortcutA, channels_of
@@ -389,7 +389,11 @@ def prune_checkpoint(path: str | Path, out: str | Path, *, target_macs: int | No
         if target_width >= mc["width"]:
             raise PruneError(f"--target-width {target_width:g} is not below the checkpoint's "
                              f"model.width {mc['width']:g}")
-        thinner = rebuild(None, target_width)
+        try:
+            thinner = rebuild(None, target_width)
+        except (ValueError, ConfigError) as e:  # "width 0.001 leaves no channel of base 16"
+            raise PruneError(f"--target-width {target_width:g}: {str(e).removeprefix('model: ')}"
+                             ) from None
         if mc.get("channels") is None and channels_of(thinner) == channels_of(model):
             raise PruneError(f"--target-width {target_width:g} builds the same channel counts "
                              f"as the checkpoint's model.width {mc['width']:g} (model."
