@@ -395,8 +395,8 @@ def _note_settings_without_effect(cfg: Config, device: torch.device, use_compile
                                   report: Reporter) -> None:
     """Notes for settings that run but not as a user would expect: a compile mode without
     compilation or without CUDA graphs to replay, fp16 on the CPU (torch's fp16 convolution
-    backward there is tens of times slower than fp32's), a policy's augmentation keys set
-    under another policy."""
+    backward there is tens of times slower than fp32's), the keys of one policy, optimizer,
+    schedule or crop set under another (or of a feature that is off)."""
     mode = cfg.train.compile_mode
     if mode != "default" and not use_compile:
         compile_ = "null" if cfg.train.compile is None else str(cfg.train.compile).lower()
@@ -410,25 +410,19 @@ def _note_settings_without_effect(cfg: Config, device: torch.device, use_compile
         report.print("note: train.precision=fp16 on the CPU is correct but slow: torch's fp16 "
                      "convolution backward there took 40-90x fp32's time (measured on an "
                      "Intel Xeon); bf16 or fp32 train at full speed")
-    # Keys of one augmentation policy set under another: not refused (overriding an RSB
-    # recipe's policy would then need its four randaug_* keys reset too), but said.
-    aug, defaults = cfg.aug, type(cfg.aug)()
+    # Keys of one mode set under another (or with the feature off): not refused (overriding an
+    # RSB recipe's policy would then need its four randaug_* keys reset too), but said.
+    # `--optim.name=lamb` on an SGD recipe keeps its Nesterov momentum, which LAMB has no use
+    # for; `--schedule.kind=constant` keeps the step schedule's milestones.
     defaults_cfg = type(cfg)()
-    policy_keys = {"randaugment": ("randaug_ops", "randaug_magnitude", "randaug_magnitude_std",
-                                   "randaug_prob"),
-                   "trivialaugment or randaugment": ("auto_augment_interpolation",)}
-    for readers, keys in policy_keys.items():
-        unread = [f"aug.{k}={getattr(aug, k)}" for k in keys
-                  if getattr(aug, k) != getattr(defaults, k)]
-        if unread and aug.auto_augment not in readers.split(" or "):
-            report.print(f"note: {', '.join(unread)} ha{'ve' if len(unread) > 1 else 's'} no "
-                         f"effect with aug.auto_augment={aug.auto_augment} (read with "
-                         f"aug.auto_augment={readers} only)")
-    # The same for the keys of one optimizer, schedule, crop or feature under another (or
-    # off): `--optim.name=lamb` on an SGD recipe keeps its Nesterov momentum, which LAMB has no
-    # use for; `--schedule.kind=constant` keeps the step schedule's milestones.
     o, sch, d, a, t = cfg.optim, cfg.schedule, cfg.data, cfg.aug, cfg.train
     for keys, read, reader, setting in [
+            (("aug.randaug_ops", "aug.randaug_magnitude", "aug.randaug_magnitude_std",
+              "aug.randaug_prob"), a.auto_augment == "randaugment",
+             "aug.auto_augment=randaugment", f"aug.auto_augment={a.auto_augment}"),
+            (("aug.auto_augment_interpolation",), a.auto_augment != "none",
+             "aug.auto_augment=trivialaugment or randaugment",
+             f"aug.auto_augment={a.auto_augment}"),
             (("optim.momentum", "optim.nesterov"), o.name == "sgd", "optim.name=sgd",
              f"optim.name={o.name}"),
             (("optim.betas", "optim.eps"), o.name == "lamb", "optim.name=lamb",
