@@ -39,6 +39,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 from fasttrain.cli import (ArgumentParser, check_cifar_only, check_output, int_at_least,
                            new_folders_removed_on_error, not_stdout, print_table, printable,
@@ -61,7 +62,7 @@ def _list_of(kind, most: float = math.inf):
         # `1,,2` ran as 1,2 and `1,1` measured the same rows twice (and --save kept both)
         if values and len(values) < len(items):
             raise argparse.ArgumentTypeError(f"an empty item in {text!r}")
-        twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        twice = _first_repeat(values)
         if twice is not None:
             raise argparse.ArgumentTypeError(f"{twice:g} given twice in {text!r}")
         if not values or not all(math.isfinite(v) and v > 0 for v in values):
@@ -71,6 +72,11 @@ def _list_of(kind, most: float = math.inf):
         return values
     parse.__name__ = f"list of {kind.__name__}"
     return parse
+
+
+def _first_repeat(items: list) -> Any:
+    """The first item of `items` that an earlier one equals; None when all differ."""
+    return next((v for i, v in enumerate(items) if v in items[:i]), None)
 
 
 _positive, _non_negative = int_at_least(1), int_at_least(0)
@@ -139,13 +145,13 @@ def _model_names(args) -> list[str]:
 
 def _check_sources(args) -> None:
     """Refuse an empty source and options the chosen source would ignore."""
-    if args.model is not None and not _model_names(args):
-        raise UserError(f"--model {args.model!r}: no model name given")
     if args.model is not None:
         names = [n.strip() for n in args.model.split(",")]
+        if not any(names):
+            raise UserError(f"--model {args.model!r}: no model name given")
         if "" in names:
             raise UserError(f"--model {args.model!r}: an empty name")
-        twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+        twice = _first_repeat(names)
         if twice is not None:
             raise UserError(f"--model {args.model!r}: {twice} given twice")
     for flag, value in (("--checkpoint", args.checkpoint), ("--file", args.file),

@@ -255,7 +255,7 @@ def factory_file(spec: str | None) -> str | None:
     mod_name = (spec or "").partition(":")[0]
     if not mod_name:
         return None
-    found, path = None, None
+    found = None
     with _current_directory_first():
         path = list(sys.path)
         for part in mod_name.split("."):
