@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Iterable, NoReturn, Sequence
 
 
 def fail(message: str) -> NoReturn:
@@ -38,6 +38,32 @@ def device(text: str):
             raise argparse.ArgumentTypeError(f"{text}: this machine has {count} CUDA device"
                                              f"{'s' * (count > 1)} (cuda:0-{count - 1})")
     return dev
+
+
+def items(option: str, text: str, known: Iterable[str] | None = None) -> list[str]:
+    """The items of a comma-separated list option, in order; an empty, repeated or (with
+    `known`) unknown item is refused as one line naming the option (exit 2)."""
+    names = text.split(",")
+    if "" in names:
+        fail(f"{option} {text!r}: an empty item (items are separated by single commas)")
+    repeated = [n for i, n in enumerate(names) if n in names[:i]]
+    if repeated:  # the same rows measured twice, under one name
+        fail(f"{option} {text!r}: {repeated[0]!r} is given twice")
+    if known is not None:
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            fail(f"{option}: unknown backend {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    return names
+
+
+def subset_suffix(chosen: Sequence, default: Sequence) -> str:
+    """The default result file's name suffix for a run of other rows than the default ones: ''
+    for the default set (in any order), else "-" and the chosen items joined by "+". So a run of
+    a few backends or widths never replaces the result file of the full run, which the README's
+    tables come from."""
+    if sorted(map(str, chosen)) == sorted(map(str, default)):
+        return ""
+    return "-" + "+".join(map(str, chosen))
 
 
 def check_out(out: Path | None, default: Path) -> Path:

@@ -29,8 +29,8 @@ up each width. The model section counts the activation bytes a whole thin_resnet
 for backward with native and with fused norm+ReLU layers.
 
 Writes benchmarks/results/bn_relu-<device>-<dtype>-<layout>-b<batch>.json (device: h100, cpu2t
-for 2 CPU threads, ...) with the conditions (device, driver, torch, CUDA, commit, date, settings,
-CPU load) and prints a table. Timing is never asserted. Ctrl-C or SIGTERM (a time limit) writes
+for 2 CPU threads, ...; other widths than 1.0 and 0.5 add theirs, `-w0.25`) with the
+conditions (device, driver, torch, CUDA, commit, date, settings, CPU load) and prints a table. Timing is never asserted. Ctrl-C or SIGTERM (a time limit) writes
 the rows measured so far ("interrupted": true, the summary of complete widths only), exit 130.
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _args import check_out, device as device_arg, fail, write_json  # noqa: E402
+from _args import check_out, device as device_arg, fail, subset_suffix, write_json  # noqa: E402
 from fasttrain.cli import (ArgumentParser, finite_float, int_at_least,  # noqa: E402
                            sigterm_as_interrupt)
 from fasttrain.config import MAX_WIDTH  # noqa: E402
@@ -341,12 +341,17 @@ def print_table(rows, summary, model_saved) -> None:
               f"{d['fused'] / 2**20:.1f} MB")
 
 
+DEFAULT_WIDTHS = [1.0, 0.5]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", type=device_arg,
                    default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
     p.add_argument("--batch", type=_positive, default=None, help="default: 256 on CUDA, 8 on CPU")
-    p.add_argument("--widths", type=_width, nargs="+", default=[1.0, 0.5])
+    p.add_argument("--widths", type=_width, nargs="+", default=DEFAULT_WIDTHS,
+                   help="default: 1.0 0.5; other widths are written to a result file named "
+                   "after them")
     p.add_argument("--dtype", choices=DTYPES, default="bf16")
     p.add_argument("--layout", choices=["nhwc", "nchw"], default="nhwc")
     p.add_argument("--warmup", type=_non_negative, default=None,
@@ -378,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     dynamic = args.compile_dynamic == "yes" or (args.compile_dynamic == "auto" and not cuda)
     args.compile_dynamic = "dynamic" if dynamic else "static"
     model_batch = args.batch if args.model_batch is None else args.model_batch
+    twice = [w for i, w in enumerate(args.widths) if w in args.widths[:i]]
+    if twice:  # the same shapes timed twice, one summary row per width
+        fail(f"--widths: {twice[0]:g} is given twice")
     shapes = {}
     for width in args.widths:  # on the meta device: instant, and refuses a width before timing
         try:
@@ -388,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     tag = device_tag(device) + (f"{threads}t" if device.type == "cpu" else "")
     out = check_out(args.out, ROOT / "benchmarks" / "results" /
                     f"bn_relu-{tag}-{args.dtype}-{args.layout}-b{args.batch}"
-                    f"{'-launched' if cuda and args.timing == 'launched' else ''}.json")
+                    f"{'-launched' if cuda and args.timing == 'launched' else ''}"
+                    f"{subset_suffix([f'w{w:g}' for w in args.widths], ['w1', 'w0.5'])}.json")
     if args.threads:
         torch.set_num_threads(args.threads)
     if not _ext.supports(device):

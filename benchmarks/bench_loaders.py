@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _args import check_out, fail, write_json  # noqa: E402
+from _args import check_out, fail, items, subset_suffix, write_json  # noqa: E402
 from fasttrain.cli import ArgumentParser, int_at_least  # noqa: E402
 from fasttrain.config import Config, load  # noqa: E402
 from fasttrain.data import build_loaders, jpeg, resize  # noqa: E402
@@ -72,6 +72,8 @@ FFCV_STORAGE = {
 }
 BACKENDS = ("decode", "decode-libjpeg", "pil", "torch", "torch-ops", "torch-whole", "dali",
             "dali-ops", *FFCV_STORAGE, *(f"{n}-whole" for n in FFCV_STORAGE))
+DEFAULT_BACKENDS = ("decode,decode-libjpeg,pil,torch,torch-ops,torch-whole,dali,dali-ops,"
+                    "ffcv-jpeg512,ffcv-jpeg512-whole,ffcv-rn18")
 _positive = int_at_least(1)
 
 
@@ -225,14 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=_positive, default=2, help="timed epochs after one warm-up")
     p.add_argument("--rounds", type=_positive, default=3,
                    help="measure every backend this many times, in turn (median reported)")
-    p.add_argument("--backends", default="decode,decode-libjpeg,pil,torch,torch-ops,torch-whole,"
-                   "dali,dali-ops,ffcv-jpeg512,ffcv-jpeg512-whole,ffcv-rn18")
+    p.add_argument("--backends", default=DEFAULT_BACKENDS,
+                   help="default: %(default)s; another set is written to a result file named "
+                   "after it")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    names = args.backends.split(",")
-    unknown = [n for n in names if n not in BACKENDS]
-    if unknown:
-        fail(f"--backends: unknown backend {unknown[0]!r} (known: {', '.join(sorted(BACKENDS))})")
+    names = items("--backends", args.backends, BACKENDS)
     # Without the region decoder these backends silently decode whole images: their rows would
     # time what "torch-whole" (or the torchvision decode) times under another name.
     from fasttrain.data import jpeg
@@ -244,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
              f"(FASTTRAIN_JPEG=1) or leave these backends out")
     if args.images < args.batch_size:  # the loaders drop the last partial batch: no batch at all
         fail(f"--images {args.images}: fewer than one batch (--batch-size {args.batch_size})")
-    out = check_out(args.out, ROOT / "benchmarks" / "results" / f"loaders-cpu-{args.workers}w.json")
+    out = check_out(args.out, ROOT / "benchmarks" / "results" / f"loaders-cpu-{args.workers}w"
+                    f"{subset_suffix(names, DEFAULT_BACKENDS.split(','))}.json")
     torch.set_num_threads(args.workers)
 
     root = make_bench_set(default_root(f"bench_jpeg-{args.images}"), args.images)

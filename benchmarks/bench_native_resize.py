@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _args import check_out, fail, write_json  # noqa: E402
+from _args import check_out, fail, items, subset_suffix, write_json  # noqa: E402
 from bench_loaders import backend_cfg, make_bench_set, native_resize, train_loader  # noqa: E402
 from fasttrain.cli import ArgumentParser, int_at_least  # noqa: E402
 from fasttrain.data import build_loaders, resize  # noqa: E402
@@ -103,7 +103,9 @@ def in_process_cpu_us(root: Path, rounds: int) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backends", default="torch,dali")
+    p.add_argument("--backends", default="torch,dali",
+                   help="default: %(default)s; another set is written to a result file named "
+                   "after it")
     p.add_argument("--workers", type=int_at_least(1), default=usable_cores(),
                    help="loader workers and threads (default: every core it may use)")
     # One batch at least: the loaders drop a partial batch, the in-process timing splits whole
@@ -114,12 +116,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="A/B pairs of epochs per backend")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    names = args.backends.split(",")
-    unknown = [n for n in names if n not in ("torch", "dali")]
-    if unknown:
-        fail(f"--backends: unknown backend {unknown[0]!r} (torch, dali)")
-    out = check_out(args.out, ROOT / "benchmarks" / "results"
-                    / f"native-resize-cpu-{args.workers}w.json")
+    names = items("--backends", args.backends, ("torch", "dali"))
+    out = check_out(args.out, ROOT / "benchmarks" / "results" / f"native-resize-cpu-"
+                    f"{args.workers}w{subset_suffix(names, ['torch', 'dali'])}.json")
     if not resize.AVAILABLE:
         fail(f"fasttrain's resize function is not built: {resize.LOAD_ERROR}")
     torch.set_num_threads(args.workers)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Time the README's quickstart command end to end and record what it reached.
 
-    bash tools/env.sh python benchmarks/bench_quickstart.py --repeats 3 --backends torch,resident
+    bash tools/env.sh python benchmarks/bench_quickstart.py --repeats 2
 
 Runs `torchrun --nproc_per_node=1 tools/train.py recipes/quickstart.yaml --data.backend=B` (set-up
 already done, digits already cached) `--repeats` times per data backend, the backends taking turns
@@ -9,7 +9,8 @@ already done, digits already cached) `--repeats` times per data backend, the bac
 per run: whole-command wall time (process start to exit, torch import and
 torchrun included), the training time the run reports (training + validation epochs), the final
 and best validation top-1 and the first epoch reaching the 98.5 % target. Writes
-`benchmarks/results/quickstart-cpu-<cores>c.json` (the cores it may run on) with the conditions
+`benchmarks/results/quickstart-cpu-<cores>c.json` (the cores it may run on; a run of other
+backends than the four defaults adds their names, `-torch+resident`) with the conditions
 (CPU model, cores, torch, commit, date) and prints a table.
 """
 from __future__ import annotations
@@ -29,10 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _args import check_out, fail, write_json  # noqa: E402
+from _args import check_out, fail, items, subset_suffix, write_json  # noqa: E402
 from fasttrain.cli import ArgumentParser, int_at_least  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "quickstart.yaml"
+DEFAULT_BACKENDS = "torch,resident,dali,ffcv"
 TARGET_TOP1 = 98.5
 
 
@@ -72,13 +74,15 @@ def run_once(log_dir: Path, backend: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int_at_least(1), default=3)
-    p.add_argument("--backends", default="torch,resident", help="data backends to compare")
+    p.add_argument("--backends", default=DEFAULT_BACKENDS,
+                   help="data backends to compare (default: %(default)s; another set is written "
+                   "to a result file named after it)")
     p.add_argument("--out", type=Path, default=None, help="result JSON (default: by conditions)")
     args = p.parse_args(argv)
     from fasttrain.config import load
     from fasttrain.errors import ConfigError
 
-    backends = args.backends.split(",")
+    backends = items("--backends", args.backends)
     for backend in backends:  # the recipe as train.py will load it, before torchrun starts
         try:
             load(RECIPE, [f"--data.backend={backend}"])
@@ -88,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from fasttrain.measure.env import cpu_name, git_commit, usable_cores
     cores = usable_cores()
-    out = check_out(args.out, ROOT / "benchmarks" / "results" / f"quickstart-cpu-{cores}c.json")
+    out = check_out(args.out, ROOT / "benchmarks" / "results" / f"quickstart-cpu-{cores}c"
+                    f"{subset_suffix(backends, DEFAULT_BACKENDS.split(','))}.json")
 
     from fasttrain.data import build_digits
     from fasttrain.data.datasets import default_root

@@ -128,6 +128,13 @@ CASES = [
     case("bench_quickstart", ["--backends", "bogus"], ["--backends", "bogus"]),
     case("bench_quickstart", ["--backends", ""], ["--backends", "''"]),
     case("bench_quickstart", ["--backends", "torch,"], ["--backends", "'torch,'"]),
+    # the same rows twice under one name (a result file with duplicate backends or widths)
+    case("bench_loaders", ["--backends", "torch,pil,torch"], ["--backends", "'torch' is given "
+                                                               "twice"]),
+    case("bench_loaders", ["--backends", "torch,,pil"], ["--backends", "empty item"]),
+    case("bench_native_resize", ["--backends", "dali,dali"], ["--backends", "'dali' is given"]),
+    case("bench_quickstart", ["--backends", "torch,torch"], ["--backends", "'torch' is given"]),
+    case("bench_bn_relu", ["--widths", "0.5", "1", "0.50"], ["--widths", "0.5 is given twice"]),
 ]
 
 
@@ -139,6 +146,43 @@ def test_bad_argument_is_one_line_before_any_work(bench, tmp_path, capsys, scrip
     assert_refused(module, [*argv, *extra], capsys, *named)
     assert not data.exists() or not any(data.iterdir())
     assert not (tmp_path / "results").exists()  # refused before the result folder is made
+
+
+@pytest.mark.parametrize("script, argv, name", [
+    ("bench_loaders", ["--workers", "2"], "loaders-cpu-2w.json"),
+    ("bench_loaders", ["--workers", "2", "--backends", "torch,pil"],
+     "loaders-cpu-2w-torch+pil.json"),
+    ("bench_native_resize", ["--workers", "2", "--backends", "dali,torch"],
+     "native-resize-cpu-2w.json"),
+    ("bench_native_resize", ["--workers", "2", "--backends", "dali"],
+     "native-resize-cpu-2w-dali.json"),
+    ("bench_quickstart", [], "quickstart-cpu-{cores}c.json"),
+    ("bench_quickstart", ["--backends", "ffcv,dali,resident,torch"],
+     "quickstart-cpu-{cores}c.json"),
+    ("bench_quickstart", ["--backends", "resident"], "quickstart-cpu-{cores}c-resident.json"),
+    ("bench_bn_relu", ["--device", "cpu", "--threads", "1", "--batch", "8"],
+     "bn_relu-cpu1t-bf16-nhwc-b8.json"),
+    ("bench_bn_relu", ["--device", "cpu", "--threads", "1", "--batch", "8", "--widths", "0.5"],
+     "bn_relu-cpu1t-bf16-nhwc-b8-w0.5.json"),
+])
+def test_a_run_of_some_rows_never_takes_the_full_runs_default_file(bench, monkeypatch, script,
+                                                                   argv, name):
+    """`--backends torch` (or `--widths 0.5`) without --out replaced the committed result file
+    of the full run, which the README's tables come from, with a one-row file."""
+    from fasttrain.measure.env import usable_cores
+
+    module, _ = bench(script)
+    chosen = []
+
+    def record(out, default):
+        chosen.append(default)
+        raise Measured("check_out reached")
+
+    monkeypatch.setattr(module, "check_out", record)
+    with pytest.raises(Measured):
+        module.main(argv)
+    assert chosen[0].name == name.format(cores=usable_cores())
+    assert chosen[0].parent == ROOT / "benchmarks" / "results"
 
 
 def test_loaders_needing_the_region_decoder_are_refused_without_it(bench, tmp_path, capsys,
