@@ -30,8 +30,9 @@ for backward with native and with fused norm+ReLU layers.
 
 Writes benchmarks/results/bn_relu-<device>-<dtype>-<layout>-b<batch>.json (device: h100, cpu2t
 for 2 CPU threads, ...; other widths than 1.0 and 0.5 add theirs, `-w0.25`) with the
-conditions (device, driver, torch, CUDA, commit, date, settings, CPU load) and prints a table. Timing is never asserted. Ctrl-C or SIGTERM (a time limit) writes
-the rows measured so far ("interrupted": true, the summary of complete widths only), exit 130.
+conditions (device, driver, torch, CUDA, commit, date, settings, CPU load) and prints a table.
+Timing is never asserted. Ctrl-C or SIGTERM (a time limit) writes the rows measured so far
+("interrupted": true, the summary of complete widths only), exit 130.
 """
 from __future__ import annotations
 
