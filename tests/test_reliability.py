@@ -542,6 +542,32 @@ def test_hidden_folders_taken_as_classes_are_reported_and_noted(tmp_path):
     assert printed == []
 
 
+def test_images_outside_every_class_folder_are_reported_and_noted(run_tool, tmp_path):
+    """Images left directly in val/ of a half-sorted set were dropped silently: check_data
+    called the set clean and the run validated on half the images it was given."""
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(root / split / cls / "1.jpg")
+    for name in ("b2.jpg", "b3.png"):
+        Image.new("RGB", (8, 8)).save(root / "val" / name)
+    (root / "val" / "notes.txt").write_text("not an image\n")
+    report = scan(root, workers=1)
+    why = "image outside every class folder: the loaders never read it (move it into its class " \
+          "folder)"
+    assert report.problems == [(str(root / "val" / "b2.jpg"), why),
+                               (str(root / "val" / "b3.png"), why)]
+    result = run_tool("train.py", str(QUICKSTART), "--dry-run", "--data.dataset=imagefolder",
+                      f"--data.path={root}", "--data.backend=torch", "--data.batch_size=2",
+                      "--data.val_batch_size=2", "--data.num_workers=0", f"--log.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    assert (f"note: 2 images directly in {root / 'val'}, outside every class folder, not read: "
+            f"b2.jpg, b3.png (move them into their class folders; tools/check_data.py lists "
+            f"them)") in result.stdout + result.stderr
+    assert "directly in " + str(root / "train") not in result.stdout + result.stderr
+
+
 def test_crafted_checkpoint_is_refused_by_the_cli(run_tool, tmp_path):
     marker = tmp_path / "pwned"
     evil = write_code_running_checkpoint(tmp_path / "evil.pt", marker)

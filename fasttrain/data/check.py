@@ -12,7 +12,7 @@ from torchvision.datasets.folder import find_classes
 from ..config import MAX_WORKERS
 from ..errors import DatasetError, UserError
 from ..measure.env import usable_cores
-from .datasets import folder_files, read_image
+from .datasets import folder_files, loose_images, read_image
 
 
 @dataclass
@@ -42,7 +42,8 @@ def scan(root: Path, workers: int = 0, progress: Callable[[int, int], None] | No
          ) -> ScanReport:
     """Decode every image under `root` (ImageFolder layout, with or without train/ and val/)
     in `workers` processes (0 = one per core) and report unreadable files (broken symbolic
-    links included), empty class folders, files that are not images, the class counts, and
+    links included), empty class folders, images outside every class folder, hidden folders
+    taken as classes, files that are not images, the class counts, and
     what training refuses at start: a missing train/ or val/ beside the other, validation
     classes that train/ lacks.
     The files are the ones the loaders list (`datasets.folder_files`: symbolic links to
@@ -69,6 +70,10 @@ def scan(root: Path, workers: int = 0, progress: Callable[[int, int], None] | No
             continue
         except OSError as e:
             raise DatasetError(f"{split}: cannot list the folder ({e.strerror})") from None
+        # a half-sorted split: these images are silently left out of training
+        report.problems += [(path, "image outside every class folder: the loaders never read "
+                             "it (move it into its class folder)")
+                            for path in loose_images(split)]
         images, others = folder_files(split, class_to_idx)
         files += [path for path, _ in images]
         report.ignored += others

@@ -172,6 +172,18 @@ def folder_files(root: Path, class_to_idx: dict[str, int]
     return images, others
 
 
+def loose_images(split: Path) -> list[str]:
+    """Image files (an `IMG_EXTENSIONS` extension) directly in `split`, outside every class
+    folder, sorted: torchvision's ImageFolder, and so every loader, never reads them. [] when
+    `split` cannot be listed."""
+    try:
+        with os.scandir(split) as entries:
+            return sorted(e.path for e in entries
+                          if not e.is_dir() and has_file_allowed_extension(e.name, IMG_EXTENSIONS))
+    except OSError:
+        return []
+
+
 def read_encoded(path: str) -> bytes:
     """The bytes of the regular file at `path` (symbolic links followed).
 

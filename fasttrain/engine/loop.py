@@ -29,6 +29,7 @@ from ..errors import (CheckpointError, ConfigError, DatasetError, RunError, Shar
                       TrainingError, UnsharedCheckpointError, UserError, first_problem)
 from ..data import build_loaders, sample_seed
 from ..data.transforms import progressive_resolution
+from ..data.datasets import loose_images
 from ..data.loader import DeviceLoader
 from ..measure import count_macs, count_params, git_commit
 from ..measure.env import usable_cores
@@ -391,6 +392,20 @@ def _note_hidden_class_folders(classes: list[str], root: Path, report: Reporter)
                      f"not meant as a class (tools/check_data.py lists them)")
 
 
+def _note_loose_images(root: Path, report: Reporter) -> None:
+    """A note for images directly in `root`/train or `root`/val, outside every class folder: no
+    loader reads them, so a half-sorted split trains or validates on fewer images than it
+    holds, which the image counts alone do not show."""
+    for split in ("train", "val"):
+        loose = loose_images(root / split)
+        if loose:
+            names = ", ".join(Path(p).name for p in loose[:3])
+            report.print(f"note: {len(loose)} image{'s' * (len(loose) > 1)} directly in "
+                         f"{root / split}, outside every class folder, not read: {names}"
+                         f"{', ...' if len(loose) > 3 else ''} (move them into their class "
+                         f"folders; tools/check_data.py lists them)")
+
+
 def _note_settings_without_effect(cfg: Config, device: torch.device, use_compile: bool,
                                   report: Reporter) -> None:
     """Notes for settings that run but not as a user would expect: a compile mode without
@@ -746,6 +761,8 @@ def _train(cfg: Config, dist: distributed.DistInfo, report: Reporter, recipe: st
     _note_single_image_batch_norm(cfg, dist.world_size, report)
     _note_settings_without_effect(cfg, device, use_compile, report)
     _note_hidden_class_folders(loaders.classes, loaders.root, report)
+    if cfg.data.dataset == "imagefolder":
+        _note_loose_images(loaders.root, report)
     if cfg.model.num_classes == 0:
         cfg.model.num_classes = loaders.num_classes
     elif cfg.model.num_classes < loaders.num_classes:
