@@ -1011,6 +1011,22 @@ def test_a_corrupt_header_or_image_size_is_one_line_not_a_huge_allocation(tmp_pa
         build_loaders(cfg.data, cfg.aug)
 
 
+@pytest.mark.parametrize("text, shown", [("{not json", "unreadable sidecar (Expecting"),
+                                         ("[]", "unreadable sidecar (not a JSON object but "
+                                                "list [])"),
+                                         ("7", "unreadable sidecar (not a JSON object but int 7)")])
+def test_a_sidecar_that_is_not_a_json_object_is_one_line(tmp_path, cifar, text, shown):
+    """Valid JSON that is not an object (`[]`) was an AttributeError traceback."""
+    folder = _copy_pair(tmp_path / "ffcv", cifar / "ffcv", cifar / "ffcv")
+    (folder / "train.beton.json").write_text(text)
+    cfg = _cifar_cfg(cifar, f"--data.ffcv_dir={folder}")
+    with pytest.raises(DatasetError) as e:
+        build_loaders(cfg.data, cfg.aug)
+    assert str(e.value).startswith(f"{folder / 'train.beton.json'}: {shown}"), str(e.value)
+    assert "; rewrite it with: python tools/write_ffcv.py" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
 def test_quasi_random_with_two_ranks_is_a_config_error(cifar):
     cfg = _cifar_cfg(cifar, "--data.ffcv_order=quasi_random")
     with pytest.raises(ConfigError, match="quasi_random does not work with 2 ranks"):

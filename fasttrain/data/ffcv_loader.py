@@ -953,6 +953,10 @@ def read_beton(ff: SimpleNamespace, path: Path, data: DataConfig) -> BetonInfo:
             sidecar = json.loads(side.read_text())
         except (OSError, ValueError) as e:
             raise DatasetError(f"{side}: unreadable sidecar ({e}); {rewrite}") from None
+        if not isinstance(sidecar, dict):  # valid JSON all the same: `[]`, a number
+            raise DatasetError(f"{side}: unreadable sidecar (not a JSON object but "
+                               f"{type(sidecar).__name__} {json.dumps(sidecar)[:40]}); "
+                               f"{rewrite}")
         if sidecar.get("images") != len(labels):  # a stale sidecar of an earlier file
             sidecar = {}
     info = BetonInfo(path, labels, np.asarray(image["height"]), np.asarray(image["width"]),
