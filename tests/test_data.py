@@ -488,6 +488,11 @@ def _cifar_meta(names) -> bytes:
      "data_batch_3: data has shape (1, 32, 32, 3), not (images, 3072)"),
     ("data_batch_3", {"data": np.zeros((2, 1536), np.uint8), "labels": [0]},
      "data_batch_3: data has shape (2, 1536), not (images, 3072)"),
+    # Cast without a word: floats in [0, 1] became pixels of 0 and 1, wider ints wrapped.
+    ("data_batch_3", {"data": np.full((1, 3072), 0.5, np.float32), "labels": [0]},
+     "data_batch_3: data has dtype float32, not uint8 (bytes 0-255)"),
+    ("data_batch_3", {"data": np.full((1, 3072), 300, np.int64), "labels": [0]},
+     "data_batch_3: data has dtype int64, not uint8 (bytes 0-255)"),
     # A broken meta file was an UnpicklingError or KeyError traceback.
     ("batches.meta", b"not a pickle", "batches.meta: not a CIFAR-10 meta file ("),
     ("batches.meta", pickle.dumps({"names": ["a"]}),
@@ -498,7 +503,8 @@ def _cifar_meta(names) -> bytes:
     # A missing file was "not a CIFAR-10 batch file ([Errno 2] No such file or directory...)".
     ("data_batch_4", None,
      "data_batch_4: missing (CIFAR-10 has data_batch_1 to data_batch_5 and test_batch)"),
-], ids=["label-10", "label-minus-1", "3-class-names", "4-d-data", "short-rows", "meta-garbage",
+], ids=["label-10", "label-minus-1", "3-class-names", "4-d-data", "short-rows", "float-data",
+        "int64-data", "meta-garbage",
         "meta-no-names", "meta-names-a-string", "meta-no-classes", "missing-batch"])
 def test_a_malformed_cifar10_folder_is_one_error_naming_the_file(tmp_path, file, content,
                                                                  message):

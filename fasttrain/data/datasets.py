@@ -581,7 +581,7 @@ def _read_cifar_batch(path: Path, classes: Sequence[str]) -> tuple[np.ndarray, l
     try:
         with open(path, "rb") as f:
             entry = _ArrayUnpickler(f, encoding="latin1").load()
-        data = np.asarray(entry["data"], dtype=np.uint8)
+        data = np.asarray(entry["data"])
         labels = [int(v) for v in entry.get("labels", entry.get("fine_labels"))]
     except (OSError, pickle.UnpicklingError, KeyError, TypeError, ValueError, EOFError) as e:
         raise DatasetError(f"{path}: not a CIFAR-10 batch file ({e})") from None
@@ -589,6 +589,10 @@ def _read_cifar_batch(path: Path, classes: Sequence[str]) -> tuple[np.ndarray, l
     # images silently scrambled.
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise DatasetError(f"{path}: data has shape {tuple(data.shape)}, not (images, 3072)")
+    # A cast would keep the shape but not the pixels: floats in [0, 1] become 0 and 1, wider
+    # ints wrap around.
+    if data.dtype != np.uint8:
+        raise DatasetError(f"{path}: data has dtype {data.dtype}, not uint8 (bytes 0-255)")
     if len(labels) != len(data):
         raise DatasetError(f"{path}: {len(data)} images but {len(labels)} labels")
     # An out-of-range label would fail the loss with an IndexError mid-training.
