@@ -249,7 +249,10 @@ def model_from_checkpoint(path: str | Path, norm_act: str | None = None,
         meta["checkpoint_epoch_step"] = train_state["epoch_step"]
     meta["weights"] = weights
     classes = state.get("classes")  # label order of the training data (absent in old files)
-    if isinstance(classes, list) and len(classes) == mc["num_classes"] and \
+    # A model may have more outputs than its data had classes (model.num_classes set above the
+    # data's): the names are those of its first outputs, and without them an evaluation of the
+    # file could not tell its label order from the folders' (it warned of misnumbered labels).
+    if isinstance(classes, list) and 0 < len(classes) <= mc["num_classes"] and \
             all(isinstance(c, str) for c in classes):
         meta["classes"] = classes
     if resize:

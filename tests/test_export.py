@@ -661,6 +661,18 @@ def _checkpoint_with_ema(tmp_path) -> tuple[Path, dict, dict]:
     return path, state["model"], averaged.state_dict()
 
 
+@pytest.mark.parametrize("names, kept", [(5, True), (7, True), (8, False), (0, False)])
+def test_class_names_travel_when_the_model_has_at_least_as_many_outputs(tmp_path, names, kept):
+    """A run with model.num_classes above its data's classes stores the data's names; the
+    export dropped them, and evaluating the file then warned of misnumbered labels."""
+    path = _checkpoint(tmp_path)  # 7 outputs
+    state = torch.load(path, weights_only=True)
+    state["classes"] = [f"class{i}" for i in range(names)]
+    torch.save(state, path)
+    _, meta = ex.model_from_checkpoint(path)
+    assert meta.get("classes") == (state["classes"] if kept else None)
+
+
 def test_the_ema_weights_of_a_checkpoint_are_a_choice_everywhere(tmp_path, capsys):
     path, model_state, ema_state = _checkpoint_with_ema(tmp_path)
     model, meta = ex.model_from_checkpoint(path)
