@@ -528,6 +528,8 @@ def test_literature_benchmark_plots_and_table(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--benchmark", "resnet18-imagenet"], "unknown benchmark 'resnet18-imagenet'"),
     (["--runs", "/no/such/run"], "/no/such/run: run directory not found"),
+    # an existing checkpoint given for its run was "run directory not found"
+    (["--runs", __file__], f"{__file__}: a file, not a run directory (give the folder"),
     ([], "nothing to compare"),
     (["--benchmark", "resnet56-cifar10", "--tolerance", "2"], "fraction in [0, 1)"),
     (["--benchmark", "resnet56-cifar10", "--latency", "/no/lat.json"], "cannot read latency"),

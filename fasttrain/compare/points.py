@@ -286,6 +286,9 @@ def point_from_run(run_dir: str | Path, warnings: list[str] | None = None) -> Po
     warnings = [] if warnings is None else warnings
     run = Path(run_dir)
     if not run.is_dir():
+        if run.exists():  # a checkpoint given for its run: the run is the folder above it
+            raise CompareError(f"{run}: a file, not a run directory (give the folder that "
+                               f"holds config.yaml and metrics.jsonl)")
         raise CompareError(f"{run}: run directory not found")
     if not (run / "config.yaml").is_file():
         raise CompareError(f"{run}: no config.yaml (not a fasttrain run directory)")
