@@ -270,6 +270,22 @@ def test_user_points_csv(tmp_path):
     assert c.kind == OTHER and c.source == f"{path}:5"  # file lines, blank line counted
 
 
+def test_points_at_several_resolutions_without_a_benchmark_get_a_warning(tmp_path):
+    """Without --benchmark, a 48 px point and 32 px runs shared one MAC axis and one thin curve
+    without a word (check_benchmark_fit covers only comparisons with a benchmark)."""
+    path = tmp_path / "mine.csv"
+    path.write_text("label,kind,top1,macs,resolution\n"
+                    "a,other,70,1e6,32\nb,other,75,2e6,32\nc,other,76,4e6,32\n"
+                    "d,pruned,72,2e6,48\ne,other,71,3e6,\n")
+    c = report.build_comparison(points_csv=[path])
+    assert c.warnings == ["points at several resolutions (32 px: a, b, ...; 48 px: d): their "
+                          "top-1 and MACs are set against each other on one axis"]
+    same = tmp_path / "same.csv"
+    same.write_text("label,kind,top1,macs,resolution\na,other,70,1e6,32\nd,pruned,72,2e6,32\n"
+                    "e,other,71,3e6,\n")
+    assert report.build_comparison(points_csv=[same]).warnings == []
+
+
 def test_points_and_latency_options_repeat_and_refuse_one_file_twice(tmp_path, capsys):
     """`--points a.csv --points b.csv` compared b.csv alone (argparse kept the last list), and
     one file given twice was each of its points twice."""

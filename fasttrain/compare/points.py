@@ -514,6 +514,26 @@ def check_benchmark_fit(points: list[Point], bench: Benchmark) -> list[str]:
             for p in points if p.resolution is not None and p.resolution != bench.resolution]
 
 
+def check_common_conditions(points: list[Point]) -> list[str]:
+    """Warnings for a comparison without a benchmark whose points (those that say) were taken at
+    several input resolutions or on several data sets: MACs grow with the input's area and
+    top-1 depends on both, so one thin curve through them, and the gaps read off it, mix
+    conditions."""
+    warnings = []
+    for what, key, unit in (("resolutions", "resolution", " px"), ("data sets", "dataset", "")):
+        groups: dict[Any, list[str]] = {}
+        for p in points:
+            if getattr(p, key) is not None:
+                groups.setdefault(getattr(p, key), []).append(p.label)
+        if len(groups) > 1:
+            parts = "; ".join(f"{value}{unit}: {', '.join(labels[:2])}"
+                              f"{', ...' if len(labels) > 2 else ''}"
+                              for value, labels in sorted(groups.items()))
+            warnings.append(f"points at several {what} ({parts}): their top-1 and MACs are "
+                            f"set against each other on one axis")
+    return warnings
+
+
 # --------------------------------------------------------------------------- latency
 
 @dataclass(frozen=True)

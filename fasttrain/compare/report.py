@@ -28,7 +28,8 @@ from .literature import (LITERATURE_CSV, Benchmark, CompareError, get_benchmark,
                          load_literature, thin_counts)
 from .pareto import NEAREST, curve_points, curve_value, pareto_front
 from .points import (LITERATURE, MEASURED, THIN, LatencyConditions, Point,
-                     assign_thin_baselines, attach_latency, check_benchmark_fit, dedupe_labels,
+                     assign_thin_baselines, attach_latency, check_benchmark_fit,
+                     check_common_conditions, dedupe_labels,
                      literature_points, point_from_run, points_from_csv)
 
 COLUMNS = ("label", "kind", "origin", "model", "macs", "params", "top1", "base_top1",
@@ -136,7 +137,9 @@ def build_comparison(benchmark: str | None = None, runs: Iterable[str | Path] = 
                         f"(matched by params, MACs and resolution)")
     warnings += assign_thin_baselines(points)
     dedupe_labels(points)
-    if bench is not None:
+    if bench is None:
+        warnings += check_common_conditions(points)
+    else:
         warnings += check_benchmark_fit(points, bench)
         lit = load_literature(literature, bench.name)
         warnings += lit.warnings
