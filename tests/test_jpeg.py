@@ -114,6 +114,50 @@ def test_errors_are_value_errors_with_libjpeg_reason():
         jpeg.decode_region(cmyk.getvalue(), (0, 0, 16, 16))
 
 
+def with_junk_before_the_scan(raw: bytes, count: int = 16) -> bytes:
+    """`raw` with `count` stray bytes before its start-of-scan marker: libjpeg decodes it with
+    the warning "Corrupt JPEG data: 16 extraneous bytes before marker 0xda"."""
+    sos = raw.index(b"\xff\xda")
+    return raw[:sos] + bytes(count) + raw[sos:]
+
+
+def test_decode_warning_names_damage_libjpeg_decodes_past():
+    raw = encode(photo(48, 64))
+    assert jpeg.decode_warning(raw) is None
+    assert jpeg.decode_warning(encode(photo(48, 64), mode="CMYK")) is None  # any colour space
+    assert jpeg.decode_warning(with_junk_before_the_scan(raw)) == (
+        "Corrupt JPEG data: 16 extraneous bytes before marker 0xda")
+    with pytest.raises(ValueError, match="^cannot decode: "):
+        jpeg.decode_warning(b"\xff\xd8\xff" + bytes(40))
+
+
+def test_a_library_built_from_older_sources_is_unavailable_not_a_traceback(monkeypatch):
+    """A library without a function the bindings name (built before it was added) made every
+    import of fasttrain.data an AttributeError traceback."""
+    import types
+
+    class OlderLibrary:
+        def __init__(self, path):
+            pass
+
+        def __getattr__(self, name):
+            if name == "ft_jpeg_check":
+                raise AttributeError(f"undefined symbol: {name}")
+            function = types.SimpleNamespace()
+            setattr(self, name, function)
+            return function
+
+    for name in ("_lib", "AVAILABLE", "LOAD_ERROR"):  # restored after the test
+        monkeypatch.setattr(jpeg, name, getattr(jpeg, name))
+    monkeypatch.setattr(jpeg.ctypes, "CDLL", OlderLibrary)
+    jpeg._lib, jpeg.AVAILABLE = None, False
+    jpeg._load()
+    assert not jpeg.AVAILABLE and jpeg._lib is None
+    assert jpeg.LOAD_ERROR.endswith("is a build of older sources (undefined symbol: "
+                                    "ft_jpeg_check); rebuild it (tools/env.sh does when csrc/ "
+                                    "changes)")
+
+
 def test_read_image_box_falls_back_for_png_and_cmyk(tmp_path):
     calls = []
 

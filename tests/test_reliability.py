@@ -1,6 +1,7 @@
 """Crash safety: SIGKILL at random points (inside checkpoint writes too) and resume to
 bit-identical weights, failing checkpoint writes, non-finite losses, rank failure under
 torchrun --max-restarts, unreadable files, hostile checkpoints."""
+import io
 import json
 import os
 import random
@@ -501,7 +502,8 @@ def test_check_data_reports_problems_and_counts(tmp_path, run_tool):
     assert [Path(p).name for p in report.ignored] == ["notes.txt"]
     result = run_tool("check_data.py", str(tmp_path / "data"), "--workers", "2")
     assert result.returncode == 1
-    assert "problem:" in result.stdout and "6 problem(s), 1 ignored file(s)" in result.stdout
+    assert "problem:" in result.stdout
+    assert "6 problem(s), 0 warning(s), 1 ignored file(s)" in result.stdout
     assert f"problem: {a / 'gone.JPEG'}: broken symbolic link" in result.stdout
     clean = tmp_path / "clean" / "x"
     clean.mkdir(parents=True)
@@ -540,6 +542,28 @@ def test_hidden_folders_taken_as_classes_are_reported_and_noted(tmp_path):
     loop._note_hidden_class_folders(["a", "b"], root,
                                     type("Report", (), {"print": printed.append})())
     assert printed == []
+
+
+def test_jpegs_decoded_past_damage_are_warnings_naming_the_file(run_tool, tmp_path):
+    """A JPEG libjpeg decodes past damage (stray bytes before a marker) passed check_data as
+    clean; torchvision's warning named no file and the region decoder dropped it."""
+    buf = io.BytesIO()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(buf, "JPEG")
+    raw = buf.getvalue()
+    sos = raw.index(b"\xff\xda")
+    folder = tmp_path / "data" / "a"
+    folder.mkdir(parents=True)
+    (folder / "clean.jpg").write_bytes(raw)
+    (folder / "junk.jpg").write_bytes(raw[:sos] + bytes(16) + raw[sos:])
+    report = scan(tmp_path / "data", workers=1)
+    assert report.problems == [] and report.warnings == [
+        (str(folder / "junk.jpg"), "Corrupt JPEG data: 16 extraneous bytes before marker 0xda")]
+    result = run_tool("check_data.py", str(tmp_path / "data"), "--workers", "1")
+    assert result.returncode == 0, result.stdout  # a warning is not a problem: it decodes
+    assert (f"warning: {folder / 'junk.jpg'}: libjpeg decodes it past damage, with a warning "
+            f"(Corrupt JPEG data: 16 extraneous bytes before marker 0xda)") in result.stdout
+    assert "0 problem(s), 1 warning(s), 0 ignored file(s)" in result.stdout
 
 
 def test_images_outside_every_class_folder_are_reported_and_noted(run_tool, tmp_path):

@@ -6,7 +6,9 @@
 Decodes every image under DIR (ImageNet layout DIR/{train,val}/CLASS/*, or DIR/CLASS/*) in
 parallel with a progress bar (on stderr, when it is a terminal), then prints the class counts
 per split and every problem found: undecodable, empty or truncated files, empty class folders.
-Files without an image extension are listed as ignored (the loaders never read them). Exit
+Files without an image extension are listed as ignored (the loaders never read them); JPEGs that
+libjpeg decodes past damage with a warning are listed as warnings, not problems (the loaders
+read them, damaged pixels and all). Exit
 status: 0 clean, 1 problems found, 2 bad arguments, 141 clean but stdout closed before the
 report was printed (`| head`).
 """
@@ -67,9 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     print_table(console, table)  # in a pipe or a log: one line per split, whatever COLUMNS says
     for path in report.ignored:
         console.print(f"ignored (not an image extension): {path}", markup=False)
+    for path, warning in report.warnings:
+        console.print(f"warning: {path}: libjpeg decodes it past damage, with a warning "
+                      f"({warning})", markup=False)
     for path, problem in report.problems:
         console.print(f"problem: {path}: {problem}", markup=False)
-    console.print(f"{len(report.problems)} problem(s), {len(report.ignored)} ignored file(s)")
+    console.print(f"{len(report.problems)} problem(s), {len(report.warnings)} warning(s), "
+                  f"{len(report.ignored)} ignored file(s)")
     return 0 if report.ok else 1
 
 

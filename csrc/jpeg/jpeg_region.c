@@ -30,6 +30,7 @@
 #define FT_JPEG_ERROR -1       /* corrupt or not a JPEG */
 #define FT_JPEG_UNSUPPORTED -2 /* a JPEG this decoder does not turn into RGB (CMYK, YCCK) */
 #define FT_JPEG_BAD_ARGUMENT -3
+#define FT_JPEG_WARNING 1      /* decoded, but libjpeg warned (corrupt data it decoded past) */
 
 /* C linkage even when the build compiles this file as C++ (torch's BuildExtension does). */
 #ifdef __cplusplus
@@ -48,6 +49,7 @@ struct ft_error_mgr {
     jmp_buf escape;
     char* err;
     size_t err_size;
+    int keep_warning; /* ft_jpeg_check: the first warning's text goes to `err` */
 };
 
 /* libjpeg's default error_exit calls exit(): jump back to the caller instead. */
@@ -61,8 +63,16 @@ static void ft_error_exit(j_common_ptr cinfo) {
     longjmp(mgr->escape, 1);
 }
 
-/* Warnings (e.g. extraneous bytes) are not errors; libjpeg would print them to stderr. */
-static void ft_output_message(j_common_ptr cinfo) { (void)cinfo; }
+/* Warnings (e.g. extraneous bytes) are not errors; libjpeg would print them to stderr.
+ * libjpeg's emit_message passes only the first warning of a decode here. */
+static void ft_output_message(j_common_ptr cinfo) {
+    struct ft_error_mgr* mgr = (struct ft_error_mgr*)cinfo->err;
+    if (mgr->keep_warning && mgr->err != NULL && mgr->err_size > 0) {
+        char message[JMSG_LENGTH_MAX];
+        (*cinfo->err->format_message)(cinfo, message);
+        snprintf(mgr->err, mgr->err_size, "%s", message);
+    }
+}
 
 static void set_error(char* err, size_t err_size, const char* format, ...) {
     if (err == NULL || err_size == 0) return;
@@ -81,6 +91,7 @@ static void create_decompress(struct jpeg_decompress_struct* cinfo, struct ft_er
     mgr->base.output_message = ft_output_message;
     mgr->err = err;
     mgr->err_size = (size_t)err_size;
+    mgr->keep_warning = 0;
     jpeg_create_decompress(cinfo);
 }
 
@@ -198,6 +209,49 @@ FT_EXPORT int ft_jpeg_decode_region(const uint8_t* data, uint64_t size, int32_t 
     jpeg_abort_decompress(&cinfo);
     jpeg_destroy_decompress(&cinfo);
     return FT_JPEG_OK;
+}
+
+/*
+ * Decode the whole image (any colour space, into one reused row) to find damage libjpeg decodes
+ * past with only a warning ("Corrupt JPEG data: 216 extraneous bytes before marker 0xda"): such a
+ * file trains on damaged pixels without an error. Returns FT_JPEG_OK, FT_JPEG_WARNING with the
+ * first warning in `err`, or FT_JPEG_ERROR with the error in `err`.
+ */
+FT_EXPORT int ft_jpeg_check(const uint8_t* data, uint64_t size, char* err, uint64_t err_size) {
+    struct jpeg_decompress_struct cinfo;
+    struct ft_error_mgr mgr;
+    JSAMPLE* volatile row = NULL; /* volatile: freed after a longjmp */
+    if (data == NULL || size == 0) {
+        set_error(err, err_size, "empty input");
+        return FT_JPEG_BAD_ARGUMENT;
+    }
+    if (err != NULL && err_size > 0) err[0] = '\0';
+    create_decompress(&cinfo, &mgr, err, err_size);
+    mgr.keep_warning = 1;
+    if (setjmp(mgr.escape)) {
+        free(row);
+        jpeg_destroy_decompress(&cinfo);
+        return FT_JPEG_ERROR;
+    }
+    jpeg_mem_src(&cinfo, data, (unsigned long)size);
+    jpeg_read_header(&cinfo, TRUE);
+    jpeg_start_decompress(&cinfo);
+    row = (JSAMPLE*)malloc((size_t)cinfo.output_width * (size_t)cinfo.output_components);
+    if (row == NULL) {
+        set_error(err, err_size, "out of memory");
+        jpeg_abort_decompress(&cinfo);
+        jpeg_destroy_decompress(&cinfo);
+        return FT_JPEG_ERROR;
+    }
+    while (cinfo.output_scanline < cinfo.output_height) {
+        JSAMPROW rows[1] = {row};
+        jpeg_read_scanlines(&cinfo, rows, 1);
+    }
+    jpeg_finish_decompress(&cinfo); /* reads to the end marker: warnings after the image too */
+    free(row);
+    const long warnings = cinfo.err->num_warnings;
+    jpeg_destroy_decompress(&cinfo);
+    return warnings ? FT_JPEG_WARNING : FT_JPEG_OK;
 }
 
 /* libjpeg-turbo's version, for the record of what a benchmark ran with. */

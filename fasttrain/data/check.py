@@ -12,7 +12,8 @@ from torchvision.datasets.folder import find_classes
 from ..config import MAX_WORKERS
 from ..errors import DatasetError, UserError
 from ..measure.env import usable_cores
-from .datasets import folder_files, loose_images, read_image
+from . import jpeg
+from .datasets import _decode_whole, folder_files, loose_images, read_encoded
 
 
 @dataclass
@@ -21,6 +22,8 @@ class ScanReport:
     class_counts: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> class -> n
     problems: list[tuple[str, str]] = field(default_factory=list)  # (path, what is wrong)
     ignored: list[str] = field(default_factory=list)  # files without an image extension
+    # (path, libjpeg's warning): JPEGs that decode past damage, into damaged pixels
+    warnings: list[tuple[str, str]] = field(default_factory=list)
     images: int = 0
 
     @property
@@ -28,14 +31,19 @@ class ScanReport:
         return not self.problems
 
 
-def _check_file(path: str) -> tuple[str, str | None]:
+def _check_file(path: str) -> tuple[str, str | None, str | None]:
+    """(path, why it is unreadable or None, libjpeg's warning or None)."""
     try:
-        image = read_image(path)
+        raw = read_encoded(path)
+        image = _decode_whole(raw)  # what read_image does, keeping the bytes for the check
         if min(image.shape[1:]) < 1:
-            return path, "decodes to an empty image"
+            return path, "decodes to an empty image", None
+        # torchvision prints libjpeg's warning without the file's name, the region decoder
+        # drops it: either way the run trains on the damaged pixels
+        warning = jpeg.decode_warning(raw) if jpeg.AVAILABLE and jpeg.is_jpeg(raw) else None
     except (OSError, ValueError) as e:
-        return path, str(e)
-    return path, None
+        return path, str(e), None
+    return path, None, warning
 
 
 def scan(root: Path, workers: int = 0, progress: Callable[[int, int], None] | None = None
@@ -43,7 +51,8 @@ def scan(root: Path, workers: int = 0, progress: Callable[[int, int], None] | No
     """Decode every image under `root` (ImageFolder layout, with or without train/ and val/)
     in `workers` processes (0 = one per core) and report unreadable files (broken symbolic
     links included), empty class folders, images outside every class folder, hidden folders
-    taken as classes, files that are not images, the class counts, and
+    taken as classes, files that are not images, JPEGs libjpeg decodes past damage with a
+    warning (`warnings`: not problems, such files train, on damaged pixels), the class counts, and
     what training refuses at start: a missing train/ or val/ beside the other, validation
     classes that train/ lacks.
     The files are the ones the loaders list (`datasets.folder_files`: symbolic links to
@@ -106,9 +115,12 @@ def scan(root: Path, workers: int = 0, progress: Callable[[int, int], None] | No
     # More processes than files only costs their start-up.
     with ProcessPoolExecutor(max_workers=max(1, min(workers or usable_cores(),
                                                     len(files)))) as pool:
-        for done, (path, problem) in enumerate(pool.map(_check_file, files, chunksize=64), 1):
+        for done, (path, problem, warning) in enumerate(pool.map(_check_file, files,
+                                                                 chunksize=64), 1):
             if problem:
                 report.problems.append((path, problem))
+            if warning:
+                report.warnings.append((path, warning))
             if progress:
                 progress(done, len(files))
     return report

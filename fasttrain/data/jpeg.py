@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
-OK, ERROR, UNSUPPORTED, BAD_ARGUMENT = 0, -1, -2, -3
+OK, ERROR, UNSUPPORTED, BAD_ARGUMENT, WARNING = 0, -1, -2, -3, 1
 _ERR_SIZE = 200
 DCT_SCALES = (8, 4, 2, 1)  # libjpeg-turbo's SIMD-accelerated reductions, largest first
 
@@ -52,6 +52,16 @@ def _load() -> None:
     except OSError as e:
         LOAD_ERROR = f"{path.name} did not load: {e}"
         return
+    try:
+        _bind(lib)
+    except AttributeError as e:  # a library built from older sources lacks a function
+        LOAD_ERROR = (f"{path.name} is a build of older sources ({e}); rebuild it (tools/env.sh "
+                      f"does when csrc/ changes)")
+        return
+    _lib, AVAILABLE = lib, True
+
+
+def _bind(lib: ctypes.CDLL) -> None:
     u8p, i32, i32p = ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_int32)
     lib.ft_jpeg_info.argtypes = [u8p, ctypes.c_uint64, i32p, i32p, i32p, ctypes.c_char_p,
                                  ctypes.c_uint64]
@@ -60,7 +70,8 @@ def _load() -> None:
                                           ctypes.c_char_p, ctypes.c_uint64]
     lib.ft_jpeg_decode_region.restype = ctypes.c_int
     lib.ft_jpeg_lib_version.restype = ctypes.c_int
-    _lib, AVAILABLE = lib, True
+    lib.ft_jpeg_check.argtypes = [u8p, ctypes.c_uint64, ctypes.c_char_p, ctypes.c_uint64]
+    lib.ft_jpeg_check.restype = ctypes.c_int
 
 
 _load()
@@ -108,6 +119,29 @@ def jpeg_info(raw: bytes | np.ndarray) -> JpegInfo:
     if code != OK:
         raise ValueError(f"cannot decode: {err.value.decode(errors='replace')}")
     return JpegInfo(h.value, w.value, bool(rgb.value))
+
+
+def decode_warning(raw: bytes | np.ndarray) -> str | None:
+    """libjpeg's first warning when it decodes the whole JPEG `raw` (damage it decodes past, such
+    as "Corrupt JPEG data: 216 extraneous bytes before marker 0xda"), or None for a clean decode.
+    The loaders' decoders drop or print such warnings and decode on; tools/check_data.py lists
+    them.
+
+    Raises:
+        RuntimeError: the decoder library is not available.
+        ValueError: not a readable JPEG (the reason from libjpeg).
+    """
+    if _lib is None:
+        raise RuntimeError(f"region JPEG decoder unavailable: {LOAD_ERROR}")
+    err = ctypes.create_string_buffer(_ERR_SIZE)
+    ptr, size = _pointer(raw)
+    code = _lib.ft_jpeg_check(ptr, size, err, _ERR_SIZE)
+    message = err.value.decode(errors="replace")
+    if code == WARNING:
+        return message or "libjpeg warned"
+    if code != OK:
+        raise ValueError(f"cannot decode: {message}")
+    return None
 
 
 def dct_scale(box_height: int, box_width: int, min_height: int, min_width: int) -> int:
