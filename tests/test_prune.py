@@ -397,12 +397,18 @@ def test_init_from_takes_architecture_and_weights(tmp_path):
     assert cfg.channels == ckpt.load(out)["config"]["model"]["channels"]
     model = build_model(cfg, cfg.num_classes)
     model.load_state_dict(weights)
-    # BlurPool changes what the weights compute but not their shapes: said when it differs
-    cfg, notes = ModelConfig(init_from=str(out), blurpool=True), []
+    # the config's own architecture values that the checkpoint's replace are named: an
+    # override such as --model.width=0.5 was dropped without a word
+    cfg, notes = ModelConfig(name="cifar_resnet20", width=0.75, init_from=str(out)), []
     apply_init_from(cfg, notes)
+    assert notes == [f"note: model.init_from={out} sets the architecture: model.width 0.5 (the "
+                     f"config had 0.75), model.channels (the checkpoint's pruned widths)"]
+    # BlurPool changes what the weights compute but not their shapes: said when it differs
+    same = dict(name="cifar_resnet20", width=0.5, channels=cfg.channels, init_from=str(out))
+    apply_init_from(ModelConfig(**same, blurpool=True), notes := [])
     assert notes == [f"note: model.init_from={out} was trained with model.blurpool=false, this "
                      f"run has true"]
-    apply_init_from(ModelConfig(init_from=str(out)), notes := [])
+    apply_init_from(ModelConfig(**same), notes := [])  # num_classes 0: the data's, no value
     assert notes == []
     # recorded absolute: compare reads the pruning record through it from any folder
     os.chdir(tmp_path)

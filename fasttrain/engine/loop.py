@@ -87,9 +87,11 @@ def apply_init_from(cfg: ModelConfig, notes: list[str] | None = None,
                     lineage: dict[str, Any] | None = None) -> dict[str, torch.Tensor] | None:
     """`model.init_from`: copy the checkpoint's architecture keys (`MODEL_IDENTITY`) into `cfg`
     (in place; `init_from` made absolute) and return its weights; None when `init_from` is
-    empty. `notes` gets a line for each option that changes what the network computes but not
-    its weights' shapes and that differs from the checkpoint's training (`model.blurpool`: its
-    filters were part of what the weights learned), which nothing else would mention.
+    empty. `notes` gets a line naming the config's architecture values the checkpoint's replace
+    (an override such as `--model.width=0.5` would otherwise be dropped without a word), and a
+    line for each option that changes what the network computes but not its weights' shapes
+    and that differs from the checkpoint's training (`model.blurpool`: its filters were part of
+    what the weights learned), which nothing else would mention.
     `lineage` gets the summary of the pruning the weights came from (`PRUNING_SUMMARY` and
     `fine_tuned_from`, the pruned file), when `init_from` was written by tools/prune.py or
     trained on from such a file, so that the run's checkpoints and exports still say so.
@@ -105,9 +107,19 @@ def apply_init_from(cfg: ModelConfig, notes: list[str] | None = None,
     if not isinstance(saved_model, dict) or not saved_model.get("num_classes"):
         raise CheckpointError(f"model.init_from={cfg.init_from}: checkpoint has no model config "
                               f"with num_classes ('config'['model'])")
+    replaced = []  # the config's own values the checkpoint's replace (given, or the recipe's)
     for key in MODEL_IDENTITY:
         if key in saved_model:
+            # num_classes 0 is "the data set's", no value of the config's own
+            if saved_model[key] != getattr(cfg, key) and (key, getattr(cfg, key)) != \
+                    ("num_classes", 0):
+                replaced.append(f"model.{key} {_shown_value(saved_model[key])} (the config "
+                                f"had {_shown_value(getattr(cfg, key))})" if key != "channels"
+                                else "model.channels (the checkpoint's pruned widths)")
             setattr(cfg, key, saved_model[key])
+    if notes is not None and replaced:
+        notes.append(f"note: model.init_from={cfg.init_from} sets the architecture: "
+                     f"{', '.join(replaced)}")
     if notes is not None and saved_model.get("blurpool", cfg.blurpool) != cfg.blurpool:
         notes.append(f"note: model.init_from={cfg.init_from} was trained with model.blurpool="
                      f"{str(saved_model['blurpool']).lower()}, this run has "
@@ -123,6 +135,12 @@ def apply_init_from(cfg: ModelConfig, notes: list[str] | None = None,
         elif isinstance(earlier, dict):  # fine-tuned again: the pruning is still the origin
             lineage.update(earlier)
     return saved["model"]
+
+
+def _shown_value(value: Any) -> str:
+    """A config value as a note shows it: YAML's spelling for booleans and None."""
+    return {True: "true", False: "false", None: "null"}.get(value, str(value)) \
+        if isinstance(value, (bool, type(None))) else str(value)
 
 
 def accuracy_counts(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
