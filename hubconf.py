@@ -15,16 +15,19 @@ Models are returned in eval mode.
 # (width bounds) and a checkpoint's loading (config, engine).
 dependencies = ["torch", "torchvision", "yaml", "rich", "PIL"]
 
+import os  # noqa: E402
+
 import fasttrain.models as _models  # noqa: E402  (hub reads `dependencies` first)
 
 
 def _model_arguments(name: str) -> list[str]:
-    """The keyword arguments `name`'s constructor takes, plus hub's `norm_act`."""
+    """The keyword arguments `name`'s constructor takes, plus hub's `norm_act`, less the layer
+    classes (`norm_layer`, `norm_act_layer`: internal, `norm_act` picks them by name)."""
     import inspect
 
     cls = _models.CifarResNet if name.startswith("cifar_") else _models.ResNet
     taken = [p for p in inspect.signature(cls.__init__).parameters
-             if p not in ("self", "block", "layers", "depth")]
+             if p not in ("self", "block", "layers", "depth", "norm_layer", "norm_act_layer")]
     return sorted({*taken, "norm_act"})
 
 
@@ -35,6 +38,9 @@ def _entry(name: str):
             if key not in accepted:
                 raise ValueError(f"{key}= is not an argument of {name}; it takes "
                                  f"{', '.join(accepted)}")
+        if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+            raise ValueError(f"checkpoint= must be a path (str or os.PathLike), got "
+                             f"{checkpoint!r}")
         if checkpoint is None:
             if weights is not None:
                 raise ValueError("weights= needs checkpoint= (without one the weights are "
@@ -54,11 +60,14 @@ def _entry(name: str):
             return _models.create_model(name, **kwargs).eval()
         if not str(checkpoint).strip():
             raise ValueError("checkpoint= is empty: give the path of a fasttrain checkpoint")
-        from fasttrain.export import model_from_checkpoint
+        from fasttrain.export import WEIGHTS, model_from_checkpoint
+
+        if weights is not None and weights not in WEIGHTS:  # '' loaded the trained weights
+            raise ValueError(f"weights={weights!r}: choose from {', '.join(WEIGHTS)}")
 
         # norm_act only picks the implementation of the same math (state dicts are identical).
         model, meta = model_from_checkpoint(checkpoint, norm_act=kwargs.pop("norm_act", None),
-                                            weights=weights or "model")
+                                            weights="model" if weights is None else weights)
         if meta["model"] != name:
             raise ValueError(f"{checkpoint} holds a {meta['model']}, not a {name}")
         # the architecture the checkpoint was trained as; models train on RGB images only

@@ -606,9 +606,24 @@ def test_hub_entry_points(tmp_path):
                                          r"takes blurpool, "):
         torch.hub.load(str(ROOT), "cifar_resnet20", source="local", checkpoint=str(ckpt),
                        mean=[0.5] * 3)
-    with pytest.raises(ValueError, match=r"^norm_layer= cannot be combined with checkpoint="):
+    # the layer classes are internal (norm_act picks them): listed, they invited a class that
+    # failed deep inside the model (Identity has no weight) or a string called as one
+    for internal in ("norm_layer", "norm_act_layer"):
+        for extra in ({}, {"checkpoint": str(ckpt)}):
+            with pytest.raises(ValueError, match=rf"^{internal}= is not an argument of "
+                                                 rf"cifar_resnet20; it takes blurpool, "):
+                torch.hub.load(str(ROOT), "cifar_resnet20", source="local", **extra,
+                               **{internal: torch.nn.Identity})
+    # on/off arguments are booleans: "no" is true to Python and did the opposite
+    for flag, text in (("zero_init_residual", "no"), ("blurpool", "yes")):
+        with pytest.raises(ValueError, match=rf"^{flag} must be True or False, got '{text}'$"):
+            torch.hub.load(str(ROOT), "thin_resnet18", source="local", **{flag: text})
+    with pytest.raises(ValueError, match=r"^checkpoint= must be a path \(str or os.PathLike\), "
+                                         r"got 123$"):  # pathlib's TypeError
+        torch.hub.load(str(ROOT), "cifar_resnet20", source="local", checkpoint=123)
+    with pytest.raises(ValueError, match=r"^weights='': choose from model, ema$"):
         torch.hub.load(str(ROOT), "cifar_resnet20", source="local", checkpoint=str(ckpt),
-                       norm_layer=torch.nn.BatchNorm2d)
+                       weights="")  # loaded the trained weights, as if not given
     with pytest.raises(ValueError, match="checkpoint= is empty"):
         torch.hub.load(str(ROOT), "cifar_resnet20", source="local", checkpoint="")
     # norm_act picks the implementation, with or without a checkpoint
@@ -625,7 +640,8 @@ def test_hub_entry_points(tmp_path):
     for bad in ({"shortcut": "B"}, {"bogus": 1}):
         with pytest.raises(ValueError, match=rf"^{next(iter(bad))}= is not an argument of "
                                              rf"thin_resnet50; it takes blurpool, "
-                                             rf"channel_divisor, channels, .*, width, "
+                                             rf"channel_divisor, channels, drop_path_rate, "
+                                             rf"in_chans, norm_act, num_classes, width, "
                                              rf"zero_init_residual$"):
             torch.hub.load(str(ROOT), "thin_resnet50", source="local", **bad)
     option_b = torch.hub.load(str(ROOT), "cifar_resnet20", source="local", shortcut="B")

@@ -191,7 +191,8 @@ Block = Union[Type[BasicBlock], Type[Bottleneck]]
 
 
 def check_model_args(width: Any, channel_divisor: Any, num_classes: Any, in_chans: Any,
-                     drop_path_rate: Any) -> None:
+                     drop_path_rate: Any, zero_init_residual: Any = True,
+                     blurpool: Any = False) -> None:
     """The constructor arguments both ResNet classes share, checked where a caller (a hub user,
     `create_model`) can pass anything: a ValueError naming the argument and the value, instead
     of a TypeError or a negative tensor size from deep inside torch, or a silent no-op."""
@@ -203,8 +204,14 @@ def check_model_args(width: Any, channel_divisor: Any, num_classes: Any, in_chan
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
+    def flag(name: str, value: Any) -> None:  # "no" is true to Python: it did the opposite
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+
     number("width", width)
     integer("channel_divisor", channel_divisor)
+    flag("zero_init_residual", zero_init_residual)
+    flag("blurpool", blurpool)
     integer("num_classes", num_classes)
     integer("in_chans", in_chans)
     number("drop_path_rate", drop_path_rate)
@@ -260,7 +267,8 @@ class ResNet(nn.Module):
                  drop_path_rate: float = 0.0, blurpool: bool = False,
                  channels: ChannelSpec | None = None) -> None:
         super().__init__()
-        check_model_args(width, channel_divisor, num_classes, in_chans, drop_path_rate)
+        check_model_args(width, channel_divisor, num_classes, in_chans, drop_path_rate,
+                         zero_init_residual, blurpool)
         if channels is None:
             channels = uniform_channels(base_channels(64, width, channel_divisor), layers,
                                         block.expansion)
@@ -364,7 +372,8 @@ class CifarResNet(nn.Module):
                  drop_path_rate: float = 0.0, blurpool: bool = False,
                  channels: ChannelSpec | None = None) -> None:
         super().__init__()
-        check_model_args(width, channel_divisor, num_classes, in_chans, drop_path_rate)
+        check_model_args(width, channel_divisor, num_classes, in_chans, drop_path_rate,
+                         zero_init_residual, blurpool)
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
         if shortcut not in ("A", "B"):
