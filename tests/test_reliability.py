@@ -561,8 +561,9 @@ def test_jpegs_decoded_past_damage_are_warnings_naming_the_file(run_tool, tmp_pa
         (str(folder / "junk.jpg"), "Corrupt JPEG data: 16 extraneous bytes before marker 0xda")]
     result = run_tool("check_data.py", str(tmp_path / "data"), "--workers", "1")
     assert result.returncode == 0, result.stdout  # a warning is not a problem: it decodes
-    assert (f"warning: {folder / 'junk.jpg'}: libjpeg decodes it past damage, with a warning "
-            f"(Corrupt JPEG data: 16 extraneous bytes before marker 0xda)") in result.stdout
+    assert (f"warning: {folder / 'junk.jpg'}: libjpeg warns while decoding it (Corrupt JPEG "
+            f"data: 16 extraneous bytes before marker 0xda); its pixels may be damaged"
+            ) in result.stdout
     assert "0 problem(s), 1 warning(s), 0 ignored file(s)" in result.stdout
 
 

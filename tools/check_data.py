@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     for path in report.ignored:
         console.print(f"ignored (not an image extension): {path}", markup=False)
     for path, warning in report.warnings:
-        console.print(f"warning: {path}: libjpeg decodes it past damage, with a warning "
-                      f"({warning})", markup=False)
+        console.print(f"warning: {path}: libjpeg warns while decoding it ({warning}); its "
+                      f"pixels may be damaged", markup=False)
     for path, problem in report.problems:
         console.print(f"problem: {path}: {problem}", markup=False)
     console.print(f"{len(report.problems)} problem(s), {len(report.warnings)} warning(s), "
