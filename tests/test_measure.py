@@ -517,7 +517,7 @@ def test_a_torch_export_file_runs_at_its_exported_size_only(exported):
     assert sources.from_file(exported / "net.pt").fixed_resolution is None  # any size
 
 
-def test_file_and_checkpoint_sources_say_what_is_wrong(exported, tmp_path):
+def test_file_and_checkpoint_sources_say_what_is_wrong(exported, tmp_path, capsys):
     from fasttrain.errors import UserError
 
     with pytest.raises(sources.SourceError, match=r"TorchScript archive.*use --file"):
@@ -551,6 +551,14 @@ def test_file_and_checkpoint_sources_say_what_is_wrong(exported, tmp_path):
     with pytest.warns(UserWarning, match="MACs not counted: the file has no fasttrain metadata"):
         bm = sources.from_file(plain)
     assert bm.count_model is None
+    # --plot of models without MACs: refused before measuring (it failed after every row)
+    with pytest.warns(UserWarning, match="MACs not counted"):
+        assert benchmark_tool.main(["--file", str(plain), "--device", "cpu", "--resolution",
+                                    "8", "--plot", str(tmp_path / "p.png")]) == 2
+    assert not (tmp_path / "p.png").exists()
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: --plot {tmp_path / 'p.png'}: no model here has a MAC count to plot against "
+        f"(plain.pt: a file without fasttrain metadata); leave --plot out"]
     import copy
     import warnings
 

@@ -417,6 +417,11 @@ def _prepare(args):
             raise UserError(f"{which}: the fused kernels are unavailable on {device} "
                             f"({_ext.unavailable_reason(dev)}); build them (pip install -e .) "
                             f"or {instead}")
+    if args.plot and all(bm.count_model is None for bm in models):
+        # the plot's x axis: it failed only once every row was measured
+        raise UserError(f"--plot {args.plot}: no model here has a MAC count to plot against "
+                        f"({', '.join(bm.name for bm in models)}: a file without fasttrain "
+                        f"metadata); leave --plot out")
     _check_saved_record(args, models, cond)
     return models, cond
 
