@@ -455,6 +455,27 @@ def test_exported_files_count_like_the_trained_network(exported):
             (reg["params"], reg["macs"], reg["macs_fvcore_total"]), name
 
 
+def test_the_plot_draws_two_sources_of_one_width_as_two_lines(exported, tmp_path, monkeypatch):
+    """A checkpoint's (here an exported file's) row beside the registry's sweep of its model
+    joined the sweep's line, which then doubled back between two points both labelled w0.25."""
+    from matplotlib.axes import Axes
+
+    cond = bench.Conditions(device="cpu", resolution=16, iters=1, warmup=0)
+    file = sources.from_file(exported / "net.pt2")
+    rows = bench.run([*sources.from_registry("cifar_resnet20", [0.25, 0.5]), file], cond, [1])
+    assert [r["width"] for r in rows] == [0.25, 0.5, 0.25]
+    lines = []
+    real_plot = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, xs, ys, **k: lines.append(
+        (len(xs), k["label"])) or real_plot(self, xs, ys, **k))
+    bench.plot_vs_macs(rows, tmp_path / "p.png")
+    assert sorted(lines) == [(1, f"cifar_resnet20 ({rows[2]['source']}), batch 1"),
+                             (2, f"cifar_resnet20 ({rows[0]['source']}), batch 1")]
+    lines.clear()  # a sweep of one source stays one line, its source unsaid
+    bench.plot_vs_macs(rows[:2], tmp_path / "p.png")
+    assert lines == [(2, "cifar_resnet20, batch 1")]
+
+
 def test_a_torchscript_files_rows_say_torchscript_and_compare_keeps_them_apart(
         exported, tmp_path, monkeypatch):
     """Its eager rows ran TorchScript's executor: recorded as eager, compare set a TorchScript

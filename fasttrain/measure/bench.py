@@ -551,10 +551,19 @@ def plot_vs_macs(rows: list[dict[str, Any]], path: str | Path) -> Path:
     fig = Figure(figsize=(7.5, 4.8))
     ax = fig.subplots()
     # Rows of no width (factories, pruned networks) by source too: two factories `nets:build`
-    # of different folders share a model name; a width sweep is one line whatever its sources.
+    # of different folders share a model name; a width sweep is one line whatever its sources,
+    # unless two sources measured one width (a checkpoint beside the registry's network of its
+    # width): then each source is a line of its own, not one line doubling back on itself.
+    widths_of: dict[tuple[str, int, float], set[str]] = {}
+    for r in ok:
+        if r.get("width") is not None:
+            widths_of.setdefault((r["model"], r["batch_size"], r["width"]), set()).add(
+                str(r.get("source")))
+    split = {(model, bs) for (model, bs, _), sources in widths_of.items() if len(sources) > 1}
     groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     for r in ok:
-        source = str(r.get("source")) if r.get("width") is None else ""
+        by_source = r.get("width") is None or (r["model"], r["batch_size"]) in split
+        source = str(r.get("source")) if by_source else ""
         groups.setdefault((r["model"], source, r["batch_size"]), []).append(r)
     names = [(model, bs) for model, _, bs in groups]
     for (model, source, bs), group in sorted(groups.items()):
