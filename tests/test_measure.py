@@ -319,8 +319,14 @@ def test_factory_failures_are_one_line_source_errors(tmp_path, monkeypatch):
     (tmp_path / "fac_needs_arg.py").write_text("def build(width):\n    return None\n")
     (tmp_path / "fac_syntax.py").write_text("def build(:\n")
     (tmp_path / "fac_raises.py").write_text("raise ValueError('no GPU here\\nsecond line')\n")
+    # a lazy layer's weight has no size until a forward: counting it was a ValueError traceback
+    (tmp_path / "fac_lazy.py").write_text("from torch import nn\ndef build():\n    return "
+                                          "nn.Sequential(nn.Conv2d(3, 4, 7), nn.Flatten(), "
+                                          "nn.LazyLinear(2))\n")
     monkeypatch.chdir(tmp_path)
     for spec, message in [
+            ("fac_lazy:build", "its LazyLinear has no parameters yet (a lazy layer sizes them "
+                               "at its first forward"),
             ("fac_needs_arg:build", "calling it failed (TypeError: build() missing 1 required"),
             ("fac_syntax:build", "importing 'fac_syntax' failed (SyntaxError: "),
             ("fac_raises:build", "importing 'fac_raises' failed (ValueError: no GPU here)"),

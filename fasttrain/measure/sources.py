@@ -303,6 +303,13 @@ def from_factory(spec: str) -> BenchModel:
                               ) from None
     if not isinstance(model, nn.Module):
         raise SourceError(f"factory {spec!r} returned {type(model).__name__}, not an nn.Module")
+    lazy = next((type(m).__name__ for m in model.modules()
+                 if isinstance(m, nn.modules.lazy.LazyModuleMixin)
+                 and m.has_uninitialized_params()), None)
+    if lazy is not None:  # neither counted nor timed: numel() of its weight raises
+        raise SourceError(f"factory {spec!r}: its {lazy} has no parameters yet (a lazy layer "
+                          f"sizes them at its first forward, from the input's size); run one "
+                          f"forward pass at the benchmark's resolution in the factory")
     # The spec names a module relative to the current directory: the file it was imported
     # from tells two `nets:build` of different folders apart in a saved record.
     where = getattr(module, "__file__", None)
