@@ -113,8 +113,8 @@ def apply_init_from(cfg: ModelConfig, notes: list[str] | None = None,
             # num_classes 0 is "the data set's", no value of the config's own
             if saved_model[key] != getattr(cfg, key) and (key, getattr(cfg, key)) != \
                     ("num_classes", 0):
-                replaced.append(f"model.{key} {_shown_value(saved_model[key])} (the config "
-                                f"had {_shown_value(getattr(cfg, key))})" if key != "channels"
+                replaced.append(f"model.{key} {_yaml_text(saved_model[key])} (the config "
+                                f"had {_yaml_text(getattr(cfg, key))})" if key != "channels"
                                 else "model.channels (the checkpoint's pruned widths)")
             setattr(cfg, key, saved_model[key])
     if notes is not None and replaced:
@@ -135,12 +135,6 @@ def apply_init_from(cfg: ModelConfig, notes: list[str] | None = None,
         elif isinstance(earlier, dict):  # fine-tuned again: the pruning is still the origin
             lineage.update(earlier)
     return saved["model"]
-
-
-def _shown_value(value: Any) -> str:
-    """A config value as a note shows it: YAML's spelling for booleans and None."""
-    return {True: "true", False: "false", None: "null"}.get(value, str(value)) \
-        if isinstance(value, (bool, type(None))) else str(value)
 
 
 def accuracy_counts(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
