@@ -46,9 +46,11 @@ def items(option: str, text: str, known: Iterable[str] | None = None) -> list[st
     names = text.split(",")
     if "" in names:
         fail(f"{option} {text!r}: an empty item (items are separated by single commas)")
-    repeated = [n for i, n in enumerate(names) if n in names[:i]]
-    if repeated:  # the same rows measured twice, under one name
-        fail(f"{option} {text!r}: {repeated[0]!r} is given twice")
+    from fasttrain.cli import first_repeat
+
+    repeated = first_repeat(names)
+    if repeated is not None:  # the same rows measured twice, under one name
+        fail(f"{option} {text!r}: {repeated!r} is given twice")
     if known is not None:
         unknown = [n for n in names if n not in known]
         if unknown:

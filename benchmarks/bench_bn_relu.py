@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _args import check_out, device as device_arg, fail, subset_suffix, write_json  # noqa: E402
-from fasttrain.cli import (ArgumentParser, finite_float, int_at_least,  # noqa: E402
+from fasttrain.cli import (ArgumentParser, finite_float, first_repeat, int_at_least,  # noqa: E402
                            sigterm_as_interrupt)
 from fasttrain.config import MAX_WIDTH  # noqa: E402
 from fasttrain.measure.env import cpu_name as cpu_model  # noqa: E402
@@ -384,9 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     dynamic = args.compile_dynamic == "yes" or (args.compile_dynamic == "auto" and not cuda)
     args.compile_dynamic = "dynamic" if dynamic else "static"
     model_batch = args.batch if args.model_batch is None else args.model_batch
-    twice = [w for i, w in enumerate(args.widths) if w in args.widths[:i]]
-    if twice:  # the same shapes timed twice, one summary row per width
-        fail(f"--widths: {twice[0]:g} is given twice")
+    twice = first_repeat(args.widths)
+    if twice is not None:  # the same shapes timed twice, one summary row per width
+        fail(f"--widths: {twice:g} is given twice")
     shapes = {}
     for width in args.widths:  # on the meta device: instant, and refuses a width before timing
         try:

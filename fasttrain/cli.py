@@ -10,7 +10,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from .errors import UserError
 
@@ -166,6 +166,11 @@ def sigterm_as_interrupt() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
+
+
+def first_repeat(items: list) -> Any:
+    """The first item of `items` that an earlier one equals; None when all differ."""
+    return next((v for i, v in enumerate(items) if v in items[:i]), None)
 
 
 def nonempty(text: str) -> str:

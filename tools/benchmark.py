@@ -39,11 +39,11 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
 
-from fasttrain.cli import (ArgumentParser, check_cifar_only, check_output, int_at_least,
-                           new_folders_removed_on_error, not_stdout, print_table, printable,
-                           printable_paths, sigterm_as_interrupt, stdout_may_close, user_path)
+from fasttrain.cli import (ArgumentParser, check_cifar_only, check_output, first_repeat,
+                           int_at_least, new_folders_removed_on_error, not_stdout, print_table,
+                           printable, printable_paths, sigterm_as_interrupt, stdout_may_close,
+                           user_path)
 from fasttrain.config import MAX_RESOLUTION, MAX_WIDTH
 from fasttrain.errors import UserError
 
@@ -62,7 +62,7 @@ def _list_of(kind, most: float = math.inf):
         # `1,,2` ran as 1,2 and `1,1` measured the same rows twice (and --save kept both)
         if values and len(values) < len(items):
             raise argparse.ArgumentTypeError(f"an empty item in {text!r}")
-        twice = _first_repeat(values)
+        twice = first_repeat(values)
         if twice is not None:
             raise argparse.ArgumentTypeError(f"{twice:g} given twice in {text!r}")
         if not values or not all(math.isfinite(v) and v > 0 for v in values):
@@ -72,11 +72,6 @@ def _list_of(kind, most: float = math.inf):
         return values
     parse.__name__ = f"list of {kind.__name__}"
     return parse
-
-
-def _first_repeat(items: list) -> Any:
-    """The first item of `items` that an earlier one equals; None when all differ."""
-    return next((v for i, v in enumerate(items) if v in items[:i]), None)
 
 
 _positive, _non_negative = int_at_least(1), int_at_least(0)
@@ -151,7 +146,7 @@ def _check_sources(args) -> None:
             raise UserError(f"--model {args.model!r}: no model name given")
         if "" in names:
             raise UserError(f"--model {args.model!r}: an empty name")
-        twice = _first_repeat(names)
+        twice = first_repeat(names)
         if twice is not None:
             raise UserError(f"--model {args.model!r}: {twice} given twice")
     for flag, value in (("--checkpoint", args.checkpoint), ("--file", args.file),
