@@ -141,6 +141,15 @@ def test_config_takes_a_spec_and_rejects_a_bad_one(tmp_path):
 
 # --------------------------------------------------------------------------- pruning math
 
+@pytest.mark.parametrize("miss, tolerance, text", [
+    (-0.00221, 0.002, "-0.22"),  # "-0.2 %" beside "within 0.2 %" read as a hit
+    (0.0201, 0.02, "+2.01"),
+    (0.13, 0.05, "+13.0"),
+    (-0.5, 1e-9, "-50.0")])
+def test_tolerance_miss_is_shown_outside_the_tolerance(miss, tolerance, text):
+    assert prune.miss_percent(miss, tolerance) == text
+
+
 def test_channel_plan_uniform_and_global():
     scores = {"a": torch.tensor([0.1, 0.5, 0.3, 0.9]), "b": torch.tensor([2.0, 0.05])}
     assert prune.channel_plan(scores, 0.0, "uniform") == {}

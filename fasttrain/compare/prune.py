@@ -268,8 +268,8 @@ def prune_to_macs(model: nn.Module, target_macs: int, resolution: int,
     if abs(macs / target_macs - 1) > tolerance:
         raise PruneError(f"no pruning ratio lands within {tolerance * 100:.3g} % of "
                          f"{target_macs:,} MACs: the closest is {macs:,} "
-                         f"({(macs / target_macs - 1) * 100:+.1f} %) at ratio {ratio:.4f}; try "
-                         f"the other --scope or a larger --tolerance")
+                         f"({miss_percent(macs / target_macs - 1, tolerance)} %) at ratio "
+                         f"{ratio:.4f}; try the other --scope or a larger --tolerance")
     plan = channel_plan(scores, ratio, scope)
     pruned = cache[tuple(sorted((k, tuple(v)) for k, v in plan.items()))][1]
     spec = channels_of(pruned)
@@ -285,6 +285,17 @@ def prune_to_macs(model: nn.Module, target_macs: int, resolution: int,
     return PruneResult(clean, spec, ratio, macs, count_params(clean), source_macs,
                        count_params(model), int(target_macs), resolution, importance, scope,
                        tolerance, search)
+
+
+def miss_percent(miss: float, tolerance: float) -> str:
+    """`miss` (a signed relative error beyond `tolerance`) as a signed percentage with the fewest
+    decimals, at least one, that still show it outside the tolerance: "-0.2 %" for a miss of
+    -0.221 % against a 0.2 % tolerance read as a result within it."""
+    for decimals in range(1, 12):
+        text = f"{miss * 100:+.{decimals}f}"
+        if abs(float(text)) > tolerance * 100:
+            return text
+    return f"{miss * 100:+.3g}"
 
 
 def _blurred(model: nn.Module) -> set[str]:
