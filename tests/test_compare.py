@@ -309,6 +309,19 @@ def test_points_and_latency_options_repeat_and_refuse_one_file_twice(tmp_path, c
     assert not (tmp_path / "twice").exists()
 
 
+def test_a_baseline_smaller_than_its_point_is_a_warning(tmp_path):
+    """base_macs below macs (the two columns swapped) gave a negative MAC reduction silently."""
+    path = tmp_path / "pts.csv"
+    path.write_text("label,kind,top1,macs,base_top1,base_macs\n"
+                    "swapped,pruned,75,4.1e9,76,2.0e9\nright,pruned,75,2.0e9,76,4.1e9\n")
+    c = report.build_comparison(points_csv=[path])
+    rows = {r["label"]: r for r in c.rows}
+    assert rows["swapped"]["mac_reduction_pct"] < 0 < rows["right"]["mac_reduction_pct"]
+    assert c.warnings == [f"{path}:2: swapped has 4,100,000,000 MACs but its baseline "
+                          f"(base_macs) only 2,000,000,000: a negative MAC reduction (macs and "
+                          f"base_macs swapped?)"]
+
+
 def test_thin_points_get_a_baseline_of_their_own_model_only(tmp_path):
     """A thin ResNet-18 of a file without a model column got the file's widest thin point, a
     ResNet-50, as its baseline (Δ -15 pp, MAC reduction 87 %), with nothing said."""

@@ -473,6 +473,15 @@ def assign_thin_baselines(points: list[Point]) -> list[str]:
     return warnings
 
 
+def check_baselines(points: list[Point]) -> list[str]:
+    """Warnings for points whose own baseline has fewer MACs than they do: the negative MAC
+    reduction is shown as given, but a pruned network is never larger than its source, so
+    this is most often `macs` and `base_macs` swapped in a points CSV."""
+    return [f"{p.source}: {p.label} has {p.macs:,} MACs but its baseline (base_macs) only "
+            f"{p.base_macs:,}: a negative MAC reduction (macs and base_macs swapped?)"
+            for p in points if p.macs and p.base_macs and p.base_macs < p.macs]
+
+
 def dedupe_labels(points: list[Point]) -> None:
     """Make the labels of the non-literature points unique, in place: a shared label gets the
     source's last path part appended ("A [mine.csv]"); where that still repeats (the same file

@@ -29,7 +29,7 @@ from .literature import (LITERATURE_CSV, Benchmark, CompareError, get_benchmark,
 from .pareto import NEAREST, curve_points, curve_value, pareto_front
 from .points import (LITERATURE, MEASURED, THIN, LatencyConditions, Point,
                      assign_thin_baselines, attach_latency, check_benchmark_fit,
-                     check_common_conditions, dedupe_labels,
+                     check_baselines, check_common_conditions, dedupe_labels,
                      literature_points, point_from_run, points_from_csv)
 
 COLUMNS = ("label", "kind", "origin", "model", "macs", "params", "top1", "base_top1",
@@ -136,6 +136,7 @@ def build_comparison(benchmark: str | None = None, runs: Iterable[str | Path] = 
         warnings.append(f"no point matched a latency row of {', '.join(map(str, latency))} "
                         f"(matched by params, MACs and resolution)")
     warnings += assign_thin_baselines(points)
+    warnings += check_baselines(points)
     dedupe_labels(points)
     if bench is None:
         warnings += check_common_conditions(points)
