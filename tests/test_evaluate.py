@@ -324,6 +324,25 @@ def test_evaluations_adding_to_one_points_file_at_once_keep_every_row(tmp_path, 
     assert sorted(p.label for p in points_from_csv(points)) == ["a", "b"]
 
 
+@pytest.mark.parametrize("header", [
+    "label,top1,macs,params,kind,model,width,resolution,note",
+    "label,top1,macs"])  # the short one is rewritten with the missing columns
+def test_a_points_row_keeps_a_windows_files_line_ends(tmp_path, header):
+    """A spreadsheet's CSV (byte-order mark, CRLF) was rewritten with LF line ends."""
+    from argparse import Namespace
+
+    tool = load_tool("evaluate")
+    points = tmp_path / "excel.csv"
+    cells = ",".join(["x", "50", "1000"] + [""] * (header.count(",") - 2))
+    points.write_bytes(f"\ufeff{header}\r\n{cells}".encode())  # no final line end either
+    row = {"label": "ev", "top1": "60.0000", "macs": 2000, "params": 10, "kind": "thin"}
+    tool._add_point(Namespace(points=str(points)), points, row)
+    data = points.read_bytes()
+    assert data.startswith("\ufeff".encode()) and data.endswith(b"\r\n")
+    assert data.count(b"\r\n") == data.count(b"\n") == 3
+    assert [p.label for p in points_from_csv(points)] == ["x", "ev"]
+
+
 def test_a_pruned_checkpoints_row_carries_its_baseline():
     meta = {"model_config": {"name": "thin_resnet50", "channels": {"stem": 8}},
             "pruning": {"source_val_top1": 76.1, "source_macs": 4_100_000_000}}

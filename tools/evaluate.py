@@ -452,11 +452,14 @@ def _add_point(args, path: Path, row: dict[str, Any]) -> None:
     if header is None:
         header, old = list(POINT_COLUMNS), ""
     else:
-        old = path.read_text(encoding="utf-8")  # a spreadsheet's byte-order mark kept
-        if not old.endswith("\n"):
-            old += "\n"
+        # bytes as they are: a spreadsheet's byte-order mark and its CRLF line ends are kept
+        # (a universal-newline read rewrote a Windows file as LF)
+        old = path.read_bytes().decode("utf-8")
+    ending = "\r\n" if "\r\n" in old else "\n"
+    if old and not old.endswith("\n"):
+        old += ending
     out = io.StringIO(newline="")
-    writer = csv.writer(out, lineterminator="\n")
+    writer = csv.writer(out, lineterminator=ending)
     missing = [c for c in POINT_COLUMNS if c not in header and row.get(c) not in (None, "")]
     if old and missing:
         # A file with fewer columns (label,top1,macs) lost the row's kind, params and
