@@ -651,6 +651,8 @@ def _check_consistency(cfg: Config, origin: str, require_data_path: bool = True)
     if m.shortcut != "A" and not m.name.startswith("cifar_") and not m.init_from:
         raise ConfigError(f"{origin}: model.shortcut={m.shortcut} applies to the cifar_resnet* "
                           f"models only (model.name={m.name} always projects); remove it")
+    if m.channels is not None and not m.init_from:
+        _check_channels(m, origin)
     if cfg.aug.scale[0] > cfg.aug.scale[1]:
         raise ConfigError(f"{origin}: aug.scale must be [low, high], got {cfg.aug.scale}")
     if cfg.aug.ratio[0] > cfg.aug.ratio[1]:
@@ -681,6 +683,24 @@ def _check_consistency(cfg: Config, origin: str, require_data_path: bool = True)
     if s.kind == "step" and any(b <= a for a, b in zip(s.milestones, s.milestones[1:])):
         raise ConfigError(f"{origin}: schedule.milestones must be increasing for "
                           f"schedule.kind=step, got {s.milestones}")
+
+
+def _check_channels(m: ModelConfig, origin: str) -> None:
+    """`model.channels` checked against `model.name`'s depth and block type when the config is
+    read, like every other key (a bad spec was refused only when the model was built, past
+    `--keys`, without the file or override it came from). The network is built on the meta
+    device: the check is the model's own, and nothing is allocated."""
+    import torch  # here, not at the top: a config without explicit channels needs no torch
+
+    from .models import create_model, list_models
+
+    if m.name not in list_models():  # the model build names an unknown model
+        return
+    try:
+        with torch.device("meta"):
+            create_model(m.name, channels=m.channels)
+    except ValueError as e:
+        raise ConfigError(f"{origin}: model.{e}") from None
 
 
 # What each data backend implements beyond crop + flip + normalisation (the torch backend does

@@ -134,9 +134,22 @@ def test_config_takes_a_spec_and_rejects_a_bad_one(tmp_path):
     assert count_params(build_model(cfg.model, 10)) == 17_326  # = width 0.25
     with pytest.raises(ConfigError, match="model.channels must be a mapping or null"):
         load(None, ["--model.channels=[1, 2]"])
-    bad = load(None, ["--model.name=cifar_resnet20", "--model.channels={stem: 4}"])
-    with pytest.raises(ConfigError, match="model: channels must be a mapping with keys"):
-        build_model(bad.model, 10)
+    # checked when the config is read, naming the override (it was refused only by the model
+    # build, past --keys, as "model: channels ..." from nowhere)
+    with pytest.raises(ConfigError, match=r"^--model.channels=\{stem: 4\}: model.channels must "
+                                          r"be a mapping with keys"):
+        load(None, ["--model.name=cifar_resnet20", "--model.channels={stem: 4}"])
+    r50 = uniform_channels(16, [3, 4, 6, 3], 4)
+    r50["stages"][3]["blocks"][1] = [32]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model:\n  name: thin_resnet50\n  channels: {r50}\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(recipe))}: model.channels: "
+                                          r"stages\[3\].blocks\[1\] must be a list of 2"):
+        load(recipe)
+    # a spec for another depth is refused too; under init_from the checkpoint's replaces it
+    with pytest.raises(ConfigError, match="stages must be a list of 4 stages"):
+        load(None, [f"--model.channels={spec}"])
+    assert load(None, [f"--model.channels={spec}", "--model.init_from=x.pt"]).model.channels
 
 
 # --------------------------------------------------------------------------- pruning math
