@@ -645,6 +645,50 @@ def test_a_full_disk_leaves_every_earlier_output_whole_and_names_the_file(tmp_pa
     assert sorted(tmp_path.iterdir()) == sorted(written)  # no temporary file left
 
 
+def test_an_output_file_that_is_a_link_folder_or_input_is_refused_first(tmp_path, capsys):
+    """A symbolic link among the outputs was replaced by a plain file (one to /dev/null became
+    a world-writable file), where every other tool refuses it."""
+    points = tmp_path / "pts.csv"
+    points.write_text("label,top1,macs\nmine,50,1e6\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    target = tmp_path / "target.md"
+    target.write_text("kept")
+    (out / "mine-table.md").symlink_to(target)
+    (out / "compare-top1-vs-latency.svg").mkdir()
+    cases = [(["--name", "mine"], f"--out {out}: mine-table.md: is a symbolic link (to "
+                                  f"{target}); name the file itself"),
+             ([], f"--out {out}: compare-top1-vs-latency.svg: is a folder"),
+             (["--name", "p", "--points", str(out / "p-table.csv")],
+              f"--out {out}: p-table.csv: is the input {out / 'p-table.csv'}")]
+    (out / "p-table.csv").write_text("label,top1,macs\nmine,50,1e6\n")
+    for argv, message in cases:
+        code = compare_tool.main(["--points", str(points), "--out", str(out)] + argv)
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: {message}"), err
+    assert sorted(p.name for p in out.iterdir()) == ["compare-top1-vs-latency.svg",
+                                                     "mine-table.md", "p-table.csv"]
+    assert target.read_text() == "kept" and (out / "mine-table.md").is_symlink()
+
+
+def test_a_failed_write_keeps_the_earlier_latency_plot(tmp_path, monkeypatch):
+    """The earlier comparison's latency plot was removed before the tables were written: a
+    table write failing then lost it, though the error said the files were as they were."""
+    c = report.build_comparison("resnet56-cifar10")
+    stale = tmp_path / "resnet56-cifar10-top1-vs-latency.png"
+    stale.write_bytes(b"earlier plot")
+
+    def full(*args, **kwargs):
+        raise CompareError("table: cannot write (No space left on device)")
+    monkeypatch.setattr(report, "write_csv", full)
+    with pytest.raises(CompareError, match="No space left"):
+        report.write_outputs(c, tmp_path, None)
+    assert stale.read_bytes() == b"earlier plot"
+    monkeypatch.undo()
+    report.write_outputs(c, tmp_path, None)
+    assert not stale.exists()  # a comparison without latency removes it once written
+
+
 def test_names_that_are_not_utf8_are_escaped_in_every_output(tmp_path, capsys):
     """A run folder or points file named in Latin-1 (Linux names are bytes): the CSV writer
     raised UnicodeEncodeError half-way (the table half-written), matplotlib a TypeError."""

@@ -108,6 +108,16 @@ def main(argv: list[str] | None = None) -> int:
             # while.
             check_output(args.out, f"--out {args.out}", folder=True)
             from fasttrain.compare import report
+            from fasttrain.compare.literature import get_benchmark
+
+            if args.benchmark:  # its name names the files: an unknown one is that error
+                get_benchmark(args.benchmark)
+            name = args.name or args.benchmark or "compare"
+            # Each file too: one that is a symbolic link (replaced by a plain file, the link's
+            # target untouched), a folder, or an input of this comparison.
+            for path in report.output_files(args.out, name):
+                check_output(path, f"--out {args.out}: {path.name}",
+                             inputs=args.points + args.latency)
 
             c = report.build_comparison(args.benchmark, runs=args.runs, points_csv=args.points,
                                         latency=args.latency, batch_size=args.batch_size,

@@ -302,6 +302,18 @@ def write_outputs(c: Comparison, out_dir: str | Path, name: str | None = None) -
                                ) from None
 
 
+PLOTS = ("top1-vs-macs", "top1-vs-params", "top1-vs-latency", "delta-vs-reduction")
+
+
+def output_files(out_dir: str | Path, name: str) -> list[Path]:
+    """Every file a comparison named `name` may write (or, the latency plot, remove) in
+    `out_dir`, so that a tool can check them all before the work (`cli.check_output`). `name`:
+    the `--name`, else the benchmark's name, else "compare"."""
+    out = Path(out_dir)
+    return [out / f"{name}-{plot}{suffix}" for plot in PLOTS for suffix in (".png", ".svg")
+            ] + [out / f"{name}-table.md", out / f"{name}-table.csv"]
+
+
 def _write_outputs(c: Comparison, out: Path, name: str | None) -> list[Path]:
     name = name or (c.benchmark.name if c.benchmark else "compare")
     what = c.benchmark.title if c.benchmark else "ThinResNet vs pruned"
@@ -321,9 +333,6 @@ def _write_outputs(c: Comparison, out: Path, name: str | None) -> list[Path]:
         written += plots.plot_top1(c.points, "latency", latency_plot,
                                    title=f"{what}: top-1 vs measured latency",
                                    subtitle=lat_note)
-    else:  # an earlier comparison's, of other points: it must not pass for this one's
-        for suffix in (".png", ".svg"):
-            latency_plot.with_suffix(suffix).unlink(missing_ok=True)
     written += plots.plot_delta(c.points, out / f"{name}-delta-vs-reduction",
                                 title=f"{what}: accuracy change vs MAC reduction, each relative "
                                       f"to its own baseline", subtitle=thin_note,
@@ -331,4 +340,9 @@ def _write_outputs(c: Comparison, out: Path, name: str | None) -> list[Path]:
     md, table = out / f"{name}-table.md", out / f"{name}-table.csv"
     plots.write_replacing(md, lambda f: f.write(_utf8(markdown(c))))
     write_csv(c, table)
+    if not any(p.latency_ms is not None for p in c.points):
+        # an earlier comparison's, of other points: it must not pass for this one's. Removed
+        # last, so that a write failing before it leaves that comparison's plot in place.
+        for suffix in (".png", ".svg"):
+            latency_plot.with_suffix(suffix).unlink(missing_ok=True)
     return written + [md, table]
