@@ -245,6 +245,25 @@ def test_atomic_save_keeps_previous_file_on_failure(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left
 
 
+def test_an_atomic_write_keeps_a_files_mode_but_not_a_link_targets(tmp_path):
+    """A replaced file keeps its mode; a symbolic link is replaced by a file of the default
+    mode, not its target's (a link to /dev/null made a world-writable file)."""
+    private, fresh = tmp_path / "private", tmp_path / "fresh"
+    private.write_text("old")
+    private.chmod(0o600)
+    ckpt.write_atomic(private, lambda f: f.write(b"new"))
+    ckpt.write_atomic(fresh, lambda f: f.write(b"new"))
+    shared, link = tmp_path / "shared", tmp_path / "link"
+    shared.write_text("kept")
+    shared.chmod(0o666)
+    link.symlink_to(shared)
+    ckpt.write_atomic(link, lambda f: f.write(b"new"))
+    assert private.stat().st_mode & 0o777 == 0o600 and private.read_bytes() == b"new"
+    assert not link.is_symlink() and link.read_bytes() == b"new"
+    assert link.stat().st_mode & 0o777 == fresh.stat().st_mode & 0o777 != 0o666
+    assert shared.read_text() == "kept"
+
+
 def test_load_refuses_code_execution_and_garbage(tmp_path):
     marker = tmp_path / "pwned"
     evil = write_code_running_checkpoint(tmp_path / "evil.pt", marker)

@@ -41,7 +41,10 @@ def write_atomic(path: Path, write: Callable[[IO], None], mode: str = "wb") -> N
             f.flush()
             os.fsync(f.fileno())
         try:
-            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
+            # the file's own mode: a symbolic link is replaced, not its target (the tools refuse
+            # one; /dev/null's 0666 made a world-writable file)
+            if not path.is_symlink():
+                os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
         except FileNotFoundError:
             pass
         os.replace(tmp, path)
