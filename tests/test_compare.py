@@ -22,6 +22,7 @@ from fasttrain.compare.literature import CompareError
 from fasttrain.compare.pareto import curve_value, pareto_front
 from fasttrain.compare.points import (LITERATURE, MEASURED, OTHER, PRUNED, PUBLISHED, THIN, USER,
                                       Point, attach_latency, point_from_run, points_from_csv)
+from fasttrain.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
@@ -309,6 +310,25 @@ def test_points_and_latency_options_repeat_and_refuse_one_file_twice(tmp_path, c
     assert not (tmp_path / "twice").exists()
 
 
+def test_a_top1_of_zero_is_a_point(tmp_path):
+    """tools/evaluate.py writes a diverged network's 0.0000; compare refused the file."""
+    path = tmp_path / "pts.csv"
+    path.write_text("label,top1,macs,base_top1\ndiverged,0.0000,1e6,0\n")
+    (p,) = report.build_comparison(points_csv=[path]).points
+    assert (p.top1, p.base_top1, p.delta_top1) == (0.0, 0.0, 0.0)
+
+
+def test_a_run_of_an_unknown_model_is_named(tmp_path):
+    """With several --runs, 'model.name ... is not a registered model' named none of them."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: {name: resnet_foo, num_classes: 10}\n")
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "val_top1": 50.0}) + "\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(run / 'config.yaml'))}: model.name "
+                                          r"'resnet_foo' is not a registered model"):
+        report.build_comparison(runs=[run])
+
+
 def test_a_baseline_smaller_than_its_point_is_a_warning(tmp_path):
     """base_macs below macs (the two columns swapped) gave a negative MAC reduction silently."""
     path = tmp_path / "pts.csv"
@@ -343,7 +363,9 @@ def test_thin_points_get_a_baseline_of_their_own_model_only(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("label,top1,macs\nx,abc,1e6\n", ":2: column top1: expected a number, got 'abc'"),
-    ("label,top1,macs\nx,70,1e6\ny,101,1e6\n", ":3: column top1: must be in (0, 100], got 101"),
+    ("label,top1,macs\nx,70,1e6\ny,101,1e6\n", ":3: column top1: must be in [0, 100], got 101"),
+    ("label,top1,macs\nx,-0.5,1e6\n", ":2: column top1: must be in [0, 100], got -0.5"),
+    ("label,top1,macs\nx,70,0\n", ":2: column macs: must be in (0, 1e18], got 0"),
     ("label,top1,macs\nx,70,\n", ":2: column macs: required, but empty"),
     ("label,top1,macs,kind\nx,70,1e6,teacher\n", ":2: column kind: must be one of thin"),
     ("label,top1,macs,flops\nx,70,1e6,1\n", ":1: unknown column 'flops'"),

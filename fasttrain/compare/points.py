@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..errors import ConfigError
 from .literature import Benchmark, CompareError, LiteraturePoint
 
 THIN, PRUNED, LITERATURE, OTHER = "thin", "pruned", "literature", "other"
@@ -304,7 +305,10 @@ def point_from_run(run_dir: str | Path, warnings: list[str] | None = None) -> Po
         raise CompareError(f"{run}/config.yaml: model.num_classes is 0 (the trainer writes the "
                            f"resolved count; was this file edited?)")
     res = cfg.data.val_res
-    macs, params = _counts(m, res)
+    try:
+        macs, params = _counts(m, res)
+    except ConfigError as e:  # an unknown model.name: which of the runs said it
+        raise ConfigError(f"{run / 'config.yaml'}: {e}") from None
     model = model_identity(asdict(m))
     point = Point(label=f"{model} w{m.width:g}", kind=THIN, origin=MEASURED,
                   top1=metrics["val_top1"], macs=macs,
@@ -440,10 +444,13 @@ def _user_cell(path: Path, line: int, column: str, text: str) -> Any:
     except ValueError:
         raise CompareError(f"{path}:{line}: column {column}: expected a number, "
                            f"got {text!r}") from None
-    # 1e18: no network's count comes near; 1e300 passed and broke the plots' axis limits
-    top = 100 if column in ("top1", "base_top1") else 1e18
-    if not math.isfinite(value) or value <= 0 or value > top:
-        bound = "in (0, 100]" if column in ("top1", "base_top1") else "in (0, 1e18]"
+    # 1e18: no network's count comes near; 1e300 passed and broke the plots' axis limits.
+    # A top-1 of 0 is a measurement (a diverged run; tools/evaluate.py writes it), a count of
+    # 0 no point on a log axis.
+    accuracy = column in ("top1", "base_top1")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not accuracy) \
+            or value > (100 if accuracy else 1e18):
+        bound = "in [0, 100]" if accuracy else "in (0, 1e18]"
         raise CompareError(f"{path}:{line}: column {column}: must be {bound}, got {text}")
     return value
 
