@@ -51,12 +51,19 @@ def _entry(name: str):
                     raise ValueError(f"norm_act={choice!r}: choose from "
                                      f"{', '.join(sorted(_models.NORM_ACT_LAYERS))}")
                 kwargs["norm_act_layer"] = _models.NORM_ACT_LAYERS[choice]
-            from fasttrain.config import MAX_WIDTH
+            import dataclasses
 
-            width = kwargs.get("width", 1.0)
-            # as model.width: a typo (100 for 1.0) would allocate gigabytes before failing
-            if isinstance(width, (int, float)) and width > MAX_WIDTH:
-                raise ValueError(f"width={width}: must be <= {MAX_WIDTH}")
+            from fasttrain.config import ModelConfig
+
+            # the config's upper bounds: a typo (100 for width 1.0, 10**9 classes or divisor)
+            # would allocate gigabytes before failing; the types the model checks itself
+            tops = {f.name: f.metadata["le"] for f in dataclasses.fields(ModelConfig)
+                    if "le" in f.metadata}
+            for key, top in tops.items():
+                value = kwargs.get(key)
+                if isinstance(value, (int, float)) and not isinstance(value, bool) \
+                        and value > top:
+                    raise ValueError(f"{key}={value}: must be <= {top:,}")
             return _models.create_model(name, **kwargs).eval()
         if not str(checkpoint).strip():
             raise ValueError("checkpoint= is empty: give the path of a fasttrain checkpoint")

@@ -648,6 +648,10 @@ def test_hub_entry_points(tmp_path):
     assert any(".downsample." in n for n, _ in option_b.named_parameters())
     with pytest.raises(ValueError, match=r"^width=1000000.0: must be <= 16$"):  # not 37 GB
         torch.hub.load(str(ROOT), "thin_resnet18", source="local", width=1e6)
+    # the config's bounds on the others: 256 GB and 108 GB allocations before
+    for key, top in (("num_classes", "100,000"), ("channel_divisor", "512")):
+        with pytest.raises(ValueError, match=rf"^{key}=1000000000: must be <= {top}$"):
+            torch.hub.load(str(ROOT), "cifar_resnet20", source="local", **{key: 10 ** 9})
 
 
 def test_hub_expands_a_tilde_in_the_checkpoint_path(tmp_path, monkeypatch):
