@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -434,6 +435,24 @@ def test_a_file_the_reader_cannot_map_is_the_one_named(tmp_path, kind):
     with pytest.raises(DatasetError, match=rf"train/class0/zz_bad\.jpg: DALI cannot decode this "
                                            rf"file \({reason}\)"):
         _epoch(_loaders(cfg).train, 0)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_fifo_stops_the_run_before_dali_opens_it(tmp_path, split):
+    """DALI's reader opened a FIFO among the images and waited for a writer for good (the run
+    hung, deaf to SIGTERM); the torch backend skips it unopened. A link to one is one too."""
+    root = _grey_folder(tmp_path, 8, 4)
+    fifo = root / split / "class0" / "zz.jpg"
+    os.mkfifo(fifo)
+    (root / split / "class1" / "zz_link.jpg").symlink_to(fifo)
+    cfg = _cfg(root, "--data.batch_size=4", "--data.train_res=8", "--data.val_res=8")
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(fifo))}: not a regular file \(a "
+                                           rf"FIFO\) \(and 1 more\); data.backend=dali stops"):
+        _loaders(cfg)
+    # a file that became one after the listing is named, not opened, when a batch fails
+    from fasttrain.data.dali_loader import _first_undecodable
+
+    assert _first_undecodable([str(fifo)]) == (str(fifo), "not a regular file (a FIFO)")
 
 
 def test_a_relative_data_path_reads_from_the_working_directory(tmp_path, monkeypatch):

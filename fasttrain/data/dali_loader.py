@@ -30,6 +30,7 @@ import ctypes
 import functools
 import math
 import os
+import stat
 import tempfile
 from types import SimpleNamespace
 from typing import Any, Callable, Iterator, Sequence
@@ -40,6 +41,7 @@ import torch
 from ..config import AugConfig, DataConfig
 from ..errors import ConfigError, DatasetError, RunError, ShardError
 from . import resize
+from .datasets import FILE_KINDS
 from .loader import Loaders, _datasets, rank_batches, sample_seed, torch_threads
 from .transforms import (Normalize, ValTransform, horizontal_flip, progressive_resolution,
                          resize_square)
@@ -105,6 +107,21 @@ def _check_listable(samples: list[tuple[str, int]]) -> None:
         if "\n" in path or "\r" in path:
             raise DatasetError(f"{path!r}: a file name with a line break cannot be listed for "
                                f"DALI; rename it, or use data.backend=torch")
+
+
+def _check_regular(special: list[str]) -> None:
+    """DALI's reader opens every listed path: on a FIFO it waits for a writer for good (the
+    run hung, deaf to SIGTERM), and it cannot skip a file, so such paths stop the run first."""
+    if special:
+        path = special[0]
+        try:
+            kind = FILE_KINDS.get(stat.S_IFMT(os.stat(path).st_mode), "special file")
+        except OSError:  # gone since the listing
+            kind = "special file"
+        more = f" (and {len(special) - 1} more)" if len(special) > 1 else ""
+        raise DatasetError(f"{path}: not a regular file (a {kind}){more}; data.backend=dali "
+                           f"stops at unreadable files, remove it or use data.backend=torch, "
+                           f"which skips them")
 
 
 class _Picked(Sequence[tuple[str, int]]):
@@ -362,6 +379,9 @@ def _first_undecodable(paths: list[str]) -> tuple[str, str] | None:
     the bad one and would name the wrong file."""
     for path in paths:
         try:
+            kind = stat.S_IFMT(os.stat(path).st_mode)
+            if kind != stat.S_IFREG:  # opening a FIFO would wait for a writer for good
+                return path, f"not a regular file (a {FILE_KINDS.get(kind, 'special file')})"
             with open(path, "rb") as f:
                 if not f.read(1):
                     return path, "empty file"
@@ -521,6 +541,8 @@ def build_dali_loaders(data: DataConfig, aug: AugConfig, *, rank: int, world_siz
     train_tail, val_tail = (gpu_train, gpu_val) if gpu else (cpu_train, cpu_val)
     train_samples = train_set.samples
     _check_listable(train_samples)  # before any epoch: --dry-run says it too
+    for dataset in (train_set, val_set):
+        _check_regular(getattr(dataset, "special_files", []))
     # Once, not per epoch: making 1.28 M ImageNet-like paths absolute and formatting them in an
     # epoch's random order held up its start 6.7 s, picking the prepared lines 1.4 s (the same
     # file; 8 ranks' shares, 2-core VM at load 3.5)

@@ -117,19 +117,45 @@ class SkippedSample(NamedTuple):
 
 
 def _walk_files(folder: str):
-    """(folder path, file names) as os.walk(followlinks=True) gives them, refusing a symbolic
-    link to a folder that contains it. os.walk follows such a loop until the path is too long
-    for the OS (~40 rounds), so one `up -> ..` link listed every image of the class ~40 times,
-    and the other classes' images under this class's label; torchvision's `make_dataset` has
-    no guard, which is why this walk is written here.
+    """(folder path, file names, names of those that are no regular file) for `folder` and
+    every folder below it, as os.walk(followlinks=True) lists them (a folder that cannot be
+    listed passed over), refusing a symbolic link to a folder that contains it. os.walk follows
+    such a loop until the path is too long for the OS (~40 rounds), so one `up -> ..` link
+    listed every image of the class ~40 times, and the other classes' images under this class's
+    label; torchvision's `make_dataset` has no guard, which is why this walk is written here.
+    The file types come from `scandir` (no stat but for symbolic links, which os.walk stats
+    too): a FIFO, socket or device, or a link to one, is named for readers that cannot skip
+    files (opening a FIFO waits for a writer for good).
 
     Raises:
         DatasetError: a symbolic link points at a folder the walk is inside of.
     """
     chains = {folder: (os.path.realpath(folder),)}  # real paths of a folder and its parents
-    for root, dirs, files in os.walk(folder, followlinks=True):
+    pending = [folder]
+    while pending:
+        root = pending.pop()
         chain = chains.pop(root)
-        for name in dirs:
+        dirs, files, special = [], [], []
+        try:
+            with os.scandir(root) as entries:
+                for entry in entries:
+                    try:
+                        is_dir = entry.is_dir()
+                    except OSError:
+                        is_dir = False
+                    if is_dir:
+                        dirs.append(entry.name)
+                        continue
+                    files.append(entry.name)
+                    try:  # free for a plain entry (the folder's type field), a stat for a link
+                        regular = entry.is_file() or not os.path.exists(entry.path)
+                    except OSError:
+                        regular = True  # unreadable: the reader says why
+                    if not regular:
+                        special.append(entry.name)
+        except OSError:  # os.walk's default: a folder that cannot be listed is passed over
+            continue
+        for name in sorted(dirs):
             child = os.path.join(root, name)
             real = os.path.realpath(child)
             if real in chain:
@@ -142,16 +168,19 @@ def _walk_files(folder: str):
                                    f"of, so its images would be listed again and again; "
                                    f"remove the link")
             chains[child] = (*chain, real)
-        yield root, files
+            pending.append(child)
+        yield root, files, special
 
 
-def folder_files(root: Path, class_to_idx: dict[str, int]
-                 ) -> tuple[list[tuple[str, int]], list[str]]:
+def folder_files(root: Path, class_to_idx: dict[str, int],
+                 special: list[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
     """(image files as (path, class index), other files) under `root/<class>/` for the classes
     in `class_to_idx`, as every loader lists them: torchvision's `make_dataset` order (classes
     sorted, then folders, then files; symbolic links to folders followed, dangling links
     included: reading one fails) and an image is a file with an `IMG_EXTENSIONS` extension.
     tools/check_data.py lists through this too, so it checks exactly the files a run reads.
+    `special`, when given, gets the image paths that exist but are no regular file (a FIFO, a
+    device; `_walk_files`), in the same order.
 
     Raises:
         DatasetError: a symbolic link loops back to a folder that contains it.
@@ -162,11 +191,13 @@ def folder_files(root: Path, class_to_idx: dict[str, int]
         class_dir = os.path.join(str(root), name)
         if not os.path.isdir(class_dir):
             continue
-        for folder, files in sorted(_walk_files(class_dir)):
+        for folder, files, odd in sorted(_walk_files(class_dir)):
             for file in sorted(files):
                 path = os.path.join(folder, file)
                 if has_file_allowed_extension(path, IMG_EXTENSIONS):
                     images.append((path, target))
+                    if special is not None and file in odd:
+                        special.append(path)
                 else:
                     others.append(path)
     return images, others
@@ -197,7 +228,7 @@ def read_encoded(path: str) -> bytes:
         info = os.stat(path)
         kind = stat.S_IFMT(info.st_mode)
         if kind != stat.S_IFREG:
-            raise ValueError(f"not a regular file (a {_FILE_KINDS.get(kind, 'special file')})")
+            raise ValueError(f"not a regular file (a {FILE_KINDS.get(kind, 'special file')})")
         with open(path, "rb") as f:  # not Path.read_bytes: its path parsing is half the time
             raw = f.read(info.st_size)  # bounded, should it be swapped for something endless
     except FileNotFoundError:
@@ -212,8 +243,8 @@ def read_encoded(path: str) -> bytes:
     return raw
 
 
-_FILE_KINDS = {stat.S_IFIFO: "FIFO", stat.S_IFCHR: "character device",
-               stat.S_IFBLK: "block device", stat.S_IFSOCK: "socket", stat.S_IFDIR: "folder"}
+FILE_KINDS = {stat.S_IFIFO: "FIFO", stat.S_IFCHR: "character device",
+              stat.S_IFBLK: "block device", stat.S_IFSOCK: "socket", stat.S_IFDIR: "folder"}
 
 
 def _jpeg_truncated(raw: bytes) -> bool:
@@ -507,7 +538,8 @@ class ImageFolderDataset(Dataset):
         except OSError as e:
             raise DatasetError(f"{root}: cannot list the folder ({e.strerror})") from None
         self.classes, self.class_to_idx = classes, found
-        self.samples = SampleList(folder_files(root, found)[0])
+        self.special_files: list[str] = []  # image paths that are no regular file
+        self.samples = SampleList(folder_files(root, found, self.special_files)[0])
         if not self.samples:
             if not any((root / name).is_dir() for name in found):  # e.g. ImageNet's flat val
                 raise DatasetError(f"{root}: no class folders (images go in {root}/<class>/, "
