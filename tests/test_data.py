@@ -646,6 +646,32 @@ def test_check_data_prints_folder_names_as_they_are(tmp_path, capsys):
     assert "--workers=100000: must be 0 (one per core) to 1024" in capsys.readouterr().err
 
 
+def test_check_data_reads_a_cifar10_folder_as_training_does(tmp_path, capsys):
+    """Pointed at a CIFAR-10 data.path it reported an "empty class folder" and eight ignored
+    files; it now counts the batches' classes and names a file training would refuse."""
+    from conftest import load_tool
+
+    labels = list(range(10)) * 5 + [3] * 9 + [0]  # test_batch: 9 cats, 1 airplane
+    write_cifar10(tmp_path, np.zeros((60, 32, 32, 3), np.uint8), labels, per_batch=10)
+    folder = tmp_path / "cifar-10-batches-py"
+    for root in (tmp_path, folder):  # data.path, or the batches' folder itself
+        report = scan(root)
+        assert report.images == 60 and report.ignored == []
+        assert report.class_counts["train"] == {name: 5 for name in report.class_counts["train"]}
+        assert report.class_counts["val"]["cat"] == 9 and report.class_counts["val"]["dog"] == 0
+        assert report.problems == [(str(folder), f"val: class {name!r} has no images")
+                                   for name in report.class_counts["val"]
+                                   if name not in ("airplane", "cat")]
+    (folder / "data_batch_4").unlink()
+    (folder / "test_batch").write_bytes(b"not a pickle")
+    check_data = load_tool("check_data")
+    assert check_data.main([str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert f"problem: {folder / 'data_batch_4'}: missing (CIFAR-10 has" in out
+    assert f"problem: {folder / 'test_batch'}: not a CIFAR-10 batch file (" in out
+    assert "2 problem(s), 0 warning(s), 0 ignored file(s)" in out
+
+
 def test_check_data_with_stdout_closed_exits_141_not_1(tmp_path):
     """`check_data.py DIR | head -5` exited 1, "problems found", silently, on a clean set."""
     import subprocess

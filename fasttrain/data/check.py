@@ -13,7 +13,8 @@ from ..config import MAX_WORKERS
 from ..errors import DatasetError, UserError
 from ..measure.env import usable_cores
 from . import jpeg
-from .datasets import _decode_whole, folder_files, loose_images, read_encoded
+from .datasets import (CIFAR10_DIR, _decode_whole, folder_files, load_cifar10, loose_images,
+                       read_encoded)
 
 
 @dataclass
@@ -56,7 +57,9 @@ def scan(root: Path, workers: int = 0, progress: Callable[[int, int], None] | No
     what training refuses at start: a missing train/ or val/ beside the other, validation
     classes that train/ lacks.
     The files are the ones the loaders list (`datasets.folder_files`: symbolic links to
-    folders followed), decoded by the loaders' `read_image`.
+    folders followed), decoded by the loaders' `read_image`. A CIFAR-10 folder (`root` holding
+    `cifar-10-batches-py/`, as `data.path` of `data.dataset=cifar10` does, or that folder
+    itself) is read as training reads it instead (`_scan_cifar10`).
 
     Raises:
         DatasetError: `root` is not a directory, or a split folder cannot be listed.
@@ -67,6 +70,9 @@ def scan(root: Path, workers: int = 0, progress: Callable[[int, int], None] | No
     if not root.is_dir():
         raise DatasetError(f"{root}: " + ("not a directory" if root.exists()
                                           else "directory not found"))
+    cifar = _cifar_root(root)
+    if cifar is not None:
+        return _scan_cifar10(root, cifar, progress)
     splits = [d for d in (root / "train", root / "val") if d.is_dir()] or [root]
     report = ScanReport(root)
     files: list[str] = []
@@ -123,4 +129,42 @@ def scan(root: Path, workers: int = 0, progress: Callable[[int, int], None] | No
                 report.warnings.append((path, warning))
             if progress:
                 progress(done, len(files))
+    return report
+
+
+def _cifar_root(root: Path) -> Path | None:
+    """The `data.path` of a CIFAR-10 folder `root` is or holds, else None."""
+    if (root / CIFAR10_DIR).is_dir():
+        return root
+    if root.name == CIFAR10_DIR and any((root / n).exists() for n in ("data_batch_1",
+                                                                       "test_batch")):
+        return root.parent
+    return None
+
+
+def _scan_cifar10(root: Path, cifar: Path, progress: Callable[[int, int], None] | None
+                  ) -> ScanReport:
+    """CIFAR-10's batch files read as `data.dataset=cifar10` reads them (`load_cifar10`):
+    class counts of train (data_batch_1 to 5) and val (test_batch); a file training would
+    refuse (missing, not a batch, wrong shape or dtype, a label outside the classes) is a
+    problem naming it, where the image-folder scan saw one empty "class" and ignored files."""
+    report = ScanReport(root)
+    for done, (split, train) in enumerate((("train", True), ("val", False)), 1):
+        try:
+            dataset = load_cifar10(cifar, train=train, download=False)
+        except DatasetError as e:
+            problem = tuple(str(e).partition(": ")[::2])
+            if problem not in report.problems:  # batches.meta is read for both splits
+                report.problems.append(problem)
+            report.class_counts[split] = {}
+        else:
+            per_class = Counter(dataset.targets)
+            report.class_counts[split] = {name: per_class[i]
+                                          for i, name in enumerate(dataset.classes)}
+            report.images += len(dataset)
+            report.problems += [(str(cifar / CIFAR10_DIR), f"{split}: class {name!r} has no "
+                                 f"images") for name, n in report.class_counts[split].items()
+                                if not n]
+        if progress:
+            progress(done, 2)
     return report
