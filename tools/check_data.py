@@ -4,8 +4,9 @@
     python tools/check_data.py DIR [--workers N]
 
 Decodes every image under DIR (ImageNet layout DIR/{train,val}/CLASS/*, or DIR/CLASS/*; a
-CIFAR-10 folder is read as training reads its batch files) in parallel with a progress bar (on stderr, when it is a terminal), then prints the class counts
-per split and every problem found: undecodable, empty or truncated files, empty class folders.
+CIFAR-10 folder is read as training reads its batch files) in parallel with a progress bar
+(on stderr, when it is a terminal), then prints the class counts per split and every problem
+found: undecodable, empty or truncated files, empty class folders.
 Files without an image extension are listed as ignored (the loaders never read them); JPEGs that
 libjpeg decodes past damage with a warning are listed as warnings, not problems (the loaders
 read them, damaged pixels and all). Exit
