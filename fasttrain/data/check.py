@@ -1,6 +1,7 @@
 """Scan an image data set for files a long run would trip on, before the run."""
 from __future__ import annotations
 
+import os
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -45,6 +46,15 @@ def _check_file(path: str) -> tuple[str, str | None, str | None]:
     except (OSError, ValueError) as e:
         return path, str(e), None
     return path, None, warning
+
+
+def _silence_stderr() -> None:
+    """A decoding worker's stderr goes nowhere: libjpeg, through torchvision, prints its
+    warnings there without the file's name ("Corrupt JPEG data: ..."), a line the report
+    already gives with the name; the workers' errors reach the report as return values."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
 
 
 def scan(root: Path, workers: int = 0, progress: Callable[[int, int], None] | None = None
@@ -119,8 +129,8 @@ def scan(root: Path, workers: int = 0, progress: Callable[[int, int], None] | No
                                     f"training refuses: {', '.join(extra[:5])}"
                                     f"{', ...' if len(extra) > 5 else ''}"))
     # More processes than files only costs their start-up.
-    with ProcessPoolExecutor(max_workers=max(1, min(workers or usable_cores(),
-                                                    len(files)))) as pool:
+    with ProcessPoolExecutor(max_workers=max(1, min(workers or usable_cores(), len(files))),
+                             initializer=_silence_stderr) as pool:
         for done, (path, problem, warning) in enumerate(pool.map(_check_file, files,
                                                                  chunksize=64), 1):
             if problem:
