@@ -430,9 +430,11 @@ def to_export(model: nn.Module, example: torch.Tensor, path: str | Path,
 
 
 def to_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, meta: dict[str, Any],
-            opset: int = ONNX_OPSET) -> None:
+            opset: int = ONNX_OPSET, keep_batchnorm: bool = False) -> None:
     """Write `model` as ONNX (`opset`, dynamo exporter, weights inside the file, input "images"
-    with a dynamic batch, output "logits") with `meta` in `metadata_props`.
+    with a dynamic batch, output "logits") with `meta` in `metadata_props`. `keep_batchnorm`:
+    the graph keeps its BatchNormalization nodes (`--no-fold`), which the exporter's own
+    optimizer fuses into the convolutions; constants are still folded.
 
     Raises:
         ExportError: onnx or onnxscript is not installed.
@@ -447,8 +449,19 @@ def to_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, meta: dic
         warnings.simplefilter("ignore")  # the exporter warns about its own internals
         torch.onnx.export(model, (example,), str(path), dynamo=True, opset_version=opset,
                           input_names=["images"], output_names=["logits"],
-                          dynamic_shapes=({0: batch},), external_data=False, verbose=False)
+                          dynamic_shapes=({0: batch},), external_data=False, verbose=False,
+                          optimize=not keep_batchnorm)
     proto = onnx.load(str(path))
+    if keep_batchnorm:
+        # The exporter's optimizer is constant folding plus rewrite rules, one of which fuses
+        # BatchNorm into the preceding Conv: only the folding (public API), or the graph is
+        # left with ~200 shape and cast nodes around each layer.
+        from onnxscript import ir, optimizer
+
+        graph = ir.serde.deserialize_model(proto)
+        optimizer.fold_constants(graph)
+        optimizer.remove_unused_nodes(graph)
+        proto = ir.serde.serialize_model(graph)
     entry = proto.metadata_props.add()
     entry.key, entry.value = META_KEY, json.dumps({**meta, "onnx_opset": opset})
     onnx.save(proto, str(path))
@@ -738,7 +751,7 @@ def export_model(model: nn.Module, meta: dict[str, Any], fmt: str, out: str | Pa
             elif fmt == "export":
                 to_export(net, example, tmp, meta)
             else:
-                to_onnx(net, example, tmp, meta)
+                to_onnx(net, example, tmp, meta, keep_batchnorm=not fold)
                 meta["onnx_opset"] = ONNX_OPSET
         except OSError as e:
             raise ExportError(f"{out}: cannot write ({e.strerror or e})") from None

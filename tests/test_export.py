@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -136,6 +137,25 @@ def test_export_parity_and_metadata(fmt, tmp_path):
     # The architecture can be rebuilt from the metadata alone (the benchmark counts MACs so).
     assert sum(p.numel() for p in ex.model_from_metadata(stored).parameters()) == \
         sum(p.numel() for p in ex.fold_bn(model)[0].parameters())
+
+
+def test_an_onnx_export_without_folding_keeps_its_batchnorm_nodes(tmp_path):
+    """--no-fold wrote an ONNX graph without one BatchNormalization node (the exporter's
+    optimizer fused them) while its metadata said none was folded."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import onnx
+
+    model, meta = small_model()
+    ops = {}
+    for fold in (True, False):
+        out = tmp_path / f"fold{fold}.onnx"
+        parity, written = ex.export_model(model, meta, "onnx", out, fold=fold)
+        assert parity.ok and written["bn_folded"] == (19 if fold else 0)
+        ops[fold] = Counter(n.op_type for n in onnx.load(str(out)).graph.node)
+    assert ops[True]["BatchNormalization"] == 0 and ops[False]["BatchNormalization"] == 19
+    # constants still folded: 87 nodes here against 56 folded; the unoptimised graph had 240
+    assert sum(ops[False].values()) < 100, ops[False]
 
 
 @pytest.mark.slow
