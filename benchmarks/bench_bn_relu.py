@@ -355,8 +355,10 @@ def main(argv: list[str] | None = None) -> int:
                    "after them")
     p.add_argument("--dtype", choices=DTYPES, default="bf16")
     p.add_argument("--layout", choices=["nhwc", "nchw"], default="nhwc")
-    p.add_argument("--warmup", type=_non_negative, default=None,
-                   help="default: 10 on CUDA, 2 on CPU")
+    # >= 1: torch.compile compiles in the first call, which --warmup 0 timed (31 s "steps")
+    p.add_argument("--warmup", type=_positive, default=None,
+                   help="untimed steps first, at least 1 (the compiled implementation compiles "
+                        "in the first); default: 10 on CUDA, 2 on CPU")
     p.add_argument("--iters", type=_non_negative, default=None,
                    help="steps per timed run; 0 = about 25 ms worth (default: CUDA 20, CPU 0)")
     p.add_argument("--repeats", type=_positive, default=None, help="timed runs (CUDA 10, CPU 7)")
