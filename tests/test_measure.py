@@ -390,7 +390,8 @@ def test_factory_rows_name_their_file_norm_act_and_input_channels(tmp_path, monk
 
 def _append_many(directory: str, tag: str) -> None:
     for i in range(60):
-        row = {"kind": "latency", "status": "ok", "tag": tag, "i": i}
+        # "error": a measured row must carry what the plot reads (read_record checks it)
+        row = {"kind": "latency", "status": "error", "tag": tag, "i": i}
         bench.append_results([row], directory, stem="rec")
 
 
@@ -1017,6 +1018,32 @@ def test_outputs_are_checked_against_the_saved_record_before_measuring(tmp_path,
     err = capsys.readouterr().err
     assert err == (f"error: {record}: row 2 has no status ok / oom / error (edited by hand?); "
                    f"fix or move it away first\n"), err
+    # a measured row without a key the plot reads: the same KeyError traceback, exit 1
+    record.unlink()
+    record.with_suffix(".csv").unlink()
+    monkeypatch.undo()
+    assert benchmark_tool.main(argv) == 0
+    for key in ("model", "batch_size", "latency_ms_p50"):
+        rows = json.loads(record.read_text())
+        rows[0].pop(key)
+        record.write_text(json.dumps(rows))
+        assert benchmark_tool.main(argv + ["--plot"]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"error: {record}: row 1 has no {key!r} (edited by hand?); fix or move "
+                       f"it away first\n"), err
+        record.unlink()
+        record.with_suffix(".csv").unlink()
+        assert benchmark_tool.main(argv) == 0
+    capsys.readouterr()
+    # the CSV alone (its record moved away): rewritten from this run's rows, the others lost
+    record.unlink()
+    table = record.with_suffix(".csv")
+    before = table.read_text()
+    assert benchmark_tool.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {table}: exists without its record {record.name} (the CSV is "
+                   f"written from it, its rows would be lost); move it away first\n"), err
+    assert table.read_text() == before and not record.exists()
 
 
 def test_save_keeps_other_machines_rows_out_and_plots_the_whole_record(tmp_path, monkeypatch,

@@ -451,9 +451,15 @@ def read_record(json_path: str | Path) -> list[dict[str, Any]]:
     """The rows saved in `json_path` ([] when it does not exist).
 
     Raises:
-        BenchError: it cannot be read or is not a JSON list of rows.
+        BenchError: it cannot be read or is not a JSON list of rows (a measured row missing
+            what the plot reads included), or it does not exist but its `.csv` twin does.
     """
     json_path = Path(json_path)
+    csv_path = json_path.with_suffix(".csv")
+    if not json_path.exists() and csv_path.exists():
+        # the CSV is rewritten from the record: its rows would be dropped without a word
+        raise BenchError(f"{csv_path}: exists without its record {json_path.name} (the CSV is "
+                         f"written from it, its rows would be lost); move it away first")
     try:
         old = json.loads(json_path.read_text()) if json_path.exists() else []
     except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -467,7 +473,20 @@ def read_record(json_path: str | Path) -> list[dict[str, Any]]:
     if bad is not None:
         raise BenchError(f"{json_path}: row {bad} has no status {' / '.join(STATUSES)} (edited "
                          f"by hand?); fix or move it away first")
+    for i, r in enumerate(old, 1):  # what the plot reads of a measured row (a KeyError after
+        if r["status"] != "ok":    # the new rows were saved)
+            continue
+        metric = "images_per_s" if r.get("kind") == "train" else "latency_ms_p50"
+        missing = next((k for k in (*_MEASURED_KEYS, metric) if k not in r), None)
+        if missing is not None:
+            raise BenchError(f"{json_path}: row {i} has no {missing!r} (edited by hand?); fix "
+                             f"or move it away first")
     return old
+
+
+# Every measured row the tool writes has these (and its metric).
+_MEASURED_KEYS = ("kind", "model", "batch_size", "resolution", "device", "device_name",
+                  "threads", "commit")
 
 
 def check_record_machine(json_path: str | Path, saved: list[dict[str, Any]],
