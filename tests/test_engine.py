@@ -1649,6 +1649,34 @@ def test_a_rank_other_than_0_waits_for_rank_0_to_say_a_shared_error(monkeypatch,
     assert err.count("\n") == 1
 
 
+@pytest.mark.parametrize("argv, said", [
+    (["--resume", ""], "argument --resume: empty path"),
+    ([], "the following arguments are required: recipe"),
+    (["--resume=a", "--resume=b"], "--resume given twice")])
+def test_a_command_line_error_is_said_by_rank_0_alone(monkeypatch, capsys, argv, said):
+    """Every rank printed argparse's line (3 ranks: 3 copies), where config errors are said
+    once: the other ranks now wait quietly for torchrun to stop them."""
+    import signal
+
+    slept = []  # (seconds, what had been printed when the wait began)
+    monkeypatch.setattr(time, "sleep", lambda s: slept.append((s, capsys.readouterr().err)))
+    argv = argv if not argv or argv[0] != "--resume" else [str(QUICKSTART)] + argv
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "3")
+        handler = signal.getsignal(signal.SIGTERM)
+        try:
+            with pytest.raises(SystemExit) as exc:
+                load_tool("train").main(argv)
+        finally:
+            signal.signal(signal.SIGTERM, handler)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.count("\n") == 1, err
+        # rank 1, alive after the wait (no torchrun stopped it), says it as its own
+        assert err.startswith("error: [rank 1] " if rank == "1" else "error: ") and said in err
+        assert slept == [(10, "")]  # rank 1 waited, silent; rank 0 said it at once
+
+
 def _data_parallel_rank(rank: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank,

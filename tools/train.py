@@ -11,6 +11,8 @@ stderr; Ctrl-C exits 130 and SIGTERM 143, with one line; success exits 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import signal
 import sys
@@ -70,12 +72,32 @@ def main(argv: list[str] | None = None) -> int:
     return 143 if status is None else status
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None, rank: int, world: int
+           ) -> tuple[argparse.Namespace, list[str]]:
+    """The command line; under torchrun its errors (the same on every rank) are said by rank 0
+    alone, as the config's are: the others, quiet, wait for torchrun to stop them."""
+    if rank == 0 or world == 1:
+        args, overrides = parser.parse_known_args(argv)
+        if args.recipe is None and not args.keys:
+            parser.error("the following arguments are required: recipe")
+        return args, overrides
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said), contextlib.redirect_stdout(io.StringIO()):
+            return _parse(parser, argv, 0, 1)
+    except SystemExit as e:
+        if e.code:  # an error, not --help
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            time.sleep(10)  # see _main's UserError: alive after it, say it
+            line = said.getvalue().strip().splitlines()[-1:] or ["error: bad command line"]
+            _say(f"error: [rank {rank}] {line[0].removeprefix('error: ')}")
+        raise
+
+
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
-    args, overrides = parser.parse_known_args(argv)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    if args.recipe is None and not args.keys:
-        parser.error("the following arguments are required: recipe")
+    args, overrides = _parse(parser, argv, rank, world)
     try:
         # An ImageNet recipe names no data.path (each user has their own): listing its keys
         # must not need one.
