@@ -16,6 +16,7 @@ from fasttrain.engine.ema import ModelEma, adjusted_decay
 from fasttrain.engine.mix import BatchMixer, classification_loss, cutmix_box, one_hot_smoothed
 from fasttrain.engine.optim import Lamb, effective_lr
 from fasttrain.engine.schedule import lr_factor
+from fasttrain.errors import ConfigError
 from fasttrain.models import create_model
 from fasttrain.models.regularize import BlurPoolConv2d, DropPath, apply_blurpool
 
@@ -326,11 +327,28 @@ def test_training_says_when_batch_norm_sees_one_image(batch, world, accum, sync_
                [f"--data.batch_size={batch}", f"--train.grad_accum_steps={accum}",
                 f"--train.sync_bn={str(sync_bn).lower()}"])
     printed = []
-    _note_single_image_batch_norm(cfg, world, type("Report", (), {"print": printed.append})())
+    _note_single_image_batch_norm(cfg, world, 10,
+                                  type("Report", (), {"print": printed.append})())
     assert len(printed) == (said is not None), printed
     if said:
         assert printed[0].startswith("note: each training step's BatchNorm sees one image (")
         assert said in printed[0], printed[0]
+
+
+@pytest.mark.parametrize("extra", [["--data.train_res=4"],
+                                   ["--data.min_res=4", "--data.max_res=32"]])
+def test_a_micro_batch_of_one_reaching_a_1x1_map_is_refused_at_start(extra):
+    """The note said training would go on; the first step then refused it. A meta-device
+    forward at the smallest training resolution (progressive resizing's first) finds it."""
+    from fasttrain.engine.loop import _note_single_image_batch_norm
+
+    cfg = load(ROOT / "recipes" / "quickstart.yaml",
+               ["--data.batch_size=1", "--model.norm_act=fused", *extra])
+    printed = []
+    with pytest.raises(ConfigError, match=r"^data.batch_size=1: a training micro-batch of 1 "
+                                          r"image\(s\) per rank leaves BatchNorm one value"):
+        _note_single_image_batch_norm(cfg, 1, 10, type("Report", (), {"print": printed.append})())
+    assert printed == []
 
 
 def test_progressive_resolution_follows_ffcv():

@@ -504,15 +504,30 @@ def recipe_stem(recipe: str | Path | None) -> str:
     return path.stem
 
 
-def _note_single_image_batch_norm(cfg: Config, world_size: int, report: Reporter) -> None:
+def _note_single_image_batch_norm(cfg: Config, world_size: int, num_classes: int,
+                                   report: Reporter) -> None:
     """Say so when each BatchNorm of a training step sees one image (a per-rank micro-batch of
     one, not synchronised across ranks): it normalises every image with that image's own
     statistics, which validation's running statistics do not reproduce (2 images on 2 ranks
-    ended an epoch at a validation loss of 2e7). A 1x1 feature map is refused instead, at the
-    first step."""
+    ended an epoch at a validation loss of 2e7). A 1x1 feature map at the smallest training
+    resolution is refused instead, here (the note came first, then the error at the first
+    step), found by a forward on the meta device (shapes only, nothing computed).
+
+    Raises:
+        ConfigError: a micro-batch of one image reaches a 1x1 feature map.
+    """
     micro = cfg.data.batch_size // (world_size * cfg.train.grad_accum_steps)
     synced = cfg.train.sync_bn and world_size > 1
     if micro == 1 and not synced:
+        res = min(cfg.data.train_res, cfg.data.min_res or cfg.data.train_res)
+        # BatchNorm's check is on shapes: the native layers' is the fused ones' too
+        with torch.device("meta"):
+            probe = build_model(dataclasses.replace(cfg.model, norm_act="native"), num_classes)
+            try:
+                probe.train()(torch.empty(1, 3, res, res))
+            except ValueError as e:
+                _raise_if_one_value_per_channel(e, cfg, 1)
+                raise
         report.print(f"note: each training step's BatchNorm sees one image (data.batch_size="
                      f"{cfg.data.batch_size} over {world_size} rank{'s' * (world_size > 1)} x "
                      f"{cfg.train.grad_accum_steps} micro-batch"
@@ -770,7 +785,8 @@ def _train(cfg: Config, dist: distributed.DistInfo, report: Reporter, recipe: st
         raise ConfigError(f"train.grad_accum_steps={accum} leaves no optimizer step per epoch "
                           f"({len(loaders.train)} micro-batches)")
     _note_copies_mixed(cfg, dist.world_size, report)
-    _note_single_image_batch_norm(cfg, dist.world_size, report)
+    _note_single_image_batch_norm(cfg, dist.world_size,
+                                  cfg.model.num_classes or loaders.num_classes, report)
     _note_settings_without_effect(cfg, device, use_compile, report)
     _note_hidden_class_folders(loaders.classes, loaders.root, report)
     if cfg.data.dataset == "imagefolder":
