@@ -226,6 +226,89 @@ def test_the_plot_draws_the_thin_curve_of_each_model(tmp_path, monkeypatch):
         "ThinResNet Pareto curve of r50 (linear in log x)"]
 
 
+def test_the_delta_plot_draws_the_thin_curve_of_each_model(tmp_path, monkeypatch):
+    """The Δ plot joined every thin point of every model in order of reduction (a zigzag between
+    ResNet-18s and ResNet-50s, unnamed in the legend); it now draws each model's Pareto curve,
+    the points nothing beats (more or equal reduction, higher or equal Δ)."""
+    from matplotlib.axes import Axes
+
+    from fasttrain.compare import plots
+
+    drawn, real = [], Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, x, y, *a, **k: (
+        drawn.append((k.get("label"), list(x), list(y))), real(self, x, y, *a, **k))[1])
+    families = (("r18", 70.0, 1e9, ((1e9, 70.0, 1), (5e8, 66.0, 0.5), (2.5e8, 60.0, 0.25))),
+                ("r50", 76.0, 4e9, ((4e9, 76.0, 1), (2e9, 74.0, 0.5), (1e9, 69.0, 0.25),
+                                    (1.5e9, 68.0, 0.3))))  # beaten: more MACs, lower top-1
+    pts = [Point(f"{m} w{w}", THIN, MEASURED, top1, int(macs), model=m, base_top1=base,
+                 base_macs=int(base_macs))
+           for m, base, base_macs, rows in families for macs, top1, w in rows]
+    plots.plot_delta(pts, tmp_path / "d", title="t")
+    curves = {label: (x, y) for label, x, y in drawn if label and "Pareto" in label}
+    assert list(curves) == ["ThinResNet Pareto curve of r18", "ThinResNet Pareto curve of r50"]
+    x, y = curves["ThinResNet Pareto curve of r50"]
+    assert [round(v, 6) for v in x] == [75.0, 50.0, 0.0] and y == [-7.0, -2.0, 0.0]
+    x, y = curves["ThinResNet Pareto curve of r18"]
+    assert [round(v, 6) for v in x] == [75.0, 50.0, 0.0] and y == [-10.0, -4.0, 0.0]
+
+
+def test_point_labels_are_spread_apart_and_a_narrow_axis_gets_its_digits(tmp_path, monkeypatch):
+    """Published results at nearly one MAC count printed their labels over each other (GReg-2,
+    DMC and CCP-AC read "GRDMC..."); a latency axis from 8.1 to 9.9 ms had one label, "10"."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
+    from fasttrain.compare import plots
+
+    figures, real = [], plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, stem: figures.append(fig) or real(fig, stem))
+    pts = [Point(f"p{i}", LITERATURE, PUBLISHED, 70.0 + 0.01 * i, int(2e9 * (1 + 0.003 * i)),
+                 method=f"Method{i}") for i in range(5)]
+    pts += [Point(f"net {i}", OTHER, USER, 60.0 + i, 10 ** 6, latency_ms=v)
+            for i, v in enumerate((8.1, 8.5, 9.9))]
+    plots.plot_top1(pts, "macs", tmp_path / "m", title="t")
+    plots.plot_top1(pts, "latency", tmp_path / "l", title="t")
+    renderer = FigureCanvasAgg(figures[0]).get_renderer()
+    labels = [t for t in figures[0].axes[0].texts if t.get_gid() == plots.LABEL]
+    for t in labels:
+        t.update_positions(renderer)
+    # the text alone: a moved label's leader line starts at its point, among the others
+    boxes = [Text.get_window_extent(t, renderer) for t in labels]
+    assert len(boxes) == 8
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    ax = figures[1].axes[0]
+    lo, hi = ax.get_xlim()
+    shown = [v for v in ax.xaxis.get_majorticklocs() if lo <= v <= hi]
+    assert {8.0, 9.0} <= set(shown), shown
+
+
+def test_a_published_method_keeps_its_style_in_every_plot():
+    """Styles were given by the methods of each plot: one left off a plot (no parameter count)
+    shifted the colours of the others there (CHIP green in one plot, blue in the next), and
+    past tab20's 20 colours two methods looked alike."""
+    from fasttrain.compare import plots
+
+    class Axes:
+        def __init__(self):
+            self.styles = {}
+
+        def scatter(self, x, y, marker, color, **kwargs):
+            self.styles[x[0]] = (marker, tuple(color))
+
+        def annotate(self, *args, **kwargs):
+            pass
+
+    pts = [Point(f"m{i}", LITERATURE, PUBLISHED, 70.0, (i + 1) * 10 ** 6, method=f"M{i:02d}",
+                 params=None if i == 0 else 1000 * (i + 1)) for i in range(25)]
+    by_macs, by_params = Axes(), Axes()
+    plots._literature(by_macs, pts, lambda p: (p.macs, p.top1))
+    plots._literature(by_params, pts, lambda p: None if p.params is None else (p.params, p.top1))
+    assert len(by_macs.styles) == 25 and len(by_params.styles) == 24  # M00 has no params
+    for i in range(1, 25):
+        assert by_macs.styles[(i + 1) * 10 ** 6] == by_params.styles[1000 * (i + 1)]
+    assert len(set(by_macs.styles.values())) == 25  # no two methods alike
+
+
 @pytest.mark.parametrize("count", [12, 400])
 def test_plots_of_many_points_draw_a_bounded_number_of_artists(tmp_path, monkeypatch, count):
     """One scatter and one label per point: a 1,000-point comparison took ~70 s to plot and

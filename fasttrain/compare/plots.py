@@ -53,9 +53,55 @@ def _figure(title: str, subtitle: str):
     return fig, ax
 
 
+LABEL = "point-label"  # gid of the per-point labels `_spread_labels` may move
+
+
+def _spread_labels(fig) -> None:
+    """Move each point label (gid `LABEL`), in drawing order, up or down by whole line steps
+    until it overlaps no label placed before it, no other text and no marker, staying inside
+    its axes; one that finds no free place keeps its own. Published results crowd at a few MAC
+    counts (CHIP beside DMCP, GReg-2 on DMC and CCP-AC) and printed over each other, unread.
+    Written here because matplotlib places no labels and adjustText is not a dependency; the
+    moves are deterministic, so regenerated plots diff clean."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.transforms import Bbox
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    for ax in fig.axes:
+        labels = [t for t in ax.texts if t.get_gid() == LABEL]
+        if not labels:
+            continue
+        frame = ax.get_window_extent(renderer)
+        taken = [t.get_window_extent(renderer) for t in ax.texts if t.get_gid() != LABEL]
+        r = 2.5  # half a marker, in pixels: a label just beside its own marker is free
+        for c in ax.collections:
+            for x, y in c.get_transform().transform(c.get_offsets()):
+                taken.append(Bbox([[x - r, y - r], [x + r, y + r]]))
+        for t in labels:
+            base, step = t.xyann, t.get_fontsize() * 1.15
+            for k in (0, 1, -1, 2, -2, 3, -3, 4, -4):
+                t.xyann = (base[0], base[1] + k * step)
+                box = t.get_window_extent(renderer)
+                inside = frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1)
+                if inside and not any(box.overlaps(o) for o in taken):
+                    break
+            else:
+                k, t.xyann = 0, base
+                box = t.get_window_extent(renderer)
+            taken.append(box)
+            if k:  # moved off its point: a leader line says whose label it is
+                t.remove()
+                ax.annotate(t.get_text(), t.xy, textcoords="offset points", xytext=t.xyann,
+                            ha=t.get_ha(), va=t.get_va(), fontsize=t.get_fontsize(),
+                            color=t.get_color(), gid=LABEL,
+                            arrowprops=dict(arrowstyle="-", color="0.6", lw=0.4, shrinkA=0,
+                                            shrinkB=2))
+
+
 def _save(fig, stem: Path) -> list[Path]:
     stem.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
+    _spread_labels(fig)
     png, svg = stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".svg")
     write_replacing(png, lambda f: fig.savefig(f, format="png", dpi=110))
     import matplotlib
@@ -104,20 +150,25 @@ def _literature(ax, points: list[Point], xy: Callable[[Point], tuple[float, floa
     import matplotlib
 
     shown = [(p, xy(p)) for p in points if p.kind == LITERATURE and xy(p) is not None]
-    methods = sorted({p.method for p, _ in shown})
+    # Styles by the place of the method among all of the comparison's methods, not this plot's:
+    # a method left off one plot (no parameter count) shifted every other's colour there. Past
+    # tab20's 20 colours the marker changes, so that no two methods look alike.
+    every = sorted({p.method for p in points if p.kind == LITERATURE})
     cmap = matplotlib.colormaps["tab20"]
+    markers = ("^", "v", "<", ">", "D")
     labelled = len(shown) <= LABEL_LIMIT
-    for i, method in enumerate(methods):
+    for j, method in enumerate(sorted({p.method for p, _ in shown})):
+        i = every.index(method)
         at = [v for p, v in shown if p.method == method]
-        ax.scatter([v[0] for v in at], [v[1] for v in at], marker="^", s=22,
-                   color=cmap(i % 20), alpha=0.85, zorder=3,
-                   label=None if i else "published" + (" (labelled by method)" if labelled
-                                                        else " (one colour per method)"))
+        ax.scatter([v[0] for v in at], [v[1] for v in at], marker=markers[i // 20 % len(markers)],
+                   s=22, color=cmap(i % 20), alpha=0.85, zorder=3,
+                   label=None if j else "published" + (" (labelled by method)" if labelled
+                                                        else " (one style per method)"))
     if not labelled:
         return [f"{len(shown)} published"]
     for p, (x, y) in shown:
         ax.annotate(p.method, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=5.5,
-                    color="0.25")
+                    color="0.25", gid=LABEL)
     return []
 
 
@@ -146,7 +197,7 @@ def _ours(ax, points: list[Point], xy: Callable[[Point], tuple[float, float] | N
         right = (scale(x) - lo) / span > 0.6  # label towards the middle: never off the canvas
         ax.annotate(p.label + (" (user-provided)" if p.origin == USER else ""), (x, y),
                     textcoords="offset points", xytext=(-4 if right else 4, -10),
-                    ha="right" if right else "left", fontsize=7, color=colour)
+                    ha="right" if right else "left", fontsize=7, color=colour, gid=LABEL)
     return []
 
 
@@ -164,7 +215,12 @@ def _log_x(ax) -> None:
 
     ax.set_xscale("log")
     ax.margins(x=0.12, y=0.08)  # room for the point labels
-    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    locator = LogLocator(subs=(1.0, 2.0, 5.0))
+    lo, hi = ax.get_xlim()
+    if sum(lo <= v <= hi for v in locator.tick_values(lo, hi)) < 2:
+        # a narrow range (latencies of 8.1 to 9.9 ms) had one labelled tick, "10": every digit
+        locator = LogLocator(subs=tuple(range(1, 10)))
+    ax.xaxis.set_major_locator(locator)
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
@@ -173,6 +229,23 @@ def _si(v: float) -> str:
         if abs(v) >= div:
             return f"{v / div:g}{unit}"
     return f"{v:g}"
+
+
+def _thin_curves(ax, thin: list[tuple[str | None, float, float]], to_x: Callable[[float], float],
+                 how: str) -> None:
+    """One Pareto curve per model of the thin points (model, x, y), as the table sets a point
+    against its own model's thin curve (report.table_rows); points of no model make one curve
+    together. The front is the points no other beats at smaller or equal x; `to_x` maps x to
+    the axis (the Δ plot passes minus the reduction, so that more reduction counts as less)."""
+    models = sorted({m for m, _, _ in thin}, key=lambda m: (m is None, m or ""))
+    styles = ("-", "--", "-.", ":")
+    for i, model in enumerate(models):
+        front = pareto_front((v, a) for m, v, a in thin if m == model)
+        if len(front) > 1:
+            name = f" of {model}" if len(models) > 1 and model else ""
+            ax.plot([to_x(f[0]) for f in front], [f[1] for f in front], color=STYLE[THIN][1],
+                    lw=1.5, ls=styles[i % len(styles)], zorder=2,
+                    label=f"ThinResNet Pareto curve{name}{how}")
 
 
 def plot_top1(points: list[Point], x: str, stem: Path, *, title: str, subtitle: str = "",
@@ -191,19 +264,9 @@ def plot_top1(points: list[Point], x: str, stem: Path, *, title: str, subtitle: 
         v = _value(p, x)
         return None if v is None else (v, p.top1)
 
-    thin = [(p.model, v, p.top1) for p in points
-            if p.kind == THIN and (v := _value(p, x)) is not None]
-    # One curve per model, as the table sets a point against its own model's thin curve
-    # (report.table_rows); points of no model make one curve together.
-    models = sorted({m for m, _, _ in thin}, key=lambda m: (m is None, m or ""))
-    styles = ("-", "--", "-.", ":")
-    for i, model in enumerate(models):
-        front = pareto_front((v, a) for m, v, a in thin if m == model)
-        if len(front) > 1:
-            name = f" of {model}" if len(models) > 1 and model else ""
-            ax.plot([f[0] for f in front], [f[1] for f in front], color=STYLE[THIN][1], lw=1.5,
-                    ls=styles[i % len(styles)], zorder=2,
-                    label=f"ThinResNet Pareto curve{name} (linear in log x)")
+    _thin_curves(ax, [(p.model, v, p.top1) for p in points
+                      if p.kind == THIN and (v := _value(p, x)) is not None],
+                 lambda v: v, " (linear in log x)")
     _reference(ax, reference)
     _unlabelled_note(ax, _literature(ax, points, xy) + _ours(ax, points, xy, log_x=True))
     _log_x(ax)
@@ -226,10 +289,11 @@ def plot_delta(points: list[Point], stem: Path, *, title: str, subtitle: str = "
         return None if red is None or delta is None else (red, delta)
 
     ax.axhline(0, color="0.3", lw=0.8)
-    thin = sorted(xy(p) for p in points if p.kind == THIN and xy(p) is not None)
-    if len(thin) > 1:
-        ax.plot([t[0] for t in thin], [t[1] for t in thin], color=STYLE[THIN][1], lw=1.2,
-                zorder=2)
+    # The thin curve of each model, as on the top-1 plots: its points nothing beats (more or
+    # equal reduction and higher or equal Δ), not every thin point of every model joined in
+    # order of reduction (a zigzag between ResNet-18s and ResNet-50s).
+    _thin_curves(ax, [(p.model, -xy(p)[0], xy(p)[1]) for p in points
+                      if p.kind == THIN and xy(p) is not None], lambda x: -x, "")
     _reference(ax, reference)
     _unlabelled_note(ax, _literature(ax, points, xy) + _ours(ax, points, xy, log_x=False))
     ax.set_xlabel("MAC reduction relative to the point's own baseline (%)")
