@@ -479,8 +479,14 @@ def test_the_plot_draws_two_sources_of_one_width_as_two_lines(exported, tmp_path
     assert sorted(lines) == [(1, f"cifar_resnet20 ({rows[2]['source']}), batch 1"),
                              (2, f"cifar_resnet20 ({rows[0]['source']}), batch 1")]
     lines.clear()  # a sweep of one source stays one line, its source unsaid
+    labels = []
+    real_annotate = Axes.annotate
+    monkeypatch.setattr(Axes, "annotate", lambda self, text, xy, **k: labels.append(
+        (text, k.get("ha"))) or real_annotate(self, text, xy, **k))
     bench.plot_vs_macs(rows[:2], tmp_path / "p.png")
     assert lines == [(2, "cifar_resnet20, batch 1")]
+    # the widest network's label towards the middle: it ran into the right frame
+    assert labels == [("w0.25", "left"), ("w0.5", "right")]
 
 
 def test_a_torchscript_files_rows_say_torchscript_and_compare_keeps_them_apart(

@@ -19,6 +19,7 @@ import copy
 import csv
 import gc
 import json
+import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -585,6 +586,8 @@ def plot_vs_macs(rows: list[dict[str, Any]], path: str | Path) -> Path:
         source = str(r.get("source")) if by_source else ""
         groups.setdefault((r["model"], source, r["batch_size"]), []).append(r)
     names = [(model, bs) for model, _, bs in groups]
+    lo = min(r["macs"] for r in ok) / 1e9
+    span = math.log(max(r["macs"] for r in ok) / 1e9 / lo) or 1.0
     for (model, source, bs), group in sorted(groups.items()):
         group.sort(key=lambda r: r["macs"])
         xs = [r["macs"] / 1e9 for r in group]
@@ -594,8 +597,11 @@ def plot_vs_macs(rows: list[dict[str, Any]], path: str | Path) -> Path:
                 label=f"{model}{f' ({source})' if shared else ''}, batch {bs}")
         for r, x, y in zip(group, xs, ys):
             if r.get("width") is not None:
+                # towards the middle: the widest network's label ran into the frame
+                right = math.log(x / lo) > 0.6 * span
                 ax.annotate(f"w{r['width']:g}", (x, y), textcoords="offset points",
-                            xytext=(4, -10), fontsize=7)
+                            xytext=(-4 if right else 4, -10), ha="right" if right else "left",
+                            fontsize=7)
     from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
 
     ax.set_xscale("log")
