@@ -1196,6 +1196,12 @@ def test_resume_refusals_about_the_epoch_in_progress_write_nothing(data_root, tm
                                               r"with train.seed=0 but the config has 7"):
         train(_cfg(data_root, tmp_path, *args, "--train.seed=7", "--log.name=mid"),
               resume="auto")
+    # so does the rest of it follow repeated augmentation and the backend's own order
+    with pytest.raises(CheckpointError, match=r"last.pt: checkpoint is inside epoch 1, trained "
+                                              r"with data.ra_reps=1, which order that epoch's "
+                                              r"samples differently from data.ra_reps=2"):
+        train(_cfg(data_root, tmp_path, *args, "--data.ra_reps=2", "--log.name=mid"),
+              resume="auto")
     assert sorted(p.name for p in (tmp_path / "mid").rglob("*")) == before
     loose = tmp_path / "loose.pt"
     loose.write_bytes((tmp_path / "mid" / "checkpoints" / "last.pt").read_bytes())
@@ -1205,6 +1211,28 @@ def test_resume_refusals_about_the_epoch_in_progress_write_nothing(data_root, tm
             train(_cfg(data_root, tmp_path / "runs", *args, "--train.ema=true"),
                   resume=str(loose), dry_run=dry_run)
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("saved, now, refused", [
+    # resident -> ffcv inside an epoch trained 306 of digits' 1,408 images twice, 306 never
+    ({"backend": "resident"}, ["--data.backend=ffcv"], "data.backend=resident, which order "
+                                                       "that epoch's samples differently from "
+                                                       "data.backend=ffcv"),
+    ({"backend": "ffcv", "ffcv_order": "quasi_random"}, ["--data.backend=ffcv"],
+     "data.ffcv_order=quasi_random, which order that epoch's samples differently from "
+     "data.ffcv_order=random"),
+    ({"backend": "torch"}, ["--data.backend=resident"], None),  # one order: the torch backend's
+    ({"backend": "dali"}, ["--data.backend=torch"], None),
+    ({"backend": "torch", "ffcv_order": "quasi_random"}, [], None),  # read by ffcv only
+    ({}, ["--data.ra_reps=3"], None)])  # no data section: nothing to compare
+def test_an_epoch_in_progress_continues_only_in_its_own_sample_order(saved, now, refused):
+    cfg = load(QUICKSTART, now)
+    if refused is None:
+        loop._check_same_order(saved, cfg, Path("last.pt"), 2)
+        return
+    with pytest.raises(CheckpointError, match=rf"^last.pt: checkpoint is inside epoch 2, "
+                                              rf"trained with {re.escape(refused)}; continue"):
+        loop._check_same_order(saved, cfg, Path("last.pt"), 2)
 
 
 def test_tensorboard_hides_the_epochs_a_resume_trains_again(data_root, tmp_path):

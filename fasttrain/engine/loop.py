@@ -259,6 +259,8 @@ def _check_compatible(saved: dict[str, Any], cfg: Config, path: Path) -> None:
                               f"train.seed={saved_seed!r} but the config has {cfg.train.seed!r}; "
                               f"the rest of that epoch's sample order follows the seed")
     ts = saved.get("train_state") or {}
+    if ts.get("epoch_step"):
+        _check_same_order(saved_cfg.get("data") or {}, cfg, path, ts.get("epoch", 0) + 1)
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if (cfg.data.backend == "ffcv" and ts.get("epoch_step")
             and ts.get("epoch_world_size") not in (None, 0, world)):
@@ -279,6 +281,41 @@ def _check_compatible(saved: dict[str, Any], cfg: Config, path: Path) -> None:
                     f"{path}: checkpoint was trained with {section}.{key}={have!r} but the "
                     f"config has {want!r}; a resumed run keeps its optimizer state and batch "
                     f"size (start a new run from its weights with --model.init_from={path})")
+
+
+ORDER_DEFAULTS = {"backend": "torch", "ffcv_order": "random", "ra_reps": 1}
+"""The data keys that decide an epoch's sample order besides the seed, with the value a
+checkpoint written before a key existed had."""
+
+
+def _order(data: dict[str, Any]) -> tuple[Any, ...]:
+    """An epoch's sample order besides the seed: FFCV orders its samples itself (by
+    `ffcv_order`); torch, resident and dali follow the torch backend's permutation, which
+    repeated augmentation (`ra_reps`) changes."""
+    get = {k: data.get(k, default) for k, default in ORDER_DEFAULTS.items()}
+    return ((("ffcv", get["ffcv_order"]) if get["backend"] == "ffcv" else ("torch",))
+            + (get["ra_reps"],))
+
+
+def _check_same_order(saved_data: dict[str, Any], cfg: Config, path: Path, epoch: int) -> None:
+    """Refuse to continue an epoch cut by the checkpoint in another sample order: the batches
+    already trained are skipped by count, so another order trained 306 of digits' 1,408
+    images twice and never saw 306 others (resident to ffcv), with nothing said.
+
+    Raises:
+        CheckpointError: naming the settings that order the epoch differently.
+    """
+    now = dataclasses.asdict(cfg.data)
+    if not saved_data or _order(saved_data) == _order(now):
+        return
+    was = {k: saved_data.get(k, default) for k, default in ORDER_DEFAULTS.items()}
+    keys = [k for k in ORDER_DEFAULTS if was[k] != now[k]]
+    was = ", ".join(f"data.{k}={was[k]}" for k in keys)
+    raise CheckpointError(f"{path}: checkpoint is inside epoch {epoch}, trained with {was}, "
+                          f"which order that epoch's samples differently from "
+                          f"{', '.join(f'data.{k}={now[k]}' for k in keys)}; continue it with "
+                          f"the checkpoint's settings, or resume from a checkpoint at an epoch "
+                          f"boundary")
 
 
 def resume_changes(saved_cfg: dict[str, Any], cfg: Config) -> list[str]:
