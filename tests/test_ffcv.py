@@ -894,6 +894,23 @@ def test_a_mismatched_pair_of_files_is_refused(tmp_path, digits, cifar, data_roo
     with pytest.raises(DatasetError, match=r"were written from different data sets \(2 and 10 "
                                            r"classes"):
         build_loaders(cfg.data, cfg.aug)
+    # files of another folder, given by data.ffcv_dir: trained its 10 classes silently
+    elsewhere = _copy_pair(tmp_path / "elsewhere", digits / "ffcv", digits / "ffcv")
+    for name in ("train.beton.json", "val.beton.json"):  # as if written as an ImageFolder
+        sidecar = json.loads((elsewhere / name).read_text())
+        (elsewhere / name).write_text(json.dumps({**sidecar, "dataset": "imagefolder"}))
+    cfg = load(None, ["--data.backend=ffcv", "--data.dataset=imagefolder",
+                      f"--data.path={other}", f"--data.ffcv_dir={elsewhere}"])
+    with pytest.raises(DatasetError, match=rf"train.beton: written from 10 classes \(0, 1, 2, "
+                                           rf"\.\.\.\), but {re.escape(str(other))}/train holds "
+                                           rf"2 \(a, b, \.\.\.\): the files are of another"):
+        build_loaders(cfg.data, cfg.aug)
+    # the files without their images (copied to a training machine): nothing to compare with
+    moved = _copy_pair(tmp_path / "moved", other / "ffcv", other / "ffcv")
+    cfg = load(None, ["--data.backend=ffcv", "--data.dataset=imagefolder",
+                      f"--data.path={tmp_path / 'gone'}", f"--data.ffcv_dir={moved}",
+                      "--data.batch_size=2", "--data.val_batch_size=2"])
+    assert build_loaders(cfg.data, cfg.aug).num_classes == 2
 
 
 def test_runs_of_neighbouring_seeds_do_not_share_their_epoch_orders(cifar, monkeypatch):

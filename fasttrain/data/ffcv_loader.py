@@ -1095,6 +1095,22 @@ def _check_pair(train: BetonInfo, val: BetonInfo, data: DataConfig) -> None:
         raise DatasetError(f"{train.path} and {val.path} were written from different data sets "
                            f"({len(classes[0])} and {len(classes[1])} classes, first "
                            f"{classes[0][:2]} and {classes[1][:2]}); {rewrite}")
+    if data.dataset == "imagefolder" and classes[0] is not None:
+        # data.path's own class folders, where they are there to list (the files may travel
+        # without the images): files written from another folder taught its classes, under
+        # this one's name, without a word
+        from torchvision.datasets.folder import find_classes  # the writer's listing
+
+        split = dataset_root(data) / "train"
+        try:
+            here = find_classes(str(split))[0]
+        except OSError:  # no such folder (or no class folders): nothing to compare with
+            here = None
+        if here is not None and here != classes[0]:
+            raise DatasetError(f"{train.path}: written from {len(classes[0])} classes "
+                               f"({', '.join(classes[0][:3])}, ...), but {split} holds "
+                               f"{len(here)} ({', '.join(here[:3])}, ...): the files are of "
+                               f"another folder, or the folder changed; {rewrite}")
     n_train = len(classes[0]) if classes[0] is not None else int(train.labels.max()) + 1
     if int(val.labels.max()) >= n_train:
         raise DatasetError(f"{val.path}: label {int(val.labels.max())} but {train.path} has "
