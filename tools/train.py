@@ -87,11 +87,19 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None, rank: int, w
             return _parse(parser, argv, 0, 1)
     except SystemExit as e:
         if e.code:  # an error, not --help
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            time.sleep(10)  # see _main's UserError: alive after it, say it
             line = said.getvalue().strip().splitlines()[-1:] or ["error: bad command line"]
-            _say(f"error: [rank {rank}] {line[0].removeprefix('error: ')}")
+            _after_rank_0(rank, line[0].removeprefix("error: "))
         raise
+
+
+def _after_rank_0(rank: int, error: str) -> None:
+    """An error every rank meets alike, on a rank other than 0: rank 0 says it. Exiting first
+    would make torchrun stop rank 0 (SIGTERM) before it printed: give it time, and let
+    torchrun's SIGTERM, once rank 0 has exited, end this rank quietly. Still alive after that,
+    this rank met the error alone (rank 0 waits in a collective): say it."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    time.sleep(10)
+    _say(f"error: [rank {rank}] {error}")
 
 
 def _main(argv: list[str] | None) -> int:
@@ -119,14 +127,8 @@ def _main(argv: list[str] | None) -> int:
             _say(f"error: [rank {rank}] {e}")
         elif rank == 0:
             _say(f"error: {e}")
-        elif world > 1:
-            # Most such errors every rank finds alike; rank 0 says them. Exiting first would
-            # make torchrun stop rank 0 (SIGTERM) before it printed: give it time, and let
-            # torchrun's SIGTERM, once rank 0 has exited, end this rank quietly. Still alive
-            # after that, this rank met the error alone (rank 0 waits in a collective): say it.
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            time.sleep(10)
-            _say(f"error: [rank {rank}] {e}")
+        elif world > 1:  # most such errors every rank finds alike
+            _after_rank_0(rank, str(e))
         return 2
     except RuntimeError as e:
         if world > 1 and any(words in str(e) for words in PEER_GONE):

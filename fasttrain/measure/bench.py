@@ -446,6 +446,9 @@ def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
 
 
 STATUSES = ("ok", "oom", "error")  # of a row: measured, out of memory, failed otherwise
+# Every measured row the tool writes has these (and its metric), which the plot reads.
+_MEASURED_KEYS = ("kind", "model", "batch_size", "resolution", "device", "device_name",
+                  "threads", "commit")
 
 
 def read_record(json_path: str | Path) -> list[dict[str, Any]]:
@@ -483,11 +486,6 @@ def read_record(json_path: str | Path) -> list[dict[str, Any]]:
             raise BenchError(f"{json_path}: row {i} has no {missing!r} (edited by hand?); fix "
                              f"or move it away first")
     return old
-
-
-# Every measured row the tool writes has these (and its metric).
-_MEASURED_KEYS = ("kind", "model", "batch_size", "resolution", "device", "device_name",
-                  "threads", "commit")
 
 
 def check_record_machine(json_path: str | Path, saved: list[dict[str, Any]],
