@@ -153,12 +153,13 @@ def _literature(ax, points: list[Point], xy: Callable[[Point], tuple[float, floa
     # Styles by the place of the method among all of the comparison's methods, not this plot's:
     # a method left off one plot (no parameter count) shifted every other's colour there. Past
     # tab20's 20 colours the marker changes, so that no two methods look alike.
-    every = sorted({p.method for p in points if p.kind == LITERATURE})
+    place = {m: i for i, m in enumerate(sorted({p.method for p in points
+                                                 if p.kind == LITERATURE}))}
     cmap = matplotlib.colormaps["tab20"]
     markers = ("^", "v", "<", ">", "D")
     labelled = len(shown) <= LABEL_LIMIT
     for j, method in enumerate(sorted({p.method for p, _ in shown})):
-        i = every.index(method)
+        i = place[method]
         at = [v for p, v in shown if p.method == method]
         ax.scatter([v[0] for v in at], [v[1] for v in at], marker=markers[i // 20 % len(markers)],
                    s=22, color=cmap(i % 20), alpha=0.85, zorder=3,
