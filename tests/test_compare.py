@@ -282,6 +282,35 @@ def test_point_labels_are_spread_apart_and_a_narrow_axis_gets_its_digits(tmp_pat
     assert {8.0, 9.0} <= set(shown), shown
 
 
+def test_no_point_label_is_struck_through_by_a_thin_curve(tmp_path, monkeypatch):
+    """The digits plots' curve ran through "cifar_resnet20 w0.5" beside its point."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.transforms import Bbox
+    from matplotlib.text import Text
+
+    from fasttrain.compare import plots
+
+    b = Bbox([[0, 0], [10, 10]])
+    for a, c, crosses in (((-5, 5), (15, 5), True), ((-5, 20), (15, 20), False),
+                          ((5, -5), (5, 15), True), ((-10, -10), (20, 20), True),
+                          ((-10, 11), (1, 22), False), ((11, 0), (30, 0), False),
+                          ((2, 2), (3, 3), True)):
+        assert plots._crosses(b, a, c) == crosses, (a, c)
+    figures, real = [], plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, stem: figures.append(fig) or real(fig, stem))
+    pts = [Point(f"cifar_resnet20 w{w}", THIN, MEASURED, top1, macs, model="cifar_resnet20")
+           for w, top1, macs in ((0.25, 96.98, 654_496), (0.5, 99.18, 2_562_368))]
+    pts += [Point("pruned", PRUNED, MEASURED, 98.9, 645_440, model="cifar_resnet20")]
+    plots.plot_top1(pts, "macs", tmp_path / "m", title="t")
+    ax = figures[0].axes[0]
+    renderer = FigureCanvasAgg(figures[0]).get_renderer()
+    (curve,) = [line for line in ax.lines if "Pareto" in str(line.get_label())]
+    a, c = curve.get_transform().transform(curve.get_xydata())
+    for t in (t for t in ax.texts if t.get_gid() == plots.LABEL):
+        t.update_positions(renderer)
+        assert not plots._crosses(Text.get_window_extent(t, renderer), a, c), t.get_text()
+
+
 def test_a_published_method_keeps_its_style_in_every_plot():
     """Styles were given by the methods of each plot: one left off a plot (no parameter count)
     shifted the colours of the others there (CHIP green in one plot, blue in the next), and

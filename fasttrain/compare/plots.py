@@ -77,13 +77,19 @@ def _spread_labels(fig) -> None:
         for c in ax.collections:
             for x, y in c.get_transform().transform(c.get_offsets()):
                 taken.append(Bbox([[x - r, y - r], [x + r, y + r]]))
+        # the thin curves (and the Δ plot's zero line): a label struck through is as unread.
+        # Not the vertical width lines, which no move up or down can leave.
+        segments = [(a, b) for line in ax.lines
+                    for xy in [line.get_transform().transform(line.get_xydata())]
+                    for a, b in zip(xy[:-1], xy[1:]) if abs(b[0] - a[0]) >= 1]
         for t in labels:
             base, step = t.xyann, t.get_fontsize() * 1.15
             for k in (0, 1, -1, 2, -2, 3, -3, 4, -4):
                 t.xyann = (base[0], base[1] + k * step)
                 box = t.get_window_extent(renderer)
                 inside = frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1)
-                if inside and not any(box.overlaps(o) for o in taken):
+                if (inside and not any(box.overlaps(o) for o in taken)
+                        and not any(_crosses(box, a, b) for a, b in segments)):
                     break
             else:
                 k, t.xyann = 0, base
@@ -96,6 +102,24 @@ def _spread_labels(fig) -> None:
                             color=t.get_color(), gid=LABEL,
                             arrowprops=dict(arrowstyle="-", color="0.6", lw=0.4, shrinkA=0,
                                             shrinkB=2))
+
+
+def _crosses(box, a, b) -> bool:
+    """Whether the segment from `a` to `b` (display coordinates) passes through `box`: the
+    segment clipped to the box's x range (Liang-Barsky on x) has a y range meeting the box's."""
+    (x0, y0), (x1, y1) = a, b
+    lo, hi = 0.0, 1.0
+    dx = x1 - x0
+    if dx == 0:
+        if not box.x0 <= x0 <= box.x1:
+            return False
+    else:
+        t0, t1 = sorted(((box.x0 - x0) / dx, (box.x1 - x0) / dx))
+        lo, hi = max(lo, t0), min(hi, t1)
+        if lo > hi:
+            return False
+    ya, yb = sorted((y0 + lo * (y1 - y0), y0 + hi * (y1 - y0)))
+    return ya <= box.y1 and yb >= box.y0
 
 
 def _save(fig, stem: Path) -> list[Path]:
