@@ -30,7 +30,6 @@ import ctypes
 import functools
 import math
 import os
-import stat
 import tempfile
 from types import SimpleNamespace
 from typing import Any, Callable, Iterator, Sequence
@@ -41,7 +40,7 @@ import torch
 from ..config import AugConfig, DataConfig
 from ..errors import ConfigError, DatasetError, RunError, ShardError
 from . import resize
-from .datasets import FILE_KINDS
+from .datasets import not_regular
 from .loader import Loaders, _datasets, rank_batches, sample_seed, torch_threads
 from .transforms import (Normalize, ValTransform, horizontal_flip, progressive_resolution,
                          resize_square)
@@ -115,11 +114,11 @@ def _check_regular(special: list[str]) -> None:
     if special:
         path = special[0]
         try:
-            kind = FILE_KINDS.get(stat.S_IFMT(os.stat(path).st_mode), "special file")
+            what = not_regular(os.stat(path).st_mode) or "not a regular file"
         except OSError:  # gone since the listing
-            kind = "special file"
+            what = "not a regular file (a special file)"
         more = f" (and {len(special) - 1} more)" if len(special) > 1 else ""
-        raise DatasetError(f"{path}: not a regular file (a {kind}){more}; data.backend=dali "
+        raise DatasetError(f"{path}: {what}{more}; data.backend=dali "
                            f"stops at unreadable files, remove it or use data.backend=torch, "
                            f"which skips them")
 
@@ -379,9 +378,9 @@ def _first_undecodable(paths: list[str]) -> tuple[str, str] | None:
     the bad one and would name the wrong file."""
     for path in paths:
         try:
-            kind = stat.S_IFMT(os.stat(path).st_mode)
-            if kind != stat.S_IFREG:  # opening a FIFO would wait for a writer for good
-                return path, f"not a regular file (a {FILE_KINDS.get(kind, 'special file')})"
+            problem = not_regular(os.stat(path).st_mode)
+            if problem:  # opening a FIFO would wait for a writer for good
+                return path, problem
             with open(path, "rb") as f:
                 if not f.read(1):
                     return path, "empty file"

@@ -226,9 +226,9 @@ def read_encoded(path: str) -> bytes:
         # Checked before opening: opening a FIFO waits for a writer (check_data hung), and
         # reading a device (a link to /dev/zero) never ends (it ran out of memory).
         info = os.stat(path)
-        kind = stat.S_IFMT(info.st_mode)
-        if kind != stat.S_IFREG:
-            raise ValueError(f"not a regular file (a {FILE_KINDS.get(kind, 'special file')})")
+        problem = not_regular(info.st_mode)
+        if problem:
+            raise ValueError(problem)
         with open(path, "rb") as f:  # not Path.read_bytes: its path parsing is half the time
             raw = f.read(info.st_size)  # bounded, should it be swapped for something endless
     except FileNotFoundError:
@@ -243,8 +243,17 @@ def read_encoded(path: str) -> bytes:
     return raw
 
 
-FILE_KINDS = {stat.S_IFIFO: "FIFO", stat.S_IFCHR: "character device",
-              stat.S_IFBLK: "block device", stat.S_IFSOCK: "socket", stat.S_IFDIR: "folder"}
+_FILE_KINDS = {stat.S_IFIFO: "FIFO", stat.S_IFCHR: "character device",
+               stat.S_IFBLK: "block device", stat.S_IFSOCK: "socket", stat.S_IFDIR: "folder"}
+
+
+def not_regular(mode: int) -> str | None:
+    """What a file of `mode` (`os.stat`'s st_mode) is when it is no regular file, as the
+    loaders say it ("not a regular file (a FIFO)"); None for a regular file."""
+    kind = stat.S_IFMT(mode)
+    if kind == stat.S_IFREG:
+        return None
+    return f"not a regular file (a {_FILE_KINDS.get(kind, 'special file')})"
 
 
 def _jpeg_truncated(raw: bytes) -> bool:
