@@ -288,13 +288,12 @@ ORDER_DEFAULTS = {"backend": "torch", "ffcv_order": "random", "ra_reps": 1}
 checkpoint written before a key existed had."""
 
 
-def _order(data: dict[str, Any]) -> tuple[Any, ...]:
-    """An epoch's sample order besides the seed: FFCV orders its samples itself (by
-    `ffcv_order`); torch, resident and dali follow the torch backend's permutation, which
-    repeated augmentation (`ra_reps`) changes."""
-    get = {k: data.get(k, default) for k, default in ORDER_DEFAULTS.items()}
-    return ((("ffcv", get["ffcv_order"]) if get["backend"] == "ffcv" else ("torch",))
-            + (get["ra_reps"],))
+def _order(keys: dict[str, Any]) -> tuple[Any, ...]:
+    """An epoch's sample order besides the seed, from the `ORDER_DEFAULTS` keys: FFCV orders
+    its samples itself (by `ffcv_order`); torch, resident and dali follow the torch backend's
+    permutation, which repeated augmentation (`ra_reps`) changes."""
+    return ((("ffcv", keys["ffcv_order"]) if keys["backend"] == "ffcv" else ("torch",))
+            + (keys["ra_reps"],))
 
 
 def _check_same_order(saved_data: dict[str, Any], cfg: Config, path: Path, epoch: int) -> None:
@@ -305,14 +304,14 @@ def _check_same_order(saved_data: dict[str, Any], cfg: Config, path: Path, epoch
     Raises:
         CheckpointError: naming the settings that order the epoch differently.
     """
-    now = dataclasses.asdict(cfg.data)
-    if not saved_data or _order(saved_data) == _order(now):
-        return
     was = {k: saved_data.get(k, default) for k, default in ORDER_DEFAULTS.items()}
+    now = {k: getattr(cfg.data, k) for k in ORDER_DEFAULTS}
+    if not saved_data or _order(was) == _order(now):
+        return
     keys = [k for k in ORDER_DEFAULTS if was[k] != now[k]]
-    was = ", ".join(f"data.{k}={was[k]}" for k in keys)
-    raise CheckpointError(f"{path}: checkpoint is inside epoch {epoch}, trained with {was}, "
-                          f"which order that epoch's samples differently from "
+    raise CheckpointError(f"{path}: checkpoint is inside epoch {epoch}, trained with "
+                          f"{', '.join(f'data.{k}={was[k]}' for k in keys)}, which order that "
+                          f"epoch's samples differently from "
                           f"{', '.join(f'data.{k}={now[k]}' for k in keys)}; continue it with "
                           f"the checkpoint's settings, or resume from a checkpoint at an epoch "
                           f"boundary")
