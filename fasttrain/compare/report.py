@@ -321,26 +321,28 @@ def _write_outputs(c: Comparison, out: Path, name: str | None) -> list[Path]:
                  "no ThinResNet accuracy measured by this project for this benchmark yet; "
                  "dotted lines: ThinResNet MAC/param positions only" if c.benchmark else "")
     lat_note = f"latency: {c.latency.describe()}" if c.latency else ""
+    # the names output_files lists, so that a tool checks exactly the files written
+    macs_plot, params_plot, latency_plot, delta_plot = (out / f"{name}-{p}" for p in PLOTS)
+    has_latency = any(p.latency_ms is not None for p in c.points)
     written = []
-    written += plots.plot_top1(c.points, "macs", out / f"{name}-top1-vs-macs",
+    written += plots.plot_top1(c.points, "macs", macs_plot,
                                title=f"{what}: top-1 vs MACs", subtitle=thin_note,
                                reference=_reference(c, "macs"))
-    written += plots.plot_top1(c.points, "params", out / f"{name}-top1-vs-params",
+    written += plots.plot_top1(c.points, "params", params_plot,
                                title=f"{what}: top-1 vs parameters", subtitle=thin_note,
                                reference=_reference(c, "params"))
-    latency_plot = out / f"{name}-top1-vs-latency"
-    if any(p.latency_ms is not None for p in c.points):
+    if has_latency:
         written += plots.plot_top1(c.points, "latency", latency_plot,
                                    title=f"{what}: top-1 vs measured latency",
                                    subtitle=lat_note)
-    written += plots.plot_delta(c.points, out / f"{name}-delta-vs-reduction",
+    written += plots.plot_delta(c.points, delta_plot,
                                 title=f"{what}: accuracy change vs MAC reduction, each relative "
                                       f"to its own baseline", subtitle=thin_note,
                                 reference=_reference(c, "reduction"))
     md, table = out / f"{name}-table.md", out / f"{name}-table.csv"
     plots.write_replacing(md, lambda f: f.write(_utf8(markdown(c))))
     write_csv(c, table)
-    if not any(p.latency_ms is not None for p in c.points):
+    if not has_latency:
         # an earlier comparison's, of other points: it must not pass for this one's. Removed
         # last, so that a write failing before it leaves that comparison's plot in place.
         for suffix in (".png", ".svg"):
