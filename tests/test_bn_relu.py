@@ -346,6 +346,37 @@ def test_input_checks_name_the_tensor_and_value():
             F.batch_norm(x, torch.zeros(3), torch.ones(3), training=training, eps=eps)
 
 
+@pytest.mark.parametrize("module_dtype,x_dtype", [
+    (torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16),
+    (torch.float64, torch.float32), (torch.float32, torch.float64)])
+@pytest.mark.parametrize("training", [True, False])
+def test_mixed_dtypes_refused_as_batch_norm_refuses_them(module_dtype, x_dtype, training):
+    x = torch.randn(2, 3, 4, 4, dtype=x_dtype)
+    with pytest.raises(RuntimeError, match="mixed dtype"):  # the rule the op copies
+        nn.BatchNorm2d(3).to(module_dtype).train(training)(x)
+    fused = ops.BatchNormReLU2d(3).to(module_dtype).train(training)
+    with pytest.raises(RuntimeError, match=f"mixed dtypes: x is {str(x_dtype)[6:]}, weight "
+                                           f"{str(module_dtype)[6:]}, bias"):
+        fused(x)
+    assert int(fused.num_batches_tracked) == int(training)  # as nn.BatchNorm2d counts it
+    torch.testing.assert_close(fused.running_mean, torch.zeros(3, dtype=module_dtype))
+
+
+def test_mixed_dtypes_accepted_where_batch_norm_accepts_them():
+    x = torch.randn(2, 3, 4, 4, dtype=torch.bfloat16)
+    bn = nn.BatchNorm2d(3)  # fp32 parameters and statistics, bf16 x: autocast's case
+    fused = ops.BatchNormReLU2d(3)
+    torch.testing.assert_close(fused(x), F.relu(bn(x)))
+    half = ops.BatchNormReLU2d(3).to(torch.bfloat16)  # a module cast to x's dtype
+    assert half(x).dtype == torch.bfloat16
+    with pytest.raises(RuntimeError, match="running_mean float32"):  # bf16 affine, fp32 stats
+        ops.bn_relu(x, torch.zeros(3), torch.ones(3), torch.ones(3, dtype=torch.bfloat16),
+                    None, training=True)
+    with pytest.raises(RuntimeError):  # "expected scalar type BFloat16 but found Float"
+        F.batch_norm(x, torch.zeros(3), torch.ones(3), torch.ones(3, dtype=torch.bfloat16),
+                     None, training=True)
+
+
 def test_empty_batch_leaves_running_stats_unchanged():
     bn, fused = nn.BatchNorm2d(3), ops.BatchNormReLU2d(3)
     x = torch.randn(0, 3, 4, 4)

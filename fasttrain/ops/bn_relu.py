@@ -185,6 +185,24 @@ def _warn_fallback(device: torch.device) -> None:
                   f"PyTorch reference (same results, unfused)", RuntimeWarning, stacklevel=3)
 
 
+_REDUCED = (torch.float16, torch.bfloat16)
+
+
+def _check_dtypes(x: Tensor, **params: Optional[Tensor]) -> None:
+    """F.batch_norm's dtype rule (CPU and CUDA): every parameter and running statistic has x's
+    dtype, or all are fp32 with fp16/bf16 x (autocast). The kernels would accept any mix, but a
+    module cast to bf16 fed fp32 (or an fp64 one fed fp32) is a mistake nn.BatchNorm2d reports."""
+    given = {name: t.dtype for name, t in params.items() if t is not None}
+    if all(d == x.dtype for d in given.values()):
+        return
+    if x.dtype in _REDUCED and all(d == torch.float32 for d in given.values()):
+        return
+    shown = ", ".join(f"{name} {str(d).removeprefix('torch.')}" for name, d in given.items())
+    raise RuntimeError(f"bn_relu: mixed dtypes: x is {str(x.dtype).removeprefix('torch.')}, "
+                       f"{shown}; parameters and running statistics must have x's dtype, or "
+                       f"all be float32 with float16/bfloat16 x (as F.batch_norm requires)")
+
+
 def bn_relu(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
             weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
             training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
@@ -208,7 +226,11 @@ def bn_relu(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Ten
     Raises:
         ValueError: training with one value per channel or eps <= 0, eval with eps < 0 (as
             F.batch_norm), or only one of the running statistics given.
+        RuntimeError: parameters or running statistics neither of x's dtype nor all fp32 with
+            fp16/bf16 x (F.batch_norm's "mixed dtype" rule).
     """
+    _check_dtypes(x, weight=weight, bias=bias, running_mean=running_mean,
+                  running_var=running_var)
     if not _ext.supports(x.device):
         if not torch.compiler.is_compiling():
             _warn_fallback(x.device)
