@@ -1434,6 +1434,24 @@ def test_a_second_signal_during_the_clean_up_changes_nothing(data_root, tmp_path
                                        "continue from the last one with --resume runs/q\n")
 
 
+def test_a_peer_gone_while_the_new_run_folder_is_shared_leaves_no_folder(data_root, tmp_path,
+                                                                          monkeypatch):
+    """Rank 0 makes the run folder, then sends its path to the other ranks: a peer killed in
+    between failed that broadcast, and the folder (an empty checkpoints/) stayed, since it was
+    only recorded as this call's after the broadcast returned."""
+    real_broadcast = loop.distributed.broadcast_object
+
+    def peer_gone_for_the_folder(obj):
+        if isinstance(obj[0], Path):
+            raise RuntimeError("Connection closed by peer")
+        return real_broadcast(obj)
+
+    monkeypatch.setattr(loop.distributed, "broadcast_object", peer_gone_for_the_folder)
+    with pytest.raises(RuntimeError, match="closed by peer"):
+        train(_cfg(data_root, tmp_path, "--log.name=gone"))
+    assert not (tmp_path / "gone").exists()
+
+
 def test_sigterm_is_handled_like_ctrl_c_with_status_143(monkeypatch, capsys):
     """docker stop / a scheduler's preemption: one line, 143, and the handler the process had
     before is back afterwards."""

@@ -892,13 +892,14 @@ def _train(cfg: Config, dist: distributed.DistInfo, report: Reporter, recipe: st
         if resume_path and (run := run_dir_of(resume_path)):
             lock_run_dir(run)
             return run
-        return new_run_dir(log_dir, cfg.log.name, stem, resume == "auto")
+        run = new_run_dir(log_dir, cfg.log.name, stem, resume == "auto")
+        if made is not None:  # before the broadcast, which fails if a peer died meanwhile
+            made.append(run)
+        return run
 
     run_dir = _on_main(dist, claim_run_dir)
     if fresh:
         report.print(fresh)
-    if made is not None and dist.is_main and not (resume_path and run_dir_of(resume_path)):
-        made.append(run_dir)
     if claimed is not None:
         claimed.append(run_dir)
     # for torchrun's restarts (after `made`: a store that fails leaves no folder behind)
