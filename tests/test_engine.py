@@ -200,6 +200,15 @@ def test_accuracy_counts_top5_includes_the_fifth_ranked_class():
     assert (top1.item(), top5.item()) == (1, 2)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_accuracy_counts_an_image_with_non_finite_logits_as_a_miss(bad):
+    logits = torch.arange(10.0).repeat(3, 1)
+    logits[0, 3] = bad  # NaN/inf ranks first: "class 3" would be a hit
+    logits[1, 0] = bad  # its label 9 still ranks first among the finite logits
+    top1, top5 = loop.accuracy_counts(logits, torch.tensor([3, 9, 9]))
+    assert (top1.item(), top5.item()) == (1, 1)
+
+
 def test_step_and_constant_schedules():
     cfg = ScheduleConfig(epochs=9, kind="step", milestones=[3, 6], gamma=0.1)
     assert [lr_factor(cfg, e * 10, 10) for e in (0, 2, 3, 5, 6, 8)] == \

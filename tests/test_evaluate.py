@@ -522,6 +522,23 @@ def test_progress_is_reported_after_every_batch(run, capsys):
     assert record["val_top1"] == _last_metrics(run)["val_top1"]
 
 
+def test_a_diverged_checkpoint_scores_0_as_compare_reads_it(run, tmp_path, capsys):
+    """NaN weights give NaN logits, which topk ranks first: such a network scored ~10 % on the
+    digits, a point compare would plot as a real result."""
+    saved = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    saved["model"] = {k: v.fill_(float("nan")) if v.is_floating_point() else v
+                      for k, v in saved["model"].items()}
+    torch.save(saved, tmp_path / "nan.pt")
+    code, _, err = _evaluate(capsys, "--checkpoint", tmp_path / "nan.pt", "--json",
+                             tmp_path / "r.json", "--points", tmp_path / "points.csv")
+    assert code == 0, err
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert (record["val_top1"], record["val_top5"], record["val_loss"]) == (0, 0, None)
+    row = (tmp_path / "points.csv").read_text().splitlines()[1].split(",")
+    header = (tmp_path / "points.csv").read_text().splitlines()[0].split(",")
+    assert float(row[header.index("top1")]) == 0
+
+
 def test_the_json_record_is_strict_even_for_a_diverged_network():
     record = {"val_loss": float("inf"), "mean": [0.5, float("nan")], "nested": {"x": 1.5}}
     assert evaluate_tool._finite(record) == {"val_loss": None, "mean": [0.5, None],

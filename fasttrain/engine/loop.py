@@ -138,10 +138,12 @@ def apply_init_from(cfg: ModelConfig, notes: list[str] | None = None,
 
 
 def accuracy_counts(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Number of top-1 and top-5 hits (top-k capped at the class count), as device tensors."""
+    """Number of top-1 and top-5 hits (top-k capped at the class count), as device tensors.
+    An image whose logits are not all finite is a miss: topk ranks NaN first, so a diverged
+    network's NaN logits "predicted" arbitrary classes (~10 % top-1 on 10 classes)."""
     k = min(5, logits.shape[1])
     top = logits.topk(k, dim=1).indices  # (N, k)
-    hits = top == labels[:, None]
+    hits = (top == labels[:, None]) & logits.isfinite().all(dim=1, keepdim=True)
     return hits[:, 0].sum(), hits.any(dim=1).sum()
 
 
