@@ -570,6 +570,14 @@ def test_prune_tool_user_errors_exit_2_with_one_line(tmp_path, capsys):
     cases += [([str(src), "--out", "x.pt", "--target-macs", text],
                f"expected a finite MAC count >= 1 (e.g. 2.6e6), got '{text}'")
               for text in ("inf", "1e400", "0.4", "0", "-5", "nan", "many")]
+    # a diverged run: the check that the saved network computes what the pruned one does met
+    # NaN (never close to NaN) and raised a traceback blaming pruning
+    saved = torch.load(src, weights_only=True)
+    saved["model"] = {k: v.fill_(float("nan")) if v.is_floating_point() else v
+                      for k, v in saved["model"].items()}
+    torch.save(saved, tmp_path / "nan.pt")
+    cases.append(([str(tmp_path / "nan.pt"), "--out", "x.pt", "--target-width", "0.25"],
+                  f"{tmp_path / 'nan.pt'}: the network's own output is not finite"))
     for argv, message in cases:
         try:
             code = prune_tool.main(argv)

@@ -517,7 +517,16 @@ def _read_source(path: str | Path, out: str | Path, weights: str):
                          f"pruned to {record.get('macs')} MACs): prune that source to the new "
                          f"target instead, or fine-tune this one first")
     check_output(path, out)
-    return path, state, model, dict(meta["model_config"]), meta["input_size"][1]
+    resolution = meta["input_size"][1]
+    with torch.no_grad():
+        # NaN weights failed the check that the pruned network computes what the rebuilt one
+        # does (NaN is never close to NaN): a traceback blaming pruning for a diverged run.
+        x = torch.randn(2, *meta["input_size"], generator=torch.Generator().manual_seed(0))
+        if not torch.isfinite(model.eval()(x)).all():
+            raise PruneError(f"{path}: the network's own output is not finite (NaN or inf "
+                             f"weights or BatchNorm statistics: a diverged run?); nothing was "
+                             f"pruned")
+    return path, state, model, dict(meta["model_config"]), resolution
 
 
 def _rebuilder(mc: dict[str, Any]) -> Callable[..., nn.Module]:
