@@ -112,9 +112,13 @@ def test_explicit_spec_builds_that_network():
 
 @pytest.mark.parametrize("spec, message", [
     ({"stem": 8}, "keys 'stem' and 'stages'"),
-    ({"stem": 0, "stages": []}, "stages must be a list of 3"),
+    ({"stem": 0, "stages": []}, "stages must list 3 stages, got 0: []"),
+    ({"stem": 0, "stages": 3}, "stages must be a list of 3 stages, got int 3"),
     ({"stem": 0, "stages": [{"out": 8, "blocks": [[1]] * 3}] * 3}, "stem must be a positive"),
     ({"stem": 8, "stages": [{"out": 8, "blocks": [[1]] * 2}] * 3}, "stages[0].blocks must list 3"),
+    # "must list 3 blocks, got 3" contradicted itself: the 3 was an integer
+    ({"stem": 8, "stages": [{"out": 8, "blocks": 3}] * 3},
+     "stages[0].blocks must be a list of 3 blocks (a list of channel counts each), got int 3"),
     ({"stem": 8, "stages": [{"out": 8, "blocks": [[1, 2]] * 3}] * 3},
      "stages[0].blocks[0] must be a list of 1"),
     ({"stem": 8, "stages": [{"out": 8, "blocks": [[1.5]] * 3}] * 3}, "positive integer"),
@@ -147,7 +151,7 @@ def test_config_takes_a_spec_and_rejects_a_bad_one(tmp_path):
                                           r"stages\[3\].blocks\[1\] must be a list of 2"):
         load(recipe)
     # a spec for another depth is refused too; under init_from the checkpoint's replaces it
-    with pytest.raises(ConfigError, match="stages must be a list of 4 stages"):
+    with pytest.raises(ConfigError, match="stages must list 4 stages, got 3"):
         load(None, [f"--model.channels={spec}"])
     assert load(None, [f"--model.channels={spec}", "--model.init_from=x.pt"]).model.channels
 
@@ -406,6 +410,17 @@ def test_a_network_pruned_from_ema_weights_says_so_in_its_export(tmp_path):
     torch.save(old, tmp_path / "old.pt")
     with pytest.raises(CheckpointError, match=r"its source's model weights\), no EMA"):
         ex.model_from_checkpoint(tmp_path / "old.pt", weights="ema")
+
+
+def test_init_from_names_its_file_for_a_bad_channel_spec(tmp_path):
+    """A checkpoint's channel spec was refused as "model: channels: ...", from nowhere."""
+    src, _ = write_checkpoint(tmp_path / "src.pt")
+    saved = torch.load(src, weights_only=True)
+    saved["config"]["model"]["channels"] = {"stem": 8, "stages": [{"out": 8, "blocks": 3}] * 3}
+    torch.save(saved, tmp_path / "bad.pt")
+    with pytest.raises(ConfigError, match=rf"^model.init_from={re.escape(str(tmp_path))}/bad.pt:"
+                                          r" model.channels: stages\[0\].blocks must be a list"):
+        apply_init_from(ModelConfig(init_from=str(tmp_path / "bad.pt")))
 
 
 @needs_tp

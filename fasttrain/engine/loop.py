@@ -117,6 +117,8 @@ def apply_init_from(cfg: ModelConfig, notes: list[str] | None = None,
                                 f"had {_yaml_text(getattr(cfg, key))})" if key != "channels"
                                 else "model.channels (the checkpoint's pruned widths)")
             setattr(cfg, key, saved_model[key])
+    if saved_model.get("channels") is not None:  # a bad spec named the file it came from
+        config_mod._check_channels(cfg, f"model.init_from={cfg.init_from}")
     if notes is not None and replaced:
         notes.append(f"note: model.init_from={cfg.init_from} sets the architecture: "
                      f"{', '.join(replaced)}")

@@ -82,16 +82,14 @@ def check_channels(spec: object, layers: Sequence[int], expansion: int) -> Chann
     if not isinstance(spec, dict) or set(spec) != {"stem", "stages"}:
         raise ValueError(f"channels must be a mapping with keys 'stem' and 'stages', got {spec!r}")
     stages = spec["stages"]
-    if not isinstance(stages, list) or len(stages) != len(layers):
-        raise ValueError(f"channels: stages must be a list of {len(layers)} stages, got {stages!r}")
+    _check_list(stages, len(layers), "stages", "stages")
     out = {"stem": count(spec["stem"], "stem"), "stages": []}
     for i, (stage, n) in enumerate(zip(stages, layers)):
         if not isinstance(stage, dict) or set(stage) != {"out", "blocks"}:
             raise ValueError(f"channels: stages[{i}] must be a mapping with keys 'out' and "
                              f"'blocks', got {stage!r}")
         blocks = stage["blocks"]
-        if not isinstance(blocks, list) or len(blocks) != n:
-            raise ValueError(f"channels: stages[{i}].blocks must list {n} blocks, got {blocks!r}")
+        _check_list(blocks, n, f"stages[{i}].blocks", "blocks (a list of channel counts each)")
         checked = []
         for j, widths in enumerate(blocks):
             where = f"stages[{i}].blocks[{j}]"
@@ -101,6 +99,16 @@ def check_channels(spec: object, layers: Sequence[int], expansion: int) -> Chann
             checked.append([count(w, where) for w in widths])
         out["stages"].append({"out": count(stage["out"], f"stages[{i}].out"), "blocks": checked})
     return out
+
+
+def _check_list(value: object, n: int, where: str, what: str) -> None:
+    """`value` is a list of `n` items; the error says which of the two it is not ("must list 3
+    blocks, got 3" read as a contradiction when the 3 was an integer, not a list)."""
+    if not isinstance(value, list):
+        raise ValueError(f"channels: {where} must be a list of {n} {what}, got "
+                         f"{type(value).__name__} {value!r}")
+    if len(value) != n:
+        raise ValueError(f"channels: {where} must list {n} {what}, got {len(value)}: {value!r}")
 
 
 def channels_of(model: nn.Module) -> ChannelSpec:
