@@ -98,6 +98,43 @@ def run_wrapped(tmp_path: Path, args: list[str], plan: dict | None, data_root: P
                           timeout=300)
 
 
+def test_sigterm_while_waiting_for_a_peer_that_never_joins_is_said_at_once(data_root,
+                                                                          tmp_path):
+    """Rank 0 of two whose peer died before joining (killed while importing torch) waited
+    inside init_process_group, where Python's signal handlers do not run: torchrun's SIGTERM
+    went unheard for its 30 s grace, then SIGKILL, and the run said nothing."""
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC")}
+    env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), FASTTRAIN_DATA=str(data_root))
+    rank0 = subprocess.Popen([sys.executable] + tiny_args(data_root, tmp_path, "alone"),
+                             cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # its store is up: it is joining the group
+            assert rank0.poll() is None and time.monotonic() < deadline, rank0.stderr.read()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        time.sleep(1)
+        rank0.send_signal(signal.SIGTERM)
+        out, err = rank0.communicate(timeout=20)
+    finally:
+        rank0.kill()
+    assert rank0.returncode == 143, err
+    assert err.strip().splitlines()[-1] == ("terminated: before the first checkpoint, nothing "
+                                            "to continue"), err
+    assert not (tmp_path / "alone").exists()
+
+
 @pytest.mark.slow
 def test_sigkill_anywhere_then_resume_is_bit_identical(data_root, tmp_path):
     reference = run_wrapped(tmp_path, tiny_args(data_root, tmp_path, "straight"), None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -57,10 +58,27 @@ def setup(device_preference: str) -> DistInfo:
     device = resolve_device(device_preference, local_rank)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, store=_attempt_store(rank, world), rank=rank,
-                                world_size=world,
+        store = _attempt_store(rank, world)
+        _wait_for_peers(store, world)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world,
                                 device_id=device if device.type == "cuda" else None)
     return DistInfo(rank, world, local_rank, _env_int("LOCAL_WORLD_SIZE", 1), device)
+
+
+def _wait_for_peers(store: dist.Store, world: int) -> None:
+    """Return once all `world` ranks of this start have reached here.
+
+    init_process_group waits for its peers inside C++, where Python's signal handlers cannot
+    run: a rank whose peer died before joining (killed while importing torch) sat there deaf to
+    torchrun's SIGTERM until torchrun killed it 30 s later, without a word. This wait is in
+    Python (a non-blocking check, then a sleep), so SIGTERM and Ctrl-C stop it at once; the
+    group then forms among ranks that are all alive."""
+    if store.add("ranks_joined", 1) == world:
+        store.set("all_joined", "1")
+    pause = 0.005
+    while not store.check(["all_joined"]):
+        time.sleep(pause)
+        pause = min(2 * pause, 0.2)  # at most 5 checks per second per rank on the store
 
 
 def _attempt_store(rank: int, world: int) -> dist.Store:

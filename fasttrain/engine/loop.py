@@ -707,7 +707,11 @@ def train(cfg: Config, recipe: str | None = None, resume: str | None = None,
                      torch.is_deterministic_algorithms_warn_only_enabled())
     cudnn_benchmark = torch.backends.cudnn.benchmark
     cublas_workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
-    dist = distributed.setup(cfg.train.device)
+    try:
+        dist = distributed.setup(cfg.train.device)
+    except KeyboardInterrupt as e:  # waiting for the other ranks: nothing written yet
+        e.fasttrain_resume = resume or ""
+        raise
     made: list[Path] = []  # run folders this call claimed (new, or named and free)
     claimed: list[Path] = []  # the run folder it writes, new or resumed
     owner = rundir_mod.lock_owner.set(object())  # this call's run-folder locks
