@@ -529,11 +529,15 @@ def test_a_diverged_checkpoint_scores_0_as_compare_reads_it(run, tmp_path, capsy
     saved["model"] = {k: v.fill_(float("nan")) if v.is_floating_point() else v
                       for k, v in saved["model"].items()}
     torch.save(saved, tmp_path / "nan.pt")
-    code, _, err = _evaluate(capsys, "--checkpoint", tmp_path / "nan.pt", "--json",
-                             tmp_path / "r.json", "--points", tmp_path / "points.csv")
+    code, out, err = _evaluate(capsys, "--checkpoint", tmp_path / "nan.pt", "--json",
+                               tmp_path / "r.json", "--points", tmp_path / "points.csv")
     assert code == 0, err
     record = json.loads((tmp_path / "r.json").read_text())
     assert (record["val_top1"], record["val_top5"], record["val_loss"]) == (0, 0, None)
+    assert record["notes"] == ["the loss is not finite: images whose logits are NaN or inf "
+                               "count as misses (NaN/inf weights or BatchNorm statistics: a "
+                               "diverged run?)"]
+    assert "warning: the loss is not finite" in out
     row = (tmp_path / "points.csv").read_text().splitlines()[1].split(",")
     header = (tmp_path / "points.csv").read_text().splitlines()[0].split(",")
     assert float(row[header.index("top1")]) == 0

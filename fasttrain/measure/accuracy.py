@@ -6,6 +6,7 @@ preprocessing the thin networks were.
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Callable
 
@@ -150,6 +151,9 @@ def _measure(source: BenchModel, cfg: Config, classes: list[str] | None,
                else loader)
     metrics = evaluate(model, batches, precision, device, flip=cfg.aug.test_flip)
     seconds = time.perf_counter() - start
+    if not math.isfinite(metrics["val_loss"]):
+        notes.append("the loss is not finite: images whose logits are NaN or inf count as "
+                     "misses (NaN/inf weights or BatchNorm statistics: a diverged run?)")
     images = len(loader.loader.dataset) - len(loader.skipped)
     present = len(set(loader.loader.dataset.targets))  # classes with validation images
     counted = source.count_model
