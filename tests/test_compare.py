@@ -996,7 +996,9 @@ def test_thin_vs_pruned_end_to_end(data_root, tmp_path, monkeypatch, capsys):
     assert compare_tool.main(["--runs", "runs/w05", "runs/w025", "runs/ft", "--latency",
                               str(lat_file), "--out", "cmp", "--name", "digits"]) == 0
     printed = capsys.readouterr().out
-    assert "ThinResNet vs pruned" in printed and "cifar_resnet20 w0.25" in printed  # rich
+    # the data set and resolution in the title: a plot passed around alone did not say them
+    assert "ThinResNet vs pruned (digits, 16 px)" in printed, printed
+    assert "cifar_resnet20 w0.25" in printed  # rich
 
     written = sorted(Path("cmp").iterdir())
     assert [p.name for p in written if p.suffix == ".png"] == [
@@ -1105,3 +1107,21 @@ def test_published_cifar_points_are_set_against_the_option_a_thin_curve(tmp_path
     published = [r for r in c.rows if r["kind"] == LITERATURE and r["thin_points"]]
     assert published and all(r["model"] == "cifar_resnet56" for r in published)
     assert {r["thin_points"] for r in published} <= {"A w0.5", "A w1", "A w0.5 – A w1"}
+
+
+def test_the_title_names_the_data_sets_and_resolutions_of_its_points():
+    def point(dataset, resolution):
+        return Point(label=f"{dataset}{resolution}", kind=THIN, origin=MEASURED, top1=90.0,
+                     macs=10, dataset=dataset, resolution=resolution)
+
+    def title(*points):
+        return report.title(report.Comparison(None, list(points), [], [], None, 0.0))
+
+    assert title(point("digits", 16), point("digits", 16)) == \
+        "ThinResNet vs pruned (digits, 16 px)"
+    assert title(point("imagenet", 224), point("imagenet", 160), point(None, None)) == \
+        "ThinResNet vs pruned (imagenet, 160-224 px)"
+    assert title(point("cifar10", None), point("digits", 32)) == \
+        "ThinResNet vs pruned (cifar10, digits, 32 px)"
+    assert title(point(None, None)) == "ThinResNet vs pruned"
+

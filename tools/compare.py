@@ -84,12 +84,12 @@ def _terminal_table(c):
     from rich.table import Table
     from rich.text import Text
 
-    from fasttrain.compare.report import display_rows
+    from fasttrain.compare.report import display_rows, title
 
-    title = c.benchmark.title if c.benchmark else "ThinResNet vs pruned"
+    heading = title(c)
     header, cells = display_rows(c)
     # as stdout can print them: − is - and Δ delta on an ASCII stream
-    t = Table(title=Text(printable(f"{title}: thin − point > 0 means the thin network is more "
+    t = Table(title=Text(printable(f"{heading}: thin − point > 0 means the thin network is more "
                                    f"accurate at equal MACs")))
     for i, h in enumerate(header):
         t.add_column(printable(h), justify="left" if i < 3 else "right")

@@ -314,9 +314,21 @@ def output_files(out_dir: str | Path, name: str) -> list[Path]:
             ] + [out / f"{name}-table.md", out / f"{name}-table.csv"]
 
 
+def title(c: Comparison) -> str:
+    """What the comparison is of: the benchmark's title, else the data set(s) and the
+    resolution its points name (a plot passed around alone said only "ThinResNet vs pruned")."""
+    if c.benchmark:
+        return c.benchmark.title
+    sets = sorted({p.dataset for p in c.points if p.dataset})
+    sizes = sorted({p.resolution for p in c.points if p.resolution})
+    known = ([", ".join(sets)] if sets else []) + (
+        [f"{sizes[0]} px"] if len(sizes) == 1 else [f"{sizes[0]}-{sizes[-1]} px"] if sizes else [])
+    return "ThinResNet vs pruned" + (f" ({', '.join(known)})" if known else "")
+
+
 def _write_outputs(c: Comparison, out: Path, name: str | None) -> list[Path]:
     name = name or (c.benchmark.name if c.benchmark else "compare")
-    what = c.benchmark.title if c.benchmark else "ThinResNet vs pruned"
+    what = title(c)
     thin_note = ("" if c.front else
                  "no ThinResNet accuracy measured by this project for this benchmark yet; "
                  "dotted lines: ThinResNet MAC/param positions only" if c.benchmark else "")
