@@ -1128,3 +1128,10 @@ def test_the_title_names_the_data_sets_and_resolutions_of_its_points():
         "ThinResNet vs pruned (cifar10, digits, 32 px)"
     assert title(point(None, None)) == "ThinResNet vs pruned"
 
+
+def test_the_accuracy_change_carries_no_float_noise():
+    """HRank's 93.26 - 90.72 was written to the table's CSV as -2.5400000000000063."""
+    point = Point(label="p", kind=PRUNED, origin=USER, top1=90.72, macs=10, base_top1=93.26)
+    assert point.delta_top1 == -2.54 and repr(point.delta_top1) == "-2.54"
+    assert Point(label="t", kind=THIN, origin=USER, top1=1.0, macs=1).delta_top1 is None
+
