@@ -351,6 +351,19 @@ def test_a_micro_batch_of_one_reaching_a_1x1_map_is_refused_at_start(extra):
     assert printed == []
 
 
+def test_a_train_res_that_progressive_resizing_never_uses_is_not_checked():
+    """min_res = max_res = 16 trains every epoch at 16 px, where one image per BatchNorm is
+    allowed (with the note); the unread train_res of 2 px refused the run."""
+    from fasttrain.engine.loop import _note_single_image_batch_norm
+
+    cfg = load(ROOT / "recipes" / "quickstart.yaml",
+               ["--data.batch_size=1", "--data.train_res=2", "--data.min_res=16",
+                "--data.max_res=16"])
+    printed = []
+    _note_single_image_batch_norm(cfg, 1, 10, type("Report", (), {"print": printed.append})())
+    assert printed[0].startswith("note: each training step's BatchNorm sees one image (")
+
+
 def test_progressive_resolution_follows_ffcv():
     data = DataConfig(min_res=160, max_res=192, start_ramp=65, end_ramp=76)
     expected = {0: 160, 65: 160, 66: 160, 70: 160, 71: 192, 72: 192, 76: 192, 87: 192}

@@ -559,7 +559,8 @@ def _note_single_image_batch_norm(cfg: Config, world_size: int, num_classes: int
     micro = cfg.data.batch_size // (world_size * cfg.train.grad_accum_steps)
     synced = cfg.train.sync_bn and world_size > 1
     if micro == 1 and not synced:
-        res = min(cfg.data.train_res, cfg.data.min_res or cfg.data.train_res)
+        # train_res is unread under progressive resizing: the epochs' own resolutions
+        res = min(progressive_resolution(cfg.data, e) for e in range(cfg.schedule.epochs))
         # BatchNorm's check is on shapes: the native layers' is the fused ones' too
         with torch.device("meta"):
             probe = build_model(dataclasses.replace(cfg.model, norm_act="native"), num_classes)
