@@ -551,6 +551,37 @@ def test_a_torch_export_file_runs_at_its_exported_size_only(exported):
     assert sources.from_file(exported / "net.pt").fixed_resolution is None  # any size
 
 
+def test_a_torch_export_file_of_another_input_runs_at_its_own_shape(tmp_path):
+    """A 1-channel network exported by its own code was fed 3 channels and failed its guard;
+    a non-square one failed too, after falling back to 224 px."""
+    gray = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 10)).eval()
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(gray, (torch.randn(2, 1, 28, 28),),
+                                  dynamic_shapes=({0: batch},))
+    torch.export.save(program, tmp_path / "gray.pt2")
+    bm = sources.from_file(tmp_path / "gray.pt2")
+    assert (bm.in_chans, bm.fixed_resolution) == (1, 28)
+    rows = bench.run([bm], bench.Conditions(device="cpu", iters=2, warmup=1), [3])
+    assert [r["status"] for r in rows] == ["ok"], rows[0]["error"]
+    wide = torch.export.export(gray, (torch.randn(2, 1, 28, 40),), dynamic_shapes=({0: batch},))
+    torch.export.save(wide, tmp_path / "wide.pt2")
+    with pytest.raises(sources.SourceError, match=r"wide\.pt2: exported for 28x40 inputs only; "
+                                                  r"the benchmark and evaluation run square"):
+        sources.from_file(tmp_path / "wide.pt2")
+
+
+def test_a_torchscript_failure_is_named_by_its_reason():
+    """The interpreter's message starts with its own words and ends with the reason: the row
+    said only "The following operation failed in the TorchScript interpreter."."""
+    gray = torch.jit.script(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten()))
+    with pytest.raises(RuntimeError) as e:
+        gray(torch.randn(1, 3, 8, 8))
+    assert sources.first_line(e.value).startswith("RuntimeError: Given groups=1, weight of "
+                                                  "size [4, 1, 3, 3], expected input")
+    assert sources.first_line(ValueError("a\nb")) == "ValueError: a"
+
+
 def test_file_and_checkpoint_sources_say_what_is_wrong(exported, tmp_path, capsys):
     from fasttrain.errors import UserError
 

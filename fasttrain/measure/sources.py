@@ -24,10 +24,20 @@ class SourceError(UserError, ValueError):
     """The model to benchmark cannot be found or built."""
 
 
+# TorchScript's interpreter puts its own words first, the script traceback next and the
+# reason ("RuntimeError: Given groups=1, ...") last.
+_TORCHSCRIPT_FAILED = "The following operation failed in the TorchScript interpreter"
+
+
 def first_line(e: BaseException) -> str:
-    """`Type: first line of the message` (the type alone when there is no message)."""
+    """`Type: first line of the message` (the type alone when there is no message); for an
+    error raised in the TorchScript interpreter, the reason its message ends with."""
     text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+    lines = text.splitlines()
+    if len(lines) > 1 and lines[0].startswith(_TORCHSCRIPT_FAILED):
+        reason = lines[-1].strip()
+        return reason if ": " in reason else f"{type(e).__name__}: {reason}"
+    return f"{type(e).__name__}: {lines[0]}" if text else type(e).__name__
 
 
 @dataclass
@@ -166,7 +176,7 @@ def from_file(path: str | Path) -> BenchModel:
     else:
         warnings.warn(f"{path}: MACs not counted: the file has no fasttrain metadata",
                       stacklevel=2)
-    fixed = None if script else _exported_size(module, meta)
+    in_chans, fixed = (None, None) if script else _exported_input(path, module, meta)
     resolution = fixed or meta.get("input_size", [3, 224, 224])[1]
     name, width = _identity(meta) if meta.get("model") else (Path(path).name, None)
     # A folded file has no norm layers left, and an unfolded one holds the native math (the
@@ -176,20 +186,33 @@ def from_file(path: str | Path) -> BenchModel:
     return BenchModel(name, width, str(path), module,
                       resolution, meta.get("num_classes"), norm_act, count_model,
                       compiled=True, fixed_resolution=fixed, classes=meta.get("classes"),
-                      meta=meta)
+                      meta=meta, in_chans=in_chans or 3)
 
 
-def _exported_size(module: nn.Module, meta: dict) -> int | None:
-    """The square input size a torch.export module was specialised to: its input placeholder's
-    shape (what the module's guards check), else the metadata's input_size; None if dynamic."""
+def _exported_input(path: str | Path, module: nn.Module, meta: dict
+                    ) -> tuple[int | None, int | None]:
+    """(channels, square size) a torch.export module was specialised to: its input
+    placeholder's shape (what the module's guards check), else the metadata's input_size; None
+    for what is dynamic or unknown. The channels matter for a file not made by fasttrain (a
+    1-channel network was fed 3 channels and failed its guard).
+
+    Raises:
+        SourceError: a fixed non-square input size (the benchmark's inputs are square).
+    """
     graph = getattr(module, "graph", None)
     inputs = [n for n in graph.nodes if n.op == "placeholder"] if graph is not None else []
     shape = getattr(inputs[0].meta.get("val"), "shape", None) if inputs else None
     if shape is not None and len(shape) == 4:
-        h, w = shape[2], shape[3]
-        return int(h) if isinstance(h, int) and h == w else None
+        c, h, w = shape[1], shape[2], shape[3]
+        chans = int(c) if isinstance(c, int) else None
+        if isinstance(h, int) and isinstance(w, int):
+            if h != w:
+                raise SourceError(f"{path}: exported for {h}x{w} inputs only; the benchmark "
+                                  f"and evaluation run square inputs")
+            return chans, int(h)
+        return chans, None
     size = meta.get("input_size")
-    return int(size[1]) if size else None
+    return (int(size[0]), int(size[1])) if size else (None, None)
 
 
 # Source files of the modules from_factory imported: (mtime_ns, size) when imported.
