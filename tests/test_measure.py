@@ -6,6 +6,7 @@ No test asserts a timing: clocks are fake wherever a number is checked.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -380,6 +381,12 @@ def test_factory_rows_name_their_file_norm_act_and_input_channels(tmp_path, monk
     compiled = sources.from_factory("nets:compiled")
     assert bench.warmup_calls(0, "eager", compiled.model) == 1
     assert compiled.count_model is compiled.model._orig_mod
+    # its time is torch.compile's: recorded as compile, kept apart from eager rows by compare
+    cond = bench.Conditions(resolution=8, iters=1, warmup=0)
+    assert bench.row_mode(compiled, cond) == "compile"
+    wrapped = dataclasses.replace(compiled, model=nn.Sequential(nn.Identity(), compiled.model))
+    assert bench.row_mode(wrapped, cond) == "compile"
+    assert bench.warmup_calls(0, "eager", wrapped.model) == 1
     # edited between two calls (a notebook): the new file's network, not the cached module's
     nets = tmp_path / "b" / "nets.py"
     nets.write_text(nets.read_text().replace("nn.Linear(6, 5)", "nn.Linear(6, 7)"))
@@ -525,8 +532,6 @@ def test_a_torchscript_files_rows_say_torchscript_and_compare_keeps_them_apart(
 def test_a_module_holding_a_scripted_part_is_recorded_as_torchscript(exported):
     # a factory wrapping a scripted backbone (normalisation in front) said "eager": compare
     # would set its TorchScript-executor time against eager rows
-    import dataclasses
-
     (reg,) = sources.from_registry("cifar_resnet20", [0.25])
     script = torch.jit.load(exported / "net.pt")
     cond = bench.Conditions(device="cpu", resolution=16, iters=1, warmup=0)

@@ -62,11 +62,16 @@ def warmup_calls(requested: int, mode: str, model: nn.Module) -> int:
     need = MIN_WARMUP.get(mode, 0)
     if mode == "eager" and isinstance(model, torch.jit.ScriptModule):
         need = MIN_WARMUP["torchscript"]
-    from torch._dynamo.eval_frame import OptimizedModule
-
-    if mode == "eager" and isinstance(model, OptimizedModule):
+    if mode == "eager" and _holds_compiled(model):
         need = MIN_WARMUP["compile"]  # a factory's torch.compile'd module compiles at first call
     return max(requested, need)
+
+
+def _holds_compiled(model: nn.Module) -> bool:
+    """Whether `model` is, or holds, a torch.compile'd module (a factory's)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return any(isinstance(m, OptimizedModule) for m in model.modules())
 
 
 class BenchError(UserError, ValueError):
@@ -138,10 +143,13 @@ def row_mode(bm: BenchModel, cond: Conditions) -> str:
     a factory's scripted model) measured "eager" runs under TorchScript's executor and is
     recorded as torchscript, so that compare never sets its latency against eager rows. So is
     a module holding a scripted or traced part (a factory's wrapper around a scripted
-    backbone): its time is not an eager network's either."""
+    backbone): its time is not an eager network's either. Likewise a factory's torch.compile'd
+    module (or one holding such a part) is recorded as compile."""
     if cond.mode == "eager" and any(isinstance(m, torch.jit.ScriptModule)
                                     for m in bm.model.modules()):
         return "torchscript"
+    if cond.mode == "eager" and _holds_compiled(bm.model):
+        return "compile"
     return cond.mode
 
 
