@@ -120,8 +120,28 @@ MAX_CLASSES = 100_000  # ImageNet-21k has 21,841
 MAX_WORKERS = 1024
 
 
+class _Keys:
+    """Attribute assignment limited to the declared keys: `cfg.model.widht = 0.5` (a typo in a
+    notebook) was kept as a stray attribute that train() never read, training the recipe's
+    width without a word. A section of Config must be its section's class (a dict put there
+    read as a recipe's partial section, every other key at its default)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        fields = self.__dataclass_fields__  # type: ignore[attr-defined]
+        if name not in fields:
+            close = difflib.get_close_matches(name, list(fields), n=1)
+            raise AttributeError(f"{type(self).__name__} has no key {name!r}"
+                                 + (f" (did you mean {close[0]!r}?)" if close else ""))
+        section = fields[name].default_factory
+        if isinstance(section, type) and issubclass(section, _Keys) and \
+                not isinstance(value, section):
+            raise TypeError(f"{type(self).__name__}.{name} must be a {section.__name__}, got "
+                            f"{type(value).__name__}")
+        object.__setattr__(self, name, value)
+
+
 @dataclass
-class DataConfig:
+class DataConfig(_Keys):
     dataset: Literal["digits", "imagefolder", "cifar10"] = _f(
         "digits", "digits: built-in UCI digits as JPEGs; imagefolder: path/{train,val}/CLASS/*; "
         "cifar10: torchvision's cifar-10-batches-py")
@@ -175,7 +195,7 @@ class DataConfig:
 
 
 @dataclass
-class AugConfig:
+class AugConfig(_Keys):
     train_crop: Literal["random_resized", "pad_random"] = _f(
         "random_resized", "random_resized: RandomResizedCrop(train_res, scale, ratio); "
         "pad_random: pad by `padding` then a random train_res crop (CIFAR style)")
@@ -209,7 +229,7 @@ MAX_WIDTH = 16
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Keys):
     name: str = _f("thin_resnet50", "a name from fasttrain.models.list_models()")
     # Upper bounds: beyond them the allocation fails deep inside torch, not with a message.
     # Wide ResNets go to 10, the thinning paper stays <= 1.
@@ -233,7 +253,7 @@ class ModelConfig:
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(_Keys):
     name: Literal["sgd", "lamb"] = _f("sgd", "optimizer")
     lr: float = _f(0.1, "peak learning rate for the global batch", gt=0)
     lr_reference_batch: int = _f(0, "linear scaling rule: lr is for this global batch and is "
@@ -253,7 +273,7 @@ class OptimConfig:
 
 
 @dataclass
-class ScheduleConfig:
+class ScheduleConfig(_Keys):
     epochs: int = _f(90, "training epochs", ge=1)
     kind: Literal["cosine", "step", "constant", "triangular"] = _f(
         "cosine", "LR shape after warmup; triangular: linear from 1e-4 x lr to lr at "
@@ -272,7 +292,7 @@ class ScheduleConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Keys):
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto = CUDA when available")
     precision: Literal["bf16", "fp16", "fp32"] = _f("bf16", "autocast dtype (fp16 adds a GradScaler)")
     channels_last: bool = _f(True, "NHWC memory format for model and inputs")
@@ -303,7 +323,7 @@ class TrainConfig:
 
 
 @dataclass
-class LogConfig:
+class LogConfig(_Keys):
     dir: str = _f("runs", "where run directories are created")
     name: str = _f("", "run directory name (a plain folder name under log.dir); empty = "
                    "<recipe stem>-<timestamp>")
@@ -313,7 +333,7 @@ class LogConfig:
 
 
 @dataclass
-class Config:
+class Config(_Keys):
     data: DataConfig = field(default_factory=DataConfig)
     aug: AugConfig = field(default_factory=AugConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
