@@ -41,16 +41,18 @@ def _entry(name: str):
         if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
             raise ValueError(f"checkpoint= must be a path (str or os.PathLike), got "
                              f"{checkpoint!r}")
+        choice = kwargs.get("norm_act")
+        if "norm_act" in kwargs and (choice is not None or checkpoint is None) and (
+                not isinstance(choice, str) or choice not in _models.NORM_ACT_LAYERS):
+            # checked here with a checkpoint too: it was the loader's UserError, no ValueError
+            raise ValueError(f"norm_act={choice!r}: choose from "
+                             f"{', '.join(sorted(_models.NORM_ACT_LAYERS))}")
         if checkpoint is None:
             if weights is not None:
                 raise ValueError("weights= needs checkpoint= (without one the weights are "
                                  "random)")
             if "norm_act" in kwargs:  # the config's name for the layer choice, as with checkpoints
-                choice = kwargs.pop("norm_act")
-                if choice not in _models.NORM_ACT_LAYERS:
-                    raise ValueError(f"norm_act={choice!r}: choose from "
-                                     f"{', '.join(sorted(_models.NORM_ACT_LAYERS))}")
-                kwargs["norm_act_layer"] = _models.NORM_ACT_LAYERS[choice]
+                kwargs["norm_act_layer"] = _models.NORM_ACT_LAYERS[kwargs.pop("norm_act")]
             import dataclasses
 
             from fasttrain.config import ModelConfig

@@ -125,8 +125,12 @@ def model_from_name(name: str, width: float, *, channel_divisor: int = 1,
         num_classes = 10 if name.startswith("cifar_") else 1000
     mc = {"name": name, "width": width, "channel_divisor": channel_divisor,
           "num_classes": num_classes, "shortcut": shortcut, "norm_act": norm_act}
+    from .config import ModelConfig, load_mapping
+
+    # the config's types and bounds (width <= 16): a notebook's width 100 for 1.0 built a
+    # network of hundreds of GB before anything failed
+    load_mapping({"model": mc}, "model_from_name", require_data_path=False)
     model = _build(mc)
-    from .config import ModelConfig
 
     full = {**dataclasses.asdict(ModelConfig()), **mc}
     return model.eval(), make_metadata(full, resolution=resolution or default_resolution(name))
@@ -552,6 +556,8 @@ def load_exported(path: str | Path, fmt: str | None = None
         raise ExportError(f"{path}: " + ("a directory, not an exported file" if path.is_dir()
                                          else "file not found"))
     fmt = fmt or format_of(path)
+    if fmt not in FORMATS:  # every other name was loaded as ONNX
+        raise ExportError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
     try:
         if fmt == "torchscript":
             extra = {META_KEY: ""}

@@ -655,6 +655,11 @@ def test_hub_entry_points(tmp_path):
     assert type(plain.bn1) is NORM_ACT_LAYERS["fused"]
     with pytest.raises(ValueError, match="norm_act='fast': choose from fused, native"):
         torch.hub.load(str(ROOT), "thin_resnet18", source="local", norm_act="fast")
+    # with a checkpoint the loader's UserError came through, which `except ValueError` missed
+    for bad in ("fast", ["fused"]):
+        with pytest.raises(ValueError, match=r"^norm_act=.*: choose from fused, native$"):
+            torch.hub.load(str(ROOT), "cifar_resnet20", source="local", checkpoint=str(ckpt),
+                           norm_act=bad)
     # an argument of another model (CIFAR ResNets' shortcut) or none: one line, not a TypeError
     # naming ResNet.__init__
     for bad in ({"shortcut": "B"}, {"bogus": 1}):
@@ -923,3 +928,22 @@ def test_ema_weights_of_a_wrapped_model_load_and_misfits_are_short(tmp_path):
         ex.model_from_checkpoint(path, weights="ema")
     message = str(info.value)
     assert len(message) < 400 and "keys)" in message and "\n" not in message, message
+
+
+def test_library_calls_check_what_the_tools_check(tmp_path):
+    """A notebook's model_from_name(..., 100) built a 100x-wide network (the config and the
+    tools cap width at 16) before anything failed; load_exported with a format name it does
+    not know read the file as ONNX."""
+    from fasttrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^model_from_name: model.width must be <= 16, got "
+                                          r"100"):
+        ex.model_from_name("cifar_resnet20", 100.0)
+    with pytest.raises(ConfigError, match="model.num_classes"):
+        ex.model_from_name("cifar_resnet20", 0.25, num_classes=10 ** 9)
+    ex.export_model(*ex.model_from_name("cifar_resnet20", 0.25, resolution=16), "torchscript",
+                    tmp_path / "net.pt")
+    for fmt in ("bogus", "ONNX"):
+        with pytest.raises(ex.ExportError, match=rf"^unknown export format '{fmt}'; choose "
+                                                 rf"from torchscript, export, onnx$"):
+            ex.load_exported(tmp_path / "net.pt", fmt)

@@ -1377,3 +1377,21 @@ def test_an_installed_copy_inside_another_repository_records_no_commit(tmp_path,
     subprocess.run(git + ["commit", "-qm", "user project"], check=True)
     assert git_commit(site) == "unknown"
     assert re.fullmatch(r"[0-9a-f]{7,}", git_commit(tmp_path))
+
+
+def test_library_measurements_refuse_or_count_what_they_were_given():
+    """count_macs of a module without parameters was a bare StopIteration; an unknown
+    precision a bare KeyError: 'fp8'; a batch of 0 gave 0 images/s."""
+    from fasttrain.measure import count_macs, measure_throughput
+
+    assert count_macs(nn.AvgPool2d(2), 8).conv_fc == 0
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 10))
+    with pytest.raises(ValueError, match="^precision must be one of fp32, bf16, fp16, got "
+                                         "'fp8'$"):
+        measure_throughput(net, batch_size=2, resolution=8, num_classes=10, iters=1, warmup=0,
+                           device="cpu", precision="fp8")
+    with pytest.raises(ValueError, match="^batch_size must be >= 1, got 0$"):
+        measure_throughput(net, batch_size=0, resolution=8, num_classes=10, iters=1, warmup=0,
+                           device="cpu")
+

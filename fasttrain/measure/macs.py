@@ -37,7 +37,9 @@ def count_macs(model: nn.Module, resolution: int, in_chans: int = 3) -> MacCount
         from fvcore.nn.jit_handles import batchnorm_flop_jit
 
     model = copy.deepcopy(model).eval().float()
-    device = next(model.parameters()).device
+    # a module without parameters (a pooling layer alone) was a bare StopIteration
+    first = next(model.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
     x = torch.zeros(1, in_chans, resolution, resolution, device=device)
     # The fused norm+ReLU op takes aten::batch_norm's leading arguments (input, weight, bias,
     # running_mean, running_var, training): counted as the BatchNorm it is, `total` does not

@@ -69,11 +69,18 @@ def build_train_step(model: nn.Module, *, batch_size: int, resolution: int, num_
         lr: SGD learning rate; small, so weights stay finite over long measurements.
 
     Raises:
-        ValueError: unknown mode, CUDA graphs off CUDA or with fp16.
+        ValueError: unknown mode or precision, a batch_size < 1, CUDA graphs off CUDA or with
+            fp16.
     """
     device = torch.device(device)
     if mode not in TRAIN_MODES:
         raise ValueError(f"training mode must be one of {', '.join(TRAIN_MODES)}, got {mode!r}")
+    from ..engine.precision import PRECISIONS
+
+    if precision not in PRECISIONS:  # a bare KeyError: 'fp8' from the autocast table
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if mode in CUDA_ONLY_MODES and device.type != "cuda":
         raise ValueError(f"{mode} mode needs a CUDA device")
     if mode == "cudagraphs" and precision == "fp16":
