@@ -670,8 +670,9 @@ class Parity:
 def check_parity(reference: nn.Module, exported: Callable[[torch.Tensor], torch.Tensor],
                  input_size: list[int] | tuple[int, ...], *, batch_sizes=(1, 3),
                  atol: float = 1e-4, rtol: float = 1e-4, seed: int = 0) -> Parity:
-    """Compare `exported` against `reference` (run in eval mode, fp32, CPU) on standard-normal
-    inputs of shape `(b, *input_size)` for each b in `batch_sizes`."""
+    """Compare `exported` against `reference` on standard-normal fp32 CPU inputs of shape
+    `(b, *input_size)` for each b in `batch_sizes`. `reference` must take such inputs (an fp32
+    module on the CPU, as export_model passes it); it is put in eval mode and left so."""
     reference = reference.eval()
     gen = torch.Generator().manual_seed(seed)
     max_abs, scale = 0.0, 0.0
