@@ -290,11 +290,12 @@ def test_env_sh_names_the_commands_it_lacks_before_any_work(tmp_path):
     assert not any((tmp_path / "cache").iterdir())  # no lock file, no venv
 
 
-def _fake_project(tmp_path: Path) -> tuple[Path, Path]:
+def _fake_project(tmp_path: Path, name: str = "repo") -> tuple[Path, Path]:
     """A copy of tools/env.sh in a project of fake native libraries, and a cache whose finished
     venv's python runs `-m pip install` as a stand-in build (it logs FASTTRAIN_JPEG, fails when
-    told to) and anything else with this interpreter."""
-    repo = tmp_path / "repo"
+    told to, takes 3 s when `slow` exists, exiting 1 on SIGINT as pip does, and logs OVERLAP
+    when another build of it runs) and anything else with this interpreter."""
+    repo = tmp_path / name
     (repo / "tools").mkdir(parents=True)
     shutil.copy(ROOT / "tools" / "env.sh", repo / "tools" / "env.sh")
     shutil.copy(ROOT / "requirements.txt", repo / "requirements.txt")
@@ -312,8 +313,13 @@ def _fake_project(tmp_path: Path) -> tuple[Path, Path]:
     (venv / ".complete").touch()
     python = venv / "bin" / "python"
     python.write_text(f'#!/bin/sh\nif [ "$1 $2 $3" = "-m pip install" ]; then\n'
+                      f'  [ ! -e "{tmp_path}/building" ] || echo OVERLAP >> "{tmp_path}/builds"\n'
+                      f'  touch "{tmp_path}/building"\n'
                       f'  echo "FASTTRAIN_JPEG=$FASTTRAIN_JPEG" >> "{tmp_path}/builds"\n'
                       f'  echo "[fasttrain build] CPU library  fasttrain/ops/_C: yes"\n'
+                      f'  trap \'rm -f "{tmp_path}/building"; exit 1\' INT\n'
+                      f'  [ ! -e "{tmp_path}/slow" ] || sleep 3\n'
+                      f'  rm -f "{tmp_path}/building"\n'
                       f'  [ ! -e "{tmp_path}/fail" ] || exit 1\n  exit 0\nfi\n'
                       f'exec {sys.executable} "$@"\n')
     python.chmod(0o755)
@@ -366,6 +372,59 @@ def test_env_sh_rebuilds_for_any_missing_library_or_interrupted_build(tmp_path):
     assert builds.read_text().splitlines()[-1] == "FASTTRAIN_JPEG=0"
     (tmp_path / "fail").unlink()
     assert env_sh().returncode == 0 and built() == 5  # the old record did not survive
+
+
+@pytest.mark.skipif(shutil.which("flock") is None, reason="env.sh needs flock (util-linux)")
+def test_env_sh_waits_for_an_orphaned_build_and_says_an_interrupt_is_one(tmp_path):
+    """A set-up killed with -9 left its pip building: the rerun started a second build beside
+    it (both writing the clone and the log; it failed). Ctrl-C during the build read as a
+    failed install with its log. A clone path with [ ] was a glob: rebuilt at every call. A
+    PYTHON printing nothing (/bin/true) passed as an interpreter."""
+    import signal
+    import time
+
+    repo, builds = _fake_project(tmp_path, "clone[1]")
+    env = {k: v for k, v in os.environ.items() if k != "FASTTRAIN_JPEG"}
+    env["FASTTRAIN_CACHE"] = str(tmp_path / "cache")
+    command = ["bash", str(repo / "tools" / "env.sh"), "true"]
+
+    def run() -> subprocess.CompletedProcess:
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+
+    def start_slow_build() -> subprocess.Popen:
+        (tmp_path / "slow").touch()
+        setup = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "building").exists():
+            assert time.monotonic() < deadline and setup.poll() is None
+            time.sleep(0.05)
+        return setup
+
+    assert run().returncode == 0 and run().returncode == 0
+    assert builds.read_text().splitlines() == ["FASTTRAIN_JPEG=1"]  # built once, then current
+    (repo / "build" / ".fasttrain-native").unlink()
+    setup = start_slow_build()
+    setup.kill()  # the set-up alone, as kill -9 of its pid: its pip builds on
+    setup.communicate()
+    (tmp_path / "slow").unlink()
+    again = run()
+    assert again.returncode == 0, again.stderr
+    assert "[env] waiting for an earlier build in" in again.stderr
+    assert "OVERLAP" not in builds.read_text()
+    (repo / "build" / ".fasttrain-native").unlink()
+    setup = start_slow_build()
+    os.killpg(setup.pid, signal.SIGINT)  # Ctrl-C: the whole foreground group
+    _, err = setup.communicate(timeout=30)
+    assert setup.returncode == 130
+    assert err.splitlines()[-1] == ("[env] interrupted: the set-up did not finish; the next "
+                                    "call completes it")
+    assert "editable install failed" not in err
+    (tmp_path / "slow").unlink()
+    assert run().returncode == 0
+    (tmp_path / "work").mkdir()
+    assert _env_sh(tmp_path / "work", "/bin/true").stderr.splitlines()[-1] == \
+        "[env] error: PYTHON=/bin/true: not a working Python interpreter"
 
 
 @pytest.mark.skipif(not (ROOT / ".git").exists(), reason="needs the git checkout's file list")

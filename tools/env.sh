@@ -17,6 +17,11 @@ set -euo pipefail
 
 log() { echo "[env] $*" >&2; }
 fail() { log "error: $*"; exit 1; }
+# Ctrl-C during the set-up: pip catches it and exits 1, which read as a failed install with
+# its whole log. The command run at the end (exec) gets the default handlers back.
+stopped() { log "$1: the set-up did not finish; the next call completes it"; exit "$2"; }
+trap 'stopped interrupted 130' INT
+trap 'stopped terminated 143' TERM
 
 # This script targets Debian/Ubuntu Linux. Elsewhere (macOS: no flock, BSD realpath) a missing
 # command failed midway, after a false "waiting for another set-up" line: say so before any work.
@@ -91,6 +96,8 @@ if [ ! -f "$venv/.complete" ]; then
   # `command -v` passes an inactive pyenv shim: ask the interpreter itself.
   version=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null 9>&-) \
     || fail "PYTHON=$python: not a working Python interpreter"
+  # a program that exits 0 and prints nothing (PYTHON=/bin/true) passed the status check
+  [[ $version =~ ^[0-9]+\.[0-9]+$ ]] || fail "PYTHON=$python: not a working Python interpreter"
   "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 9>&- \
     || fail "$python is Python $version; fasttrain needs 3.11 or newer (set PYTHON=python3.11)"
   log "creating $venv with Python $version (first run: a few minutes, torch is a large wheel)"
@@ -121,9 +128,20 @@ record="$repo/build/.fasttrain-native"
 built=yes
 libs=$(sed -n 2p "$record" 2>/dev/null || true)
 for lib in "fasttrain/ops/_C.*.so" $libs; do
-  compgen -G "$repo/$lib" >/dev/null || built=no
+  # matched inside the clone: a clone path with [ ] * ? was read as a pattern, never matched
+  (cd "$repo" && compgen -G "$lib" >/dev/null) || built=no
 done
 if [ "$(sed -n 1p "$record" 2>/dev/null)" != "$wanted" ] || [ "$built" = no ]; then
+  # One build per clone, held by the pip that builds (unlike the venv's lock): a set-up killed
+  # with -9 leaves its pip building on, and a rerun that started a second one beside it failed
+  # with both writing the clone and the log.
+  mkdir -p "$repo/build"
+  exec 8>"$repo/build/.native-build.lock"
+  if ! flock -n 8; then
+    log "waiting for an earlier build in $repo to finish (its set-up was stopped; lock:" \
+      "$repo/build/.native-build.lock)"
+    flock 8
+  fi
   log "building fasttrain's native libraries (editable install) in $repo"
   log_file="$cache/editable-install-$key.log"
   rm -f "$record"  # an interrupted build leaves no record that could match
@@ -140,6 +158,7 @@ if [ "$(sed -n 1p "$record" 2>/dev/null)" != "$wanted" ] || [ "$built" = no ]; t
   libs=$(cd "$repo" && for f in fasttrain/ops/_C*.so fasttrain/data/_jpeg*.so; do
     [ ! -e "$f" ] || printf '%s ' "$f"; done)
   printf '%s\n%s\n' "$wanted" "$libs" > "$record"
+  exec 8>&-
 fi
 exec 9>&-
 
