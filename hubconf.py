@@ -53,19 +53,10 @@ def _entry(name: str):
                                  "random)")
             if "norm_act" in kwargs:  # the config's name for the layer choice, as with checkpoints
                 kwargs["norm_act_layer"] = _models.NORM_ACT_LAYERS[kwargs.pop("norm_act")]
-            import dataclasses
+            from fasttrain.config import model_bound_exceeded
 
-            from fasttrain.config import ModelConfig
-
-            # the config's upper bounds: a typo (100 for width 1.0, 10**9 classes or divisor)
-            # would allocate gigabytes before failing; the types the model checks itself
-            tops = {f.name: f.metadata["le"] for f in dataclasses.fields(ModelConfig)
-                    if "le" in f.metadata}
-            for key, top in tops.items():
-                value = kwargs.get(key)
-                if isinstance(value, (int, float)) and not isinstance(value, bool) \
-                        and value > top:
-                    raise ValueError(f"{key}={value}: must be <= {top:,}")
+            if problem := model_bound_exceeded(kwargs):
+                raise ValueError(problem)
             return _models.create_model(name, **kwargs).eval()
         if not str(checkpoint).strip():
             raise ValueError("checkpoint= is empty: give the path of a fasttrain checkpoint")

@@ -349,6 +349,20 @@ class Config(_Keys):
 SECTIONS: list[str] = [f.name for f in dataclasses.fields(Config)]
 
 
+def model_bound_exceeded(values: dict[str, Any]) -> str | None:
+    """The first ModelConfig upper bound a number in `values` (model keyword arguments) goes
+    past, as "key=value: must be <= top", else None (inf and NaN are the model's to refuse,
+as not finite). For callers that build a model without a
+    config (torch.hub, export.model_from_name): a typo (100 for width 1.0, 10**9 classes)
+    allocated gigabytes before failing; types and lower bounds the model checks itself."""
+    for f in dataclasses.fields(ModelConfig):
+        top, value = f.metadata.get("le"), values.get(f.name)
+        if top is not None and isinstance(value, (int, float)) and \
+                not isinstance(value, bool) and math.isfinite(value) and value > top:
+            return f"{f.name}={value}: must be <= {top:,}"
+    return None
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:

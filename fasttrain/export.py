@@ -125,11 +125,10 @@ def model_from_name(name: str, width: float, *, channel_divisor: int = 1,
         num_classes = 10 if name.startswith("cifar_") else 1000
     mc = {"name": name, "width": width, "channel_divisor": channel_divisor,
           "num_classes": num_classes, "shortcut": shortcut, "norm_act": norm_act}
-    from .config import ModelConfig, load_mapping
+    from .config import ModelConfig, model_bound_exceeded
 
-    # the config's types and bounds (width <= 16): a notebook's width 100 for 1.0 built a
-    # network of hundreds of GB before anything failed
-    load_mapping({"model": mc}, "model_from_name", require_data_path=False)
+    if problem := model_bound_exceeded(mc):  # width 100 for 1.0 built hundreds of GB first
+        raise UserError(problem)
     model = _build(mc)
 
     full = {**dataclasses.asdict(ModelConfig()), **mc}

@@ -934,12 +934,11 @@ def test_library_calls_check_what_the_tools_check(tmp_path):
     """A notebook's model_from_name(..., 100) built a 100x-wide network (the config and the
     tools cap width at 16) before anything failed; load_exported with a format name it does
     not know read the file as ONNX."""
-    from fasttrain.config import ConfigError
+    from fasttrain.errors import UserError
 
-    with pytest.raises(ConfigError, match=r"^model_from_name: model.width must be <= 16, got "
-                                          r"100"):
+    with pytest.raises(UserError, match=r"^width=100.0: must be <= 16$"):
         ex.model_from_name("cifar_resnet20", 100.0)
-    with pytest.raises(ConfigError, match="model.num_classes"):
+    with pytest.raises(UserError, match=r"^num_classes=1000000000: must be <= 100,000$"):
         ex.model_from_name("cifar_resnet20", 0.25, num_classes=10 ** 9)
     ex.export_model(*ex.model_from_name("cifar_resnet20", 0.25, resolution=16), "torchscript",
                     tmp_path / "net.pt")
