@@ -2064,3 +2064,27 @@ def test_an_interrupt_names_the_run_folder_to_continue(data_root, tmp_path, monk
         f"interrupted: checkpoints already written are intact; continue from the last one "
         f"with --resume {run}\n"
         "terminated: before the first checkpoint, nothing to continue\n")
+
+
+@pytest.mark.slow
+def test_ema_restarts_through_a_fractional_warmup_and_no_further(data_root, tmp_path,
+                                                                  monkeypatch):
+    """The EMA restarts at each update while the LR warms up, by step: a warmup of 1.5 epochs
+    ends inside epoch 2 (the whole of epoch 2 counted as warmup before, so the EMA was a plain
+    copy of the weights at its end)."""
+    from fasttrain.engine.ema import ModelEma
+    from fasttrain.engine.schedule import lr_factor
+
+    seen = []
+    step = ModelEma.step
+    monkeypatch.setattr(ModelEma, "step", lambda self, model, optimizer_step, in_warmup: (
+        seen.append((optimizer_step, in_warmup)), step(self, model, optimizer_step, in_warmup)))
+    cfg = _cfg(data_root, tmp_path, "--schedule.epochs=2", "--schedule.warmup_epochs=1.5",
+               "--train.ema=true", "--train.ema_steps=1", "--train.max_steps=36",
+               "--log.name=frac")
+    train(cfg)
+    steps_per_epoch = 1433 // 64
+    # the LR peaks at 0-based step 33 = 1.5 x 22: steps 0-32 warm up
+    assert lr_factor(cfg.schedule, 32, steps_per_epoch) < lr_factor(cfg.schedule, 33,
+                                                                    steps_per_epoch) == 1
+    assert seen == [(s + 1, s < 33) for s in range(36)]

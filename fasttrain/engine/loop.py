@@ -45,7 +45,7 @@ from .progress import Reporter
 from .rundir import (BEST, CHECKPOINTS, LAST, check_log_dir, check_name_usable, checkpoint_file,
                      discard_unused_run_dir, find_resume, lock_run_dir, new_run_dir,
                      release_run_dirs, run_dir_of)
-from .schedule import build_scheduler
+from .schedule import build_scheduler, warmup_steps
 
 MODEL_IDENTITY = ("name", "width", "channel_divisor", "num_classes", "shortcut", "channels")
 """ModelConfig keys that fix the architecture: a checkpoint must agree on all of them, and
@@ -1124,7 +1124,8 @@ def train_one_epoch(p: Parts, loader: DeviceLoader, state: TrainState, epoch: in
     if cfg.train.max_steps:
         steps = max(start, min(steps, start + cfg.train.max_steps - state.step))
     report.start_epoch(epoch + 1, cfg.schedule.epochs, steps)
-    in_warmup = epoch < cfg.schedule.warmup_epochs
+    # By step, as the LR warmup ends: a fractional warmup ends inside an epoch.
+    warmup = warmup_steps(cfg.schedule, p.steps_per_epoch)
     no_sync = getattr(p.train_model, "no_sync", None) or getattr(
         getattr(p.train_model, "_orig_mod", None), "no_sync", None)
     loss_sum = torch.zeros((), dtype=torch.float64, device=p.device)
@@ -1187,7 +1188,7 @@ def train_one_epoch(p: Parts, loader: DeviceLoader, state: TrainState, epoch: in
         step += 1
         state.step += 1
         if p.ema is not None:
-            p.ema.step(p.model, state.step, in_warmup)
+            p.ema.step(p.model, state.step, in_warmup=state.step <= warmup)
         checkpoint_now = (cfg.train.checkpoint_every and step < p.steps_per_epoch
                           and state.step % cfg.train.checkpoint_every == 0)
         if checkpoint_now:  # every rank: a collective, and the weights about to be saved

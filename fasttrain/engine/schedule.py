@@ -8,6 +8,11 @@ import torch
 from ..config import ScheduleConfig
 
 
+def warmup_steps(cfg: ScheduleConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps of the linear LR warmup: steps 0 .. warmup_steps - 1 (0-based)."""
+    return round(cfg.warmup_epochs * steps_per_epoch)
+
+
 def lr_factor(cfg: ScheduleConfig, step: int, steps_per_epoch: int) -> float:
     """Multiplier of the peak LR at optimizer step `step` (0-based).
 
@@ -25,7 +30,7 @@ def lr_factor(cfg: ScheduleConfig, step: int, steps_per_epoch: int) -> float:
             return 1e-4 + (1 - 1e-4) * epoch / cfg.peak_epoch if cfg.peak_epoch else 1.0
         return max(0.0, (cfg.epochs - epoch) / (cfg.epochs - cfg.peak_epoch))
     total = cfg.epochs * steps_per_epoch
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    warmup = warmup_steps(cfg, steps_per_epoch)
     if step < warmup:
         return cfg.warmup_start_factor + (1 - cfg.warmup_start_factor) * step / warmup
     if cfg.kind == "cosine":
