@@ -452,6 +452,10 @@ def _write_tool(args: list[str]) -> int:
     (["--dataset=digits", "--write-mode=png"], "(--write-mode) must be one of"),
     (["--dataset=digits", "--compress-probability=2"], "must be in 0..1, got 2.0"),
     (["--dataset=digits", "--max-resolution=big"], "--max-resolution: invalid int value"),
+    # FFCV's pages must stay under 4 GiB (was its ValueError traceback from 26755 px on)
+    (["--dataset=digits", "--max-resolution=26755"],
+     "(--max-resolution) must be in 0..26754 (0 = keep sizes; FFCV pages are under 4 GiB), "
+     "got 26755"),
     (["--dataset=digits", "--smart-threshold=-5"], "(--smart-threshold) must be >= 0 bytes"),
     (["recipes/missing.yaml"], "recipes/missing.yaml: recipe file not found"),
     (["--dataset=digits", "--out="], "argument --out: empty path"),  # was the current folder
@@ -866,6 +870,47 @@ def test_a_split_that_fails_publishes_neither(tmp_path, data_root):
         write_beton(data, num_workers=1)
     # train.beton is not replaced by a newer file whose val partner is missing
     assert {p.name: p.read_bytes() for p in (root / "ffcv").iterdir()} == before
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() if p.is_file() else None for p in folder.iterdir()}
+
+
+def test_a_file_that_cannot_be_replaced_puts_back_the_ones_replaced(tmp_path, data_root,
+                                                                    monkeypatch):
+    """Publishing is all or nothing: an old val.beton that cannot be replaced (immutable) left
+    train.beton and val.beton.json new beside it, a mismatched pair whose sidecar described
+    another file, and the error named the temporary file."""
+    root = _small_folder(tmp_path / "folder", data_root)
+    data = DataConfig(dataset="imagefolder", path=str(root))
+    write_beton(data, num_workers=1, max_resolution=32)
+    before = _snapshot(root / "ffcv")
+    replace = os.replace
+
+    def immutable_val(src, dst):
+        if Path(src).name == "val.beton":
+            raise PermissionError(1, "Operation not permitted", str(src))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", immutable_val)
+    with pytest.raises(DatasetError) as raised:
+        write_beton(data, num_workers=1, max_resolution=16, overwrite=True)
+    assert str(raised.value) == (f"{root / 'ffcv' / 'val.beton'}: cannot write it in place "
+                                 f"(Operation not permitted); no file was replaced")
+    assert _snapshot(root / "ffcv") == before  # no temporary or moved-aside file either
+
+
+def test_a_folder_in_a_files_place_is_refused_before_anything_is_replaced(tmp_path, data_root):
+    root = _small_folder(tmp_path / "folder", data_root)
+    data = DataConfig(dataset="imagefolder", path=str(root))
+    write_beton(data, num_workers=1, max_resolution=32)
+    (root / "ffcv" / "val.beton").unlink()
+    (root / "ffcv" / "val.beton" / "x").mkdir(parents=True)
+    before = _snapshot(root / "ffcv")
+    with pytest.raises(DatasetError, match=r"val.beton: is a folder, not a file; .*nothing was "
+                                           r"replaced"):
+        write_beton(data, num_workers=1, max_resolution=16, overwrite=True)
+    assert _snapshot(root / "ffcv") == before
 
 
 def _copy_pair(folder: Path, train_from: Path, val_from: Path) -> Path:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import multiprocessing
 import os
 import signal
@@ -406,6 +407,8 @@ class WriteResult:
 # room for the other fields and FFCV's bookkeeping.
 FFCV_PAGE_SIZE = 1 << 23
 PAGE_MARGIN = 1 << 16
+# FFCV's pages must be smaller than 4 GiB: the largest power of two, 2 GiB, holds this side.
+MAX_RESOLUTION = math.isqrt(((1 << 31) - PAGE_MARGIN) // 3)
 
 
 class _HWCSource:
@@ -500,9 +503,9 @@ def _check_write_params(write_mode: str, max_resolution: int, jpeg_quality: int,
     if write_mode not in WRITE_MODES:
         raise ConfigError(f"write_mode (--write-mode) must be one of {', '.join(WRITE_MODES)}, "
                           f"got {write_mode!r}")
-    if max_resolution < 0:
-        raise ConfigError(f"max_resolution (--max-resolution) must be >= 0 (0 = keep sizes), "
-                          f"got {max_resolution}")
+    if not 0 <= max_resolution <= MAX_RESOLUTION:
+        raise ConfigError(f"max_resolution (--max-resolution) must be in 0..{MAX_RESOLUTION} "
+                          f"(0 = keep sizes; FFCV pages are under 4 GiB), got {max_resolution}")
     if not 1 <= jpeg_quality <= 100:
         raise ConfigError(f"jpeg_quality (--jpeg-quality) must be in 1..100, got {jpeg_quality}")
     if not 0.0 <= compress_probability <= 1.0:
@@ -531,11 +534,10 @@ class _Written:
     tmp_json: Path
     result: WriteResult
 
-    def publish(self) -> None:
-        # The sidecar first: a beton is only ever published with its description beside it.
-        target = self.result.path
-        os.replace(self.tmp_json, sidecar_path(target))
-        os.replace(self.tmp, target)
+    def renames(self) -> list[tuple[Path, Path]]:
+        """(temporary, final) names, the sidecar first: a beton is only ever published with
+        its description beside it."""
+        return [(self.tmp_json, sidecar_path(self.result.path)), (self.tmp, self.result.path)]
 
     def discard(self) -> None:
         for path in (self.tmp, self.tmp_json):
@@ -797,6 +799,42 @@ def write_beton(data: DataConfig, out: Path | str | None = None, *,
                              num_workers or usable_cores(), (train, val, classes, root))
 
 
+def _publish_together(renames: list[tuple[Path, Path]]) -> None:
+    """Rename every (temporary, final) pair, or none: a failure part-way (an immutable or
+    undeletable old file) puts back the files already replaced, so the folder never holds one
+    split new and its partner old, nor a sidecar describing another file.
+
+    Raises:
+        DatasetError: naming the final file that could not be replaced.
+    """
+    for _, final in renames:
+        if final.is_dir() and not final.is_symlink():
+            raise DatasetError(f"{final}: is a folder, not a file; move it away to write the FFCV "
+                               f"files there; nothing was replaced")
+    done: list[tuple[Path, Path | None]] = []  # (final, its old file's new name or None)
+    try:
+        for tmp, final in renames:
+            old = None
+            if final.exists() or final.is_symlink():
+                old = final.with_name(f"{tmp.name}.old")
+                os.replace(final, old)
+            done.append((final, old))
+            os.replace(tmp, final)
+    except OSError as e:
+        for published, old in reversed(done):
+            with contextlib.suppress(OSError):
+                if old is not None:
+                    os.replace(old, published)
+                elif published.exists():
+                    published.unlink()
+        raise DatasetError(f"{final}: cannot write it in place ({e.strerror or e}); no file "
+                           f"was replaced") from None
+    for _, old in done:
+        if old is not None:
+            with contextlib.suppress(OSError):
+                old.unlink()
+
+
 def _write_splits(ff: SimpleNamespace, data: DataConfig, out: Path, params: dict[str, Any],
                   splits: Sequence[str], overwrite: bool, workers: int,
                   datasets: tuple) -> list[WriteResult]:
@@ -813,10 +851,7 @@ def _write_splits(ff: SimpleNamespace, data: DataConfig, out: Path, params: dict
                     "classes": list(classes)}
             written.append(_write_split(ff, dataset, out / f"{split}.beton", params, workers,
                                         info))
-        # Published together: a failure in one split must not leave the other split new and
-        # its partner old (a mismatched pair the loader would train on).
-        for w in written:
-            w.publish()
+        _publish_together([r for w in written for r in w.renames()])
         _fsync(out)
     except OSError as e:  # an unwritable folder, a full disk: one line, not a traceback
         raise DatasetError(f"{e.filename or out}: cannot write the FFCV files "
