@@ -129,6 +129,15 @@ def printable_paths() -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
+def one_line(text: str) -> str:
+    """`text` with its control characters (newline, tab, escape, ...) as backslash escapes: a
+    file name holding a newline otherwise printed as two report lines, the second one forged
+    by the name ("bad\\nproblem: fake.jpg"), and a count of lines no longer matched the
+    report's. A non-UTF-8 byte (a surrogate escape) is left to `printable_paths`."""
+    return "".join(c if c.isprintable() or "\udc80" <= c <= "\udcff"
+                   else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 # What a table's symbols become on a stream that cannot encode them (PYTHONIOENCODING=ascii,
 # a Latin-1 locale).
 ASCII_STAND_INS = {"±": "+/-", "−": "-", "–": "-", "Δ": "delta", "≈": "~"}

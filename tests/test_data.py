@@ -646,6 +646,29 @@ def test_check_data_prints_folder_names_as_they_are(tmp_path, capsys):
     assert "--workers=100000: must be 0 (one per core) to 1024" in capsys.readouterr().err
 
 
+def test_a_newline_in_a_file_name_cannot_forge_a_report_line(tmp_path, capsys):
+    """A name holding a newline printed as two lines, the second one a made-up problem, and the
+    count of `problem:` lines no longer matched the summary."""
+    from conftest import load_tool
+
+    folder = tmp_path / "set" / "a"
+    folder.mkdir(parents=True)
+    _noise(seed=0).save(folder / "0.jpg")
+    (folder / "bad\nproblem: fake.jpg").write_bytes(b"not a jpeg")
+    (folder / "notes\ttab.txt").write_text("x")
+    assert load_tool("check_data").main([str(tmp_path / "set"), "--workers", "1"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert [l for l in lines if l.startswith("problem:")] == [
+        f"problem: {folder}/bad\\nproblem: fake.jpg: cannot decode: not a JPEG, PNG, GIF, "
+        f"WebP, BMP, TIFF or PBM/PGM/PPM image"]
+    assert f"ignored (not an image extension): {folder}/notes\\ttab.txt" in lines
+    assert "1 problem(s), 0 warning(s), 1 ignored file(s)" in lines
+    # the same escaping for write_ffcv's and training's skipped-file lines; letters of any
+    # script stay, and a non-UTF-8 byte is left to printable_paths' backslashreplace
+    from fasttrain.cli import one_line
+    assert one_line("ü/x\x1b[2Jy\r.jpg\udcff") == "ü/x\\x1b[2Jy\\r.jpg\udcff"
+
+
 def test_check_data_reads_a_cifar10_folder_as_training_does(tmp_path, capsys):
     """Pointed at a CIFAR-10 data.path it reported an "empty class folder" and eight ignored
     files; it now counts the batches' classes and names a file training would refuse."""

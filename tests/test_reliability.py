@@ -608,7 +608,8 @@ def test_jpegs_decoded_past_damage_are_warnings_naming_the_file(run_tool, tmp_pa
 
 def test_images_outside_every_class_folder_are_reported_and_noted(run_tool, tmp_path):
     """Images left directly in val/ of a half-sorted set were dropped silently: check_data
-    called the set clean and the run validated on half the images it was given."""
+    called the set clean and the run validated on half the images it was given; so was a class
+    folder whose link is broken."""
     root = tmp_path / "data"
     for split in ("train", "val"):
         for cls in ("a", "b"):
@@ -617,11 +618,17 @@ def test_images_outside_every_class_folder_are_reported_and_noted(run_tool, tmp_
     for name in ("b2.jpg", "b3.png"):
         Image.new("RGB", (8, 8)).save(root / "val" / name)
     (root / "val" / "notes.txt").write_text("not an image\n")
+    # a class folder linked from a drive that is not mounted: skipped by torchvision unsaid
+    os.symlink("/nonexistent/mount/c", root / "train" / "c")
+    os.symlink("/nonexistent/mount/c4.jpg", root / "val" / "c4.jpg")
     report = scan(root, workers=1)
     why = "image outside every class folder: the loaders never read it (move it into its class " \
           "folder)"
-    assert report.problems == [(str(root / "val" / "b2.jpg"), why),
-                               (str(root / "val" / "b3.png"), why)]
+    broken = "not read, as a class folder or an image; mount or restore its target, or remove it"
+    assert report.problems == [
+        (str(root / "train" / "c"), f"broken link (to /nonexistent/mount/c): {broken}"),
+        (str(root / "val" / "b2.jpg"), why), (str(root / "val" / "b3.png"), why),
+        (str(root / "val" / "c4.jpg"), f"broken link (to /nonexistent/mount/c4.jpg): {broken}")]
     result = run_tool("train.py", str(QUICKSTART), "--dry-run", "--data.dataset=imagefolder",
                       f"--data.path={root}", "--data.backend=torch", "--data.batch_size=2",
                       "--data.val_batch_size=2", "--data.num_workers=0", f"--log.dir={tmp_path}")
@@ -630,6 +637,8 @@ def test_images_outside_every_class_folder_are_reported_and_noted(run_tool, tmp_
             f"b2.jpg, b3.png (move them into their class folders; tools/check_data.py lists "
             f"them)") in result.stdout + result.stderr
     assert "directly in " + str(root / "train") not in result.stdout + result.stderr
+    assert (f"note: 1 broken link in {root / 'train'}, not read (a class folder on an unmounted "
+            f"drive is no class): c -> /nonexistent/mount/c") in result.stdout + result.stderr
 
 
 def test_crafted_checkpoint_is_refused_by_the_cli(run_tool, tmp_path):

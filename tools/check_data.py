@@ -24,8 +24,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemaining
 from rich.table import Table
 
 from fasttrain.data.check import scan
-from fasttrain.cli import (ArgumentParser, print_table, printable_paths, stdout_may_close,
-                           user_path)
+from fasttrain.cli import (ArgumentParser, one_line, print_table, printable_paths,
+                           stdout_may_close, user_path)
 from fasttrain.errors import UserError
 
 
@@ -69,12 +69,12 @@ def main(argv: list[str] | None = None) -> int:
                       escape(f"{max(values)} ({max(counts, key=counts.get) if counts else '-'})"))
     print_table(console, table)  # in a pipe or a log: one line per split, whatever COLUMNS says
     for path in report.ignored:
-        console.print(f"ignored (not an image extension): {path}", markup=False)
+        console.print(f"ignored (not an image extension): {one_line(path)}", markup=False)
     for path, warning in report.warnings:
-        console.print(f"warning: {path}: libjpeg warns while decoding it ({warning}); its "
-                      f"pixels may be damaged", markup=False)
+        console.print(f"warning: {one_line(path)}: libjpeg warns while decoding it ({warning}); "
+                      f"its pixels may be damaged", markup=False)
     for path, problem in report.problems:
-        console.print(f"problem: {path}: {problem}", markup=False)
+        console.print(f"problem: {one_line(path)}: {one_line(problem)}", markup=False)
     console.print(f"{len(report.problems)} problem(s), {len(report.warnings)} warning(s), "
                   f"{len(report.ignored)} ignored file(s)")
     return 0 if report.ok else 1

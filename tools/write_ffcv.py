@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from fasttrain.cli import (ArgumentParser, new_folders_removed_on_error, nonempty,
+from fasttrain.cli import (ArgumentParser, new_folders_removed_on_error, nonempty, one_line,
                            printable_paths, sigterm_as_interrupt, stdout_may_close)
 from fasttrain.config import load
 from fasttrain.errors import UserError
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r.seconds:.1f} s" + (f", {len(r.skipped)} unreadable (skipped)"
                                       if r.skipped else ""))
         for path, reason in r.skipped:
-            print(f"skipped unreadable file {path}: {reason}")
+            print(f"skipped unreadable file {one_line(path)}: {one_line(reason)}")
     out = results[0].path.parent
     hint = "" if out == beton_dir(cfg.data) else f" --data.ffcv_dir={out}"
     print(f"train with: --data.backend=ffcv{hint}")

@@ -14,8 +14,8 @@ from ..config import MAX_WORKERS
 from ..errors import DatasetError, UserError
 from ..measure.env import usable_cores
 from . import jpeg
-from .datasets import (CIFAR10_DIR, _decode_whole, folder_files, load_cifar10, loose_images,
-                       read_encoded)
+from .datasets import (CIFAR10_DIR, _decode_whole, broken_links, folder_files, load_cifar10,
+                       loose_images, read_encoded)
 
 
 @dataclass
@@ -99,6 +99,9 @@ def scan(root: Path, workers: int = 0, progress: Callable[[int, int], None] | No
         report.problems += [(path, "image outside every class folder: the loaders never read "
                              "it (move it into its class folder)")
                             for path in loose_images(split)]
+        report.problems += [(path, f"broken link (to {target}): not read, as a class folder or "
+                             f"an image; mount or restore its target, or remove it")
+                            for path, target in broken_links(split)]
         images, others = folder_files(split, class_to_idx)
         files += [path for path, _ in images]
         report.ignored += others

@@ -206,13 +206,27 @@ def folder_files(root: Path, class_to_idx: dict[str, int],
 def loose_images(split: Path) -> list[str]:
     """Image files (an `IMG_EXTENSIONS` extension) directly in `split`, outside every class
     folder, sorted: torchvision's ImageFolder, and so every loader, never reads them. [] when
-    `split` cannot be listed."""
+    `split` cannot be listed. Broken links are `broken_links`'."""
     try:
         with os.scandir(split) as entries:
             return sorted(e.path for e in entries
-                          if not e.is_dir() and has_file_allowed_extension(e.name, IMG_EXTENSIONS))
+                          if not e.is_dir() and has_file_allowed_extension(e.name, IMG_EXTENSIONS)
+                          and os.path.exists(e.path))
     except OSError:
         return []
+
+
+def broken_links(split: Path) -> list[tuple[str, str]]:
+    """(path, target) of the symbolic links directly in `split` whose target is missing, sorted:
+    torchvision's ImageFolder skips them without a word, so a class folder on an unmounted
+    drive is no class at all (and every later class's label shifts). [] when `split` cannot
+    be listed."""
+    try:
+        with os.scandir(split) as entries:
+            links = sorted(e.path for e in entries if e.is_symlink())
+    except OSError:
+        return []
+    return [(path, os.readlink(path)) for path in links if not os.path.exists(path)]
 
 
 def read_encoded(path: str) -> bytes:

@@ -23,13 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import config as config_mod
-from ..cli import same_file
+from ..cli import one_line, same_file
 from ..config import Config, ModelConfig
 from ..errors import (CheckpointError, ConfigError, DatasetError, RunError, ShardError,
                       TrainingError, UnsharedCheckpointError, UserError, first_problem)
 from ..data import build_loaders, sample_seed
 from ..data.transforms import progressive_resolution
-from ..data.datasets import loose_images
+from ..data.datasets import broken_links, loose_images
 from ..data.loader import DeviceLoader
 from ..measure import count_macs, count_params, git_commit
 from ..measure.env import usable_cores
@@ -447,15 +447,22 @@ def _note_hidden_class_folders(classes: list[str], root: Path, report: Reporter)
 def _note_loose_images(root: Path, report: Reporter) -> None:
     """A note for images directly in `root`/train or `root`/val, outside every class folder: no
     loader reads them, so a half-sorted split trains or validates on fewer images than it
-    holds, which the image counts alone do not show."""
+    holds, which the image counts alone do not show; and one for broken links there (torchvision
+    skips them: a class folder linked from an unmounted drive is silently no class)."""
     for split in ("train", "val"):
         loose = loose_images(root / split)
         if loose:
-            names = ", ".join(Path(p).name for p in loose[:3])
+            names = one_line(", ".join(Path(p).name for p in loose[:3]))
             report.print(f"note: {len(loose)} image{'s' * (len(loose) > 1)} directly in "
                          f"{root / split}, outside every class folder, not read: {names}"
                          f"{', ...' if len(loose) > 3 else ''} (move them into their class "
                          f"folders; tools/check_data.py lists them)")
+        broken = broken_links(root / split)
+        if broken:
+            names = one_line(", ".join(f"{Path(p).name} -> {target}" for p, target in broken[:3]))
+            report.print(f"note: {len(broken)} broken link{'s' * (len(broken) > 1)} in "
+                         f"{root / split}, not read (a class folder on an unmounted drive is "
+                         f"no class): {names}{', ...' if len(broken) > 3 else ''}")
 
 
 def _note_settings_without_effect(cfg: Config, device: torch.device, use_compile: bool,
@@ -1036,7 +1043,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, report: Reporter, recipe: st
         epoch_time = time.perf_counter() - t0
         skipped = _new_skipped_files(loaders, reported)
         for path, reason in skipped:
-            report.print(f"skipped unreadable file {path}: {reason}")
+            report.print(f"skipped unreadable file {one_line(path)}: {one_line(reason)}")
         cut = state.epoch_step > 0  # train.max_steps stopped inside the epoch
         if not cut:
             state.epoch = epoch + 1
