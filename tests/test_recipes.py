@@ -1,5 +1,6 @@
-"""Recipes: every file validates, families differ only in their naming keys, every recipe trains
-two steps on CPU (so none can rot), and the ImageNet entry points behave as documented."""
+"""Recipes: every file validates, families differ only in their naming keys, one recipe of each
+family trains two steps on CPU (so none can rot), and the ImageNet entry points behave as
+documented."""
 import os
 import pickle
 import re
@@ -83,8 +84,7 @@ def test_recipe_header_states_source_reference_and_hardware(recipe):
 def test_family_members_differ_only_in_width():
     by_family: dict[str, list[Path]] = {}
     for recipe in NAMED:
-        by_family.setdefault(re.sub(r"_w[0-9.]+?(?=_|\.yaml)", "_w*", recipe.name), []).append(
-            recipe)
+        by_family.setdefault(_family(recipe), []).append(recipe)
     assert len(by_family) == 2 + 5 + 3 + 2  # paper x2, ffcv x5, rsb x3, cifar x2
     for family, members in by_family.items():
         assert len(members) == 4, family
@@ -141,8 +141,29 @@ def test_ffcv_recipe_header_writes_the_sources_storage(recipe):
     assert f"max side {resolution} px, {float(jpeg):.0%} JPEG".replace("%", " %") in header
 
 
+def _family(recipe: Path) -> str:
+    return re.sub(r"_w[0-9.]+?(?=_|\.yaml)", "_w*", recipe.name)
+
+
+def _one_per_family() -> list[Path]:
+    """One member of each family, the widths taking turns (each trained in 3 families): the
+    members differ only in `model.width` (test_family_members_differ_only_in_width), and every
+    model builds and counts at every width (test_models.py::test_counts_match_reference), so
+    the other 36 runs (~2.5 min of CI on 2 cores) repeated the same training path."""
+    families = sorted({_family(r) for r in NAMED})
+    return [[r for r in NAMED if _family(r) == family][i % 4] for i, family in
+            enumerate(families)]
+
+
+def test_the_trained_recipes_cover_every_family_and_width():
+    trained = _one_per_family()
+    assert sorted(_family(r) for r in trained) == sorted({_family(r) for r in NAMED})
+    widths = [load(r, ["--data.path=x"]).model.width for r in trained]
+    assert {w: widths.count(w) for w in widths} == {0.25: 3, 0.5: 3, 0.75: 3, 1.0: 3}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", NAMED, ids=lambda p: p.stem)
+@pytest.mark.parametrize("recipe", _one_per_family(), ids=lambda p: p.stem)
 def test_recipe_trains_two_steps_on_cpu(recipe, tiny_imagenet, tiny_cifar, tmp_path):
     cfg = load(recipe, tiny_overrides(recipe, tiny_imagenet, tiny_cifar) +
                [f"--log.dir={tmp_path}", "--log.name=r"])
