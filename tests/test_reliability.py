@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import write_code_running_checkpoint
+from conftest import load_tool, write_code_running_checkpoint
 from fasttrain.config import load
 from fasttrain.data.check import scan
 from fasttrain.engine import checkpoint as ckpt
@@ -518,7 +518,7 @@ def test_a_file_name_that_is_not_utf8_is_printed_escaped(tmp_path, run_tool):
     assert f"skipped unreadable file {a}/caf\\udce9.JPEG: empty file" in result.stdout
 
 
-def test_check_data_reports_problems_and_counts(tmp_path, run_tool):
+def test_check_data_reports_problems_and_counts(tmp_path, run_tool, capsys):
     make_messy_folder(tmp_path / "data")
     # What the loaders also read: BMP (decoded by PIL), a linked subfolder, a dangling link.
     a, b = tmp_path / "data" / "train" / "a", tmp_path / "data" / "train" / "b"
@@ -545,14 +545,16 @@ def test_check_data_reports_problems_and_counts(tmp_path, run_tool):
     clean = tmp_path / "clean" / "x"
     clean.mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(clean / "1.jpg")
-    assert run_tool("check_data.py", str(tmp_path / "clean")).returncode == 0
-    missing = run_tool("check_data.py", str(tmp_path / "nope"))
-    assert missing.returncode == 2 and missing.stderr.strip().endswith("directory not found")
-    a_file = run_tool("check_data.py", str(clean / "1.jpg"))
-    assert a_file.returncode == 2 and a_file.stderr.strip().endswith("1.jpg: not a directory")
-    negative = run_tool("check_data.py", str(tmp_path / "clean"), "--workers", "-3")
-    assert negative.returncode == 2
-    assert negative.stderr.strip().splitlines() == [
+    # the rest in this process (the command line's exit status is checked above)
+    check_data = load_tool("check_data")
+    assert check_data.main([str(tmp_path / "clean")]) == 0
+    capsys.readouterr()
+    assert check_data.main([str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.strip().endswith("directory not found")
+    assert check_data.main([str(clean / "1.jpg")]) == 2
+    assert capsys.readouterr().err.strip().endswith("1.jpg: not a directory")
+    assert check_data.main([str(tmp_path / "clean"), "--workers", "-3"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         "error: --workers=-3: must be 0 (one per core) to 1024"]
 
 
