@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
-from .errors import UserError
+from .errors import UserError, one_line  # noqa: F401 (one_line: for the tools)
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -127,15 +127,6 @@ def printable_paths() -> None:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
-
-
-def one_line(text: str) -> str:
-    """`text` with its control characters (newline, tab, escape, ...) as backslash escapes: a
-    file name holding a newline otherwise printed as two report lines, the second one forged
-    by the name ("bad\\nproblem: fake.jpg"), and a count of lines no longer matched the
-    report's. A non-UTF-8 byte (a surrogate escape) is left to `printable_paths`."""
-    return "".join(c if c.isprintable() or "\udc80" <= c <= "\udcff"
-                   else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 # What a table's symbols become on a stream that cannot encode them (PYTHONIOENCODING=ascii,

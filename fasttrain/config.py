@@ -23,7 +23,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, one_line
 
 # YAML 1.1 (PyYAML) reads a float only with a dot, so `lr: 1e-3` would be the string '1e-3';
 # this is YAML 1.2's float, which is what anyone writing a learning rate means.
@@ -118,6 +118,9 @@ def _f(default: Any, help: str = "", **bounds: Any) -> Any:
 MAX_RESOLUTION = 8192
 MAX_CLASSES = 100_000  # ImageNet-21k has 21,841
 MAX_WORKERS = 1024
+# Global batches: 64k is the largest ImageNet batch published (LARS/LAMB); 10**30 overflowed
+# torch's samplers in a traceback after the first training step.
+MAX_BATCH = 1 << 24
 
 
 class _Keys:
@@ -171,8 +174,9 @@ class DataConfig(_Keys):
         "(libjpeg-turbo region decoding, DCT-domain downscaling while the box stays at least "
         "twice the output) instead of the whole image; needs the decoder setup.py builds "
         "(fasttrain.data.jpeg), whole images are decoded without it")
-    batch_size: int = _f(256, "global training batch, split evenly across ranks", ge=1)
-    val_batch_size: int = _f(0, "global validation batch; 0 = batch_size", ge=0)
+    batch_size: int = _f(256, "global training batch, split evenly across ranks", ge=1,
+                         le=MAX_BATCH)
+    val_batch_size: int = _f(0, "global validation batch; 0 = batch_size", ge=0, le=MAX_BATCH)
     num_workers: int = _f(4, "per rank: torch = DataLoader worker processes (0 = in the main "
                           "process); ffcv = decoding threads, resident = threads of the one-time "
                           "decode (0 = one per core); dali = DALI CPU threads (0 = 1)", ge=0,
@@ -568,7 +572,7 @@ def parse_override(arg: str, following: str | None = None) -> tuple[str, str, An
     try:
         value = yaml.load(text, Loader=_Loader) if text.strip() else ""
     except _DuplicateKey as e:
-        raise ConfigError(f"{arg}: duplicate key {e.key!r}") from None
+        raise ConfigError(f"{one_line(arg)}: duplicate key {e.key!r}") from None
     except yaml.YAMLError:
         value = text
     return section, key, value
@@ -640,7 +644,7 @@ def load_mapping(mapping: dict[str, Any], origin: str, overrides: list[str] = ()
     parsed = [(arg, *_text_for_text_keys(arg, *parse_override(arg, following)))
               for arg, following in zip(overrides, overrides[1:] + [None])]
     for arg, section, key, value in parsed:  # in order: a later override of a key wins
-        _set(cfg, arg, section, key, value)
+        _set(cfg, one_line(arg), section, key, value)  # one line: a value may hold a newline
     try:
         _check_consistency(cfg, origin, require_data_path)
     except ConfigError as e:
@@ -664,8 +668,8 @@ def _blame(error: ConfigError, recipe: Config, parsed: list[tuple[str, str, str,
     try:
         _check_consistency(recipe, origin, require_data_path)
     except ConfigError:
-        return f"{origin} with {' '.join(named)}"
-    return " ".join(named)
+        return f"{origin} with {one_line(' '.join(named))}"
+    return one_line(" ".join(named))
 
 
 def _check_consistency(cfg: Config, origin: str, require_data_path: bool = True) -> None:
@@ -674,11 +678,13 @@ def _check_consistency(cfg: Config, origin: str, require_data_path: bool = True)
         raise ConfigError(f"{origin}: log.dir must name a folder (empty: an unset shell "
                           f"variable?), got {_shown(cfg.log.dir)}")
     name = cfg.log.name
-    if name and (name in (".", "..") or "/" in name or "\\" in name):
+    if name and (name in (".", "..") or "/" in name or "\\" in name
+                 or one_line(name) != name):
         # A path would put the run into any existing folder (`..` is log.dir's parent), over
         # a config.yaml that is not a run's.
         raise ConfigError(f"{origin}: log.name must be a plain folder name (no path separator, "
-                          f"not . or ..; log.dir says where runs go), got {_shown(name)}")
+                          f"not . or .., no control character; log.dir says where runs go), got "
+                          f"{_shown(name)}")
     m = cfg.model
     # Only the CIFAR ResNets have a shortcut choice (ImageNet ResNets always project), so on
     # another model B would be silently ignored. (model.init_from replaces these keys.)

@@ -64,3 +64,12 @@ def _few_keys(line: str, shown: int = 3) -> str:
     if not sep or len(names) <= shown:
         return line
     return f"{head}{sep}{', '.join(names[:shown])}, ... ({len(names)} keys)."
+
+
+def one_line(text: str) -> str:
+    """`text` with its control characters (newline, tab, escape, ...) as backslash escapes: a
+    file name holding a newline otherwise printed as two report lines, the second one forged
+    by the name ("bad\\nproblem: fake.jpg"), and a count of lines no longer matched the
+    report's. A non-UTF-8 byte (a surrogate escape) is left to `printable_paths`."""
+    return "".join(c if c.isprintable() or "\udc80" <= c <= "\udcff"
+                   else c.encode("unicode_escape").decode("ascii") for c in text)

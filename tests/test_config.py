@@ -186,7 +186,15 @@ def test_bounds_accept_their_limits(tmp_path):
     # a path would put the run into any existing folder, over a config.yaml not a run's
     ("", ["--log.name=.."], "--log.name=..: log.name must be a plain folder name"),
     ("", ["--log.name=a/b"], "log.name must be a plain folder name (no path separator, not . "
-     "or ..; log.dir says where runs go), got 'a/b'"),
+     "or .., no control character; log.dir says where runs go), got 'a/b'"),
+    ("", ["--log.name=a\nb"], "--log.name=a\\nb: log.name must be a plain folder name"),
+    # the override echoed as typed made a two-line message
+    ("", ["--optim.lr=0.2\nx"], "--optim.lr=0.2\\nx: optim.lr must be a number, got '0.2 x'"),
+    # 10**30 overflowed torch's samplers in a traceback after the first training step
+    ("", [f"--data.val_batch_size={10**30}"], f"data.val_batch_size must be <= 16777216, got "
+     f"{10**30}"),
+    ("", [f"--data.batch_size={2**24 + 1}"], f"data.batch_size must be <= 16777216, got "
+     f"{2**24 + 1}"),
     ("schedule:\n  kind: triangular\n  epochs: 16\n  peak_epoch: 20\n", [],
      "r.yaml: schedule.peak_epoch must be < schedule.epochs (16) for schedule.kind=triangular, "
      "got 20.0"),
@@ -326,7 +334,8 @@ def test_keys_lists_every_key_once_with_a_value_that_reads_back():
         if again is not None:
             assert getattr(getattr(again, section), key) == getattr(getattr(cfg, section), key), line
     by_key = {line.split(" = ")[0]: line for line in lines}
-    assert by_key["data.batch_size"].startswith("data.batch_size = 32  (an integer; >= 1)  global")
+    assert by_key["data.batch_size"].startswith("data.batch_size = 32  (an integer; >= 1, "
+                                                "<= 16777216)  global")
     assert by_key["aug.scale"].startswith("aug.scale = [0.6, 1.0]  (a list of numbers; 2 "
                                           "elements, > 0, <= 1)  RandomResizedCrop area")
     assert by_key["data.backend"].startswith("data.backend = resident  (one of 'torch', 'ffcv'")
