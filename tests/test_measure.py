@@ -1139,9 +1139,14 @@ def test_save_keeps_other_machines_rows_out_and_plots_the_whole_record(tmp_path,
     (["--width", "0.5,17"], "expected values <= 16, got '0.5,17'"),
     (["--plot", "curve.xyz"], "--plot curve.xyz: the file name must end in .png, .pdf, .svg"),
     (["--plot", "curve"], "--plot curve: the file name must end in"),
+    # a typo's 10**30: a TypeError row and exit 1, or calls until killed; "" ran as native
+    (["--batch-size", str(10**30)], f"expected values <= 16777216, got '{10**30}'"),
+    (["--iters", str(10**30)], f"--iters: expected an integer <= 10000000, got {10**30}"),
+    (["--warmup", str(10**30)], f"--warmup: expected an integer <= 10000000, got {10**30}"),
+    (["--norm-act="], "argument --norm-act: empty value"),
 ])
-def test_cli_refuses_huge_widths_and_plot_names_it_cannot_write(argv, message, monkeypatch,
-                                                                capsys):
+def test_cli_refuses_huge_sizes_and_plot_names_it_cannot_write(argv, message, monkeypatch,
+                                                               capsys):
     monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("measured before the check"))
     try:
         code = benchmark_tool.main(TINY + argv)

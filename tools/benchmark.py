@@ -44,7 +44,7 @@ from fasttrain.cli import (ArgumentParser, check_cifar_only, check_output, first
                            int_at_least, new_folders_removed_on_error, not_stdout, print_table,
                            printable, printable_paths, sigterm_as_interrupt, stdout_may_close,
                            user_path)
-from fasttrain.config import MAX_RESOLUTION, MAX_WIDTH
+from fasttrain.config import MAX_BATCH, MAX_RESOLUTION, MAX_WIDTH
 from fasttrain.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,13 +68,22 @@ def _list_of(kind, most: float = math.inf):
         if not values or not all(math.isfinite(v) and v > 0 for v in values):
             raise argparse.ArgumentTypeError(f"expected finite positive values, got {text!r}")
         if any(v > most for v in values):
-            raise argparse.ArgumentTypeError(f"expected values <= {most:g}, got {text!r}")
+            shown = f"{most:g}" if isinstance(most, float) else str(most)
+            raise argparse.ArgumentTypeError(f"expected values <= {shown}, got {text!r}")
         return values
     parse.__name__ = f"list of {kind.__name__}"
     return parse
 
 
-_positive, _non_negative = int_at_least(1), int_at_least(0)
+_positive = int_at_least(1)
+# A typo's 10**30 calls ran until killed; ten million already take hours on a real network.
+MAX_ITERS = 10_000_000
+
+
+def _nonempty_name(text: str) -> str:
+    if not text.strip():  # an unset shell variable: ran as the default, unsaid
+        raise argparse.ArgumentTypeError("empty value")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=["model", "ema"], default=None,
                    help="--checkpoint: the trained weights (model, default) or their moving "
                         "average (ema); the same network, so the numbers differ by noise only")
-    p.add_argument("--norm-act", default=None,
+    p.add_argument("--norm-act", default=None, type=_nonempty_name,
                    help="norm+ReLU implementation for --model/--checkpoint (default: native, or "
                         "the checkpoint's); a fused one when fasttrain provides it")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -111,13 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["eager", "compile", "torchscript", "cudagraphs",
                                       "compile-cudagraphs"],
                    default="eager")
-    p.add_argument("--batch-size", type=_list_of(int), default=[1], help="e.g. 1,8,64")
+    p.add_argument("--batch-size", type=_list_of(int, most=MAX_BATCH), default=[1],
+                   help="e.g. 1,8,64")
     p.add_argument("--resolution", type=int_at_least(1, MAX_RESOLUTION), default=None,
                    help="input size (default: the model's: 224, CIFAR 32, checkpoint val_res)")
     p.add_argument("--threads", type=int_at_least(1, 4096), default=None,
                    help="CPU intra-op threads")
-    p.add_argument("--iters", type=_positive, default=100, help="timed calls per row")
-    p.add_argument("--warmup", type=_non_negative, default=10,
+    p.add_argument("--iters", type=int_at_least(1, MAX_ITERS), default=100,
+                   help="timed calls per row")
+    p.add_argument("--warmup", type=int_at_least(0, MAX_ITERS), default=10,
                    help="untimed calls per row; raised to what compilation needs (compile 1, "
                         "compile-cudagraphs 2, torchscript or a TorchScript file 2), the row "
                         "records the number run")
