@@ -460,6 +460,10 @@ def _write_tool(args: list[str]) -> int:
     (["recipes/missing.yaml"], "recipes/missing.yaml: recipe file not found"),
     (["--dataset=digits", "--out="], "argument --out: empty path"),  # was the current folder
     (["--dataset=digits", "--num-workers=100000"], "(--num-workers) must be 0..1024"),
+    # the option was appended after the override and silently won
+    (["--dataset=digits", "--data.dataset=cifar10"], "--dataset and --data.dataset both given"),
+    (["--dataset=imagefolder", "--path=/a", "--data.path=/b"], "--path and --data.path both "
+     "given; keep one"),
 ])
 def test_write_tool_bad_input_exits_2_with_one_line(args, message, capsys):
     code = _write_tool(args)

@@ -65,8 +65,14 @@ def main(argv: list[str] | None = None) -> int:
         print("error: give a recipe or --dataset (digits | imagefolder | cifar10)",
               file=sys.stderr)
         return 2
-    overrides += [f"--data.{key}={value}" for key, value in
-                  (("dataset", args.dataset), ("path", args.path)) if value is not None]
+    for key in ("dataset", "path"):
+        given = getattr(args, key)
+        if given is not None and any(o.partition("=")[0] == f"--data.{key}" for o in overrides):
+            # appended last, the option silently won over the override
+            print(f"error: --{key} and --data.{key} both given; keep one", file=sys.stderr)
+            return 2
+        if given is not None:
+            overrides.append(f"--data.{key}={given}")
     if not sys.stderr.isatty():
         # FFCV's writer always draws a tqdm bar: in a log, frames joined by \r, one line as
         # long as the write (ImageNet: hours). tqdm reads TQDM_* when it is first imported,
