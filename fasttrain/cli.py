@@ -181,6 +181,14 @@ def nonempty(text: str) -> str:
     return text
 
 
+def nonempty_value(text: str) -> str:
+    """argparse type: a value (a name, a choice) that is not empty: an unset shell variable
+    otherwise ran as the option's default, unsaid."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty value")
+    return text
+
+
 def user_path(text: str) -> str:
     """argparse type: a non-empty path, a leading `~` expanded. The shell leaves `~` as typed
     after `=` (`--out=~/m.pt`): unexpanded, it named a folder called `~` in the current one."""

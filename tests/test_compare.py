@@ -704,6 +704,7 @@ def test_literature_benchmark_plots_and_table(tmp_path):
        f"argument --name: name {name!r} is not a plain file-name stem")
       for name in ("../x", "a/b", "x/", "..", ".", "")],
     (["--benchmark", "resnet56-cifar10", "--out", ""], "argument --out: empty path"),
+    (["--benchmark", ""], "argument --benchmark: empty value"),  # was "nothing to compare"
 ])
 def test_cli_user_errors_exit_2_with_one_line(argv, message, tmp_path, capsys):
     out = tmp_path / "out"

@@ -1709,6 +1709,7 @@ def test_a_rank_other_than_0_waits_for_rank_0_to_say_a_shared_error(monkeypatch,
 @pytest.mark.parametrize("argv, said", [
     (["--resume", ""], "argument --resume: empty path"),
     ([], "the following arguments are required: recipe"),
+    ([""], "argument recipe: empty path"),  # was ".: cannot read recipe: Is a directory"
     (["--resume=a", "--resume=b"], "--resume given twice")])
 def test_a_command_line_error_is_said_by_rank_0_alone(monkeypatch, capsys, argv, said):
     """Every rank printed argparse's line (3 ranks: 3 copies), where config errors are said

@@ -462,6 +462,7 @@ def _write_tool(args: list[str]) -> int:
     (["--dataset=digits", "--num-workers=100000"], "(--num-workers) must be 0..1024"),
     # the option was appended after the override and silently won
     (["--dataset=digits", "--data.dataset=cifar10"], "--dataset and --data.dataset both given"),
+    ([""], "argument recipe: empty path"),  # was ".: cannot read recipe: Is a directory"
     (["--dataset=imagefolder", "--path=/a", "--data.path=/b"], "--path and --data.path both "
      "given; keep one"),
 ])

@@ -41,9 +41,9 @@ import threading
 from pathlib import Path
 
 from fasttrain.cli import (ArgumentParser, check_cifar_only, check_output, first_repeat,
-                           int_at_least, new_folders_removed_on_error, not_stdout, print_table,
-                           printable, printable_paths, sigterm_as_interrupt, stdout_may_close,
-                           user_path)
+                           int_at_least, new_folders_removed_on_error, nonempty_value, not_stdout,
+                           print_table, printable, printable_paths, sigterm_as_interrupt,
+                           stdout_may_close, user_path)
 from fasttrain.config import MAX_BATCH, MAX_RESOLUTION, MAX_WIDTH
 from fasttrain.errors import UserError
 
@@ -80,12 +80,6 @@ _positive = int_at_least(1)
 MAX_ITERS = 10_000_000
 
 
-def _nonempty_name(text: str) -> str:
-    if not text.strip():  # an unset shell variable: ran as the default, unsaid
-        raise argparse.ArgumentTypeError("empty value")
-    return text
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="Benchmark latency or training throughput of ThinResNets "
                                    "(or any module) under recorded conditions.")
@@ -110,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=["model", "ema"], default=None,
                    help="--checkpoint: the trained weights (model, default) or their moving "
                         "average (ema); the same network, so the numbers differ by noise only")
-    p.add_argument("--norm-act", default=None, type=_nonempty_name,
+    p.add_argument("--norm-act", default=None, type=nonempty_value,
                    help="norm+ReLU implementation for --model/--checkpoint (default: native, or "
                         "the checkpoint's); a fused one when fasttrain provides it")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",

@@ -29,8 +29,8 @@ import sys
 from pathlib import Path
 
 from fasttrain.cli import (ArgumentParser, check_output, finite_float, int_at_least,
-                           new_folders_removed_on_error, print_table, printable,
-                           printable_paths, stdout_may_close, user_path)
+                           new_folders_removed_on_error, nonempty_value, print_table,
+                           printable, printable_paths, stdout_may_close, user_path)
 from fasttrain.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def _name(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="Compare ThinResNets with structured pruning at equal MACs: "
                                    "plots (PNG+SVG) and a margin table.")
-    p.add_argument("--benchmark", metavar="NAME",
+    p.add_argument("--benchmark", metavar="NAME", type=nonempty_value,
                    help="add the published results of resnet50-imagenet or resnet56-cifar10")
     p.add_argument("--runs", nargs="+", action="extend", default=[], metavar="RUN_DIR",
                    type=user_path,

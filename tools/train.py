@@ -20,7 +20,7 @@ import threading
 import time
 
 from fasttrain.config import describe, load
-from fasttrain.cli import ArgumentParser, drop_output, nonempty, printable_paths
+from fasttrain.cli import ArgumentParser, drop_output, nonempty, printable_paths, user_path
 from fasttrain.errors import RankError, UserError
 
 # gloo's words when the other end of a collective has died (NCCL waits for its watchdog).
@@ -30,7 +30,7 @@ PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="Train a ThinResNet from a recipe.",
                        epilog="Any --section.key=value overrides a recipe value, e.g. --optim.lr=0.2")
-    p.add_argument("recipe", nargs="?", help="recipe YAML file (recipes/*.yaml)")
+    p.add_argument("recipe", nargs="?", type=user_path, help="recipe YAML file (recipes/*.yaml)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate, build data and model, print config and counts, then exit")
     p.add_argument("--resume", metavar="PATH|auto", type=nonempty,

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from fasttrain.cli import (ArgumentParser, new_folders_removed_on_error, nonempty, one_line,
-                           printable_paths, sigterm_as_interrupt, stdout_may_close)
+                           printable_paths, sigterm_as_interrupt, stdout_may_close, user_path)
 from fasttrain.config import load
 from fasttrain.errors import UserError
 
@@ -31,8 +31,8 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(description="Write train.beton and val.beton (FFCV) for a data set.",
                        epilog="Any --section.key=value overrides a recipe value, e.g. "
                               "--data.path=/data/imagenet")
-    p.add_argument("recipe", nargs="?", help="recipe YAML file (reads data.dataset, data.path, "
-                                             "data.ffcv_dir)")
+    p.add_argument("recipe", nargs="?", type=user_path,
+                   help="recipe YAML file (reads data.dataset, data.path, data.ffcv_dir)")
     p.add_argument("--dataset", help="digits | imagefolder | cifar10 (same as --data.dataset)")
     p.add_argument("--path", help="dataset root (same as --data.path)")
     p.add_argument("--out", type=nonempty,
