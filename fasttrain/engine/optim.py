@@ -30,7 +30,10 @@ class Lamb(torch.optim.Optimizer):
         r = ||p|| / ||u||  (1 when either norm is 0; only where weight_decay != 0)
         p = p - lr * r * u
     Global gradient-norm clipping is done by the training loop (optim.max_grad_norm), as timm's
-    Lamb does internally with max_grad_norm=1.0.
+    Lamb does internally with max_grad_norm=1.0. One difference: t counts the steps of each
+    parameter, as torch's Adam does, where timm counts the group's; the two differ only for a
+    parameter left without a gradient on some steps (its moments' bias correction then follows
+    its own updates), which no network here has.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
