@@ -698,8 +698,8 @@ def train(cfg: Config, recipe: str | None = None, resume: str | None = None,
     Under torchrun every rank calls this; rank 0 writes the run directory. `cfg` is checked
     again as a recipe is (a Config changed by attribute too) and left unchanged (training
     fills in a copy: num_classes, model.init_from's architecture). The process's torch thread
-    count, deterministic-algorithms setting, cudnn.benchmark and CUBLAS_WORKSPACE_CONFIG are
-    restored on return; the global RNGs stay
+    count, deterministic-algorithms setting, cudnn.benchmark, CUBLAS_WORKSPACE_CONFIG and
+    torch._dynamo's recompile_limit are restored on return; the global RNGs stay
     seeded from `train.seed`, as after a training script.
 
     Raises:
@@ -715,6 +715,7 @@ def train(cfg: Config, recipe: str | None = None, resume: str | None = None,
                      torch.is_deterministic_algorithms_warn_only_enabled())
     cudnn_benchmark = torch.backends.cudnn.benchmark
     cublas_workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    recompile_limit = torch._dynamo.config.recompile_limit  # raised for a compiled run
     try:
         dist = distributed.setup(cfg.train.device)
     except KeyboardInterrupt as e:  # waiting for the other ranks: nothing written yet
@@ -749,6 +750,7 @@ def train(cfg: Config, recipe: str | None = None, resume: str | None = None,
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         torch.backends.cudnn.benchmark = cudnn_benchmark
+        torch._dynamo.config.recompile_limit = recompile_limit
         if cublas_workspace is None:  # set for a deterministic run's cuBLAS calls only
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
         else:
