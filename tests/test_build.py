@@ -339,7 +339,8 @@ def test_env_sh_rebuilds_for_any_missing_library_or_interrupted_build(tmp_path):
         env.update({"FASTTRAIN_CACHE": "../cache", "FASTTRAIN_DATA": "mydata", **env_vars})
         return subprocess.run(["bash", str(repo / "tools" / "env.sh"), "python", "-c",
                                "import os; print(os.environ['FASTTRAIN_CACHE'], "
-                               "os.environ['FASTTRAIN_DATA'], os.getcwd())", *extra],
+                               "os.environ['FASTTRAIN_DATA'], os.getcwd(), "
+                               "os.environ['FASTTRAIN_CALLER_DIR'])", *extra],
                               cwd=tmp_path / "work", env=env, capture_output=True, text=True,
                               timeout=60)
 
@@ -349,7 +350,7 @@ def test_env_sh_rebuilds_for_any_missing_library_or_interrupted_build(tmp_path):
     first = env_sh()
     assert first.returncode == 0, first.stderr
     assert first.stdout.split() == [str(tmp_path / "cache"), str(tmp_path / "work" / "mydata"),
-                                    str(repo)]
+                                    str(repo), str(tmp_path / "work")]
     assert "[env] [fasttrain build] CPU library  fasttrain/ops/_C: yes" in first.stderr
     assert built() == 1 and builds.read_text() == "FASTTRAIN_JPEG=1\n"
     assert env_sh().returncode == 0 and built() == 1  # up to date: nothing rebuilt

@@ -316,6 +316,26 @@ def test_factory_source_imports_from_the_working_directory(tmp_path, monkeypatch
             sources.from_factory(bad)
 
 
+def test_a_factory_beside_the_shell_that_ran_env_sh_is_found(tmp_path, monkeypatch):
+    """tools/env.sh runs the command from the clone: `--factory mynet:build` from the user's
+    folder was "No module named 'mynet'" (env.sh passes that folder as FASTTRAIN_CALLER_DIR)."""
+    user, clone = tmp_path / "user", tmp_path / "clone"
+    user.mkdir()
+    clone.mkdir()
+    (user / "net_beside_shell.py").write_text("from torch import nn\n"
+                                             "def build():\n    return nn.Linear(3, 2)\n")
+    monkeypatch.chdir(clone)
+    monkeypatch.setenv("FASTTRAIN_CALLER_DIR", str(user))
+    path = list(sys.path)
+    assert sources.factory_file("net_beside_shell:build") == str(user / "net_beside_shell.py")
+    assert isinstance(sources.from_factory("net_beside_shell:build").model, torch.nn.Linear)
+    assert sys.path == path
+    monkeypatch.delenv("FASTTRAIN_CALLER_DIR")  # without env.sh: the current directory only
+    sys.modules.pop("net_beside_shell", None)
+    with pytest.raises(sources.SourceError, match="No module named 'net_beside_shell'"):
+        sources.from_factory("net_beside_shell:build")
+
+
 def test_factory_failures_are_one_line_source_errors(tmp_path, monkeypatch):
     (tmp_path / "fac_needs_arg.py").write_text("def build(width):\n    return None\n")
     (tmp_path / "fac_syntax.py").write_text("def build(:\n")

@@ -164,6 +164,9 @@ exec 9>&-
 
 export PATH="$venv/bin:$PATH" VIRTUAL_ENV="$venv"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+# The folder the user ran this from: `--factory mynet:build` imports mynet from there (the
+# command itself runs from the clone, where the README's relative paths hold).
+export FASTTRAIN_CALLER_DIR="$PWD"
 cd "$repo"
 if [ $# -eq 0 ]; then
   log "ready: $venv"

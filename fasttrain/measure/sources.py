@@ -227,16 +227,27 @@ def _stamp(path: str) -> tuple[int, int] | None:
     return st.st_mtime_ns, st.st_size
 
 
+def _user_folders() -> list[str]:
+    """Where the user's own modules are: the current directory (as `python -m` has it), after
+    the folder `tools/env.sh` was run from (`FASTTRAIN_CALLER_DIR`: env.sh runs the command from
+    the clone, so `--factory mynet:build` beside the user's shell was not found)."""
+    cwd = os.getcwd()
+    caller = os.environ.get("FASTTRAIN_CALLER_DIR")
+    return [caller, cwd] if caller and os.path.realpath(caller) != os.path.realpath(cwd) \
+        else [cwd]
+
+
 @contextlib.contextmanager
 def _current_directory_first():
-    """The current directory first on sys.path (as `python -m` has it) for the duration only:
-    the caller's sys.path is as it was afterwards."""
-    cwd = os.getcwd()
-    sys.path.insert(0, cwd)
+    """The user's folders (`_user_folders`) first on sys.path for the duration only: the
+    caller's sys.path is as it was afterwards."""
+    folders = _user_folders()
+    sys.path[:0] = folders
     try:
         yield
     finally:
-        sys.path.remove(cwd)  # the first occurrence: the one inserted
+        for folder in folders:
+            sys.path.remove(folder)  # the first occurrence: the one inserted
 
 
 def _import_as_now(mod_name: str):
@@ -250,11 +261,11 @@ def _import_as_now(mod_name: str):
     if loaded is not None and getattr(loaded, "__file__", None):
         importlib.invalidate_caches()
         found = importlib.machinery.PathFinder.find_spec(top, sys.path)
-        here = os.path.realpath(os.getcwd())
+        here = [os.path.realpath(f) + os.sep for f in _user_folders()]
         origin = os.path.realpath(found.origin) if found and found.origin else None
-        # only the user's own files, in the current directory: an installed package is never
+        # only the user's own files, in the user's folders: an installed package is never
         # imported twice
-        if (origin is not None and origin.startswith(here + os.sep)
+        if (origin is not None and origin.startswith(tuple(here))
                 and origin != os.path.realpath(loaded.__file__)):
             for name in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
                 del sys.modules[name]
