@@ -508,8 +508,8 @@ def test_missing_dali_is_a_one_line_run_error(data_root, monkeypatch):
             _loaders(_digits(data_root))
     finally:
         dali_loader._dali.cache_clear()
-    assert str(info.value) == ("data.backend=dali needs NVIDIA DALI: pip install -e .[dali] "
-                               "(nvidia-dali-cuda130)")
+    assert str(info.value) == ("data.backend=dali needs NVIDIA DALI: pip install "
+                               "--no-build-isolation -e .[dali] (nvidia-dali-cuda130)")
 
 
 def test_pipelines_are_released_after_each_epoch(data_root):

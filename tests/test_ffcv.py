@@ -1109,8 +1109,8 @@ def test_missing_ffcv_is_a_run_error(monkeypatch, cifar):
             build_loaders(cfg.data, cfg.aug)
     finally:
         ffcv_loader._ffcv.cache_clear()
-    assert str(e.value) == ("data.backend=ffcv needs FFCV: pip install -e .[ffcv] (and Debian "
-                            "libopencv-dev libturbojpeg0-dev pkg-config)")
+    assert str(e.value) == ("data.backend=ffcv needs FFCV: pip install --no-build-isolation "
+                            "-e .[ffcv] (and Debian libopencv-dev libturbojpeg0-dev pkg-config)")
 
 
 # ------------------------------------------------------------------------------- distributed

@@ -4,11 +4,12 @@
     python tools/prune.py CHECKPOINT --out PRUNED.pt (--target-macs N | --target-width W) \
         [--importance l1|bn_scale] [--scope global|uniform] [--tolerance 0.05]
 
-Needs Torch-Pruning: `pip install -e .[prune]`. What it does (fasttrain.compare.prune): ranks the
-channels of every group of coupled channels (Torch-Pruning's dependency graph keeps residual
-additions consistent) by L1 magnitude or BatchNorm scale, removes them uniformly per group or by
-one global ranking, and bisects the pruning ratio until the network's conv+fc MACs (fvcore, at
-the checkpoint's validation resolution) are within the tolerance of the target. `--target-width W`
+Needs Torch-Pruning: `pip install --no-build-isolation -e .[prune]`. What it does
+(fasttrain.compare.prune): ranks the channels of every group of coupled channels
+(Torch-Pruning's dependency graph keeps residual additions consistent) by L1 magnitude or
+BatchNorm scale, removes them uniformly per group or by one global ranking, and bisects the
+pruning ratio until the network's conv+fc MACs (fvcore, at the checkpoint's validation
+resolution) are within the tolerance of the target. `--target-width W`
 targets the MACs of the same model at uniform width W. The result is a physically smaller dense
 network, written as a checkpoint whose model config carries its channel spec:
 

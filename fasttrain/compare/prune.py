@@ -60,8 +60,8 @@ def require_torch_pruning():
     try:
         import torch_pruning
     except ImportError:
-        raise PruneError(f"pruning needs Torch-Pruning: pip install -e .[prune] "
-                         f"(or pip install {TORCH_PRUNING})") from None
+        raise PruneError(f"pruning needs Torch-Pruning: pip install --no-build-isolation "
+                         f"-e .[prune] (or pip install {TORCH_PRUNING})") from None
     return torch_pruning
 
 

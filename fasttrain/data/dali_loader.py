@@ -45,7 +45,8 @@ from .loader import Loaders, _datasets, rank_batches, sample_seed, torch_threads
 from .transforms import (Normalize, ValTransform, horizontal_flip, progressive_resolution,
                          resize_square)
 
-MISSING = "data.backend=dali needs NVIDIA DALI: pip install -e .[dali] (nvidia-dali-cuda130)"
+MISSING = ("data.backend=dali needs NVIDIA DALI: pip install --no-build-isolation -e .[dali] "
+           "(nvidia-dali-cuda130)")
 READER = "Reader"
 PREFETCH = 2  # batches DALI prepares ahead of the consumer (its default; enough for one GPU)
 # nvJPEG scratch buffers preallocated for ImageNet-sized images, the values of NVIDIA's ResNet-50

@@ -61,8 +61,8 @@ SPLITS = ("train", "val")
 WRITE_MODES = ("proportion", "jpg", "raw", "smart")
 SIDECAR_FORMAT = "fasttrain-ffcv-1"
 SKIPPED_LABEL = -1  # label of a placeholder for an unreadable file: excluded when loading
-FFCV_MISSING = ("data.backend=ffcv needs FFCV: pip install -e .[ffcv] (and Debian libopencv-dev "
-                "libturbojpeg0-dev pkg-config)")
+FFCV_MISSING = ("data.backend=ffcv needs FFCV: pip install --no-build-isolation -e .[ffcv] "
+                "(and Debian libopencv-dev libturbojpeg0-dev pkg-config)")
 
 _warned: set[str] = set()
 
