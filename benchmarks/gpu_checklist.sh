@@ -23,9 +23,11 @@
 # Pure-Python packages the host may lack (fvcore, pytest and the plugins the cuda step uses, and
 # their needs) are read from .gpu/site when that folder exists, and the built-in digits (which
 # need scikit-learn to build) from .gpu/data (both git-ignored; made here with
-# `python3 -m pip install --no-deps --target .gpu/site fvcore iopath yacs termcolor
+# `python3 -m pip install --no-deps --no-compile --target .gpu/site fvcore iopath yacs termcolor
 #  pytest==9.2.0 pluggy iniconfig packaging pygments pytest-timeout==2.4.0 pytest-xdist execnet`
-# and `cp -r ~/.cache/fasttrain/data/digits .gpu/data/`, then carried with the call).
+# and `mkdir -p .gpu/data/digits && cp -r ~/.cache/fasttrain/data/digits/{train,val}
+# .gpu/data/digits/` (not its ffcv/ files: ~50 MB of the 64 MiB a call carries), then carried
+# with the call).
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2  # every path below is the repository's
 OUT=${OUT:-/tmp/fasttrain-gpu}
@@ -35,7 +37,7 @@ LOGS=${LOGS:-/tmp/fasttrain-gpu-logs}
 if ! [[ $DEADLINE =~ ^[0-9]+$ ]]; then
     echo "error: DEADLINE_S must be a whole number of seconds, got '$DEADLINE'" >&2; exit 2
 fi
-STEPS=$(sed -n 's/^\(TAIL=[0-9]* \)\{0,1\}step \([^ ]*\) .*/\2/p' "${BASH_SOURCE[0]}")
+STEPS=$(sed -n 's/^\([A-Z]*=[^ ]* \)*step \([^ ]*\) .*/\2/p' "${BASH_SOURCE[0]}")
 for name in ${ONLY:-}; do
     if ! grep -qx -- "$name" <<<"$STEPS"; then
         echo "error: ONLY names an unknown step '$name' (steps: $(echo $STEPS))" >&2; exit 2
@@ -49,9 +51,15 @@ export PYTHONUNBUFFERED=1
 [ -d .gpu/data ] && export FASTTRAIN_DATA="$PWD/.gpu/data"
 SUMMARY="$LOGS/summary.txt"
 
-pack() { tar czf "$OUT/gpu.tgz" -C "$LOGS" . -C "$PWD" benchmarks/results 2>/dev/null; }
+# Written aside, then renamed: a call cut off during the tar leaves the previous archive whole.
+pack() {
+    tar czf "$OUT/.gpu.tgz.tmp" -C "$LOGS" . -C "$PWD" benchmarks/results 2>/dev/null \
+        && mv -f "$OUT/.gpu.tgz.tmp" "$OUT/gpu.tgz"
+}
 
 # step NAME LIMIT_S CMD...: runs CMD under `timeout`, logs to $LOGS/NAME.log, records rc and time.
+# SIG=INT step ...: the limit sends SIGINT (pytest writes its summary and JUnit file on it, on
+# SIGTERM nothing).
 # ONLY="name1 name2 ..." runs just those steps (a rerun of what a short lease cut off).
 step() {
     local name=$1 limit=$2 left=$((DEADLINE - SECONDS))
@@ -67,7 +75,7 @@ step() {
     [ "$limit" -gt "$left" ] && limit=$left
     echo "=== $name (limit ${limit}s, t=${SECONDS}s)"
     local t0=$SECONDS
-    timeout --kill-after=10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
+    timeout --kill-after=10 -s "${SIG:-TERM}" "$limit" "$@" >"$LOGS/$name.log" 2>&1
     local rc=$?
     [ "$rc" -ne 0 ] && FAILED=$((FAILED + 1))
     echo "$name: rc=$rc in $((SECONDS - t0))s" | tee -a "$SUMMARY"
@@ -109,10 +117,12 @@ fi
 # The test outcome is a result like the benchmarks': a JUnit file named by the GPU, commit inside.
 GPU_SLUG=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 | tr 'A-Z ' 'a-z-')
 # pytest-xdist spreads the tests over the host's cores when it is there (.gpu/site); without it
-# `-n` would be an unknown option and the step would test nothing.
-XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 16")
-TIMEOUT=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout 180")  # likewise
-TAIL=30 step pytest-cuda 200 "$PY" -m pytest -m cuda -q -p no:cacheprovider $XDIST \
+# `-n` would be an unknown option and the step would test nothing. The host's own plugins
+# (pytest-cov, hypothesis, ...) are not loaded into .gpu/site's pytest: a combination never run.
+XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-p xdist.plugin -n 16")
+TIMEOUT=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo "-p pytest_timeout --timeout 90")
+SIG=INT TAIL=30 step pytest-cuda 200 env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 \
+    "$PY" -m pytest -m cuda -q -p no:cacheprovider $XDIST \
     -o addopts="-ra" $TIMEOUT tests --ignore tests/test_ffcv.py --ignore tests/test_dali.py \
     --junitxml "benchmarks/results/pytest-cuda-${GPU_SLUG:-gpu}.xml" \
     -o junit_suite_name="pytest -m cuda, commit ${FASTTRAIN_COMMIT:-unknown}"
@@ -150,7 +160,9 @@ step latency-cudagraphs 90 "$PY" tools/benchmark.py --model thin_resnet50 \
 # torch backend's row needs the region JPEG decoder, which a host without libjpeg-turbo's
 # headers does not build (bench_loaders refuses the row rather than time whole decodes).
 LOADERS=decode,pil,torch-whole
-"$PY" -c "from fasttrain.data import jpeg; assert jpeg.AVAILABLE" 2>/dev/null && LOADERS+=,torch
+if [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" loaders-16w "* ]]; then  # a torch import: seconds
+    "$PY" -c "from fasttrain.data import jpeg; assert jpeg.AVAILABLE" 2>/dev/null && LOADERS+=,torch
+fi
 step loaders-16w 200 "$PY" benchmarks/bench_loaders.py --backends $LOADERS --rounds 2 --workers 16
 step train-w1.0-224-compile-fused 150 $TRAIN $W10 --mode compile --norm-act fused
 step train-w0.5-176-compile-fused 130 $TRAIN $W05 --mode compile --norm-act fused

@@ -316,9 +316,10 @@ def test_gpu_checklist_cuda_step_options_exist_in_the_pinned_pytest(tmp_path):
     end = next(i for i in range(start, len(script)) if not script[i].endswith("\\"))
     command = "\n".join(script[start:end + 1]).replace("benchmarks/results/", f"{tmp_path}/")
     xdist = subprocess.run([sys.executable, "-c", "import xdist"]).returncode == 0
+    # the plugins as the script names them: it loads them explicitly (autoload off)
     shell = (f'step() {{ shift 2; "$@" --collect-only tests/test_bn_relu.py; }}\n'
-             f'PY={sys.executable}; XDIST="{"-n 2" if xdist else ""}"; '
-             f'TIMEOUT="--timeout 180"; GPU_SLUG=test\n{command}')
+             f'PY={sys.executable}; XDIST="{"-p xdist.plugin -n 2" if xdist else ""}"; '
+             f'TIMEOUT="-p pytest_timeout --timeout 90"; GPU_SLUG=test\n{command}')
     done = subprocess.run(["bash", "-c", shell], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode in (0, 5), done.stderr[-2000:]  # 5: every test deselected
