@@ -68,6 +68,30 @@ def subset_suffix(chosen: Sequence, default: Sequence) -> str:
     return "-" + "+".join(map(str, chosen))
 
 
+def settings_suffix(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                    names: Sequence[str]) -> str:
+    """The default result file's name suffix for a run whose sizes (`names`: argparse dests
+    such as "images", "rounds") differ from the defaults: "-images50-rounds1"; '' with the
+    defaults. So a smoke run never replaces the full run's file (a `--images 50 --rounds 1`
+    run replaced the committed 20,000-image result the README's tables come from)."""
+    return "".join(f"-{name.replace('_', '-')}{getattr(args, name)}" for name in names
+                   if getattr(args, name) != parser.get_default(name))
+
+
+def partial_out(path: Path) -> Path:
+    """Where an interrupted run's rows go: `path` unless it holds a complete result (one
+    without `"interrupted": true`), then `<stem>-interrupted.json` beside it, so a cut run
+    keeps what it measured without replacing a whole one (a Ctrl-C after 5 s replaced a
+    committed 96-row file with 0 rows)."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return path
+    if isinstance(earlier, dict) and earlier.get("interrupted") is True:
+        return path
+    return path.with_name(f"{path.stem}-interrupted{path.suffix}")
+
+
 def check_out(out: Path | None, default: Path) -> Path:
     """The result file (`out`, or `default` when --out is not given), checked before measuring
     (fasttrain.cli.check_output: not a folder, its folder created, a file can be created

@@ -52,10 +52,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _args import check_out, device as device_arg, fail, subset_suffix, write_json  # noqa: E402
+from _args import (check_out, device as device_arg, fail, partial_out,  # noqa: E402
+                   settings_suffix, subset_suffix, write_json)
 from fasttrain.cli import (ArgumentParser, finite_float, first_repeat, int_at_least,  # noqa: E402
                            sigterm_as_interrupt)
-from fasttrain.config import MAX_WIDTH  # noqa: E402
+from fasttrain.config import MAX_BATCH, MAX_WIDTH  # noqa: E402
 from fasttrain.measure.env import cpu_name as cpu_model  # noqa: E402
 from fasttrain.measure.env import git_commit, nvidia_driver  # noqa: E402
 from fasttrain.measure.timing import cuda_graph_replay  # noqa: E402
@@ -349,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", type=device_arg,
                    default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
-    p.add_argument("--batch", type=_positive, default=None, help="default: 256 on CUDA, 8 on CPU")
+    p.add_argument("--batch", type=int_at_least(1, MAX_BATCH), default=None, help="default: 256 on CUDA, 8 on CPU")
     p.add_argument("--widths", type=_width, nargs="+", default=DEFAULT_WIDTHS,
                    help="default: 1.0 0.5; other widths are written to a result file named "
                    "after them")
@@ -365,15 +366,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile-dynamic", choices=["auto", "yes", "no"], default="auto",
                    help="auto: static per shape on CUDA, one dynamic compile on CPU (compiling "
                         "every shape statically takes minutes there)")
-    p.add_argument("--model-batch", type=_non_negative, default=None,
+    p.add_argument("--model-batch", type=int_at_least(0, MAX_BATCH), default=None,
                    help="batch of the whole-model saved-bytes count (default: --batch; 0 = skip)")
-    p.add_argument("--threads", type=_non_negative, default=0,
+    p.add_argument("--threads", type=int_at_least(0, 4096), default=0,
                    help="CPU intra-op threads (0 = torch's default, one per core)")
     p.add_argument("--timing", choices=["graph", "launched"], default="graph",
                    help="CUDA: time replays of the step captured in a CUDA graph (the kernels' "
                         "time), or steps launched from Python (adds the host's time per layer)")
     p.add_argument("--out", type=Path, default=None, help="result JSON (default: by conditions)")
     args = p.parse_args(argv)
+    sizes = settings_suffix(args, p, ["warmup", "iters", "repeats", "model_batch"])
     device = args.device
     cuda = device.type == "cuda"
     if cuda and device.index is not None:
@@ -400,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     out = check_out(args.out, ROOT / "benchmarks" / "results" /
                     f"bn_relu-{tag}-{args.dtype}-{args.layout}-b{args.batch}"
                     f"{'-launched' if cuda and args.timing == 'launched' else ''}"
-                    f"{subset_suffix([f'w{w:g}' for w in args.widths], ['w1', 'w0.5'])}.json")
+                    f"{subset_suffix([f'w{w:g}' for w in args.widths], ['w1', 'w0.5'])}"
+                    f"{sizes}.json")
     if args.threads:
         torch.set_num_threads(args.threads)
     if not _ext.supports(device):
@@ -433,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
                              f"{EVAL_PASSES}; copy moves 2",
               "rows": rows, "summary": summary, "interrupted": interrupted,
               "model_saved_bytes": {"model": "thin_resnet50", "batch": model_batch, **model_saved}}
+    if interrupted:
+        out = partial_out(out)
     write_json(out, result)
     print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
     return 130 if interrupted else 0

@@ -30,10 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _args import check_out, device as device_arg, fail, write_json  # noqa: E402
+from _args import check_out, device as device_arg, fail, settings_suffix, write_json  # noqa: E402
 from bench_loaders import natural_image  # noqa: E402
 from fasttrain.cli import ArgumentParser, int_at_least  # noqa: E402
-from fasttrain.config import load  # noqa: E402
+from fasttrain.config import MAX_WORKERS, load  # noqa: E402
 from fasttrain.data import build_loaders, write_cifar10  # noqa: E402
 from fasttrain.data.datasets import _publish_dir, default_root  # noqa: E402
 from fasttrain.measure.env import conditions, usable_cores  # noqa: E402
@@ -78,7 +78,7 @@ def measure(root: Path, backend: str, workers: int, batch: int, epochs: int,
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=_positive, default=20000, help="training images in the set")
-    p.add_argument("--workers", type=_positive, default=usable_cores(),
+    p.add_argument("--workers", type=int_at_least(1, MAX_WORKERS), default=usable_cores(),
                    help="torch backend's DataLoader workers (default: every core it may use)")
     p.add_argument("--batch-size", type=_positive, default=128, help="the recipes' batch")
     p.add_argument("--epochs", type=_positive, default=1, help="timed epochs after one warm-up")
@@ -93,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"--images {args.images}: {train_images} training images, fewer than one batch "
              f"(--batch-size {args.batch_size})")
     out = check_out(args.out, ROOT / "benchmarks" / "results"
-                    / f"cifar-aug-{device.type}-{args.workers}w.json")
+                    / f"cifar-aug-{device.type}-{args.workers}w"
+                      f"{settings_suffix(args, p, ['images', 'batch_size', 'epochs', 'rounds'])}"
+                      f".json")
     torch.set_num_threads(args.workers)
     root = make_set(default_root(f"bench_cifar-{args.images}"), args.images)
     names = ["torch", "resident"]

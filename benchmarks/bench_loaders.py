@@ -55,9 +55,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _args import check_out, fail, items, subset_suffix, write_json  # noqa: E402
+from _args import check_out, fail, items, settings_suffix, subset_suffix, write_json  # noqa: E402
 from fasttrain.cli import ArgumentParser, int_at_least  # noqa: E402
-from fasttrain.config import Config, load  # noqa: E402
+from fasttrain.config import MAX_WORKERS, Config, load  # noqa: E402
 from fasttrain.data import build_loaders, jpeg, resize  # noqa: E402
 from fasttrain.data.datasets import _publish_dir, default_root  # noqa: E402
 from fasttrain.measure.env import conditions, usable_cores  # noqa: E402
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     # Every class folder needs an image: the validation set has one of each.
     p.add_argument("--images", type=int_at_least(CLASSES), default=1280,
                    help=f"training images in the set (at least {CLASSES} and --batch-size)")
-    p.add_argument("--workers", type=_positive, default=usable_cores(),
+    p.add_argument("--workers", type=int_at_least(1, MAX_WORKERS), default=usable_cores(),
                    help="loader workers/threads per backend (default: every core it may use)")
     p.add_argument("--batch-size", type=_positive, default=64)
     p.add_argument("--epochs", type=_positive, default=2, help="timed epochs after one warm-up")
@@ -245,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.images < args.batch_size:  # the loaders drop the last partial batch: no batch at all
         fail(f"--images {args.images}: fewer than one batch (--batch-size {args.batch_size})")
     out = check_out(args.out, ROOT / "benchmarks" / "results" / f"loaders-cpu-{args.workers}w"
-                    f"{subset_suffix(names, DEFAULT_BACKENDS.split(','))}.json")
+                    f"{subset_suffix(names, DEFAULT_BACKENDS.split(','))}"
+                    f"{settings_suffix(args, p, ['images', 'batch_size', 'epochs', 'rounds'])}"
+                    f".json")
     torch.set_num_threads(args.workers)
 
     root = make_bench_set(default_root(f"bench_jpeg-{args.images}"), args.images)

@@ -36,9 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _args import check_out, fail, items, subset_suffix, write_json  # noqa: E402
+from _args import check_out, fail, items, settings_suffix, subset_suffix, write_json  # noqa: E402
 from bench_loaders import backend_cfg, make_bench_set, native_resize, train_loader  # noqa: E402
 from fasttrain.cli import ArgumentParser, int_at_least  # noqa: E402
+from fasttrain.config import MAX_WORKERS  # noqa: E402
 from fasttrain.data import build_loaders, resize  # noqa: E402
 from fasttrain.data.datasets import default_root  # noqa: E402
 from fasttrain.data.loader import torch_threads  # noqa: E402
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backends", default="torch,dali",
                    help="default: %(default)s; another set is written to a result file named "
                    "after it")
-    p.add_argument("--workers", type=int_at_least(1), default=usable_cores(),
+    p.add_argument("--workers", type=int_at_least(1, MAX_WORKERS), default=usable_cores(),
                    help="loader workers and threads (default: every core it may use)")
     # One batch at least: the loaders drop a partial batch, the in-process timing splits whole
     # batches (and 64 images fill every class folder).
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     names = items("--backends", args.backends, ("torch", "dali"))
     out = check_out(args.out, ROOT / "benchmarks" / "results" / f"native-resize-cpu-"
-                    f"{args.workers}w{subset_suffix(names, ['torch', 'dali'])}.json")
+                    f"{args.workers}w{subset_suffix(names, ['torch', 'dali'])}"
+                    f"{settings_suffix(args, p, ['images', 'rounds'])}.json")
     if not resize.AVAILABLE:
         fail(f"fasttrain's resize function is not built: {resize.LOAD_ERROR}")
     torch.set_num_threads(args.workers)

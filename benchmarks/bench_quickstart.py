@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _args import check_out, fail, items, subset_suffix, write_json  # noqa: E402
+from _args import check_out, fail, items, settings_suffix, subset_suffix, write_json  # noqa: E402
 from fasttrain.cli import ArgumentParser, int_at_least  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "quickstart.yaml"
@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     from fasttrain.measure.env import cpu_name, git_commit, usable_cores
     cores = usable_cores()
     out = check_out(args.out, ROOT / "benchmarks" / "results" / f"quickstart-cpu-{cores}c"
-                    f"{subset_suffix(backends, DEFAULT_BACKENDS.split(','))}.json")
+                    f"{subset_suffix(backends, DEFAULT_BACKENDS.split(','))}"
+                    f"{settings_suffix(args, p, ['repeats'])}.json")
 
     from fasttrain.data import build_digits
     from fasttrain.data.datasets import default_root

@@ -137,6 +137,12 @@ CASES = [
     case("bench_native_resize", ["--backends", "dali,dali"], ["--backends", "'dali' is given"]),
     case("bench_quickstart", ["--backends", "torch,torch"], ["--backends", "'torch' is given"]),
     case("bench_bn_relu", ["--widths", "0.5", "1", "0.50"], ["--widths", "0.5 is given twice"]),
+    # sizes a typo makes absurd: a traceback after the data set was made, or an allocation's
+    *[case(script, ["--workers", "2000"], ["--workers", "<= 1024, got 2000"])
+      for script in ("bench_cifar_aug", "bench_loaders", "bench_native_resize")],
+    case("bench_bn_relu", ["--batch", str(10**8)], ["--batch", f"<= 16777216, got {10**8}"]),
+    case("bench_bn_relu", ["--model-batch", str(10**8)], ["--model-batch", "<= 16777216"]),
+    case("bench_bn_relu", ["--threads", "5000"], ["--threads", "<= 4096, got 5000"]),
 ]
 
 
@@ -166,6 +172,15 @@ def test_bad_argument_is_one_line_before_any_work(bench, tmp_path, capsys, scrip
      "bn_relu-cpu1t-bf16-nhwc-b8.json"),
     ("bench_bn_relu", ["--device", "cpu", "--threads", "1", "--batch", "8", "--widths", "0.5"],
      "bn_relu-cpu1t-bf16-nhwc-b8-w0.5.json"),
+    # a smoke run of other sizes replaced the committed full run's file too
+    ("bench_cifar_aug", ["--workers", "2", "--images", "50", "--batch-size", "5", "--rounds", "1"],
+     "cifar-aug-cpu-2w-images50-batch-size5-rounds1.json"),
+    ("bench_loaders", ["--workers", "2", "--rounds", "1"], "loaders-cpu-2w-rounds1.json"),
+    ("bench_native_resize", ["--workers", "2", "--images", "64"],
+     "native-resize-cpu-2w-images64.json"),
+    ("bench_quickstart", ["--repeats", "1"], "quickstart-cpu-{cores}c-repeats1.json"),
+    ("bench_bn_relu", ["--device", "cpu", "--threads", "1", "--batch", "8", "--repeats", "1",
+                       "--iters", "2"], "bn_relu-cpu1t-bf16-nhwc-b8-iters2-repeats1.json"),
 ])
 def test_a_run_of_some_rows_never_takes_the_full_runs_default_file(bench, monkeypatch, script,
                                                                    argv, name):
@@ -185,6 +200,30 @@ def test_a_run_of_some_rows_never_takes_the_full_runs_default_file(bench, monkey
         module.main(argv)
     assert chosen[0].name == name.format(cores=usable_cores())
     assert chosen[0].parent == ROOT / "benchmarks" / "results"
+
+
+def test_an_interrupted_bn_relu_run_keeps_an_earlier_complete_result(tmp_path, monkeypatch,
+                                                                     capsys):
+    """Ctrl-C after 5 s replaced the committed 96-row result with a 0-row file: the rows of a
+    cut run now go beside a complete one (and still replace an earlier cut run's)."""
+    module = load_bench("bench_bn_relu")
+    out = tmp_path / "r.json"
+    whole = json.dumps({"rows": [1] * 96, "interrupted": False})
+    out.write_text(whole)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "bench_shape", interrupted)
+    argv = ["--device", "cpu", "--threads", "1", "--widths", "0.0625", "--out", str(out)]
+    assert module.main(argv) == 130
+    assert out.read_text() == whole
+    cut = tmp_path / "r-interrupted.json"
+    assert json.loads(cut.read_text())["interrupted"] is True
+    out.write_text(cut.read_text())  # an earlier cut run is replaced as before
+    cut.unlink()
+    assert module.main(argv) == 130
+    assert json.loads(out.read_text())["interrupted"] is True and not cut.exists()
 
 
 def test_loaders_needing_the_region_decoder_are_refused_without_it(bench, tmp_path, capsys,
