@@ -350,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", type=device_arg,
                    default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
-    p.add_argument("--batch", type=int_at_least(1, MAX_BATCH), default=None, help="default: 256 on CUDA, 8 on CPU")
+    p.add_argument("--batch", type=int_at_least(1, MAX_BATCH), default=None,
+                   help="default: 256 on CUDA, 8 on CPU")
     p.add_argument("--widths", type=_width, nargs="+", default=DEFAULT_WIDTHS,
                    help="default: 1.0 0.5; other widths are written to a result file named "
                    "after them")
