@@ -538,7 +538,8 @@ def _set(cfg: Config, origin: str, section: str, key: str, value: Any) -> None:
     obj = getattr(cfg, section)
     fields = {f.name: f for f in dataclasses.fields(obj)}
     if key not in fields:
-        raise ConfigError(f"{origin}: unknown key {section}.{key}{_suggest(key, list(fields))}")
+        raise ConfigError(f"{origin}: unknown key {one_line(f'{section}.{key}')}"
+                          f"{_suggest(key, list(fields))}")
     tp = typing.get_type_hints(type(obj))[key]
     try:
         coerced = _coerce(tp, value)

@@ -190,6 +190,7 @@ def test_bounds_accept_their_limits(tmp_path):
     ("", ["--log.name=a\nb"], "--log.name=a\\nb: log.name must be a plain folder name"),
     # the override echoed as typed made a two-line message
     ("", ["--optim.lr=0.2\nx"], "--optim.lr=0.2\\nx: optim.lr must be a number, got '0.2 x'"),
+    ("", ["--data.x\ny=1"], "--data.x\\ny=1: unknown key data.x\\ny"),
     # 10**30 overflowed torch's samplers in a traceback after the first training step
     ("", [f"--data.val_batch_size={10**30}"], f"data.val_batch_size must be <= 16777216, got "
      f"{10**30}"),

@@ -893,8 +893,8 @@ def test_a_file_that_cannot_be_replaced_puts_back_the_ones_replaced(tmp_path, da
     replace = os.replace
 
     def immutable_val(src, dst):
-        if Path(src).name == "val.beton":
-            raise PermissionError(1, "Operation not permitted", str(src))
+        if Path(dst).name == "val.beton":
+            raise PermissionError(1, "Operation not permitted", str(dst))
         replace(src, dst)
 
     monkeypatch.setattr(os, "replace", immutable_val)
@@ -903,6 +903,20 @@ def test_a_file_that_cannot_be_replaced_puts_back_the_ones_replaced(tmp_path, da
     assert str(raised.value) == (f"{root / 'ffcv' / 'val.beton'}: cannot write it in place "
                                  f"(Operation not permitted); no file was replaced")
     assert _snapshot(root / "ffcv") == before  # no temporary or moved-aside file either
+    # Ctrl-C (or SIGTERM) between two renames: put back too (train.beton was missing, its old
+    # file hidden under a temporary name for good)
+    calls = []
+
+    def interrupted_third(src, dst):
+        calls.append(dst)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted_third)
+    with pytest.raises(KeyboardInterrupt):
+        write_beton(data, num_workers=1, max_resolution=16, overwrite=True)
+    assert _snapshot(root / "ffcv") == before
 
 
 def test_a_folder_in_a_files_place_is_refused_before_anything_is_replaced(tmp_path, data_root):

@@ -330,6 +330,11 @@ def test_a_factory_beside_the_shell_that_ran_env_sh_is_found(tmp_path, monkeypat
     assert sources.factory_file("net_beside_shell:build") == str(user / "net_beside_shell.py")
     assert isinstance(sources.from_factory("net_beside_shell:build").model, torch.nn.Linear)
     assert sys.path == path
+    # the current directory first (a notebook that changed directory imports the new folder's)
+    (clone / "net_beside_shell.py").write_text("from torch import nn\n"
+                                              "def build():\n    return nn.Conv2d(3, 2, 1)\n")
+    assert sources.factory_file("net_beside_shell:build") == str(clone / "net_beside_shell.py")
+    (clone / "net_beside_shell.py").unlink()
     monkeypatch.delenv("FASTTRAIN_CALLER_DIR")  # without env.sh: the current directory only
     sys.modules.pop("net_beside_shell", None)
     with pytest.raises(sources.SourceError, match="No module named 'net_beside_shell'"):

@@ -226,7 +226,14 @@ def broken_links(split: Path) -> list[tuple[str, str]]:
             links = sorted(e.path for e in entries if e.is_symlink())
     except OSError:
         return []
-    return [(path, os.readlink(path)) for path in links if not os.path.exists(path)]
+    broken = []
+    for path in links:
+        try:
+            if not os.path.exists(path):
+                broken.append((path, os.readlink(path)))
+        except OSError:  # removed or replaced since the listing: not a broken link now
+            pass
+    return broken
 
 
 def read_encoded(path: str) -> bytes:

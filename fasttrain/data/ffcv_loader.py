@@ -811,22 +811,29 @@ def _publish_together(renames: list[tuple[Path, Path]]) -> None:
         if final.is_dir() and not final.is_symlink():
             raise DatasetError(f"{final}: is a folder, not a file; move it away to write the FFCV "
                                f"files there; nothing was replaced")
-    done: list[tuple[Path, Path | None]] = []  # (final, its old file's new name or None)
+    done: list[tuple[Path, Path | None]] = []  # (final, a second name of its old file, or None)
     try:
         for tmp, final in renames:
             old = None
             if final.exists() or final.is_symlink():
+                # A second name, not a move: the final name holds the old file or the new one
+                # at every moment (a reader, a kill between two renames).
                 old = final.with_name(f"{tmp.name}.old")
-                os.replace(final, old)
+                os.link(final, old, follow_symlinks=False)
             done.append((final, old))
             os.replace(tmp, final)
-    except OSError as e:
+    except BaseException as e:  # an OSError, or Ctrl-C / SIGTERM between two renames
         for published, old in reversed(done):
             with contextlib.suppress(OSError):
                 if old is not None:
                     os.replace(old, published)
                 elif published.exists():
                     published.unlink()
+            with contextlib.suppress(OSError):  # left when putting it back failed
+                if old is not None:
+                    old.unlink()
+        if not isinstance(e, OSError):
+            raise
         raise DatasetError(f"{final}: cannot write it in place ({e.strerror or e}); no file "
                            f"was replaced") from None
     for _, old in done:

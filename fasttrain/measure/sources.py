@@ -228,12 +228,13 @@ def _stamp(path: str) -> tuple[int, int] | None:
 
 
 def _user_folders() -> list[str]:
-    """Where the user's own modules are: the current directory (as `python -m` has it), after
-    the folder `tools/env.sh` was run from (`FASTTRAIN_CALLER_DIR`: env.sh runs the command from
-    the clone, so `--factory mynet:build` beside the user's shell was not found)."""
+    """Where the user's own modules are: the current directory first (as `python -m` has it;
+    a notebook that changed directory imports the new folder's), then the folder `tools/env.sh`
+    was run from (`FASTTRAIN_CALLER_DIR`: env.sh runs the command from the clone, so
+    `--factory mynet:build` beside the user's shell was not found)."""
     cwd = os.getcwd()
     caller = os.environ.get("FASTTRAIN_CALLER_DIR")
-    return [caller, cwd] if caller and os.path.realpath(caller) != os.path.realpath(cwd) \
+    return [cwd, caller] if caller and os.path.realpath(caller) != os.path.realpath(cwd) \
         else [cwd]
 
 
