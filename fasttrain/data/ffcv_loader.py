@@ -819,7 +819,10 @@ def _publish_together(renames: list[tuple[Path, Path]]) -> None:
                 # A second name, not a move: the final name holds the old file or the new one
                 # at every moment (a reader, a kill between two renames).
                 old = final.with_name(f"{tmp.name}.old")
-                os.link(final, old, follow_symlinks=False)
+                try:
+                    os.link(final, old, follow_symlinks=False)
+                except OSError:  # a file system without hard links: moved aside instead
+                    os.replace(final, old)
             done.append((final, old))
             os.replace(tmp, final)
     except BaseException as e:  # an OSError, or Ctrl-C / SIGTERM between two renames
