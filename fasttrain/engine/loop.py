@@ -444,7 +444,7 @@ def _note_hidden_class_folders(classes: list[str], root: Path, report: Reporter)
                      f"not meant as a class (tools/check_data.py lists them)")
 
 
-def _note_loose_images(root: Path, report: Reporter) -> None:
+def _note_unread_entries(root: Path, report: Reporter) -> None:
     """A note for images directly in `root`/train or `root`/val, outside every class folder: no
     loader reads them, so a half-sorted split trains or validates on fewer images than it
     holds, which the image counts alone do not show; and one for broken links there (torchvision
@@ -844,7 +844,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, report: Reporter, recipe: st
     _note_settings_without_effect(cfg, device, use_compile, report)
     _note_hidden_class_folders(loaders.classes, loaders.root, report)
     if cfg.data.dataset == "imagefolder":
-        _note_loose_images(loaders.root, report)
+        _note_unread_entries(loaders.root, report)
     if cfg.model.num_classes == 0:
         cfg.model.num_classes = loaders.num_classes
     elif cfg.model.num_classes < loaders.num_classes:
