@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
-from .errors import UserError, one_line  # noqa: F401 (one_line: for the tools)
+from .errors import UserError
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):

@@ -665,7 +665,7 @@ def test_a_newline_in_a_file_name_cannot_forge_a_report_line(tmp_path, capsys):
     assert "1 problem(s), 0 warning(s), 1 ignored file(s)" in lines
     # the same escaping for write_ffcv's and training's skipped-file lines; letters of any
     # script stay, and a non-UTF-8 byte is left to printable_paths' backslashreplace
-    from fasttrain.cli import one_line
+    from fasttrain.errors import one_line
     assert one_line("ü/x\x1b[2Jy\r.jpg\udcff") == "ü/x\\x1b[2Jy\\r.jpg\udcff"
 
 

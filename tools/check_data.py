@@ -24,9 +24,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemaining
 from rich.table import Table
 
 from fasttrain.data.check import scan
-from fasttrain.cli import (ArgumentParser, one_line, print_table, printable_paths,
-                           stdout_may_close, user_path)
-from fasttrain.errors import UserError
+from fasttrain.cli import (ArgumentParser, print_table, printable_paths, stdout_may_close,
+                           user_path)
+from fasttrain.errors import UserError, one_line
 
 
 

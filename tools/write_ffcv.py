@@ -21,10 +21,10 @@ import os
 import sys
 from pathlib import Path
 
-from fasttrain.cli import (ArgumentParser, new_folders_removed_on_error, nonempty, one_line,
+from fasttrain.cli import (ArgumentParser, new_folders_removed_on_error, nonempty,
                            printable_paths, sigterm_as_interrupt, stdout_may_close, user_path)
 from fasttrain.config import load
-from fasttrain.errors import UserError
+from fasttrain.errors import UserError, one_line
 
 
 def build_parser() -> ArgumentParser:

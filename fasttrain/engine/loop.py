@@ -23,10 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import config as config_mod
-from ..cli import one_line, same_file
+from ..cli import same_file
 from ..config import Config, ModelConfig
 from ..errors import (CheckpointError, ConfigError, DatasetError, RunError, ShardError,
-                      TrainingError, UnsharedCheckpointError, UserError, first_problem)
+                      TrainingError, UnsharedCheckpointError, UserError, first_problem,
+                      one_line)
 from ..data import build_loaders, sample_seed
 from ..data.transforms import progressive_resolution
 from ..data.datasets import broken_links, loose_images
