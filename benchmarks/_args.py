@@ -92,6 +92,20 @@ def partial_out(path: Path) -> Path:
     return path.with_name(f"{path.stem}-interrupted{path.suffix}")
 
 
+def whole_rounds_kept(done: int, total: int, unit: str = "round") -> None:
+    """After a Ctrl-C or SIGTERM (sigterm_as_interrupt) cut a run of `total` rounds with `done`
+    complete: say so in one line on stderr and return, so the caller writes the complete rounds
+    (to partial_out's file, marked `"interrupted": true`); with none complete, say that nothing
+    is written and exit 130 (a partial round would compare backends measured at different
+    moments of a drifting machine, so it is dropped, not reported)."""
+    if not done:
+        print(f"interrupted in the first {unit}: nothing written (an earlier result file is "
+              f"kept)", file=sys.stderr)
+        raise SystemExit(130)
+    print(f"interrupted: writing the {done} complete {unit}{'s' * (done > 1)} of {total}",
+          file=sys.stderr)
+
+
 def check_out(out: Path | None, default: Path) -> Path:
     """The result file (`out`, or `default` when --out is not given), checked before measuring
     (fasttrain.cli.check_output: not a folder, its folder created, a file can be created

@@ -30,9 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _args import check_out, device as device_arg, fail, settings_suffix, write_json  # noqa: E402
+from _args import (check_out, device as device_arg, fail, partial_out,  # noqa: E402
+                   settings_suffix, whole_rounds_kept, write_json)
 from bench_loaders import natural_image  # noqa: E402
-from fasttrain.cli import ArgumentParser, int_at_least  # noqa: E402
+from fasttrain.cli import ArgumentParser, int_at_least, sigterm_as_interrupt  # noqa: E402
 from fasttrain.config import MAX_WORKERS, load  # noqa: E402
 from fasttrain.data import build_loaders, write_cifar10  # noqa: E402
 from fasttrain.data.datasets import _publish_dir, default_root  # noqa: E402
@@ -99,13 +100,21 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.workers)
     root = make_set(default_root(f"bench_cifar-{args.images}"), args.images)
     names = ["torch", "resident"]
-    rates: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(args.rounds):
-        for name in names:
-            rates[name].append(measure(root, name, args.workers, args.batch_size, args.epochs,
-                                       device))
-            print(f"round {r + 1}/{args.rounds}  {name:9s} {rates[name][-1]:9.0f} img/s",
-                  flush=True)
+    rates: dict[str, list[float]] = {n: [] for n in names}  # complete rounds only
+    try:
+        for r in range(args.rounds):
+            this_round = {}
+            for name in names:
+                this_round[name] = measure(root, name, args.workers, args.batch_size,
+                                           args.epochs, device)
+                print(f"round {r + 1}/{args.rounds}  {name:9s} {this_round[name]:9.0f} img/s",
+                      flush=True)
+            for name in names:
+                rates[name].append(this_round[name])
+    except KeyboardInterrupt:
+        whole_rounds_kept(len(rates[names[0]]), args.rounds)
+    rounds = len(rates[names[0]])
+    interrupted = rounds < args.rounds
     rows = [{"backend": n, "images_per_s": round(statistics.median(v), 1),
              "images_per_s_min": round(min(v), 1), "images_per_s_max": round(max(v), 1),
              "images_per_s_rounds": [round(x, 1) for x in v]} for n, v in rates.items()]
@@ -116,16 +125,19 @@ def main(argv: list[str] | None = None) -> int:
               "augmentation": f"pad 4 + random crop 32, flip 0.5, TrivialAugmentWide "
                               f"({aug.auto_augment_interpolation} resampling)",
               "images": train_images, "workers": args.workers, "batch_size": args.batch_size,
-              "timed_epochs": args.epochs, "rounds": args.rounds,
+              "timed_epochs": args.epochs, "rounds": rounds, "interrupted": interrupted,
               "resident_vs_torch": round(speedup, 2), "rows": rows}
     for row in rows:
         print(f"{row['backend']:9s} {row['images_per_s']:9.0f} img/s "
               f"({row['images_per_s_min']:.0f}-{row['images_per_s_max']:.0f})")
     print(f"resident / torch: {speedup:.2f}x")
+    if interrupted:
+        out = partial_out(out)
     write_json(out, result)
     print(f"wrote {out}")
-    return 0
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":
+    sigterm_as_interrupt()  # a time limit keeps the complete rounds
     raise SystemExit(main())

@@ -55,8 +55,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _args import check_out, fail, items, settings_suffix, subset_suffix, write_json  # noqa: E402
-from fasttrain.cli import ArgumentParser, int_at_least  # noqa: E402
+from _args import (check_out, fail, items, partial_out, settings_suffix,  # noqa: E402
+                   subset_suffix, whole_rounds_kept, write_json)
+from fasttrain.cli import ArgumentParser, int_at_least, sigterm_as_interrupt  # noqa: E402
 from fasttrain.config import MAX_WORKERS, Config, load  # noqa: E402
 from fasttrain.data import build_loaders, jpeg, resize  # noqa: E402
 from fasttrain.data.datasets import _publish_dir, default_root  # noqa: E402
@@ -278,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     # The VM's speed drifts by tens of percent within minutes, so a backend is compared with
     # the decode limit measured right before and right after it (bracketing), not with one
     # limit per round.
+    # Complete rounds only: a round cut by Ctrl-C or SIGTERM is dropped.
     rates: dict[str, list[float]] = {name: [] for name in names}
     limits: dict[str, list[float]] = {name: [] for name in names}  # the bracketing limits' mean
 
@@ -287,19 +289,31 @@ def main(argv: list[str] | None = None) -> int:
         return rate
 
     bracket = "decode" in names
-    for round_ in range(args.rounds):
-        before = timed(round_, "decode") if bracket else None
-        if bracket:
-            rates["decode"].append(before)
-        for name in names:
-            if name == "decode":
-                continue
-            rates[name].append(timed(round_, name))
+    rounds = 0
+    try:
+        for round_ in range(args.rounds):
+            round_rates: dict[str, list[float]] = {name: [] for name in names}
+            round_limits: dict[str, float] = {}
+            before = timed(round_, "decode") if bracket else None
             if bracket:
-                after = timed(round_, "decode")
-                rates["decode"].append(after)
-                limits[name].append((before + after) / 2)
-                before = after
+                round_rates["decode"].append(before)
+            for name in names:
+                if name == "decode":
+                    continue
+                round_rates[name].append(timed(round_, name))
+                if bracket:
+                    after = timed(round_, "decode")
+                    round_rates["decode"].append(after)
+                    round_limits[name] = (before + after) / 2
+                    before = after
+            for name in names:
+                rates[name] += round_rates[name]
+                if name in round_limits:
+                    limits[name].append(round_limits[name])
+            rounds += 1
+    except KeyboardInterrupt:
+        whole_rounds_kept(rounds, args.rounds)
+    interrupted = rounds < args.rounds
 
     def per_round(name: str, partner: str) -> list[float]:
         # The decode limit's value for a round of `partner`: the mean of its bracket.
@@ -327,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                       "classes": CLASSES, "size": "long side 420-580, aspect 0.66-0.8"},
               "transform": f"RandomResizedCrop {RESOLUTION} scale (0.08, 1) + flip",
               "workers": args.workers, "batch_size": args.batch_size,
-              "timed_epochs": args.epochs, "rounds": args.rounds,
+              "timed_epochs": args.epochs, "rounds": rounds, "interrupted": interrupted,
               "libjpeg_turbo": jpeg.lib_version(), "rows": rows}
     from rich.console import Console
     from rich.table import Table
@@ -340,10 +354,13 @@ def main(argv: list[str] | None = None) -> int:
                       "-" if r["vs_decode_limit"] is None else f"{r['vs_decode_limit']:.2f}",
                       "-" if r["vs_pil"] is None else f"{r['vs_pil']:.2f}")
     Console().print(table)
+    if interrupted:
+        out = partial_out(out)
     write_json(out, result)
     print(f"wrote {out}")
-    return 0
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":
+    sigterm_as_interrupt()  # a time limit keeps the complete rounds
     raise SystemExit(main())

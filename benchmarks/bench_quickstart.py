@@ -30,8 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _args import check_out, fail, items, settings_suffix, subset_suffix, write_json  # noqa: E402
-from fasttrain.cli import ArgumentParser, int_at_least  # noqa: E402
+from _args import (check_out, fail, items, partial_out, settings_suffix,  # noqa: E402
+                   subset_suffix, whole_rounds_kept, write_json)
+from fasttrain.cli import ArgumentParser, int_at_least, sigterm_as_interrupt  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "quickstart.yaml"
 DEFAULT_BACKENDS = "torch,resident,dali,ffcv"
@@ -45,12 +46,32 @@ def train_errors(stderr: str) -> list[str]:
                               if line.startswith("error: ")))
 
 
+def run_stopping_on_interrupt(cmd: list[str], grace_s: float = 30.0):
+    """subprocess.run(cmd) with output captured, except that a KeyboardInterrupt (Ctrl-C, or
+    SIGTERM through sigterm_as_interrupt) stops the child with SIGTERM and waits up to `grace_s`
+    before killing it, then re-raises. subprocess.run kills at once, and a killed torchrun
+    cannot stop its training worker, which then trained on alone after the benchmark ended."""
+    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as process:
+        try:
+            stdout, stderr = process.communicate()
+        except KeyboardInterrupt:
+            process.terminate()
+            try:
+                process.communicate(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
+
+
 def run_once(log_dir: Path, backend: str) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
            str(ROOT / "tools" / "train.py"), str(RECIPE),
            f"--data.backend={backend}", f"--log.dir={log_dir}", "--log.progress=plain"]
     start = time.perf_counter()
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    result = run_stopping_on_interrupt(cmd)
     wall = time.perf_counter() - start
     if result.returncode:
         errors = train_errors(result.stderr)
@@ -106,18 +127,26 @@ def main(argv: list[str] | None = None) -> int:
         data = load(RECIPE).data
         if not (beton_dir(data) / "train.beton").exists():
             write_beton(data)
-    runs: dict[str, list[dict]] = {b: [] for b in backends}
-    for i in range(args.repeats):
-        for backend in backends:
-            tmp = Path(tempfile.mkdtemp(prefix="ft-quickstart-"))
-            try:
-                runs[backend].append(run_once(tmp, backend) | {"load_avg_1m": os.getloadavg()[0]})
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-            r = runs[backend][-1]
-            print(f"{backend} run {i + 1}: wall {r['wall_s']:.1f} s, training "
-                  f"{r['train_time_s']:.1f} s, final top-1 {r['final_val_top1']:.2f} %, best "
-                  f"{r['best_val_top1']:.2f} %, target at epoch {r['first_epoch_at_target']}")
+    runs: dict[str, list[dict]] = {b: [] for b in backends}  # complete repeats only
+    try:
+        for i in range(args.repeats):
+            this_repeat = {}
+            for backend in backends:
+                tmp = Path(tempfile.mkdtemp(prefix="ft-quickstart-"))
+                try:
+                    r = run_once(tmp, backend) | {"load_avg_1m": os.getloadavg()[0]}
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                this_repeat[backend] = r
+                print(f"{backend} run {i + 1}: wall {r['wall_s']:.1f} s, training "
+                      f"{r['train_time_s']:.1f} s, final top-1 {r['final_val_top1']:.2f} %, "
+                      f"best {r['best_val_top1']:.2f} %, target at epoch "
+                      f"{r['first_epoch_at_target']}")
+            for backend in backends:
+                runs[backend].append(this_repeat[backend])
+    except KeyboardInterrupt:
+        whole_rounds_kept(len(runs[backends[0]]), args.repeats, "repeat")
+    interrupted = len(runs[backends[0]]) < args.repeats
     result = {
         "benchmark": "quickstart",
         "command": "torchrun --nproc_per_node=1 tools/train.py recipes/quickstart.yaml "
@@ -126,16 +155,20 @@ def main(argv: list[str] | None = None) -> int:
                        "torch": str(torch.__version__), "python": platform.python_version(),
                        "commit": git_commit(), "date": time.strftime("%Y-%m-%d"),
                        "target_val_top1": TARGET_TOP1},
+        "repeats": len(runs[backends[0]]), "interrupted": interrupted,
         "backends": {b: {"runs": rs, "summary": {
             k: {"min": min(r[k] for r in rs), "max": max(r[k] for r in rs),
                 "mean": statistics.mean(r[k] for r in rs)}
             for k in ("wall_s", "train_time_s", "final_val_top1", "best_val_top1")}}
             for b, rs in runs.items()},
     }
+    if interrupted:
+        out = partial_out(out)
     write_json(out, result)
     print(f"wrote {out}")
-    return 0
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":
+    sigterm_as_interrupt()  # a time limit keeps the complete repeats
     sys.exit(main())

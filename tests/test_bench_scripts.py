@@ -7,7 +7,9 @@ Every case fails in argument parsing or the pre-checks. Each script's first step
 regression fails fast here instead of running a measurement."""
 import importlib.util
 import json
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -329,19 +331,140 @@ torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
 
 def test_quickstart_shows_train_errors_not_torchrun_traceback(tmp_path, monkeypatch, capsys):
     module = load_bench("bench_quickstart")
-    real_run = subprocess.run
 
-    def fake_run(cmd, *args, **kwargs):
-        if "torch.distributed.run" in cmd:
-            return subprocess.CompletedProcess(cmd, 1, "", TORCHRUN_STDERR)
-        return real_run(cmd, *args, **kwargs)
+    def fake_run(cmd):
+        assert "torch.distributed.run" in cmd
+        return subprocess.CompletedProcess(cmd, 1, "", TORCHRUN_STDERR)
 
-    monkeypatch.setattr(module.subprocess, "run", fake_run)
+    monkeypatch.setattr(module, "run_stopping_on_interrupt", fake_run)
     out = tmp_path / "r.json"
     line = assert_refused(module, ["--repeats", "1", "--backends", "torch", "--out", str(out)],
                           capsys, "--data.backend=torch failed", "/nowhere/digits/train")
     assert "Traceback" not in line and "xxx" not in line
     assert not out.exists()
+
+
+def _cut_in_round(module, monkeypatch, tmp_path, script: str, cut_round: int) -> list[str]:
+    """Replace `script`'s measuring with a stand-in giving 100 img/s (or a quickstart run)
+    that raises KeyboardInterrupt (Ctrl-C, or SIGTERM as sigterm_as_interrupt maps it) in the
+    second measurement of round `cut_round` (1-based); the argv of a 3-round run of it."""
+    calls = []
+
+    def rate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2 * cut_round:  # the second measurement of that round
+            raise KeyboardInterrupt
+        return 100.0
+
+    if script == "bench_cifar_aug":
+        monkeypatch.setattr(module, "make_set", lambda root, images: tmp_path / "set")
+        monkeypatch.setattr(module, "measure", rate)
+        return ["--workers", "1", "--images", "1000", "--rounds", "3"]
+    if script == "bench_loaders":
+        def fake_set(root, images):
+            (tmp_path / "set" / "train" / "c0").mkdir(parents=True, exist_ok=True)
+            (tmp_path / "set" / "train" / "c0" / "a.jpg").write_bytes(b"x" * 1000)
+            return tmp_path / "set"
+
+        monkeypatch.setattr(module, "make_bench_set", fake_set)
+        monkeypatch.setattr(module, "pil_loader", rate)
+        monkeypatch.setattr(module, "decode_limit", rate)
+        return ["--workers", "1", "--backends", "pil,decode", "--rounds", "3"]
+    import fasttrain.data
+
+    monkeypatch.setattr(fasttrain.data, "build_digits", lambda root: root)
+    monkeypatch.setattr(module, "run_once", lambda log_dir, backend: {
+        "wall_s": rate(), "train_time_s": 1.0, "final_val_top1": 99.0, "best_val_top1": 99.0,
+        "first_epoch_at_target": 3})
+    return ["--backends", "torch,resident", "--repeats", "3"]
+
+
+ROUND_SCRIPTS = ["bench_cifar_aug", "bench_loaders", "bench_quickstart"]
+
+
+def main_not_interrupted(module, argv):
+    """module.main(argv), with a KeyboardInterrupt escaping it made a test failure (pytest
+    would take it for the user's Ctrl-C and end the whole session)."""
+    try:
+        return module.main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("the KeyboardInterrupt escaped main()")
+
+
+@pytest.mark.parametrize("script", ROUND_SCRIPTS)
+def test_an_interrupted_run_writes_its_complete_rounds_beside_a_complete_result(
+        script, tmp_path, monkeypatch, capsys):
+    """Ctrl-C or a time limit (SIGTERM) in these scripts lost every round measured, with a
+    traceback; now the complete rounds are written (marked interrupted, exit 130) beside an
+    earlier complete result, which stays; the cut round is dropped."""
+    module = load_bench(script)
+    monkeypatch.setenv("FASTTRAIN_DATA", str(tmp_path / "data"))
+    argv = _cut_in_round(module, monkeypatch, tmp_path, script, cut_round=2)
+    out = tmp_path / "r.json"
+    whole = json.dumps({"rows": [1, 2], "interrupted": False})
+    out.write_text(whole)
+    assert main_not_interrupted(module, [*argv, "--out", str(out)]) == 130
+    assert out.read_text() == whole
+    result = json.loads((tmp_path / "r-interrupted.json").read_text())
+    assert result["interrupted"] is True
+    assert result.get("rounds", result.get("repeats")) == 1
+    if script == "bench_quickstart":
+        assert [len(b["runs"]) for b in result["backends"].values()] == [1, 1]
+    else:
+        assert [len(r["images_per_s_rounds"]) for r in result["rows"]] == [1, 1 + (
+            script == "bench_loaders")]  # the decode limit brackets pil: before and after
+    assert "interrupted: writing the 1 complete" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ROUND_SCRIPTS)
+def test_an_interrupt_in_the_first_round_writes_nothing(script, tmp_path, monkeypatch, capsys):
+    module = load_bench(script)
+    monkeypatch.setenv("FASTTRAIN_DATA", str(tmp_path / "data"))
+    argv = _cut_in_round(module, monkeypatch, tmp_path, script, cut_round=1)
+    out = tmp_path / "r.json"
+    with pytest.raises(SystemExit) as exc:
+        main_not_interrupted(module, [*argv, "--out", str(out)])
+    assert exc.value.code == 130
+    assert not out.exists() and not (tmp_path / "r-interrupted.json").exists()
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("interrupted in the first ") and "nothing written" in err[-1]
+
+
+CHILD = """\
+import pathlib, signal, sys, time
+def stop(*args):
+    pathlib.Path(sys.argv[1]).write_text("stopped")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop if sys.argv[2] == "stops" else signal.SIG_IGN)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("child", ["stops", "ignores"])
+def test_quickstart_interrupt_stops_the_run_it_started(child, tmp_path, monkeypatch):
+    """subprocess.run answered Ctrl-C/SIGTERM by killing torchrun at once, which could not stop
+    its training worker: it trained on alone after the benchmark had ended. Now the child gets
+    SIGTERM (torchrun passes it to its workers) and a grace period, then is killed."""
+    module = load_bench("bench_quickstart")
+    marker = tmp_path / "marker"
+    real_communicate = subprocess.Popen.communicate
+    started = []
+
+    def interrupted_communicate(self, *args, **kwargs):
+        if not started:  # the first wait: the child has set its handler, then Ctrl-C comes
+            started.append(self)
+            assert self.stdout.readline() == "ready\n"
+            raise KeyboardInterrupt
+        return real_communicate(self, *args, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "communicate", interrupted_communicate)
+    with pytest.raises(KeyboardInterrupt):
+        module.run_stopping_on_interrupt(
+            [sys.executable, "-c", CHILD, str(marker), child], grace_s=1.0)
+    (process,) = started
+    assert process.returncode == (0 if child == "stops" else -signal.SIGKILL)
+    assert marker.exists() == (child == "stops")
 
 
 def test_gpu_checklist_cuda_step_options_exist_in_the_pinned_pytest(tmp_path):
