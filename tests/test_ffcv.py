@@ -15,6 +15,7 @@ import os
 import pickle
 import random
 import re
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -33,7 +34,7 @@ from fasttrain.config import DataConfig, load
 from fasttrain.data import build_loaders, write_cifar10
 from fasttrain.data import ffcv_loader
 from fasttrain.data.datasets import ImageFolderDataset
-from fasttrain.data.ffcv_loader import read_beton, write_beton
+from fasttrain.data.ffcv_loader import _clear_stale_temporaries, read_beton, write_beton
 from fasttrain.data.transforms import random_resized_crop_params
 from fasttrain.errors import ConfigError, DatasetError, RunError
 
@@ -917,6 +918,49 @@ def test_a_file_that_cannot_be_replaced_puts_back_the_ones_replaced(tmp_path, da
     with pytest.raises(KeyboardInterrupt):
         write_beton(data, num_workers=1, max_resolution=16, overwrite=True)
     assert _snapshot(root / "ffcv") == before
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_killed_writes_hidden_files_are_removed_or_put_back(tmp_path, data_root, capsys):
+    """A write killed by SIGKILL (the OOM killer) left its hidden temporary file, as large as
+    the data set, for good; each later write added one more. Now the next write removes them,
+    and puts back an old file that the killed write had moved aside (a file system without
+    hard links) and not yet replaced, so no published file is lost."""
+    root = _small_folder(tmp_path / "folder", data_root)
+    data = DataConfig(dataset="imagefolder", path=str(root))
+    write_beton(data, num_workers=1, max_resolution=32)
+    ffcv = root / "ffcv"
+    published = _snapshot(ffcv)
+    dead, alive = _dead_pid(), os.getpid()
+    (ffcv / f".train.beton.tmp-{dead}-0123abcd").write_bytes(b"half a beton")
+    (ffcv / f".train.beton.json.tmp-{dead}-0123abcd").write_text("{}")
+    (ffcv / f".val.beton.tmp-{dead}-4567cdef.old").write_bytes(published["val.beton"])
+    os.replace(ffcv / "val.beton.json", ffcv / f".val.beton.json.tmp-{dead}-4567cdef.old")
+    mine = ffcv / f".train.beton.tmp-{alive}-89abcdef"  # a live writer's (another host's)
+    mine.write_bytes(b"being written")
+    unrelated = ffcv / ".train.beton.tmp-notes"
+    unrelated.write_text("not a writer's name")
+    capsys.readouterr()
+    _clear_stale_temporaries(ffcv)
+    err = capsys.readouterr().err.splitlines()
+    assert _snapshot(ffcv) == {**published, mine.name: b"being written",
+                               unrelated.name: b"not a writer's name"}
+    assert len(err) == 4 and sum(line.startswith("removed ") for line in err) == 3, err
+    assert f"val.beton.json: put back from .val.beton.json.tmp-{dead}-4567cdef" in "".join(err)
+    # and a write does it first: before the settings check, which reads the put-back sidecar
+    for split in ("train", "val"):
+        os.replace(ffcv / f"{split}.beton.json", ffcv / f".{split}.beton.json.tmp-{dead}-"
+                                                          f"4567cdef.old")
+    (ffcv / f".val.beton.tmp-{dead}-0123abcd").write_bytes(b"half a beton")
+    with pytest.raises(DatasetError, match="other settings"):
+        write_beton(data, num_workers=1, max_resolution=16)
+    assert _snapshot(ffcv) == {**published, mine.name: b"being written",
+                               unrelated.name: b"not a writer's name"}
 
 
 def test_a_folder_in_a_files_place_is_refused_before_anything_is_replaced(tmp_path, data_root):

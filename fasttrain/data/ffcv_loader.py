@@ -36,6 +36,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import time
@@ -50,7 +51,7 @@ import numpy as np
 import torch
 
 from ..config import MAX_WORKERS, AugConfig, DataConfig
-from ..errors import ConfigError, DatasetError, RunError
+from ..errors import ConfigError, DatasetError, RunError, one_line
 from ..measure.env import usable_cores
 from . import jpeg, resize
 from .datasets import SkippedSample, dataset_root
@@ -845,10 +846,58 @@ def _publish_together(renames: list[tuple[Path, Path]]) -> None:
                 old.unlink()
 
 
+# `_write_split`'s temporary names and `_publish_together`'s second names of old files:
+# .<final name>.tmp-<pid>-<8 hex>[.old]
+_TEMPORARY = re.compile(r"\.(?P<final>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]{8}(?P<old>\.old)?")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _clear_stale_temporaries(out: Path) -> None:
+    """Deal with the hidden files a killed write left in `out` (SIGKILL, the OOM killer, a
+    power cut: nothing ran to remove them): a temporary file is deleted (a half-written or
+    unpublished beton, as large as the data set); a second name of an old file is deleted when
+    the final name holds a file, and renamed back to it when the final name is empty (the write
+    was killed between moving the old file aside and putting the new one in place), so no
+    published file is lost. Files of a process still alive are left alone (another host
+    sharing the folder). Called under the folder's lock, which every writer holds while it
+    writes; each file dealt with is named in a line on stderr."""
+    try:
+        entries = [e for e in os.scandir(out) if e.is_file(follow_symlinks=False)]
+    except OSError:  # the write names the problem with the folder
+        return
+    for entry in sorted(entries, key=lambda e: e.name):
+        match = _TEMPORARY.fullmatch(entry.name)
+        if match is None or _pid_alive(int(match["pid"])):
+            continue
+        stale, final = Path(entry.path), out / match["final"]
+        try:
+            if match["old"] and not (final.exists() or final.is_symlink()):
+                os.replace(stale, final)
+                print(one_line(f"{final}: put back from {stale.name}, where a killed FFCV "
+                               f"write (pid {match['pid']}) had moved it"), file=sys.stderr)
+            else:
+                stale.unlink()
+                print(one_line(f"removed {stale}, left by a killed FFCV write (pid "
+                               f"{match['pid']})"), file=sys.stderr)
+        except OSError as e:  # not ours to remove (another user's): the write goes on
+            print(one_line(f"{stale}: left by a killed FFCV write (pid {match['pid']}), "
+                           f"cannot remove it ({e.strerror or e})"), file=sys.stderr)
+
+
 def _write_splits(ff: SimpleNamespace, data: DataConfig, out: Path, params: dict[str, Any],
                   splits: Sequence[str], overwrite: bool, workers: int,
                   datasets: tuple) -> list[WriteResult]:
     train, val, classes, root = datasets
+    _clear_stale_temporaries(out)
     if not overwrite:
         for split in splits:
             _refuse_other_settings(out / f"{split}.beton", params)
