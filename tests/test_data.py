@@ -24,8 +24,8 @@ from fasttrain.config import load
 from fasttrain.data import (DatasetError, EpochSampler, ShardSampler, build_digits,
                             build_loaders, load_cifar10, write_cifar10)
 from fasttrain.data.check import scan
-from fasttrain.data.datasets import (ImageFolderDataset, SkippedSample, folder_files, read_image,
-                                     read_image_box)
+from fasttrain.data.datasets import (ImageFolderDataset, SkippedSample, _publish_dir,
+                                     folder_files, read_image, read_image_box)
 from fasttrain.data.transforms import random_resized_crop_params
 from fasttrain.errors import ConfigError
 
@@ -64,6 +64,24 @@ def test_digits_at_an_unusable_path_is_one_line(tmp_path):
     with pytest.raises(DatasetError, match=r"a_file/digits: cannot write the data set here"):
         build_digits(tmp_path / "a_file" / "digits")
     assert (tmp_path / "a_file").read_text() == "kept"
+
+
+def test_a_killed_builds_temporary_folder_is_removed_by_the_next_build(tmp_path, capsys):
+    """A data set build killed outright (SIGKILL, the OOM killer: CIFAR-10's download) left
+    its hidden temporary folder for good, one more per kill."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    killed = tmp_path / f".data.tmp-{child.pid}-0123abcd"
+    running = tmp_path / f".data.tmp-{os.getpid()}-89abcdef"  # a rank building at this moment
+    other = tmp_path / f".database.tmp-{child.pid}-0123abcd"  # another data set's
+    for folder in (killed, running, other):
+        (folder / "train").mkdir(parents=True)
+    capsys.readouterr()
+    _publish_dir(lambda tmp: (tmp / "train").mkdir(parents=True), tmp_path / "data")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [running.name, other.name, "data"])
+    assert capsys.readouterr().err == (f"removed {killed}, left by a killed build of data "
+                                       f"(pid {child.pid})\n")
 
 
 def _quick_cfg(*overrides):

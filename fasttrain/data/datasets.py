@@ -12,6 +12,7 @@ import re
 import shutil
 import stat
 import struct
+import sys
 import textwrap
 import uuid
 import zlib
@@ -26,7 +27,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_a
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2.functional import to_dtype
 
-from ..errors import DatasetError
+from ..errors import DatasetError, one_line
 from . import jpeg
 
 DIGITS_SIZE = 32
@@ -55,6 +56,40 @@ def dataset_root(data) -> Path:
 _ROOT_FROM = "the folder comes from data.path, else $FASTTRAIN_DATA, else $FASTTRAIN_CACHE"
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process `pid` runs on this machine (another user's included): the owner of a
+    temporary file named after its pid may still be writing it."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_killed_builds(target: Path) -> None:
+    """Remove the temporary folders of `_publish_dir` builds of `target` whose process is gone
+    (killed outright: SIGKILL, the OOM killer; a download of CIFAR-10 leaves ~170 MB), naming
+    each on stderr. A live process's folder (a rank building at the same time) is left alone."""
+    pattern = re.compile(re.escape(f".{target.name}.tmp-") + r"(\d+)-[0-9a-f]{8}")
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None or not entry.is_dir(follow_symlinks=False):
+            continue
+        pid = int(match[1])
+        if pid_alive(pid):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        if not os.path.lexists(entry.path):
+            print(one_line(f"removed {entry.path}, left by a killed build of {target.name} "
+                           f"(pid {pid})"), file=sys.stderr)
+
+
 def _publish_dir(build: Callable[[Path], None], target: Path) -> Path:
     """Build a directory under a temporary name and rename it into place.
 
@@ -68,6 +103,7 @@ def _publish_dir(build: Callable[[Path], None], target: Path) -> Path:
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_killed_builds(target)
         build(tmp)
         try:
             os.rename(tmp, target)

@@ -54,7 +54,7 @@ from ..config import MAX_WORKERS, AugConfig, DataConfig
 from ..errors import ConfigError, DatasetError, RunError, one_line
 from ..measure.env import usable_cores
 from . import jpeg, resize
-from .datasets import SkippedSample, dataset_root
+from .datasets import SkippedSample, dataset_root, pid_alive
 from .loader import sample_seed, torch_threads
 from .transforms import Normalize, progressive_resolution
 
@@ -851,16 +851,6 @@ def _publish_together(renames: list[tuple[Path, Path]]) -> None:
 _TEMPORARY = re.compile(r"\.(?P<final>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]{8}(?P<old>\.old)?")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def _clear_stale_temporaries(out: Path) -> None:
     """Deal with the hidden files a killed write left in `out` (SIGKILL, the OOM killer, a
     power cut: nothing ran to remove them): a temporary file is deleted (a half-written or
@@ -876,7 +866,7 @@ def _clear_stale_temporaries(out: Path) -> None:
         return
     for entry in sorted(entries, key=lambda e: e.name):
         match = _TEMPORARY.fullmatch(entry.name)
-        if match is None or _pid_alive(int(match["pid"])):
+        if match is None or pid_alive(int(match["pid"])):
             continue
         stale, final = Path(entry.path), out / match["final"]
         try:
